@@ -1,0 +1,26 @@
+"""Installs tinygrad_llm.
+
+Runtime: numpy and regex. safetensors stores checkpoints (a safe, mmap-able tensor format that never
+unpickles), tqdm draws progress bars. CuPy is the optional `gpu` extra (pick the wheel that matches your
+CUDA: `pip install -e .[gpu]` installs cupy-cuda12x; on CUDA 13 install cupy-cuda13x yourself).
+The top-level kernels/ directory is shipped inside the package as data so that the GPU module can
+compile the CUDA sources at first use.
+"""
+from setuptools import setup, find_packages
+
+setup(
+    name="tinygrad_llm",
+    version="0.1.0",
+    description="Build a Llama-style LLM from scratch on NumPy: hand-derived autograd, BPE, data pipeline, CUDA kernels",
+    packages=find_packages(include=["tinygrad_llm", "tinygrad_llm.*"]),
+    package_data={"tinygrad_llm": ["kernels/*.cu", "kernels/*.cuh"]},
+    data_files=[],
+    python_requires=">=3.9",
+    install_requires=["numpy>=1.22", "regex>=2022.1.18", "safetensors>=0.4", "tqdm>=4.60"],
+    extras_require={
+        "gpu": ["cupy-cuda12x>=13"],
+        "plot": ["matplotlib>=3.5"],
+        "test": ["pytest>=7", "hypothesis>=6.80"],
+    },
+    entry_points={"console_scripts": ["tinygrad-llm=tinygrad_llm.cli:main"]},
+)
