@@ -1,0 +1,116 @@
+"""NumPy or CuPy: the one module that knows CuPy exists.
+
+Every op asks `array_module(*arrays)` for the array library of its inputs and uses only the array methods
+NumPy and CuPy share, so the same op code runs on the CPU and on the GPU. CuPy is imported lazily, the
+first time something asks for the GPU, so `import tinygrad_llm` works on a machine without it.
+
+Kernel-backed ops have one dispatch point, `kernel(op_name, *arrays)`: it returns the `tinygrad_llm.gpu`
+module when the arrays live on the GPU, fused kernels are enabled and one supports them, and None otherwise (the NumPy-expressed
+path, which is also the reference the kernels are tested against).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+_cupy = None          # the cupy module once imported, False if it failed
+_kernels_enabled = os.environ.get("TINYGRAD_LLM_KERNELS", "1") != "0"
+
+
+def _import_cupy():
+    global _cupy
+    if _cupy is None:
+        try:
+            import cupy  # the only cupy import in the package
+            _cupy = cupy
+        except Exception:  # ImportError, or a CuPy that cannot find CUDA
+            _cupy = False
+    return _cupy or None
+
+
+def cupy_module():
+    """The cupy module, or a clear error when CUDA was asked for and is not usable."""
+    cp = _import_cupy()
+    if cp is None:
+        raise RuntimeError(
+            "CUDA was requested but CuPy is not installed or cannot load CUDA. Install the GPU extra "
+            "(pip install -e .[gpu], or cupy-cuda13x on CUDA 13) on a machine with an NVIDIA GPU, "
+            "or use device='cpu'.")
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("no CUDA device")
+    except Exception as error:
+        raise RuntimeError(f"CUDA was requested but no usable GPU was found ({error}); use device='cpu'.") from None
+    return cp
+
+
+def gpu_available() -> bool:
+    try:
+        cupy_module()
+        return True
+    except RuntimeError:
+        return False
+
+
+def is_cupy_array(x) -> bool:
+    """True for a cupy.ndarray, decided without importing CuPy."""
+    return type(x).__module__.startswith("cupy")
+
+
+def array_module(*arrays):
+    """numpy, or cupy when any argument is a CuPy array."""
+    for a in arrays:
+        if is_cupy_array(a):
+            return _import_cupy()
+    return np
+
+
+def device_of(x) -> str:
+    return "cuda" if is_cupy_array(x) else "cpu"
+
+
+def to_device(x, device: str):
+    """Move an array to 'cpu' or 'cuda' (a no-op when it is already there)."""
+    device = normalize_device(device)
+    if device == "cpu":
+        return x.get() if is_cupy_array(x) else x
+    cp = cupy_module()
+    return x if is_cupy_array(x) else cp.asarray(x)
+
+
+def normalize_device(device) -> str:
+    name = str(device).lower()
+    if name == "gpu" or name.startswith("cuda"):
+        return "cuda"
+    if name == "cpu":
+        return "cpu"
+    raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda'")
+
+
+def to_numpy(x) -> np.ndarray:
+    return x.get() if is_cupy_array(x) else np.asarray(x)
+
+
+def set_kernels_enabled(enabled: bool) -> None:
+    """Turn the fused CUDA kernels on or off (off: GPU arrays take the NumPy-expressed path)."""
+    global _kernels_enabled
+    _kernels_enabled = bool(enabled)
+
+
+def kernel(op_name: str, *arrays):
+    """The dispatch point for kernel-backed ops.
+
+    Returns the `tinygrad_llm.gpu` module when the arrays are on the GPU, kernels are enabled and a kernel
+    for `op_name` supports these arrays (dtype, shapes); otherwise None, and the op takes its
+    NumPy-expressed path, which is also the reference every kernel is tested against.
+    """
+    if not _kernels_enabled or not any(is_cupy_array(a) for a in arrays):
+        return None
+    from . import gpu  # imported only once GPU arrays exist
+    return gpu if gpu.supports(op_name, *arrays) else None
+
+
+def random_generator(seed, like):
+    """A random Generator on the device of `like` (numpy or cupy `default_rng(seed)`)."""
+    return array_module(like).random.default_rng(seed)

@@ -1,0 +1,274 @@
+"""Deduplication: exact (content hash) and near-duplicate (MinHash + LSH banding + union-find).
+
+MinHash (Broder 1997). A document becomes a set of shingles (word n-grams or character n-grams), each
+hashed to 64 bits. For k = 1..num_perm a hash function h_k(x) = (a_k·x + b_k) mod 2^64 (a_k odd) acts as
+a random permutation of the shingle hashes, and the signature keeps min_x h_k(x), stored as its top 32
+bits. For two sets A and B, P[min h_k(A) = min h_k(B)] = J(A, B) = |A∩B| / |A∪B|, so the share of equal
+signature slots estimates the Jaccard similarity with standard error sqrt(J(1-J)/num_perm).
+
+Vectorised: words are found with one regex per document and hashed once per distinct word (blake2b,
+cached); n-gram hashes are combined from word hashes with NumPy integer arithmetic; the (shingles ×
+num_perm) products for a whole batch of documents are formed at once and reduced per document with
+`np.minimum.reduceat`. Nothing loops in Python per shingle or per permutation.
+
+LSH (Indyk & Motwani; Leskovec et al. ch. 3). The signature is cut into b bands of r rows; documents
+whose rows agree in at least one band become candidate pairs. A pair of similarity s is a candidate with
+probability 1 - (1 - s^r)^b. `lsh_params` picks (b, r) with b·r <= num_perm minimising the weighted area
+of false positives below the threshold and false negatives above it (as datasketch does). Candidates
+are then checked against the threshold with their estimated Jaccard (`verify`), joined with
+union-find, and each cluster keeps its first document in input order: deterministic for a given input.
+
+Simplifications: bands are grouped by sorting a 64-bit hash of each band's rows (a 2^-64 collision would
+only add a candidate, which verification then rejects); very large buckets (> `max_bucket` members,
+which only near-identical boilerplate produces) are linked as a star instead of all pairs.
+"""
+import functools
+import hashlib
+import re
+
+import numpy as np
+
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz   # NumPy < 2 calls it trapz
+_WORD = re.compile(r"\w+")
+_MERSENNE = np.uint64((1 << 61) - 1)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_NGRAM_MULTIPLIERS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
+                               0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53,
+                               0x27D4EB2F165667C5, 0x85EBCA77C2B2AE63], dtype=np.uint64)
+
+
+def _mix64(x):
+    """splitmix64's finaliser: a bijection on uint64 with good avalanche (array in, array out)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(27))
+    x = x * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+class _WordHashes(dict):
+    """word -> 64-bit blake2b hash, computed once per distinct word (deterministic across runs)."""
+
+    def __missing__(self, word):
+        if len(self) > 2_000_000:
+            self.clear()
+        value = int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+        self[word] = value
+        return value
+
+
+_word_hashes = _WordHashes()
+
+
+def shingle_hashes(text: str, kind="word", n=3, lowercase=True) -> np.ndarray:
+    """uint64 hashes of a document's shingles (with repeats; MinHash ignores multiplicity).
+
+    kind="word": n-grams of `\\w+` words; kind="char": n-grams of characters. A document shorter than
+    n units gives one shingle of all its units (as datasketch's usual recipe does); an empty one, none."""
+    if lowercase:
+        text = text.lower()
+    if kind == "word":
+        words = _WORD.findall(text)
+        if not words:
+            return np.zeros(0, np.uint64)
+        units = np.fromiter(map(_word_hashes.__getitem__, words), dtype=np.uint64, count=len(words))
+    elif kind == "char":
+        if not text:
+            return np.zeros(0, np.uint64)
+        units = _mix64(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64))
+    else:
+        raise ValueError(f"shingle kind must be 'word' or 'char', not {kind!r}")
+    if not 1 <= n <= len(_NGRAM_MULTIPLIERS):
+        raise ValueError(f"n must be in 1..{len(_NGRAM_MULTIPLIERS)}")
+    m = min(n, len(units))
+    count = len(units) - m + 1
+    combined = units[:count] * _NGRAM_MULTIPLIERS[0]
+    for k in range(1, m):                             # position-dependent multipliers: "a b" != "b a"
+        combined += units[k: k + count] * _NGRAM_MULTIPLIERS[k]
+    return _mix64(combined)
+
+
+class MinHasher:
+    """Computes `num_perm`-slot MinHash signatures (uint32) for batches of documents.
+
+    Shapes: shingles (N,) uint64 for one document; signatures (D, num_perm) uint32 for D documents."""
+
+    def __init__(self, num_perm=128, seed=1, kind="word", n=3, block=8192):
+        self.num_perm, self.seed, self.kind, self.n, self.block = num_perm, seed, kind, n, block
+        rng = np.random.default_rng(seed)
+        self.a = rng.integers(0, 2 ** 63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)   # odd
+        self.b = rng.integers(0, 2 ** 63, num_perm, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, num_perm, dtype=np.uint64)
+
+    def signature(self, text: str) -> np.ndarray:
+        return self.signatures([text])[0]
+
+    def signatures_from_shingles(self, shingle_lists) -> np.ndarray:
+        """(D, num_perm) uint32 signatures; a document without shingles gets all 0xFFFFFFFF."""
+        out = np.full((len(shingle_lists), self.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+        lengths = np.array([len(s) for s in shingle_lists], dtype=np.int64)
+        start = 0
+        while start < len(shingle_lists):
+            stop, total = start, 0                     # batch documents until ~`block` shingles
+            while stop < len(shingle_lists) and (total == 0 or total + lengths[stop] <= self.block):
+                total += lengths[stop]
+                stop += 1
+            self._reduce_batch(shingle_lists[start:stop], lengths[start:stop], out[start:stop])
+            start = stop
+        return out
+
+    def _reduce_batch(self, shingle_lists, lengths, out):
+        nonempty = np.nonzero(lengths)[0]
+        if len(nonempty) == 0:
+            return
+        x = np.concatenate([shingle_lists[i] for i in nonempty])       # (N,)
+        offsets = np.concatenate([[0], np.cumsum(lengths[nonempty])[:-1]])
+        mins = np.empty((len(nonempty), self.num_perm), dtype=np.uint64)
+        step = max(1, self.block)
+        if len(x) <= step:
+            h = np.multiply.outer(x, self.a)                            # (N, P) = a_k·x mod 2^64
+            h += self.b
+            mins[:] = np.minimum.reduceat(h, offsets, axis=0)           # (N, P) -> (D, P)
+        else:                                                           # one long document: stream it
+            mins[:] = np.iinfo(np.uint64).max
+            h = np.empty((step, self.num_perm), dtype=np.uint64)
+            for lo in range(0, len(x), step):
+                chunk = x[lo: lo + step]
+                hv = h[: len(chunk)]
+                np.multiply(chunk[:, None], self.a[None, :], out=hv)
+                hv += self.b
+                np.minimum(mins[0], hv.min(axis=0), out=mins[0])
+        out[nonempty] = (mins >> np.uint64(32)).astype(np.uint32)
+
+    def signatures(self, texts) -> np.ndarray:
+        """(D, num_perm) uint32 MinHash signatures of D texts."""
+        return self.signatures_from_shingles([shingle_hashes(t, self.kind, self.n) for t in texts])
+
+
+def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Jaccard similarity of two shingle-hash arrays taken as sets."""
+    a, b = np.unique(a), np.unique(b)
+    union = len(np.union1d(a, b))
+    return len(np.intersect1d(a, b, assume_unique=True)) / union if union else 1.0
+
+
+def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
+    return float(np.mean(sig_a == sig_b))
+
+
+def collision_probability(s, bands, rows):
+    """P[a pair of Jaccard s shares at least one band] = 1 - (1 - s^r)^b."""
+    return 1.0 - (1.0 - np.asarray(s, dtype=np.float64) ** rows) ** bands
+
+
+@functools.lru_cache(maxsize=64)
+def lsh_params(threshold: float, num_perm: int, fp_weight=0.5, fn_weight=0.5):
+    """(bands, rows) with bands·rows <= num_perm minimising fp_weight·FP-area + fn_weight·FN-area."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError("threshold must be in (0, 1)")
+    below = np.linspace(0.0, threshold, 201)
+    above = np.linspace(threshold, 1.0, 201)
+    best, best_cost = None, np.inf
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            fp = _trapezoid(collision_probability(below, bands, rows), below)
+            fn = _trapezoid(1.0 - collision_probability(above, bands, rows), above)
+            cost = fp_weight * fp + fn_weight * fn
+            if cost < best_cost - 1e-15:
+                best, best_cost = (bands, rows), cost
+    return best
+
+
+class UnionFind:
+    """Disjoint sets over 0..n-1; the root of a set is always its smallest member (deterministic)."""
+
+    def __init__(self, n):
+        self.parent = list(range(n))
+
+    def find(self, i):
+        root = i
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[i] != root:                 # path compression
+            self.parent[i], i = root, self.parent[i]
+        return root
+
+    def union(self, i, j):
+        ri, rj = self.find(i), self.find(j)
+        if ri != rj:
+            lo, hi = min(ri, rj), max(ri, rj)
+            self.parent[hi] = lo
+
+
+def lsh_candidate_pairs(signatures: np.ndarray, bands: int, rows: int, max_bucket=1000) -> np.ndarray:
+    """(K, 2) int64 pairs i < j sharing at least one band; rows of all-0xFFFFFFFF (empty docs) skipped."""
+    n = len(signatures)
+    valid = np.nonzero(~np.all(signatures == np.iinfo(np.uint32).max, axis=1))[0]
+    pairs = []
+    for band in range(bands):
+        cols = signatures[valid, band * rows: (band + 1) * rows].astype(np.uint64)   # (n, r)
+        key = np.full(len(valid), np.uint64(band + 1), dtype=np.uint64)
+        for c in range(rows):                          # hash the band's rows into one uint64 key
+            key = _mix64(key ^ (cols[:, c] * _NGRAM_MULTIPLIERS[c % len(_NGRAM_MULTIPLIERS)]))
+        order = np.argsort(key, kind="stable")
+        sorted_keys = key[order]
+        bounds = np.nonzero(np.diff(sorted_keys))[0] + 1
+        for group in np.split(order, bounds):
+            if len(group) < 2:
+                continue
+            members = np.sort(valid[group])
+            if len(members) > max_bucket:             # star: link everything to the first member
+                pairs.append(np.stack([np.full(len(members) - 1, members[0]), members[1:]], axis=1))
+            else:
+                i, j = np.triu_indices(len(members), k=1)
+                pairs.append(np.stack([members[i], members[j]], axis=1))
+    if not pairs:
+        return np.zeros((0, 2), dtype=np.int64)
+    allpairs = np.concatenate(pairs).astype(np.int64)
+    keys = np.unique(allpairs[:, 0] * n + allpairs[:, 1])
+    return np.stack([keys // n, keys % n], axis=1)
+
+
+def near_duplicate_clusters(signatures: np.ndarray, threshold: float, bands=None, rows=None, verify=True,
+                            fp_weight=0.5, fn_weight=0.5):
+    """Cluster documents whose estimated Jaccard reaches `threshold`.
+
+    Returns (keep, clusters): keep is a bool mask (True for the first document of each cluster and for
+    every singleton), clusters a list of sorted index lists of size >= 2, ordered by first member."""
+    n, num_perm = signatures.shape
+    if bands is None or rows is None:
+        bands, rows = lsh_params(threshold, num_perm, fp_weight, fn_weight)
+    pairs = lsh_candidate_pairs(signatures, bands, rows)
+    if verify and len(pairs):
+        est = np.mean(signatures[pairs[:, 0]] == signatures[pairs[:, 1]], axis=1)
+        pairs = pairs[est >= threshold]
+    uf = UnionFind(n)
+    for i, j in pairs.tolist():
+        uf.union(i, j)
+    roots = np.array([uf.find(i) for i in range(n)], dtype=np.int64)
+    keep = roots == np.arange(n)
+    groups = {}
+    for i, r in enumerate(roots.tolist()):
+        groups.setdefault(r, []).append(i)
+    clusters = [g for r, g in sorted(groups.items()) if len(g) > 1]
+    return keep, clusters
+
+
+def content_hash(text: str) -> str:
+    """Exact-dedup key: blake2b-128 of the UTF-8 text."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+class ExactDeduplicator:
+    """Streaming exact dedup: `seen(text)` is True for the second and later copies of a text."""
+
+    def __init__(self):
+        self.first = {}
+
+    def check(self, text: str, doc_id: str):
+        """None for a new text, else the id of the first document with the same content."""
+        key = content_hash(text)
+        if key in self.first:
+            return self.first[key]
+        self.first[key] = doc_id
+        return None

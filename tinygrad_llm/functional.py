@@ -1,0 +1,165 @@
+"""The public lowercase functions: `import tinygrad_llm.functional as F`.
+
+Each wraps one `Function` (or a short composition of them). Arguments may be Tensors or, for inputs that
+need no gradient, plain arrays.
+"""
+from __future__ import annotations
+
+from . import rng
+from .ops.activation import GELU, LogSoftmax, SiLU, Softmax, SwiGLU
+from .ops.attention import CausalAttention
+from .ops.dropout import Dropout
+from .ops.elementwise import Add, Div, Exp, Log, Maximum, Mul, Neg, Pow, Sqrt, Sub, Tanh
+from .ops.embedding import Embedding
+from .ops.loss import CrossEntropy
+from .ops.matmul import Linear, MatMul
+from .ops.movement import Concatenate, GetItem, Permute, Reshape, Stack
+from .ops.norm import RMSNorm
+from .ops.reduce import Max, Mean, Sum
+from .ops.rope import RoPE
+from .tensor import Tensor, ensure_tensor
+
+
+def _pair(a, b):
+    """Both operands as Tensors; a plain number takes the dtype and device of the other operand."""
+    if isinstance(a, Tensor):
+        return a, ensure_tensor(b, like=a)
+    b = ensure_tensor(b)
+    return ensure_tensor(a, like=b), b
+
+
+# elementwise
+def add(a, b): return Add.apply(*_pair(a, b))
+def sub(a, b): return Sub.apply(*_pair(a, b))
+def mul(a, b): return Mul.apply(*_pair(a, b))
+def div(a, b): return Div.apply(*_pair(a, b))
+def pow(a, b): return Pow.apply(*_pair(a, b))
+def maximum(a, b): return Maximum.apply(*_pair(a, b))
+def neg(x): return Neg.apply(ensure_tensor(x))
+def exp(x): return Exp.apply(ensure_tensor(x))
+def log(x): return Log.apply(ensure_tensor(x))
+def sqrt(x): return Sqrt.apply(ensure_tensor(x))
+def tanh(x): return Tanh.apply(ensure_tensor(x))
+def relu(x): return maximum(x, 0.0)
+
+
+# reductions
+def sum(x, axis=None, keepdims=False): return Sum.apply(ensure_tensor(x), axis=axis, keepdims=keepdims)
+def mean(x, axis=None, keepdims=False): return Mean.apply(ensure_tensor(x), axis=axis, keepdims=keepdims)
+def max(x, axis=None, keepdims=False): return Max.apply(ensure_tensor(x), axis=axis, keepdims=keepdims)
+
+
+# movement
+def reshape(x, *shape):
+    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    return Reshape.apply(ensure_tensor(x), shape=shape)
+
+
+def permute(x, *axes):
+    axes = tuple(axes[0]) if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes
+    return Permute.apply(ensure_tensor(x), axes=axes)
+
+
+def transpose(x, *axes):
+    """transpose(x) reverses the axes; transpose(x, a, b) swaps axes a and b; more axes permute."""
+    x = ensure_tensor(x)
+    if not axes:
+        return permute(x, tuple(reversed(range(x.ndim))))
+    if len(axes) == 2:
+        order = list(range(x.ndim))
+        a, b = axes[0] % x.ndim, axes[1] % x.ndim
+        order[a], order[b] = order[b], order[a]
+        return permute(x, order)
+    return permute(x, *axes)
+
+
+def getitem(x, index):
+    if isinstance(index, Tensor):
+        index = index.data
+    if isinstance(index, tuple):
+        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    return GetItem.apply(ensure_tensor(x), index=index)
+
+
+def concatenate(tensors, axis=0):
+    tensors = [ensure_tensor(t) for t in tensors]
+    return Concatenate.apply(*tensors, axis=axis)
+
+
+def stack(tensors, axis=0):
+    tensors = [ensure_tensor(t) for t in tensors]
+    return Stack.apply(*tensors, axis=axis)
+
+
+def split(x, sections, axis=-1):
+    """Split along axis into equal parts (sections an int) or parts of the given sizes (a list)."""
+    x = ensure_tensor(x)
+    axis = axis % x.ndim
+    length = x.shape[axis]
+    if isinstance(sections, int):
+        if sections <= 0 or length % sections:
+            raise ValueError(f"split: axis of length {length} does not divide into {sections} equal parts")
+        sizes = [length // sections] * sections
+    else:
+        sizes = list(sections)
+        if builtins_sum(sizes) != length:
+            raise ValueError(f"split: sizes {sizes} do not add up to the axis length {length}")
+    parts, start = [], 0
+    for size in sizes:
+        index = [slice(None)] * x.ndim
+        index[axis] = slice(start, start + size)
+        parts.append(getitem(x, tuple(index)))
+        start += size
+    return parts
+
+
+# products
+def matmul(a, b): return MatMul.apply(*_pair(a, b))
+
+
+def linear(x, weight):
+    """y = x @ weightᵀ with weight shaped (out, in), as in PyTorch and Hugging Face."""
+    return Linear.apply(ensure_tensor(x), ensure_tensor(weight))
+
+
+# the LLM ops
+def embedding(ids, weight):
+    ids = ids.data if isinstance(ids, Tensor) else ids
+    return Embedding.apply(ids, ensure_tensor(weight))
+
+
+def softmax(x, axis=-1): return Softmax.apply(ensure_tensor(x), axis=axis)
+def log_softmax(x, axis=-1): return LogSoftmax.apply(ensure_tensor(x), axis=axis)
+def silu(x): return SiLU.apply(ensure_tensor(x))
+def gelu(x): return GELU.apply(ensure_tensor(x))
+def swiglu(gate, up): return SwiGLU.apply(ensure_tensor(gate), ensure_tensor(up))
+def rms_norm(x, weight, eps=1e-5): return RMSNorm.apply(ensure_tensor(x), ensure_tensor(weight), eps=eps)
+
+
+def rope(x, positions=None, theta=10000.0):
+    """Rotary embedding of x (B, H, T, D), rotate-half pairing; positions: None, an int offset or (T,) ints."""
+    return RoPE.apply(ensure_tensor(x), positions=positions, theta=theta)
+
+
+def causal_attention(q, k, v):
+    """Causal grouped-query attention: q (B, H, Tq, D), k and v (B, Hkv, Tk, D), Hkv | H, Tk ≥ Tq."""
+    return CausalAttention.apply(ensure_tensor(q), ensure_tensor(k), ensure_tensor(v))
+
+
+def cross_entropy(logits, targets, ignore_index=-100):
+    """Mean next-token loss over targets != ignore_index; logits (N, V) or (B, T, V)."""
+    targets = targets.data if isinstance(targets, Tensor) else targets
+    return CrossEntropy.apply(ensure_tensor(logits), targets, ignore_index=ignore_index)
+
+
+def dropout(x, p, training=True, seed=None):
+    """Inverted dropout; the identity when not training or p == 0. seed=None draws from tinygrad_llm.rng."""
+    x = ensure_tensor(x)
+    if not training or p == 0.0:
+        return x
+    return Dropout.apply(x, p, rng.next_seed() if seed is None else seed)
+
+
+import builtins as _builtins  # noqa: E402  (sum and max are shadowed above by the tensor versions)
+
+builtins_sum = _builtins.sum

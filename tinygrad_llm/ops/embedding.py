@@ -1,0 +1,42 @@
+"""Embedding lookup: rows of a weight table picked by integer ids."""
+from __future__ import annotations
+
+from ..backend import array_module, kernel
+from ..tensor import Function
+
+
+class Embedding(Function):
+    """Forward:  y[..., :] = W[ids[...], :]
+    Backward: dW[v] = Σ over positions where ids == v of dy      (repeated ids accumulate)
+              computed with add.at: `dW[ids] += dy` would keep only one of the repeats
+    Shapes:   ids: (...) integers in [0, V);  W, dW: (V, C);  y, dy: (..., C)
+    Saves:    ids, V
+    """
+
+    def forward(self, ids, weight):
+        xp = array_module(weight)
+        ids = xp.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+        vocab = weight.shape[0]
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise IndexError(f"embedding: ids must lie in [0, {vocab}), got values in "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        self.save(ids=ids, vocab=vocab)
+        return weight[ids]
+
+    def backward(self, dy):
+        ids, vocab = self.saved
+        fast = kernel("embedding", dy)
+        if fast is not None:
+            return fast.embedding_backward(ids, dy, vocab)
+        xp = array_module(dy)
+        channels = dy.shape[-1]
+        dweight = xp.zeros((vocab, channels), dtype=dy.dtype)
+        xp.add.at(dweight, ids.reshape(-1), dy.reshape(-1, channels))      # (..., C) -> (N, C)
+        return dweight
+
+
+def embedding_reference(ids, weight):
+    """Embedding as indexing (a test oracle: GetItem's backward also accumulates repeats)."""
+    return weight[array_module(weight.data).asarray(ids)]

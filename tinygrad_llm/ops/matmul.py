@@ -1,0 +1,59 @@
+"""Matrix products: matmul (batched, broadcasting) and linear (x @ Wᵀ, the layer form)."""
+from __future__ import annotations
+
+from ..tensor import Function
+from .elementwise import unbroadcast
+
+
+class MatMul(Function):
+    """Forward:  y = a @ b  (NumPy matmul rules: batch axes broadcast; a 1-D operand is a vector)
+    Backward: da = dy @ bᵀ, db = aᵀ @ dy (transposing the last two axes), summed over broadcast batch axes
+    Shapes:   a (..., N, K), b (..., K, M), y (..., N, M)
+    Saves:    a, b
+    """
+
+    def forward(self, a, b):
+        if a.ndim == 0 or b.ndim == 0:
+            raise ValueError("matmul needs operands with at least one dimension; use * for scalars")
+        self.save(a=a, b=b)
+        return a @ b
+
+    def backward(self, dy):
+        a, b = self.saved
+        a2 = a[None, :] if a.ndim == 1 else a          # (K,) -> (1, K)
+        b2 = b[:, None] if b.ndim == 1 else b          # (K,) -> (K, 1)
+        dy2 = dy
+        if a.ndim == 1:
+            dy2 = dy2[..., None, :]                    # restore the N = 1 axis
+        if b.ndim == 1:
+            dy2 = dy2[..., None]                       # restore the M = 1 axis
+        da = db = None
+        if self.needs_input_grad[0]:
+            da = unbroadcast(dy2 @ b2.swapaxes(-1, -2), a2.shape).reshape(a.shape)
+        if self.needs_input_grad[1]:
+            db = unbroadcast(a2.swapaxes(-1, -2) @ dy2, b2.shape).reshape(b.shape)
+        return da, db
+
+
+class Linear(Function):
+    """Forward:  y = x @ Wᵀ   with W in the (out, in) layout of PyTorch and Hugging Face
+    Backward: dx = dy @ W;  dW = dyᵀ @ x summed over every leading axis
+    Shapes:   x (..., in), W (out, in), y (..., out)
+    Saves:    x, W
+    The leading axes are folded into one so that each product is a single 2-D GEMM.
+    """
+
+    def forward(self, x, weight):
+        if x.shape[-1] != weight.shape[1]:
+            raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]} "
+                             f"(weight shape {tuple(weight.shape)} is (out, in))")
+        self.save(x=x, weight=weight)
+        x2 = x.reshape(-1, x.shape[-1])                                # (..., in) -> (N, in)
+        return (x2 @ weight.T).reshape(*x.shape[:-1], weight.shape[0])  # (N, out) -> (..., out)
+
+    def backward(self, dy):
+        x, weight = self.saved
+        dy2 = dy.reshape(-1, dy.shape[-1])                             # (..., out) -> (N, out)
+        dx = (dy2 @ weight).reshape(x.shape) if self.needs_input_grad[0] else None
+        dweight = dy2.T @ x.reshape(-1, x.shape[-1]) if self.needs_input_grad[1] else None
+        return dx, dweight
