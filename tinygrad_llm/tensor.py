@@ -221,9 +221,14 @@ class Tensor:
                 continue
             function = tensor._ctx
             if function is None or tensor._retain_grad:
-                tensor.grad = dy if tensor.grad is None else tensor.grad + dy
+                # a copy: dy may be shared with another tensor's gradient or be the caller's `grad` array
+                tensor.grad = dy.copy() if tensor.grad is None else tensor.grad + dy
             if function is None:
                 continue
+            if function._freed:
+                raise RuntimeError(
+                    f"{type(function).__name__}: this graph was already used by a backward pass that freed "
+                    "its saved arrays; call backward(retain_graph=True) the first time to run backward twice")
             input_grads = function.backward(dy)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
@@ -244,7 +249,7 @@ class Tensor:
                     grads[key] = g
             if not retain_graph:
                 function.free()
-                tensor._ctx = None
+                function.inputs = ()     # release the inputs; _ctx stays so that a second backward can say why
 
 
 def _topological_order(root: Tensor) -> list:

@@ -175,15 +175,18 @@ def read_titles(folder) -> dict:
 
 
 def iter_shakespeare(root=None, stats: SourceStats = None, download=True):
-    """Stream the built-in corpus: one Document per work (91), in a fixed order, titles in `meta`."""
+    """Stream the built-in corpus: one Document per work (91), in a fixed order, titles in `meta`.
+
+    Order: Shakespeare modern editions, Shakespeare First Folio editions, Milton; by file name within each."""
     stats = stats if stats is not None else SourceStats()
     texts = shakespeare_dir(root, download=download)
     for sub in ("shakespeare", "milton"):
         folder = os.path.join(texts, sub)
         titles = read_titles(folder)
-        for name in sorted(os.listdir(folder)):
-            if not name.endswith(".txt") or name == "metadata.txt":
-                continue
+        names = [n for n in os.listdir(folder) if n.endswith(".txt") and n != "metadata.txt"]
+        # modern editions before First Folio ones, so that near-dedup (which keeps the first document
+        # of each cluster) keeps the modern spelling
+        for name in sorted(names, key=lambda n: (n.endswith("_gut_f.txt"), n)):
             stem = name[:-4]
             for doc in iter_text_file(os.path.join(folder, name), stats):
                 info = titles.get(stem, {})

@@ -40,11 +40,33 @@ def _causal_mask(query_len: int, key_len: int, xp):
     return xp.arange(key_len)[None, :] > (xp.arange(query_len)[:, None] + offset)
 
 
-def _scores(q5, k, scale, xp):
-    """Masked, scaled scores S of the grouped layout: (B, Hkv, G, Tq, D) × (B, Hkv, Tk, D) -> (B, Hkv, G, Tq, Tk)."""
-    s = (q5 @ k[:, :, None].swapaxes(-1, -2)) * scale
-    mask = _causal_mask(q5.shape[3], k.shape[2], xp)
-    return xp.where(mask, -xp.inf, s).astype(q5.dtype)
+def _grouped_probabilities(q3, k, group: int, scale: float, xp, lse=None):
+    """Causal softmax probabilities P of the grouped layout, and L = logsumexp of the scores.
+
+    q3: (B, Hkv, G·Tq, D), the G query heads of a group stacked along the rows; k: (B, Hkv, Tk, D).
+    Returns P: (B, Hkv, G·Tq, Tk) and L: (B, Hkv, G·Tq, 1). With `lse` given, P = exp(S − lse) is
+    recomputed from it (the backward pass) instead of normalising afresh.
+    Batched products read a contiguous kᵀ: NumPy's stacked matmul is several times slower on a
+    transposed view.
+    """
+    key_len = k.shape[2]
+    query_len = q3.shape[2] // group
+    k_transposed = xp.ascontiguousarray(k.swapaxes(-1, -2))              # (B, Hkv, Tk, D) -> (B, Hkv, D, Tk)
+    s = q3 @ k_transposed                                                 # (B, Hkv, G·Tq, Tk)
+    s *= s.dtype.type(scale)
+    mask = _causal_mask(query_len, key_len, xp)                           # (Tq, Tk)
+    bias = xp.where(mask, -xp.inf, 0).astype(s.dtype)
+    s += xp.concatenate([bias] * group, axis=0) if group > 1 else bias    # (G·Tq, Tk), same mask per head
+    if lse is None:
+        row_max = s.max(axis=-1, keepdims=True)
+        s -= row_max                                                      # max subtraction: exp ≤ 1
+        xp.exp(s, out=s)
+        row_sum = s.sum(axis=-1, keepdims=True)
+        s /= row_sum
+        return s, row_max + xp.log(row_sum)
+    s -= lse
+    xp.exp(s, out=s)
+    return s, lse
 
 
 class CausalAttention(Function):
@@ -57,6 +79,8 @@ class CausalAttention(Function):
               dq = dS k / √D;   dk = dSᵀ q / √D  (dk summed over the group)
     Shapes:   q, O, dO: (B, H, Tq, D)   k, v, dk, dv: (B, Hkv, Tk, D)   L, Δ: (B, H, Tq)
     Saves:    q, k, v, O, L   (no Tq×Tk array is kept between forward and backward)
+    The query heads of a group are stacked along the rows, (B, H, Tq, D) -> (B, Hkv, G·Tq, D), so every
+    product is a plain batched matmul and the sums over the group come out of the products themselves.
     """
 
     def forward(self, q, k, v):
@@ -70,16 +94,10 @@ class CausalAttention(Function):
         batch, heads, query_len, head_dim = q.shape
         kv_heads = k.shape[1]
         group = heads // kv_heads
-        scale = 1.0 / math.sqrt(head_dim)
-        q5 = q.reshape(batch, kv_heads, group, query_len, head_dim)      # (B, H, Tq, D) -> (B, Hkv, G, Tq, D)
-        s = _scores(q5, k, scale, xp)                                     # (B, Hkv, G, Tq, Tk)
-        row_max = s.max(axis=-1, keepdims=True)
-        p = xp.exp(s - row_max)
-        row_sum = p.sum(axis=-1, keepdims=True)
-        lse = row_max + xp.log(row_sum)                                   # (B, Hkv, G, Tq, 1)
-        out = (p / row_sum) @ v[:, :, None]                               # (B, Hkv, G, Tq, D)
-        out = out.reshape(q.shape)                                        # -> (B, H, Tq, D)
-        lse = lse.reshape(batch, heads, query_len)                        # -> (B, H, Tq)
+        q3 = q.reshape(batch, kv_heads, group * query_len, head_dim)     # (B, H, Tq, D) -> (B, Hkv, G·Tq, D)
+        p, lse = _grouped_probabilities(q3, k, group, 1.0 / math.sqrt(head_dim), xp)
+        out = (p @ v).reshape(q.shape)                                    # (B, Hkv, G·Tq, D) -> (B, H, Tq, D)
+        lse = lse.reshape(batch, heads, query_len)                        # (B, Hkv, G·Tq, 1) -> (B, H, Tq)
         self.save(q=q, k=k, v=v, out=out, lse=lse)
         return out
 
@@ -93,17 +111,19 @@ class CausalAttention(Function):
         kv_heads = k.shape[1]
         group = heads // kv_heads
         scale = 1.0 / math.sqrt(head_dim)
-        grouped = (batch, kv_heads, group, query_len, head_dim)           # (B, H, Tq, D) -> (B, Hkv, G, Tq, D)
-        q5, dy5, out5 = q.reshape(grouped), dy.reshape(grouped), out.reshape(grouped)
-        lse5 = lse.reshape(batch, kv_heads, group, query_len, 1)
-        p = xp.exp(_scores(q5, k, scale, xp) - lse5)                      # recomputed (B, Hkv, G, Tq, Tk)
-        dv = (p.swapaxes(-1, -2) @ dy5).sum(axis=2)                       # (B, Hkv, Tk, D), summed over G
-        dp = dy5 @ v[:, :, None].swapaxes(-1, -2)                         # (B, Hkv, G, Tq, Tk)
-        delta = (dy5 * out5).sum(axis=-1, keepdims=True)                  # (B, Hkv, G, Tq, 1)
-        ds = p * (dp - delta)
-        dq = ((ds @ k[:, :, None]) * scale).reshape(q.shape)              # -> (B, H, Tq, D)
-        dk = ((ds.swapaxes(-1, -2) @ q5) * scale).sum(axis=2)             # (B, Hkv, Tk, D)
-        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+        grouped = (batch, kv_heads, group * query_len, head_dim)          # (B, H, Tq, D) -> (B, Hkv, G·Tq, D)
+        q3, dy3, out3 = q.reshape(grouped), dy.reshape(grouped), out.reshape(grouped)
+        lse3 = lse.reshape(batch, kv_heads, group * query_len, 1)
+        p, _ = _grouped_probabilities(q3, k, group, scale, xp, lse=lse3)  # recomputed (B, Hkv, G·Tq, Tk)
+        dy3_t = xp.ascontiguousarray(dy3.swapaxes(-1, -2))                # (B, Hkv, D, G·Tq)
+        dv = (dy3_t @ p).swapaxes(-1, -2)                                 # (Pᵀ dO)ᵀᵀ: (B, Hkv, Tk, D)
+        dp = dy3 @ xp.ascontiguousarray(v.swapaxes(-1, -2))               # (B, Hkv, G·Tq, Tk)
+        dp -= (dy3 * out3).sum(axis=-1, keepdims=True)                    # dP − Δ
+        dp *= p                                                           # dS = P ∘ (dP − Δ)
+        dq = (dp @ k).reshape(q.shape) * q.dtype.type(scale)              # (B, H, Tq, D)
+        q3_t = xp.ascontiguousarray(q3.swapaxes(-1, -2))                  # (B, Hkv, D, G·Tq)
+        dk = (q3_t @ dp).swapaxes(-1, -2) * k.dtype.type(scale)           # (B, Hkv, Tk, D)
+        return dq, xp.ascontiguousarray(dk), xp.ascontiguousarray(dv)
 
 
 def causal_attention_reference(q, k, v):

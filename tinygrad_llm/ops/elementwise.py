@@ -107,7 +107,7 @@ class Neg(Function):
 
 class Pow(Function):
     """Forward:  y = a ** b
-    Backward: da = dy · b · a^(b−1);  db = dy · y · ln a  (only where a > 0; 0 elsewhere)
+    Backward: da = dy · b · a^(b−1)  (0 where b = 0);  db = dy · y · ln a  (only where a > 0; 0 elsewhere)
     Shapes:   a, b broadcast to y
     Saves:    a, b, y
     """
@@ -122,7 +122,8 @@ class Pow(Function):
         xp = array_module(a, b)
         da = db = None
         if self.needs_input_grad[0]:
-            da = unbroadcast(dy * b * a ** (b - 1), a.shape)
+            # where b == 0, y = 1 is constant: 0, not the 0 · 0⁻¹ = NaN that a = 0 would give
+            da = unbroadcast(xp.where(b == 0, 0, dy * b * a ** xp.where(b == 0, 1, b - 1)).astype(dy.dtype), a.shape)
         if self.needs_input_grad[-1]:
             positive = a > 0
             log_a = xp.log(xp.where(positive, a, 1))

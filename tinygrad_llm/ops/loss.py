@@ -58,19 +58,22 @@ class CrossEntropy(Function):
         safe_targets = xp.where(keep, targets1, 0)
         rows = xp.arange(logits2.shape[0])
         row_max = logits2.max(axis=1, keepdims=True)
-        probs = xp.exp(logits2 - row_max)                                  # (N, V), in (0, 1]
+        probs = logits2 - row_max                                          # (N, V), ≤ 0: exp cannot overflow
+        picked = probs[rows, safe_targets]                                 # x[target] − max
+        xp.exp(probs, out=probs)
         row_sum = probs.sum(axis=1, keepdims=True)
-        lse = (row_max + xp.log(row_sum))[:, 0]                           # (N,)
-        losses = (lse - logits2[rows, safe_targets]) * keep
-        probs /= row_sum                                                   # softmax, in place
-        probs[rows, safe_targets] -= 1                                     # softmax − onehot
-        probs *= keep[:, None].astype(probs.dtype) / max(count, 1)
+        losses = (xp.log(row_sum[:, 0]) - picked) * keep                   # lse − x[target], max cancels
+        weight = keep.astype(probs.dtype) / probs.dtype.type(max(count, 1))  # 1/count on kept rows, else 0
+        probs *= (weight / row_sum[:, 0])[:, None]                         # softmax / count (row_sum ≥ 1)
+        probs[rows, safe_targets] -= weight                                # (softmax − onehot) / count
         self.save(dlogits=probs.reshape(shape))                            # (N, V) -> x's shape
         loss = losses.sum() / count if count else xp.asarray(float("nan"))
         return xp.asarray(loss, dtype=logits.dtype)
 
     def backward(self, dy):
         (dlogits,) = self.saved
+        if dy.size == 1 and float(dy) == 1.0:     # the usual case (loss.backward()): skip a full-size multiply
+            return dlogits
         return dlogits * dy
 
 

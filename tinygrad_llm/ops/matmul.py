@@ -23,10 +23,10 @@ class MatMul(Function):
         a2 = a[None, :] if a.ndim == 1 else a          # (K,) -> (1, K)
         b2 = b[:, None] if b.ndim == 1 else b          # (K,) -> (K, 1)
         dy2 = dy
+        if b.ndim == 1:
+            dy2 = dy2[..., None]                       # restore the M = 1 axis (first: dy is 0-d for vec @ vec)
         if a.ndim == 1:
             dy2 = dy2[..., None, :]                    # restore the N = 1 axis
-        if b.ndim == 1:
-            dy2 = dy2[..., None]                       # restore the M = 1 axis
         da = db = None
         if self.needs_input_grad[0]:
             da = unbroadcast(dy2 @ b2.swapaxes(-1, -2), a2.shape).reshape(a.shape)

@@ -1,0 +1,388 @@
+"""Tests for the byte-level BPE tokenizer: hand-computed merges, round trips on arbitrary Unicode, tiktoken
+agreement (when tiktoken is installed), special tokens, files, and bad input."""
+import base64
+import json
+import random
+import warnings
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tinygrad_llm.tokenizer as tokenizer_module
+from tinygrad_llm.tokenizer import (CHAT_SPECIAL_TOKENS, GPT2_PATTERN, GPT4_PATTERN, Tokenizer,
+                                    TokenizerFileError)
+
+FEW = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+MANY = settings(max_examples=200, deadline=None)
+
+WORDS = ("the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "It's", "we'll", "DON'T", "naïve",
+         "café", "日本語", "の", "テキスト", "中文", "字符", "🙂", "👍🏽", "e\u0301", "Ωμέγα", "привет", "2024",
+         "3.14159", "1,000,000", "(x)", "->", "...", "!!", "#tag", "\t", "\n", "\r\n", "  ", "\n\n")
+
+
+def _make_corpus(n_words, seed):
+    rng = random.Random(seed)
+    return "".join(rng.choice(WORDS) + rng.choice(" " * 6 + "\n,.") for _ in range(n_words))
+
+
+CORPUS = _make_corpus(6000, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(CORPUS, vocab_size=600, special_tokens=CHAT_SPECIAL_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def tok_gpt2():
+    return Tokenizer.train(CORPUS, vocab_size=500, pattern="gpt2")
+
+
+unicode_text = st.text(
+    alphabet=st.one_of(
+        st.characters(blacklist_categories=("Cs",)),           # anything but lone surrogates
+        st.sampled_from(list("ab xyz'\n\r\t  0123456789.,!?") + ["é", "e\u0301", "日", "本", "🙂", "👍🏽",
+                                                                  "\u200d", "\u00a0", "\u3000", "\x1c"])),
+    max_size=80)
+
+
+# ----------------------------------------------------------------------------------------------------
+# merges computed by hand
+
+def test_merges_match_hand_computed_list():
+    # Pre-tokens are runs of non-space (pattern \S+|\s+; the single spaces hold no pair). Word counts:
+    #   hug x10, pug x5, pun x12, bun x4, hugs x5.   Ids: b=98 g=103 h=104 n=110 p=112 s=115 u=117.
+    # Pair counts: ug 10+5+5=20, pu 5+12=17, un 12+4=16, hu 10+5=15, gs 5, bu 4
+    #   1. (u,g)=20 -> 256 "ug"   now: h ug, p ug, p u n, b u n, h ug s
+    #      counts: (h,ug) 15, (u,n) 16, (p,u) 12, (p,ug) 5, (ug,s) 5, (b,u) 4
+    #   2. (u,n)=16 -> 257 "un"   now: h ug, p ug, p un, b un, h ug s
+    #   3. (h,ug)=15 -> 258 "hug" now: hug, p ug, p un, b un, hug s
+    #   4. (p,un)=12 -> 259 "pun"
+    #   5. tie at 5 between (p,ug)=(112,256) and (hug,s)=(258,115): the smaller (left, right) wins -> 260 "pug"
+    #   6. (hug,s)=5 -> 261 "hugs"
+    #   7. (b,un)=4 -> 262 "bun"; every word is now one token, so an 8th merge is impossible.
+    text = "hug " * 10 + "pug " * 5 + "pun " * 12 + "bun " * 4 + "hugs " * 5
+    with pytest.warns(UserWarning, match="ran out of pairs after 7 of 8"):
+        tok = Tokenizer.train(text, vocab_size=256 + 8, pattern=r"\S+|\s+")
+    assert tok.merges == [(117, 103), (117, 110), (104, 256), (112, 257), (112, 256), (258, 115), (98, 257)]
+    expected_tokens = [b"ug", b"un", b"hug", b"pun", b"pug", b"hugs", b"bun"]
+    ranks = tok.mergeable_ranks()
+    assert [data for data, rank in sorted(ranks.items(), key=lambda item: item[1])][256:] == expected_tokens
+    assert tok.vocab_size == 256 + 7
+    assert tok.encode("hugs pug") == [261, 32, 260]
+
+
+def test_merges_stay_inside_pre_tokens():
+    # GPT-4 pattern cuts "1234 " into "123", "4", " " (numbers go in runs of at most 3). Inside pre-tokens
+    # the pairs are (1,2) and (2,3), 50 each; (3,4), (4,' ') and (' ',1) cross boundaries and must never
+    # be merged. 1. (49,50) -> 256 "12" (tie with (50,51) broken by the smaller pair); 2. (256,51) -> 257
+    # "123"; then nothing is left to merge.
+    with pytest.warns(UserWarning, match="ran out of pairs after 2 of 5"):
+        tok = Tokenizer.train("1234 " * 50, vocab_size=256 + 5)
+    assert tok.merges == [(49, 50), (256, 51)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# round trips and agreement
+
+@MANY
+@given(text=unicode_text)
+def test_decode_encode_round_trip_gpt4(text, tok=None):
+    tok = _cached("gpt4")
+    ids = tok.encode_ordinary(text)
+    assert tok.decode(ids) == text
+    assert tok.decode_bytes(ids) == text.encode("utf-8")
+    assert all(0 <= i < tok.vocab_size for i in ids)
+
+
+@MANY
+@given(text=unicode_text)
+def test_decode_encode_round_trip_gpt2(text):
+    tok = _cached("gpt2")
+    assert tok.decode(tok.encode(text)) == text
+
+
+_CACHED = {}
+
+
+def _cached(name):
+    # hypothesis tests cannot take module fixtures without a health-check waiver, so share trained ones here
+    if name not in _CACHED:
+        _CACHED[name] = Tokenizer.train(CORPUS, vocab_size=600 if name == "gpt4" else 500, pattern=name,
+                                        special_tokens=CHAT_SPECIAL_TOKENS)
+    return _CACHED[name]
+
+
+def test_round_trip_of_specific_hard_cases(tok):
+    cases = ["", " ", "\n", "   \n\n  \t", "🙂🙂🙂", "👩‍👩‍👧‍👦", "e\u0301\u0302", "日本語のテキスト",
+             "a" * 5000, "ab" * 3000, " " * 3000, "1234567890" * 10, "It's we'll DON'T", "\x00\x7f\x1c"]
+    for text in cases:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_long_piece_merge_rule_matches_short_one(tok):
+    # pieces above _SHORT_PIECE bytes use the heap version; both must follow the same rule exactly
+    ranks = tok.mergeable_ranks()
+    rng = random.Random(1)
+    for _ in range(200):
+        text = "".join(rng.choice(["the", "fox", "日本", "🙂", "é", "e", "o", "x", "ick", "qu"])
+                       for _ in range(rng.randint(1, 40)))
+        data = text.encode("utf-8")
+        assert tokenizer_module._bpe_long(data, ranks) == tokenizer_module._bpe_short(data, ranks)
+
+
+@MANY
+@given(text=st.text(alphabet=st.sampled_from(list("aZ09 '\t\n\r\x0b\x0c\x1c\x1f.,!-_sdmtlvreSDMTLVRE")),
+                    max_size=60))
+def test_ascii_fast_path_splits_like_regex(text):
+    for pattern in (GPT4_PATTERN, GPT2_PATTERN):
+        splitter = tokenizer_module._Splitter(pattern)
+        assert splitter.ascii_compiled.findall(text) == splitter.compiled.findall(text)
+
+
+@FEW
+@given(text=unicode_text)
+def test_safe_chunks_do_not_change_pre_tokens(text, monkeypatch):
+    monkeypatch.setattr(tokenizer_module, "_SAFE_CHUNK_CHARS", 4)
+    long_text = text * 5 + "\nword\n  x\n\ny" * 3
+    splitter = tokenizer_module._Splitter(GPT4_PATTERN)
+    chunks = list(splitter.safe_chunks(long_text))
+    assert "".join(chunks) == long_text
+    assert [piece for chunk in chunks for piece in splitter.findall(chunk)] == splitter.findall(long_text)
+
+
+@FEW
+@given(text=unicode_text)
+def test_ids_equal_tiktoken_on_our_ranks(text):
+    tiktoken = pytest.importorskip("tiktoken")
+    tok = _cached("gpt4")
+    encoding = _tiktoken_encoding(tiktoken, tok)
+    assert tok.encode_ordinary(text) == encoding.encode_ordinary(text)
+    with_special = text + "<|user|>" + text + "<|endoftext|>"
+    assert tok.encode(with_special, allowed_special="all") == encoding.encode(with_special, allowed_special="all")
+
+
+def _tiktoken_encoding(tiktoken, tok):
+    return tiktoken.Encoding(name="tinygrad_llm_test", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks(),
+                             special_tokens=tok.special_tokens)
+
+
+def test_ids_equal_tiktoken_on_a_larger_text(tok, tok_gpt2):
+    tiktoken = pytest.importorskip("tiktoken")
+    text = _make_corpus(3000, seed=7) + "a" * 700 + "ab" * 500 + " " * 400
+    for t in (tok, tok_gpt2):
+        assert t.encode_ordinary(text) == _tiktoken_encoding(tiktoken, t).encode_ordinary(text)
+
+
+def test_encode_batch_equals_encode(tok):
+    texts = [_make_corpus(200, seed=s) for s in range(6)] + ["", "<|user|>hi<|end|>"]
+    expected = [tok.encode(text, allowed_special="all") for text in texts]
+    assert tok.encode_batch(texts, allowed_special="all") == expected
+    assert tok.encode_batch(texts, allowed_special="all", workers=2) == expected
+
+
+def test_decode_marks_invalid_utf8_and_decode_bytes_is_exact(tok):
+    assert tok.decode([0xE6, 0x97]) == "\ufffd"      # a cut-off 3-byte character
+    assert tok.decode_bytes([0xE6, 0x97]) == b"\xe6\x97"
+    ids = tok.encode("日本")
+    assert tok.decode_bytes(ids[:1]) + tok.decode_bytes(ids[1:]) == "日本".encode()
+    np = pytest.importorskip("numpy")
+    assert tok.decode(np.array(tok.encode("numpy ids"), dtype=np.int64)) == "numpy ids"
+
+
+def test_mergeable_ranks_are_bytes_first_and_contiguous(tok):
+    ranks = tok.mergeable_ranks()
+    assert all(ranks[bytes([b])] == b for b in range(256))
+    assert sorted(ranks.values()) == list(range(len(ranks)))
+    assert len(set(ranks)) == len(ranks)
+    assert tok.vocab_size == 600 and len(ranks) == 600 - len(CHAT_SPECIAL_TOKENS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# training behaviour
+
+def test_training_is_deterministic_and_independent_of_document_order():
+    documents = [_make_corpus(300, seed=s) for s in range(12)]
+    first = Tokenizer.train(documents, vocab_size=400)
+    again = Tokenizer.train(list(documents), vocab_size=400)
+    shuffled = documents[:]
+    random.Random(3).shuffle(shuffled)
+    assert first.merges == again.merges == Tokenizer.train(shuffled, vocab_size=400).merges
+    assert len(first.merges) == 400 - 256
+
+
+def test_training_streams_from_a_generator_and_in_worker_processes():
+    documents = [_make_corpus(300, seed=s) for s in range(8)]
+    from_list = Tokenizer.train(documents, vocab_size=350)
+    from_generator = Tokenizer.train((d for d in documents), vocab_size=350)
+    with_workers = Tokenizer.train(iter(documents), vocab_size=350, workers=2)
+    assert from_list.merges == from_generator.merges == with_workers.merges
+
+
+def test_duplicate_byte_strings_are_not_created():
+    # Same bytes reachable by two paths must yield one token: every mergeable byte string is unique.
+    tok = Tokenizer.train("abc " * 3 + "a bc" * 0 + "xabc xab xbc " * 4 + "aab abb " * 5, vocab_size=300,
+                          pattern=r"\S+|\s+")
+    ranks = tok.mergeable_ranks()
+    assert len(ranks) == len(set(ranks)) == 256 + len(tok.merges)
+
+
+# ----------------------------------------------------------------------------------------------------
+# special tokens
+
+def test_special_tokens_follow_the_merges(tok):
+    n_mergeable = 600 - len(CHAT_SPECIAL_TOKENS)
+    assert tok.special_tokens == {name: n_mergeable + k for k, name in enumerate(CHAT_SPECIAL_TOKENS)}
+
+
+def test_disallowed_special_token_raises_and_allowed_one_encodes(tok):
+    text = "<|system|>be brief<|end|><|user|>hi<|end|><|assistant|>hello<|end|><|endoftext|>"
+    with pytest.raises(ValueError, match="special token .* not allowed"):
+        tok.encode(text)
+    ids = tok.encode(text, allowed_special="all")
+    specials = tok.special_tokens
+    assert ids[0] == specials["<|system|>"] and ids[-1] == specials["<|endoftext|>"]
+    assert sum(i in specials.values() for i in ids) == 7
+    assert tok.decode(ids) == text
+    # only the named ones are allowed: <|end|> is still refused
+    with pytest.raises(ValueError, match="<\\|end\\|>"):
+        tok.encode("<|user|>x<|end|>", allowed_special={"<|user|>"})
+    with pytest.raises(ValueError, match="unknown special"):
+        tok.encode("x", allowed_special={"<|nope|>"})
+
+
+def test_ordinary_text_never_produces_special_ids(tok):
+    text = "<|endoftext|> <|user|><|end|>"
+    ids = tok.encode_ordinary(text)
+    assert not set(ids) & set(tok.special_tokens.values())
+    assert tok.decode(ids) == text
+
+
+def test_special_tokens_at_user_given_ids():
+    tok = Tokenizer.train(CORPUS[:5000], vocab_size=300, special_tokens={"<|endoftext|>": 1000, "<|end|>": 999})
+    assert tok.special_tokens == {"<|endoftext|>": 1000, "<|end|>": 999}
+    assert tok.vocab_size == 1001
+    assert tok.encode("a<|end|>", allowed_special="all")[-1] == 999
+    with pytest.raises(ValueError, match="inside the merge range"):
+        Tokenizer.train(CORPUS[:5000], vocab_size=300, special_tokens={"<|end|>": 5})
+    with pytest.raises(ValueError, match="share id"):
+        Tokenizer([], special_tokens={"<|a|>": 300, "<|b|>": 300})
+
+
+# ----------------------------------------------------------------------------------------------------
+# files
+
+def test_save_load_round_trip(tok, tmp_path):
+    path = tmp_path / "tok.json"
+    tok.save(path)
+    loaded = Tokenizer.load(path)
+    assert loaded == tok
+    assert loaded.merges == tok.merges and loaded.special_tokens == tok.special_tokens
+    assert loaded.pattern == tok.pattern
+    text = CORPUS[:3000] + "<|endoftext|>"
+    assert loaded.encode(text, allowed_special="all") == tok.encode(text, allowed_special="all")
+    content = json.loads(path.read_text(encoding="utf-8"))             # plain JSON, readable merges
+    assert content["version"] == 1 and content["merges"][0][:2] == list(tok.merges[0])
+
+
+def _saved_text(tok, tmp_path):
+    path = tmp_path / "tok.json"
+    tok.save(path)
+    return path, path.read_text(encoding="utf-8")
+
+
+def test_truncated_or_garbage_file_is_refused(tok, tmp_path):
+    path, text = _saved_text(tok, tmp_path)
+    path.write_text(text[: len(text) // 2], encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match="truncated or corrupted"):
+        Tokenizer.load(path)
+    path.write_bytes(b"\x80\x81 not text")
+    with pytest.raises(TokenizerFileError, match="not UTF-8"):
+        Tokenizer.load(path)
+    path.write_text('{"hello": 1}', encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match="not a tinygrad_llm tokenizer file"):
+        Tokenizer.load(path)
+
+
+def test_wrong_version_is_refused(tok, tmp_path):
+    path, text = _saved_text(tok, tmp_path)
+    path.write_text(text.replace('"version": 1,', '"version": 2,', 1), encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match="version 2 is not supported"):
+        Tokenizer.load(path)
+
+
+def test_corrupted_content_is_refused(tok, tmp_path):
+    path, text = _saved_text(tok, tmp_path)
+    content = json.loads(text)
+
+    def write_and_expect(changed, message):
+        path.write_text(json.dumps(changed), encoding="utf-8")
+        with pytest.raises(TokenizerFileError, match=message):
+            Tokenizer.load(path)
+
+    changed = json.loads(text)
+    changed["merges"][5][1] = 100000                           # id that does not exist
+    write_and_expect(changed, "does not exist")
+    changed = json.loads(text)
+    changed["merges"][3][2] = "zz"                             # text no longer matches its ids
+    write_and_expect(changed, "corrupted")
+    changed = json.loads(text)
+    changed["special_tokens"]["<|end|>"] += 10                  # valid shape, wrong checksum
+    write_and_expect(changed, "sha256")
+    changed = dict(content)
+    del changed["pattern"]
+    write_and_expect(changed, "missing")
+
+
+def test_export_tiktoken_file(tok, tmp_path, monkeypatch):
+    path = tmp_path / "tok.tiktoken"
+    tok.export_tiktoken(path)
+    lines = path.read_text(encoding="ascii").splitlines()
+    parsed = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines)}
+    assert parsed == tok.mergeable_ranks()
+    tiktoken_load = pytest.importorskip("tiktoken.load")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")                # no cache: read our file
+    assert tiktoken_load.load_tiktoken_bpe(str(path)) == tok.mergeable_ranks()
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad input
+
+def test_vocab_size_too_small():
+    with pytest.raises(ValueError, match="at least 258"):
+        Tokenizer.train("some text", vocab_size=257, special_tokens=["<|a|>", "<|b|>"])
+    with pytest.raises(ValueError, match="at least 256"):
+        Tokenizer.train("some text", vocab_size=100)
+
+
+@pytest.mark.parametrize("corpus", ["", [], ["", ""], iter([])])
+def test_empty_corpus(corpus):
+    with pytest.raises(ValueError, match="empty"):
+        Tokenizer.train(corpus, vocab_size=300)
+
+
+def test_lone_surrogates_give_clear_errors(tok):
+    with pytest.raises(ValueError, match="lone surrogate"):
+        Tokenizer.train("fine text \ud800 more", vocab_size=300)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tok.encode("abc \udfff")
+
+
+def test_other_bad_inputs(tok):
+    with pytest.raises(TypeError, match="not bytes"):
+        Tokenizer.train(b"bytes corpus", vocab_size=300)
+    with pytest.raises(TypeError, match="item 1"):
+        Tokenizer.train(["ok", 3], vocab_size=300)
+    with pytest.raises(ValueError, match="unknown pattern name"):
+        Tokenizer.train("text", vocab_size=300, pattern="gpt3")
+    with pytest.raises(ValueError, match="silently dropped"):
+        Tokenizer.train("text with spaces", vocab_size=300, pattern=r"\w+")
+    with pytest.raises(ValueError, match="unknown token id"):
+        tok.decode([10 ** 9])
+    with pytest.raises(ValueError, match="unknown token id"):
+        tok.decode([-1])
+    with pytest.raises(TypeError, match="expects a str"):
+        tok.encode(b"bytes")
+    with pytest.raises(TypeError, match="not a single str"):
+        Tokenizer([], special_tokens="<|endoftext|>")
