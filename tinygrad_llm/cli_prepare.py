@@ -165,7 +165,7 @@ def add_classifier_parser(subparsers):
     p.add_argument("--buckets", type=int, default=1 << 18, help="hash buckets (default 2^18)")
     p.add_argument("--ngrams", type=int, default=2, help="word n-grams up to this length (default 2)")
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=0.1, help="Adam learning rate, decayed linearly to 0 (default 0.1)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out share for the reported accuracy")
     p.add_argument("--seed", type=int, default=0)

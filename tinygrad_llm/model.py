@@ -26,8 +26,113 @@ import numpy as np
 
 from . import backend
 from . import functional as F
+from .backend import array_module
 from .nn import Dropout, Embedding, Linear, Module, ModuleList, Parameter, RMSNorm, init_normal
-from .tensor import Tensor
+from .ops.attention import CausalAttention
+from .ops.rope import rope_angles
+from .tensor import Function, Tensor
+
+
+# ---------------------------------------------------------------- fused training ops
+# Two Functions that fold the glue around attention and the MLP into one op each, so that the packed
+# projections are sliced, rotated and re-laid-out without the zero-filled gradients of GetItem and
+# the extra copies of Permute/Reshape. The composed path (F.rope, F.causal_attention, F.swiglu on
+# slices) is what the KV-cached generation uses, and the tests check that both agree.
+
+def _rotate_into(x, cos, sin, out, xp):
+    """out = RoPE(x): (x₁, x₂) -> (x₁ cos − x₂ sin, x₂ cos + x₁ sin), pairs split at D/2. out may be a view."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    o1, o2 = out[..., :half], out[..., half:]
+    xp.multiply(x1, cos, out=o1)
+    o1 -= x2 * sin
+    xp.multiply(x2, cos, out=o2)
+    o2 += x1 * sin
+    return out
+
+
+class PackedRopeAttention(Function):
+    """RoPE on q and k, causal grouped-query attention, output laid out for o_proj; one op.
+
+    Forward:  q, k, v = the slices of qkv (B, T, H + 2Hkv, D), each as (B, heads, T, D)
+              q, k rotated by RoPE (cos, sin tables for positions 0 … T−1)
+              O = causal_attention(q, k, v)  (tinygrad_llm.ops.attention, CUDA kernel when available)
+              y = O as (B, T, H·D)
+    Backward: dO = dy as (B, H, T, D);  dq, dk, dv = CausalAttention.backward(dO)
+              RoPE's transpose is the rotation by −angle, so dq_raw = rotate(dq, cos, −sin), same for k
+              all three written into one d(qkv) (B, T, H + 2Hkv, D)
+    Shapes:   qkv, dqkv: (B, T, H + 2Hkv, D)   y, dy: (B, T, H·D)   cos, sin: (T, D/2)
+    Saves:    the inner CausalAttention's q, k, v, O, L;  cos, sin
+    """
+
+    def forward(self, qkv, heads, kv_heads, cos, sin):
+        xp = array_module(qkv)
+        batch, time, _, head_dim = qkv.shape
+        q = xp.empty((batch, heads, time, head_dim), dtype=qkv.dtype)
+        k = xp.empty((batch, kv_heads, time, head_dim), dtype=qkv.dtype)
+        _rotate_into(qkv[:, :, :heads].transpose(0, 2, 1, 3), cos, sin, q, xp)             # (B, H, T, D)
+        _rotate_into(qkv[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3), cos, sin, k, xp)
+        v = xp.ascontiguousarray(qkv[:, :, heads + kv_heads:].transpose(0, 2, 1, 3))       # (B, Hkv, T, D)
+        attention = CausalAttention()
+        out = attention.forward(q, k, v)                                                   # (B, H, T, D)
+        self.save(attention=attention, cos=cos, sin=sin, heads=heads, kv_heads=kv_heads)
+        return out.transpose(0, 2, 1, 3).reshape(batch, time, heads * head_dim)            # -> (B, T, H·D)
+
+    def backward(self, dy):
+        attention, cos, sin, heads, kv_heads = self.saved
+        xp = array_module(dy)
+        batch, time, _ = dy.shape
+        head_dim = cos.shape[-1] * 2
+        d_out = xp.ascontiguousarray(dy.reshape(batch, time, heads, head_dim).transpose(0, 2, 1, 3))  # (B, H, T, D)
+        dq, dk, dv = attention.backward(d_out)
+        attention.free()
+        dqkv = xp.empty((batch, time, heads + 2 * kv_heads, head_dim), dtype=dy.dtype)    # (B, T, H + 2Hkv, D)
+        _rotate_into(dq, cos, -sin, dqkv[:, :, :heads].transpose(0, 2, 1, 3), xp)
+        _rotate_into(dk, cos, -sin, dqkv[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3), xp)
+        dqkv[:, :, heads + kv_heads:] = dv.transpose(0, 2, 1, 3)
+        return dqkv
+
+
+class PackedSwiGLU(Function):
+    """SwiGLU on the packed gate/up projection.
+
+    Forward:  g, u = gate_up[..., :F], gate_up[..., F:];  s = σ(g);  y = g · s · u
+    Backward: du = dy · g · s
+              dg = dy · u · s · (1 + g · (1 − s))
+              both written into one d(gate_up)
+    Shapes:   gate_up, d(gate_up): (..., 2F)   y, dy: (..., F)
+    Saves:    gate_up, s
+    """
+
+    def forward(self, gate_up):
+        xp = array_module(gate_up)
+        hidden = gate_up.shape[-1] // 2
+        gate, up = gate_up[..., :hidden], gate_up[..., hidden:]
+        s = xp.multiply(gate, gate.dtype.type(0.5))                  # σ(g) = ½ (1 + tanh(g/2)), no overflow
+        xp.tanh(s, out=s)
+        s *= s.dtype.type(0.5)
+        s += s.dtype.type(0.5)
+        self.save(gate_up=gate_up, s=s)
+        y = gate * s
+        y *= up
+        return y
+
+    def backward(self, dy):
+        gate_up, s = self.saved
+        xp = array_module(dy)
+        hidden = gate_up.shape[-1] // 2
+        gate, up = gate_up[..., :hidden], gate_up[..., hidden:]
+        d_gate_up = xp.empty(gate_up.shape, dtype=dy.dtype)
+        d_gate, d_up = d_gate_up[..., :hidden], d_gate_up[..., hidden:]
+        xp.multiply(dy, gate, out=d_up)
+        d_up *= s                                                    # du = dy · silu(g)
+        t = 1 - s
+        t *= gate
+        t += 1
+        t *= s                                                       # σ(g)(1 + g(1 − σ(g))) = silu'(g)
+        t *= up
+        xp.multiply(dy, t, out=d_gate)                               # dg = dy · u · silu'(g)
+        return d_gate_up
 
 
 @dataclass
@@ -121,20 +226,21 @@ class Attention(Module):
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.rope_theta = config.rope_theta
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0, start: int = 0):
+    def forward(self, x, rope_tables, cache: KVCache | None = None, layer: int = 0, start: int = 0):
         batch, time, channels = x.shape
         heads, kv_heads, head_dim = self.n_heads, self.n_kv_heads, self.head_dim
         weight = F.concatenate([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], axis=0)
         qkv = F.linear(x, weight)                                          # (B, T, C + 2·Hkv·D)
         qkv = qkv.reshape(batch, time, heads + 2 * kv_heads, head_dim)     # -> (B, T, H + 2Hkv, D)
+        if cache is None:   # training and full recomputation: the fused op
+            y = PackedRopeAttention.apply(qkv, heads, kv_heads, *rope_tables)         # (B, T, C)
+            return F.linear(y, self.o_proj.weight)
+        # KV-cached decoding (no gradients): composed from the public ops, keys stored in the cache
         qkv = qkv.permute(0, 2, 1, 3)                                      # -> (B, H + 2Hkv, T, D)
-        q = qkv[:, :heads]                                                 # (B, H, T, D)
-        k = qkv[:, heads:heads + kv_heads]                                 # (B, Hkv, T, D)
+        q = F.rope(qkv[:, :heads], start, self.rope_theta)                 # (B, H, T, D)
+        k = F.rope(qkv[:, heads:heads + kv_heads], start, self.rope_theta) # (B, Hkv, T, D)
         v = qkv[:, heads + kv_heads:]                                      # (B, Hkv, T, D)
-        q = F.rope(q, start, self.rope_theta)
-        k = F.rope(k, start, self.rope_theta)
-        if cache is not None:
-            k, v = cache.append(layer, k.data, v.data, start)              # (B, Hkv, start + T, D)
+        k, v = cache.append(layer, k.data, v.data, start)                  # (B, Hkv, start + T, D)
         y = F.causal_attention(q, k, v)                                    # (B, H, T, D)
         y = y.permute(0, 2, 1, 3).reshape(batch, time, channels)           # -> (B, T, H, D) -> (B, T, C)
         return F.linear(y, self.o_proj.weight)
@@ -152,8 +258,7 @@ class MLP(Module):
     def forward(self, x):
         weight = F.concatenate([self.gate_proj.weight, self.up_proj.weight], axis=0)
         gate_up = F.linear(x, weight)                                      # (B, T, 2F)
-        gate, up = gate_up[..., :self.hidden], gate_up[..., self.hidden:]  # 2 × (B, T, F)
-        return F.linear(F.swiglu(gate, up), self.down_proj.weight)         # (B, T, F) -> (B, T, C)
+        return F.linear(PackedSwiGLU.apply(gate_up), self.down_proj.weight)  # (B, T, F) -> (B, T, C)
 
 
 class DecoderLayer(Module):
@@ -165,8 +270,8 @@ class DecoderLayer(Module):
         self.mlp = MLP(config, dtype=dtype)
         self.dropout = Dropout(config.dropout)
 
-    def forward(self, x, cache=None, layer=0, start=0):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cache, layer, start))
+    def forward(self, x, rope_tables, cache=None, layer=0, start=0):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope_tables, cache, layer, start))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -219,8 +324,9 @@ class GPT(Module):
                              f"max_seq_len tokens)")
         trunk = self.model
         x = trunk.dropout(F.embedding(ids, trunk.embed_tokens.weight))     # (B, T, C)
+        rope_tables = None if cache is not None else self._rope_tables(ids.shape[1], x.data)
         for i, layer in enumerate(trunk.layers):
-            x = layer(x, cache, i, start)
+            x = layer(x, rope_tables, cache, i, start)
         if cache is not None:
             cache.length = start + ids.shape[1]
         if last_only:
@@ -229,6 +335,16 @@ class GPT(Module):
         if targets is None:
             return logits
         return logits, F.cross_entropy(logits, targets, ignore_index=ignore_index)
+
+    def _rope_tables(self, time: int, like):
+        """cos and sin (T, D/2) for positions 0 … T−1 in the dtype and on the device of `like` (memoised)."""
+        xp = array_module(like)
+        key = (time, like.dtype, backend.device_of(like))
+        if getattr(self, "_rope_key", None) != key:
+            cos, sin = rope_angles(xp.arange(time), self.config.head_dim, self.config.rope_theta, xp)
+            self._rope_cache = (cos.astype(like.dtype), sin.astype(like.dtype))
+            self._rope_key = key
+        return self._rope_cache
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, batch, max_len or self.config.max_seq_len, self.dtype, self.device)

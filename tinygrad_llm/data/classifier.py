@@ -1,8 +1,8 @@
 """A fastText-like linear classifier over hashed word n-grams, trained with tinygrad_llm's autograd.
 
-Features: the lowercased `\\w+` words of a document and their n-grams up to `ngrams`, each hashed
-(blake2b word hashes combined with NumPy integer mixing, as in dedup.py) into one of `buckets - 1`
-rows; row 0 is padding. The model is linear (Joulin et al. 2016 without the hidden layer):
+Features: the lowercased `\\w+` words of a document and their n-grams up to `ngrams`, plus the
+character `char_ngrams`-grams of the text (fastText's subwords), each hashed (blake2b word hashes
+combined with NumPy integer mixing, as in dedup.py) into one of `buckets - 1` rows; row 0 is padding. The model is linear (Joulin et al. 2016 without the hidden layer):
 
     logits = mean over the document's features of W[feature] + b        W: (buckets, 2)   b: (2,)
 
@@ -12,8 +12,9 @@ and is trained with softmax cross-entropy over two classes — "keep" (the `keep
 
     F.embedding(ids, W) (B, L, 2) · mask → sum over L → (B, 2) + b → F.cross_entropy
 
-and steps plain SGD with a linearly decaying learning rate (fastText's schedule) on the gradients
-the engine computes. Inference needs no graph: `predict_proba` is the same formula in NumPy.
+and steps Adam (written here over the raw arrays; mean pooling leaves each n-gram row a tiny
+gradient, which plain SGD would need thousands of epochs to use) with a linearly decaying learning
+rate, fastText's schedule, on the gradients the engine computes. Inference needs no graph: `predict_proba` is the same formula in NumPy.
 
 Saved as `<prefix>.safetensors` (W, b) plus `<prefix>.json` (buckets, ngrams, labels, keep_label),
 never pickled. Simplification: documents with more than `max_features` features are trained on a
@@ -32,13 +33,23 @@ FORMAT_VERSION = 1
 _DEFAULT_KEEP = ("1", "good", "keep", "clean", "ok", "high", "hq", "true")
 
 
-def hashed_features(text: str, buckets: int, ngrams=2) -> np.ndarray:
-    """int64 feature rows in [1, buckets) for every word n-gram (n = 1..ngrams) of the text."""
-    words = _WORD.findall(text.lower())
-    if not words:
+def hashed_features(text: str, buckets: int, ngrams=2, char_ngrams=3) -> np.ndarray:
+    """int64 feature rows in [1, buckets) for every word n-gram (n = 1..ngrams) of the text and, when
+    char_ngrams > 0, every character n-gram of the lowercased text (fastText's subword idea: words never
+    seen in training, such as gibberish, still share features with the training set)."""
+    text = text.lower()
+    words = _WORD.findall(text)
+    parts = []
+    if char_ngrams and len(text) >= char_ngrams:
+        chars = _mix64(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64))
+        count = len(chars) - char_ngrams + 1
+        combined = chars[:count] * _NGRAM_MULTIPLIERS[0]
+        for k in range(1, char_ngrams):
+            combined += chars[k: k + count] * _NGRAM_MULTIPLIERS[k]
+        parts.append(_mix64(combined ^ np.uint64(0xC0FFEE)))
+    if not words and not parts:
         return np.zeros(0, dtype=np.int64)
     units = np.fromiter(map(_word_hashes.__getitem__, words), dtype=np.uint64, count=len(words))
-    parts = []
     for n in range(1, ngrams + 1):
         count = len(units) - n + 1
         if count <= 0:
@@ -55,14 +66,15 @@ def hashed_features(text: str, buckets: int, ngrams=2) -> np.ndarray:
 class QualityClassifier:
     """Linear classifier: P(keep | text) from hashed word n-grams."""
 
-    def __init__(self, buckets=1 << 18, ngrams=2, labels=("other", "keep"), keep_label="keep", weight=None, bias=None):
-        self.buckets, self.ngrams = int(buckets), int(ngrams)
+    def __init__(self, buckets=1 << 18, ngrams=2, labels=("other", "keep"), keep_label="keep", weight=None, bias=None,
+                 char_ngrams=3):
+        self.buckets, self.ngrams, self.char_ngrams = int(buckets), int(ngrams), int(char_ngrams)
         self.labels, self.keep_label = list(labels), str(keep_label)
         self.weight = np.zeros((self.buckets, 2), dtype=np.float32) if weight is None else weight
         self.bias = np.zeros(2, dtype=np.float32) if bias is None else bias
 
     def features(self, text):
-        return hashed_features(text, self.buckets, self.ngrams)
+        return hashed_features(text, self.buckets, self.ngrams, self.char_ngrams)
 
     def predict_proba(self, texts) -> np.ndarray:
         """(N,) probability of the keep label for each text (0.5 for a text without words... or bias)."""
@@ -81,7 +93,7 @@ class QualityClassifier:
         save_file({"weight": np.ascontiguousarray(self.weight, dtype=np.float32),
                    "bias": np.ascontiguousarray(self.bias, dtype=np.float32)}, prefix + ".safetensors")
         meta = {"format": "tinygrad_llm.quality_classifier", "version": FORMAT_VERSION, "buckets": self.buckets,
-                "ngrams": self.ngrams, "labels": self.labels, "keep_label": self.keep_label,
+                "ngrams": self.ngrams, "char_ngrams": self.char_ngrams, "labels": self.labels, "keep_label": self.keep_label,
                 "weights": os.path.basename(prefix) + ".safetensors"}
         with open(prefix + ".json", "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
@@ -101,7 +113,8 @@ class QualityClassifier:
         tensors = load_file(prefix + ".safetensors")
         if tensors["weight"].shape != (meta["buckets"], 2):
             raise ValueError(f"{prefix}.safetensors: weight shape {tensors['weight'].shape} does not match metadata")
-        return cls(meta["buckets"], meta["ngrams"], meta["labels"], meta["keep_label"], tensors["weight"], tensors["bias"])
+        return cls(meta["buckets"], meta["ngrams"], meta["labels"], meta["keep_label"], tensors["weight"], tensors["bias"],
+                   meta.get("char_ngrams", 0))
 
 
 def load_labelled_jsonl(path, text_field="text", label_field="label"):
@@ -137,8 +150,8 @@ def _padded_batch(features, max_features, rng):
     return ids, mask
 
 
-def train_classifier(texts, labels, keep_label=None, buckets=1 << 18, ngrams=2, epochs=5, lr=0.5, batch_size=32,
-                     val_fraction=0.2, seed=0, max_features=4096, log=None):
+def train_classifier(texts, labels, keep_label=None, buckets=1 << 18, ngrams=2, char_ngrams=3, epochs=5, lr=0.1,
+                     batch_size=32, val_fraction=0.2, seed=0, max_features=4096, log=None):
     """Train a QualityClassifier; returns (model, metrics with train/val accuracy and final loss)."""
     import tinygrad_llm.functional as F
     from tinygrad_llm import Tensor
@@ -154,7 +167,7 @@ def train_classifier(texts, labels, keep_label=None, buckets=1 << 18, ngrams=2, 
     if keep_label not in distinct:
         raise ValueError(f"keep label {keep_label!r} not among the labels {distinct}")
     y = np.array([1 if l == keep_label else 0 for l in labels], dtype=np.int64)
-    model = QualityClassifier(buckets, ngrams, ["other", keep_label], keep_label)
+    model = QualityClassifier(buckets, ngrams, ["other", keep_label], keep_label, char_ngrams=char_ngrams)
     feats = [model.features(t) for t in texts]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(texts))
@@ -163,6 +176,9 @@ def train_classifier(texts, labels, keep_label=None, buckets=1 << 18, ngrams=2, 
 
     weight = Tensor(np.zeros((buckets, 2), dtype=np.float32), requires_grad=True)
     bias = Tensor(np.zeros(2, dtype=np.float32), requires_grad=True)
+    params = [weight, bias]
+    moments = [(np.zeros_like(p.data), np.zeros_like(p.data)) for p in params]
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
     steps_total = epochs * -(-len(train_idx) // batch_size)
     step, loss_value = 0, float("nan")
     for epoch in range(epochs):
@@ -174,13 +190,20 @@ def train_classifier(texts, labels, keep_label=None, buckets=1 << 18, ngrams=2, 
             emb = F.embedding(ids, weight)                              # (B, L) -> (B, L, 2)
             pooled = F.sum(emb * Tensor(mask), axis=1)                  # (B, L, 2) -> (B, 2)
             loss = F.cross_entropy(pooled + bias, y[idx])
-            weight.grad, bias.grad = None, None
+            for p in params:
+                p.grad = None
             loss.backward()
-            rate = lr * (1.0 - step / max(1, steps_total))              # fastText's linear decay
-            weight.data -= rate * weight.grad
-            bias.data -= rate * bias.grad
-            losses.append(float(loss.item()))
             step += 1
+            rate = lr * (1.0 - (step - 1) / max(1, steps_total))        # linear decay, as fastText
+            for p, (m, v) in zip(params, moments):                      # Adam on the raw arrays
+                m *= beta1
+                m += (1 - beta1) * p.grad
+                v *= beta2
+                v += (1 - beta2) * p.grad * p.grad
+                m_hat = m / (1 - beta1 ** step)
+                v_hat = v / (1 - beta2 ** step)
+                p.data -= rate * m_hat / (np.sqrt(v_hat) + eps)
+            losses.append(float(loss.item()))
         loss_value = float(np.mean(losses))
         if log:
             log(f"epoch {epoch + 1}/{epochs}: train loss {loss_value:.4f}")

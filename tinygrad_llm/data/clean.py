@@ -31,7 +31,9 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 _LINE_SEPARATORS = re.compile(r"\r\n?|[\x0c\x85\u2028\u2029]")
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
 _TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
+_SPACE_AROUND_NEWLINE = re.compile(r" ?\n ?")       # after spaces are collapsed, at most one each side
 _BLANK_RUNS = re.compile(r"\n{3,}")
+_GUTENBERG_HINTS = ("GUTENBERG", "Gutenberg", "gutenberg", "SMALL PRINT", "small print")
 
 
 @dataclass
@@ -45,6 +47,8 @@ class CleanStats:
 
 def strip_gutenberg(text: str):
     """Remove a Project Gutenberg header/licence and footer; returns (text, whether anything was cut)."""
+    if not any(hint in text for hint in _GUTENBERG_HINTS):   # plain substring scans: cheap
+        return text, False
     start = _GUTENBERG_START.search(text)
     end = _GUTENBERG_END.search(text, start.end() if start else 0)
     if not start and not end:
@@ -70,11 +74,10 @@ def clean_text(text: str, strip_boilerplate=True, keep_indent=False, stats: Clea
         text = _TRAILING.sub("", text)
     else:
         text = _SPACES.sub(" ", text)
-        text = text.replace("\n ", "\n")
-        text = _TRAILING.sub("", text)
+        text = _SPACE_AROUND_NEWLINE.sub("\n", text)
     text = _BLANK_RUNS.sub("\n\n", text).strip("\n")
-    if text.startswith(" ") and not keep_indent:
-        text = text.lstrip(" ")
+    if not keep_indent:
+        text = text.strip(" ")
     if stats is not None:
         stats.chars_out += len(text)
     return text

@@ -1,20 +1,22 @@
 """Deduplication: exact (content hash) and near-duplicate (MinHash + LSH banding + union-find).
 
 MinHash (Broder 1997). A document becomes a set of shingles (word n-grams or character n-grams), each
-hashed to 64 bits. For k = 1..num_perm a hash function h_k(x) = (a_k·x + b_k) mod 2^64 (a_k odd) acts as
-a random permutation of the shingle hashes, and the signature keeps min_x h_k(x), stored as its top 32
+hashed to 64 well-mixed bits. For k = 1..num_perm a hash function h_k(x) = a_k·x mod 2^64 (a_k odd, a
+bijection) acts as a random permutation of the shingle hashes, and the signature keeps min_x h_k(x), stored as its top 32
 bits. For two sets A and B, P[min h_k(A) = min h_k(B)] = J(A, B) = |A∩B| / |A∪B|, so the share of equal
 signature slots estimates the Jaccard similarity with standard error sqrt(J(1-J)/num_perm).
 
-Vectorised: words are found with one regex per document and hashed once per distinct word (blake2b,
-cached); n-gram hashes are combined from word hashes with NumPy integer arithmetic; the (shingles ×
-num_perm) products for a whole batch of documents are formed at once and reduced per document with
-`np.minimum.reduceat`. Nothing loops in Python per shingle or per permutation.
+Vectorised: a batch of documents is joined and tokenised by one regex call; words are hashed once per
+distinct word (blake2b, cached); n-gram hashes are combined from word hashes with NumPy integer
+arithmetic; the (shingles × num_perm) products are formed a cache-sized block at a time and reduced per
+document with `np.minimum.reduceat`. Nothing loops in Python per shingle, per permutation or (for word
+shingles) per document.
 
 LSH (Indyk & Motwani; Leskovec et al. ch. 3). The signature is cut into b bands of r rows; documents
 whose rows agree in at least one band become candidate pairs. A pair of similarity s is a candidate with
 probability 1 - (1 - s^r)^b. `lsh_params` picks (b, r) with b·r <= num_perm minimising the weighted area
-of false positives below the threshold and false negatives above it (as datasketch does). Candidates
+of false positives below the threshold and false negatives above it (as datasketch does, but weighted
+0.1 / 0.9 towards recall by default, since verification removes false positives cheaply). Candidates
 are then checked against the threshold with their estimated Jaccard (`verify`), joined with
 union-find, and each cluster keeps its first document in input order: deterministic for a given input.
 
@@ -92,57 +94,83 @@ def shingle_hashes(text: str, kind="word", n=3, lowercase=True) -> np.ndarray:
 class MinHasher:
     """Computes `num_perm`-slot MinHash signatures (uint32) for batches of documents.
 
-    Shapes: shingles (N,) uint64 for one document; signatures (D, num_perm) uint32 for D documents."""
+    Permutation k is h_k(x) = a_k·x mod 2^64 with a_k odd (a bijection on the already well-mixed
+    64-bit shingle hashes: multiply-shift hashing); the signature keeps the top 32 bits of the minimum.
+    Shapes: shingles (N,) uint64 with their document numbers (N,); signatures (D, num_perm) uint32."""
 
-    def __init__(self, num_perm=128, seed=1, kind="word", n=3, block=8192):
-        self.num_perm, self.seed, self.kind, self.n, self.block = num_perm, seed, kind, n, block
+    def __init__(self, num_perm=128, seed=1, kind="word", n=3, block=1024, batch_chars=1 << 22):
+        self.num_perm, self.seed, self.kind, self.n = num_perm, seed, kind, n
+        self.block, self.batch_chars = block, batch_chars
         rng = np.random.default_rng(seed)
         self.a = rng.integers(0, 2 ** 63, num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)   # odd
-        self.b = rng.integers(0, 2 ** 63, num_perm, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, num_perm, dtype=np.uint64)
 
     def signature(self, text: str) -> np.ndarray:
         return self.signatures([text])[0]
 
-    def signatures_from_shingles(self, shingle_lists) -> np.ndarray:
-        """(D, num_perm) uint32 signatures; a document without shingles gets all 0xFFFFFFFF."""
-        out = np.full((len(shingle_lists), self.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
-        lengths = np.array([len(s) for s in shingle_lists], dtype=np.int64)
-        start = 0
-        while start < len(shingle_lists):
-            stop, total = start, 0                     # batch documents until ~`block` shingles
-            while stop < len(shingle_lists) and (total == 0 or total + lengths[stop] <= self.block):
-                total += lengths[stop]
-                stop += 1
-            self._reduce_batch(shingle_lists[start:stop], lengths[start:stop], out[start:stop])
-            start = stop
+    def signatures(self, texts) -> np.ndarray:
+        """(D, num_perm) uint32 MinHash signatures of D texts; a text without shingles gets all 0xFFFFFFFF."""
+        texts = list(texts)
+        if self.kind != "word":
+            return self.signatures_from_shingles([shingle_hashes(t, self.kind, self.n) for t in texts])
+        out = np.empty((len(texts), self.num_perm), dtype=np.uint32)
+        lo = 0
+        while lo < len(texts):                         # batches of about `batch_chars` characters
+            hi, size = lo, 0
+            while hi < len(texts) and (hi == lo or size + len(texts[hi]) <= self.batch_chars):
+                size += len(texts[hi])
+                hi += 1
+            x, doc, short = _batch_word_shingles(texts[lo:hi], self.n)
+            out[lo:hi] = self._reduce(x, doc, hi - lo)
+            for d in short:                            # fewer words than n: one shingle of them all
+                out[lo + d] = self.signatures_from_shingles([shingle_hashes(texts[lo + d], "word", self.n)])[0]
+            lo = hi
         return out
 
-    def _reduce_batch(self, shingle_lists, lengths, out):
-        nonempty = np.nonzero(lengths)[0]
-        if len(nonempty) == 0:
-            return
-        x = np.concatenate([shingle_lists[i] for i in nonempty])       # (N,)
-        offsets = np.concatenate([[0], np.cumsum(lengths[nonempty])[:-1]])
-        mins = np.empty((len(nonempty), self.num_perm), dtype=np.uint64)
-        step = max(1, self.block)
-        if len(x) <= step:
-            h = np.multiply.outer(x, self.a)                            # (N, P) = a_k·x mod 2^64
-            h += self.b
-            mins[:] = np.minimum.reduceat(h, offsets, axis=0)           # (N, P) -> (D, P)
-        else:                                                           # one long document: stream it
-            mins[:] = np.iinfo(np.uint64).max
-            h = np.empty((step, self.num_perm), dtype=np.uint64)
-            for lo in range(0, len(x), step):
-                chunk = x[lo: lo + step]
-                hv = h[: len(chunk)]
-                np.multiply(chunk[:, None], self.a[None, :], out=hv)
-                hv += self.b
-                np.minimum(mins[0], hv.min(axis=0), out=mins[0])
-        out[nonempty] = (mins >> np.uint64(32)).astype(np.uint32)
+    def signatures_from_shingles(self, shingle_lists) -> np.ndarray:
+        """(D, num_perm) uint32 signatures from per-document shingle-hash arrays."""
+        lengths = np.array([len(s) for s in shingle_lists], dtype=np.int64)
+        x = np.concatenate(list(shingle_lists)) if len(shingle_lists) else np.zeros(0, np.uint64)
+        doc = np.repeat(np.arange(len(shingle_lists)), lengths)
+        return self._reduce(x.astype(np.uint64, copy=False), doc, len(shingle_lists))
 
-    def signatures(self, texts) -> np.ndarray:
-        """(D, num_perm) uint32 MinHash signatures of D texts."""
-        return self.signatures_from_shingles([shingle_hashes(t, self.kind, self.n) for t in texts])
+    def _reduce(self, x, doc, n_docs):
+        """Signatures of n_docs documents from shingles x (N,) grouped by document number doc (N,)."""
+        mins = np.full((n_docs, self.num_perm), np.iinfo(np.uint64).max, dtype=np.uint64)
+        buf = np.empty((self.block, self.num_perm), dtype=np.uint64)
+        for lo in range(0, len(x), self.block):        # blocks small enough to stay in cache
+            xs, ds = x[lo: lo + self.block], doc[lo: lo + self.block]
+            h = buf[: len(xs)]
+            np.multiply(xs[:, None], self.a[None, :], out=h)              # (n, P) = a_k·x mod 2^64
+            starts = np.flatnonzero(np.r_[True, ds[1:] != ds[:-1]])        # one segment per document
+            rows = ds[starts]
+            mins[rows] = np.minimum(mins[rows], np.minimum.reduceat(h, starts, axis=0))   # (n, P) -> (segments, P)
+        return (mins >> np.uint64(32)).astype(np.uint32)
+
+
+_WORD_OR_SEPARATOR = re.compile(r"\w+|\x00")
+
+
+def _batch_word_shingles(texts, n):
+    """Word n-gram hashes of several texts at once: (hashes (N,), document numbers (N,), short docs).
+
+    The texts are joined with NUL (never a word character) and tokenised by one regex call; the
+    n-grams that would straddle a separator are masked out. `short` lists documents with at least one
+    but fewer than n words, whose single shingle the caller computes separately."""
+    joined = "\x00".join(t.replace("\x00", " ") for t in texts).lower()
+    tokens = _WORD_OR_SEPARATOR.findall(joined)
+    units = np.fromiter(map(_word_hashes.__getitem__, tokens), dtype=np.uint64, count=len(tokens))
+    is_sep = units == np.uint64(_word_hashes["\x00"])                    # a word sharing it: p = 2^-64
+    seps_before = np.concatenate([[0], np.cumsum(is_sep)])                # (tokens + 1,)
+    words_per_doc = np.bincount(seps_before[:-1][~is_sep], minlength=len(texts))
+    short = np.flatnonzero((words_per_doc > 0) & (words_per_doc < n)).tolist()
+    count = len(units) - n + 1
+    if count <= 0:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64), short
+    combined = units[:count] * _NGRAM_MULTIPLIERS[0]
+    for k in range(1, n):
+        combined += units[k: k + count] * _NGRAM_MULTIPLIERS[k]
+    valid = seps_before[n: n + count] == seps_before[:count]              # no separator inside the window
+    return _mix64(combined[valid]), seps_before[:count][valid], short
 
 
 def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -162,8 +190,11 @@ def collision_probability(s, bands, rows):
 
 
 @functools.lru_cache(maxsize=64)
-def lsh_params(threshold: float, num_perm: int, fp_weight=0.5, fn_weight=0.5):
-    """(bands, rows) with bands·rows <= num_perm minimising fp_weight·FP-area + fn_weight·FN-area."""
+def lsh_params(threshold: float, num_perm: int, fp_weight=0.1, fn_weight=0.9):
+    """(bands, rows) with bands·rows <= num_perm minimising fp_weight·FP-area + fn_weight·FN-area.
+
+    The default weights favour recall: a false positive costs one signature comparison in `verify`,
+    a false negative is a duplicate left in the training data."""
     if not 0.0 < threshold < 1.0:
         raise ValueError("threshold must be in (0, 1)")
     below = np.linspace(0.0, threshold, 201)
@@ -230,7 +261,7 @@ def lsh_candidate_pairs(signatures: np.ndarray, bands: int, rows: int, max_bucke
 
 
 def near_duplicate_clusters(signatures: np.ndarray, threshold: float, bands=None, rows=None, verify=True,
-                            fp_weight=0.5, fn_weight=0.5):
+                            fp_weight=0.1, fn_weight=0.9):
     """Cluster documents whose estimated Jaccard reaches `threshold`.
 
     Returns (keep, clusters): keep is a bool mask (True for the first document of each cluster and for

@@ -28,12 +28,20 @@ than four words, because a play repeats its speaker names ("Ham.") on hundreds o
 unrestricted rule would drop every play of the built-in corpus.
 """
 import re
+import string
 from dataclasses import dataclass, field
 
 import numpy as np
 
 _BULLETS = ("•", "-", "*", "‣", "◦", "▪", "●", "·")
 _ELLIPSIS = re.compile(r"(\.\.\.|…)")
+_HASH_WORD = re.compile(r"(?:^|\s)#")
+_BULLET_LINE = re.compile(r"^[ \t]*[•\-*‣◦▪●·]", re.MULTILINE)
+_ELLIPSIS_LINE = re.compile(r"(\.\.\.|…)[ \t]*$", re.MULTILINE)
+_ALPHA_WORD = re.compile(r"[^\W\d_]\S*")        # from a word's first letter to its end: one match per word
+_LETTERS = re.compile(r"[^\W\d_]+")
+_ASCII_LETTERS = string.ascii_letters.encode("ascii")
+_NONEMPTY_LINE = re.compile(r"\S[^\n]*")
 _TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9:-]*(\s[^<>]*)?/?>|<!--.*?-->", re.DOTALL)
 
 DEFAULT_BOUNDS = {
@@ -70,6 +78,14 @@ class FilterConfig:
         return [n for n in FILTER_NAMES if n not in self.disabled]
 
 
+class _Ids(dict):
+    """word -> dense id in order of first appearance."""
+
+    def __missing__(self, word):
+        self[word] = value = len(self)
+        return value
+
+
 def _top_ngram_coverage(word_ids, word_lengths, n):
     """Share of word characters covered by the document's most frequent word n-gram (Gopher)."""
     if len(word_ids) < n:
@@ -98,37 +114,45 @@ def document_stats(text: str, names=FILTER_NAMES) -> dict:
     words = text.split()
     n_words = len(words)
     stats = {}
-    lines = [l for l in text.split("\n") if l.strip()]
-    n_lines = max(1, len(lines))
+    n_lines = max(1, len(_NONEMPTY_LINE.findall(text)))
     if "word_count" in names:
         stats["word_count"] = n_words
     lengths = np.fromiter(map(len, words), dtype=np.int64, count=n_words)
     if "mean_word_length" in names:
         stats["mean_word_length"] = float(lengths.mean()) if n_words else 0.0
     if "symbol_word_ratio" in names:
-        symbols = sum(1 for w in words if w.startswith("#")) + len(_ELLIPSIS.findall(text))
+        symbols = (len(_HASH_WORD.findall(text)) if "#" in text else 0) + \
+            (len(_ELLIPSIS.findall(text)) if ("..." in text or "…" in text) else 0)
         stats["symbol_word_ratio"] = symbols / max(1, n_words)
     if "bullet_lines" in names:
-        stats["bullet_lines"] = sum(1 for l in lines if l.lstrip().startswith(_BULLETS)) / n_lines
+        stats["bullet_lines"] = len(_BULLET_LINE.findall(text)) / n_lines
     if "ellipsis_lines" in names:
-        stats["ellipsis_lines"] = sum(1 for l in lines if l.rstrip().endswith(("...", "…"))) / n_lines
+        has = "..." in text or "…" in text
+        stats["ellipsis_lines"] = (len(_ELLIPSIS_LINE.findall(text)) if has else 0) / n_lines
     if "non_alpha_words" in names:
-        stats["non_alpha_words"] = sum(1 for w in words if not any(c.isalpha() for c in w)) / max(1, n_words)
+        with_letter = len(_ALPHA_WORD.findall(text))         # words holding a letter (one match each)
+        stats["non_alpha_words"] = max(0, n_words - with_letter) / max(1, n_words)
     if "non_alpha_chars" in names:
-        compact = "".join(words)
-        letters = sum(1 for c in compact if c.isalpha()) if not compact.isascii() else \
-            len(compact) - len(re.sub(r"[A-Za-z]+", "", compact))
-        stats["non_alpha_chars"] = 1.0 - letters / max(1, len(compact))
+        non_space = int(lengths.sum())
+        if text.isascii():                            # bytes.translate deletes letters at C speed
+            raw = text.encode("ascii")
+            letters = len(raw) - len(raw.translate(None, _ASCII_LETTERS))
+        else:
+            letters = sum(map(len, _LETTERS.findall(text)))
+        stats["non_alpha_chars"] = 1.0 - letters / max(1, non_space)
     if "duplicate_lines" in names:
-        long_lines = [l.strip() for l in lines if len(l.split()) >= 4]
+        long_lines = [l.strip() for l in text.split("\n") if len(l.split()) >= 4]
         stats["duplicate_lines"] = (len(long_lines) - len(set(long_lines))) / max(1, len(long_lines))
     if "duplicate_paragraphs" in names:
         paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
         stats["duplicate_paragraphs"] = (len(paragraphs) - len(set(paragraphs))) / max(1, len(paragraphs))
     wanted_ngrams = [n for n in (2, 3, 4) if f"top_{n}gram_coverage" in names]
     if wanted_ngrams:
-        vocab = {}
-        ids = np.fromiter((vocab.setdefault(w.lower(), len(vocab)) for w in words), dtype=np.int64, count=n_words)
+        vocab = _Ids()
+        lowered = text.lower().split()
+        ids = np.fromiter(map(vocab.__getitem__, lowered), dtype=np.int64, count=len(lowered))
+        if len(lowered) != n_words:                    # lowercasing never adds spaces; stay safe anyway
+            lengths = np.fromiter(map(len, lowered), dtype=np.int64, count=len(lowered))
         for n in wanted_ngrams:
             stats[f"top_{n}gram_coverage"] = _top_ngram_coverage(ids, lengths, n)
     if "markup_density" in names:

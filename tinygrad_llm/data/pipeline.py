@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .clean import CleanStats, clean_text
-from .dedup import ExactDeduplicator, MinHasher, lsh_params, near_duplicate_clusters, shingle_hashes
+from .dedup import ExactDeduplicator, MinHasher, lsh_params, near_duplicate_clusters
 from .filters import FilterConfig, check_document
 from .shards import CharVocab, write_token_shards
 from .sources import SourceStats
@@ -118,6 +118,7 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
     exact = ExactDeduplicator()
     hasher = MinHasher(config.num_perm, config.minhash_seed, config.shingle, config.ngram) if config.near_dedup else None
     signatures, ids, titles, exact_groups = [], [], [], {}
+    pending, pending_chars = [], 0
     t_start = time.perf_counter()
     try:
         # ---- pass 1: per-document stages, spill the survivors ----------------------------------------
@@ -157,13 +158,20 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
                     if first is not None:
                         exact_groups.setdefault(first, []).append(doc.id)
                         continue
-                if hasher is not None:
-                    with _Timer(stages["near_dedup"]):
-                        signatures.append(hasher.signatures_from_shingles(
-                            [shingle_hashes(text, config.shingle, config.ngram)])[0])
+                if hasher is not None:                     # signatures are computed in batches of ~1 MB
+                    pending.append(text)
+                    pending_chars += len(text)
+                    if pending_chars >= 1 << 20:
+                        with _Timer(stages["near_dedup"]):
+                            signatures.append(hasher.signatures(pending))
+                        pending, pending_chars = [], 0
                 ids.append(doc.id)
                 titles.append(doc.meta.get("title"))
                 spill.write(json.dumps({"id": doc.id, "text": text}, ensure_ascii=False) + "\n")
+        if pending:
+            with _Timer(stages["near_dedup"]):
+                signatures.append(hasher.signatures(pending))
+            pending = []
         if bar is not None:
             bar.close()
 
@@ -172,7 +180,7 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
         keep = np.ones(len(ids), dtype=bool)
         if hasher is not None and ids:
             with _Timer(near):
-                sig = np.stack(signatures)
+                sig = np.concatenate(signatures)
                 bands, rows = lsh_params(config.near_threshold, config.num_perm)
                 cluster_keep, clusters = near_duplicate_clusters(sig, config.near_threshold, bands, rows)
                 if config.near_action == "drop":
@@ -195,7 +203,7 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
             stages["classifier"].details = {"model": config.classifier, "threshold": config.classifier_threshold,
                                             "keep_label": classifier.keep_label}
         final = np.zeros(len(ids), dtype=bool)
-        chars = set()
+        chars, scores = set(), []
         with open(spill_path, encoding="utf-8") as spill:
             for i, line in enumerate(spill):
                 text = json.loads(line)["text"]
@@ -207,6 +215,7 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
                 if classifier is not None:
                     with _Timer(stages["classifier"]):
                         score = float(classifier.predict_proba([text])[0])
+                        scores.append(score)
                         ok = score >= config.classifier_threshold
                         stages["classifier"].took(size, ok, "below_threshold")
                     if not ok:
@@ -214,6 +223,11 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
                 final[i] = True
                 if isinstance(tokenizer, str):
                     chars.update(text)
+
+        if scores:
+            stages["classifier"].details["p_keep"] = {"min": round(min(scores), 4),
+                                                      "median": round(float(np.median(scores)), 4),
+                                                      "max": round(max(scores), 4)}
 
         # ---- pass 3: tokenization into shards ---------------------------------------------------------
         token_report = None

@@ -1,6 +1,7 @@
 """Matrix products: matmul (batched, broadcasting) and linear (x @ Wᵀ, the layer form)."""
 from __future__ import annotations
 
+from ..backend import kernel
 from ..tensor import Function
 from .elementwise import unbroadcast
 
@@ -47,12 +48,20 @@ class Linear(Function):
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]} "
                              f"(weight shape {tuple(weight.shape)} is (out, in))")
-        self.save(x=x, weight=weight)
+        fast = kernel("linear", x, weight)
+        if fast is not None:       # a bf16/fp16 policy (tinygrad_llm.precision): low-precision cuBLAS GEMMs
+            y, x_low, weight_low = fast.linear_forward(x, weight)
+            self.save(x=x_low, weight=weight_low, dtypes=(x.dtype, weight.dtype))
+            return y
+        self.save(x=x, weight=weight, dtypes=None)
         x2 = x.reshape(-1, x.shape[-1])                                # (..., in) -> (N, in)
         return (x2 @ weight.T).reshape(*x.shape[:-1], weight.shape[0])  # (N, out) -> (..., out)
 
     def backward(self, dy):
-        x, weight = self.saved
+        x, weight, dtypes = self.saved
+        if dtypes is not None:     # the forward ran the policy's GEMMs: x, weight are its low-precision copies
+            from .. import gpu
+            return gpu.linear_backward(dy, x, weight, dtypes, self.needs_input_grad)
         dy2 = dy.reshape(-1, dy.shape[-1])                             # (..., out) -> (N, out)
         dx = (dy2 @ weight).reshape(x.shape) if self.needs_input_grad[0] else None
         dweight = dy2.T @ x.reshape(-1, x.shape[-1]) if self.needs_input_grad[1] else None

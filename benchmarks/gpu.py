@@ -1,0 +1,432 @@
+"""Time the fused CUDA kernels of tinygrad_llm.gpu next to PyTorch, and a GPT-2-size training step.
+
+    PYTHONPATH=. python3 benchmarks/gpu.py [--out DIR] [--torch-ref .anchors/torch_ref.py] [--compile]
+                                           [--skip-kernels] [--skip-e2e] [--skip-attention] [--steps N]
+
+Kernels: median of CUDA-event timings after warm-up, on random normal inputs (never zeros), at the sizes
+of the GPT-2-size config (B·T = 16 384 rows, C 768, F 2048, V 50 304, H 12, D 64). "GB/s" counts the
+fewest bytes the op must move (each input read once, each output written once) over the time; the
+PyTorch column runs the same computation with the same dtypes in eager PyTorch (what torch_ref.py does).
+The device-to-device copy rate measured first is the bandwidth ceiling.
+
+End to end: one training step (forward, backward, gradient norm and clipping, AdamW) of the Llama-style
+GPT with 12 layers, d 768, 12 heads, ffn 2048, V 50 304, T 1024, B 16 under the bf16 policy (bf16 GEMMs
+with float32 accumulation, bf16 activations, float32 master weights and AdamW state); tokens/s,
+model FLOP/s utilisation (6·params + 12·L·H·D·T FLOP per token, torch_ref.py's count, over the 989 TFLOP/s
+dense bf16 peak of an H100/H200 SXM) and the CuPy pool's peak bytes. With --torch-ref the same config runs
+through the PyTorch reference (eager, and torch.compile with --compile) in subprocesses afterwards.
+
+Writes benchmarks.json (every figure) and prints a table last. PyTorch is imported by this script only
+(for the comparison columns), never by the package.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tinygrad_llm import backend, gpu, precision  # noqa: E402
+
+PEAK_BF16_FLOPS = 989e12
+ROWS, CHANNELS, HIDDEN, VOCAB, HEADS, HEAD_DIM, BATCH, TIME = 16384, 768, 2048, 50304, 12, 64, 16, 1024
+
+
+def _cupy_ms(fn, repeats=20, warmup=3):
+    cp = backend.cupy_module()
+    for _ in range(warmup):
+        fn()
+    cp.cuda.Device().synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end))
+    return float(np.median(times))
+
+
+def _torch_ms(fn, repeats=20, warmup=3):
+    import torch
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def _torch():
+    try:
+        import torch
+        return torch if torch.cuda.is_available() else None
+    except Exception:
+        return None
+
+
+def _bf16():
+    return precision.dtype_named("bfloat16")
+
+
+def _row(name, ms, bytes_moved, torch_ms=None, note=""):
+    row = dict(name=name, ms=ms, gbps=bytes_moved / ms / 1e6 if ms else None, bytes=bytes_moved)
+    if torch_ms is not None:
+        row.update(torch_ms=torch_ms, speedup=torch_ms / ms)
+    if note:
+        row["note"] = note
+    return row
+
+
+# ------------------------------------------------------------------ kernels
+def bench_copy():
+    cp = backend.cupy_module()
+    source = cp.empty(2 ** 30, dtype=cp.uint8)
+    target = cp.empty_like(source)
+    ms = _cupy_ms(lambda: target.__setitem__(Ellipsis, source))
+    return _row("copy 1 GiB (ceiling)", ms, 2 * 2 ** 30)
+
+
+def bench_cross_entropy(torch):
+    cp = backend.cupy_module()
+    rows = []
+    rng = cp.random.default_rng(0)
+    for dtype_name in ("float32", "bfloat16"):
+        dtype = precision.dtype_named(dtype_name)
+        logits = rng.standard_normal((ROWS, VOCAB), dtype=cp.float32).astype(dtype)
+        targets = rng.integers(0, VOCAB, ROWS).astype(cp.int64)
+        bytes_moved = 2 * logits.nbytes
+        torch_ms = None
+        if torch is not None:
+            t_logits = torch.as_tensor(logits.astype(cp.float32), device="cuda").to(
+                torch.float32 if dtype_name == "float32" else torch.bfloat16).requires_grad_(True)
+            t_targets = torch.as_tensor(targets, device="cuda")
+
+            def torch_step():
+                t_logits.grad = None
+                torch.nn.functional.cross_entropy(t_logits.float(), t_targets).backward()
+            torch_ms = _torch_ms(torch_step)
+            del t_logits, t_targets
+            torch.cuda.empty_cache()
+        for variant in (("l2", 1024), ("l2", 512), ("smem", 1024)):
+            ms = _cupy_ms(lambda: gpu.cross_entropy_forward_backward(logits, targets, -100, variant=variant))
+            rows.append(_row(f"cross-entropy f+b {ROWS}x{VOCAB} {dtype_name} {variant[0]}/{variant[1]}", ms,
+                             bytes_moved, torch_ms))
+        scratch = logits.copy()
+        ms = _cupy_ms(lambda: gpu.cross_entropy_forward_backward(scratch, targets, -100, in_place=True))
+        rows.append(_row(f"cross-entropy f+b {ROWS}x{VOCAB} {dtype_name} in place", ms, bytes_moved, torch_ms))
+        logits = scratch = None
+        cp.get_default_memory_pool().free_all_blocks()
+    return rows
+
+
+def bench_rms_norm(torch):
+    cp = backend.cupy_module()
+    rows = []
+    rng = cp.random.default_rng(1)
+    for dtype_name in ("float32", "bfloat16"):
+        dtype = precision.dtype_named(dtype_name)
+        x = rng.standard_normal((ROWS, CHANNELS), dtype=cp.float32).astype(dtype)
+        dy = rng.standard_normal((ROWS, CHANNELS), dtype=cp.float32).astype(dtype)
+        weight = (1 + 0.1 * rng.standard_normal(CHANNELS, dtype=cp.float32))
+
+        def ours():
+            y, r = gpu.rms_norm_forward(x, weight, 1e-5)
+            gpu.rms_norm_backward(dy, x, weight, r)
+        ms = _cupy_ms(ours)
+        bytes_moved = 5 * x.nbytes                         # fwd: read x, write y; bwd: read dy and x, write dx
+        torch_ms = None
+        if torch is not None:
+            t_dtype = torch.float32 if dtype_name == "float32" else torch.bfloat16
+            tx = torch.as_tensor(x.astype(cp.float32), device="cuda").to(t_dtype).requires_grad_(True)
+            tdy = torch.as_tensor(dy.astype(cp.float32), device="cuda").to(t_dtype)
+            tw = torch.as_tensor(weight, device="cuda").requires_grad_(True)
+
+            def torch_step():
+                tx.grad = tw.grad = None
+                xf = tx.float()
+                y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(t_dtype) * tw
+                y.backward(tdy.to(y.dtype))
+            torch_ms = _torch_ms(torch_step)
+        rows.append(_row(f"rms_norm f+b {ROWS}x{CHANNELS} {dtype_name} (w fp32)", ms, bytes_moved, torch_ms))
+    return rows
+
+
+def bench_swiglu(torch):
+    cp = backend.cupy_module()
+    rng = cp.random.default_rng(2)
+    dtype = _bf16()
+    gate_up = rng.standard_normal((ROWS, 2 * HIDDEN), dtype=cp.float32).astype(dtype)
+    dy = rng.standard_normal((ROWS, HIDDEN), dtype=cp.float32).astype(dtype)
+
+    def ours():
+        gpu.swiglu_packed_forward(gate_up)
+        gpu.swiglu_packed_backward(dy, gate_up)
+    ms = _cupy_ms(ours)
+    bytes_moved = gate_up.nbytes + dy.nbytes + gate_up.nbytes + dy.nbytes + gate_up.nbytes  # f: r gu, w y; b: r gu, dy, w dgu
+    torch_ms = None
+    if torch is not None:
+        t = torch.as_tensor(gate_up.astype(cp.float32), device="cuda").to(torch.bfloat16).requires_grad_(True)
+        tdy = torch.as_tensor(dy.astype(cp.float32), device="cuda").to(torch.bfloat16)
+
+        def torch_step():
+            t.grad = None
+            g, u = t.chunk(2, -1)
+            (torch.nn.functional.silu(g) * u).backward(tdy)
+        torch_ms = _torch_ms(torch_step)
+    return [_row(f"swiglu (packed) f+b {ROWS}x{HIDDEN} bf16", ms, bytes_moved, torch_ms)]
+
+
+def bench_rope(torch):
+    cp = backend.cupy_module()
+    rng = cp.random.default_rng(3)
+    dtype = _bf16()
+    packed = rng.standard_normal((BATCH, TIME, HEADS, HEAD_DIM), dtype=cp.float32).astype(dtype)
+    x = packed.transpose(0, 2, 1, 3)                                  # (B, H, T, D) view, as in the model
+    angles = cp.arange(TIME, dtype=cp.float64)[:, None] * cp.arange(HEAD_DIM // 2)[None, :] * 1e-3
+    cos, sin = cp.cos(angles).astype(dtype), cp.sin(angles).astype(dtype)
+    ms = _cupy_ms(lambda: gpu.rope_forward(x, cos, sin))
+    bytes_moved = 2 * packed.nbytes
+    torch_ms = None
+    if torch is not None:
+        tx = torch.as_tensor(packed.astype(cp.float32), device="cuda").to(torch.bfloat16).transpose(1, 2)
+        tcos = torch.as_tensor(cp.concatenate([cos, cos], -1).astype(cp.float32), device="cuda").to(torch.bfloat16)
+        tsin = torch.as_tensor(cp.concatenate([sin, sin], -1).astype(cp.float32), device="cuda").to(torch.bfloat16)
+
+        def torch_step():
+            a, b = tx.chunk(2, -1)
+            return tx * tcos + torch.cat([-b, a], -1) * tsin
+        torch_ms = _torch_ms(torch_step)
+    return [_row(f"rope fwd (B{BATCH} H{HEADS} T{TIME} D{HEAD_DIM}, transposed view) bf16", ms, bytes_moved,
+                 torch_ms)]
+
+
+def bench_embedding(torch):
+    cp = backend.cupy_module()
+    rng = cp.random.default_rng(4)
+    ids = rng.integers(0, VOCAB, ROWS).astype(cp.int64)
+    dy = rng.standard_normal((ROWS, CHANNELS), dtype=cp.float32)
+    ms = _cupy_ms(lambda: gpu.embedding_backward(ids, dy, VOCAB))
+    bytes_moved = dy.nbytes + VOCAB * CHANNELS * 4                      # read dy, write dW (zeroing included)
+    torch_ms = None
+    if torch is not None:
+        weight = torch.randn(VOCAB, CHANNELS, device="cuda", requires_grad=True)
+        tids = torch.as_tensor(ids, device="cuda")
+        tdy = torch.as_tensor(dy, device="cuda")
+
+        def torch_step():
+            weight.grad = None
+            torch.nn.functional.embedding(tids, weight).backward(tdy)
+        torch_ms = _torch_ms(torch_step)
+    return [_row(f"embedding bwd {ROWS} ids, {VOCAB}x{CHANNELS} fp32", ms, bytes_moved, torch_ms)]
+
+
+def bench_adamw(torch, parameter_count=162_220_800):
+    cp = backend.cupy_module()
+    rng = cp.random.default_rng(5)
+    sizes = [parameter_count - 1000, 1000]                              # two groups, as optim.AdamW keeps them
+    params = [rng.standard_normal(n, dtype=cp.float32) for n in sizes]
+    grads = [rng.standard_normal(n, dtype=cp.float32) for n in sizes]
+    ms_, vs_ = [cp.zeros(n, dtype=cp.float32) for n in sizes], [cp.zeros(n, dtype=cp.float32) for n in sizes]
+    step = [0]
+
+    def ours():
+        step[0] += 1
+        gpu.adamw_step(params, grads, ms_, vs_, 3e-4, 0.9, 0.95, 1e-8, [0.1, 0.0], step[0])
+    ms = _cupy_ms(ours)
+    bytes_moved = parameter_count * 4 * 7                               # read p, g, m, v; write p, m, v
+    torch_ms = None
+    if torch is not None:
+        tparams = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in sizes]
+        for p in tparams:
+            p.grad = torch.randn_like(p)
+        optimizer = torch.optim.AdamW([{"params": [tparams[0]], "weight_decay": 0.1},
+                                       {"params": [tparams[1]], "weight_decay": 0.0}], lr=3e-4,
+                                      betas=(0.9, 0.95), fused=True)
+        torch_ms = _torch_ms(optimizer.step)
+        del tparams, optimizer
+    norm_ms = _cupy_ms(lambda: gpu.sum_of_squares(grads))
+    return [_row(f"adamw step {parameter_count / 1e6:.0f}M params (one launch)", ms, bytes_moved, torch_ms,
+                 "torch: AdamW(fused=True)"),
+            _row(f"grad sum of squares {parameter_count / 1e6:.0f}M (one launch)", norm_ms, parameter_count * 4)]
+
+
+def bench_linear(torch):
+    cp = backend.cupy_module()
+    rng = cp.random.default_rng(6)
+    x = rng.standard_normal((ROWS, CHANNELS), dtype=cp.float32).astype(_bf16())
+    weight = rng.standard_normal((3 * CHANNELS, CHANNELS), dtype=cp.float32).astype(_bf16())
+    ms = _cupy_ms(lambda: precision.gemm(x, weight, transpose_b=True))
+    flops = 2 * ROWS * CHANNELS * 3 * CHANNELS
+    torch_ms = None
+    if torch is not None:
+        tx = torch.as_tensor(x.astype(cp.float32), device="cuda").to(torch.bfloat16)
+        tw = torch.as_tensor(weight.astype(cp.float32), device="cuda").to(torch.bfloat16)
+        torch_ms = _torch_ms(lambda: tx @ tw.T)
+    row = _row(f"gemm x@W^T {ROWS}x{CHANNELS}x{3 * CHANNELS} bf16 (fp32 acc)", ms, 0, torch_ms)
+    row["tflops"] = flops / ms / 1e9
+    return [row]
+
+
+# ------------------------------------------------------------------ end to end
+def gpt2_config():
+    from tinygrad_llm.model import GPTConfig
+    return GPTConfig(vocab_size=VOCAB, d_model=CHANNELS, n_layers=12, n_heads=HEADS, ffn_hidden=HIDDEN,
+                     max_seq_len=TIME)
+
+
+def bench_training(policy_name="bf16", cast_activations=True, steps=6, warmup=2):
+    """tokens/s, MFU and pool peak of full training steps of the GPT-2-size model."""
+    cp = backend.cupy_module()
+    from tinygrad_llm import manual_seed
+    from tinygrad_llm.model import GPT
+    from tinygrad_llm.nn import Module
+    from tinygrad_llm.optim import AdamW
+    pool = cp.get_default_memory_pool()
+    pool.free_all_blocks()
+    precision.set_policy(policy_name)
+    try:
+        config = gpt2_config()
+        manual_seed(0)
+        model = GPT(config).to("cuda")
+        activation = precision.activation_dtype()
+        if cast_activations and activation != np.float32:
+            class ActivationCast(Module):                   # in place of the embedding's dropout (p = 0 here)
+                def forward(self, x):
+                    return x.astype(activation) if x.dtype != activation else x
+            model.model.dropout = ActivationCast()
+        params = model.num_parameters()
+        optimizer = AdamW(model.named_parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        rng = np.random.default_rng(0)
+        ids = cp.asarray(rng.integers(0, VOCAB, (BATCH, TIME)))
+        targets = cp.asarray(rng.integers(0, VOCAB, (BATCH, TIME)))
+        times, losses = [], []
+        for i in range(warmup + steps):
+            cp.cuda.Device().synchronize()
+            start = time.perf_counter()
+            _, loss = model(ids, targets)
+            loss.backward()
+            norm = optimizer.gather_grads()
+            optimizer.step(grad_scale=min(1.0, 1.0 / (norm + 1e-6)))
+            optimizer.zero_grad()
+            cp.cuda.Device().synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+            losses.append(float(loss.item()))
+        step_s = float(np.median(times))
+        tokens_per_s = BATCH * TIME / step_s
+        flops_per_token = 6 * params + 12 * config.n_layers * HEADS * HEAD_DIM * TIME
+        return dict(name=f"ours {policy_name}{' (bf16 activations)' if cast_activations else ''}", params=params,
+                    step_ms=step_s * 1e3, tokens_per_s=tokens_per_s, tflops=tokens_per_s * flops_per_token / 1e12,
+                    mfu=tokens_per_s * flops_per_token / PEAK_BF16_FLOPS, peak_pool_gib=pool.total_bytes() / 2 ** 30,
+                    losses=losses)
+    finally:
+        precision.set_policy("fp32")
+        pool.free_all_blocks()
+
+
+def bench_torch_reference(path, compile_too):
+    results = []
+    for extra in ([], ["--compile"]) if compile_too else ([],):
+        command = [sys.executable, path, "throughput", "--config", "gpt2-124m", "--device", "cuda",
+                   "--dtype", "bf16", "--steps", "10", "--warmup", "3", *extra]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=400)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if not lines:
+            results.append(dict(name="torch_ref " + " ".join(extra), error=done.stderr[-2000:]))
+            continue
+        result = json.loads(lines[-1])
+        result["name"] = "torch_ref bf16 " + ("compile" if extra else "eager")
+        result["mfu"] = result["tflops"] * 1e12 / PEAK_BF16_FLOPS
+        results.append(result)
+    return results
+
+
+# ------------------------------------------------------------------ main
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--torch-ref", default=None, help="path of torch_ref.py for the PyTorch end-to-end rows")
+    parser.add_argument("--compile", action="store_true", help="also run torch_ref with torch.compile")
+    parser.add_argument("--skip-kernels", action="store_true")
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args(argv)
+    cp = backend.cupy_module()
+    torch = _torch()
+    report = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+                  device=cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), cupy=cp.__version__,
+                  torch=getattr(torch, "__version__", None), kernels=[], training=[], errors=[])
+
+    def attempt(name, fn, into):
+        try:
+            result = fn()
+            into.extend(result if isinstance(result, list) else [result])
+        except Exception:
+            report["errors"].append(f"{name}: {traceback.format_exc()[-1500:]}")
+            print(f"[{name}] failed:\n{traceback.format_exc()[-1500:]}", flush=True)
+
+    if not args.skip_kernels:
+        attempt("copy", bench_copy, report["kernels"])
+        for name, fn in (("cross_entropy", bench_cross_entropy), ("rms_norm", bench_rms_norm),
+                         ("swiglu", bench_swiglu), ("rope", bench_rope), ("embedding", bench_embedding),
+                         ("adamw", bench_adamw), ("linear", bench_linear)):
+            attempt(name, lambda fn=fn: fn(torch), report["kernels"])
+            if torch is not None:
+                torch.cuda.empty_cache()
+            cp.get_default_memory_pool().free_all_blocks()
+    if not args.skip_e2e:
+        attempt("training bf16", lambda: bench_training("bf16", True, args.steps), report["training"])
+    if not args.skip_attention and (Path(__file__).parent / "gpu_attention.py").is_file():
+        sys.path.insert(0, str(Path(__file__).parent))
+        try:
+            import gpu_attention as attention_benchmark
+            report["attention"] = attention_benchmark.run()
+        except Exception:
+            report["errors"].append(f"attention: {traceback.format_exc()[-1500:]}")
+    if args.torch_ref:
+        if torch is not None:
+            torch.cuda.empty_cache()
+        cp.get_default_memory_pool().free_all_blocks()
+        attempt("torch_ref", lambda: bench_torch_reference(args.torch_ref, args.compile), report["training"])
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmarks.json").write_text(json.dumps(report, indent=1, default=float))
+    print(f"\n{report['device']}  {report['date']}  cupy {report['cupy']}  torch {report['torch']}")
+    print(f"{'kernel':<62} {'ms':>8} {'GB/s':>7} {'torch ms':>9} {'x torch':>7}")
+    for row in report["kernels"]:
+        gbps = f"{row['gbps']:7.0f}" if row.get("gbps") else f"{row.get('tflops', 0):5.0f}TF"
+        torch_part = f"{row['torch_ms']:9.3f} {row['speedup']:7.2f}" if "torch_ms" in row else ""
+        print(f"{row['name']:<62} {row['ms']:8.3f} {gbps:>7} {torch_part}")
+    for row in report["training"]:
+        if "error" in row:
+            print(f"{row['name']}: error {row['error'][-300:]}")
+            continue
+        peak = row.get("peak_pool_gib", row.get("peak_mem_gib", float("nan")))
+        print(f"{row['name']:<40} {row['step_ms']:8.1f} ms/step {row['tokens_per_s']:10.0f} tok/s "
+              f"MFU {row['mfu']:.3f}  peak {peak:.1f} GiB")
+    if report["errors"]:
+        print(f"{len(report['errors'])} section(s) failed; see benchmarks.json")
+    return report
+
+
+if __name__ == "__main__":
+    main()

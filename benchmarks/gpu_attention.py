@@ -1,0 +1,165 @@
+"""Time the flash-attention kernels (tinygrad_llm.gpu_attention) next to PyTorch's SDPA, same run.
+
+    PYTHONPATH=. python3 benchmarks/gpu_attention.py [--sweep]  # prints a table (--sweep: 4 vs 8 warps)
+    from benchmarks.gpu_attention import run; rows = run()      # what benchmarks/gpu.py calls
+
+Each row: forward and forward+backward times (median over 10 batches of 20 back-to-back calls, CUDA
+events, after 30 warm-up calls), TFLOP/s
+counting the causal half (forward 4·B·H·T²·D / 2, backward 2.5× that), and, when PyTorch is installed,
+torch.nn.functional.scaled_dot_product_attention with the flash backend on the same shapes and dtype
+(is_causal=True; for GQA rows SDPA gets k and v repeated to H heads, i.e. the same arithmetic).
+Our forward+backward is what the op runs: forward, then Δ pre-pass + backward + dq cast.
+Inputs are random normal (never zeros). Also prints the relative difference of our output to SDPA's.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+
+SHAPES = [  # (batch, heads, kv_heads, time, head_dim, dtype)
+    (16, 12, 12, 1024, 64, "bfloat16"),     # the issue's target: SDPA 0.086 / 0.359 ms on an H200
+    (16, 12, 12, 1024, 64, "float16"),
+    (16, 12, 4, 1024, 64, "bfloat16"),      # GQA 3
+    (8, 16, 16, 1024, 128, "bfloat16"),
+    (4, 12, 12, 4096, 64, "bfloat16"),
+]
+
+
+def _median_ms(fn, batches=10, inner=20, warmup=30):
+    """Median over `batches` of the mean time of `inner` back-to-back calls (CUDA events), after warm-up
+    (which also lets the clocks ramp up)."""
+    import cupy as cp
+    for _ in range(warmup):
+        fn()
+    cp.cuda.Device().synchronize()
+    times = []
+    for _ in range(batches):
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        for _ in range(inner):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end) / inner)
+    return float(np.median(times))
+
+
+def _sdpa(batch, heads, kv_heads, time, head_dim, dtype_name, q_host, k_host, v_host, dy_host):
+    """(forward ms, forward+backward ms, output as float32 numpy) of PyTorch SDPA, flash backend."""
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except Exception:
+        return None
+    dtype = getattr(torch, dtype_name)
+    group = heads // kv_heads
+    q = torch.from_numpy(q_host).cuda().to(dtype).requires_grad_(True)
+    k = torch.from_numpy(np.repeat(k_host, group, axis=1)).cuda().to(dtype).requires_grad_(True)
+    v = torch.from_numpy(np.repeat(v_host, group, axis=1)).cuda().to(dtype).requires_grad_(True)
+    dy = torch.from_numpy(dy_host).cuda().to(dtype)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def timed(fn, batches=10, inner=20, warmup=30):
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(batches):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / inner)
+        return float(np.median(times))
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with torch.no_grad():
+            forward = timed(lambda: sdpa(q, k, v, is_causal=True))
+            out = sdpa(q, k, v, is_causal=True).float().cpu().numpy()
+
+        def forward_backward():
+            q.grad = k.grad = v.grad = None
+            sdpa(q, k, v, is_causal=True).backward(dy)
+        both = timed(forward_backward)
+    return forward, both, out
+
+
+def run(shapes=SHAPES, sweep=False):
+    """Time every shape; print a table; return one dict per shape. With sweep=True, first time each
+    build (4 or 8 warps a block) of the forward and of the backward on each shape and keep the faster."""
+    import cupy as cp
+    from tinygrad_llm import gpu_attention
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch, heads, kv_heads, time, head_dim, dtype_name in shapes:
+        if dtype_name == "bfloat16":
+            import ml_dtypes
+            dtype = np.dtype(ml_dtypes.bfloat16)
+        else:
+            dtype = np.dtype(dtype_name)
+        q_host = rng.standard_normal((batch, heads, time, head_dim), dtype=np.float32)
+        k_host = rng.standard_normal((batch, kv_heads, time, head_dim), dtype=np.float32)
+        v_host = rng.standard_normal((batch, kv_heads, time, head_dim), dtype=np.float32)
+        dy_host = rng.standard_normal((batch, heads, time, head_dim), dtype=np.float32)
+        q, k, v, dy = (cp.asarray(a.astype(dtype)) for a in (q_host, k_host, v_host, dy_host))
+        shape = f"B{batch} H{heads} Hkv{kv_heads} T{time} D{head_dim} {dtype_name}"
+
+        out, lse = gpu_attention.causal_attention_forward(q, k, v)
+        variants = {}
+        if sweep:
+            for table, which in ((gpu_attention.FORWARD_WARPS, "fwd"), (gpu_attention.BACKWARD_WARPS, "bwd")):
+                timings = {}
+                for warps in (4, 8):
+                    table[head_dim] = warps
+                    if which == "fwd":
+                        timings[warps] = _median_ms(lambda: gpu_attention.causal_attention_forward(q, k, v))
+                    else:
+                        timings[warps] = _median_ms(
+                            lambda: gpu_attention.causal_attention_backward(dy, q, k, v, out, lse))
+                table[head_dim] = min(timings, key=timings.get)
+                variants[which] = timings
+                print(f"  {shape} {which}: " + ", ".join(f"w{w} {t:.3f} ms" for w, t in timings.items()))
+        forward = _median_ms(lambda: gpu_attention.causal_attention_forward(q, k, v))
+
+        def forward_backward():
+            o, l = gpu_attention.causal_attention_forward(q, k, v)
+            gpu_attention.causal_attention_backward(dy, q, k, v, o, l)
+        both = _median_ms(forward_backward)
+        backward = _median_ms(lambda: gpu_attention.causal_attention_backward(dy, q, k, v, out, lse))
+
+        flops = 4.0 * batch * heads * time * time * head_dim / 2
+        row = dict(shape=shape, fwd_warps=gpu_attention.FORWARD_WARPS[head_dim],
+                   bwd_warps=gpu_attention.BACKWARD_WARPS[head_dim], variants=variants,
+                   fwd_ms=forward, bwd_ms=backward, fwdbwd_ms=both,
+                   fwd_tflops=flops / forward / 1e9, fwdbwd_tflops=3.5 * flops / both / 1e9)
+        reference = _sdpa(batch, heads, kv_heads, time, head_dim, dtype_name, q_host, k_host, v_host, dy_host)
+        if reference is not None:
+            sdpa_forward, sdpa_both, sdpa_out = reference
+            ours = np.asarray(out.get(), dtype=np.float32)
+            row.update(sdpa_fwd_ms=sdpa_forward, sdpa_fwdbwd_ms=sdpa_both,
+                       vs_sdpa_fwdbwd=sdpa_both / both,
+                       rel_diff_to_sdpa=float(np.linalg.norm(ours - sdpa_out) / np.linalg.norm(sdpa_out)))
+        rows.append(row)
+        del q, k, v, dy, out, lse
+        cp.get_default_memory_pool().free_all_blocks()
+
+    header = (f"{'shape':<36} {'w f/b':>5} {'fwd ms':>8} {'bwd ms':>8} {'f+b ms':>8} {'fwd TF/s':>9} {'f+b TF/s':>9} "
+              f"{'SDPA fwd':>9} {'SDPA f+b':>9} {'SDPA/ours':>9} {'rel diff':>9}")
+    print(header)
+    for row in rows:
+        line = (f"{row['shape']:<36} {row['fwd_warps']:>2}/{row['bwd_warps']:<2} {row['fwd_ms']:8.3f} {row['bwd_ms']:8.3f} {row['fwdbwd_ms']:8.3f} "
+                f"{row['fwd_tflops']:9.1f} {row['fwdbwd_tflops']:9.1f}")
+        if "sdpa_fwd_ms" in row:
+            line += (f" {row['sdpa_fwd_ms']:9.3f} {row['sdpa_fwdbwd_ms']:9.3f} {row['vs_sdpa_fwdbwd']:9.2f}"
+                     f" {row['rel_diff_to_sdpa']:9.1e}")
+        print(line)
+    sys.stdout.flush()
+    return rows
+
+
+if __name__ == "__main__":
+    run(sweep="--sweep" in sys.argv)

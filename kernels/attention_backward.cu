@@ -1,0 +1,555 @@
+// attention_backward.cu: causal grouped-query attention, backward (the FlashAttention-2 algorithm).
+//
+// Given the forward's q, k, v, out and L (log-sum-exp per row) and the upstream gradient dO, computes
+//     Δ[i]   = Σ_d dO[i, d] · out[i, d]                               (pre-pass, fp32)
+//     P[i,j] = exp(S[i, j] − L[i]),  S = q kᵀ / sqrt(D), P = 0 where j > i + (Tk − Tq)
+//     dv[j]  = Σ_{h in group} Σ_i P[i, j] dO[i]
+//     dS     = P ∘ (dO vᵀ − Δ)
+//     dq[i]  = Σ_j dS[i, j] k[j] / sqrt(D)
+//     dk[j]  = Σ_{h in group} Σ_i dS[i, j] q[i] / sqrt(D)
+// recomputing P tile by tile, never writing a Tq × Tk array to global memory. It must match the NumPy op
+// tinygrad_llm.ops.attention.CausalAttention.backward (dq, dk, dv).
+//
+// Shapes (contiguous, row-major): q, out, dO, dq: (B, H, Tq, D)   k, v, dk, dv: (B, Hkv, Tk, D)
+//     L, Δ: (B, H, Tq) fp32   dq_accumulator: (B, H, Tq, D) fp32, zeroed by the caller.
+//
+// Kernels (extern "C"):
+//   attention_backward_delta_{bf16,fp16,fp32}(dO, out, Δ, rows, D)
+//     Δ = rowsum(dO ∘ out) in fp32; one warp per row, grid ceil(rows / 8), block 256.
+//   attention_backward_{bf16,fp16}_d{64,128}(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk, scale)
+//     Tensor cores (mma.sync.m16n8k16, fp32 accumulators). One block owns BLOCK_K = 64 keys of one
+//     (b, kv head); warp w owns keys 16w … 16w + 15 and keeps their dk, dv accumulators in registers.
+//     The block loops over the G query heads of its group and, in each, over the query tiles of
+//     BLOCK_Q rows (64 at D = 64, 32 at D = 128) that can see its keys (causality skips the earlier
+//     ones), so dk and dv are summed over the group in registers, with no atomics and no second pass.
+//     Per query tile, on tensor cores:  Sᵀ = K Qᵀ;  Pᵀ = exp2(Sᵀ·scale·log2 e − L·log2 e) (masked);
+//     dV += Pᵀ dO;  dPᵀ = V dOᵀ;  dSᵀ = Pᵀ ∘ (dPᵀ − Δ);  dK += dSᵀ Q  (Pᵀ and dSᵀ go from the
+//     accumulator layout to the A operand in registers); dSᵀ is written to shared memory as 16-bit,
+//     and the 4 warps then compute dQ_tile = dS K (BLOCK_Q × D) and add it, times scale, into the
+//     fp32 dq_accumulator with atomicAdd (query tiles are shared by every key block: the atomics are
+//     the price of keeping dk/dv in registers, as in FlashAttention-2).
+//     Launch: grid (ceil(Tk / 64), B·Hkv), block 128 threads. Shared memory (dynamic): K, V tiles
+//     64 × (D + 8), Q, dO tiles BLOCK_Q × (D + 8), dSᵀ 64 × (BLOCK_Q + 8), all 2-byte, plus L and Δ
+//     of the query tile (2 · BLOCK_Q fp32): 46.6 KB at D = 64, 57.6 KB at D = 128. Padding rows by
+//     16 bytes keeps ldmatrix conflict-free. Loads are cp.async (zero-filled past Tq / Tk), not yet
+//     double-buffered across query tiles.
+//     dk, dv are written in the input dtype; dq goes through the fp32 accumulator.
+//   attention_backward_convert_{bf16,fp16}(dq_accumulator, dq, n): dq = dtype(dq_accumulator).
+//   attention_backward_dq_fp32_d{64,128}, attention_backward_dkdv_fp32_d{64,128}
+//     Plain fp32, for checking: one warp per query row (dq) or per key row (dk, dv, looping over the
+//     group's heads and the query rows that see the key); grid (ceil(T / 4), B·H or B·Hkv), block 128.
+//     No atomics; dq is written directly.
+
+// ---------------------------------------------------------------------------------------------------
+// The PTX helpers below repeat those of attention_forward.cu, so that each file compiles on its own (NVRTC).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#define ATTN_NEG_INF (-__int_as_float(0x7f800000))
+#define ATTN_LOG2E 1.4426950408889634f
+#define ATTN_LN2 0.6931471805599453f
+
+// ---------------------------------------------------------------------------------------------------
+// Small PTX helpers (shared-memory addresses, cp.async, ldmatrix, mma), sm_80 and later.
+
+__device__ __forceinline__ unsigned attn_smem_address(const void* pointer) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(pointer));
+}
+
+// 16-byte asynchronous copy global -> shared; copies zeros when `valid` is false.
+__device__ __forceinline__ void attn_copy16(void* shared, const void* global, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(attn_smem_address(shared)), "l"(global), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void attn_copy_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void attn_copy_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ void attn_ldmatrix_x4(unsigned (&r)[4], const void* shared) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(attn_smem_address(shared)));
+}
+__device__ __forceinline__ void attn_ldmatrix_x4_trans(unsigned (&r)[4], const void* shared) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(attn_smem_address(shared)));
+}
+
+// 2^x on the special-function unit (exp2(−inf) = 0), without exp2f's denormal handling.
+__device__ __forceinline__ float attn_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// The 16-bit element types: the mma instruction, packing two floats, and conversions.
+template <typename T> struct AttnType;
+
+template <> struct AttnType<__nv_bfloat16> {
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                     "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack(float low, float high) {
+        __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+        return *reinterpret_cast<unsigned*>(&pair);
+    }
+};
+
+template <> struct AttnType<__half> {
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                     "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack(float low, float high) {
+        __half2 pair = __floats2half2_rn(low, high);
+        return *reinterpret_cast<unsigned*>(&pair);
+    }
+};
+
+// Copy rows [row0, row0 + ROWS) of a (rows, D) matrix into shared memory with row stride STRIDE,
+// zero-filling rows at or past `limit`. All THREADS threads take part; each copy is 16 bytes.
+template <typename T, int ROWS, int D, int STRIDE, int THREADS>
+__device__ __forceinline__ void attn_load_tile(T* shared, const T* global, int row0, int limit) {
+    constexpr int CHUNKS_PER_ROW = D * 2 / 16;
+    for (int chunk = threadIdx.x; chunk < ROWS * CHUNKS_PER_ROW; chunk += THREADS) {
+        const int row = chunk / CHUNKS_PER_ROW;
+        const int col = (chunk % CHUNKS_PER_ROW) * 8;
+        const bool valid = row0 + row < limit;
+        const T* source = global + (valid ? (long long)(row0 + row) * D + col : 0);
+        attn_copy16(shared + row * STRIDE + col, source, valid);
+    }
+}
+
+
+// Add two consecutive floats into global memory (one vector reduction on sm_90, two atomics before).
+__device__ __forceinline__ void attn_atomic_add2(float* address, float first, float second) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(address), "f"(first), "f"(second) : "memory");
+#else
+    atomicAdd(address, first);
+    atomicAdd(address + 1, second);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Pre-pass: Δ = rowsum(dO ∘ out), one warp per row.
+
+template <typename T>
+__device__ __forceinline__ void attention_backward_delta(const T* __restrict__ dout, const T* __restrict__ out,
+                                                         float* __restrict__ delta, int rows, int head_dim) {
+    const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const T* dout_row = dout + (long long)row * head_dim;
+    const T* out_row = out + (long long)row * head_dim;
+    float total = 0.f;
+    for (int d = lane; d < head_dim; d += 32) total += static_cast<float>(dout_row[d]) * static_cast<float>(out_row[d]);
+#pragma unroll
+    for (int width = 16; width > 0; width /= 2) total += __shfl_xor_sync(0xffffffffu, total, width);
+    if (lane == 0) delta[row] = total;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Tensor-core backward: one block per (key tile, b, kv head).
+
+// 4-byte asynchronous copy global -> shared (zeros when `valid` is false), for L and Δ.
+__device__ __forceinline__ void attn_copy4(void* shared, const void* global, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+                 :: "r"(attn_smem_address(shared)), "l"(global), "r"(valid ? 4 : 0));
+}
+
+template <typename T, int D, int BLOCK_Q, int WARPS>
+__device__ __forceinline__ void attention_backward_mma(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
+    const float* __restrict__ lse, const float* __restrict__ delta, float* __restrict__ dq_accumulator,
+    T* __restrict__ dk, T* __restrict__ dv, int heads, int kv_heads, int query_len, int key_len, float scale) {
+    constexpr int BLOCK_K = 16 * WARPS, THREADS = 32 * WARPS, STRIDE = D + 8, DS_STRIDE = BLOCK_Q + 8;
+    constexpr int ROW_GROUPS = BLOCK_Q / 16;          // dQ tile: warps split its rows into groups of 16 …
+    constexpr int COL_GROUPS = WARPS / ROW_GROUPS;    // … and its columns into COL_GROUPS groups
+    constexpr int DQ_COLS = D / COL_GROUPS;
+    static_assert(WARPS % ROW_GROUPS == 0 && DQ_COLS % 16 == 0, "dQ tile does not split over the warps");
+    extern __shared__ __align__(16) unsigned char attn_shared[];
+    T* k_tile = reinterpret_cast<T*>(attn_shared);   // (BLOCK_K, STRIDE)
+    T* v_tile = k_tile + BLOCK_K * STRIDE;            // (BLOCK_K, STRIDE)
+    T* q_tiles = v_tile + BLOCK_K * STRIDE;           // 2 × (BLOCK_Q, STRIDE), double-buffered
+    T* dout_tiles = q_tiles + 2 * BLOCK_Q * STRIDE;   // 2 × (BLOCK_Q, STRIDE)
+    T* ds_tile = dout_tiles + 2 * BLOCK_Q * STRIDE;   // dSᵀ: (BLOCK_K, DS_STRIDE)
+    float* lse_tiles = reinterpret_cast<float*>(ds_tile + BLOCK_K * DS_STRIDE);   // 2 × (BLOCK_Q,)
+    float* delta_tiles = lse_tiles + 2 * BLOCK_Q;                                 // 2 × (BLOCK_Q,)
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int key0 = blockIdx.x * BLOCK_K;
+    const int batch_kv_head = blockIdx.y;
+    const int batch = batch_kv_head / kv_heads, kv_head = batch_kv_head % kv_heads;
+    const int group = heads / kv_heads;
+    const int offset = key_len - query_len;
+    const T* k_rows = k + (long long)batch_kv_head * key_len * D;
+    const T* v_rows = v + (long long)batch_kv_head * key_len * D;
+
+    attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(k_tile, k_rows, key0, key_len);
+    attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(v_tile, v_rows, key0, key_len);
+
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk_acc[d][e] = dv_acc[d][e] = 0.f;
+
+    const int my_key0 = key0 + warp * 16 + lane / 4;            // accumulator rows: my_key0 and my_key0 + 8
+    const int first_tile = max(0, key0 - offset) / BLOCK_Q;     // earlier query tiles see none of these keys
+    const int query_tiles = (query_len + BLOCK_Q - 1) / BLOCK_Q;
+    const int tiles_per_head = query_tiles - first_tile;
+    const int steps = group * tiles_per_head;                   // (query head of the group, query tile) pairs
+    const bool keys_run_out = key0 + BLOCK_K > key_len;
+    const int row_group = warp % ROW_GROUPS, col_group = warp / ROW_GROUPS;
+
+    // Issue the copies of step `step`'s Q, dO, L, Δ into buffer `buffer`. Rows past Tq are zero-filled:
+    // there Q = dO = 0 and Δ = 0, so whatever P is, they add nothing to dk, dv (and dq is not stored).
+    auto load_step = [&](int step, int buffer) {
+        const int batch_head = batch * heads + kv_head * group + step / tiles_per_head;
+        const int query0 = (first_tile + step % tiles_per_head) * BLOCK_Q;
+        attn_load_tile<T, BLOCK_Q, D, STRIDE, THREADS>(q_tiles + buffer * BLOCK_Q * STRIDE,
+                                                       q + (long long)batch_head * query_len * D, query0, query_len);
+        attn_load_tile<T, BLOCK_Q, D, STRIDE, THREADS>(dout_tiles + buffer * BLOCK_Q * STRIDE,
+                                                       dout + (long long)batch_head * query_len * D, query0, query_len);
+        for (int i = threadIdx.x; i < 2 * BLOCK_Q; i += THREADS) {
+            const int row = i % BLOCK_Q;
+            const bool valid = query0 + row < query_len;
+            const float* source = (i < BLOCK_Q ? lse : delta) + (long long)batch_head * query_len + (valid ? query0 + row : 0);
+            attn_copy4((i < BLOCK_Q ? lse_tiles : delta_tiles) + buffer * BLOCK_Q + row, source, valid);
+        }
+    };
+    load_step(0, 0);
+    attn_copy_commit();
+
+    for (int step = 0; step < steps; ++step) {
+        const int buffer = step & 1;
+        const int batch_head = batch * heads + kv_head * group + step / tiles_per_head;
+        const int query0 = (first_tile + step % tiles_per_head) * BLOCK_Q;
+        attn_copy_wait_all();
+        __syncthreads();        // this step's tiles have landed; every warp is done with the previous step
+        if (step + 1 < steps) load_step(step + 1, buffer ^ 1);
+        attn_copy_commit();
+        const T* q_tile = q_tiles + buffer * BLOCK_Q * STRIDE;
+        const T* dout_tile = dout_tiles + buffer * BLOCK_Q * STRIDE;
+        const float* lse_tile = lse_tiles + buffer * BLOCK_Q;
+        const float* delta_tile = delta_tiles + buffer * BLOCK_Q;
+
+        // Sᵀ = K Qᵀ: (16 keys of this warp) × BLOCK_Q
+        float st[BLOCK_Q / 8][4];
+#pragma unroll
+        for (int n = 0; n < BLOCK_Q / 8; ++n) st[n][0] = st[n][1] = st[n][2] = st[n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned a[4];
+            attn_ldmatrix_x4(a, k_tile + (warp * 16 + (lane % 8) + ((lane >> 3) & 1) * 8) * STRIDE
+                                    + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+            for (int nn = 0; nn < BLOCK_Q / 16; ++nn) {
+                unsigned b[4];
+                attn_ldmatrix_x4(b, q_tile + (nn * 16 + (lane % 8) + (lane >> 4) * 8) * STRIDE
+                                        + kk * 16 + ((lane >> 3) & 1) * 8);
+                AttnType<T>::mma(st[2 * nn], a, b[0], b[1]);
+                AttnType<T>::mma(st[2 * nn + 1], a, b[2], b[3]);
+            }
+        }
+
+        // Pᵀ = exp2((Sᵀ·scale − L)·log2 e), zero where the key is after the query or past Tk
+        const bool need_mask = keys_run_out || key0 + warp * 16 + 15 > query0 + offset;
+#pragma unroll
+        for (int n = 0; n < BLOCK_Q / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int query_local = n * 8 + (lane % 4) * 2 + (e & 1);
+                const int key = my_key0 + (e >> 1) * 8;
+                float p = attn_exp2(fmaf(st[n][e], scale, -lse_tile[query_local]) * ATTN_LOG2E);
+                if (need_mask && (key > query0 + query_local + offset || key >= key_len)) p = 0.f;
+                st[n][e] = p;
+            }
+
+        // dV += Pᵀ dO   (dO as the B operand: rows are k = queries, contiguous in n = dims: transpose)
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_Q / 16; ++kk) {
+            unsigned a[4];
+            a[0] = AttnType<T>::pack(st[2 * kk][0], st[2 * kk][1]);
+            a[1] = AttnType<T>::pack(st[2 * kk][2], st[2 * kk][3]);
+            a[2] = AttnType<T>::pack(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+            a[3] = AttnType<T>::pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+#pragma unroll
+            for (int dd = 0; dd < D / 16; ++dd) {
+                unsigned b[4];
+                attn_ldmatrix_x4_trans(b, dout_tile + (kk * 16 + (lane % 8) + ((lane >> 3) & 1) * 8) * STRIDE
+                                              + dd * 16 + (lane >> 4) * 8);
+                AttnType<T>::mma(dv_acc[2 * dd], a, b[0], b[1]);
+                AttnType<T>::mma(dv_acc[2 * dd + 1], a, b[2], b[3]);
+            }
+        }
+
+        // dPᵀ = V dOᵀ
+        float dpt[BLOCK_Q / 8][4];
+#pragma unroll
+        for (int n = 0; n < BLOCK_Q / 8; ++n) dpt[n][0] = dpt[n][1] = dpt[n][2] = dpt[n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned a[4];
+            attn_ldmatrix_x4(a, v_tile + (warp * 16 + (lane % 8) + ((lane >> 3) & 1) * 8) * STRIDE
+                                    + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+            for (int nn = 0; nn < BLOCK_Q / 16; ++nn) {
+                unsigned b[4];
+                attn_ldmatrix_x4(b, dout_tile + (nn * 16 + (lane % 8) + (lane >> 4) * 8) * STRIDE
+                                        + kk * 16 + ((lane >> 3) & 1) * 8);
+                AttnType<T>::mma(dpt[2 * nn], a, b[0], b[1]);
+                AttnType<T>::mma(dpt[2 * nn + 1], a, b[2], b[3]);
+            }
+        }
+
+        // dSᵀ = Pᵀ ∘ (dPᵀ − Δ), kept in dpt
+#pragma unroll
+        for (int n = 0; n < BLOCK_Q / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                dpt[n][e] = st[n][e] * (dpt[n][e] - delta_tile[n * 8 + (lane % 4) * 2 + (e & 1)]);
+
+        // dK += dSᵀ Q, and dSᵀ to shared memory for dQ
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_Q / 16; ++kk) {
+            unsigned a[4];
+            a[0] = AttnType<T>::pack(dpt[2 * kk][0], dpt[2 * kk][1]);
+            a[1] = AttnType<T>::pack(dpt[2 * kk][2], dpt[2 * kk][3]);
+            a[2] = AttnType<T>::pack(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+            a[3] = AttnType<T>::pack(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+            const int row = warp * 16 + lane / 4;
+            const int col = kk * 16 + (lane % 4) * 2;
+            *reinterpret_cast<unsigned*>(ds_tile + row * DS_STRIDE + col) = a[0];
+            *reinterpret_cast<unsigned*>(ds_tile + (row + 8) * DS_STRIDE + col) = a[1];
+            *reinterpret_cast<unsigned*>(ds_tile + row * DS_STRIDE + col + 8) = a[2];
+            *reinterpret_cast<unsigned*>(ds_tile + (row + 8) * DS_STRIDE + col + 8) = a[3];
+#pragma unroll
+            for (int dd = 0; dd < D / 16; ++dd) {
+                unsigned b[4];
+                attn_ldmatrix_x4_trans(b, q_tile + (kk * 16 + (lane % 8) + ((lane >> 3) & 1) * 8) * STRIDE
+                                              + dd * 16 + (lane >> 4) * 8);
+                AttnType<T>::mma(dk_acc[2 * dd], a, b[0], b[1]);
+                AttnType<T>::mma(dk_acc[2 * dd + 1], a, b[2], b[3]);
+            }
+        }
+        __syncthreads();        // dSᵀ complete
+
+        // dQ_tile = dS K: warp takes rows 16·row_group … and columns DQ_COLS·col_group …
+        // (dS as the A operand comes from dSᵀ in shared memory, transposed by ldmatrix)
+        float dq_part[DQ_COLS / 8][4];
+#pragma unroll
+        for (int d = 0; d < DQ_COLS / 8; ++d) dq_part[d][0] = dq_part[d][1] = dq_part[d][2] = dq_part[d][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_K / 16; ++kk) {
+            unsigned a[4];
+            attn_ldmatrix_x4_trans(a, ds_tile + (kk * 16 + (lane % 8) + (lane >> 4) * 8) * DS_STRIDE
+                                          + row_group * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+            for (int dd = 0; dd < DQ_COLS / 16; ++dd) {
+                unsigned b[4];
+                attn_ldmatrix_x4_trans(b, k_tile + (kk * 16 + (lane % 8) + ((lane >> 3) & 1) * 8) * STRIDE
+                                              + col_group * DQ_COLS + dd * 16 + (lane >> 4) * 8);
+                AttnType<T>::mma(dq_part[2 * dd], a, b[0], b[1]);
+                AttnType<T>::mma(dq_part[2 * dd + 1], a, b[2], b[3]);
+            }
+        }
+        float* dq_rows = dq_accumulator + (long long)batch_head * query_len * D;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int query = query0 + row_group * 16 + lane / 4 + r * 8;
+            if (query < query_len) {
+                float* destination = dq_rows + (long long)query * D + col_group * DQ_COLS + (lane % 4) * 2;
+#pragma unroll
+                for (int d = 0; d < DQ_COLS / 8; ++d)
+                    attn_atomic_add2(destination + d * 8, dq_part[d][2 * r] * scale, dq_part[d][2 * r + 1] * scale);
+            }
+        }
+        // no barrier here: the next step's first __syncthreads comes before anything overwrites ds_tile
+        // or this step's Q/dO buffer
+    }
+    attn_copy_wait_all();
+
+    // dk (times scale) and dv, in the input dtype
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = my_key0 + r * 8;
+        if (key < key_len) {
+            T* dk_row = dk + ((long long)batch_kv_head * key_len + key) * D + (lane % 4) * 2;
+            T* dv_row = dv + ((long long)batch_kv_head * key_len + key) * D + (lane % 4) * 2;
+#pragma unroll
+            for (int d = 0; d < D / 8; ++d) {
+                *reinterpret_cast<unsigned*>(dk_row + d * 8) = AttnType<T>::pack(dk_acc[d][2 * r] * scale, dk_acc[d][2 * r + 1] * scale);
+                *reinterpret_cast<unsigned*>(dv_row + d * 8) = AttnType<T>::pack(dv_acc[d][2 * r], dv_acc[d][2 * r + 1]);
+            }
+        }
+    }
+}
+
+// dq = dtype(dq_accumulator)
+template <typename T>
+__device__ __forceinline__ void attention_backward_convert(const float* __restrict__ source, T* __restrict__ target,
+                                                           long long count) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count; i += (long long)gridDim.x * blockDim.x)
+        target[i] = static_cast<T>(source[i]);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// fp32 backward, for checking: dq one warp per query row, dk/dv one warp per key row.
+
+template <int D>
+__device__ __forceinline__ void attention_backward_dq_fp32(
+    const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+    const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+    float* __restrict__ dq, int heads, int kv_heads, int query_len, int key_len, float scale) {
+    constexpr int PER_LANE = D / 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int query = blockIdx.x * 4 + warp;
+    const int batch_head = blockIdx.y;
+    if (query >= query_len) return;
+    const int batch = batch_head / heads, kv_head = (batch_head % heads) / (heads / kv_heads);
+    const long long row = (long long)batch_head * query_len + query;
+    const float* k_rows = k + (long long)(batch * kv_heads + kv_head) * key_len * D;
+    const float* v_rows = v + (long long)(batch * kv_heads + kv_head) * key_len * D;
+    float q_values[PER_LANE], dout_values[PER_LANE], dq_values[PER_LANE];
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+        q_values[i] = q[row * D + lane + 32 * i];
+        dout_values[i] = dout[row * D + lane + 32 * i];
+        dq_values[i] = 0.f;
+    }
+    const float row_lse = lse[row], row_delta = delta[row];
+    const int last_key = query + key_len - query_len;
+    for (int key = 0; key <= last_key; ++key) {
+        float score = 0.f, dp = 0.f;
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) {
+            score += q_values[i] * k_rows[(long long)key * D + lane + 32 * i];
+            dp += dout_values[i] * v_rows[(long long)key * D + lane + 32 * i];
+        }
+#pragma unroll
+        for (int width = 16; width > 0; width /= 2) {
+            score += __shfl_xor_sync(0xffffffffu, score, width);
+            dp += __shfl_xor_sync(0xffffffffu, dp, width);
+        }
+        const float ds = expf(score * scale - row_lse) * (dp - row_delta);
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) dq_values[i] += ds * k_rows[(long long)key * D + lane + 32 * i];
+    }
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) dq[row * D + lane + 32 * i] = dq_values[i] * scale;
+}
+
+template <int D>
+__device__ __forceinline__ void attention_backward_dkdv_fp32(
+    const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
+    const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+    float* __restrict__ dk, float* __restrict__ dv, int heads, int kv_heads, int query_len, int key_len,
+    float scale) {
+    constexpr int PER_LANE = D / 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int key = blockIdx.x * 4 + warp;
+    const int batch_kv_head = blockIdx.y;
+    if (key >= key_len) return;
+    const int batch = batch_kv_head / kv_heads, kv_head = batch_kv_head % kv_heads;
+    const int group = heads / kv_heads;
+    const long long key_row = (long long)batch_kv_head * key_len + key;
+    float k_values[PER_LANE], v_values[PER_LANE], dk_values[PER_LANE], dv_values[PER_LANE];
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+        k_values[i] = k[key_row * D + lane + 32 * i];
+        v_values[i] = v[key_row * D + lane + 32 * i];
+        dk_values[i] = dv_values[i] = 0.f;
+    }
+    const int first_query = max(0, key - (key_len - query_len));
+    for (int member = 0; member < group; ++member) {
+        const long long head_rows = (long long)(batch * heads + kv_head * group + member) * query_len;
+        for (int query = first_query; query < query_len; ++query) {
+            const long long row = head_rows + query;
+            float score = 0.f, dp = 0.f;
+#pragma unroll
+            for (int i = 0; i < PER_LANE; ++i) {
+                score += q[row * D + lane + 32 * i] * k_values[i];
+                dp += dout[row * D + lane + 32 * i] * v_values[i];
+            }
+#pragma unroll
+            for (int width = 16; width > 0; width /= 2) {
+                score += __shfl_xor_sync(0xffffffffu, score, width);
+                dp += __shfl_xor_sync(0xffffffffu, dp, width);
+            }
+            const float p = expf(score * scale - lse[row]);
+            const float ds = p * (dp - delta[row]);
+#pragma unroll
+            for (int i = 0; i < PER_LANE; ++i) {
+                dv_values[i] += p * dout[row * D + lane + 32 * i];
+                dk_values[i] += ds * q[row * D + lane + 32 * i];
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) {
+        dk[key_row * D + lane + 32 * i] = dk_values[i] * scale;
+        dv[key_row * D + lane + 32 * i] = dv_values[i];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Entry points.
+
+#define ATTN_BACKWARD_DELTA(NAME, TYPE)                                                                \
+    extern "C" __global__ void __launch_bounds__(256) NAME(const TYPE* dout, const TYPE* out,          \
+                                                           float* delta, int rows, int head_dim) {     \
+        attention_backward_delta<TYPE>(dout, out, delta, rows, head_dim);                              \
+    }
+ATTN_BACKWARD_DELTA(attention_backward_delta_bf16, __nv_bfloat16)
+ATTN_BACKWARD_DELTA(attention_backward_delta_fp16, __half)
+ATTN_BACKWARD_DELTA(attention_backward_delta_fp32, float)
+
+#define ATTN_BACKWARD_MMA(NAME, TYPE, DIM, BLOCK_Q, WARPS, MIN_BLOCKS)                                 \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) NAME(                                     \
+        const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,               \
+        const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,        \
+        int query_len, int key_len, float scale) {                                                     \
+        attention_backward_mma<TYPE, DIM, BLOCK_Q, WARPS>(q, k, v, dout, lse, delta, dq_accumulator,   \
+                                                          dk, dv, heads, kv_heads, query_len, key_len, \
+                                                          scale);                                      \
+    }
+// _w4: 4 warps, 64 keys a block; _w8: 8 warps, 128 keys (half the Q/dO loads and dq atomics per key)
+ATTN_BACKWARD_MMA(attention_backward_bf16_d64_w4, __nv_bfloat16, 64, 64, 4, 3)
+ATTN_BACKWARD_MMA(attention_backward_bf16_d64_w8, __nv_bfloat16, 64, 64, 8, 1)
+ATTN_BACKWARD_MMA(attention_backward_bf16_d128_w4, __nv_bfloat16, 128, 32, 4, 2)
+ATTN_BACKWARD_MMA(attention_backward_bf16_d128_w8, __nv_bfloat16, 128, 32, 8, 1)
+ATTN_BACKWARD_MMA(attention_backward_fp16_d64_w4, __half, 64, 64, 4, 3)
+ATTN_BACKWARD_MMA(attention_backward_fp16_d64_w8, __half, 64, 64, 8, 1)
+ATTN_BACKWARD_MMA(attention_backward_fp16_d128_w4, __half, 128, 32, 4, 2)
+ATTN_BACKWARD_MMA(attention_backward_fp16_d128_w8, __half, 128, 32, 8, 1)
+
+#define ATTN_BACKWARD_CONVERT(NAME, TYPE)                                                              \
+    extern "C" __global__ void __launch_bounds__(256) NAME(const float* source, TYPE* target,          \
+                                                           long long count) {                          \
+        attention_backward_convert<TYPE>(source, target, count);                                       \
+    }
+ATTN_BACKWARD_CONVERT(attention_backward_convert_bf16, __nv_bfloat16)
+ATTN_BACKWARD_CONVERT(attention_backward_convert_fp16, __half)
+
+#define ATTN_BACKWARD_FP32(DQ_NAME, DKDV_NAME, DIM)                                                    \
+    extern "C" __global__ void __launch_bounds__(128) DQ_NAME(                                         \
+        const float* q, const float* k, const float* v, const float* dout, const float* lse,           \
+        const float* delta, float* dq, int heads, int kv_heads, int query_len, int key_len,            \
+        float scale) {                                                                                 \
+        attention_backward_dq_fp32<DIM>(q, k, v, dout, lse, delta, dq, heads, kv_heads, query_len,     \
+                                        key_len, scale);                                               \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) DKDV_NAME(                                       \
+        const float* q, const float* k, const float* v, const float* dout, const float* lse,           \
+        const float* delta, float* dk, float* dv, int heads, int kv_heads, int query_len,              \
+        int key_len, float scale) {                                                                    \
+        attention_backward_dkdv_fp32<DIM>(q, k, v, dout, lse, delta, dk, dv, heads, kv_heads,          \
+                                          query_len, key_len, scale);                                  \
+    }
+ATTN_BACKWARD_FP32(attention_backward_dq_fp32_d64, attention_backward_dkdv_fp32_d64, 64)
+ATTN_BACKWARD_FP32(attention_backward_dq_fp32_d128, attention_backward_dkdv_fp32_d128, 128)

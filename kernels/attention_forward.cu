@@ -1,0 +1,358 @@
+// attention_forward.cu: causal grouped-query attention, forward (the FlashAttention-2 algorithm).
+//
+// Computes, for every batch b, query head h and query row i:
+//     S[i, j] = q[b, h, i] · k[b, h // G, j] / sqrt(D)          (G = H / Hkv query heads per kv head)
+//     S[i, j] = -inf where j > i + (Tk - Tq)                    (causal, aligned bottom-right)
+//     L[b, h, i] = logsumexp_j S[i, j]                          (natural log, fp32)
+//     out[b, h, i] = sum_j exp(S[i, j] - L[b, h, i]) v[b, h // G, j]
+// without ever writing S to global memory. It must match the NumPy op
+// tinygrad_llm.ops.attention.CausalAttention.forward (out, and the saved lse).
+//
+// Shapes (all contiguous, row-major):
+//     q, out: (B, H, Tq, D)   k, v: (B, Hkv, Tk, D)   lse: (B, H, Tq) fp32      Tq <= Tk, D in {64, 128}
+//
+// Kernels (extern "C", one per dtype and head dim):
+//   attention_forward_{bf16,fp16}_d{64,128}   tensor cores (mma.sync.m16n8k16, fp32 accumulators).
+//     Algorithm: one block owns a tile of BLOCK_Q = 64 query rows of one (b, h). It keeps the Q tile in
+//     registers as A fragments, walks the key/value tiles of BLOCK_K = 64 keys from key 0 up to the
+//     last key its bottom row can see (causality skips the rest), and for each tile computes
+//     S = Q Kᵀ on tensor cores, masks it (only the tiles that cross the diagonal or the end of the
+//     keys), updates the running row max m and row sum l (online softmax, exp2 with the scale folded
+//     into log2 e), rescales the O accumulator and adds P V, with P converted in registers from the
+//     S accumulator layout to the A operand layout (no trip through shared memory). out = O / l,
+//     L = (m + log2 l) · ln 2.
+//     Launch: grid (ceil(Tq / 64), B·H), block 128 threads = 4 warps, warp w owns query rows
+//     16w … 16w + 15 of the tile. Query tiles are handed out last-first (the longest rows start first).
+//     Shared memory (dynamic): Q tile 64 × (D + 8) plus two buffers each of K and V, 64 × (D + 8)
+//     elements of 2 bytes: 46 KB at D = 64, 87 KB at D = 128. Rows are padded by 16 bytes so that
+//     ldmatrix reads hit 8 different bank groups. K/V tiles are double-buffered with cp.async: tile
+//     t + 1 is in flight while tile t is multiplied. Rows past Tq / Tk are zero-filled, never read
+//     from global memory.
+//     out is written in the input dtype, lse in fp32.
+//   attention_forward_fp32_d{64,128}   plain fp32, for checking: one warp per query row, the online
+//     softmax over keys one at a time; lane l holds dims l, l + 32, … Grid (ceil(Tq / 4), B·H),
+//     block 128 (4 warps = 4 rows). No shared memory.
+//
+// Arguments of every kernel: q, k, v, out, lse, H, Hkv, Tq, Tk, scale (= 1/sqrt(D)).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#define ATTN_NEG_INF (-__int_as_float(0x7f800000))
+#define ATTN_LOG2E 1.4426950408889634f
+#define ATTN_LN2 0.6931471805599453f
+
+// ---------------------------------------------------------------------------------------------------
+// Small PTX helpers (shared-memory addresses, cp.async, ldmatrix, mma), sm_80 and later.
+
+__device__ __forceinline__ unsigned attn_smem_address(const void* pointer) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(pointer));
+}
+
+// 16-byte asynchronous copy global -> shared; copies zeros when `valid` is false.
+__device__ __forceinline__ void attn_copy16(void* shared, const void* global, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(attn_smem_address(shared)), "l"(global), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void attn_copy_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void attn_copy_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ void attn_ldmatrix_x4(unsigned (&r)[4], const void* shared) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(attn_smem_address(shared)));
+}
+__device__ __forceinline__ void attn_ldmatrix_x4_trans(unsigned (&r)[4], const void* shared) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(attn_smem_address(shared)));
+}
+
+// 2^x on the special-function unit (exp2(−inf) = 0), without exp2f's denormal handling.
+__device__ __forceinline__ float attn_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// The 16-bit element types: the mma instruction, packing two floats, and conversions.
+template <typename T> struct AttnType;
+
+template <> struct AttnType<__nv_bfloat16> {
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                     "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack(float low, float high) {
+        __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+        return *reinterpret_cast<unsigned*>(&pair);
+    }
+};
+
+template <> struct AttnType<__half> {
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                     "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack(float low, float high) {
+        __half2 pair = __floats2half2_rn(low, high);
+        return *reinterpret_cast<unsigned*>(&pair);
+    }
+};
+
+// Copy rows [row0, row0 + ROWS) of a (rows, D) matrix into shared memory with row stride STRIDE,
+// zero-filling rows at or past `limit`. All THREADS threads take part; each copy is 16 bytes.
+template <typename T, int ROWS, int D, int STRIDE, int THREADS>
+__device__ __forceinline__ void attn_load_tile(T* shared, const T* global, int row0, int limit) {
+    constexpr int CHUNKS_PER_ROW = D * 2 / 16;
+    for (int chunk = threadIdx.x; chunk < ROWS * CHUNKS_PER_ROW; chunk += THREADS) {
+        const int row = chunk / CHUNKS_PER_ROW;
+        const int col = (chunk % CHUNKS_PER_ROW) * 8;
+        const bool valid = row0 + row < limit;
+        const T* source = global + (valid ? (long long)(row0 + row) * D + col : 0);
+        attn_copy16(shared + row * STRIDE + col, source, valid);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Tensor-core forward.
+
+template <typename T, int D, int WARPS>
+__device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, const T* __restrict__ k,
+                                                      const T* __restrict__ v, T* __restrict__ out,
+                                                      float* __restrict__ lse, int heads, int kv_heads,
+                                                      int query_len, int key_len, float scale) {
+    constexpr int BLOCK_Q = 16 * WARPS, BLOCK_K = 64, THREADS = 32 * WARPS, STRIDE = D + 8;
+    extern __shared__ __align__(16) unsigned char attn_shared[];
+    T* q_tile = reinterpret_cast<T*>(attn_shared);          // (BLOCK_Q, STRIDE)
+    T* k_tiles = q_tile + BLOCK_Q * STRIDE;                   // 2 × (BLOCK_K, STRIDE)
+    T* v_tiles = k_tiles + 2 * BLOCK_K * STRIDE;              // 2 × (BLOCK_K, STRIDE)
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int query_tile = gridDim.x - 1 - blockIdx.x;       // longest rows first
+    const int batch_head = blockIdx.y;
+    const int batch = batch_head / heads, head = batch_head % heads;
+    const int kv_head = head / (heads / kv_heads);
+    const int query0 = query_tile * BLOCK_Q;
+    const int offset = key_len - query_len;                   // query i sits at absolute position i + offset
+    const float scale_log2 = scale * ATTN_LOG2E;
+
+    const T* q_rows = q + (long long)batch_head * query_len * D;
+    const T* k_rows = k + (long long)(batch * kv_heads + kv_head) * key_len * D;
+    const T* v_rows = v + (long long)(batch * kv_heads + kv_head) * key_len * D;
+
+    const int key_end = min(key_len, query0 + BLOCK_Q + offset);   // keys this tile can see: [0, key_end)
+    const int key_tiles = (key_end + BLOCK_K - 1) / BLOCK_K;
+
+    attn_load_tile<T, BLOCK_Q, D, STRIDE, THREADS>(q_tile, q_rows, query0, query_len);
+    attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(k_tiles, k_rows, 0, key_len);
+    attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(v_tiles, v_rows, 0, key_len);
+    attn_copy_commit();
+
+    unsigned q_fragments[D / 16][4];
+    float o[D / 8][4];
+#pragma unroll
+    for (int d = 0; d < D / 8; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    float row_max[2] = {ATTN_NEG_INF, ATTN_NEG_INF};   // in log2 units (scores · scale · log2 e)
+    float row_sum[2] = {0.f, 0.f};                      // this thread's partial sums; reduced at the end
+
+    // rows of the S fragment held by this thread: r = lane / 4 and r + 8 of the warp's 16
+    const int my_row0 = query0 + warp * 16 + lane / 4;
+
+    for (int tile = 0; tile < key_tiles; ++tile) {
+        attn_copy_wait_all();
+        __syncthreads();                       // tile `tile` is in shared memory; buffer tile+1 is free
+        if (tile == 0) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                const int row = warp * 16 + (lane % 8) + ((lane >> 3) & 1) * 8;
+                const int col = kk * 16 + (lane >> 4) * 8;
+                attn_ldmatrix_x4(q_fragments[kk], q_tile + row * STRIDE + col);
+            }
+        }
+        if (tile + 1 < key_tiles) {
+            const int next = (tile + 1) & 1;
+            attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(k_tiles + next * BLOCK_K * STRIDE, k_rows,
+                                                           (tile + 1) * BLOCK_K, key_len);
+            attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(v_tiles + next * BLOCK_K * STRIDE, v_rows,
+                                                           (tile + 1) * BLOCK_K, key_len);
+        }
+        attn_copy_commit();
+        const T* k_tile = k_tiles + (tile & 1) * BLOCK_K * STRIDE;
+        const T* v_tile = v_tiles + (tile & 1) * BLOCK_K * STRIDE;
+        const int key0 = tile * BLOCK_K;
+        if (key0 > query0 + warp * 16 + 15 + offset) continue;   // every key of the tile is after this warp's rows
+
+        // S = Q Kᵀ: (16 rows of this warp) × BLOCK_K, fp32
+        float s[BLOCK_K / 8][4];
+#pragma unroll
+        for (int n = 0; n < BLOCK_K / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int nn = 0; nn < BLOCK_K / 16; ++nn) {
+                unsigned b[4];   // Kᵀ as the B operand: K rows are n, contiguous in k
+                const int row = nn * 16 + (lane % 8) + (lane >> 4) * 8;
+                const int col = kk * 16 + ((lane >> 3) & 1) * 8;
+                attn_ldmatrix_x4(b, k_tile + row * STRIDE + col);
+                AttnType<T>::mma(s[2 * nn], q_fragments[kk], b[0], b[1]);
+                AttnType<T>::mma(s[2 * nn + 1], q_fragments[kk], b[2], b[3]);
+            }
+        }
+
+        // causal mask and end of keys, only on tiles that need it
+        if (key0 + BLOCK_K - 1 > query0 + warp * 16 + offset || key0 + BLOCK_K > key_len) {
+#pragma unroll
+            for (int n = 0; n < BLOCK_K / 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = key0 + n * 8 + (lane % 4) * 2 + (e & 1);
+                    const int query = my_row0 + (e >> 1) * 8;
+                    if (key > query + offset || key >= key_len) s[n][e] = ATTN_NEG_INF;
+                }
+        }
+
+        // online softmax: new row max, rescale O and the row sum, P = exp2(S·scale·log2e − m)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float tile_max = ATTN_NEG_INF;
+#pragma unroll
+            for (int n = 0; n < BLOCK_K / 8; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+            const float new_max = fmaxf(row_max[r], tile_max * scale_log2);   // finite: key 0 is in tile 0
+            const float alpha = attn_exp2(row_max[r] - new_max);
+            row_max[r] = new_max;
+            float tile_sum = 0.f;
+#pragma unroll
+            for (int n = 0; n < BLOCK_K / 8; ++n) {
+                s[n][2 * r] = attn_exp2(fmaf(s[n][2 * r], scale_log2, -new_max));
+                s[n][2 * r + 1] = attn_exp2(fmaf(s[n][2 * r + 1], scale_log2, -new_max));
+                tile_sum += s[n][2 * r] + s[n][2 * r + 1];
+            }
+            row_sum[r] = row_sum[r] * alpha + tile_sum;
+#pragma unroll
+            for (int d = 0; d < D / 8; ++d) {
+                o[d][2 * r] *= alpha;
+                o[d][2 * r + 1] *= alpha;
+            }
+        }
+
+        // O += P V: P from the S accumulators (two n-tiles of 8 keys = one A fragment of 16 keys)
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_K / 16; ++kk) {
+            unsigned p[4];
+            p[0] = AttnType<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+            p[1] = AttnType<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+            p[2] = AttnType<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            p[3] = AttnType<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int dd = 0; dd < D / 16; ++dd) {
+                unsigned b[4];   // V as the B operand: rows are k (keys), contiguous in n (dims): transpose
+                const int row = kk * 16 + (lane % 8) + ((lane >> 3) & 1) * 8;
+                const int col = dd * 16 + (lane >> 4) * 8;
+                attn_ldmatrix_x4_trans(b, v_tile + row * STRIDE + col);
+                AttnType<T>::mma(o[2 * dd], p, b[0], b[1]);
+                AttnType<T>::mma(o[2 * dd + 1], p, b[2], b[3]);
+            }
+        }
+    }
+    attn_copy_wait_all();
+
+    // out = O / l, L = (m + log2 l) · ln 2
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float total = row_sum[r];
+        total += __shfl_xor_sync(0xffffffffu, total, 1);
+        total += __shfl_xor_sync(0xffffffffu, total, 2);
+        const int query = my_row0 + r * 8;
+        if (query < query_len) {
+            const float inverse = 1.f / total;
+            T* out_row = out + ((long long)batch_head * query_len + query) * D;
+#pragma unroll
+            for (int d = 0; d < D / 8; ++d) {
+                const unsigned packed = AttnType<T>::pack(o[d][2 * r] * inverse, o[d][2 * r + 1] * inverse);
+                *reinterpret_cast<unsigned*>(out_row + d * 8 + (lane % 4) * 2) = packed;
+            }
+            if (lane % 4 == 0) lse[(long long)batch_head * query_len + query] = (row_max[r] + log2f(total)) * ATTN_LN2;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// fp32 forward, for checking: one warp per query row.
+
+template <int D>
+__device__ __forceinline__ void attention_forward_fp32(const float* __restrict__ q, const float* __restrict__ k,
+                                                       const float* __restrict__ v, float* __restrict__ out,
+                                                       float* __restrict__ lse, int heads, int kv_heads,
+                                                       int query_len, int key_len, float scale) {
+    constexpr int PER_LANE = D / 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int query = blockIdx.x * 4 + warp;
+    const int batch_head = blockIdx.y;
+    if (query >= query_len) return;
+    const int batch = batch_head / heads, head = batch_head % heads;
+    const int kv_head = head / (heads / kv_heads);
+    const float* q_row = q + ((long long)batch_head * query_len + query) * D;
+    const float* k_rows = k + (long long)(batch * kv_heads + kv_head) * key_len * D;
+    const float* v_rows = v + (long long)(batch * kv_heads + kv_head) * key_len * D;
+
+    float q_values[PER_LANE], o[PER_LANE];
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) { q_values[i] = q_row[lane + 32 * i]; o[i] = 0.f; }
+    float row_max = ATTN_NEG_INF, row_sum = 0.f;
+    const int last_key = query + key_len - query_len;          // inclusive
+    for (int key = 0; key <= last_key; ++key) {
+        float score = 0.f;
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) score += q_values[i] * k_rows[(long long)key * D + lane + 32 * i];
+#pragma unroll
+        for (int width = 16; width > 0; width /= 2) score += __shfl_xor_sync(0xffffffffu, score, width);
+        score *= scale;
+        const float new_max = fmaxf(row_max, score);
+        const float alpha = expf(row_max - new_max);
+        const float p = expf(score - new_max);
+        row_sum = row_sum * alpha + p;
+#pragma unroll
+        for (int i = 0; i < PER_LANE; ++i) o[i] = o[i] * alpha + p * v_rows[(long long)key * D + lane + 32 * i];
+        row_max = new_max;
+    }
+    float* out_row = out + ((long long)batch_head * query_len + query) * D;
+#pragma unroll
+    for (int i = 0; i < PER_LANE; ++i) out_row[lane + 32 * i] = o[i] / row_sum;
+    if (lane == 0) lse[(long long)batch_head * query_len + query] = row_max + logf(row_sum);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Entry points.
+
+#define ATTN_FORWARD_MMA(NAME, TYPE, DIM, WARPS)                                                       \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS) NAME(                                     \
+        const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,   \
+        int query_len, int key_len, float scale) {                                                     \
+        attention_forward_mma<TYPE, DIM, WARPS>(q, k, v, out, lse, heads, kv_heads, query_len, key_len, \
+                                                scale);                                                \
+    }
+
+// _w4: 4 warps, 64 query rows a block; _w8: 8 warps, 128 rows (K/V tiles shared by twice the rows)
+ATTN_FORWARD_MMA(attention_forward_bf16_d64_w4, __nv_bfloat16, 64, 4)
+ATTN_FORWARD_MMA(attention_forward_bf16_d64_w8, __nv_bfloat16, 64, 8)
+ATTN_FORWARD_MMA(attention_forward_bf16_d128_w4, __nv_bfloat16, 128, 4)
+ATTN_FORWARD_MMA(attention_forward_bf16_d128_w8, __nv_bfloat16, 128, 8)
+ATTN_FORWARD_MMA(attention_forward_fp16_d64_w4, __half, 64, 4)
+ATTN_FORWARD_MMA(attention_forward_fp16_d64_w8, __half, 64, 8)
+ATTN_FORWARD_MMA(attention_forward_fp16_d128_w4, __half, 128, 4)
+ATTN_FORWARD_MMA(attention_forward_fp16_d128_w8, __half, 128, 8)
+
+#define ATTN_FORWARD_FP32(NAME, DIM)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                            \
+        const float* q, const float* k, const float* v, float* out, float* lse, int heads,             \
+        int kv_heads, int query_len, int key_len, float scale) {                                       \
+        attention_forward_fp32<DIM>(q, k, v, out, lse, heads, kv_heads, query_len, key_len, scale);    \
+    }
+
+ATTN_FORWARD_FP32(attention_forward_fp32_d64, 64)
+ATTN_FORWARD_FP32(attention_forward_fp32_d128, 128)

@@ -1,0 +1,380 @@
+"""The fused CUDA kernels of tinygrad_llm.gpu against the ops' NumPy path, and the precision policies.
+
+Every GPU check draws fresh random inputs, poisons every output buffer with NaN before the launch (so an
+element a kernel forgot to write fails), and compares ‖kernel − reference‖ / ‖reference‖, where the
+reference is the same op's NumPy path run on the CPU in float64 on the very values the kernel saw (bf16 and
+fp16 inputs are rounded first, so only the kernel's own arithmetic is measured). Tolerances by dtype:
+1e-5 for float32, 1e-2 for bfloat16 and float16. GPU tests skip cleanly where CuPy or a GPU is missing;
+the header and policy checks at the top run everywhere.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tinygrad_llm import backend, gpu, precision
+from tinygrad_llm.ops.activation import SwiGLU
+from tinygrad_llm.ops.embedding import Embedding
+from tinygrad_llm.ops.loss import CrossEntropy
+from tinygrad_llm.ops.matmul import Linear
+from tinygrad_llm.ops.norm import RMSNorm
+from tinygrad_llm.ops.rope import RoPE
+
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
+KERNELS = Path(__file__).resolve().parent.parent / "kernels"
+OWN_KERNELS = ["adamw.cu", "cross_entropy.cu", "embedding.cu", "rms_norm.cu", "rope.cu", "swiglu.cu"]
+
+
+def gpu_test(function):
+    """A test that needs CuPy and a CUDA device: marked `gpu`, skipped cleanly without them."""
+    skip = pytest.mark.skipif(not backend.gpu_available(), reason="needs an NVIDIA GPU and CuPy")
+    return pytest.mark.gpu(skip(function))
+
+
+def _dtype(name):
+    return precision.dtype_named(name) if name != "bfloat16" else np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+
+
+def _random(rng, shape, dtype, scale=1.0):
+    """Standard normal values rounded to dtype (host array)."""
+    return (rng.standard_normal(shape) * scale).astype(np.float32).astype(dtype)
+
+
+def _f64(a):
+    return np.asarray(backend.to_numpy(a), dtype=np.float64)
+
+
+def _relative_error(got, want):
+    got = _f64(got)
+    want = np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert np.isfinite(got).all(), "non-finite values: an output element was left unwritten (NaN poison)"
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12)
+
+
+def _run(function_class, inputs, dy, needs=None, **options):
+    """Forward and backward of one op on raw arrays: (y, gradients as a tuple)."""
+    op = function_class()
+    op.needs_input_grad = needs or (True,) * len(inputs)
+    y = op.forward(*inputs, **options)
+    grads = op.backward(dy)
+    return y, grads if isinstance(grads, tuple) else (grads,)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setattr(gpu, "POISON_OUTPUTS", True)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng()       # fresh inputs every run
+
+
+# ------------------------------------------------------------------ everywhere: headers and policies
+@pytest.mark.parametrize("name", OWN_KERNELS)
+def test_kernel_files_open_with_their_contract(name):
+    head = (KERNELS / name).read_text().split("#include")[0]
+    for word in ("Shapes:", "Launch:"):
+        assert word in head, f"{name}: the header must state {word}"
+    assert "match" in head, f"{name}: the header must name the NumPy op it must match"
+
+
+def test_kernels_dir_is_found_from_a_checkout():
+    assert (gpu.kernels_dir() / "cross_entropy.cu").is_file()
+
+
+def test_supports_refuses_host_arrays():
+    x = np.zeros((2, 4), np.float32)
+    assert not gpu.supports("rms_norm", x, np.ones(4, np.float32))
+    assert not gpu.supports("cross_entropy", x)
+    assert not gpu.supports("no_such_op", x)
+
+
+def test_policies_switch_and_restore():
+    assert precision.get_policy().name == "fp32"
+    with precision.policy("bf16") as active:
+        assert active.compute == "bfloat16"
+        assert not precision.linear_supported(np.zeros((2, 2), np.float32), np.zeros((2, 2), np.float32))
+    assert precision.get_policy().name == "fp32"
+    with pytest.raises(ValueError):
+        precision.set_policy("int8")
+
+
+def test_loss_scaler_backs_off_and_grows():
+    scaler = precision.LossScaler(init_scale=1024.0, growth_interval=2)
+    assert not scaler.update(finite=False) and scaler.scale == 512.0
+    assert scaler.update(finite=True) and scaler.update(finite=True) and scaler.scale == 1024.0
+
+
+# ------------------------------------------------------------------ the compile-and-cache helper
+@gpu_test
+@pytest.mark.parametrize("name", OWN_KERNELS)
+def test_every_kernel_file_compiles_with_nvrtc_and_is_cached(name):
+    assert gpu.load_module(name) is gpu.load_module(name)
+
+
+# ------------------------------------------------------------------ RMSNorm
+RMS_CASES = [((4, 37, 768), "float32", "float32"), ((3, 5, 100), "float32", "float32"), ((7, 13), "float32", "float32"),
+             ((4, 37, 768), "bfloat16", "bfloat16"), ((6, 100), "bfloat16", "bfloat16"),
+             ((4, 37, 768), "float16", "float16"), ((2, 64, 768), "bfloat16", "float32"),
+             ((5, 9), "float16", "float32"), ((1, 4096), "float32", "float32")]
+
+
+@gpu_test
+@pytest.mark.parametrize("shape,x_dtype,w_dtype", RMS_CASES)
+def test_rms_norm_matches_numpy(shape, x_dtype, w_dtype, rng, poisoned):
+    x = _random(rng, shape, _dtype(x_dtype))
+    weight = (1 + 0.1 * rng.standard_normal(shape[-1])).astype(np.float32).astype(_dtype(w_dtype))
+    dy = _random(rng, shape, _dtype(x_dtype))
+    want_y, (want_dx, want_dw) = _run(RMSNorm, [_f64(x), _f64(weight)], _f64(dy), eps=1e-5)
+    cuda = [backend.to_device(a, "cuda") for a in (x, weight, dy)]
+    assert gpu.supports("rms_norm", cuda[0], cuda[1])
+    y, (dx, dw) = _run(RMSNorm, cuda[:2], cuda[2], eps=1e-5)
+    assert y.dtype == x.dtype and dx.dtype == x.dtype and dw.dtype == weight.dtype
+    tolerance = TOLERANCE[x_dtype]
+    assert _relative_error(y, want_y) < tolerance
+    assert _relative_error(dx, want_dx) < tolerance
+    assert _relative_error(dw, want_dw) < tolerance
+
+
+# ------------------------------------------------------------------ SwiGLU
+@gpu_test
+@pytest.mark.parametrize("shape", [(4, 33, 2048), (5, 7), (3, 1, 24), (1,)])
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
+def test_swiglu_matches_numpy(shape, dtype_name, rng, poisoned):
+    dtype = _dtype(dtype_name)
+    gate, up, dy = (_random(rng, shape, dtype, 2.0) for _ in range(3))
+    want_y, (want_dgate, want_dup) = _run(SwiGLU, [_f64(gate), _f64(up)], _f64(dy))
+    cuda = [backend.to_device(a, "cuda") for a in (gate, up, dy)]
+    y, (dgate, dup) = _run(SwiGLU, cuda[:2], cuda[2])
+    for got, want in ((y, want_y), (dgate, want_dgate), (dup, want_dup)):
+        assert got.dtype == dtype
+        assert _relative_error(got, want) < TOLERANCE[dtype_name]
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_swiglu_packed_matches_the_split_form(dtype_name, rng, poisoned):
+    dtype = _dtype(dtype_name)
+    gate_up = _random(rng, (3, 50, 2 * 136), dtype, 2.0)
+    dy = _random(rng, (3, 50, 136), dtype)
+    want_y, (want_dgate, want_dup) = _run(SwiGLU, [_f64(gate_up[..., :136]), _f64(gate_up[..., 136:])], _f64(dy))
+    y = gpu.swiglu_packed_forward(backend.to_device(gate_up, "cuda"))
+    d_gate_up = gpu.swiglu_packed_backward(backend.to_device(dy, "cuda"), backend.to_device(gate_up, "cuda"))
+    tolerance = TOLERANCE[dtype_name]
+    assert _relative_error(y, want_y) < tolerance
+    assert _relative_error(d_gate_up[..., :136], want_dgate) < tolerance
+    assert _relative_error(d_gate_up[..., 136:], want_dup) < tolerance
+
+
+# ------------------------------------------------------------------ RoPE
+@gpu_test
+@pytest.mark.parametrize("batch,heads,length,head_dim", [(2, 3, 17, 64), (1, 2, 5, 6), (2, 12, 64, 128)])
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
+def test_rope_matches_numpy_on_a_transposed_view(batch, heads, length, head_dim, dtype_name, rng, poisoned):
+    dtype = _dtype(dtype_name)
+    packed = _random(rng, (batch, length, heads, head_dim), dtype)        # (B, T, H, D), as a projection
+    dy = _random(rng, (batch, heads, length, head_dim), dtype)
+    want_y, (want_dx,) = _run(RoPE, [_f64(packed).transpose(0, 2, 1, 3)], _f64(dy), positions=3)
+    x = backend.to_device(packed, "cuda").transpose(0, 2, 1, 3)           # a strided (B, H, T, D) view
+    y, (dx,) = _run(RoPE, [x], backend.to_device(dy, "cuda"), positions=3)
+    assert y.flags.c_contiguous and y.dtype == dtype
+    tolerance = TOLERANCE[dtype_name] if dtype_name != "float32" else 1e-6
+    assert _relative_error(y, want_y) < tolerance
+    assert _relative_error(dx, want_dx) < tolerance
+
+
+@gpu_test
+def test_rope_writes_into_a_strided_out_and_in_place(rng, poisoned):
+    cp = backend.cupy_module()
+    x = _random(rng, (2, 4, 9, 32), np.float32)
+    cos, sin = (rng.standard_normal((9, 16)).astype(np.float32) for _ in range(2))
+    from tinygrad_llm.ops.rope import _rotate
+    want = _rotate(_f64(x), _f64(cos), _f64(sin), np)
+    buffer = cp.full((2, 9, 4, 32), cp.nan, dtype=cp.float32)             # (B, T, H, D); out is its transpose
+    gpu.rope_forward(cp.asarray(x), cp.asarray(cos), cp.asarray(sin), out=buffer.transpose(0, 2, 1, 3))
+    assert _relative_error(buffer.transpose(0, 2, 1, 3), want) < 1e-6
+    in_place = cp.asarray(x)
+    gpu.rope_forward(in_place, cp.asarray(cos), cp.asarray(sin), out=in_place)
+    assert _relative_error(in_place, want) < 1e-6
+
+
+# ------------------------------------------------------------------ cross-entropy
+def _targets(rng, rows, vocab, ignored_fraction=0.1, ignore_index=-100):
+    targets = rng.integers(0, vocab, rows)
+    targets[rng.random(rows) < ignored_fraction] = ignore_index
+    return targets
+
+
+@gpu_test
+@pytest.mark.parametrize("rows,vocab", [(64, 50304), (33, 1001), (5, 7)])
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("variant", [("l2", 1024), ("smem", 1024), ("l2", 512)])
+def test_cross_entropy_matches_numpy(rows, vocab, dtype_name, variant, rng, poisoned, monkeypatch):
+    monkeypatch.setattr(gpu, "CROSS_ENTROPY_VARIANT", variant)
+    dtype = _dtype(dtype_name)
+    logits = _random(rng, (rows, vocab), dtype, 3.0)
+    targets = _targets(rng, rows, vocab)
+    targets[0] = 0                                                         # at least one row kept
+    upstream = np.float64(rng.uniform(0.5, 2.0))
+    want_loss, (want_dlogits,) = _run(CrossEntropy, [_f64(logits), targets], upstream)
+    cuda_logits = backend.to_device(logits, "cuda")
+    loss, (dlogits,) = _run(CrossEntropy, [cuda_logits, backend.to_device(targets, "cuda")],
+                            backend.cupy_module().asarray(upstream, dtype=dtype))
+    assert loss.shape == () and loss.dtype == dtype and dlogits.dtype == dtype
+    tolerance = TOLERANCE[dtype_name]
+    assert abs(float(loss) - float(want_loss)) <= tolerance * abs(float(want_loss))
+    assert _relative_error(dlogits, want_dlogits) < tolerance
+    ignored = targets == -100
+    assert (_f64(dlogits)[ignored] == 0).all(), "ignored rows must have zero gradient"
+    np.testing.assert_allclose(_f64(dlogits).sum(axis=1), 0, atol=1e-5 if dtype_name == "float32" else 1e-2)
+
+
+@gpu_test
+def test_cross_entropy_in_place_and_all_ignored(rng, poisoned):
+    cp = backend.cupy_module()
+    logits = _random(rng, (16, 50304), np.float32, 3.0)
+    targets = _targets(rng, 16, 50304, 0.3)
+    targets[0] = 5
+    want_loss, (want_dlogits,) = _run(CrossEntropy, [_f64(logits), targets], 1.0)
+    buffer = cp.asarray(logits)
+    loss, dlogits = gpu.cross_entropy_forward_backward(buffer, cp.asarray(targets), -100, in_place=True)
+    assert dlogits.data.ptr == buffer.data.ptr
+    assert abs(float(loss) - want_loss) < 1e-5 * abs(want_loss)
+    assert _relative_error(dlogits, want_dlogits) < 1e-5
+    loss, dlogits = gpu.cross_entropy_forward_backward(cp.asarray(logits), cp.full(16, -100), -100)
+    assert math.isnan(float(loss)) and float(cp.abs(dlogits).max()) == 0.0
+
+
+# ------------------------------------------------------------------ embedding backward
+@gpu_test
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_embedding_backward_accumulates_repeated_ids(dtype_name, rng, poisoned):
+    dtype = _dtype(dtype_name)
+    vocab, channels = 300, 96
+    weight = _random(rng, (vocab, channels), dtype)
+    ids = rng.integers(0, 40, (4, 64))                                     # many repeats, most rows untouched
+    dy = _random(rng, (4, 64, channels), dtype)
+    want_y, (want_dweight,) = _run(Embedding, [ids, _f64(weight)], _f64(dy), needs=(True,))
+    y, (dweight,) = _run(Embedding, [backend.to_device(ids, "cuda"), backend.to_device(weight, "cuda")],
+                         backend.to_device(dy, "cuda"), needs=(True,))
+    assert dweight.dtype == dtype
+    assert _relative_error(dweight, want_dweight) < TOLERANCE[dtype_name]
+
+
+# ------------------------------------------------------------------ multi-tensor AdamW
+def _adamw_reference(p, g, m, v, lr, beta1, beta2, eps, wd, step, scale):
+    g = g * scale
+    p = p * (1 - lr * wd)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    p = p - lr / (1 - beta1 ** step) * m / (np.sqrt(v) / math.sqrt(1 - beta2 ** step) + eps)
+    return p, m, v
+
+
+@gpu_test
+def test_adamw_step_matches_the_formula(rng):
+    cp = backend.cupy_module()
+    shapes = [(768, 300), (7,), (4097,), (1,), (50, 50)]
+    host = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(3)]
+    host.append([np.abs(rng.standard_normal(s)).astype(np.float32) for s in shapes])
+    params, grads, ms, vs = ([cp.asarray(a) for a in group] for group in host)
+    decays = [0.1, 0.0, 0.1, 0.0, 0.05]
+    hyper = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, step=7)
+    gpu.adamw_step(params, grads, ms, vs, hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"], decays,
+                   hyper["step"], grad_scale=cp.asarray(0.5, dtype=cp.float32))
+    for i in range(len(shapes)):
+        want = _adamw_reference(*(np.float64(group[i]) for group in host), hyper["lr"], hyper["beta1"],
+                                hyper["beta2"], hyper["eps"], decays[i], hyper["step"], 0.5)
+        for got, expected in zip((params[i], ms[i], vs[i]), want):
+            assert _relative_error(got, expected) < 1e-5
+
+
+@gpu_test
+def test_sum_of_squares_over_many_tensors(rng):
+    cp = backend.cupy_module()
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in [(1000, 33), (5,), (4096,), (4097,)]]
+    got = float(gpu.sum_of_squares([cp.asarray(a) for a in arrays]))
+    want = sum(float((a.astype(np.float64) ** 2).sum()) for a in arrays)
+    assert abs(got - want) < 1e-5 * want
+
+
+@gpu_test
+def test_optimizer_uses_the_fused_step_and_matches_the_numpy_path(rng):
+    optim = pytest.importorskip("tinygrad_llm.optim")
+    from tinygrad_llm.nn import Parameter
+    values = [rng.standard_normal(s).astype(np.float32) for s in [(64, 48), (48,), (10, 64)]]
+    grads = [rng.standard_normal(v.shape).astype(np.float32) for v in values]
+    results = []
+    for kernels in (True, False):
+        backend.set_kernels_enabled(kernels)
+        try:
+            params = [Parameter(backend.to_device(v, "cuda")) for v in values]
+            opt = optim.AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+            for _ in range(3):
+                for p, g in zip(params, grads):
+                    p.grad = backend.to_device(g, "cuda")
+                opt.step(grad_scale=0.7)
+            results.append([backend.to_numpy(p.data) for p in params])
+        finally:
+            backend.set_kernels_enabled(True)
+    for fused, reference in zip(*results):
+        assert _relative_error(fused, reference) < 1e-5
+
+
+# ------------------------------------------------------------------ Linear under the precision policies
+@pytest.mark.parametrize("policy_name,x_dtype", [("bf16", "float32"), ("bf16", "bfloat16"), ("fp16", "float32"),
+                                                 ("fp16", "float16")])
+@gpu_test
+def test_linear_under_low_precision_policies(policy_name, x_dtype, rng):
+    x = _random(rng, (3, 40, 96), _dtype(x_dtype))
+    weight = (0.1 * rng.standard_normal((72, 96))).astype(np.float32)
+    dy = _random(rng, (3, 40, 72), _dtype(x_dtype))
+    want_y, (want_dx, want_dw) = _run(Linear, [_f64(x), _f64(weight)], _f64(dy))
+    with precision.policy(policy_name):
+        cuda = [backend.to_device(a, "cuda") for a in (x, weight, dy)]
+        assert gpu.supports("linear", cuda[0], cuda[1])
+        y, (dx, dw) = _run(Linear, cuda[:2], cuda[2])
+    assert y.dtype == x.dtype and dx.dtype == x.dtype and dw.dtype == np.float32
+    for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw)):
+        assert _relative_error(got, want) < 1e-2
+
+
+@gpu_test
+def test_tf32_policy_changes_float32_products_only_slightly(rng):
+    cp = backend.cupy_module()
+    a, b = (rng.standard_normal((512, 512)).astype(np.float32) for _ in range(2))
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    with precision.policy("tf32"):
+        tf32 = cp.asarray(a) @ cp.asarray(b)
+    exact = cp.asarray(a) @ cp.asarray(b)
+    assert _relative_error(exact, want) < 1e-5
+    assert _relative_error(tf32, want) < 5e-3
+
+
+# ------------------------------------------------------------------ the whole model, GPU vs CPU
+@gpu_test
+def test_small_model_loss_and_gradients_match_the_cpu(rng):
+    model_module = pytest.importorskip("tinygrad_llm.model")
+    from tinygrad_llm import manual_seed
+    config = model_module.GPTConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                    ffn_hidden=128, max_seq_len=32)
+    ids = rng.integers(0, 97, (3, 32))
+    targets = rng.integers(0, 97, (3, 32))
+    targets[0, :5] = -100
+    results = []
+    for device in ("cpu", "cuda"):
+        manual_seed(1234)
+        model = model_module.GPT(config).to(device)
+        _, loss = model(backend.to_device(ids, device), backend.to_device(targets, device))
+        loss.backward()
+        results.append((loss.item(), {name: backend.to_numpy(p.grad) for name, p in model.named_parameters()}))
+    (cpu_loss, cpu_grads), (gpu_loss, gpu_grads) = results
+    assert abs(cpu_loss - gpu_loss) < 1e-5 * abs(cpu_loss)
+    for name, want in cpu_grads.items():
+        assert _relative_error(gpu_grads[name], want) < 1e-4, name
+

@@ -1,0 +1,201 @@
+"""The flash-attention kernels (tinygrad_llm.gpu_attention) against the NumPy op, in float64.
+
+Every check draws fresh random inputs, poisons every output buffer with NaN before the launch (so an
+element the kernel forgot to write fails), and compares ‖kernel − reference‖ / ‖reference‖ with the
+reference computed by `CausalAttention` on the inputs upcast to float64 (bf16/fp16 inputs are rounded
+first, so only the kernel's own arithmetic is measured). Tolerances: 1e-2 for bf16 and fp16, 1e-5 for
+fp32. GPU tests skip cleanly where CuPy or a GPU is missing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tinygrad_llm import backend, gpu_attention
+from tinygrad_llm.ops.attention import CausalAttention
+
+TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-2, "float32": 1e-5}
+
+
+def _dtype(name):
+    if name == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _reference(q, k, v, dy):
+    """out, lse, dq, dk, dv of the NumPy op in float64."""
+    op = CausalAttention()
+    q, k, v, dy = (np.asarray(a, dtype=np.float64) for a in (q, k, v, dy))
+    out = op.forward(q, k, v)
+    lse = op.saved[-1]
+    dq, dk, dv = op.backward(dy)
+    return out, lse, dq, dk, dv
+
+
+def _relative_error(got, want):
+    """‖got − want‖ / ‖want‖, where a reference of RMS below 1e-3 counts as zero (T = 1 has dq = dk = 0
+    exactly; the kernel's rounding noise there is not a relative error)."""
+    got = np.asarray(backend.to_numpy(got), dtype=np.float64)
+    assert np.isfinite(got).all(), "non-finite values: an output element was left unwritten (NaN poison)"
+    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-3 * np.sqrt(want.size))
+
+
+def _inputs(rng, dtype, batch, heads, kv_heads, query_len, key_len, head_dim):
+    """q, k, v, dy rounded to dtype (host arrays)."""
+    shapes = [(batch, heads, query_len, head_dim), (batch, kv_heads, key_len, head_dim),
+              (batch, kv_heads, key_len, head_dim), (batch, heads, query_len, head_dim)]
+    return [rng.standard_normal(shape).astype(np.float32).astype(dtype) for shape in shapes]
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setattr(gpu_attention, "POISON_OUTPUTS", True)
+
+
+def test_supports_needs_gpu_arrays_and_known_head_dims():
+    q = np.zeros((1, 2, 4, 64), np.float32)
+    assert not gpu_attention.supports(q, q, q)                  # host arrays never take the kernel
+    assert not gpu_attention.supports("causal_attention", q, q, q)
+
+
+CASES = [  # (batch, heads, kv_heads, query_len, key_len)
+    (1, 1, 1, 1, 1),          # T = 1
+    (2, 2, 1, 37, 37),        # odd T, GQA 2
+    (1, 4, 1, 130, 130),      # more than two tiles, GQA 4
+    (2, 3, 3, 64, 64),        # exactly one tile
+    (1, 4, 2, 1, 77),         # a decoding step: one query, 77 cached keys
+    (1, 2, 2, 33, 200),       # Tq < Tk, both off the tile size
+    (1, 4, 4, 100, 100),      # GQA 1
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("warps", [4, 8])
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}Hkv{}Tq{}Tk{}".format(*c))
+def test_forward_backward_match_numpy_float64(dtype_name, head_dim, case, warps, poisoned, monkeypatch):
+    """Both builds of each tensor-core kernel (4 and 8 warps a block); fp32 has one kernel."""
+    if dtype_name == "float32" and warps == 8:
+        pytest.skip("the fp32 kernels have one build")
+    monkeypatch.setattr(gpu_attention, "FORWARD_WARPS", {64: warps, 128: warps})
+    monkeypatch.setattr(gpu_attention, "BACKWARD_WARPS", {64: warps, 128: warps})
+    cp = backend.cupy_module()
+    dtype = _dtype(dtype_name)
+    rng = np.random.default_rng()
+    batch, heads, kv_heads, query_len, key_len = case
+    q, k, v, dy = _inputs(rng, dtype, batch, heads, kv_heads, query_len, key_len, head_dim)
+    gq, gk, gv, gdy = (cp.asarray(a) for a in (q, k, v, dy))
+    assert gpu_attention.supports(gq, gk, gv)
+
+    out, lse = gpu_attention.causal_attention_forward(gq, gk, gv)
+    dq, dk, dv = gpu_attention.causal_attention_backward(gdy, gq, gk, gv, out, lse)
+    assert out.dtype == gq.dtype and dq.dtype == gq.dtype and dk.dtype == gk.dtype and dv.dtype == gv.dtype
+    assert lse.dtype == np.float32 and lse.shape == (batch, heads, query_len)
+
+    want = _reference(q, k, v, dy)
+    tolerance = TOLERANCE[dtype_name]
+    for name, got, expected in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), want):
+        error = _relative_error(got, expected)
+        assert error <= tolerance, f"{name}: relative error {error:.2e} > {tolerance:.0e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+def test_large_sequence_matches_numpy(dtype_name, poisoned):
+    cp = backend.cupy_module()
+    dtype = _dtype(dtype_name)
+    rng = np.random.default_rng()
+    q, k, v, dy = _inputs(rng, dtype, 2, 4, 2, 1000, 1000, 64)
+    gq, gk, gv, gdy = (cp.asarray(a) for a in (q, k, v, dy))
+    out, lse = gpu_attention.causal_attention_forward(gq, gk, gv)
+    grads = gpu_attention.causal_attention_backward(gdy, gq, gk, gv, out, lse)
+    for name, got, expected in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + tuple(grads),
+                                   _reference(q, k, v, dy)):
+        error = _relative_error(got, expected)
+        assert error <= TOLERANCE[dtype_name], f"{name}: relative error {error:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+def test_output_at_t_ignores_keys_after_t(dtype_name):
+    """Causality: replacing the keys and values after position t leaves outputs 0 … t bit-identical."""
+    cp = backend.cupy_module()
+    dtype = _dtype(dtype_name)
+    rng = np.random.default_rng()
+    q, k, v, _ = _inputs(rng, dtype, 1, 4, 2, 150, 150, 64)
+    t = 70
+    k2, v2 = k.copy(), v.copy()
+    k2[:, :, t + 1:] = rng.standard_normal(k2[:, :, t + 1:].shape).astype(np.float32).astype(dtype)
+    v2[:, :, t + 1:] = rng.standard_normal(v2[:, :, t + 1:].shape).astype(np.float32).astype(dtype)
+    out, lse = gpu_attention.causal_attention_forward(cp.asarray(q), cp.asarray(k), cp.asarray(v))
+    out2, lse2 = gpu_attention.causal_attention_forward(cp.asarray(q), cp.asarray(k2), cp.asarray(v2))
+    first, second = backend.to_numpy(out), backend.to_numpy(out2)
+    assert np.array_equal(first[:, :, :t + 1].view(np.uint8), second[:, :, :t + 1].view(np.uint8))
+    assert np.array_equal(backend.to_numpy(lse)[:, :, :t + 1], backend.to_numpy(lse2)[:, :, :t + 1])
+    assert not np.array_equal(first[:, :, t + 1:].view(np.uint8), second[:, :, t + 1:].view(np.uint8))
+
+
+@pytest.mark.gpu
+def test_dk_dv_are_deterministic():
+    """dk and dv are summed inside one block (no atomics): two runs agree bit for bit."""
+    cp = backend.cupy_module()
+    dtype = _dtype("bfloat16")
+    rng = np.random.default_rng()
+    q, k, v, dy = (cp.asarray(a) for a in _inputs(rng, dtype, 2, 4, 1, 200, 200, 64))
+    out, lse = gpu_attention.causal_attention_forward(q, k, v)
+    _, dk1, dv1 = gpu_attention.causal_attention_backward(dy, q, k, v, out, lse)
+    _, dk2, dv2 = gpu_attention.causal_attention_backward(dy, q, k, v, out, lse)
+    assert np.array_equal(backend.to_numpy(dk1).view(np.uint16), backend.to_numpy(dk2).view(np.uint16))
+    assert np.array_equal(backend.to_numpy(dv1).view(np.uint16), backend.to_numpy(dv2).view(np.uint16))
+
+
+@pytest.mark.gpu
+def test_op_dispatches_to_the_kernel(monkeypatch):
+    """F.causal_attention on GPU tensors runs these kernels and agrees with the CPU path."""
+    import tinygrad_llm.functional as F
+    from tinygrad_llm import Tensor
+    calls = []
+    forward, backward = gpu_attention.causal_attention_forward, gpu_attention.causal_attention_backward
+    monkeypatch.setattr(gpu_attention, "causal_attention_forward", lambda *a: calls.append("f") or forward(*a))
+    monkeypatch.setattr(gpu_attention, "causal_attention_backward", lambda *a: calls.append("b") or backward(*a))
+    rng = np.random.default_rng()
+    q, k, v, dy = _inputs(rng, np.float32, 2, 4, 2, 45, 45, 64)
+    results = {}
+    for device in ("cpu", "cuda"):
+        tensors = [Tensor(backend.to_device(a, device), requires_grad=True) for a in (q, k, v)]
+        out = F.causal_attention(*tensors)
+        (out * Tensor(backend.to_device(dy, device))).sum().backward()
+        results[device] = [backend.to_numpy(out.data)] + [backend.to_numpy(t.grad) for t in tensors]
+    assert calls == ["f", "b"]
+    for got, want in zip(results["cuda"], results["cpu"]):
+        assert _relative_error(got, want.astype(np.float64)) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_whole_model_gradients_match_cpu(monkeypatch):
+    """A small GQA model (D = 64, G = 2) in float32: every parameter's gradient on the GPU, with the
+    attention kernels in place, matches the CPU path."""
+    model_module = pytest.importorskip("tinygrad_llm.model")
+    from tinygrad_llm import manual_seed
+    calls = []
+    backward = gpu_attention.causal_attention_backward
+    monkeypatch.setattr(gpu_attention, "causal_attention_backward", lambda *a: calls.append(1) or backward(*a))
+    config = model_module.GPTConfig(vocab_size=97, d_model=128, n_layers=2, n_heads=2, n_kv_heads=1,
+                                    ffn_hidden=256, max_seq_len=64)
+    rng = np.random.default_rng()
+    ids = rng.integers(0, config.vocab_size, size=(2, 45))
+    targets = rng.integers(0, config.vocab_size, size=(2, 45))
+    grads = {}
+    for device in ("cpu", "cuda"):
+        manual_seed(1234)
+        model = model_module.GPT(config).to(device)
+        _, loss = model(backend.to_device(ids, device), backend.to_device(targets, device))
+        loss.backward()
+        grads[device] = {name: backend.to_numpy(p.grad) for name, p in model.named_parameters()}
+    assert len(calls) == config.n_layers, "the attention kernel was not used on the GPU"
+    for name, want in grads["cpu"].items():
+        error = _relative_error(grads["cuda"][name], want.astype(np.float64))
+        assert error <= 1e-4, f"{name}: relative error {error:.2e}"

@@ -1,0 +1,184 @@
+"""GPT and the module system: names and layouts, init, state dicts, fused ops, whole-model gradcheck."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import tinygrad_llm.functional as F
+from tinygrad_llm import Tensor, manual_seed
+from tinygrad_llm.gradcheck import gradcheck
+from tinygrad_llm.model import GPT, GPTConfig, PackedRopeAttention, PackedSwiGLU
+from tinygrad_llm.nn import Parameter, StateDictError
+from tinygrad_llm.optim import AdamW
+from tinygrad_llm.ops.rope import rope_angles
+
+
+def tiny_config(**overrides):
+    values = dict(vocab_size=11, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=24, max_seq_len=12)
+    values.update(overrides)
+    return GPTConfig(**values)
+
+
+def test_parameter_names_and_layouts_follow_hugging_face_llama():
+    model = GPT(tiny_config())
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    expected = {"model.embed_tokens.weight": (11, 16), "model.norm.weight": (16,), "lm_head.weight": (11, 16)}
+    for i in range(2):
+        prefix = f"model.layers.{i}."
+        expected.update({
+            prefix + "input_layernorm.weight": (16,), prefix + "post_attention_layernorm.weight": (16,),
+            prefix + "self_attn.q_proj.weight": (16, 16), prefix + "self_attn.k_proj.weight": (8, 16),
+            prefix + "self_attn.v_proj.weight": (8, 16), prefix + "self_attn.o_proj.weight": (16, 16),
+            prefix + "mlp.gate_proj.weight": (24, 16), prefix + "mlp.up_proj.weight": (24, 16),
+            prefix + "mlp.down_proj.weight": (16, 24)})
+    assert shapes == expected
+    assert list(model.state_dict()) == list(shapes)
+
+
+def test_init_scales_and_norms():
+    manual_seed(0)
+    config = GPTConfig(vocab_size=512, d_model=128, n_layers=8, n_heads=4, ffn_hidden=256, max_seq_len=16)
+    model = GPT(config)
+    layer = model.model.layers[0]
+    assert abs(layer.self_attn.q_proj.weight.numpy().std() - 0.02) < 0.002
+    assert abs(layer.mlp.gate_proj.weight.numpy().std() - 0.02) < 0.002
+    residual = 0.02 / math.sqrt(2 * config.n_layers)
+    assert abs(layer.self_attn.o_proj.weight.numpy().std() - residual) < 0.1 * residual
+    assert abs(layer.mlp.down_proj.weight.numpy().std() - residual) < 0.1 * residual
+    assert np.all(layer.input_layernorm.weight.numpy() == 1) and np.all(model.model.norm.weight.numpy() == 1)
+
+
+def test_forward_shapes_loss_and_tied_embeddings():
+    model = GPT(tiny_config(tie_embeddings=True))
+    names = [n for n, _ in model.named_parameters()]
+    assert "lm_head.weight" not in names and model.lm_head.weight is model.model.embed_tokens.weight
+    ids = np.random.default_rng(0).integers(0, 11, (3, 7))
+    logits = model(ids)
+    assert logits.shape == (3, 7, 11)
+    logits, loss = model(ids, ids)
+    assert loss.shape == () and np.isfinite(loss.item())
+    loss.backward()
+    assert model.model.embed_tokens.weight.grad is not None   # both uses of the tied weight accumulate
+
+
+def test_config_validation_errors():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(d_model=30, n_heads=4)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        GPTConfig(d_model=32, n_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="unknown GPTConfig fields"):
+        GPTConfig.from_dict({"d_model": 32, "hidden": 3})
+    with pytest.raises(ValueError, match="max_seq_len"):
+        GPT(tiny_config())(np.zeros((1, 13), dtype=np.int64))
+
+
+def test_state_dict_round_trip_and_strict_errors():
+    manual_seed(1)
+    a, b = GPT(tiny_config()), GPT(tiny_config())
+    ids = np.arange(8).reshape(1, 8) % 11
+    assert not np.allclose(a(ids).numpy(), b(ids).numpy())
+    b.load_state_dict(a.state_dict())
+    np.testing.assert_array_equal(a(ids).numpy(), b(ids).numpy())
+    state = a.state_dict()
+    state.pop("model.norm.weight")
+    state["extra.weight"] = np.zeros(3, dtype=np.float32)
+    state["model.layers.0.self_attn.q_proj.weight"] = np.zeros((4, 4), dtype=np.float32)
+    with pytest.raises(StateDictError) as info:
+        b.load_state_dict(state)
+    message = str(info.value)
+    assert "missing keys (1): model.norm.weight" in message
+    assert "unexpected keys (1): extra.weight" in message
+    assert "model.layers.0.self_attn.q_proj.weight: checkpoint (4, 4) vs model (16, 16)" in message
+
+
+def test_train_eval_modes_and_dropout():
+    model = GPT(tiny_config(dropout=0.5))
+    ids = np.arange(10).reshape(1, 10) % 11
+    model.eval()
+    np.testing.assert_array_equal(model(ids).numpy(), model(ids).numpy())
+    model.train()
+    assert all(m.training for _, m in model.named_modules())
+    assert not np.allclose(model(ids).numpy(), model(ids).numpy())
+
+
+def test_to_dtype_keeps_parameter_identity():
+    model = GPT(tiny_config(tie_embeddings=True))
+    params = model.parameters()
+    model.to(dtype=np.float64)
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    assert all(p.dtype == np.float64 for p in params)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def _composed_attention(qkv, heads, kv_heads, theta=10000.0):
+    """The unfused oracle: slices, F.rope, F.causal_attention, transpose back."""
+    batch, time, _, head_dim = qkv.shape
+    qkv = qkv.permute(0, 2, 1, 3)
+    q = F.rope(qkv[:, :heads], 0, theta)
+    k = F.rope(qkv[:, heads:heads + kv_heads], 0, theta)
+    v = qkv[:, heads + kv_heads:]
+    return F.causal_attention(q, k, v).permute(0, 2, 1, 3).reshape(batch, time, heads * head_dim)
+
+
+def test_fused_ops_match_composed_references():
+    rng = np.random.default_rng(0)
+    heads, kv_heads, time, head_dim = 4, 2, 5, 6
+    qkv = rng.standard_normal((2, time, heads + 2 * kv_heads, head_dim))
+    cos, sin = rope_angles(np.arange(time), head_dim, 10000.0)
+    fused = PackedRopeAttention.apply(Tensor(qkv), heads, kv_heads, cos, sin)
+    np.testing.assert_allclose(fused.numpy(), _composed_attention(Tensor(qkv), heads, kv_heads).numpy(), atol=1e-12)
+    assert gradcheck(lambda t: PackedRopeAttention.apply(t, heads, kv_heads, cos, sin), [qkv]).ok
+    gate_up = rng.standard_normal((3, 4, 10)) * 3
+    np.testing.assert_allclose(PackedSwiGLU.apply(Tensor(gate_up)).numpy(),
+                               F.swiglu(Tensor(gate_up[..., :5]), Tensor(gate_up[..., 5:])).numpy(), atol=1e-12)
+    assert gradcheck(lambda t: PackedSwiGLU.apply(t), [gate_up]).ok
+
+
+def test_every_parameter_of_a_two_layer_model_passes_gradcheck():
+    """float64 finite differences through the whole model (embeddings, GQA attention, MLP, norms, loss)."""
+    manual_seed(3)
+    model = GPT(tiny_config(d_model=8, n_heads=2, n_kv_heads=1, ffn_hidden=12, vocab_size=7, max_seq_len=6))
+    model.to(dtype=np.float64)
+    for p in model.parameters():           # norm gains away from 1 so their gradients are generic
+        if p.ndim == 1:
+            p.data[...] = 1 + 0.3 * np.random.default_rng(4).standard_normal(p.shape)
+    named = list(model.named_parameters())
+    ids = np.random.default_rng(5).integers(0, 7, (2, 5))
+    targets = np.random.default_rng(6).integers(0, 7, (2, 5))
+
+    def loss_of(*tensors):
+        # run the model with the gradcheck tensors standing in for the parameters
+        originals = {}
+        for (name, p), t in zip(named, tensors):
+            owner = model
+            *path, attribute = name.split(".")
+            for part in path:
+                owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
+            originals[(id(owner), attribute)] = (owner, attribute, getattr(owner, attribute))
+            setattr(owner, attribute, t)
+        try:
+            _, loss = model(ids, targets)
+        finally:
+            for owner, attribute, value in originals.values():
+                setattr(owner, attribute, value)
+        return loss
+
+    result = gradcheck(loss_of, [p.data.copy() for _, p in named], max_elements_per_input=6, seed=0)
+    assert result.ok, str(result)
+    assert result.checked_elements >= 6 * len(named) - 20
+
+
+def test_overfits_one_batch():
+    manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=16, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=16))
+    ids = np.random.default_rng(0).integers(0, 16, (4, 17))
+    x, y = ids[:, :-1], ids[:, 1:]
+    optimizer = AdamW(model.named_parameters(), lr=1e-2, betas=(0.9, 0.99))
+    for _ in range(150):
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 0.05

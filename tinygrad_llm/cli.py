@@ -1,0 +1,272 @@
+"""The `tinygrad-llm` command: prepare, train, sample, eval, export, plot (and train-classifier).
+
+    tinygrad-llm train                                   # built-in Shakespeare, default small model, ~5 min
+    tinygrad-llm train --config tinygrad_llm/configs/shakespeare_char.toml --max-steps 500
+    tinygrad-llm train --data ../shared/data/tinyshakespeare.txt --out-dir runs/char --resume
+    tinygrad-llm sample runs/default --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --top-k 40
+    tinygrad-llm eval runs/default [--best]
+    tinygrad-llm export runs/default --hf exported/
+    tinygrad-llm plot runs/default                       # runs/default/loss.png (needs matplotlib)
+
+Training options come from the TrainConfig defaults, then a TOML file (`--config`, sections allowed),
+then flags (`--max-steps 500`, `--no-progress`, ...), later ones winning. Errors (bad flags, missing
+paths, invalid values, corrupt checkpoints) print one `tinygrad-llm <command>: error: ...` line and exit
+with status 2 (usage) or 1 (anything else).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+EXIT_USAGE, EXIT_FAILURE = 2, 1
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------------------------------- parsers
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_train_parser(subparsers):
+    from .train import CONFIG_FIELDS, TrainConfig
+    p = subparsers.add_parser("train", help="train a model (default: the built-in Shakespeare corpus)",
+                              description="Train a Llama-style model. Defaults < --config TOML < flags.",
+                              argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", dest="config_file", metavar="FILE", help="TOML file of training options")
+    defaults = TrainConfig()
+    helps = {"data": "prepared shard directory or .txt file (default: the built-in corpus)",
+             "out_dir": "run directory: checkpoints, metrics.jsonl, config.json",
+             "resume": "continue the run in --out-dir from its latest checkpoint",
+             "device": "cpu or cuda", "dtype": "float32 (default), float64; float16/bfloat16 on the GPU",
+             "sample_tokens": "print a sample of this many tokens at the end"}
+    for name, spec in CONFIG_FIELDS.items():
+        default = getattr(defaults, name)
+        text = helps.get(name, "") + f" (default: {default!r})"
+        if isinstance(default, bool):
+            p.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            p.add_argument(_flag(name), dest=name, type=type(default), metavar=type(default).__name__.upper(),
+                           help=text)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinygrad-llm", description="Train, sample, evaluate and export a "
+                                     "small Llama-style language model on NumPy.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    try:
+        from .cli_prepare import add_classifier_parser, add_prepare_parser
+        add_prepare_parser(sub)
+        add_classifier_parser(sub)
+    except ImportError:          # the data pipeline is missing: say so when `prepare` is used
+        p = sub.add_parser("prepare", help="prepare token shards (needs tinygrad_llm.cli_prepare)")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    add_train_parser(sub)
+
+    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p.add_argument("checkpoint", help="run directory, checkpoints/ directory or step directory")
+    p.add_argument("--prompt", default="\n", help="prompt text (default: a newline)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=300)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--best", action="store_true", help="use the best checkpoint instead of the latest")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file, if the checkpoint's is not found")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", default=None, help="data to evaluate on (default: the run's own data)")
+    p.add_argument("--eval-iters", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=None)
+    p.add_argument("--best", action="store_true")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("export", help="export a checkpoint for Hugging Face transformers")
+    p.add_argument("checkpoint")
+    p.add_argument("--hf", required=True, metavar="DIR", help="output directory (config.json, model.safetensors)")
+    p.add_argument("--best", action="store_true")
+
+    p = sub.add_parser("plot", help="draw the loss curves of a run into a PNG (needs matplotlib)")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/loss.png)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def run_train(args) -> int:
+    from .train import TrainConfig, config_from_dict, load_toml, train
+    values = {}
+    if getattr(args, "config_file", None):
+        values.update(load_toml(args.config_file))
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config_file", "func")}
+    config = config_from_dict(values, TrainConfig())
+    config = config_from_dict(flags, config)
+    if not config.data and not any(k in values or k in flags for k in ("sample_tokens",)):
+        config.sample_tokens = 500          # the out-of-the-box run shows what it learned
+    if config.data and not os.path.exists(config.data):
+        raise CommandError(f"--data {config.data}: no such file or directory")
+    summary = train(config)
+    if summary.get("stopped") and summary["stopped"] != "interrupted":
+        return EXIT_FAILURE
+    print(f"\nsaved to {os.path.join(config.out_dir, 'checkpoints')}; try: tinygrad-llm sample {config.out_dir} "
+          f"--prompt 'ROMEO:'")
+    return 0
+
+
+def _load(checkpoint: str, best: bool, device: str = "cpu", tokenizer_file: str | None = None):
+    from .checkpoint import load_checkpoint
+    from .train import load_tokenizer, tokenizer_from_ref
+    model, state = load_checkpoint(checkpoint, which="best" if best else "latest")
+    model.to(device=device)
+    tokenizer = load_tokenizer(tokenizer_file) if tokenizer_file else tokenizer_from_ref(state["tokenizer"], state["directory"])
+    return model, state, tokenizer
+
+
+def run_sample(args) -> int:
+    from .generate import generate_text
+    if args.temperature < 0:
+        raise CommandError("--temperature must be >= 0", EXIT_USAGE)
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise CommandError("--top-p must be in (0, 1]", EXIT_USAGE)
+    if args.top_k is not None and args.top_k <= 0:
+        raise CommandError("--top-k must be positive", EXIT_USAGE)
+    model, state, tokenizer = _load(args.checkpoint, args.best, args.device, args.tokenizer)
+    prompt = args.prompt.encode("utf-8").decode("unicode_escape") if "\\n" in args.prompt else args.prompt
+    sys.stdout.write(prompt)
+    generate_text(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, stop=args.stop, seed=args.seed, stream=sys.stdout,
+                  use_cache=not args.no_cache)
+    sys.stdout.write("\n")
+    return 0
+
+
+def run_eval(args) -> int:
+    from .train import TrainConfig, build_data, config_from_dict, evaluate
+    model, state, tokenizer = _load(args.checkpoint, args.best, args.device)
+    saved = dict(state.get("train_config", {}))
+    saved.update(resume=False, progress=False)
+    if args.data:
+        saved["data"] = args.data
+    if args.batch_size:
+        saved["batch_size"] = args.batch_size
+    config = config_from_dict(saved, TrainConfig())
+    data = build_data(config)
+    if data.tokenizer.vocab_size != model.config.vocab_size:
+        raise CommandError(f"the data's vocabulary ({data.tokenizer.vocab_size}) is not the model's "
+                           f"({model.config.vocab_size})")
+    result = evaluate(model, data.val, args.eval_iters or config.eval_iters, data.bytes_per_token, args.device)
+    result["step"] = state["step"]
+    result["checkpoint"] = state["directory"]
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def run_export(args) -> int:
+    from .export import export_hf
+    from .generate import _eot_id
+    model, state, tokenizer = _load(args.checkpoint, args.best)
+    ref = state.get("tokenizer", {})
+    config = export_hf(model, args.hf, eot_id=_eot_id(tokenizer),
+                       tokenizer_path=ref.get("path") if ref.get("type") == "file" else None)
+    print(f"wrote {os.path.join(args.hf, 'config.json')} and model.safetensors "
+          f"({config['num_hidden_layers']} layers, vocab {config['vocab_size']})")
+    return 0
+
+
+def run_plot(args) -> int:
+    path = os.path.join(args.run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise CommandError(f"{path} not found: give a run directory made by `tinygrad-llm train`")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CommandError("plot needs matplotlib, an optional extra: pip install matplotlib "
+                           "(or pip install -e .[plot])") from None
+    train_points, val_points = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in record and "event" not in record and isinstance(record["loss"], (int, float)):
+                train_points.append((record["step"], record["loss"]))
+            if "val_loss" in record and "event" not in record:
+                val_points.append((record["step"], record["val_loss"]))
+    if not train_points and not val_points:
+        raise CommandError(f"{path} holds no loss records yet")
+    figure, axis = plt.subplots(figsize=(7, 4))
+    if train_points:
+        axis.plot(*zip(*train_points), label="train loss", linewidth=1)
+    if val_points:
+        axis.plot(*zip(*val_points), "o-", label="val loss")
+    axis.set_xlabel("step")
+    axis.set_ylabel("cross-entropy (nats/token)")
+    axis.set_title(os.path.basename(os.path.abspath(args.run_dir)))
+    axis.grid(alpha=0.3)
+    axis.legend()
+    out = args.out or os.path.join(args.run_dir, "loss.png")
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    print(f"wrote {out}")
+    return 0
+
+
+COMMANDS = {"train": run_train, "sample": run_sample, "eval": run_eval, "export": run_export, "plot": run_plot}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from .checkpoint import CheckpointError
+    try:
+        if args.command == "prepare":
+            if hasattr(args, "rest"):
+                raise CommandError("prepare needs the data pipeline (tinygrad_llm.cli_prepare), which is missing")
+            from .cli_prepare import run_prepare
+            return run_prepare(args)
+        if args.command == "train-classifier":
+            from .cli_prepare import run_train_classifier
+            return run_train_classifier(args)
+        return COMMANDS[args.command](args)
+    except CommandError as error:
+        print(f"tinygrad-llm {args.command}: error: {error}", file=sys.stderr)
+        return error.code
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, TypeError, RuntimeError,
+            KeyError, OSError) as error:
+        message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+        print(f"tinygrad-llm {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"tinygrad-llm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Flash attention on the GPU: causal grouped-query attention without the T×T matrix in memory.
+
+Launches the kernels of kernels/attention_forward.cu and kernels/attention_backward.cu (their headers
+give the algorithm, tiles, launch layout and shared memory) for `tinygrad_llm.ops.attention.
+CausalAttention`, which is also their reference. `tinygrad_llm.gpu` re-exports the two entry points and
+asks `supports` before dispatching here.
+
+    causal_attention_forward(q, k, v) -> (out, lse)
+    causal_attention_backward(dy, q, k, v, out, lse) -> (dq, dk, dv)
+
+Shapes: q, out, dy, dq (B, H, Tq, D); k, v, dk, dv (B, Hkv, Tk, D) with Hkv | H and Tq ≤ Tk (the causal
+mask is aligned bottom-right, so a KV-cached decoding step with Tq = 1 works); lse (B, H, Tq) float32.
+
+Precision: bfloat16 and float16 inputs run on tensor cores (mma.sync) with float32 accumulation; out,
+dq, dk, dv come back in the input dtype, lse in float32 (dq is accumulated in a float32 buffer by
+atomics, then cast). float32 inputs take plain-FMA kernels (slow: for checking, and for float32 models).
+
+Simplifications: head dims 64 and 128 only; inputs are made C-contiguous (a copy when they are not);
+dk and dv are summed over the query heads of a group inside one thread block, while dq is summed over
+key blocks with float32 atomics, so dq's last bits can vary from run to run (dk and dv cannot).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import backend
+
+FORWARD_FILE = "attention_forward.cu"
+BACKWARD_FILE = "attention_backward.cu"
+HEAD_DIMS = (64, 128)
+_SUFFIX = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+_TENSOR_CORE_DTYPES = ("bf16", "fp16")
+# Warps per block of the tensor-core kernels, by head dim (each name has a _w4 and a _w8 build):
+# forward: 16 query rows a warp (w8: 128-row tiles); backward: 16 keys a warp (w8: 128-key tiles).
+FORWARD_WARPS = {64: 8, 128: 4}
+BACKWARD_WARPS = {64: 4, 128: 4}
+_BLOCK_K_FORWARD = 64
+_BLOCK_Q_BACKWARD = {64: 64, 128: 32}
+_kernels: dict = {}
+POISON_OUTPUTS = False   # tests set this: every output buffer starts as NaN, so an unwritten element shows
+_NAN_BITS = {"bf16": (np.uint16, 0x7FC0), "fp16": (np.uint16, 0x7E00), "fp32": (np.uint32, 0x7FC00000)}
+
+
+def _suffix(array) -> str | None:
+    return _SUFFIX.get(np.dtype(array.dtype).name)
+
+
+def supports(*arrays) -> bool:
+    """True when the kernels handle these arrays: (q, k, v) or any set of them, all CuPy arrays of one
+    dtype among bfloat16, float16 and float32, 4-d, with head dim 64 or 128. A leading op name (as
+    `tinygrad_llm.gpu.supports` passes it) is ignored."""
+    if arrays and isinstance(arrays[0], str):
+        arrays = arrays[1:]
+    if not arrays or not all(backend.is_cupy_array(a) for a in arrays):
+        return False
+    dtypes = {np.dtype(a.dtype) for a in arrays}
+    if len(dtypes) != 1 or _SUFFIX.get(dtypes.pop().name) is None:
+        return False
+    return all(a.ndim == 4 and a.shape[-1] in HEAD_DIMS for a in arrays)
+
+
+def _kernel(filename: str, name: str, shared_bytes: int = 0):
+    """A kernel of one of the two files, compiled on first use (through the shared loader of
+    tinygrad_llm.gpu), with its dynamic shared-memory limit raised when it needs more than 48 KB."""
+    key = (filename, name)
+    kernel = _kernels.get(key)
+    if kernel is None:
+        from .gpu import load_module   # imported here: gpu imports this module
+        kernel = load_module(filename).get_function(name)
+        if shared_bytes > 48 * 1024:
+            kernel.max_dynamic_shared_size_bytes = shared_bytes
+        _kernels[key] = kernel
+    return kernel
+
+
+def _allocate(shape, dtype):
+    """An output buffer: uninitialised, or NaN everywhere when POISON_OUTPUTS is set."""
+    cp = backend.cupy_module()
+    array = cp.empty(shape, dtype=dtype)
+    if POISON_OUTPUTS:
+        bits, pattern = _NAN_BITS[_SUFFIX[np.dtype(dtype).name]]
+        array.view(bits).fill(pattern)
+    return array
+
+
+def _contiguous(x):
+    return x if x.flags.c_contiguous else backend.cupy_module().ascontiguousarray(x)
+
+
+def _forward_shared_bytes(head_dim: int, warps: int) -> int:
+    # Q tile (16 rows a warp) + two K and two V tiles of 64 rows, rows of D + 8 two-byte elements
+    return (16 * warps + 4 * _BLOCK_K_FORWARD) * (head_dim + 8) * 2
+
+
+def _backward_shared_bytes(head_dim: int, warps: int) -> int:
+    block_q, block_k = _BLOCK_Q_BACKWARD[head_dim], 16 * warps
+    tiles = (2 * block_k + 4 * block_q) * (head_dim + 8) * 2          # K, V; Q and dO double-buffered
+    return tiles + block_k * (block_q + 8) * 2 + 4 * block_q * 4       # dSᵀ; L and Δ double-buffered
+
+
+def causal_attention_forward(q, k, v):
+    """out (B, H, Tq, D) in q's dtype and lse (B, H, Tq) float32 of causal grouped-query attention."""
+    cp = backend.cupy_module()
+    q, k, v = _contiguous(q), _contiguous(k), _contiguous(v)
+    batch, heads, query_len, head_dim = q.shape
+    kv_heads, key_len = k.shape[1], k.shape[2]
+    suffix = _suffix(q)
+    out = _allocate(q.shape, q.dtype)
+    lse = _allocate((batch, heads, query_len), cp.float32)
+    if out.size == 0:
+        return out, lse
+    args = (q, k, v, out, lse, np.int32(heads), np.int32(kv_heads), np.int32(query_len), np.int32(key_len),
+            np.float32(1.0 / math.sqrt(head_dim)))
+    if suffix in _TENSOR_CORE_DTYPES:
+        warps = FORWARD_WARPS[head_dim]
+        shared = _forward_shared_bytes(head_dim, warps)
+        block_q = 16 * warps
+        grid = ((query_len + block_q - 1) // block_q, batch * heads)
+        _kernel(FORWARD_FILE, f"attention_forward_{suffix}_d{head_dim}_w{warps}", shared)(
+            grid, (32 * warps,), args, shared_mem=shared)
+    else:
+        _kernel(FORWARD_FILE, f"attention_forward_fp32_d{head_dim}")(
+            ((query_len + 3) // 4, batch * heads), (128,), args)
+    return out, lse
+
+
+def causal_attention_backward(dy, q, k, v, out, lse):
+    """dq, dk, dv of causal grouped-query attention (dk, dv summed over each kv head's query heads)."""
+    cp = backend.cupy_module()
+    dy = _contiguous(dy.astype(q.dtype, copy=False))
+    q, k, v, out, lse = (_contiguous(a) for a in (q, k, v, out, lse))
+    batch, heads, query_len, head_dim = q.shape
+    kv_heads, key_len = k.shape[1], k.shape[2]
+    suffix = _suffix(q)
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    sizes = (np.int32(heads), np.int32(kv_heads), np.int32(query_len), np.int32(key_len), scale)
+    dk = _allocate(k.shape, k.dtype)
+    dv = _allocate(v.shape, v.dtype)
+    if q.size == 0:
+        return cp.empty(q.shape, dtype=q.dtype), cp.zeros(k.shape, k.dtype), cp.zeros(v.shape, v.dtype)
+
+    # Δ = rowsum(dO ∘ O): one warp per row
+    rows = batch * heads * query_len
+    delta = _allocate((batch, heads, query_len), cp.float32)
+    _kernel(BACKWARD_FILE, f"attention_backward_delta_{suffix}")(
+        ((rows + 7) // 8,), (256,), (dy, out, delta, np.int32(rows), np.int32(head_dim)))
+
+    if suffix in _TENSOR_CORE_DTYPES:
+        dq_accumulator = cp.zeros(q.shape, dtype=cp.float32)
+        warps = BACKWARD_WARPS[head_dim]
+        shared = _backward_shared_bytes(head_dim, warps)
+        block_k = 16 * warps
+        grid = ((key_len + block_k - 1) // block_k, batch * kv_heads)
+        _kernel(BACKWARD_FILE, f"attention_backward_{suffix}_d{head_dim}_w{warps}", shared)(
+            grid, (32 * warps,), (q, k, v, dy, lse, delta, dq_accumulator, dk, dv) + sizes, shared_mem=shared)
+        dq = _allocate(q.shape, q.dtype)
+        count = q.size
+        blocks = min((count + 255) // 256, 4096)
+        _kernel(BACKWARD_FILE, f"attention_backward_convert_{suffix}")(
+            (blocks,), (256,), (dq_accumulator, dq, np.int64(count)))
+    else:
+        dq = _allocate(q.shape, q.dtype)
+        _kernel(BACKWARD_FILE, f"attention_backward_dq_fp32_d{head_dim}")(
+            ((query_len + 3) // 4, batch * heads), (128,), (q, k, v, dy, lse, delta, dq) + sizes)
+        _kernel(BACKWARD_FILE, f"attention_backward_dkdv_fp32_d{head_dim}")(
+            ((key_len + 3) // 4, batch * kv_heads), (128,), (q, k, v, dy, lse, delta, dk, dv) + sizes)
+    return dq, dk, dv

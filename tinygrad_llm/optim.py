@@ -1,0 +1,238 @@
+"""AdamW on flat buffers, the warmup + cosine learning-rate schedule, and global-norm clipping.
+
+AdamW (Loshchilov & Hutter) with decoupled weight decay, the update of `torch.optim.AdamW`:
+    θ ← θ · (1 − lr·wd)                      (only for parameters with ≥ 2 dims: matrices, embeddings)
+    m ← β₁ m + (1 − β₁) g;   v ← β₂ v + (1 − β₂) g²
+    θ ← θ − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + eps)
+
+Speed: the optimizer copies every parameter into one contiguous buffer per group (2-D weights first,
+then gains) and re-points each Parameter's `.data` at its slice of that buffer, so the update is a few
+vectorised passes over the buffer, done in cache-sized chunks, instead of several per parameter. A
+Parameter whose `.data` was replaced since (a device move, a dtype cast) is noticed and re-gathered.
+`gather_grads()` copies the gradients into a matching flat buffer and returns their global L2 norm,
+which is what clipping and the non-finite check of the training loop need.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import backend
+
+CHUNK = 1 << 16      # elements per pass of the fused update (fits the temporaries in L2)
+
+
+def lr_schedule(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.1,
+                min_lr: float | None = None) -> float:
+    """Linear warmup to peak_lr over `warmup_steps`, then cosine decay to min_lr (= min_lr_ratio·peak_lr).
+
+    warmup: lr · (step + 1) / (warmup + 1)  (never 0 at step 0);  after total_steps: min_lr.
+    """
+    floor = peak_lr * min_lr_ratio if min_lr is None else min_lr
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / (warmup_steps + 1)
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak_lr - floor)
+
+
+def global_grad_norm(params) -> float:
+    """√(Σ over all parameters of Σ g²), accumulated in float64; parameters without .grad count as 0."""
+    total = 0.0
+    for p in params:
+        if p.grad is not None:
+            g = p.grad.ravel()
+            total += float(g.astype(np.float64) @ g.astype(np.float64)) if g.size else 0.0
+    return math.sqrt(total)
+
+
+def clip_grad_norm_(params, max_norm: float) -> float:
+    """Scale every .grad so that the global norm is at most max_norm; returns the norm before clipping."""
+    norm = global_grad_norm(params)
+    coefficient = max_norm / (norm + 1e-6)
+    if coefficient < 1.0 and math.isfinite(norm):
+        for p in params:
+            if p.grad is not None:
+                p.grad = p.grad * p.grad.dtype.type(coefficient)
+    return norm
+
+
+class _Group:
+    """Parameters sharing one flat buffer, weight decay setting, dtype and device."""
+
+    def __init__(self, names, params, weight_decay):
+        self.names, self.params, self.weight_decay = list(names), list(params), float(weight_decay)
+        self.sizes = [p.size for p in self.params]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int).tolist()
+        self.flat = self.grad = self.exp_avg = self.exp_avg_sq = None
+        self.views = []
+
+    def bind(self, keep_moments=True):
+        """(Re)build the flat buffer from the parameters' current values and point them at it."""
+        first = self.params[0].data
+        xp = backend.array_module(first)
+        for p in self.params:
+            if p.dtype != first.dtype or p.device != self.params[0].device:
+                raise TypeError("AdamW: parameters of one group must share dtype and device "
+                                f"({p.dtype}/{p.device} vs {first.dtype}/{self.params[0].device})")
+        total = self.offsets[-1]
+        flat = xp.empty(total, dtype=first.dtype)
+        for p, start, end in zip(self.params, self.offsets, self.offsets[1:]):
+            flat[start:end] = p.data.ravel()
+        self.views = []
+        for p, start, end in zip(self.params, self.offsets, self.offsets[1:]):
+            p.data = flat[start:end].reshape(p.shape)
+            self.views.append(p.data)
+        moved = lambda a: None if a is None else backend.to_device(a, backend.device_of(flat)).astype(flat.dtype)
+        self.exp_avg = moved(self.exp_avg) if keep_moments and self.exp_avg is not None else xp.zeros_like(flat)
+        self.exp_avg_sq = (moved(self.exp_avg_sq) if keep_moments and self.exp_avg_sq is not None
+                           else xp.zeros_like(flat))
+        self.flat, self.grad = flat, xp.zeros_like(flat)
+        self.scratch = xp.empty(min(CHUNK, total), dtype=flat.dtype)
+
+    def is_bound(self) -> bool:
+        return all(p.data is view for p, view in zip(self.params, self.views))
+
+
+class AdamW:
+    """AdamW(named_parameters, lr, betas, eps, weight_decay): decay on ≥ 2-D parameters only.
+
+    `named_parameters`: a Module's `named_parameters()` (names are used in the state dict) or a plain
+    list of Parameters (named by position).
+    """
+
+    def __init__(self, named_parameters, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        items = list(named_parameters)
+        if items and not isinstance(items[0], tuple):
+            items = [(str(i), p) for i, p in enumerate(items)]
+        if not items:
+            raise ValueError("AdamW got no parameters")
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"AdamW: invalid hyperparameters lr={lr} betas={betas} eps={eps} "
+                             f"weight_decay={weight_decay}")
+        self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(float(b) for b in betas), float(eps), float(weight_decay)
+        self.step_count = 0
+        decay = [(n, p) for n, p in items if p.ndim >= 2]
+        no_decay = [(n, p) for n, p in items if p.ndim < 2]
+        self.groups = [_Group([n for n, _ in part], [p for _, p in part], wd)
+                       for part, wd in ((decay, weight_decay), (no_decay, 0.0)) if part]
+        for group in self.groups:
+            group.bind(keep_moments=False)
+        self._gathered = False
+
+    @property
+    def params(self):
+        return [p for g in self.groups for p in g.params]
+
+    def _ensure_bound(self):
+        for group in self.groups:
+            if not group.is_bound():
+                group.bind(keep_moments=True)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+        self._gathered = False
+
+    def gather_grads(self) -> float:
+        """Copy every .grad into the flat gradient buffers; return the global L2 norm (inf/nan if non-finite)."""
+        self._ensure_bound()
+        total = 0.0
+        for group in self.groups:
+            for p, start, end in zip(group.params, group.offsets, group.offsets[1:]):
+                if p.grad is None:
+                    group.grad[start:end] = 0
+                else:
+                    group.grad[start:end] = p.grad.ravel()
+            total += float(group.grad @ group.grad)        # float32 dot; inf or nan propagate
+        self._gathered = True
+        return math.sqrt(total) if total >= 0 else float("nan")
+
+    def step(self, lr: float | None = None, grad_scale: float = 1.0) -> None:
+        """One AdamW update from the gradients (gathered now unless gather_grads() ran since zero_grad()).
+
+        grad_scale multiplies the gradients first (what clipping passes: min(1, max_norm / norm)).
+        """
+        if not self._gathered:
+            self.gather_grads()
+        lr = self.lr if lr is None else float(lr)
+        self.step_count += 1
+        beta1, beta2 = self.betas
+        t = self.step_count
+        step_size = lr / (1.0 - beta1 ** t)
+        bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
+        buffers = [(g.flat, g.grad, g.exp_avg, g.exp_avg_sq) for g in self.groups]
+        fast = backend.kernel("adamw", *(a for group in buffers for a in group))
+        if fast is not None:      # every group in one launch (kernels/adamw.cu), the same update
+            fast.adamw_step(*(list(column) for column in zip(*buffers)), lr, beta1, beta2, self.eps,
+                            [g.weight_decay for g in self.groups], t, grad_scale)
+            self._gathered = False
+            return
+        for group in self.groups:
+            xp = backend.array_module(group.flat)
+            dtype = group.flat.dtype.type
+            decay = dtype(1.0 - lr * group.weight_decay)
+            total = group.offsets[-1]
+            for start in range(0, total, CHUNK):
+                end = min(start + CHUNK, total)
+                param, grad = group.flat[start:end], group.grad[start:end]
+                m, v = group.exp_avg[start:end], group.exp_avg_sq[start:end]
+                tmp = group.scratch[:end - start]
+                if grad_scale != 1.0:
+                    grad *= dtype(grad_scale)
+                m *= dtype(beta1)                                     # m ← β₁ m + (1 − β₁) g
+                xp.multiply(grad, dtype(1.0 - beta1), out=tmp)
+                m += tmp
+                v *= dtype(beta2)                                     # v ← β₂ v + (1 − β₂) g²
+                xp.multiply(grad, grad, out=tmp)
+                tmp *= dtype(1.0 - beta2)
+                v += tmp
+                if group.weight_decay:
+                    param *= decay                                    # decoupled weight decay
+                xp.sqrt(v, out=tmp)                                   # √v / √(1 − β₂ᵗ) + eps
+                tmp *= dtype(1.0 / bias_correction2_sqrt)
+                tmp += dtype(self.eps)
+                xp.divide(m, tmp, out=tmp)
+                tmp *= dtype(step_size)
+                param -= tmp
+        self._gathered = False
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> tuple:
+        """(arrays, meta): arrays name -> NumPy moment (for safetensors), meta a JSON-able dict."""
+        self._ensure_bound()
+        arrays = {}
+        for group in self.groups:
+            m, v = backend.to_numpy(group.exp_avg), backend.to_numpy(group.exp_avg_sq)
+            for name, p, start, end in zip(group.names, group.params, group.offsets, group.offsets[1:]):
+                arrays[f"exp_avg.{name}"] = np.array(m[start:end].reshape(p.shape))
+                arrays[f"exp_avg_sq.{name}"] = np.array(v[start:end].reshape(p.shape))
+        meta = {"step": self.step_count, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
+                "weight_decay": self.weight_decay}
+        return arrays, meta
+
+    def load_state_dict(self, arrays: dict, meta: dict) -> None:
+        self._ensure_bound()
+        expected = {}
+        for group in self.groups:
+            for name, p in zip(group.names, group.params):
+                expected[f"exp_avg.{name}"] = p.shape
+                expected[f"exp_avg_sq.{name}"] = p.shape
+        missing = sorted(set(expected) - set(arrays))
+        unexpected = sorted(set(arrays) - set(expected))
+        mismatched = [f"{k}: {tuple(arrays[k].shape)} vs {expected[k]}" for k in expected
+                      if k in arrays and tuple(arrays[k].shape) != tuple(expected[k])]
+        if missing or unexpected or mismatched:
+            raise ValueError("optimizer state does not match the model's parameters: "
+                             f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+                             f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}, "
+                             f"mis-shaped {mismatched[:5]}")
+        for group in self.groups:
+            device = backend.device_of(group.flat)
+            for name, start, end in zip(group.names, group.offsets, group.offsets[1:]):
+                group.exp_avg[start:end] = backend.to_device(np.ascontiguousarray(arrays[f"exp_avg.{name}"]).ravel(), device)
+                group.exp_avg_sq[start:end] = backend.to_device(
+                    np.ascontiguousarray(arrays[f"exp_avg_sq.{name}"]).ravel(), device)
+        self.step_count = int(meta["step"])
