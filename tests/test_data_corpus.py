@@ -97,13 +97,16 @@ def test_real_corpus_duplicates_are_found(tmp_path, real_corpus):
     from tinygrad_llm.data.pipeline import PipelineConfig, run_pipeline
     docs = real_corpus
     assert len(docs) == 91
-    config = PipelineConfig(filters=None, near_threshold=0.2)
+    config = PipelineConfig(filters=None, near_threshold=0.1)
     report = run_pipeline(docs, tmp_path, tokenizer=None, config=config, progress=False)
     stages = {s["stage"]: s for s in report["stages"]}
     assert stages["exact_dedup"]["dropped"] == {"duplicate_content": 7}
     assert all(g[0].startswith("milton/") for g in stages["exact_dedup"]["details"]["groups"])
     groups = stages["near_dedup"]["details"]["groups"]
-    assert len(groups) >= 30
-    for g in groups:                                   # each group: one play in modern + First Folio spelling
+    plays = [g for g in groups if g[0]["id"].startswith("shakespeare/")]
+    assert len(plays) == 35                            # every play that comes in both editions
+    for g in plays:                                    # one play in modern + First Folio spelling, modern kept
         assert len(g) == 2 and g[0]["id"].endswith("_gut.txt") and g[1]["id"].endswith("_gut_f.txt")
         assert g[0]["kept"] and not g[1]["kept"]
+    # the rest: Milton's anthologies, which contain Comus (containment, not a different edition)
+    assert all(x["id"].startswith("milton/") for g in groups if g not in plays for x in g)

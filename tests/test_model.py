@@ -182,3 +182,26 @@ def test_overfits_one_batch():
         optimizer.step()
         optimizer.zero_grad()
     assert loss.item() < 0.05
+
+
+def test_fused_head_cross_entropy_matches_composed_path():
+    from tinygrad_llm.model import HeadCrossEntropy
+    rng = np.random.default_rng(1)
+    x, weight = rng.standard_normal((3, 70, 8)), rng.standard_normal((13, 8))   # 210 rows: several threads
+    targets = rng.integers(0, 13, (3, 70))
+    targets[0, :5] = -100                                                        # ignored positions
+    xt, wt = Tensor(x, requires_grad=True), Tensor(weight, requires_grad=True)
+    fused = HeadCrossEntropy.apply(xt, wt, targets)
+    fused.backward(np.asarray(2.0))
+    xr, wr = Tensor(x, requires_grad=True), Tensor(weight, requires_grad=True)
+    composed = F.cross_entropy(F.linear(xr, wr), targets)
+    composed.backward(np.asarray(2.0))
+    np.testing.assert_allclose(fused.item(), composed.item(), rtol=1e-12)
+    np.testing.assert_allclose(xt.grad, xr.grad, atol=1e-12)
+    np.testing.assert_allclose(wt.grad, wr.grad, atol=1e-12)
+    small = targets[:1, :6]
+    assert gradcheck(lambda a, b: HeadCrossEntropy.apply(a, b, small), [x[:1, :6], weight]).ok
+    model = GPT(tiny_config())
+    ids = rng.integers(0, 11, (2, 9))
+    _, loss = model(ids, ids, return_logits=False)
+    np.testing.assert_allclose(loss.item(), model(ids, ids)[1].item(), rtol=1e-5)

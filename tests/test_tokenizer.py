@@ -211,6 +211,14 @@ def test_safe_chunks_do_not_change_pre_tokens(text, monkeypatch):
     assert [piece for chunk in chunks for piece in splitter.findall(chunk)] == splitter.findall(long_text)
 
 
+def test_long_texts_are_encoded_in_chunks_without_changing_ids(tok, monkeypatch):
+    text = _make_corpus(4000, seed=11)
+    whole = Tokenizer(tok.merges, tok.pattern).encode_ordinary(text)
+    monkeypatch.setattr(tokenizer_module, "_SAFE_CHUNK_CHARS", 50)
+    assert len(list(tok._splitter.safe_chunks(text))) > 100                  # really cut
+    assert Tokenizer(tok.merges, tok.pattern).encode_ordinary(text) == whole
+
+
 @FEW
 @given(text=unicode_text)
 def test_ids_equal_tiktoken_on_our_ranks(text):

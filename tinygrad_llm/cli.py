@@ -124,6 +124,8 @@ def run_train(args) -> int:
     config = config_from_dict(flags, config)
     if not config.data and not any(k in values or k in flags for k in ("sample_tokens",)):
         config.sample_tokens = 500          # the out-of-the-box run shows what it learned
+    if "out_dir" not in values and "out_dir" not in flags and not config.resume:
+        config.out_dir = _fresh_run_dir(config.out_dir)   # a second plain `train` starts runs/default-2
     if config.data and not os.path.exists(config.data):
         raise CommandError(f"--data {config.data}: no such file or directory")
     summary = train(config)
@@ -132,6 +134,14 @@ def run_train(args) -> int:
     print(f"\nsaved to {os.path.join(config.out_dir, 'checkpoints')}; try: tinygrad-llm sample {config.out_dir} "
           f"--prompt 'ROMEO:'")
     return 0
+
+
+def _fresh_run_dir(base: str) -> str:
+    candidate, n = base, 1
+    while os.path.isdir(os.path.join(candidate, "checkpoints")):
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
 
 
 def _load(checkpoint: str, best: bool, device: str = "cpu", tokenizer_file: str | None = None):

@@ -42,6 +42,9 @@ def add_prepare_parser(subparsers):
     out.add_argument("--split", choices=["hash", "tail"], default="hash",
                      help="hash: whole documents by content hash; tail: last fraction of every document "
                           "(the classic single-file char benchmark)")
+    out.add_argument("--no-eot", action="store_true",
+                     help="do not start documents with <|endoftext|> (and leave it out of a char vocabulary): "
+                          "nanoGPT's 65-character shakespeare_char setup")
     out.add_argument("--shard-tokens", type=int, default=10_000_000, help="tokens per shard (default 1e7)")
     out.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
                      help="tokenizer processes (default: min(4, CPUs))")
@@ -55,8 +58,9 @@ def add_prepare_parser(subparsers):
     st.add_argument("--no-exact-dedup", action="store_true", help="skip exact (content hash) dedup")
     st.add_argument("--no-near-dedup", action="store_true", help="skip MinHash/LSH near-duplicate dedup")
     st.add_argument("--near-threshold", type=float, default=None,
-                    help="Jaccard threshold for near duplicates (default 0.7; 0.2 for --corpus shakespeare, "
-                         "which groups the modern and First Folio editions of each play)")
+                    help="Jaccard threshold for near duplicates (default 0.7; 0.1 for --corpus shakespeare, whose "
+                         "modern/First Folio editions of a play have word-3-gram Jaccard 0.23-0.33 and "
+                         "different plays at most 0.02)")
     st.add_argument("--near-action", choices=["drop", "keep"], default="drop",
                     help="drop: keep one document per near-duplicate cluster; keep: only report the clusters")
     st.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default 128)")
@@ -98,7 +102,7 @@ def run_prepare(args) -> int:
         return fail("give input paths or --corpus shakespeare")
     if not 0.0 <= args.val_fraction < 1.0:
         return fail("--val-fraction must be in [0, 1)")
-    threshold = args.near_threshold if args.near_threshold is not None else (0.2 if args.corpus else 0.7)
+    threshold = args.near_threshold if args.near_threshold is not None else (0.1 if args.corpus else 0.7)
     if not 0.0 < threshold < 1.0:
         return fail("--near-threshold must be in (0, 1)")
     try:
@@ -118,7 +122,7 @@ def run_prepare(args) -> int:
         exact_dedup=not args.no_exact_dedup, near_dedup=not args.no_near_dedup, near_threshold=threshold,
         near_action=args.near_action, num_perm=args.num_perm, shingle=args.shingle, ngram=args.ngram,
         classifier=args.classifier, classifier_threshold=args.classifier_threshold,
-        val_fraction=args.val_fraction, split=args.split, shard_tokens=args.shard_tokens,
+        val_fraction=args.val_fraction, split=args.split, shard_tokens=args.shard_tokens, eot=not args.no_eot,
         workers=max(1, args.workers), prefix=args.prefix or (args.corpus or "data"))
     stats = SourceStats()
 

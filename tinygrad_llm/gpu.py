@@ -336,7 +336,11 @@ def rope_forward(x, cos, sin, out=None):
 
 
 # ------------------------------------------------------------------ cross-entropy
-CROSS_ENTROPY_VARIANT = ("l2", 1024)   # ("l2" | "smem", threads per block); benchmarks/gpu.py times the choices
+# (kernel kind, threads per block) by logits dtype; benchmarks/gpu.py times the choices. Kinds (see the
+# header of kernels/cross_entropy.cu): l2u4 / l2u8 re-read each row from L2 in the second pass with 4 or 8
+# loads in flight per thread, l2pu4 is persistent and prefetches the next row into L2, smemu4 / smemu8 keep
+# the row in shared memory (rows up to the opt-in limit, ~227 KB on Hopper; l2u4 otherwise).
+CROSS_ENTROPY_VARIANT = {"float32": ("l2u4", 1024), "bfloat16": ("l2u4", 512), "float16": ("l2u4", 512)}
 
 
 def cross_entropy_forward_backward(logits, targets, ignore_index=-100, in_place=False, variant=None):
@@ -345,8 +349,7 @@ def cross_entropy_forward_backward(logits, targets, ignore_index=-100, in_place=
     Returns (loss, dlogits): loss a 0-d array in the logits' dtype (NaN when every row is ignored);
     dlogits = (softmax(logits) − onehot(target)) / count with zero rows for ignored targets, in the logits'
     dtype. With in_place=True dlogits is written over `logits` (no second N×V buffer). No host sync.
-    variant: ("l2", threads) re-reads each row from L2 in the second pass; ("smem", threads) keeps the row
-    in shared memory (rows up to the opt-in shared-memory limit, ~227 KB on Hopper; "l2" otherwise).
+    variant: (kind, threads) to override CROSS_ENTROPY_VARIANT.
     """
     cp = backend.cupy_module()
     rows, vocab = logits.shape
@@ -361,17 +364,23 @@ def cross_entropy_forward_backward(logits, targets, ignore_index=-100, in_place=
         suffix = _suffix(logits.dtype)
         pack = 16 // logits.itemsize
         vectorised = int(vocab % pack == 0 and _aligned(logits, dlogits))
-        args = (logits, targets, dlogits, row_loss, keep_count, np.int64(vocab), np.int64(ignore_index),
-                np.int32(vectorised))
-        kind, threads = variant or CROSS_ENTROPY_VARIANT
+        args = (logits, targets, dlogits, row_loss, keep_count, np.int64(rows), np.int64(vocab),
+                np.int64(ignore_index), np.int32(vectorised))
+        kind, threads = variant or CROSS_ENTROPY_VARIANT[np.dtype(logits.dtype).name]
         row_bytes = vocab * logits.itemsize
-        if kind == "smem" and row_bytes + 1024 <= _max_shared_bytes():
-            kernel = _function("cross_entropy.cu", f"cross_entropy_smem_{suffix}")
-            if kernel.max_dynamic_shared_size_bytes < row_bytes:
-                kernel.max_dynamic_shared_size_bytes = row_bytes
-            kernel((rows,), (threads,), args, shared_mem=row_bytes)
-        else:
-            _function("cross_entropy.cu", f"cross_entropy_{suffix}")((rows,), (threads,), args)
+        shared = 0
+        if kind.startswith("smem"):
+            if row_bytes + 1024 <= _max_shared_bytes():
+                shared = row_bytes
+            else:
+                kind = "l2u4"                             # the row does not fit in shared memory
+        grid = rows
+        if kind.startswith("l2p"):                        # persistent: as many blocks as stay resident
+            grid = min(rows, _multiprocessors() * max(1, 65536 // (threads * 64)))
+        kernel = _function("cross_entropy.cu", f"cross_entropy_{kind}_{suffix}")
+        if shared > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared:
+            kernel.max_dynamic_shared_size_bytes = shared
+        kernel((grid,), (threads,), args, shared_mem=shared)
     loss = row_loss.sum() / keep_count                    # 0/0 = NaN when every row is ignored
     return loss.astype(logits.dtype), dlogits
 

@@ -32,10 +32,14 @@ BACKWARD_FILE = "attention_backward.cu"
 HEAD_DIMS = (64, 128)
 _SUFFIX = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _TENSOR_CORE_DTYPES = ("bf16", "fp16")
-# Warps per block of the tensor-core kernels, by head dim (each name has a _w4 and a _w8 build):
-# forward: 16 query rows a warp (w8: 128-row tiles); backward: 16 keys a warp (w8: 128-key tiles).
-FORWARD_WARPS = {64: 8, 128: 4}
-BACKWARD_WARPS = {64: 4, 128: 4}
+# Which build of each tensor-core kernel runs, by head dim: "w<warps>[m<m-tiles>]". Forward: a warp owns
+# 16·m query rows (w4: 64-row tiles, w8: 128, w4m2: 4 warps × 32 rows = 128, each K/V fragment serving
+# two m-tiles). Backward: a warp owns 16 keys (w4: 64-key tiles, w8: 128). Chosen by timing on an H200
+# (benchmarks/gpu_attention.py --sweep; benchmarks/RESULTS.md).
+FORWARD_VARIANT = {64: "w4m2", 128: "w4"}
+BACKWARD_VARIANT = {64: "w4", 128: "w4"}
+FORWARD_VARIANTS = {64: ("w4", "w8", "w4m2"), 128: ("w4", "w8")}
+BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32"), 128: ("w4", "w8")}
 _BLOCK_K_FORWARD = 64
 _BLOCK_Q_BACKWARD = {64: 64, 128: 32}
 _kernels: dict = {}
@@ -89,13 +93,24 @@ def _contiguous(x):
     return x if x.flags.c_contiguous else backend.cupy_module().ascontiguousarray(x)
 
 
-def _forward_shared_bytes(head_dim: int, warps: int) -> int:
-    # Q tile (16 rows a warp) + two K and two V tiles of 64 rows, rows of D + 8 two-byte elements
-    return (16 * warps + 4 * _BLOCK_K_FORWARD) * (head_dim + 8) * 2
+def _warps_and_m_tiles(variant: str) -> tuple:
+    """"w4m2" -> (4, 2); "w8" -> (8, 1); "w4q32" -> (4, 1)."""
+    warps, _, m_tiles = variant[1:].split("q")[0].partition("m")
+    return int(warps), int(m_tiles or 1)
 
 
-def _backward_shared_bytes(head_dim: int, warps: int) -> int:
-    block_q, block_k = _BLOCK_Q_BACKWARD[head_dim], 16 * warps
+def _backward_block_q(variant: str, head_dim: int) -> int:
+    """Query rows per backward step: 64 at D = 64, 32 at D = 128, or what a "q<rows>" suffix says."""
+    return int(variant.split("q")[1]) if "q" in variant else _BLOCK_Q_BACKWARD[head_dim]
+
+
+def _forward_shared_bytes(head_dim: int, block_q: int) -> int:
+    # Q tile + two K and two V tiles of 64 rows, rows of D + 8 two-byte elements
+    return (block_q + 4 * _BLOCK_K_FORWARD) * (head_dim + 8) * 2
+
+
+def _backward_shared_bytes(head_dim: int, warps: int, block_q: int) -> int:
+    block_k = 16 * warps
     tiles = (2 * block_k + 4 * block_q) * (head_dim + 8) * 2          # K, V; Q and dO double-buffered
     return tiles + block_k * (block_q + 8) * 2 + 4 * block_q * 4       # dSᵀ; L and Δ double-buffered
 
@@ -114,11 +129,12 @@ def causal_attention_forward(q, k, v):
     args = (q, k, v, out, lse, np.int32(heads), np.int32(kv_heads), np.int32(query_len), np.int32(key_len),
             np.float32(1.0 / math.sqrt(head_dim)))
     if suffix in _TENSOR_CORE_DTYPES:
-        warps = FORWARD_WARPS[head_dim]
-        shared = _forward_shared_bytes(head_dim, warps)
-        block_q = 16 * warps
+        variant = FORWARD_VARIANT[head_dim]
+        warps, m_tiles = _warps_and_m_tiles(variant)
+        block_q = 16 * m_tiles * warps
+        shared = _forward_shared_bytes(head_dim, block_q)
         grid = ((query_len + block_q - 1) // block_q, batch * heads)
-        _kernel(FORWARD_FILE, f"attention_forward_{suffix}_d{head_dim}_w{warps}", shared)(
+        _kernel(FORWARD_FILE, f"attention_forward_{suffix}_d{head_dim}_{variant}", shared)(
             grid, (32 * warps,), args, shared_mem=shared)
     else:
         _kernel(FORWARD_FILE, f"attention_forward_fp32_d{head_dim}")(
@@ -149,11 +165,12 @@ def causal_attention_backward(dy, q, k, v, out, lse):
 
     if suffix in _TENSOR_CORE_DTYPES:
         dq_accumulator = cp.zeros(q.shape, dtype=cp.float32)
-        warps = BACKWARD_WARPS[head_dim]
-        shared = _backward_shared_bytes(head_dim, warps)
+        variant = BACKWARD_VARIANT[head_dim]
+        warps, _ = _warps_and_m_tiles(variant)
+        shared = _backward_shared_bytes(head_dim, warps, _backward_block_q(variant, head_dim))
         block_k = 16 * warps
         grid = ((key_len + block_k - 1) // block_k, batch * kv_heads)
-        _kernel(BACKWARD_FILE, f"attention_backward_{suffix}_d{head_dim}_w{warps}", shared)(
+        _kernel(BACKWARD_FILE, f"attention_backward_{suffix}_d{head_dim}_{variant}", shared)(
             grid, (32 * warps,), (q, k, v, dy, lse, delta, dq_accumulator, dk, dv) + sizes, shared_mem=shared)
         dq = _allocate(q.shape, q.dtype)
         count = q.size

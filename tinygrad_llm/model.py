@@ -27,6 +27,7 @@ import numpy as np
 from . import backend
 from . import functional as F
 from .backend import array_module
+from .cpu_threads import parallel_items, split
 from .nn import Dropout, Embedding, Linear, Module, ModuleList, Parameter, RMSNorm, init_normal
 from .ops.attention import CausalAttention
 from .ops.rope import rope_angles
@@ -62,34 +63,54 @@ class PackedRopeAttention(Function):
               RoPE's transpose is the rotation by −angle, so dq_raw = rotate(dq, cos, −sin), same for k
               all three written into one d(qkv) (B, T, H + 2Hkv, D)
     Shapes:   qkv, dqkv: (B, T, H + 2Hkv, D)   y, dy: (B, T, H·D)   cos, sin: (T, D/2)
-    Saves:    the inner CausalAttention's q, k, v, O, L;  cos, sin
+    Saves:    per batch slice, the inner CausalAttention (q, k, v, O, L);  cos, sin
+    On the CPU the batch is split across threads (tinygrad_llm.cpu_threads): batch rows are independent.
     """
 
     def forward(self, qkv, heads, kv_heads, cos, sin):
         xp = array_module(qkv)
         batch, time, _, head_dim = qkv.shape
-        q = xp.empty((batch, heads, time, head_dim), dtype=qkv.dtype)
-        k = xp.empty((batch, kv_heads, time, head_dim), dtype=qkv.dtype)
-        _rotate_into(qkv[:, :, :heads].transpose(0, 2, 1, 3), cos, sin, q, xp)             # (B, H, T, D)
-        _rotate_into(qkv[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3), cos, sin, k, xp)
-        v = xp.ascontiguousarray(qkv[:, :, heads + kv_heads:].transpose(0, 2, 1, 3))       # (B, Hkv, T, D)
-        attention = CausalAttention()
-        out = attention.forward(q, k, v)                                                   # (B, H, T, D)
-        self.save(attention=attention, cos=cos, sin=sin, heads=heads, kv_heads=kv_heads)
-        return out.transpose(0, 2, 1, 3).reshape(batch, time, heads * head_dim)            # -> (B, T, H·D)
+        out = xp.empty((batch, time, heads * head_dim), dtype=qkv.dtype)
+
+        def part(bounds):
+            start, end = bounds
+            chunk = qkv[start:end]                                                   # (b, T, H + 2Hkv, D)
+            rows = end - start
+            q = xp.empty((rows, heads, time, head_dim), dtype=qkv.dtype)
+            k = xp.empty((rows, kv_heads, time, head_dim), dtype=qkv.dtype)
+            _rotate_into(chunk[:, :, :heads].transpose(0, 2, 1, 3), cos, sin, q, xp)           # (b, H, T, D)
+            _rotate_into(chunk[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3), cos, sin, k, xp)
+            v = xp.ascontiguousarray(chunk[:, :, heads + kv_heads:].transpose(0, 2, 1, 3))     # (b, Hkv, T, D)
+            attention = CausalAttention()
+            o = attention.forward(q, k, v)                                                     # (b, H, T, D)
+            out[start:end] = o.transpose(0, 2, 1, 3).reshape(rows, time, heads * head_dim)    # -> (b, T, H·D)
+            return bounds, attention
+
+        splits = split(batch) if xp is np else [(0, batch)]
+        parts = parallel_items(part, splits)
+        self.save(parts=parts, cos=cos, sin=sin, heads=heads, kv_heads=kv_heads)
+        return out
 
     def backward(self, dy):
-        attention, cos, sin, heads, kv_heads = self.saved
+        parts, cos, sin, heads, kv_heads = self.saved
         xp = array_module(dy)
         batch, time, _ = dy.shape
         head_dim = cos.shape[-1] * 2
-        d_out = xp.ascontiguousarray(dy.reshape(batch, time, heads, head_dim).transpose(0, 2, 1, 3))  # (B, H, T, D)
-        dq, dk, dv = attention.backward(d_out)
-        attention.free()
         dqkv = xp.empty((batch, time, heads + 2 * kv_heads, head_dim), dtype=dy.dtype)    # (B, T, H + 2Hkv, D)
-        _rotate_into(dq, cos, -sin, dqkv[:, :, :heads].transpose(0, 2, 1, 3), xp)
-        _rotate_into(dk, cos, -sin, dqkv[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3), xp)
-        dqkv[:, :, heads + kv_heads:] = dv.transpose(0, 2, 1, 3)
+
+        def part(item):
+            (start, end), attention = item
+            rows = end - start
+            d_out = xp.ascontiguousarray(
+                dy[start:end].reshape(rows, time, heads, head_dim).transpose(0, 2, 1, 3))  # (b, H, T, D)
+            dq, dk, dv = attention.backward(d_out)
+            attention.free()
+            target = dqkv[start:end]
+            _rotate_into(dq, cos, -sin, target[:, :, :heads].transpose(0, 2, 1, 3), xp)
+            _rotate_into(dk, cos, -sin, target[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3), xp)
+            target[:, :, heads + kv_heads:] = dv.transpose(0, 2, 1, 3)
+
+        parallel_items(part, parts)
         return dqkv
 
 
@@ -102,37 +123,114 @@ class PackedSwiGLU(Function):
               both written into one d(gate_up)
     Shapes:   gate_up, d(gate_up): (..., 2F)   y, dy: (..., F)
     Saves:    gate_up, s
+    Rows are split across threads on the CPU.
     """
 
     def forward(self, gate_up):
         xp = array_module(gate_up)
         hidden = gate_up.shape[-1] // 2
-        gate, up = gate_up[..., :hidden], gate_up[..., hidden:]
-        s = xp.multiply(gate, gate.dtype.type(0.5))                  # σ(g) = ½ (1 + tanh(g/2)), no overflow
-        xp.tanh(s, out=s)
-        s *= s.dtype.type(0.5)
-        s += s.dtype.type(0.5)
+        flat = gate_up.reshape(-1, 2 * hidden)                       # (..., 2F) -> (N, 2F)
+        s = xp.empty((flat.shape[0], hidden), dtype=gate_up.dtype)
+        y = xp.empty_like(s)
+        half = gate_up.dtype.type(0.5)
+
+        def part(bounds):
+            start, end = bounds
+            gate, up = flat[start:end, :hidden], flat[start:end, hidden:]
+            sigma = s[start:end]
+            xp.multiply(gate, half, out=sigma)                        # σ(g) = ½ (1 + tanh(g/2)), no overflow
+            xp.tanh(sigma, out=sigma)
+            sigma *= half
+            sigma += half
+            out = y[start:end]
+            xp.multiply(gate, sigma, out=out)
+            out *= up
+
+        parallel_items(part, split(flat.shape[0], 64) if xp is np else [(0, flat.shape[0])])
         self.save(gate_up=gate_up, s=s)
-        y = gate * s
-        y *= up
-        return y
+        return y.reshape(*gate_up.shape[:-1], hidden)
 
     def backward(self, dy):
         gate_up, s = self.saved
         xp = array_module(dy)
         hidden = gate_up.shape[-1] // 2
-        gate, up = gate_up[..., :hidden], gate_up[..., hidden:]
-        d_gate_up = xp.empty(gate_up.shape, dtype=dy.dtype)
-        d_gate, d_up = d_gate_up[..., :hidden], d_gate_up[..., hidden:]
-        xp.multiply(dy, gate, out=d_up)
-        d_up *= s                                                    # du = dy · silu(g)
-        t = 1 - s
-        t *= gate
-        t += 1
-        t *= s                                                       # σ(g)(1 + g(1 − σ(g))) = silu'(g)
-        t *= up
-        xp.multiply(dy, t, out=d_gate)                               # dg = dy · u · silu'(g)
-        return d_gate_up
+        flat = gate_up.reshape(-1, 2 * hidden)
+        dy = dy.reshape(-1, hidden)
+        d_flat = xp.empty(flat.shape, dtype=dy.dtype)
+
+        def part(bounds):
+            start, end = bounds
+            gate, up, sigma = flat[start:end, :hidden], flat[start:end, hidden:], s[start:end]
+            d_gate, d_up, g = d_flat[start:end, :hidden], d_flat[start:end, hidden:], dy[start:end]
+            xp.multiply(g, gate, out=d_up)
+            d_up *= sigma                                            # du = dy · silu(g)
+            t = 1 - sigma
+            t *= gate
+            t += 1
+            t *= sigma                                               # σ(g)(1 + g(1 − σ(g))) = silu'(g)
+            t *= up
+            xp.multiply(g, t, out=d_gate)                            # dg = dy · u · silu'(g)
+
+        parallel_items(part, split(flat.shape[0], 64) if xp is np else [(0, flat.shape[0])])
+        return d_flat.reshape(gate_up.shape)
+
+
+class HeadCrossEntropy(Function):
+    """The output head and the mean next-token cross-entropy in one op (training: no logits kept).
+
+    Forward:  Z = x Wᵀ (N, V);  m = max_v Z;  lse = m + log Σ_v exp(Z − m)
+              loss = mean over kept rows of (lse − Z[target])
+              and already the gradient G = (softmax(Z) − onehot(target)) / count, in Z's memory
+    Backward: dx = dy · G W;   dW = dy · Gᵀ x
+    Shapes:   x (B, T, C)   W (V, C)   targets (B, T) ints (ignore_index rows count nowhere)   loss ()
+    Saves:    x, W, G
+    The softmax rows are split across threads on the CPU; the GEMMs are BLAS's.
+    """
+
+    def forward(self, x, weight, targets, ignore_index=-100):
+        xp = array_module(x)
+        x2 = x.reshape(-1, x.shape[-1])                                   # (B, T, C) -> (N, C)
+        targets = xp.asarray(targets).reshape(-1)                         # (B, T) -> (N,)
+        if targets.shape[0] != x2.shape[0]:
+            raise ValueError(f"targets {targets.shape} do not match {x2.shape[0]} positions")
+        vocab = weight.shape[0]
+        keep = targets != ignore_index
+        if bool(((targets < 0) | (targets >= vocab))[keep].any()):
+            raise IndexError(f"cross_entropy: a target is outside the vocabulary [0, {vocab})")
+        count = int(keep.sum())
+        grad = x2 @ weight.T                                              # logits Z (N, V), becomes G
+        scale = grad.dtype.type(1.0 / max(count, 1))
+
+        def part(bounds):
+            start, end = bounds
+            z = grad[start:end]
+            t = xp.where(keep[start:end], targets[start:end], 0)
+            rows = xp.arange(end - start)
+            picked = z[rows, t].astype(xp.float64)
+            row_max = z.max(axis=1, keepdims=True)
+            z -= row_max
+            xp.exp(z, out=z)
+            row_sum = z.sum(axis=1, keepdims=True)
+            lse = row_max[:, 0].astype(xp.float64) + xp.log(row_sum[:, 0].astype(xp.float64))
+            loss = float(((lse - picked) * keep[start:end]).sum())
+            z *= (keep[start:end, None] * scale) / row_sum                 # softmax / count on kept rows
+            z[rows, t] -= keep[start:end] * scale                          # − onehot / count
+            return loss
+
+        losses = parallel_items(part, split(grad.shape[0], 64) if xp is np else [(0, grad.shape[0])])
+        self.save(x=x, weight=weight, grad=grad)
+        loss = sum(losses) / count if count else float("nan")
+        return xp.asarray(loss, dtype=x.dtype)
+
+    def backward(self, dy):
+        x, weight, grad = self.saved
+        scale = dy.astype(grad.dtype)
+        if float(scale) != 1.0:
+            grad = grad * scale
+        x2 = x.reshape(-1, x.shape[-1])
+        dx = (grad @ weight).reshape(x.shape) if self.needs_input_grad[0] else None
+        dweight = grad.T @ x2 if self.needs_input_grad[1] else None
+        return dx, dweight
 
 
 @dataclass
@@ -310,9 +408,14 @@ class GPT(Module):
             self.lm_head = LMHead(init_normal((config.vocab_size, config.d_model), 0.02, dtype))
 
     def forward(self, ids, targets=None, cache: KVCache | None = None, last_only: bool = False,
-                ignore_index: int = -100):
-        """ids (B, T) integers. cache: continue from cache.length (and extend the cache).
-        last_only: logits of the final position only, (B, 1, V) (what sampling needs)."""
+                ignore_index: int = -100, return_logits: bool = True):
+        """ids (B, T) integers; targets (B, T) integers or None.
+
+        Returns logits (B, T, V), or (logits, loss) with targets. cache: continue from cache.length (and
+        extend the cache). last_only: logits of the final position only, (B, 1, V) (what sampling needs).
+        return_logits=False (training): (None, loss) from the fused head + cross-entropy op, which never
+        materialises a second (B, T, V) array.
+        """
         ids = ids.data if isinstance(ids, Tensor) else ids
         ids = np.asarray(ids) if not backend.is_cupy_array(ids) else ids
         if ids.ndim != 2:
@@ -331,6 +434,10 @@ class GPT(Module):
             cache.length = start + ids.shape[1]
         if last_only:
             x = x[:, -1:]                                                   # (B, T, C) -> (B, 1, C)
+        if targets is not None and not return_logits:
+            targets = targets.data if isinstance(targets, Tensor) else targets
+            return None, HeadCrossEntropy.apply(trunk.norm(x), self.lm_head.weight, targets,
+                                                ignore_index=ignore_index)
         logits = F.linear(trunk.norm(x), self.lm_head.weight)              # (B, T, V)
         if targets is None:
             return logits

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from . import backend
+from .cpu_threads import parallel_items, split
 
 CHUNK = 1 << 16      # elements per pass of the fused update (fits the temporaries in L2)
 
@@ -89,7 +90,6 @@ class _Group:
         self.exp_avg_sq = (moved(self.exp_avg_sq) if keep_moments and self.exp_avg_sq is not None
                            else xp.zeros_like(flat))
         self.flat, self.grad = flat, xp.zeros_like(flat)
-        self.scratch = xp.empty(min(CHUNK, total), dtype=flat.dtype)
 
     def is_bound(self) -> bool:
         return all(p.data is view for p, view in zip(self.params, self.views))
@@ -175,28 +175,33 @@ class AdamW:
             dtype = group.flat.dtype.type
             decay = dtype(1.0 - lr * group.weight_decay)
             total = group.offsets[-1]
-            for start in range(0, total, CHUNK):
-                end = min(start + CHUNK, total)
-                param, grad = group.flat[start:end], group.grad[start:end]
-                m, v = group.exp_avg[start:end], group.exp_avg_sq[start:end]
-                tmp = group.scratch[:end - start]
-                if grad_scale != 1.0:
-                    grad *= dtype(grad_scale)
-                m *= dtype(beta1)                                     # m ← β₁ m + (1 − β₁) g
-                xp.multiply(grad, dtype(1.0 - beta1), out=tmp)
-                m += tmp
-                v *= dtype(beta2)                                     # v ← β₂ v + (1 − β₂) g²
-                xp.multiply(grad, grad, out=tmp)
-                tmp *= dtype(1.0 - beta2)
-                v += tmp
-                if group.weight_decay:
-                    param *= decay                                    # decoupled weight decay
-                xp.sqrt(v, out=tmp)                                   # √v / √(1 − β₂ᵗ) + eps
-                tmp *= dtype(1.0 / bias_correction2_sqrt)
-                tmp += dtype(self.eps)
-                xp.divide(m, tmp, out=tmp)
-                tmp *= dtype(step_size)
-                param -= tmp
+
+            def update(bounds, group=group, xp=xp, dtype=dtype, decay=decay):
+                tmp = xp.empty(min(CHUNK, bounds[1] - bounds[0]), dtype=group.flat.dtype)
+                for start in range(bounds[0], bounds[1], CHUNK):
+                    end = min(start + CHUNK, bounds[1])
+                    param, grad = group.flat[start:end], group.grad[start:end]
+                    m, v = group.exp_avg[start:end], group.exp_avg_sq[start:end]
+                    scratch = tmp[:end - start]
+                    if grad_scale != 1.0:
+                        grad *= dtype(grad_scale)
+                    m *= dtype(beta1)                                     # m ← β₁ m + (1 − β₁) g
+                    xp.multiply(grad, dtype(1.0 - beta1), out=scratch)
+                    m += scratch
+                    v *= dtype(beta2)                                     # v ← β₂ v + (1 − β₂) g²
+                    xp.multiply(grad, grad, out=scratch)
+                    scratch *= dtype(1.0 - beta2)
+                    v += scratch
+                    if group.weight_decay:
+                        param *= decay                                    # decoupled weight decay
+                    xp.sqrt(v, out=scratch)                               # √v / √(1 − β₂ᵗ) + eps
+                    scratch *= dtype(1.0 / bias_correction2_sqrt)
+                    scratch += dtype(self.eps)
+                    xp.divide(m, scratch, out=scratch)
+                    scratch *= dtype(step_size)
+                    param -= scratch
+
+            parallel_items(update, split(total, CHUNK) if xp is np else [(0, total)])
         self._gathered = False
 
     # ---------------------------------------------------------------- state

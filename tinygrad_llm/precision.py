@@ -167,6 +167,7 @@ def gemm(a, b, transpose_a=False, transpose_b=False, out_dtype=None):
     if in_type == 0 and _current.tf32:
         compute = 77                                         # CUBLAS_COMPUTE_32F_FAST_TF32
     handle = cp.cuda.device.get_cublas_handle()
+    cublas.setPointerMode(handle, 0)                         # CUBLAS_POINTER_MODE_HOST: alpha, beta on the host
     cublas.gemmEx(handle, _OP_T if transpose_b else _OP_N, _OP_T if transpose_a else _OP_N,
                   cols, rows, inner,
                   one.ctypes.data, b.data.ptr, in_type, b.shape[1],

@@ -113,7 +113,7 @@ class Tensor:
                 dtype = np.float32  # Python floats default to float32; integers stay integer (ids)
         if dtype is not None and data.dtype != np.dtype(dtype):
             data = data.astype(dtype)
-        if requires_grad and data.dtype.kind != "f":
+        if requires_grad and data.dtype.kind != "f" and data.dtype.name != "bfloat16":   # ml_dtypes' kind is "V"
             raise TypeError(f"only floating-point tensors can require gradients, got dtype {data.dtype}")
         self.data = data
         self.grad = None

@@ -566,10 +566,11 @@ class Tokenizer:
         show_merges = progress is True or (progress is None and n_chars >= _AUTO_PROGRESS_BYTES
                                            and sys.stderr.isatty())
         _, merges = _learn_merges(counts, n_merges, show_merges)
+        tokenizer = cls(merges, pattern, special_tokens)
         if len(merges) < n_merges:
-            warnings.warn(f"the corpus ran out of pairs after {len(merges)} of {n_merges} merges; the vocabulary "
-                          f"has {256 + len(merges) + len(special_tokens)} ids, not {vocab_size}", stacklevel=2)
-        return cls(merges, pattern, special_tokens)
+            warnings.warn(f"the corpus ran out of pairs after {len(merges)} of {n_merges} merges; vocab_size is "
+                          f"{tokenizer.vocab_size}, not {vocab_size}", stacklevel=2)
+        return tokenizer
 
     # ------------------------------------------------------------------------------------------------
     # properties
@@ -617,8 +618,10 @@ class Tokenizer:
         """Ids of text, with special-token strings encoded as plain text."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        pieces = self._splitter.findall(text)
-        return list(chain.from_iterable(map(self._cache.__getitem__, pieces)))
+        ids = []
+        for chunk in self._splitter.safe_chunks(text):      # bounds the memory held by the pieces
+            ids += chain.from_iterable(map(self._cache.__getitem__, self._splitter.findall(chunk)))
+        return ids
 
     def encode(self, text, allowed_special=()):
         """Ids of text. Special tokens named in allowed_special ("all" for every one) become their ids; any

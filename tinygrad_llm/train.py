@@ -345,7 +345,7 @@ def evaluate(model: GPT, batches, iters: int, bytes_per_token: np.ndarray | None
     with no_grad():
         for index in range(iters):
             x, y = batches.batch(index)
-            _, loss = model(backend.to_device(x, device), backend.to_device(y, device))
+            _, loss = model(backend.to_device(x, device), backend.to_device(y, device), return_logits=False)
             value = float(loss.item())
             total_loss += value * y.size
             count += y.size
@@ -469,7 +469,7 @@ def train(config: TrainConfig, log=None) -> dict:
             step_loss = 0.0
             for micro in range(config.grad_accum):
                 x, y = data.train.batch(step * config.grad_accum + micro)
-                _, loss = model(backend.to_device(x, device), backend.to_device(y, device))
+                _, loss = model(backend.to_device(x, device), backend.to_device(y, device), return_logits=False)
                 loss.backward(backend.to_device(np.asarray(1.0 / config.grad_accum, dtype=loss.dtype), device))
                 step_loss += float(loss.item()) / config.grad_accum
             data.train.step = (step + 1) * config.grad_accum

@@ -242,12 +242,14 @@ def lsh_candidate_pairs(signatures: np.ndarray, bands: int, rows: int, max_bucke
         for c in range(rows):                          # hash the band's rows into one uint64 key
             key = _mix64(key ^ (cols[:, c] * _NGRAM_MULTIPLIERS[c % len(_NGRAM_MULTIPLIERS)]))
         order = np.argsort(key, kind="stable")
-        sorted_keys = key[order]
-        bounds = np.nonzero(np.diff(sorted_keys))[0] + 1
-        for group in np.split(order, bounds):
-            if len(group) < 2:
-                continue
-            members = np.sort(valid[group])
+        starts = np.r_[0, np.flatnonzero(np.diff(key[order])) + 1]
+        sizes = np.diff(np.r_[starts, len(order)])
+        two = starts[sizes == 2]                        # the common case, vectorised
+        if len(two):
+            a, b = valid[order[two]], valid[order[two + 1]]
+            pairs.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
+        for start, size in zip(starts[sizes > 2].tolist(), sizes[sizes > 2].tolist()):
+            members = np.sort(valid[order[start: start + size]])
             if len(members) > max_bucket:             # star: link everything to the first member
                 pairs.append(np.stack([np.full(len(members) - 1, members[0]), members[1:]], axis=1))
             else:

@@ -20,7 +20,7 @@ import numpy as np
 from .clean import CleanStats, clean_text
 from .dedup import ExactDeduplicator, MinHasher, lsh_params, near_duplicate_clusters
 from .filters import FilterConfig, check_document
-from .shards import CharVocab, write_token_shards
+from .shards import EOT, CharVocab, write_token_shards
 from .sources import SourceStats
 
 REPORT_NAME = "report.json"
@@ -74,6 +74,7 @@ class PipelineConfig:
     val_fraction: float = 0.1
     split: str = "hash"
     shard_tokens: int = 10_000_000
+    eot: bool = True                     # start every document with <|endoftext|>
     workers: int = 1
     prefix: str = "data"
 
@@ -235,7 +236,7 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
             if isinstance(tokenizer, str):
                 if tokenizer != "char":
                     raise ValueError(f"unknown tokenizer {tokenizer!r}")
-                tokenizer = CharVocab(sorted(chars))
+                tokenizer = CharVocab(sorted(chars), special_tokens=(EOT,) if config.eot else ())
                 tokenizer.save(os.path.join(out_dir, "vocab.json"))
             t0 = time.perf_counter()
 
@@ -247,7 +248,7 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
 
             bar = _progress(total=int(final.sum()), desc="tokenize", enabled=progress)
             token_report = write_token_shards(kept_texts(), tokenizer, out_dir, config.prefix, config.val_fraction,
-                                              config.split, config.shard_tokens, config.workers, bar)
+                                              config.split, config.shard_tokens, config.workers, bar, config.eot)
             if bar is not None:
                 bar.close()
             seconds = time.perf_counter() - t0

@@ -161,7 +161,7 @@ def split_document(text, val_fraction, split="hash"):
     if split == "hash":
         return [("val" if document_hash_fraction(text) < val_fraction else "train", text)]
     if split == "tail":
-        cut = len(text) - int(round(len(text) * val_fraction))
+        cut = int(len(text) * (1.0 - val_fraction))          # nanoGPT's n = int(0.9 * len(data))
         return [(name, part) for name, part in (("train", text[:cut]), ("val", text[cut:])) if part]
     raise ValueError(f"split must be 'hash' or 'tail', not {split!r}")
 
@@ -210,9 +210,9 @@ _worker_tokenizer = None
 
 
 def _encode_worker(item):
-    split, text = item
+    split, text, with_eot = item
     ids = _worker_tokenizer.encode_ordinary(text)
-    eot = _worker_tokenizer.special_tokens.get(EOT)
+    eot = _worker_tokenizer.special_tokens.get(EOT) if with_eot else None
     dtype = token_dtype(_worker_tokenizer.vocab_size)
     out = np.empty(len(ids) + (eot is not None), dtype=dtype)
     if eot is not None:
@@ -221,14 +221,15 @@ def _encode_worker(item):
     return split, out.tobytes()
 
 
-def encode_documents(tokenizer, items, workers=1, chunksize=16):
+def encode_documents(tokenizer, items, workers=1, chunksize=16, eot=True):
     """Yield (split, uint16/uint32 token array) for (split, text) items, in input order.
 
-    Each document's tokens start with the end-of-text token when the tokenizer has one. With workers
+    Each document's tokens start with the end-of-text token when `eot` and the tokenizer has one. With workers
     > 1 and a platform that can fork, encoding runs in a process pool; otherwise in this process."""
     global _worker_tokenizer
     dtype = token_dtype(tokenizer.vocab_size)
     _worker_tokenizer = tokenizer
+    items = ((split, text, eot) for split, text in items)
     can_fork = "fork" in multiprocessing.get_all_start_methods()
     try:
         if workers > 1 and can_fork:
@@ -244,7 +245,7 @@ def encode_documents(tokenizer, items, workers=1, chunksize=16):
 
 
 def write_token_shards(docs, tokenizer, out_dir, prefix="data", val_fraction=0.1, split="hash",
-                       shard_tokens=10_000_000, workers=1, progress=None):
+                       shard_tokens=10_000_000, workers=1, progress=None, eot=True):
     """Tokenize texts into train/val shards; returns {"train": {...}, "val": {...}} with paths and counts.
 
     `docs` is an iterable of texts. Shards from an earlier run with the same prefix are removed first
@@ -258,7 +259,7 @@ def write_token_shards(docs, tokenizer, out_dir, prefix="data", val_fraction=0.1
     documents = {"train": 0, "val": 0}
     items = (part for text in docs for part in split_document(text, val_fraction, split))
     try:
-        for name, tokens in encode_documents(tokenizer, items, workers):
+        for name, tokens in encode_documents(tokenizer, items, workers, eot=eot):
             writers[name].add(tokens)
             documents[name] += 1
             if progress is not None:

@@ -62,7 +62,7 @@ class CrossEntropy(Function):
         picked = probs[rows, safe_targets]                                 # x[target] − max
         xp.exp(probs, out=probs)
         row_sum = probs.sum(axis=1, keepdims=True)
-        losses = (xp.log(row_sum[:, 0]) - picked)                   # lse − x[target], max cancels
+        losses = (xp.log(row_sum[:, 0]) - picked) * keep                   # lse − x[target], max cancels
         weight = keep.astype(probs.dtype) / probs.dtype.type(max(count, 1))  # 1/count on kept rows, else 0
         probs *= (weight / row_sum[:, 0])[:, None]                         # softmax / count (row_sum ≥ 1)
         probs[rows, safe_targets] -= weight                                # (softmax − onehot) / count

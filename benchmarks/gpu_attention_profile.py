@@ -1,0 +1,19 @@
+"""One forward and one backward launch of the flash-attention kernels (B16 H12 T1024 D64 bf16), after a
+warm-up pair, for Nsight Compute:
+
+    ncu --clock-control none --kernel-name regex:'attention_(forward|backward)_bf16_d' --launch-skip 2 \
+        --launch-count 2 --section SpeedOfLight --section WarpStateStats python3 benchmarks/gpu_attention_profile.py
+"""
+import ml_dtypes
+import numpy as np
+
+from tinygrad_llm import backend, gpu_attention
+
+cp = backend.cupy_module()
+rng = np.random.default_rng(0)
+q, k, v, dy = (cp.asarray(rng.standard_normal((16, 12, 1024, 64), dtype=np.float32).astype(ml_dtypes.bfloat16))
+               for _ in range(4))
+for _ in range(2):
+    out, lse = gpu_attention.causal_attention_forward(q, k, v)
+    gpu_attention.causal_attention_backward(dy, q, k, v, out, lse)
+cp.cuda.Device().synchronize()

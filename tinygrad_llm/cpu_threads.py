@@ -1,0 +1,77 @@
+"""Row-parallel NumPy on the CPU: split independent work across a few threads.
+
+NumPy runs each elementwise op on one core, but it releases the GIL inside its loops (and BLAS calls),
+so two Python threads working on two halves of an array really run at once. The fused training ops
+(attention glue, SwiGLU, the output head's softmax) and the AdamW update use `parallel_ranges` to split
+their rows; GEMMs are already threaded by BLAS and stay as they are.
+
+Thread count: $TINYGRAD_LLM_THREADS, else $OPENBLAS_NUM_THREADS / $OMP_NUM_THREADS (so one setting
+limits both libraries alike), else the number of CPUs, at most 8. 1 turns the pool off. CuPy arrays
+never go through the pool.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+_pool = None
+_threads = None
+
+
+def thread_count() -> int:
+    global _threads
+    if _threads is None:
+        for name in ("TINYGRAD_LLM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+            value = os.environ.get(name, "").strip()
+            if value.isdigit() and int(value) > 0:
+                _threads = int(value)
+                break
+        else:
+            _threads = min(os.cpu_count() or 1, 8)
+    return _threads
+
+
+def set_thread_count(count: int) -> None:
+    """Use `count` threads from now on (1: everything on the calling thread)."""
+    global _threads, _pool
+    if _pool is not None:
+        _pool.shutdown(wait=True)
+        _pool = None
+    _threads = max(1, int(count))
+
+
+def parallel_ranges(function, total: int, min_chunk: int = 1, parts: int | None = None):
+    """Call function(start, end) over a split of range(total) into contiguous parts, in parallel.
+
+    Returns the list of results in order. Runs inline when one thread is configured, or when the
+    work is too small to split (fewer than 2·min_chunk items).
+    """
+    global _pool
+    count = min(parts or thread_count(), total // max(1, min_chunk))
+    if count <= 1:
+        return [function(0, total)]
+    bounds = [total * i // count for i in range(count + 1)]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=thread_count(), thread_name_prefix="tinygrad_llm")
+    futures = [_pool.submit(function, start, end) for start, end in zip(bounds[1:-1], bounds[2:])]
+    first = function(bounds[0], bounds[1])          # the calling thread takes the first part
+    return [first] + [f.result() for f in futures]
+
+
+def parallel_items(function, items: list):
+    """[function(item) for item in items], the items spread over the pool (the first on this thread)."""
+    global _pool
+    if len(items) <= 1 or thread_count() <= 1:
+        return [function(item) for item in items]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=thread_count(), thread_name_prefix="tinygrad_llm")
+    futures = [_pool.submit(function, item) for item in items[1:]]
+    first = function(items[0])
+    return [first] + [f.result() for f in futures]
+
+
+def split(total: int, min_chunk: int = 1, parts: int | None = None) -> list:
+    """Contiguous (start, end) ranges covering range(total): one per thread, none smaller than min_chunk."""
+    count = max(1, min(parts or thread_count(), total // max(1, min_chunk)))
+    bounds = [total * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
