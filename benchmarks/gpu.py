@@ -323,29 +323,85 @@ def bench_training(policy_name="bf16", cast_activations=True, steps=6, warmup=2)
         rng = np.random.default_rng(0)
         ids = cp.asarray(rng.integers(0, VOCAB, (BATCH, TIME)))
         targets = cp.asarray(rng.integers(0, VOCAB, (BATCH, TIME)))
-        times, losses = [], []
+        times, phases, losses = [], [], []
         for i in range(warmup + steps):
             cp.cuda.Device().synchronize()
             start = time.perf_counter()
             _, loss = model(ids, targets)
             loss.backward()
+            mark_backward = time.perf_counter()
             norm = optimizer.gather_grads()
             optimizer.step(grad_scale=min(1.0, 1.0 / (norm + 1e-6)))
             optimizer.zero_grad()
             cp.cuda.Device().synchronize()
+            end = time.perf_counter()
             if i >= warmup:
-                times.append(time.perf_counter() - start)
+                times.append(end - start)
+                phases.append(end - mark_backward)
             losses.append(float(loss.item()))
         step_s = float(np.median(times))
         tokens_per_s = BATCH * TIME / step_s
         flops_per_token = 6 * params + 12 * config.n_layers * HEADS * HEAD_DIM * TIME
-        return dict(name=f"ours {policy_name}{' (bf16 activations)' if cast_activations else ''}", params=params,
-                    step_ms=step_s * 1e3, tokens_per_s=tokens_per_s, tflops=tokens_per_s * flops_per_token / 1e12,
-                    mfu=tokens_per_s * flops_per_token / PEAK_BF16_FLOPS, peak_pool_gib=pool.total_bytes() / 2 ** 30,
-                    losses=losses)
+        result = dict(name=f"ours {policy_name}{' (bf16 activations)' if cast_activations else ''}",
+                      params=params, step_ms=step_s * 1e3, tokens_per_s=tokens_per_s,
+                      tflops=tokens_per_s * flops_per_token / 1e12,
+                      mfu=tokens_per_s * flops_per_token / PEAK_BF16_FLOPS, peak_pool_gib=pool.total_bytes() / 2 ** 30,
+                      optimizer_ms_incl_sync=float(np.median(phases)) * 1e3, losses=losses)
+        result["profile_ms"] = profile_step(model, optimizer, ids, targets)
+        return result
     finally:
         precision.set_policy("fp32")
         pool.free_all_blocks()
+
+
+def profile_step(model, optimizer, ids, targets):
+    """One more step with a device sync around every op's forward and backward: total ms by op class
+    (inclusive: an op that calls another op's forward counts it too), plus the optimizer and the rest."""
+    cp = backend.cupy_module()
+    from tinygrad_llm.tensor import Function
+    totals = {}
+    classes, pending = [], list(Function.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        classes.append(cls)
+        pending.extend(cls.__subclasses__())
+    originals = []
+
+    def timed(cls, name, original):
+        def run(self, *args, **kwargs):
+            cp.cuda.Device().synchronize()
+            start = time.perf_counter()
+            out = original(self, *args, **kwargs)
+            cp.cuda.Device().synchronize()
+            key = f"{cls.__name__}.{name}"
+            totals[key] = totals.get(key, 0.0) + (time.perf_counter() - start) * 1e3
+            return out
+        return run
+
+    for cls in classes:
+        for name in ("forward", "backward"):
+            if name in cls.__dict__:
+                originals.append((cls, name, cls.__dict__[name]))
+                setattr(cls, name, timed(cls, name, cls.__dict__[name]))
+    try:
+        cp.cuda.Device().synchronize()
+        start = time.perf_counter()
+        _, loss = model(ids, targets)
+        loss.backward()
+        middle = time.perf_counter()
+        norm = optimizer.gather_grads()
+        gathered = time.perf_counter()
+        optimizer.step(grad_scale=min(1.0, 1.0 / (norm + 1e-6)))
+        optimizer.zero_grad()
+        cp.cuda.Device().synchronize()
+        end = time.perf_counter()
+    finally:
+        for cls, name, original in originals:
+            setattr(cls, name, original)
+    totals["optimizer.gather_grads"] = (gathered - middle) * 1e3
+    totals["optimizer.step"] = (end - gathered) * 1e3
+    totals["whole step (synced ops)"] = (end - start) * 1e3
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
 def bench_torch_reference(path, compile_too):
@@ -433,6 +489,8 @@ def main(argv=None):
         peak = row.get("peak_pool_gib", row.get("peak_mem_gib", float("nan")))
         print(f"{row['name']:<40} {row['step_ms']:8.1f} ms/step {row['tokens_per_s']:10.0f} tok/s "
               f"MFU {row['mfu']:.3f}  peak {peak:.1f} GiB")
+        if "profile_ms" in row:
+            print("  synced profile (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in list(row["profile_ms"].items())[:16]))
     if report["errors"]:
         print(f"{len(report['errors'])} section(s) failed; see benchmarks.json")
     return report
