@@ -16,10 +16,20 @@
 //          weight_decays (float32); block_tensor (int32) and block_start (int64): which tensor and which
 //          first element each block handles.
 // Launch:  grid (number of chunks,), blockDim 256; a chunk is CHUNK = 4096 consecutive elements of one
-//          tensor, thread k handles elements start + k, start + k + 256, ... (coalesced).
+//          tensor; threads take 16-byte packs of 4 elements in turn (coalesced) when the tensor's four
+//          buffers are 16-byte aligned, single elements otherwise (and for a chunk's tail).
 #include "common.cuh"
 
 #define CHUNK 4096
+
+__device__ __forceinline__ void adamw_element(float& p, float g, float& m, float& v, float scale, float decay,
+                                              float beta1, float beta2, float eps, float step_size,
+                                              float inv_sqrt_bias2) {
+    const float grad = g * scale;
+    m = beta1 * m + (1.0f - beta1) * grad;
+    v = beta2 * v + (1.0f - beta2) * grad * grad;
+    p = p * decay - step_size * m / (sqrtf(v) * inv_sqrt_bias2 + eps);
+}
 
 extern "C" __global__ void __launch_bounds__(256)
 adamw_multi_tensor(const unsigned long long* params, const unsigned long long* grads,
@@ -36,15 +46,29 @@ adamw_multi_tensor(const unsigned long long* params, const unsigned long long* g
     float* v = reinterpret_cast<float*>(exp_avg_sqs[tensor]);
     const float scale = grad_scale[0];
     const float decay = 1.0f - lr * weight_decays[tensor];
-#pragma unroll 4
-    for (int64 j = start + threadIdx.x; j < end; j += blockDim.x) {
-        const float grad = g[j] * scale;
-        const float m_new = beta1 * m[j] + (1.0f - beta1) * grad;
-        const float v_new = beta2 * v[j] + (1.0f - beta2) * grad * grad;
-        m[j] = m_new;
-        v[j] = v_new;
-        p[j] = p[j] * decay - step_size * m_new / (sqrtf(v_new) * inv_sqrt_bias2 + eps);
+    int64 j = start;
+    if (((params[tensor] | grads[tensor] | exp_avgs[tensor] | exp_avg_sqs[tensor]) & 15) == 0) {
+        // 16-byte packs of 4 elements (start is a multiple of CHUNK, so packs stay aligned)
+        const int64 packs = (end - start) / 4;
+#pragma unroll 2
+        for (int64 k = threadIdx.x; k < packs; k += blockDim.x) {
+            const int64 at = start + 4 * k;
+            float4 pp = *reinterpret_cast<float4*>(p + at);
+            const float4 gg = __ldcs(reinterpret_cast<const float4*>(g + at));
+            float4 mm = *reinterpret_cast<float4*>(m + at);
+            float4 vv = *reinterpret_cast<float4*>(v + at);
+            adamw_element(pp.x, gg.x, mm.x, vv.x, scale, decay, beta1, beta2, eps, step_size, inv_sqrt_bias2);
+            adamw_element(pp.y, gg.y, mm.y, vv.y, scale, decay, beta1, beta2, eps, step_size, inv_sqrt_bias2);
+            adamw_element(pp.z, gg.z, mm.z, vv.z, scale, decay, beta1, beta2, eps, step_size, inv_sqrt_bias2);
+            adamw_element(pp.w, gg.w, mm.w, vv.w, scale, decay, beta1, beta2, eps, step_size, inv_sqrt_bias2);
+            *reinterpret_cast<float4*>(p + at) = pp;
+            *reinterpret_cast<float4*>(m + at) = mm;
+            *reinterpret_cast<float4*>(v + at) = vv;
+        }
+        j = start + 4 * packs;
     }
+    for (j += threadIdx.x; j < end; j += blockDim.x)        // the tail, or everything when unaligned
+        adamw_element(p[j], g[j], m[j], v[j], scale, decay, beta1, beta2, eps, step_size, inv_sqrt_bias2);
 }
 
 extern "C" __global__ void __launch_bounds__(256)

@@ -44,7 +44,9 @@ def test_save_load_round_trip_without_pickle(tmp_path):
     assert sorted(p.rsplit(".", 1)[-1] for p in paths) == ["json", "safetensors"]
     meta = json.loads((tmp_path / "clf.json").read_text())
     assert meta["keep_label"] == "keep" and meta["buckets"] == 512
-    assert b"pickle" not in (tmp_path / "clf.safetensors").read_bytes()[:200]
+    raw = (tmp_path / "clf.safetensors").read_bytes()          # safetensors: u64 length, JSON header, raw data
+    header = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")])
+    assert header["weight"]["shape"] == [512, 2] and header["weight"]["dtype"] == "F32"
     again = QualityClassifier.load(str(tmp_path / "clf.json"))
     assert np.allclose(again.predict_proba(texts[:10]), model.predict_proba(texts[:10]))
 

@@ -37,7 +37,9 @@ def test_prepare_writes_shards_report_and_vocab(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["sources"]["empty"] == 1 and report["sources"]["binary"] == 1
     stages = {s["stage"]: s for s in report["stages"]}
-    assert stages["read"]["docs_in"] == 14 and stages["filters"]["dropped"] == {"word_count": 1}
+    assert stages["read"]["docs_in"] == 16 and stages["read"]["docs_out"] == 14
+    assert stages["read"]["dropped"] == {"binary": 1, "empty": 1}
+    assert stages["filters"]["dropped"] == {"word_count": 1}
     assert report["kept_documents"] == 12
     vocab = CharVocab.load(out / "vocab.json")
     tokens = report["tokens"]
@@ -78,6 +80,8 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     assert main(["prepare", str(tmp_path / "e"), "--out", str(tmp_path / "o2"), "--no-progress"]) == 1
     assert "no document survived" in capsys.readouterr().err
     assert main(["prepare", str(tmp_path / "e"), "--out", str(tmp_path / "o3"), "--disable-filter", "bogus"]) == 2
+    assert main(["prepare", str(tmp_path / "e"), "--out", str(tmp_path / "o4"), "--classifier", str(tmp_path / "no")]) == 2
+    assert "classifier" in capsys.readouterr().err and not (tmp_path / "o4").exists()
 
 
 def test_train_classifier_command_and_pipeline_stage(tmp_path, capsys):

@@ -109,6 +109,10 @@ def test_clusters_keep_first_member_and_are_deterministic():
     keep, clusters = near_duplicate_clusters(sig, 0.7)
     assert clusters == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
     assert keep.tolist() == [True, False] * 5
+    longest, _ = near_duplicate_clusters(sig, 0.7, priority=[len(t) for t in texts])
+    for c in clusters:                                         # one per cluster, and the longest
+        kept = [i for i in c if longest[i]]
+        assert len(kept) == 1 and len(texts[kept[0]]) == max(len(texts[i]) for i in c)
     other_keep, other_clusters = near_duplicate_clusters(MinHasher(128, seed=99).signatures(texts), 0.7)
     assert np.array_equal(keep, other_keep) and other_clusters == clusters   # not an accident of one seed
 

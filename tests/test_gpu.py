@@ -379,3 +379,28 @@ def test_small_model_loss_and_gradients_match_the_cpu(rng):
     for name, want in cpu_grads.items():
         assert _relative_error(gpu_grads[name], want) < 1e-4, name
 
+
+
+@gpu_test
+def test_small_model_under_the_bf16_policy_tracks_float32(rng):
+    model_module = pytest.importorskip("tinygrad_llm.model")
+    from tinygrad_llm import manual_seed
+    config = model_module.GPTConfig(vocab_size=97, d_model=128, n_layers=2, n_heads=2, n_kv_heads=1,
+                                    ffn_hidden=256, max_seq_len=64)     # head dim 64: the attention kernel's
+    ids = rng.integers(0, 97, (2, 64))
+    targets = rng.integers(0, 97, (2, 64))
+    results = []
+    for device, policy_name in (("cpu", "fp32"), ("cuda", "bf16")):
+        manual_seed(99)
+        model = model_module.GPT(config).to(device)
+        with precision.policy(policy_name):
+            _, loss = model(backend.to_device(ids, device), backend.to_device(targets, device))
+            loss.backward()
+        assert loss.dtype == (np.float32 if device == "cpu" else _dtype("bfloat16"))
+        grads = {name: p.grad for name, p in model.named_parameters()}
+        assert all(g.dtype == np.float32 for g in grads.values()), "master-weight gradients must stay float32"
+        results.append((float(loss.item()), {name: backend.to_numpy(g) for name, g in grads.items()}))
+    (cpu_loss, cpu_grads), (gpu_loss, gpu_grads) = results
+    assert abs(cpu_loss - gpu_loss) < 2e-2 * abs(cpu_loss)
+    for name, want in cpu_grads.items():
+        assert _relative_error(gpu_grads[name], want) < 0.1, name

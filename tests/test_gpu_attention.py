@@ -72,7 +72,7 @@ CASES = [  # (batch, heads, kv_heads, query_len, key_len)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["w4", "w8", "w4m2", "w4q32"])
+@pytest.mark.parametrize("variant", ["w4", "w8", "w4m2", "w4q32", "w4m2q32"])
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}Hkv{}Tq{}Tk{}".format(*c))

@@ -240,6 +240,15 @@ def test_causal_attention_gradcheck_and_reference(backend, assert_gradcheck, cas
     assert_same_forward_and_backward(backend, F.causal_attention, causal_attention_reference, [q, k, v])
 
 
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("query_len, key_len", [(1, 1), (1, 3), (3, 3), (2, 4)])
+def test_causal_attention_gradcheck_fixed_cases(backend, assert_gradcheck, group, query_len, key_len):
+    """The cases the hypothesis search must not miss: every GQA ratio with T = 1, Tk = Tq and cached keys."""
+    q = normal((1, 2 * group, query_len, 2), group)
+    k, v = normal((1, 2, key_len, 2), 10 + key_len), normal((1, 2, key_len, 2), 20 + query_len)
+    assert_gradcheck(F.causal_attention, [backend.tensor(q), backend.tensor(k), backend.tensor(v)])
+
+
 def test_causal_attention_forward_by_hand(backend):
     """Tq = Tk = 2, D = 1: query 0 sees only key 0; query 1 averages both by softmax weight."""
     q = np.array([1.0, 2.0]).reshape(1, 1, 2, 1)
@@ -365,6 +374,18 @@ def test_cross_entropy_gradcheck_and_reference(backend, assert_gradcheck, case, 
     assert_same_forward_and_backward(
         backend, lambda x: F.cross_entropy(x, backend.array(targets), ignore_index=ignore_index),
         lambda x: cross_entropy_reference(x, backend.array(targets), ignore_index=ignore_index), [logits])
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 3)], ids=["2d", "3d"])
+@pytest.mark.parametrize("ignore_index", [-100, 1])
+def test_cross_entropy_gradcheck_fixed_cases(backend, assert_gradcheck, shape, ignore_index):
+    """2-D and 3-D logits, with the default ignore_index and with one that is also a valid class id."""
+    logits = normal(shape, 3)
+    targets = np.array([0, 1, 2, 1, ignore_index, 2][:int(np.prod(shape[:-1]))]).reshape(shape[:-1])
+    assert_gradcheck(lambda x, t: F.cross_entropy(x, t, ignore_index=ignore_index),
+                     [backend.tensor(logits), backend.tensor(targets)])
+    grad = run(backend, lambda x: F.cross_entropy(x, backend.array(targets), ignore_index=ignore_index), [logits])[1][0]
+    np.testing.assert_array_equal(grad[targets == ignore_index], 0.0)
 
 
 def test_cross_entropy_value_by_hand(backend):

@@ -63,6 +63,9 @@ def add_prepare_parser(subparsers):
                          "different plays at most 0.02)")
     st.add_argument("--near-action", choices=["drop", "keep"], default="drop",
                     help="drop: keep one document per near-duplicate cluster; keep: only report the clusters")
+    st.add_argument("--near-keep", choices=["first", "longest"], default="first",
+                    help="with --near-action drop, which document of a cluster stays: the first in input order "
+                         "(for the built-in corpus, the modern edition) or the longest")
     st.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default 128)")
     st.add_argument("--shingle", choices=["word", "char"], default="word", help="shingle unit (default word)")
     st.add_argument("--ngram", type=int, default=3, help="shingle n-gram length (default 3)")
@@ -120,7 +123,7 @@ def run_prepare(args) -> int:
     config = PipelineConfig(
         clean=not args.no_clean, strip_boilerplate=not args.keep_boilerplate, filters=filters,
         exact_dedup=not args.no_exact_dedup, near_dedup=not args.no_near_dedup, near_threshold=threshold,
-        near_action=args.near_action, num_perm=args.num_perm, shingle=args.shingle, ngram=args.ngram,
+        near_action=args.near_action, near_keep=args.near_keep, num_perm=args.num_perm, shingle=args.shingle, ngram=args.ngram,
         classifier=args.classifier, classifier_threshold=args.classifier_threshold,
         val_fraction=args.val_fraction, split=args.split, shard_tokens=args.shard_tokens, eot=not args.no_eot,
         workers=max(1, args.workers), prefix=args.prefix or (args.corpus or "data"))
@@ -132,10 +135,16 @@ def run_prepare(args) -> int:
         if files:
             yield from iter_documents(files, stats, args.text_field)
 
+    if args.classifier:
+        prefix = args.classifier[:-5] if args.classifier.endswith(".json") else args.classifier
+        if not os.path.exists(prefix + ".json"):
+            return fail(f"classifier {prefix}.json not found (train one with `train-classifier`)")
     try:
         report = run_pipeline(documents(), args.out, tokenizer, config, stats, progress=not args.no_progress)
     except CorpusError as e:
         return fail(str(e))
+    except (OSError, ValueError) as e:                 # unreadable classifier, output dir not writable, ...
+        return fail(f"{type(e).__name__}: {e}")
     except KeyboardInterrupt:
         print("prepare: interrupted; no shards or report from this run were kept", file=sys.stderr)
         return 130
@@ -152,6 +161,9 @@ def run_prepare(args) -> int:
         return fail("no document survived the pipeline; see the report for why", code=1)
     if report["tokens"] and report["tokens"]["train"]["tokens"] == 0:
         return fail("no training tokens were written", code=1)
+    if report["tokens"] and args.val_fraction > 0 and report["tokens"]["val"]["tokens"] == 0:
+        print("prepare: warning: the validation split is empty (too few documents for --split hash); "
+              "--split tail takes the last fraction of every document instead", file=sys.stderr)
     return 0
 
 

@@ -340,7 +340,9 @@ def rope_forward(x, cos, sin, out=None):
 # header of kernels/cross_entropy.cu): l2u4 / l2u8 re-read each row from L2 in the second pass with 4 or 8
 # loads in flight per thread, l2pu4 is persistent and prefetches the next row into L2, smemu4 / smemu8 keep
 # the row in shared memory (rows up to the opt-in limit, ~227 KB on Hopper; l2u4 otherwise).
-CROSS_ENTROPY_VARIANT = {"float32": ("l2u4", 1024), "bfloat16": ("l2u4", 512), "float16": ("l2u4", 512)}
+# Fastest on an H200 for 16384 × 50304 (benchmarks/RESULTS.md, 2026-11-22): fp32 l2u8/1024 1.89 ms,
+# bf16 l2u8/512 0.95 ms.
+CROSS_ENTROPY_VARIANT = {"float32": ("l2u8", 1024), "bfloat16": ("l2u8", 512), "float16": ("l2u8", 512)}
 
 
 def cross_entropy_forward_backward(logits, targets, ignore_index=-100, in_place=False, variant=None):

@@ -34,12 +34,13 @@ _SUFFIX = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _TENSOR_CORE_DTYPES = ("bf16", "fp16")
 # Which build of each tensor-core kernel runs, by head dim: "w<warps>[m<m-tiles>]". Forward: a warp owns
 # 16·m query rows (w4: 64-row tiles, w8: 128, w4m2: 4 warps × 32 rows = 128, each K/V fragment serving
-# two m-tiles). Backward: a warp owns 16 keys (w4: 64-key tiles, w8: 128). Chosen by timing on an H200
+# two m-tiles). Backward: a warp owns 16·m keys (w4: 64-key tiles, w8: 128, w4m2q32: 4 warps × 32 keys),
+# and a step takes 64 query rows at D = 64, 32 at D = 128, or q<rows>. Chosen by timing on an H200
 # (benchmarks/gpu_attention.py --sweep; benchmarks/RESULTS.md).
-FORWARD_VARIANT = {64: "w4m2", 128: "w4"}
-BACKWARD_VARIANT = {64: "w4", 128: "w4"}
+FORWARD_VARIANT = {64: "w4m2", 128: "w8"}
+BACKWARD_VARIANT = {64: "w8", 128: "w4"}
 FORWARD_VARIANTS = {64: ("w4", "w8", "w4m2"), 128: ("w4", "w8")}
-BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32"), 128: ("w4", "w8")}
+BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32"), 128: ("w4", "w8")}
 _BLOCK_K_FORWARD = 64
 _BLOCK_Q_BACKWARD = {64: 64, 128: 32}
 _kernels: dict = {}
@@ -90,7 +91,12 @@ def _allocate(shape, dtype):
 
 
 def _contiguous(x):
-    return x if x.flags.c_contiguous else backend.cupy_module().ascontiguousarray(x)
+    """x as a C-contiguous array starting on a 16-byte boundary (the kernels copy 16-byte vectors)."""
+    if x.flags.c_contiguous and x.data.ptr % 16 == 0:
+        return x
+    copy = backend.cupy_module().empty(x.shape, dtype=x.dtype)
+    copy[...] = x
+    return copy
 
 
 def _warps_and_m_tiles(variant: str) -> tuple:
@@ -109,8 +115,8 @@ def _forward_shared_bytes(head_dim: int, block_q: int) -> int:
     return (block_q + 4 * _BLOCK_K_FORWARD) * (head_dim + 8) * 2
 
 
-def _backward_shared_bytes(head_dim: int, warps: int, block_q: int) -> int:
-    block_k = 16 * warps
+def _backward_shared_bytes(head_dim: int, warps: int, m_tiles: int, block_q: int) -> int:
+    block_k = 16 * m_tiles * warps
     tiles = (2 * block_k + 4 * block_q) * (head_dim + 8) * 2          # K, V; Q and dO double-buffered
     return tiles + block_k * (block_q + 8) * 2 + 4 * block_q * 4       # dSᵀ; L and Δ double-buffered
 
@@ -157,27 +163,28 @@ def causal_attention_backward(dy, q, k, v, out, lse):
     if q.size == 0:
         return cp.empty(q.shape, dtype=q.dtype), cp.zeros(k.shape, k.dtype), cp.zeros(v.shape, v.dtype)
 
-    # Δ = rowsum(dO ∘ O): one warp per row
     rows = batch * heads * query_len
     delta = _allocate((batch, heads, query_len), cp.float32)
-    _kernel(BACKWARD_FILE, f"attention_backward_delta_{suffix}")(
-        ((rows + 7) // 8,), (256,), (dy, out, delta, np.int32(rows), np.int32(head_dim)))
-
     if suffix in _TENSOR_CORE_DTYPES:
-        dq_accumulator = cp.zeros(q.shape, dtype=cp.float32)
+        # Δ = rowsum(dO ∘ O) and dq_accumulator = 0, one pass (8 threads a row)
+        dq_accumulator = _allocate(q.shape, cp.float32)
+        _kernel(BACKWARD_FILE, f"attention_backward_prepare_{suffix}_d{head_dim}")(
+            ((rows * 8 + 255) // 256,), (256,), (dy, out, delta, dq_accumulator, np.int32(rows)))
         variant = BACKWARD_VARIANT[head_dim]
-        warps, _ = _warps_and_m_tiles(variant)
-        shared = _backward_shared_bytes(head_dim, warps, _backward_block_q(variant, head_dim))
-        block_k = 16 * warps
+        warps, m_tiles = _warps_and_m_tiles(variant)
+        shared = _backward_shared_bytes(head_dim, warps, m_tiles, _backward_block_q(variant, head_dim))
+        block_k = 16 * m_tiles * warps
         grid = ((key_len + block_k - 1) // block_k, batch * kv_heads)
         _kernel(BACKWARD_FILE, f"attention_backward_{suffix}_d{head_dim}_{variant}", shared)(
             grid, (32 * warps,), (q, k, v, dy, lse, delta, dq_accumulator, dk, dv) + sizes, shared_mem=shared)
         dq = _allocate(q.shape, q.dtype)
-        count = q.size
-        blocks = min((count + 255) // 256, 4096)
-        _kernel(BACKWARD_FILE, f"attention_backward_convert_{suffix}")(
-            (blocks,), (256,), (dq_accumulator, dq, np.int64(count)))
+        count8 = q.size // 8                                  # D is a multiple of 8
+        _kernel(BACKWARD_FILE, f"attention_backward_convert8_{suffix}")(
+            (min((count8 + 255) // 256, 8192),), (256,), (dq_accumulator, dq, np.int64(count8)))
     else:
+        # Δ = rowsum(dO ∘ O): one warp per row
+        _kernel(BACKWARD_FILE, "attention_backward_delta_fp32")(
+            ((rows + 7) // 8,), (256,), (dy, out, delta, np.int32(rows), np.int32(head_dim)))
         dq = _allocate(q.shape, q.dtype)
         _kernel(BACKWARD_FILE, f"attention_backward_dq_fp32_d{head_dim}")(
             ((query_len + 3) // 4, batch * heads), (128,), (q, k, v, dy, lse, delta, dq) + sizes)

@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from . import backend
+from . import backend, precision
 from . import functional as F
-from .backend import array_module
+from .backend import array_module, kernel
 from .cpu_threads import parallel_items, split
 from .nn import Dropout, Embedding, Linear, Module, ModuleList, Parameter, RMSNorm, init_normal
 from .ops.attention import CausalAttention
@@ -42,6 +42,9 @@ from .tensor import Function, Tensor
 
 def _rotate_into(x, cos, sin, out, xp):
     """out = RoPE(x): (x₁, x₂) -> (x₁ cos − x₂ sin, x₂ cos + x₁ sin), pairs split at D/2. out may be a view."""
+    fast = kernel("rope", x)
+    if fast is not None:        # one CUDA launch, strided views read and written in place (kernels/rope.cu)
+        return fast.rope_forward(x, cos, sin, out=out)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     o1, o2 = out[..., :half], out[..., half:]
@@ -127,6 +130,10 @@ class PackedSwiGLU(Function):
     """
 
     def forward(self, gate_up):
+        fast = kernel("swiglu_packed", gate_up)
+        if fast is not None:        # the CUDA kernel recomputes σ in the backward: nothing but gate_up saved
+            self.save(gate_up=gate_up, s=None)
+            return fast.swiglu_packed_forward(gate_up)
         xp = array_module(gate_up)
         hidden = gate_up.shape[-1] // 2
         flat = gate_up.reshape(-1, 2 * hidden)                       # (..., 2F) -> (N, 2F)
@@ -152,6 +159,8 @@ class PackedSwiGLU(Function):
 
     def backward(self, dy):
         gate_up, s = self.saved
+        if s is None:               # the forward ran the CUDA kernel
+            return kernel("swiglu_packed", gate_up).swiglu_packed_backward(dy, gate_up)
         xp = array_module(dy)
         hidden = gate_up.shape[-1] // 2
         flat = gate_up.reshape(-1, 2 * hidden)
@@ -427,6 +436,8 @@ class GPT(Module):
                              f"max_seq_len tokens)")
         trunk = self.model
         x = trunk.dropout(F.embedding(ids, trunk.embed_tokens.weight))     # (B, T, C)
+        if precision.activation_dtype(x.data) != x.dtype:                  # a bf16/fp16 policy on the GPU
+            x = x.astype(precision.activation_dtype(x.data))
         rope_tables = None if cache is not None else self._rope_tables(ids.shape[1], x.data)
         for i, layer in enumerate(trunk.layers):
             x = layer(x, rope_tables, cache, i, start)
@@ -434,7 +445,8 @@ class GPT(Module):
             cache.length = start + ids.shape[1]
         if last_only:
             x = x[:, -1:]                                                   # (B, T, C) -> (B, 1, C)
-        if targets is not None and not return_logits:
+        if targets is not None and not return_logits and not backend.is_cupy_array(x.data):
+            # (on the GPU the unfused head runs instead: a bf16 policy GEMM and the fused CE kernel)
             targets = targets.data if isinstance(targets, Tensor) else targets
             return None, HeadCrossEntropy.apply(trunk.norm(x), self.lm_head.weight, targets,
                                                 ignore_index=ignore_index)

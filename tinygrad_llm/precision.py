@@ -9,10 +9,10 @@
 - bf16: every Linear (ops/matmul.py) runs its three GEMMs through cublasGemmEx on bfloat16 operands with
         float32 accumulation. Master weights, their gradients (dW comes out of cuBLAS directly in float32)
         and the optimizer state stay float32; reductions inside the fused kernels are float32.
-        Activations keep the dtype the model gives them: a Linear returns its input's dtype, so a model
-        that casts its embedding output with `activation_dtype()` runs bf16 activations end to end
-        (half the memory traffic, and the flash-attention kernel's tensor-core path), while a model that
-        does not keeps float32 activations and gains only in the GEMMs.
+        Activations keep the dtype the model gives them: a Linear returns its input's dtype, and GPT casts
+        its embedding output to `activation_dtype(x)`, so activations are bf16 end to end (half the
+        memory traffic, and the flash-attention kernel's tensor-core path); the residual stream, norms'
+        outputs and logits included.
 - fp16: as bf16 with float16 operands; fp16's narrow range needs dynamic loss scaling (`LossScaler`).
 
 Simplifications: one process-wide policy (not per thread); only Linear is autocast (attention has its own
@@ -80,9 +80,12 @@ def policy(name: str):
         set_policy(previous.name)
 
 
-def activation_dtype(default=np.float32):
-    """The dtype a model should give its activations under the current policy (bf16/fp16 or `default`)."""
-    return dtype_named(_current.compute) if _current.compute else np.dtype(default)
+def activation_dtype(like):
+    """The dtype a model should give its activations, judged from an activation array `like`: the
+    policy's bf16/fp16 for a floating CuPy array under a bf16/fp16 policy, else like's own dtype."""
+    if _current.compute and backend.is_cupy_array(like) and np.dtype(like.dtype).name == "float32":
+        return dtype_named(_current.compute)
+    return like.dtype
 
 
 def _apply_tf32(enabled: bool) -> None:

@@ -394,6 +394,8 @@ def train(config: TrainConfig, log=None) -> dict:
     dtype = _dtype(config.dtype)
     out_dir = config.out_dir
     checkpoint_dir = os.path.join(out_dir, "checkpoints")
+    if not config.data:                       # record the resolved path: resume and eval use the same data
+        config.data = builtin_corpus_dir()
     data = build_data(config)
     model_config = model_config_for(config, data.tokenizer.vocab_size)
 
@@ -411,7 +413,9 @@ def train(config: TrainConfig, log=None) -> dict:
             raise CheckpointError(f"--resume: {error}") from None
         state = read_state(directory)
         saved = state.get("train_config", {})
-        changed = [k for k in ("batch_size", "seq_len", "grad_accum", "seed", "data") if saved.get(k) != getattr(config, k)]
+        same = lambda k: (os.path.abspath(saved.get(k) or "") == os.path.abspath(config.data)) if k == "data" \
+            else saved.get(k) == getattr(config, k)
+        changed = [k for k in ("batch_size", "seq_len", "grad_accum", "seed", "data") if not same(k)]
         if changed:
             raise CheckpointError(f"--resume: the checkpoint in {directory} was trained with different "
                                   + ", ".join(f"{k} ({saved.get(k)!r} vs now {getattr(config, k)!r})" for k in changed))

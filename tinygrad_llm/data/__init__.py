@@ -13,6 +13,7 @@ from .shards import (CharVocab, ShardWriter, ShardError, write_shard, read_shard
                      SHARD_MAGIC, EOT)
 from .loader import DataLoader, shard_paths
 from .pipeline import PipelineConfig, run_pipeline, format_report
+from .classifier import QualityClassifier, train_classifier, load_labelled_jsonl   # engine imported only to train
 
 __all__ = [
     "Document", "SourceStats", "MissingInputError", "iter_documents", "expand_paths",
@@ -22,4 +23,5 @@ __all__ = [
     "near_duplicate_clusters", "ExactDeduplicator", "UnionFind",
     "CharVocab", "ShardWriter", "ShardError", "write_shard", "read_shard", "read_header", "write_token_shards",
     "SHARD_MAGIC", "EOT", "DataLoader", "shard_paths", "PipelineConfig", "run_pipeline", "format_report",
+    "QualityClassifier", "train_classifier", "load_labelled_jsonl",
 ]

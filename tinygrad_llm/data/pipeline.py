@@ -24,6 +24,7 @@ from .shards import EOT, CharVocab, write_token_shards
 from .sources import SourceStats
 
 REPORT_NAME = "report.json"
+MAX_LISTED_GROUPS = 1000                 # duplicate groups listed by name in the report (all are counted)
 
 
 @dataclass
@@ -64,7 +65,8 @@ class PipelineConfig:
     exact_dedup: bool = True
     near_dedup: bool = True
     near_threshold: float = 0.7
-    near_action: str = "drop"            # "drop": keep the first of each cluster; "keep": report only
+    near_action: str = "drop"            # "drop": keep one document per cluster; "keep": report only
+    near_keep: str = "first"             # which one: "first" in input order or "longest"
     num_perm: int = 128
     shingle: str = "word"
     ngram: int = 3
@@ -102,7 +104,7 @@ def _progress(total=None, desc="", enabled=True, unit="doc"):
 
 
 def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = None, source_stats: SourceStats = None,
-                 progress=True, log=print):
+                 progress=True):
     """Run every stage over `documents` (an iterable of Documents) and write shards into `out_dir`.
 
     `tokenizer`: "char" (build a CharVocab from the kept text, saved as out_dir/vocab.json), an object
@@ -118,9 +120,15 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
     clean_stats = CleanStats()
     exact = ExactDeduplicator()
     hasher = MinHasher(config.num_perm, config.minhash_seed, config.shingle, config.ngram) if config.near_dedup else None
-    signatures, ids, titles, exact_groups = [], [], [], {}
+    signatures, ids, titles, sizes, exact_groups = [], [], [], [], {}
     pending, pending_chars = [], 0
     t_start = time.perf_counter()
+    classifier = None
+    if config.classifier:                             # load first: a bad path fails before any work
+        from .classifier import QualityClassifier
+        classifier = QualityClassifier.load(config.classifier)
+        stages["classifier"].details = {"model": config.classifier, "threshold": config.classifier_threshold,
+                                        "keep_label": classifier.keep_label}
     try:
         # ---- pass 1: per-document stages, spill the survivors ----------------------------------------
         bar = _progress(desc="clean/filter/dedup", enabled=progress)
@@ -168,6 +176,7 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
                         pending, pending_chars = [], 0
                 ids.append(doc.id)
                 titles.append(doc.meta.get("title"))
+                sizes.append(size)
                 spill.write(json.dumps({"id": doc.id, "text": text}, ensure_ascii=False) + "\n")
         if pending:
             with _Timer(stages["near_dedup"]):
@@ -183,26 +192,23 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
             with _Timer(near):
                 sig = np.concatenate(signatures)
                 bands, rows = lsh_params(config.near_threshold, config.num_perm)
-                cluster_keep, clusters = near_duplicate_clusters(sig, config.near_threshold, bands, rows)
+                priority = np.array(sizes) if config.near_keep == "longest" else None
+                cluster_keep, clusters = near_duplicate_clusters(sig, config.near_threshold, bands, rows,
+                                                                 priority=priority)
                 if config.near_action == "drop":
                     keep = cluster_keep
             near.details = {"threshold": config.near_threshold, "num_perm": config.num_perm,
                             "shingles": f"{config.shingle} {config.ngram}-grams", "bands": bands, "rows": rows,
-                            "action": config.near_action, "clusters": len(clusters),
+                            "action": config.near_action, "keep": config.near_keep, "clusters": len(clusters),
                             "documents_in_clusters": sum(map(len, clusters)),
                             "groups": [[{"id": ids[i], "title": titles[i], "kept": bool(keep[i])} for i in c]
-                                       for c in clusters]}
+                                       for c in clusters[:MAX_LISTED_GROUPS]]}
         signatures = None
         if config.exact_dedup:
-            stages["exact_dedup"].details = {"groups": [[first] + dupes for first, dupes in exact_groups.items()]}
+            stages["exact_dedup"].details = {"groups": [[first] + dupes for first, dupes in
+                                                        list(exact_groups.items())[:MAX_LISTED_GROUPS]]}
 
         # ---- pass 2: near-dedup decisions, classifier, vocabulary ------------------------------------
-        classifier = None
-        if config.classifier:
-            from .classifier import QualityClassifier
-            classifier = QualityClassifier.load(config.classifier)
-            stages["classifier"].details = {"model": config.classifier, "threshold": config.classifier_threshold,
-                                            "keep_label": classifier.keep_label}
         final = np.zeros(len(ids), dtype=bool)
         chars, scores = set(), []
         with open(spill_path, encoding="utf-8") as spill:
@@ -269,6 +275,14 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
     if config.classifier:
         rows.append(stages["classifier"])
     stages["clean"].details = {"gutenberg_stripped": clean_stats.gutenberg_stripped}
+    if source_stats is not None:                      # files the readers skipped are the read stage's drops
+        read = stages["read"]
+        for reason in ("empty", "binary", "unreadable", "bad_json", "missing_field"):
+            count = getattr(source_stats, reason)
+            if count:
+                read.drops[reason] += count
+                read.docs_in += count
+        read.bytes_in = max(read.bytes_in, source_stats.bytes_read)
     report = {
         "stages": [s.as_dict() for s in rows],
         "sources": source_stats.as_dict() if source_stats is not None else None,

@@ -96,8 +96,8 @@ def read_shard(path, mmap=True):
 class CharVocab:
     """A character-level vocabulary: one id per distinct character, sorted, then special tokens.
 
-    `encode_ordinary` matches the Tokenizer protocol; unknown characters raise KeyError (or map to
-    `unk` when the vocabulary was built with one). Saved as JSON, never pickled."""
+    `encode_ordinary` matches the Tokenizer protocol; a character outside the vocabulary raises KeyError
+    naming it. Saved as JSON, never pickled."""
 
     def __init__(self, chars, special_tokens=(EOT,)):
         self.chars = list(chars)
