@@ -21,11 +21,22 @@ from .tensor import Tensor, ensure_tensor
 
 
 def _pair(a, b):
-    """Both operands as Tensors; a plain number takes the dtype and device of the other operand."""
+    """Both operands as Tensors.
+
+    A plain number or array is a constant: it takes the dtype and device of the Tensor operand. Two
+    Tensors of different floating dtypes are refused here, where the mistake is made, rather than
+    promoted silently to float64 (twice the memory, and a gradient of the wrong dtype at backward).
+    """
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        if a.dtype != b.dtype and a.dtype.kind == "f" and b.dtype.kind == "f":
+            raise TypeError(f"operands have different dtypes ({a.dtype} and {b.dtype}); "
+                            f"convert one with .astype() first")
+        return a, b
     if isinstance(a, Tensor):
         return a, ensure_tensor(b, like=a)
-    b = ensure_tensor(b)
-    return ensure_tensor(a, like=b), b
+    if isinstance(b, Tensor):
+        return ensure_tensor(a, like=b), b
+    return ensure_tensor(a), ensure_tensor(b)
 
 
 # elementwise

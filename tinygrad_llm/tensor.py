@@ -274,12 +274,16 @@ def _topological_order(root: Tensor) -> list:
 
 
 def ensure_tensor(value, like: Tensor | None = None) -> Tensor:
-    """A Tensor for value; plain numbers take the dtype and device of `like`."""
+    """value as a Tensor. With `like` (a floating Tensor), a plain number or array becomes a constant of
+    like's dtype on like's device."""
     if isinstance(value, Tensor):
         return value
-    if like is not None and not (isinstance(value, np.ndarray) or backend.is_cupy_array(value)):
-        xp = backend.array_module(like.data)
-        return Tensor(xp.asarray(value, dtype=like.dtype))
-    if like is not None and backend.is_cupy_array(like.data) and isinstance(value, np.ndarray):
+    if like is None:
+        return Tensor(value)
+    xp = backend.array_module(like.data)
+    if backend.is_cupy_array(like.data) and isinstance(value, np.ndarray):
         value = backend.to_device(value, "cuda")
+    value = xp.asarray(value)
+    if like.dtype.kind == "f" and value.dtype != like.dtype:
+        value = value.astype(like.dtype)
     return Tensor(value)
