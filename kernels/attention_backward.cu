@@ -13,32 +13,44 @@
 // Shapes (contiguous, row-major): q, out, dO, dq: (B, H, Tq, D)   k, v, dk, dv: (B, Hkv, Tk, D)
 //     L, Δ: (B, H, Tq) fp32   dq_accumulator: (B, H, Tq, D) fp32, zeroed by the caller.
 //
-// Kernels (extern "C"):
-//   attention_backward_delta_{bf16,fp16,fp32}(dO, out, Δ, rows, D)
-//     Δ = rowsum(dO ∘ out) in fp32; one warp per row, grid ceil(rows / 8), block 256.
-//   attention_backward_{bf16,fp16}_d{64,128}(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk, scale)
-//     Tensor cores (mma.sync.m16n8k16, fp32 accumulators). One block owns BLOCK_K = 64 keys of one
-//     (b, kv head); warp w owns keys 16w … 16w + 15 and keeps their dk, dv accumulators in registers.
-//     The block loops over the G query heads of its group and, in each, over the query tiles of
-//     BLOCK_Q rows (64 at D = 64, 32 at D = 128) that can see its keys (causality skips the earlier
-//     ones), so dk and dv are summed over the group in registers, with no atomics and no second pass.
-//     Per query tile, on tensor cores:  Sᵀ = K Qᵀ;  Pᵀ = exp2(Sᵀ·scale·log2 e − L·log2 e) (masked);
-//     dV += Pᵀ dO;  dPᵀ = V dOᵀ;  dSᵀ = Pᵀ ∘ (dPᵀ − Δ);  dK += dSᵀ Q  (Pᵀ and dSᵀ go from the
-//     accumulator layout to the A operand in registers); dSᵀ is written to shared memory as 16-bit,
-//     and the 4 warps then compute dQ_tile = dS K (BLOCK_Q × D) and add it, times scale, into the
-//     fp32 dq_accumulator with atomicAdd (query tiles are shared by every key block: the atomics are
-//     the price of keeping dk/dv in registers, as in FlashAttention-2).
-//     Launch: grid (ceil(Tk / 64), B·Hkv), block 128 threads. Shared memory (dynamic): K, V tiles
-//     64 × (D + 8), Q, dO tiles BLOCK_Q × (D + 8), dSᵀ 64 × (BLOCK_Q + 8), all 2-byte, plus L and Δ
-//     of the query tile (2 · BLOCK_Q fp32): 46.6 KB at D = 64, 57.6 KB at D = 128. Padding rows by
-//     16 bytes keeps ldmatrix conflict-free. Loads are cp.async (zero-filled past Tq / Tk), not yet
-//     double-buffered across query tiles.
-//     dk, dv are written in the input dtype; dq goes through the fp32 accumulator.
-//   attention_backward_convert_{bf16,fp16}(dq_accumulator, dq, n): dq = dtype(dq_accumulator).
-//   attention_backward_dq_fp32_d{64,128}, attention_backward_dkdv_fp32_d{64,128}
-//     Plain fp32, for checking: one warp per query row (dq) or per key row (dk, dv, looping over the
-//     group's heads and the query rows that see the key); grid (ceil(T / 4), B·H or B·Hkv), block 128.
-//     No atomics; dq is written directly.
+// Kernels (extern "C"), in launch order for bf16/fp16:
+//   attention_backward_prepare_{bf16,fp16}_d{64,128}(dO, out, Δ, dq_accumulator, rows)
+//     Δ = rowsum(dO ∘ out) in fp32 and the row of dq_accumulator set to 0, in one pass: 8 threads a
+//     row, 16-byte loads and stores. Grid ceil(rows · 8 / 256), block 256.
+//   attention_backward_{bf16,fp16}_d64_{w4,w8,w4q32,w4m2q32}, attention_backward_{bf16,fp16}_d128_{w4,w8}
+//       (q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk, scale)
+//     Tensor cores (mma.sync.m16n8k16, fp32 accumulators). One block owns BLOCK_K keys of one
+//     (b, kv head); warp w owns 16·M_TILES consecutive keys and keeps their dk, dv accumulators in
+//     registers. The block loops over the G query heads of its group and, in each, over the query
+//     steps of BLOCK_Q rows that can see its keys (causality skips the earlier ones), so dk and dv are
+//     summed over the group in registers: no atomics and no second pass for them.
+//     Per step, on tensor cores:  Sᵀ = K Qᵀ;  Pᵀ = exp2((Sᵀ·scale − L)·log2 e) (masked only on steps
+//     that cross the diagonal or the end of the keys);  dV += Pᵀ dO;  dPᵀ = V dOᵀ;
+//     dSᵀ = Pᵀ ∘ (dPᵀ − Δ);  dK += dSᵀ Q  (Pᵀ and dSᵀ go from the accumulator layout to the A operand
+//     in registers); dSᵀ is written to shared memory as 16-bit, and the warps then compute
+//     dQ_step = dS K (BLOCK_Q × D, split over the warps in 16-row × D/(warps·16/BLOCK_Q)-column pieces)
+//     and add it, times scale, into the fp32 dq_accumulator with red.global.add.v2.f32 (atomicAdd
+//     before sm_90). Query tiles are shared by every key block, so dq needs the atomics: the price of
+//     keeping dk/dv in registers, as in FlashAttention-2. dq's summation order (hence its last bits)
+//     can vary between runs; dk and dv are deterministic.
+//     Q, dO, L and Δ of step s + 1 are copied (cp.async) while step s computes: two buffers.
+//     Builds (warps × 16·M_TILES keys, BLOCK_Q): _w4 4 × 16 (64 keys), 64 rows at D = 64, 32 at
+//     D = 128; _w8 8 × 16 (128 keys); _w4q32 4 × 16, 32 rows; _w4m2q32 4 × 32 (128 keys), 32 rows
+//     (each Q/dO fragment read from shared memory feeds two m-tiles). gpu_attention.BACKWARD_VARIANT
+//     picks one per head dim.
+//     Launch: grid (ceil(Tk / BLOCK_K), B·Hkv), block 32·warps threads.
+//     Shared memory (dynamic): K, V tiles BLOCK_K × (D + 8); Q and dO, two buffers each, BLOCK_Q × (D + 8);
+//     dSᵀ BLOCK_K × (BLOCK_Q + 8), all 2-byte; L and Δ, two buffers each, BLOCK_Q fp32: 64 KiB for _w4
+//     and 91 KiB for _w8 at D = 64, 64.5 KiB for _w4m2q32, 73.5 KiB for _w4 at D = 128. Padding rows by 16
+//     bytes keeps ldmatrix conflict-free. Rows past Tq / Tk are zero-filled (there Q = dO = Δ = 0, so
+//     they add nothing). Inputs must be C-contiguous and 16-byte aligned (gpu_attention makes them so).
+//     dk, dv are written in the input dtype.
+//   attention_backward_convert8_{bf16,fp16}(dq_accumulator, dq, n / 8): dq = dtype(dq_accumulator),
+//     8 elements a thread (two 16-byte loads, one 16-byte store).
+//   fp32 path, for checking: attention_backward_delta_fp32(dO, out, Δ, rows, D) (one warp per row),
+//   then attention_backward_dq_fp32_d{64,128} and attention_backward_dkdv_fp32_d{64,128}: one warp per
+//     query row (dq) or per key row (dk, dv, looping over the group's heads and the query rows that see
+//     the key); grid (ceil(T / 4), B·H or B·Hkv), block 128. No atomics; dq is written directly.
 
 // ---------------------------------------------------------------------------------------------------
 // The PTX helpers below repeat those of attention_forward.cu, so that each file compiles on its own (NVRTC).

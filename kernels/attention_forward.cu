@@ -11,23 +11,30 @@
 // Shapes (all contiguous, row-major):
 //     q, out: (B, H, Tq, D)   k, v: (B, Hkv, Tk, D)   lse: (B, H, Tq) fp32      Tq <= Tk, D in {64, 128}
 //
-// Kernels (extern "C", one per dtype and head dim):
-//   attention_forward_{bf16,fp16}_d{64,128}   tensor cores (mma.sync.m16n8k16, fp32 accumulators).
-//     Algorithm: one block owns a tile of BLOCK_Q = 64 query rows of one (b, h). It keeps the Q tile in
-//     registers as A fragments, walks the key/value tiles of BLOCK_K = 64 keys from key 0 up to the
-//     last key its bottom row can see (causality skips the rest), and for each tile computes
-//     S = Q Kᵀ on tensor cores, masks it (only the tiles that cross the diagonal or the end of the
-//     keys), updates the running row max m and row sum l (online softmax, exp2 with the scale folded
-//     into log2 e), rescales the O accumulator and adds P V, with P converted in registers from the
-//     S accumulator layout to the A operand layout (no trip through shared memory). out = O / l,
+// Kernels (extern "C", one per dtype, head dim and build):
+//   attention_forward_{bf16,fp16}_d{64,128}_{w4,w8}, attention_forward_{bf16,fp16}_d64_w4m2
+//     Tensor cores (mma.sync.m16n8k16, fp32 accumulators).
+//     Algorithm: one block owns a tile of BLOCK_Q query rows of one (b, h); warp w owns 16·M_TILES
+//     consecutive rows and keeps their Q as A fragments in registers. The block walks the key/value
+//     tiles of BLOCK_K = 64 keys from key 0 up to the last key its bottom row can see (causality skips
+//     the rest; a warp also skips a tile whose keys all come after its rows), and for each tile computes
+//     S = Q Kᵀ on tensor cores, masks it (only tiles that cross the diagonal or the end of the keys),
+//     updates the running row max m and row sum l (online softmax, ex2.approx with the scale folded
+//     into log2 e), rescales the O accumulator and adds P V, with P converted in registers from the S
+//     accumulator layout to the A operand layout (no trip through shared memory). Each K/V fragment read
+//     from shared memory (ldmatrix) feeds the warp's M_TILES m-tiles. out = O / l,
 //     L = (m + log2 l) · ln 2.
-//     Launch: grid (ceil(Tq / 64), B·H), block 128 threads = 4 warps, warp w owns query rows
-//     16w … 16w + 15 of the tile. Query tiles are handed out last-first (the longest rows start first).
-//     Shared memory (dynamic): Q tile 64 × (D + 8) plus two buffers each of K and V, 64 × (D + 8)
-//     elements of 2 bytes: 46 KB at D = 64, 87 KB at D = 128. Rows are padded by 16 bytes so that
-//     ldmatrix reads hit 8 different bank groups. K/V tiles are double-buffered with cp.async: tile
-//     t + 1 is in flight while tile t is multiplied. Rows past Tq / Tk are zero-filled, never read
-//     from global memory.
+//     Builds: _w4 = 4 warps × 16 rows (BLOCK_Q 64), _w8 = 8 warps × 16 rows (128), _w4m2 = 4 warps ×
+//     32 rows (128; half the shared-memory reads per mma, 234 registers). gpu_attention.FORWARD_VARIANT
+//     picks one per head dim.
+//     Launch: grid (ceil(Tq / BLOCK_Q), B·H), block 32·warps threads. Query tiles are handed out
+//     last-first (the longest rows start first).
+//     Shared memory (dynamic): Q tile BLOCK_Q × (D + 8) plus two buffers each of K and V, 64 × (D + 8),
+//     all 2-byte: (BLOCK_Q + 256)·(D + 8)·2 bytes, e.g. 45 KiB for _w4 and 54 KiB for _w4m2 at D = 64,
+//     85 KiB for _w4 at D = 128. Rows are padded by 16 bytes so that ldmatrix reads hit 8 different bank
+//     groups. K/V tiles are double-buffered with cp.async: tile t + 1 is in flight while tile t is
+//     multiplied. Rows past Tq / Tk are zero-filled, never read from global memory. Inputs must be
+//     C-contiguous and 16-byte aligned (gpu_attention makes them so).
 //     out is written in the input dtype, lse in fp32.
 //   attention_forward_fp32_d{64,128}   plain fp32, for checking: one warp per query row, the online
 //     softmax over keys one at a time; lane l holds dims l, l + 32, … Grid (ceil(Tq / 4), B·H),

@@ -1,8 +1,11 @@
 """MinHash estimates against exact Jaccard, LSH recall, union-find clustering, exact dedup."""
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from tinygrad_llm.data.dedup import _word_units
 from tinygrad_llm.data.dedup import (ExactDeduplicator, MinHasher, UnionFind, collision_probability, exact_jaccard,
                                      lsh_candidate_pairs, lsh_params, near_duplicate_clusters, shingle_hashes)
 
@@ -41,6 +44,19 @@ def test_minhash_of_word_trigrams_tracks_exact_jaccard(words_a, words_b):
     j = exact_jaccard(shingle_hashes(a), shingle_hashes(b))
     sig = MinHasher(num_perm=256, seed=3).signatures([a, b])
     assert abs(np.mean(sig[0] == sig[1]) - j) <= 5 * np.sqrt(max(j * (1 - j), 0.01) / 256) + 1e-9
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=300))
+def test_vectorised_words_match_the_regex(text):
+    lowered = text.lower()
+    words = re.findall(r"\w+", lowered)
+    hashes, starts = _word_units(lowered)
+    assert len(hashes) == len(words)
+    seen = {}
+    for word, h in zip(words, hashes.tolist()):              # equal words, equal hashes
+        assert seen.setdefault(word, h) == h
+    assert len(set(seen.values())) == len(seen)              # different words, different hashes
 
 
 def test_identical_and_disjoint_documents():

@@ -4,7 +4,8 @@ Every check draws fresh random inputs, poisons every output buffer with NaN befo
 element the kernel forgot to write fails), and compares ‖kernel − reference‖ / ‖reference‖ with the
 reference computed by `CausalAttention` on the inputs upcast to float64 (bf16/fp16 inputs are rounded
 first, so only the kernel's own arithmetic is measured). Tolerances: 1e-2 for bf16 and fp16, 1e-5 for
-fp32. GPU tests skip cleanly where CuPy or a GPU is missing.
+fp32. Every build of each tensor-core kernel (gpu_attention.FORWARD_VARIANTS / BACKWARD_VARIANTS) is
+checked, not only the default one. GPU tests skip cleanly where CuPy or a GPU is missing.
 """
 from __future__ import annotations
 

@@ -15,9 +15,10 @@ Precision: bfloat16 and float16 inputs run on tensor cores (mma.sync) with float
 dq, dk, dv come back in the input dtype, lse in float32 (dq is accumulated in a float32 buffer by
 atomics, then cast). float32 inputs take plain-FMA kernels (slow: for checking, and for float32 models).
 
-Simplifications: head dims 64 and 128 only; inputs are made C-contiguous (a copy when they are not);
-dk and dv are summed over the query heads of a group inside one thread block, while dq is summed over
-key blocks with float32 atomics, so dq's last bits can vary from run to run (dk and dv cannot).
+Simplifications: head dims 64 and 128 only; inputs are made C-contiguous and 16-byte aligned (a copy
+when they are not); dk and dv are summed over the query heads of a group inside one thread block, while
+dq is summed over key blocks with float32 atomics, so dq's last bits can vary from run to run (dk and dv
+cannot).
 """
 from __future__ import annotations
 
@@ -36,9 +37,9 @@ _TENSOR_CORE_DTYPES = ("bf16", "fp16")
 # 16·m query rows (w4: 64-row tiles, w8: 128, w4m2: 4 warps × 32 rows = 128, each K/V fragment serving
 # two m-tiles). Backward: a warp owns 16·m keys (w4: 64-key tiles, w8: 128, w4m2q32: 4 warps × 32 keys),
 # and a step takes 64 query rows at D = 64, 32 at D = 128, or q<rows>. Chosen by timing on an H200
-# (benchmarks/gpu_attention.py --sweep; benchmarks/RESULTS.md).
+# (benchmarks/gpu_attention.py --sweep, 2026-11-22; benchmarks/RESULTS.md). Tests run every build.
 FORWARD_VARIANT = {64: "w4m2", 128: "w8"}
-BACKWARD_VARIANT = {64: "w8", 128: "w4"}
+BACKWARD_VARIANT = {64: "w4m2q32", 128: "w4"}
 FORWARD_VARIANTS = {64: ("w4", "w8", "w4m2"), 128: ("w4", "w8")}
 BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32"), 128: ("w4", "w8")}
 _BLOCK_K_FORWARD = 64

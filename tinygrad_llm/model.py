@@ -229,7 +229,7 @@ class HeadCrossEntropy(Function):
         losses = parallel_items(part, split(grad.shape[0], 64) if xp is np else [(0, grad.shape[0])])
         self.save(x=x, weight=weight, grad=grad)
         loss = sum(losses) / count if count else float("nan")
-        return xp.asarray(loss, dtype=x.dtype)
+        return xp.asarray(loss, dtype=grad.dtype)                         # float32 even for bf16 activations
 
     def backward(self, dy):
         x, weight, grad = self.saved
@@ -237,8 +237,8 @@ class HeadCrossEntropy(Function):
         if float(scale) != 1.0:
             grad = grad * scale
         x2 = x.reshape(-1, x.shape[-1])
-        dx = (grad @ weight).reshape(x.shape) if self.needs_input_grad[0] else None
-        dweight = grad.T @ x2 if self.needs_input_grad[1] else None
+        dx = (grad @ weight).reshape(x.shape).astype(x.dtype, copy=False) if self.needs_input_grad[0] else None
+        dweight = (grad.T @ x2).astype(weight.dtype, copy=False) if self.needs_input_grad[1] else None
         return dx, dweight
 
 
@@ -435,7 +435,11 @@ class GPT(Module):
                              f"{self.config.max_seq_len}; crop the context (generate() keeps the last "
                              f"max_seq_len tokens)")
         trunk = self.model
-        x = trunk.dropout(F.embedding(ids, trunk.embed_tokens.weight))     # (B, T, C)
+        x = F.embedding(ids, trunk.embed_tokens.weight)                    # (B, T, C)
+        activation_dtype = precision.activation_dtype(x.data)              # bf16/fp16 under a GPU policy
+        if activation_dtype != x.dtype:
+            x = x.astype(activation_dtype)
+        x = trunk.dropout(x)
         if precision.activation_dtype(x.data) != x.dtype:                  # a bf16/fp16 policy on the GPU
             x = x.astype(precision.activation_dtype(x.data))
         rope_tables = None if cache is not None else self._rope_tables(ids.shape[1], x.data)

@@ -63,7 +63,7 @@ import re
 import sys
 import warnings
 from collections import Counter
-from itertools import chain
+from itertools import chain, repeat
 
 import regex
 
@@ -119,6 +119,34 @@ def resolve_pattern(pattern):
     return pattern
 
 
+def _next_safe_cut(text, position):
+    """The first place at or after position + 1 where text may be cut without changing the pre-tokens of
+    a built-in pattern, or -1: just after a newline that has a non-space character on both sides. Both
+    patterns end a pre-token there and start the next one afresh (a lone newline between two non-space
+    characters is a pre-token of its own, or the end of a punctuation run in GPT4_PATTERN, in the whole
+    text and in the cut one alike). A newline next to other whitespace is no such place: GPT2_PATTERN's
+    `\\s+(?!\\S)` splits "  \\n" + "X" differently from "  \\n" at the end of a text."""
+    found = _SAFE_CUT.search(text, position)
+    return -1 if found is None else found.end()
+
+
+def _last_safe_cut(text, low, high):
+    """The last safe cut c (as in _next_safe_cut) with low < c <= high < len(text), or low if none."""
+    newline = text.rfind("\n", low, high)
+    while newline >= 1:
+        if not text[newline - 1].isspace() and not text[newline + 1].isspace():
+            return newline + 1
+        newline = text.rfind("\n", low, newline)
+    return low
+
+
+# str.isspace() is true for every character that `regex` counts as \s (a test checks all code points), and
+# stdlib re's \s and \S on str follow str.isspace(), so this finds places that are safe for both patterns.
+_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+_MIXED_MARGIN = 1 << 12    # text after a non-ASCII character that goes to `regex` with it (see findall)
+
+
 class _Splitter:
     """Cuts text into pre-tokens: `regex` for the pattern, the stdlib fast path for ASCII text."""
 
@@ -133,34 +161,55 @@ class _Splitter:
             raise ValueError("the split pattern has capturing groups; write them as (?:...) instead")
 
     def findall(self, text):
-        if self.ascii_compiled is not None and text.isascii():
-            pieces = self.ascii_compiled.findall(text)
-        else:
+        if self.ascii_compiled is None:
             pieces = self.compiled.findall(text)
-        if not self.builtin and sum(map(len, pieces)) != len(text):
-            # findall silently skips what the pattern does not match; a custom pattern must not lose text.
-            raise ValueError("the split pattern does not match every character of the text, so some text "
-                             "would be silently dropped; end the pattern with a catch-all such as '|\\s+|.'")
+            if sum(map(len, pieces)) != len(text):
+                # findall silently skips what the pattern does not match; a custom pattern must not lose text.
+                raise ValueError("the split pattern does not match every character of the text, so some text "
+                                 "would be silently dropped; end the pattern with a catch-all such as '|\\s+|.'")
+            return pieces
+        if text.isascii():
+            return self.ascii_compiled.findall(text)
+        return self._findall_mixed(text)
+
+    def _findall_mixed(self, text):
+        """Built-in pattern on text that is not pure ASCII. Mostly-English text often holds a few non-ASCII
+        characters (a name with an accent, a ligature); rather than sending all of it to `regex`, cut it at
+        safe places: each non-ASCII character goes to `regex` together with the text from the last safe
+        cut before it to the first safe cut at least _MIXED_MARGIN characters after it, and the ASCII
+        stretches between such windows go to the stdlib fast path. Text dense in non-ASCII characters
+        ends up in a few large `regex` windows, as before."""
+        ascii_findall, full_findall = self.ascii_compiled.findall, self.compiled.findall
+        pieces, start, n = [], 0, len(text)
+        while start < n:
+            found = _NON_ASCII.search(text, start)
+            if found is None:
+                pieces += ascii_findall(text[start:])
+                break
+            cut = _last_safe_cut(text, start, found.start())
+            if cut > start:
+                pieces += ascii_findall(text[start:cut])
+                start = cut
+            end = _next_safe_cut(text, found.start() + _MIXED_MARGIN)
+            if end == -1:
+                end = n
+            pieces += full_findall(text[start:end])
+            start = end
         return pieces
 
     def safe_chunks(self, text):
-        """Cut a long text where no built-in pattern can join across: after a newline that is followed by
-        a non-space character. Custom patterns get the text whole."""
+        """Cut a long text where no built-in pattern can join across (see _next_safe_cut), into chunks of
+        at least _SAFE_CHUNK_CHARS characters. Custom patterns get the text whole."""
         if not self.builtin or len(text) <= 2 * _SAFE_CHUNK_CHARS:
             yield text
             return
         start, end = 0, len(text)
         while end - start > 2 * _SAFE_CHUNK_CHARS:
-            position = start + _SAFE_CHUNK_CHARS
-            while True:
-                cut = text.find("\n", position)
-                if cut == -1 or cut + 1 >= end or not text[cut + 1].isspace():
-                    break
-                position = cut + 1
-            if cut == -1 or cut + 1 >= end:
+            cut = _next_safe_cut(text, start + _SAFE_CHUNK_CHARS)
+            if cut == -1:
                 break
-            yield text[start:cut + 1]
-            start = cut + 1
+            yield text[start:cut]
+            start = cut
         yield text[start:]
 
 
@@ -410,12 +459,47 @@ def _bpe_long(data, ranks):
     return ids
 
 
+def _pair_ranks(ranks):
+    """Dict (left id, right id) -> id of the joined token, for EVERY way of cutting every token into two
+    tokens (not only the merge that built it): in tiktoken's rule the rank of two adjacent parts is the
+    rank of their joined bytes, however the parts came about."""
+    pairs = {}
+    for data, rank in ranks.items():
+        for cut in range(1, len(data)):
+            left = ranks.get(data[:cut])
+            if left is not None:
+                right = ranks.get(data[cut:])
+                if right is not None:
+                    pairs[left, right] = rank
+    return pairs
+
+
+def _bpe_ids(data, pair_ranks):
+    """_bpe_short on ids: the parts are always tokens, so a pair's rank is pair_ranks[(left id, right id)]
+    (= the joined token's id), with no bytes joined or hashed. The -1 at both ends pair with nothing, so
+    the neighbours of a join are updated without bounds checks."""
+    ids = [-1, *data, -1]
+    get = pair_ranks.get
+    ranks = list(map(get, zip(ids, ids[1:]), repeat(_INFINITE_RANK)))
+    best = min(ranks)
+    while best != _INFINITE_RANK:
+        i = ranks.index(best)                   # leftmost of the lowest rank
+        ids[i] = best
+        del ids[i + 1], ranks[i]
+        ranks[i - 1] = get((ids[i - 1], best), _INFINITE_RANK)
+        ranks[i] = get((best, ids[i + 1]), _INFINITE_RANK)
+        best = min(ranks)
+    del ids[0], ids[-1]
+    return tuple(ids)
+
+
 class _PieceCache(dict):
     """pre-token (str) -> tuple of ids; a miss runs BPE. Emptied wholesale past CACHE_LIMIT entries."""
 
     def __init__(self, ranks):
         super().__init__()
         self.ranks = ranks
+        self.pair_ranks = None                  # built on the first piece that needs merging
 
     def __missing__(self, piece):
         try:
@@ -428,7 +512,9 @@ class _PieceCache(dict):
         if rank is not None:
             ids = (rank,)
         elif len(data) <= _SHORT_PIECE:
-            ids = tuple(_bpe_short(data, self.ranks))
+            if self.pair_ranks is None:
+                self.pair_ranks = _pair_ranks(self.ranks)
+            ids = _bpe_ids(data, self.pair_ranks)
         else:
             ids = tuple(_bpe_long(data, self.ranks))
         if len(self) >= CACHE_LIMIT:

@@ -85,7 +85,8 @@ class TrainConfig:
     seed: int = 1337
     out_dir: str = "runs/default"
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "float32"            # parameter dtype
+    precision: str = "fp32"           # GPU mixed-precision policy: fp32, tf32, bf16, fp16 (tinygrad_llm.precision)
     resume: bool = False
     progress: bool = True
 
@@ -116,6 +117,8 @@ class TrainConfig:
             backend.normalize_device(self.device)
         except ValueError as error:
             problems.append(str(error))
+        if self.precision not in ("fp32", "tf32", "bf16", "fp16"):
+            problems.append(f"precision must be fp32, tf32, bf16 or fp16, got {self.precision!r}")
         if problems:
             raise ValueError("invalid training configuration: " + "; ".join(problems))
 
@@ -399,6 +402,10 @@ def train(config: TrainConfig, log=None) -> dict:
     data = build_data(config)
     model_config = model_config_for(config, data.tokenizer.vocab_size)
 
+    from . import precision
+    precision.set_policy(config.precision)          # a no-op on the CPU
+    scaler = precision.LossScaler(enabled=config.precision == "fp16" and device == "cuda")
+
     global_rng.manual_seed(config.seed)
     model = GPT(model_config)
     model.to(device=device, dtype=dtype)
@@ -474,10 +481,16 @@ def train(config: TrainConfig, log=None) -> dict:
             for micro in range(config.grad_accum):
                 x, y = data.train.batch(step * config.grad_accum + micro)
                 _, loss = model(backend.to_device(x, device), backend.to_device(y, device), return_logits=False)
-                loss.backward(backend.to_device(np.asarray(1.0 / config.grad_accum, dtype=loss.dtype), device))
+                seed = scaler.scale / config.grad_accum                   # mean over micro-batches (× loss scale)
+                loss.backward(backend.to_device(np.asarray(seed, dtype=loss.dtype), device))
                 step_loss += float(loss.item()) / config.grad_accum
             data.train.step = (step + 1) * config.grad_accum
-            grad_norm = optimizer.gather_grads()
+            grad_norm = optimizer.gather_grads() / scaler.scale
+            if scaler.enabled and not scaler.update(math.isfinite(grad_norm)):   # fp16 overflow: rescale, retry
+                optimizer.zero_grad()
+                metrics.write({"event": "loss_scale_backoff", "step": step, "scale": scaler.scale})
+                step += 1
+                continue
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 bad_streak += 1
                 optimizer.zero_grad()
@@ -496,7 +509,7 @@ def train(config: TrainConfig, log=None) -> dict:
                 continue
             bad_streak = 0
             scale = min(1.0, config.grad_clip / (grad_norm + 1e-6)) if config.grad_clip > 0 else 1.0
-            optimizer.step(lr=lr, grad_scale=scale)
+            optimizer.step(lr=lr, grad_scale=scale / scaler.scale)
             optimizer.zero_grad()
             step += 1
             elapsed = time.perf_counter() - t0

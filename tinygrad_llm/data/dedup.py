@@ -6,9 +6,10 @@ k = 1..num_perm, h_k(x) = a_k·x mod 2^32 (a_k odd: a bijection on odd numbers, 
 permutation of the shingle hashes, and the signature keeps min_x h_k(x). For two sets A and B, P[min h_k(A) = min h_k(B)] = J(A, B) = |A∩B| / |A∪B|, so the share of equal
 signature slots estimates the Jaccard similarity with standard error sqrt(J(1-J)/num_perm).
 
-Vectorised: a batch of documents is joined and tokenised by one regex call; words are hashed once per
-distinct word (blake2b, cached); n-gram hashes are combined from word hashes with NumPy integer
-arithmetic; the (shingles × num_perm) 32-bit products are formed a cache-sized block at a time and reduced per
+Vectorised: a batch of documents is lowercased, joined and turned into code points; word characters
+(exactly `re`'s \\w) are found with a lookup table and every word is hashed at once with NumPy
+(random per-character values times per-position multipliers, summed per word by `np.add.reduceat`);
+n-gram hashes are combined from word hashes with NumPy integer arithmetic; the (shingles × num_perm) 32-bit products are formed a cache-sized block at a time and reduced per
 document with `np.minimum.reduceat`. Nothing loops in Python per shingle, per permutation or (for word
 shingles) per document.
 
@@ -26,12 +27,10 @@ which only near-identical boilerplate produces) are linked as a star instead of 
 """
 import functools
 import hashlib
-import re
 
 import numpy as np
 
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz   # NumPy < 2 calls it trapz
-_WORD = re.compile(r"\w+")
 _MERSENNE = np.uint64((1 << 61) - 1)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -50,7 +49,8 @@ def _mix64(x):
 
 
 class _WordHashes(dict):
-    """word -> 64-bit blake2b hash, computed once per distinct word (deterministic across runs)."""
+    """word -> 64-bit blake2b hash, computed once per distinct word (deterministic across runs); used by
+    the classifier's features."""
 
     def __missing__(self, word):
         if len(self) > 2_000_000:
@@ -68,21 +68,18 @@ def shingle_hashes(text: str, kind="word", n=3, lowercase=True) -> np.ndarray:
 
     kind="word": n-grams of `\\w+` words; kind="char": n-grams of characters. A document shorter than
     n units gives one shingle of all its units (as datasketch's usual recipe does); an empty one, none."""
+    if not 1 <= n <= len(_NGRAM_MULTIPLIERS):
+        raise ValueError(f"n must be in 1..{len(_NGRAM_MULTIPLIERS)}")
+    if kind == "word":                                # always lowercased, as MinHasher does
+        return _batch_word_shingles([text], n)[0]
     if lowercase:
         text = text.lower()
-    if kind == "word":
-        words = _WORD.findall(text)
-        if not words:
-            return np.zeros(0, np.uint64)
-        units = np.fromiter(map(_word_hashes.__getitem__, words), dtype=np.uint64, count=len(words))
-    elif kind == "char":
+    if kind == "char":
         if not text:
             return np.zeros(0, np.uint64)
         units = _mix64(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64))
     else:
         raise ValueError(f"shingle kind must be 'word' or 'char', not {kind!r}")
-    if not 1 <= n <= len(_NGRAM_MULTIPLIERS):
-        raise ValueError(f"n must be in 1..{len(_NGRAM_MULTIPLIERS)}")
     m = min(n, len(units))
     count = len(units) - m + 1
     combined = units[:count] * _NGRAM_MULTIPLIERS[0]
@@ -101,7 +98,7 @@ class MinHasher:
     at the price of merging hash pairs (collision rate 2^-31 instead of 2^-32).
     Shapes: shingles (N,) uint64 with their document numbers (N,); signatures (D, num_perm) uint32."""
 
-    def __init__(self, num_perm=128, seed=1, kind="word", n=3, block=2048, batch_chars=1 << 22):
+    def __init__(self, num_perm=128, seed=1, kind="word", n=3, block=2048, batch_chars=1 << 21):
         self.num_perm, self.seed, self.kind, self.n = num_perm, seed, kind, n
         self.block, self.batch_chars = block, batch_chars
         rng = np.random.default_rng(seed)
@@ -122,10 +119,8 @@ class MinHasher:
             while hi < len(texts) and (hi == lo or size + len(texts[hi]) <= self.batch_chars):
                 size += len(texts[hi])
                 hi += 1
-            x, doc, short = _batch_word_shingles(texts[lo:hi], self.n)
+            x, doc = _batch_word_shingles(texts[lo:hi], self.n)
             out[lo:hi] = self._reduce(x, doc, hi - lo)
-            for d in short:                            # fewer words than n: one shingle of them all
-                out[lo + d] = self.signatures_from_shingles([shingle_hashes(texts[lo + d], "word", self.n)])[0]
             lo = hi
         return out
 
@@ -151,30 +146,67 @@ class MinHasher:
         return mins
 
 
-_WORD_OR_SEPARATOR = re.compile(r"\w+|\x00")
+_word_tables_cache = None
+
+
+def _word_tables():
+    """(is_word (0x110000,) bool: exactly `re`'s \\w, i.e. str.isalnum() or '_'; char_value (0x110000,)
+    uint64 random; position_multiplier (64,) odd uint64), built once (about 0.1 s) with a fixed seed."""
+    global _word_tables_cache
+    if _word_tables_cache is None:
+        is_word = np.fromiter((c.isalnum() or c == "_" for c in map(chr, range(0x110000))), dtype=bool, count=0x110000)
+        rng = np.random.default_rng(0x5EED)
+        char_value = rng.integers(0, 2 ** 64, 0x110000, dtype=np.uint64, endpoint=False)
+        position_multiplier = rng.integers(0, 2 ** 63, 64, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        _word_tables_cache = (is_word, char_value, position_multiplier)
+    return _word_tables_cache
+
+
+def _word_units(lowered: str):
+    """Hashes (W,) uint64 of the `\\w+` words of an already lowercased string and their first code
+    point offsets (W,), without a Python-level loop: a word's hash is mix64(Σ_i value[c_i]·mult[i mod 64])
+    over its characters c_i (order-sensitive; words longer than 64 characters reuse multipliers)."""
+    is_word, char_value, position_multiplier = _word_tables()
+    cp = np.frombuffer(lowered.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)    # (chars,)
+    idx = np.flatnonzero(is_word[cp])                                                   # word characters
+    if len(idx) == 0:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    first = np.flatnonzero(np.r_[True, idx[1:] != idx[:-1] + 1])       # (W,) word starts, as indices into idx
+    word_start = np.zeros(len(idx), dtype=np.int64)
+    word_start[first] = first
+    position = np.arange(len(idx)) - np.maximum.accumulate(word_start)  # (chars in words,) index in its word
+    terms = char_value[cp[idx]] * position_multiplier[position & 63]
+    return _mix64(np.add.reduceat(terms, first)), idx[first]
 
 
 def _batch_word_shingles(texts, n):
-    """Word n-gram hashes of several texts at once: (hashes (N,), document numbers (N,), short docs).
+    """Word n-gram hashes of several texts at once: (hashes (N,), document numbers (N,)).
 
-    The texts are joined with NUL (never a word character) and tokenised by one regex call; the
-    n-grams that would straddle a separator are masked out. `short` lists documents with at least one
-    but fewer than n words, whose single shingle the caller computes separately."""
-    joined = "\x00".join(t.replace("\x00", " ") for t in texts).lower()
-    tokens = _WORD_OR_SEPARATOR.findall(joined)
-    units = np.fromiter(map(_word_hashes.__getitem__, tokens), dtype=np.uint64, count=len(tokens))
-    is_sep = units == np.uint64(_word_hashes["\x00"])                    # a word sharing it: p = 2^-64
-    seps_before = np.concatenate([[0], np.cumsum(is_sep)])                # (tokens + 1,)
-    words_per_doc = np.bincount(seps_before[:-1][~is_sep], minlength=len(texts))
-    short = np.flatnonzero((words_per_doc > 0) & (words_per_doc < n)).tolist()
+    The lowercased texts are joined with NUL (not a word character) and hashed by `_word_units`;
+    n-grams that would straddle two documents are masked out. A document with at least one but fewer
+    than n words gets one shingle of all its words, appended after the others (its only segment)."""
+    lowered = [t.lower() for t in texts]
+    units, starts = _word_units("\x00".join(lowered))
+    doc_starts = np.cumsum([0] + [len(t) + 1 for t in lowered[:-1]])                   # code point offsets
+    doc = np.searchsorted(doc_starts, starts, side="right") - 1                       # (W,) document of each word
     count = len(units) - n + 1
-    if count <= 0:
-        return np.zeros(0, np.uint64), np.zeros(0, np.int64), short
-    combined = units[:count] * _NGRAM_MULTIPLIERS[0]
-    for k in range(1, n):
-        combined += units[k: k + count] * _NGRAM_MULTIPLIERS[k]
-    valid = seps_before[n: n + count] == seps_before[:count]              # no separator inside the window
-    return _mix64(combined[valid]), seps_before[:count][valid], short
+    if count > 0:
+        combined = units[:count] * _NGRAM_MULTIPLIERS[0]
+        for k in range(1, n):                         # position-dependent multipliers: "a b" != "b a"
+            combined += units[k: k + count] * _NGRAM_MULTIPLIERS[k]
+        valid = doc[n - 1: n - 1 + count] == doc[:count]                  # the window stays in one document
+        hashes, owners = [_mix64(combined[valid])], [doc[:count][valid]]
+    else:
+        hashes, owners = [], []
+    words_per_doc = np.bincount(doc, minlength=len(texts))
+    first_word = np.cumsum(words_per_doc) - words_per_doc
+    for d in np.flatnonzero((words_per_doc > 0) & (words_per_doc < n)).tolist():
+        w = units[first_word[d]: first_word[d] + words_per_doc[d]]
+        hashes.append(_mix64(np.array([(w * _NGRAM_MULTIPLIERS[: len(w)]).sum(dtype=np.uint64)])))
+        owners.append(np.array([d]))
+    if not hashes:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    return np.concatenate(hashes), np.concatenate(owners).astype(np.int64)
 
 
 def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:

@@ -16,7 +16,8 @@ class Dropout(Function):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         rng = random_generator(seed, like=x)
-        mask = (rng.random(x.shape, dtype=x.dtype) >= p).astype(x.dtype) / x.dtype.type(1.0 - p)
+        draw = x.dtype if x.dtype.name in ("float32", "float64") else "float32"   # generators draw no bf16/fp16
+        mask = (rng.random(x.shape, dtype=draw) >= p).astype(x.dtype) / x.dtype.type(1.0 - p)
         self.save(mask=mask)
         return x * mask
 
