@@ -113,11 +113,13 @@ def main():
     kept = [x for x, k in zip(unique, keep) if k]
 
     from tinygrad_llm.data.classifier import load_labelled_jsonl, train_classifier
-    labelled = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "data", "quality.jsonl")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    labelled = os.path.join(root, "examples", "data", "quality.jsonl")
     if os.path.exists(labelled):
         texts, labels = load_labelled_jsonl(labelled)
         t_train, (model, _) = best_of(lambda: train_classifier(texts, labels, keep_label="keep", epochs=5), 1)
-        rows.append((f"classifier training ({len(texts)} examples, 5 epochs)", len(texts), megabytes(texts) * 5, t_train))
+        rows.append((f"classifier training ({len(texts)} examples, 5 epochs)", len(texts), megabytes(texts) * 5,
+                     t_train))
         t, _ = best_of(lambda: model.predict_proba(kept), args.repeat)
         rows.append(("classifier scoring", len(kept), megabytes(kept), t))
 
@@ -166,7 +168,8 @@ def main():
         print(f"| {e['set']} | {e['ours_lsh_s']:.2f} | {e['ours_pairs']} | {ds} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"stages": [dict(stage=s, docs=n, mb=mb, seconds=t) for s, n, mb, t in rows], "minhash": minhash}, f, indent=1)
+            json.dump({"stages": [dict(stage=s, docs=n, mb=mb, seconds=t) for s, n, mb, t in rows],
+                       "minhash": minhash}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -298,8 +298,15 @@ def gpt2_config():
                      max_seq_len=TIME)
 
 
-def bench_training(policy_name="bf16", steps=6, warmup=2):
-    """tokens/s, MFU and pool peak of full training steps of the GPT-2-size model."""
+def shakespeare_config():
+    """nanoGPT's shakespeare_char GPU configuration (torch_ref.py's 'shakespeare-char'), B 64, T 256."""
+    from tinygrad_llm.model import GPTConfig
+    return GPTConfig(vocab_size=65, d_model=384, n_layers=6, n_heads=6, ffn_hidden=1024, max_seq_len=256,
+                     dropout=0.2)
+
+
+def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False):
+    """tokens/s, MFU and pool peak of full training steps of the GPT-2-size model (or the char model)."""
     cp = backend.cupy_module()
     from tinygrad_llm import manual_seed
     from tinygrad_llm.model import GPT
@@ -308,14 +315,15 @@ def bench_training(policy_name="bf16", steps=6, warmup=2):
     pool.free_all_blocks()
     precision.set_policy(policy_name)
     try:
-        config = gpt2_config()
+        config = shakespeare_config() if shakespeare else gpt2_config()
+        batch, length = (64, 256) if shakespeare else (BATCH, TIME)
         manual_seed(0)
         model = GPT(config).to("cuda")                      # float32 master weights; GPT casts activations
         params = model.num_parameters()
         optimizer = AdamW(model.named_parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
         rng = np.random.default_rng(0)
-        ids = cp.asarray(rng.integers(0, VOCAB, (BATCH, TIME)))
-        targets = cp.asarray(rng.integers(0, VOCAB, (BATCH, TIME)))
+        ids = cp.asarray(rng.integers(0, config.vocab_size, (batch, length)))
+        targets = cp.asarray(rng.integers(0, config.vocab_size, (batch, length)))
         times, losses = [], []
         for i in range(warmup + steps):
             cp.cuda.Device().synchronize()
@@ -331,9 +339,9 @@ def bench_training(policy_name="bf16", steps=6, warmup=2):
                 times.append(end - start)
             losses.append(float(loss.item()))
         step_s = float(np.median(times))
-        tokens_per_s = BATCH * TIME / step_s
-        flops_per_token = 6 * params + 12 * config.n_layers * HEADS * HEAD_DIM * TIME
-        result = dict(name=f"ours {policy_name}",
+        tokens_per_s = batch * length / step_s
+        flops_per_token = 6 * params + 12 * config.n_layers * config.n_heads * config.head_dim * length
+        result = dict(name=f"ours {policy_name}{' shakespeare-char' if shakespeare else ''}",
                       params=params, step_ms=step_s * 1e3, tokens_per_s=tokens_per_s,
                       tflops=tokens_per_s * flops_per_token / 1e12,
                       mfu=tokens_per_s * flops_per_token / PEAK_BF16_FLOPS, peak_pool_gib=pool.total_bytes() / 2 ** 30,
@@ -422,6 +430,7 @@ def main(argv=None):
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--skip-attention", action="store_true")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--shakespeare", action="store_true", help="also time the char model's training step")
     args = parser.parse_args(argv)
     cp = backend.cupy_module()
     torch = _torch()
@@ -448,6 +457,8 @@ def main(argv=None):
             cp.get_default_memory_pool().free_all_blocks()
     if not args.skip_e2e:
         attempt("training bf16", lambda: bench_training("bf16", args.steps), report["training"])
+    if args.shakespeare:
+        attempt("training shakespeare", lambda: bench_training("bf16", 20, 5, shakespeare=True), report["training"])
     if not args.skip_attention and (Path(__file__).parent / "gpu_attention.py").is_file():
         sys.path.insert(0, str(Path(__file__).parent))
         try:

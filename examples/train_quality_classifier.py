@@ -51,7 +51,8 @@ def junk_paragraph(rng):
     if kind == 1:                       # keyword spam
         return " ".join(_SPAM[i] for i in rng.integers(len(_SPAM), size=rng.integers(20, 60))) + "!!!"
     if kind == 2:                       # navigation / cookie boilerplate
-        return " | ".join(_NAV[i] for i in rng.integers(len(_NAV), size=rng.integers(6, 14))) + f" © {rng.integers(1999, 2030)}"
+        links = " | ".join(_NAV[i] for i in rng.integers(len(_NAV), size=rng.integers(6, 14)))
+        return links + f" © {rng.integers(1999, 2030)}"
     if kind == 3:                       # log lines
         lines = []
         for _ in range(rng.integers(3, 8)):
@@ -92,7 +93,8 @@ def make_data(path, per_class=250, seed=0):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--make-data", action="store_true", help="regenerate the labelled JSONL from the built-in corpus")
+    parser.add_argument("--make-data", action="store_true",
+                        help="regenerate the labelled JSONL from the built-in corpus")
     parser.add_argument("--data", default=DATA)
     parser.add_argument("--out", default=os.path.join("runs", "quality"))
     parser.add_argument("--epochs", type=int, default=5)

@@ -80,7 +80,8 @@ def test_bad_input_gives_clear_errors(tmp_path, capsys):
     assert main(["prepare", str(tmp_path / "e"), "--out", str(tmp_path / "o2"), "--no-progress"]) == 1
     assert "no document survived" in capsys.readouterr().err
     assert main(["prepare", str(tmp_path / "e"), "--out", str(tmp_path / "o3"), "--disable-filter", "bogus"]) == 2
-    assert main(["prepare", str(tmp_path / "e"), "--out", str(tmp_path / "o4"), "--classifier", str(tmp_path / "no")]) == 2
+    assert main(["prepare", str(tmp_path / "e"), "--out", str(tmp_path / "o4"),
+                 "--classifier", str(tmp_path / "no")]) == 2
     assert "classifier" in capsys.readouterr().err and not (tmp_path / "o4").exists()
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from tinygrad_llm.data.dedup import _word_units
-from tinygrad_llm.data.dedup import (ExactDeduplicator, MinHasher, UnionFind, collision_probability, exact_jaccard,
-                                     lsh_candidate_pairs, lsh_params, near_duplicate_clusters, shingle_hashes)
+from tinygrad_llm.data.dedup import (ExactDeduplicator, MinHasher, UnionFind, _word_units, collision_probability,
+                                     exact_jaccard, lsh_candidate_pairs, lsh_params, near_duplicate_clusters,
+                                     shingle_hashes)
 
 VOCAB = [f"w{i}" for i in range(5000)]
 
@@ -38,7 +38,8 @@ def test_minhash_estimates_within_expected_error():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(st.sampled_from(VOCAB[:60]), min_size=3, max_size=80), st.lists(st.sampled_from(VOCAB[:60]), min_size=3, max_size=80))
+@given(st.lists(st.sampled_from(VOCAB[:60]), min_size=3, max_size=80),
+       st.lists(st.sampled_from(VOCAB[:60]), min_size=3, max_size=80))
 def test_minhash_of_word_trigrams_tracks_exact_jaccard(words_a, words_b):
     a, b = " ".join(words_a), " ".join(words_b)
     j = exact_jaccard(shingle_hashes(a), shingle_hashes(b))

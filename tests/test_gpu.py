@@ -25,7 +25,7 @@ from tinygrad_llm.ops.rope import RoPE
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
-OWN_KERNELS = ["adamw.cu", "cross_entropy.cu", "embedding.cu", "rms_norm.cu", "rope.cu", "swiglu.cu"]
+OWN_KERNELS = ["adamw.cu", "cross_entropy.cu", "dropout.cu", "embedding.cu", "rms_norm.cu", "rope.cu", "swiglu.cu"]
 
 
 def gpu_test(function):
@@ -201,6 +201,30 @@ def test_rope_writes_into_a_strided_out_and_in_place(rng, poisoned):
     in_place = cp.asarray(x)
     gpu.rope_forward(in_place, cp.asarray(cos), cp.asarray(sin), out=in_place)
     assert _relative_error(in_place, want) < 1e-6
+
+
+# ------------------------------------------------------------------ dropout
+@gpu_test
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_kernel_drops_at_rate_p_and_scales_the_survivors(dtype_name, p, rng, poisoned):
+    from tinygrad_llm.ops.dropout import Dropout
+    dtype = _dtype(dtype_name)
+    x = _random(rng, (1001, 513), dtype)                                  # odd size: packs and a tail
+    cuda_x = backend.to_device(x, "cuda")
+    assert gpu.supports("dropout", cuda_x)
+    y, (dx,) = _run(Dropout, [cuda_x], backend.to_device(np.ones_like(x), "cuda"), p=p, seed=2024)
+    y, dx, x64 = _f64(y), _f64(dx), _f64(x)
+    kept = dx != 0
+    assert abs(1 - kept.mean() - p) < 0.005, "drop rate"
+    scale = float(np.asarray(1.0 / (1.0 - p), dtype=np.float32).astype(dtype))
+    np.testing.assert_allclose(dx[kept], scale, rtol=TOLERANCE[dtype_name])
+    np.testing.assert_allclose(y, x64 * dx, rtol=TOLERANCE[dtype_name], atol=1e-6)
+    again, _ = _run(Dropout, [cuda_x], backend.to_device(np.ones_like(x), "cuda"), p=p, seed=2024)
+    other, _ = _run(Dropout, [cuda_x], backend.to_device(np.ones_like(x), "cuda"), p=p, seed=2025)
+    assert np.array_equal(_f64(again), y) and not np.array_equal(_f64(other), y)
+    neighbours = kept[:, :-1] & kept[:, 1:]                               # no correlation between neighbours
+    assert abs(neighbours.mean() - (1 - p) ** 2) < 0.01
 
 
 # ------------------------------------------------------------------ cross-entropy

@@ -205,3 +205,19 @@ def test_fused_head_cross_entropy_matches_composed_path():
     ids = rng.integers(0, 11, (2, 9))
     _, loss = model(ids, ids, return_logits=False)
     np.testing.assert_allclose(loss.item(), model(ids, ids)[1].item(), rtol=1e-5)
+
+
+def test_chunked_rms_norm_matches_the_engine_op():
+    from tinygrad_llm.model import ChunkedRMSNorm
+    rng = np.random.default_rng(2)
+    x, w = rng.standard_normal((5, 300, 7)), 1 + 0.3 * rng.standard_normal(7)    # many chunks
+    dy = rng.standard_normal(x.shape)
+    a, wa = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
+    b, wb = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
+    ya, yb = ChunkedRMSNorm.apply(a, wa, eps=1e-5), F.rms_norm(b, wb, 1e-5)
+    ya.backward(dy)
+    yb.backward(dy)
+    np.testing.assert_allclose(ya.numpy(), yb.numpy(), atol=1e-12)
+    np.testing.assert_allclose(a.grad, b.grad, atol=1e-12)
+    np.testing.assert_allclose(wa.grad, wb.grad, atol=1e-10)
+    assert gradcheck(lambda t, v: ChunkedRMSNorm.apply(t, v, eps=1e-5), [x[:1, :4], w]).ok

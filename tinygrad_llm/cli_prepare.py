@@ -28,8 +28,10 @@ def add_prepare_parser(subparsers):
                     "write <out>/<prefix>_{train,val}_NNNNNN.bin shards, <out>/report.json and, for the "
                     "character tokenizer, <out>/vocab.json.")
     src = p.add_argument_group("input")
-    src.add_argument("inputs", nargs="*", help="text files, directories (recursive *.txt, *.md, *.jsonl) or JSONL files")
-    src.add_argument("--corpus", choices=["shakespeare"], help="use the built-in corpus (downloaded once into the cache)")
+    src.add_argument("inputs", nargs="*",
+                     help="text files, directories (recursive *.txt, *.md, *.jsonl) or JSONL files")
+    src.add_argument("--corpus", choices=["shakespeare"],
+                     help="use the built-in corpus (downloaded once into the cache)")
     src.add_argument("--offline", action="store_true", help="never download; fail if the built-in corpus is not cached")
     src.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     out = p.add_argument_group("output")
@@ -52,7 +54,8 @@ def add_prepare_parser(subparsers):
     st.add_argument("--no-clean", action="store_true", help="skip cleaning (NFC, whitespace, boilerplate)")
     st.add_argument("--keep-boilerplate", action="store_true", help="keep Project Gutenberg headers/licences")
     st.add_argument("--no-filters", action="store_true", help="skip the rule-based quality filters")
-    st.add_argument("--disable-filter", action="append", default=[], metavar="NAME", help="switch one filter off (repeatable)")
+    st.add_argument("--disable-filter", action="append", default=[], metavar="NAME",
+                    help="switch one filter off (repeatable)")
     st.add_argument("--filter", action="append", default=[], type=_filter_bound, metavar="NAME=LOW:HIGH",
                     help="override one filter's bounds, e.g. word_count=20:  (repeatable)")
     st.add_argument("--no-exact-dedup", action="store_true", help="skip exact (content hash) dedup")
@@ -123,7 +126,8 @@ def run_prepare(args) -> int:
     config = PipelineConfig(
         clean=not args.no_clean, strip_boilerplate=not args.keep_boilerplate, filters=filters,
         exact_dedup=not args.no_exact_dedup, near_dedup=not args.no_near_dedup, near_threshold=threshold,
-        near_action=args.near_action, near_keep=args.near_keep, num_perm=args.num_perm, shingle=args.shingle, ngram=args.ngram,
+        near_action=args.near_action, near_keep=args.near_keep, num_perm=args.num_perm, shingle=args.shingle,
+        ngram=args.ngram,
         classifier=args.classifier, classifier_threshold=args.classifier_threshold,
         val_fraction=args.val_fraction, split=args.split, shard_tokens=args.shard_tokens, eot=not args.no_eot,
         workers=max(1, args.workers), prefix=args.prefix or (args.corpus or "data"))

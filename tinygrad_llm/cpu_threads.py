@@ -75,3 +75,20 @@ def split(total: int, min_chunk: int = 1, parts: int | None = None) -> list:
     count = max(1, min(parts or thread_count(), total // max(1, min_chunk)))
     bounds = [total * i // count for i in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+def run_chunked(function, total: int, chunk: int):
+    """function(start, end) over range(total) in chunks of `chunk` items (cache-sized pieces), the chunks
+    dealt round-robin to the threads; returns the results in chunk order."""
+    chunk = max(1, int(chunk))
+    ranges = [(start, min(start + chunk, total)) for start in range(0, total, chunk)]
+    threads = min(thread_count(), len(ranges))
+    groups = [list(range(i, len(ranges), threads)) for i in range(threads)]
+    results = [None] * len(ranges)
+
+    def work(indices):
+        for i in indices:
+            results[i] = function(*ranges[i])
+
+    parallel_items(work, groups)
+    return results

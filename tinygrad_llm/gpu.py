@@ -156,6 +156,9 @@ def supports(op_name: str, *arrays) -> bool:
     if op_name == "swiglu_packed":                # (gate_up,) = [gate | up] along the last axis
         (gate_up,) = arrays
         return _float_kind(gate_up) and gate_up.ndim >= 1 and gate_up.shape[-1] % 2 == 0
+    if op_name == "dropout":                      # (x,)
+        (x,) = arrays
+        return _float_kind(x)
     if op_name == "rope":                         # (x,) or (dy,)
         (x,) = arrays
         return _float_kind(x) and x.ndim == 4 and x.shape[-1] % 2 == 0
@@ -298,6 +301,21 @@ def swiglu_packed_backward(dy, gate_up):
     rows = gate_up.size // (2 * width) if width else 0
     _swiglu_launch_backward(dy, flat, flat[width:], dflat, dflat[width:], rows, width, 2 * width, 2 * width)
     return d_gate_up
+
+
+# ------------------------------------------------------------------ dropout
+def dropout_forward(x, p, seed):
+    """(y, mask): inverted dropout with a stateless counter-based stream (kernels/dropout.cu), mask in
+    x's dtype holding 0 or 1/(1 − p). The same seed gives the same mask; the bits differ from NumPy's."""
+    x = _contiguous(x)
+    y, mask = _empty(x.shape, x.dtype), _empty(x.shape, x.dtype)
+    if x.size:
+        threshold = min(int(p * 2.0 ** 32), 2 ** 32 - 1)
+        _function("dropout.cu", f"dropout_forward_{_suffix(x.dtype)}")(
+            *_grid(x.size // (16 // x.itemsize) + 1),
+            (x, y, mask, np.int64(x.size), np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF), np.uint32(threshold),
+             np.float32(1.0 / (1.0 - p))))
+    return y, mask
 
 
 # ------------------------------------------------------------------ RoPE

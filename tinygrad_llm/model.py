@@ -27,7 +27,7 @@ import numpy as np
 from . import backend, precision
 from . import functional as F
 from .backend import array_module, kernel
-from .cpu_threads import parallel_items, split
+from .cpu_threads import parallel_items, run_chunked, split, thread_count
 from .nn import Dropout, Embedding, Linear, Module, ModuleList, Parameter, RMSNorm, init_normal
 from .ops.attention import CausalAttention
 from .ops.rope import rope_angles
@@ -39,6 +39,20 @@ from .tensor import Function, Tensor
 # projections are sliced, rotated and re-laid-out without the zero-filled gradients of GetItem and
 # the extra copies of Permute/Reshape. The composed path (F.rope, F.causal_attention, F.swiglu on
 # slices) is what the KV-cached generation uses, and the tests check that both agree.
+
+# CPU tuning switches (the tests check both settings agree): keep attention probabilities between
+# forward and backward; use the chunked, threaded RMSNorm instead of the engine op.
+CPU_KEEP_PROBABILITIES = True
+CPU_CHUNKED_NORM = True
+ATTENTION_CHUNK_ELEMENTS = 1 << 17   # scores per attention chunk on the CPU (512 KiB of float32)
+
+
+def _rows_in_chunks(function, rows: int, width: int, xp):
+    """function(start, end) over row ranges of about ATTENTION_CHUNK_ELEMENTS elements, threaded on the CPU."""
+    if xp is not np:
+        return [function(0, rows)]
+    return run_chunked(function, rows, max(1, ATTENTION_CHUNK_ELEMENTS // max(1, width)))
+
 
 def _rotate_into(x, cos, sin, out, xp):
     """out = RoPE(x): (x₁, x₂) -> (x₁ cos − x₂ sin, x₂ cos + x₁ sin), pairs split at D/2. out may be a view."""
@@ -53,6 +67,65 @@ def _rotate_into(x, cos, sin, out, xp):
     xp.multiply(x2, cos, out=o2)
     o2 += x1 * sin
     return out
+
+
+_MASKS = {}
+
+
+def _causal_bias(group: int, time: int, dtype):
+    """(G·T, T) additive mask: 0 where query row i (of any head in the group) may see key j, −∞ after it."""
+    key = (group, time, np.dtype(dtype))
+    if key not in _MASKS:
+        bias = np.where(np.arange(time)[None, :] > np.arange(time)[:, None], -np.inf, 0.0).astype(dtype)
+        _MASKS[key] = np.ascontiguousarray(np.tile(bias, (group, 1)))
+    return _MASKS[key]
+
+
+class _KeptProbabilityAttention:
+    """Causal GQA attention for the CPU that keeps P between forward and backward (the inner half of
+    PackedRopeAttention; not a Function of its own). Same math as ops/attention.CausalAttention, whose
+    GPU kernel recomputes P to save memory; on the CPU the T×T probabilities of one cache-sized chunk
+    are cheap to keep, and keeping them saves the backward a GEMM and three passes over them.
+
+    Forward:  S = (q/√D) kᵀ + mask;  P = softmax(S);  O = P v
+    Backward: dv = Pᵀ dO;  dP = dO vᵀ;  dS = P ∘ (dP − rowsum(dO ∘ O));  dq = dS k / √D;  dk = dSᵀ q / √D
+    Shapes:   q, O (b, H, T, D), k, v (b, Hkv, T, D); the G = H/Hkv query heads of a group are stacked
+              along rows: (b, Hkv, G·T, D), so every product is one batched matmul.
+    """
+
+    def forward(self, q, k, v):
+        batch, heads, time, head_dim = q.shape
+        kv_heads = k.shape[1]
+        group = heads // kv_heads
+        scale = q.dtype.type(1.0 / math.sqrt(head_dim))
+        q3 = q.reshape(batch, kv_heads, group * time, head_dim)              # (b, H, T, D) -> (b, Hkv, G·T, D)
+        q3 *= scale                                                          # q is this op's own array
+        p = q3 @ np.ascontiguousarray(k.swapaxes(-1, -2))                   # (b, Hkv, G·T, T)
+        p += _causal_bias(group, time, p.dtype)
+        p -= p.max(axis=-1, keepdims=True)
+        np.exp(p, out=p)
+        row_sum = p.sum(axis=-1, keepdims=True)
+        np.reciprocal(row_sum, out=row_sum)
+        p *= row_sum                                                         # P
+        out = p @ v                                                          # (b, Hkv, G·T, D)
+        self.saved = (q3, k, v, p, out, scale)
+        return out.reshape(batch, heads, time, head_dim)
+
+    def backward(self, d_out):
+        q3, k, v, p, out, scale = self.saved
+        batch, head_dim = q3.shape[0], q3.shape[3]
+        d_out3 = d_out.reshape(q3.shape)                                     # (b, H, T, D) -> (b, Hkv, G·T, D)
+        dv = (np.ascontiguousarray(d_out3.swapaxes(-1, -2)) @ p).swapaxes(-1, -2)        # (b, Hkv, T, D)
+        ds = d_out3 @ np.ascontiguousarray(v.swapaxes(-1, -2))               # dP (b, Hkv, G·T, T)
+        ds -= (d_out3 * out).sum(axis=-1, keepdims=True)                     # dP − Δ
+        ds *= p                                                              # dS
+        dq = ds @ k                                                          # d(q/√D)
+        dq *= scale
+        dk = (np.ascontiguousarray(q3.swapaxes(-1, -2)) @ ds).swapaxes(-1, -2)          # q3 is q/√D already
+        return dq.reshape(batch, -1, k.shape[2], head_dim), dk, dv       # -> (b, H, T, D)
+
+    def free(self):
+        self.saved = None
 
 
 class PackedRopeAttention(Function):
@@ -84,13 +157,19 @@ class PackedRopeAttention(Function):
             _rotate_into(chunk[:, :, :heads].transpose(0, 2, 1, 3), cos, sin, q, xp)           # (b, H, T, D)
             _rotate_into(chunk[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3), cos, sin, k, xp)
             v = xp.ascontiguousarray(chunk[:, :, heads + kv_heads:].transpose(0, 2, 1, 3))     # (b, Hkv, T, D)
-            attention = CausalAttention()
+            keep = xp is np and CPU_KEEP_PROBABILITIES
+            attention = _KeptProbabilityAttention() if keep else CausalAttention()
             o = attention.forward(q, k, v)                                                     # (b, H, T, D)
             out[start:end] = o.transpose(0, 2, 1, 3).reshape(rows, time, heads * head_dim)    # -> (b, T, H·D)
             return bounds, attention
 
-        splits = split(batch) if xp is np else [(0, batch)]
-        parts = parallel_items(part, splits)
+        if xp is np:   # cache-sized chunks of the batch (the T×T scores of one chunk stay in L2), per thread
+            per_chunk = max(1, ATTENTION_CHUNK_ELEMENTS // (heads * time * time))
+            chunks = split(batch, parts=-(-batch // per_chunk))
+            work = [chunks[i::thread_count()] for i in range(min(thread_count(), len(chunks)))]
+            parts = [p for group in parallel_items(lambda group: [part(c) for c in group], work) for p in group]
+        else:
+            parts = [part((0, batch))]
         self.save(parts=parts, cos=cos, sin=sin, heads=heads, kv_heads=kv_heads)
         return out
 
@@ -113,7 +192,8 @@ class PackedRopeAttention(Function):
             _rotate_into(dk, cos, -sin, target[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3), xp)
             target[:, :, heads + kv_heads:] = dv.transpose(0, 2, 1, 3)
 
-        parallel_items(part, parts)
+        work = [parts[i::thread_count()] for i in range(min(thread_count(), len(parts)))]
+        parallel_items(lambda group: [part(item) for item in group], work)
         return dqkv
 
 
@@ -141,8 +221,7 @@ class PackedSwiGLU(Function):
         y = xp.empty_like(s)
         half = gate_up.dtype.type(0.5)
 
-        def part(bounds):
-            start, end = bounds
+        def part(start, end):
             gate, up = flat[start:end, :hidden], flat[start:end, hidden:]
             sigma = s[start:end]
             xp.multiply(gate, half, out=sigma)                        # σ(g) = ½ (1 + tanh(g/2)), no overflow
@@ -153,7 +232,7 @@ class PackedSwiGLU(Function):
             xp.multiply(gate, sigma, out=out)
             out *= up
 
-        parallel_items(part, split(flat.shape[0], 64) if xp is np else [(0, flat.shape[0])])
+        _rows_in_chunks(part, flat.shape[0], 2 * hidden, xp)
         self.save(gate_up=gate_up, s=s)
         return y.reshape(*gate_up.shape[:-1], hidden)
 
@@ -167,8 +246,7 @@ class PackedSwiGLU(Function):
         dy = dy.reshape(-1, hidden)
         d_flat = xp.empty(flat.shape, dtype=dy.dtype)
 
-        def part(bounds):
-            start, end = bounds
+        def part(start, end):
             gate, up, sigma = flat[start:end, :hidden], flat[start:end, hidden:], s[start:end]
             d_gate, d_up, g = d_flat[start:end, :hidden], d_flat[start:end, hidden:], dy[start:end]
             xp.multiply(g, gate, out=d_up)
@@ -180,7 +258,7 @@ class PackedSwiGLU(Function):
             t *= up
             xp.multiply(g, t, out=d_gate)                            # dg = dy · u · silu'(g)
 
-        parallel_items(part, split(flat.shape[0], 64) if xp is np else [(0, flat.shape[0])])
+        _rows_in_chunks(part, flat.shape[0], 2 * hidden, xp)
         return d_flat.reshape(gate_up.shape)
 
 
@@ -210,8 +288,7 @@ class HeadCrossEntropy(Function):
         grad = x2 @ weight.T                                              # logits Z (N, V), becomes G
         scale = grad.dtype.type(1.0 / max(count, 1))
 
-        def part(bounds):
-            start, end = bounds
+        def part(start, end):
             z = grad[start:end]
             t = xp.where(keep[start:end], targets[start:end], 0)
             rows = xp.arange(end - start)
@@ -226,7 +303,7 @@ class HeadCrossEntropy(Function):
             z[rows, t] -= keep[start:end] * scale                          # − onehot / count
             return loss
 
-        losses = parallel_items(part, split(grad.shape[0], 64) if xp is np else [(0, grad.shape[0])])
+        losses = _rows_in_chunks(part, grad.shape[0], vocab, xp)
         self.save(x=x, weight=weight, grad=grad)
         loss = sum(losses) / count if count else float("nan")
         return xp.asarray(loss, dtype=grad.dtype)                         # float32 even for bf16 activations
@@ -240,6 +317,75 @@ class HeadCrossEntropy(Function):
         dx = (grad @ weight).reshape(x.shape).astype(x.dtype, copy=False) if self.needs_input_grad[0] else None
         dweight = (grad.T @ x2).astype(weight.dtype, copy=False) if self.needs_input_grad[1] else None
         return dx, dweight
+
+
+class ChunkedRMSNorm(Function):
+    """RMSNorm for the CPU: the same math as ops/norm.py, in cache-sized row chunks spread over threads.
+
+    Forward:  r = 1/√(mean(x², axis=−1) + eps);  y = x · r · w
+    Backward: x̂ = x · r (recomputed);  g = dy · w
+              dx = r · (g − x̂ · mean(g · x̂, axis=−1))
+              dw = Σ_rows dy · x̂   (per-chunk partial sums added in chunk order: deterministic)
+    Shapes:   x, y, dy: (..., C)   w, dw: (C,)   r: (N, 1)
+    Saves:    x, r, w
+    GPU arrays take F.rms_norm (and its kernel) instead; see `rms_norm` below.
+    """
+
+    def forward(self, x, weight, eps=1e-5):
+        channels = x.shape[-1]
+        x2 = x.reshape(-1, channels)                                    # (..., C) -> (N, C)
+        y = np.empty_like(x2)
+        r = np.empty((x2.shape[0], 1), dtype=x.dtype)
+        inverse_channels = x.dtype.type(1.0 / channels)
+
+        def part(start, end):
+            rows = x2[start:end]
+            square = rows * rows
+            np.sum(square, axis=-1, keepdims=True, out=r[start:end])
+            scale = r[start:end]
+            scale *= inverse_channels
+            scale += x.dtype.type(eps)
+            np.sqrt(scale, out=scale)
+            np.reciprocal(scale, out=scale)
+            out = y[start:end]
+            np.multiply(rows, scale, out=out)
+            out *= weight
+
+        run_chunked(part, x2.shape[0], max(1, ATTENTION_CHUNK_ELEMENTS // channels))
+        self.save(x=x, r=r, weight=weight)
+        return y.reshape(x.shape)
+
+    def backward(self, dy):
+        x, r, weight = self.saved
+        channels = x.shape[-1]
+        x2, dy2 = x.reshape(-1, channels), dy.reshape(-1, channels)
+        dx = np.empty_like(x2)
+        inverse_channels = x.dtype.type(1.0 / channels)
+
+        def part(start, end):
+            xhat = x2[start:end] * r[start:end]
+            partial_dweight = (dy2[start:end] * xhat).sum(axis=0)
+            g = dy2[start:end] * weight                                 # forward was y = x̂·w, so dx̂ = dy·w
+            projection = (g * xhat).sum(axis=-1, keepdims=True)
+            projection *= inverse_channels
+            xhat *= projection
+            out = dx[start:end]
+            np.subtract(g, xhat, out=out)
+            out *= r[start:end]
+            return partial_dweight
+
+        partials = run_chunked(part, x2.shape[0], max(1, ATTENTION_CHUNK_ELEMENTS // channels))
+        dweight = partials[0]
+        for partial in partials[1:]:
+            dweight = dweight + partial
+        return dx.reshape(x.shape), dweight.astype(weight.dtype, copy=False)
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm: the chunked, threaded CPU op for NumPy arrays, F.rms_norm (kernel-backed) otherwise."""
+    if backend.is_cupy_array(x.data) or not CPU_CHUNKED_NORM:
+        return F.rms_norm(x, weight, eps)
+    return ChunkedRMSNorm.apply(x, weight, eps=eps)
 
 
 @dataclass
@@ -378,8 +524,10 @@ class DecoderLayer(Module):
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x, rope_tables, cache=None, layer=0, start=0):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope_tables, cache, layer, start))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        attention_norm, mlp_norm = self.input_layernorm, self.post_attention_layernorm
+        x = x + self.dropout(self.self_attn(rms_norm(x, attention_norm.weight, attention_norm.eps), rope_tables,
+                                            cache, layer, start))
+        return x + self.dropout(self.mlp(rms_norm(x, mlp_norm.weight, mlp_norm.eps)))
 
 
 class LlamaModel(Module):
@@ -452,9 +600,9 @@ class GPT(Module):
         if targets is not None and not return_logits and not backend.is_cupy_array(x.data):
             # (on the GPU the unfused head runs instead: a bf16 policy GEMM and the fused CE kernel)
             targets = targets.data if isinstance(targets, Tensor) else targets
-            return None, HeadCrossEntropy.apply(trunk.norm(x), self.lm_head.weight, targets,
+            return None, HeadCrossEntropy.apply(rms_norm(x, trunk.norm.weight, trunk.norm.eps), self.lm_head.weight, targets,
                                                 ignore_index=ignore_index)
-        logits = F.linear(trunk.norm(x), self.lm_head.weight)              # (B, T, V)
+        logits = F.linear(rms_norm(x, trunk.norm.weight, trunk.norm.eps), self.lm_head.weight)              # (B, T, V)
         if targets is None:
             return logits
         return logits, F.cross_entropy(logits, targets, ignore_index=ignore_index)

@@ -1,8 +1,9 @@
 """A fastText-like linear classifier over hashed word n-grams, trained with tinygrad_llm's autograd.
 
 Features: the lowercased `\\w+` words of a document and their n-grams up to `ngrams`, plus the
-character `char_ngrams`-grams of the text (fastText's subwords), each hashed (blake2b word hashes
-combined with NumPy integer mixing, as in dedup.py) into one of `buckets - 1` rows; row 0 is padding. The model is linear (Joulin et al. 2016 without the hidden layer):
+character `char_ngrams`-grams of the text (fastText's subwords), each hashed (word hashes and n-gram
+mixing from dedup.py, all NumPy) into one of `buckets - 1` rows; row 0 is padding. The model is linear
+(Joulin et al. 2016 without the hidden layer):
 
     logits = mean over the document's features of W[feature] + b        W: (buckets, 2)   b: (2,)
 
@@ -14,7 +15,8 @@ and is trained with softmax cross-entropy over two classes — "keep" (the `keep
 
 and steps Adam (written here over the raw arrays; mean pooling leaves each n-gram row a tiny
 gradient, which plain SGD would need thousands of epochs to use) with a linearly decaying learning
-rate, fastText's schedule, on the gradients the engine computes. Inference needs no graph: `predict_proba` is the same formula in NumPy.
+rate, fastText's schedule, on the gradients the engine computes. Inference needs no graph:
+`predict_proba` is the same formula in NumPy.
 
 Saved as `<prefix>.safetensors` (W, b) plus `<prefix>.json` (buckets, ngrams, labels, keep_label),
 never pickled. Simplification: documents with more than `max_features` features are trained on a
@@ -22,13 +24,11 @@ fixed random subset of them (inference always uses all).
 """
 import json
 import os
-import re
 
 import numpy as np
 
-from .dedup import _NGRAM_MULTIPLIERS, _mix64, _word_hashes
+from .dedup import _NGRAM_MULTIPLIERS, _mix64, _word_units
 
-_WORD = re.compile(r"\w+")
 FORMAT_VERSION = 1
 _DEFAULT_KEEP = ("1", "good", "keep", "clean", "ok", "high", "hq", "true")
 
@@ -38,18 +38,17 @@ def hashed_features(text: str, buckets: int, ngrams=2, char_ngrams=3) -> np.ndar
     char_ngrams > 0, every character n-gram of the lowercased text (fastText's subword idea: words never
     seen in training, such as gibberish, still share features with the training set)."""
     text = text.lower()
-    words = _WORD.findall(text)
+    units = _word_units(text)[0]                      # (W,) uint64 word hashes, as dedup computes them
     parts = []
     if char_ngrams and len(text) >= char_ngrams:
-        chars = _mix64(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64))
+        chars = _mix64(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64))
         count = len(chars) - char_ngrams + 1
         combined = chars[:count] * _NGRAM_MULTIPLIERS[0]
         for k in range(1, char_ngrams):
             combined += chars[k: k + count] * _NGRAM_MULTIPLIERS[k]
         parts.append(_mix64(combined ^ np.uint64(0xC0FFEE)))
-    if not words and not parts:
+    if not len(units) and not parts:
         return np.zeros(0, dtype=np.int64)
-    units = np.fromiter(map(_word_hashes.__getitem__, words), dtype=np.uint64, count=len(words))
     for n in range(1, ngrams + 1):
         count = len(units) - n + 1
         if count <= 0:
@@ -57,7 +56,7 @@ def hashed_features(text: str, buckets: int, ngrams=2, char_ngrams=3) -> np.ndar
         combined = units[:count] * _NGRAM_MULTIPLIERS[0]
         for k in range(1, n):
             combined += units[k: k + count] * _NGRAM_MULTIPLIERS[k]
-        combined ^= np.uint64(n)                        # a unigram and a bigram never share a hash by design
+        combined ^= np.uint64(n)                        # keeps n-grams of different n apart
         parts.append(_mix64(combined))
     hashes = np.concatenate(parts)
     return (hashes % np.uint64(buckets - 1)).astype(np.int64) + 1
@@ -93,8 +92,8 @@ class QualityClassifier:
         save_file({"weight": np.ascontiguousarray(self.weight, dtype=np.float32),
                    "bias": np.ascontiguousarray(self.bias, dtype=np.float32)}, prefix + ".safetensors")
         meta = {"format": "tinygrad_llm.quality_classifier", "version": FORMAT_VERSION, "buckets": self.buckets,
-                "ngrams": self.ngrams, "char_ngrams": self.char_ngrams, "labels": self.labels, "keep_label": self.keep_label,
-                "weights": os.path.basename(prefix) + ".safetensors"}
+                "ngrams": self.ngrams, "char_ngrams": self.char_ngrams, "labels": self.labels,
+                "keep_label": self.keep_label, "weights": os.path.basename(prefix) + ".safetensors"}
         with open(prefix + ".json", "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
         return [prefix + ".safetensors", prefix + ".json"]
@@ -112,9 +111,10 @@ class QualityClassifier:
             raise ValueError(f"{prefix}.json is not a tinygrad_llm quality classifier (version {FORMAT_VERSION})")
         tensors = load_file(prefix + ".safetensors")
         if tensors["weight"].shape != (meta["buckets"], 2):
-            raise ValueError(f"{prefix}.safetensors: weight shape {tensors['weight'].shape} does not match metadata")
-        return cls(meta["buckets"], meta["ngrams"], meta["labels"], meta["keep_label"], tensors["weight"], tensors["bias"],
-                   meta.get("char_ngrams", 0))
+            raise ValueError(f"{prefix}.safetensors: weight shape {tensors['weight'].shape} does not match "
+                             f"the metadata's {meta['buckets']} buckets")
+        return cls(meta["buckets"], meta["ngrams"], meta["labels"], meta["keep_label"], tensors["weight"],
+                   tensors["bias"], meta.get("char_ngrams", 0))
 
 
 def load_labelled_jsonl(path, text_field="text", label_field="label"):
@@ -128,7 +128,8 @@ def load_labelled_jsonl(path, text_field="text", label_field="label"):
                 record = json.loads(line)
                 text, label = record[text_field], record[label_field]
             except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with {text_field!r} and {label_field!r}") from None
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with {text_field!r} and "
+                                 f"{label_field!r}") from None
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{lineno}: {text_field!r} is not a string")
             texts.append(text)

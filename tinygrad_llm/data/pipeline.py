@@ -119,7 +119,9 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
     stages = {n: StageReport(n) for n in ("read", "clean", "filters", "exact_dedup", "near_dedup", "classifier")}
     clean_stats = CleanStats()
     exact = ExactDeduplicator()
-    hasher = MinHasher(config.num_perm, config.minhash_seed, config.shingle, config.ngram) if config.near_dedup else None
+    hasher = None
+    if config.near_dedup:
+        hasher = MinHasher(config.num_perm, config.minhash_seed, config.shingle, config.ngram)
     signatures, ids, titles, sizes, exact_groups = [], [], [], [], {}
     pending, pending_chars = [], 0
     t_start = time.perf_counter()
@@ -144,7 +146,9 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
                 raw_bytes = _nbytes(doc.text)
                 stages["read"].took(raw_bytes, True)
                 with _Timer(stages["clean"]):
-                    text = clean_text(doc.text, config.strip_boilerplate, stats=clean_stats) if config.clean else doc.text
+                    text = doc.text
+                    if config.clean:
+                        text = clean_text(text, config.strip_boilerplate, stats=clean_stats)
                     stages["clean"].docs_in += 1
                     stages["clean"].bytes_in += raw_bytes
                     if text.strip():
@@ -320,6 +324,6 @@ def format_report(report) -> str:
     if tok:
         lines.append(f"tokens: train {tok['train']['tokens']:,} in {len(tok['train']['shards'])} shard(s) "
                      f"({tok['train']['documents']} docs), val {tok['val']['tokens']:,} in "
-                     f"{len(tok['val']['shards'])} shard(s) ({tok['val']['documents']} docs); vocab {tok['vocab_size']}, "
-                     f"{tok['dtype']}")
+                     f"{len(tok['val']['shards'])} shard(s) ({tok['val']['documents']} docs); "
+                     f"vocab {tok['vocab_size']}, {tok['dtype']}")
     return "\n".join(lines)

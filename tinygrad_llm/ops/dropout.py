@@ -1,7 +1,7 @@
 """Inverted dropout: zero each element with probability p and scale the survivors by 1/(1 − p)."""
 from __future__ import annotations
 
-from ..backend import random_generator
+from ..backend import kernel, random_generator
 from ..tensor import Function
 
 
@@ -15,6 +15,11 @@ class Dropout(Function):
     def forward(self, x, p, seed):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        fast = kernel("dropout", x)
+        if fast is not None:      # a stateless random stream in one launch (kernels/dropout.cu)
+            y, mask = fast.dropout_forward(x, p, seed)
+            self.save(mask=mask)
+            return y
         rng = random_generator(seed, like=x)
         draw = x.dtype if x.dtype.name in ("float32", "float64") else "float32"   # generators draw no bf16/fp16
         mask = (rng.random(x.shape, dtype=draw) >= p).astype(x.dtype) / x.dtype.type(1.0 - p)
