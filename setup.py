@@ -21,7 +21,7 @@ setup(
         "gpu": ["cupy-cuda12x>=13"],
         "plot": ["matplotlib>=3.5"],
         "test": ["pytest>=7", "hypothesis>=6.80", "tiktoken>=0.5"],   # tiktoken: the id-equality test
-        "bench": ["tokenizers>=0.15", "tiktoken>=0.5", "datasketch>=1.5"],
+        "bench": ["tokenizers>=0.15", "tiktoken>=0.5", "datasketch>=1.6"],
     },
     entry_points={"console_scripts": ["tinygrad-llm=tinygrad_llm.cli:main"]},
 )
