@@ -305,7 +305,7 @@ def shakespeare_config():
                      dropout=0.2)
 
 
-def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False):
+def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low_precision_residual=False):
     """tokens/s, MFU and pool peak of full training steps of the GPT-2-size model (or the char model)."""
     cp = backend.cupy_module()
     from tinygrad_llm import manual_seed
@@ -314,6 +314,7 @@ def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False):
     pool = cp.get_default_memory_pool()
     pool.free_all_blocks()
     precision.set_policy(policy_name)
+    precision.LOW_PRECISION_RESIDUAL = low_precision_residual
     try:
         config = shakespeare_config() if shakespeare else gpt2_config()
         batch, length = (64, 256) if shakespeare else (BATCH, TIME)
@@ -341,7 +342,8 @@ def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False):
         step_s = float(np.median(times))
         tokens_per_s = batch * length / step_s
         flops_per_token = 6 * params + 12 * config.n_layers * config.n_heads * config.head_dim * length
-        result = dict(name=f"ours {policy_name}{' shakespeare-char' if shakespeare else ''}",
+        residual = "bf16 residual" if low_precision_residual else "fp32 residual"
+        result = dict(name=f"ours {policy_name}, {residual}{' shakespeare-char' if shakespeare else ''}",
                       params=params, step_ms=step_s * 1e3, tokens_per_s=tokens_per_s,
                       tflops=tokens_per_s * flops_per_token / 1e12,
                       mfu=tokens_per_s * flops_per_token / PEAK_BF16_FLOPS, peak_pool_gib=pool.total_bytes() / 2 ** 30,
@@ -350,6 +352,7 @@ def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False):
         return result
     finally:
         precision.set_policy("fp32")
+        precision.LOW_PRECISION_RESIDUAL = False
         pool.free_all_blocks()
 
 
@@ -457,6 +460,9 @@ def main(argv=None):
             cp.get_default_memory_pool().free_all_blocks()
     if not args.skip_e2e:
         attempt("training bf16", lambda: bench_training("bf16", args.steps), report["training"])
+        attempt("training bf16, bf16 residual", lambda: bench_training("bf16", args.steps,
+                                                                        low_precision_residual=True),
+                report["training"])
     if args.shakespeare:
         attempt("training shakespeare", lambda: bench_training("bf16", 20, 5, shakespeare=True), report["training"])
     if not args.skip_attention and (Path(__file__).parent / "gpu_attention.py").is_file():

@@ -6,7 +6,8 @@
 Configs (the issue's): (a) 6 layers, d 256, 8 heads, ffn 704, T 128, B 16, V 4096;
 (char) nanoGPT's shakespeare_char CPU model: 4 layers, 4 heads, d 128, ffn 384, T 64, B 12, V 65.
 A step is the full training step: forward, cross-entropy, backward, global-norm clipping to 1.0, AdamW
-(β 0.9/0.99, weight decay 0.1 on matrices). Each measurement runs in its own subprocess with the same
+(β 0.9/0.99, weight decay 0.1 on matrices). tinygrad_llm runs as the `tinygrad-llm` command does
+(OPENBLAS_THREAD_TIMEOUT=4, so its row-parallel ops get the threads too). Each measurement runs in its own subprocess with the same
 thread count for both libraries (OMP/OpenBLAS/MKL env vars and torch.set_num_threads); rounds alternate
 ours / PyTorch so that load from other processes hits both alike; the median step time over all rounds
 is reported. The PyTorch model (written here, same architecture and parameter count: RMSNorm, rotate-half
@@ -138,6 +139,7 @@ def worker_torch(config: dict, steps: int, warmup: int, threads: int) -> list:
 def run_worker(kind: str, config_name: str, steps: int, warmup: int, threads: int) -> list:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
+    env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")     # what `tinygrad-llm` uses; no effect on PyTorch's MKL
     command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--configs", config_name,
                "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)

@@ -10,8 +10,11 @@
 4. `generate_text` samples from it.
 Everything lands in --out-dir (tokenizer.json, data/, checkpoints/, metrics.jsonl).
 """
-import argparse
 import os
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before NumPy loads OpenBLAS: see tinygrad_llm/cpu_threads.py
+
+import argparse
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))

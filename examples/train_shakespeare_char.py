@@ -9,9 +9,12 @@ validation. The same model in PyTorch 2.13 on a 2-core CPU reaches val loss 1.69
 our validation curve against training time (evaluation excluded, as there), the time to reach val ≤ 1.70
 and a sample.
 """
+import os
+
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # before NumPy loads OpenBLAS: see tinygrad_llm/cpu_threads.py
+
 import argparse
 import json
-import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))

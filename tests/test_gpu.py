@@ -364,7 +364,9 @@ def test_linear_under_low_precision_policies(policy_name, x_dtype, rng):
         cuda = [backend.to_device(a, "cuda") for a in (x, weight, dy)]
         assert gpu.supports("linear", cuda[0], cuda[1])
         y, (dx, dw) = _run(Linear, cuda[:2], cuda[2])
-    assert y.dtype == x.dtype and dx.dtype == x.dtype and dw.dtype == np.float32
+    assert y.dtype == precision.dtype_named(x_dtype if x_dtype != "float32" else
+                                            {"bf16": "bfloat16", "fp16": "float16"}[policy_name])
+    assert dx.dtype == x.dtype and dw.dtype == np.float32
     for got, want in ((y, want_y), (dx, want_dx), (dw, want_dw)):
         assert _relative_error(got, want) < 1e-2
 

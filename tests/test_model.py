@@ -221,3 +221,27 @@ def test_chunked_rms_norm_matches_the_engine_op():
     np.testing.assert_allclose(a.grad, b.grad, atol=1e-12)
     np.testing.assert_allclose(wa.grad, wb.grad, atol=1e-10)
     assert gradcheck(lambda t, v: ChunkedRMSNorm.apply(t, v, eps=1e-5), [x[:1, :4], w]).ok
+
+
+def test_threaded_cpu_ops_give_bit_identical_results():
+    from tinygrad_llm import cpu_threads
+    config = GPTConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,
+                       max_seq_len=32)
+    ids = np.random.default_rng(3).integers(0, 40, (6, 33))
+    results = []
+    previous = cpu_threads.thread_count()
+    try:
+        for threads in (1, 3):
+            cpu_threads.set_thread_count(threads)
+            manual_seed(0)
+            model = GPT(config)
+            optimizer = AdamW(model.named_parameters(), lr=1e-2, weight_decay=0.1)
+            _, loss = model(ids[:, :-1], ids[:, 1:], return_logits=False)
+            loss.backward()
+            optimizer.step()
+            results.append((loss.item(), model.state_dict()))
+    finally:
+        cpu_threads.set_thread_count(previous)
+    assert results[0][0] == results[1][0]
+    for name, value in results[0][1].items():
+        np.testing.assert_array_equal(value, results[1][1][name], err_msg=name)

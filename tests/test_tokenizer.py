@@ -191,6 +191,82 @@ def test_long_piece_merge_rule_matches_short_one(tok):
         assert tokenizer_module._bpe_long(data, ranks) == tokenizer_module._bpe_short(data, ranks)
 
 
+def test_id_pair_merge_rule_matches_the_bytes_one(tok):
+    # the encoder merges ids through a (left id, right id) -> id table; the bytes version is the reference
+    ranks = tok.mergeable_ranks()
+    pair_ranks = tokenizer_module._pair_ranks(ranks)
+    rng = random.Random(2)
+    for _ in range(300):
+        text = "".join(rng.choice(WORDS + ("qu", "ick", "x", "e", "o", " ")) for _ in range(rng.randint(1, 12)))
+        for data in (text.encode("utf-8"), bytes(rng.randrange(256) for _ in range(rng.randint(1, 30)))):
+            expected = tuple(tokenizer_module._bpe_short(data, ranks))
+            assert tokenizer_module._bpe_ids(data, pair_ranks) == expected
+
+
+def test_pairs_are_joined_whatever_merge_built_their_token():
+    # Tokens: 256 "bc", 257 "ab", 258 "abc" = ab + c. On "abcx" the rule joins b,c first (rank 256), which
+    # leaves a|bc|x; "a" + "bc" is the token "abc" although no merge says (a, bc), so tiktoken joins them.
+    tok = Tokenizer([(98, 99), (97, 98), (257, 99)], pattern=r"\S+|\s+")
+    assert (97, 256) in tokenizer_module._pair_ranks(tok.mergeable_ranks())
+    assert tok.encode("abcx") == [258, 120]
+    assert tokenizer_module._bpe_short(b"abcx", tok.mergeable_ranks()) == [258, 120]
+    tiktoken = pytest.importorskip("tiktoken")
+    encoding = tiktoken.Encoding(name="t", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks(),
+                                 special_tokens={})
+    assert encoding.encode("abcx") == [258, 120]
+
+
+# mostly-ASCII text with a few non-ASCII characters and the whitespace around newlines that decides
+# where it may be cut
+MIXED_FRAGMENTS = ["word", " word", "It's", "\n", "\n\n", "  \n", "\n  ", " \r\n", ".\n", "!!", "12345", " ",
+                   "\t", "é", "æ", "\u00a0", "\u3000", "日本", "🙂", "\x1c", "\x85", "\u2028"]
+mixed_text = st.lists(st.one_of(st.sampled_from(MIXED_FRAGMENTS), st.characters(blacklist_categories=("Cs",))),
+                      max_size=80).map("".join)
+
+
+@MANY
+@given(text=mixed_text)
+def test_mixed_ascii_split_equals_regex(text):
+    # text that is not pure ASCII is cut at safe places; the ASCII stretches use the stdlib fast path
+    for pattern in (GPT4_PATTERN, GPT2_PATTERN):
+        splitter = tokenizer_module._Splitter(pattern)
+        expected = splitter.compiled.findall(text)
+        for margin in (0, 3, 4096):
+            original, tokenizer_module._MIXED_MARGIN = tokenizer_module._MIXED_MARGIN, margin
+            try:
+                assert splitter.findall(text) == expected
+            finally:
+                tokenizer_module._MIXED_MARGIN = original
+
+
+def test_mixed_ascii_split_uses_the_fast_path_away_from_non_ascii(monkeypatch):
+    splitter = tokenizer_module._Splitter(GPT4_PATTERN)
+    calls = []
+    monkeypatch.setattr(splitter, "compiled", _Recorder(splitter.compiled, calls))
+    monkeypatch.setattr(tokenizer_module, "_MIXED_MARGIN", 20)
+    text = "the cat sat\n" * 50 + "naïve\n" + "on the mat\n" * 50
+    assert splitter.findall(text) == splitter.compiled.findall(text)
+    assert 0 < sum(map(len, calls[:-1])) < 60                  # only the line with "ï" and a margin
+    assert "".join(splitter.safe_chunks(text)) == text
+
+
+class _Recorder:
+    def __init__(self, compiled, calls):
+        self.compiled, self.calls = compiled, calls
+
+    def findall(self, text):
+        self.calls.append(text)
+        return self.compiled.findall(text)
+
+
+def test_regex_whitespace_is_str_whitespace():
+    # the safe-cut rule tests neighbours with str.isspace() (and stdlib re's \s, which follows it); it is
+    # only safe if every character that `regex` counts as \s is also str.isspace()
+    import regex
+    text = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    assert all(c.isspace() for c in regex.findall(r"\s", text))
+
+
 @MANY
 @given(text=st.text(alphabet=st.sampled_from(list("aZ09 '\t\n\r\x0b\x0c\x1c\x1f.,!-_sdmtlvreSDMTLVRE")),
                     max_size=60))
@@ -203,12 +279,15 @@ def test_ascii_fast_path_splits_like_regex(text):
 @FEW
 @given(text=unicode_text)
 def test_safe_chunks_do_not_change_pre_tokens(text, monkeypatch):
+    # "a  \nb" and "x\n\ny" must not be cut after their last newline: GPT2_PATTERN splits "  \n" + "b"
+    # as "  ", "\n", "b" but "  \n" at the end of a text as one piece
     monkeypatch.setattr(tokenizer_module, "_SAFE_CHUNK_CHARS", 4)
-    long_text = text * 5 + "\nword\n  x\n\ny" * 3
-    splitter = tokenizer_module._Splitter(GPT4_PATTERN)
-    chunks = list(splitter.safe_chunks(long_text))
-    assert "".join(chunks) == long_text
-    assert [piece for chunk in chunks for piece in splitter.findall(chunk)] == splitter.findall(long_text)
+    long_text = text * 5 + "\nword\n  x\n\ny" * 3 + "a  \nb c\t\nd" * 3
+    for pattern in (GPT4_PATTERN, GPT2_PATTERN):
+        splitter = tokenizer_module._Splitter(pattern)
+        chunks = list(splitter.safe_chunks(long_text))
+        assert "".join(chunks) == long_text
+        assert [piece for chunk in chunks for piece in splitter.findall(chunk)] == splitter.compiled.findall(long_text)
 
 
 def test_long_texts_are_encoded_in_chunks_without_changing_ids(tok, monkeypatch):

@@ -249,7 +249,28 @@ def run_plot(args) -> int:
 COMMANDS = {"train": run_train, "sample": run_sample, "eval": run_eval, "export": run_export, "plot": run_plot}
 
 
+def _reexec_with_blas_settings(argv) -> None:
+    """Run the command line again with OPENBLAS_THREAD_TIMEOUT=4 when it is unset.
+
+    OpenBLAS reads it once, when NumPy loads it (before this module runs), and by default its idle
+    worker threads spin for ~2^28 cycles after every GEMM, competing with the elementwise work on the
+    same cores; a short timeout makes CPU training 20-30 % faster on 2 cores (benchmarks/RESULTS.md).
+    Only for a real command line (argv None), never inside a program that called main(argv);
+    TINYGRAD_LLM_REEXEC=0 turns it off.
+    """
+    if argv is not None or os.environ.get("OPENBLAS_THREAD_TIMEOUT") or os.environ.get("TINYGRAD_LLM_REEXEC") == "0":
+        return
+    if len(sys.argv) < 2 or sys.argv[1] not in ("train", "eval", "sample"):
+        return
+    os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"
+    try:
+        os.execv(sys.executable, [sys.executable, "-m", "tinygrad_llm", *sys.argv[1:]])
+    except OSError:
+        return                                           # carry on without it
+
+
 def main(argv=None) -> int:
+    _reexec_with_blas_settings(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -525,9 +525,15 @@ class DecoderLayer(Module):
 
     def forward(self, x, rope_tables, cache=None, layer=0, start=0):
         attention_norm, mlp_norm = self.input_layernorm, self.post_attention_layernorm
-        x = x + self.dropout(self.self_attn(rms_norm(x, attention_norm.weight, attention_norm.eps), rope_tables,
-                                            cache, layer, start))
-        return x + self.dropout(self.mlp(rms_norm(x, mlp_norm.weight, mlp_norm.eps)))
+        x = x + _like(self.dropout(self.self_attn(rms_norm(x, attention_norm.weight, attention_norm.eps),
+                                                  rope_tables, cache, layer, start)), x)
+        return x + _like(self.dropout(self.mlp(rms_norm(x, mlp_norm.weight, mlp_norm.eps))), x)
+
+
+def _like(branch, x):
+    """A branch in the residual's dtype: under a bf16/fp16 policy (tinygrad_llm.precision) the Linears
+    return the low dtype while the residual stream stays float32, as in PyTorch's autocast."""
+    return branch if branch.dtype == x.dtype else branch.astype(x.dtype)
 
 
 class LlamaModel(Module):
@@ -588,8 +594,6 @@ class GPT(Module):
         if activation_dtype != x.dtype:
             x = x.astype(activation_dtype)
         x = trunk.dropout(x)
-        if precision.activation_dtype(x.data) != x.dtype:                  # a bf16/fp16 policy on the GPU
-            x = x.astype(precision.activation_dtype(x.data))
         rope_tables = None if cache is not None else self._rope_tables(ids.shape[1], x.data)
         for i, layer in enumerate(trunk.layers):
             x = layer(x, rope_tables, cache, i, start)

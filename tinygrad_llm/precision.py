@@ -6,13 +6,14 @@
 - fp32: every product in float32 (CuPy's cuBLAS default).
 - tf32: float32 arrays, but cuBLAS may round matrix-product inputs to TF32 on the tensor cores
         (CuPy's compute type for float32, what the CUPY_TF32 environment variable sets; ~3e-4 relative).
-- bf16: every Linear (ops/matmul.py) runs its three GEMMs through cublasGemmEx on bfloat16 operands with
-        float32 accumulation. Master weights, their gradients (dW comes out of cuBLAS directly in float32)
-        and the optimizer state stay float32; reductions inside the fused kernels are float32.
-        Activations keep the dtype the model gives them: a Linear returns its input's dtype, and GPT casts
-        its embedding output to `activation_dtype(x)`, so activations are bf16 end to end (half the
-        memory traffic, and the flash-attention kernel's tensor-core path); the residual stream, norms'
-        outputs and logits included.
+- bf16: PyTorch-autocast numerics. Every Linear (ops/matmul.py) runs its three GEMMs through
+        cublasGemmEx on bfloat16 operands with float32 accumulation and returns bfloat16; dx comes back
+        in the input's dtype and dW directly in float32 from cuBLAS. Master weights, their gradients and
+        the optimizer state stay float32, and so does the residual stream: GPT casts each bf16 branch
+        to float32 (a Cast op) before adding it to the residual, and RMSNorm reads the float32 residual. Attention, SwiGLU, RoPE, branch dropout and the logits run
+        in bf16; every fused kernel computes in float32 inside. With LOW_PRECISION_RESIDUAL = True
+        `activation_dtype` tells the model to cast its embedding output as well, so the residual stream
+        is bf16 too (less memory traffic, coarser sums; benchmarks/gpu.py times both).
 - fp16: as bf16 with float16 operands; fp16's narrow range needs dynamic loss scaling (`LossScaler`).
 
 Simplifications: one process-wide policy (not per thread); only Linear is autocast (attention has its own
@@ -80,10 +81,15 @@ def policy(name: str):
         set_policy(previous.name)
 
 
+LOW_PRECISION_RESIDUAL = False
+
+
 def activation_dtype(like):
-    """The dtype a model should give its activations, judged from an activation array `like`: the
-    policy's bf16/fp16 for a floating CuPy array under a bf16/fp16 policy, else like's own dtype."""
-    if _current.compute and backend.is_cupy_array(like) and np.dtype(like.dtype).name == "float32":
+    """The dtype the model's residual stream should have, judged from an activation array `like`:
+    like's own dtype, except the policy's bf16/fp16 for a float32 CuPy array when LOW_PRECISION_RESIDUAL
+    is set. (Linear outputs are in the policy's low dtype either way.)"""
+    if (LOW_PRECISION_RESIDUAL and _current.compute and backend.is_cupy_array(like)
+            and np.dtype(like.dtype).name == "float32"):
         return dtype_named(_current.compute)
     return like.dtype
 
@@ -107,7 +113,7 @@ def linear_supported(x, weight) -> bool:
 
 
 def linear_forward(x, weight):
-    """y = x @ Wᵀ with both operands in the policy's low dtype, float32 accumulation, y in x's dtype.
+    """y = x @ Wᵀ with both operands in the policy's low dtype, float32 accumulation, y in that dtype.
 
     Returns (y, x_low, weight_low): the low-precision operands are what the backward needs (saving them
     instead of x and W halves the memory a float32 x would take).
@@ -117,7 +123,7 @@ def linear_forward(x, weight):
     x_low = cp.ascontiguousarray(x.astype(low, copy=False))
     weight_low = cp.ascontiguousarray(weight.astype(low, copy=False))
     x2 = x_low.reshape(-1, x.shape[-1])                                      # (..., in) -> (N, in)
-    y = gemm(x2, weight_low, transpose_b=True, out_dtype=x.dtype)           # (N, out)
+    y = gemm(x2, weight_low, transpose_b=True, out_dtype=low)               # (N, out)
     return y.reshape(*x.shape[:-1], weight.shape[0]), x_low, weight_low     # -> (..., out)
 
 
