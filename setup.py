@@ -2,7 +2,7 @@
 
 Runtime: numpy and regex. safetensors stores checkpoints (a safe, mmap-able tensor format that never
 unpickles), tqdm draws progress bars. CuPy is the optional `gpu` extra (pick the wheel that matches your
-CUDA: `pip install -e .[gpu]` installs cupy-cuda12x; on CUDA 13 install cupy-cuda13x yourself).
+CUDA: `pip install -e .[gpu]` installs cupy-cuda12x and ml_dtypes for bf16; on CUDA 13 install cupy-cuda13x yourself).
 The top-level kernels/ directory is shipped inside the package as data so that the GPU module can
 compile the CUDA sources at first use.
 """
@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.9",
     install_requires=["numpy>=1.22", "regex>=2022.1.18", "safetensors>=0.4", "tqdm>=4.60"],
     extras_require={
-        "gpu": ["cupy-cuda12x>=13"],
+        "gpu": ["cupy-cuda12x>=14", "ml_dtypes>=0.4"],   # CUDA 13 drivers: install cupy-cuda13x instead
         "plot": ["matplotlib>=3.5"],
         "test": ["pytest>=7", "hypothesis>=6.80", "tiktoken>=0.5"],   # tiktoken: the id-equality test
         "bench": ["tokenizers>=0.15", "tiktoken>=0.5", "datasketch>=1.6"],

@@ -305,7 +305,7 @@ def shakespeare_config():
                      dropout=0.2)
 
 
-def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low_precision_residual=False):
+def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low_precision_residual=True):
     """tokens/s, MFU and pool peak of full training steps of the GPT-2-size model (or the char model)."""
     cp = backend.cupy_module()
     from tinygrad_llm import manual_seed
@@ -352,7 +352,7 @@ def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low
         return result
     finally:
         precision.set_policy("fp32")
-        precision.LOW_PRECISION_RESIDUAL = False
+        precision.LOW_PRECISION_RESIDUAL = True
         pool.free_all_blocks()
 
 
@@ -460,8 +460,8 @@ def main(argv=None):
             cp.get_default_memory_pool().free_all_blocks()
     if not args.skip_e2e:
         attempt("training bf16", lambda: bench_training("bf16", args.steps), report["training"])
-        attempt("training bf16, bf16 residual", lambda: bench_training("bf16", args.steps,
-                                                                        low_precision_residual=True),
+        attempt("training bf16, fp32 residual", lambda: bench_training("bf16", args.steps,
+                                                                        low_precision_residual=False),
                 report["training"])
     if args.shakespeare:
         attempt("training shakespeare", lambda: bench_training("bf16", 20, 5, shakespeare=True), report["training"])

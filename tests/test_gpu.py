@@ -408,7 +408,8 @@ def test_small_model_loss_and_gradients_match_the_cpu(rng):
 
 
 @gpu_test
-def test_small_model_under_the_bf16_policy_tracks_float32(rng):
+@pytest.mark.parametrize("policy_name", ["bf16", "fp16"])
+def test_small_model_under_a_low_precision_policy_tracks_float32(policy_name, rng):
     model_module = pytest.importorskip("tinygrad_llm.model")
     from tinygrad_llm import manual_seed
     config = model_module.GPTConfig(vocab_size=97, d_model=128, n_layers=2, n_heads=2, n_kv_heads=1,
@@ -416,13 +417,14 @@ def test_small_model_under_the_bf16_policy_tracks_float32(rng):
     ids = rng.integers(0, 97, (2, 64))
     targets = rng.integers(0, 97, (2, 64))
     results = []
-    for device, policy_name in (("cpu", "fp32"), ("cuda", "bf16")):
+    low = {"bf16": "bfloat16", "fp16": "float16"}[policy_name]
+    for device, active in (("cpu", "fp32"), ("cuda", policy_name)):
         manual_seed(99)
         model = model_module.GPT(config).to(device)
-        with precision.policy(policy_name):
+        with precision.policy(active):
             _, loss = model(backend.to_device(ids, device), backend.to_device(targets, device))
             loss.backward()
-        assert loss.dtype == (np.float32 if device == "cpu" else _dtype("bfloat16"))
+        assert loss.dtype == (np.float32 if device == "cpu" else _dtype(low))
         grads = {name: p.grad for name, p in model.named_parameters()}
         assert all(g.dtype == np.float32 for g in grads.values()), "master-weight gradients must stay float32"
         results.append((float(loss.item()), {name: backend.to_numpy(g) for name, g in grads.items()}))

@@ -260,8 +260,8 @@ class _Recorder:
 
 
 def test_regex_whitespace_is_str_whitespace():
-    # the safe-cut rule tests neighbours with str.isspace() (and stdlib re's \s, which follows it); it is
-    # only safe if every character that `regex` counts as \s is also str.isspace()
+    # the safe-cut rules (_SAFE_CUTS) use stdlib re's \S, which is "not str.isspace()"; they are only
+    # safe if every character that `regex` counts as \s is also str.isspace()
     import regex
     text = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
     assert all(c.isspace() for c in regex.findall(r"\s", text))

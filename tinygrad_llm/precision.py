@@ -6,14 +6,15 @@
 - fp32: every product in float32 (CuPy's cuBLAS default).
 - tf32: float32 arrays, but cuBLAS may round matrix-product inputs to TF32 on the tensor cores
         (CuPy's compute type for float32, what the CUPY_TF32 environment variable sets; ~3e-4 relative).
-- bf16: PyTorch-autocast numerics. Every Linear (ops/matmul.py) runs its three GEMMs through
-        cublasGemmEx on bfloat16 operands with float32 accumulation and returns bfloat16; dx comes back
-        in the input's dtype and dW directly in float32 from cuBLAS. Master weights, their gradients and
-        the optimizer state stay float32, and so does the residual stream: GPT casts each bf16 branch
-        to float32 (a Cast op) before adding it to the residual, and RMSNorm reads the float32 residual. Attention, SwiGLU, RoPE, branch dropout and the logits run
-        in bf16; every fused kernel computes in float32 inside. With LOW_PRECISION_RESIDUAL = True
-        `activation_dtype` tells the model to cast its embedding output as well, so the residual stream
-        is bf16 too (less memory traffic, coarser sums; benchmarks/gpu.py times both).
+- bf16: every Linear (ops/matmul.py) runs its three GEMMs through cublasGemmEx on bfloat16 operands
+        with float32 accumulation and returns bfloat16; dx comes back in the input's dtype and dW directly
+        in float32 from cuBLAS. Master weights, their gradients and the optimizer state stay float32;
+        every fused kernel computes in float32 inside. The residual stream: with LOW_PRECISION_RESIDUAL
+        (the default) `activation_dtype` tells GPT to cast its embedding output, so activations are bf16
+        end to end (residual, norms' outputs, attention, SwiGLU, logits); with it False the residual
+        stays float32 as under PyTorch's autocast (GPT casts each bf16 branch back before adding it),
+        ~10% slower and 3 GiB more at the GPT-2 size, with no better validation loss measured
+        (benchmarks/RESULTS.md).
 - fp16: as bf16 with float16 operands; fp16's narrow range needs dynamic loss scaling (`LossScaler`).
 
 Simplifications: one process-wide policy (not per thread); only Linear is autocast (attention has its own
@@ -81,13 +82,13 @@ def policy(name: str):
         set_policy(previous.name)
 
 
-LOW_PRECISION_RESIDUAL = False
+LOW_PRECISION_RESIDUAL = True     # False: a float32 residual stream, as under PyTorch's autocast
 
 
 def activation_dtype(like):
     """The dtype the model's residual stream should have, judged from an activation array `like`:
     like's own dtype, except the policy's bf16/fp16 for a float32 CuPy array when LOW_PRECISION_RESIDUAL
-    is set. (Linear outputs are in the policy's low dtype either way.)"""
+    is set (the default). Linear outputs are in the policy's low dtype either way."""
     if (LOW_PRECISION_RESIDUAL and _current.compute and backend.is_cupy_array(like)
             and np.dtype(like.dtype).name == "float32"):
         return dtype_named(_current.compute)

@@ -30,7 +30,8 @@ Tie-breaking (deterministic, independent of input order and hashing)
 Simplifications and limits, stated plainly
     - Pre-tokens never span two input texts: an iterable of texts is split text by text, as if each
       text ended the corpus. A single long str is cut at safe places (after a newline followed by a
-      non-space character, where the built-in patterns always end a pre-token), which changes nothing.
+      non-space character; for GPT2_PATTERN only a newline with non-space characters on both sides),
+      where the built-in patterns always end a pre-token, so the cut changes nothing (see _SAFE_CUTS).
     - Training memory grows with the number of *distinct* pre-tokens (plus the pair index), not with
       the corpus size; a corpus with tens of millions of distinct pre-tokens needs gigabytes.
     - If the corpus runs out of pairs before `vocab_size` is reached, training stops early (with a
@@ -42,8 +43,12 @@ Simplifications and limits, stated plainly
       CACHE_LIMIT entries (no LRU bookkeeping on the hot path).
     - Speed trick: for pure-ASCII text and the two built-in patterns, the split uses an ASCII-only
       translation of the pattern compiled by the standard `re` module (1.5 to 2 times faster than `regex`
-      here);
-      it gives the same pre-tokens on ASCII input (a property test checks this).
+      here); it gives the same pre-tokens on ASCII input (a property test checks this). Text with a few
+      non-ASCII characters is cut at safe places so that only a window around each of them goes to
+      `regex` (a property test checks that the pieces equal `regex` on the whole text).
+    - Speed trick: a piece missing from the cache is merged on ids, with a table (left id, right id) ->
+      id of the joined token built once from EVERY two-token cut of every token, which is exactly
+      tiktoken's "rank of the joined bytes" (a test compares it with the bytes version).
     - GPT4_PATTERN is the cl100k pattern as first published; tiktoken's current cl100k string adds
       `\\s++$`, which only changes how whitespace at the very end of a text is split. Use
       `tok.pattern` (not tiktoken's cl100k string) when building a tiktoken Encoding from our ranks.
@@ -119,30 +124,16 @@ def resolve_pattern(pattern):
     return pattern
 
 
-def _next_safe_cut(text, position):
-    """The first place at or after position + 1 where text may be cut without changing the pre-tokens of
-    a built-in pattern, or -1: just after a newline that has a non-space character on both sides. Both
-    patterns end a pre-token there and start the next one afresh (a lone newline between two non-space
-    characters is a pre-token of its own, or the end of a punctuation run in GPT4_PATTERN, in the whole
-    text and in the cut one alike). A newline next to other whitespace is no such place: GPT2_PATTERN's
-    `\\s+(?!\\S)` splits "  \\n" + "X" differently from "  \\n" at the end of a text."""
-    found = _SAFE_CUT.search(text, position)
-    return -1 if found is None else found.end()
-
-
-def _last_safe_cut(text, low, high):
-    """The last safe cut c (as in _next_safe_cut) with low < c <= high < len(text), or low if none."""
-    newline = text.rfind("\n", low, high)
-    while newline >= 1:
-        if not text[newline - 1].isspace() and not text[newline + 1].isspace():
-            return newline + 1
-        newline = text.rfind("\n", low, newline)
-    return low
-
-
-# str.isspace() is true for every character that `regex` counts as \s (a test checks all code points), and
-# stdlib re's \s and \S on str follow str.isspace(), so this finds places that are safe for both patterns.
-_SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+# Where a text may be cut, just after a newline, without changing its pre-tokens (for the built-in
+# patterns only; \s and \S of stdlib re on str follow str.isspace(), which is true for every character
+# `regex` counts as \s, a test checks all code points, so these never call a `regex` space a non-space).
+# GPT4_PATTERN: a newline followed by a non-space character. No piece runs from whitespace into a
+#   non-space character, and a whitespace run that ends in a newline is matched whole by \s*[\r\n]
+#   (tried before \s+(?!\S)), at the end of a text or not.
+# GPT2_PATTERN: a newline with a non-space character on BOTH sides. Its whitespace run is tried with
+#   \s+(?!\S), which gives "  ", "\n", "b" for "  \nb" but one piece "  \n" at the end of a text (and
+#   "\r", "\n" against "\r\n"), so only a lone newline is a pre-token whatever follows it.
+_SAFE_CUTS = {GPT4_PATTERN: re.compile(r"\n(?=\S)"), GPT2_PATTERN: re.compile(r"(?<=\S)\n(?=\S)")}
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _MIXED_MARGIN = 1 << 12    # text after a non-ASCII character that goes to `regex` with it (see findall)
 
@@ -156,6 +147,7 @@ class _Splitter:
         ascii_pattern = _ASCII_PATTERNS.get(pattern)
         self.ascii_compiled = re.compile(ascii_pattern, re.ASCII) if ascii_pattern else None
         self.builtin = pattern in _ASCII_PATTERNS
+        self.safe_cut = _SAFE_CUTS.get(pattern)
         if self.compiled.groups:
             # findall would return the groups instead of the whole matches
             raise ValueError("the split pattern has capturing groups; write them as (?:...) instead")
@@ -186,11 +178,11 @@ class _Splitter:
             if found is None:
                 pieces += ascii_findall(text[start:])
                 break
-            cut = _last_safe_cut(text, start, found.start())
+            cut = self._last_safe_cut(text, start, found.start())
             if cut > start:
                 pieces += ascii_findall(text[start:cut])
                 start = cut
-            end = _next_safe_cut(text, found.start() + _MIXED_MARGIN)
+            end = self._next_safe_cut(text, found.start() + _MIXED_MARGIN)
             if end == -1:
                 end = n
             pieces += full_findall(text[start:end])
@@ -198,19 +190,33 @@ class _Splitter:
         return pieces
 
     def safe_chunks(self, text):
-        """Cut a long text where no built-in pattern can join across (see _next_safe_cut), into chunks of
+        """Cut a long text where no built-in pattern can join across (see _SAFE_CUTS), into chunks of
         at least _SAFE_CHUNK_CHARS characters. Custom patterns get the text whole."""
         if not self.builtin or len(text) <= 2 * _SAFE_CHUNK_CHARS:
             yield text
             return
         start, end = 0, len(text)
         while end - start > 2 * _SAFE_CHUNK_CHARS:
-            cut = _next_safe_cut(text, start + _SAFE_CHUNK_CHARS)
+            cut = self._next_safe_cut(text, start + _SAFE_CHUNK_CHARS)
             if cut == -1:
                 break
             yield text[start:cut]
             start = cut
         yield text[start:]
+
+    def _next_safe_cut(self, text, position):
+        """The first safe cut after a newline at or after `position`, or -1."""
+        found = self.safe_cut.search(text, position)
+        return -1 if found is None else found.end()
+
+    def _last_safe_cut(self, text, low, high):
+        """The last safe cut c with low < c <= high < len(text), or low if there is none."""
+        newline = text.rfind("\n", low, high)
+        while newline != -1:
+            if self.safe_cut.match(text, newline):
+                return newline + 1
+            newline = text.rfind("\n", low, newline)
+        return low
 
 
 # ----------------------------------------------------------------------------------------------------
