@@ -45,6 +45,14 @@ def cupy_module():
     return cp
 
 
+def set_cupy_tf32(enabled: bool) -> None:
+    """Let CuPy's float32 matmuls use TF32 tensor cores (the switch behind the CUPY_TF32 variable)."""
+    cp = cupy_module()
+    from cupy._core import _routines_linalg as linalg
+    tf32, default = 7, 1                                     # COMPUTE_TYPE_TF32, COMPUTE_TYPE_DEFAULT
+    linalg.set_compute_type(cp.float32, tf32 if enabled else default)
+
+
 def gpu_available() -> bool:
     try:
         cupy_module()

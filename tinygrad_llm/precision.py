@@ -99,10 +99,7 @@ def _apply_tf32(enabled: bool) -> None:
     """Tell CuPy's matmul whether float32 products may use TF32 (nothing to do without a GPU)."""
     if not backend.gpu_available():
         return
-    cp = backend.cupy_module()
-    from cupy._core import _routines_linalg as linalg       # CuPy's switch behind CUPY_TF32
-    tf32, default = 7, 1                                     # COMPUTE_TYPE_TF32, COMPUTE_TYPE_DEFAULT
-    linalg.set_compute_type(cp.float32, tf32 if enabled else default)
+    backend.set_cupy_tf32(enabled)
 
 
 # ------------------------------------------------------------------ Linear under bf16 / fp16

@@ -1,0 +1,86 @@
+// attention_common.cuh: the PTX helpers and element types both attention kernels use (cp.async,
+// ldmatrix, mma.sync m16n8k16 for bf16 and fp16, exp2 on the special-function unit, tile loads).
+// Included by attention_forward.cu and attention_backward.cu; tinygrad_llm.gpu.load_module inlines
+// it for NVRTC, and nvcc finds it through -I kernels.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#define ATTN_NEG_INF (-__int_as_float(0x7f800000))
+#define ATTN_LOG2E 1.4426950408889634f
+#define ATTN_LN2 0.6931471805599453f
+
+// ---------------------------------------------------------------------------------------------------
+// Small PTX helpers (shared-memory addresses, cp.async, ldmatrix, mma), sm_80 and later.
+
+__device__ __forceinline__ unsigned attn_smem_address(const void* pointer) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(pointer));
+}
+
+// 16-byte asynchronous copy global -> shared; copies zeros when `valid` is false.
+__device__ __forceinline__ void attn_copy16(void* shared, const void* global, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(attn_smem_address(shared)), "l"(global), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void attn_copy_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void attn_copy_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+__device__ __forceinline__ void attn_ldmatrix_x4(unsigned (&r)[4], const void* shared) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(attn_smem_address(shared)));
+}
+__device__ __forceinline__ void attn_ldmatrix_x4_trans(unsigned (&r)[4], const void* shared) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(attn_smem_address(shared)));
+}
+
+// 2^x on the special-function unit (exp2(−inf) = 0), without exp2f's denormal handling.
+__device__ __forceinline__ float attn_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// The 16-bit element types: the mma instruction, packing two floats, and conversions.
+template <typename T> struct AttnType;
+
+template <> struct AttnType<__nv_bfloat16> {
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                     "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack(float low, float high) {
+        __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
+        return *reinterpret_cast<unsigned*>(&pair);
+    }
+};
+
+template <> struct AttnType<__half> {
+    static __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                     "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ unsigned pack(float low, float high) {
+        __half2 pair = __floats2half2_rn(low, high);
+        return *reinterpret_cast<unsigned*>(&pair);
+    }
+};
+
+// Copy rows [row0, row0 + ROWS) of a (rows, D) matrix into shared memory with row stride STRIDE,
+// zero-filling rows at or past `limit`. All THREADS threads take part; each copy is 16 bytes.
+template <typename T, int ROWS, int D, int STRIDE, int THREADS>
+__device__ __forceinline__ void attn_load_tile(T* shared, const T* global, int row0, int limit) {
+    constexpr int CHUNKS_PER_ROW = D * 2 / 16;
+    for (int chunk = threadIdx.x; chunk < ROWS * CHUNKS_PER_ROW; chunk += THREADS) {
+        const int row = chunk / CHUNKS_PER_ROW;
+        const int col = (chunk % CHUNKS_PER_ROW) * 8;
+        const bool valid = row0 + row < limit;
+        const T* source = global + (valid ? (long long)(row0 + row) * D + col : 0);
+        attn_copy16(shared + row * STRIDE + col, source, valid);
+    }
+}
