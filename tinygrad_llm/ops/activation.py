@@ -12,8 +12,13 @@ from ..tensor import Function
 
 
 def sigmoid(x):
-    """σ(x) = 1 / (1 + e⁻ˣ) on a raw array, computed as ½(1 + tanh(x/2)) so large |x| cannot overflow."""
-    return 0.5 * (1 + array_module(x).tanh(0.5 * x))
+    """σ(x) = 1 / (1 + e⁻ˣ) on a raw array, computed as ½(1 + tanh(x/2)) so large |x| cannot overflow.
+    One temporary, updated in place (NumPy would otherwise allocate one per arithmetic step)."""
+    s = x * x.dtype.type(0.5)
+    array_module(x).tanh(s, out=s)
+    s += 1
+    s *= 0.5
+    return s
 
 
 class Softmax(Function):
@@ -25,14 +30,17 @@ class Softmax(Function):
 
     def forward(self, x, axis=-1):
         xp = array_module(x)
-        e = xp.exp(x - x.max(axis=axis, keepdims=True))   # max subtraction: exp never overflows
-        y = e / e.sum(axis=axis, keepdims=True)
+        y = x - x.max(axis=axis, keepdims=True)           # max subtraction: exp never overflows
+        xp.exp(y, out=y)
+        y /= y.sum(axis=axis, keepdims=True)
         self.save(y=y, axis=axis)
         return y
 
     def backward(self, dy):
         y, axis = self.saved
-        return y * (dy - (dy * y).sum(axis=axis, keepdims=True))
+        dx = dy * y
+        dx -= y * dx.sum(axis=axis, keepdims=True)       # y·dy − y·Σ(dy·y)
+        return dx
 
 
 class LogSoftmax(Function):
@@ -68,7 +76,12 @@ class SiLU(Function):
 
     def backward(self, dy):
         x, s = self.saved
-        return dy * s * (1 + x * (1 - s))
+        dx = 1 - s
+        dx *= x
+        dx += 1
+        dx *= s
+        dx *= dy                                          # dy · σ · (1 + x(1 − σ))
+        return dx
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
@@ -109,7 +122,10 @@ class SwiGLU(Function):
         fast = kernel("swiglu", gate, up)
         if fast is not None:
             return fast.swiglu_forward(gate, up)
-        return gate * sigmoid(gate) * up
+        y = sigmoid(gate)
+        y *= gate
+        y *= up
+        return y
 
     def backward(self, dy):
         gate, up = self.saved
@@ -117,8 +133,14 @@ class SwiGLU(Function):
         if fast is not None:
             return fast.swiglu_backward(dy, gate, up)
         s = sigmoid(gate)
-        dup = dy * gate * s
-        dgate = dy * up * s * (1 + gate * (1 - s))
+        dup = gate * s                                    # silu(g)
+        dup *= dy
+        dgate = 1 - s
+        dgate *= gate
+        dgate += 1
+        dgate *= s
+        dgate *= up
+        dgate *= dy                                       # dy · u · σ · (1 + g(1 − σ))
         return dgate, dup
 
 
