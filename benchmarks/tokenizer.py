@@ -11,7 +11,8 @@ across days):
     train          Tokenizer.train on the whole corpus (pre-token counting with --workers processes,
                    then the serial merge loop). HF: BpeTrainer with the same split regex, byte-level
                    alphabet and vocab size, using as many threads as it likes (all cores by default).
-    encode cold    a fresh Tokenizer (empty pre-token cache) encodes the corpus once.
+    encode cold    a fresh Tokenizer (empty pre-token cache) encodes the corpus once, in a fresh process
+                   (spawned after training; --cold-in-this-process to time it after training in this one).
     encode warm    the same object encodes it again (every pre-token already cached).
     encode_batch   the corpus cut into 64 pieces at newline boundaries, encoded by --encode-workers processes.
     tiktoken       tiktoken.Encoding built from tok.mergeable_ranks() and tok.pattern, after a 100 kB warm-up,
@@ -24,6 +25,7 @@ better than it would on fresh text. The cold encode figure is the honest one.
 """
 import argparse
 import datetime
+import multiprocessing
 import os
 import platform
 import sys
@@ -72,6 +74,39 @@ def cut_at_newlines(text, pieces):
 
 def _encode_all(tokenizer, documents):
     return [tokenizer.encode_ordinary(d) for d in documents]
+
+
+def cold_encode_rounds(merges, pattern, documents, repeat, with_tiktoken):
+    """Our cold encode and tiktoken's encode, one after the other in each of `repeat` rounds (so both see
+    the same load on a shared machine). Returns (our best s, tiktoken best s or None, our ids, tiktoken's
+    ids or None, tiktoken version or None)."""
+    encoding = version = None
+    if with_tiktoken:
+        try:
+            import tiktoken
+            encoding = tiktoken.Encoding(name="ours", pat_str=pattern,
+                                         mergeable_ranks=Tokenizer(merges, pattern).mergeable_ranks(),
+                                         special_tokens={})
+            encoding.encode_ordinary(documents[0][:100_000])
+            version = tiktoken.__version__
+        except ImportError:
+            pass
+    cold_s = tiktoken_s = float("inf")
+    ours = theirs = None
+    for _ in range(repeat):                 # a new Tokenizer each run: the pre-token cache starts empty
+        fresh = Tokenizer(merges, pattern)
+        start = time.perf_counter()
+        ours = _encode_all(fresh, documents)
+        cold_s = min(cold_s, time.perf_counter() - start)
+        if encoding is not None:
+            start = time.perf_counter()
+            theirs = [encoding.encode_ordinary(d) for d in documents]
+            tiktoken_s = min(tiktoken_s, time.perf_counter() - start)
+    return cold_s, (tiktoken_s if encoding is not None else None), ours, theirs, version
+
+
+def _cold_encode_rounds_star(args):
+    return cold_encode_rounds(*args)
 
 
 def machine_line():
@@ -131,6 +166,8 @@ def main():
     parser.add_argument("--encode-workers", type=int, default=2, help="processes for encode_batch")
     parser.add_argument("--repeat", type=int, default=1, help="report the best of this many runs (default 1)")
     parser.add_argument("--no-baselines", action="store_true", help="skip tokenizers/tiktoken even if installed")
+    parser.add_argument("--cold-in-this-process", action="store_true",
+                        help="time the cold encode (and tiktoken) after training in this process, not in a fresh one")
     args = parser.parse_args()
 
     documents, description = load_documents(args)
@@ -148,28 +185,16 @@ def main():
 
     train_s, tok = best_of(lambda: Tokenizer.train(documents, args.vocab, pattern=args.pattern,
                                                    workers=args.workers, progress=False))
-    # tiktoken's encode runs in the same loop as our cold encode, one after the other in every round, so
-    # that both see the same load on a shared machine (best of --repeat rounds for each).
-    encoding = tiktoken_version = None
-    if not args.no_baselines:
-        try:
-            import tiktoken
-            encoding = tiktoken.Encoding(name="ours", pat_str=tok.pattern, mergeable_ranks=tok.mergeable_ranks(),
-                                         special_tokens={})
-            encoding.encode_ordinary(documents[0][:100_000])
-            tiktoken_version = tiktoken.__version__
-        except ImportError:
-            pass
-    cold_s = tiktoken_s = float("inf")
-    for _ in range(args.repeat):            # a new Tokenizer each run: the pre-token cache starts empty
-        fresh = Tokenizer(tok.merges, tok.pattern)
-        start = time.perf_counter()
-        ours = _encode_all(fresh, documents)
-        cold_s = min(cold_s, time.perf_counter() - start)
-        if encoding is not None:
-            start = time.perf_counter()
-            theirs = [encoding.encode_ordinary(d) for d in documents]
-            tiktoken_s = min(tiktoken_s, time.perf_counter() - start)
+    # Cold encode and tiktoken, side by side (see cold_encode_rounds), in a fresh process: after the training
+    # runs above our encode (millions of small Python objects) was up to a third slower in this process,
+    # most likely from the heap they leave fragmented, while tiktoken's (Rust) did not change; a program
+    # that loads a tokenizer and encodes does not carry that. --cold-in-this-process times it here instead.
+    job = (tok.merges, tok.pattern, documents, args.repeat, not args.no_baselines)
+    if args.cold_in_this_process:
+        cold_s, tiktoken_s, ours, theirs, tiktoken_version = cold_encode_rounds(*job)
+    else:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            cold_s, tiktoken_s, ours, theirs, tiktoken_version = pool.map(_cold_encode_rounds_star, [job])[0]
     warm = Tokenizer(tok.merges, tok.pattern)
     _encode_all(warm, documents)
     warm_s, ours_again = best_of(lambda: _encode_all(warm, documents))
@@ -184,9 +209,7 @@ def main():
 
     hf_note, tiktoken_note = "not installed", "not installed"
     hf_train_s = None
-    if encoding is None:
-        tiktoken_s = None
-    else:
+    if tiktoken_s is not None:
         tiktoken_note = f"tiktoken {tiktoken_version}; ids equal to ours on the whole corpus: {theirs == ours}"
     if not args.no_baselines:
         try:

@@ -245,3 +245,23 @@ def test_threaded_cpu_ops_give_bit_identical_results():
     assert results[0][0] == results[1][0]
     for name, value in results[0][1].items():
         np.testing.assert_array_equal(value, results[1][1][name], err_msg=name)
+
+
+@pytest.mark.parametrize("keep_probabilities, chunked_norm", [(False, False), (True, False), (False, True)])
+def test_cpu_tuning_switches_do_not_change_the_gradients(keep_probabilities, chunked_norm, monkeypatch):
+    import tinygrad_llm.model as model_module
+    ids = np.random.default_rng(4).integers(0, 11, (3, 12))
+
+    def gradients():
+        manual_seed(5)
+        model = GPT(tiny_config())
+        model.to(dtype=np.float64)
+        _, loss = model(ids[:, :-1], ids[:, 1:], return_logits=False)
+        loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    reference = gradients()                                        # the defaults: both switches on
+    monkeypatch.setattr(model_module, "CPU_KEEP_PROBABILITIES", keep_probabilities)
+    monkeypatch.setattr(model_module, "CPU_CHUNKED_NORM", chunked_norm)
+    for name, grad in gradients().items():
+        np.testing.assert_allclose(grad, reference[name], rtol=1e-9, atol=1e-12, err_msg=name)

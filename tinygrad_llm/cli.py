@@ -1,7 +1,7 @@
 """The `tinygrad-llm` command: prepare, train, sample, eval, export, plot (and train-classifier).
 
     tinygrad-llm train                                   # built-in Shakespeare, default small model, ~5 min
-    tinygrad-llm train --config tinygrad_llm/configs/shakespeare_char.toml --max-steps 500
+    tinygrad-llm train --config shakespeare_char --data ../shared/data/tinyshakespeare.txt   # bundled TOML
     tinygrad-llm train --data ../shared/data/tinyshakespeare.txt --out-dir runs/char --resume
     tinygrad-llm sample runs/default --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --top-k 40
     tinygrad-llm eval runs/default [--best]
@@ -163,7 +163,7 @@ def run_sample(args) -> int:
     if args.top_k is not None and args.top_k <= 0:
         raise CommandError("--top-k must be positive", EXIT_USAGE)
     model, state, tokenizer = _load(args.checkpoint, args.best, args.device, args.tokenizer)
-    prompt = args.prompt.encode("utf-8").decode("unicode_escape") if "\\n" in args.prompt else args.prompt
+    prompt = args.prompt.replace("\\n", "\n")            # a typed "\n" means a newline
     sys.stdout.write(prompt)
     generate_text(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, stop=args.stop, seed=args.seed, stream=sys.stdout,

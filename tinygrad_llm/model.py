@@ -35,13 +35,15 @@ from .tensor import Function, Tensor
 
 
 # ---------------------------------------------------------------- fused training ops
-# Two Functions that fold the glue around attention and the MLP into one op each, so that the packed
-# projections are sliced, rotated and re-laid-out without the zero-filled gradients of GetItem and
-# the extra copies of Permute/Reshape. The composed path (F.rope, F.causal_attention, F.swiglu on
-# slices) is what the KV-cached generation uses, and the tests check that both agree.
+# Functions that fold the glue around attention, the MLP, the norms and the output head into one op each,
+# so that the packed projections are sliced, rotated and re-laid-out without the zero-filled gradients of
+# GetItem and the extra copies of Permute/Reshape, and so that the CPU works in cache-sized chunks
+# (optionally on several threads, tinygrad_llm/cpu_threads.py). The composed path (F.rope,
+# F.causal_attention, F.swiglu on slices, F.rms_norm, F.linear + F.cross_entropy) is what KV-cached
+# generation and return_logits=True use, and the tests check that both agree.
 
-# CPU tuning switches (the tests check both settings agree): keep attention probabilities between
-# forward and backward; use the chunked, threaded RMSNorm instead of the engine op.
+# CPU tuning switches (tests/test_model.py checks that every setting gives the same gradients): keep the
+# attention probabilities between forward and backward; use the chunked RMSNorm instead of the engine op.
 CPU_KEEP_PROBABILITIES = True
 CPU_CHUNKED_NORM = True
 ATTENTION_CHUNK_ELEMENTS = 1 << 17   # scores per attention chunk on the CPU (512 KiB of float32)

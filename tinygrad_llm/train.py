@@ -157,7 +157,17 @@ def config_from_dict(values: dict, base: TrainConfig | None = None) -> TrainConf
 
 
 def load_toml(path: str) -> dict:
-    import tomllib
+    """A TOML file as a dict. `path` may also name a bundled config: "shakespeare_char" or "small_bpe"."""
+    try:
+        import tomllib                          # Python 3.11+
+    except ImportError:                         # pragma: no cover - older Pythons
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise RuntimeError("TOML config files need Python 3.11+ (tomllib) or `pip install tomli`") from None
+    bundled = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{path}.toml")
+    if not os.path.exists(path) and os.path.sep not in path and os.path.isfile(bundled):
+        path = bundled
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
