@@ -2,6 +2,7 @@
 
     python benchmarks/train_cpu.py                       # both configs, 2 threads, 3 alternating rounds
     python benchmarks/train_cpu.py --configs a --threads 1 --steps 5 --rounds 2
+    python benchmarks/train_cpu.py --parity 200 --data ../shared/data/tinyshakespeare.txt
 
 Configs (the issue's): (a) 6 layers, d 256, 8 heads, ffn 704, T 128, B 16, V 4096;
 (char) nanoGPT's shakespeare_char CPU model: 4 layers, 4 heads, d 128, ffn 384, T 64, B 12, V 65.
@@ -10,7 +11,9 @@ A step is the full training step: forward, cross-entropy, backward, global-norm 
 (OPENBLAS_THREAD_TIMEOUT=4, so its row-parallel ops get the threads too). Each measurement runs in its own subprocess with the same
 thread count for both libraries (OMP/OpenBLAS/MKL env vars and torch.set_num_threads); rounds alternate
 ours / PyTorch so that load from other processes hits both alike; the median step time over all rounds
-is reported. The PyTorch model (written here, same architecture and parameter count: RMSNorm, rotate-half
+is reported. `--parity N` instead trains the char model for N steps in both libraries from the same
+initial weights on the same batches with the same AdamW, schedule and clipping, and prints both losses
+(a check that the two compute the same training, not a timing). The PyTorch model (written here, same architecture and parameter count: RMSNorm, rotate-half
 RoPE, causal SDPA, SwiGLU, no biases, untied head) is run only when torch can be imported.
 """
 from __future__ import annotations
@@ -136,6 +139,78 @@ def worker_torch(config: dict, steps: int, warmup: int, threads: int) -> list:
     return times
 
 
+def parity(steps: int, data_path: str) -> int:
+    """Same init, batches and optimizer in both libraries; print the losses side by side."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+    from tinygrad_llm import manual_seed
+    from tinygrad_llm.model import GPT, GPTConfig
+    from tinygrad_llm.optim import AdamW, lr_schedule
+    from tinygrad_llm.train import RandomWindows
+    torch.set_num_threads(1)
+    text = open(data_path, encoding="utf-8").read()
+    chars = sorted(set(text))
+    index = {c: i for i, c in enumerate(chars)}
+    tokens = np.array([index[c] for c in text], dtype=np.int64)[:int(0.9 * len(text))]
+    c = CONFIGS["char"]
+    config = GPTConfig(vocab_size=len(chars), d_model=c["d_model"], n_layers=c["n_layers"], n_heads=c["n_heads"],
+                       ffn_hidden=c["ffn_hidden"], max_seq_len=c["seq_len"])
+    manual_seed(1)
+    model = GPT(config)
+    optimizer = AdamW(model.named_parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    P = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in model.state_dict().items()}
+    torch_optimizer = torch.optim.AdamW([{"params": [p for p in P.values() if p.dim() >= 2], "weight_decay": 0.1},
+                                         {"params": [p for p in P.values() if p.dim() < 2], "weight_decay": 0.0}],
+                                        lr=1e-3, betas=(0.9, 0.99))
+    H, D, T, C = config.n_heads, config.head_dim, c["seq_len"], config.d_model
+    inverse = 1.0 / 10000.0 ** (torch.arange(0, D, 2).float() / D)
+    angles = torch.outer(torch.arange(T).float(), inverse).repeat(1, 2)
+    cos, sin = angles.cos(), angles.sin()
+    rotate_half = lambda x: torch.cat((-x[..., D // 2:], x[..., :D // 2]), -1)
+    norm = lambda x, w: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+    def torch_logits(ids):        # Hugging Face Llama's forward, spelled out over the state-dict names
+        x = P["model.embed_tokens.weight"][ids]
+        B = ids.shape[0]
+        for i in range(config.n_layers):
+            p = f"model.layers.{i}."
+            h = norm(x, P[p + "input_layernorm.weight"])
+            q, k, v = ((h @ P[p + f"self_attn.{n}_proj.weight"].T).view(B, T, H, D).transpose(1, 2) for n in "qkv")
+            q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+            x = x + a @ P[p + "self_attn.o_proj.weight"].T
+            h = norm(x, P[p + "post_attention_layernorm.weight"])
+            x = x + (F.silu(h @ P[p + "mlp.gate_proj.weight"].T) * (h @ P[p + "mlp.up_proj.weight"].T)) \
+                @ P[p + "mlp.down_proj.weight"].T
+        return norm(x, P["model.norm.weight"]) @ P["lm_head.weight"].T
+
+    batches = RandomWindows(tokens, c["batch_size"], T, 1337)
+    print("step   ours loss  torch loss   ours |g|  torch |g|   max |Δw|")
+    for step in range(steps):
+        lr = lr_schedule(step, 1e-3, 100, 2000, 0.1)
+        x, y = batches.batch(step)
+        _, loss = model(x, y, return_logits=False)
+        loss.backward()
+        norm_ours = optimizer.gather_grads()
+        optimizer.step(lr=lr, grad_scale=min(1.0, 1.0 / (norm_ours + 1e-6)))
+        optimizer.zero_grad()
+        torch_loss = F.cross_entropy(torch_logits(torch.from_numpy(x)).view(-1, len(chars)), torch.from_numpy(y).reshape(-1))
+        torch_loss.backward()
+        norm_torch = float(torch.nn.utils.clip_grad_norm_(list(P.values()), 1.0))
+        for group in torch_optimizer.param_groups:
+            group["lr"] = lr
+        torch_optimizer.step()
+        torch_optimizer.zero_grad()
+        if step % 25 == 0 or step == steps - 1:
+            ours_state = model.state_dict()
+            drift = max(float(np.abs(ours_state[k] - P[k].detach().numpy()).max()) for k in P)
+            print(f"{step:>4} {loss.item():>11.4f} {torch_loss.item():>11.4f} {norm_ours:>10.4f} {norm_torch:>10.4f} "
+                  f"{drift:>10.2e}", flush=True)
+    return 0
+
+
 def run_worker(kind: str, config_name: str, steps: int, warmup: int, threads: int) -> list:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
@@ -160,8 +235,16 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating ours/PyTorch rounds")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--parity", type=int, default=0, metavar="STEPS",
+                        help="train both libraries identically for STEPS steps and compare (needs torch)")
+    parser.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                                                      os.pardir, "shared", "data", "tinyshakespeare.txt"))
     parser.add_argument("--worker", choices=["ours", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.parity:
+        if not torch_available():
+            parser.error("--parity needs PyTorch")
+        return parity(args.parity, args.data)
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
