@@ -10,7 +10,7 @@ import tinygrad_llm.functional as F
 from tinygrad_llm import Tensor, manual_seed
 from tinygrad_llm.gradcheck import gradcheck
 from tinygrad_llm.model import GPT, GPTConfig, PackedRopeAttention, PackedSwiGLU
-from tinygrad_llm.nn import Parameter, StateDictError
+from tinygrad_llm.nn import StateDictError
 from tinygrad_llm.optim import AdamW
 from tinygrad_llm.ops.rope import rope_angles
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from text_sample import SHAKESPEARE
-from tinygrad_llm import Tensor, manual_seed
+from tinygrad_llm import manual_seed
 from tinygrad_llm.checkpoint import load_checkpoint
 from tinygrad_llm.model import GPT, GPTConfig
 from tinygrad_llm.nn import Parameter

@@ -29,7 +29,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -38,7 +38,7 @@ from . import rng as global_rng
 from .checkpoint import CheckpointError, load_checkpoint, read_state, resolve_checkpoint, save_checkpoint
 from .model import GPT, GPTConfig
 from .optim import AdamW, lr_schedule
-from .tensor import Tensor, no_grad
+from .tensor import no_grad
 
 MODEL_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "rope_theta", "norm_eps",
                 "tie_embeddings", "dropout")
@@ -399,7 +399,18 @@ def model_config_for(config: TrainConfig, vocab_size: int) -> GPTConfig:
 
 
 def train(config: TrainConfig, log=None) -> dict:
-    """Run (or resume) training; returns a summary dict (steps, losses, timings, checkpoint paths)."""
+    """Run (or resume) training; returns a summary dict (steps, losses, timings, checkpoint paths).
+
+    The precision policy of `config.precision` holds for the run and is restored afterwards."""
+    from . import precision
+    previous = precision.get_policy().name
+    try:
+        return _train(config, log)
+    finally:
+        precision.set_policy(previous)
+
+
+def _train(config: TrainConfig, log=None) -> dict:
     config.validate()
     log = log or (lambda message: print(message, flush=True))
     backend.tune_host_allocator()
