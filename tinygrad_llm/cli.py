@@ -53,7 +53,8 @@ def add_train_parser(subparsers):
     helps = {"data": "prepared shard directory or .txt file (default: the built-in corpus)",
              "out_dir": "run directory: checkpoints, metrics.jsonl, config.json",
              "resume": "continue the run in --out-dir from its latest checkpoint",
-             "device": "cpu or cuda", "dtype": "parameter dtype: float32 (default), float64; float16 on the GPU",
+             "device": "cpu or cuda", "dtype": "fp32, tf32, bf16 or fp16 picks the GPU precision policy (parameters stay float32); "
+                      "float32 (default) or float64 sets the parameter dtype",
              "precision": "GPU mixed precision policy: fp32, tf32, bf16, fp16 (ignored on the CPU)",
              "sample_tokens": "print a sample of this many tokens at the end"}
     for name, spec in CONFIG_FIELDS.items():

@@ -90,6 +90,12 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
 
+    def __post_init__(self):
+        # `--dtype fp32|tf32|bf16|fp16` names a mixed-precision policy (the GPU issue's spelling): the
+        # parameters then stay float32 and the policy decides what the matmuls run in.
+        if self.dtype in ("fp32", "tf32", "bf16", "fp16"):
+            self.precision, self.dtype = self.dtype, "float32"
+
     def validate(self) -> None:
         problems = []
         positive = ("d_model", "n_layers", "n_heads", "ffn_hidden", "batch_size", "seq_len", "grad_accum",
@@ -112,7 +118,8 @@ class TrainConfig:
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
         if self.dtype not in ("float32", "float64", "float16", "bfloat16"):
-            problems.append(f"dtype must be float32, float64, float16 or bfloat16, got {self.dtype!r}")
+            problems.append(f"dtype must be float32, float64, float16 or bfloat16 (parameters) or fp32, tf32, "
+                            f"bf16 or fp16 (a precision policy), got {self.dtype!r}")
         try:
             backend.normalize_device(self.device)
         except ValueError as error:
