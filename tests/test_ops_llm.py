@@ -20,41 +20,9 @@ from tinygrad_llm.ops.loss import cross_entropy_reference
 from tinygrad_llm.ops.norm import rms_norm_reference
 from tinygrad_llm.ops.rope import rope_reference
 
+from op_helpers import assert_same_forward_and_backward, normal, relative_error, run
+
 seeds = st.integers(0, 2**31 - 1)
-
-
-def normal(shape, seed, scale=1.0):
-    return np.random.default_rng(seed).standard_normal(shape) * scale
-
-
-def relative_error(actual, expected):
-    """‖actual − expected‖ / ‖expected‖ (the norm of a difference, so one tiny element cannot dominate)."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    return np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30)
-
-
-def run(backend, fn, arrays, upstream_seed=0, dtype=np.float64):
-    """fn on tensors made from arrays (floating ones cast to dtype, requiring grad), backward with a random
-    upstream gradient; returns the output and the gradients as NumPy."""
-    tensors = []
-    for a in arrays:
-        floating = a.dtype.kind == "f"
-        tensors.append(backend.tensor(a.astype(dtype) if floating else a, requires_grad=floating))
-    out = fn(*tensors)
-    upstream = np.random.default_rng(upstream_seed).standard_normal(out.shape).astype(out.dtype)
-    out.backward(backend.array(upstream))
-    return out.numpy(), [Tensor(t.grad).numpy() for t in tensors if t.requires_grad]
-
-
-def assert_same_forward_and_backward(backend, fused, reference, arrays, rtol=1e-9, atol=1e-12):
-    """Outputs and gradients agree to rounding (atol: both may cancel differently near zero, e.g. gelu(−6))."""
-    out, grads = run(backend, fused, arrays)
-    ref_out, ref_grads = run(backend, reference, arrays)
-    assert out.shape == ref_out.shape
-    np.testing.assert_allclose(out, ref_out, rtol=rtol, atol=atol)
-    assert len(grads) == len(ref_grads)
-    for grad, ref_grad in zip(grads, ref_grads):
-        np.testing.assert_allclose(grad, ref_grad, rtol=rtol, atol=atol)
 
 
 def assert_float32_close_to_float64(backend, fn, arrays, tolerance=1e-5):

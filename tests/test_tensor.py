@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import tinygrad_llm as tg
-import tinygrad_llm.functional as F
 from tinygrad_llm import Function, Tensor, no_grad
 
 

@@ -1,0 +1,40 @@
+"""Helpers shared by the op tests: random inputs, a relative error, and fused-versus-reference runs."""
+from __future__ import annotations
+
+import numpy as np
+
+from tinygrad_llm import Tensor
+
+
+def normal(shape, seed, scale=1.0):
+    return np.random.default_rng(seed).standard_normal(shape) * scale
+
+
+def relative_error(actual, expected):
+    """‖actual − expected‖ / ‖expected‖ (the norm of a difference, so one tiny element cannot dominate)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30)
+
+
+def run(backend, fn, arrays, upstream_seed=0, dtype=np.float64):
+    """fn on tensors made from arrays (floating ones cast to dtype, requiring grad), backward with a random
+    upstream gradient; returns the output and the gradients as NumPy."""
+    tensors = []
+    for a in arrays:
+        floating = a.dtype.kind == "f"
+        tensors.append(backend.tensor(a.astype(dtype) if floating else a, requires_grad=floating))
+    out = fn(*tensors)
+    upstream = np.random.default_rng(upstream_seed).standard_normal(out.shape).astype(out.dtype)
+    out.backward(backend.array(upstream))
+    return out.numpy(), [Tensor(t.grad).numpy() for t in tensors if t.requires_grad]
+
+
+def assert_same_forward_and_backward(backend, fused, reference, arrays, rtol=1e-9, atol=1e-12):
+    """Outputs and gradients agree to rounding (atol: both may cancel differently near zero, e.g. gelu(−6))."""
+    out, grads = run(backend, fused, arrays)
+    ref_out, ref_grads = run(backend, reference, arrays)
+    assert out.shape == ref_out.shape
+    np.testing.assert_allclose(out, ref_out, rtol=rtol, atol=atol)
+    assert len(grads) == len(ref_grads)
+    for grad, ref_grad in zip(grads, ref_grads):
+        np.testing.assert_allclose(grad, ref_grad, rtol=rtol, atol=atol)
