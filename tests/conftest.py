@@ -19,7 +19,7 @@ from tinygrad_llm import backend as backend_module
 from tinygrad_llm import Tensor
 from tinygrad_llm.gradcheck import gradcheck
 
-settings.register_profile("default", deadline=None, max_examples=25, derandomize=True,
+settings.register_profile("default", deadline=None, max_examples=50, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("thorough", deadline=None, max_examples=200,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
