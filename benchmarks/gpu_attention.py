@@ -1,6 +1,7 @@
 """Time the flash-attention kernels (tinygrad_llm.gpu_attention) next to PyTorch's SDPA, same run.
 
-    PYTHONPATH=. python3 benchmarks/gpu_attention.py [--sweep]  # prints a table (--sweep: try every build)
+    PYTHONPATH=. python3 benchmarks/gpu_attention.py [--sweep] [--first N]  # a table (--sweep: every build;
+                                                              # --first N: the first N shapes only)
     from benchmarks.gpu_attention import run; rows = run()      # what benchmarks/gpu.py calls
 
 Each row: forward and forward+backward times (median over 10 batches of 20 back-to-back calls, CUDA
@@ -176,4 +177,6 @@ def run(shapes=SHAPES, sweep=False):
 
 
 if __name__ == "__main__":
-    run(sweep="--sweep" in sys.argv)
+    # --first N: only the first N shapes of SHAPES (N = 1: the issue's B16 H12 T1024 D64 bf16 alone)
+    first = int(sys.argv[sys.argv.index("--first") + 1]) if "--first" in sys.argv else len(SHAPES)
+    run(SHAPES[:first], sweep="--sweep" in sys.argv)

@@ -17,7 +17,8 @@
 //   attention_backward_prepare_{bf16,fp16}_d{64,128}(dO, out, Δ, dq_accumulator, rows)
 //     Δ = rowsum(dO ∘ out) in fp32 and the row of dq_accumulator set to 0, in one pass: 8 threads a
 //     row, 16-byte loads and stores. Grid ceil(rows · 8 / 256), block 256.
-//   attention_backward_{bf16,fp16}_d64_{w4,w8,w4q32,w4m2q32}, attention_backward_{bf16,fp16}_d128_{w4,w8}
+//   attention_backward_{bf16,fp16}_d64_{w4,w8,w4q32,w4m2q32,w4m2q32p,w8m2q32p},
+//   attention_backward_{bf16,fp16}_d128_{w4,w8}
 //       (q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk, scale)
 //     Tensor cores (mma.sync.m16n8k16, fp32 accumulators). One block owns BLOCK_K keys of one
 //     (b, kv head); warp w owns 16·M_TILES consecutive keys and keeps their dk, dv accumulators in
@@ -36,8 +37,10 @@
 //     Q, dO, L and Δ of step s + 1 are copied (cp.async) while step s computes: two buffers.
 //     Builds (warps × 16·M_TILES keys, BLOCK_Q): _w4 4 × 16 (64 keys), 64 rows at D = 64, 32 at
 //     D = 128; _w8 8 × 16 (128 keys); _w4q32 4 × 16, 32 rows; _w4m2q32 4 × 32 (128 keys), 32 rows
-//     (each Q/dO fragment read from shared memory feeds two m-tiles). gpu_attention.BACKWARD_VARIANT
-//     picks one per head dim.
+//     (each Q/dO fragment read from shared memory feeds two m-tiles); _w4m2q32p and _w8m2q32p (4 or 8
+//     warps × 32 keys, 32 rows) hold Pᵀ only as 16-bit A fragments once dV is done, and form dSᵀ from
+//     that rounded P (as dV uses it): 16 registers fewer, no spill at 255 for _w4m2q32p.
+//     gpu_attention.BACKWARD_VARIANT picks one per head dim.
 //     Launch: grid (ceil(Tk / BLOCK_K), B·Hkv), block 32·warps threads.
 //     Shared memory (dynamic): K, V tiles BLOCK_K × (D + 8); Q and dO, two buffers each, BLOCK_Q × (D + 8);
 //     dSᵀ BLOCK_K × (BLOCK_Q + 8), all 2-byte; L and Δ, two buffers each, BLOCK_Q fp32: 64 KiB for _w4
@@ -146,7 +149,7 @@ __device__ __forceinline__ void attn_accumulator_to_a(unsigned (&a)[4], const fl
     a[3] = AttnType<T>::pack(right[2], right[3]);
 }
 
-template <typename T, int D, int BLOCK_Q, int WARPS, int M_TILES>
+template <typename T, int D, int BLOCK_Q, int WARPS, int M_TILES, bool PACKED_P>
 __device__ __forceinline__ void attention_backward_mma(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
     const float* __restrict__ lse, const float* __restrict__ delta, float* __restrict__ dq_accumulator,
@@ -271,12 +274,21 @@ __device__ __forceinline__ void attention_backward_mma(
                     st[m][n][e] = p;
                 }
 
-        // dV += Pᵀ dO   (dO as the B operand: rows are k = queries, contiguous in n = dims: transpose)
+        // dV += Pᵀ dO   (dO as the B operand: rows are k = queries, contiguous in n = dims: transpose).
+        // PACKED_P keeps Pᵀ from here on only as these 16-bit A fragments (half the registers of st), and
+        // dSᵀ below multiplies by the rounded P, as dV does.
+        unsigned p_packed[PACKED_P ? M_TILES : 1][PACKED_P ? BLOCK_Q / 16 : 1][4];
 #pragma unroll
         for (int kk = 0; kk < BLOCK_Q / 16; ++kk) {
             unsigned a[M_TILES][4];
 #pragma unroll
-            for (int m = 0; m < M_TILES; ++m) attn_accumulator_to_a<T>(a[m], st[m][2 * kk], st[m][2 * kk + 1]);
+            for (int m = 0; m < M_TILES; ++m) {
+                attn_accumulator_to_a<T>(a[m], st[m][2 * kk], st[m][2 * kk + 1]);
+                if constexpr (PACKED_P) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) p_packed[m][kk][e] = a[m][e];
+                }
+            }
 #pragma unroll
             for (int dd = 0; dd < D / 16; ++dd) {
                 unsigned b[4];
@@ -317,8 +329,16 @@ __device__ __forceinline__ void attention_backward_mma(
 #pragma unroll
             for (int n = 0; n < BLOCK_Q / 8; ++n)
 #pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    dpt[m][n][e] = st[m][n][e] * (dpt[m][n][e] - delta_tile[n * 8 + (lane % 4) * 2 + (e & 1)]);
+                for (int e = 0; e < 4; ++e) {
+                    float p;
+                    if constexpr (PACKED_P) {   // st[m][n][e] sits in fragment (n / 2, (n % 2)·2 + e / 2), half e % 2
+                        const unsigned pair = p_packed[m][n / 2][(n % 2) * 2 + (e >> 1)];
+                        p = (e & 1) ? AttnType<T>::high(pair) : AttnType<T>::low(pair);
+                    } else {
+                        p = st[m][n][e];
+                    }
+                    dpt[m][n][e] = p * (dpt[m][n][e] - delta_tile[n * 8 + (lane % 4) * 2 + (e & 1)]);
+                }
 
         // dK += dSᵀ Q, and dSᵀ to shared memory for dQ
 #pragma unroll
@@ -511,12 +531,14 @@ __device__ __forceinline__ void attention_backward_dkdv_fp32(
     }
 ATTN_BACKWARD_DELTA(attention_backward_delta_fp32, float)
 
-#define ATTN_BACKWARD_MMA(NAME, TYPE, DIM, BLOCK_Q, WARPS, M_TILES, MIN_BLOCKS)                        \
+#define ATTN_BACKWARD_MMA(NAME, TYPE, DIM, BLOCK_Q, WARPS, M_TILES, MIN_BLOCKS) \
+    ATTN_BACKWARD_MMA_BUILD(NAME, TYPE, DIM, BLOCK_Q, WARPS, M_TILES, MIN_BLOCKS, false)
+#define ATTN_BACKWARD_MMA_BUILD(NAME, TYPE, DIM, BLOCK_Q, WARPS, M_TILES, MIN_BLOCKS, PACKED_P)        \
     extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) NAME(                         \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,               \
         const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,        \
         int query_len, int key_len, float scale) {                                                     \
-        attention_backward_mma<TYPE, DIM, BLOCK_Q, WARPS, M_TILES>(q, k, v, dout, lse, delta,          \
+        attention_backward_mma<TYPE, DIM, BLOCK_Q, WARPS, M_TILES, PACKED_P>(q, k, v, dout, lse, delta, \
                                                                    dq_accumulator, dk, dv, heads,      \
                                                                    kv_heads, query_len, key_len, scale); \
     }
@@ -536,6 +558,13 @@ ATTN_BACKWARD_MMA(attention_backward_fp16_d64_w4q32, __half, 64, 32, 4, 1, 4)
 ATTN_BACKWARD_MMA(attention_backward_fp16_d64_w4m2q32, __half, 64, 32, 4, 2, 2)
 ATTN_BACKWARD_MMA(attention_backward_fp16_d128_w4, __half, 128, 32, 4, 1, 2)
 ATTN_BACKWARD_MMA(attention_backward_fp16_d128_w8, __half, 128, 32, 8, 1, 1)
+// _w4m2q32p: _w4m2q32 with Pᵀ held as 16-bit A fragments after dV (16 registers fewer: aims to end the
+// 40-byte spill at 255); _w8m2q32p: the same with 8 warps, 256-key tiles (half the dq atomics per key
+// again, 1 block = 8 warps a multiprocessor)
+ATTN_BACKWARD_MMA_BUILD(attention_backward_bf16_d64_w4m2q32p, __nv_bfloat16, 64, 32, 4, 2, 2, true)
+ATTN_BACKWARD_MMA_BUILD(attention_backward_bf16_d64_w8m2q32p, __nv_bfloat16, 64, 32, 8, 2, 1, true)
+ATTN_BACKWARD_MMA_BUILD(attention_backward_fp16_d64_w4m2q32p, __half, 64, 32, 4, 2, 2, true)
+ATTN_BACKWARD_MMA_BUILD(attention_backward_fp16_d64_w8m2q32p, __half, 64, 32, 8, 2, 1, true)
 
 #define ATTN_BACKWARD_PREPARE(NAME, TYPE, DIM)                                                         \
     extern "C" __global__ void __launch_bounds__(256) NAME(const TYPE* dout, const TYPE* out,          \

@@ -56,6 +56,9 @@ template <> struct AttnType<__nv_bfloat16> {
         __nv_bfloat162 pair = __floats2bfloat162_rn(low, high);
         return *reinterpret_cast<unsigned*>(&pair);
     }
+    // the two halves of a packed pair back to float (bf16 is the top half of an fp32)
+    static __device__ __forceinline__ float low(unsigned pair) { return __uint_as_float(pair << 16); }
+    static __device__ __forceinline__ float high(unsigned pair) { return __uint_as_float(pair & 0xffff0000u); }
 };
 
 template <> struct AttnType<__half> {
@@ -68,6 +71,12 @@ template <> struct AttnType<__half> {
     static __device__ __forceinline__ unsigned pack(float low, float high) {
         __half2 pair = __floats2half2_rn(low, high);
         return *reinterpret_cast<unsigned*>(&pair);
+    }
+    static __device__ __forceinline__ float low(unsigned pair) {
+        return __half2float(__ushort_as_half(static_cast<unsigned short>(pair & 0xffffu)));
+    }
+    static __device__ __forceinline__ float high(unsigned pair) {
+        return __half2float(__ushort_as_half(static_cast<unsigned short>(pair >> 16)));
     }
 };
 

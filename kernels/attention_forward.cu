@@ -25,12 +25,13 @@
 //     from shared memory (ldmatrix) feeds the warp's M_TILES m-tiles. out = O / l,
 //     L = (m + log2 l) · ln 2.
 //     Builds: _w4 = 4 warps × 16 rows (BLOCK_Q 64), _w8 = 8 warps × 16 rows (128), _w4m2 = 4 warps ×
-//     32 rows (128; half the shared-memory reads per mma, 234 registers). gpu_attention.FORWARD_VARIANT
-//     picks one per head dim.
+//     32 rows (128; half the shared-memory reads per mma, 234 registers); _w4m2k32 and _w4m2k32r: _w4m2
+//     with 32-key K/V tiles (BLOCK_K 32), built for 3 blocks a multiprocessor, _r also re-reading Q from
+//     shared memory each tile. gpu_attention.FORWARD_VARIANT picks one per head dim.
 //     Launch: grid (ceil(Tq / BLOCK_Q), B·H), block 32·warps threads. Query tiles are handed out
 //     last-first (the longest rows start first).
-//     Shared memory (dynamic): Q tile BLOCK_Q × (D + 8) plus two buffers each of K and V, 64 × (D + 8),
-//     all 2-byte: (BLOCK_Q + 256)·(D + 8)·2 bytes, e.g. 45 KiB for _w4 and 54 KiB for _w4m2 at D = 64,
+//     Shared memory (dynamic): Q tile BLOCK_Q × (D + 8) plus two buffers each of K and V, BLOCK_K × (D + 8),
+//     all 2-byte: (BLOCK_Q + 4·BLOCK_K)·(D + 8)·2 bytes, e.g. 45 KiB for _w4 and 54 KiB for _w4m2 at D = 64,
 //     85 KiB for _w4 at D = 128. Rows are padded by 16 bytes so that ldmatrix reads hit 8 different bank
 //     groups. K/V tiles are double-buffered with cp.async: tile t + 1 is in flight while tile t is
 //     multiplied. Rows past Tq / Tk are zero-filled, never read from global memory. Inputs must be
@@ -47,13 +48,13 @@
 // ---------------------------------------------------------------------------------------------------
 // Tensor-core forward.
 
-template <typename T, int D, int WARPS, int M_TILES>
+template <typename T, int D, int WARPS, int M_TILES, int BLOCK_K, bool Q_IN_REGISTERS>
 __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, T* __restrict__ out,
                                                       float* __restrict__ lse, int heads, int kv_heads,
                                                       int query_len, int key_len, float scale) {
     constexpr int WARP_ROWS = 16 * M_TILES;                    // query rows of one warp (M_TILES m-tiles)
-    constexpr int BLOCK_Q = WARP_ROWS * WARPS, BLOCK_K = 64, THREADS = 32 * WARPS, STRIDE = D + 8;
+    constexpr int BLOCK_Q = WARP_ROWS * WARPS, THREADS = 32 * WARPS, STRIDE = D + 8;
     extern __shared__ __align__(16) unsigned char attn_shared[];
     T* q_tile = reinterpret_cast<T*>(attn_shared);          // (BLOCK_Q, STRIDE)
     T* k_tiles = q_tile + BLOCK_Q * STRIDE;                   // 2 × (BLOCK_K, STRIDE)
@@ -81,7 +82,9 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
     attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(v_tiles, v_rows, 0, key_len);
     attn_copy_commit();
 
-    unsigned q_fragments[M_TILES][D / 16][4];
+    // Q as A fragments: kept in registers for the whole loop, or (Q_IN_REGISTERS false: 32 fewer live
+    // registers at M_TILES 2) read again from the Q tile in shared memory for every K tile
+    unsigned q_fragments[Q_IN_REGISTERS ? M_TILES : 1][Q_IN_REGISTERS ? D / 16 : 1][4];
     float o[M_TILES][D / 8][4];
     float row_max[M_TILES][2], row_sum[M_TILES][2];   // max in log2 units (score·scale·log2 e); partial sums
 #pragma unroll
@@ -95,14 +98,15 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
     for (int tile = 0; tile < key_tiles; ++tile) {
         attn_copy_wait_all();
         __syncthreads();                       // tile `tile` is in shared memory; buffer tile+1 is free
-        if (tile == 0) {
+        if (Q_IN_REGISTERS && tile == 0) {
 #pragma unroll
             for (int m = 0; m < M_TILES; ++m)
 #pragma unroll
                 for (int kk = 0; kk < D / 16; ++kk) {
                     const int row = warp * WARP_ROWS + m * 16 + (lane % 8) + ((lane >> 3) & 1) * 8;
                     const int col = kk * 16 + (lane >> 4) * 8;
-                    attn_ldmatrix_x4(q_fragments[m][kk], q_tile + row * STRIDE + col);
+                    attn_ldmatrix_x4(q_fragments[Q_IN_REGISTERS ? m : 0][Q_IN_REGISTERS ? kk : 0],
+                                     q_tile + row * STRIDE + col);
                 }
         }
         if (tile + 1 < key_tiles) {
@@ -126,6 +130,17 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
             for (int n = 0; n < BLOCK_K / 8; ++n) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned q_now[M_TILES][4];
+#pragma unroll
+            for (int m = 0; m < M_TILES; ++m) {
+                if constexpr (Q_IN_REGISTERS) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) q_now[m][e] = q_fragments[m][kk][e];
+                } else {
+                    const int row = warp * WARP_ROWS + m * 16 + (lane % 8) + ((lane >> 3) & 1) * 8;
+                    attn_ldmatrix_x4(q_now[m], q_tile + row * STRIDE + kk * 16 + (lane >> 4) * 8);
+                }
+            }
 #pragma unroll
             for (int nn = 0; nn < BLOCK_K / 16; ++nn) {
                 unsigned b[4];   // Kᵀ as the B operand: K rows are n, contiguous in k
@@ -134,8 +149,8 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
                 attn_ldmatrix_x4(b, k_tile + row * STRIDE + col);
 #pragma unroll
                 for (int m = 0; m < M_TILES; ++m) {
-                    AttnType<T>::mma(s[m][2 * nn], q_fragments[m][kk], b[0], b[1]);
-                    AttnType<T>::mma(s[m][2 * nn + 1], q_fragments[m][kk], b[2], b[3]);
+                    AttnType<T>::mma(s[m][2 * nn], q_now[m], b[0], b[1]);
+                    AttnType<T>::mma(s[m][2 * nn + 1], q_now[m], b[2], b[3]);
                 }
             }
         }
@@ -281,13 +296,15 @@ __device__ __forceinline__ void attention_forward_fp32(const float* __restrict__
 // ---------------------------------------------------------------------------------------------------
 // Entry points.
 
-#define ATTN_FORWARD_MMA(NAME, TYPE, DIM, WARPS, M_TILES)                                              \
-    extern "C" __global__ void __launch_bounds__(32 * WARPS) NAME(                                     \
+#define ATTN_FORWARD_MMA_BUILD(NAME, TYPE, DIM, WARPS, M_TILES, BLOCK_K, Q_IN_REGISTERS, MIN_BLOCKS)   \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) NAME(                         \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,   \
         int query_len, int key_len, float scale) {                                                     \
-        attention_forward_mma<TYPE, DIM, WARPS, M_TILES>(q, k, v, out, lse, heads, kv_heads, query_len, \
-                                                         key_len, scale);                              \
+        attention_forward_mma<TYPE, DIM, WARPS, M_TILES, BLOCK_K, Q_IN_REGISTERS>(                     \
+            q, k, v, out, lse, heads, kv_heads, query_len, key_len, scale);                            \
     }
+#define ATTN_FORWARD_MMA(NAME, TYPE, DIM, WARPS, M_TILES) \
+    ATTN_FORWARD_MMA_BUILD(NAME, TYPE, DIM, WARPS, M_TILES, 64, true, 1)
 
 // _w4: 4 warps × 16 rows = 64-row tiles; _w8: 8 warps × 16 rows; _w4m2: 4 warps × 32 rows (each K/V
 // fragment read from shared memory feeds two m-tiles: half the shared-memory traffic per mma)
@@ -301,6 +318,14 @@ ATTN_FORWARD_MMA(attention_forward_fp16_d64_w8, __half, 64, 8, 1)
 ATTN_FORWARD_MMA(attention_forward_fp16_d64_w4m2, __half, 64, 4, 2)
 ATTN_FORWARD_MMA(attention_forward_fp16_d128_w4, __half, 128, 4, 1)
 ATTN_FORWARD_MMA(attention_forward_fp16_d128_w8, __half, 128, 8, 1)
+// Fewer live registers than _w4m2 (234 registers: 2 blocks = 8 warps a multiprocessor), built for 3 blocks
+// (12 warps, ≤ 168 registers): _w4m2k32: K/V tiles of 32 keys (S takes 32 registers, not 64; ptxas:
+// 168 registers, 28 bytes spilled); _w4m2k32r: also Q read again from shared memory for every K tile
+// instead of held in registers (32 fewer; 159 registers, no spill; +50% ldmatrix per mma on S = Q Kᵀ).
+ATTN_FORWARD_MMA_BUILD(attention_forward_bf16_d64_w4m2k32, __nv_bfloat16, 64, 4, 2, 32, true, 3)
+ATTN_FORWARD_MMA_BUILD(attention_forward_bf16_d64_w4m2k32r, __nv_bfloat16, 64, 4, 2, 32, false, 3)
+ATTN_FORWARD_MMA_BUILD(attention_forward_fp16_d64_w4m2k32, __half, 64, 4, 2, 32, true, 3)
+ATTN_FORWARD_MMA_BUILD(attention_forward_fp16_d64_w4m2k32r, __half, 64, 4, 2, 32, false, 3)
 
 #define ATTN_FORWARD_FP32(NAME, DIM)                                                                   \
     extern "C" __global__ void __launch_bounds__(128) NAME(                                            \

@@ -73,7 +73,9 @@ CASES = [  # (batch, heads, kv_heads, query_len, key_len)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["w4", "w8", "w4m2", "w4q32", "w4m2q32"])
+@pytest.mark.parametrize("variant", sorted({v for table in (gpu_attention.FORWARD_VARIANTS,
+                                                                gpu_attention.BACKWARD_VARIANTS)
+                                              for builds in table.values() for v in builds}))
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}Hkv{}Tq{}Tk{}".format(*c))

@@ -23,6 +23,7 @@ cannot).
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -37,11 +38,15 @@ _TENSOR_CORE_DTYPES = ("bf16", "fp16")
 # 16·m query rows (w4: 64-row tiles, w8: 128, w4m2: 4 warps × 32 rows = 128, each K/V fragment serving
 # two m-tiles). Backward: a warp owns 16·m keys (w4: 64-key tiles, w8: 128, w4m2q32: 4 warps × 32 keys),
 # and a step takes 64 query rows at D = 64, 32 at D = 128, or q<rows>. Chosen by timing on an H200
-# (benchmarks/gpu_attention.py --sweep, 2026-11-22; benchmarks/RESULTS.md). Tests run every build.
+# (benchmarks/gpu_attention.py --sweep, 2026-11-22, last in device call 5 for D = 64 backward w4m2q32p;
+# benchmarks/RESULTS.md). Tests run every build.
+# Suffixes: k<keys> = forward K/V tile of that many keys (64 otherwise); r = forward re-reads Q from shared
+# memory each K tile; p = backward holds Pᵀ as 16-bit fragments after dV (fewer registers).
 FORWARD_VARIANT = {64: "w4m2", 128: "w8"}
-BACKWARD_VARIANT = {64: "w4m2q32", 128: "w4"}
-FORWARD_VARIANTS = {64: ("w4", "w8", "w4m2"), 128: ("w4", "w8")}
-BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32"), 128: ("w4", "w8")}
+BACKWARD_VARIANT = {64: "w4m2q32p", 128: "w4"}
+FORWARD_VARIANTS = {64: ("w4", "w8", "w4m2", "w4m2k32", "w4m2k32r"), 128: ("w4", "w8")}
+BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32", "w4m2q32p", "w8m2q32p"), 128: ("w4", "w8")}
+_VARIANT_NAME = re.compile(r"w(\d+)(?:m(\d+))?(?:q(\d+))?(?:k(\d+))?r?p?")
 _BLOCK_K_FORWARD = 64
 _BLOCK_Q_BACKWARD = {64: 64, 128: 32}
 _kernels: dict = {}
@@ -100,20 +105,33 @@ def _contiguous(x):
     return copy
 
 
+def _variant_parts(variant: str) -> tuple:
+    """(warps, m tiles, q<rows> or None, k<keys> or None) of a build name: "w4m2q32p" -> (4, 2, 32, None)."""
+    match = _VARIANT_NAME.fullmatch(variant)
+    if match is None:
+        raise ValueError(f"unknown attention build {variant!r}")
+    warps, m_tiles, rows, keys = match.groups()
+    return int(warps), int(m_tiles or 1), rows and int(rows), keys and int(keys)
+
+
 def _warps_and_m_tiles(variant: str) -> tuple:
-    """"w4m2" -> (4, 2); "w8" -> (8, 1); "w4q32" -> (4, 1)."""
-    warps, _, m_tiles = variant[1:].split("q")[0].partition("m")
-    return int(warps), int(m_tiles or 1)
+    """"w4m2" -> (4, 2); "w8" -> (8, 1); "w4q32" -> (4, 1); "w4m2k32r" -> (4, 2)."""
+    return _variant_parts(variant)[:2]
 
 
 def _backward_block_q(variant: str, head_dim: int) -> int:
     """Query rows per backward step: 64 at D = 64, 32 at D = 128, or what a "q<rows>" suffix says."""
-    return int(variant.split("q")[1]) if "q" in variant else _BLOCK_Q_BACKWARD[head_dim]
+    return _variant_parts(variant)[2] or _BLOCK_Q_BACKWARD[head_dim]
 
 
-def _forward_shared_bytes(head_dim: int, block_q: int) -> int:
-    # Q tile + two K and two V tiles of 64 rows, rows of D + 8 two-byte elements
-    return (block_q + 4 * _BLOCK_K_FORWARD) * (head_dim + 8) * 2
+def _forward_block_k(variant: str) -> int:
+    """Keys per forward K/V tile: 64, or what a "k<keys>" suffix says."""
+    return _variant_parts(variant)[3] or _BLOCK_K_FORWARD
+
+
+def _forward_shared_bytes(head_dim: int, block_q: int, block_k: int = _BLOCK_K_FORWARD) -> int:
+    # Q tile + two K and two V tiles of block_k rows, rows of D + 8 two-byte elements
+    return (block_q + 4 * block_k) * (head_dim + 8) * 2
 
 
 def _backward_shared_bytes(head_dim: int, warps: int, m_tiles: int, block_q: int) -> int:
@@ -139,7 +157,7 @@ def causal_attention_forward(q, k, v):
         variant = FORWARD_VARIANT[head_dim]
         warps, m_tiles = _warps_and_m_tiles(variant)
         block_q = 16 * m_tiles * warps
-        shared = _forward_shared_bytes(head_dim, block_q)
+        shared = _forward_shared_bytes(head_dim, block_q, _forward_block_k(variant))
         grid = ((query_len + block_q - 1) // block_q, batch * heads)
         _kernel(FORWARD_FILE, f"attention_forward_{suffix}_d{head_dim}_{variant}", shared)(
             grid, (32 * warps,), args, shared_mem=shared)
