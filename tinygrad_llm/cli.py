@@ -147,7 +147,8 @@ def _fresh_run_dir(base: str) -> str:
 
 def _load(checkpoint: str, best: bool, device: str = "cpu", tokenizer_file: str | None = None):
     from .checkpoint import load_checkpoint
-    from .train import load_tokenizer, tokenizer_from_ref
+    from .data.shards import load_tokenizer
+    from .train import tokenizer_from_ref
     model, state = load_checkpoint(checkpoint, which="best" if best else "latest")
     model.to(device=device)
     tokenizer = load_tokenizer(tokenizer_file) if tokenizer_file else tokenizer_from_ref(state["tokenizer"], state["directory"])

@@ -80,24 +80,11 @@ def add_prepare_parser(subparsers):
     return p
 
 
-def _load_tokenizer(spec):
-    from .data.shards import CharVocab
-    if spec == "char":
-        return "char"
-    if not os.path.exists(spec):
-        raise FileNotFoundError(f"tokenizer file not found: {spec}")
-    try:
-        return CharVocab.load(spec)
-    except (ValueError, KeyError, UnicodeDecodeError):
-        pass
-    from .tokenizer import Tokenizer                  # the byte-level BPE tokenizer (separate module)
-    return Tokenizer.load(spec)
-
-
 def run_prepare(args) -> int:
     from .data.corpus import CorpusError, iter_shakespeare
     from .data.filters import FilterConfig
     from .data.pipeline import PipelineConfig, format_report, run_pipeline
+    from .data.shards import load_tokenizer
     from .data.sources import MissingInputError, SourceStats, expand_paths, iter_documents
 
     def fail(message, code=2):
@@ -118,7 +105,7 @@ def run_prepare(args) -> int:
     if args.inputs and not files:
         return fail(f"no *.txt, *.md or *.jsonl files under {', '.join(args.inputs)}")
     try:
-        tokenizer = _load_tokenizer(args.tokenizer)
+        tokenizer = "char" if args.tokenizer == "char" else load_tokenizer(args.tokenizer)
         bounds = dict(args.filter)
         filters = None if args.no_filters else FilterConfig(bounds=bounds, disabled=set(args.disable_filter))
     except (FileNotFoundError, ValueError, ImportError) as e:

@@ -36,6 +36,7 @@ import numpy as np
 from . import backend
 from . import rng as global_rng
 from .checkpoint import CheckpointError, load_checkpoint, read_state, resolve_checkpoint, save_checkpoint
+from .data.shards import load_tokenizer
 from .model import GPT, GPTConfig
 from .optim import AdamW, lr_schedule
 from .tensor import no_grad
@@ -249,19 +250,6 @@ class Data:
     tokenizer: object
     tokenizer_ref: dict               # how to find the tokenizer again: {"type": ..., "path": ...}
     bytes_per_token: np.ndarray       # (V,) UTF-8 bytes of each token id (0 for special tokens)
-
-
-def load_tokenizer(path: str):
-    """A CharVocab (vocab.json) or a BPE Tokenizer file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
-    from .data.shards import CharVocab
-    try:
-        return CharVocab.load(path)
-    except (ValueError, KeyError, UnicodeDecodeError):
-        pass
-    from .tokenizer import Tokenizer
-    return Tokenizer.load(path)
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:

@@ -150,6 +150,19 @@ class CharVocab:
         return cls(list(state["chars"]), tuple(state["special_tokens"]))
 
 
+def load_tokenizer(path: str):
+    """A tokenizer file: a CharVocab (vocab.json) or a byte-level BPE Tokenizer file, told apart by trying
+    the character vocabulary first. Raises FileNotFoundError for a missing path."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        return CharVocab.load(path)
+    except (ValueError, KeyError, UnicodeDecodeError):
+        pass
+    from ..tokenizer import Tokenizer
+    return Tokenizer.load(path)
+
+
 def document_hash_fraction(text: str) -> float:
     """A document's position in [0, 1) from blake2b of its text: the deterministic split key."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
