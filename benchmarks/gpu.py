@@ -36,45 +36,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tinygrad_llm import backend, gpu, precision  # noqa: E402
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py, beside this file)
 
 PEAK_BF16_FLOPS = 989e12
 ROWS, CHANNELS, HIDDEN, VOCAB, HEADS, HEAD_DIM, BATCH, TIME = 16384, 768, 2048, 50304, 12, 64, 16, 1024
 
 
-def _cupy_ms(fn, repeats=10, inner=5, warmup=10):
-    """Median over `repeats` CUDA-event timings of `inner` back-to-back calls, per call, after warm-up
-    (the warm-up also lifts the clocks from idle)."""
-    cp = backend.cupy_module()
-    for _ in range(warmup):
-        fn()
-    cp.cuda.Device().synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end) / inner)
-    return float(np.median(times))
+def _cupy_ms(fn, **options):
+    return median_ms(fn, "cupy", **options)
 
 
-def _torch_ms(fn, repeats=10, inner=5, warmup=10):
-    import torch
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return float(np.median(times))
+def _torch_ms(fn, **options):
+    return median_ms(fn, "torch", **options)
 
 
 def _torch():

@@ -21,6 +21,8 @@ import sys
 
 import numpy as np
 
+from timing import median_ms  # benchmarks/timing.py, beside this file
+
 SHAPES = [  # (batch, heads, kv_heads, time, head_dim, dtype)
     (16, 12, 12, 1024, 64, "bfloat16"),     # the issue's target: SDPA 0.086 / 0.359 ms on an H200
     (16, 12, 12, 1024, 64, "float16"),
@@ -30,23 +32,9 @@ SHAPES = [  # (batch, heads, kv_heads, time, head_dim, dtype)
 ]
 
 
-def _median_ms(fn, batches=10, inner=20, warmup=30):
-    """Median over `batches` of the mean time of `inner` back-to-back calls (CUDA events), after warm-up
-    (which also lets the clocks ramp up)."""
-    import cupy as cp
-    for _ in range(warmup):
-        fn()
-    cp.cuda.Device().synchronize()
-    times = []
-    for _ in range(batches):
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end) / inner)
-    return float(np.median(times))
+def _median_ms(fn):
+    """Our kernels: 10 samples of 20 back-to-back calls after 30 warm-up calls (benchmarks/timing.py)."""
+    return median_ms(fn, "cupy", repeats=10, inner=20, warmup=30)
 
 
 def _sdpa(batch, heads, kv_heads, time, head_dim, dtype_name, q_host, k_host, v_host, dy_host):
@@ -64,20 +52,8 @@ def _sdpa(batch, heads, kv_heads, time, head_dim, dtype_name, q_host, k_host, v_
     dy = torch.from_numpy(dy_host).cuda().to(dtype)
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
-    def timed(fn, batches=10, inner=20, warmup=30):
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(batches):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / inner)
-        return float(np.median(times))
+    def timed(fn):
+        return median_ms(fn, "torch", repeats=10, inner=20, warmup=30)
 
     def forward_backward():
         q.grad = k.grad = v.grad = None
