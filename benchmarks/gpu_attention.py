@@ -153,6 +153,11 @@ def run(shapes=SHAPES, sweep=False):
 
 
 if __name__ == "__main__":
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tinygrad_llm import backend
+    if not backend.gpu_available():
+        sys.exit("benchmarks/gpu_attention.py needs an NVIDIA GPU with CuPy; none is usable here")
     # --first N: only the first N shapes of SHAPES (N = 1: the B16 H12 T1024 D64 bf16 alone)
     first = int(sys.argv[sys.argv.index("--first") + 1]) if "--first" in sys.argv else len(SHAPES)
     run(SHAPES[:first], sweep="--sweep" in sys.argv)
