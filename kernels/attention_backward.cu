@@ -149,6 +149,33 @@ __device__ __forceinline__ void attn_accumulator_to_a(unsigned (&a)[4], const fl
     a[3] = AttnType<T>::pack(right[2], right[3]);
 }
 
+// acc += A Bᵀ for one warp: A is the warp's 16·M_TILES rows (from warp_row0) of a (rows, D) shared tile,
+// B all BLOCK_Q rows of a (BLOCK_Q, D) shared tile; both row-major with row stride STRIDE. Used for
+// Sᵀ = K Qᵀ and dPᵀ = V dOᵀ, whose m16n8k16 fragments are laid out the same way.
+template <typename T, int D, int BLOCK_Q, int M_TILES, int STRIDE>
+__device__ __forceinline__ void attn_warp_product_abt(float (&acc)[M_TILES][BLOCK_Q / 8][4], const T* a_tile,
+                                                      const T* b_tile, int warp_row0, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        unsigned a[M_TILES][4];
+#pragma unroll
+        for (int m = 0; m < M_TILES; ++m)
+            attn_ldmatrix_x4(a[m], a_tile + (warp_row0 + m * 16 + (lane % 8) + ((lane >> 3) & 1) * 8) * STRIDE
+                                       + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int nn = 0; nn < BLOCK_Q / 16; ++nn) {
+            unsigned b[4];
+            attn_ldmatrix_x4(b, b_tile + (nn * 16 + (lane % 8) + (lane >> 4) * 8) * STRIDE
+                                    + kk * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+            for (int m = 0; m < M_TILES; ++m) {
+                AttnType<T>::mma(acc[m][2 * nn], a[m], b[0], b[1]);
+                AttnType<T>::mma(acc[m][2 * nn + 1], a[m], b[2], b[3]);
+            }
+        }
+    }
+}
+
 template <typename T, int D, int BLOCK_Q, int WARPS, int M_TILES, bool PACKED_P>
 __device__ __forceinline__ void attention_backward_mma(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
@@ -239,25 +266,7 @@ __device__ __forceinline__ void attention_backward_mma(
             for (int n = 0; n < BLOCK_Q / 8; ++n)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) st[m][n][e] = dpt[m][n][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            unsigned a[M_TILES][4];
-#pragma unroll
-            for (int m = 0; m < M_TILES; ++m)
-                attn_ldmatrix_x4(a[m], k_tile + (warp_key0 + m * 16 + (lane % 8) + ((lane >> 3) & 1) * 8) * STRIDE
-                                           + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-            for (int nn = 0; nn < BLOCK_Q / 16; ++nn) {
-                unsigned b[4];
-                attn_ldmatrix_x4(b, q_tile + (nn * 16 + (lane % 8) + (lane >> 4) * 8) * STRIDE
-                                        + kk * 16 + ((lane >> 3) & 1) * 8);
-#pragma unroll
-                for (int m = 0; m < M_TILES; ++m) {
-                    AttnType<T>::mma(st[m][2 * nn], a[m], b[0], b[1]);
-                    AttnType<T>::mma(st[m][2 * nn + 1], a[m], b[2], b[3]);
-                }
-            }
-        }
+        attn_warp_product_abt<T, D, BLOCK_Q, M_TILES, STRIDE>(st, k_tile, q_tile, warp_key0, lane);
 
         // Pᵀ = exp2((Sᵀ·scale − L)·log2 e), zero where the key is after the query or past Tk
         const bool need_mask = keys_run_out || key0 + warp_key0 + WARP_KEYS - 1 > query0 + offset;
@@ -303,25 +312,7 @@ __device__ __forceinline__ void attention_backward_mma(
         }
 
         // dPᵀ = V dOᵀ
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-            unsigned a[M_TILES][4];
-#pragma unroll
-            for (int m = 0; m < M_TILES; ++m)
-                attn_ldmatrix_x4(a[m], v_tile + (warp_key0 + m * 16 + (lane % 8) + ((lane >> 3) & 1) * 8) * STRIDE
-                                           + kk * 16 + (lane >> 4) * 8);
-#pragma unroll
-            for (int nn = 0; nn < BLOCK_Q / 16; ++nn) {
-                unsigned b[4];
-                attn_ldmatrix_x4(b, dout_tile + (nn * 16 + (lane % 8) + (lane >> 4) * 8) * STRIDE
-                                        + kk * 16 + ((lane >> 3) & 1) * 8);
-#pragma unroll
-                for (int m = 0; m < M_TILES; ++m) {
-                    AttnType<T>::mma(dpt[m][2 * nn], a[m], b[0], b[1]);
-                    AttnType<T>::mma(dpt[m][2 * nn + 1], a[m], b[2], b[3]);
-                }
-            }
-        }
+        attn_warp_product_abt<T, D, BLOCK_Q, M_TILES, STRIDE>(dpt, v_tile, dout_tile, warp_key0, lane);
 
         // dSᵀ = Pᵀ ∘ (dPᵀ − Δ), kept in dpt
 #pragma unroll
