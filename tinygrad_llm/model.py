@@ -29,7 +29,7 @@ from . import functional as F
 from .backend import array_module, kernel
 from .cpu_threads import parallel_items, run_chunked, split, thread_count
 from .nn import Dropout, Embedding, Linear, Module, ModuleList, Parameter, RMSNorm, init_normal
-from .ops.attention import CausalAttention
+from .ops.attention import CausalAttention, grouped_causal_probabilities
 from .ops.rope import rope_angles
 from .tensor import Function, Tensor
 
@@ -71,25 +71,13 @@ def _rotate_into(x, cos, sin, out, xp):
     return out
 
 
-_MASKS = {}
-
-
-def _causal_bias(group: int, time: int, dtype):
-    """(G·T, T) additive mask: 0 where query row i (of any head in the group) may see key j, −∞ after it."""
-    key = (group, time, np.dtype(dtype))
-    if key not in _MASKS:
-        bias = np.where(np.arange(time)[None, :] > np.arange(time)[:, None], -np.inf, 0.0).astype(dtype)
-        _MASKS[key] = np.ascontiguousarray(np.tile(bias, (group, 1)))
-    return _MASKS[key]
-
-
 class _KeptProbabilityAttention:
     """Causal GQA attention for the CPU that keeps P between forward and backward (the inner half of
     PackedRopeAttention; not a Function of its own). Same math as ops/attention.CausalAttention, whose
     GPU kernel recomputes P to save memory; on the CPU the T×T probabilities of one cache-sized chunk
     are cheap to keep, and keeping them saves the backward a GEMM and three passes over them.
 
-    Forward:  S = (q/√D) kᵀ + mask;  P = softmax(S);  O = P v
+    Forward:  S = q kᵀ/√D + mask;  P = softmax(S)  (ops/attention.grouped_causal_probabilities);  O = P v
     Backward: dv = Pᵀ dO;  dP = dO vᵀ;  dS = P ∘ (dP − rowsum(dO ∘ O));  dq = dS k / √D;  dk = dSᵀ q / √D
     Shapes:   q, O (b, H, T, D), k, v (b, Hkv, T, D); the G = H/Hkv query heads of a group are stacked
               along rows: (b, Hkv, G·T, D), so every product is one batched matmul.
@@ -97,20 +85,12 @@ class _KeptProbabilityAttention:
 
     def forward(self, q, k, v):
         batch, heads, time, head_dim = q.shape
-        kv_heads = k.shape[1]
-        group = heads // kv_heads
-        scale = q.dtype.type(1.0 / math.sqrt(head_dim))
-        q3 = q.reshape(batch, kv_heads, group * time, head_dim)              # (b, H, T, D) -> (b, Hkv, G·T, D)
-        q3 *= scale                                                          # q is this op's own array
-        p = q3 @ np.ascontiguousarray(k.swapaxes(-1, -2))                   # (b, Hkv, G·T, T)
-        p += _causal_bias(group, time, p.dtype)
-        p -= p.max(axis=-1, keepdims=True)
-        np.exp(p, out=p)
-        row_sum = p.sum(axis=-1, keepdims=True)
-        np.reciprocal(row_sum, out=row_sum)
-        p *= row_sum                                                         # P
+        group = heads // k.shape[1]
+        scale = 1.0 / math.sqrt(head_dim)
+        q3 = q.reshape(batch, k.shape[1], group * time, head_dim)           # (b, H, T, D) -> (b, Hkv, G·T, D)
+        p, _ = grouped_causal_probabilities(q3, k, group, scale, np)     # P (b, Hkv, G·T, T)
         out = p @ v                                                          # (b, Hkv, G·T, D)
-        self.saved = (q3, k, v, p, out, scale)
+        self.saved = (q3, k, v, p, out, q.dtype.type(scale))
         return out.reshape(batch, heads, time, head_dim)
 
     def backward(self, d_out):
@@ -121,9 +101,10 @@ class _KeptProbabilityAttention:
         ds = d_out3 @ np.ascontiguousarray(v.swapaxes(-1, -2))               # dP (b, Hkv, G·T, T)
         ds -= (d_out3 * out).sum(axis=-1, keepdims=True)                     # dP − Δ
         ds *= p                                                              # dS
-        dq = ds @ k                                                          # d(q/√D)
+        dq = ds @ k                                                          # dS k, then / √D
         dq *= scale
-        dk = (np.ascontiguousarray(q3.swapaxes(-1, -2)) @ ds).swapaxes(-1, -2)          # q3 is q/√D already
+        dk = (np.ascontiguousarray(q3.swapaxes(-1, -2)) @ ds).swapaxes(-1, -2)          # (b, Hkv, T, D)
+        dk *= scale
         return dq.reshape(batch, -1, k.shape[2], head_dim), dk, dv       # -> (b, H, T, D)
 
     def free(self):

@@ -40,7 +40,24 @@ def _causal_mask(query_len: int, key_len: int, xp):
     return xp.arange(key_len)[None, :] > (xp.arange(query_len)[:, None] + offset)
 
 
-def _grouped_probabilities(q3, k, group: int, scale: float, xp, lse=None):
+_CAUSAL_BIAS: dict = {}
+
+
+def _causal_bias(query_len: int, key_len: int, group: int, dtype, xp):
+    """(G·Tq, Tk) additive mask, the (Tq, Tk) one repeated for each head of a group: 0 where the query
+    row may see the key, −∞ after it. Cached: training repeats the same shapes every step."""
+    key = (query_len, key_len, group, str(dtype), xp.__name__)
+    bias = _CAUSAL_BIAS.get(key)
+    if bias is None:
+        bias = xp.where(_causal_mask(query_len, key_len, xp), -xp.inf, 0).astype(dtype)   # (Tq, Tk)
+        bias = xp.ascontiguousarray(xp.tile(bias, (group, 1)))                           # -> (G·Tq, Tk)
+        if len(_CAUSAL_BIAS) >= 64:          # decoding with a growing cache makes a new Tk every step
+            _CAUSAL_BIAS.clear()
+        _CAUSAL_BIAS[key] = bias
+    return bias
+
+
+def grouped_causal_probabilities(q3, k, group: int, scale: float, xp, lse=None):
     """Causal softmax probabilities P of the grouped layout, and L = logsumexp of the scores.
 
     q3: (B, Hkv, G·Tq, D), the G query heads of a group stacked along the rows; k: (B, Hkv, Tk, D).
@@ -49,21 +66,17 @@ def _grouped_probabilities(q3, k, group: int, scale: float, xp, lse=None):
     Batched products read a contiguous kᵀ: NumPy's stacked matmul is several times slower on a
     transposed view.
     """
-    key_len = k.shape[2]
-    query_len = q3.shape[2] // group
     k_transposed = xp.ascontiguousarray(k.swapaxes(-1, -2))              # (B, Hkv, Tk, D) -> (B, Hkv, D, Tk)
-    s = q3 @ k_transposed                                                 # (B, Hkv, G·Tq, Tk)
-    s *= s.dtype.type(scale)
-    mask = _causal_mask(query_len, key_len, xp)                           # (Tq, Tk)
-    bias = xp.where(mask, -xp.inf, 0).astype(s.dtype)
-    s += xp.concatenate([bias] * group, axis=0) if group > 1 else bias    # (G·Tq, Tk), same mask per head
+    s = (q3 * q3.dtype.type(scale)) @ k_transposed                        # (B, Hkv, G·Tq, Tk): q is the small side
+    s += _causal_bias(q3.shape[2] // group, k.shape[2], group, s.dtype, xp)
     if lse is None:
         row_max = s.max(axis=-1, keepdims=True)
         s -= row_max                                                      # max subtraction: exp ≤ 1
         xp.exp(s, out=s)
         row_sum = s.sum(axis=-1, keepdims=True)
-        s /= row_sum
-        return s, row_max + xp.log(row_sum)
+        lse = row_max + xp.log(row_sum)
+        s *= xp.reciprocal(row_sum, out=row_sum)
+        return s, lse
     s -= lse
     xp.exp(s, out=s)
     return s, lse
@@ -95,7 +108,7 @@ class CausalAttention(Function):
         kv_heads = k.shape[1]
         group = heads // kv_heads
         q3 = q.reshape(batch, kv_heads, group * query_len, head_dim)     # (B, H, Tq, D) -> (B, Hkv, G·Tq, D)
-        p, lse = _grouped_probabilities(q3, k, group, 1.0 / math.sqrt(head_dim), xp)
+        p, lse = grouped_causal_probabilities(q3, k, group, 1.0 / math.sqrt(head_dim), xp)
         out = (p @ v).reshape(q.shape)                                    # (B, Hkv, G·Tq, D) -> (B, H, Tq, D)
         lse = lse.reshape(batch, heads, query_len)                        # (B, Hkv, G·Tq, 1) -> (B, H, Tq)
         self.save(q=q, k=k, v=v, out=out, lse=lse)
@@ -114,7 +127,7 @@ class CausalAttention(Function):
         grouped = (batch, kv_heads, group * query_len, head_dim)          # (B, H, Tq, D) -> (B, Hkv, G·Tq, D)
         q3, dy3, out3 = q.reshape(grouped), dy.reshape(grouped), out.reshape(grouped)
         lse3 = lse.reshape(batch, kv_heads, group * query_len, 1)
-        p, _ = _grouped_probabilities(q3, k, group, scale, xp, lse=lse3)  # recomputed (B, Hkv, G·Tq, Tk)
+        p, _ = grouped_causal_probabilities(q3, k, group, scale, xp, lse=lse3)  # recomputed (B, Hkv, G·Tq, Tk)
         dy3_t = xp.ascontiguousarray(dy3.swapaxes(-1, -2))                # (B, Hkv, D, G·Tq)
         dv = (dy3_t @ p).swapaxes(-1, -2)                                 # (Pᵀ dO)ᵀᵀ: (B, Hkv, Tk, D)
         dp = dy3 @ xp.ascontiguousarray(v.swapaxes(-1, -2))               # (B, Hkv, G·Tq, Tk)
