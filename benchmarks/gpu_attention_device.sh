@@ -6,11 +6,12 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/attention_out}; mkdir -p "$OUT"
 what=${1:-all}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/smi.txt"
-for f in forward backward; do
-  nvcc -std=c++17 -gencode=arch=compute_90,code=sm_90 -cubin -Xptxas -v -o "/tmp/attention_$f.cubin" \
-       "kernels/attention_$f.cu" > "$OUT/ptxas_$f.txt" 2>&1
+for f in forward backward hopper; do
+  arch=90; [ $f = hopper ] && arch=90a
+  nvcc -std=c++17 -gencode=arch=compute_$arch,code=sm_$arch -cubin -Xptxas -v -o "/tmp/attention_$f.cubin" \
+       -I kernels "kernels/attention_$f.cu" > "$OUT/ptxas_$f.txt" 2>&1
   cuobjdump --dump-sass "/tmp/attention_$f.cubin" > "/tmp/sass_$f.txt" 2>&1
-  echo "$f: HMMA $(grep -c HMMA /tmp/sass_$f.txt)  LDSM $(grep -c LDSM /tmp/sass_$f.txt)  RED $(grep -c 'RED' /tmp/sass_$f.txt)  LDL/STL $(grep -cE 'LDL|STL' /tmp/sass_$f.txt)"
+  echo "$f: HMMA $(grep -c HMMA /tmp/sass_$f.txt)  HGMMA $(grep -c HGMMA /tmp/sass_$f.txt)  LDSM $(grep -c LDSM /tmp/sass_$f.txt)  RED $(grep -c 'RED' /tmp/sass_$f.txt)  LDL/STL $(grep -cE 'LDL|STL' /tmp/sass_$f.txt)"
 done
 if [ "$what" != bench ]; then
   timeout 170 python3 -m pytest tests/test_gpu_attention.py -q --tb=short -p no:cacheprovider 2>&1 \

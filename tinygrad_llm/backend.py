@@ -53,6 +53,43 @@ def set_cupy_tf32(enabled: bool) -> None:
     linalg.set_compute_type(cp.float32, tf32 if enabled else default)
 
 
+def device_compute_capability() -> str:
+    """The current CUDA device's compute capability as CuPy spells it ("90" for an H100 or H200)."""
+    return str(cupy_module().cuda.Device().compute_capability)
+
+
+def compile_cubin(source: str, name: str, options) -> bytes:
+    """Compile CUDA C++ `source` with NVRTC and the given `options` (which name the target, e.g.
+    "-arch=sm_90a"), returning the cubin. CuPy's RawModule always targets the device's plain
+    architecture (sm_90), which has no wgmma; the sm_90a kernels come through here instead. CuPy's own
+    include options (the CUDA headers it found) are added. A compile error is raised with NVRTC's log."""
+    cupy_module()
+    from cupy.cuda import compiler
+    from cupy_backends.cuda.libs import nvrtc
+    includes = tuple(getattr(compiler, "_get_extra_include_dir_opts", tuple)())
+    program = nvrtc.createProgram(source, name, (), ())
+    try:
+        try:
+            nvrtc.compileProgram(program, list(options) + list(includes))
+        except nvrtc.NVRTCError as error:
+            raise RuntimeError(f"NVRTC could not compile {name} ({' '.join(options)}):\n"
+                               f"{nvrtc.getProgramLog(program)}") from error
+        return nvrtc.getCUBIN(program)
+    finally:
+        nvrtc.destroyProgram(program)
+
+
+def nvrtc_version() -> tuple:
+    cupy_module()
+    from cupy_backends.cuda.libs import nvrtc
+    return tuple(nvrtc.getVersion())
+
+
+def load_cubin_module(path: str):
+    """A cupy.RawModule over a compiled cubin file (its kernels are RawKernels like any other)."""
+    return cupy_module().RawModule(path=path)
+
+
 def gpu_available() -> bool:
     try:
         cupy_module()

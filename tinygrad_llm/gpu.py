@@ -39,23 +39,48 @@ def kernels_dir() -> Path:
     raise FileNotFoundError(f"no kernels/*.cu found in any of {[str(c) for c in candidates]}")
 
 
-def load_module(filename: str, options=()):
-    """Compile kernels/<filename> with NVRTC (cupy.RawModule) at first use; the same module afterwards.
+def load_module(filename: str, options=(), arch: str | None = None):
+    """Compile kernels/<filename> with NVRTC at first use; the same module afterwards.
 
     `options` are extra NVRTC flags (e.g. ("-DBLOCK=128",)); -std=c++17 is always given. A line
     `#include "name"` naming a file of the kernels folder is replaced by that file's text before
     compiling, so shared headers (kernels/common.cuh) work under NVRTC as under `nvcc -I kernels`, and
-    CuPy's on-disk cache, keyed by the source text, sees a header's edits.
+    the on-disk caches, keyed by the source text, see a header's edits.
+
+    `arch=None` compiles through cupy.RawModule for the device's own architecture (CuPy caches the
+    result on disk). An explicit target such as "sm_90a" (needed for wgmma) compiles through
+    `backend.compile_cubin` instead; the cubin is cached under <cache>/cubin/ (the cache root of
+    tinygrad_llm.data.corpus.cache_dir), keyed by the source, the options and NVRTC's version.
     """
-    key = (filename, tuple(options))
+    key = (filename, tuple(options), arch)
     module = _modules.get(key)
     if module is None:
-        cp = backend.cupy_module()
         source = _source_with_includes(kernels_dir(), filename, set())
-        module = cp.RawModule(code=source, options=("-std=c++17",) + tuple(options))
-        module.compile()                       # compile now so a broken kernel fails here, not mid-step
+        if arch is None:
+            cp = backend.cupy_module()
+            module = cp.RawModule(code=source, options=("-std=c++17",) + tuple(options))
+            module.compile()                   # compile now so a broken kernel fails here, not mid-step
+        else:
+            module = backend.load_cubin_module(str(_cached_cubin(filename, source, options, arch)))
         _modules[key] = module
     return module
+
+
+def _cached_cubin(filename: str, source: str, options, arch: str) -> Path:
+    """The cubin of `source` for `arch`, compiled once and then read from the disk cache."""
+    import hashlib
+    from .data.corpus import cache_dir
+    flags = ("-std=c++17", f"-arch={arch}", "-ftz=true") + tuple(options)
+    digest = hashlib.sha256(repr((source, flags, backend.nvrtc_version())).encode()).hexdigest()[:32]
+    folder = Path(cache_dir()) / "cubin"
+    path = folder / f"{Path(filename).stem}-{arch}-{digest}.cubin"
+    if not path.is_file():
+        cubin = backend.compile_cubin(source, filename, flags)
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_bytes(cubin)
+        os.replace(partial, path)             # atomic: a concurrent reader sees the whole file or none
+    return path
 
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)

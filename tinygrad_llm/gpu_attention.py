@@ -11,7 +11,11 @@ asks `supports` before dispatching here.
 Shapes: q, out, dy, dq (B, H, Tq, D); k, v, dk, dv (B, Hkv, Tk, D) with Hkv | H and Tq ≤ Tk (the causal
 mask is aligned bottom-right, so a KV-cached decoding step with Tq = 1 works); lse (B, H, Tq) float32.
 
-Precision: bfloat16 and float16 inputs run on tensor cores (mma.sync) with float32 accumulation; out,
+On an H100/H200 (compute capability 9.0) head dim 64 takes the wgmma builds of
+kernels/attention_hopper.cu ("wg2"), compiled for sm_90a; other GPUs and head dim 128 take the mma.sync
+builds, which run on any GPU from sm_80 on.
+
+Precision: bfloat16 and float16 inputs run on tensor cores (wgmma or mma.sync) with float32 accumulation; out,
 dq, dk, dv come back in the input dtype, lse in float32 (dq is accumulated in a float32 buffer by
 atomics, then cast). float32 inputs take plain-FMA kernels (slow: for checking, and for float32 models).
 
@@ -31,6 +35,8 @@ from . import backend
 
 FORWARD_FILE = "attention_forward.cu"
 BACKWARD_FILE = "attention_backward.cu"
+HOPPER_FILE = "attention_hopper.cu"        # wgmma builds, sm_90a only
+HOPPER_ARCH = "sm_90a"
 HEAD_DIMS = (64, 128)
 _SUFFIX = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 _TENSOR_CORE_DTYPES = ("bf16", "fp16")
@@ -42,10 +48,18 @@ _TENSOR_CORE_DTYPES = ("bf16", "fp16")
 # benchmarks/RESULTS.md). Tests run every build.
 # Suffixes: k<keys> = forward K/V tile of that many keys (64 otherwise); r = forward re-reads Q from shared
 # memory each K tile; p = backward holds Pᵀ as 16-bit fragments after dV (fewer registers).
+# wg2 (kernels/attention_hopper.cu): 2 warpgroups on wgmma; forward 128 query rows × 128-key tiles,
+# backward 128 keys × 64-row steps. It needs compute capability 9.0; elsewhere the PORTABLE_VARIANT of
+# the same head dim runs instead.
 FORWARD_VARIANT = {64: "w4m2", 128: "w8"}
 BACKWARD_VARIANT = {64: "w4m2q32p", 128: "w4"}
-FORWARD_VARIANTS = {64: ("w4", "w8", "w4m2", "w4m2k32", "w4m2k32r"), 128: ("w4", "w8")}
-BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32", "w4m2q32p", "w8m2q32p"), 128: ("w4", "w8")}
+PORTABLE_FORWARD_VARIANT = {64: "w4m2", 128: "w8"}
+PORTABLE_BACKWARD_VARIANT = {64: "w4m2q32p", 128: "w4"}
+HOPPER_VARIANTS = ("wg2",)
+FORWARD_VARIANTS = {64: ("w4", "w8", "w4m2", "w4m2k32", "w4m2k32r", "wg2"), 128: ("w4", "w8")}
+BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32", "w4m2q32p", "w8m2q32p", "wg2"), 128: ("w4", "w8")}
+_HOPPER_SHARED_BYTES = {"forward": 5 * 128 * 128 + 1024,                        # Q, 2 × K, 2 × V
+                        "backward": 2 * 128 * 128 + 4 * 64 * 128 + 128 * 128 + 4 * 64 * 4 + 1024}
 _VARIANT_NAME = re.compile(r"w(\d+)(?:m(\d+))?(?:q(\d+))?(?:k(\d+))?r?p?")
 _BLOCK_K_FORWARD = 64
 _BLOCK_Q_BACKWARD = {64: 64, 128: 32}
@@ -72,14 +86,30 @@ def supports(*arrays) -> bool:
     return all(a.ndim == 4 and a.shape[-1] in HEAD_DIMS for a in arrays)
 
 
+def hopper_available() -> bool:
+    """True on a GPU of compute capability 9.0 (H100, H200), where the sm_90a wgmma builds run."""
+    return backend.device_compute_capability() == "90"
+
+
+def _pick(table: dict, portable: dict, head_dim: int) -> str:
+    """The build `table` names for this head dim, or the portable one when it is a Hopper build and the
+    GPU is not a Hopper."""
+    variant = table[head_dim]
+    if variant in HOPPER_VARIANTS and not hopper_available():
+        return portable[head_dim]
+    return variant
+
+
 def _kernel(filename: str, name: str, shared_bytes: int = 0):
-    """A kernel of one of the two files, compiled on first use (through the shared loader of
-    tinygrad_llm.gpu), with its dynamic shared-memory limit raised when it needs more than 48 KB."""
+    """A kernel of one of the files, compiled on first use (through the shared loader of
+    tinygrad_llm.gpu; attention_hopper.cu for sm_90a), with its dynamic shared-memory limit raised when it
+    needs more than 48 KB."""
     key = (filename, name)
     kernel = _kernels.get(key)
     if kernel is None:
         from .gpu import load_module   # imported here: gpu imports this module
-        kernel = load_module(filename).get_function(name)
+        arch = HOPPER_ARCH if filename == HOPPER_FILE else None
+        kernel = load_module(filename, arch=arch).get_function(name)
         if shared_bytes > 48 * 1024:
             kernel.max_dynamic_shared_size_bytes = shared_bytes
         _kernels[key] = kernel
@@ -153,8 +183,12 @@ def causal_attention_forward(q, k, v):
         return out, lse
     args = (q, k, v, out, lse, np.int32(heads), np.int32(kv_heads), np.int32(query_len), np.int32(key_len),
             np.float32(1.0 / math.sqrt(head_dim)))
-    if suffix in _TENSOR_CORE_DTYPES:
-        variant = FORWARD_VARIANT[head_dim]
+    variant = _pick(FORWARD_VARIANT, PORTABLE_FORWARD_VARIANT, head_dim)
+    if suffix in _TENSOR_CORE_DTYPES and variant == "wg2":
+        shared = _HOPPER_SHARED_BYTES["forward"]
+        _kernel(HOPPER_FILE, f"attention_forward_{suffix}_d{head_dim}_wg2", shared)(
+            (batch * heads, (query_len + 127) // 128), (256,), args, shared_mem=shared)
+    elif suffix in _TENSOR_CORE_DTYPES:
         warps, m_tiles = _warps_and_m_tiles(variant)
         block_q = 16 * m_tiles * warps
         shared = _forward_shared_bytes(head_dim, block_q, _forward_block_k(variant))
@@ -189,13 +223,19 @@ def causal_attention_backward(dy, q, k, v, out, lse):
         dq_accumulator = _allocate(q.shape, cp.float32)
         _kernel(BACKWARD_FILE, f"attention_backward_prepare_{suffix}_d{head_dim}")(
             ((rows * 8 + 255) // 256,), (256,), (dy, out, delta, dq_accumulator, np.int32(rows)))
-        variant = BACKWARD_VARIANT[head_dim]
-        warps, m_tiles = _warps_and_m_tiles(variant)
-        shared = _backward_shared_bytes(head_dim, warps, m_tiles, _backward_block_q(variant, head_dim))
-        block_k = 16 * m_tiles * warps
-        grid = ((key_len + block_k - 1) // block_k, batch * kv_heads)
-        _kernel(BACKWARD_FILE, f"attention_backward_{suffix}_d{head_dim}_{variant}", shared)(
-            grid, (32 * warps,), (q, k, v, dy, lse, delta, dq_accumulator, dk, dv) + sizes, shared_mem=shared)
+        variant = _pick(BACKWARD_VARIANT, PORTABLE_BACKWARD_VARIANT, head_dim)
+        arrays = (q, k, v, dy, lse, delta, dq_accumulator, dk, dv)
+        if variant == "wg2":
+            shared = _HOPPER_SHARED_BYTES["backward"]
+            _kernel(HOPPER_FILE, f"attention_backward_{suffix}_d{head_dim}_wg2", shared)(
+                (batch * kv_heads, (key_len + 127) // 128), (256,), arrays + sizes, shared_mem=shared)
+        else:
+            warps, m_tiles = _warps_and_m_tiles(variant)
+            shared = _backward_shared_bytes(head_dim, warps, m_tiles, _backward_block_q(variant, head_dim))
+            block_k = 16 * m_tiles * warps
+            grid = ((key_len + block_k - 1) // block_k, batch * kv_heads)
+            _kernel(BACKWARD_FILE, f"attention_backward_{suffix}_d{head_dim}_{variant}", shared)(
+                grid, (32 * warps,), arrays + sizes, shared_mem=shared)
         dq = _allocate(q.shape, q.dtype)
         count8 = q.size // 8                                  # D is a multiple of 8
         _kernel(BACKWARD_FILE, f"attention_backward_convert8_{suffix}")(

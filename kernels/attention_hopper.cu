@@ -1,0 +1,409 @@
+// attention_hopper.cu: causal grouped-query attention, forward and backward, on Hopper's wgmma (sm_90a).
+//
+// The same functions as attention_forward.cu and attention_backward.cu (FlashAttention-2's algorithm:
+// online softmax forward saving L = logsumexp per row; backward recomputing P tile by tile from L, with
+// the Δ = rowsum(dO ∘ out) pre-pass of attention_backward.cu), for head dim 64 and bf16/fp16, written
+// for the warpgroup matrix instructions (kernels/attention_hopper.cuh explains wgmma, the swizzled
+// shared-memory tiles and the register layouts). They must match the NumPy op
+// tinygrad_llm.ops.attention.CausalAttention (forward: out and the saved lse; backward: dq, dk, dv).
+//
+//     S = q kᵀ / sqrt(D),  S[i, j] = −inf where j > i + (Tk − Tq)  (causal, aligned bottom-right)
+//     out = softmax(S) v,  L = logsumexp(S)  (fp32, natural log)
+//     P = exp(S − L),  dv = Pᵀ dO,  dS = P ∘ (dO vᵀ − Δ),  dq = dS k / sqrt(D),  dk = dSᵀ q / sqrt(D)
+// (dk, dv summed over the G = H / Hkv query heads of a kv head).
+//
+// Shapes (contiguous, row-major, 16-byte aligned): q, out, dO: (B, H, Tq, 64); k, v, dk, dv:
+// (B, Hkv, Tk, 64); L, Δ: (B, H, Tq) fp32; dq_accumulator: (B, H, Tq, 64) fp32, zeroed by the caller.
+//
+// attention_forward_{bf16,fp16}_d64_wg2(q, k, v, out, lse, H, Hkv, Tq, Tk, scale)
+//   Launch: grid (B·H, ceil(Tq / 128)), block 256 = 2 warpgroups, 82 944 bytes of dynamic shared
+//   memory: a 128-row Q tile and two buffers each of 128-key K and V tiles (16 KiB a tile) plus 1 KiB
+//   to align them. Query tiles are handed out last-first (the longest rows start first).
+//   Warpgroup w owns query rows 64w … 64w + 63 of the block's tile. Per K/V tile (cp.async brings tile
+//   t + 1 while tile t is multiplied): S = Q Kᵀ (4 × m64n128k16, A = Q and B = K from shared memory,
+//   K-major), mask (only on tiles that cross the diagonal or the end of the keys), online softmax in
+//   registers (row max and sum over the quad of lanes holding a row, exp2 with the scale folded in),
+//   rescale O, then O += P V (8 × m64n64k16, A = P converted in registers to bf16/fp16, B = V
+//   MN-major). A warpgroup skips a tile whose keys all come after its rows. out = O / l,
+//   L = m · scale + ln l.
+//
+// attention_backward_{bf16,fp16}_d64_wg2(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk, scale)
+//   Launch: grid (B·Hkv, ceil(Tk / 128)), block 256 = 2 warpgroups, 83 968 bytes of dynamic shared
+//   memory: K and V tiles (128 keys), Q and dO tiles of 64 rows two buffers each, the dSᵀ tile (128 keys
+//   × 64 queries), L·log2 e and Δ two buffers each, 1 KiB alignment slack. Key blocks are handed out
+//   first-first (the first keys are seen by the most queries).
+//   Warpgroup w owns keys 64w … 64w + 63 of the block's 128 and keeps their dK, dV accumulators in
+//   registers. The block loops over the G query heads of its group and the 64-row query steps that
+//   can see its keys. Per step (Q, dO, L, Δ of step s + 1 are copied while step s computes):
+//     Sᵀ = K Qᵀ and dPᵀ = V dOᵀ     (4 + 4 × m64n64k16, both operands from shared memory, K-major)
+//     Pᵀ = exp2(Sᵀ · scale · log2 e − L · log2 e), masked on steps crossing the diagonal or the ends
+//     dV += Pᵀ dO                   (4 × m64n64k16, A = Pᵀ from registers, B = dO MN-major)
+//     dSᵀ = Pᵀ ∘ (dPᵀ − Δ);  dK += dSᵀ Q   (A = dSᵀ from registers, B = Q MN-major)
+//     dSᵀ → shared memory (16-bit); barrier; warpgroup w computes columns 32w … 32w + 31 of
+//     dQ = dS K over all 128 keys  (8 × m64n32k16, A = dS read MN-major from the dSᵀ tile, B = K
+//     MN-major), then adds dQ · scale to dq_accumulator with red.global.add.v2.f32.
+//   dk = dK · scale and dv = dV are written once, in the input dtype. dq's summation order varies
+//   between runs (atomics across key blocks); dk and dv are deterministic.
+//
+// The kernels exist only for sm_90a (compiled with NVRTC's -arch=sm_90a by tinygrad_llm.gpu_attention,
+// or nvcc -gencode=arch=compute_90a,code=sm_90a); built for anything else they trap.
+
+#include "attention_hopper.cuh"
+
+#ifdef ATTN_HOPPER
+
+// The dynamic shared memory, rounded up to a 1024-byte boundary (the swizzle needs it; callers ask for
+// 1 KiB more than they use).
+__device__ __forceinline__ unsigned char* attn_aligned_shared() {
+    extern __shared__ __align__(16) unsigned char attn_hopper_shared[];
+    const unsigned address = attn_smem_address(attn_hopper_shared);
+    return attn_hopper_shared + (((address + 1023u) & ~1023u) - address);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward.
+
+template <typename T>
+__device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, const T* __restrict__ k,
+                                                      const T* __restrict__ v, T* __restrict__ out,
+                                                      float* __restrict__ lse, int heads, int kv_heads,
+                                                      int query_len, int key_len, float scale) {
+    constexpr int D = 64, BLOCK_Q = 128, BLOCK_K = 128, THREADS = 256, TILE = 128 * 128;
+    unsigned char* q_tile = attn_aligned_shared();            // BLOCK_Q rows of 128 bytes
+    unsigned char* k_tiles = q_tile + TILE;                    // 2 buffers of BLOCK_K rows
+    unsigned char* v_tiles = k_tiles + 2 * TILE;               // 2 buffers of BLOCK_K rows
+
+    const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int batch_head = blockIdx.x, head = batch_head % heads, batch = batch_head / heads;
+    const int kv_head = head / (heads / kv_heads);
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * BLOCK_Q;   // last tiles first
+    const int offset = key_len - query_len;
+    const int key_end = min(key_len, q0 + BLOCK_Q + offset); // the block's last row sees keys < key_end
+    const int tiles = (key_end + BLOCK_K - 1) / BLOCK_K;
+    const T* q_head = q + (long long)batch_head * query_len * D;
+    const long long kv_base = ((long long)batch * kv_heads + kv_head) * key_len * D;
+    const T* k_head = k + kv_base;
+    const T* v_head = v + kv_base;
+
+    attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tile, q_head, q0, query_len);
+    attn_load_swizzled<T, BLOCK_K, THREADS>(k_tiles, k_head, 0, key_len);
+    attn_load_swizzled<T, BLOCK_K, THREADS>(v_tiles, v_head, 0, key_len);
+    attn_copy_commit();
+
+    const int row = q0 + 64 * group + 16 * warp + g;         // this thread's rows: row and row + 8
+    const int group_first_row = q0 + 64 * group, group_last_row = group_first_row + 63;
+    const float scale_log2 = scale * ATTN_LOG2E;
+    const unsigned q_address = attn_smem_address(q_tile) + group * 64 * 128;
+    float o[32], row_max[2] = {ATTN_NEG_INF, ATTN_NEG_INF}, row_sum[2] = {0.f, 0.f};
+    #pragma unroll
+    for (int i = 0; i < 32; ++i) o[i] = 0.f;
+
+    for (int tile = 0; tile < tiles; ++tile) {
+        const int buffer = tile & 1, k0 = tile * BLOCK_K;
+        attn_copy_wait_all();
+        attn_fence_async();
+        __syncthreads();                                      // tile `tile` is in; tile − 1 is done with
+        if (tile + 1 < tiles) {
+            attn_load_swizzled<T, BLOCK_K, THREADS>(k_tiles + (buffer ^ 1) * TILE, k_head, k0 + BLOCK_K, key_len);
+            attn_load_swizzled<T, BLOCK_K, THREADS>(v_tiles + (buffer ^ 1) * TILE, v_head, k0 + BLOCK_K, key_len);
+        }
+        attn_copy_commit();
+        if (k0 > group_last_row + offset) continue;           // every key after this warpgroup's rows
+
+        const unsigned k_address = attn_smem_address(k_tiles + buffer * TILE);
+        const unsigned v_address = attn_smem_address(v_tiles + buffer * TILE);
+        float s[64];
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+            Wgmma<T>::template ss_n128<0, 0>(s, attn_descriptor(q_address + 32 * c),
+                                             attn_descriptor(k_address + 32 * c), c);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(s);
+
+        if (k0 + BLOCK_K - 1 > group_first_row + offset || k0 + BLOCK_K > key_len) {
+            #pragma unroll
+            for (int j = 0; j < 16; ++j)
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = k0 + 8 * j + 2 * t + (e & 1);
+                    if (key > row + 8 * (e >> 1) + offset || key >= key_len) s[4 * j + e] = ATTN_NEG_INF;
+                }
+        }
+        // online softmax: the new row maxima (a row lives on the 4 lanes of a quad), rescale O and l
+        float new_max[2] = {row_max[0], row_max[1]};
+        #pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            new_max[0] = fmaxf(new_max[0], fmaxf(s[4 * j], s[4 * j + 1]));
+            new_max[1] = fmaxf(new_max[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+        }
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 1));
+            new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 2));
+            const float alpha = attn_exp2((row_max[r] - new_max[r]) * scale_log2);   // 0 on the first tile
+            row_sum[r] *= alpha;
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                o[4 * j + 2 * r] *= alpha;
+                o[4 * j + 2 * r + 1] *= alpha;
+            }
+            row_max[r] = new_max[r];
+        }
+        const float shift[2] = {new_max[0] * scale_log2, new_max[1] * scale_log2};
+        #pragma unroll
+        for (int j = 0; j < 16; ++j)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]));
+                row_sum[e >> 1] += p;
+                s[4 * j + e] = p;
+            }
+        unsigned p_fragments[8][4];
+        #pragma unroll
+        for (int c = 0; c < BLOCK_K / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_K / 16; ++c)
+            Wgmma<T>::template rs_n64<1>(o, p_fragments[c], attn_descriptor(v_address + 2048 * c), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(o);
+        wgmma_hold(p_fragments);
+    }
+
+    // out = O / l and L = m · scale + ln l, for the rows inside the sequence
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+        const int out_row = row + 8 * r;
+        if (out_row >= query_len) continue;
+        const float inverse = 1.f / row_sum[r];
+        T* out_line = out + ((long long)batch_head * query_len + out_row) * D;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j)
+            *reinterpret_cast<unsigned*>(out_line + 8 * j + 2 * t) =
+                AttnType<T>::pack(o[4 * j + 2 * r] * inverse, o[4 * j + 2 * r + 1] * inverse);
+        if (t == 0)
+            lse[(long long)batch_head * query_len + out_row] = (row_max[r] * scale_log2 + __log2f(row_sum[r])) * ATTN_LN2;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward.
+
+__device__ __forceinline__ void attn_atomic_add2(float* address, float first, float second) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(address), "f"(first), "f"(second) : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, const T* __restrict__ k,
+                                                       const T* __restrict__ v, const T* __restrict__ dout,
+                                                       const float* __restrict__ lse,
+                                                       const float* __restrict__ delta,
+                                                       float* __restrict__ dq_accumulator, T* __restrict__ dk,
+                                                       T* __restrict__ dv, int heads, int kv_heads,
+                                                       int query_len, int key_len, float scale) {
+    constexpr int D = 64, BLOCK_K = 128, BLOCK_Q = 64, THREADS = 256;
+    constexpr int TILE_K = BLOCK_K * 128, TILE_Q = BLOCK_Q * 128;   // bytes
+    unsigned char* k_tile = attn_aligned_shared();
+    unsigned char* v_tile = k_tile + TILE_K;
+    unsigned char* q_tiles = v_tile + TILE_K;                 // 2 buffers
+    unsigned char* dout_tiles = q_tiles + 2 * TILE_Q;         // 2 buffers
+    unsigned char* ds_tile = dout_tiles + 2 * TILE_Q;         // dSᵀ: BLOCK_K rows (keys) of BLOCK_Q queries
+    float* l_tiles = reinterpret_cast<float*>(ds_tile + TILE_K);   // 2 buffers of BLOCK_Q
+    float* delta_tiles = l_tiles + 2 * BLOCK_Q;                    // 2 buffers of BLOCK_Q
+
+    const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int batch_kv = blockIdx.x, batch = batch_kv / kv_heads, kv_head = batch_kv % kv_heads;
+    const int group_size = heads / kv_heads;
+    const int k0 = blockIdx.y * BLOCK_K;
+    const int offset = key_len - query_len;
+    const int first_step = max(0, k0 - offset) / BLOCK_Q;    // earlier query steps see none of the keys
+    const int steps = (query_len + BLOCK_Q - 1) / BLOCK_Q - first_step;
+    const int iterations = group_size * steps;
+    const long long kv_base = (long long)batch_kv * key_len * D;
+
+    // (head, first query row) of iteration `it`, and the copies of its Q, dO, L, Δ into buffer `buffer`
+    auto row_base = [&](int it) {
+        return ((long long)batch * heads + kv_head * group_size + it / steps) * query_len;
+    };
+    auto query_start = [&](int it) { return (first_step + it % steps) * BLOCK_Q; };
+    auto prefetch = [&](int it, int buffer) {
+        const long long base = row_base(it);
+        const int q0 = query_start(it);
+        attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tiles + buffer * TILE_Q, q + base * D, q0, query_len);
+        attn_load_swizzled<T, BLOCK_Q, THREADS>(dout_tiles + buffer * TILE_Q, dout + base * D, q0, query_len);
+        if (tid < 2 * BLOCK_Q) {
+            const int i = tid % BLOCK_Q;
+            const float* source = (tid < BLOCK_Q ? lse : delta) + base + q0 + i;
+            float* target = (tid < BLOCK_Q ? l_tiles : delta_tiles) + buffer * BLOCK_Q + i;
+            attn_copy4(target, q0 + i < query_len ? source : lse, q0 + i < query_len);
+        }
+    };
+
+    attn_load_swizzled<T, BLOCK_K, THREADS>(k_tile, k + kv_base, k0, key_len);
+    attn_load_swizzled<T, BLOCK_K, THREADS>(v_tile, v + kv_base, k0, key_len);
+    prefetch(0, 0);
+    attn_copy_commit();
+
+    const int key_row = 64 * group + 16 * warp + g;           // this thread's keys: k0 + key_row (+ 8)
+    const float scale_log2 = scale * ATTN_LOG2E;
+    const unsigned k_address = attn_smem_address(k_tile), v_address = attn_smem_address(v_tile);
+    const unsigned ds_address = attn_smem_address(ds_tile);
+    float dk_acc[32], dv_acc[32];
+    #pragma unroll
+    for (int i = 0; i < 32; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+
+    for (int it = 0; it < iterations; ++it) {
+        const int buffer = it & 1, q0 = query_start(it);
+        attn_copy_wait_all();
+        attn_fence_async();
+        __syncthreads();                  // step it's tiles are in; step it − 1 (dSᵀ, its buffers) is done
+        if (it + 1 < iterations) prefetch(it + 1, buffer ^ 1);
+        attn_copy_commit();
+
+        const unsigned q_address = attn_smem_address(q_tiles + buffer * TILE_Q);
+        const unsigned dout_address = attn_smem_address(dout_tiles + buffer * TILE_Q);
+        float s[32], dp[32];
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+            Wgmma<T>::template ss_n64<0, 0>(s, attn_descriptor(k_address + group * 64 * 128 + 32 * c),
+                                            attn_descriptor(q_address + 32 * c), c);
+        wgmma_commit();
+        #pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+            Wgmma<T>::template ss_n64<0, 0>(dp, attn_descriptor(v_address + group * 64 * 128 + 32 * c),
+                                            attn_descriptor(dout_address + 32 * c), c);
+        wgmma_commit();
+        wgmma_wait<1>();                                      // Sᵀ is done, dPᵀ may still run
+        wgmma_hold(s);
+
+        // Pᵀ (keys × queries): column i of this step needs L of query q0 + i
+        const float* l_row = l_tiles + buffer * BLOCK_Q;
+        const bool edge = k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float2 l_pair = *reinterpret_cast<const float2*>(l_row + 8 * j + 2 * t);
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float l_value = (e & 1) ? l_pair.y : l_pair.x;
+                float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -l_value * ATTN_LOG2E));
+                if (edge) {
+                    const int key = k0 + key_row + 8 * (e >> 1), query = q0 + 8 * j + 2 * t + (e & 1);
+                    if (key > query + offset || query >= query_len || key >= key_len) p = 0.f;
+                }
+                s[4 * j + e] = p;
+            }
+        }
+        unsigned p_fragments[4][4];
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c)
+            Wgmma<T>::template rs_n64<1>(dv_acc, p_fragments[c], attn_descriptor(dout_address + 2048 * c), 1);
+        wgmma_commit();
+        wgmma_wait<1>();                                      // dPᵀ is done, dV may still run
+        wgmma_hold(dp);
+
+        // dSᵀ = Pᵀ ∘ (dPᵀ − Δ)
+        const float* delta_row = delta_tiles + buffer * BLOCK_Q;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float2 d_pair = *reinterpret_cast<const float2*>(delta_row + 8 * j + 2 * t);
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? d_pair.y : d_pair.x));
+        }
+        unsigned ds_fragments[4][4];
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c) attn_fragment<T>(ds_fragments[c], dp, c);
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c)
+            Wgmma<T>::template rs_n64<1>(dk_acc, ds_fragments[c], attn_descriptor(q_address + 2048 * c), 1);
+        wgmma_commit();
+
+        // dSᵀ to shared memory: fragment word (c, w) holds row key_row + 8·(w & 1), columns 16c + 8·(w >> 1) + 2t
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c)
+            #pragma unroll
+            for (int w = 0; w < 4; ++w) {
+                const int r = key_row + 8 * (w & 1), chunk = 2 * c + (w >> 1);
+                *reinterpret_cast<unsigned*>(ds_tile + attn_swizzle(r, chunk) + 4 * t) = ds_fragments[c][w];
+            }
+        attn_fence_async();
+        __syncthreads();                                      // the whole dSᵀ tile is written
+
+        // dQ[:, 32·group … +31] = dS K over the block's 128 keys
+        float dq[16];
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_K / 16; ++c)
+            Wgmma<T>::template ss_n32<1, 1>(dq, attn_descriptor(ds_address + 2048 * c),
+                                            attn_descriptor(k_address + 2048 * c + 64 * group), c);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(dq);
+        wgmma_hold(dk_acc);
+        wgmma_hold(dv_acc);
+        wgmma_hold(p_fragments);
+        wgmma_hold(ds_fragments);
+
+        float* dq_rows = dq_accumulator + (row_base(it) + q0) * D + 32 * group + 2 * t;
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int query = 16 * warp + g + 8 * r;
+            if (q0 + query >= query_len) continue;
+            #pragma unroll
+            for (int j = 0; j < 4; ++j)
+                attn_atomic_add2(dq_rows + query * D + 8 * j, dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
+        }
+    }
+
+    // dk = dK · scale, dv = dV, in the input dtype
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int key = k0 + key_row + 8 * r;
+        if (key >= key_len) continue;
+        T* dk_line = dk + kv_base + (long long)key * D + 2 * t;
+        T* dv_line = dv + kv_base + (long long)key * D + 2 * t;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            *reinterpret_cast<unsigned*>(dk_line + 8 * j) =
+                AttnType<T>::pack(dk_acc[4 * j + 2 * r] * scale, dk_acc[4 * j + 2 * r + 1] * scale);
+            *reinterpret_cast<unsigned*>(dv_line + 8 * j) = AttnType<T>::pack(dv_acc[4 * j + 2 * r], dv_acc[4 * j + 2 * r + 1]);
+        }
+    }
+}
+
+#endif  // ATTN_HOPPER
+
+#ifdef ATTN_HOPPER
+#define ATTN_HOPPER_BODY(CALL) CALL;
+#else
+#define ATTN_HOPPER_BODY(CALL) __trap();
+#endif
+
+#define ATTN_HOPPER_KERNELS(SUFFIX, TYPE)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d64_wg2(            \
+        const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,       \
+        int query_len, int key_len, float scale) {                                                         \
+        ATTN_HOPPER_BODY(attention_forward_wg2<TYPE>(q, k, v, out, lse, heads, kv_heads, query_len,       \
+                                                     key_len, scale))                                      \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256, 1) attention_backward_##SUFFIX##_d64_wg2(           \
+        const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
+        const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
+        int query_len, int key_len, float scale) {                                                         \
+        ATTN_HOPPER_BODY(attention_backward_wg2<TYPE>(q, k, v, dout, lse, delta, dq_accumulator, dk, dv,  \
+                                                      heads, kv_heads, query_len, key_len, scale))         \
+    }
+
+ATTN_HOPPER_KERNELS(bf16, __nv_bfloat16)
+ATTN_HOPPER_KERNELS(fp16, __half)
