@@ -63,10 +63,21 @@ def compile_cubin(source: str, name: str, options) -> bytes:
     "-arch=sm_90a"), returning the cubin. CuPy's RawModule always targets the device's plain
     architecture (sm_90), which has no wgmma; the sm_90a kernels come through here instead. CuPy's own
     include options (the CUDA headers it found) are added. A compile error is raised with NVRTC's log."""
-    cupy_module()
+    cp = cupy_module()
     from cupy.cuda import compiler
     from cupy_backends.cuda.libs import nvrtc
-    includes = tuple(getattr(compiler, "_get_extra_include_dir_opts", tuple)())
+    # the folders CuPy's own compiles search: the CUDA toolkit's headers (cuda_bf16.h), CuPy's, and any
+    # it found in a conda or wheel install
+    includes = []
+    cuda_path = cp.cuda.get_cuda_path()
+    if cuda_path:
+        includes.append(f"-I{os.path.join(cuda_path, 'include')}")
+    try:
+        from cupy._core.core import _get_header_dir_path
+        includes.append(f"-I{_get_header_dir_path()}")
+    except ImportError:
+        pass
+    includes += list(getattr(compiler, "_get_extra_include_dir_opts", tuple)())
     program = nvrtc.createProgram(source, name, (), ())
     try:
         try:
