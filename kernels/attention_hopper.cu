@@ -63,6 +63,31 @@ __device__ __forceinline__ unsigned char* attn_aligned_shared() {
 // ---------------------------------------------------------------------------------------------------
 // Forward.
 
+// out = O / l and L = m · scale + ln l for this thread's two rows (row, row + 8) inside the sequence;
+// row_sum holds the thread's partial sums (its quad of lanes adds them up here).
+template <typename T>
+__device__ __forceinline__ void attn_forward_store(const float (&o)[32], const float (&row_max)[2], float (&row_sum)[2],
+                                                   T* __restrict__ out, float* __restrict__ lse, int batch_head,
+                                                   int row, int query_len, float scale_log2) {
+    constexpr int D = 64;
+    const int t = threadIdx.x & 3;
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+        const int out_row = row + 8 * r;
+        if (out_row >= query_len) continue;
+        const float inverse = 1.f / row_sum[r];
+        T* out_line = out + ((long long)batch_head * query_len + out_row) * D;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j)
+            *reinterpret_cast<unsigned*>(out_line + 8 * j + 2 * t) =
+                AttnType<T>::pack(o[4 * j + 2 * r] * inverse, o[4 * j + 2 * r + 1] * inverse);
+        if (t == 0)
+            lse[(long long)batch_head * query_len + out_row] = (row_max[r] * scale_log2 + __log2f(row_sum[r])) * ATTN_LN2;
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, T* __restrict__ out,
@@ -174,22 +199,149 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         wgmma_hold(p_fragments);
     }
 
-    // out = O / l and L = m · scale + ln l, for the rows inside the sequence
+    attn_forward_store(o, row_max, row_sum, out, lse, batch_head, row, query_len, scale_log2);
+}
+
+// wg2p: the same work, software-pipelined inside each warpgroup (FlashAttention-3's intra-warpgroup
+// overlap). Iteration t issues S(t) = Q K(t)ᵀ and then O += P(t − 1) V(t − 1) back to back, waits for
+// S(t) only, and computes the softmax of tile t (mask, max, exp2, row sums) while the tensor cores
+// still run P(t − 1) V(t − 1); only the rescale of O waits for that product. K/V take three buffers:
+// tile t + 1 loads while tiles t (for S) and t − 1 (for P V) are read.
+template <typename T>
+__device__ __forceinline__ void attention_forward_wg2p(const T* __restrict__ q, const T* __restrict__ k,
+                                                       const T* __restrict__ v, T* __restrict__ out,
+                                                       float* __restrict__ lse, int heads, int kv_heads,
+                                                       int query_len, int key_len, float scale) {
+    constexpr int D = 64, BLOCK_Q = 128, BLOCK_K = 128, THREADS = 256, TILE = 128 * 128, BUFFERS = 3;
+    unsigned char* q_tile = attn_aligned_shared();            // BLOCK_Q rows of 128 bytes
+    unsigned char* k_tiles = q_tile + TILE;                    // BUFFERS buffers of BLOCK_K rows
+    unsigned char* v_tiles = k_tiles + BUFFERS * TILE;         // BUFFERS buffers of BLOCK_K rows
+
+    const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int batch_head = blockIdx.x, head = batch_head % heads, batch = batch_head / heads;
+    const int kv_head = head / (heads / kv_heads);
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * BLOCK_Q;   // last tiles first
+    const int offset = key_len - query_len;
+    const int key_end = min(key_len, q0 + BLOCK_Q + offset); // the block's last row sees keys < key_end
+    const int tiles = (key_end + BLOCK_K - 1) / BLOCK_K;
+    const T* q_head = q + (long long)batch_head * query_len * D;
+    const long long kv_base = ((long long)batch * kv_heads + kv_head) * key_len * D;
+    const T* k_head = k + kv_base;
+    const T* v_head = v + kv_base;
+
+    attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tile, q_head, q0, query_len);
+    attn_load_swizzled<T, BLOCK_K, THREADS>(k_tiles, k_head, 0, key_len);
+    attn_load_swizzled<T, BLOCK_K, THREADS>(v_tiles, v_head, 0, key_len);
+    attn_copy_commit();
+
+    const int row = q0 + 64 * group + 16 * warp + g;         // this thread's rows: row and row + 8
+    const int group_first_row = q0 + 64 * group, group_last_row = group_first_row + 63;
+    // tiles holding a key that one of this warpgroup's rows can see (the block's later tiles may not)
+    const int group_tiles = min(tiles, (group_last_row + offset) / BLOCK_K + 1);
+    const float scale_log2 = scale * ATTN_LOG2E;
+    const unsigned q_address = attn_smem_address(q_tile) + group * 64 * 128;
+    float o[32], s[64], row_max[2] = {ATTN_NEG_INF, ATTN_NEG_INF}, row_sum[2] = {0.f, 0.f};
+    unsigned p_fragments[8][4];
     #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-        row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-        const int out_row = row + 8 * r;
-        if (out_row >= query_len) continue;
-        const float inverse = 1.f / row_sum[r];
-        T* out_line = out + ((long long)batch_head * query_len + out_row) * D;
+    for (int i = 0; i < 32; ++i) o[i] = 0.f;
+
+    // O += P(tile) V(tile), issued as one group (not waited for here)
+    auto issue_pv = [&](int tile) {
+        const unsigned v_address = attn_smem_address(v_tiles + (tile % BUFFERS) * TILE);
         #pragma unroll
-        for (int j = 0; j < 8; ++j)
-            *reinterpret_cast<unsigned*>(out_line + 8 * j + 2 * t) =
-                AttnType<T>::pack(o[4 * j + 2 * r] * inverse, o[4 * j + 2 * r + 1] * inverse);
-        if (t == 0)
-            lse[(long long)batch_head * query_len + out_row] = (row_max[r] * scale_log2 + __log2f(row_sum[r])) * ATTN_LN2;
+        for (int c = 0; c < BLOCK_K / 16; ++c)
+            Wgmma<T>::template rs_n64<1>(o, p_fragments[c], attn_descriptor(v_address + 2048 * c), 1);
+    };
+
+    for (int tile = 0; tile < tiles; ++tile) {
+        const int k0 = tile * BLOCK_K;
+        attn_copy_wait_all();
+        attn_fence_async();
+        __syncthreads();                        // tile is in; P V of tile − 2 is done, so its buffer is free
+        if (tile + 1 < tiles) {
+            const int next = (tile + 1) % BUFFERS;
+            attn_load_swizzled<T, BLOCK_K, THREADS>(k_tiles + next * TILE, k_head, k0 + BLOCK_K, key_len);
+            attn_load_swizzled<T, BLOCK_K, THREADS>(v_tiles + next * TILE, v_head, k0 + BLOCK_K, key_len);
+        }
+        attn_copy_commit();
+        if (tile >= group_tiles) {
+            if (tile == group_tiles) {                        // the last product of this warpgroup
+                wgmma_fence();
+                issue_pv(tile - 1);
+                wgmma_commit();
+                wgmma_wait<0>();
+                wgmma_hold(o);
+            }
+            continue;
+        }
+
+        const unsigned k_address = attn_smem_address(k_tiles + (tile % BUFFERS) * TILE);
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+            Wgmma<T>::template ss_n128<0, 0>(s, attn_descriptor(q_address + 32 * c),
+                                             attn_descriptor(k_address + 32 * c), c);
+        wgmma_commit();
+        if (tile > 0) issue_pv(tile - 1);
+        wgmma_commit();
+        wgmma_wait<1>();                                      // S(tile) is done; P V(tile − 1) may run
+        wgmma_hold(s);
+
+        if (k0 + BLOCK_K - 1 > group_first_row + offset || k0 + BLOCK_K > key_len) {
+            #pragma unroll
+            for (int j = 0; j < 16; ++j)
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = k0 + 8 * j + 2 * t + (e & 1);
+                    if (key > row + 8 * (e >> 1) + offset || key >= key_len) s[4 * j + e] = ATTN_NEG_INF;
+                }
+        }
+        float new_max[2] = {row_max[0], row_max[1]}, alpha[2], tile_sum[2] = {0.f, 0.f};
+        #pragma unroll
+        for (int j = 0; j < 16; ++j) {
+            new_max[0] = fmaxf(new_max[0], fmaxf(s[4 * j], s[4 * j + 1]));
+            new_max[1] = fmaxf(new_max[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+        }
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 1));
+            new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 2));
+            alpha[r] = attn_exp2((row_max[r] - new_max[r]) * scale_log2);   // 0 on the first tile
+            row_max[r] = new_max[r];
+        }
+        const float shift[2] = {new_max[0] * scale_log2, new_max[1] * scale_log2};
+        #pragma unroll
+        for (int j = 0; j < 16; ++j)
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]));
+                tile_sum[e >> 1] += p;
+                s[4 * j + e] = p;
+            }
+        wgmma_wait<0>();                                      // P V(tile − 1) is done: O can be rescaled
+        wgmma_hold(o);
+        wgmma_hold(p_fragments);
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                o[4 * j + 2 * r] *= alpha[r];
+                o[4 * j + 2 * r + 1] *= alpha[r];
+            }
+        }
+        #pragma unroll
+        for (int c = 0; c < BLOCK_K / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
     }
+    if (group_tiles == tiles) {
+        wgmma_fence();
+        issue_pv(tiles - 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(o);
+    }
+    attn_forward_store(o, row_max, row_sum, out, lse, batch_head, row, query_len, scale_log2);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -197,6 +349,28 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
 
 __device__ __forceinline__ void attn_atomic_add2(float* address, float first, float second) {
     asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(address), "f"(first), "f"(second) : "memory");
+}
+
+// dk = dK · scale and dv = dV, in the input dtype, for this thread's two keys (key, key + 8) inside the
+// sequence; dk_rows, dv_rows point at the (b, kv head)'s first row.
+template <typename T>
+__device__ __forceinline__ void attn_backward_store(const float (&dk_acc)[32], const float (&dv_acc)[32],
+                                                    T* __restrict__ dk_rows, T* __restrict__ dv_rows, int key,
+                                                    int key_len, float scale) {
+    constexpr int D = 64;
+    const int t = threadIdx.x & 3;
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (key + 8 * r >= key_len) continue;
+        T* dk_line = dk_rows + (long long)(key + 8 * r) * D + 2 * t;
+        T* dv_line = dv_rows + (long long)(key + 8 * r) * D + 2 * t;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            *reinterpret_cast<unsigned*>(dk_line + 8 * j) =
+                AttnType<T>::pack(dk_acc[4 * j + 2 * r] * scale, dk_acc[4 * j + 2 * r + 1] * scale);
+            *reinterpret_cast<unsigned*>(dv_line + 8 * j) = AttnType<T>::pack(dv_acc[4 * j + 2 * r], dv_acc[4 * j + 2 * r + 1]);
+        }
+    }
 }
 
 template <typename T>
@@ -366,20 +540,187 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
         }
     }
 
-    // dk = dK · scale, dv = dV, in the input dtype
+    attn_backward_store(dk_acc, dv_acc, dk + kv_base, dv + kv_base, k0 + key_row, key_len, scale);
+}
+
+// wg2p: the same work with the tensor cores kept busier across steps. Step s issues dQ(s) = dS K and
+// moves on without waiting; step s + 1 issues Sᵀ and dPᵀ behind it and only then waits, and adds
+// dQ(s) into dq_accumulator while its own dPᵀ runs. So Q, dO, L, Δ take three buffers (step s + 1
+// loads while steps s and s − 1 may still be read), dSᵀ two, and dQ two register sets (the loop is
+// unrolled by two so that each set stays in registers).
+template <typename T>
+__device__ __forceinline__ void attention_backward_wg2p(const T* __restrict__ q, const T* __restrict__ k,
+                                                        const T* __restrict__ v, const T* __restrict__ dout,
+                                                        const float* __restrict__ lse,
+                                                        const float* __restrict__ delta,
+                                                        float* __restrict__ dq_accumulator, T* __restrict__ dk,
+                                                        T* __restrict__ dv, int heads, int kv_heads,
+                                                        int query_len, int key_len, float scale) {
+    constexpr int D = 64, BLOCK_K = 128, BLOCK_Q = 64, THREADS = 256, BUFFERS = 3;
+    constexpr int TILE_K = BLOCK_K * 128, TILE_Q = BLOCK_Q * 128;   // bytes
+    unsigned char* k_tile = attn_aligned_shared();
+    unsigned char* v_tile = k_tile + TILE_K;
+    unsigned char* q_tiles = v_tile + TILE_K;                 // BUFFERS buffers
+    unsigned char* dout_tiles = q_tiles + BUFFERS * TILE_Q;   // BUFFERS buffers
+    unsigned char* ds_tiles = dout_tiles + BUFFERS * TILE_Q;  // 2 buffers of dSᵀ (BLOCK_K keys × BLOCK_Q)
+    float* l_tiles = reinterpret_cast<float*>(ds_tiles + 2 * TILE_K);   // BUFFERS × BLOCK_Q
+    float* delta_tiles = l_tiles + BUFFERS * BLOCK_Q;                   // BUFFERS × BLOCK_Q
+
+    const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int batch_kv = blockIdx.x, batch = batch_kv / kv_heads, kv_head = batch_kv % kv_heads;
+    const int group_size = heads / kv_heads;
+    const int k0 = blockIdx.y * BLOCK_K;
+    const int offset = key_len - query_len;
+    const int first_step = max(0, k0 - offset) / BLOCK_Q;    // earlier query steps see none of the keys
+    const int steps = (query_len + BLOCK_Q - 1) / BLOCK_Q - first_step;
+    const int iterations = group_size * steps;
+    const long long kv_base = (long long)batch_kv * key_len * D;
+
+    auto row_base = [&](int it) {
+        return ((long long)batch * heads + kv_head * group_size + it / steps) * query_len;
+    };
+    auto query_start = [&](int it) { return (first_step + it % steps) * BLOCK_Q; };
+    auto prefetch = [&](int it, int buffer) {
+        const long long base = row_base(it);
+        const int q0 = query_start(it);
+        attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tiles + buffer * TILE_Q, q + base * D, q0, query_len);
+        attn_load_swizzled<T, BLOCK_Q, THREADS>(dout_tiles + buffer * TILE_Q, dout + base * D, q0, query_len);
+        if (tid < 2 * BLOCK_Q) {
+            const int i = tid % BLOCK_Q;
+            const float* source = (tid < BLOCK_Q ? lse : delta) + base + q0 + i;
+            float* target = (tid < BLOCK_Q ? l_tiles : delta_tiles) + buffer * BLOCK_Q + i;
+            attn_copy4(target, q0 + i < query_len ? source : lse, q0 + i < query_len);
+        }
+    };
+    const int key_row = 64 * group + 16 * warp + g;           // this thread's keys: k0 + key_row (+ 8)
+    // dq_accumulator += dQ(it) · scale: this thread's rows 16·warp + g (+ 8), columns 32·group + 8j + 2t
+    auto add_dq = [&](const float (&dq)[16], int it) {
+        const int q0 = query_start(it);
+        float* dq_rows = dq_accumulator + (row_base(it) + q0) * D + 32 * group + 2 * t;
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int query = 16 * warp + g + 8 * r;
+            if (q0 + query >= query_len) continue;
+            #pragma unroll
+            for (int j = 0; j < 4; ++j)
+                attn_atomic_add2(dq_rows + query * D + 8 * j, dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
+        }
+    };
+
+    attn_load_swizzled<T, BLOCK_K, THREADS>(k_tile, k + kv_base, k0, key_len);
+    attn_load_swizzled<T, BLOCK_K, THREADS>(v_tile, v + kv_base, k0, key_len);
+    prefetch(0, 0);
+    attn_copy_commit();
+
+    const float scale_log2 = scale * ATTN_LOG2E;
+    const unsigned k_address = attn_smem_address(k_tile), v_address = attn_smem_address(v_tile);
+    float dk_acc[32], dv_acc[32], dq_even[16], dq_odd[16];
     #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int key = k0 + key_row + 8 * r;
-        if (key >= key_len) continue;
-        T* dk_line = dk + kv_base + (long long)key * D + 2 * t;
-        T* dv_line = dv + kv_base + (long long)key * D + 2 * t;
+    for (int i = 0; i < 32; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+    #pragma unroll
+    for (int i = 0; i < 16; ++i) dq_even[i] = dq_odd[i] = 0.f;
+
+    auto step = [&](int it, float (&dq_now)[16], float (&dq_previous)[16]) {
+        const int buffer = it % BUFFERS, q0 = query_start(it);
+        attn_copy_wait_all();
+        attn_fence_async();
+        __syncthreads();                  // step it is in; step it − 2's buffers and dSᵀ tile are done with
+        if (it + 1 < iterations) prefetch(it + 1, (it + 1) % BUFFERS);
+        attn_copy_commit();
+
+        const unsigned q_address = attn_smem_address(q_tiles + buffer * TILE_Q);
+        const unsigned dout_address = attn_smem_address(dout_tiles + buffer * TILE_Q);
+        unsigned char* ds_tile = ds_tiles + (it & 1) * TILE_K;
+        float s[32], dp[32];
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+            Wgmma<T>::template ss_n64<0, 0>(s, attn_descriptor(k_address + group * 64 * 128 + 32 * c),
+                                            attn_descriptor(q_address + 32 * c), c);
+        wgmma_commit();
+        #pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+            Wgmma<T>::template ss_n64<0, 0>(dp, attn_descriptor(v_address + group * 64 * 128 + 32 * c),
+                                            attn_descriptor(dout_address + 32 * c), c);
+        wgmma_commit();
+        wgmma_wait<1>();                  // step it − 1's products and Sᵀ are done; dPᵀ may still run
+        wgmma_hold(s);
+        wgmma_hold(dq_previous);
+        if (it > 0) add_dq(dq_previous, it - 1);
+
+        const float* l_row = l_tiles + buffer * BLOCK_Q;
+        const bool edge = k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len;
         #pragma unroll
         for (int j = 0; j < 8; ++j) {
-            *reinterpret_cast<unsigned*>(dk_line + 8 * j) =
-                AttnType<T>::pack(dk_acc[4 * j + 2 * r] * scale, dk_acc[4 * j + 2 * r + 1] * scale);
-            *reinterpret_cast<unsigned*>(dv_line + 8 * j) = AttnType<T>::pack(dv_acc[4 * j + 2 * r], dv_acc[4 * j + 2 * r + 1]);
+            const float2 l_pair = *reinterpret_cast<const float2*>(l_row + 8 * j + 2 * t);
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float l_value = (e & 1) ? l_pair.y : l_pair.x;
+                float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -l_value * ATTN_LOG2E));
+                if (edge) {
+                    const int key = k0 + key_row + 8 * (e >> 1), query = q0 + 8 * j + 2 * t + (e & 1);
+                    if (key > query + offset || query >= query_len || key >= key_len) p = 0.f;
+                }
+                s[4 * j + e] = p;
+            }
         }
+        unsigned p_fragments[4][4];
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c)
+            Wgmma<T>::template rs_n64<1>(dv_acc, p_fragments[c], attn_descriptor(dout_address + 2048 * c), 1);
+        wgmma_commit();
+        wgmma_wait<1>();                  // dPᵀ is done; dV may still run
+        wgmma_hold(dp);
+
+        const float* delta_row = delta_tiles + buffer * BLOCK_Q;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float2 d_pair = *reinterpret_cast<const float2*>(delta_row + 8 * j + 2 * t);
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? d_pair.y : d_pair.x));
+        }
+        unsigned ds_fragments[4][4];
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c) attn_fragment<T>(ds_fragments[c], dp, c);
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c)
+            Wgmma<T>::template rs_n64<1>(dk_acc, ds_fragments[c], attn_descriptor(q_address + 2048 * c), 1);
+        wgmma_commit();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c)
+            #pragma unroll
+            for (int w = 0; w < 4; ++w) {
+                const int r = key_row + 8 * (w & 1), chunk = 2 * c + (w >> 1);
+                *reinterpret_cast<unsigned*>(ds_tile + attn_swizzle(r, chunk) + 4 * t) = ds_fragments[c][w];
+            }
+        attn_fence_async();
+        __syncthreads();                  // the whole dSᵀ tile is written
+
+        const unsigned ds_address = attn_smem_address(ds_tile);
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_K / 16; ++c)
+            Wgmma<T>::template ss_n32<1, 1>(dq_now, attn_descriptor(ds_address + 2048 * c),
+                                            attn_descriptor(k_address + 2048 * c + 64 * group), c);
+        wgmma_commit();
+        if (it + 1 == iterations) {       // the last step: drain and add its dQ
+            wgmma_wait<0>();
+            wgmma_hold(dq_now);
+            add_dq(dq_now, it);
+        }
+    };
+    for (int it = 0; it < iterations; it += 2) {
+        step(it, dq_even, dq_odd);
+        if (it + 1 < iterations) step(it + 1, dq_odd, dq_even);
     }
+    wgmma_hold(dk_acc);
+    wgmma_hold(dv_acc);
+    attn_backward_store(dk_acc, dv_acc, dk + kv_base, dv + kv_base, k0 + key_row, key_len, scale);
 }
 
 #endif  // ATTN_HOPPER
@@ -390,20 +731,22 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
 #define ATTN_HOPPER_BODY(CALL) __trap();
 #endif
 
-#define ATTN_HOPPER_KERNELS(SUFFIX, TYPE)                                                                   \
-    extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d64_wg2(            \
+#define ATTN_HOPPER_KERNELS(SUFFIX, TYPE, BUILD)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d64_##BUILD(            \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,       \
         int query_len, int key_len, float scale) {                                                         \
-        ATTN_HOPPER_BODY(attention_forward_wg2<TYPE>(q, k, v, out, lse, heads, kv_heads, query_len,       \
+        ATTN_HOPPER_BODY(attention_forward_##BUILD<TYPE>(q, k, v, out, lse, heads, kv_heads, query_len,       \
                                                      key_len, scale))                                      \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(256, 1) attention_backward_##SUFFIX##_d64_wg2(           \
+    extern "C" __global__ void __launch_bounds__(256, 1) attention_backward_##SUFFIX##_d64_##BUILD(           \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
         const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
         int query_len, int key_len, float scale) {                                                         \
-        ATTN_HOPPER_BODY(attention_backward_wg2<TYPE>(q, k, v, dout, lse, delta, dq_accumulator, dk, dv,  \
+        ATTN_HOPPER_BODY(attention_backward_##BUILD<TYPE>(q, k, v, dout, lse, delta, dq_accumulator, dk, dv,  \
                                                       heads, kv_heads, query_len, key_len, scale))         \
     }
 
-ATTN_HOPPER_KERNELS(bf16, __nv_bfloat16)
-ATTN_HOPPER_KERNELS(fp16, __half)
+ATTN_HOPPER_KERNELS(bf16, __nv_bfloat16, wg2)
+ATTN_HOPPER_KERNELS(fp16, __half, wg2)
+ATTN_HOPPER_KERNELS(bf16, __nv_bfloat16, wg2p)
+ATTN_HOPPER_KERNELS(fp16, __half, wg2p)

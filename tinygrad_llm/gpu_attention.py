@@ -55,11 +55,17 @@ FORWARD_VARIANT = {64: "w4m2", 128: "w8"}
 BACKWARD_VARIANT = {64: "w4m2q32p", 128: "w4"}
 PORTABLE_FORWARD_VARIANT = {64: "w4m2", 128: "w8"}
 PORTABLE_BACKWARD_VARIANT = {64: "w4m2q32p", 128: "w4"}
-HOPPER_VARIANTS = ("wg2",)
-FORWARD_VARIANTS = {64: ("w4", "w8", "w4m2", "w4m2k32", "w4m2k32r", "wg2"), 128: ("w4", "w8")}
-BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32", "w4m2q32p", "w8m2q32p", "wg2"), 128: ("w4", "w8")}
-_HOPPER_SHARED_BYTES = {"forward": 5 * 128 * 128 + 1024,                        # Q, 2 × K, 2 × V
-                        "backward": 2 * 128 * 128 + 4 * 64 * 128 + 128 * 128 + 4 * 64 * 4 + 1024}
+HOPPER_VARIANTS = ("wg2", "wg2p")
+FORWARD_VARIANTS = {64: ("w4", "w8", "w4m2", "w4m2k32", "w4m2k32r", "wg2", "wg2p"), 128: ("w4", "w8")}
+BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32", "w4m2q32p", "w8m2q32p", "wg2", "wg2p"),
+                     128: ("w4", "w8")}
+_TILE = 128 * 128                                    # bytes of a 128-row tile of D = 64 two-byte values
+_HOPPER_SHARED_BYTES = {                             # each with 1 KiB to align the tiles to 1024 bytes
+    ("forward", "wg2"): 5 * _TILE + 1024,            # Q, 2 × K, 2 × V
+    ("forward", "wg2p"): 7 * _TILE + 1024,           # Q, 3 × K, 3 × V
+    ("backward", "wg2"): 2 * _TILE + 4 * _TILE // 2 + _TILE + 4 * 64 * 4 + 1024,   # K, V, 2 × (Q, dO), dSᵀ, L, Δ
+    ("backward", "wg2p"): 2 * _TILE + 6 * _TILE // 2 + 2 * _TILE + 6 * 64 * 4 + 1024,
+}
 _VARIANT_NAME = re.compile(r"w(\d+)(?:m(\d+))?(?:q(\d+))?(?:k(\d+))?r?p?")
 _BLOCK_K_FORWARD = 64
 _BLOCK_Q_BACKWARD = {64: 64, 128: 32}
@@ -184,9 +190,9 @@ def causal_attention_forward(q, k, v):
     args = (q, k, v, out, lse, np.int32(heads), np.int32(kv_heads), np.int32(query_len), np.int32(key_len),
             np.float32(1.0 / math.sqrt(head_dim)))
     variant = _pick(FORWARD_VARIANT, PORTABLE_FORWARD_VARIANT, head_dim)
-    if suffix in _TENSOR_CORE_DTYPES and variant == "wg2":
-        shared = _HOPPER_SHARED_BYTES["forward"]
-        _kernel(HOPPER_FILE, f"attention_forward_{suffix}_d{head_dim}_wg2", shared)(
+    if suffix in _TENSOR_CORE_DTYPES and variant in HOPPER_VARIANTS:
+        shared = _HOPPER_SHARED_BYTES["forward", variant]
+        _kernel(HOPPER_FILE, f"attention_forward_{suffix}_d{head_dim}_{variant}", shared)(
             (batch * heads, (query_len + 127) // 128), (256,), args, shared_mem=shared)
     elif suffix in _TENSOR_CORE_DTYPES:
         warps, m_tiles = _warps_and_m_tiles(variant)
@@ -225,9 +231,9 @@ def causal_attention_backward(dy, q, k, v, out, lse):
             ((rows * 8 + 255) // 256,), (256,), (dy, out, delta, dq_accumulator, np.int32(rows)))
         variant = _pick(BACKWARD_VARIANT, PORTABLE_BACKWARD_VARIANT, head_dim)
         arrays = (q, k, v, dy, lse, delta, dq_accumulator, dk, dv)
-        if variant == "wg2":
-            shared = _HOPPER_SHARED_BYTES["backward"]
-            _kernel(HOPPER_FILE, f"attention_backward_{suffix}_d{head_dim}_wg2", shared)(
+        if variant in HOPPER_VARIANTS:
+            shared = _HOPPER_SHARED_BYTES["backward", variant]
+            _kernel(HOPPER_FILE, f"attention_backward_{suffix}_d{head_dim}_{variant}", shared)(
                 (batch * kv_heads, (key_len + 127) // 128), (256,), arrays + sizes, shared_mem=shared)
         else:
             warps, m_tiles = _warps_and_m_tiles(variant)
