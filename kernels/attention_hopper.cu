@@ -16,9 +16,10 @@
 // (B, Hkv, Tk, 64); L, Δ: (B, H, Tq) fp32; dq_accumulator: (B, H, Tq, 64) fp32, zeroed by the caller.
 //
 // attention_forward_{bf16,fp16}_d64_wg2(q, k, v, out, lse, H, Hkv, Tq, Tk, scale)
-//   Launch: grid (B·H, ceil(Tq / 128)), block 256 = 2 warpgroups, 82 944 bytes of dynamic shared
-//   memory: a 128-row Q tile and two buffers each of 128-key K and V tiles (16 KiB a tile) plus 1 KiB
-//   to align them. Query tiles are handed out last-first (the longest rows start first).
+//   Launch: grid B·H·ceil(Tq / 128) (one dimension), block 256 = 2 warpgroups, 82 944 bytes of dynamic
+//   shared memory: a 128-row Q tile and two buffers each of 128-key K and V tiles (16 KiB a tile) plus
+//   1 KiB to align them. Block x takes query tile x mod ceil(Tq / 128), counted from the last, of head
+//   x / ceil(Tq / 128): the tiles of one head run side by side (sharing K and V in L2), longest first.
 //   Warpgroup w owns query rows 64w … 64w + 63 of the block's tile. Per K/V tile (cp.async brings tile
 //   t + 1 while tile t is multiplied): S = Q Kᵀ (4 × m64n128k16, A = Q and B = K from shared memory,
 //   K-major), mask (only on tiles that cross the diagonal or the end of the keys), online softmax in
@@ -28,10 +29,12 @@
 //   L = m · scale + ln l.
 //
 // attention_backward_{bf16,fp16}_d64_wg2(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk, scale)
-//   Launch: grid (B·Hkv, ceil(Tk / 128)), block 256 = 2 warpgroups, 83 968 bytes of dynamic shared
-//   memory: K and V tiles (128 keys), Q and dO tiles of 64 rows two buffers each, the dSᵀ tile (128 keys
-//   × 64 queries), L·log2 e and Δ two buffers each, 1 KiB alignment slack. Key blocks are handed out
-//   first-first (the first keys are seen by the most queries).
+//   Launch: grid B·Hkv·ceil(Tk / 128) (one dimension), block 256 = 2 warpgroups, 83 968 bytes of
+//   dynamic shared memory: K and V tiles (128 keys), Q and dO tiles of 64 rows two buffers each, the dSᵀ
+//   tile (128 keys × 64 queries), L and Δ two buffers each, 1 KiB alignment slack. Block x takes key
+//   block x mod ceil(Tk / 128) of kv head x / ceil(Tk / 128): a head's key blocks run side by side, so
+//   its Q, dO and dq_accumulator stay in L2 (the dq atomics then resolve there, not in DRAM), and the
+//   first key blocks (seen by the most queries) start first.
 //   Warpgroup w owns keys 64w … 64w + 63 of the block's 128 and keeps their dK, dV accumulators in
 //   registers. The block loops over the G query heads of its group and the 64-row query steps that
 //   can see its keys. Per step (Q, dO, L, Δ of step s + 1 are copied while step s computes):
@@ -100,9 +103,10 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
 
     const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int batch_head = blockIdx.x, head = batch_head % heads, batch = batch_head / heads;
+    const int q_blocks = (query_len + BLOCK_Q - 1) / BLOCK_Q;
+    const int batch_head = blockIdx.x / q_blocks, head = batch_head % heads, batch = batch_head / heads;
     const int kv_head = head / (heads / kv_heads);
-    const int q0 = (gridDim.y - 1 - blockIdx.y) * BLOCK_Q;   // last tiles first
+    const int q0 = (q_blocks - 1 - blockIdx.x % q_blocks) * BLOCK_Q;   // a head's tiles together, last first
     const int offset = key_len - query_len;
     const int key_end = min(key_len, q0 + BLOCK_Q + offset); // the block's last row sees keys < key_end
     const int tiles = (key_end + BLOCK_K - 1) / BLOCK_K;
@@ -219,9 +223,10 @@ __device__ __forceinline__ void attention_forward_wg2p(const T* __restrict__ q, 
 
     const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int batch_head = blockIdx.x, head = batch_head % heads, batch = batch_head / heads;
+    const int q_blocks = (query_len + BLOCK_Q - 1) / BLOCK_Q;
+    const int batch_head = blockIdx.x / q_blocks, head = batch_head % heads, batch = batch_head / heads;
     const int kv_head = head / (heads / kv_heads);
-    const int q0 = (gridDim.y - 1 - blockIdx.y) * BLOCK_Q;   // last tiles first
+    const int q0 = (q_blocks - 1 - blockIdx.x % q_blocks) * BLOCK_Q;   // a head's tiles together, last first
     const int offset = key_len - query_len;
     const int key_end = min(key_len, q0 + BLOCK_Q + offset); // the block's last row sees keys < key_end
     const int tiles = (key_end + BLOCK_K - 1) / BLOCK_K;
@@ -393,9 +398,10 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
 
     const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int batch_kv = blockIdx.x, batch = batch_kv / kv_heads, kv_head = batch_kv % kv_heads;
+    const int key_blocks = (key_len + BLOCK_K - 1) / BLOCK_K;
+    const int batch_kv = blockIdx.x / key_blocks, batch = batch_kv / kv_heads, kv_head = batch_kv % kv_heads;
     const int group_size = heads / kv_heads;
-    const int k0 = blockIdx.y * BLOCK_K;
+    const int k0 = blockIdx.x % key_blocks * BLOCK_K;        // a kv head's key blocks together, first first
     const int offset = key_len - query_len;
     const int first_step = max(0, k0 - offset) / BLOCK_Q;    // earlier query steps see none of the keys
     const int steps = (query_len + BLOCK_Q - 1) / BLOCK_Q - first_step;
@@ -568,9 +574,10 @@ __device__ __forceinline__ void attention_backward_wg2p(const T* __restrict__ q,
 
     const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int batch_kv = blockIdx.x, batch = batch_kv / kv_heads, kv_head = batch_kv % kv_heads;
+    const int key_blocks = (key_len + BLOCK_K - 1) / BLOCK_K;
+    const int batch_kv = blockIdx.x / key_blocks, batch = batch_kv / kv_heads, kv_head = batch_kv % kv_heads;
     const int group_size = heads / kv_heads;
-    const int k0 = blockIdx.y * BLOCK_K;
+    const int k0 = blockIdx.x % key_blocks * BLOCK_K;        // a kv head's key blocks together, first first
     const int offset = key_len - query_len;
     const int first_step = max(0, k0 - offset) / BLOCK_Q;    // earlier query steps see none of the keys
     const int steps = (query_len + BLOCK_Q - 1) / BLOCK_Q - first_step;

@@ -193,7 +193,7 @@ def causal_attention_forward(q, k, v):
     if suffix in _TENSOR_CORE_DTYPES and variant in HOPPER_VARIANTS:
         shared = _HOPPER_SHARED_BYTES["forward", variant]
         _kernel(HOPPER_FILE, f"attention_forward_{suffix}_d{head_dim}_{variant}", shared)(
-            (batch * heads, (query_len + 127) // 128), (256,), args, shared_mem=shared)
+            (batch * heads * ((query_len + 127) // 128),), (256,), args, shared_mem=shared)
     elif suffix in _TENSOR_CORE_DTYPES:
         warps, m_tiles = _warps_and_m_tiles(variant)
         block_q = 16 * m_tiles * warps
@@ -234,7 +234,7 @@ def causal_attention_backward(dy, q, k, v, out, lse):
         if variant in HOPPER_VARIANTS:
             shared = _HOPPER_SHARED_BYTES["backward", variant]
             _kernel(HOPPER_FILE, f"attention_backward_{suffix}_d{head_dim}_{variant}", shared)(
-                (batch * kv_heads, (key_len + 127) // 128), (256,), arrays + sizes, shared_mem=shared)
+                (batch * kv_heads * ((key_len + 127) // 128),), (256,), arrays + sizes, shared_mem=shared)
         else:
             warps, m_tiles = _warps_and_m_tiles(variant)
             shared = _backward_shared_bytes(head_dim, warps, m_tiles, _backward_block_q(variant, head_dim))
