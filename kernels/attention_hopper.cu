@@ -53,6 +53,13 @@
 
 #include "attention_hopper.cuh"
 
+#ifndef ATTN_ABLATE
+#define ATTN_ABLATE 0
+#endif
+#ifndef ATTN_DQ_LOCAL
+#define ATTN_DQ_LOCAL 0
+#endif
+
 #ifdef ATTN_HOPPER
 
 // The dynamic shared memory, rounded up to a 1024-byte boundary (the swizzle needs it; callers ask for
@@ -123,7 +130,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
     const int row = q0 + 64 * group + 16 * warp + g;         // this thread's rows: row and row + 8
     const int group_first_row = q0 + 64 * group, group_last_row = group_first_row + 63;
     const float scale_log2 = scale * ATTN_LOG2E;
-    const unsigned q_address = attn_smem_address(q_tile) + group * 64 * 128;
+    unsigned q_fragments[4][4];                               // this warp's 16 rows of Q, loaded once
     float o[32], row_max[2] = {ATTN_NEG_INF, ATTN_NEG_INF}, row_sum[2] = {0.f, 0.f};
     #pragma unroll
     for (int i = 0; i < 32; ++i) o[i] = 0.f;
@@ -138,6 +145,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             attn_load_swizzled<T, BLOCK_K, THREADS>(v_tiles + (buffer ^ 1) * TILE, v_head, k0 + BLOCK_K, key_len);
         }
         attn_copy_commit();
+        if (tile == 0) attn_load_fragments(q_fragments, q_tile, 64 * group + 16 * warp);
         if (k0 > group_last_row + offset) continue;           // every key after this warpgroup's rows
 
         const unsigned k_address = attn_smem_address(k_tiles + buffer * TILE);
@@ -146,8 +154,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         wgmma_fence();
         #pragma unroll
         for (int c = 0; c < D / 16; ++c)
-            Wgmma<T>::template ss_n128<0, 0>(s, attn_descriptor(q_address + 32 * c),
-                                             attn_descriptor(k_address + 32 * c), c);
+            Wgmma<T>::template rs_n128<0>(s, q_fragments[c], attn_descriptor(k_address + 32 * c), c);
         wgmma_commit();
         wgmma_wait<0>();
         wgmma_hold(s);
@@ -186,7 +193,8 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         for (int j = 0; j < 16; ++j)
             #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]));
+                const float x = fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]);
+                const float p = ATTN_ABLATE == 5 ? x : attn_exp2(x);
                 row_sum[e >> 1] += p;
                 s[4 * j + e] = p;
             }
@@ -196,7 +204,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         wgmma_fence();
         #pragma unroll
         for (int c = 0; c < BLOCK_K / 16; ++c)
-            Wgmma<T>::template rs_n64<1>(o, p_fragments[c], attn_descriptor(v_address + 2048 * c), 1);
+            if (ATTN_ABLATE != 4) Wgmma<T>::template rs_n64<1>(o, p_fragments[c], attn_descriptor(v_address + 2048 * c), 1);
         wgmma_commit();
         wgmma_wait<0>();
         wgmma_hold(o);
@@ -438,6 +446,12 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
     float dk_acc[32], dv_acc[32];
     #pragma unroll
     for (int i = 0; i < 32; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+    // this warp's 16 keys of K and V as A fragments, for the whole loop
+    unsigned k_fragments[4][4], v_fragments[4][4];
+    attn_copy_wait_all();
+    __syncthreads();
+    attn_load_fragments(k_fragments, k_tile, 64 * group + 16 * warp);
+    attn_load_fragments(v_fragments, v_tile, 64 * group + 16 * warp);
 
     for (int it = 0; it < iterations; ++it) {
         const int buffer = it & 1, q0 = query_start(it);
@@ -453,13 +467,11 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
         wgmma_fence();
         #pragma unroll
         for (int c = 0; c < D / 16; ++c)
-            Wgmma<T>::template ss_n64<0, 0>(s, attn_descriptor(k_address + group * 64 * 128 + 32 * c),
-                                            attn_descriptor(q_address + 32 * c), c);
+            Wgmma<T>::template rs_n64<0>(s, k_fragments[c], attn_descriptor(q_address + 32 * c), c);
         wgmma_commit();
         #pragma unroll
         for (int c = 0; c < D / 16; ++c)
-            Wgmma<T>::template ss_n64<0, 0>(dp, attn_descriptor(v_address + group * 64 * 128 + 32 * c),
-                                            attn_descriptor(dout_address + 32 * c), c);
+            Wgmma<T>::template rs_n64<0>(dp, v_fragments[c], attn_descriptor(dout_address + 32 * c), c);
         wgmma_commit();
         wgmma_wait<1>();                                      // Sᵀ is done, dPᵀ may still run
         wgmma_hold(s);
@@ -473,7 +485,8 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
             #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const float l_value = (e & 1) ? l_pair.y : l_pair.x;
-                float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -l_value * ATTN_LOG2E));
+                const float x = fmaf(s[4 * j + e], scale_log2, -l_value * ATTN_LOG2E);
+                float p = ATTN_ABLATE == 3 ? x : attn_exp2(x);
                 if (edge) {
                     const int key = k0 + key_row + 8 * (e >> 1), query = q0 + 8 * j + 2 * t + (e & 1);
                     if (key > query + offset || query >= query_len || key >= key_len) p = 0.f;
@@ -510,6 +523,7 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
         wgmma_commit();
 
         // dSᵀ to shared memory: fragment word (c, w) holds row key_row + 8·(w & 1), columns 16c + 8·(w >> 1) + 2t
+        if (ATTN_ABLATE != 2) {
         #pragma unroll
         for (int c = 0; c < BLOCK_Q / 16; ++c)
             #pragma unroll
@@ -518,6 +532,31 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
                 *reinterpret_cast<unsigned*>(ds_tile + attn_swizzle(r, chunk) + 4 * t) = ds_fragments[c][w];
             }
         attn_fence_async();
+#if ATTN_DQ_LOCAL
+        asm volatile("bar.sync %0, 128;\n" :: "r"(1 + group) : "memory");   // this warpgroup's dSᵀ rows
+        float dq[32];
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < 4; ++c)
+            Wgmma<T>::template ss_n64<1, 1>(dq, attn_descriptor(ds_address + group * 64 * 128 + 2048 * c),
+                                            attn_descriptor(k_address + group * 64 * 128 + 2048 * c), c);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(dq);
+        wgmma_hold(dk_acc);
+        wgmma_hold(dv_acc);
+        wgmma_hold(p_fragments);
+        wgmma_hold(ds_fragments);
+        float* dq_rows = dq_accumulator + (row_base(it) + q0) * D + 2 * t;
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int query = 16 * warp + g + 8 * r;
+            if (q0 + query >= query_len || ATTN_ABLATE == 1) continue;
+            #pragma unroll
+            for (int j = 0; j < 8; ++j)
+                attn_atomic_add2(dq_rows + query * D + 8 * j, dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
+        }
+#else
         __syncthreads();                                      // the whole dSᵀ tile is written
 
         // dQ[:, 32·group … +31] = dS K over the block's 128 keys
@@ -539,10 +578,18 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
         #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int query = 16 * warp + g + 8 * r;
-            if (q0 + query >= query_len) continue;
+            if (q0 + query >= query_len || ATTN_ABLATE == 1) continue;
             #pragma unroll
             for (int j = 0; j < 4; ++j)
                 attn_atomic_add2(dq_rows + query * D + 8 * j, dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
+        }
+#endif
+        } else {
+            wgmma_wait<0>();
+            wgmma_hold(dk_acc);
+            wgmma_hold(dv_acc);
+            wgmma_hold(p_fragments);
+            wgmma_hold(ds_fragments);
         }
     }
 
