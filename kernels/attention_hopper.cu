@@ -56,8 +56,8 @@
 #ifndef ATTN_ABLATE
 #define ATTN_ABLATE 0
 #endif
-#ifndef ATTN_BULK_DQ
-#define ATTN_BULK_DQ 0
+#ifndef ATTN_DQ_LOCAL
+#define ATTN_DQ_LOCAL 0
 #endif
 
 #ifdef ATTN_HOPPER
@@ -403,10 +403,6 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
     unsigned char* ds_tile = dout_tiles + 2 * TILE_Q;         // dSᵀ: BLOCK_K rows (keys) of BLOCK_Q queries
     float* l_tiles = reinterpret_cast<float*>(ds_tile + TILE_K);   // 2 buffers of BLOCK_Q
     float* delta_tiles = l_tiles + 2 * BLOCK_Q;                    // 2 buffers of BLOCK_Q
-#if ATTN_BULK_DQ
-    constexpr int DQ_STRIDE = D + 8;     // floats a staged dQ row: 288 bytes, so float2 stores miss no bank
-    float* dq_stage = delta_tiles + 2 * BLOCK_Q;                   // 2 buffers of BLOCK_Q × DQ_STRIDE
-#endif
 
     const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -438,18 +434,6 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
         }
     };
 
-#if ATTN_BULK_DQ
-    // dq_accumulator rows of step it += its staged dQ: thread i < BLOCK_Q adds row i (256 bytes) with one
-    // bulk reduction (the copy engine does the float adds in L2, a whole row per request)
-    auto add_staged_dq = [&](int it) {
-        const int q0 = query_start(it);
-        if (tid < BLOCK_Q && q0 + tid < query_len) {
-            attn_bulk_add_f32(dq_accumulator + (row_base(it) + q0 + tid) * D,
-                              dq_stage + (it & 1) * BLOCK_Q * DQ_STRIDE + tid * DQ_STRIDE, D * 4);
-            attn_bulk_commit();
-        }
-    };
-#endif
     attn_load_swizzled<T, BLOCK_K, THREADS>(k_tile, k + kv_base, k0, key_len);
     attn_load_swizzled<T, BLOCK_K, THREADS>(v_tile, v + kv_base, k0, key_len);
     prefetch(0, 0);
@@ -473,13 +457,7 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
         const int buffer = it & 1, q0 = query_start(it);
         attn_copy_wait_all();
         attn_fence_async();
-#if ATTN_BULK_DQ
-        attn_bulk_wait_read();            // the bulk adds of step it − 2 have read dQ staging buffer it & 1
-#endif
         __syncthreads();                  // step it's tiles are in; step it − 1 (dSᵀ, its buffers) is done
-#if ATTN_BULK_DQ
-        if (it > 0) add_staged_dq(it - 1);
-#endif
         if (it + 1 < iterations) prefetch(it + 1, buffer ^ 1);
         attn_copy_commit();
 
@@ -545,6 +523,7 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
         wgmma_commit();
 
         // dSᵀ to shared memory: fragment word (c, w) holds row key_row + 8·(w & 1), columns 16c + 8·(w >> 1) + 2t
+        if (ATTN_ABLATE != 2) {
         #pragma unroll
         for (int c = 0; c < BLOCK_Q / 16; ++c)
             #pragma unroll
@@ -553,6 +532,31 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
                 *reinterpret_cast<unsigned*>(ds_tile + attn_swizzle(r, chunk) + 4 * t) = ds_fragments[c][w];
             }
         attn_fence_async();
+#if ATTN_DQ_LOCAL
+        asm volatile("bar.sync %0, 128;\n" :: "r"(1 + group) : "memory");   // this warpgroup's dSᵀ rows
+        float dq[32];
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < 4; ++c)
+            Wgmma<T>::template ss_n64<1, 1>(dq, attn_descriptor(ds_address + group * 64 * 128 + 2048 * c),
+                                            attn_descriptor(k_address + group * 64 * 128 + 2048 * c), c);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(dq);
+        wgmma_hold(dk_acc);
+        wgmma_hold(dv_acc);
+        wgmma_hold(p_fragments);
+        wgmma_hold(ds_fragments);
+        float* dq_rows = dq_accumulator + (row_base(it) + q0) * D + 2 * t;
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int query = 16 * warp + g + 8 * r;
+            if (q0 + query >= query_len || ATTN_ABLATE == 1) continue;
+            #pragma unroll
+            for (int j = 0; j < 8; ++j)
+                attn_atomic_add2(dq_rows + query * D + 8 * j, dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
+        }
+#else
         __syncthreads();                                      // the whole dSᵀ tile is written
 
         // dQ[:, 32·group … +31] = dS K over the block's 128 keys
@@ -569,17 +573,7 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
         wgmma_hold(dv_acc);
         wgmma_hold(p_fragments);
         wgmma_hold(ds_fragments);
-#if ATTN_BULK_DQ
-        // dQ · scale into this step's dQ staging buffer; the bulk adds go out after the next barrier
-        float* staged = dq_stage + (it & 1) * BLOCK_Q * DQ_STRIDE + 32 * group + 2 * t;
-        #pragma unroll
-        for (int r = 0; r < 2; ++r)
-            #pragma unroll
-            for (int j = 0; j < 4; ++j)
-                *reinterpret_cast<float2*>(staged + (16 * warp + g + 8 * r) * DQ_STRIDE + 8 * j) =
-                    make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
-        attn_fence_async();
-#else
+
         float* dq_rows = dq_accumulator + (row_base(it) + q0) * D + 32 * group + 2 * t;
         #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -590,12 +584,14 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
                 attn_atomic_add2(dq_rows + query * D + 8 * j, dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
         }
 #endif
+        } else {
+            wgmma_wait<0>();
+            wgmma_hold(dk_acc);
+            wgmma_hold(dv_acc);
+            wgmma_hold(p_fragments);
+            wgmma_hold(ds_fragments);
+        }
     }
-#if ATTN_BULK_DQ
-    __syncthreads();
-    add_staged_dq(iterations - 1);
-    attn_bulk_wait_all();
-#endif
 
     attn_backward_store(dk_acc, dv_acc, dk + kv_base, dv + kv_base, k0 + key_row, key_len, scale);
 }

@@ -85,17 +85,6 @@ __device__ __forceinline__ void attn_copy4(void* shared, const void* global, boo
                  :: "r"(attn_smem_address(shared)), "l"(global), "r"(valid ? 4 : 0));
 }
 
-// Bulk reduction shared -> global: global[0 … bytes/4) += shared[…] (float32 adds done in L2 by the copy
-// engine), both 16-byte aligned, bytes a multiple of 16; completes through a bulk group of the thread.
-__device__ __forceinline__ void attn_bulk_add_f32(float* global, const float* shared, int bytes) {
-    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
-                 :: "l"(global), "r"(attn_smem_address(shared)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void attn_bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-// Wait until this thread's bulk operations have read their shared-memory source / have fully completed.
-__device__ __forceinline__ void attn_bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
-__device__ __forceinline__ void attn_bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
-
 __device__ __forceinline__ void attn_fence_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
