@@ -55,16 +55,13 @@ FORWARD_VARIANT = {64: "w4m2", 128: "w8"}
 BACKWARD_VARIANT = {64: "w4m2q32p", 128: "w4"}
 PORTABLE_FORWARD_VARIANT = {64: "w4m2", 128: "w8"}
 PORTABLE_BACKWARD_VARIANT = {64: "w4m2q32p", 128: "w4"}
-HOPPER_VARIANTS = ("wg2", "wg2p")
-FORWARD_VARIANTS = {64: ("w4", "w8", "w4m2", "w4m2k32", "w4m2k32r", "wg2", "wg2p"), 128: ("w4", "w8")}
-BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32", "w4m2q32p", "w8m2q32p", "wg2", "wg2p"),
-                     128: ("w4", "w8")}
+HOPPER_VARIANTS = ("wg2",)
+FORWARD_VARIANTS = {64: ("w4", "w8", "w4m2", "w4m2k32", "w4m2k32r", "wg2"), 128: ("w4", "w8")}
+BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32", "w4m2q32p", "w8m2q32p", "wg2"), 128: ("w4", "w8")}
 _TILE = 128 * 128                                    # bytes of a 128-row tile of D = 64 two-byte values
 _HOPPER_SHARED_BYTES = {                             # each with 1 KiB to align the tiles to 1024 bytes
     ("forward", "wg2"): 5 * _TILE + 1024,            # Q, 2 × K, 2 × V
-    ("forward", "wg2p"): 7 * _TILE + 1024,           # Q, 3 × K, 3 × V
     ("backward", "wg2"): 2 * _TILE + 4 * _TILE // 2 + _TILE + 4 * 64 * 4 + 1024,   # K, V, 2 × (Q, dO), dSᵀ, L, Δ
-    ("backward", "wg2p"): 2 * _TILE + 6 * _TILE // 2 + 2 * _TILE + 6 * 64 * 4 + 1024,
 }
 _VARIANT_NAME = re.compile(r"w(\d+)(?:m(\d+))?(?:q(\d+))?(?:k(\d+))?r?p?")
 _BLOCK_K_FORWARD = 64
