@@ -99,123 +99,150 @@ template <typename T>
 __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, T* __restrict__ out,
                                                       float* __restrict__ lse, int heads, int kv_heads,
-                                                      int query_len, int key_len, float scale) {
+                                                      int query_len, int key_len, float scale, int batches) {
     constexpr int D = 64, BLOCK_Q = 128, BLOCK_K = 128, THREADS = 256, TILE = 128 * 128;
-    unsigned char* q_tile = attn_aligned_shared();            // BLOCK_Q rows of 128 bytes
-    unsigned char* k_tiles = q_tile + TILE;                    // 2 buffers of BLOCK_K rows
+    unsigned char* q_tiles = attn_aligned_shared();           // 2 buffers of BLOCK_Q rows of 128 bytes
+    unsigned char* k_tiles = q_tiles + 2 * TILE;               // 2 buffers of BLOCK_K rows
     unsigned char* v_tiles = k_tiles + 2 * TILE;               // 2 buffers of BLOCK_K rows
 
     const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int q_blocks = (query_len + BLOCK_Q - 1) / BLOCK_Q;
-    const int batch_head = blockIdx.x / q_blocks, head = batch_head % heads, batch = batch_head / heads;
-    const int kv_head = head / (heads / kv_heads);
-    const int q0 = (q_blocks - 1 - blockIdx.x % q_blocks) * BLOCK_Q;   // a head's tiles together, last first
+    const int q_blocks = (query_len + BLOCK_Q - 1) / BLOCK_Q, items = batches * heads * q_blocks;
     const int offset = key_len - query_len;
-    const int key_end = min(key_len, q0 + BLOCK_Q + offset); // the block's last row sees keys < key_end
-    const int tiles = (key_end + BLOCK_K - 1) / BLOCK_K;
-    const T* q_head = q + (long long)batch_head * query_len * D;
-    const long long kv_base = ((long long)batch * kv_heads + kv_head) * key_len * D;
-    const T* k_head = k + kv_base;
-    const T* v_head = v + kv_base;
-
-    attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tile, q_head, q0, query_len);
-    attn_load_swizzled<T, BLOCK_K, THREADS>(k_tiles, k_head, 0, key_len);
-    attn_load_swizzled<T, BLOCK_K, THREADS>(v_tiles, v_head, 0, key_len);
-    attn_copy_commit();
-
-    const int row = q0 + 64 * group + 16 * warp + g;         // this thread's rows: row and row + 8
-    const int group_first_row = q0 + 64 * group, group_last_row = group_first_row + 63;
     const float scale_log2 = scale * ATTN_LOG2E;
-    unsigned q_fragments[4][4];                               // this warp's 16 rows of Q, loaded once
-    float o[32], row_max[2] = {ATTN_NEG_INF, ATTN_NEG_INF}, row_sum[2] = {0.f, 0.f};
-    #pragma unroll
-    for (int i = 0; i < 32; ++i) o[i] = 0.f;
 
-    for (int tile = 0; tile < tiles; ++tile) {
-        const int buffer = tile & 1, k0 = tile * BLOCK_K;
-        attn_copy_wait_all();
-        attn_fence_async();
-        __syncthreads();                                      // tile `tile` is in; tile − 1 is done with
-        if (tile + 1 < tiles) {
-            attn_load_swizzled<T, BLOCK_K, THREADS>(k_tiles + (buffer ^ 1) * TILE, k_head, k0 + BLOCK_K, key_len);
-            attn_load_swizzled<T, BLOCK_K, THREADS>(v_tiles + (buffer ^ 1) * TILE, v_head, k0 + BLOCK_K, key_len);
-        }
-        attn_copy_commit();
-        if (tile == 0) attn_load_fragments(q_fragments, q_tile, 64 * group + 16 * warp);
-        if (k0 > group_last_row + offset) continue;           // every key after this warpgroup's rows
+    // Work item i: query tile q_blocks − 1 − i / (B·H) (the longest first) of (b, h) = i mod (B·H).
+    struct Work { int batch_head, q0, tiles; const T* k_head; const T* v_head; };
+    auto work = [&](int item) {
+        Work w;
+        w.batch_head = item % (batches * heads);
+        w.q0 = (q_blocks - 1 - item / (batches * heads)) * BLOCK_Q;
+        const int head = w.batch_head % heads, batch = w.batch_head / heads;
+        const long long kv_base = ((long long)batch * kv_heads + head / (heads / kv_heads)) * key_len * D;
+        w.k_head = k + kv_base;
+        w.v_head = v + kv_base;
+        const int key_end = min(key_len, w.q0 + BLOCK_Q + offset);   // the tile's last row sees keys < key_end
+        w.tiles = (key_end + BLOCK_K - 1) / BLOCK_K;
+        return w;
+    };
+    auto load_q = [&](const Work& w, int buffer) {
+        attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tiles + buffer * TILE, q + (long long)w.batch_head * query_len * D,
+                                                w.q0, query_len);
+    };
+    auto load_kv = [&](const Work& w, int tile, int buffer) {
+        attn_load_swizzled<T, BLOCK_K, THREADS>(k_tiles + buffer * TILE, w.k_head, tile * BLOCK_K, key_len);
+        attn_load_swizzled<T, BLOCK_K, THREADS>(v_tiles + buffer * TILE, w.v_head, tile * BLOCK_K, key_len);
+    };
 
-        const unsigned k_address = attn_smem_address(k_tiles + buffer * TILE);
-        const unsigned v_address = attn_smem_address(v_tiles + buffer * TILE);
-        float s[64];
-        wgmma_fence();
+    int item = blockIdx.x;
+    if (item >= items) return;
+    Work current = work(item);
+    load_q(current, 0);
+    load_kv(current, 0, 0);
+    attn_copy_commit();
+    int q_buffer = 0, buffer = 0;
+    while (true) {
+        const int next_item = item + gridDim.x;
+        const bool has_next = next_item < items;
+        const Work next = work(has_next ? next_item : item);
+        const int row = current.q0 + 64 * group + 16 * warp + g;   // this thread's rows: row and row + 8
+        const int group_first_row = current.q0 + 64 * group, group_last_row = group_first_row + 63;
+        unsigned q_fragments[4][4];                           // this warp's 16 rows of Q
+        float o[32], row_max[2] = {ATTN_NEG_INF, ATTN_NEG_INF}, row_sum[2] = {0.f, 0.f};
         #pragma unroll
-        for (int c = 0; c < D / 16; ++c)
-            Wgmma<T>::template rs_n128<0>(s, q_fragments[c], attn_descriptor(k_address + 32 * c), c);
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_hold(s);
+        for (int i = 0; i < 32; ++i) o[i] = 0.f;
 
-        if (k0 + BLOCK_K - 1 > group_first_row + offset || k0 + BLOCK_K > key_len) {
+        for (int tile = 0; tile < current.tiles; ++tile, buffer ^= 1) {
+            const int k0 = tile * BLOCK_K;
+            attn_copy_wait_all();
+            attn_fence_async();
+            __syncthreads();                                  // tile is in; the other buffers are free
+            if (tile + 1 < current.tiles) {
+                load_kv(current, tile + 1, buffer ^ 1);
+            } else if (has_next) {                            // the next item's Q and first tile
+                load_q(next, q_buffer ^ 1);
+                load_kv(next, 0, buffer ^ 1);
+            }
+            attn_copy_commit();
+            if (tile == 0) attn_load_fragments(q_fragments, q_tiles + q_buffer * TILE, 64 * group + 16 * warp);
+            if (k0 > group_last_row + offset) continue;       // every key after this warpgroup's rows
+
+            const unsigned k_address = attn_smem_address(k_tiles + buffer * TILE);
+            const unsigned v_address = attn_smem_address(v_tiles + buffer * TILE);
+            float s[64];
+            wgmma_fence();
+            #pragma unroll
+            for (int c = 0; c < D / 16; ++c)
+                Wgmma<T>::template rs_n128<0>(s, q_fragments[c], attn_descriptor(k_address + 32 * c), c);
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_hold(s);
+
+            if (k0 + BLOCK_K - 1 > group_first_row + offset || k0 + BLOCK_K > key_len) {
+                #pragma unroll
+                for (int j = 0; j < 16; ++j)
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int key = k0 + 8 * j + 2 * t + (e & 1);
+                        if (key > row + 8 * (e >> 1) + offset || key >= key_len) s[4 * j + e] = ATTN_NEG_INF;
+                    }
+            }
+            // online softmax: the new row maxima (a row lives on the 4 lanes of a quad), rescale O and l
+            float new_max[2] = {row_max[0], row_max[1]};
+            #pragma unroll
+            for (int j = 0; j < 16; ++j) {
+                new_max[0] = fmaxf(new_max[0], fmaxf(s[4 * j], s[4 * j + 1]));
+                new_max[1] = fmaxf(new_max[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+            }
+            #pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 1));
+                new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 2));
+                const float alpha = attn_exp2((row_max[r] - new_max[r]) * scale_log2);   // 0 on the first tile
+                row_sum[r] *= alpha;
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    o[4 * j + 2 * r] *= alpha;
+                    o[4 * j + 2 * r + 1] *= alpha;
+                }
+                row_max[r] = new_max[r];
+            }
+            const float shift[2] = {new_max[0] * scale_log2, new_max[1] * scale_log2};
             #pragma unroll
             for (int j = 0; j < 16; ++j)
                 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const int key = k0 + 8 * j + 2 * t + (e & 1);
-                    if (key > row + 8 * (e >> 1) + offset || key >= key_len) s[4 * j + e] = ATTN_NEG_INF;
+                    const float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]));
+                    row_sum[e >> 1] += p;
+                    s[4 * j + e] = p;
                 }
-        }
-        // online softmax: the new row maxima (a row lives on the 4 lanes of a quad), rescale O and l
-        float new_max[2] = {row_max[0], row_max[1]};
-        #pragma unroll
-        for (int j = 0; j < 16; ++j) {
-            new_max[0] = fmaxf(new_max[0], fmaxf(s[4 * j], s[4 * j + 1]));
-            new_max[1] = fmaxf(new_max[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
-        }
-        #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 1));
-            new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 2));
-            const float alpha = attn_exp2((row_max[r] - new_max[r]) * scale_log2);   // 0 on the first tile
-            row_sum[r] *= alpha;
+            unsigned p_fragments[8][4];
             #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                o[4 * j + 2 * r] *= alpha;
-                o[4 * j + 2 * r + 1] *= alpha;
-            }
-            row_max[r] = new_max[r];
-        }
-        const float shift[2] = {new_max[0] * scale_log2, new_max[1] * scale_log2};
-        #pragma unroll
-        for (int j = 0; j < 16; ++j)
+            for (int c = 0; c < BLOCK_K / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
+            wgmma_fence();
             #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float x = fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]);
-                const float p = ATTN_ABLATE == 5 ? x : attn_exp2(x);
-                row_sum[e >> 1] += p;
-                s[4 * j + e] = p;
-            }
-        unsigned p_fragments[8][4];
-        #pragma unroll
-        for (int c = 0; c < BLOCK_K / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
-        wgmma_fence();
-        #pragma unroll
-        for (int c = 0; c < BLOCK_K / 16; ++c)
-            if (ATTN_ABLATE != 4) Wgmma<T>::template rs_n64<1>(o, p_fragments[c], attn_descriptor(v_address + 2048 * c), 1);
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_hold(o);
-        wgmma_hold(p_fragments);
+            for (int c = 0; c < BLOCK_K / 16; ++c)
+                Wgmma<T>::template rs_n64<1>(o, p_fragments[c], attn_descriptor(v_address + 2048 * c), 1);
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_hold(o);
+            wgmma_hold(p_fragments);
+        }
+        attn_forward_store(o, row_max, row_sum, out, lse, current.batch_head, row, query_len, scale_log2);
+        if (!has_next) break;
+        item = next_item;
+        current = next;
+        q_buffer ^= 1;
     }
-
-    attn_forward_store(o, row_max, row_sum, out, lse, batch_head, row, query_len, scale_log2);
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Backward.
 
-__device__ __forceinline__ void attn_atomic_add2(float* address, float first, float second) {
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" :: "l"(address), "f"(first), "f"(second) : "memory");
+// address[0 … 3] += (x, y, z, w): one 16-byte float reduction in L2 (address 16-byte aligned).
+__device__ __forceinline__ void attn_atomic_add4(float* address, float x, float y, float z, float w) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n"
+                 :: "l"(address), "f"(x), "f"(y), "f"(z), "f"(w) : "memory");
 }
 
 // dk = dK · scale and dv = dV, in the input dtype, for this thread's two keys (key, key + 8) inside the
@@ -403,14 +430,19 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
         wgmma_hold(p_fragments);
         wgmma_hold(ds_fragments);
 
-        float* dq_rows = dq_accumulator + (row_base(it) + q0) * D + 32 * group + 2 * t;
+        // dq_accumulator += dQ · scale with 16-byte reductions: lanes t and t ^ 1 swap half their values so
+        // that an even lane holds row g, columns 8j + 2t … + 3 and an odd lane row g + 8, columns 8j + 2t − 2 … + 1
+        const bool odd = t & 1;
+        const int query = 16 * warp + g + (odd ? 8 : 0);
+        float* dq_row = dq_accumulator + (row_base(it) + q0 + query) * D + 32 * group + 2 * (t & ~1);
         #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int query = 16 * warp + g + 8 * r;
-            if (q0 + query >= query_len || ATTN_ABLATE == 1) continue;
-            #pragma unroll
-            for (int j = 0; j < 4; ++j)
-                attn_atomic_add2(dq_rows + query * D + 8 * j, dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
+        for (int j = 0; j < 4; ++j) {
+            const float sent0 = odd ? dq[4 * j] : dq[4 * j + 2], sent1 = odd ? dq[4 * j + 1] : dq[4 * j + 3];
+            const float got0 = __shfl_xor_sync(0xffffffffu, sent0, 1), got1 = __shfl_xor_sync(0xffffffffu, sent1, 1);
+            const float4 sum = odd ? make_float4(got0, got1, dq[4 * j + 2], dq[4 * j + 3])
+                                   : make_float4(dq[4 * j], dq[4 * j + 1], got0, got1);
+            if (q0 + query < query_len && ATTN_ABLATE != 1)
+                attn_atomic_add4(dq_row + 8 * j, sum.x * scale, sum.y * scale, sum.z * scale, sum.w * scale);
         }
         } else {
             wgmma_wait<0>();
@@ -435,9 +467,9 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
 #define ATTN_HOPPER_KERNELS(SUFFIX, TYPE, BUILD)                                                                   \
     extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d64_##BUILD(            \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,       \
-        int query_len, int key_len, float scale) {                                                         \
+        int query_len, int key_len, float scale, int batches) {                                            \
         ATTN_HOPPER_BODY(attention_forward_##BUILD<TYPE>(q, k, v, out, lse, heads, kv_heads, query_len,       \
-                                                     key_len, scale))                                      \
+                                                     key_len, scale, batches))                             \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(256, 1) attention_backward_##SUFFIX##_d64_##BUILD(           \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \

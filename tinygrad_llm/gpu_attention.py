@@ -60,7 +60,7 @@ FORWARD_VARIANTS = {64: ("w4", "w8", "w4m2", "w4m2k32", "w4m2k32r", "wg2"), 128:
 BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32", "w4m2q32p", "w8m2q32p", "wg2"), 128: ("w4", "w8")}
 _TILE = 128 * 128                                    # bytes of a 128-row tile of D = 64 two-byte values
 _HOPPER_SHARED_BYTES = {                             # each with 1 KiB to align the tiles to 1024 bytes
-    ("forward", "wg2"): 5 * _TILE + 1024,            # Q, 2 × K, 2 × V
+    ("forward", "wg2"): 6 * _TILE + 1024,            # 2 × Q, 2 × K, 2 × V
     ("backward", "wg2"): 2 * _TILE + 4 * _TILE // 2 + _TILE + 4 * 64 * 4 + 1024,   # K, V, 2 × (Q, dO), dSᵀ, L, Δ
 }
 _VARIANT_NAME = re.compile(r"w(\d+)(?:m(\d+))?(?:q(\d+))?(?:k(\d+))?r?p?")
@@ -92,6 +92,12 @@ def supports(*arrays) -> bool:
 def hopper_available() -> bool:
     """True on a GPU of compute capability 9.0 (H100, H200), where the sm_90a wgmma builds run."""
     return backend.device_compute_capability() == "90"
+
+
+def _multiprocessors() -> int:
+    """The current GPU's streaming-multiprocessor count (the persistent kernels' grid)."""
+    device = backend.cupy_module().cuda.Device()
+    return device.attributes["MultiProcessorCount"]
 
 
 def _pick(table: dict, portable: dict, head_dim: int) -> str:
@@ -189,8 +195,9 @@ def causal_attention_forward(q, k, v):
     variant = _pick(FORWARD_VARIANT, PORTABLE_FORWARD_VARIANT, head_dim)
     if suffix in _TENSOR_CORE_DTYPES and variant in HOPPER_VARIANTS:
         shared = _HOPPER_SHARED_BYTES["forward", variant]
+        items = batch * heads * ((query_len + 127) // 128)      # persistent: at most one block a multiprocessor
         _kernel(HOPPER_FILE, f"attention_forward_{suffix}_d{head_dim}_{variant}", shared)(
-            (batch * heads * ((query_len + 127) // 128),), (256,), args, shared_mem=shared)
+            (min(items, _multiprocessors()),), (256,), args + (np.int32(batch),), shared_mem=shared)
     elif suffix in _TENSOR_CORE_DTYPES:
         warps, m_tiles = _warps_and_m_tiles(variant)
         block_q = 16 * m_tiles * warps
