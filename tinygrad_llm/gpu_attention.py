@@ -51,8 +51,8 @@ _TENSOR_CORE_DTYPES = ("bf16", "fp16")
 # wg2 (kernels/attention_hopper.cu): 2 warpgroups on wgmma; forward 128 query rows × 128-key tiles,
 # backward 128 keys × 64-row steps. It needs compute capability 9.0; elsewhere the PORTABLE_VARIANT of
 # the same head dim runs instead.
-FORWARD_VARIANT = {64: "w4m2", 128: "w8"}
-BACKWARD_VARIANT = {64: "w4m2q32p", 128: "w4"}
+FORWARD_VARIANT = {64: "wg2", 128: "w8"}
+BACKWARD_VARIANT = {64: "wg2", 128: "w4"}
 PORTABLE_FORWARD_VARIANT = {64: "w4m2", 128: "w8"}
 PORTABLE_BACKWARD_VARIANT = {64: "w4m2q32p", 128: "w4"}
 HOPPER_VARIANTS = ("wg2",)
