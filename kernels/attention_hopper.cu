@@ -271,12 +271,12 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
                                                        const float* __restrict__ delta,
                                                        float* __restrict__ dq_accumulator, T* __restrict__ dk,
                                                        T* __restrict__ dv, int heads, int kv_heads,
-                                                       int query_len, int key_len, float scale, int batches) {
+                                                       int query_len, int key_len, float scale) {
     constexpr int D = 64, BLOCK_K = 128, BLOCK_Q = 64, THREADS = 256;
     constexpr int TILE_K = BLOCK_K * 128, TILE_Q = BLOCK_Q * 128;   // bytes
-    unsigned char* k_tiles = attn_aligned_shared();           // 2 buffers (this work item's, the next one's)
-    unsigned char* v_tiles = k_tiles + 2 * TILE_K;            // 2 buffers
-    unsigned char* q_tiles = v_tiles + 2 * TILE_K;            // 2 buffers (this step's, the next step's)
+    unsigned char* k_tile = attn_aligned_shared();
+    unsigned char* v_tile = k_tile + TILE_K;
+    unsigned char* q_tiles = v_tile + TILE_K;                 // 2 buffers
     unsigned char* dout_tiles = q_tiles + 2 * TILE_Q;         // 2 buffers
     unsigned char* ds_tile = dout_tiles + 2 * TILE_Q;         // dSᵀ: BLOCK_K rows (keys) of BLOCK_Q queries
     float* l_tiles = reinterpret_cast<float*>(ds_tile + TILE_K);   // 2 buffers of BLOCK_Q
@@ -284,36 +284,24 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
 
     const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int group_size = heads / kv_heads, offset = key_len - query_len;
-    const int key_blocks = (key_len + BLOCK_K - 1) / BLOCK_K, items = batches * kv_heads * key_blocks;
-    const int query_steps = (query_len + BLOCK_Q - 1) / BLOCK_Q;
-    const int key_row = 64 * group + 16 * warp + g;           // this thread's keys: k0 + key_row (+ 8)
-    const float scale_log2 = scale * ATTN_LOG2E;
-    const unsigned ds_address = attn_smem_address(ds_tile);
+    const int key_blocks = (key_len + BLOCK_K - 1) / BLOCK_K;
+    const int batch_kv = blockIdx.x / key_blocks, batch = batch_kv / kv_heads, kv_head = batch_kv % kv_heads;
+    const int group_size = heads / kv_heads;
+    const int k0 = blockIdx.x % key_blocks * BLOCK_K;        // a kv head's key blocks together, first first
+    const int offset = key_len - query_len;
+    const int first_step = max(0, k0 - offset) / BLOCK_Q;    // earlier query steps see none of the keys
+    const int steps = (query_len + BLOCK_Q - 1) / BLOCK_Q - first_step;
+    const int iterations = group_size * steps;
+    const long long kv_base = (long long)batch_kv * key_len * D;
 
-    // Work item i: key block i / (B·Hkv) (the first keys, seen by the most queries, first) of
-    // (b, kv head) = i mod (B·Hkv). It loops over the group's query heads and, in each, the query
-    // steps that can see its keys: iteration it = head (it / steps), step first_step + it mod steps.
-    struct Work { int batch, kv_head, k0, first_step, steps, iterations; long long kv_base; };
-    auto work = [&](int item) {
-        Work w;
-        const int batch_kv = item % (batches * kv_heads);
-        w.batch = batch_kv / kv_heads;
-        w.kv_head = batch_kv % kv_heads;
-        w.k0 = item / (batches * kv_heads) * BLOCK_K;
-        w.first_step = max(0, w.k0 - offset) / BLOCK_Q;       // earlier query steps see none of the keys
-        w.steps = query_steps - w.first_step;
-        w.iterations = group_size * w.steps;
-        w.kv_base = (long long)batch_kv * key_len * D;
-        return w;
+    // (head, first query row) of iteration `it`, and the copies of its Q, dO, L, Δ into buffer `buffer`
+    auto row_base = [&](int it) {
+        return ((long long)batch * heads + kv_head * group_size + it / steps) * query_len;
     };
-    auto row_base = [&](const Work& w, int it) {              // (b, h)'s first row in q, dO, L, Δ
-        return ((long long)w.batch * heads + w.kv_head * group_size + it / w.steps) * query_len;
-    };
-    auto query_start = [&](const Work& w, int it) { return (w.first_step + it % w.steps) * BLOCK_Q; };
-    auto prefetch = [&](const Work& w, int it, int buffer) {  // Q, dO, L, Δ of iteration it
-        const long long base = row_base(w, it);
-        const int q0 = query_start(w, it);
+    auto query_start = [&](int it) { return (first_step + it % steps) * BLOCK_Q; };
+    auto prefetch = [&](int it, int buffer) {
+        const long long base = row_base(it);
+        const int q0 = query_start(it);
         attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tiles + buffer * TILE_Q, q + base * D, q0, query_len);
         attn_load_swizzled<T, BLOCK_Q, THREADS>(dout_tiles + buffer * TILE_Q, dout + base * D, q0, query_len);
         if (tid < 2 * BLOCK_Q) {
@@ -323,153 +311,143 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
             attn_copy4(target, q0 + i < query_len ? source : lse, q0 + i < query_len);
         }
     };
-    auto load_kv = [&](const Work& w, int buffer) {
-        attn_load_swizzled<T, BLOCK_K, THREADS>(k_tiles + buffer * TILE_K, k + w.kv_base, w.k0, key_len);
-        attn_load_swizzled<T, BLOCK_K, THREADS>(v_tiles + buffer * TILE_K, v + w.kv_base, w.k0, key_len);
-    };
 
-    int item = blockIdx.x;
-    if (item >= items) return;
-    Work current = work(item);
-    load_kv(current, 0);
-    prefetch(current, 0, 0);
+    attn_load_swizzled<T, BLOCK_K, THREADS>(k_tile, k + kv_base, k0, key_len);
+    attn_load_swizzled<T, BLOCK_K, THREADS>(v_tile, v + kv_base, k0, key_len);
+    prefetch(0, 0);
     attn_copy_commit();
-    int kv_buffer = 0, buffer = 0;
-    while (true) {
-        const int next_item = item + gridDim.x;
-        const bool has_next = next_item < items;
-        const Work next = work(has_next ? next_item : item);
-        const int k0 = current.k0;
-        const unsigned k_address = attn_smem_address(k_tiles + kv_buffer * TILE_K);
-        float dk_acc[32], dv_acc[32];
+
+    const int key_row = 64 * group + 16 * warp + g;           // this thread's keys: k0 + key_row (+ 8)
+    const float scale_log2 = scale * ATTN_LOG2E;
+    const unsigned k_address = attn_smem_address(k_tile), v_address = attn_smem_address(v_tile);
+    const unsigned ds_address = attn_smem_address(ds_tile);
+    float dk_acc[32], dv_acc[32], dq_pending[16];
+    #pragma unroll
+    for (int i = 0; i < 32; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+    // dq_accumulator += dQ(it) · scale, issued during step it + 1 (the reductions then drain while the
+    // tensor cores work instead of stalling the step's end). 16-byte reductions: lanes t and t ^ 1 swap
+    // half their values, so that an even lane holds row g, columns 8j + 2t … + 3 and an odd lane row g + 8,
+    // columns 8j + 2t − 2 … + 1 of warp's 16 rows (dQ(it) columns 32·group … + 31).
+    auto add_pending_dq = [&](int it) {
+        const int q0 = query_start(it);
+        const bool odd = t & 1;
+        const int query = 16 * warp + g + (odd ? 8 : 0);
+        float* dq_row = dq_accumulator + (row_base(it) + q0 + query) * D + 32 * group + 2 * (t & ~1);
         #pragma unroll
-        for (int i = 0; i < 32; ++i) dk_acc[i] = dv_acc[i] = 0.f;
-        unsigned k_fragments[4][4], v_fragments[4][4];        // this warp's 16 keys of K and V
+        for (int j = 0; j < 4; ++j) {
+            const float* d = dq_pending + 4 * j;
+            const float sent0 = odd ? d[0] : d[2], sent1 = odd ? d[1] : d[3];
+            const float got0 = __shfl_xor_sync(0xffffffffu, sent0, 1), got1 = __shfl_xor_sync(0xffffffffu, sent1, 1);
+            const float4 sum = odd ? make_float4(got0, got1, d[2], d[3]) : make_float4(d[0], d[1], got0, got1);
+            if (q0 + query < query_len)
+                attn_atomic_add4(dq_row + 8 * j, sum.x * scale, sum.y * scale, sum.z * scale, sum.w * scale);
+        }
+    };
+    // this warp's 16 keys of K and V as A fragments, for the whole loop
+    unsigned k_fragments[4][4], v_fragments[4][4];
+    attn_copy_wait_all();
+    __syncthreads();
+    attn_load_fragments(k_fragments, k_tile, 64 * group + 16 * warp);
+    attn_load_fragments(v_fragments, v_tile, 64 * group + 16 * warp);
 
-        for (int it = 0; it < current.iterations; ++it, buffer ^= 1) {
-            const int q0 = query_start(current, it);
-            attn_copy_wait_all();
-            attn_fence_async();
-            __syncthreads();              // iteration it is in; the previous one (dSᵀ, its buffers) is done
-            if (it + 1 < current.iterations) {
-                prefetch(current, it + 1, buffer ^ 1);
-            } else if (has_next) {        // the next item's K, V and first step
-                load_kv(next, kv_buffer ^ 1);
-                prefetch(next, 0, buffer ^ 1);
-            }
-            attn_copy_commit();
-            if (it == 0) {
-                attn_load_fragments(k_fragments, k_tiles + kv_buffer * TILE_K, 64 * group + 16 * warp);
-                attn_load_fragments(v_fragments, v_tiles + kv_buffer * TILE_K, 64 * group + 16 * warp);
-            }
+    for (int it = 0; it < iterations; ++it) {
+        const int buffer = it & 1, q0 = query_start(it);
+        attn_copy_wait_all();
+        attn_fence_async();
+        __syncthreads();                  // step it's tiles are in; step it − 1 (dSᵀ, its buffers) is done
+        if (it + 1 < iterations) prefetch(it + 1, buffer ^ 1);
+        attn_copy_commit();
 
-            const unsigned q_address = attn_smem_address(q_tiles + buffer * TILE_Q);
-            const unsigned dout_address = attn_smem_address(dout_tiles + buffer * TILE_Q);
-            float s[32], dp[32];
-            wgmma_fence();
-            #pragma unroll
-            for (int c = 0; c < D / 16; ++c)
-                Wgmma<T>::template rs_n64<0>(s, k_fragments[c], attn_descriptor(q_address + 32 * c), c);
-            wgmma_commit();
-            #pragma unroll
-            for (int c = 0; c < D / 16; ++c)
-                Wgmma<T>::template rs_n64<0>(dp, v_fragments[c], attn_descriptor(dout_address + 32 * c), c);
-            wgmma_commit();
-            wgmma_wait<1>();                                  // Sᵀ is done, dPᵀ may still run
-            wgmma_hold(s);
+        const unsigned q_address = attn_smem_address(q_tiles + buffer * TILE_Q);
+        const unsigned dout_address = attn_smem_address(dout_tiles + buffer * TILE_Q);
+        float s[32], dp[32];
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+            Wgmma<T>::template rs_n64<0>(s, k_fragments[c], attn_descriptor(q_address + 32 * c), c);
+        wgmma_commit();
+        #pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+            Wgmma<T>::template rs_n64<0>(dp, v_fragments[c], attn_descriptor(dout_address + 32 * c), c);
+        wgmma_commit();
+        if (it > 0) add_pending_dq(it - 1);                   // while Sᵀ and dPᵀ run
+        wgmma_wait<1>();                                      // Sᵀ is done, dPᵀ may still run
+        wgmma_hold(s);
 
-            // Pᵀ (keys × queries): column i of this step needs L of query q0 + i
-            const float* l_row = l_tiles + buffer * BLOCK_Q;
-            const bool edge = k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len;
+        // Pᵀ (keys × queries): column i of this step needs L of query q0 + i
+        const float* l_row = l_tiles + buffer * BLOCK_Q;
+        const bool edge = k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float2 l_pair = *reinterpret_cast<const float2*>(l_row + 8 * j + 2 * t);
             #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float2 l_pair = *reinterpret_cast<const float2*>(l_row + 8 * j + 2 * t);
-                #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float l_value = (e & 1) ? l_pair.y : l_pair.x;
-                    float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -l_value * ATTN_LOG2E));
-                    if (edge) {
-                        const int key = k0 + key_row + 8 * (e >> 1), query = q0 + 8 * j + 2 * t + (e & 1);
-                        if (key > query + offset || query >= query_len || key >= key_len) p = 0.f;
-                    }
-                    s[4 * j + e] = p;
+            for (int e = 0; e < 4; ++e) {
+                const float l_value = (e & 1) ? l_pair.y : l_pair.x;
+                float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -l_value * ATTN_LOG2E));
+                if (edge) {
+                    const int key = k0 + key_row + 8 * (e >> 1), query = q0 + 8 * j + 2 * t + (e & 1);
+                    if (key > query + offset || query >= query_len || key >= key_len) p = 0.f;
                 }
-            }
-            unsigned p_fragments[4][4];
-            #pragma unroll
-            for (int c = 0; c < BLOCK_Q / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
-            wgmma_fence();
-            #pragma unroll
-            for (int c = 0; c < BLOCK_Q / 16; ++c)
-                Wgmma<T>::template rs_n64<1>(dv_acc, p_fragments[c], attn_descriptor(dout_address + 2048 * c), 1);
-            wgmma_commit();
-            wgmma_wait<1>();                                  // dPᵀ is done, dV may still run
-            wgmma_hold(dp);
-
-            // dSᵀ = Pᵀ ∘ (dPᵀ − Δ);  dK += dSᵀ Q
-            const float* delta_row = delta_tiles + buffer * BLOCK_Q;
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float2 d_pair = *reinterpret_cast<const float2*>(delta_row + 8 * j + 2 * t);
-                #pragma unroll
-                for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? d_pair.y : d_pair.x));
-            }
-            unsigned ds_fragments[4][4];
-            #pragma unroll
-            for (int c = 0; c < BLOCK_Q / 16; ++c) attn_fragment<T>(ds_fragments[c], dp, c);
-            wgmma_fence();
-            #pragma unroll
-            for (int c = 0; c < BLOCK_Q / 16; ++c)
-                Wgmma<T>::template rs_n64<1>(dk_acc, ds_fragments[c], attn_descriptor(q_address + 2048 * c), 1);
-            wgmma_commit();
-
-            // dSᵀ to shared memory: fragment word (c, w) holds row key_row + 8·(w & 1), columns 16c + 8·(w >> 1) + 2t
-            #pragma unroll
-            for (int c = 0; c < BLOCK_Q / 16; ++c)
-                #pragma unroll
-                for (int w = 0; w < 4; ++w) {
-                    const int r = key_row + 8 * (w & 1), chunk = 2 * c + (w >> 1);
-                    *reinterpret_cast<unsigned*>(ds_tile + attn_swizzle(r, chunk) + 4 * t) = ds_fragments[c][w];
-                }
-            attn_fence_async();
-            __syncthreads();                                  // the whole dSᵀ tile is written
-
-            // dQ[:, 32·group … +31] = dS K over the block's 128 keys
-            float dq[16];
-            wgmma_fence();
-            #pragma unroll
-            for (int c = 0; c < BLOCK_K / 16; ++c)
-                Wgmma<T>::template ss_n32<1, 1>(dq, attn_descriptor(ds_address + 2048 * c),
-                                                attn_descriptor(k_address + 2048 * c + 64 * group), c);
-            wgmma_commit();
-            wgmma_wait<0>();
-            wgmma_hold(dq);
-            wgmma_hold(dk_acc);
-            wgmma_hold(dv_acc);
-            wgmma_hold(p_fragments);
-            wgmma_hold(ds_fragments);
-
-            // dq_accumulator += dQ · scale with 16-byte reductions: lanes t and t ^ 1 swap half their values so
-            // that an even lane holds row g, columns 8j + 2t … + 3 and an odd lane row g + 8, columns 8j + 2t − 2 … + 1
-            const bool odd = t & 1;
-            const int query = 16 * warp + g + (odd ? 8 : 0);
-            float* dq_row = dq_accumulator + (row_base(current, it) + q0 + query) * D + 32 * group + 2 * (t & ~1);
-            #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const float sent0 = odd ? dq[4 * j] : dq[4 * j + 2], sent1 = odd ? dq[4 * j + 1] : dq[4 * j + 3];
-                const float got0 = __shfl_xor_sync(0xffffffffu, sent0, 1), got1 = __shfl_xor_sync(0xffffffffu, sent1, 1);
-                const float4 sum = odd ? make_float4(got0, got1, dq[4 * j + 2], dq[4 * j + 3])
-                                       : make_float4(dq[4 * j], dq[4 * j + 1], got0, got1);
-                if (q0 + query < query_len)
-                    attn_atomic_add4(dq_row + 8 * j, sum.x * scale, sum.y * scale, sum.z * scale, sum.w * scale);
+                s[4 * j + e] = p;
             }
         }
-        attn_backward_store(dk_acc, dv_acc, dk + current.kv_base, dv + current.kv_base, k0 + key_row, key_len, scale);
-        if (!has_next) break;
-        item = next_item;
-        current = next;
-        kv_buffer ^= 1;
+        unsigned p_fragments[4][4];
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c)
+            Wgmma<T>::template rs_n64<1>(dv_acc, p_fragments[c], attn_descriptor(dout_address + 2048 * c), 1);
+        wgmma_commit();
+        wgmma_wait<1>();                                      // dPᵀ is done, dV may still run
+        wgmma_hold(dp);
+
+        // dSᵀ = Pᵀ ∘ (dPᵀ − Δ)
+        const float* delta_row = delta_tiles + buffer * BLOCK_Q;
+        #pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const float2 d_pair = *reinterpret_cast<const float2*>(delta_row + 8 * j + 2 * t);
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? d_pair.y : d_pair.x));
+        }
+        unsigned ds_fragments[4][4];
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c) attn_fragment<T>(ds_fragments[c], dp, c);
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c)
+            Wgmma<T>::template rs_n64<1>(dk_acc, ds_fragments[c], attn_descriptor(q_address + 2048 * c), 1);
+        wgmma_commit();
+
+        // dSᵀ to shared memory: fragment word (c, w) holds row key_row + 8·(w & 1), columns 16c + 8·(w >> 1) + 2t
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c)
+            #pragma unroll
+            for (int w = 0; w < 4; ++w) {
+                const int r = key_row + 8 * (w & 1), chunk = 2 * c + (w >> 1);
+                *reinterpret_cast<unsigned*>(ds_tile + attn_swizzle(r, chunk) + 4 * t) = ds_fragments[c][w];
+            }
+        attn_fence_async();
+        __syncthreads();                                      // the whole dSᵀ tile is written
+
+        // dQ[:, 32·group … +31] = dS K over the block's 128 keys
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_K / 16; ++c)
+            Wgmma<T>::template ss_n32<1, 1>(dq_pending, attn_descriptor(ds_address + 2048 * c),
+                                            attn_descriptor(k_address + 2048 * c + 64 * group), c);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(dq_pending);
+        wgmma_hold(dk_acc);
+        wgmma_hold(dv_acc);
+        wgmma_hold(p_fragments);
+        wgmma_hold(ds_fragments);
+
     }
+
+    add_pending_dq(iterations - 1);
+    attn_backward_store(dk_acc, dv_acc, dk + kv_base, dv + kv_base, k0 + key_row, key_len, scale);
 }
 
 #endif  // ATTN_HOPPER
@@ -490,9 +468,9 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
     extern "C" __global__ void __launch_bounds__(256, 1) attention_backward_##SUFFIX##_d64_##BUILD(           \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
         const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
-        int query_len, int key_len, float scale, int batches) {                                            \
+        int query_len, int key_len, float scale) {                                                         \
         ATTN_HOPPER_BODY(attention_backward_##BUILD<TYPE>(q, k, v, dout, lse, delta, dq_accumulator, dk, dv,  \
-                                                      heads, kv_heads, query_len, key_len, scale, batches)) \
+                                                      heads, kv_heads, query_len, key_len, scale))         \
     }
 
 ATTN_HOPPER_KERNELS(bf16, __nv_bfloat16, wg2)

@@ -61,7 +61,7 @@ BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32", "w4m2q32p", "w8m2q32p"
 _TILE = 128 * 128                                    # bytes of a 128-row tile of D = 64 two-byte values
 _HOPPER_SHARED_BYTES = {                             # each with 1 KiB to align the tiles to 1024 bytes
     ("forward", "wg2"): 6 * _TILE + 1024,            # 2 × Q, 2 × K, 2 × V
-    ("backward", "wg2"): 4 * _TILE + 4 * _TILE // 2 + _TILE + 4 * 64 * 4 + 1024,   # 2 × (K, V, Q, dO), dSᵀ, L, Δ
+    ("backward", "wg2"): 2 * _TILE + 4 * _TILE // 2 + _TILE + 4 * 64 * 4 + 1024,   # K, V, 2 × (Q, dO), dSᵀ, L, Δ
 }
 _VARIANT_NAME = re.compile(r"w(\d+)(?:m(\d+))?(?:q(\d+))?(?:k(\d+))?r?p?")
 _BLOCK_K_FORWARD = 64
@@ -237,9 +237,8 @@ def causal_attention_backward(dy, q, k, v, out, lse):
         arrays = (q, k, v, dy, lse, delta, dq_accumulator, dk, dv)
         if variant in HOPPER_VARIANTS:
             shared = _HOPPER_SHARED_BYTES["backward", variant]
-            items = batch * kv_heads * ((key_len + 127) // 128)  # persistent: one block a multiprocessor
             _kernel(HOPPER_FILE, f"attention_backward_{suffix}_d{head_dim}_{variant}", shared)(
-                (min(items, _multiprocessors()),), (256,), arrays + sizes + (np.int32(batch),), shared_mem=shared)
+                (batch * kv_heads * ((key_len + 127) // 128),), (256,), arrays + sizes, shared_mem=shared)
         else:
             warps, m_tiles = _warps_and_m_tiles(variant)
             shared = _backward_shared_bytes(head_dim, warps, m_tiles, _backward_block_q(variant, head_dim))
