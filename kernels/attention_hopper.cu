@@ -321,28 +321,9 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
     const float scale_log2 = scale * ATTN_LOG2E;
     const unsigned k_address = attn_smem_address(k_tile), v_address = attn_smem_address(v_tile);
     const unsigned ds_address = attn_smem_address(ds_tile);
-    float dk_acc[32], dv_acc[32], dq_pending[16];
+    float dk_acc[32], dv_acc[32];
     #pragma unroll
     for (int i = 0; i < 32; ++i) dk_acc[i] = dv_acc[i] = 0.f;
-    // dq_accumulator += dQ(it) · scale, issued during step it + 1 (the reductions then drain while the
-    // tensor cores work instead of stalling the step's end). 16-byte reductions: lanes t and t ^ 1 swap
-    // half their values, so that an even lane holds row g, columns 8j + 2t … + 3 and an odd lane row g + 8,
-    // columns 8j + 2t − 2 … + 1 of warp's 16 rows (dQ(it) columns 32·group … + 31).
-    auto add_pending_dq = [&](int it) {
-        const int q0 = query_start(it);
-        const bool odd = t & 1;
-        const int query = 16 * warp + g + (odd ? 8 : 0);
-        float* dq_row = dq_accumulator + (row_base(it) + q0 + query) * D + 32 * group + 2 * (t & ~1);
-        #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const float* d = dq_pending + 4 * j;
-            const float sent0 = odd ? d[0] : d[2], sent1 = odd ? d[1] : d[3];
-            const float got0 = __shfl_xor_sync(0xffffffffu, sent0, 1), got1 = __shfl_xor_sync(0xffffffffu, sent1, 1);
-            const float4 sum = odd ? make_float4(got0, got1, d[2], d[3]) : make_float4(d[0], d[1], got0, got1);
-            if (q0 + query < query_len)
-                attn_atomic_add4(dq_row + 8 * j, sum.x * scale, sum.y * scale, sum.z * scale, sum.w * scale);
-        }
-    };
     // this warp's 16 keys of K and V as A fragments, for the whole loop
     unsigned k_fragments[4][4], v_fragments[4][4];
     attn_copy_wait_all();
@@ -370,7 +351,6 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
         for (int c = 0; c < D / 16; ++c)
             Wgmma<T>::template rs_n64<0>(dp, v_fragments[c], attn_descriptor(dout_address + 32 * c), c);
         wgmma_commit();
-        if (it > 0) add_pending_dq(it - 1);                   // while Sᵀ and dPᵀ run
         wgmma_wait<1>();                                      // Sᵀ is done, dPᵀ may still run
         wgmma_hold(s);
 
@@ -431,22 +411,37 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
         __syncthreads();                                      // the whole dSᵀ tile is written
 
         // dQ[:, 32·group … +31] = dS K over the block's 128 keys
+        float dq[16];
         wgmma_fence();
         #pragma unroll
         for (int c = 0; c < BLOCK_K / 16; ++c)
-            Wgmma<T>::template ss_n32<1, 1>(dq_pending, attn_descriptor(ds_address + 2048 * c),
+            Wgmma<T>::template ss_n32<1, 1>(dq, attn_descriptor(ds_address + 2048 * c),
                                             attn_descriptor(k_address + 2048 * c + 64 * group), c);
         wgmma_commit();
         wgmma_wait<0>();
-        wgmma_hold(dq_pending);
+        wgmma_hold(dq);
         wgmma_hold(dk_acc);
         wgmma_hold(dv_acc);
         wgmma_hold(p_fragments);
         wgmma_hold(ds_fragments);
 
+        // dq_accumulator += dQ · scale with 16-byte reductions: lanes t and t ^ 1 swap half their values, so
+        // that an even lane holds row g, columns 8j + 2t … + 3 and an odd lane row g + 8, columns 8j + 2t − 2 … + 1
+        const bool odd = t & 1;
+        const int query = 16 * warp + g + (odd ? 8 : 0);
+        float* dq_row = dq_accumulator + (row_base(it) + q0 + query) * D + 32 * group + 2 * (t & ~1);
+        #pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float sent0 = odd ? dq[4 * j] : dq[4 * j + 2], sent1 = odd ? dq[4 * j + 1] : dq[4 * j + 3];
+            const float got0 = __shfl_xor_sync(0xffffffffu, sent0, 1), got1 = __shfl_xor_sync(0xffffffffu, sent1, 1);
+            const float4 sum = odd ? make_float4(got0, got1, dq[4 * j + 2], dq[4 * j + 3])
+                                   : make_float4(dq[4 * j], dq[4 * j + 1], got0, got1);
+            if (q0 + query < query_len)
+                attn_atomic_add4(dq_row + 8 * j, sum.x * scale, sum.y * scale, sum.z * scale, sum.w * scale);
+        }
+
     }
 
-    add_pending_dq(iterations - 1);
     attn_backward_store(dk_acc, dv_acc, dk + kv_base, dv + kv_base, k0 + key_row, key_len, scale);
 }
 
