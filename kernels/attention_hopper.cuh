@@ -85,6 +85,25 @@ __device__ __forceinline__ void attn_copy4(void* shared, const void* global, boo
                  :: "r"(attn_smem_address(shared)), "l"(global), "r"(valid ? 4 : 0));
 }
 
+// Named barriers (ids 1–15; __syncthreads is id 0): sync waits until `threads` threads have arrived
+// (itself included); arrive counts the caller and goes on.
+__device__ __forceinline__ void attn_named_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void attn_named_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+
+// setmaxnreg (sm_90a): a warpgroup gives registers back to the pool or takes more, so that one with little
+// to do (the dQ writer) leaves them to the compute warpgroups. The kernel needs a register cap at entry
+// (__launch_bounds__(threads, 1)) and each role in one branch of an if/else.
+template <int N> __device__ __forceinline__ void attn_set_max_registers_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" :: "n"(N));
+}
+template <int N> __device__ __forceinline__ void attn_set_max_registers_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N));
+}
+
 __device__ __forceinline__ void attn_fence_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }

@@ -61,7 +61,8 @@ BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32", "w4m2q32p", "w8m2q32p"
 _TILE = 128 * 128                                    # bytes of a 128-row tile of D = 64 two-byte values
 _HOPPER_SHARED_BYTES = {                             # each with 1 KiB to align the tiles to 1024 bytes
     ("forward", "wg2"): 6 * _TILE + 1024,            # 2 × Q, 2 × K, 2 × V
-    ("backward", "wg2"): 2 * _TILE + 4 * _TILE // 2 + _TILE + 4 * 64 * 4 + 1024,   # K, V, 2 × (Q, dO), dSᵀ, L, Δ
+    # K, V, 2 × (Q, dO), dSᵀ, L, Δ, 2 × staged dQ (64 rows of 72 floats)
+    ("backward", "wg2"): 2 * _TILE + 4 * _TILE // 2 + _TILE + 4 * 64 * 4 + 2 * 64 * 72 * 4 + 1024,
 }
 _VARIANT_NAME = re.compile(r"w(\d+)(?:m(\d+))?(?:q(\d+))?(?:k(\d+))?r?p?")
 _BLOCK_K_FORWARD = 64
@@ -238,7 +239,7 @@ def causal_attention_backward(dy, q, k, v, out, lse):
         if variant in HOPPER_VARIANTS:
             shared = _HOPPER_SHARED_BYTES["backward", variant]
             _kernel(HOPPER_FILE, f"attention_backward_{suffix}_d{head_dim}_{variant}", shared)(
-                (batch * kv_heads * ((key_len + 127) // 128),), (256,), arrays + sizes, shared_mem=shared)
+                (batch * kv_heads * ((key_len + 127) // 128),), (384,), arrays + sizes, shared_mem=shared)
         else:
             warps, m_tiles = _warps_and_m_tiles(variant)
             shared = _backward_shared_bytes(head_dim, warps, m_tiles, _backward_block_q(variant, head_dim))
