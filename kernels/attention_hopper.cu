@@ -124,11 +124,11 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
     };
     auto load_q = [&](const Work& w, int buffer) {
         attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tiles + buffer * TILE, q + (long long)w.batch_head * query_len * D,
-                                                w.q0, query_len, tid);
+                                                w.q0, query_len);
     };
     auto load_kv = [&](const Work& w, int tile, int buffer) {
-        attn_load_swizzled<T, BLOCK_K, THREADS>(k_tiles + buffer * TILE, w.k_head, tile * BLOCK_K, key_len, tid);
-        attn_load_swizzled<T, BLOCK_K, THREADS>(v_tiles + buffer * TILE, w.v_head, tile * BLOCK_K, key_len, tid);
+        attn_load_swizzled<T, BLOCK_K, THREADS>(k_tiles + buffer * TILE, w.k_head, tile * BLOCK_K, key_len);
+        attn_load_swizzled<T, BLOCK_K, THREADS>(v_tiles + buffer * TILE, w.v_head, tile * BLOCK_K, key_len);
     };
 
     int item = blockIdx.x;
@@ -272,17 +272,20 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
                                                        float* __restrict__ dq_accumulator, T* __restrict__ dk,
                                                        T* __restrict__ dv, int heads, int kv_heads,
                                                        int query_len, int key_len, float scale) {
-    constexpr int D = 64, BLOCK_K = 128, BLOCK_Q = 64, GROUP_KEYS = 64, GROUP_THREADS = 128;
-    constexpr int TILE_Q = BLOCK_Q * 128, TILE_G = GROUP_KEYS * 128;   // bytes
+    constexpr int D = 64, BLOCK_K = 128, BLOCK_Q = 64, THREADS = 256;   // THREADS: the two compute warpgroups
     constexpr int DQ_STRIDE = D + 8;      // floats a staged dQ row (288 bytes: the float2 stores miss no bank)
-    constexpr int STAGE = BLOCK_Q * DQ_STRIDE;                           // floats of one staged dQ
-    // A compute warpgroup's own shared memory (PART bytes, 1024-aligned tiles first):
-    //   K, V: its 64 keys; Q, dO: 2 buffers; dSᵀ: its 64 keys × BLOCK_Q; L, Δ: 2 buffers; dQ stage: 2 buffers
-    constexpr int PART = 2 * TILE_G + 4 * TILE_Q + TILE_G + 4 * BLOCK_Q * 4 + 2 * STAGE * 4;
-    static_assert(PART % 1024 == 0, "each warpgroup's part starts 1024-aligned");
+    constexpr int TILE_K = BLOCK_K * 128, TILE_Q = BLOCK_Q * 128;   // bytes
+    unsigned char* k_tile = attn_aligned_shared();
+    unsigned char* v_tile = k_tile + TILE_K;
+    unsigned char* q_tiles = v_tile + TILE_K;                 // 2 buffers
+    unsigned char* dout_tiles = q_tiles + 2 * TILE_Q;         // 2 buffers
+    unsigned char* ds_tile = dout_tiles + 2 * TILE_Q;         // dSᵀ: BLOCK_K rows (keys) of BLOCK_Q queries
+    float* l_tiles = reinterpret_cast<float*>(ds_tile + TILE_K);   // 2 buffers of BLOCK_Q
+    float* delta_tiles = l_tiles + 2 * BLOCK_Q;                    // 2 buffers of BLOCK_Q
+    float* dq_stage = delta_tiles + 2 * BLOCK_Q;                   // 2 buffers of BLOCK_Q × DQ_STRIDE
 
     const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3, thread = tid & (GROUP_THREADS - 1);
+    const int g = lane >> 2, t = lane & 3;
     const int key_blocks = (key_len + BLOCK_K - 1) / BLOCK_K;
     const int batch_kv = blockIdx.x / key_blocks, batch = batch_kv / kv_heads, kv_head = batch_kv % kv_heads;
     const int group_size = heads / kv_heads;
@@ -292,198 +295,174 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
     const int steps = (query_len + BLOCK_Q - 1) / BLOCK_Q - first_step;
     const int iterations = group_size * steps;
     const long long kv_base = (long long)batch_kv * key_len * D;
-    auto part = [&](int which) { return attn_aligned_shared() + which * PART; };
-    auto stage = [&](int which, int buffer) {
-        return reinterpret_cast<float*>(part(which) + 2 * TILE_G + 4 * TILE_Q + TILE_G + 4 * BLOCK_Q * 4) + buffer * STAGE;
-    };
-    // (b, h)'s first row in q, dO, L, Δ and the first query row of iteration it
+
+    // (head, first query row) of iteration `it`, and the copies of its Q, dO, L, Δ into buffer `buffer`
     auto row_base = [&](int it) {
         return ((long long)batch * heads + kv_head * group_size + it / steps) * query_len;
     };
     auto query_start = [&](int it) { return (first_step + it % steps) * BLOCK_Q; };
-    // named barriers: 1 + w inside compute warpgroup w; staged dQ (w, buffer) full: 3 + 2w + buffer,
-    // empty again: 7 + 2w + buffer (compute warpgroup w with the writer warpgroup)
-    constexpr int PAIR = 2 * GROUP_THREADS;
-
-    if (group == 2) {
-        // Warpgroup 2 writes dQ: step it's two partial dQ · scale (keys 0–63 and 64–127 of the block) wait
-        // in the stages; its warp w adds their sum to rows 16w … 16w + 15 of dq_accumulator with 16-byte
-        // reductions (two whole 256-byte rows an instruction), then hands the buffers back.
-        attn_set_max_registers_dec<40>();
-        for (int it = 0; it < iterations; ++it) {
-            const int buffer = it & 1;
-            attn_named_sync(3 + buffer, PAIR);
-            attn_named_sync(5 + buffer, PAIR);
-            const int q0 = query_start(it);
-            float* dq_rows = dq_accumulator + (row_base(it) + q0) * D;
-            const float* first = stage(0, buffer);
-            const float* second = stage(1, buffer);
-            #pragma unroll
-            for (int pass = 0; pass < 8; ++pass) {
-                const int row = 16 * warp + 2 * pass + (lane >> 4), column = 4 * (lane & 15);
-                const float4 a = *reinterpret_cast<const float4*>(first + row * DQ_STRIDE + column);
-                const float4 b = *reinterpret_cast<const float4*>(second + row * DQ_STRIDE + column);
-                if (q0 + row < query_len)
-                    attn_atomic_add4(dq_rows + row * D + column, a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
-            }
-            if (it + 2 < iterations) {
-                attn_named_arrive(7 + buffer, PAIR);
-                attn_named_arrive(9 + buffer, PAIR);
-            }
-        }
-        return;
-    }
-
-    attn_set_max_registers_inc<232>();
-    // Compute warpgroup `group`: keys k0 + 64·group … + 63, its own tiles and pipeline
-    unsigned char* own = part(group);
-    unsigned char* k_tile = own;
-    unsigned char* v_tile = k_tile + TILE_G;
-    unsigned char* q_tiles = v_tile + TILE_G;                  // 2 buffers
-    unsigned char* dout_tiles = q_tiles + 2 * TILE_Q;         // 2 buffers
-    unsigned char* ds_tile = dout_tiles + 2 * TILE_Q;         // dSᵀ: 64 rows (keys) of BLOCK_Q queries
-    float* l_tiles = reinterpret_cast<float*>(ds_tile + TILE_G);   // 2 buffers of BLOCK_Q
-    float* delta_tiles = l_tiles + 2 * BLOCK_Q;                    // 2 buffers of BLOCK_Q
-    const int group_k0 = k0 + GROUP_KEYS * group;
-    const int sync_id = 1 + group;
-
-    auto prefetch = [&](int it, int buffer) {                 // Q, dO, L, Δ of iteration it
+    auto prefetch = [&](int it, int buffer) {
         const long long base = row_base(it);
         const int q0 = query_start(it);
-        attn_load_swizzled<T, BLOCK_Q, GROUP_THREADS>(q_tiles + buffer * TILE_Q, q + base * D, q0, query_len, thread);
-        attn_load_swizzled<T, BLOCK_Q, GROUP_THREADS>(dout_tiles + buffer * TILE_Q, dout + base * D, q0, query_len, thread);
-        const int i = thread % BLOCK_Q;
-        const float* source = (thread < BLOCK_Q ? lse : delta) + base + q0 + i;
-        float* target = (thread < BLOCK_Q ? l_tiles : delta_tiles) + buffer * BLOCK_Q + i;
-        attn_copy4(target, q0 + i < query_len ? source : lse, q0 + i < query_len);
+        attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tiles + buffer * TILE_Q, q + base * D, q0, query_len);
+        attn_load_swizzled<T, BLOCK_Q, THREADS>(dout_tiles + buffer * TILE_Q, dout + base * D, q0, query_len);
+        if (tid < 2 * BLOCK_Q) {
+            const int i = tid % BLOCK_Q;
+            const float* source = (tid < BLOCK_Q ? lse : delta) + base + q0 + i;
+            float* target = (tid < BLOCK_Q ? l_tiles : delta_tiles) + buffer * BLOCK_Q + i;
+            attn_copy4(target, q0 + i < query_len ? source : lse, q0 + i < query_len);
+        }
     };
 
-    attn_load_swizzled<T, GROUP_KEYS, GROUP_THREADS>(k_tile, k + kv_base, group_k0, key_len, thread);
-    attn_load_swizzled<T, GROUP_KEYS, GROUP_THREADS>(v_tile, v + kv_base, group_k0, key_len, thread);
-    prefetch(0, 0);
-    attn_copy_commit();
+    if (tid >= THREADS) {
+        // Warpgroup 2 writes dQ: step it's dQ · scale waits in dq_stage[it & 1]; its warp w adds rows
+        // 16w … 16w + 15 to dq_accumulator with 16-byte reductions (two whole 256-byte rows an
+        // instruction), then the buffer goes back to the compute warpgroups.
+        attn_set_max_registers_dec<40>();
+        const int writer_warp = (tid - THREADS) >> 5;
+        for (int it = 0; it < iterations; ++it) {
+            attn_named_sync(2 + (it & 1), THREADS + 128);     // dq_stage[it & 1] is full
+            const int q0 = query_start(it);
+            float* dq_rows = dq_accumulator + (row_base(it) + q0) * D;
+            const float* staged = dq_stage + (it & 1) * BLOCK_Q * DQ_STRIDE;
+            #pragma unroll
+            for (int pass = 0; pass < 8; ++pass) {
+                const int row = 16 * writer_warp + 2 * pass + (lane >> 4), column = 4 * (lane & 15);
+                const float4 sum = *reinterpret_cast<const float4*>(staged + row * DQ_STRIDE + column);
+                if (q0 + row < query_len) attn_atomic_add4(dq_rows + row * D + column, sum.x, sum.y, sum.z, sum.w);
+            }
+            if (it + 2 < iterations) attn_named_arrive(4 + (it & 1), THREADS + 128);   // empty again
+        }
+    } else {
+        attn_set_max_registers_inc<232>();
 
-    const int key_row = 16 * warp + g;                        // this thread's keys: group_k0 + key_row (+ 8)
-    const float scale_log2 = scale * ATTN_LOG2E;
-    const unsigned k_address = attn_smem_address(k_tile), ds_address = attn_smem_address(ds_tile);
-    float dk_acc[32], dv_acc[32];
-    #pragma unroll
-    for (int i = 0; i < 32; ++i) dk_acc[i] = dv_acc[i] = 0.f;
-    // this warp's 16 keys of K and V as A fragments, for the whole loop
-    unsigned k_fragments[4][4], v_fragments[4][4];
-    attn_copy_wait_all();
-    attn_named_sync(sync_id, GROUP_THREADS);
-    attn_load_fragments(k_fragments, k_tile, 16 * warp);
-    attn_load_fragments(v_fragments, v_tile, 16 * warp);
-
-    for (int it = 0; it < iterations; ++it) {
-        const int buffer = it & 1, q0 = query_start(it);
-        attn_copy_wait_all();
-        attn_fence_async();
-        attn_named_sync(sync_id, GROUP_THREADS);   // step it is in; step it − 1 (dSᵀ, its buffers) is done
-        if (it + 1 < iterations) prefetch(it + 1, buffer ^ 1);
+        attn_load_swizzled<T, BLOCK_K, THREADS>(k_tile, k + kv_base, k0, key_len);
+        attn_load_swizzled<T, BLOCK_K, THREADS>(v_tile, v + kv_base, k0, key_len);
+        prefetch(0, 0);
         attn_copy_commit();
 
-        const unsigned q_address = attn_smem_address(q_tiles + buffer * TILE_Q);
-        const unsigned dout_address = attn_smem_address(dout_tiles + buffer * TILE_Q);
-        float s[32], dp[32];
-        wgmma_fence();
+        const int key_row = 64 * group + 16 * warp + g;           // this thread's keys: k0 + key_row (+ 8)
+        const float scale_log2 = scale * ATTN_LOG2E;
+        const unsigned k_address = attn_smem_address(k_tile), v_address = attn_smem_address(v_tile);
+        const unsigned ds_address = attn_smem_address(ds_tile);
+        float dk_acc[32], dv_acc[32];
         #pragma unroll
-        for (int c = 0; c < D / 16; ++c)
-            Wgmma<T>::template rs_n64<0>(s, k_fragments[c], attn_descriptor(q_address + 32 * c), c);
-        wgmma_commit();
-        #pragma unroll
-        for (int c = 0; c < D / 16; ++c)
-            Wgmma<T>::template rs_n64<0>(dp, v_fragments[c], attn_descriptor(dout_address + 32 * c), c);
-        wgmma_commit();
-        wgmma_wait<1>();                                      // Sᵀ is done, dPᵀ may still run
-        wgmma_hold(s);
+        for (int i = 0; i < 32; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+        // this warp's 16 keys of K and V as A fragments, for the whole loop
+        unsigned k_fragments[4][4], v_fragments[4][4];
+        attn_copy_wait_all();
+        attn_named_sync(1, THREADS);
+        attn_load_fragments(k_fragments, k_tile, 64 * group + 16 * warp);
+        attn_load_fragments(v_fragments, v_tile, 64 * group + 16 * warp);
 
-        // Pᵀ (keys × queries): column i of this step needs L of query q0 + i
-        const float* l_row = l_tiles + buffer * BLOCK_Q;
-        const bool edge = group_k0 + GROUP_KEYS - 1 > q0 + offset || q0 + BLOCK_Q > query_len ||
-                          group_k0 + GROUP_KEYS > key_len;
-        #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const float2 l_pair = *reinterpret_cast<const float2*>(l_row + 8 * j + 2 * t);
+        for (int it = 0; it < iterations; ++it) {
+            const int buffer = it & 1, q0 = query_start(it);
+            attn_copy_wait_all();
+            attn_fence_async();
+            attn_named_sync(1, THREADS);      // step it's tiles are in; step it − 1 (dSᵀ, its buffers) is done
+            if (it + 1 < iterations) prefetch(it + 1, buffer ^ 1);
+            attn_copy_commit();
+
+            const unsigned q_address = attn_smem_address(q_tiles + buffer * TILE_Q);
+            const unsigned dout_address = attn_smem_address(dout_tiles + buffer * TILE_Q);
+            float s[32], dp[32];
+            wgmma_fence();
             #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float l_value = (e & 1) ? l_pair.y : l_pair.x;
-                float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -l_value * ATTN_LOG2E));
-                if (edge) {
-                    const int key = group_k0 + key_row + 8 * (e >> 1), query = q0 + 8 * j + 2 * t + (e & 1);
-                    if (key > query + offset || query >= query_len || key >= key_len) p = 0.f;
+            for (int c = 0; c < D / 16; ++c)
+                Wgmma<T>::template rs_n64<0>(s, k_fragments[c], attn_descriptor(q_address + 32 * c), c);
+            wgmma_commit();
+            #pragma unroll
+            for (int c = 0; c < D / 16; ++c)
+                Wgmma<T>::template rs_n64<0>(dp, v_fragments[c], attn_descriptor(dout_address + 32 * c), c);
+            wgmma_commit();
+            wgmma_wait<1>();                                      // Sᵀ is done, dPᵀ may still run
+            wgmma_hold(s);
+
+            // Pᵀ (keys × queries): column i of this step needs L of query q0 + i
+            const float* l_row = l_tiles + buffer * BLOCK_Q;
+            const bool edge = k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len;
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float2 l_pair = *reinterpret_cast<const float2*>(l_row + 8 * j + 2 * t);
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float l_value = (e & 1) ? l_pair.y : l_pair.x;
+                    float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -l_value * ATTN_LOG2E));
+                    if (edge) {
+                        const int key = k0 + key_row + 8 * (e >> 1), query = q0 + 8 * j + 2 * t + (e & 1);
+                        if (key > query + offset || query >= query_len || key >= key_len) p = 0.f;
+                    }
+                    s[4 * j + e] = p;
                 }
-                s[4 * j + e] = p;
             }
-        }
-        unsigned p_fragments[4][4];
-        #pragma unroll
-        for (int c = 0; c < BLOCK_Q / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
-        wgmma_fence();
-        #pragma unroll
-        for (int c = 0; c < BLOCK_Q / 16; ++c)
-            Wgmma<T>::template rs_n64<1>(dv_acc, p_fragments[c], attn_descriptor(dout_address + 2048 * c), 1);
-        wgmma_commit();
-        wgmma_wait<1>();                                      // dPᵀ is done, dV may still run
-        wgmma_hold(dp);
-
-        // dSᵀ = Pᵀ ∘ (dPᵀ − Δ);  dK += dSᵀ Q
-        const float* delta_row = delta_tiles + buffer * BLOCK_Q;
-        #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const float2 d_pair = *reinterpret_cast<const float2*>(delta_row + 8 * j + 2 * t);
+            unsigned p_fragments[4][4];
             #pragma unroll
-            for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? d_pair.y : d_pair.x));
-        }
-        unsigned ds_fragments[4][4];
-        #pragma unroll
-        for (int c = 0; c < BLOCK_Q / 16; ++c) attn_fragment<T>(ds_fragments[c], dp, c);
-        wgmma_fence();
-        #pragma unroll
-        for (int c = 0; c < BLOCK_Q / 16; ++c)
-            Wgmma<T>::template rs_n64<1>(dk_acc, ds_fragments[c], attn_descriptor(q_address + 2048 * c), 1);
-        wgmma_commit();
-
-        // dSᵀ to shared memory: fragment word (c, w) holds row key_row + 8·(w & 1), columns 16c + 8·(w >> 1) + 2t
-        #pragma unroll
-        for (int c = 0; c < BLOCK_Q / 16; ++c)
+            for (int c = 0; c < BLOCK_Q / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
+            wgmma_fence();
             #pragma unroll
-            for (int w = 0; w < 4; ++w) {
-                const int r = key_row + 8 * (w & 1), chunk = 2 * c + (w >> 1);
-                *reinterpret_cast<unsigned*>(ds_tile + attn_swizzle(r, chunk) + 4 * t) = ds_fragments[c][w];
+            for (int c = 0; c < BLOCK_Q / 16; ++c)
+                Wgmma<T>::template rs_n64<1>(dv_acc, p_fragments[c], attn_descriptor(dout_address + 2048 * c), 1);
+            wgmma_commit();
+            wgmma_wait<1>();                                      // dPᵀ is done, dV may still run
+            wgmma_hold(dp);
+
+            // dSᵀ = Pᵀ ∘ (dPᵀ − Δ)
+            const float* delta_row = delta_tiles + buffer * BLOCK_Q;
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const float2 d_pair = *reinterpret_cast<const float2*>(delta_row + 8 * j + 2 * t);
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? d_pair.y : d_pair.x));
             }
-        attn_fence_async();
-        attn_named_sync(sync_id, GROUP_THREADS);              // this warpgroup's dSᵀ rows are written
-
-        // this warpgroup's part of dQ = dS K: its 64 keys, all 64 columns
-        float dq[32];
-        wgmma_fence();
-        #pragma unroll
-        for (int c = 0; c < GROUP_KEYS / 16; ++c)
-            Wgmma<T>::template ss_n64<1, 1>(dq, attn_descriptor(ds_address + 2048 * c),
-                                            attn_descriptor(k_address + 2048 * c), c);
-        wgmma_commit();
-        wgmma_wait<0>();
-        wgmma_hold(dq);
-        wgmma_hold(dk_acc);
-        wgmma_hold(dv_acc);
-        wgmma_hold(p_fragments);
-        wgmma_hold(ds_fragments);
-
-        // dQ · scale to this warpgroup's stage `buffer` for the writer (once it has emptied it, two steps ago)
-        if (it >= 2) attn_named_sync(7 + 2 * group + buffer, PAIR);
-        float* staged = stage(group, buffer) + 2 * t;
-        #pragma unroll
-        for (int r = 0; r < 2; ++r)
+            unsigned ds_fragments[4][4];
             #pragma unroll
-            for (int j = 0; j < 8; ++j)
-                *reinterpret_cast<float2*>(staged + (16 * warp + g + 8 * r) * DQ_STRIDE + 8 * j) =
-                    make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
-        attn_named_arrive(3 + 2 * group + buffer, PAIR);
+            for (int c = 0; c < BLOCK_Q / 16; ++c) attn_fragment<T>(ds_fragments[c], dp, c);
+            wgmma_fence();
+            #pragma unroll
+            for (int c = 0; c < BLOCK_Q / 16; ++c)
+                Wgmma<T>::template rs_n64<1>(dk_acc, ds_fragments[c], attn_descriptor(q_address + 2048 * c), 1);
+            wgmma_commit();
+
+            // dSᵀ to shared memory: fragment word (c, w) holds row key_row + 8·(w & 1), columns 16c + 8·(w >> 1) + 2t
+            #pragma unroll
+            for (int c = 0; c < BLOCK_Q / 16; ++c)
+                #pragma unroll
+                for (int w = 0; w < 4; ++w) {
+                    const int r = key_row + 8 * (w & 1), chunk = 2 * c + (w >> 1);
+                    *reinterpret_cast<unsigned*>(ds_tile + attn_swizzle(r, chunk) + 4 * t) = ds_fragments[c][w];
+                }
+            attn_fence_async();
+            attn_named_sync(1, THREADS);                          // the whole dSᵀ tile is written
+
+            // dQ[:, 32·group … +31] = dS K over the block's 128 keys
+            float dq[16];
+            wgmma_fence();
+            #pragma unroll
+            for (int c = 0; c < BLOCK_K / 16; ++c)
+                Wgmma<T>::template ss_n32<1, 1>(dq, attn_descriptor(ds_address + 2048 * c),
+                                                attn_descriptor(k_address + 2048 * c + 64 * group), c);
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_hold(dq);
+            wgmma_hold(dk_acc);
+            wgmma_hold(dv_acc);
+            wgmma_hold(p_fragments);
+            wgmma_hold(ds_fragments);
+
+            // dQ · scale to dq_stage[it & 1] for the writer warp (after it has emptied that buffer, two steps ago)
+            if (it >= 2) attn_named_sync(4 + (it & 1), THREADS + 128);
+            float* staged = dq_stage + (it & 1) * BLOCK_Q * DQ_STRIDE + 32 * group + 2 * t;
+            #pragma unroll
+            for (int r = 0; r < 2; ++r)
+                #pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    *reinterpret_cast<float2*>(staged + (16 * warp + g + 8 * r) * DQ_STRIDE + 8 * j) =
+                        make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
+            attn_named_arrive(2 + (it & 1), THREADS + 128);         // dq_stage[it & 1] is full
+        }
+
+        attn_backward_store(dk_acc, dv_acc, dk + kv_base, dv + kv_base, k0 + key_row, key_len, scale);
     }
-
-    attn_backward_store(dk_acc, dv_acc, dk + kv_base, dv + kv_base, group_k0 + key_row, key_len, scale);
 }
 
 #endif  // ATTN_HOPPER
