@@ -270,8 +270,7 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
                                                        const float* __restrict__ lse,
                                                        const float* __restrict__ delta,
                                                        float* __restrict__ dq_accumulator, T* __restrict__ dk,
-                                                       T* __restrict__ dv, T* __restrict__ dq,
-                                                       int* __restrict__ tile_counters, int heads, int kv_heads,
+                                                       T* __restrict__ dv, int heads, int kv_heads,
                                                        int query_len, int key_len, float scale) {
     constexpr int D = 64, BLOCK_K = 128, BLOCK_Q = 64, THREADS = 256;   // THREADS: the two compute warpgroups
     constexpr int DQ_STRIDE = D + 8;      // floats a staged dQ row (288 bytes: the float2 stores miss no bank)
@@ -295,7 +294,6 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
     const int first_step = max(0, k0 - offset) / BLOCK_Q;    // earlier query steps see none of the keys
     const int steps = (query_len + BLOCK_Q - 1) / BLOCK_Q - first_step;
     const int iterations = group_size * steps;
-    const int query_steps = (query_len + BLOCK_Q - 1) / BLOCK_Q;
     const long long kv_base = (long long)batch_kv * key_len * D;
 
     // (head, first query row) of iteration `it`, and the copies of its Q, dO, L, Δ into buffer `buffer`
@@ -320,7 +318,7 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
         // Warpgroup 2 writes dQ: step it's dQ · scale waits in dq_stage[it & 1]; its warp w adds rows
         // 16w … 16w + 15 to dq_accumulator with 16-byte reductions (two whole 256-byte rows an
         // instruction), then the buffer goes back to the compute warpgroups.
-        attn_set_max_registers_dec<56>();
+        attn_set_max_registers_dec<40>();
         const int writer_warp = (tid - THREADS) >> 5;
         for (int it = 0; it < iterations; ++it) {
             attn_named_sync(2 + (it & 1), THREADS + 128);     // dq_stage[it & 1] is full
@@ -334,36 +332,9 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
                 if (q0 + row < query_len) attn_atomic_add4(dq_rows + row * D + column, sum.x, sum.y, sum.z, sum.w);
             }
             if (it + 2 < iterations) attn_named_arrive(4 + (it & 1), THREADS + 128);   // empty again
-
-            // Count this block's contribution to the (b, h, step) tile of dq; the block that brings the count
-            // to the number of key blocks that see the step converts the finished tile to dq (the fp32 rows
-            // are still in L2), so no separate pass over dq_accumulator is needed.
-            __threadfence();                                  // this thread's reductions land before the count
-            const int step = q0 / BLOCK_Q;
-            const int contributors = min(key_blocks, (step * BLOCK_Q + BLOCK_Q - 1 + offset) / BLOCK_K + 1);
-            int* counter = tile_counters + row_base(it) / query_len * query_steps + step;
-            const int writer_thread = tid - THREADS;
-            const bool last = attn_named_or(6, 128, writer_thread == 0 && atomicAdd(counter, 1) == contributors - 1);
-            if (last) {
-                __threadfence();
-                T* dq_out = dq + (row_base(it) + q0) * D;
-                #pragma unroll
-                for (int pass = 0; pass < BLOCK_Q * D / 8 / 128; ++pass) {  // 8 values a thread a pass
-                    const int index = (writer_thread + 128 * pass) * 8, row = index / D;
-                    if (q0 + row >= query_len) continue;
-                    const float4 low = __ldcg(reinterpret_cast<const float4*>(dq_rows + index));
-                    const float4 high = __ldcg(reinterpret_cast<const float4*>(dq_rows + index + 4));
-                    uint4 packed;
-                    packed.x = AttnType<T>::pack(low.x, low.y);
-                    packed.y = AttnType<T>::pack(low.z, low.w);
-                    packed.z = AttnType<T>::pack(high.x, high.y);
-                    packed.w = AttnType<T>::pack(high.z, high.w);
-                    *reinterpret_cast<uint4*>(dq_out + index) = packed;
-                }
-            }
         }
     } else {
-        attn_set_max_registers_inc<224>();
+        attn_set_max_registers_inc<232>();
 
         attn_load_swizzled<T, BLOCK_K, THREADS>(k_tile, k + kv_base, k0, key_len);
         attn_load_swizzled<T, BLOCK_K, THREADS>(v_tile, v + kv_base, k0, key_len);
@@ -511,11 +482,10 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d64_##BUILD(           \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
-        const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, TYPE* dq, int* tile_counters,       \
-        int heads, int kv_heads, int query_len, int key_len, float scale) {                                \
+        const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
+        int query_len, int key_len, float scale) {                                                         \
         ATTN_HOPPER_BODY(attention_backward_##BUILD<TYPE>(q, k, v, dout, lse, delta, dq_accumulator, dk, dv,  \
-                                                      dq, tile_counters, heads, kv_heads, query_len,       \
-                                                      key_len, scale))                                     \
+                                                      heads, kv_heads, query_len, key_len, scale))         \
     }
 
 ATTN_HOPPER_KERNELS(bf16, __nv_bfloat16, wg2)

@@ -104,16 +104,6 @@ template <int N> __device__ __forceinline__ void attn_set_max_registers_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" :: "n"(N));
 }
 
-// Barrier `id` over `threads` threads that also ORs a predicate across them (bar.red.or.pred).
-__device__ __forceinline__ bool attn_named_or(int id, int threads, bool value) {
-    int result;
-    asm volatile("{ .reg .pred p, q; setp.ne.b32 p, %3, 0;\n"
-                 "bar.red.or.pred q, %1, %2, p;\n"
-                 "selp.s32 %0, 1, 0, q; }\n"
-                 : "=r"(result) : "r"(id), "r"(threads), "r"(static_cast<int>(value)) : "memory");
-    return result != 0;
-}
-
 __device__ __forceinline__ void attn_fence_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }

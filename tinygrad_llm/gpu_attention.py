@@ -236,15 +236,10 @@ def causal_attention_backward(dy, q, k, v, out, lse):
             ((rows * 8 + 255) // 256,), (256,), (dy, out, delta, dq_accumulator, np.int32(rows)))
         variant = _pick(BACKWARD_VARIANT, PORTABLE_BACKWARD_VARIANT, head_dim)
         arrays = (q, k, v, dy, lse, delta, dq_accumulator, dk, dv)
-        dq = _allocate(q.shape, q.dtype)
         if variant in HOPPER_VARIANTS:
-            # dq is written by the kernel itself: per (b, h, 64-row step) a counter of the key blocks done
-            counters = cp.zeros(batch * heads * ((query_len + 63) // 64), dtype=cp.int32)
             shared = _HOPPER_SHARED_BYTES["backward", variant]
             _kernel(HOPPER_FILE, f"attention_backward_{suffix}_d{head_dim}_{variant}", shared)(
-                (batch * kv_heads * ((key_len + 127) // 128),), (384,), arrays + (dq, counters) + sizes,
-                shared_mem=shared)
-            return dq, dk, dv
+                (batch * kv_heads * ((key_len + 127) // 128),), (384,), arrays + sizes, shared_mem=shared)
         else:
             warps, m_tiles = _warps_and_m_tiles(variant)
             shared = _backward_shared_bytes(head_dim, warps, m_tiles, _backward_block_q(variant, head_dim))
@@ -252,6 +247,7 @@ def causal_attention_backward(dy, q, k, v, out, lse):
             grid = ((key_len + block_k - 1) // block_k, batch * kv_heads)
             _kernel(BACKWARD_FILE, f"attention_backward_{suffix}_d{head_dim}_{variant}", shared)(
                 grid, (32 * warps,), arrays + sizes, shared_mem=shared)
+        dq = _allocate(q.shape, q.dtype)
         count8 = q.size // 8                                  # D is a multiple of 8
         _kernel(BACKWARD_FILE, f"attention_backward_convert8_{suffix}")(
             (min((count8 + 255) // 256, 8192),), (256,), (dq_accumulator, dq, np.int64(count8)))
