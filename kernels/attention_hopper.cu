@@ -15,39 +15,49 @@
 // Shapes (contiguous, row-major, 16-byte aligned): q, out, dO: (B, H, Tq, 64); k, v, dk, dv:
 // (B, Hkv, Tk, 64); L, Δ: (B, H, Tq) fp32; dq_accumulator: (B, H, Tq, 64) fp32, zeroed by the caller.
 //
-// attention_forward_{bf16,fp16}_d64_wg2(q, k, v, out, lse, H, Hkv, Tq, Tk, scale)
-//   Launch: grid B·H·ceil(Tq / 128) (one dimension), block 256 = 2 warpgroups, 82 944 bytes of dynamic
-//   shared memory: a 128-row Q tile and two buffers each of 128-key K and V tiles (16 KiB a tile) plus
-//   1 KiB to align them. Block x takes query tile x mod ceil(Tq / 128), counted from the last, of head
-//   x / ceil(Tq / 128): the tiles of one head run side by side (sharing K and V in L2), longest first.
-//   Warpgroup w owns query rows 64w … 64w + 63 of the block's tile. Per K/V tile (cp.async brings tile
-//   t + 1 while tile t is multiplied): S = Q Kᵀ (4 × m64n128k16, A = Q and B = K from shared memory,
-//   K-major), mask (only on tiles that cross the diagonal or the end of the keys), online softmax in
-//   registers (row max and sum over the quad of lanes holding a row, exp2 with the scale folded in),
-//   rescale O, then O += P V (8 × m64n64k16, A = P converted in registers to bf16/fp16, B = V
-//   MN-major). A warpgroup skips a tile whose keys all come after its rows. out = O / l,
-//   L = m · scale + ln l.
+// attention_forward_{bf16,fp16}_d64_wg2(q, k, v, out, lse, H, Hkv, Tq, Tk, scale, B)
+//   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups, 99 328 bytes of dynamic
+//   shared memory: two 128-row Q tiles and two buffers each of 128-key K and V tiles (16 KiB a tile)
+//   plus 1 KiB to align them; 198 registers. A work item is a 128-row query tile of one (b, h); item i
+//   is tile ceil(Tq / 128) − 1 − i / (B·H) of (b, h) = i mod (B·H), so the longest items go first, and
+//   block x takes items x, x + grid, … While it works on an item's last K/V tile it already loads the
+//   next item's Q and first tile (the one-block-a-multiprocessor kernel otherwise waits for them).
+//   Warpgroup w owns query rows 64w … 64w + 63 of the item and holds its warp's 16 rows of Q as register
+//   A fragments. Per K/V tile (cp.async brings tile t + 1 while tile t is multiplied):
+//     S = Q Kᵀ  (4 × m64n128k16, A = Q from registers, B = K K-major)
+//     mask (only on tiles that cross the diagonal or the end of the keys), online softmax in registers
+//     (row max and sum over the quad of lanes holding a row, exp2 with the scale folded in), rescale O
+//     O += P V  (8 × m64n64k16, A = P converted in registers to bf16/fp16, B = V MN-major)
+//   A warpgroup skips a tile whose keys all come after its rows. out = O / l, L = m · scale + ln l.
 //
 // attention_backward_{bf16,fp16}_d64_wg2(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk, scale)
-//   Launch: grid B·Hkv·ceil(Tk / 128) (one dimension), block 256 = 2 warpgroups, 83 968 bytes of
+//   Launch: grid B·Hkv·ceil(Tk / 128) (one dimension), block 384 = 3 warpgroups, 120 832 bytes of
 //   dynamic shared memory: K and V tiles (128 keys), Q and dO tiles of 64 rows two buffers each, the dSᵀ
-//   tile (128 keys × 64 queries), L and Δ two buffers each, 1 KiB alignment slack. Block x takes key
-//   block x mod ceil(Tk / 128) of kv head x / ceil(Tk / 128): a head's key blocks run side by side, so
-//   its Q, dO and dq_accumulator stay in L2 (the dq atomics then resolve there, not in DRAM), and the
-//   first key blocks (seen by the most queries) start first.
-//   Warpgroup w owns keys 64w … 64w + 63 of the block's 128 and keeps their dK, dV accumulators in
-//   registers. The block loops over the G query heads of its group and the 64-row query steps that
-//   can see its keys. Per step (Q, dO, L, Δ of step s + 1 are copied while step s computes):
-//     Sᵀ = K Qᵀ and dPᵀ = V dOᵀ     (4 + 4 × m64n64k16, both operands from shared memory, K-major)
+//   tile (128 keys × 64 queries), L and Δ two buffers each, two dQ stages (64 rows of 72 floats), 1 KiB
+//   alignment slack. Block x takes key block x mod ceil(Tk / 128) of kv head x / ceil(Tk / 128): a
+//   head's key blocks run side by side, so its Q, dO and dq_accumulator stay in L2 (the dq reductions
+//   resolve there, not in DRAM), and the first key blocks (seen by the most queries) start first.
+//   Registers: 168 a thread at launch; setmaxnreg then gives the two compute warpgroups 232 and the dQ
+//   warpgroup 40.
+//   Compute warpgroup w (0, 1) owns keys 64w … 64w + 63 of the block's 128, holds its warp's 16 keys of
+//   K and V as register A fragments and keeps their dK, dV accumulators in registers. The block loops
+//   over the G query heads of its group and the 64-row query steps that can see its keys. Per step (Q,
+//   dO, L, Δ of step s + 1 are copied while step s computes):
+//     Sᵀ = K Qᵀ and dPᵀ = V dOᵀ     (4 + 4 × m64n64k16, A from registers, B = Q / dO K-major)
 //     Pᵀ = exp2(Sᵀ · scale · log2 e − L · log2 e), masked on steps crossing the diagonal or the ends
 //     dV += Pᵀ dO                   (4 × m64n64k16, A = Pᵀ from registers, B = dO MN-major)
 //     dSᵀ = Pᵀ ∘ (dPᵀ − Δ);  dK += dSᵀ Q   (A = dSᵀ from registers, B = Q MN-major)
 //     dSᵀ → shared memory (16-bit); barrier; warpgroup w computes columns 32w … 32w + 31 of
 //     dQ = dS K over all 128 keys  (8 × m64n32k16, A = dS read MN-major from the dSᵀ tile, B = K
-//     MN-major), then adds dQ · scale to dq_accumulator with red.global.add.v2.f32.
+//     MN-major) and leaves dQ · scale in dQ stage s mod 2.
+//   The dQ warpgroup (2) takes each full stage and adds it to dq_accumulator with red.global.add.v4.f32,
+//   two whole 256-byte rows an instruction, then hands the stage back (named barriers 2–5; the compute
+//   warpgroups sync among themselves on barrier 1). Issued by the compute warps themselves, the same
+//   reductions stalled them (the load/store queue fills): 0.288 ms against 0.259 for this kernel at
+//   B16 H12 T1024 (benchmarks/RESULTS.md).
 //   dk = dK · scale and dv = dV are written once, in the input dtype. dq's summation order varies
-//   between runs (atomics across key blocks); dk and dv are deterministic.
-//
+//   between runs (reductions across key blocks); dk and dv are deterministic.
+
 // The kernels exist only for sm_90a (compiled with NVRTC's -arch=sm_90a by tinygrad_llm.gpu_attention,
 // or nvcc -gencode=arch=compute_90a,code=sm_90a); built for anything else they trap.
 
