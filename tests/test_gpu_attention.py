@@ -224,3 +224,69 @@ def test_whole_model_gradients_match_cpu(monkeypatch):
     assert kernel_errors[worst] <= 1e-4, f"kernel vs NumPy path on the GPU: {worst} {kernel_errors[worst]:.2e}"
     worst = max(cpu_errors, key=cpu_errors.get)
     assert cpu_errors[worst] <= 1e-3, f"GPU vs CPU: {worst} {cpu_errors[worst]:.2e}"
+
+
+def test_hopper_builds_give_way_to_portable_ones_elsewhere(monkeypatch):
+    """The wgmma builds (sm_90a) are the defaults where they exist; on any other GPU the portable mma.sync
+    build of the same head dim runs, and every build a table names exists in the build lists."""
+    tables = ((gpu_attention.FORWARD_VARIANT, gpu_attention.PORTABLE_FORWARD_VARIANT, gpu_attention.FORWARD_VARIANTS),
+              (gpu_attention.BACKWARD_VARIANT, gpu_attention.PORTABLE_BACKWARD_VARIANT, gpu_attention.BACKWARD_VARIANTS))
+    monkeypatch.setattr(gpu_attention, "hopper_available", lambda: False)
+    for chosen, portable, builds in tables:
+        for head_dim in gpu_attention.HEAD_DIMS:
+            picked = gpu_attention._pick(chosen, portable, head_dim)
+            assert picked not in gpu_attention.HOPPER_VARIANTS and picked in builds[head_dim]
+            assert chosen[head_dim] in builds[head_dim]
+    monkeypatch.setattr(gpu_attention, "hopper_available", lambda: True)
+    for chosen, portable, _ in tables:
+        assert gpu_attention._pick(chosen, portable, 64) == chosen[64] == "wg2"
+
+
+@pytest.mark.gpu
+def test_hopper_runs_the_wgmma_build_by_default(monkeypatch):
+    """On compute capability 9.0, bf16 attention at head dim 64 launches the wg2 kernels (and is right)."""
+    if not gpu_attention.hopper_available():
+        pytest.skip("needs compute capability 9.0")
+    names = []
+    launch = gpu_attention._kernel
+    monkeypatch.setattr(gpu_attention, "_kernel", lambda file, name, *rest: names.append(name) or launch(file, name, *rest))
+    cp = backend.cupy_module()
+    rng = np.random.default_rng()
+    q, k, v, dy = _inputs(rng, _dtype("bfloat16"), 2, 4, 2, 300, 300, 64)
+    gq, gk, gv, gdy = (cp.asarray(a) for a in (q, k, v, dy))
+    out, lse = gpu_attention.causal_attention_forward(gq, gk, gv)
+    grads = gpu_attention.causal_attention_backward(gdy, gq, gk, gv, out, lse)
+    assert "attention_forward_bf16_d64_wg2" in names and "attention_backward_bf16_d64_wg2" in names
+    for name, got, expected in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + tuple(grads),
+                                   _reference(q, k, v, dy)):
+        assert _relative_error(got, expected) <= TOLERANCE["bfloat16"], name
+
+
+@pytest.mark.gpu
+def test_sm90a_module_is_compiled_once_and_cached_on_disk(tmp_path, monkeypatch):
+    """gpu.load_module(..., arch="sm_90a") compiles through NVRTC into <cache>/cubin and, in a fresh
+    process (here: an emptied module table), loads that cubin without compiling again."""
+    from tinygrad_llm import gpu
+    monkeypatch.setenv("TINYGRAD_LLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(gpu, "_modules", {})
+    gpu.load_module(gpu_attention.HOPPER_FILE, arch="sm_90a")
+    cubins = list((tmp_path / "cubin").glob("attention_hopper-sm_90a-*.cubin"))
+    assert len(cubins) == 1 and cubins[0].stat().st_size > 0
+    monkeypatch.setattr(gpu, "_modules", {})
+    monkeypatch.setattr(backend, "compile_cubin", lambda *args: pytest.fail("the cached cubin was compiled again"))
+    module = gpu.load_module(gpu_attention.HOPPER_FILE, arch="sm_90a")
+    assert module.get_function("attention_backward_fp16_d64_wg2") is not None
+
+
+@pytest.mark.gpu
+def test_sm90a_compile_error_names_the_file_and_shows_the_log(tmp_path, monkeypatch):
+    from tinygrad_llm import gpu
+    kernels = tmp_path / "kernels"
+    kernels.mkdir()
+    (kernels / "broken.cu").write_text('extern "C" __global__ void broken() { not_declared_anywhere(); }\n')
+    monkeypatch.setenv("TINYGRAD_LLM_KERNELS_DIR", str(kernels))
+    monkeypatch.setenv("TINYGRAD_LLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(gpu, "_modules", {})
+    with pytest.raises(RuntimeError, match=r"(?s)NVRTC could not compile broken\.cu.*not_declared_anywhere"):
+        gpu.load_module("broken.cu", arch="sm_90a")
+    assert not list((tmp_path / "cache").rglob("*.cubin"))
