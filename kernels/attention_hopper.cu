@@ -243,23 +243,21 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
     }
 }
 
-// wg3: the same forward with FlashAttention-3's warp specialisation. Warpgroup 2 (the producer, 88
-// registers after setmaxnreg) does every load: per K/V tile of the block's sequence (items one after
-// another) it fills stage n mod 3 (an item's first tile brings its Q too), waits for its copies and
-// signals the stage full to each compute warpgroup on that warpgroup's own barrier. The compute
-// warpgroups (208 registers) take turns on the tensor cores (ping-pong): in its turn a warpgroup issues
-// S(t) = Q K(t)ᵀ and the previous tile's O += P(t − 1) V(t − 1), hands the turn over and runs the
-// softmax of tile t while the other warpgroup's products run; O is rescaled once P(t − 1) V(t − 1) is
-// done, and then stage t − 1 goes back to the producer.
+// wg3: the same forward with a producer warpgroup. Warpgroup 2 (88 registers after setmaxnreg) does every
+// load: per K/V tile of the block's sequence (items one after another) it fills stage n mod 2 (an item's
+// first tile brings its Q too), waits for its copies and signals the stage full to each compute
+// warpgroup on its own barrier; a compute warpgroup (208 registers) signals the stage empty when its
+// products are done. The compute warpgroups take turns on the tensor cores (see below), so that one's
+// softmax overlaps the other's wgmma.
 template <typename T>
 __device__ __forceinline__ void attention_forward_wg3(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, T* __restrict__ out,
                                                       float* __restrict__ lse, int heads, int kv_heads,
                                                       int query_len, int key_len, float scale, int batches) {
-    constexpr int D = 64, BLOCK_Q = 128, BLOCK_K = 128, GROUP = 128, TILE = 128 * 128, STAGES = 3;
-    unsigned char* q_stages = attn_aligned_shared();          // STAGES × BLOCK_Q rows of 128 bytes
-    unsigned char* k_stages = q_stages + STAGES * TILE;        // STAGES × BLOCK_K rows
-    unsigned char* v_stages = k_stages + STAGES * TILE;        // STAGES × BLOCK_K rows
+    constexpr int D = 64, BLOCK_Q = 128, BLOCK_K = 128, GROUP = 128, TILE = 128 * 128;
+    unsigned char* q_stages = attn_aligned_shared();          // 2 stages of BLOCK_Q rows of 128 bytes
+    unsigned char* k_stages = q_stages + 2 * TILE;             // 2 stages of BLOCK_K rows
+    unsigned char* v_stages = k_stages + 2 * TILE;             // 2 stages of BLOCK_K rows
 
     const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
@@ -281,11 +279,10 @@ __device__ __forceinline__ void attention_forward_wg3(const T* __restrict__ q, c
         w.tiles = (key_end + BLOCK_K - 1) / BLOCK_K;
         return w;
     };
-    // this block's K/V tiles and items (both roles walk the same sequence)
-    int total = 0, block_items = 0;
-    for (int item = blockIdx.x; item < items; item += gridDim.x, ++block_items) total += work(item).tiles;
-    // named barriers: stage s full for compute warpgroup c: 1 + 2s + c; free again: 7 + 2s + c;
-    // warpgroup c's turn on the tensor cores: 13 + c
+    // the number of K/V tiles of this block's items together (both roles walk the same sequence)
+    int total = 0;
+    for (int item = blockIdx.x; item < items; item += gridDim.x) total += work(item).tiles;
+    // named barriers: stage s full for compute warpgroup c: 1 + 2s + c; empty again: 5 + 2s + c
     constexpr int PAIR = 2 * GROUP;
 
     if (group == 2) {                                         // the producer
@@ -295,10 +292,10 @@ __device__ __forceinline__ void attention_forward_wg3(const T* __restrict__ q, c
         for (int item = blockIdx.x; item < items; item += gridDim.x) {
             const Work w = work(item);
             for (int tile = 0; tile < w.tiles; ++tile, ++n) {
-                const int stage = n % STAGES;
-                if (n >= STAGES) {                            // both compute warpgroups are done with n − 3
-                    attn_named_sync(7 + 2 * stage, PAIR);
-                    attn_named_sync(8 + 2 * stage, PAIR);
+                const int stage = n & 1;
+                if (n >= 2) {                                 // both compute warpgroups are done with n − 2
+                    attn_named_sync(5 + 2 * stage, PAIR);
+                    attn_named_sync(6 + 2 * stage, PAIR);
                 }
                 if (tile == 0)
                     attn_load_swizzled<T, BLOCK_Q, GROUP>(q_stages + stage * TILE,
@@ -317,61 +314,51 @@ __device__ __forceinline__ void attention_forward_wg3(const T* __restrict__ q, c
     }
 
     attn_set_max_registers_inc<208>();
-    // Turns: one a tile and one more an item (its last P V), the same count for both warpgroups.
-    // Warpgroup 0 goes first; warpgroup 1 leaves out its very last hand-over, which nobody would take.
-    const int turns = total + block_items;
+    // The compute warpgroups take turns issuing their products (FlashAttention-3's ping-pong): warpgroup c
+    // waits on barrier 9 + c for its turn and hands the turn over on the other's, so while one runs its
+    // softmax the other's wgmma has the tensor cores. Warpgroup 0 goes first; each warpgroup takes two
+    // turns a tile (S, then P V) whether or not it has work, and warpgroup 1 leaves out its very last
+    // hand-over, which nobody would take.
+    const int turns = 2 * total;
     int turn = 0;
-    auto take_turn = [&]() { attn_named_sync(13 + group, PAIR); };
+    auto take_turn = [&]() { attn_named_sync(9 + group, PAIR); };
     auto pass_turn = [&]() {
-        if (!(group == 1 && turn == turns - 1)) attn_named_arrive(13 + (group ^ 1), PAIR);
+        if (!(group == 1 && turn == turns - 1)) attn_named_arrive(9 + (group ^ 1), PAIR);
         ++turn;
     };
-    auto release = [&](int n, int stage) {                    // stage n is free once its P V is done
-        if (n + STAGES < total) attn_named_arrive(7 + 2 * stage + group, PAIR);
-    };
-    if (group == 1) attn_named_arrive(13, PAIR);
-
+    if (group == 1) attn_named_arrive(9, PAIR);
     int n = 0;
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
         const Work current = work(item);
         const int row = current.q0 + 64 * group + 16 * warp + g;   // this thread's rows: row and row + 8
         const int group_first_row = current.q0 + 64 * group, group_last_row = group_first_row + 63;
         unsigned q_fragments[4][4];                           // this warp's 16 rows of Q
-        unsigned p_fragments[8][4];                           // P of the previous tile, waiting for its P V
         float o[32], row_max[2] = {ATTN_NEG_INF, ATTN_NEG_INF}, row_sum[2] = {0.f, 0.f};
         #pragma unroll
         for (int i = 0; i < 32; ++i) o[i] = 0.f;
-        bool pending = false;                                 // the previous tile's P V is still to come
-        int pending_stage = 0, pending_n = 0;
 
         for (int tile = 0; tile < current.tiles; ++tile, ++n) {
-            const int stage = n % STAGES, k0 = tile * BLOCK_K;
+            const int stage = n & 1, k0 = tile * BLOCK_K;
             attn_named_sync(1 + 2 * stage + group, PAIR);     // stage n is full
             if (tile == 0) attn_load_fragments(q_fragments, q_stages + stage * TILE, 64 * group + 16 * warp);
             const bool active = k0 <= group_last_row + offset;   // else every key comes after its rows
+            const unsigned k_address = attn_smem_address(k_stages + stage * TILE);
+            const unsigned v_address = attn_smem_address(v_stages + stage * TILE);
             float s[64];
             take_turn();
-            wgmma_fence();
             if (active) {
-                const unsigned k_address = attn_smem_address(k_stages + stage * TILE);
+                wgmma_fence();
                 #pragma unroll
                 for (int c = 0; c < D / 16; ++c)
                     Wgmma<T>::template rs_n128<0>(s, q_fragments[c], attn_descriptor(k_address + 32 * c), c);
+                wgmma_commit();
             }
-            wgmma_commit();
-            if (pending) {
-                const unsigned v_address = attn_smem_address(v_stages + pending_stage * TILE);
-                #pragma unroll
-                for (int c = 0; c < BLOCK_K / 16; ++c)
-                    Wgmma<T>::template rs_n64<1>(o, p_fragments[c], attn_descriptor(v_address + 2048 * c), 1);
-            }
-            wgmma_commit();
             pass_turn();
-
-            float alpha[2] = {1.f, 1.f}, tile_sum[2] = {0.f, 0.f};
+            unsigned p_fragments[8][4];
             if (active) {
-                wgmma_wait<1>();                              // S(t) is done; P V(t − 1) may still run
+                wgmma_wait<0>();
                 wgmma_hold(s);
+
                 if (k0 + BLOCK_K - 1 > group_first_row + offset || k0 + BLOCK_K > key_len) {
                     #pragma unroll
                     for (int j = 0; j < 16; ++j)
@@ -391,7 +378,13 @@ __device__ __forceinline__ void attention_forward_wg3(const T* __restrict__ q, c
                 for (int r = 0; r < 2; ++r) {
                     new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 1));
                     new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 2));
-                    alpha[r] = attn_exp2((row_max[r] - new_max[r]) * scale_log2);   // 0 on the first tile
+                    const float alpha = attn_exp2((row_max[r] - new_max[r]) * scale_log2);   // 0 on the first tile
+                    row_sum[r] *= alpha;
+                    #pragma unroll
+                    for (int j = 0; j < 8; ++j) {
+                        o[4 * j + 2 * r] *= alpha;
+                        o[4 * j + 2 * r + 1] *= alpha;
+                    }
                     row_max[r] = new_max[r];
                 }
                 const float shift[2] = {new_max[0] * scale_log2, new_max[1] * scale_log2};
@@ -400,47 +393,27 @@ __device__ __forceinline__ void attention_forward_wg3(const T* __restrict__ q, c
                     #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]));
-                        tile_sum[e >> 1] += p;
+                        row_sum[e >> 1] += p;
                         s[4 * j + e] = p;
                     }
-            }
-            wgmma_wait<0>();                                  // P V(t − 1) is done: O can be rescaled
-            wgmma_hold(o);
-            wgmma_hold(p_fragments);
-            if (pending) release(pending_n, pending_stage);
-            if (active) {
-                #pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    row_sum[r] = row_sum[r] * alpha[r] + tile_sum[r];
-                    #pragma unroll
-                    for (int j = 0; j < 8; ++j) {
-                        o[4 * j + 2 * r] *= alpha[r];
-                        o[4 * j + 2 * r + 1] *= alpha[r];
-                    }
-                }
                 #pragma unroll
                 for (int c = 0; c < BLOCK_K / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
             }
-            pending = active;
-            pending_stage = stage;
-            pending_n = n;
-            if (!active) release(n, stage);
-        }
-        take_turn();                                          // the item's last P V
-        if (pending) {
-            wgmma_fence();
-            const unsigned v_address = attn_smem_address(v_stages + pending_stage * TILE);
-            #pragma unroll
-            for (int c = 0; c < BLOCK_K / 16; ++c)
-                Wgmma<T>::template rs_n64<1>(o, p_fragments[c], attn_descriptor(v_address + 2048 * c), 1);
-            wgmma_commit();
-        }
-        pass_turn();
-        if (pending) {
-            wgmma_wait<0>();
-            wgmma_hold(o);
-            wgmma_hold(p_fragments);
-            release(pending_n, pending_stage);
+            take_turn();
+            if (active) {
+                wgmma_fence();
+                #pragma unroll
+                for (int c = 0; c < BLOCK_K / 16; ++c)
+                    Wgmma<T>::template rs_n64<1>(o, p_fragments[c], attn_descriptor(v_address + 2048 * c), 1);
+                wgmma_commit();
+            }
+            pass_turn();
+            if (active) {
+                wgmma_wait<0>();
+                wgmma_hold(o);
+                wgmma_hold(p_fragments);
+            }
+            if (n + 2 < total) attn_named_arrive(5 + 2 * stage + group, PAIR);   // stage n is free again
         }
         attn_forward_store(o, row_max, row_sum, out, lse, current.batch_head, row, query_len, scale_log2);
     }

@@ -61,7 +61,7 @@ BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32", "w4m2q32p", "w8m2q32p"
 _TILE = 128 * 128                                    # bytes of a 128-row tile of D = 64 two-byte values
 _HOPPER_SHARED_BYTES = {                             # each with 1 KiB to align the tiles to 1024 bytes
     ("forward", "wg2"): 6 * _TILE + 1024,            # 2 × Q, 2 × K, 2 × V
-    ("forward", "wg3"): 9 * _TILE + 1024,            # 3 stages of Q, K, V
+    ("forward", "wg3"): 6 * _TILE + 1024,            # 2 stages of Q, K, V
     # K, V, 2 × (Q, dO), dSᵀ, L, Δ, 2 × staged dQ (64 rows of 72 floats)
     ("backward", "wg2"): 2 * _TILE + 4 * _TILE // 2 + _TILE + 4 * 64 * 4 + 2 * 64 * 72 * 4 + 1024,
 }
