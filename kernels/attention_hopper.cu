@@ -247,8 +247,8 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
 // load: per K/V tile of the block's sequence (items one after another) it fills stage n mod 2 (an item's
 // first tile brings its Q too), waits for its copies and signals the stage full to each compute
 // warpgroup on its own barrier; a compute warpgroup (208 registers) signals the stage empty when its
-// products are done. The compute warpgroups take turns on the tensor cores (see below), so that one's
-// softmax overlaps the other's wgmma.
+// products are done. The two compute warpgroups never wait for each other, so one's softmax can overlap
+// the other's wgmma.
 template <typename T>
 __device__ __forceinline__ void attention_forward_wg3(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, T* __restrict__ out,
@@ -314,19 +314,6 @@ __device__ __forceinline__ void attention_forward_wg3(const T* __restrict__ q, c
     }
 
     attn_set_max_registers_inc<208>();
-    // The compute warpgroups take turns issuing their products (FlashAttention-3's ping-pong): warpgroup c
-    // waits on barrier 9 + c for its turn and hands the turn over on the other's, so while one runs its
-    // softmax the other's wgmma has the tensor cores. Warpgroup 0 goes first; each warpgroup takes two
-    // turns a tile (S, then P V) whether or not it has work, and warpgroup 1 leaves out its very last
-    // hand-over, which nobody would take.
-    const int turns = 2 * total;
-    int turn = 0;
-    auto take_turn = [&]() { attn_named_sync(9 + group, PAIR); };
-    auto pass_turn = [&]() {
-        if (!(group == 1 && turn == turns - 1)) attn_named_arrive(9 + (group ^ 1), PAIR);
-        ++turn;
-    };
-    if (group == 1) attn_named_arrive(9, PAIR);
     int n = 0;
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
         const Work current = work(item);
@@ -341,21 +328,15 @@ __device__ __forceinline__ void attention_forward_wg3(const T* __restrict__ q, c
             const int stage = n & 1, k0 = tile * BLOCK_K;
             attn_named_sync(1 + 2 * stage + group, PAIR);     // stage n is full
             if (tile == 0) attn_load_fragments(q_fragments, q_stages + stage * TILE, 64 * group + 16 * warp);
-            const bool active = k0 <= group_last_row + offset;   // else every key comes after its rows
-            const unsigned k_address = attn_smem_address(k_stages + stage * TILE);
-            const unsigned v_address = attn_smem_address(v_stages + stage * TILE);
-            float s[64];
-            take_turn();
-            if (active) {
+            if (k0 <= group_last_row + offset) {              // else every key comes after this warpgroup's rows
+                const unsigned k_address = attn_smem_address(k_stages + stage * TILE);
+                const unsigned v_address = attn_smem_address(v_stages + stage * TILE);
+                float s[64];
                 wgmma_fence();
                 #pragma unroll
                 for (int c = 0; c < D / 16; ++c)
                     Wgmma<T>::template rs_n128<0>(s, q_fragments[c], attn_descriptor(k_address + 32 * c), c);
                 wgmma_commit();
-            }
-            pass_turn();
-            unsigned p_fragments[8][4];
-            if (active) {
                 wgmma_wait<0>();
                 wgmma_hold(s);
 
@@ -396,19 +377,14 @@ __device__ __forceinline__ void attention_forward_wg3(const T* __restrict__ q, c
                         row_sum[e >> 1] += p;
                         s[4 * j + e] = p;
                     }
+                unsigned p_fragments[8][4];
                 #pragma unroll
                 for (int c = 0; c < BLOCK_K / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
-            }
-            take_turn();
-            if (active) {
                 wgmma_fence();
                 #pragma unroll
                 for (int c = 0; c < BLOCK_K / 16; ++c)
                     Wgmma<T>::template rs_n64<1>(o, p_fragments[c], attn_descriptor(v_address + 2048 * c), 1);
                 wgmma_commit();
-            }
-            pass_turn();
-            if (active) {
                 wgmma_wait<0>();
                 wgmma_hold(o);
                 wgmma_hold(p_fragments);
