@@ -134,11 +134,11 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
     };
     auto load_q = [&](const Work& w, int buffer) {
         attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tiles + buffer * TILE, q + (long long)w.batch_head * query_len * D,
-                                                w.q0, query_len, tid);
+                                                w.q0, query_len);
     };
     auto load_kv = [&](const Work& w, int tile, int buffer) {
-        attn_load_swizzled<T, BLOCK_K, THREADS>(k_tiles + buffer * TILE, w.k_head, tile * BLOCK_K, key_len, tid);
-        attn_load_swizzled<T, BLOCK_K, THREADS>(v_tiles + buffer * TILE, w.v_head, tile * BLOCK_K, key_len, tid);
+        attn_load_swizzled<T, BLOCK_K, THREADS>(k_tiles + buffer * TILE, w.k_head, tile * BLOCK_K, key_len);
+        attn_load_swizzled<T, BLOCK_K, THREADS>(v_tiles + buffer * TILE, w.v_head, tile * BLOCK_K, key_len);
     };
 
     int item = blockIdx.x;
@@ -243,158 +243,6 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
     }
 }
 
-// wg3: the same forward with a producer warpgroup. Warpgroup 2 (88 registers after setmaxnreg) does every
-// load: per K/V tile of the block's sequence (items one after another) it fills stage n mod 2 (an item's
-// first tile brings its Q too), waits for its copies and signals the stage full to each compute
-// warpgroup on its own barrier; a compute warpgroup (208 registers) signals the stage empty when its
-// products are done. The two compute warpgroups never wait for each other, so one's softmax can overlap
-// the other's wgmma.
-template <typename T>
-__device__ __forceinline__ void attention_forward_wg3(const T* __restrict__ q, const T* __restrict__ k,
-                                                      const T* __restrict__ v, T* __restrict__ out,
-                                                      float* __restrict__ lse, int heads, int kv_heads,
-                                                      int query_len, int key_len, float scale, int batches) {
-    constexpr int D = 64, BLOCK_Q = 128, BLOCK_K = 128, GROUP = 128, TILE = 128 * 128;
-    unsigned char* q_stages = attn_aligned_shared();          // 2 stages of BLOCK_Q rows of 128 bytes
-    unsigned char* k_stages = q_stages + 2 * TILE;             // 2 stages of BLOCK_K rows
-    unsigned char* v_stages = k_stages + 2 * TILE;             // 2 stages of BLOCK_K rows
-
-    const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const int q_blocks = (query_len + BLOCK_Q - 1) / BLOCK_Q, items = batches * heads * q_blocks;
-    const int offset = key_len - query_len;
-    const float scale_log2 = scale * ATTN_LOG2E;
-
-    // Work item i: query tile q_blocks − 1 − i / (B·H) (the longest first) of (b, h) = i mod (B·H).
-    struct Work { int batch_head, q0, tiles; const T* k_head; const T* v_head; };
-    auto work = [&](int item) {
-        Work w;
-        w.batch_head = item % (batches * heads);
-        w.q0 = (q_blocks - 1 - item / (batches * heads)) * BLOCK_Q;
-        const int head = w.batch_head % heads, batch = w.batch_head / heads;
-        const long long kv_base = ((long long)batch * kv_heads + head / (heads / kv_heads)) * key_len * D;
-        w.k_head = k + kv_base;
-        w.v_head = v + kv_base;
-        const int key_end = min(key_len, w.q0 + BLOCK_Q + offset);   // the tile's last row sees keys < key_end
-        w.tiles = (key_end + BLOCK_K - 1) / BLOCK_K;
-        return w;
-    };
-    // the number of K/V tiles of this block's items together (both roles walk the same sequence)
-    int total = 0;
-    for (int item = blockIdx.x; item < items; item += gridDim.x) total += work(item).tiles;
-    // named barriers: stage s full for compute warpgroup c: 1 + 2s + c; empty again: 5 + 2s + c
-    constexpr int PAIR = 2 * GROUP;
-
-    if (group == 2) {                                         // the producer
-        attn_set_max_registers_dec<88>();
-        const int thread = tid - 2 * GROUP;
-        int n = 0;
-        for (int item = blockIdx.x; item < items; item += gridDim.x) {
-            const Work w = work(item);
-            for (int tile = 0; tile < w.tiles; ++tile, ++n) {
-                const int stage = n & 1;
-                if (n >= 2) {                                 // both compute warpgroups are done with n − 2
-                    attn_named_sync(5 + 2 * stage, PAIR);
-                    attn_named_sync(6 + 2 * stage, PAIR);
-                }
-                if (tile == 0)
-                    attn_load_swizzled<T, BLOCK_Q, GROUP>(q_stages + stage * TILE,
-                                                          q + (long long)w.batch_head * query_len * D, w.q0,
-                                                          query_len, thread);
-                attn_load_swizzled<T, BLOCK_K, GROUP>(k_stages + stage * TILE, w.k_head, tile * BLOCK_K, key_len, thread);
-                attn_load_swizzled<T, BLOCK_K, GROUP>(v_stages + stage * TILE, w.v_head, tile * BLOCK_K, key_len, thread);
-                attn_copy_commit();
-                attn_copy_wait_all();
-                attn_fence_async();
-                attn_named_arrive(1 + 2 * stage, PAIR);
-                attn_named_arrive(2 + 2 * stage, PAIR);
-            }
-        }
-        return;
-    }
-
-    attn_set_max_registers_inc<208>();
-    int n = 0;
-    for (int item = blockIdx.x; item < items; item += gridDim.x) {
-        const Work current = work(item);
-        const int row = current.q0 + 64 * group + 16 * warp + g;   // this thread's rows: row and row + 8
-        const int group_first_row = current.q0 + 64 * group, group_last_row = group_first_row + 63;
-        unsigned q_fragments[4][4];                           // this warp's 16 rows of Q
-        float o[32], row_max[2] = {ATTN_NEG_INF, ATTN_NEG_INF}, row_sum[2] = {0.f, 0.f};
-        #pragma unroll
-        for (int i = 0; i < 32; ++i) o[i] = 0.f;
-
-        for (int tile = 0; tile < current.tiles; ++tile, ++n) {
-            const int stage = n & 1, k0 = tile * BLOCK_K;
-            attn_named_sync(1 + 2 * stage + group, PAIR);     // stage n is full
-            if (tile == 0) attn_load_fragments(q_fragments, q_stages + stage * TILE, 64 * group + 16 * warp);
-            if (k0 <= group_last_row + offset) {              // else every key comes after this warpgroup's rows
-                const unsigned k_address = attn_smem_address(k_stages + stage * TILE);
-                const unsigned v_address = attn_smem_address(v_stages + stage * TILE);
-                float s[64];
-                wgmma_fence();
-                #pragma unroll
-                for (int c = 0; c < D / 16; ++c)
-                    Wgmma<T>::template rs_n128<0>(s, q_fragments[c], attn_descriptor(k_address + 32 * c), c);
-                wgmma_commit();
-                wgmma_wait<0>();
-                wgmma_hold(s);
-
-                if (k0 + BLOCK_K - 1 > group_first_row + offset || k0 + BLOCK_K > key_len) {
-                    #pragma unroll
-                    for (int j = 0; j < 16; ++j)
-                        #pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int key = k0 + 8 * j + 2 * t + (e & 1);
-                            if (key > row + 8 * (e >> 1) + offset || key >= key_len) s[4 * j + e] = ATTN_NEG_INF;
-                        }
-                }
-                float new_max[2] = {row_max[0], row_max[1]};
-                #pragma unroll
-                for (int j = 0; j < 16; ++j) {
-                    new_max[0] = fmaxf(new_max[0], fmaxf(s[4 * j], s[4 * j + 1]));
-                    new_max[1] = fmaxf(new_max[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
-                }
-                #pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 1));
-                    new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 2));
-                    const float alpha = attn_exp2((row_max[r] - new_max[r]) * scale_log2);   // 0 on the first tile
-                    row_sum[r] *= alpha;
-                    #pragma unroll
-                    for (int j = 0; j < 8; ++j) {
-                        o[4 * j + 2 * r] *= alpha;
-                        o[4 * j + 2 * r + 1] *= alpha;
-                    }
-                    row_max[r] = new_max[r];
-                }
-                const float shift[2] = {new_max[0] * scale_log2, new_max[1] * scale_log2};
-                #pragma unroll
-                for (int j = 0; j < 16; ++j)
-                    #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]));
-                        row_sum[e >> 1] += p;
-                        s[4 * j + e] = p;
-                    }
-                unsigned p_fragments[8][4];
-                #pragma unroll
-                for (int c = 0; c < BLOCK_K / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
-                wgmma_fence();
-                #pragma unroll
-                for (int c = 0; c < BLOCK_K / 16; ++c)
-                    Wgmma<T>::template rs_n64<1>(o, p_fragments[c], attn_descriptor(v_address + 2048 * c), 1);
-                wgmma_commit();
-                wgmma_wait<0>();
-                wgmma_hold(o);
-                wgmma_hold(p_fragments);
-            }
-            if (n + 2 < total) attn_named_arrive(5 + 2 * stage + group, PAIR);   // stage n is free again
-        }
-        attn_forward_store(o, row_max, row_sum, out, lse, current.batch_head, row, query_len, scale_log2);
-    }
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Backward.
 
@@ -466,8 +314,8 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
     auto prefetch = [&](int it, int buffer) {
         const long long base = row_base(it);
         const int q0 = query_start(it);
-        attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tiles + buffer * TILE_Q, q + base * D, q0, query_len, tid);
-        attn_load_swizzled<T, BLOCK_Q, THREADS>(dout_tiles + buffer * TILE_Q, dout + base * D, q0, query_len, tid);
+        attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tiles + buffer * TILE_Q, q + base * D, q0, query_len);
+        attn_load_swizzled<T, BLOCK_Q, THREADS>(dout_tiles + buffer * TILE_Q, dout + base * D, q0, query_len);
         if (tid < 2 * BLOCK_Q) {
             const int i = tid % BLOCK_Q;
             const float* source = (tid < BLOCK_Q ? lse : delta) + base + q0 + i;
@@ -498,8 +346,8 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
     } else {
         attn_set_max_registers_inc<232>();
 
-        attn_load_swizzled<T, BLOCK_K, THREADS>(k_tile, k + kv_base, k0, key_len, tid);
-        attn_load_swizzled<T, BLOCK_K, THREADS>(v_tile, v + kv_base, k0, key_len, tid);
+        attn_load_swizzled<T, BLOCK_K, THREADS>(k_tile, k + kv_base, k0, key_len);
+        attn_load_swizzled<T, BLOCK_K, THREADS>(v_tile, v + kv_base, k0, key_len);
         prefetch(0, 0);
         attn_copy_commit();
 
@@ -652,13 +500,3 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
 
 ATTN_HOPPER_KERNELS(bf16, __nv_bfloat16, wg2)
 ATTN_HOPPER_KERNELS(fp16, __half, wg2)
-
-#define ATTN_HOPPER_FORWARD(SUFFIX, TYPE, BUILD, THREADS)                                                    \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1) attention_forward_##SUFFIX##_d64_##BUILD(        \
-        const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,       \
-        int query_len, int key_len, float scale, int batches) {                                            \
-        ATTN_HOPPER_BODY(attention_forward_##BUILD<TYPE>(q, k, v, out, lse, heads, kv_heads, query_len,       \
-                                                     key_len, scale, batches))                             \
-    }
-ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg3, 384)
-ATTN_HOPPER_FORWARD(fp16, __half, wg3, 384)

@@ -66,15 +66,13 @@ __device__ __forceinline__ unsigned long long attn_descriptor(unsigned address) 
 }
 
 // Copy rows [row0, row0 + ROWS) of a (rows, 64) two-byte matrix into a swizzled tile, zero-filling rows
-// at or past `limit`. THREADS threads take part, `thread` (0 … THREADS − 1) being the caller's index
-// among them; each copy is 16 bytes (cp.async).
+// at or past `limit`. Every one of the THREADS threads takes part; each copy is 16 bytes (cp.async).
 template <typename T, int ROWS, int THREADS>
-__device__ __forceinline__ void attn_load_swizzled(unsigned char* tile, const T* global, int row0, int limit,
-                                                   int thread) {
+__device__ __forceinline__ void attn_load_swizzled(unsigned char* tile, const T* global, int row0, int limit) {
     static_assert(ROWS * 8 % THREADS == 0, "every thread copies the same number of chunks");
     #pragma unroll
     for (int step = 0; step < ROWS * 8 / THREADS; ++step) {
-        const int index = thread + step * THREADS, row = index >> 3, chunk = index & 7;
+        const int index = threadIdx.x + step * THREADS, row = index >> 3, chunk = index & 7;
         const bool valid = row0 + row < limit;
         const T* source = global + (valid ? (long long)(row0 + row) * 64 + chunk * 8 : 0);
         attn_copy16(tile + attn_swizzle(row, chunk), source, valid);

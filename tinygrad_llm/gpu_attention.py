@@ -55,13 +55,12 @@ FORWARD_VARIANT = {64: "wg2", 128: "w8"}
 BACKWARD_VARIANT = {64: "wg2", 128: "w4"}
 PORTABLE_FORWARD_VARIANT = {64: "w4m2", 128: "w8"}
 PORTABLE_BACKWARD_VARIANT = {64: "w4m2q32p", 128: "w4"}
-HOPPER_VARIANTS = ("wg2", "wg3")
-FORWARD_VARIANTS = {64: ("w4", "w8", "w4m2", "w4m2k32", "w4m2k32r", "wg2", "wg3"), 128: ("w4", "w8")}
+HOPPER_VARIANTS = ("wg2",)
+FORWARD_VARIANTS = {64: ("w4", "w8", "w4m2", "w4m2k32", "w4m2k32r", "wg2"), 128: ("w4", "w8")}
 BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32", "w4m2q32p", "w8m2q32p", "wg2"), 128: ("w4", "w8")}
 _TILE = 128 * 128                                    # bytes of a 128-row tile of D = 64 two-byte values
 _HOPPER_SHARED_BYTES = {                             # each with 1 KiB to align the tiles to 1024 bytes
     ("forward", "wg2"): 6 * _TILE + 1024,            # 2 × Q, 2 × K, 2 × V
-    ("forward", "wg3"): 6 * _TILE + 1024,            # 2 stages of Q, K, V
     # K, V, 2 × (Q, dO), dSᵀ, L, Δ, 2 × staged dQ (64 rows of 72 floats)
     ("backward", "wg2"): 2 * _TILE + 4 * _TILE // 2 + _TILE + 4 * 64 * 4 + 2 * 64 * 72 * 4 + 1024,
 }
@@ -198,9 +197,8 @@ def causal_attention_forward(q, k, v):
     if suffix in _TENSOR_CORE_DTYPES and variant in HOPPER_VARIANTS:
         shared = _HOPPER_SHARED_BYTES["forward", variant]
         items = batch * heads * ((query_len + 127) // 128)      # persistent: at most one block a multiprocessor
-        threads = 384 if variant == "wg3" else 256              # wg3: 2 compute warpgroups and a producer
         _kernel(HOPPER_FILE, f"attention_forward_{suffix}_d{head_dim}_{variant}", shared)(
-            (min(items, _multiprocessors()),), (threads,), args + (np.int32(batch),), shared_mem=shared)
+            (min(items, _multiprocessors()),), (256,), args + (np.int32(batch),), shared_mem=shared)
     elif suffix in _TENSOR_CORE_DTYPES:
         warps, m_tiles = _warps_and_m_tiles(variant)
         block_q = 16 * m_tiles * warps
