@@ -223,13 +223,8 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                     row_sum[e >> 1] += p;
                     s[4 * j + e] = p;
                 }
-            unsigned p_fragments[8][4];
-            #pragma unroll
-            for (int c = 0; c < BLOCK_K / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
-            wgmma_fence();
-            #pragma unroll
-            for (int c = 0; c < BLOCK_K / 16; ++c)
-                Wgmma<T>::template rs_n64<1>(o, p_fragments[c], attn_descriptor(v_address + 2048 * c), 1);
+            unsigned p_fragments[BLOCK_K / 16][4];
+            attn_issue_product<T>(o, p_fragments, s, v_address);      // O += P V
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_hold(o);
@@ -405,13 +400,8 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
                     s[4 * j + e] = p;
                 }
             }
-            unsigned p_fragments[4][4];
-            #pragma unroll
-            for (int c = 0; c < BLOCK_Q / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
-            wgmma_fence();
-            #pragma unroll
-            for (int c = 0; c < BLOCK_Q / 16; ++c)
-                Wgmma<T>::template rs_n64<1>(dv_acc, p_fragments[c], attn_descriptor(dout_address + 2048 * c), 1);
+            unsigned p_fragments[BLOCK_Q / 16][4];
+            attn_issue_product<T>(dv_acc, p_fragments, s, dout_address);     // dV += Pᵀ dO
             wgmma_commit();
             wgmma_wait<1>();                                      // dPᵀ is done, dV may still run
             wgmma_hold(dp);
@@ -424,13 +414,8 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
                 #pragma unroll
                 for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? d_pair.y : d_pair.x));
             }
-            unsigned ds_fragments[4][4];
-            #pragma unroll
-            for (int c = 0; c < BLOCK_Q / 16; ++c) attn_fragment<T>(ds_fragments[c], dp, c);
-            wgmma_fence();
-            #pragma unroll
-            for (int c = 0; c < BLOCK_Q / 16; ++c)
-                Wgmma<T>::template rs_n64<1>(dk_acc, ds_fragments[c], attn_descriptor(q_address + 2048 * c), 1);
+            unsigned ds_fragments[BLOCK_Q / 16][4];
+            attn_issue_product<T>(dk_acc, ds_fragments, dp, q_address);      // dK += dSᵀ Q
             wgmma_commit();
 
             // dSᵀ to shared memory: fragment word (c, w) holds row key_row + 8·(w & 1), columns 16c + 8·(w >> 1) + 2t
