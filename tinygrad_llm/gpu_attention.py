@@ -92,15 +92,26 @@ def supports(*arrays) -> bool:
     return all(a.ndim == 4 and a.shape[-1] in HEAD_DIMS for a in arrays)
 
 
+_device_facts: dict = {}   # device id -> (compute capability, multiprocessor count), asked once a device
+
+
+def _facts() -> tuple:
+    device = backend.cupy_module().cuda.Device()
+    facts = _device_facts.get(device.id)
+    if facts is None:
+        facts = _device_facts[device.id] = (backend.device_compute_capability(),
+                                            device.attributes["MultiProcessorCount"])
+    return facts
+
+
 def hopper_available() -> bool:
     """True on a GPU of compute capability 9.0 (H100, H200), where the sm_90a wgmma builds run."""
-    return backend.device_compute_capability() == "90"
+    return _facts()[0] == "90"
 
 
 def _multiprocessors() -> int:
     """The current GPU's streaming-multiprocessor count (the persistent kernels' grid)."""
-    device = backend.cupy_module().cuda.Device()
-    return device.attributes["MultiProcessorCount"]
+    return _facts()[1]
 
 
 def _pick(table: dict, portable: dict, head_dim: int) -> str:
