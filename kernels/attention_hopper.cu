@@ -460,6 +460,206 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
     }
 }
 
+// wq: the backward with the queries as the M dimension (FlashAttention-3's layout). A step takes 128
+// query rows; compute warpgroup w owns rows 64w … 64w + 63 of it:
+//     S = Q Kᵀ and dP = dO Vᵀ        (4 + 4 × m64n128k16 from shared memory: the wide, efficient shape)
+//     P = exp2(S · scale · log2 e − L · log2 e), dS = P ∘ (dP − Δ) (L and Δ are per row: two a thread)
+//     P, dS → shared memory (128 × 128, 16-bit);  dQ = dS K  (8 × m64n64k16, A = dS from registers)
+//     barrier; then warpgroup w's keys 64w … 64w + 63:
+//     dV += Pᵀ dO and dK += dSᵀ Q     (8 + 8 × m64n64k16, A read transposed from the P / dS tiles)
+// and leaves dQ · scale in the stage for the dQ warpgroup, as in wg2 (one stage buffer here).
+// Shared memory: K, V (128 keys); Q, dO (128 rows) two buffers each; P and dS tiles (128 × 128, as two
+// 64-key column blocks); L, Δ two buffers each; the dQ stage (128 rows of 72 floats); 1 KiB of alignment:
+// 203 776 bytes. Launch as wg2: grid B·Hkv·ceil(Tk / 128), block 384.
+template <typename T>
+__device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, const T* __restrict__ k,
+                                                      const T* __restrict__ v, const T* __restrict__ dout,
+                                                      const float* __restrict__ lse,
+                                                      const float* __restrict__ delta,
+                                                      float* __restrict__ dq_accumulator, T* __restrict__ dk,
+                                                      T* __restrict__ dv, int heads, int kv_heads,
+                                                      int query_len, int key_len, float scale) {
+    constexpr int D = 64, BLOCK_K = 128, BLOCK_Q = 128, THREADS = 256;   // THREADS: the two compute warpgroups
+    constexpr int DQ_STRIDE = D + 8;      // floats a staged dQ row (288 bytes: the float2 stores miss no bank)
+    constexpr int TILE = 128 * 128;       // bytes of a 128-row tile of 64 two-byte columns
+    unsigned char* k_tile = attn_aligned_shared();
+    unsigned char* v_tile = k_tile + TILE;
+    unsigned char* q_tiles = v_tile + TILE;                   // 2 buffers
+    unsigned char* dout_tiles = q_tiles + 2 * TILE;           // 2 buffers
+    unsigned char* p_tile = dout_tiles + 2 * TILE;            // P: 128 query rows × 2 blocks of 64 keys
+    unsigned char* ds_tile = p_tile + 2 * TILE;               // dS: the same layout
+    float* l_tiles = reinterpret_cast<float*>(ds_tile + 2 * TILE);   // 2 buffers of BLOCK_Q
+    float* delta_tiles = l_tiles + 2 * BLOCK_Q;                      // 2 buffers of BLOCK_Q
+    float* dq_stage = delta_tiles + 2 * BLOCK_Q;                     // BLOCK_Q × DQ_STRIDE
+
+    const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const int key_blocks = (key_len + BLOCK_K - 1) / BLOCK_K;
+    const int batch_kv = blockIdx.x / key_blocks, batch = batch_kv / kv_heads, kv_head = batch_kv % kv_heads;
+    const int group_size = heads / kv_heads;
+    const int k0 = blockIdx.x % key_blocks * BLOCK_K;        // a kv head's key blocks together, first first
+    const int offset = key_len - query_len;
+    const int first_step = max(0, k0 - offset) / BLOCK_Q;    // earlier query steps see none of the keys
+    const int steps = (query_len + BLOCK_Q - 1) / BLOCK_Q - first_step;
+    const int iterations = group_size * steps;
+    const long long kv_base = (long long)batch_kv * key_len * D;
+
+    auto row_base = [&](int it) {
+        return ((long long)batch * heads + kv_head * group_size + it / steps) * query_len;
+    };
+    auto query_start = [&](int it) { return (first_step + it % steps) * BLOCK_Q; };
+    auto prefetch = [&](int it, int buffer) {                 // Q, dO, L, Δ of iteration it
+        const long long base = row_base(it);
+        const int q0 = query_start(it);
+        attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tiles + buffer * TILE, q + base * D, q0, query_len);
+        attn_load_swizzled<T, BLOCK_Q, THREADS>(dout_tiles + buffer * TILE, dout + base * D, q0, query_len);
+        const int i = tid % BLOCK_Q;
+        const float* source = (tid < BLOCK_Q ? lse : delta) + base + q0 + i;
+        float* target = (tid < BLOCK_Q ? l_tiles : delta_tiles) + buffer * BLOCK_Q + i;
+        attn_copy4(target, q0 + i < query_len ? source : lse, q0 + i < query_len);
+    };
+
+    if (tid >= THREADS) {
+        // Warpgroup 2 adds each step's staged dQ · scale to dq_accumulator: warp w takes rows 32w … 32w + 31,
+        // two whole 256-byte rows an instruction, then hands the stage back.
+        attn_set_max_registers_dec<40>();
+        const int writer_warp = (tid - THREADS) >> 5;
+        for (int it = 0; it < iterations; ++it) {
+            attn_named_sync(2, THREADS + 128);                // the stage is full
+            const int q0 = query_start(it);
+            float* dq_rows = dq_accumulator + (row_base(it) + q0) * D;
+            #pragma unroll 4
+            for (int pass = 0; pass < 16; ++pass) {
+                const int row = 32 * writer_warp + 2 * pass + (lane >> 4), column = 4 * (lane & 15);
+                const float4 sum = *reinterpret_cast<const float4*>(dq_stage + row * DQ_STRIDE + column);
+                if (q0 + row < query_len) attn_atomic_add4(dq_rows + row * D + column, sum.x, sum.y, sum.z, sum.w);
+            }
+            if (it + 1 < iterations) attn_named_arrive(4, THREADS + 128);   // empty again
+        }
+    } else {
+        attn_set_max_registers_inc<232>();
+        attn_load_swizzled<T, BLOCK_K, THREADS>(k_tile, k + kv_base, k0, key_len);
+        attn_load_swizzled<T, BLOCK_K, THREADS>(v_tile, v + kv_base, k0, key_len);
+        prefetch(0, 0);
+        attn_copy_commit();
+
+        const int row = 64 * group + 16 * warp + g;           // this thread's query rows of a step: row, row + 8
+        const int key_row = 64 * group + 16 * warp + g;       // and its keys of dK, dV: k0 + key_row (+ 8)
+        const float scale_log2 = scale * ATTN_LOG2E;
+        const unsigned k_address = attn_smem_address(k_tile), v_address = attn_smem_address(v_tile);
+        const unsigned p_address = attn_smem_address(p_tile), ds_address = attn_smem_address(ds_tile);
+        float dk_acc[32], dv_acc[32];
+        #pragma unroll
+        for (int i = 0; i < 32; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+
+        for (int it = 0; it < iterations; ++it) {
+            const int buffer = it & 1, q0 = query_start(it);
+            attn_copy_wait_all();
+            attn_fence_async();
+            attn_named_sync(1, THREADS);  // step it is in; step it − 1 (P, dS, its buffers) is done with
+            if (it + 1 < iterations) prefetch(it + 1, buffer ^ 1);
+            attn_copy_commit();
+
+            const unsigned q_address = attn_smem_address(q_tiles + buffer * TILE);
+            const unsigned dout_address = attn_smem_address(dout_tiles + buffer * TILE);
+            float s[64], dp[64];
+            wgmma_fence();
+            #pragma unroll
+            for (int c = 0; c < D / 16; ++c)
+                Wgmma<T>::template ss_n128<0, 0>(s, attn_descriptor(q_address + group * 64 * 128 + 32 * c),
+                                                 attn_descriptor(k_address + 32 * c), c);
+            wgmma_commit();
+            #pragma unroll
+            for (int c = 0; c < D / 16; ++c)
+                Wgmma<T>::template ss_n128<0, 0>(dp, attn_descriptor(dout_address + group * 64 * 128 + 32 * c),
+                                                 attn_descriptor(v_address + 32 * c), c);
+            wgmma_commit();
+            wgmma_wait<1>();                                  // S is done, dP may still run
+            wgmma_hold(s);
+
+            // P: row r of this thread needs L of query q0 + r
+            const float* l_row = l_tiles + buffer * BLOCK_Q;
+            const float shift[2] = {l_row[row] * ATTN_LOG2E, l_row[row + 8] * ATTN_LOG2E};
+            const bool edge = k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len;
+            #pragma unroll
+            for (int j = 0; j < 16; ++j)
+                #pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]));
+                    if (edge) {
+                        const int key = k0 + 8 * j + 2 * t + (e & 1), query = q0 + row + 8 * (e >> 1);
+                        if (key > query + offset || query >= query_len || key >= key_len) p = 0.f;
+                    }
+                    s[4 * j + e] = p;
+                }
+            // P to its tile: accumulator pair (j, r) is row row + 8r, keys 8j + 2t, + 1 (column block j / 8)
+            #pragma unroll
+            for (int j = 0; j < 16; ++j)
+                #pragma unroll
+                for (int r = 0; r < 2; ++r)
+                    *reinterpret_cast<unsigned*>(p_tile + (j >> 3) * TILE + attn_swizzle(row + 8 * r, j & 7) + 4 * t) =
+                        AttnType<T>::pack(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]);
+            wgmma_wait<0>();                                  // dP is done
+            wgmma_hold(dp);
+
+            // dS = P ∘ (dP − Δ), kept as A fragments (k16 steps over the 128 keys) and written to its tile
+            const float* delta_row = delta_tiles + buffer * BLOCK_Q;
+            const float row_delta[2] = {delta_row[row], delta_row[row + 8]};
+            #pragma unroll
+            for (int i = 0; i < 64; ++i) dp[i] = s[i] * (dp[i] - row_delta[(i >> 1) & 1]);
+            unsigned ds_fragments[8][4];
+            #pragma unroll
+            for (int c = 0; c < BLOCK_K / 16; ++c) {
+                attn_fragment<T>(ds_fragments[c], dp, c);
+                #pragma unroll
+                for (int w = 0; w < 4; ++w)               // word w: row row + 8·(w & 1), keys 16c + 8·(w >> 1) + 2t
+                    *reinterpret_cast<unsigned*>(ds_tile + (c >> 2) * TILE +
+                                                 attn_swizzle(row + 8 * (w & 1), (2 * c + (w >> 1)) & 7) + 4 * t) =
+                        ds_fragments[c][w];
+            }
+            // dQ = dS K over the block's 128 keys (K read transposed: rows are keys)
+            float dq[32];
+            wgmma_fence();
+            #pragma unroll
+            for (int c = 0; c < BLOCK_K / 16; ++c)
+                Wgmma<T>::template rs_n64<1>(dq, ds_fragments[c], attn_descriptor(k_address + 2048 * c), c);
+            wgmma_commit();
+            attn_fence_async();
+            attn_named_sync(1, THREADS);                      // both warpgroups' P and dS rows are written
+
+            // this warpgroup's keys: dV += Pᵀ dO, dK += dSᵀ Q over the step's 128 queries
+            wgmma_fence();
+            #pragma unroll
+            for (int c = 0; c < BLOCK_Q / 16; ++c)
+                Wgmma<T>::template ss_n64<1, 1>(dv_acc, attn_descriptor(p_address + group * TILE + 2048 * c),
+                                                attn_descriptor(dout_address + 2048 * c), 1);
+            wgmma_commit();
+            #pragma unroll
+            for (int c = 0; c < BLOCK_Q / 16; ++c)
+                Wgmma<T>::template ss_n64<1, 1>(dk_acc, attn_descriptor(ds_address + group * TILE + 2048 * c),
+                                                attn_descriptor(q_address + 2048 * c), 1);
+            wgmma_commit();
+            wgmma_wait<0>();
+            wgmma_hold(dq);
+            wgmma_hold(dk_acc);
+            wgmma_hold(dv_acc);
+            wgmma_hold(ds_fragments);
+
+            // dQ · scale to the stage for the dQ warpgroup (once it has emptied it)
+            if (it >= 1) attn_named_sync(4, THREADS + 128);
+            float* staged = dq_stage + 2 * t;
+            #pragma unroll
+            for (int r = 0; r < 2; ++r)
+                #pragma unroll
+                for (int j = 0; j < 8; ++j)
+                    *reinterpret_cast<float2*>(staged + (row + 8 * r) * DQ_STRIDE + 8 * j) =
+                        make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
+            attn_named_arrive(2, THREADS + 128);              // the stage is full
+        }
+        attn_backward_store(dk_acc, dv_acc, dk + kv_base, dv + kv_base, k0 + key_row, key_len, scale);
+    }
+}
+
 #endif  // ATTN_HOPPER
 
 #ifdef ATTN_HOPPER
@@ -485,3 +685,14 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
 
 ATTN_HOPPER_KERNELS(bf16, __nv_bfloat16, wg2)
 ATTN_HOPPER_KERNELS(fp16, __half, wg2)
+
+#define ATTN_HOPPER_BACKWARD(SUFFIX, TYPE, BUILD)                                                            \
+    extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d64_##BUILD(           \
+        const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
+        const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
+        int query_len, int key_len, float scale) {                                                         \
+        ATTN_HOPPER_BODY(attention_backward_##BUILD<TYPE>(q, k, v, dout, lse, delta, dq_accumulator, dk, dv,  \
+                                                      heads, kv_heads, query_len, key_len, scale))         \
+    }
+ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wq)
+ATTN_HOPPER_BACKWARD(fp16, __half, wq)

@@ -57,14 +57,17 @@ FORWARD_VARIANT = {64: "wg2", 128: "w8"}
 BACKWARD_VARIANT = {64: "wg2", 128: "w4"}
 PORTABLE_FORWARD_VARIANT = {64: "w4m2", 128: "w8"}
 PORTABLE_BACKWARD_VARIANT = {64: "w4m2q32p", 128: "w4"}
-HOPPER_VARIANTS = ("wg2",)
+HOPPER_VARIANTS = ("wg2", "wq")
 FORWARD_VARIANTS = {64: ("w4", "w8", "w4m2", "w4m2k32", "w4m2k32r", "wg2"), 128: ("w4", "w8")}
-BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32", "w4m2q32p", "w8m2q32p", "wg2"), 128: ("w4", "w8")}
+BACKWARD_VARIANTS = {64: ("w4", "w8", "w4q32", "w4m2q32", "w4m2q32p", "w8m2q32p", "wg2", "wq"),
+                     128: ("w4", "w8")}
 _TILE = 128 * 128                                    # bytes of a 128-row tile of D = 64 two-byte values
 _HOPPER_SHARED_BYTES = {                             # each with 1 KiB to align the tiles to 1024 bytes
     ("forward", "wg2"): 6 * _TILE + 1024,            # 2 × Q, 2 × K, 2 × V
     # K, V, 2 × (Q, dO), dSᵀ, L, Δ, 2 × staged dQ (64 rows of 72 floats)
     ("backward", "wg2"): 2 * _TILE + 4 * _TILE // 2 + _TILE + 4 * 64 * 4 + 2 * 64 * 72 * 4 + 1024,
+    # K, V, 2 × (Q, dO) of 128 rows, P and dS (128 × 128), L, Δ, one staged dQ (128 rows of 72 floats)
+    ("backward", "wq"): 2 * _TILE + 4 * _TILE + 4 * _TILE + 4 * 128 * 4 + 128 * 72 * 4 + 1024,
 }
 _VARIANT_NAME = re.compile(r"w(\d+)(?:m(\d+))?(?:q(\d+))?(?:k(\d+))?r?p?")
 _BLOCK_K_FORWARD = 64
