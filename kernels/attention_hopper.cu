@@ -462,8 +462,7 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
 
 // wq: the backward with the queries as the M dimension (FlashAttention-3's layout). A step takes 128
 // query rows; compute warpgroup w owns rows 64w … 64w + 63 of it:
-//     S = Q Kᵀ and dP = dO Vᵀ        (4 + 4 × m64n128k16, the wide shape; A = the warp's rows of Q / dO
-//                                     loaded as register fragments, B = K / V from shared memory)
+//     S = Q Kᵀ and dP = dO Vᵀ        (4 + 4 × m64n128k16 from shared memory: the wide, efficient shape)
 //     P = exp2(S · scale · log2 e − L · log2 e), dS = P ∘ (dP − Δ) (L and Δ are per row: two a thread)
 //     P, dS → shared memory (128 × 128, 16-bit);  dQ = dS K  (8 × m64n64k16, A = dS from registers)
 //     barrier; then warpgroup w's keys 64w … 64w + 63:
@@ -471,8 +470,7 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
 // and leaves dQ · scale in the stage for the dQ warpgroup, as in wg2 (one stage buffer here).
 // Shared memory: K, V (128 keys); Q, dO (128 rows) two buffers each; P and dS tiles (128 × 128, as two
 // 64-key column blocks); L, Δ two buffers each; the dQ stage (128 rows of 72 floats); 1 KiB of alignment:
-// 203 776 bytes. Launch as wg2: grid B·Hkv·ceil(Tk / 128), block 384; setmaxnreg gives the compute
-// warpgroups 240 registers and the dQ warpgroup 24.
+// 203 776 bytes. Launch as wg2: grid B·Hkv·ceil(Tk / 128), block 384.
 template <typename T>
 __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, const T* __restrict__ dout,
@@ -524,7 +522,7 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
     if (tid >= THREADS) {
         // Warpgroup 2 adds each step's staged dQ · scale to dq_accumulator: warp w takes rows 32w … 32w + 31,
         // two whole 256-byte rows an instruction, then hands the stage back.
-        attn_set_max_registers_dec<24>();
+        attn_set_max_registers_dec<40>();
         const int writer_warp = (tid - THREADS) >> 5;
         for (int it = 0; it < iterations; ++it) {
             attn_named_sync(2, THREADS + 128);                // the stage is full
@@ -539,7 +537,7 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             if (it + 1 < iterations) attn_named_arrive(4, THREADS + 128);   // empty again
         }
     } else {
-        attn_set_max_registers_inc<240>();
+        attn_set_max_registers_inc<232>();
         attn_load_swizzled<T, BLOCK_K, THREADS>(k_tile, k + kv_base, k0, key_len);
         attn_load_swizzled<T, BLOCK_K, THREADS>(v_tile, v + kv_base, k0, key_len);
         prefetch(0, 0);
@@ -565,17 +563,16 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             const unsigned q_address = attn_smem_address(q_tiles + buffer * TILE);
             const unsigned dout_address = attn_smem_address(dout_tiles + buffer * TILE);
             float s[64], dp[64];
-            unsigned q_fragments[4][4], dout_fragments[4][4];   // this warp's 16 rows of Q and dO
-            attn_load_fragments(q_fragments, q_tiles + buffer * TILE, 64 * group + 16 * warp);
-            attn_load_fragments(dout_fragments, dout_tiles + buffer * TILE, 64 * group + 16 * warp);
             wgmma_fence();
             #pragma unroll
             for (int c = 0; c < D / 16; ++c)
-                Wgmma<T>::template rs_n128<0>(s, q_fragments[c], attn_descriptor(k_address + 32 * c), c);
+                Wgmma<T>::template ss_n128<0, 0>(s, attn_descriptor(q_address + group * 64 * 128 + 32 * c),
+                                                 attn_descriptor(k_address + 32 * c), c);
             wgmma_commit();
             #pragma unroll
             for (int c = 0; c < D / 16; ++c)
-                Wgmma<T>::template rs_n128<0>(dp, dout_fragments[c], attn_descriptor(v_address + 32 * c), c);
+                Wgmma<T>::template ss_n128<0, 0>(dp, attn_descriptor(dout_address + group * 64 * 128 + 32 * c),
+                                                 attn_descriptor(v_address + 32 * c), c);
             wgmma_commit();
             wgmma_wait<1>();                                  // S is done, dP may still run
             wgmma_hold(s);
@@ -604,8 +601,6 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                         AttnType<T>::pack(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]);
             wgmma_wait<0>();                                  // dP is done
             wgmma_hold(dp);
-            wgmma_hold(q_fragments);
-            wgmma_hold(dout_fragments);
 
             // dS = P ∘ (dP − Δ), kept as A fragments (k16 steps over the 128 keys) and written to its tile
             const float* delta_row = delta_tiles + buffer * BLOCK_Q;
