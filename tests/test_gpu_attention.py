@@ -239,12 +239,12 @@ def test_hopper_builds_give_way_to_portable_ones_elsewhere(monkeypatch):
             assert chosen[head_dim] in builds[head_dim]
     monkeypatch.setattr(gpu_attention, "hopper_available", lambda: True)
     for chosen, portable, _ in tables:
-        assert gpu_attention._pick(chosen, portable, 64) == chosen[64] == "wg2"
+        assert gpu_attention._pick(chosen, portable, 64) == chosen[64] in gpu_attention.HOPPER_VARIANTS
 
 
 @pytest.mark.gpu
 def test_hopper_runs_the_wgmma_build_by_default(monkeypatch):
-    """On compute capability 9.0, bf16 attention at head dim 64 launches the wg2 kernels (and is right)."""
+    """On compute capability 9.0, bf16 attention at head dim 64 launches the wgmma kernels (and is right)."""
     if not gpu_attention.hopper_available():
         pytest.skip("needs compute capability 9.0")
     names = []
@@ -256,7 +256,9 @@ def test_hopper_runs_the_wgmma_build_by_default(monkeypatch):
     gq, gk, gv, gdy = (cp.asarray(a) for a in (q, k, v, dy))
     out, lse = gpu_attention.causal_attention_forward(gq, gk, gv)
     grads = gpu_attention.causal_attention_backward(gdy, gq, gk, gv, out, lse)
-    assert "attention_forward_bf16_d64_wg2" in names and "attention_backward_bf16_d64_wg2" in names
+    assert f"attention_forward_bf16_d64_{gpu_attention.FORWARD_VARIANT[64]}" in names
+    assert f"attention_backward_bf16_d64_{gpu_attention.BACKWARD_VARIANT[64]}" in names
+    assert {gpu_attention.FORWARD_VARIANT[64], gpu_attention.BACKWARD_VARIANT[64]} <= set(gpu_attention.HOPPER_VARIANTS)
     for name, got, expected in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + tuple(grads),
                                    _reference(q, k, v, dy)):
         assert _relative_error(got, expected) <= TOLERANCE["bfloat16"], name

@@ -54,7 +54,7 @@ _TENSOR_CORE_DTYPES = ("bf16", "fp16")
 # (benchmarks/RESULTS.md, session 2). It needs compute capability 9.0; elsewhere the PORTABLE_*_VARIANT
 # of the same head dim runs instead.
 FORWARD_VARIANT = {64: "wg2", 128: "w8"}
-BACKWARD_VARIANT = {64: "wg2", 128: "w4"}
+BACKWARD_VARIANT = {64: "wq", 128: "w4"}
 PORTABLE_FORWARD_VARIANT = {64: "w4m2", 128: "w8"}
 PORTABLE_BACKWARD_VARIANT = {64: "w4m2q32p", 128: "w4"}
 HOPPER_VARIANTS = ("wg2", "wq")
