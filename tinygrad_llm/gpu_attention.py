@@ -48,11 +48,12 @@ _TENSOR_CORE_DTYPES = ("bf16", "fp16")
 # benchmarks/RESULTS.md). Tests run every build.
 # Suffixes: k<keys> = forward K/V tile of that many keys (64 otherwise); r = forward re-reads Q from shared
 # memory each K tile; p = backward holds Pᵀ as 16-bit fragments after dV (fewer registers).
-# wg2 (kernels/attention_hopper.cu): wgmma, sm_90a; forward persistent, 2 warpgroups × 64 query rows,
-# 128-key tiles; backward 2 compute warpgroups × 64 keys with 64-row steps plus a warpgroup that adds dQ.
-# 0.418 ms forward+backward at B16 H12 T1024 D64 bf16 on an H200 against w4m2/w4m2q32p's 0.546
-# (benchmarks/RESULTS.md, session 2). It needs compute capability 9.0; elsewhere the PORTABLE_*_VARIANT
-# of the same head dim runs instead.
+# Hopper builds (kernels/attention_hopper.cu: wgmma, sm_90a). wg2: forward persistent, 2 warpgroups × 64
+# query rows, 128-key tiles; backward 2 compute warpgroups × 64 keys with 64-row steps plus a warpgroup
+# that adds dQ. wq: backward with the queries as M (128-row steps, S and dP as m64n128k16, P and dS through
+# shared memory), 3–5 % faster than wg2's. wg2/wq: 0.408 ms forward+backward at B16 H12 T1024 D64 bf16 on
+# an H200 against w4m2/w4m2q32p's 0.546 (benchmarks/RESULTS.md, session 2). They need compute capability
+# 9.0; elsewhere the PORTABLE_*_VARIANT of the same head dim runs instead.
 FORWARD_VARIANT = {64: "wg2", 128: "w8"}
 BACKWARD_VARIANT = {64: "wq", 128: "w4"}
 PORTABLE_FORWARD_VARIANT = {64: "w4m2", 128: "w8"}
