@@ -272,6 +272,48 @@ __device__ __forceinline__ void attn_backward_store(const float (&dk_acc)[32], c
     }
 }
 
+// The work of one backward block (both backward builds): key block blockIdx.x mod ceil(Tk / BLOCK_K) of
+// kv head blockIdx.x / ceil(Tk / BLOCK_K) (a head's blocks side by side, the first keys first), and its
+// iterations: for each query head of the kv head's group, the BLOCK_Q-row query steps that can see the
+// block's keys (the earlier steps see none of them).
+template <int BLOCK_Q, int BLOCK_K>
+struct AttnBackwardWork {
+    int k0, first_step, steps, iterations, query_len;
+    long long kv_base, head_base;   // first row of the kv head in k, v; of its first query head in q, L
+
+    __device__ AttnBackwardWork(int heads, int kv_heads, int query_len_, int key_len) : query_len(query_len_) {
+        const int key_blocks = (key_len + BLOCK_K - 1) / BLOCK_K, batch_kv = blockIdx.x / key_blocks;
+        const int group_size = heads / kv_heads, batch = batch_kv / kv_heads, kv_head = batch_kv % kv_heads;
+        k0 = blockIdx.x % key_blocks * BLOCK_K;
+        first_step = max(0, k0 - (key_len - query_len)) / BLOCK_Q;
+        steps = (query_len + BLOCK_Q - 1) / BLOCK_Q - first_step;
+        iterations = group_size * steps;
+        kv_base = (long long)batch_kv * key_len * 64;
+        head_base = ((long long)batch * heads + kv_head * group_size) * query_len;
+    }
+    // first row of iteration it's (b, h) in q, dO, L, Δ, and the iteration's first query row
+    __device__ long long row_base(int it) const { return head_base + (long long)(it / steps) * query_len; }
+    __device__ int query_start(int it) const { return (first_step + it % steps) * BLOCK_Q; }
+};
+
+// Q and dO rows, L and Δ of step `it` into one buffer of their tiles, by THREADS threads (cp.async).
+template <typename T, int BLOCK_Q, int BLOCK_K, int THREADS>
+__device__ __forceinline__ void attn_backward_prefetch(const AttnBackwardWork<BLOCK_Q, BLOCK_K>& work, int it,
+                                                       const T* q, const T* dout, const float* lse,
+                                                       const float* delta, unsigned char* q_tile,
+                                                       unsigned char* dout_tile, float* l_tile, float* delta_tile) {
+    const long long base = work.row_base(it);
+    const int q0 = work.query_start(it), tid = threadIdx.x, query_len = work.query_len;
+    attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tile, q + base * 64, q0, query_len);
+    attn_load_swizzled<T, BLOCK_Q, THREADS>(dout_tile, dout + base * 64, q0, query_len);
+    if (tid < 2 * BLOCK_Q) {
+        const int i = tid % BLOCK_Q;
+        const float* source = (tid < BLOCK_Q ? lse : delta) + base + q0 + i;
+        float* target = (tid < BLOCK_Q ? l_tile : delta_tile) + i;
+        attn_copy4(target, q0 + i < query_len ? source : lse, q0 + i < query_len);
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, const T* __restrict__ k,
                                                        const T* __restrict__ v, const T* __restrict__ dout,
@@ -294,32 +336,15 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
 
     const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int key_blocks = (key_len + BLOCK_K - 1) / BLOCK_K;
-    const int batch_kv = blockIdx.x / key_blocks, batch = batch_kv / kv_heads, kv_head = batch_kv % kv_heads;
-    const int group_size = heads / kv_heads;
-    const int k0 = blockIdx.x % key_blocks * BLOCK_K;        // a kv head's key blocks together, first first
-    const int offset = key_len - query_len;
-    const int first_step = max(0, k0 - offset) / BLOCK_Q;    // earlier query steps see none of the keys
-    const int steps = (query_len + BLOCK_Q - 1) / BLOCK_Q - first_step;
-    const int iterations = group_size * steps;
-    const long long kv_base = (long long)batch_kv * key_len * D;
-
-    // (head, first query row) of iteration `it`, and the copies of its Q, dO, L, Δ into buffer `buffer`
-    auto row_base = [&](int it) {
-        return ((long long)batch * heads + kv_head * group_size + it / steps) * query_len;
-    };
-    auto query_start = [&](int it) { return (first_step + it % steps) * BLOCK_Q; };
-    auto prefetch = [&](int it, int buffer) {
-        const long long base = row_base(it);
-        const int q0 = query_start(it);
-        attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tiles + buffer * TILE_Q, q + base * D, q0, query_len);
-        attn_load_swizzled<T, BLOCK_Q, THREADS>(dout_tiles + buffer * TILE_Q, dout + base * D, q0, query_len);
-        if (tid < 2 * BLOCK_Q) {
-            const int i = tid % BLOCK_Q;
-            const float* source = (tid < BLOCK_Q ? lse : delta) + base + q0 + i;
-            float* target = (tid < BLOCK_Q ? l_tiles : delta_tiles) + buffer * BLOCK_Q + i;
-            attn_copy4(target, q0 + i < query_len ? source : lse, q0 + i < query_len);
-        }
+    const AttnBackwardWork<BLOCK_Q, BLOCK_K> work(heads, kv_heads, query_len, key_len);
+    const int k0 = work.k0, iterations = work.iterations, offset = key_len - query_len;
+    const long long kv_base = work.kv_base;
+    auto row_base = [&](int it) { return work.row_base(it); };
+    auto query_start = [&](int it) { return work.query_start(it); };
+    auto prefetch = [&](int it, int buffer) {                 // Q, dO, L, Δ of iteration it
+        attn_backward_prefetch<T, BLOCK_Q, BLOCK_K, THREADS>(work, it, q, dout, lse, delta, q_tiles + buffer * TILE_Q,
+                                                            dout_tiles + buffer * TILE_Q, l_tiles + buffer * BLOCK_Q,
+                                                            delta_tiles + buffer * BLOCK_Q);
     };
 
     if (tid >= THREADS) {
@@ -497,29 +522,15 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
 
     const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const int key_blocks = (key_len + BLOCK_K - 1) / BLOCK_K;
-    const int batch_kv = blockIdx.x / key_blocks, batch = batch_kv / kv_heads, kv_head = batch_kv % kv_heads;
-    const int group_size = heads / kv_heads;
-    const int k0 = blockIdx.x % key_blocks * BLOCK_K;        // a kv head's key blocks together, first first
-    const int offset = key_len - query_len;
-    const int first_step = max(0, k0 - offset) / BLOCK_Q;    // earlier query steps see none of the keys
-    const int steps = (query_len + BLOCK_Q - 1) / BLOCK_Q - first_step;
-    const int iterations = group_size * steps;
-    const long long kv_base = (long long)batch_kv * key_len * D;
-
-    auto row_base = [&](int it) {
-        return ((long long)batch * heads + kv_head * group_size + it / steps) * query_len;
-    };
-    auto query_start = [&](int it) { return (first_step + it % steps) * BLOCK_Q; };
+    const AttnBackwardWork<BLOCK_Q, BLOCK_K> work(heads, kv_heads, query_len, key_len);
+    const int k0 = work.k0, iterations = work.iterations, offset = key_len - query_len;
+    const long long kv_base = work.kv_base;
+    auto row_base = [&](int it) { return work.row_base(it); };
+    auto query_start = [&](int it) { return work.query_start(it); };
     auto prefetch = [&](int it, int buffer) {                 // Q, dO, L, Δ of iteration it
-        const long long base = row_base(it);
-        const int q0 = query_start(it);
-        attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tiles + buffer * TILE, q + base * D, q0, query_len);
-        attn_load_swizzled<T, BLOCK_Q, THREADS>(dout_tiles + buffer * TILE, dout + base * D, q0, query_len);
-        const int i = tid % BLOCK_Q;
-        const float* source = (tid < BLOCK_Q ? lse : delta) + base + q0 + i;
-        float* target = (tid < BLOCK_Q ? l_tiles : delta_tiles) + buffer * BLOCK_Q + i;
-        attn_copy4(target, q0 + i < query_len ? source : lse, q0 + i < query_len);
+        attn_backward_prefetch<T, BLOCK_Q, BLOCK_K, THREADS>(work, it, q, dout, lse, delta, q_tiles + buffer * TILE,
+                                                            dout_tiles + buffer * TILE, l_tiles + buffer * BLOCK_Q,
+                                                            delta_tiles + buffer * BLOCK_Q);
     };
 
     if (tid >= THREADS) {
