@@ -272,6 +272,21 @@ __device__ __forceinline__ void attn_backward_store(const float (&dk_acc)[32], c
     }
 }
 
+// The dQ warpgroup's share of one staged step: warp `warp` adds rows ROWS·warp … ROWS·warp + ROWS − 1 of
+// `staged` (rows of stride floats, 64 used) to dq_rows with 16-byte reductions, two whole 256-byte rows an
+// instruction; rows at or past `valid_rows` (outside the sequence) are left out.
+template <int ROWS>
+__device__ __forceinline__ void attn_add_staged_dq(float* dq_rows, const float* staged, int stride, int warp,
+                                                   int valid_rows) {
+    const int lane = threadIdx.x & 31, column = 4 * (lane & 15);
+    #pragma unroll 4
+    for (int pass = 0; pass < ROWS / 2; ++pass) {
+        const int row = ROWS * warp + 2 * pass + (lane >> 4);
+        const float4 sum = *reinterpret_cast<const float4*>(staged + row * stride + column);
+        if (row < valid_rows) attn_atomic_add4(dq_rows + row * 64 + column, sum.x, sum.y, sum.z, sum.w);
+    }
+}
+
 // The work of one backward block (both backward builds): key block blockIdx.x mod ceil(Tk / BLOCK_K) of
 // kv head blockIdx.x / ceil(Tk / BLOCK_K) (a head's blocks side by side, the first keys first), and its
 // iterations: for each query head of the kv head's group, the BLOCK_Q-row query steps that can see the
@@ -357,13 +372,8 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
             attn_named_sync(2 + (it & 1), THREADS + 128);     // dq_stage[it & 1] is full
             const int q0 = query_start(it);
             float* dq_rows = dq_accumulator + (row_base(it) + q0) * D;
-            const float* staged = dq_stage + (it & 1) * BLOCK_Q * DQ_STRIDE;
-            #pragma unroll
-            for (int pass = 0; pass < 8; ++pass) {
-                const int row = 16 * writer_warp + 2 * pass + (lane >> 4), column = 4 * (lane & 15);
-                const float4 sum = *reinterpret_cast<const float4*>(staged + row * DQ_STRIDE + column);
-                if (q0 + row < query_len) attn_atomic_add4(dq_rows + row * D + column, sum.x, sum.y, sum.z, sum.w);
-            }
+            attn_add_staged_dq<BLOCK_Q / 4>(dq_rows, dq_stage + (it & 1) * BLOCK_Q * DQ_STRIDE, DQ_STRIDE,
+                                             writer_warp, query_len - q0);
             if (it + 2 < iterations) attn_named_arrive(4 + (it & 1), THREADS + 128);   // empty again
         }
     } else {
@@ -542,12 +552,7 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             attn_named_sync(2, THREADS + 128);                // the stage is full
             const int q0 = query_start(it);
             float* dq_rows = dq_accumulator + (row_base(it) + q0) * D;
-            #pragma unroll 4
-            for (int pass = 0; pass < 16; ++pass) {
-                const int row = 32 * writer_warp + 2 * pass + (lane >> 4), column = 4 * (lane & 15);
-                const float4 sum = *reinterpret_cast<const float4*>(dq_stage + row * DQ_STRIDE + column);
-                if (q0 + row < query_len) attn_atomic_add4(dq_rows + row * D + column, sum.x, sum.y, sum.z, sum.w);
-            }
+            attn_add_staged_dq<BLOCK_Q / 4>(dq_rows, dq_stage, DQ_STRIDE, writer_warp, query_len - q0);
             if (it + 1 < iterations) attn_named_arrive(4, THREADS + 128);   // empty again
         }
     } else {
