@@ -92,6 +92,18 @@ _ASCII_PATTERNS = {
 }
 
 CHAT_SPECIAL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+# The chat template, one for the whole project (SFT, DPO, chat, the server and the exported
+# tokenizer_config.json). Each turn is the role's special token, a newline, the content and <|end|>, then a
+# newline:
+#     <|system|>\nYou are terse.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello.<|end|>\n
+# add_generation_prompt appends "<|assistant|>\n" for the model to continue. No BOS token is added. The
+# tokens a model is trained on in a conversation are each assistant turn's content and its <|end|>.
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_TEMPLATE = ("{% for message in messages %}"
+                 "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+                 "{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
 FILE_FORMAT = "tinygrad_llm.tokenizer.bpe"
 FILE_VERSION = 1
 CACHE_LIMIT = 1 << 19
