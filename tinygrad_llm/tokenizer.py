@@ -895,3 +895,51 @@ class Tokenizer:
         with open(path, "w", encoding="ascii") as file:
             for data, rank in sorted(self._ranks.items(), key=lambda item: item[1]):
                 file.write(f"{base64.b64encode(data).decode('ascii')} {rank}\n")
+
+    # ------------------------------------------------------------------------------------------------
+    # chat
+
+    def apply_chat_template(self, messages, add_generation_prompt=False):
+        """(ids, assistant_mask) of a conversation rendered with CHAT_TEMPLATE (what encoding the Jinja
+        rendering with allowed_special="all" gives). messages: [{"role": "system"|"user"|"assistant",
+        "content": str}, ...]; the mask is 1 on each assistant turn's content and its <|end|>. The chat
+        tokens must be special tokens of this tokenizer; content must not contain special-token strings."""
+        return encode_chat(messages, self.encode_ordinary, self._special_tokens, add_generation_prompt)
+
+
+def encode_chat(messages, encode_text, special_ids, add_generation_prompt=False):
+    """CHAT_TEMPLATE rendered to ids for any tokenizer: `encode_text(str) -> ids` for plain text and
+    `special_ids` {name: id}. Returns (ids, assistant_mask), two lists of the same length.
+
+    Each turn is <|role|>, encode_text("\\n" + content), <|end|>, encode_text("\\n"): the pieces an encoder
+    that splits at special tokens sees. The mask covers an assistant turn's content and its <|end|>; when
+    the tokenizer merges the newline after <|assistant|> with the content's first characters, the token
+    holding both is counted as content."""
+    missing = [name for name in ("<|end|>",) + tuple(f"<|{role}|>" for role in CHAT_ROLES) if name not in special_ids]
+    if missing:
+        raise ValueError(f"the tokenizer lacks the chat tokens {missing}; add them first "
+                         "(tinygrad_llm.posttrain.chat.with_chat_tokens)")
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+    newline = list(encode_text("\n"))
+    ids, mask = [], []
+    for number, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"message {number} must be a dict with 'role' and 'content', got {message!r}"[:200])
+        role, content = message["role"], message["content"]
+        if role not in CHAT_ROLES:
+            raise ValueError(f"message {number} has unknown role {role!r}; roles are {', '.join(CHAT_ROLES)}")
+        if not isinstance(content, str):
+            raise ValueError(f"message {number} content must be a string, got {type(content).__name__}")
+        inside = [name for name in special_ids if name in content]
+        if inside:
+            raise ValueError(f"message {number} content contains the special token(s) {inside}")
+        body = list(encode_text("\n" + content))
+        kept = 0 if body[:len(newline)] != newline else len(newline)   # 0: newline merged into the content
+        trained = 1 if role == "assistant" else 0
+        ids += [special_ids[f"<|{role}|>"]] + body + [special_ids["<|end|>"]] + newline
+        mask += [0] + [0] * kept + [trained] * (len(body) - kept) + [trained] + [0] * len(newline)
+    if add_generation_prompt:
+        ids += [special_ids["<|assistant|>"]] + newline
+        mask += [0] * (1 + len(newline))
+    return ids, mask
