@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=None)
     p.add_argument("--best", action="store_true")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--task", default=None, help="multiple-choice task: a JSONL file or a built-in name (cli_evals.py)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="score at most this many items of --task")
+    p.add_argument("--output", default=None, help="write --task results with per-item scores to this JSON file")
+    p.add_argument("--against", default=None, metavar="RUN", help="score a second run on the same --task items")
 
     p = sub.add_parser("export", help="export a checkpoint for Hugging Face transformers")
     p.add_argument("checkpoint")
@@ -174,6 +178,9 @@ def run_sample(args) -> int:
 
 
 def run_eval(args) -> int:
+    if args.task or args.against:
+        from .cli_evals import run_task_eval
+        return run_task_eval(args)
     from .train import TrainConfig, build_data, config_from_dict, evaluate
     model, state, tokenizer = _load(args.checkpoint, args.best, args.device)
     saved = dict(state.get("train_config", {}))
