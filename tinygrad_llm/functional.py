@@ -174,3 +174,33 @@ def dropout(x, p, training=True, seed=None):
 import builtins as _builtins  # noqa: E402  (sum and max are shadowed above by the tensor versions)
 
 builtins_sum = _builtins.sum
+
+
+# post-training (preference optimisation and LoRA)
+from .ops.lora import LoRAWeight  # noqa: E402
+from .ops.preference import DPOLoss, LogSigmoid, SequenceLogprobs  # noqa: E402
+
+
+def log_sigmoid(x):
+    """log σ(x), finite and accurate for any x (min(x, 0) − log1p(e^−|x|))."""
+    return LogSigmoid.apply(ensure_tensor(x))
+
+
+def sequence_logprobs(logits, targets, mask):
+    """(B,) sums over t of mask[b, t] · log softmax(logits[b, t])[targets[b, t]]; logits (B, T, V)."""
+    targets = targets.data if isinstance(targets, Tensor) else targets
+    mask = mask.data if isinstance(mask, Tensor) else mask
+    return SequenceLogprobs.apply(ensure_tensor(logits), targets, mask)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, beta=0.1):
+    """Mean DPO loss −log σ(β·[(πc − ρc) − (πr − ρr)]) over the batch, a scalar Tensor; each input (B,)."""
+    policy_chosen_logps = ensure_tensor(policy_chosen_logps)
+    rest = [ensure_tensor(t, like=policy_chosen_logps) for t in
+            (policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)]
+    return DPOLoss.apply(policy_chosen_logps, *rest, beta=float(beta))
+
+
+def lora_weight(weight, a, b, scale):
+    """W + scale · B @ A: a LoRA-adapted weight; weight (out, in), a (r, in), b (out, r)."""
+    return LoRAWeight.apply(ensure_tensor(weight), ensure_tensor(a), ensure_tensor(b), scale=float(scale))
