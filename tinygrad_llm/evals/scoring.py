@@ -30,6 +30,7 @@ beats one small forward per item for the models here.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,11 +51,21 @@ class RequestScore:
 
 
 def encode(tokenizer, text: str) -> list:
-    """Ids of text, special-token names becoming their tokens where the tokenizer has any (as a Hugging
-    Face tokenizer treats added tokens): chat-formatted contexts carry <|user|> and the like."""
-    if getattr(tokenizer, "special_tokens", None) and hasattr(tokenizer, "token_bytes"):
-        return list(tokenizer.encode(text, allowed_special="all"))
-    return list(tokenizer.encode_ordinary(text))
+    """Ids of text, where the name of one of the tokenizer's special tokens becomes that token (as a Hugging
+    Face tokenizer treats added tokens) and everything else goes through `encode_ordinary`: chat-formatted
+    contexts carry <|user|> and the like. For the chat template this gives exactly the ids of
+    tinygrad_llm.tokenizer.encode_chat, which encodes the text between special tokens piece by piece."""
+    special = dict(getattr(tokenizer, "special_tokens", None) or {})
+    present = sorted((name for name in special if name in text), key=len, reverse=True)   # longest name first
+    if not present:
+        return list(tokenizer.encode_ordinary(text))
+    ids = []
+    for position, piece in enumerate(re.split("(" + "|".join(map(re.escape, present)) + ")", text)):
+        if position % 2:                             # odd positions of re.split are the captured names
+            ids.append(special[piece])
+        elif piece:
+            ids.extend(tokenizer.encode_ordinary(piece))
+    return ids
 
 
 def encode_pair(tokenizer, context: str, continuation: str, eot_id: int | None = None):
