@@ -54,17 +54,22 @@ def test_speaker_items_attribute_one_line_to_four_speakers_in_both_forms():
         lines = {choice.split("\n", 1)[1] for choice in item.choices}
         assert len(set(names)) == CHOICES and len(lines) == 1 and item.target_delimiter == "\n\n"
     for item in chat.items:
-        assert item.context.startswith("<|user|>\nWho says: ") and item.context.endswith("<|end|>\n<|assistant|>\n")
+        assert item.context.startswith('<|user|>\nWho says "') and item.context.endswith("<|end|>\n<|assistant|>\n")
+        assert f'? Choose: {"; ".join(sorted(item.choices))}<|end|>' in item.context
         assert all(choice.startswith("SPEAKER") and "\n" not in choice for choice in item.choices)
 
 
-def test_continue_items_ask_for_the_line_after_the_quoted_one():
+def test_continue_items_ask_for_the_first_line_of_the_next_speech():
     task = builtin_task("shakespeare_continue", chat=True, plays=synthetic_plays(), limit=1000)
+    assert task.items and task.name == "shakespeare_continue_chat"
     for item in task.items:
         truth = _true_line(item)
-        if truth.endswith("second one"):
-            assert truth.replace("second one", "first line") in item.context
-    assert builtin_task("shakespeare_continue", plays=synthetic_plays()).items[0].context.startswith("Continue: ")
+        speech = int(truth.split("speech ")[1].split()[0])
+        asked = truth.replace(f"speech {speech} ", f"speech {speech - 1} ")
+        assert item.context == f'<|user|>\nContinue: "{asked}"<|end|>\n<|assistant|>\n'
+        assert all(choice.endswith("first line") for choice in item.choices) and len(set(item.choices)) == CHOICES
+    plain = builtin_task("shakespeare_continue", plays=synthetic_plays())
+    assert plain.items[0].context.startswith('Continue: "') and plain.items[0].context.endswith('"\n')
 
 
 def test_builtin_tasks_are_deterministic_and_limited():

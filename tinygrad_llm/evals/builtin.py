@@ -16,10 +16,14 @@ Tasks (four choices each, so chance is 25 %; the choices' order is shuffled with
 - shakespeare_speaker: who speaks next. Plain form: the scene so far, then each choice is "NAME\\nfirst
   line of the speech" for the true speaker and three other speakers (of the same scene first, then the
   most frequent of the play): the line is the same in every choice, so the model must attribute it.
-  Chat form (chat=True): the user asks who says the line, the assistant answers with the name.
-- shakespeare_continue: the line-continuation instruction an SFT'd model is trained to follow ("Continue:"
-  a verse line, answer the next one), scored against three other lines of the play. Chat form through the
-  template; the plain form writes the same instruction as text (a base model never saw it, which is the point).
+  Chat form (chat=True): the user asks 'Who says "LINE"? Choose: A; B; C; D' (the four names sorted), the
+  assistant answers with the name.
+- shakespeare_continue: the instruction an SFT'd model is trained to follow, 'Continue: "LINE"' with the
+  first line of a speech, answered by the first line of the next speech of the scene, scored against the
+  first lines of three other speeches of the play. The questions are worded as the post-training task of
+  tinygrad_llm.posttrain.data words them, so a model fine-tuned on its training plays meets the same
+  instruction on held-out plays. Chat form through the template; the plain form writes the same
+  instruction as text (a base model never saw it: fine-tuning should raise the score).
 
 Chat rendering follows `tinygrad_llm.tokenizer.CHAT_TEMPLATE` exactly (each turn "<|role|>\\n" + content +
 "<|end|>\\n", then "<|assistant|>\\n"); evals.scoring.encode turns the special-token names into their ids.
@@ -38,7 +42,8 @@ DEFAULT_ITEMS = 500
 CONTEXT_SPEECHES = 4
 MIN_LINE_CHARS, MAX_LINE_CHARS = 16, 48
 CHOICES = 4
-SPEAKER_PROMPT = 'Who says: "{line}"?'
+CHORUS = ("ALL", "BOTH")       # speeches of several speakers: never a speaker-attribution answer or distractor
+SPEAKER_PROMPT = 'Who says "{line}"? Choose: {choices}'      # the questions of posttrain/data.py's task
 CONTINUE_PROMPT = 'Continue: "{line}"'
 
 
@@ -101,28 +106,38 @@ def _distractor_lines(pool, exclude, rng, count=CHOICES - 1):
     return picked
 
 
-def next_line_items(plays, rng, chat: bool = False, instruction: bool = False):
-    """Items of shakespeare_next_line (instruction=False) or shakespeare_continue (instruction=True)."""
+def next_line_items(plays, rng):
+    """Items of shakespeare_next_line (module docstring)."""
     items = []
     for play in plays:
         pool = sorted({verse for *_, verse in _verse_positions(play) if _usable(verse)})
         if len(pool) < CHOICES * 2:
             continue
-        previous = None                                # the verse line just before, within the scene
         for s, p, v, verse in _verse_positions(play):
-            if p == 0 and v == 0:
-                previous = None
-            if _usable(verse) and (instruction and previous or not instruction and (p or v)):
+            if _usable(verse) and (p or v):                    # something of the scene comes before it
                 scene = play.scenes[s]
                 choices, gold = _shuffled(verse, _distractor_lines(pool, {verse}, rng), rng)
-                if instruction:
-                    prompt = CONTINUE_PROMPT.format(line=previous)
-                    context = render_chat([("user", prompt)]) if chat else prompt + "\n"
-                    items.append(Item(context, choices, gold, "", f"{play.title}|{scene.name}|{p}|{v}"))
-                else:
-                    items.append(Item(_context(scene, p, v), choices, gold, "\n",
-                                      f"{play.title}|{scene.name}|{p}|{v}"))
-            previous = verse if verse else previous
+                items.append(Item(_context(scene, p, v), choices, gold, "\n", f"{play.title}|{scene.name}|{p}|{v}"))
+    return items
+
+
+def continue_items(plays, rng, chat: bool = False):
+    """Items of shakespeare_continue (module docstring)."""
+    items = []
+    for play in plays:
+        firsts = [speech.text.split("\n")[0] for speech in play.lines]
+        pool = sorted({line for line in firsts if _usable(line)})
+        if len(pool) < CHOICES * 2:
+            continue
+        for scene in play.scenes:
+            for p in range(len(scene.lines) - 1):
+                line, following = scene.lines[p].text.split("\n")[0], scene.lines[p + 1].text.split("\n")[0]
+                if not (_usable(line) and _usable(following)) or '"' in line:
+                    continue
+                choices, gold = _shuffled(following, _distractor_lines(pool, {following}, rng), rng)
+                prompt = CONTINUE_PROMPT.format(line=line)
+                context = render_chat([("user", prompt)]) if chat else prompt + "\n"
+                items.append(Item(context, choices, gold, "", f"{play.title}|{scene.name}|{p + 1}"))
     return items
 
 
@@ -130,12 +145,13 @@ def speaker_items(plays, rng, chat: bool = False):
     """Items of shakespeare_speaker (module docstring)."""
     items = []
     for play in plays:
-        frequent = [name for name, _ in Counter(line.speaker for line in play.lines).most_common()]
+        frequent = [name for name, _ in Counter(line.speaker for line in play.lines).most_common()
+                    if name.upper() not in CHORUS]
         for s, scene in enumerate(play.scenes):
-            in_scene = list(dict.fromkeys(line.speaker for line in scene.lines))
+            in_scene = [name for name in dict.fromkeys(line.speaker for line in scene.lines) if name.upper() not in CHORUS]
             for p, speech in enumerate(scene.lines):
                 first_line = speech.text.split("\n")[0]
-                if p == 0 or not _usable(first_line):
+                if p == 0 or speech.speaker.upper() in CHORUS or not _usable(first_line) or (chat and '"' in first_line):
                     continue
                 others = [n for n in in_scene if n != speech.speaker]
                 rng.shuffle(others)
@@ -145,7 +161,8 @@ def speaker_items(plays, rng, chat: bool = False):
                 names, gold = _shuffled(speech.speaker, others[:CHOICES - 1], rng)
                 item_id = f"{play.title}|{scene.name}|{p}"
                 if chat:
-                    context = render_chat([("user", SPEAKER_PROMPT.format(line=first_line))])
+                    prompt = SPEAKER_PROMPT.format(line=first_line, choices="; ".join(sorted(names)))
+                    context = render_chat([("user", prompt)])
                     items.append(Item(context, names, gold, "", item_id))
                 else:
                     choices = tuple(f"{name}\n{first_line}" for name in names)
@@ -167,8 +184,10 @@ def builtin_task(name: str, chat: bool = False, limit: int | None = None, seed: 
     rng = random.Random(f"{name}:{seed}")
     if name == "shakespeare_speaker":
         items = speaker_items(plays, rng, chat)
+    elif name == "shakespeare_continue":
+        items = continue_items(plays, rng, chat)
     else:
-        items = next_line_items(plays, rng, chat, instruction=name == "shakespeare_continue")
+        items = next_line_items(plays, rng)
     count = min(limit or DEFAULT_ITEMS, len(items))
     picked = sorted(random.Random(f"{name}:{seed}:pick").sample(range(len(items)), count))
     suffix = "_chat" if chat and name != "shakespeare_next_line" else ""
