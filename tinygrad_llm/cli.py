@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("prepare", help="prepare token shards (needs tinygrad_llm.cli_prepare)")
         p.add_argument("rest", nargs=argparse.REMAINDER)
     add_train_parser(sub)
+    from .cli_posttrain import add_parsers as add_posttrain_parsers     # sft, dpo, chat
+    add_posttrain_parsers(sub)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument("checkpoint", help="run directory, checkpoints/ directory or step directory")
@@ -255,6 +257,8 @@ def run_plot(args) -> int:
 
 
 COMMANDS = {"train": run_train, "sample": run_sample, "eval": run_eval, "export": run_export, "plot": run_plot}
+from .cli_posttrain import COMMANDS as POSTTRAIN_COMMANDS  # noqa: E402  (sft, dpo, chat)
+COMMANDS.update(POSTTRAIN_COMMANDS)
 
 
 def _reexec_with_blas_settings(argv) -> None:
