@@ -1,0 +1,128 @@
+"""Post-training data: JSONL readers count every skip, the built-in task, encoding, batches and padding."""
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from tinygrad_llm.data.plays import Line, Play, Scene, split_plays
+from tinygrad_llm.data.shards import CharVocab
+from tinygrad_llm.posttrain.chat import with_chat_tokens
+from tinygrad_llm.posttrain.data import (IGNORE, PostTrainDataError, Sequence, batch_indices, collate,
+                                         encode_conversations, encode_preferences, play_tasks, read_conversations,
+                                         read_preferences, sft_targets)
+
+VOCAB = with_chat_tokens(CharVocab(sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,?:;'\"!\n"))))
+
+
+def write_lines(path, lines):
+    path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def turn(role, content):
+    return {"role": role, "content": content}
+
+
+def test_read_conversations_counts_every_skip(tmp_path):
+    good = {"messages": [turn("user", "Who is there?"), turn("assistant", "Nay, answer me.")]}
+    path = write_lines(tmp_path / "c.jsonl", [
+        good, "", "{broken", [1, 2], {"text": "no messages"},
+        {"messages": [turn("narrator", "x"), turn("assistant", "y")]},
+        {"messages": [turn("user", "hi"), turn("assistant", "  ")]},
+        {"messages": [turn("user", "hi"), turn("system", "only")]},
+        {"messages": "not a list"}, good])
+    conversations, report = read_conversations(path)
+    assert len(conversations) == 2 and report.kept == 2
+    assert report.skipped == {"bad_json": 2, "missing_field": 1, "unknown_role": 1, "empty_content": 1,
+                              "no_assistant_turn": 1, "bad_messages": 1}
+    assert report.lines == report.kept + sum(report.skipped.values()) == 9     # the blank line is not a record
+    text = report.format()
+    assert "line 3: bad_json" in text and "unknown_role" in text
+
+
+def test_read_preferences_accepts_strings_and_message_lists(tmp_path):
+    path = write_lines(tmp_path / "p.jsonl", [
+        {"prompt": "Who says it?", "chosen": "HAMLET", "rejected": "HORATIO"},
+        {"prompt": [turn("system", "Be terse."), turn("user", "Who?")], "chosen": [turn("assistant", "A")],
+         "rejected": [turn("assistant", "B")]},
+        {"prompt": "x", "chosen": "same", "rejected": "same"},
+        {"prompt": "x", "chosen": "y"},
+        {"prompt": "x", "chosen": "", "rejected": "z"}])
+    rows, report = read_preferences(path)
+    assert report.kept == 2 and report.skipped == {"chosen_equals_rejected": 1, "missing_field": 1, "empty_content": 1}
+    assert rows[0]["prompt"] == [turn("user", "Who says it?")] and rows[0]["chosen"] == [turn("assistant", "HAMLET")]
+    with pytest.raises(PostTrainDataError, match="no such file"):
+        read_preferences(str(tmp_path / "missing.jsonl"))
+
+
+def test_encoding_counts_too_long_and_unencodable():
+    conversations = [[turn("user", "hi"), turn("assistant", "ok")],
+                     [turn("user", "a" * 80), turn("assistant", "ok")],
+                     [turn("user", "caf\u00e9"), turn("assistant", "ok")]]
+    sequences, report = encode_conversations(conversations, VOCAB, max_len=40)
+    assert len(sequences) == 1 and report.skipped == {"longer_than_context": 1, "unencodable": 1}
+    assert VOCAB.decode(sequences[0].ids[sequences[0].mask == 1]) == "ok<|end|>"
+
+
+def test_preference_masks_cover_the_completion_only():
+    rows = [{"prompt": [turn("user", "Q"), turn("assistant", "earlier"), turn("user", "again")],
+             "chosen": [turn("assistant", "good")], "rejected": [turn("assistant", "bad")]}]
+    (pair,), report = encode_preferences(rows, VOCAB, max_len=200)
+    assert report.kept == 1
+    assert VOCAB.decode(pair[0].ids[pair[0].mask == 1]) == "good<|end|>"
+    assert VOCAB.decode(pair[1].ids[pair[1].mask == 1]) == "bad<|end|>"
+
+
+def test_collate_pads_right_and_masks_pads_and_context():
+    a = Sequence(np.array([5, 6, 7, 8]), np.array([0, 0, 1, 1], dtype=np.uint8))
+    b = Sequence(np.array([9, 10]), np.array([0, 1], dtype=np.uint8))
+    x, y, mask = collate([a, b], pad_id=0)
+    assert x.tolist() == [[5, 6, 7], [9, 0, 0]] and y.tolist() == [[6, 7, 8], [10, 0, 0]]
+    assert mask.tolist() == [[0, 1, 1], [1, 0, 0]]
+    assert sft_targets(y, mask).tolist() == [[IGNORE, 7, 8], [10, IGNORE, IGNORE]]
+
+
+@given(count=st.integers(1, 30), batch=st.integers(1, 7), seed=st.integers(0, 1000))
+def test_batches_visit_each_example_once_per_epoch(count, batch, seed):
+    steps = (2 * count + batch - 1) // batch
+    flat = [i for step in range(steps) for i in batch_indices(count, batch, step, seed)]
+    assert sorted(flat[:count]) == list(range(count)) and sorted(flat[count:2 * count]) == list(range(count))
+    assert batch_indices(count, batch, 3, seed) == batch_indices(count, batch, 3, seed)
+
+
+def synthetic_plays(n=5):
+    plays = []
+    for p in range(n):
+        scenes = []
+        for s in range(2):
+            speakers = [f"SPEAKER {chr(65 + k)}{p}" for k in range(3)]
+            lines = tuple(Line(speakers[i % 3], f"Line number {i} of scene {s} in play {p}, my lord")
+                          for i in range(8))
+            scenes.append(Scene(f"Act I, Scene {s + 1}", lines))
+        plays.append(Play(f"Play {p}", tuple(scenes)))
+    return plays
+
+
+def test_play_tasks_are_correct_and_split_by_play():
+    plays = synthetic_plays()
+    train_plays, held_plays = split_plays(plays, 0.4, seed=1)
+    train, held = play_tasks(train_plays, per_task=5, seed=0), play_tasks(held_plays, per_task=5, seed=0)
+    assert {e.task for e in train} == {"who_says", "which_play", "next_line"}
+    lines = {(p.title, l.text): l.speaker for p in plays for l in p.lines}
+    held_titles = {p.title for p in held_plays}
+    for example in train + held:
+        assert example.answer != example.wrong
+        if example.task == "who_says":
+            quoted = example.prompt.split('"')[1]
+            assert lines[(example.play, quoted)] == example.answer
+            assert example.answer in example.prompt and example.wrong in example.prompt
+        elif example.task == "which_play":
+            assert example.answer == example.play and example.wrong in example.prompt
+    assert all(e.play not in held_titles for e in train) and all(e.play in held_titles for e in held)
+    assert all(e.wrong not in held_titles for e in train if e.task == "which_play")
+    assert play_tasks(train_plays, per_task=5, seed=0) == train
+    conversation = train[0].messages()
+    assert conversation[-1] == turn("assistant", train[0].answer)
+    preference = train[0].preference()
+    assert preference["chosen"][0]["content"] == train[0].answer and preference["rejected"][0]["content"] == train[0].wrong
