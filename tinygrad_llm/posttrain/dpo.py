@@ -81,7 +81,7 @@ def chosen_nll(model, pairs, batch_size=16, device="cpu", context=None) -> float
 def load_dpo_data(config, tokenizer, max_len):
     """(train pairs, held-out pairs, reports) for a preference file or a built-in task."""
     if config.builtin:
-        train, held = builtin_split(config.builtin, config.held_out_fraction, config.seed, config.per_task)
+        train, held = builtin_split(config.builtin, config.held_out_fraction, config.split_seed, config.per_task)
         train_pairs, report = encode_preferences([e.preference() for e in train], tokenizer, max_len,
                                                  f"built-in {config.builtin} (train plays)")
         held_pairs, held_report = encode_preferences([e.preference() for e in held], tokenizer, max_len,

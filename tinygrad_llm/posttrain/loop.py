@@ -49,6 +49,8 @@ class PostTrainConfig:
     val_data: str = ""                # held-out JSONL for a --data run (the built-in task has its own)
     held_out_fraction: float = 0.2    # built-in task: share of plays held out
     per_task: int = 40                # built-in task: questions of each kind per play
+    split_seed: int = 0               # built-in task: which plays are held out and which questions are asked
+    max_seq_len: int = 0              # context of the fine-tuned model (0: the starting run's; RoPE has no table)
     batch_size: int = 16
     grad_accum: int = 1
     max_steps: int = 200
@@ -88,7 +90,8 @@ class PostTrainConfig:
                      "max_bad_steps", "per_task"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "lora_rank", "lora_alpha", "keep_last", "eps"):
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "lora_rank", "lora_alpha", "keep_last", "eps",
+                     "max_seq_len"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be non-negative, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -109,7 +112,8 @@ class PostTrainConfig:
 
 
 CONFIG_FIELDS = {f.name: f for f in fields(PostTrainConfig)}
-RESUME_KEYS = ("stage", "data", "builtin", "val_data", "held_out_fraction", "per_task", "batch_size", "grad_accum",
+RESUME_KEYS = ("stage", "data", "builtin", "val_data", "held_out_fraction", "per_task", "split_seed", "batch_size",
+               "grad_accum", "max_seq_len",
                "seed", "beta", "lora_rank", "lora_alpha", "lora_targets")
 
 
@@ -173,8 +177,9 @@ def tokenizer_reference(tokenizer, out_dir):
     return {"type": "file", "path": os.path.abspath(path), "run_file": "tokenizer.json"}
 
 
-def load_start(path, device="cpu"):
-    """(model, tokenizer with chat tokens, rows added, checkpoint state) of the run a stage starts from."""
+def load_start(path, device="cpu", max_seq_len=0):
+    """(model, tokenizer with chat tokens, rows added, checkpoint state) of the run a stage starts from;
+    max_seq_len > 0 sets the model's context (RoPE positions need no table to grow)."""
     try:
         directory = resolve_checkpoint(path)
     except CheckpointError as error:
@@ -182,6 +187,8 @@ def load_start(path, device="cpu"):
     model, state = load_checkpoint(directory)
     tokenizer = with_chat_tokens(tokenizer_from_ref(state["tokenizer"], state["directory"]))
     added = grow_vocabulary(model, tokenizer.vocab_size)
+    if max_seq_len:
+        model.config.max_seq_len = int(max_seq_len)
     model.to(device=device)
     return model, tokenizer, added, state
 
@@ -199,14 +206,17 @@ def run_stage(config: PostTrainConfig, stage: Stage, log=None) -> dict:
     if config.resume and not existing:
         raise CheckpointError(f"--resume: {out_dir} holds no checkpoint to resume")
 
-    model, tokenizer, added, base_state = load_start(config.base, device)
+    model, tokenizer, added, base_state = load_start(config.base, device, config.max_seq_len)
     if added:
         log(f"added {added} chat token(s) to the vocabulary; embedding grown to {model.config.vocab_size} rows")
     train_items, held_out, reports = stage.load_data(config, tokenizer, model.config.max_seq_len + 1, log)
     for report in reports:
         log(report.format())
     if not train_items:
-        raise ValueError(f"no usable training examples (see the counts above)")
+        too_long = sum(r.skipped.get("longer_than_context", 0) for r in reports)
+        hint = f"; {too_long} were longer than the context of {model.config.max_seq_len}: raise it with " \
+               f"--max-seq-len" if too_long else ""
+        raise ValueError(f"no usable training examples (see the counts above){hint}")
 
     global_rng.manual_seed(config.seed)
     lora = None

@@ -52,7 +52,7 @@ def load_sft_data(config, tokenizer, max_len):
     """(train sequences, held-out sequences, reports) for a conversations file or a built-in task."""
     reports = []
     if config.builtin:
-        train, held = builtin_split(config.builtin, config.held_out_fraction, config.seed, config.per_task)
+        train, held = builtin_split(config.builtin, config.held_out_fraction, config.split_seed, config.per_task)
         train_seq, report = encode_conversations([e.messages() for e in train], tokenizer, max_len,
                                                  f"built-in {config.builtin} (train plays)")
         held_seq, held_report = encode_conversations([e.messages() for e in held], tokenizer, max_len,

@@ -1,0 +1,152 @@
+"""Post-training on the built-in task: base -> SFT -> SFT + DPO (and SFT with LoRA), scored on held-out plays.
+
+    tinygrad-llm train --seq-len 160 --batch-size 8 --max-steps 800 --out-dir /tmp/base   # a small base model
+    python benchmarks/posttrain.py --base /tmp/base --work-dir /tmp/posttrain              # prints a table
+
+Measured, on the questions of the held-out plays (never seen in SFT or DPO):
+  exact match    greedy answer through the chat template == the expected answer, per question kind
+  preference     log π(chosen) > log π(rejected) for the model's own log-probabilities, and DPO's implicit
+                 reward accuracy (β·(log π − log π_ref) higher for chosen; ties ½, so the SFT model is 0.5)
+  SFT loss       mean −log p per token of the chosen (correct) answers, before and after DPO
+  wall time      of each stage on this machine, with the machine named in the output
+Each stage is one `tinygrad_llm.posttrain` call with the options printed; nothing is tuned on the held-out
+plays. The numbers are single runs (a seed each), not best-of.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from tinygrad_llm.checkpoint import load_checkpoint  # noqa: E402
+from tinygrad_llm.posttrain.chat import with_chat_tokens  # noqa: E402
+from tinygrad_llm.posttrain.data import builtin_split, encode_preferences  # noqa: E402
+from tinygrad_llm.posttrain.dpo import chosen_nll, dpo, pair_logps, preference_metrics  # noqa: E402
+from tinygrad_llm.posttrain.evaluate import exact_match  # noqa: E402
+from tinygrad_llm.posttrain.loop import PostTrainConfig, load_start  # noqa: E402
+from tinygrad_llm.posttrain.sft import sft  # noqa: E402
+from tinygrad_llm.train import tokenizer_from_ref  # noqa: E402
+
+
+def held_out_subset(examples, per_task):
+    """The first `per_task` held-out questions of each kind (a fixed, deterministic subset)."""
+    out, seen = [], {}
+    for example in examples:
+        if seen.get(example.task, 0) < per_task:
+            out.append(example)
+            seen[example.task] = seen.get(example.task, 0) + 1
+    return out
+
+
+def load_run(path):
+    model, state = load_checkpoint(path)
+    tokenizer = with_chat_tokens(tokenizer_from_ref(state["tokenizer"], state["directory"]))
+    model.eval()
+    return model, tokenizer
+
+
+def score(model, tokenizer, questions, pairs, reference):
+    """Exact match, preference accuracies and the chosen answers' NLL of one model."""
+    result = {"exact": exact_match(model, tokenizer, questions)}
+    chosen, rejected = pair_logps(model, pairs)
+    ref_chosen, ref_rejected = reference if reference is not None else (chosen, rejected)
+    result["preference"] = preference_metrics(chosen, rejected, ref_chosen, ref_rejected, 0.1)
+    result["chosen_nll"] = chosen_nll(model, pairs)
+    result["logps"] = (chosen, rejected)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", required=True, help="a pretrained run (tinygrad-llm train --out-dir ...)")
+    parser.add_argument("--work-dir", required=True, help="where the SFT/DPO/LoRA runs go (replaced)")
+    parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--dpo-steps", type=int, default=150)
+    parser.add_argument("--sft-lr", type=float, default=1e-3)
+    parser.add_argument("--dpo-lr", type=float, default=1e-4)
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--lora-rank", type=int, default=8, help="0 skips the LoRA run")
+    parser.add_argument("--lora-lr", type=float, default=3e-3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--per-task", type=int, default=40, help="held-out questions of each kind scored")
+    parser.add_argument("--dpo-per-task", type=int, default=40, help="DPO training pairs of each kind per play")
+    parser.add_argument("--dpo-batch-size", type=int, default=16)
+    parser.add_argument("--stages", default="sft,dpo,lora", help="which of sft, dpo, lora to run (dpo needs sft)")
+    parser.add_argument("--skip-base", action="store_true", help="do not score the base model")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    command = "python benchmarks/posttrain.py " + " ".join(sys.argv[1:])
+    if os.path.exists(args.work_dir):
+        shutil.rmtree(args.work_dir)
+    os.makedirs(args.work_dir)
+
+    _, held = builtin_split("plays")
+    questions = held_out_subset(held, args.per_task)
+    model, tokenizer, _, _ = load_start(args.base)
+    model.eval()
+    pairs, _ = encode_preferences([q.preference() for q in questions], tokenizer, model.config.max_seq_len + 1)
+    common = dict(builtin="plays", batch_size=args.batch_size, progress=False, eval_interval=100, seed=1337)
+    results, times = {}, {}
+
+    if not args.skip_base:
+        results["base"] = score(model, tokenizer, questions, pairs, None)
+    stages = [("sft", "SFT", sft, dict(base=args.base, max_steps=args.sft_steps, lr=args.sft_lr)),
+              ("dpo", "SFT + DPO", dpo, dict(base=os.path.join(args.work_dir, "sft"), max_steps=args.dpo_steps,
+                                             lr=args.dpo_lr, beta=args.beta, per_task=args.dpo_per_task,
+                                             batch_size=args.dpo_batch_size)),
+              ("lora", f"SFT, LoRA r={args.lora_rank}", sft,
+               dict(base=args.base, max_steps=args.sft_steps, lr=args.lora_lr, lora_rank=args.lora_rank))]
+    wanted = set(args.stages.split(","))
+    stages = [stage for stage in stages if stage[0] in wanted]
+    labels = {"base": "base"}
+    summaries = {}
+    for key, label, function, options in stages:
+        options = dict(common, **options)
+        config = PostTrainConfig(out_dir=os.path.join(args.work_dir, key), **options)
+        start = time.perf_counter()
+        summaries[key] = function(config, log=lambda message: None)
+        times[key] = time.perf_counter() - start
+        labels[key] = label
+        trained, tokenizer_run = load_run(config.out_dir)
+        reference = results["sft"]["logps"] if key == "dpo" else None
+        results[key] = score(trained, tokenizer_run, questions, pairs, reference)
+
+    tasks = sorted(k for k in next(iter(results.values()))["exact"] if k not in ("all", "count"))
+    print(f"# {datetime.date.today()}  {platform.node()}  {platform.processor() or platform.machine()}  "
+          f"nproc {os.cpu_count()}  python {platform.python_version()}  numpy {np.__version__}")
+    print(f"# command: {command}")
+    print(f"# held-out plays: {len(questions)} questions ({args.per_task} of each kind), {len(pairs)} preference pairs")
+    header = ["model", "exact (all)"] + [f"exact {t}" for t in tasks] + \
+        ["pref acc (log p)", "DPO reward acc", "chosen NLL", "wall s", "trained params", "AdamW MiB"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for key in results:
+        r = results[key]
+        summary = summaries.get(key, {})
+        row = [labels[key], f"{r['exact']['all']:.3f}"] + [f"{r['exact'][t]:.3f}" for t in tasks] + [
+            f"{r['preference']['logp_accuracy']:.3f}",
+            f"{r['preference']['reward_accuracy']:.3f}" if key == "dpo" else "-",
+            f"{r['chosen_nll']:.4f}", f"{times[key]:.0f}" if key in times else "-",
+            f"{summary['trained_parameters']:,}" if summary else "-",
+            f"{summary['optimizer_state_bytes'] / 2**20:.2f}" if summary else "-"]
+        print("| " + " | ".join(row) + " |")
+    if "dpo" in results and "sft" in results:
+        before, after = results["sft"]["chosen_nll"], results["dpo"]["chosen_nll"]
+        print(f"\nheld-out SFT loss (chosen answers) before DPO {before:.4f}, after {after:.4f} "
+              f"({100 * (after - before) / before:+.1f} %)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": command, "times": times,
+                       "results": {k: {kk: vv for kk, vv in v.items() if kk != "logps"} for k, v in results.items()},
+                       "summaries": summaries}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
