@@ -23,6 +23,7 @@ setup(
         "plot": ["matplotlib>=3.5"],
         "test": ["pytest>=7", "hypothesis>=6.80", "tiktoken>=0.5",   # tiktoken: the id-equality test
                  "jinja2>=3"],                                   # jinja2: the chat-template test
+        "lm_eval": ["lm-eval>=0.4"],       # examples/lm_eval: the reference harness on the same task files
         "bench": ["tokenizers>=0.15", "tiktoken>=0.5", "datasketch>=1.6"],
     },
     entry_points={"console_scripts": ["tinygrad-llm=tinygrad_llm.cli:main"]},
