@@ -257,3 +257,15 @@ def test_chat_template_ids_feed_the_fine_tuned_model(base, tmp_path):
     ids, _ = apply_chat_template(vocab, [{"role": "user", "content": "Good night"}], add_generation_prompt=True)
     assert model.config.vocab_size == vocab.vocab_size == len(CHARS) + 5
     assert model(np.array([ids])).shape == (1, len(ids), vocab.vocab_size)
+
+
+def test_long_conversations_need_a_longer_context(base, tmp_path, capsys):
+    long = write_jsonl(tmp_path / "long.jsonl", [{"messages": [{"role": "user", "content": "Who is there? " * 5},
+                                                               {"role": "assistant", "content": "Nay, answer me."}]}] * 4)
+    args = ["sft", base["run"], "--data", long, "--max-steps", "1", "--batch-size", "2", "--eval-interval", "1",
+            "--no-progress"]
+    assert main(args + ["--out-dir", str(tmp_path / "short")]) == 1
+    assert "longer than the context of 64: raise it with --max-seq-len" in capsys.readouterr().err
+    assert main(args + ["--out-dir", str(tmp_path / "long"), "--max-seq-len", "128"]) == 0
+    model, _ = load_checkpoint(str(tmp_path / "long"))
+    assert model.config.max_seq_len == 128
