@@ -122,8 +122,8 @@ class DPOStage(Stage):
         was_training = run.model.training
         run.model.eval()
         train_chosen, train_rejected = pair_logps(run.model, run.train, batch, run.device, run.forward_context)
-        held_chosen, held_rejected = pair_logps(run.model, run.held_out[:run.config.eval_examples], batch,
-                                                run.device, run.forward_context)
+        held_chosen, held_rejected = pair_logps(run.model, run.evaluation_items(), batch, run.device,
+                                                run.forward_context)
         run.model.train(was_training)
         self.reference = {"train_chosen": train_chosen, "train_rejected": train_rejected,
                           "held_chosen": held_chosen, "held_rejected": held_rejected}
@@ -154,7 +154,7 @@ class DPOStage(Stage):
         return {key: value / pairs for key, value in sums.items() if key != "pairs"}
 
     def evaluate(self, run):
-        held = run.held_out[:run.config.eval_examples]
+        held = run.evaluation_items()
         if not held:
             return {}
         chosen, rejected = pair_logps(run.model, held, run.config.batch_size, run.device, run.forward_context)

@@ -167,6 +167,15 @@ class Run:
         import contextlib
         return self.lora.applied() if self.lora is not None else contextlib.nullcontext()
 
+    def evaluation_items(self) -> list:
+        """The held-out items scored at each evaluation: `eval_examples` of them spread evenly over the list
+        (the built-in task lists them play by play and kind by kind), the same ones every time."""
+        count = min(self.config.eval_examples, len(self.held_out))
+        if count == 0:
+            return []
+        positions = np.unique(np.linspace(0, len(self.held_out) - 1, count).round().astype(int))
+        return [self.held_out[int(i)] for i in positions]
+
 
 def tokenizer_reference(tokenizer, out_dir):
     """How a checkpoint finds this tokenizer again: inline for a character vocabulary, else a file in the run."""

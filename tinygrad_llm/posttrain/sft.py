@@ -98,7 +98,7 @@ class SFTStage(Stage):
     def evaluate(self, run):
         if not run.held_out:
             return {}
-        sample = run.held_out[:run.config.eval_examples]
+        sample = run.evaluation_items()
         return {"val_loss": held_out_loss(run.model, sample, run.config.batch_size, run.device, run.forward_context)}
 
     def better(self, metrics, best):
