@@ -150,6 +150,7 @@ def test_eval_against_scores_two_runs_on_the_same_items(run_dir, task_file, caps
     (["--task", "BAD"], 1, "no usable"),
     (["--task", "missing.jsonl"], 1, "not a built-in task"),
     (["--against", "x"], 2, "give --task"),
+    (["--task", "shakespeare_speaker_chat"], 1, "no chat tokens"),
     (["--task", "TASK", "--data", "x.txt"], 2, "do not go with --task"),
 ])
 def test_eval_task_errors_are_one_line(run_dir, task_file, tmp_path, capsys, extra, code, message):

@@ -32,6 +32,9 @@ def load_task(spec: str, tokenizer, limit: int | None = None):
         name, forced = spec[:-len("_chat")], True
     elif spec.endswith("_plain") and spec[:-len("_plain")] in TASK_NAMES:
         name, forced = spec[:-len("_plain")], False
+    if forced and not is_chat_tokenizer(tokenizer):
+        raise CommandError(f"--task {spec}: the run's tokenizer has no chat tokens (<|user|>, <|assistant|>, "
+                           f"<|end|>); use {name} or {name}_plain")
     if name in TASK_NAMES:
         return builtin_task(name, chat=is_chat_tokenizer(tokenizer) if forced is None else forced, limit=limit)
     if not os.path.exists(spec):
