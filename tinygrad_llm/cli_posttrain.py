@@ -8,13 +8,15 @@
 Options of sft and dpo are the fields of tinygrad_llm.posttrain.loop.PostTrainConfig as flags
 (`--max-steps 300`, `--lr 1e-3`, `--resume`, `--no-progress`, ...); each command has its own defaults for
 the learning rate and the number of steps. cli.py adds these parsers with `add_parsers(subparsers)` and
-runs them through `COMMANDS`, so errors are its one-line `tinygrad-llm <command>: error: ...`.
+runs them through `COMMANDS`, so errors (raised here as ValueError, FileNotFoundError, CheckpointError)
+become its one-line `tinygrad-llm <command>: error: ...`; this module never imports cli.py back.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+EXIT_FAILURE = 1                 # cli.py's status for a failed command (this module never imports cli.py)
 STAGE_DEFAULTS = {"sft": {"lr": 1e-3, "max_steps": 300}, "dpo": {"lr": 1e-4, "max_steps": 150}}
 HIDDEN = ("stage", "base", "out_dir", "data", "builtin")
 
@@ -77,7 +79,6 @@ def _config(args, stage):
 
 
 def _report(summary, stage):
-    from .cli import EXIT_FAILURE
     if summary.get("stopped") and summary["stopped"] != "interrupted":
         return EXIT_FAILURE
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("val_"))
@@ -113,11 +114,10 @@ def load_chat_model(path, best=False, device="cpu"):
 
 
 def run_chat(args, stdin=None, stdout=None) -> int:
-    from .cli import EXIT_USAGE, CommandError
     from .posttrain.chat import chat_reply
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     if args.temperature < 0 or args.max_new_tokens <= 0:
-        raise CommandError("--temperature must be >= 0 and --max-new-tokens positive", EXIT_USAGE)
+        raise ValueError("--temperature must be >= 0 and --max-new-tokens positive")
     model, tokenizer = load_chat_model(args.run, args.best, args.device)
     opening = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(opening)

@@ -7,7 +7,11 @@ is then −inf). Each op has a composed `*_reference` built from primitive ops, 
 from __future__ import annotations
 
 from ..backend import array_module
-from ..tensor import Function
+from ..tensor import Function, ensure_tensor
+from .activation import LogSoftmax
+from .elementwise import Add, Exp, Log, Mul, Neg, Sub
+from .movement import GetItem
+from .reduce import Mean, Sum
 
 
 def _sigmoid_of_negative(x):
@@ -104,21 +108,20 @@ class DPOLoss(Function):
 
 def log_sigmoid_reference(x):
     """log σ(x) composed from primitives as −log(1 + e^−x): exact where e^−x neither overflows nor underflows."""
-    from .. import functional as F
-    return F.neg(F.log(F.add(F.exp(F.neg(x)), 1.0)))
+    return Neg.apply(Log.apply(Add.apply(Exp.apply(Neg.apply(x)), ensure_tensor(1.0, like=x))))
 
 
 def sequence_logprobs_reference(logits, targets, mask):
     """Σ_t m · log_softmax(x)[target] composed from primitives (a test oracle)."""
-    from .. import functional as F
     xp = array_module(logits.data)
     batch, time, _ = logits.shape
-    picked = F.log_softmax(logits, axis=-1)[xp.arange(batch)[:, None], xp.arange(time)[None, :], xp.asarray(targets)]
-    return F.sum(F.mul(picked, xp.asarray(mask).astype(logits.dtype)), axis=1)
+    index = (xp.arange(batch)[:, None], xp.arange(time)[None, :], xp.asarray(targets))
+    picked = GetItem.apply(LogSoftmax.apply(logits, axis=-1), index=index)              # (B, T)
+    weights = ensure_tensor(xp.asarray(mask).astype(logits.dtype), like=logits)
+    return Sum.apply(Mul.apply(picked, weights), axis=1)                                # (B, T) -> (B,)
 
 
 def dpo_loss_reference(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=0.1):
     """The DPO loss composed from primitives and LogSigmoid (a test oracle)."""
-    from .. import functional as F
-    margin = F.sub(F.sub(policy_chosen, reference_chosen), F.sub(policy_rejected, reference_rejected))
-    return F.neg(F.mean(LogSigmoid.apply(F.mul(margin, beta))))
+    margin = Sub.apply(Sub.apply(policy_chosen, reference_chosen), Sub.apply(policy_rejected, reference_rejected))
+    return Neg.apply(Mean.apply(LogSigmoid.apply(Mul.apply(margin, ensure_tensor(beta, like=margin)))))
