@@ -2,6 +2,7 @@
 
     python benchmarks/evals.py RUN                           # the three built-in tasks, 500 items each
     python benchmarks/evals.py RUN --limit 200 --repeat 3 --batch-sizes 8,32,128
+    python benchmarks/evals.py RUN --tables strategies --limit 100
     python benchmarks/evals.py RUN --device cuda
 
 Table 1, per built-in task (the chat form when the run's tokenizer has the chat tokens): items scored,
@@ -93,7 +94,7 @@ def main():
     parser.add_argument("--batch-sizes", default="8,32,128", help="rows per forward compared in table 2")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--skip-strategies", action="store_true")
+    parser.add_argument("--tables", default="accuracy,strategies", help="which tables to print")
     args = parser.parse_args()
     model, state, tokenizer = _load(args.run, False, args.device)
     print(f"# {datetime.date.today()}  {platform.node()}  {platform.processor() or platform.machine()}  "
@@ -101,8 +102,10 @@ def main():
     print(f"# command: python benchmarks/evals.py {' '.join(sys.argv[1:])}")
     print(f"# run {args.run}: step {state['step']}, {model.config.n_layers} layers, d_model {model.config.d_model}, "
           f"vocab {model.config.vocab_size}, window {model.config.max_seq_len}, device {args.device}\n")
-    accuracy_table(model, tokenizer, args)
-    if not args.skip_strategies:
+    tables = args.tables.split(",")
+    if "accuracy" in tables:
+        accuracy_table(model, tokenizer, args)
+    if "strategies" in tables:
         strategy_table(model, tokenizer, args)
 
 

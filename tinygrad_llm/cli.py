@@ -182,7 +182,7 @@ def run_sample(args) -> int:
 def run_eval(args) -> int:
     if args.task or args.against:
         from .cli_evals import run_task_eval
-        return run_task_eval(args)
+        return run_task_eval(args, _load)
     from .train import TrainConfig, build_data, config_from_dict, evaluate
     model, state, tokenizer = _load(args.checkpoint, args.best, args.device)
     saved = dict(state.get("train_config", {}))

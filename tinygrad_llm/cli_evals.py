@@ -11,18 +11,23 @@ counts of skipped and truncated items); --output also writes every item's scores
 
 `compare_runs` is the hook for a float run and its quantized copy: it loads both with the same loader and
 scores both on the same items, and reports the two results side by side with the items where they differ.
+
+cli.py's run_eval calls `run_task_eval(args, load)` with its run loader; failures are raised as ValueError
+(TaskFileError is one) or FileNotFoundError, which cli.py prints as one `tinygrad-llm eval: error: ...`
+line with exit status 1; usage errors print that line here and return status 2.
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 
-from .cli import EXIT_USAGE, CommandError, _load
 from .evals.builtin import TASK_NAMES, builtin_task, is_chat_tokenizer
 from .evals.runner import evaluate_task
-from .evals.tasks import TaskFileError, read_task_file
+from .evals.tasks import read_task_file
 
 DEFAULT_BATCH_SIZE = 32
+EXIT_USAGE = 2                   # cli.py's status for a usage error (this module never imports cli.py back)
 
 
 def load_task(spec: str, tokenizer, limit: int | None = None):
@@ -33,20 +38,17 @@ def load_task(spec: str, tokenizer, limit: int | None = None):
     elif spec.endswith("_plain") and spec[:-len("_plain")] in TASK_NAMES:
         name, forced = spec[:-len("_plain")], False
     if forced and not is_chat_tokenizer(tokenizer):
-        raise CommandError(f"--task {spec}: the run's tokenizer has no chat tokens (<|user|>, <|assistant|>, "
+        raise ValueError(f"--task {spec}: the run's tokenizer has no chat tokens (<|user|>, <|assistant|>, "
                            f"<|end|>); use {name} or {name}_plain")
     if name in TASK_NAMES:
         return builtin_task(name, chat=is_chat_tokenizer(tokenizer) if forced is None else forced, limit=limit)
     if not os.path.exists(spec):
-        raise CommandError(f"--task {spec}: no such file, and not a built-in task ({', '.join(TASK_NAMES)})")
-    try:
-        return read_task_file(spec, limit=limit)
-    except TaskFileError as error:
-        raise CommandError(str(error)) from None
+        raise FileNotFoundError(f"--task {spec}: no such file, and not a built-in task ({', '.join(TASK_NAMES)})")
+    return read_task_file(spec, limit=limit)
 
 
-def evaluate_run(checkpoint: str, task_spec, limit=None, batch_size=DEFAULT_BATCH_SIZE, best=False, device="cpu",
-                 progress=True, load=_load) -> dict:
+def evaluate_run(checkpoint: str, task_spec, load, limit=None, batch_size=DEFAULT_BATCH_SIZE, best=False,
+                 device="cpu", progress=True) -> dict:
     """Load a run, build or read the task, score it; the results dict of evals.runner.evaluate_task.
 
     task_spec: a name or path (see load_task), or a Task already built. `load(checkpoint, best, device)`
@@ -59,8 +61,8 @@ def evaluate_run(checkpoint: str, task_spec, limit=None, batch_size=DEFAULT_BATC
     return results
 
 
-def compare_runs(first: str, second: str, task_spec, limit=None, batch_size=DEFAULT_BATCH_SIZE, best=False,
-                 device="cpu", progress=True, load=_load, load_second=None) -> dict:
+def compare_runs(first: str, second: str, task_spec, load, limit=None, batch_size=DEFAULT_BATCH_SIZE, best=False,
+                 device="cpu", progress=True, load_second=None) -> dict:
     """Score two runs (a float run and its quantized copy, say) on the same items; both results side by side.
 
     The task is built once, with the first run's tokenizer, so both runs see identical items (both runs
@@ -72,10 +74,10 @@ def compare_runs(first: str, second: str, task_spec, limit=None, batch_size=DEFA
     a = evaluate_task(model, tokenizer, task, batch_size=batch_size, progress=progress)
     a.update(checkpoint=state.get("directory", first), step=state.get("step"))
     del model
-    b = evaluate_run(second, task, batch_size=batch_size, best=best, device=device, progress=progress,
-                     load=load_second or load)
+    b = evaluate_run(second, task, load_second or load, batch_size=batch_size, best=best, device=device,
+                     progress=progress)
     if [item["id"] for item in a["items"]] != [item["id"] for item in b["items"]]:
-        raise CommandError("the two runs could not score the same items (different tokenizers?); "
+        raise ValueError("the two runs could not score the same items (different tokenizers?); "
                            f"scored {a['n_items']} and {b['n_items']}")
     same = [x["pred"] == y["pred"] for x, y in zip(a["items"], b["items"])]
     return {"first": a, "second": b,
@@ -93,7 +95,7 @@ def write_json(data, path: str) -> None:
     """JSON to `path` atomically (temporary name, fsync, rename)."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise CommandError(f"--output {path}: directory {directory} does not exist")
+        raise FileNotFoundError(f"--output {path}: directory {directory} does not exist")
     temporary = path + ".tmp"
     with open(temporary, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, ensure_ascii=False)
@@ -103,21 +105,27 @@ def write_json(data, path: str) -> None:
     os.replace(temporary, path)
 
 
-def run_task_eval(args) -> int:
-    """The `eval --task` command (called by cli.run_eval when --task is given)."""
+def _usage_error(message: str) -> int:
+    print(f"tinygrad-llm eval: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def run_task_eval(args, load) -> int:
+    """The `eval --task` command. `load(checkpoint, best, device)` -> (model, state, tokenizer): cli.py's loader."""
     if not args.task:
-        raise CommandError("--against compares two runs on a task: give --task FILE|NAME too", EXIT_USAGE)
+        return _usage_error("--against compares two runs on a task: give --task FILE|NAME too")
     if getattr(args, "data", None) or getattr(args, "eval_iters", None):
-        raise CommandError("--data and --eval-iters measure perplexity; they do not go with --task", EXIT_USAGE)
+        return _usage_error("--data and --eval-iters measure perplexity; they do not go with --task")
     if args.output and os.path.isdir(args.output):
-        raise CommandError(f"--output {args.output} is a directory; give a file name", EXIT_USAGE)
+        return _usage_error(f"--output {args.output} is a directory; give a file name")
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE
     if getattr(args, "against", None):
-        result = compare_runs(args.checkpoint, args.against, args.task, args.limit, batch_size, args.best, args.device)
+        result = compare_runs(args.checkpoint, args.against, args.task, load, args.limit, batch_size, args.best,
+                              args.device)
         shown = {"first": summary(result["first"]), "second": summary(result["second"]),
                  "difference": result["difference"], "same_prediction": result["same_prediction"]}
     else:
-        result = evaluate_run(args.checkpoint, args.task, args.limit, batch_size, args.best, args.device)
+        result = evaluate_run(args.checkpoint, args.task, load, args.limit, batch_size, args.best, args.device)
         shown = summary(result)
     if args.output:
         write_json(result, args.output)
