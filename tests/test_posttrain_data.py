@@ -126,3 +126,21 @@ def test_play_tasks_are_correct_and_split_by_play():
     assert conversation[-1] == turn("assistant", train[0].answer)
     preference = train[0].preference()
     assert preference["chosen"][0]["content"] == train[0].answer and preference["rejected"][0]["content"] == train[0].wrong
+
+
+def test_exact_match_counts_per_kind(monkeypatch):
+    from tinygrad_llm.posttrain import evaluate
+    from tinygrad_llm.posttrain.data import TaskExample
+    examples = [TaskExample("who_says", "P", "Who says it?", "HAMLET", "HORATIO"),
+                TaskExample("who_says", "P", "Who says that?", "OSRIC", "HAMLET"),
+                TaskExample("next_line", "P", "Continue: go", "Stand.", "Sit.")]
+    replies = {"Who says it?": " HAMLET ", "Who says that?": "HAMLET", "Continue: go": "Stand."}
+
+    def fake_reply(model, prompt_ids, end_id, limit):
+        text = VOCAB.decode(prompt_ids).split("<|user|>\n")[1].split("<|end|>")[0]
+        return VOCAB.encode_ordinary(replies[text])
+
+    monkeypatch.setattr(evaluate, "greedy_reply_ids", fake_reply)
+    model = type("M", (), {"config": type("C", (), {"max_seq_len": 200})()})()
+    result = evaluate.exact_match(model, VOCAB, examples)
+    assert result == {"next_line": 1.0, "who_says": 0.5, "all": 2 / 3, "count": 3}
