@@ -51,6 +51,9 @@ def harness_model(model, tokenizer):
             model.eval()
             with no_grad():
                 for _, context, continuation in requests:
+                    if len(continuation) > self.max_length:   # cannot be scored in this window: never chosen
+                        out.append((float("-inf"), False))
+                        continue
                     tokens = (context + continuation)[-(self.max_length + 1):]
                     logits = model(np.asarray(tokens[:-1], dtype=np.int64)[None, :]).data[0]    # (T, V)
                     logits = np.asarray(logits, dtype=np.float64)[-len(continuation):]
@@ -87,20 +90,22 @@ def main():
                               log_samples=True, bootstrap_iters=1000)
     theirs = harness["results"][args.task]
     ours = evaluate_task(model, tokenizer, read_task_file(path, limit=args.limit))
-    samples = sorted(harness["samples"][args.task], key=lambda s: s["doc_id"])
-    harness_lls = [[resp[0][0] if isinstance(resp[0], (list, tuple)) else resp[0] for resp in s["resps"]]
-                   for s in samples]
-    difference = max(abs(a - b) for h, o in zip(harness_lls, ours["items"]) for a, b in zip(h, o["lls"]))
-    print(f"run {args.run} (step {state['step']}), task {args.task}, {ours['n_items']} items "
-          f"(harness: {len(samples)}), {ours['truncated']} truncated")
-    print("| metric | lm-evaluation-harness ± its stderr | tinygrad-llm eval ± bootstrap (analytic) stderr | difference |")
+    samples = {s["doc"]["id"]: s for s in harness["samples"][args.task]}
+    common = [item for item in ours["items"] if item["id"] in samples]
+    difference = max(abs(a - b[0]) for item in common
+                     for a, b in zip(item["lls"], (r[0] for r in samples[item["id"]]["resps"])))
+    print(f"run {args.run} (step {state['step']}), task {args.task}: the harness scored {len(samples)} items, "
+          f"tinygrad-llm eval {ours['n_items']} ({ours['truncated']} truncated; skipped {ours['skipped'] or 'none'})")
+    print("| metric | lm-evaluation-harness ± its stderr | tinygrad-llm eval ± bootstrap (analytic) stderr | "
+          "harness on the items both scored |")
     print("| --- | --- | --- | --- |")
     for metric in ("acc", "acc_norm"):
         a, se = theirs[f"{metric},none"], theirs.get(f"{metric}_stderr,none", float("nan"))
         b, our_se = ours["metrics"][metric]["value"], ours["metrics"][metric]["stderr"]
         analytic = ours["metrics"][metric]["stderr_analytic"]
-        print(f"| {metric} | {a:.4f} ± {se:.4f} | {b:.4f} ± {our_se:.4f} ({analytic:.4f}) | {b - a:+.4f} |")
-    print(f"largest difference of one choice's log-likelihood: {difference:.2e} nats")
+        both = sum(samples[item["id"]][metric] for item in common) / len(common)
+        print(f"| {metric} | {a:.4f} ± {se:.4f} | {b:.4f} ± {our_se:.4f} ({analytic:.4f}) | {both:.4f} |")
+    print(f"largest difference of one choice's log-likelihood on the items both scored: {difference:.2e} nats")
 
 
 if __name__ == "__main__":
