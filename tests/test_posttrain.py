@@ -150,7 +150,12 @@ def test_lora_trains_only_adapters_merges_them_and_resumes_bit_exactly(base, tmp
     assert changed == {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight",
                        "model.layers.0.mlp.down_proj.weight"}
     with open(os.path.join(state["directory"], "..", "..", "metrics.jsonl")) as f:
-        assert json.loads(f.readline())["trained_parameters"] == 2 * (2 * 16 + 16 * 2) + (2 * 32 + 16 * 2)
+        # adapters of q, v (16 -> 16) and down (32 -> 16), and the 4 added chat-token rows of both tables
+        assert json.loads(f.readline())["trained_parameters"] == 2 * (2 * 16 + 16 * 2) + (2 * 32 + 16 * 2) + 2 * 4 * 16
+    new = after.state_dict()
+    for table in ("model.embed_tokens.weight", "lm_head.weight"):                   # the new rows were trained
+        mean = np.repeat(old[table].mean(0, keepdims=True), 4, 0)
+        assert not np.allclose(new[table][len(old[table]):], mean, atol=1e-6)
 
     def killed_at_step_5(step, *args, **kwargs):
         if step == 5:
@@ -269,3 +274,25 @@ def test_long_conversations_need_a_longer_context(base, tmp_path, capsys):
     assert main(args + ["--out-dir", str(tmp_path / "long"), "--max-seq-len", "128"]) == 0
     model, _ = load_checkpoint(str(tmp_path / "long"))
     assert model.config.max_seq_len == 128
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_lora_merged_weights_give_the_adapted_model(tied):
+    from tinygrad_llm.posttrain.chat import grow_vocabulary
+    from tinygrad_llm.posttrain.lora import LoRA
+    rng.manual_seed(1)
+    config = GPTConfig(vocab_size=12, d_model=16, n_layers=1, n_heads=2, ffn_hidden=32, max_seq_len=16,
+                       tie_embeddings=tied)
+    model = GPT(config, dtype=np.float64)
+    grow_vocabulary(model, 15)
+    lora = LoRA(model, rank=2, alpha=4.0, seed=0, new_rows=3)
+    generator = np.random.default_rng(0)
+    for p in lora.parameters():
+        p.data[...] = generator.standard_normal(p.shape) * 0.1              # non-zero B and new rows
+    ids = np.array([[1, 13, 14, 2, 12]])
+    with lora.applied():
+        adapted = model(ids).numpy()
+    merged = GPT(GPTConfig(**dict(config.to_dict(), vocab_size=15)), dtype=np.float64)
+    merged.load_state_dict(lora.merged_state_dict())
+    np.testing.assert_allclose(merged(ids).numpy(), adapted, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(model(ids).numpy(), adapted)                   # outside the block: the frozen base

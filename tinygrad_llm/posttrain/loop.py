@@ -202,6 +202,11 @@ def load_start(path, device="cpu", max_seq_len=0):
     return model, tokenizer, added, state
 
 
+def added_rows(start_state, model) -> int:
+    """Vocabulary rows the model has beyond the run it started from (chat tokens added to a base run)."""
+    return model.config.vocab_size - int(start_state["model_config"]["vocab_size"])
+
+
 def run_stage(config: PostTrainConfig, stage: Stage, log=None) -> dict:
     """Train one post-training stage as configured; returns a summary dict."""
     config.validate()
@@ -231,7 +236,7 @@ def run_stage(config: PostTrainConfig, stage: Stage, log=None) -> dict:
     lora = None
     if config.lora_rank:
         lora = LoRA(model, config.lora_rank, config.lora_alpha or None, parse_targets(config.lora_targets),
-                    seed=config.seed)
+                    seed=config.seed, new_rows=added_rows(base_state, model))
         named = list(lora.named_parameters())
     else:
         named = list(model.named_parameters())

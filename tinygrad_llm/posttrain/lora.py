@@ -13,6 +13,11 @@ puts W back, so `model.state_dict()` never sees the adapters. s = α / r. A star
 zero (PEFT's convention): the adapted model starts exactly at the base model. A draws from its own
 generator (seeded), so adding adapters does not move the package's global RNG.
 
+Tokens the base model never saw (the chat tokens `with_chat_tokens` appends) get their embedding rows, and
+their output-head rows when the head is untied, trained in full (`new_rows`): a frozen mean row cannot
+learn what <|end|> means, and without it a LoRA model never learns to stop. The table is then the frozen
+old rows concatenated with the trainable new ones during a forward pass.
+
 Simplification: the adapted weight W' is formed in full each forward and its full-size gradient in each
 backward (the op's docstring says why); the saving is in trained parameters and optimizer state.
 """
@@ -25,6 +30,7 @@ import numpy as np
 from .. import backend
 from .. import functional as F
 from ..nn import Linear, Parameter
+from ..tensor import Tensor
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
@@ -49,7 +55,8 @@ def parse_targets(text: str) -> tuple:
 class LoRA:
     """Low-rank adapters for every Linear of `model` whose attribute name is in `targets`."""
 
-    def __init__(self, model, rank: int, alpha: float | None = None, targets=LORA_TARGETS, seed: int = 0):
+    def __init__(self, model, rank: int, alpha: float | None = None, targets=LORA_TARGETS, seed: int = 0,
+                 new_rows: int = 0):
         if not isinstance(rank, int) or rank <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
         self.model, self.rank = model, rank
@@ -74,12 +81,26 @@ class LoRA:
             self.entries.append((name, module, weight, a, b))
         if not self.entries:
             raise ValueError(f"the model has no Linear named {', '.join(self.targets)}")
+        # rows of tokens the base model never saw (the chat tokens just added): trained in full, since no
+        # low-rank update of the projections can give a frozen mean row a meaning of its own
+        self.row_entries = []                                # (name, owners, frozen table, trainable new rows)
+        if new_rows:
+            embed, head = model.model.embed_tokens, model.lm_head
+            tables = [("model.embed_tokens", [embed] + ([head] if head.weight is embed.weight else []))]
+            if head.weight is not embed.weight:
+                tables.append(("lm_head", [head]))
+            for name, owners in tables:
+                table = owners[0].weight
+                rows = Parameter(table.data[-new_rows:].copy(), dtype=table.dtype)
+                self.row_entries.append((name, owners, table, rows))
 
     def named_parameters(self):
         """("<module>.lora_A", A), ("<module>.lora_B", B) for every adapted projection (PEFT's names)."""
         for name, _, _, a, b in self.entries:
             yield f"{name}.lora_A", a
             yield f"{name}.lora_B", b
+        for name, _, _, rows in self.row_entries:
+            yield f"{name}.new_rows", rows
 
     def parameters(self) -> list:
         return [p for _, p in self.named_parameters()]
@@ -92,11 +113,19 @@ class LoRA:
         """Within the block each adapted Linear's weight is W + s·B A (a graph node when gradients are on)."""
         for _, module, weight, a, b in self.entries:
             module.weight = F.lora_weight(weight, a, b, self.scale)
+        for _, owners, table, rows in self.row_entries:
+            old = Tensor(table.data[:table.shape[0] - rows.shape[0]])                 # frozen rows (a view)
+            joined = F.concatenate([old, rows], axis=0)                                # (V, C)
+            for owner in owners:
+                owner.weight = joined
         try:
             yield
         finally:
             for _, module, weight, _, _ in self.entries:
                 module.weight = weight
+            for _, owners, table, _ in self.row_entries:
+                for owner in owners:
+                    owner.weight = table
 
     def merged_state_dict(self) -> dict:
         """The model's state dict with every adapted weight replaced by W + s·B A (NumPy, the model's dtype)."""
@@ -104,6 +133,8 @@ class LoRA:
         for name, _, weight, a, b in self.entries:
             w, a_, b_ = (backend.to_numpy(t.data) for t in (weight, a, b))
             state[f"{name}.weight"] = (w + (b_ @ a_) * w.dtype.type(self.scale)).astype(w.dtype)
+        for name, _, _, rows in self.row_entries:
+            state[f"{name}.weight"][-rows.shape[0]:] = backend.to_numpy(rows.data)
         return state
 
     def adapter_arrays(self) -> dict:
@@ -120,7 +151,8 @@ class LoRA:
 
     def describe(self) -> dict:
         return {"rank": self.rank, "alpha": self.alpha, "targets": list(self.targets),
-                "parameters": self.num_parameters(), "modules": len(self.entries)}
+                "parameters": self.num_parameters(), "modules": len(self.entries),
+                "new_rows": int(self.row_entries[0][3].shape[0]) if self.row_entries else 0}
 
 
 class MergedView:
