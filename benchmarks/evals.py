@@ -3,6 +3,7 @@
     python benchmarks/evals.py RUN                           # the three built-in tasks, 500 items each
     python benchmarks/evals.py RUN --limit 200 --repeat 3 --batch-sizes 8,32,128
     python benchmarks/evals.py RUN --tables strategies --limit 100
+    python benchmarks/evals.py BASE_RUN --add-chat-tokens --tables accuracy   # the chat forms before fine-tuning
     python benchmarks/evals.py RUN --device cuda
 
 Table 1, per built-in task (the chat form when the run's tokenizer has the chat tokens): items scored,
@@ -95,12 +96,19 @@ def main():
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tables", default="accuracy,strategies", help="which tables to print")
+    parser.add_argument("--add-chat-tokens", action="store_true",
+                        help="give a base run the chat tokens first (new rows: the mean of the old ones, as "
+                             "post-training starts), so that the chat forms score the model fine-tuning starts from")
     args = parser.parse_args()
     model, state, tokenizer = _load(args.run, False, args.device)
+    if args.add_chat_tokens:
+        from tinygrad_llm.posttrain.chat import grow_vocabulary, with_chat_tokens
+        tokenizer = with_chat_tokens(tokenizer)
+        grow_vocabulary(model, tokenizer.vocab_size)
     print(f"# {datetime.date.today()}  {platform.node()}  {platform.processor() or platform.machine()}  "
           f"nproc {os.cpu_count()}  python {platform.python_version()}")
     print(f"# command: python benchmarks/evals.py {' '.join(sys.argv[1:])}")
-    print(f"# run {args.run}: step {state['step']}, {model.config.n_layers} layers, d_model {model.config.d_model}, "
+    print(f"# run {args.run}{' + chat tokens' if args.add_chat_tokens else ''}: step {state['step']}, {model.config.n_layers} layers, d_model {model.config.d_model}, "
           f"vocab {model.config.vocab_size}, window {model.config.max_seq_len}, device {args.device}\n")
     tables = args.tables.split(",")
     if "accuracy" in tables:
