@@ -68,6 +68,19 @@ def test_scores_equal_a_brute_force_per_choice_computation(model, strategy, batc
             assert score.truncated == (len(context) + len(continuation) > WINDOW + 1)
 
 
+@pytest.mark.parametrize("strategy", ["rows", "shared"])
+def test_scores_on_each_backend_equal_the_cpu_brute_force(model, backend, strategy):
+    """The same weights on the backend's device (the GPU for cupy) give the CPU's brute-force scores."""
+    manual_seed(3)
+    twin = GPT(model.config)
+    twin.load_state_dict(model.state_dict())
+    twin.to(device=backend.device)
+    groups = random_groups(2, count=5)
+    for (context, continuations), item_scores in zip(groups, score_groups(twin, groups, 4, strategy)):
+        for continuation, score in zip(continuations, item_scores):
+            assert score.ll == pytest.approx(brute_force_ll(model, context, continuation), abs=1e-3)
+
+
 def test_greedy_flag_is_true_exactly_when_every_token_is_the_argmax(model):
     context = [1, 2, 3]
     greedy = []
