@@ -48,7 +48,7 @@ def fitting_items(task, window: int):
 
 
 def accuracy_table(model, tokenizer, args):
-    print(f"| task | items | acc ± se | acc_norm ± se | chance | truncated | skipped | items/s |")
+    print("| task | items | acc ± se | acc_norm ± se | chance | truncated | skipped | items/s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.tasks.split(","):
         task = load_task(name, tokenizer, args.limit)
