@@ -130,7 +130,7 @@ def score_groups(model, groups, batch_size: int = 32, strategy: str = "rows", pr
                 raise ValueError(f"a continuation of {len(continuation)} tokens cannot be scored with a "
                                  f"window of {window}")
     scores = [[None] * len(continuations) for _, continuations in groups]
-    rows = []                                   # (group, choice, input ids, continuation, truncated)
+    rows = []                                   # (group, choice, input ids, truncated, continuation)
     was_training = model.training
     model.eval()
     try:
