@@ -296,3 +296,26 @@ def test_lora_merged_weights_give_the_adapted_model(tied):
     merged.load_state_dict(lora.merged_state_dict())
     np.testing.assert_allclose(merged(ids).numpy(), adapted, rtol=1e-10, atol=1e-12)
     assert not np.allclose(model(ids).numpy(), adapted)                   # outside the block: the frozen base
+
+
+def test_sft_from_a_bpe_run_adds_the_chat_tokens_to_its_tokenizer_file(base, tmp_path):
+    import hashlib
+    from tinygrad_llm.cli_posttrain import load_chat_model
+    from tinygrad_llm.tokenizer import Tokenizer
+    tokenizer = Tokenizer.train(" ".join(PHRASES) * 20, 300, special_tokens=["<|endoftext|>"])
+    run = tmp_path / "bpe"
+    run.mkdir()
+    tokenizer.save(str(run / "tokenizer.json"))
+    digest = hashlib.sha256((run / "tokenizer.json").read_bytes()).hexdigest()
+    rng.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, d_model=16, n_layers=1, n_heads=2, ffn_hidden=32,
+                          max_seq_len=64))
+    save_checkpoint(str(run / "checkpoints"), 1, model, None, {
+        "model_config": model.config.to_dict(),
+        "tokenizer": {"type": "file", "path": str(run / "tokenizer.json"), "run_file": "tokenizer.json",
+                      "sha256": digest}})
+    sft(config(base, tmp_path / "sft", base=str(run), max_steps=1, eval_interval=1), log=quiet)
+    tuned, chat_tokenizer = load_chat_model(str(tmp_path / "sft"))
+    assert chat_tokenizer.vocab_size == tokenizer.vocab_size + 4 == tuned.config.vocab_size
+    assert chat_tokenizer.encode("Good night") == tokenizer.encode("Good night")
+    assert os.path.isfile(tmp_path / "sft" / "tokenizer.json")
