@@ -1,4 +1,4 @@
-"""NumPy or CuPy: the one module that knows CuPy exists.
+"""NumPy or CuPy: the one module that imports the cupy package.
 
 Every op asks `array_module(*arrays)` for the array library of its inputs and uses only the array methods
 NumPy and CuPy share, so the same op code runs on the CPU and on the GPU. CuPy is imported lazily, the
@@ -6,7 +6,8 @@ first time something asks for the GPU, so `import tinygrad_llm` works on a machi
 
 The switch `set_kernels_enabled` turns the CUDA kernels off (GPU arrays then take the NumPy-expressed
 path); the dispatch point that reads it, `tinygrad_llm.gpu.kernel`, lives with the kernels. This module
-imports nothing of the package.
+imports nothing of the package. (tinygrad_llm.gpu and precision reach CuPy's lower layers, NVRTC, cuBLAS
+and the matmul compute type, only after `cupy_module()` has given them CuPy.)
 """
 from __future__ import annotations
 

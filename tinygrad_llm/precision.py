@@ -7,9 +7,8 @@
 - tf32: float32 arrays, but cuBLAS may round matrix-product inputs to TF32 on the tensor cores
         (CuPy's compute type for float32, what the CUPY_TF32 environment variable sets; ~3e-4 relative).
 - bf16: every Linear (ops/matmul.py) runs its three GEMMs through cublasGemmEx (tinygrad_llm.gpu.gemm)
-        on bfloat16 operands
-        with float32 accumulation and returns bfloat16; dx comes back in the input's dtype and dW directly
-        in float32 from cuBLAS. Master weights, their gradients and the optimizer state stay float32;
+        on bfloat16 operands with float32 accumulation and returns bfloat16; dx comes back in the input's
+        dtype and dW directly in float32 from cuBLAS. Master weights, their gradients and the optimizer state stay float32;
         every fused kernel computes in float32 inside. The residual stream: with LOW_PRECISION_RESIDUAL
         (the default) `activation_dtype` tells GPT to cast its embedding output, so activations are bf16
         end to end (residual, norms' outputs, attention, SwiGLU, logits); with it False the residual
