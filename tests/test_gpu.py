@@ -96,6 +96,32 @@ def test_supports_refuses_host_arrays():
     assert gpu.kernel("rms_norm", x, np.ones(4, np.float32)) is None
 
 
+LAUNCHERS = ["rms_norm_forward", "rms_norm_backward", "swiglu_forward", "swiglu_backward", "swiglu_packed_forward",
+             "swiglu_packed_backward", "rope_forward", "dropout_forward", "cross_entropy_forward_backward",
+             "embedding_backward", "adamw_step", "linear_forward", "linear_backward", "causal_attention_forward",
+             "causal_attention_backward"]
+
+
+def test_the_package_exposes_every_launcher_under_its_op_name():
+    missing = [name for name in LAUNCHERS if not callable(getattr(gpu, name, None))]
+    assert not missing, missing
+    assert set(gpu.registry.SUPPORTS) == {"rms_norm", "swiglu", "swiglu_packed", "rope", "dropout", "cross_entropy",
+                                          "embedding", "adamw", "linear", "causal_attention"}
+
+
+@gpu_test
+def test_kernel_returns_the_launchers_only_while_kernels_are_enabled():
+    x = backend.to_device(np.ones((2, 8), np.float32), "cuda")
+    weight = backend.to_device(np.ones(8, np.float32), "cuda")
+    assert gpu.kernel("rms_norm", x, weight) is gpu
+    assert gpu.kernel("no_such_op", x) is None
+    backend.set_kernels_enabled(False)
+    try:
+        assert gpu.kernel("rms_norm", x, weight) is None
+    finally:
+        backend.set_kernels_enabled(True)
+
+
 def test_the_cubin_cache_is_the_packages_own(monkeypatch, tmp_path):
     monkeypatch.setenv("TINYGRAD_LLM_CACHE", str(tmp_path))
     assert compiler.cache_dir() == tmp_path / "kernels"
