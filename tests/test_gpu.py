@@ -137,6 +137,11 @@ def test_attention_kernel_for_names_the_path_or_none():
     for head_dim in (16, 32, 96):
         assert gpu.attention_kernel_for(head_dim, np.float32, hopper=True) is None
     assert gpu.attention_kernel_for(64, np.float64, hopper=True) is None
+    backend.set_kernels_enabled(False)
+    try:
+        assert gpu.attention_kernel_for(64, np.float16, hopper=True) is None
+    finally:
+        backend.set_kernels_enabled(True)
 
 
 def test_a_kernel_that_does_not_compile_raises_with_the_nvrtc_log(monkeypatch, tmp_path):

@@ -32,7 +32,7 @@ from .norm import rms_norm_backward, rms_norm_forward
 from .registry import supports
 from .rope import rope_forward
 
-__all__ = ["kernel", "supports", "available", "attention_kernel_for",
+__all__ = ["kernel", "supports", "attention_kernel_for",
            "rms_norm_forward", "rms_norm_backward", "swiglu_forward", "swiglu_backward",
            "swiglu_packed_forward", "swiglu_packed_backward", "rope_forward", "dropout_forward",
            "cross_entropy_forward_backward", "embedding_backward", "adamw_step", "linear_forward",
@@ -47,17 +47,15 @@ def kernel(op_name: str, *arrays):
     return sys.modules[__name__] if supports(op_name, *arrays) else None
 
 
-def available() -> bool:
-    """True when CuPy and a CUDA device are usable (the kernels compile at first use)."""
-    return backend.gpu_available()
-
-
 def attention_kernel_for(head_dim: int, dtype, hopper: bool | None = None) -> str | None:
-    """Which attention kernel runs for this head dim and dtype, in words (e.g. "forward wg2, backward wq
-    (wgmma, sm_90a)"), or None when there is none and attention takes the batched-GEMM path. A training
-    loop can log it once:
+    """Which attention kernel runs for this head dim and dtype on the GPU, in words (e.g. "forward wg2,
+    backward wq (wgmma, sm_90a)"), or None when there is none, or kernels are off, and attention takes the
+    batched-GEMM path. `hopper` (compute capability 9.0) is asked of the current GPU unless given. A
+    training loop can log it once:
 
         if gpu.attention_kernel_for(head_dim, dtype) is None:
             log(f"attention: no kernel for head dim {head_dim}, using the batched-GEMM path")
     """
+    if not backend.kernels_enabled():
+        return None
     return kernel_for(head_dim, dtype, hopper)

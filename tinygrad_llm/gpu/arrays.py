@@ -13,7 +13,7 @@ POISON_OUTPUTS = False
 _NAN_BITS = {2: 0xFFFF, 4: 0xFFFFFFFF}      # all ones: a NaN in float32, bfloat16 and float16
 _SUFFIX = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 THREADS = 256                               # threads per block of the element-wise kernels
-_device_facts: dict = {}                    # device id -> {"sm": ..., "capability": ..., "shared": ...}
+_device_facts: dict = {}                    # device id -> {"sm": ..., "capability": ...}
 
 
 def suffix(dtype) -> str | None:
@@ -61,10 +61,8 @@ def _facts() -> dict:
     facts = _device_facts.get(device.id)
     if facts is None:
         attributes = device.attributes
-        facts = _device_facts[device.id] = {
-            "sm": attributes["MultiProcessorCount"],
-            "capability": str(device.compute_capability),
-            "shared": attributes["MaxSharedMemoryPerBlockOptin"]}
+        facts = _device_facts[device.id] = {"sm": attributes["MultiProcessorCount"],
+                                            "capability": str(device.compute_capability)}
     return facts
 
 
@@ -76,11 +74,6 @@ def multiprocessors() -> int:
 def compute_capability() -> str:
     """The current GPU's compute capability as CuPy spells it ("90" for an H100 or H200)."""
     return _facts()["capability"]
-
-
-def max_shared_bytes() -> int:
-    """The most dynamic shared memory one block may opt in to."""
-    return _facts()["shared"]
 
 
 def grid(work: int) -> tuple:
