@@ -26,7 +26,8 @@ import numpy as np
 
 from . import backend, precision
 from . import functional as F
-from .backend import array_module, kernel
+from .backend import array_module
+from .gpu import kernel
 from .cpu_threads import parallel_items, run_chunked, split, thread_count
 from .nn import Dropout, Embedding, Linear, Module, ModuleList, Parameter, RMSNorm, init_normal
 from .ops.attention import CausalAttention, grouped_causal_probabilities

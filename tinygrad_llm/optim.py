@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 from . import backend
+from .gpu import kernel
 from .cpu_threads import parallel_items, split
 
 CHUNK = 1 << 16      # elements per pass of the fused update (fits the temporaries in L2)
@@ -164,7 +165,7 @@ class AdamW:
         step_size = lr / (1.0 - beta1 ** t)
         bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
         buffers = [(g.flat, g.grad, g.exp_avg, g.exp_avg_sq) for g in self.groups]
-        fast = backend.kernel("adamw", *(a for group in buffers for a in group))
+        fast = kernel("adamw", *(a for group in buffers for a in group))
         if fast is not None:      # every group in one launch (kernels/adamw.cu), the same update
             fast.adamw_step(*(list(column) for column in zip(*buffers)), lr, beta1, beta2, self.eps,
                             [g.weight_decay for g in self.groups], t, grad_scale)

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 
-from ..backend import array_module, kernel
+from ..backend import array_module
+from ..gpu import kernel
 from ..tensor import Function
 
 

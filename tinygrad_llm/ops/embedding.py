@@ -1,7 +1,8 @@
 """Embedding lookup: rows of a weight table picked by integer ids."""
 from __future__ import annotations
 
-from ..backend import array_module, kernel
+from ..backend import array_module
+from ..gpu import kernel
 from ..tensor import Function
 
 

@@ -11,7 +11,8 @@ loop reports as a non-finite loss.
 """
 from __future__ import annotations
 
-from ..backend import array_module, kernel
+from ..backend import array_module
+from ..gpu import kernel
 from ..tensor import Function
 
 

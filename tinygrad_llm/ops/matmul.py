@@ -1,7 +1,7 @@
 """Matrix products: matmul (batched, broadcasting) and linear (x @ Wᵀ, the layer form)."""
 from __future__ import annotations
 
-from ..backend import kernel
+from ..gpu import kernel
 from ..tensor import Function
 from .elementwise import unbroadcast
 

@@ -1,7 +1,8 @@
 """RMSNorm: root-mean-square normalisation with a learned gain (no mean subtraction, no bias)."""
 from __future__ import annotations
 
-from ..backend import array_module, kernel
+from ..backend import array_module
+from ..gpu import kernel
 from ..tensor import Function
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module, kernel
+from ..backend import array_module
+from ..gpu import kernel
 from ..tensor import Function
 
 
