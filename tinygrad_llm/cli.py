@@ -202,6 +202,9 @@ def run_eval(args) -> int:
     saved.update(resume=False, progress=False)
     if args.data:
         saved["data"] = args.data
+    if saved.get("tokenizer"):                        # the run's own verified copy, wherever the run is now
+        from .checkpoint import tokenizer_file_of
+        saved["tokenizer"] = tokenizer_file_of(state, state["directory"]) or ""
     if args.batch_size:
         saved["batch_size"] = args.batch_size
     config = config_from_dict(saved, TrainConfig())
