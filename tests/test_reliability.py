@@ -16,7 +16,7 @@ import pytest
 
 from text_sample import SHAKESPEARE
 from tinygrad_llm.checkpoint import (CheckpointError, load_checkpoint, resolve_checkpoint, run_tokenizer_path,
-                                     save_checkpoint)
+                                     seal_state)
 from tinygrad_llm.cli import main
 from tinygrad_llm.data.shards import write_shard
 from tinygrad_llm.tokenizer import CharVocab, Tokenizer, load_tokenizer
@@ -199,12 +199,12 @@ def test_tokenizer_reference_outside_the_run_is_refused(shard_run, tmp_path, cap
         state = json.load(f)
     state["tokenizer"] = {"type": "file", "path": str(secret)}            # crafted: no sha256, outside the run
     with open(state_path, "w") as f:
-        json.dump(state, f)
+        json.dump(seal_state(state), f)
     with pytest.raises(CheckpointError, match="outside|inside the run"):
         run_tokenizer_path(str(run))
     state["tokenizer"] = {"type": "file", "run_file": "../../secret.txt"}
     with open(state_path, "w") as f:
-        json.dump(state, f)
+        json.dump(seal_state(state), f)
     assert main(["export", str(run), "--hf", str(tmp_path / "hf")]) == 1
     assert "run_file" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "hf" / "tinygrad_tokenizer.json")
@@ -237,11 +237,14 @@ def test_a_moved_run_started_with_relative_paths_still_evaluates_and_exports(sha
 
 
 # ---------------------------------------------------------------------------------------------- rows 5, 6, 7
-def _edit_state(run, edit):
+def _edit_state(run, edit, reseal=True):
+    """Edit the latest state.json; resealed (its state_sha256 recomputed) as a crafted file would be."""
     path = os.path.join(resolve_checkpoint(str(run)), "state.json")
     with open(path) as f:
         state = json.load(f)
     state = edit(state)
+    if reseal and isinstance(state, dict):
+        state = seal_state(state)
     with open(path, "w") as f:
         json.dump(state, f)
     return path
@@ -264,6 +267,14 @@ def test_malformed_state_fields_name_the_file_and_the_field(text_file, tmp_path,
     assert main(["sample", str(run), "--max-new-tokens", "2"]) == 1
     err = capsys.readouterr().err
     assert message in err and "state.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_edited_state_json_is_refused_by_its_own_sha256(text_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(small(text_file, run, max_steps=5), **QUIET)
+    _edit_state(run, lambda s: dict(s, model_config=dict(s["model_config"], rope_theta=500.0)), reseal=False)
+    assert main(["sample", str(run), "--max-new-tokens", "2"]) == 1
+    assert "modified after saving" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("field_name", ["rng", "loader", "train_config"])

@@ -5,7 +5,8 @@ A checkpoint is a directory
         model.safetensors       the weights, Hugging Face Llama names
         optimizer.safetensors   AdamW moments `exp_avg.<name>`, `exp_avg_sq.<name>` (absent for weights-only)
         state.json              model config, step, RNG state, loader state, tokenizer reference, optimizer
-                                hyperparameters, metrics, and the sha256 of both safetensors files
+                                hyperparameters, metrics, the sha256 of both safetensors files and
+                                of its own content (`state_sha256`: an edited state.json is refused)
 and two pointer files, `<run>/checkpoints/latest.json` and `best.json`, name the directory to use.
 
 Atomicity: every file is written to a temporary name, fsynced and renamed into place; a checkpoint
@@ -37,7 +38,7 @@ import tempfile
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: state.json carries the sha256 of its own content; 1 (older runs) still loads
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.safetensors", "state.json"
 RUN_TOKENIZER_FILE = "tokenizer.json"     # the run's own copy of a tokenizer file
 
@@ -200,7 +201,7 @@ def save_checkpoint(checkpoint_dir: str, step: int, model, optimizer=None, state
             arrays, meta = optimizer.state_dict()
             record["optimizer"] = meta
             record["files"][OPTIMIZER_FILE] = write_safetensors(os.path.join(staging, OPTIMIZER_FILE), arrays)
-        atomic_write_json(os.path.join(staging, STATE_FILE), record)
+        atomic_write_json(os.path.join(staging, STATE_FILE), seal_state(record))
         _fsync_dir(staging)
         _crash_point("staged")
         if os.path.exists(final):                          # re-saving the same step: replace it
@@ -299,6 +300,17 @@ def resolve_checkpoint(path: str, which: str = "latest") -> str:
                           f"in a run directory)")
 
 
+def state_digest(state: dict) -> str:
+    """sha256 of a state's content, its own `state_sha256` field left out (canonical JSON, sorted keys)."""
+    content = {k: v for k, v in state.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def seal_state(state: dict) -> dict:
+    """The state with `state_sha256` set, as save_checkpoint writes it (so an edited state.json is refused)."""
+    return dict(state, state_sha256=state_digest(state))
+
+
 def newest_verified_checkpoint(checkpoint_dir: str) -> str | None:
     """The newest `step_*` directory in checkpoint_dir whose state.json reads and whose files match their
     recorded sha256; None when there is none."""
@@ -335,9 +347,15 @@ def read_state(checkpoint: str) -> dict:
         raise CheckpointError(f"{path} cannot be read: {error}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(state).__name__}")
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} is not a tinygrad_llm checkpoint of format {FORMAT_VERSION} "
-                              f"(field 'format_version' is {state.get('format_version')!r:.40})")
+    version = state.get("format_version")
+    if version not in (1, FORMAT_VERSION) or isinstance(version, bool):
+        raise CheckpointError(f"{path} is not a tinygrad_llm checkpoint of format 1 or {FORMAT_VERSION} "
+                              f"(field 'format_version' is {version!r:.40})")
+    if version == FORMAT_VERSION:
+        digest = require_field(state, "state_sha256", str, path)
+        if digest != state_digest(state):
+            raise CheckpointError(f"{path} was modified after saving: its content does not match its field "
+                                  f"'state_sha256'")
     require_field(state, "model_config", dict, path)
     step = require_field(state, "step", int, path)
     if step < 0:
