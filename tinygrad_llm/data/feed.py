@@ -87,6 +87,8 @@ class ShardBatches:
             self.loader.load_state_dict({k: v for k, v in state.items() if k != "kind"})
         except KeyError as error:
             raise ValueError(f"loader state has no field {error.args[0]!r}") from None
+        except TypeError as error:
+            raise ValueError(f"loader state has a field of the wrong type: {error}") from None
 
 
 @dataclass
