@@ -207,15 +207,18 @@ def test_weights_of_another_file_with_matching_sha256_are_checked_too(files, tmp
     run, directory = copy_run(files, str(tmp_path))
     model, _ = load_checkpoint(run)
     arrays = model.state_dict()
-    arrays.pop("model.norm.weight")
+    removed = arrays.pop("model.norm.weight").size
+    total = sum(a.size for a in model.state_dict().values())
     digest = write_safetensors(os.path.join(directory, "model.safetensors"), arrays)
     path = os.path.join(directory, "state.json")
     state = read_json(path)
     state["files"]["model.safetensors"] = digest
     with open(path, "w", encoding="utf-8") as f:
         json.dump(seal_state(state), f)
-    with pytest.raises(CheckpointError, match="model.norm.weight"):
+    with pytest.raises(CheckpointError, match=f"describes {total:,} parameters but model.safetensors holds {total - removed:,}"):
         load_checkpoint(run)
+    with pytest.raises(CheckpointError, match="missing keys.*model.norm.weight"):
+        load_checkpoint(run, model=GPT(model.config))
 
 
 # ---------------------------------------------------------------------------------------------- pointers

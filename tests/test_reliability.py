@@ -420,3 +420,13 @@ def test_eval_refuses_data_of_another_vocabulary_of_the_same_size(text_file, tmp
     assert main(["eval", str(run), "--data", str(other)]) == 1
     assert "another vocabulary" in capsys.readouterr().err
     assert main(["eval", str(run), "--data", text_file, "--eval-iters", "1"]) == 0
+
+
+def test_a_format_1_checkpoint_without_a_state_seal_still_loads(text_file, tmp_path):
+    run = tmp_path / "run"
+    train(small(text_file, run, max_steps=5), **QUIET)
+    before = weights(run)
+    _edit_state(run, lambda s: dict({k: v for k, v in s.items() if k != "state_sha256"}, format_version=1),
+                reseal=False)
+    assert_same_weights(before, weights(run))
+    assert main(["sample", str(run), "--max-new-tokens", "2"]) == 0

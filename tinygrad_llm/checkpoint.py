@@ -397,11 +397,14 @@ def load_checkpoint(path: str, which: str = "latest", model=None, optimizer=None
             config = GPTConfig.from_dict(state["model_config"])
         except (TypeError, ValueError, KeyError, AttributeError) as error:
             raise CheckpointError(f"{directory}: bad model config in {STATE_FILE}: {error}") from None
+        expected, held = parameter_count(config.to_dict()), sum(int(a.size) for a in weights.values())
         try:
-            check_memory(parameter_count(config.to_dict()) * np.dtype(dtype).itemsize,
-                         f"the model of {os.path.join(directory, STATE_FILE)}")
+            check_memory(expected * np.dtype(dtype).itemsize, f"the model of {os.path.join(directory, STATE_FILE)}")
         except ValueError as error:
             raise CheckpointError(str(error)) from None
+        if expected != held:                # checked before building a model of a crafted size
+            raise CheckpointError(f"{os.path.join(directory, STATE_FILE)}: field 'model_config' describes "
+                                  f"{expected:,} parameters but {MODEL_FILE} holds {held:,}")
         model = GPT(config, dtype=dtype)
     elif state["model_config"] != model.config.to_dict():
         different = sorted(k for k in set(state["model_config"]) | set(model.config.to_dict())
