@@ -35,7 +35,7 @@ from tinygrad_llm.train import TrainConfig, resume_training, train
 from tinygrad_llm.train_config import config_from_dict, load_toml
 
 EXPECTED = (CheckpointError, ValueError)
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 40)), deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                        HealthCheck.function_scoped_fixture])
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,25 +45,47 @@ json_values = st.recursive(
     max_leaves=6)
 
 
+def _paths(node, prefix=()):
+    """Every (container, key) of a JSON tree, depth first."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in items:
+        yield prefix + (key,)
+        yield from _paths(child, prefix + (key,))
+
+
 @st.composite
 def json_mutation(draw, document):
-    """A copy of `document` with one value replaced or one key removed, somewhere in the tree."""
+    """A copy of `document` with one value (any of the tree's, chosen uniformly) removed, replaced by an
+    arbitrary JSON value, or edited keeping its type."""
     document = copy.deepcopy(document)
-    if not isinstance(document, (dict, list)) or not document or draw(st.integers(0, 9)) == 0:
+    paths = list(_paths(document))
+    if not paths or draw(st.integers(0, 19)) == 0:
         return draw(json_values)
+    path = paths[draw(st.integers(0, len(paths) - 1))]
     node = document
-    while True:
-        keys = list(node.keys()) if isinstance(node, dict) else list(range(len(node)))
-        key = keys[draw(st.integers(0, len(keys) - 1))]
-        child = node[key]
-        if isinstance(child, (dict, list)) and child and draw(st.booleans()):
-            node = child
-            continue
-        if isinstance(node, dict) and draw(st.integers(0, 3)) == 0:
-            del node[key]
-        else:
-            node[key] = draw(json_values)
-        return document
+    for key in path[:-1]:
+        node = node[key]
+    key, choice = path[-1], draw(st.integers(0, 2))
+    if isinstance(node, dict) and choice == 0:
+        del node[key]
+    elif choice == 1:
+        node[key] = draw(tweaked(node[key]))
+    else:
+        node[key] = draw(json_values)
+    return document
+
+
+def tweaked(value):
+    """A plausible edit of `value` that keeps its type: what a hand edit or a bit flip in a number does."""
+    if isinstance(value, bool):
+        return st.just(not value)
+    if isinstance(value, int):
+        return st.sampled_from([value + 1, value - 1, 2 * value, -value, 0])
+    if isinstance(value, float):
+        return st.sampled_from([value * 2, value / 2, value + 0.25, -value, 0.0, 0.5])
+    if isinstance(value, str):
+        return st.sampled_from([value[:-1], value + "x", value[::-1], value.upper(), ""])
+    return json_values
 
 
 @st.composite
@@ -149,6 +171,37 @@ def test_state_json_edited_in_place(files, data):
         except EXPECTED:
             return
         assert same(result, original), "an edited state.json changed what loads"
+
+
+def test_state_json_every_field_edited(files, tmp_path):
+    """Each value of state.json in turn, edited keeping its type: refused, or nothing that loads changed."""
+    original = loaded(str(files["run"]))
+    run, directory = copy_run(files, str(tmp_path))
+    path = os.path.join(directory, "state.json")
+    raw = open(path, "rb").read()
+    document = json.loads(raw)
+    edits = 0
+    for field_path in _paths(document):
+        edited = copy.deepcopy(document)
+        node = edited
+        for key in field_path[:-1]:
+            node = node[key]
+        value = node[field_path[-1]]
+        if isinstance(value, (dict, list)):
+            continue
+        node[field_path[-1]] = (not value if isinstance(value, bool) else value + 1 if isinstance(value, int)
+                                else value * 2 + 0.5 if isinstance(value, float) else value + "x"
+                                if isinstance(value, str) else 0)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(edited, f)
+        edits += 1
+        try:
+            result = loaded(run)
+        except EXPECTED:
+            continue
+        assert same(result, original), f"editing {'.'.join(map(str, field_path))} changed what loads"
+    assert edits > 50
+    open(path, "wb").write(raw)
 
 
 @FUZZ
