@@ -198,7 +198,9 @@ def run_eval(args) -> int:
     from .train import build_data, evaluate
     from .train_config import TrainConfig, config_from_dict
     model, state, tokenizer = _load(args.checkpoint, args.best, args.device)
-    saved = dict(require_field(state, "train_config", dict, os.path.join(state["directory"], "state.json")))
+    from .train_config import CONFIG_FIELDS
+    saved = require_field(state, "train_config", dict, os.path.join(state["directory"], "state.json"))
+    saved = {k: v for k, v in saved.items() if k in CONFIG_FIELDS}     # fields of older versions are dropped
     saved.update(resume=False, progress=False)
     if args.data:
         saved["data"] = args.data

@@ -346,8 +346,9 @@ def _train(config, log=None) -> dict:
     _resolve_paths(config)
     data = build_data(config)
     model_config = config.model_config(data.tokenizer.vocab_size)
-    check_memory(training_memory_bytes(model_config, config.batch_size, dtype.itemsize),
-                 f"training this model (vocab {model_config.vocab_size}, d_model {model_config.d_model}, "
+    needed = training_memory_bytes(model_config, config.batch_size, dtype.itemsize) if device == "cpu" else \
+        4 * parameter_count(model_config.to_dict()) * dtype.itemsize        # on a GPU the host holds copies only
+    check_memory(needed, f"training this model (vocab {model_config.vocab_size}, d_model {model_config.d_model}, "
                  f"seq_len {config.seq_len}, batch {config.batch_size})")
 
     from . import precision
