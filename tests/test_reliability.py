@@ -78,7 +78,7 @@ def shard_run(tmp_path):
     return {"data": data, "tokenizer": tok_path, "run": run, "vocab_size": tokenizer.vocab_size}
 
 
-# ---------------------------------------------------------------------------------------------- row 1
+# ---------------------------------------------------------------------------------------------- recovery
 def stop_at(monkeypatch, stop_step):
     """Make train() raise KeyboardInterrupt at the start of step `stop_step` (a kill between checkpoints)."""
     import tinygrad_llm.train as train_module
@@ -138,7 +138,7 @@ def test_a_run_killed_inside_its_first_checkpoint_resumes_from_step_zero(text_fi
     assert step_records(straight) == step_records(run)
 
 
-# ---------------------------------------------------------------------------------------------- row 2
+# ---------------------------------------------------------------------------------------------- divergence
 @pytest.mark.parametrize("lr", [1e3, 30.0])
 def test_a_diverging_run_stops_and_writes_no_checkpoint_after_the_trouble(text_file, tmp_path, lr, capsys):
     run = tmp_path / "run"
@@ -176,7 +176,7 @@ def test_divergence_monitor_spikes_and_ceiling():
     assert DivergenceMonitor(65, sigma=0.0).check(50.0) is None        # sigma 0 switches the checks off
 
 
-# ---------------------------------------------------------------------------------------------- row 3
+# ---------------------------------------------------------------------------------------------- token ids
 def test_shard_ids_beyond_the_vocabulary_are_refused_when_the_data_opens(tmp_path):
     data = tmp_path / "shards"
     data.mkdir()
@@ -187,7 +187,7 @@ def test_shard_ids_beyond_the_vocabulary_are_refused_when_the_data_opens(tmp_pat
         train(small(str(data), tmp_path / "run"), **QUIET)
 
 
-# ---------------------------------------------------------------------------------------------- rows 4, 13
+# ---------------------------------------------------------------------------------------------- tokenizer references, moved runs
 def test_tokenizer_reference_outside_the_run_is_refused(shard_run, tmp_path, capsys):
     run = shard_run["run"]
     path = run_tokenizer_path(str(run))
@@ -236,7 +236,7 @@ def test_a_moved_run_started_with_relative_paths_still_evaluates_and_exports(sha
         assert os.path.isabs(json.load(f)["train_config"]["data"])
 
 
-# ---------------------------------------------------------------------------------------------- rows 5, 6, 7
+# ---------------------------------------------------------------------------------------------- malformed fields
 def _edit_state(run, edit, reseal=True):
     """Edit the latest state.json; resealed (its state_sha256 recomputed) as a crafted file would be."""
     path = os.path.join(resolve_checkpoint(str(run)), "state.json")
@@ -310,7 +310,7 @@ def test_malformed_latest_json_names_the_field(text_file, tmp_path, capsys, poin
     assert message in err and "latest.json" in err
 
 
-# ---------------------------------------------------------------------------------------------- row 8
+# ---------------------------------------------------------------------------------------------- weights
 def _resave(run, change):
     from tinygrad_llm.checkpoint import write_safetensors
     from safetensors.numpy import load_file
@@ -337,7 +337,7 @@ def test_integer_or_non_finite_weights_are_refused_with_the_tensor_name(text_fil
         load_checkpoint(str(run))
 
 
-# ---------------------------------------------------------------------------------------------- row 9
+# ---------------------------------------------------------------------------------------------- sizes
 def test_sizes_beyond_memory_are_refused_before_allocating(text_file, tmp_path, capsys):
     run = tmp_path / "run"
     train(small(text_file, run, max_steps=5), **QUIET)
@@ -353,7 +353,7 @@ def test_sizes_beyond_memory_are_refused_before_allocating(text_file, tmp_path, 
     assert code == 1 and "needs" in err and "memory" in err
 
 
-# ---------------------------------------------------------------------------------------------- row 10
+# ---------------------------------------------------------------------------------------------- non-finite flags
 @pytest.mark.parametrize("argv", [
     ["train", "--grad-clip", "nan"], ["train", "--eps", "nan"], ["train", "--weight-decay", "inf"],
     ["train", "--lr=-inf"], ["sample", "run", "--temperature", "nan"], ["sample", "run", "--top-p", "nan"],
@@ -372,7 +372,7 @@ def test_non_finite_values_in_a_config_file_are_refused(tmp_path, capsys):
     assert "grad_clip must be a finite number" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------------------------------------- row 11
+# ---------------------------------------------------------------------------------------------- Ctrl-C
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(text_file, tmp_path, monkeypatch, capsys):
     import tinygrad_llm.train as train_module
     from tinygrad_llm.optim import lr_schedule
@@ -398,7 +398,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(text_file, tmp_path, monkeypatc
     assert step_records(tmp_path / "straight") == step_records(run)
 
 
-# ---------------------------------------------------------------------------------------------- row 12
+# ---------------------------------------------------------------------------------------------- metrics after resume
 def test_metrics_after_resume_equal_an_uninterrupted_run(text_file, tmp_path, monkeypatch):
     options = dict(max_steps=12, log_interval=3, eval_interval=5)
     train(small(text_file, tmp_path / "straight", **options), **QUIET)
@@ -409,7 +409,7 @@ def test_metrics_after_resume_equal_an_uninterrupted_run(text_file, tmp_path, mo
     assert step_records(tmp_path / "straight") == step_records(tmp_path / "split")
 
 
-# ---------------------------------------------------------------------------------------------- row 14
+# ---------------------------------------------------------------------------------------------- vocabularies
 def test_eval_refuses_data_of_another_vocabulary_of_the_same_size(text_file, tmp_path, capsys):
     run = tmp_path / "run"
     train(small(text_file, run, max_steps=5), **QUIET)
