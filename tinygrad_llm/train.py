@@ -55,6 +55,12 @@ from .tensor import no_grad
 from .train_config import (CONFIG_FIELDS, MODEL_FIELDS, TrainConfig, TrainOptions, config_from_dict,  # noqa: F401
                            load_toml)
 
+__all__ = [  # the loop, and the configuration and data names re-exported for callers of `train`
+    "train", "train_step", "evaluate", "checkpoint_state", "save_training_checkpoint", "resume_training",
+    "StepResult", "LoopState", "DivergenceMonitor", "MetricsLog", "training_memory_bytes",
+    "TrainConfig", "TrainOptions", "CONFIG_FIELDS", "MODEL_FIELDS", "config_from_dict", "load_toml",
+    "Data", "RandomWindows", "ShardBatches", "build_data", "builtin_corpus_dir", "token_byte_lengths",
+]
 RESUMED_FIELDS = ("batch_size", "seq_len", "grad_accum", "seed", "data")
 
 
