@@ -45,6 +45,19 @@ def cupy_module():
     return cp
 
 
+def nccl_module():
+    """CuPy's NCCL binding (cupy.cuda.nccl), for multi-GPU collectives; a clear error where it is missing."""
+    cupy_module()
+    try:
+        from cupy.cuda import nccl
+    except ImportError as error:
+        raise RuntimeError(f"NCCL is not available to CuPy ({error}); pip install nvidia-nccl-cu12 or the "
+                           f"wheel matching your CUDA") from None
+    if not getattr(nccl, "available", True):
+        raise RuntimeError("CuPy was built without NCCL: install the NCCL wheel matching your CUDA")
+    return nccl
+
+
 def set_cupy_tf32(enabled: bool) -> None:
     """Let CuPy's float32 matmuls use TF32 tensor cores (the switch behind the CUPY_TF32 variable)."""
     cp = cupy_module()
