@@ -21,7 +21,9 @@ setup(
     extras_require={
         "gpu": ["cupy-cuda12x>=14", "ml_dtypes>=0.4"],   # CUDA 13 drivers: install cupy-cuda13x instead
         "plot": ["matplotlib>=3.5"],
-        "test": ["pytest>=7", "hypothesis>=6.80", "tiktoken>=0.5"],   # tiktoken: the id-equality test
+        "dist": ["mpi4py>=4", "mpich>=4"],              # data-parallel training: MPI from PyPI wheels
+        "test": ["pytest>=7", "hypothesis>=6.80", "tiktoken>=0.5",    # tiktoken: the id-equality test
+                 "mpi4py>=4", "mpich>=4"],                           # the 2-rank data-parallel tests
         "bench": ["tokenizers>=0.15", "tiktoken>=0.5", "datasketch>=1.6"],
     },
     entry_points={"console_scripts": ["tinygrad-llm=tinygrad_llm.cli:main"]},

@@ -46,6 +46,19 @@ def cupy_module():
     return cp
 
 
+def nccl_module():
+    """CuPy's NCCL binding (cupy.cuda.nccl), for multi-GPU collectives; a clear error where it is missing."""
+    cupy_module()
+    try:
+        from cupy.cuda import nccl
+    except ImportError as error:
+        raise RuntimeError(f"NCCL is not available to CuPy ({error}); pip install nvidia-nccl-cu12 or the "
+                           f"wheel matching your CUDA") from None
+    if not getattr(nccl, "available", True):
+        raise RuntimeError("CuPy was built without NCCL: install the NCCL wheel matching your CUDA")
+    return nccl
+
+
 def gpu_available() -> bool:
     try:
         cupy_module()
