@@ -21,6 +21,6 @@ in the PDF and by MathML in the HTML.
 """
 from __future__ import annotations
 
-from .build import CHAPTERS, BookError, build, main
+from .builder import CHAPTERS, BookError, build, main
 
 __all__ = ["CHAPTERS", "BookError", "build", "main"]

@@ -1,5 +1,5 @@
 import sys
 
-from .build import main
+from .builder import main
 
 sys.exit(main())
