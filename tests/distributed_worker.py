@@ -22,7 +22,7 @@ from tinygrad_llm.distributed import (DataParallel, RankSlice, communicator, ins
                                       tokens_in)
 from tinygrad_llm.model import GPT, GPTConfig  # noqa: E402
 from tinygrad_llm.optim import AdamW  # noqa: E402
-from tinygrad_llm.train import RandomWindows  # noqa: E402
+from tinygrad_llm.data.feed import RandomWindows  # noqa: E402
 
 
 def main() -> None:

@@ -136,7 +136,7 @@ def test_on_leaf_grad_fires_once_per_leaf_with_its_final_gradient():
 
 def test_rank_slice_splits_the_global_batch_in_rank_order():
     from tinygrad_llm.distributed import DistributedError, RankSlice
-    from tinygrad_llm.train import RandomWindows
+    from tinygrad_llm.data.feed import RandomWindows
     source = RandomWindows(np.arange(500), batch_size=6, seq_len=8, seed=1)
     whole_x, whole_y = source.batch(4)
     parts = [RankSlice(source, r, 3).batch(4) for r in range(3)]
@@ -173,3 +173,50 @@ def test_single_process_data_parallel_equals_plain_training():
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
     for want, got in zip(results[0][1], results[1][1]):
         np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+# ------------------------------------------------------------------ `mpiexec -n 2 tinygrad-llm train`
+def _train_cli(tmp_path, name, ranks, *extra, corpus=None):
+    out = tmp_path / name
+    argv = ["-m", "tinygrad_llm", "train", "--data", str(corpus), "--out-dir", str(out), "--dtype", "float64",
+            "--n-layers", "1", "--d-model", "32", "--n-heads", "2", "--ffn-hidden", "64", "--batch-size", "4",
+            "--seq-len", "16", "--eval-interval", "10", "--eval-iters", "2", "--log-interval", "1",
+            "--warmup-steps", "2", "--no-progress", *extra]
+    command = [sys.executable, *argv]
+    if ranks > 1:
+        command = [_mpiexec(), "-n", str(ranks)] + command
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TINYGRAD_LLM_THREADS="1", OMP_NUM_THREADS="1",
+               OPENBLAS_NUM_THREADS="1", TINYGRAD_LLM_REEXEC="0")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in records if "loss" in r and "event" not in r}
+    from safetensors.numpy import load_file
+    final = out / "checkpoints" / "step_00000020" / "model.safetensors"
+    return losses, (load_file(str(final)) if final.exists() else None), result
+
+
+@needs_mpi
+def test_the_train_command_under_mpiexec_matches_one_process_and_resumes_under_another_world(tmp_path):
+    from text_sample import SHAKESPEARE
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(SHAKESPEARE * 3, encoding="utf-8")
+    one, one_weights, _ = _train_cli(tmp_path, "one", 1, "--max-steps", "20", corpus=corpus)
+    two, two_weights, run = _train_cli(tmp_path, "two", 2, "--max-steps", "20", "--zero", corpus=corpus)
+    assert "data parallel: 2 ranks over mpi" in run.stdout
+    assert sorted(one) == sorted(two) == list(range(1, 21))
+    for step, loss in one.items():
+        assert abs(two[step] - loss) <= 1e-6 * loss, step
+    for name, weights in one_weights.items():
+        assert np.max(np.abs(two_weights[name] - weights)) <= 1e-5, name
+    # ten steps under two sharded ranks, then ten more under one process, against ten and ten under one
+    # process (the same schedule: max_steps changes the learning-rate curve, so both halves use 10 then 20)
+    _train_cli(tmp_path, "split", 2, "--max-steps", "10", "--zero", corpus=corpus)
+    rest, rest_weights, _ = _train_cli(tmp_path, "split", 1, "--max-steps", "20", "--resume", corpus=corpus)
+    _train_cli(tmp_path, "alone", 1, "--max-steps", "10", corpus=corpus)
+    alone, alone_weights, _ = _train_cli(tmp_path, "alone", 1, "--max-steps", "20", "--resume", corpus=corpus)
+    assert sorted(rest) == sorted(alone) == list(range(1, 21))
+    for step, loss in alone.items():
+        assert abs(rest[step] - loss) <= 1e-6 * loss, step
+    for name, weights in alone_weights.items():
+        assert np.max(np.abs(rest_weights[name] - weights)) <= 1e-5, name

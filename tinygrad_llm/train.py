@@ -49,6 +49,7 @@ from .checkpoint import (CheckpointError, RUN_TOKENIZER_FILE, STATE_FILE, atomic
                          remove_debris, require_field, resolve_checkpoint, save_checkpoint)
 from .data.feed import (Data, RandomWindows, ShardBatches, build_data, builtin_corpus_dir,  # noqa: F401
                         file_sha256, token_byte_lengths)
+from .distributed import DataParallel, RankSlice, communicator, install_abort_on_error, tokens_in
 from .model import GPT, GPTConfig
 from .optim import AdamW, lr_schedule
 from .tensor import no_grad
@@ -74,21 +75,39 @@ class StepResult:
     backoff: bool = False             # skipped because fp16 overflowed and the loss scale was lowered
 
 
-def train_step(model, optimizer, batches, step: int, config, device="cpu", scaler=None) -> StepResult:
+def train_step(model, optimizer, batches, step: int, config, device="cpu", scaler=None,
+               parallel=None) -> StepResult:
     """One optimizer step: batches step·grad_accum … step·grad_accum + grad_accum − 1, AdamW at the
-    scheduled learning rate. Skips the update when the loss or the gradient norm is not finite."""
+    scheduled learning rate. Skips the update when the loss or the gradient norm is not finite.
+
+    `parallel` (a distributed.DataParallel): this process is one rank of a data-parallel job; `batches`
+    gives its rows of each global batch, gradients are summed over the ranks in buckets during the last
+    backward, and the loss reported is the global batch's."""
     lr = lr_schedule(step, config.lr, config.warmup_steps, config.max_steps, config.min_lr_ratio)
     loss_scale = scaler.scale if scaler is not None else 1.0
     optimizer.zero_grad()
     step_loss = 0.0
-    for micro in range(config.grad_accum):
-        x, y = batches.batch(step * config.grad_accum + micro)
-        _, loss = model(backend.to_device(x, device), backend.to_device(y, device), return_logits=False)
-        seed = loss_scale / config.grad_accum                   # mean over micro-batches (× loss scale)
-        loss.backward(backend.to_device(np.asarray(seed, dtype=loss.dtype), device))
-        step_loss += float(loss.item()) / config.grad_accum
-    batches.step = (step + 1) * config.grad_accum
-    grad_norm = optimizer.gather_grads() / loss_scale
+    if parallel is not None:
+        micro_batches = [batches.batch(step * config.grad_accum + m) for m in range(config.grad_accum)]
+        shares = parallel.backward_seeds([tokens_in(y) for _, y in micro_batches])   # of the global tokens
+        for micro, (x, y) in enumerate(micro_batches):
+            _, loss = model(backend.to_device(x, device), backend.to_device(y, device), return_logits=False)
+            parallel.backward(loss, shares[micro] * loss_scale, last=micro == config.grad_accum - 1)
+            step_loss += shares[micro] * float(loss.item())
+        step_loss = float(parallel.comm.sum_host(np.array([step_loss]))[0])
+        batches.step = (step + 1) * config.grad_accum
+        grad_norm = parallel.reduce() / loss_scale
+        apply_update = parallel.step
+    else:
+        for micro in range(config.grad_accum):
+            x, y = batches.batch(step * config.grad_accum + micro)
+            _, loss = model(backend.to_device(x, device), backend.to_device(y, device), return_logits=False)
+            seed = loss_scale / config.grad_accum                   # mean over micro-batches (× loss scale)
+            loss.backward(backend.to_device(np.asarray(seed, dtype=loss.dtype), device))
+            step_loss += float(loss.item()) / config.grad_accum
+        batches.step = (step + 1) * config.grad_accum
+        grad_norm = optimizer.gather_grads() / loss_scale
+        apply_update = optimizer.step
     if scaler is not None and scaler.enabled and not scaler.update(math.isfinite(grad_norm)):
         optimizer.zero_grad()                               # fp16 overflow: the scale was lowered, step skipped
         return StepResult(step_loss, grad_norm, lr, False, backoff=True)
@@ -96,7 +115,7 @@ def train_step(model, optimizer, batches, step: int, config, device="cpu", scale
         optimizer.zero_grad()
         return StepResult(step_loss, grad_norm, lr, False)
     clip = min(1.0, config.grad_clip / (grad_norm + 1e-6)) if config.grad_clip > 0 else 1.0
-    optimizer.step(lr=lr, grad_scale=clip / loss_scale)
+    apply_update(lr=lr, grad_scale=clip / loss_scale)
     optimizer.zero_grad()
     return StepResult(step_loss, grad_norm, lr, True)
 
@@ -328,6 +347,26 @@ class _InterruptFlag:
             signal.signal(signal.SIGINT, self.previous)
 
 
+class _NoMetrics:
+    """The metrics log of a rank that writes none (all but rank 0 of a data-parallel job)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _StateOf:
+    """An optimizer stand-in whose state_dict() was already gathered (what rank 0 saves)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+
 # ---------------------------------------------------------------------------------------------- train
 def train(config, log=None) -> dict:
     """Run (or resume) training; returns a summary dict (steps, losses, timings, `stopped`, `diverged`).
@@ -361,11 +400,26 @@ def _train(config, log=None) -> dict:
     precision.set_policy(config.precision)          # a no-op on the CPU
     scaler = precision.LossScaler(enabled=config.precision == "fp16" and device == "cuda")
 
+    comm = communicator(device)                    # one process unless started by mpiexec
+    lead = comm.rank == 0                           # the rank that logs and writes files
+    if comm.size > 1:
+        install_abort_on_error(comm)
+        if not lead:
+            log = lambda message: None              # noqa: E731
     global_rng.manual_seed(config.seed)
     model = GPT(model_config)
     model.to(device=device, dtype=dtype)
     optimizer = AdamW(model.named_parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
-                      eps=config.eps, weight_decay=config.weight_decay)
+                      eps=config.eps, weight_decay=config.weight_decay,
+                      shard=(comm.rank, comm.size) if config.zero and comm.size > 1 else None)
+    parallel = None
+    if comm.size > 1:
+        parallel = DataParallel(model, optimizer, comm)
+        parallel.check_same_everywhere({k: v for k, v in asdict(config).items() if k != "progress"})
+        data.train = RankSlice(data.train, comm.rank, comm.size)
+        log(f"data parallel: {comm.size} ranks over {comm.name}, {config.batch_size // comm.size} rows of each "
+            f"batch a rank, {parallel.bytes_per_step / 2**20:.1f} MiB all-reduced a step in "
+            f"{len(parallel.buckets)} buckets" + (", AdamW state sharded (ZeRO-1)" if config.zero else ""))
     resumed_from, resumed_state = None, None
     if config.resume:
         resumed_from, loop = resume_training(out_dir, model, optimizer, data.train, config)
@@ -375,19 +429,22 @@ def _train(config, log=None) -> dict:
         else:
             log(f"{out_dir} holds no complete checkpoint yet; starting from step 0")
     else:
-        remove_debris(checkpoint_dir)
+        if lead:
+            remove_debris(checkpoint_dir)
         if newest_verified_checkpoint(checkpoint_dir) or _has_pointer(checkpoint_dir):
             raise FileExistsError(f"{out_dir} already holds checkpoints; pass --resume to continue that run or "
                                   f"choose another --out-dir")
         loop = LoopState()
     start_step = loop.step
 
-    os.makedirs(out_dir, exist_ok=True)
-    _adopt_tokenizer(out_dir, data, resumed_state)
-    atomic_write_json(os.path.join(out_dir, "config.json"),
-                      {"train_config": asdict(config), "model_config": model_config.to_dict(),
-                       "tokenizer": data.tokenizer_ref})
-    metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), keep_through_step=start_step)
+    if lead:
+        os.makedirs(out_dir, exist_ok=True)
+        _adopt_tokenizer(out_dir, data, resumed_state)
+        atomic_write_json(os.path.join(out_dir, "config.json"),
+                          {"train_config": asdict(config), "model_config": model_config.to_dict(),
+                           "tokenizer": data.tokenizer_ref})
+    metrics = (MetricsLog(os.path.join(out_dir, "metrics.jsonl"), keep_through_step=start_step) if lead
+               else _NoMetrics())
     metrics.write({"event": "resume" if resumed_from else "start", "step": start_step, "time": time.time(),
                    "parameters": model.num_parameters(), "device": device, "dtype": config.dtype})
     log(f"model: {model.num_parameters():,} parameters, {model_config.n_layers} layers, d_model "
@@ -400,14 +457,22 @@ def _train(config, log=None) -> dict:
     def save(step, best=False):
         nonlocal last_saved
         loop.recent_losses = list(monitor.recent)
-        last_saved = save_training_checkpoint(out_dir, model, optimizer,
-                                              checkpoint_state(config, model_config, data, loop), step,
-                                              keep_last=config.keep_last, best=best)
+        if parallel is None:
+            last_saved = save_training_checkpoint(out_dir, model, optimizer,
+                                                  checkpoint_state(config, model_config, data, loop), step,
+                                                  keep_last=config.keep_last, best=best)
+            return last_saved
+        whole = _StateOf(optimizer.state_dict())      # every rank takes part: ZeRO slices are combined
+        if lead:
+            last_saved = save_training_checkpoint(out_dir, model, whole,
+                                                  checkpoint_state(config, model_config, data, loop), step,
+                                                  keep_last=config.keep_last, best=best)
+        last_saved = comm.broadcast_object(last_saved)
         return last_saved
 
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
     bar = None
-    if config.progress:
+    if config.progress and lead:
         from tqdm import tqdm
         bar = tqdm(total=config.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                    file=sys.stderr)
@@ -420,7 +485,9 @@ def _train(config, log=None) -> dict:
         with _InterruptFlag() as interrupt:
             while loop.step < config.max_steps:
                 t0 = time.perf_counter()
-                result = train_step(model, optimizer, data.train, loop.step, config, device, scaler)
+                result = train_step(model, optimizer, data.train, loop.step, config, device, scaler, parallel)
+                if parallel is not None:           # every rank stops at the same step
+                    interrupt.raised = bool(comm.sum_host(np.array([float(interrupt.raised)]))[0])
                 step = loop.step = loop.step + 1
                 if result.backoff:
                     metrics.write({"event": "loss_scale_backoff", "step": step - 1, "scale": scaler.scale})
@@ -501,7 +568,7 @@ def _train(config, log=None) -> dict:
                "diverged": bool(diverged), "last_checkpoint": last_saved, "out_dir": out_dir, **last_eval}
     metrics.write(dict(summary, event="end"))
     metrics.close()
-    if config.sample_tokens and stopped is None:
+    if config.sample_tokens and stopped is None and lead:
         from .generate import generate_text
         model.eval()
         log("\n--- sample " + "-" * 60)

@@ -57,6 +57,7 @@ class TrainOptions:
     precision: str = "fp32"           # GPU mixed-precision policy: fp32, tf32, bf16, fp16 (tinygrad_llm.precision)
     resume: bool = False
     progress: bool = True
+    zero: bool = False                # under mpiexec: shard the AdamW state over the ranks (ZeRO stage 1)
 
     def __post_init__(self):
         # `--dtype fp32|tf32|bf16|fp16` names a mixed-precision policy (the GPU issue's spelling): the
