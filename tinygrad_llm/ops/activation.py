@@ -1,7 +1,8 @@
 """Activations and the softmax family: softmax, log_softmax, silu, gelu (tanh form), swiglu.
 
 Each has a composed `*_reference` built from primitive Tensor ops: slower, but an independent oracle for
-the tests. The logistic function is evaluated as ½(1 + tanh(x/2)), which never overflows.
+the tests. The logistic function is evaluated as ½(1 + tanh(x/2)), which never overflows. Softmax sums
+16-bit rows in float32.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import math
 from ..backend import array_module, kernel
 from ..cpu_threads import run_row_chunks
 from ..tensor import Function
+from .matmul import accumulation_dtype
 
 
 def sigmoid(x):
@@ -33,14 +35,14 @@ class Softmax(Function):
         xp = array_module(x)
         y = x - x.max(axis=axis, keepdims=True)           # max subtraction: exp never overflows
         xp.exp(y, out=y)
-        y /= y.sum(axis=axis, keepdims=True)
+        y /= y.sum(axis=axis, keepdims=True, dtype=accumulation_dtype(y.dtype)).astype(y.dtype)
         self.save(y=y, axis=axis)
         return y
 
     def backward(self, dy):
         y, axis = self.saved
         dx = dy * y
-        dx -= y * dx.sum(axis=axis, keepdims=True)       # y·dy − y·Σ(dy·y)
+        dx -= y * dx.sum(axis=axis, keepdims=True, dtype=accumulation_dtype(dx.dtype)).astype(dx.dtype)  # y·dy − y·Σ(dy·y)
         return dx
 
 

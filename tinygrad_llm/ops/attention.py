@@ -145,7 +145,7 @@ def _attend_backward(dy, path, q, k, v, out, kept):
     dq *= dq.dtype.type(scale)
     dk = product(xp.ascontiguousarray(q3.swapaxes(-1, -2)), ds).swapaxes(-1, -2)   # (b, Hkv, Tk, D)
     dk *= dk.dtype.type(scale)
-    return dq, xp.ascontiguousarray(dk), xp.ascontiguousarray(dv)     # dq (b, Hkv, G·Tq, D): callers reshape
+    return dq, dk, dv                     # dq (b, Hkv, G·Tq, D): callers reshape; dk, dv are transposed views
 
 
 class CausalAttention(Function):
@@ -194,7 +194,8 @@ class CausalAttention(Function):
             return self._packed_backward(dy, *saved)
         path, q, k, v, out, kept = saved
         dq, dk, dv = _attend_backward(dy, path, q, k, v, out, kept)
-        return dq.reshape(dy.shape), dk, dv
+        xp = array_module(dy)
+        return dq.reshape(dy.shape), xp.ascontiguousarray(dk), xp.ascontiguousarray(dv)
 
     def _packed_forward(self, qkv, heads, kv_heads, cos, sin, keep_probabilities, cache):
         xp = array_module(qkv)
