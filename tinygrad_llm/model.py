@@ -102,7 +102,8 @@ class GPTConfig:
 class KVCache:
     """Keys and values of every layer for positions 0 … length−1, preallocated to `max_len` positions.
 
-    k[i], v[i]: (B, Hkv, max_len, D) arrays of layer i; only [:, :, :length] are valid.
+    k[i], v[i]: (B, Hkv, max_len, D) arrays of layer i; only [:, :, :length] are valid. The attention op
+    (F.rope_attention with cache=) writes the new positions into them.
     """
 
     def __init__(self, config: GPTConfig, batch: int, max_len: int, dtype=np.float32, device="cpu"):
@@ -112,15 +113,6 @@ class KVCache:
         self.v = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
         self.max_len = max_len
         self.length = 0
-
-    def append(self, layer: int, k, v, start: int):
-        """Store the new keys/values (B, Hkv, Tnew, D) at positions start…; return all so far as Tensors."""
-        end = start + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were asked for")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return Tensor(self.k[layer][:, :, :end]), Tensor(self.v[layer][:, :, :end])
 
 
 class Attention(Module):
