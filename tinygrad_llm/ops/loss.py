@@ -97,9 +97,10 @@ class CrossEntropy(Function):
         fast = kernel("cross_entropy", logits2)
         if fast is not None:
             loss, dlogits = fast.cross_entropy_forward_backward(logits2, targets1, ignore_index)
-        else:
-            loss, dlogits = _loss_and_gradient(logits2, targets1, ignore_index, xp)
-        self.save(dlogits=dlogits.reshape(shape))                          # (N, V) -> x's shape
+            self.save(dlogits=dlogits.reshape(shape))                      # (N, V) -> x's shape
+            return loss
+        loss, dlogits = _loss_and_gradient(logits2, targets1, ignore_index, xp)
+        self.save(dlogits=dlogits.reshape(shape))
         return xp.asarray(loss, dtype=logits.dtype)
 
     def backward(self, dy):
@@ -146,6 +147,8 @@ class LinearCrossEntropy(Function):
             loss, grad = _loss_and_gradient(logits, targets, ignore_index, xp, in_place=True)
         self.save(x=x_saved, weight=weight_saved, grad=grad, linear=linear, dtypes=(x.dtype, weight.dtype),
                   x_shape=x.shape)
+        if entropy is not None:
+            return loss
         return xp.asarray(loss, dtype=np.float32 if accumulation_dtype(x.dtype) != x.dtype else x.dtype)
 
     def backward(self, dy):
