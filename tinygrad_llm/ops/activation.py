@@ -56,13 +56,15 @@ class LogSoftmax(Function):
     def forward(self, x, axis=-1):
         xp = array_module(x)
         shifted = x - x.max(axis=axis, keepdims=True)
-        y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        total = xp.exp(shifted).sum(axis=axis, keepdims=True, dtype=accumulation_dtype(x.dtype))
+        y = shifted - xp.log(total).astype(x.dtype)
         self.save(y=y, axis=axis)
         return y
 
     def backward(self, dy):
         y, axis = self.saved
-        return dy - array_module(y).exp(y) * dy.sum(axis=axis, keepdims=True)
+        return dy - array_module(y).exp(y) * dy.sum(axis=axis, keepdims=True,
+                                                     dtype=accumulation_dtype(dy.dtype)).astype(dy.dtype)
 
 
 class SiLU(Function):
