@@ -164,10 +164,13 @@ def test_tied_embedding_gradient_is_the_sum_of_its_two_uses():
     assert not np.allclose(tied.model.embed_tokens.weight.grad, head_part)         # both uses count
 
 
-def test_every_parameter_of_a_two_layer_model_passes_gradcheck():
-    """float64 finite differences through the whole model (embeddings, GQA attention, MLP, norms, loss)."""
+@pytest.mark.parametrize("return_logits, tie_embeddings", [(True, False), (False, False), (False, True)])
+def test_every_parameter_of_a_two_layer_model_passes_gradcheck(return_logits, tie_embeddings):
+    """float64 finite differences through the whole model (embeddings, GQA attention, MLP, norms, loss), with
+    the loss from linear + cross_entropy and from the fused head, and with tied embeddings."""
     manual_seed(3)
-    model = GPT(tiny_config(d_model=8, n_heads=2, n_kv_heads=1, ffn_hidden=12, vocab_size=7, max_seq_len=6))
+    model = GPT(tiny_config(d_model=8, n_heads=2, n_kv_heads=1, ffn_hidden=12, vocab_size=7, max_seq_len=6,
+                            tie_embeddings=tie_embeddings))
     model.to(dtype=np.float64)
     for p in model.parameters():           # norm gains away from 1 so their gradients are generic
         if p.ndim == 1:
@@ -186,8 +189,11 @@ def test_every_parameter_of_a_two_layer_model_passes_gradcheck():
                 owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
             originals[(id(owner), attribute)] = (owner, attribute, getattr(owner, attribute))
             setattr(owner, attribute, t)
+        if tie_embeddings:          # the head's use of the one tied matrix must see the same stand-in
+            originals[(id(model.lm_head), "weight")] = (model.lm_head, "weight", model.lm_head.weight)
+            model.lm_head.weight = model.model.embed_tokens.weight
         try:
-            _, loss = model(ids, targets)
+            _, loss = model(ids, targets, return_logits=return_logits)
         finally:
             for owner, attribute, value in originals.values():
                 setattr(owner, attribute, value)
