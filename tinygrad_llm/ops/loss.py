@@ -153,8 +153,9 @@ class LinearCrossEntropy(Function):
 
     def backward(self, dy):
         x, weight, grad, linear, dtypes, x_shape = self.saved
-        if dy.size != 1 or float(dy) != 1.0:
-            grad = grad * dy.astype(grad.dtype)
+        if dy.size != 1 or float(dy) != 1.0:     # a loss scale may not fit in float16: multiply in float32
+            compute = accumulation_dtype(grad.dtype)
+            grad = (grad.astype(compute, copy=False) * dy.astype(compute)).astype(grad.dtype, copy=False)
         if linear is not None:
             dx, dweight = linear.linear_backward(grad, x, weight, dtypes, self.needs_input_grad)
             return (None if dx is None else dx.reshape(x_shape)), dweight

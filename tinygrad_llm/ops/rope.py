@@ -58,11 +58,11 @@ class RoPE(Function):
         cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
         fast = kernel("rope", x)
         self.save(cos=cos, sin=sin, fast=fast)
-        return rotate_into(x, cos, sin, xp.empty_like(x), fast)
+        return rotate_into(x, cos, sin, xp.empty(x.shape, dtype=x.dtype), fast)
 
     def backward(self, dy):
         cos, sin, fast = self.saved
-        return rotate_into(dy, cos, -sin, array_module(dy).empty_like(dy), fast)
+        return rotate_into(dy, cos, -sin, array_module(dy).empty(dy.shape, dtype=dy.dtype), fast)
 
 
 def rotate_into(x, cos, sin, out, fast=None):
