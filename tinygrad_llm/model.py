@@ -157,22 +157,18 @@ class MLP(Module):
 class DecoderLayer(Module):
     def __init__(self, config: GPTConfig, dtype=np.float32, options: OpOptions = OpOptions()):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps, dtype=dtype)
+        chunked = options.chunked_norm
+        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps, dtype=dtype, chunked=chunked)
         self.self_attn = Attention(config, dtype=dtype, options=options)
-        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps, dtype=dtype, chunked=chunked)
         self.mlp = MLP(config, dtype=dtype)
         self.dropout = Dropout(config.dropout)
-        self.options = options
 
     def forward(self, x, rope_tables, cache=None, layer=0, start=0):
-        h = _norm(self.input_layernorm, x, self.options)
+        h = self.input_layernorm(x)                                       # pre-norm
         x = x + _like(self.dropout(self.self_attn(h, rope_tables, cache, layer, start)), x)
-        h = _norm(self.post_attention_layernorm, x, self.options)
+        h = self.post_attention_layernorm(x)
         return x + _like(self.dropout(self.mlp(h)), x)
-
-
-def _norm(norm: RMSNorm, x, options: OpOptions):
-    return F.rms_norm(x, norm.weight, norm.eps, chunked=options.chunked_norm)
 
 
 def _like(branch, x):
@@ -188,7 +184,7 @@ class LlamaModel(Module):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.d_model, dtype=dtype)
         self.layers = ModuleList(DecoderLayer(config, dtype=dtype, options=options) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps, dtype=dtype)
+        self.norm = RMSNorm(config.d_model, config.norm_eps, dtype=dtype, chunked=options.chunked_norm)
         self.dropout = Dropout(config.dropout)
 
 
@@ -248,7 +244,7 @@ class GPT(Module):
             cache.length = start + ids.shape[1]
         if last_only:
             x = x[:, -1:]                                                   # (B, T, C) -> (B, 1, C)
-        x = _norm(trunk.norm, x, self.options)
+        x = trunk.norm(x)
         if targets is not None and not return_logits:
             targets = targets.data if isinstance(targets, Tensor) else targets
             return None, F.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=ignore_index)

@@ -42,7 +42,8 @@ class Softmax(Function):
     def backward(self, dy):
         y, axis = self.saved
         dx = dy * y
-        dx -= y * dx.sum(axis=axis, keepdims=True, dtype=accumulation_dtype(dx.dtype)).astype(dx.dtype)  # y·dy − y·Σ(dy·y)
+        total = dx.sum(axis=axis, keepdims=True, dtype=accumulation_dtype(dx.dtype)).astype(dx.dtype)
+        dx -= y * total                                   # y·dy − y·Σ(dy·y)
         return dx
 
 
