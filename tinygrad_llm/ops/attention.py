@@ -220,7 +220,7 @@ class CausalAttention(Function):
             path = choose_path(q, k, v, keep_probabilities and cache is None)
             o, state = _attend(q, k, v, path)                                        # (b, H, T, D)
             out[start:end] = o.transpose(0, 2, 1, 3).reshape(rows, time, heads * head_dim)    # -> (b, T, H·D)
-            return bounds, path, state
+            return [bounds, path, state]
 
         if xp is np and cache is None:   # cache-sized chunks of the batch, dealt to the threads
             per_chunk = max(1, CHUNK_ELEMENTS // (heads * time * time))
@@ -240,10 +240,12 @@ class CausalAttention(Function):
 
         def part(item):
             (start, end), path, state = item
+            item[2] = None                                       # this chunk's P or L goes once used
             rows = end - start
             d_out = xp.ascontiguousarray(
                 dy[start:end].reshape(rows, time, heads, head_dim).transpose(0, 2, 1, 3))  # (b, H, T, D)
             dq, dk, dv = _attend_backward(d_out, path, *state)
+            del state
             dq = dq.reshape(d_out.shape)
             target = dqkv[start:end]
             rotate_into(dq, cos, -sin, target[:, :, :heads].transpose(0, 2, 1, 3), rope)

@@ -1,8 +1,9 @@
 """RMSNorm: root-mean-square normalisation with a learned gain (no mean subtraction, no bias).
 
 Three paths, chosen once in the forward and recorded for the backward: the CUDA kernel (GPU arrays with
-a kernel for them), the chunked path (NumPy arrays: cache-sized row chunks spread over the threads of
-tinygrad_llm.cpu_threads), and the plain array expression (CuPy arrays without a kernel, or chunked=False).
+a kernel for them), the chunked path (NumPy arrays of float32/64: cache-sized row chunks spread over the
+threads of tinygrad_llm.cpu_threads), and the plain array expression (CuPy arrays without a kernel,
+16-bit NumPy arrays, or chunked=False).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ class RMSNorm(Function):
             y, r = fast.rms_norm_forward(x, weight, eps)
             self.save(path=fast, x=x, r=r, weight=weight)
             return y
-        if chunked and xp is np:
+        if chunked and xp is np and accumulation_dtype(x.dtype) == x.dtype:   # 16-bit: the plain path
             y, r = _chunked_forward(x, weight, eps)
             self.save(path="chunked", x=x, r=r, weight=weight)
             return y
