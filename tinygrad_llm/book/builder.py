@@ -13,9 +13,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class BookError(RuntimeError):
-    """A broken book: a missing page or figure, a dangling link, a listing that raises, a failed tool."""
+from .errors import BookError
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        from .builder import BookError
+        from .errors import BookError
         raise BookError("the book's figures need matplotlib: pip install -e .[book]") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
