@@ -214,7 +214,7 @@ def pipeline_counts():
     """Documents kept by each stage of `prepare` on the built-in corpus, from its report.json."""
     report = json.loads((Path(_builtin_prepared()) / "report.json").read_text(encoding="utf-8"))
     stages = report["stages"] if isinstance(report, dict) and "stages" in report else report
-    names = [stage["name"] for stage in stages]
+    names = [stage["stage"] for stage in stages]
     docs_in = [stage["docs_in"] for stage in stages]
     docs_out = [stage["docs_out"] for stage in stages]
     plt = _pyplot()
