@@ -420,6 +420,12 @@ def _train(config, log=None) -> dict:
         log(f"data parallel: {comm.size} ranks over {comm.name}, {config.batch_size // comm.size} rows of each "
             f"batch a rank, {parallel.bytes_per_step / 2**20:.1f} MiB all-reduced a step in "
             f"{len(parallel.buckets)} buckets" + (", AdamW state sharded (ZeRO-1)" if config.zero else ""))
+    if device == "cuda":                            # say once which attention path the run takes
+        from . import gpu
+        attention_dtype = precision.get_policy().compute or np.dtype(dtype).name
+        path = gpu.attention_kernel_for(model_config.head_dim, attention_dtype)
+        log(f"attention: {path}" if path else f"attention: no kernel for head dim {model_config.head_dim}, "
+            f"using the batched-GEMM path")
     resumed_from, resumed_state = None, None
     if config.resume:
         resumed_from, loop = resume_training(out_dir, model, optimizer, data.train, config)

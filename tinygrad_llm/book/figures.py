@@ -226,7 +226,7 @@ def pipeline_counts():
         ax.text(x + 0.2, value, str(value), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(positions)
     ax.set_xticklabels(names, rotation=20, fontsize=8)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower left")
     ax.set_title("the built-in corpus through the pipeline (report.json)", fontsize=9)
     fig.tight_layout()
     return fig
