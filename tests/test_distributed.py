@@ -37,6 +37,10 @@ def _have_mpi() -> bool:
     return _mpiexec() is not None
 
 
+# one thread a rank; Open MPI's launcher refuses root (containers, CI) unless told, MPICH ignores these
+_QUIET_MPI = {"TINYGRAD_LLM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+              "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
 needs_mpi = pytest.mark.skipif(not _have_mpi(), reason="needs mpi4py and an mpiexec (pip install -e .[dist])")
 
 
@@ -45,8 +49,7 @@ def _run(tmp_path, name, ranks, *options, expect_ok=True, timeout=120):
     command = [sys.executable, str(WORKER), str(out), *options]
     if ranks > 1:
         command = [_mpiexec(), "-n", str(ranks)] + command
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TINYGRAD_LLM_THREADS="1", OMP_NUM_THREADS="1",
-               OPENBLAS_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **_QUIET_MPI)
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if expect_ok:
         assert result.returncode == 0, result.stderr[-2000:]
@@ -185,8 +188,7 @@ def _train_cli(tmp_path, name, ranks, *extra, corpus=None):
     command = [sys.executable, *argv]
     if ranks > 1:
         command = [_mpiexec(), "-n", str(ranks)] + command
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TINYGRAD_LLM_THREADS="1", OMP_NUM_THREADS="1",
-               OPENBLAS_NUM_THREADS="1", TINYGRAD_LLM_REEXEC="0")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TINYGRAD_LLM_REEXEC="0", **_QUIET_MPI)
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -256,8 +256,8 @@ def test_rope_writes_into_a_strided_out_and_in_place(rng, poisoned):
     cp = backend.cupy_module()
     x = _random(rng, (2, 4, 9, 32), np.float32)
     cos, sin = (rng.standard_normal((9, 16)).astype(np.float32) for _ in range(2))
-    from tinygrad_llm.ops.rope import _rotate
-    want = _rotate(_f64(x), _f64(cos), _f64(sin), np)
+    from tinygrad_llm.ops.rope import rotate_into
+    want = rotate_into(_f64(x), _f64(cos), _f64(sin), np.empty(x.shape))
     buffer = cp.full((2, 9, 4, 32), cp.nan, dtype=cp.float32)             # (B, T, H, D); out is its transpose
     gpu.rope_forward(cp.asarray(x), cp.asarray(cos), cp.asarray(sin), out=buffer.transpose(0, 2, 1, 3))
     assert _relative_error(buffer.transpose(0, 2, 1, 3), want) < 1e-6

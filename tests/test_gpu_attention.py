@@ -31,7 +31,7 @@ def _reference(q, k, v, dy):
     op = CausalAttention()
     q, k, v, dy = (np.asarray(a, dtype=np.float64) for a in (q, k, v, dy))
     out = op.forward(q, k, v)
-    lse = op.saved[-1]
+    lse = op.saved[5].reshape(q.shape[:3])        # saved: path, q, k, v, out, L (B, Hkv, G·Tq, 1), packed
     dq, dk, dv = op.backward(dy)
     return out, lse, dq, dk, dv
 
