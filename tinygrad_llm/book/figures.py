@@ -204,6 +204,30 @@ def lsh_s_curve():
     return fig
 
 
+@figure("lr_schedule")
+def lr_schedule():
+    """The learning rate of every step of the default run, computed by optim.lr_schedule."""
+    from ..optim import lr_schedule as schedule
+    from ..train_config import TrainConfig
+    config = TrainConfig()
+    steps = np.arange(config.max_steps + 1)
+    rates = [schedule(int(s), config.lr, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+             for s in steps]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 2.8))
+    ax.plot(steps, rates)
+    ax.axvline(config.warmup_steps, color="#a44", lw=0.8)
+    ax.text(config.warmup_steps + 20, config.lr * 0.5, f"warmup ends (W = {config.warmup_steps})",
+            color="#a44", fontsize=8)
+    ax.axhline(config.lr * config.min_lr_ratio, color="#889", lw=0.8, ls="--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"peak {config.lr:g}, cosine to {config.lr * config.min_lr_ratio:g} at step "
+                 f"{config.max_steps}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def _builtin_prepared() -> str:
     from ..train import builtin_corpus_dir
     return builtin_corpus_dir()
