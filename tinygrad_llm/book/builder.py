@@ -48,6 +48,20 @@ CHAPTERS = (
     Chapter("changelog", "CHANGELOG.md", "Release notes", ""),
 )
 
+# Typst settings for the PDF, on top of pandoc's template: listings of up to 110 characters fit a line at
+# a readable size (with the margins below); tables are a little smaller than the text and their cells
+# aligned left (a table sits in a figure, which would centre every cell).
+TYPST_STYLE = """\
+#show raw.where(block: true): set text(size: 7.4pt)
+#show table: set text(size: 0.88em)
+#show figure.where(kind: table): set align(left)
+"""
+TYPST_METADATA = """\
+margin:
+  x: 2cm
+  y: 2.4cm
+"""
+
 _FENCE = re.compile(r"^(\s*)(```+|~~~+)\s*(\{[^}]*\}|[\w+-]*)\s*$")
 _HEADER = re.compile(r"^(#{1,6})\s+(.*?)\s*(\{#([^}\s]+)[^}]*\})?\s*$")
 _LINK = re.compile(r"(!?)\[((?:[^\[\]]|\[[^\]]*\])*)\]\(([^)\s]+)(\s+\"[^\"]*\")?\)")
@@ -247,8 +261,13 @@ def build(out_dir: str | os.PathLike = "book", check_only: bool = False, log=pri
     metadata = ["--metadata", "title=tinygrad_llm: a language model from scratch",
                 "--metadata", f"subtitle=version {__version__}", "--metadata", "lang=en"]
     typ = out / "tinygrad_llm.typ"
+    style, page = out / "style.typ", out / "page.yaml"
+    style.write_text(TYPST_STYLE, encoding="utf-8")
+    page.write_text(TYPST_METADATA, encoding="utf-8")
+    # --columns: pipe tables narrower than this get widths from their content, not from their dashes
     pypandoc.convert_file(str(markdown), "typst", outputfile=str(typ),
                           extra_args=["--standalone", "--toc", "--number-sections", "--resource-path", str(out),
+                                      "--columns", "1000", "--include-in-header", str(style), "--metadata-file", str(page),
                                       *metadata])
     pdf = out / "tinygrad_llm.pdf"
     try:
