@@ -50,11 +50,10 @@ CHAPTERS = (
 
 # Typst settings for the PDF, on top of pandoc's template: listings of up to 110 characters fit a line at
 # a readable size (with the margins below); tables are a little smaller than the text and their cells
-# aligned left (a table sits in a figure, which would centre every cell).
+# aligned left unless a column asks otherwise (see _left_align_tables).
 TYPST_STYLE = """\
 #show raw.where(block: true): set text(size: 7.4pt)
 #show table: set text(size: 0.88em)
-#show figure.where(kind: table): set align(left)
 """
 TYPST_METADATA = """\
 margin:
@@ -65,6 +64,13 @@ margin:
 _FENCE = re.compile(r"^(\s*)(```+|~~~+)\s*(\{[^}]*\}|[\w+-]*)\s*$")
 _HEADER = re.compile(r"^(#{1,6})\s+(.*?)\s*(\{#([^}\s]+)[^}]*\})?\s*$")
 _LINK = re.compile(r"(!?)\[((?:[^\[\]]|\[[^\]]*\])*)\]\(([^)\s]+)(\s+\"[^\"]*\")?\)")
+
+
+def _left_align_tables(typst_source: str) -> str:
+    """Pandoc writes a table's column alignments as `align: (auto,right,...)` inside a centred figure, so
+    an `auto` column would be centred; make those columns left-aligned (explicit ones stay)."""
+    return re.sub(r"(?m)^(\s*align: \()([^)]*)(\),)$",
+                  lambda m: m.group(1) + re.sub(r"\bauto\b", "left", m.group(2)) + m.group(3), typst_source)
 
 
 def repository_root() -> Path:
@@ -269,6 +275,7 @@ def build(out_dir: str | os.PathLike = "book", check_only: bool = False, log=pri
                           extra_args=["--standalone", "--toc", "--number-sections", "--resource-path", str(out),
                                       "--columns", "1000", "--include-in-header", str(style), "--metadata-file", str(page),
                                       *metadata])
+    typ.write_text(_left_align_tables(typ.read_text(encoding="utf-8")), encoding="utf-8")
     pdf = out / "tinygrad_llm.pdf"
     try:
         typst.compile(str(typ), output=str(pdf), root=str(out))

@@ -231,7 +231,7 @@ def gqa_heads():
         _box(ax, left, 0.3, 2.0, 0.6, f"k{j}, v{j}", colors[j], 8)
         for h in range(j * group, (j + 1) * group):
             _arrow(ax, h + 0.45, 2.0, left + 1.0, 0.9)
-    ax.text(heads - 0.4, 1.4, f"H = {heads}, Hkv = {kv_heads}, G = {group}", fontsize=8, ha="right")
+    ax.text(heads - 0.2, 2.8, f"H = {heads}, Hkv = {kv_heads}, G = {group}", fontsize=8, ha="right")
     return fig
 
 
