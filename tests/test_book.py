@@ -83,3 +83,11 @@ def test_the_real_book_checks_out():
     summary = book.build(check_only=True, log=lambda message: None)
     assert summary["chapters"] == len(book.CHAPTERS)
     assert summary["listings"] >= 5
+
+
+def test_table_columns_without_an_alignment_are_left_aligned_in_the_typst_source():
+    source = ("#figure(\n  align(center)[#table(\n    columns: 3,\n    align: (auto,right,auto,),\n"
+              "    table.header([a], [b], [c],),\n  )]\n)\n")
+    out = book._left_align_tables(source)
+    assert "    align: (left,right,left,),\n" in out
+    assert out.replace("(left,right,left,)", "(auto,right,auto,)") == source     # nothing else changes
