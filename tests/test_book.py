@@ -91,3 +91,11 @@ def test_table_columns_without_an_alignment_are_left_aligned_in_the_typst_source
     out = book._left_align_tables(source)
     assert "    align: (left,right,left,),\n" in out
     assert out.replace("(left,right,left,)", "(auto,right,auto,)") == source     # nothing else changes
+
+
+def test_a_figure_inside_a_paragraph_is_reported(tmp_path):
+    page = _page(tmp_path, "a.md", "# A\n\nText before\n![cap](figures/known.png)\nand after.\n\n"
+                                   "![cap](figures/known.png)\n")
+    problems = []
+    book._rewrite_links(tmp_path, page, {(tmp_path / "docs" / "a.md").resolve(): page}, {"known"}, problems)
+    assert len(problems) == 1 and "line 4" in problems[0] and "paragraph of its own" in problems[0]

@@ -180,7 +180,14 @@ def _rewrite_links(root: Path, page: Page, pages: dict, figures: set, problems: 
         problems.append(f"{where}: no such file in the repository")
         return match.group(0)
 
-    for _, line, in_code in _blocks(page.lines):
+    lines = page.lines
+    for i, line, in_code in _blocks(lines):
+        if not in_code and line.lstrip().startswith("!["):
+            alone = (_LINK.fullmatch(line.strip()) is not None
+                     and (i == 0 or not lines[i - 1].strip()) and (i + 1 == len(lines) or not lines[i + 1].strip()))
+            if not alone:   # pandoc makes a figure with a caption only of an image that is a paragraph by itself
+                problems.append(f"{page.chapter.source}: the figure at line {i + 1} must be a paragraph of its own "
+                                f"(blank lines around it), or it is drawn inline without its caption")
         out.append(line if in_code else _LINK.sub(replace, line))
     return out
 
