@@ -83,3 +83,19 @@ def test_the_real_book_checks_out():
     summary = book.build(check_only=True, log=lambda message: None)
     assert summary["chapters"] == len(book.CHAPTERS)
     assert summary["listings"] >= 5
+
+
+def test_table_columns_without_an_alignment_are_left_aligned_in_the_typst_source():
+    source = ("#figure(\n  align(center)[#table(\n    columns: 3,\n    align: (auto,right,auto,),\n"
+              "    table.header([a], [b], [c],),\n  )]\n)\n")
+    out = book._left_align_tables(source)
+    assert "    align: (left,right,left,),\n" in out
+    assert out.replace("(left,right,left,)", "(auto,right,auto,)") == source     # nothing else changes
+
+
+def test_a_figure_inside_a_paragraph_is_reported(tmp_path):
+    page = _page(tmp_path, "a.md", "# A\n\nText before\n![cap](figures/known.png)\nand after.\n\n"
+                                   "![cap](figures/known.png)\n")
+    problems = []
+    book._rewrite_links(tmp_path, page, {(tmp_path / "docs" / "a.md").resolve(): page}, {"known"}, problems)
+    assert len(problems) == 1 and "line 4" in problems[0] and "paragraph of its own" in problems[0]

@@ -48,9 +48,29 @@ CHAPTERS = (
     Chapter("changelog", "CHANGELOG.md", "Release notes", ""),
 )
 
+# Typst settings for the PDF, on top of pandoc's template: listings of up to 110 characters fit a line at
+# a readable size (with the margins below); tables are a little smaller than the text and their cells
+# aligned left unless a column asks otherwise (see _left_align_tables).
+TYPST_STYLE = """\
+#show raw.where(block: true): set text(size: 7.4pt)
+#show table: set text(size: 0.88em)
+"""
+TYPST_METADATA = """\
+margin:
+  x: 2cm
+  y: 2.4cm
+"""
+
 _FENCE = re.compile(r"^(\s*)(```+|~~~+)\s*(\{[^}]*\}|[\w+-]*)\s*$")
 _HEADER = re.compile(r"^(#{1,6})\s+(.*?)\s*(\{#([^}\s]+)[^}]*\})?\s*$")
 _LINK = re.compile(r"(!?)\[((?:[^\[\]]|\[[^\]]*\])*)\]\(([^)\s]+)(\s+\"[^\"]*\")?\)")
+
+
+def _left_align_tables(typst_source: str) -> str:
+    """Pandoc writes a table's column alignments as `align: (auto,right,...)` inside a centred figure, so
+    an `auto` column would be centred; make those columns left-aligned (explicit ones stay)."""
+    return re.sub(r"(?m)^(\s*align: \()([^)]*)(\),)$",
+                  lambda m: m.group(1) + re.sub(r"\bauto\b", "left", m.group(2)) + m.group(3), typst_source)
 
 
 def repository_root() -> Path:
@@ -160,7 +180,14 @@ def _rewrite_links(root: Path, page: Page, pages: dict, figures: set, problems: 
         problems.append(f"{where}: no such file in the repository")
         return match.group(0)
 
-    for _, line, in_code in _blocks(page.lines):
+    lines = page.lines
+    for i, line, in_code in _blocks(lines):
+        if not in_code and line.lstrip().startswith("!["):
+            alone = (_LINK.fullmatch(line.strip()) is not None
+                     and (i == 0 or not lines[i - 1].strip()) and (i + 1 == len(lines) or not lines[i + 1].strip()))
+            if not alone:   # pandoc makes a figure with a caption only of an image that is a paragraph by itself
+                problems.append(f"{page.chapter.source}: the figure at line {i + 1} must be a paragraph of its own "
+                                f"(blank lines around it), or it is drawn inline without its caption")
         out.append(line if in_code else _LINK.sub(replace, line))
     return out
 
@@ -247,9 +274,15 @@ def build(out_dir: str | os.PathLike = "book", check_only: bool = False, log=pri
     metadata = ["--metadata", "title=tinygrad_llm: a language model from scratch",
                 "--metadata", f"subtitle=version {__version__}", "--metadata", "lang=en"]
     typ = out / "tinygrad_llm.typ"
+    style, page = out / "style.typ", out / "page.yaml"
+    style.write_text(TYPST_STYLE, encoding="utf-8")
+    page.write_text(TYPST_METADATA, encoding="utf-8")
+    # --columns: pipe tables narrower than this get widths from their content, not from their dashes
     pypandoc.convert_file(str(markdown), "typst", outputfile=str(typ),
                           extra_args=["--standalone", "--toc", "--number-sections", "--resource-path", str(out),
+                                      "--columns", "1000", "--include-in-header", str(style), "--metadata-file", str(page),
                                       *metadata])
+    typ.write_text(_left_align_tables(typ.read_text(encoding="utf-8")), encoding="utf-8")
     pdf = out / "tinygrad_llm.pdf"
     try:
         typst.compile(str(typ), output=str(pdf), root=str(out))

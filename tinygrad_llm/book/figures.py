@@ -45,6 +45,50 @@ def _arrow(ax, x0, y0, x1, y1):
     ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops=dict(arrowstyle="->", color="#445"))
 
 
+@figure("bpe_merge_tree")
+def bpe_merge_tree():
+    """The merge trees of the two longest tokens of the tokenizer chapter's worked example: leaves are
+    bytes, an inner node sits at the height of the merge that made it."""
+    from ..tokenizer import Tokenizer
+    text = "low low low low low lower lower newest newest newest newest newest newest widest widest widest"
+    toy = Tokenizer.train(text, vocab_size=256 + 10, progress=False)
+    children = {256 + i: pair for i, pair in enumerate(toy.merges)}
+    label = lambda token: toy.token_bytes(token).decode("utf-8").replace(" ", "\u2423")
+    roots = sorted(children, key=lambda token: -len(toy.token_bytes(token)))[:2]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    ax.set_xticks([])
+    ax.set_yticks(range(0, max(roots) - 255 + 1))
+    ax.set_yticklabels(["bytes"] + [str(n) for n in range(1, max(roots) - 255 + 1)], fontsize=8)
+    ax.set_ylabel("merge", fontsize=8)
+    next_leaf = [0.0]
+
+    def place(token):
+        """Draw the subtree of `token`; return the (x, y) of its node."""
+        if token not in children:
+            x, y = next_leaf[0], 0
+            next_leaf[0] += 1
+        else:
+            left, right = (place(child) for child in children[token])
+            x, y = (left[0] + right[0]) / 2, token - 255
+            for child_x, child_y in (left, right):
+                ax.plot([x, child_x], [y, child_y], color="#889", lw=0.9, zorder=1)
+        ax.text(x, y, label(token), ha="center", va="center", fontsize=9, zorder=2,
+                bbox=dict(boxstyle="round,pad=0.25", facecolor="#dde8f3" if token in children else "#f3e7d3",
+                          edgecolor="#445"))
+        return x, y
+
+    for root in roots:
+        place(root)
+        next_leaf[0] += 1                                      # a gap between the trees
+    ax.set_xlim(-0.7, next_leaf[0] - 0.3)
+    ax.set_ylim(-0.7, max(roots) - 255 + 0.7)
+    ax.set_title("merge trees of the worked example (height = merge number)", fontsize=9)
+    return fig
+
+
 @figure("architecture")
 def architecture():
     """The decoder stack of GPT with the default configuration's numbers."""
@@ -132,6 +176,43 @@ def causal_mask_cache():
     return fig
 
 
+@figure("rope_rotation")
+def rope_rotation():
+    """F.rope applied to the unit vector (1, 0) of each channel pair (i, i + D/2) of the default head
+    dimension: pair 0 over positions 0 … 15, and how many positions each pair takes to turn once."""
+    from .. import functional as F
+    from ..model import GPTConfig
+    from ..tensor import Tensor
+    config = GPTConfig()
+    half, positions = config.head_dim // 2, 16
+    x = np.zeros((1, 1, positions, config.head_dim))
+    x[..., :half] = 1.0                                        # every pair starts at (1, 0)
+    y = F.rope(Tensor(x), theta=config.rope_theta).data[0, 0]  # (T, D)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(7.2, 3.3), gridspec_kw={"width_ratios": [1, 1.25], "wspace": 0.35})
+    circle = np.linspace(0, 2 * np.pi, 200)
+    ax = axes[0]
+    ax.plot(np.cos(circle), np.sin(circle), color="#ccc", lw=0.8)
+    ax.scatter(y[:, 0], y[:, half], c=np.arange(positions), cmap="viridis", s=22, zorder=2)
+    for t in range(positions):
+        ax.annotate(str(t), (y[t, 0], y[t, half]), xytext=(0.8 * y[t, 0], 0.8 * y[t, half]),
+                    ha="center", va="center", fontsize=6.5)
+    ax.set_xlim(-1.2, 1.2)
+    ax.set_ylim(-1.2, 1.2)
+    ax.set_aspect("equal")
+    ax.set_title("pair 0 at positions 0 … 15 (1 radian a step)", fontsize=8)
+    ax = axes[1]
+    angle_per_position = np.arctan2(y[1, half:], y[1, :half])  # (D/2,) the rotation between positions 0 and 1
+    turn = 2 * np.pi / angle_per_position                       # positions per full turn
+    ax.semilogy(np.arange(half), turn, "o-", ms=3)
+    ax.axhline(config.max_seq_len, color="#a44", lw=0.8)
+    ax.text(0, config.max_seq_len * 1.3, f"context {config.max_seq_len}", color="#a44", fontsize=7)
+    ax.set_xlabel("pair i")
+    ax.set_ylabel("positions per full turn")
+    ax.set_title(f"2π / θ^(−2i/D), D = {config.head_dim}, θ = {config.rope_theta:g}", fontsize=8)
+    return fig
+
+
 @figure("gqa_heads")
 def gqa_heads():
     """Grouped-query attention: query head h reads kv head h // G."""
@@ -150,7 +231,7 @@ def gqa_heads():
         _box(ax, left, 0.3, 2.0, 0.6, f"k{j}, v{j}", colors[j], 8)
         for h in range(j * group, (j + 1) * group):
             _arrow(ax, h + 0.45, 2.0, left + 1.0, 0.9)
-    ax.text(heads - 0.4, 1.4, f"H = {heads}, Hkv = {kv_heads}, G = {group}", fontsize=8, ha="right")
+    ax.text(heads - 0.2, 2.8, f"H = {heads}, Hkv = {kv_heads}, G = {group}", fontsize=8, ha="right")
     return fig
 
 
@@ -201,6 +282,30 @@ def lsh_s_curve():
     ax.set_xlabel("Jaccard similarity s")
     ax.set_ylabel("P(candidate) = 1 − (1 − sʳ)ᵇ")
     ax.legend(fontsize=8)
+    return fig
+
+
+@figure("lr_schedule")
+def lr_schedule():
+    """The learning rate of every step of the default run, computed by optim.lr_schedule."""
+    from ..optim import lr_schedule as schedule
+    from ..train_config import TrainConfig
+    config = TrainConfig()
+    steps = np.arange(config.max_steps + 1)
+    rates = [schedule(int(s), config.lr, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+             for s in steps]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 2.8))
+    ax.plot(steps, rates)
+    ax.axvline(config.warmup_steps, color="#a44", lw=0.8)
+    ax.text(config.warmup_steps + 20, config.lr * 0.5, f"warmup ends (W = {config.warmup_steps})",
+            color="#a44", fontsize=8)
+    ax.axhline(config.lr * config.min_lr_ratio, color="#889", lw=0.8, ls="--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"peak {config.lr:g}, cosine to {config.lr * config.min_lr_ratio:g} at step "
+                 f"{config.max_steps}", fontsize=9)
+    fig.tight_layout()
     return fig
 
 
