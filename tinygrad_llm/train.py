@@ -99,12 +99,15 @@ def train_step(model, optimizer, batches, step: int, config, device="cpu", scale
         grad_norm = parallel.reduce() / loss_scale
         apply_update = parallel.step
     else:
-        for micro in range(config.grad_accum):
-            x, y = batches.batch(step * config.grad_accum + micro)
+        micro_batches = [batches.batch(step * config.grad_accum + m) for m in range(config.grad_accum)]
+        counts = [tokens_in(y) for _, y in micro_batches]
+        total = sum(counts)
+        for micro, (x, y) in enumerate(micro_batches):
             _, loss = model(backend.to_device(x, device), backend.to_device(y, device), return_logits=False)
-            seed = loss_scale / config.grad_accum                   # mean over micro-batches (× loss scale)
+            share = counts[micro] / total if total else 0.0     # of the step's counted targets (equal shares
+            seed = loss_scale * share                          # 1/grad_accum when no target is ignored)
             loss.backward(backend.to_device(np.asarray(seed, dtype=loss.dtype), device))
-            step_loss += float(loss.item()) / config.grad_accum
+            step_loss += share * float(loss.item())
         batches.step = (step + 1) * config.grad_accum
         grad_norm = optimizer.gather_grads() / loss_scale
         apply_update = optimizer.step
