@@ -26,14 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from tinygrad_llm.checkpoint import load_checkpoint  # noqa: E402
+from tinygrad_llm.checkpoint import load_checkpoint, tokenizer_from_state  # noqa: E402
 from tinygrad_llm.posttrain.chat import with_chat_tokens  # noqa: E402
 from tinygrad_llm.posttrain.data import builtin_split, encode_preferences  # noqa: E402
 from tinygrad_llm.posttrain.dpo import chosen_nll, dpo, pair_logps, preference_metrics  # noqa: E402
 from tinygrad_llm.posttrain.evaluate import exact_match  # noqa: E402
 from tinygrad_llm.posttrain.loop import PostTrainConfig, load_start  # noqa: E402
 from tinygrad_llm.posttrain.sft import sft  # noqa: E402
-from tinygrad_llm.train import tokenizer_from_ref  # noqa: E402
 
 
 def held_out_subset(examples, per_task):
@@ -48,7 +47,7 @@ def held_out_subset(examples, per_task):
 
 def load_run(path):
     model, state = load_checkpoint(path)
-    tokenizer = with_chat_tokens(tokenizer_from_ref(state["tokenizer"], state["directory"]))
+    tokenizer = with_chat_tokens(tokenizer_from_state(state, state["directory"]))
     model.eval()
     return model, tokenizer
 

@@ -101,11 +101,10 @@ def run_dpo(args) -> int:
 
 def load_chat_model(path, best=False, device="cpu"):
     """(model, tokenizer) of a run whose tokenizer has the chat tokens; ValueError when it has none."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, tokenizer_from_state
     from .posttrain.chat import has_chat_tokens
-    from .train import tokenizer_from_ref
     model, state = load_checkpoint(path, which="best" if best else "latest")
-    tokenizer = tokenizer_from_ref(state["tokenizer"], state["directory"])
+    tokenizer = tokenizer_from_state(state, state["directory"])
     if not has_chat_tokens(tokenizer):
         raise ValueError(f"{path} has no chat tokens (a base model?): fine-tune it first with "
                          f"`tinygrad-llm sft {path} --builtin plays --out-dir DIR`")

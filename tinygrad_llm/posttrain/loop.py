@@ -13,9 +13,8 @@
             the step (the data position), the package RNG, and the stage's own state (DPO's reference
             log-probabilities, in a file whose sha256 the checkpoint records)
 
-The training loop's pieces come from tinygrad_llm.checkpoint, tinygrad_llm.optim and, for two helpers
-only (the tokenizer of a run, the metrics log), tinygrad_llm.train; those two imports are here and
-nowhere else in the post-training package.
+The training loop's pieces come from tinygrad_llm.checkpoint, tinygrad_llm.optim and, for the metrics
+log only, tinygrad_llm.train; that import is here and nowhere else in the post-training package.
 """
 from __future__ import annotations
 
@@ -31,9 +30,9 @@ import numpy as np
 from .. import backend
 from .. import rng as global_rng
 from ..checkpoint import (OPTIMIZER_FILE, CheckpointError, load_checkpoint, read_safetensors, read_state,
-                          resolve_checkpoint, save_checkpoint)
+                          resolve_checkpoint, save_checkpoint, tokenizer_from_state)
 from ..optim import AdamW, lr_schedule
-from ..train import MetricsLog, tokenizer_from_ref          # the only imports from train.py in posttrain/
+from ..train import MetricsLog                              # the only import from train.py in posttrain/
 from .chat import grow_vocabulary, with_chat_tokens
 from .data import batch_indices
 from .lora import LoRA, AdapterOptimizerState, MergedView, parse_targets
@@ -181,9 +180,12 @@ def tokenizer_reference(tokenizer, out_dir):
     """How a checkpoint finds this tokenizer again: inline for a character vocabulary, else a file in the run."""
     if hasattr(tokenizer, "chars"):
         return {"type": "char", "chars": "".join(tokenizer.chars), "special_tokens": list(tokenizer.special_tokens)}
+    import hashlib
     path = os.path.join(out_dir, "tokenizer.json")
     tokenizer.save(path)
-    return {"type": "file", "path": os.path.abspath(path), "run_file": "tokenizer.json"}
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"type": "file", "path": os.path.abspath(path), "run_file": "tokenizer.json", "sha256": digest}
 
 
 def load_start(path, device="cpu", max_seq_len=0):
@@ -194,7 +196,7 @@ def load_start(path, device="cpu", max_seq_len=0):
     except CheckpointError as error:
         raise CheckpointError(f"starting run: {error}") from None
     model, state = load_checkpoint(directory)
-    tokenizer = with_chat_tokens(tokenizer_from_ref(state["tokenizer"], state["directory"]))
+    tokenizer = with_chat_tokens(tokenizer_from_state(state, state["directory"]))
     added = grow_vocabulary(model, tokenizer.vocab_size)
     if max_seq_len:
         model.config.max_seq_len = int(max_seq_len)
@@ -278,7 +280,7 @@ def run_stage(config: PostTrainConfig, stage: Stage, log=None) -> dict:
         json.dump({"posttrain_config": asdict(config), "model_config": model.config.to_dict(),
                    "tokenizer": tokenizer_ref, "base": base_info,
                    "data": [r.as_dict() for r in reports]}, f, indent=1)
-    metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
+    metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"), keep_through_step=start_step if config.resume else None)
     trained = lora.num_parameters() if lora else model.num_parameters()
     moment_bytes = sum(g.exp_avg.nbytes + g.exp_avg_sq.nbytes for g in optimizer.groups)
     metrics.write({"event": "resume" if config.resume else "start", "stage": stage.name, "step": start_step,
