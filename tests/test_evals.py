@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinygrad_llm import manual_seed
-from tinygrad_llm.data.shards import CharVocab
+from tinygrad_llm.tokenizer import CharVocab
 from tinygrad_llm.evals import (Item, Task, TaskFileError, bootstrap_stderr, encode_pair, evaluate_task,
                                 item_predictions, mean_stderr, read_task_file, score_groups, token_logprobs,
                                 write_task_file)

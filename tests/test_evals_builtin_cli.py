@@ -92,7 +92,7 @@ def test_rendering_matches_the_corpus_layout_and_the_chat_template():
 
 
 def test_chat_form_is_chosen_by_the_tokenizer():
-    from tinygrad_llm.data.shards import CharVocab
+    from tinygrad_llm.tokenizer import CharVocab
     from tinygrad_llm.tokenizer import CHAT_SPECIAL_TOKENS
     assert not is_chat_tokenizer(CharVocab(list("ab")))
     assert is_chat_tokenizer(CharVocab(list("ab"), special_tokens=CHAT_SPECIAL_TOKENS))
