@@ -21,7 +21,8 @@ setup(
     extras_require={
         "gpu": ["cupy-cuda12x>=14", "ml_dtypes>=0.4"],   # CUDA 13 drivers: install cupy-cuda13x instead
         "plot": ["matplotlib>=3.5"],
-        "test": ["pytest>=7", "hypothesis>=6.80", "tiktoken>=0.5"],   # tiktoken: the id-equality test
+        "test": ["pytest>=7", "hypothesis>=6.80", "tiktoken>=0.5",    # tiktoken: the id-equality test
+                 "gguf>=0.10"],                                  # gguf: llama.cpp's own Q8_0/Q4_0 bytes
         "bench": ["tokenizers>=0.15", "tiktoken>=0.5", "datasketch>=1.6"],
     },
     entry_points={"console_scripts": ["tinygrad-llm=tinygrad_llm.cli:main"]},
