@@ -15,6 +15,7 @@ from .ops.loss import CrossEntropy
 from .ops.matmul import Linear, MatMul
 from .ops.movement import Concatenate, GetItem, Permute, Reshape, Stack
 from .ops.norm import RMSNorm
+from .ops.quantized import QuantizedLinear
 from .ops.reduce import Max, Mean, Sum
 from .ops.rope import RoPE
 from .tensor import Tensor, ensure_tensor
@@ -174,3 +175,8 @@ def dropout(x, p, training=True, seed=None):
 import builtins as _builtins  # noqa: E402  (sum and max are shadowed above by the tensor versions)
 
 builtins_sum = _builtins.sum
+
+
+def quantized_linear(x, weight):
+    """y = x @ Ŵᵀ for a `tinygrad_llm.quant.QuantizedMatrix` weight (inference only: no backward)."""
+    return QuantizedLinear.apply(ensure_tensor(x), weight)

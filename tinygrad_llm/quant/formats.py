@@ -6,6 +6,7 @@ Public API (stable: the GGUF exporter writes these bytes as they are):
     quantize_q4_0(w) -> uint8 (..., n // 32 * 18)      dequantize_q4_0(blocks) -> float32 (..., n)
     quantize_int8(w) -> (q int8 (out, in), scale float32 (out,))   dequantize_int8(q, scale) -> float32
     check_blocks(blocks, kind, shape)   raises QuantFormatError unless `blocks` can hold a `shape` tensor
+    QuantizedMatrix.quantize(w, kind)   an (out, in) weight in any of KINDS, what the quantized linear op takes
     blocks_shape(shape, kind)           the uint8 shape that quantize_<kind> returns for a `shape` tensor
     BLOCK_SIZE = 32, BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}, BLOCK_KINDS = ("q8_0", "q4_0")
 
@@ -41,6 +42,8 @@ Simplifications: only these three formats; the k-quants and importance matrices 
 from __future__ import annotations
 
 import numpy as np
+
+from ..backend import to_device
 
 BLOCK_SIZE = 32
 BLOCK_BYTES = {"q8_0": 2 + BLOCK_SIZE, "q4_0": 2 + BLOCK_SIZE // 2}
@@ -203,3 +206,77 @@ def dequantize_int8(q, scale, out=None) -> np.ndarray:
 
 QUANTIZE = {"q8_0": quantize_q8_0, "q4_0": quantize_q4_0}
 DEQUANTIZE = {"q8_0": dequantize_q8_0, "q4_0": dequantize_q4_0}
+
+
+class QuantizedMatrix:
+    """A (out, in) weight matrix held in one of KINDS: what the quantized linear op takes for a weight.
+
+    kind "q8_0"/"q4_0": `data` is the uint8 blocks (out, in/32 · bytes), `scale` is None.
+    kind "int8": `data` is int8 (out, in), `scale` float32 (out,).
+    The arrays may live on the GPU (CuPy) after `to("cuda")`; `dequantize` and `take_rows` are CPU-side.
+    """
+
+    __slots__ = ("kind", "shape", "data", "scale")
+
+    def __init__(self, kind: str, shape, data, scale=None):
+        if kind not in KINDS:
+            raise QuantFormatError(f"unknown quantization {kind!r} (known: {', '.join(KINDS)})")
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 2:
+            raise QuantFormatError(f"a quantized matrix is (out, in), got shape {shape}")
+        on_cpu = isinstance(data, np.ndarray)
+        if kind == "int8":
+            if (data.dtype != np.int8 or tuple(data.shape) != shape or scale is None or scale.dtype != np.float32
+                    or tuple(scale.shape) != shape[:1]):
+                raise QuantFormatError(f"int8 matrix {shape} needs data int8 {shape} and scale float32 "
+                                       f"({shape[0]},), got {data.dtype} {tuple(data.shape)} and "
+                                       f"{getattr(scale, 'dtype', None)} {tuple(getattr(scale, 'shape', ()))}")
+        elif on_cpu:
+            check_blocks(data, kind, shape)
+        elif tuple(data.shape) != blocks_shape(shape, kind):
+            raise QuantFormatError(f"{kind} blocks {tuple(data.shape)} cannot hold a {shape} matrix")
+        self.kind, self.shape, self.data, self.scale = kind, shape, data, scale
+
+    @classmethod
+    def quantize(cls, w, kind: str) -> "QuantizedMatrix":
+        w = np.asarray(w)
+        if w.ndim != 2:
+            raise QuantFormatError(f"a quantized matrix is (out, in), got shape {tuple(w.shape)}")
+        if kind == "int8":
+            q, scale = quantize_int8(w)
+            return cls(kind, w.shape, q, scale)
+        if kind not in QUANTIZE:
+            raise QuantFormatError(f"unknown quantization {kind!r} (known: {', '.join(KINDS)})")
+        return cls(kind, w.shape, QUANTIZE[kind](w))
+
+    @property
+    def dtype(self):
+        return np.dtype(np.float32)      # what it computes in on the CPU
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes + (self.scale.nbytes if self.scale is not None else 0))
+
+    def dequantize(self, start: int = 0, end: int | None = None, out=None) -> np.ndarray:
+        """Rows start…end−1 as float32 (end − start, in), written into `out` when given."""
+        end = self.shape[0] if end is None else end
+        if self.kind == "int8":
+            return dequantize_int8(self.data[start:end], self.scale[start:end], out=out)
+        return DEQUANTIZE[self.kind](self.data[start:end], out=out)
+
+    def take_rows(self, ids) -> np.ndarray:
+        """Rows `ids` (any integer array) as float32 (*ids.shape, in): an embedding lookup."""
+        ids = np.asarray(ids)
+        if self.kind == "int8":
+            rows = dequantize_int8(self.data[ids.reshape(-1)], self.scale[ids.reshape(-1)])
+        else:
+            rows = DEQUANTIZE[self.kind](self.data[ids.reshape(-1)])
+        return rows.reshape(*ids.shape, self.shape[1])                     # (N, in) -> (*ids, in)
+
+    def to(self, device: str) -> "QuantizedMatrix":
+        """The same matrix with its arrays on `device` ("cpu" or "cuda")."""
+        scale = None if self.scale is None else to_device(self.scale, device)
+        return QuantizedMatrix(self.kind, self.shape, to_device(self.data, device), scale)
+
+    def __repr__(self) -> str:
+        return f"QuantizedMatrix({self.kind}, {self.shape}, {self.nbytes} bytes)"
