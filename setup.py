@@ -14,7 +14,7 @@ setup(
     description="Build a Llama-style LLM from scratch on NumPy: hand-derived autograd, BPE, data pipeline, CUDA kernels",
     packages=find_packages(include=["tinygrad_llm", "tinygrad_llm.*"]) + ["tinygrad_llm.kernels"],
     package_dir={"tinygrad_llm.kernels": "kernels"},      # top-level kernels/ ships as package data
-    package_data={"tinygrad_llm": ["configs/*.toml"], "tinygrad_llm.kernels": ["*.cu", "*.cuh"]},
+    package_data={"tinygrad_llm": ["configs/*.toml", "serve/page.html"], "tinygrad_llm.kernels": ["*.cu", "*.cuh"]},
     python_requires=">=3.9",
     install_requires=["numpy>=1.22", "regex>=2022.1.18", "safetensors>=0.4", "tqdm>=4.60",
                       "tomli>=2; python_version < '3.11'"],          # TOML configs (tomllib from 3.11)
@@ -22,7 +22,12 @@ setup(
         "gpu": ["cupy-cuda12x>=14", "ml_dtypes>=0.4"],   # CUDA 13 drivers: install cupy-cuda13x instead
         "plot": ["matplotlib>=3.5"],
         "test": ["pytest>=7", "hypothesis>=6.80", "tiktoken>=0.5",    # tiktoken: the id-equality test
-                 "gguf>=0.10"],                                  # gguf: llama.cpp's own Q8_0/Q4_0 bytes
+                 "gguf>=0.10",                                   # gguf: llama.cpp's own Q8_0/Q4_0 bytes
+                 # the server's tests: its extras, the official OpenAI client, httpx, Selenium for the chat page
+                 "starlette>=0.37", "uvicorn>=0.29", "prometheus-client>=0.20", "better-profanity>=0.7",
+                 "httpx>=0.27", "openai>=1.30", "selenium>=4.20"],
+        "serve": ["starlette>=0.37", "uvicorn>=0.29", "prometheus-client>=0.20"],   # tinygrad-llm serve
+        "moderation": ["better-profanity>=0.7"],      # the blocklist's maintained word list (MIT)
         "bench": ["tokenizers>=0.15", "tiktoken>=0.5", "datasketch>=1.6"],
     },
     entry_points={"console_scripts": ["tinygrad-llm=tinygrad_llm.cli:main"]},

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("prepare", help="prepare token shards (needs tinygrad_llm.cli_prepare)")
         p.add_argument("rest", nargs=argparse.REMAINDER)
     add_train_parser(sub)
+    from .cli_serve import add_parsers as add_serve_parsers
+    add_serve_parsers(sub)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument("checkpoint", help="run directory, checkpoints/ directory or step directory")
@@ -287,6 +289,9 @@ def main(argv=None) -> int:
         if args.command == "train-classifier":
             from .cli_prepare import run_train_classifier
             return run_train_classifier(args)
+        if args.command == "serve":
+            from .cli_serve import run_serve
+            return run_serve(args)
         return COMMANDS[args.command](args)
     except CommandError as error:
         print(f"tinygrad-llm {args.command}: error: {error}", file=sys.stderr)
