@@ -575,6 +575,8 @@ def _prompts(prompt, server: _Server):
         prompt = [prompt]
     if not isinstance(prompt, list) or not prompt:
         raise APIError(400, f"'prompt' must be {what}", param="prompt")
+    if not (all(isinstance(item, str) for item in prompt) or all(isinstance(item, list) for item in prompt)):
+        raise APIError(400, f"'prompt' must be {what}, not a mixture", param="prompt")
     if len(prompt) > MAX_PROMPTS:
         raise APIError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}", param="prompt")
     out = []
