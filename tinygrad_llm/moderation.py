@@ -143,6 +143,7 @@ class Verdict:
     reasons: list = field(default_factory=list)
     text: str = ""
     score: float | None = None           # the classifier's P(clean), when it ran
+    layer: str | None = None             # the layer whose action decided the verdict
 
     @property
     def blocked(self) -> bool:
@@ -244,25 +245,25 @@ class Moderator:
             spans = self.blocklist.find(text)
             if spans:
                 verdict.reasons.append(f"blocklist:{len(spans)}")
-                verdict = _stricter(verdict, self.blocklist_action)
+                verdict = _stricter(verdict, self.blocklist_action, "blocklist")
                 if self.blocklist_action == "redact":
                     verdict.text = self.blocklist.redact(text, spans)
         if self.classifier_action != "off" and text.strip():
             verdict.score = float(self.classifier.predict_proba([text])[0])
             if verdict.score < self.threshold:
                 verdict.reasons.append("classifier")
-                verdict = _stricter(verdict, self.classifier_action)
+                verdict = _stricter(verdict, self.classifier_action, "classifier")
         return verdict
 
     def filter_document(self, text: str):
         """The data pipeline's toxicity stage: (keep, reason or None, text to keep, possibly redacted)."""
         verdict = self.check(text)
         if verdict.blocked:
-            return False, "toxicity_" + verdict.reasons[-1].split(":")[0], text
+            return False, "toxicity_" + verdict.layer, text
         return True, ("toxicity_flagged" if verdict.reasons else None), verdict.text
 
 
-def _stricter(verdict: Verdict, action: str) -> Verdict:
+def _stricter(verdict: Verdict, action: str, layer: str) -> Verdict:
     if _RANK[action] > _RANK[verdict.action]:
-        verdict.action = action
+        verdict.action, verdict.layer = action, layer
     return verdict
