@@ -4,13 +4,19 @@ The dispatch point for every Linear of KV-cached decoding (tinygrad_llm.generate
 - a float weight: the same path as ops/matmul.Linear (the bf16/fp16 cuBLAS policy on the GPU, else x @ Wᵀ);
 - a QuantizedMatrix on the GPU: the CUDA kernels of kernels/quant_matmul.cu (tinygrad_llm.gpu_quant), a
   fused dequantise + GEMV for a few rows (decode), dequantise + cuBLAS for many (prefill);
-- a QuantizedMatrix on the CPU: the weight is dequantised a tile of output rows at a time into a
-  cache-sized float32 buffer, and each tile is one BLAS GEMM (x @ tileᵀ) into its columns of y.
-  The tiles are spread over tinygrad_llm.cpu_threads' threads.
+- a QuantizedMatrix on the CPU, Q8_0 / Q4_0: block by block. The matrix is block-major (the j-th
+  32-weight block of every output row is one contiguous (out, 32) slab), so a few slabs at a time are
+  converted to float32 (into a per-thread buffer that stays in cache) and multiplied by the matching 32
+  inputs in one batched GEMM:  P[j] = codes[j] @ x[:, block j]ᵀ  (out, N);  then y = Σ_j d[j] · P[j].
+  The scales act on the products, (out, N) per block, not on the weights, (out, 32) per block: for decode
+  (N ≤ 32) that is the cheaper side. Q4_0's −8 offset is folded the same way: Σ (n − 8)·x = Σ n·x − 8·Σ x.
+  Output rows are split across tinygrad_llm.cpu_threads' threads.
+- a QuantizedMatrix on the CPU, INT8 per channel: a tile of output rows at a time converted to float32
+  and one GEMM, the per-row scale applied to y's columns.
 
-Why tiles of float32 and BLAS rather than an int8 dot product: NumPy has no int8 GEMM with int32
-accumulation (an integer matmul runs NumPy's own unvectorised loop), and quantizing x per block, as
-llama.cpp does, costs a pass of its own; benchmarks/decode.py --matmul measures both (docs/quantization.md).
+Why float32 GEMMs rather than an int8 dot product: NumPy has no int8 GEMM with int32 accumulation (an
+integer matmul runs NumPy's own unvectorised loop); `int8_dot_linear` is that alternative, and
+benchmarks/decode.py --matmul measures both (docs/quantization.md has the numbers).
 Simplification: no backward (quantized weights are not trained); the op raises if one is asked for.
 """
 from __future__ import annotations
@@ -20,19 +26,20 @@ import threading
 import numpy as np
 
 from ..backend import is_cupy_array, kernel
-from ..cpu_threads import parallel_items, thread_count
-from ..quant.formats import QuantizedMatrix
+from ..cpu_threads import parallel_items, split, thread_count
+from ..quant.formats import BLOCK_SIZE, QuantizedMatrix
 from ..tensor import Function
 
-TILE_ELEMENTS = 1 << 16          # float32 weights dequantised per tile (256 KiB: stays in L2 beside x and y)
+TILE_ELEMENTS = 1 << 17          # float32 weights converted per step (512 KiB: stays in L2 beside x and y)
 _scratch = threading.local()
 
 
-def _tile_buffer(elements: int) -> np.ndarray:
+def _buffer(name: str, elements: int) -> np.ndarray:
     """A per-thread float32 scratch buffer of at least `elements` (reused across calls: no allocation)."""
-    buffer = getattr(_scratch, "buffer", None)
+    buffer = getattr(_scratch, name, None)
     if buffer is None or buffer.size < elements:
-        buffer = _scratch.buffer = np.empty(elements, dtype=np.float32)
+        buffer = np.empty(elements, dtype=np.float32)
+        setattr(_scratch, name, buffer)
     return buffer
 
 
@@ -45,22 +52,61 @@ def float_linear(x, weight):
     return (x2 @ weight.T).reshape(*x.shape[:-1], weight.shape[0])          # (N, out) -> (..., out)
 
 
-def dequantized_tiles_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
-    """CPU: (N, in) float32 @ Ŵᵀ -> (N, out) float32, Ŵ dequantised TILE_ELEMENTS at a time."""
+def _block_products(x_blocks, x_sums, weight: QuantizedMatrix, start: int, end: int) -> np.ndarray:
+    """Output rows start…end−1 of a Q8_0 / Q4_0 product, (end − start, N), from x_blocks (nb, 32, N)."""
+    count, rows = weight.values.shape[0], end - start
+    columns = x_blocks.shape[2]
+    y = np.zeros((rows, columns), dtype=np.float32)
+    step = max(1, TILE_ELEMENTS // (rows * BLOCK_SIZE))                       # blocks converted at once
+    codes = _buffer("codes", step * rows * BLOCK_SIZE)
+    for first in range(0, count, step):
+        last = min(first + step, count)
+        values = weight.values[first:last, start:end]                          # (k, rows, 32 | 16)
+        if weight.kind == "q8_0":
+            tile = codes[:(last - first) * rows * BLOCK_SIZE].reshape(last - first, rows, BLOCK_SIZE)
+            np.copyto(tile, values, casting="unsafe")                           # int8 -> float32
+            products = tile @ x_blocks[first:last]                              # (k, rows, N)
+        else:   # Q4_0: low nibbles are elements 0…15 of a block, high nibbles 16…31
+            half = BLOCK_SIZE // 2
+            low = codes[:(last - first) * rows * half].reshape(last - first, rows, half)
+            high = codes[(last - first) * rows * half:(last - first) * rows * BLOCK_SIZE].reshape(low.shape)
+            np.bitwise_and(values, 0x0F, out=low, casting="unsafe")
+            np.right_shift(values, 4, out=high, casting="unsafe")
+            products = low @ x_blocks[first:last, :half]                        # (k, rows, N)
+            products += high @ x_blocks[first:last, half:]
+            products -= np.float32(8) * x_sums[first:last, None, :]             # the −8 offset: 8·Σ x per block
+        products *= weight.scale[first:last, start:end, None].astype(np.float32)
+        y += products.sum(axis=0)
+    return y
+
+
+def blockwise_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
+    """CPU Q8_0 / Q4_0: (N, in) float32 @ Ŵᵀ -> (N, out) float32, block by block (see the module docstring)."""
+    out_features, in_features = weight.shape
+    columns = x2.shape[0]
+    x_blocks = np.ascontiguousarray(x2.reshape(columns, -1, BLOCK_SIZE).transpose(1, 2, 0))  # (N, in) -> (nb, 32, N)
+    x_sums = x_blocks.sum(axis=1) if weight.kind == "q4_0" else None                          # (nb, N)
+    parts = parallel_items(lambda bounds: _block_products(x_blocks, x_sums, weight, *bounds),
+                           split(out_features, min_chunk=64))
+    return np.ascontiguousarray(np.concatenate(parts, axis=0).T)                               # (out, N) -> (N, out)
+
+
+def int8_rows_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
+    """CPU INT8: (N, in) float32 @ Ŵᵀ -> (N, out): row tiles converted to float32, one GEMM each, y scaled."""
     out_features, in_features = weight.shape
     y = np.empty((x2.shape[0], out_features), dtype=np.float32)
     rows = max(1, TILE_ELEMENTS // in_features)
-    tiles = [(start, min(start + rows, out_features)) for start in range(0, out_features, rows)]
 
-    def work(group):
-        buffer = _tile_buffer(rows * in_features)
-        for start, end in group:
-            tile = buffer[:(end - start) * in_features].reshape(end - start, in_features)   # (rows, in)
-            weight.dequantize(start, end, out=tile)
+    def work(bounds):
+        tile_buffer = _buffer("codes", rows * in_features)
+        for start in range(bounds[0], bounds[1], rows):
+            end = min(start + rows, bounds[1])
+            tile = tile_buffer[:(end - start) * in_features].reshape(end - start, in_features)     # (rows, in)
+            np.copyto(tile, weight.values[start:end], casting="unsafe")
             np.matmul(x2, tile.T, out=y[:, start:end])
 
-    threads = min(thread_count(), len(tiles))
-    parallel_items(work, [tiles[i::threads] for i in range(threads)])
+    parallel_items(work, split(out_features, min_chunk=64))
+    y *= weight.scale[None, :]
     return y
 
 
@@ -71,7 +117,7 @@ def int8_dot_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
         raise ValueError("int8_dot_linear takes int8 (per-channel) weights")
     x_scale = np.abs(x2).max(axis=1, keepdims=True) / np.float32(127)                       # (N, 1)
     x_q = np.rint(x2 / np.where(x_scale == 0, 1, x_scale)).astype(np.int32)                  # (N, in)
-    accumulated = x_q @ weight.data.T.astype(np.int32)                                       # (N, out) int32
+    accumulated = x_q @ weight.values.T.astype(np.int32)                                       # (N, out) int32
     return accumulated.astype(np.float32) * x_scale * weight.scale[None, :]
 
 
@@ -82,11 +128,12 @@ def linear_forward(x, weight):
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"quantized_linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]} "
                          f"(weight shape {weight.shape} is (out, in))")
-    if is_cupy_array(x) or is_cupy_array(weight.data):
+    if is_cupy_array(x) or is_cupy_array(weight.values):
         from .. import gpu_quant   # the GPU layer; imported only once GPU arrays exist
         return gpu_quant.quantized_linear(x, weight)
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)                 # (..., in) -> (N, in)
-    return dequantized_tiles_linear(x2, weight).reshape(*x.shape[:-1], weight.shape[0])      # -> (..., out)
+    y = int8_rows_linear(x2, weight) if weight.kind == "int8" else blockwise_linear(x2, weight)
+    return y.reshape(*x.shape[:-1], weight.shape[0])                                          # -> (..., out)
 
 
 class QuantizedLinear(Function):

@@ -6,7 +6,8 @@ Public API (stable: the GGUF exporter writes these bytes as they are):
     quantize_q4_0(w) -> uint8 (..., n // 32 * 18)      dequantize_q4_0(blocks) -> float32 (..., n)
     quantize_int8(w) -> (q int8 (out, in), scale float32 (out,))   dequantize_int8(q, scale) -> float32
     check_blocks(blocks, kind, shape)   raises QuantFormatError unless `blocks` can hold a `shape` tensor
-    QuantizedMatrix.quantize(w, kind)   an (out, in) weight in any of KINDS, what the quantized linear op takes
+    QuantizedMatrix.quantize(w, kind)   an (out, in) weight in any of KINDS, what the quantized linear op takes;
+    QuantizedMatrix.from_blocks(blocks, kind, shape), .blocks()   to and from the ggml bytes above
     blocks_shape(shape, kind)           the uint8 shape that quantize_<kind> returns for a `shape` tensor
     BLOCK_SIZE = 32, BLOCK_BYTES = {"q8_0": 34, "q4_0": 18}, BLOCK_KINDS = ("q8_0", "q4_0")
 
@@ -211,31 +212,43 @@ DEQUANTIZE = {"q8_0": dequantize_q8_0, "q4_0": dequantize_q4_0}
 class QuantizedMatrix:
     """A (out, in) weight matrix held in one of KINDS: what the quantized linear op takes for a weight.
 
-    kind "q8_0"/"q4_0": `data` is the uint8 blocks (out, in/32 · bytes), `scale` is None.
-    kind "int8": `data` is int8 (out, in), `scale` float32 (out,).
-    The arrays may live on the GPU (CuPy) after `to("cuda")`; `dequantize` and `take_rows` are CPU-side.
+    Held in a block-major compute layout, converted from and to ggml's blocks without loss
+    (`from_blocks`, `blocks`); nb = in/32 blocks per row:
+    - q8_0: values int8 (nb, out, 32), scale float16 (nb, out);
+    - q4_0: values uint8 (nb, out, 16), ggml's nibbles (byte j: element j low, element j + 16 high),
+            scale float16 (nb, out);
+    - int8: values int8 (out, in), scale float32 (out,).
+    The same bytes as the blocks (1.0625 / 0.5625 bytes a weight). Block-major, the j-th block of every
+    output row is one contiguous slab: the CPU op converts a few slabs at a time to float32 and multiplies
+    them by the matching 32 inputs in one batched GEMM, then applies the scales to the (small) products.
+    The arrays may live on the GPU (CuPy) after `to("cuda")`; `dequantize`, `take_rows` and `blocks`
+    work on CPU arrays.
     """
 
-    __slots__ = ("kind", "shape", "data", "scale")
+    __slots__ = ("kind", "shape", "values", "scale")
 
-    def __init__(self, kind: str, shape, data, scale=None):
+    def __init__(self, kind: str, shape, values, scale):
         if kind not in KINDS:
             raise QuantFormatError(f"unknown quantization {kind!r} (known: {', '.join(KINDS)})")
         shape = tuple(int(s) for s in shape)
         if len(shape) != 2:
             raise QuantFormatError(f"a quantized matrix is (out, in), got shape {shape}")
-        on_cpu = isinstance(data, np.ndarray)
+        out_features, in_features = shape
         if kind == "int8":
-            if (data.dtype != np.int8 or tuple(data.shape) != shape or scale is None or scale.dtype != np.float32
-                    or tuple(scale.shape) != shape[:1]):
-                raise QuantFormatError(f"int8 matrix {shape} needs data int8 {shape} and scale float32 "
-                                       f"({shape[0]},), got {data.dtype} {tuple(data.shape)} and "
-                                       f"{getattr(scale, 'dtype', None)} {tuple(getattr(scale, 'shape', ()))}")
-        elif on_cpu:
-            check_blocks(data, kind, shape)
-        elif tuple(data.shape) != blocks_shape(shape, kind):
-            raise QuantFormatError(f"{kind} blocks {tuple(data.shape)} cannot hold a {shape} matrix")
-        self.kind, self.shape, self.data, self.scale = kind, shape, data, scale
+            expected = (np.int8, shape, np.float32, (out_features,))
+        else:
+            blocks_shape(shape, kind)                                  # in must be a multiple of 32
+            count = in_features // BLOCK_SIZE
+            expected = (np.int8 if kind == "q8_0" else np.uint8,
+                        (count, out_features, BLOCK_SIZE if kind == "q8_0" else BLOCK_SIZE // 2),
+                        np.float16, (count, out_features))
+        values_dtype, values_shape, scale_dtype, scale_shape = expected
+        if (values.dtype != values_dtype or tuple(values.shape) != values_shape or scale.dtype != scale_dtype
+                or tuple(scale.shape) != scale_shape):
+            raise QuantFormatError(f"{kind} matrix {shape} needs values {np.dtype(values_dtype)} {values_shape} and "
+                                   f"scale {np.dtype(scale_dtype)} {scale_shape}, got {values.dtype} "
+                                   f"{tuple(values.shape)} and {scale.dtype} {tuple(scale.shape)}")
+        self.kind, self.shape, self.values, self.scale = kind, shape, values, scale
 
     @classmethod
     def quantize(cls, w, kind: str) -> "QuantizedMatrix":
@@ -247,7 +260,24 @@ class QuantizedMatrix:
             return cls(kind, w.shape, q, scale)
         if kind not in QUANTIZE:
             raise QuantFormatError(f"unknown quantization {kind!r} (known: {', '.join(KINDS)})")
-        return cls(kind, w.shape, QUANTIZE[kind](w))
+        return cls.from_blocks(QUANTIZE[kind](w), kind, w.shape)
+
+    @classmethod
+    def from_blocks(cls, blocks, kind: str, shape) -> "QuantizedMatrix":
+        """From ggml blocks uint8 (out, in/32 · bytes), as quantize_q8_0 / quantize_q4_0 return them."""
+        check_blocks(blocks, kind, shape)
+        per_block = blocks.reshape(shape[0], -1, BLOCK_BYTES[kind]).transpose(1, 0, 2)  # (out, nb, B) -> (nb, out, B)
+        scale = np.ascontiguousarray(per_block[:, :, :2]).view(np.float16)[:, :, 0]      # (nb, out)
+        values = np.ascontiguousarray(per_block[:, :, 2:])                                  # (nb, out, 32 | 16)
+        return cls(kind, shape, values.view(np.int8) if kind == "q8_0" else values, scale)
+
+    def blocks(self) -> np.ndarray:
+        """ggml's blocks uint8 (out, in/32 · bytes) (q8_0 / q4_0; CPU arrays)."""
+        if self.kind == "int8":
+            raise QuantFormatError("int8 (per-channel) has no ggml block form")
+        scale = self.scale[:, :, None].view(np.uint8)                                      # (nb, out, 2)
+        per_block = np.concatenate([scale, self.values.view(np.uint8)], axis=2)            # (nb, out, B)
+        return np.ascontiguousarray(per_block.transpose(1, 0, 2)).reshape(blocks_shape(self.shape, self.kind))
 
     @property
     def dtype(self):
@@ -255,28 +285,37 @@ class QuantizedMatrix:
 
     @property
     def nbytes(self) -> int:
-        return int(self.data.nbytes + (self.scale.nbytes if self.scale is not None else 0))
+        return int(self.values.nbytes + self.scale.nbytes)
 
-    def dequantize(self, start: int = 0, end: int | None = None, out=None) -> np.ndarray:
-        """Rows start…end−1 as float32 (end − start, in), written into `out` when given."""
+    def dequantize(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        """Rows start…end−1 as float32 (end − start, in)."""
         end = self.shape[0] if end is None else end
         if self.kind == "int8":
-            return dequantize_int8(self.data[start:end], self.scale[start:end], out=out)
-        return DEQUANTIZE[self.kind](self.data[start:end], out=out)
+            return dequantize_int8(self.values[start:end], self.scale[start:end])
+        return self._dequantize_rows(self.values[:, start:end], self.scale[:, start:end])
+
+    def _dequantize_rows(self, values, scale) -> np.ndarray:
+        """Block-major values (nb, n, ·) and scale (nb, n) -> float32 rows (n, in)."""
+        if self.kind == "q4_0":
+            codes = np.concatenate([values & 0x0F, values >> 4], axis=2).astype(np.int8) - np.int8(8)  # (nb, n, 32)
+        else:
+            codes = values
+        rows = codes.astype(np.float32) * scale[:, :, None].astype(np.float32)           # (nb, n, 32)
+        return np.ascontiguousarray(rows.transpose(1, 0, 2)).reshape(values.shape[1], self.shape[1])   # -> (n, in)
 
     def take_rows(self, ids) -> np.ndarray:
         """Rows `ids` (any integer array) as float32 (*ids.shape, in): an embedding lookup."""
         ids = np.asarray(ids)
+        flat = ids.reshape(-1)
         if self.kind == "int8":
-            rows = dequantize_int8(self.data[ids.reshape(-1)], self.scale[ids.reshape(-1)])
+            rows = dequantize_int8(self.values[flat], self.scale[flat])
         else:
-            rows = DEQUANTIZE[self.kind](self.data[ids.reshape(-1)])
-        return rows.reshape(*ids.shape, self.shape[1])                     # (N, in) -> (*ids, in)
+            rows = self._dequantize_rows(self.values[:, flat], self.scale[:, flat])
+        return rows.reshape(*ids.shape, self.shape[1])                                     # (N, in) -> (*ids, in)
 
     def to(self, device: str) -> "QuantizedMatrix":
         """The same matrix with its arrays on `device` ("cpu" or "cuda")."""
-        scale = None if self.scale is None else to_device(self.scale, device)
-        return QuantizedMatrix(self.kind, self.shape, to_device(self.data, device), scale)
+        return QuantizedMatrix(self.kind, self.shape, to_device(self.values, device), to_device(self.scale, device))
 
     def __repr__(self) -> str:
         return f"QuantizedMatrix({self.kind}, {self.shape}, {self.nbytes} bytes)"
