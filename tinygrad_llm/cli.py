@@ -1,11 +1,12 @@
-"""The `tinygrad-llm` command: prepare, train, sample, eval, export, plot (and train-classifier).
+"""The `tinygrad-llm` command: prepare, train, sample, eval, export, import, plot (and train-classifier).
 
     tinygrad-llm train                                   # built-in Shakespeare, default small model, ~5 min
     tinygrad-llm train --config shakespeare_char --data ../shared/data/tinyshakespeare.txt   # bundled TOML
     tinygrad-llm train --data ../shared/data/tinyshakespeare.txt --out-dir runs/char --resume
     tinygrad-llm sample runs/default --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --top-k 40
     tinygrad-llm eval runs/default [--best]
-    tinygrad-llm export runs/default --hf exported/
+    tinygrad-llm export runs/default --hf exported/ [--gguf model.gguf --type q8_0]   # cli_export.py
+    tinygrad-llm import exported/ --out-dir runs/imported
     tinygrad-llm plot runs/default                       # runs/default/loss.png (needs matplotlib)
 
 Training options come from the TrainConfig defaults, then a TOML file (`--config`, sections allowed),
@@ -105,10 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", action="store_true")
     p.add_argument("--device", default="cpu")
 
-    p = sub.add_parser("export", help="export a checkpoint for Hugging Face transformers")
-    p.add_argument("checkpoint")
-    p.add_argument("--hf", required=True, metavar="DIR", help="output directory (config.json, model.safetensors)")
-    p.add_argument("--best", action="store_true")
+    from .cli_export import add_parsers as add_export_parsers
+    add_export_parsers(sub)                  # export, import
 
     p = sub.add_parser("plot", help="draw the loss curves of a run into a PNG (needs matplotlib)")
     p.add_argument("run_dir")
@@ -197,15 +196,13 @@ def run_eval(args) -> int:
 
 
 def run_export(args) -> int:
-    from .export import export_hf
-    from .generate import _eot_id
-    model, state, tokenizer = _load(args.checkpoint, args.best)
-    ref = state.get("tokenizer", {})
-    config = export_hf(model, args.hf, eot_id=_eot_id(tokenizer),
-                       tokenizer_path=ref.get("path") if ref.get("type") == "file" else None)
-    print(f"wrote {os.path.join(args.hf, 'config.json')} and model.safetensors "
-          f"({config['num_hidden_layers']} layers, vocab {config['vocab_size']})")
-    return 0
+    from .cli_export import run_export as run
+    return run(args)
+
+
+def run_import(args) -> int:
+    from .cli_export import run_import as run
+    return run(args)
 
 
 def run_plot(args) -> int:
@@ -249,7 +246,8 @@ def run_plot(args) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "sample": run_sample, "eval": run_eval, "export": run_export, "plot": run_plot}
+COMMANDS = {"train": run_train, "sample": run_sample, "eval": run_eval, "export": run_export, "plot": run_plot,
+            "import": run_import}
 
 
 def _reexec_with_blas_settings(argv) -> None:

@@ -1,0 +1,175 @@
+"""The `export` and `import` commands of `tinygrad-llm`.
+
+    tinygrad-llm export runs/default --hf exported/                      # Hugging Face directory + model card
+    tinygrad-llm export runs/default --gguf model.gguf --type q8_0       # llama.cpp (needs the gguf extra)
+    tinygrad-llm import exported/ --out-dir runs/imported                # a run that sample/eval/export accept
+
+The tokenizer of a run is found from its checkpoint's state.json without trusting any path in it: a
+character vocabulary is stored inline; a tokenizer file is read from the run directory (`run_file`, a
+plain file name, resolved inside the run, so a moved run still finds it), or from the recorded path only
+when that path lies inside the run directory or its sha256 matches the one recorded. Nothing is copied:
+the tokenizer is converted (export/hf_tokenizer.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+from .cli import EXIT_USAGE, CommandError
+
+TYPES = ("f32", "f16", "q8_0", "q4_0")
+
+
+def add_parsers(subparsers) -> None:
+    p = subparsers.add_parser("export", help="export a checkpoint for Hugging Face transformers and/or llama.cpp",
+                              description="Write a Hugging Face Llama directory (--hf) and/or a GGUF file (--gguf), "
+                                          "each with a model card filled from the run's files.")
+    p.add_argument("checkpoint", help="run directory, checkpoints/ directory or step directory")
+    p.add_argument("--hf", metavar="DIR", help="Hugging Face output directory (config.json, model.safetensors, "
+                                               "tokenizer.json, tokenizer_config.json, README.md, ...)")
+    p.add_argument("--gguf", metavar="FILE", help="GGUF output file (its model card goes to FILE without .gguf "
+                                                  "+ .README.md)")
+    p.add_argument("--type", default="f16", metavar="TYPE", help=f"GGUF tensor type: {', '.join(TYPES)} (default f16)")
+    p.add_argument("--best", action="store_true", help="export the best checkpoint instead of the latest")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --hf directory / over a --gguf file")
+    p.add_argument("--tokenizer", default=None, metavar="FILE", help="tokenizer file, instead of the run's own")
+    p.add_argument("--license", default=None, metavar="ID", help="license for the model card (e.g. mit, apache-2.0)")
+    p.add_argument("--name", default=None, help="model name for the card and GGUF (default: the run's directory name)")
+    p.set_defaults(export_parser=p)
+
+    p = subparsers.add_parser("import", help="import a Hugging Face Llama directory as a run",
+                              description="Turn a Hugging Face Llama directory (config.json, model.safetensors, "
+                                          "tokenizer.json) into a run directory for sample, eval and export.")
+    p.add_argument("hf_dir", help="Hugging Face model directory")
+    p.add_argument("--out-dir", required=True, help="run directory to create")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out-dir")
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _inside(path: str, directory: str) -> bool:
+    real, root = os.path.realpath(path), os.path.realpath(directory)
+    return os.path.commonpath([real, root]) == root
+
+
+def run_tokenizer(state: dict, checkpoint_dir: str, override: str | None = None):
+    """The tokenizer of a checkpoint, found as the module docstring says; CommandError otherwise."""
+    from .data.shards import CharVocab, load_tokenizer
+    if override:
+        return load_tokenizer(override)
+    ref = state.get("tokenizer")
+    where = os.path.join(checkpoint_dir, "state.json")
+    if not isinstance(ref, dict) or not ref:
+        raise CommandError(f"{where} records no tokenizer; pass --tokenizer FILE")
+    if ref.get("type") == "char":
+        chars, specials = ref.get("chars"), ref.get("special_tokens", [])
+        if not isinstance(chars, str) or not isinstance(specials, list) or not all(isinstance(s, str) for s in specials):
+            raise CommandError(f"{where}: tokenizer.chars must be a string and tokenizer.special_tokens a list of strings")
+        try:
+            return CharVocab(list(chars), tuple(specials))
+        except ValueError as error:
+            raise CommandError(f"{where}: tokenizer: {error}") from None
+    if ref.get("type") != "file":
+        raise CommandError(f"{where}: unknown tokenizer type {ref.get('type')!r}; pass --tokenizer FILE")
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_dir)))
+    recorded_sha = ref.get("sha256") if isinstance(ref.get("sha256"), str) else None
+    candidates = []
+    run_file = ref.get("run_file")
+    if run_file is not None:
+        if not isinstance(run_file, str) or os.path.basename(run_file) != run_file or run_file in ("", ".", ".."):
+            raise CommandError(f"{where}: tokenizer.run_file must be a plain file name in the run directory, got "
+                               f"{run_file!r}")
+        candidates.append(os.path.join(run_dir, run_file))
+    path = ref.get("path")
+    if path is not None and not isinstance(path, str):
+        raise CommandError(f"{where}: tokenizer.path must be a string, got {path!r}")
+    if path:
+        candidates.append(path)
+    for candidate in candidates:
+        if not os.path.isfile(candidate):
+            continue
+        if recorded_sha is not None:
+            if _sha256(candidate) != recorded_sha:
+                raise CommandError(f"tokenizer file {candidate} does not match the sha256 recorded in {where}")
+        elif not _inside(candidate, run_dir):
+            raise CommandError(f"{where} names the tokenizer file {candidate}, outside the run directory {run_dir} and "
+                               f"without a recorded sha256; refusing to read it (pass --tokenizer FILE)")
+        return load_tokenizer(candidate)
+    raise CommandError(f"the run's tokenizer file is missing (looked at {', '.join(candidates) or 'nothing'}); "
+                       f"pass --tokenizer FILE")
+
+
+# ---------------------------------------------------------------------------------------------- export
+def run_export(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .export import ExportError, check_output_dir, export_gguf, export_hf, gguf_vocabulary, model_card, run_facts
+    if not args.hf and not args.gguf:
+        args.export_parser.error("give --hf DIR and/or --gguf FILE")          # usage error: exits with 2
+    if args.type not in TYPES:
+        raise CommandError(f"unknown --type {args.type!r}; choose one of {', '.join(TYPES)}", EXIT_USAGE)
+    gguf_card = None
+    if args.gguf:
+        gguf_card = (args.gguf[:-5] if args.gguf.endswith(".gguf") else args.gguf) + ".README.md"
+    try:
+        if args.hf:
+            check_output_dir(args.hf, args.force)
+        if args.gguf and os.path.exists(args.gguf) and not args.force:
+            raise ExportError(f"{args.gguf} already exists; pass --force to replace it")
+        model, state = load_checkpoint(args.checkpoint, which="best" if args.best else "latest")
+        tokenizer = run_tokenizer(state, state["directory"], args.tokenizer)
+        if args.gguf:
+            gguf_vocabulary(tokenizer, model.config.vocab_size)          # refuse before anything is written
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(state["directory"])))
+        name = args.name or os.path.basename(run_dir)
+        facts = run_facts(state["directory"], state)
+        formats = (["hf"] if args.hf else []) + ([f"gguf-{args.type}"] if args.gguf else [])
+        card = model_card(facts, model, tokenizer, formats, args.license, name)
+        if args.hf:
+            config = export_hf(model, tokenizer, args.hf, card=card, force=args.force)
+            print(f"wrote {args.hf}: config.json, model.safetensors, tokenizer.json, tokenizer_config.json, "
+                  f"special_tokens_map.json, generation_config.json, README.md ({config['num_hidden_layers']} layers, "
+                  f"vocab {config['vocab_size']})")
+        if args.gguf:
+            result = export_gguf(model, tokenizer, args.gguf, args.type, name=name, force=True)
+            from .checkpoint import atomic_write_bytes
+            atomic_write_bytes(gguf_card, card.encode("utf-8"))
+            print(f"wrote {args.gguf} ({args.type}, {len(result['tensors'])} tensors, {os.path.getsize(args.gguf):,} "
+                  f"bytes, pre-tokenizer {result['pre']}) and {gguf_card}")
+    except ExportError as error:
+        raise CommandError(str(error)) from None
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- import
+def run_import(args) -> int:
+    from .checkpoint import atomic_write_json, save_checkpoint
+    from .data.shards import CharVocab
+    from .export import ExportError, check_output_dir, import_hf
+    try:
+        check_output_dir(args.out_dir, args.force)
+        model, tokenizer, info = import_hf(args.hf_dir)
+    except ExportError as error:
+        raise CommandError(str(error)) from None
+    os.makedirs(args.out_dir, exist_ok=True)
+    if isinstance(tokenizer, CharVocab):
+        ref = {"type": "char", "chars": "".join(tokenizer.chars), "special_tokens": list(tokenizer.special_tokens)}
+    else:
+        path = os.path.join(args.out_dir, "tokenizer.json")
+        tokenizer.save(path)
+        ref = {"type": "file", "path": os.path.abspath(path), "run_file": "tokenizer.json", "sha256": _sha256(path)}
+    source = os.path.abspath(args.hf_dir)
+    atomic_write_json(os.path.join(args.out_dir, "config.json"),
+                      {"model_config": model.config.to_dict(), "tokenizer": ref, "imported_from": source})
+    directory = save_checkpoint(os.path.join(args.out_dir, "checkpoints"), 0, model,
+                                state={"model_config": model.config.to_dict(), "tokenizer": ref,
+                                       "imported_from": source, "hf_config": info["config"]}, keep_last=1)
+    print(f"imported {args.hf_dir} into {directory} ({model.num_parameters():,} parameters, vocab "
+          f"{model.config.vocab_size}); try: tinygrad-llm sample {args.out_dir} --prompt 'Hello'")
+    return 0
