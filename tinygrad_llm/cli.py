@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_export import add_parsers as add_export_parsers
     add_export_parsers(sub)                  # export, import
+    from .cli_quant import add_parsers as add_quant_parsers
+    add_quant_parsers(sub)                   # quantize
 
     p = sub.add_parser("plot", help="draw the loss curves of a run into a PNG (needs matplotlib)")
     p.add_argument("run_dir")
@@ -148,6 +150,10 @@ def _fresh_run_dir(base: str) -> str:
 
 def _load(checkpoint: str, best: bool, device: str = "cpu", tokenizer_file: str | None = None):
     from .checkpoint import load_checkpoint
+    from .cli_quant import load_quantized
+    quantized = load_quantized(checkpoint, device, tokenizer_file)      # a `tinygrad-llm quantize` run
+    if quantized is not None:
+        return quantized
     from .data.shards import load_tokenizer
     from .train import tokenizer_from_ref
     model, state = load_checkpoint(checkpoint, which="best" if best else "latest")
@@ -189,6 +195,11 @@ def run_eval(args) -> int:
         raise CommandError(f"the data's vocabulary ({data.tokenizer.vocab_size}) is not the model's "
                            f"({model.config.vocab_size})")
     result = evaluate(model, data.val, args.eval_iters or config.eval_iters, data.bytes_per_token, args.device)
+    if state.get("quantized"):                                            # the perplexity change vs the float run
+        from .cli_quant import compare_with_float
+        result.update(compare_with_float(state, result, lambda float_model: evaluate(
+            float_model.to(device=args.device), data.val, args.eval_iters or config.eval_iters, data.bytes_per_token,
+            args.device)))
     result["step"] = state["step"]
     result["checkpoint"] = state["directory"]
     print(json.dumps(result, indent=1))
@@ -202,6 +213,11 @@ def run_export(args) -> int:
 
 def run_import(args) -> int:
     from .cli_export import run_import as run
+    return run(args)
+
+
+def run_quantize(args) -> int:
+    from .cli_quant import run_quantize as run
     return run(args)
 
 
@@ -248,6 +264,7 @@ def run_plot(args) -> int:
 
 COMMANDS = {"train": run_train, "sample": run_sample, "eval": run_eval, "export": run_export, "plot": run_plot,
             "import": run_import}
+COMMANDS["quantize"] = run_quantize
 
 
 def _reexec_with_blas_settings(argv) -> None:
