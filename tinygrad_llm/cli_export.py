@@ -169,7 +169,9 @@ def run_import(args) -> int:
                       {"model_config": model.config.to_dict(), "tokenizer": ref, "imported_from": source})
     directory = save_checkpoint(os.path.join(args.out_dir, "checkpoints"), 0, model,
                                 state={"model_config": model.config.to_dict(), "tokenizer": ref,
-                                       "imported_from": source, "hf_config": info["config"]}, keep_last=1)
+                                       "imported_from": source, "hf_config": info["config"],
+                                       # eval's windows: the whole context (no training data to go by)
+                                       "train_config": {"seq_len": model.config.max_seq_len}}, keep_last=1)
     print(f"imported {args.hf_dir} into {directory} ({model.num_parameters():,} parameters, vocab "
           f"{model.config.vocab_size}); try: tinygrad-llm sample {args.out_dir} --prompt 'Hello'")
     return 0

@@ -162,7 +162,9 @@ def model_card(facts: dict, model, tokenizer, formats=("hf",), license_id: str |
     else:
         lines += ["No chat template: the vocabulary has no chat role tokens.", ""]
     lines += ["## Training", ""]
-    if train:
+    if facts["imported_from"]:
+        lines += [f"Imported from `{facts['imported_from']}`; the training configuration is {NOT_RECORDED}.", ""]
+    elif train:
         tokens_per_step = None
         if all(isinstance(train.get(k), int) for k in ("batch_size", "seq_len", "grad_accum")):
             tokens_per_step = train["batch_size"] * train["seq_len"] * train["grad_accum"]
