@@ -192,7 +192,9 @@ class Decoder:
     def decode_step(self, cache: BatchedKVCache, tokens, slots):
         """One new token for each of `slots` (n,), at each slot's own position. Returns logits (n, V)."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        slots = np.asarray([cache._check(s) for s in np.asarray(slots).reshape(-1)], dtype=np.int64)
+        slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+        for slot in slots.tolist():
+            cache._check(slot)
         if tokens.shape != slots.shape:
             raise ValueError(f"decode_step: {tokens.shape[0]} tokens for {slots.shape[0]} slots")
         if len(set(slots.tolist())) != slots.shape[0]:
@@ -205,9 +207,9 @@ class Decoder:
             raise ValueError(f"decode_step: slots {slots[positions == 0].tolist()} are empty; prefill them first")
         self._check_ids(tokens)
         with no_grad():
+            step = self._decode_plan(slots, positions)
             x = self._embed(tokens)                                                # (n, C)
-            attend = lambda layer, q, k, v: self._decode_attention(cache, layer, slots, positions, q, k, v)
-            x = self._layers(x, attend)
+            x = self._layers(x, lambda layer, q, k, v: self._decode_attention(cache, layer, step, q, k, v))
             cache.lengths[slots] = positions + 1
             return self._logits(x)
 
@@ -277,9 +279,8 @@ class Decoder:
         logits = backend.to_numpy(logits)
         return logits if logits.dtype in (np.float32, np.float64) else logits.astype(np.float32)
 
-    def _rotate(self, x, positions):
-        """RoPE of x (N, heads, D) at positions (N,): (x₁, x₂) -> (x₁ cos − x₂ sin, x₂ cos + x₁ sin)."""
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]          # (N, 1, D/2)
+    def _rotate(self, x, cos, sin):
+        """RoPE of x (N, heads, D) with cos, sin (N, 1, D/2): (x₁, x₂) -> (x₁ cos − x₂ sin, x₂ cos + x₁ sin)."""
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
         return self.xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -289,8 +290,8 @@ class Decoder:
         xp, config = self.xp, self.config
         time, heads, head_dim = q.shape
         kv_heads, group = config.n_kv_heads, config.n_heads // config.n_kv_heads
-        positions = xp.arange(start, start + time)
-        q, k = self._rotate(q, positions), self._rotate(k, positions)
+        cos, sin = self.cos[start:start + time, None, :], self.sin[start:start + time, None, :]     # (T, 1, D/2)
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         end = start + time
         cache.k[layer][slot, :, start:end] = k.transpose(1, 0, 2)                 # (T, Hkv, D) -> (Hkv, T, D)
         cache.v[layer][slot, :, start:end] = v.transpose(1, 0, 2)
@@ -302,27 +303,38 @@ class Decoder:
         out = out.reshape(kv_heads, group, time, head_dim).transpose(2, 0, 1, 3)   # -> (T, Hkv, G, D)
         return out.reshape(time, heads * head_dim)                                 # -> (T, H·D)
 
-    def _decode_attention(self, cache, layer, slots, positions, q, k, v):
-        """n slots, one new position each (positions (n,)): attention over each slot's own keys."""
+    def _decode_plan(self, slots, positions) -> dict:
+        """What every layer's decode attention shares within one step: RoPE tables at each slot's position,
+        the −∞ bias on keys past each slot's length, and how to read the slots' keys (a view or a gather)."""
+        xp, device = self.xp, self.device
+        count, length = slots.shape[0], int(positions.max()) + 1
+        device_slots, device_positions = backend.to_device(slots, device), backend.to_device(positions, device)
+        first = int(slots[0])
+        contiguous = bool(np.array_equal(slots, np.arange(first, first + count)))
+        bias = None
+        if int(positions.min()) + 1 < length:        # ragged lengths: mask each slot's keys past its position
+            beyond = xp.arange(length)[None, :] > device_positions[:, None]                     # (n, L)
+            bias = xp.where(beyond, -xp.inf, 0).astype(self.dtype)[:, None, :, None]           # (n, 1, L, 1)
+        return {"slots": device_slots, "positions": device_positions, "length": length,
+                "keys": slice(first, first + count) if contiguous else device_slots, "bias": bias,
+                "cos": self.cos[device_positions][:, None, :], "sin": self.sin[device_positions][:, None, :]}
+
+    def _decode_attention(self, cache, layer, step, q, k, v):
+        """n slots, one new position each: attention over each slot's own keys (step: _decode_plan)."""
         xp, config = self.xp, self.config
         count, heads, head_dim = q.shape
         kv_heads, group = config.n_kv_heads, config.n_heads // config.n_kv_heads
-        q, k = self._rotate(q, positions), self._rotate(k, positions)
-        device_slots, device_positions = backend.to_device(slots, self.device), backend.to_device(positions, self.device)
-        cache.k[layer][device_slots, :, device_positions] = k                      # (n, Hkv, D) at (slot, :, pos)
-        cache.v[layer][device_slots, :, device_positions] = v
-        length = int(positions.max()) + 1
-        first = int(slots[0])
-        if np.array_equal(slots, np.arange(first, first + count)):                # a contiguous run: a view
-            keys, values = cache.k[layer][first:first + count, :, :length], cache.v[layer][first:first + count, :, :length]
-        else:
-            keys, values = cache.k[layer][device_slots, :, :length], cache.v[layer][device_slots, :, :length]
+        q, k = self._rotate(q, step["cos"], step["sin"]), self._rotate(k, step["cos"], step["sin"])
+        cache.k[layer][step["slots"], :, step["positions"]] = k                   # (n, Hkv, D) at (slot, :, pos)
+        cache.v[layer][step["slots"], :, step["positions"]] = v
+        length = step["length"]
+        keys = cache.k[layer][step["keys"], :, :length]                           # (n, Hkv, L, D): view or gather
+        values = cache.v[layer][step["keys"], :, :length]
         q = q * q.dtype.type(1.0 / math.sqrt(head_dim))
         q4 = q.reshape(count, kv_heads, group, head_dim).swapaxes(-1, -2)          # (n, H, D) -> (n, Hkv, D, G)
         scores = keys @ q4                                                         # (n, Hkv, L, G)
-        if length > 1:   # −∞ on the keys after each slot's position (the other slots' longer tails)
-            beyond = xp.arange(length)[None, :] > device_positions[:, None]          # (n, L)
-            scores += xp.where(beyond, -xp.inf, 0).astype(scores.dtype)[:, None, :, None]
+        if step["bias"] is not None:
+            scores += step["bias"]
         scores -= scores.max(axis=2, keepdims=True)
         xp.exp(scores, out=scores)
         scores /= scores.sum(axis=2, keepdims=True)                                 # P, normalised over keys

@@ -123,6 +123,8 @@ def int8_dot_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
 
 def linear_forward(x, weight):
     """y = x @ Ŵᵀ for a float array or a QuantizedMatrix weight (the dispatch point). x (..., in)."""
+    if type(weight) is np.ndarray and type(x) is np.ndarray and x.ndim == 2 and x.shape[1] == weight.shape[1]:
+        return x @ weight.T             # the common CPU case first: no dispatch overhead per decode step
     if not isinstance(weight, QuantizedMatrix):
         return float_linear(x, weight)
     if x.shape[-1] != weight.shape[1]:
