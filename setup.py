@@ -23,11 +23,13 @@ setup(
         "plot": ["matplotlib>=3.5"],
         "test": ["pytest>=7", "hypothesis>=6.80", "tiktoken>=0.5",    # tiktoken: the id-equality test
                  "gguf>=0.10",                                   # gguf: llama.cpp's own Q8_0/Q4_0 bytes
+                 "tokenizers>=0.19", "jinja2>=3",     # export: tokenizer.json and the chat template read back
                  # the server's tests: its extras, the official OpenAI client, httpx, Selenium for the chat page
                  "starlette>=0.37", "uvicorn>=0.29", "prometheus-client>=0.20", "better-profanity>=0.7",
                  "httpx>=0.27", "openai>=1.30", "selenium>=4.20"],
         "serve": ["starlette>=0.37", "uvicorn>=0.29", "prometheus-client>=0.20"],   # tinygrad-llm serve
         "moderation": ["better-profanity>=0.7"],      # the blocklist's maintained word list (MIT)
+        "export": ["gguf>=0.10"],                      # llama.cpp's GGUF writer, for `export --gguf`
         "bench": ["tokenizers>=0.15", "tiktoken>=0.5", "datasketch>=1.6"],
     },
     entry_points={"console_scripts": ["tinygrad-llm=tinygrad_llm.cli:main"]},

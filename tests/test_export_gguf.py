@@ -22,6 +22,7 @@ from text_sample import SHAKESPEARE  # noqa: E402
 from tinygrad_llm.data.shards import CharVocab  # noqa: E402
 from tinygrad_llm.export import (ExportError, export_gguf, rope_rows_from_gguf, rope_rows_to_gguf,  # noqa: E402
                                  tokenizer_json)
+from tinygrad_llm.export.hf_tokenizer import byte_level_text  # noqa: E402
 from tinygrad_llm.tokenizer import CHAT_TEMPLATE, GPT2_PATTERN, Tokenizer  # noqa: E402
 
 LOGIT_BOUNDS = {"f32": 1e-5, "f16": 5e-3, "q8_0": 6e-2, "q4_0": 6e-1}
@@ -169,6 +170,46 @@ def test_gguf_pads_the_vocabulary_to_the_embedding_rows(bpe, tmp_path):
     assert fields["tokenizer.ggml.token_type"][-1] == gguf.TokenType.UNUSED
 
 
+def merge_list_bpe(symbols, ranks):
+    """A merge-list BPE as llama.cpp runs it on one pre-token: join the adjacent pair of lowest rank, the
+    leftmost on ties, until no listed pair is left."""
+    symbols = list(symbols)
+    while True:
+        found = [(ranks[pair], i) for i, pair in enumerate(zip(symbols, symbols[1:])) if pair in ranks]
+        if not found:
+            return symbols
+        _, i = min(found)
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+
+
+def gguf_encode(fields, pieces):
+    tokens = {text: token_id for token_id, text in enumerate(fields["tokenizer.ggml.tokens"])}
+    ranks = {tuple(merge.split(" ")): rank for rank, merge in enumerate(fields["tokenizer.ggml.merges"])}
+    ids = []
+    for piece in pieces:
+        text = byte_level_text(piece.encode("utf-8"))
+        ids += [tokens[text]] if text in tokens else [tokens[s] for s in merge_list_bpe(text, ranks)]
+    return ids
+
+
+def test_gguf_vocabulary_encodes_as_ours(bpe, tmp_path):
+    export_gguf(small_model(bpe.vocab_size), bpe, str(tmp_path / "model.gguf"), "f32")
+    fields, _ = read(tmp_path / "model.gguf")
+    import regex
+    for text in (MULTILINGUAL, SHAKESPEARE[:2000]):
+        assert gguf_encode(fields, regex.findall(bpe.pattern, text)) == bpe.encode(text)
+
+
+def test_char_vocabulary_is_a_bpe_of_bytes_joined_into_characters(tmp_path):
+    vocab = CharVocab.from_text(SHAKESPEARE + MULTILINGUAL + "£€", special_tokens=("<|endoftext|>",))
+    export_gguf(small_model(vocab.vocab_size), vocab, str(tmp_path / "model.gguf"), "f32")
+    fields, _ = read(tmp_path / "model.gguf")
+    tokens = fields["tokenizer.ggml.tokens"]
+    assert tokens[vocab.stoi["£"]] == "Â£" and "Â £" in fields["tokenizer.ggml.merges"]
+    text = MULTILINGUAL + "£€" + SHAKESPEARE[:300]
+    assert gguf_encode(fields, text) == vocab.encode(text)          # one piece per character
+
+
 def test_ascii_char_vocabulary_is_a_bpe_without_merges(tmp_path):
     vocab = CharVocab.from_text(SHAKESPEARE, special_tokens=("<|endoftext|>",))
     model = small_model(vocab.vocab_size)
@@ -182,8 +223,8 @@ def test_ascii_char_vocabulary_is_a_bpe_without_merges(tmp_path):
 
 
 def test_what_gguf_cannot_express_is_refused(bpe, tmp_path):
-    vocab = CharVocab.from_text(MULTILINGUAL)
-    with pytest.raises(ExportError, match="GGUF cannot express this character vocabulary"):
+    vocab = CharVocab.from_text(MULTILINGUAL, special_tokens=())
+    with pytest.raises(ExportError, match="without <|endoftext|>"):
         export_gguf(small_model(vocab.vocab_size), vocab, str(tmp_path / "a.gguf"))
     custom = Tokenizer(bpe.merges, r"\w+|\s+|[^\w\s]+|.", {"<|endoftext|>": bpe.vocab_size})
     with pytest.raises(ExportError, match="custom split pattern"):

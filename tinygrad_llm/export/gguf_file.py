@@ -25,11 +25,12 @@ float16 (blocks are never padded).
 
 Tokenizers GGUF can express: a byte-level BPE split by GPT4_PATTERN (llama.cpp's "llama-bpe"
 pre-tokenizer, the same regex written out) or GPT2_PATTERN ("gpt-2"); a custom split regex cannot be
-named to llama.cpp and is refused. A character vocabulary becomes a BPE without merges in which every
-character is one byte-level symbol, which needs every character to be one byte (ASCII); otherwise it is
-refused. llama.cpp requires a merges entry and gguf writes no empty lists, so that BPE gets one
-placeholder merge of two multi-character strings; with no other merges every symbol stays one character,
-so it can never apply.
+named to llama.cpp and is refused. A character vocabulary becomes a BPE in which an ASCII character is one
+byte-level symbol, and the only merges join the bytes of each multi-byte character (`£` is the two
+symbols `Â` `£` and the merge "Â £"). An ASCII-only vocabulary has no merges; llama.cpp requires a merges
+entry and gguf writes no empty lists, so it gets one placeholder merge of two multi-character strings,
+which no symbol can ever match. A vocabulary without <|endoftext|> is refused: llama.cpp falls back to
+id 11 as its end-of-text token and would stop generating at whatever token that is.
 
 The file is written under a temporary name in the same directory, fsynced, then renamed.
 """
@@ -42,7 +43,7 @@ import numpy as np
 
 from ..checkpoint import _fsync_dir
 from ..tokenizer import CHAT_TEMPLATE, GPT2_PATTERN, GPT4_PATTERN
-from .hf import ExportError, has_chat_tokens, special_roles
+from .hf import EOT, ExportError, has_chat_tokens, special_roles
 from .hf_tokenizer import all_cut_merges, byte_level_text, is_char_vocab, special_tokens
 
 KINDS = ("f32", "f16", "q8_0", "q4_0")
@@ -75,20 +76,32 @@ def rope_rows_from_gguf(weight: np.ndarray, heads: int) -> np.ndarray:
     return halves.reshape(rows, columns)                                      # (H, 2, D/2, C) -> (H·D, C)
 
 
+def _character_merges(chars) -> list:
+    """Merges that join the bytes of each multi-byte character left to right: (b1, b2), (b1b2, b3), ...
+    Every symbol llama.cpp starts from is one byte; these merges only ever build prefixes of one UTF-8
+    character (text splits never cut a character), so each character in the vocabulary ends up whole."""
+    merges = []
+    for char in chars:
+        data = char.encode("utf-8")
+        for end in range(2, len(data) + 1):
+            merge = f"{byte_level_text(data[:end - 1])} {byte_level_text(data[end - 1:end])}"
+            if merge not in merges:
+                merges.append(merge)
+    return merges
+
+
 def gguf_vocabulary(tokenizer, vocab_size: int) -> dict:
     """{"tokens", "types", "merges", "pre"} for the tokenizer.ggml keys; ExportError when GGUF cannot say it."""
     gguf = _gguf()
     specials = {token_id: name for name, token_id in special_tokens(tokenizer).items()}
     tokens, types = [], []
+    if EOT not in specials.values():
+        raise ExportError("GGUF cannot express a vocabulary without <|endoftext|>: llama.cpp would take token 11 as "
+                          "its end of text and stop there (prepare the data with its end-of-text token; export "
+                          "--hf works)")
     if is_char_vocab(tokenizer):
-        for char in tokenizer.chars:
-            if len(char.encode("utf-8")) != 1:
-                raise ExportError(f"GGUF cannot express this character vocabulary: {char!r} is "
-                                  f"{len(char.encode('utf-8'))} bytes in UTF-8, and llama.cpp's byte-level BPE "
-                                  f"could only join its bytes through tokens the model does not have (export --hf "
-                                  f"works)")
         regular = {index: byte_level_text(char.encode("utf-8")) for index, char in enumerate(tokenizer.chars)}
-        merges, pre = [PLACEHOLDER_MERGE], "default"
+        merges, pre = _character_merges(tokenizer.chars) or [PLACEHOLDER_MERGE], "default"
     else:
         if tokenizer.pattern not in PRE_TOKENIZERS:
             raise ExportError("GGUF cannot express a custom split pattern: llama.cpp only knows its built-in "
