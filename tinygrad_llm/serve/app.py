@@ -32,9 +32,11 @@ tokens, finish reasons, client); prompt and output text only with `log_prompts=T
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from importlib import resources
@@ -153,6 +155,24 @@ class _Server:
         self.log_prompts = log_prompts
         self.eot_id = _eot_id(tokenizer)
         self.created = int(time.time())
+        self.loop = None                                  # the event loop, set when the app starts
+        self._pending = []                                # (queue, event) emitted during the current step
+        self._pending_lock = threading.Lock()
+        self.engine.on_step_end = self._flush
+
+    # -------------------------------------------------------------- engine thread -> event loop
+    def _emit(self, queue, event) -> None:
+        with self._pending_lock:
+            self._pending.append((queue, event))
+
+    def _flush(self) -> None:
+        with self._pending_lock:
+            items, self._pending = self._pending, []
+        if items and self.loop is not None:
+            try:
+                self.loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:                          # the event loop is closed: nobody is listening
+                pass
 
     # -------------------------------------------------------------- request plumbing
     def authorised(self, scope) -> bool:
@@ -215,15 +235,8 @@ class _Server:
 
     async def submit(self, request, sequences):
         """Queue `sequences` (all or none) and return the asyncio.Queue their events arrive on; 429 when full."""
-        loop = asyncio.get_running_loop()
         queue = asyncio.Queue()
-
-        def emit(event):
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:                          # the event loop is closed: nobody is listening
-                pass
-
+        emit = functools.partial(self._emit, queue)
         for seq in sequences:
             seq.emit = emit
         request.state.sequences = sequences
@@ -413,6 +426,7 @@ def create_app(model, tokenizer, model_name: str = "model", max_batch: int = 8, 
         return _error_response(APIError(500, f"internal error: {type(error).__name__}", "server_error"))
 
     async def lifespan(app):
+        server.loop = asyncio.get_running_loop()
         server.engine.start()
         try:
             yield
@@ -431,6 +445,11 @@ def create_app(model, tokenizer, model_name: str = "model", max_batch: int = 8, 
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _deliver(items) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 _BLOCKED = object()        # a marker event: the input-blocked choices are to be answered now
 
 

@@ -22,8 +22,9 @@ Each sequence turns its tokens into text itself (decode the ids so far, cut at a
 back what could still become a stop string or an incomplete UTF-8 character) and, with a moderator
 whose policy checks output, holds back the unfinished last word so that a blocklisted word is judged
 whole before any of it is sent. Every change is delivered through the sequence's `emit` callback as an
-Event; the callback is called on the engine thread and must only hand the event over (the HTTP layer
-uses loop.call_soon_threadsafe).
+Event; the callback is called on the engine thread and must only hand the event over. After each step
+the engine calls `on_step_end` (when set): the HTTP layer collects a step's events and hands them to
+its event loop in one call_soon_threadsafe, one wake-up per step rather than one per token.
 
 Simplifications: a prompt is prefilled in one forward at a step boundary, so a long prompt delays
 the other sequences' next token by its prefill time (no chunked prefill); no prefix sharing between
@@ -181,6 +182,7 @@ class Engine:
         self._thread = None
         self._stopping = False
         self.steps = 0
+        self.on_step_end = None          # called on the engine thread after each step (the HTTP side flushes events)
 
     # ------------------------------------------------------------------ the HTTP side
     def start(self) -> None:
@@ -200,6 +202,7 @@ class Engine:
             seq.finish("error", error="the server is shutting down")
         self._waiting.clear()
         self._active = []
+        self._step_end()
 
     @property
     def alive(self) -> bool:
@@ -254,6 +257,11 @@ class Engine:
                 self._update_gauges()
             if self._active:
                 self._step()
+            self._step_end()
+
+    def _step_end(self) -> None:
+        if self.on_step_end is not None:
+            self.on_step_end()
 
     @staticmethod
     def _needs_slot(seq) -> bool:
