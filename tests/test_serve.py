@@ -361,3 +361,32 @@ def test_load_concurrent_streaming_clients_get_generates_answers(server, tiny):
         health = http.get("/health").json()
         assert health["status"] == "ok" and health["active"] == 0 and health["queued"] == 0
         assert "tinygrad_llm_decode_batch_size_bucket" in http.get("/metrics").text
+
+
+def _saved_run(tmp_path, model, tokenizer):
+    from tinygrad_llm.checkpoint import save_checkpoint
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    save_checkpoint(str(tmp_path / "run" / "checkpoints"), 1, model,
+                    state={"model_config": model.config.to_dict(),
+                           "tokenizer": {"type": "file", "path": str(tmp_path / "tokenizer.json")}})
+    return str(tmp_path / "run")
+
+
+def test_serve_loads_a_run_and_quantizes_it_on_request(tmp_path, tiny):
+    import argparse
+    from tinygrad_llm.cli_serve import load_model
+    from tinygrad_llm.quant.runs import QuantizedModel
+    model, tokenizer = tiny
+    run = _saved_run(tmp_path, model, tokenizer)
+    args = argparse.Namespace(checkpoint=run, best=False, device="cpu", tokenizer=None, quant=None)
+    plain, state, loaded_tokenizer = load_model(args)
+    assert plain.config == model.config and loaded_tokenizer.encode_ordinary("hi") == tokenizer.encode_ordinary("hi")
+    quantized, state, _ = load_model(argparse.Namespace(**dict(vars(args), quant="q8_0")))
+    assert isinstance(quantized, QuantizedModel) and state["quantized"] == "q8_0"
+    prompt = prompts(1)[0]
+    expected, _ = greedy_text(quantized, tokenizer, tokenizer.encode_ordinary(prompt), 10)
+    with running_server(create_app(quantized, tokenizer, MODEL, max_batch=4)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0).choices[0].text \
+            == expected
+    assert main(["serve", run, "--quant", "q5_k"]) == 2

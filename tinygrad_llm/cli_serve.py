@@ -3,6 +3,8 @@
     tinygrad-llm serve runs/default                                   # http://127.0.0.1:8000, loopback only
     tinygrad-llm serve runs/default --host 0.0.0.0 --api-key "$KEY"   # reachable from elsewhere: a key is required
     tinygrad-llm serve runs/default --max-batch 32 --safety policy.toml --device cuda
+    tinygrad-llm serve runs/default --quant q8_0                      # weights quantized in memory at start
+    tinygrad-llm serve runs/default-q4_0                              # a run written by `tinygrad-llm quantize`
 
 cli.py wires it in with `add_parsers(subparsers)` and dispatches to `run_serve(args)`. Without an API
 key the server refuses any host but a loopback address. The key can also come from the environment
@@ -38,6 +40,8 @@ def add_parsers(subparsers):
     p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/ (or set {API_KEY_ENV})")
     p.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together (KV slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
+    p.add_argument("--quant", default=None, metavar="TYPE", help="quantize the weights at start: q8_0, q4_0 or "
+                                                                 "int8 (a `tinygrad-llm quantize` run needs no flag)")
     p.add_argument("--safety", metavar="POLICY.toml", default=None, help="moderation policy (see docs/serving.md)")
     p.add_argument("--model-name", default=None, help="the name in /v1/models (default: the run directory's name)")
     p.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20)
@@ -56,8 +60,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def run_serve(args) -> int:
+def load_model(args):
+    """(model, state, tokenizer) to serve: the checkpoint as `sample` loads it, quantized when --quant says so."""
     from .cli import EXIT_USAGE, CommandError, _load
+    if not args.quant:
+        return _load(args.checkpoint, args.best, args.device, args.tokenizer)
+    from .generate import model_weights
+    from .quant.runs import KINDS, QuantizedModel, quantize_weights
+    if args.quant not in KINDS:
+        raise CommandError(f"--quant must be one of {', '.join(KINDS)}, got {args.quant!r}", EXIT_USAGE)
+    model, state, tokenizer = _load(args.checkpoint, args.best, "cpu", args.tokenizer)
+    if isinstance(model, QuantizedModel):
+        raise CommandError(f"{args.checkpoint} is already a quantized run ({model.kind}); serve it without --quant")
+    quantized = QuantizedModel(model.config, args.quant, quantize_weights(model_weights(model), args.quant))
+    return quantized.to(device=args.device), dict(state, quantized=args.quant), tokenizer
+
+
+def run_serve(args) -> int:
+    from .cli import EXIT_USAGE, CommandError
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not api_key and not is_loopback(args.host):
         raise CommandError(f"refusing to listen on {args.host} without an API key: pass --api-key KEY (or set "
@@ -75,7 +95,7 @@ def run_serve(args) -> int:
     if args.safety:
         from .moderation import Moderator
         moderator = Moderator.from_policy(args.safety)
-    model, state, tokenizer = _load(args.checkpoint, args.best, args.device, args.tokenizer)
+    model, state, tokenizer = load_model(args)
     name = args.model_name or os.path.basename(os.path.normpath(os.path.abspath(args.checkpoint)))
     app = create_app(model, tokenizer, name, max_batch=args.max_batch, max_queue=args.max_queue, api_key=api_key,
                      moderator=moderator, max_body_bytes=args.max_body_bytes, log_prompts=args.log_prompts)
