@@ -153,3 +153,30 @@ def test_cache_slots_and_bad_calls():
     with pytest.raises(IndexError, match="token ids"):
         decoder.prefill(cache, cache.allocate(), [13])
     assert cache.free_slots == [] and cache.active_slots == [0, 1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("tinygrad_llm").backend.gpu_available(), reason="needs an NVIDIA GPU and CuPy")
+@pytest.mark.parametrize("policy, weights", [("fp32", "float32"), ("bf16", "float32"), ("fp16", "float32"),
+                                             ("fp32", "q8_0"), ("fp32", "q4_0")])
+def test_gpu_decoding_matches_the_cpu(policy, weights):
+    from tinygrad_llm import precision
+    from tinygrad_llm.quant.runs import QuantizedModel, quantize_weights
+    model = make_model(max_seq_len=16, d_model=64, ffn_hidden=128)
+    if weights != "float32":
+        model = QuantizedModel(model.config, weights, quantize_weights(
+            {name: p.data for name, p in model.named_parameters()}, weights))
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
+    cpu = Decoder(model)
+    cache = cpu.new_cache(3)
+    expected = [cpu.prefill(cache, cache.allocate(), p) for p in prompts]
+    expected_step = cpu.decode_step(cache, [1, 2, 3], [0, 1, 2])
+    model.to(device="cuda")
+    tolerance = 1e-3 if policy == "fp32" else 0.1
+    with precision.policy(policy):
+        gpu = Decoder(model)
+        cache = gpu.new_cache(3)
+        got = [gpu.prefill(cache, cache.allocate(), p) for p in prompts]
+        step = gpu.decode_step(cache, [1, 2, 3], [0, 1, 2])
+    for a, b in zip(got + [step], expected + [expected_step]):
+        np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max())

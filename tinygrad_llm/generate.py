@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import backend
+from . import backend, precision
 from .ops.attention import grouped_causal_probabilities
 from .ops.quantized import linear_forward
 from .ops.rope import rope_angles
@@ -141,6 +141,9 @@ class Decoder:
     Same math as GPT.forward (model.py), written for inference: the Hugging Face weights by name, every
     Linear through ops/quantized.linear_forward (float or quantized), RMSNorm and SwiGLU as in the model's
     CPU ops, attention over each slot's own cached keys. Logits come back as float32 NumPy arrays.
+    On the GPU under a bf16/fp16 policy (tinygrad_llm.precision) the float weight matrices are cast to
+    the low dtype once, here (a copy beside the float32 masters), and every GEMM runs in it; norms,
+    attention and the KV cache stay float32. A quantized embedding is looked up on the host.
     """
 
     def __init__(self, model):
@@ -163,6 +166,13 @@ class Decoder:
         self.dtype = np.dtype(np.float32) if self.norm.dtype == np.float16 else np.dtype(self.norm.dtype)
         if self.dtype.kind != "f":                                    # bfloat16 master copies: compute in float32
             self.dtype = np.dtype(np.float32)
+        if hasattr(self.embed, "take_rows") and self.device != "cpu":
+            self.embed = self.embed.to("cpu")                         # quantized lookups run on the host
+        low = precision.get_policy().compute
+        if low is not None and self.device != "cpu":                  # bf16/fp16 policy: GEMM operands cast once
+            cast = lambda w: w.astype(precision.dtype_named(low)) if getattr(w, "ndim", 0) == 2 else w
+            self.layers = [_Layer(*(cast(w) for w in vars(layer).values())) for layer in self.layers]
+            self.lm_head = cast(self.lm_head)
         positions = self.xp.arange(config.max_seq_len)
         cos, sin = rope_angles(positions, config.head_dim, config.rope_theta, self.xp)      # (max_len, D/2)
         self.cos, self.sin = cos.astype(self.dtype), sin.astype(self.dtype)
