@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from text_sample import SHAKESPEARE
 from tinygrad_llm.data.shards import CharVocab
@@ -60,6 +62,26 @@ def test_tokenizers_library_gives_our_ids(pattern):
         ids = ours.encode(text, allowed_special="all")
         assert theirs.encode(text, add_special_tokens=False).ids == ids
         assert theirs.decode(ids, skip_special_tokens=False) == text
+
+
+_HF_CACHE = {}
+
+
+@settings(max_examples=60)
+@given(st.lists(st.one_of(st.text(), st.sampled_from(CHAT_SPECIAL_TOKENS), st.sampled_from(MULTILINGUAL.split(" ")),
+                          st.text(alphabet=" \t\n\r'sdmtlvre0123456789aZ.,!?", max_size=12)), max_size=8))
+def test_tokenizers_library_gives_our_ids_on_any_text(parts):
+    tokenizers = pytest.importorskip("tokenizers")
+    if "bpe" not in _HF_CACHE:
+        ours = train_tokenizer()
+        _HF_CACHE["bpe"] = ours, tokenizers.Tokenizer.from_str(json.dumps(tokenizer_json(ours)))
+    ours, theirs = _HF_CACHE["bpe"]
+    text = "".join(parts)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return                                            # lone surrogates: no UTF-8, refused by both
+    assert theirs.encode(text, add_special_tokens=False).ids == ours.encode(text, allowed_special="all")
 
 
 def test_tokenizers_library_reads_a_char_vocabulary():

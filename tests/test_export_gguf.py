@@ -14,6 +14,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 gguf = pytest.importorskip("gguf")
 
@@ -134,6 +136,15 @@ def test_rope_row_permutation_is_llama_cpps_and_undoes(bpe):
     assert permuted[:8, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]                 # i and i + D/2 side by side
     assert permuted[8:, 0].tolist() == [8, 12, 9, 13, 10, 14, 11, 15]
     assert np.array_equal(rope_rows_from_gguf(permuted, 2), rows)
+
+
+@given(st.integers(1, 4), st.integers(1, 8), st.integers(1, 3))
+def test_rope_row_permutation_round_trips(heads, half, columns):
+    rows = np.random.default_rng(heads * 100 + half).standard_normal((heads * 2 * half, columns))
+    permuted = rope_rows_to_gguf(rows, heads)
+    assert np.array_equal(rope_rows_from_gguf(permuted, heads), rows)
+    head = permuted[:2 * half]                                   # head 0: pairs (i, i + D/2) interleaved
+    assert np.array_equal(head[0::2], rows[:half]) and np.array_equal(head[1::2], rows[half:2 * half])
 
 
 def test_gguf_metadata_and_tokenizer(bpe, tmp_path):

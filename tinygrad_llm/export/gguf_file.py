@@ -142,6 +142,9 @@ def export_gguf(model, tokenizer, path: str, kind: str = "f16", name: str | None
         raise ExportError(f"unknown GGUF type {kind!r}; choose one of {', '.join(KINDS)}")
     if tokenizer is None:
         raise ExportError("the run has no tokenizer to export; pass --tokenizer FILE")
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ExportError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                          f"{model.config.vocab_size} embedding rows")
     if os.path.isdir(path):
         raise ExportError(f"{path} is a directory; give the .gguf file to write")
     if os.path.exists(path) and not force:

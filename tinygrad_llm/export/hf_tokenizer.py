@@ -162,6 +162,13 @@ def _parse_merge(entry) -> tuple[str, str]:
 
 def tokenizer_from_hf_json(content) -> Tokenizer | CharVocab:
     """Rebuild our tokenizer from a tokenizer.json dict (see the module docstring for what is accepted)."""
+    try:
+        return _tokenizer_from_hf_json(content)
+    except (AttributeError, TypeError, KeyError) as error:        # a field of the wrong JSON type
+        raise HFTokenizerError(f"malformed tokenizer.json ({type(error).__name__}: {error})") from None
+
+
+def _tokenizer_from_hf_json(content) -> Tokenizer | CharVocab:
     if not isinstance(content, dict) or not isinstance(content.get("model"), dict):
         raise HFTokenizerError("not a tokenizers JSON file (no \"model\" object)")
     model = content["model"]
