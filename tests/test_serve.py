@@ -169,6 +169,8 @@ def test_bad_requests_are_4xx_in_openai_shape_and_the_server_keeps_serving(serve
         (json.dumps({"prompt": "hi", "stream": "yes"}).encode(), 400),
         (json.dumps({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}).encode(), 400),
         (json.dumps({"prompt": "hi", "n": 2}).encode(), 400),
+        (json.dumps({"prompt": "hi", "seed": -1}).encode(), 400),
+        (json.dumps({"prompt": "hi", "top_k": 1.5}).encode(), 400),
         (json.dumps({"prompt": "hi", "logprobs": 99}).encode(), 400),
         (json.dumps({"prompt": [[1, 2], "mixed"]}).encode(), 400),
         (json.dumps({"prompt": [1, 99999]}).encode(), 400),                              # id past the vocabulary
@@ -390,3 +392,33 @@ def test_serve_loads_a_run_and_quantizes_it_on_request(tmp_path, tiny):
         assert client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0).choices[0].text \
             == expected
     assert main(["serve", run, "--quant", "q5_k"]) == 2
+
+
+def test_a_client_that_disconnects_frees_its_slot_at_once(tiny, caplog):
+    """A stream abandoned after its first chunk leaves the batch at the next step (each step is slowed
+    down here so that the request could not have finished on its own)."""
+    import time
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, MODEL, max_batch=1)
+    decoder = app.server.engine.decoder
+    real_step = decoder.step
+
+    def slow_step(slots, tokens):
+        time.sleep(0.05)
+        return real_step(slots, tokens)
+    decoder.step = slow_step
+    with caplog.at_level(logging.INFO, logger="tinygrad_llm.serve.access"), running_server(app) as url:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            with http.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 60, "stream": True,
+                                                              "logprobs": 0}) as response:
+                next(response.iter_lines())                          # the first token arrived; now leave
+            started = time.monotonic()
+            while http.get("/health").json()["active"] and time.monotonic() - started < 5:
+                time.sleep(0.02)
+            assert http.get("/health").json()["active"] == 0
+            assert app.server.engine.steps < 59                       # it left before finishing its 60 tokens
+            follow_up = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert follow_up.status_code == 200
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tinygrad_llm.serve.access"]
+    streamed = [line for line in lines if line["path"] == "/v1/completions"][0]
+    assert streamed["completion_tokens"] < 60

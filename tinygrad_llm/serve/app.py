@@ -112,7 +112,7 @@ def _sampling(body: dict, context: int, max_tokens_default: int, logprobs=None, 
     temperature = _get(body, "temperature", lambda v: _is_number(v) and 0 <= v <= 2, "a number in [0, 2]", 1.0)
     top_p = _get(body, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]", None)
     top_k = _get(body, "top_k", lambda v: _is_int(v) and v >= 0, "an integer >= 0", None)
-    seed = _get(body, "seed", _is_int, "an integer", None)
+    seed = _get(body, "seed", lambda v: _is_int(v) and v >= 0, "an integer >= 0", None)
     stop = body.get("stop")
     if stop is None:
         stop = []
