@@ -87,7 +87,8 @@ async def one_request(http, prompt, max_tokens):
 
 async def run_level(url, concurrency, per_client, max_tokens, prompts):
     import httpx
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as http:
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         await one_request(http, prompts[0], 4)                                   # warm-up
 
         async def client(index):

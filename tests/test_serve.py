@@ -185,7 +185,8 @@ def test_bad_requests_are_4xx_in_openai_shape_and_the_server_keeps_serving(serve
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"} and error["message"]
         chat_cases = [{"messages": []}, {"messages": "hi"}, {"messages": [{"content": "no role"}]},
-                      {"messages": [{"role": "wizard", "content": "x"}]}, {"messages": [{"role": "user", "content": 5}]},
+                      {"messages": [{"role": "wizard", "content": "x"}]},
+                      {"messages": [{"role": "user", "content": 5}]},
                       {"messages": [{"role": "user", "content": "x"}], "logprobs": "yes"},
                       {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 50}]
         for body in chat_cases:

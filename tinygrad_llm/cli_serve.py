@@ -37,7 +37,8 @@ def add_parsers(subparsers):
                                                        "needs --api-key)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1/ (or set {API_KEY_ENV})")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/ (or set {API_KEY_ENV})")
     p.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together (KV slots)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429 (default 64)")
     p.add_argument("--quant", default=None, metavar="TYPE", help="quantize the weights at start: q8_0, q4_0 or "

@@ -32,6 +32,7 @@ tokens, finish reasons, client); prompt and output text only with `log_prompts=T
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import json
@@ -243,7 +244,8 @@ class _Server:
         try:
             self.engine.submit(sequences)
         except QueueFull:
-            raise APIError(429, "the server is busy: too many requests are waiting; retry shortly", kind="rate_limit_error",
+            raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
+                           kind="rate_limit_error",
                            code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         return queue
 
@@ -433,7 +435,6 @@ def create_app(model, tokenizer, model_name: str = "model", max_batch: int = 8, 
         finally:
             server.engine.stop()
 
-    import contextlib
     app = Starlette(routes=[Route("/", index), Route("/health", health), Route("/metrics", metrics),
                             Route("/v1/models", models),
                             Route("/v1/completions", completions, methods=["POST"]),
