@@ -11,7 +11,7 @@ Face names) or `inference_weights()` (the same names -> float arrays or Quantize
 
 The decoding API (what the server's continuous batching runs on):
 
-    decoder = Decoder(model)                      # the weights by name, no copy of a float model's arrays
+    decoder = Decoder(model)                      # the weights by name (references, not copies, on the CPU)
     cache = decoder.new_cache(slots=8)            # BatchedKVCache: every layer's keys/values, preallocated
     slot = cache.allocate()                       # a free slot (sequences join between steps)
     logits = decoder.prefill(cache, slot, ids)    # (V,) NumPy (float32; float64 for a float64 model)
@@ -25,7 +25,8 @@ its own `lengths[slot]` keys (ragged, no padding: RoPE at each slot's own positi
 slot's length). `prefill` runs one sequence's prompt (T tokens, one GEMM per weight) from the slot's
 current length, so it also extends a slot (a chat turn). A slot is full at `max_len` (the model's
 max_seq_len by default): the caller releases and re-prefills it (generate slides its window so).
-Nothing here keeps gradients; the decoder reads the model's arrays as they are at each call.
+Nothing here keeps gradients. A Decoder holds references to the model's arrays (no copy of a float32
+model on the CPU), taken when it is built: build a new one if training replaces them.
 
 KV cache: the prompt is run through the model once (prefill) and every layer's keys and values are kept;
 each new token is then one position (rope at the slot's length, attention over the slot's cached keys).
@@ -166,6 +167,10 @@ class Decoder:
         self.dtype = np.dtype(np.float32) if self.norm.dtype == np.float16 else np.dtype(self.norm.dtype)
         if self.dtype.kind != "f":                                    # bfloat16 master copies: compute in float32
             self.dtype = np.dtype(np.float32)
+        as_compute = lambda w: w.astype(self.dtype, copy=False)     # norm gains in the compute dtype, once
+        self.layers = [_Layer(**dict(vars(layer), attention_norm=as_compute(layer.attention_norm),
+                                     mlp_norm=as_compute(layer.mlp_norm))) for layer in self.layers]
+        self.norm = as_compute(self.norm)
         if hasattr(self.embed, "take_rows") and self.device != "cpu":
             self.embed = self.embed.to("cpu")                         # quantized lookups run on the host
         low = precision.get_policy().compute
@@ -175,7 +180,9 @@ class Decoder:
             self.lm_head = cast(self.lm_head)
         positions = self.xp.arange(config.max_seq_len)
         cos, sin = rope_angles(positions, config.head_dim, config.rope_theta, self.xp)      # (max_len, D/2)
-        self.cos, self.sin = cos.astype(self.dtype), sin.astype(self.dtype)
+        # rotate-half as x·[cos, cos] + [x₂, x₁]·[−sin, sin]: two full-width tables, one product each
+        self.cos = self.xp.concatenate([cos, cos], axis=1).astype(self.dtype)                 # (max_len, D)
+        self.sin = self.xp.concatenate([-sin, sin], axis=1).astype(self.dtype)
 
     def new_cache(self, slots: int, max_len: int | None = None) -> BatchedKVCache:
         return BatchedKVCache(self.config, slots, max_len, self.dtype, self.device)
@@ -203,12 +210,13 @@ class Decoder:
         """One new token for each of `slots` (n,), at each slot's own position. Returns logits (n, V)."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
-        for slot in slots.tolist():
-            cache._check(slot)
         if tokens.shape != slots.shape:
             raise ValueError(f"decode_step: {tokens.shape[0]} tokens for {slots.shape[0]} slots")
-        if len(set(slots.tolist())) != slots.shape[0]:
-            raise ValueError(f"decode_step: a slot appears twice in {slots.tolist()}")
+        listed = slots.tolist()
+        if not cache._in_use.issuperset(listed):
+            cache._check(next(s for s in listed if s not in cache._in_use))            # raises, naming the slot
+        if len(set(listed)) != len(listed):
+            raise ValueError(f"decode_step: a slot appears twice in {listed}")
         positions = cache.lengths[slots]
         if (positions >= cache.max_len).any():
             full = slots[positions >= cache.max_len].tolist()
@@ -252,15 +260,16 @@ class Decoder:
         return y if y.dtype == self.dtype else y.astype(self.dtype)
 
     def _rms_norm(self, x, weight):
-        """x · rsqrt(mean(x²) + eps) · w, in the order of model.ChunkedRMSNorm."""
+        """x · rsqrt(mean(x²) + eps) · w, in the order of model.ChunkedRMSNorm (ufunc reductions called
+        directly: the ndarray.sum wrapper costs as much as the sum itself at decode sizes)."""
         xp = self.xp
-        r = (x * x).sum(axis=-1, keepdims=True)
+        r = xp.add.reduce(x * x, axis=-1, keepdims=True)
         r *= x.dtype.type(1.0 / x.shape[-1])
         r += x.dtype.type(self.config.norm_eps)
         xp.sqrt(r, out=r)
         xp.reciprocal(r, out=r)
         y = x * r
-        y *= weight.astype(x.dtype, copy=False)
+        y *= weight
         return y
 
     def _layers(self, x, attend):
@@ -290,17 +299,20 @@ class Decoder:
         return logits if logits.dtype in (np.float32, np.float64) else logits.astype(np.float32)
 
     def _rotate(self, x, cos, sin):
-        """RoPE of x (N, heads, D) with cos, sin (N, 1, D/2): (x₁, x₂) -> (x₁ cos − x₂ sin, x₂ cos + x₁ sin)."""
+        """RoPE of x (N, heads, D) with the (N, 1, D) tables: (x₁, x₂) -> (x₁ cos − x₂ sin, x₂ cos + x₁ sin)."""
         half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return self.xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        swapped = self.xp.concatenate([x[..., half:], x[..., :half]], axis=-1)             # [x₂, x₁]
+        swapped *= sin
+        out = x * cos
+        out += swapped
+        return out
 
     def _prefill_attention(self, cache, layer, slot, start, q, k, v):
         """One slot, T new positions start…start+T−1: causal attention over the slot's start + T keys."""
         xp, config = self.xp, self.config
         time, heads, head_dim = q.shape
         kv_heads, group = config.n_kv_heads, config.n_heads // config.n_kv_heads
-        cos, sin = self.cos[start:start + time, None, :], self.sin[start:start + time, None, :]     # (T, 1, D/2)
+        cos, sin = self.cos[start:start + time, None, :], self.sin[start:start + time, None, :]     # (T, 1, D)
         q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         end = start + time
         cache.k[layer][slot, :, start:end] = k.transpose(1, 0, 2)                 # (T, Hkv, D) -> (Hkv, T, D)
@@ -345,9 +357,9 @@ class Decoder:
         scores = keys @ q4                                                         # (n, Hkv, L, G)
         if step["bias"] is not None:
             scores += step["bias"]
-        scores -= scores.max(axis=2, keepdims=True)
+        scores -= xp.maximum.reduce(scores, axis=2, keepdims=True)
         xp.exp(scores, out=scores)
-        scores /= scores.sum(axis=2, keepdims=True)                                 # P, normalised over keys
+        scores /= xp.add.reduce(scores, axis=2, keepdims=True)                      # P, normalised over keys
         out = xp.ascontiguousarray(scores.swapaxes(-1, -2)) @ values                # (n, Hkv, G, L) @ (n, Hkv, L, D)
         return out.reshape(count, heads * head_dim)                                # (n, Hkv, G, D) -> (n, H·D)
 
