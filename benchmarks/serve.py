@@ -61,6 +61,16 @@ def serve(args):
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
+def _cpu_seconds(pid):
+    """User + system CPU seconds of a process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def percentile(values, q):
     ordered = sorted(values)
     return ordered[max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))]
@@ -85,7 +95,7 @@ async def one_request(http, prompt, max_tokens):
     return first, tokens
 
 
-async def run_level(url, concurrency, per_client, max_tokens, prompts):
+async def run_level(url, concurrency, per_client, max_tokens, prompts, server_pid):
     import httpx
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
@@ -96,13 +106,14 @@ async def run_level(url, concurrency, per_client, max_tokens, prompts):
             for k in range(per_client):
                 out.append(await one_request(http, prompts[(index * per_client + k) % len(prompts)], max_tokens))
             return out
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _cpu_seconds(server_pid)
         results = await asyncio.gather(*(client(i) for i in range(concurrency)))
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, _cpu_seconds(server_pid) - cpu
     flat = [r for rs in results for r in rs]
     tokens = sum(t for _, t in flat)
     ttft = [f for f, _ in flat]
     return {"concurrency": concurrency, "requests": len(flat), "tokens": tokens, "seconds": seconds,
+            "server_cpu": cpu, "tokens_per_cpu_s": tokens / cpu if cpu else float("nan"),
             "tokens_per_s": tokens / seconds, "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99)}
 
 
@@ -142,7 +153,7 @@ def main():
                 raise SystemExit("the server did not start")
             time.sleep(0.2)
         prompts = [SHAKESPEARE[(53 * i) % 1800:(53 * i) % 1800 + 60] for i in range(64)]
-        rounds = [[asyncio.run(run_level(url, c, args.requests_per_client, args.max_tokens, prompts))
+        rounds = [[asyncio.run(run_level(url, c, args.requests_per_client, args.max_tokens, prompts, child.pid))
                    for c in args.concurrency] for _ in range(args.rounds)]
     finally:
         child.terminate()
@@ -157,9 +168,11 @@ def main():
           f"{args.requests_per_client} requests per client")
     print(f"# server OPENBLAS_NUM_THREADS={args.blas_threads}; {args.rounds} interleaved rounds; each row is the "
           f"round with the lowest tokens/s; 'speedup' compares worst with worst, and the range gives every round's")
+    print("# server CPU s: the server process's user+system CPU time during the level (a starved server shows "
+          "far fewer CPU seconds than wall seconds); tokens/CPU s: tokens per server CPU second")
     print("| device | clients | requests | tokens | seconds | tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | speedup | "
-          "speedup range |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "speedup range | server CPU s | tokens/CPU s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     worst = {c: min((rows[i] for rows in rounds for i in range(len(rows)) if rows[i]["concurrency"] == c),
                     key=lambda r: r["tokens_per_s"]) for c in args.concurrency}
     ratios = {c: [rows[i]["tokens_per_s"] / next(r["tokens_per_s"] for r in rows if r["concurrency"] == 1)
@@ -170,9 +183,10 @@ def main():
         speedup = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         spread = f"{min(ratios[c]):.2f}-{max(ratios[c]):.2f}x" if ratios else "-"
         print(f"| cpu | {c} | {r['requests']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | "
-              f"{r['ttft_p50'] * 1000:.0f} | {r['ttft_p99'] * 1000:.0f} | {speedup} | {spread} |")
+              f"{r['ttft_p50'] * 1000:.0f} | {r['ttft_p99'] * 1000:.0f} | {speedup} | {spread} | "
+              f"{r['server_cpu']:.1f} | {r['tokens_per_cpu_s']:.0f} |")
     for c in args.concurrency:
-        print(f"| gpu | {c} | not measured (no GPU on this machine) | | | | | | | |")
+        print(f"| gpu | {c} | not measured (no GPU on this machine) | | | | | | | | | |")
 
 
 if __name__ == "__main__":
