@@ -42,6 +42,7 @@ import tempfile
 import numpy as np
 
 from ..checkpoint import _fsync_dir
+from ..quant import quantize_q4_0, quantize_q8_0
 from ..tokenizer import CHAT_TEMPLATE, GPT2_PATTERN, GPT4_PATTERN
 from .hf import EOT, ExportError, has_chat_tokens, special_roles
 from .hf_tokenizer import all_cut_merges, byte_level_text, is_char_vocab, special_tokens
@@ -80,14 +81,12 @@ def _character_merges(chars) -> list:
     """Merges that join the bytes of each multi-byte character left to right: (b1, b2), (b1b2, b3), ...
     Every symbol llama.cpp starts from is one byte; these merges only ever build prefixes of one UTF-8
     character (text splits never cut a character), so each character in the vocabulary ends up whole."""
-    merges = []
+    merges = {}                                     # an insertion-ordered set
     for char in chars:
         data = char.encode("utf-8")
         for end in range(2, len(data) + 1):
-            merge = f"{byte_level_text(data[:end - 1])} {byte_level_text(data[end - 1:end])}"
-            if merge not in merges:
-                merges.append(merge)
-    return merges
+            merges[f"{byte_level_text(data[:end - 1])} {byte_level_text(data[end - 1:end])}"] = None
+    return list(merges)
 
 
 def gguf_vocabulary(tokenizer, vocab_size: int) -> dict:
@@ -124,9 +123,8 @@ def gguf_vocabulary(tokenizer, vocab_size: int) -> dict:
     return {"tokens": tokens, "types": types, "merges": merges, "pre": pre}
 
 
-def _tensor_type(gguf, name: str, array: np.ndarray, kind: str):
+def _tensor_type(gguf, array: np.ndarray, kind: str):
     """(array to write, raw GGML type or None) for one weight under the export kind."""
-    from ..quant import quantize_q4_0, quantize_q8_0
     if array.ndim == 1 or kind == "f32":
         return np.ascontiguousarray(array, dtype=np.float32), None
     if kind == "f16" or array.shape[-1] % 32:
@@ -200,7 +198,7 @@ def export_gguf(model, tokenizer, path: str, kind: str = "f16", name: str | None
                 array = rope_rows_to_gguf(array, config.n_heads)
             elif hf_name.endswith("self_attn.k_proj.weight"):
                 array = rope_rows_to_gguf(array, config.n_kv_heads)
-            data, raw = _tensor_type(gguf, hf_name, array, kind)
+            data, raw = _tensor_type(gguf, array, kind)
             writer.add_tensor(gguf_name, data, raw_dtype=raw)
             written[gguf_name] = raw.name if raw is not None else {np.float32: "F32", np.float16: "F16"}[data.dtype.type]
         writer.write_header_to_file()
