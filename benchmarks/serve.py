@@ -13,6 +13,9 @@ exactly max_tokens tokens; logprobs=0 so that every token is its own event). Rep
     tokens/s     all completion tokens / wall time from the first request sent to the last [DONE]
     TTFT p50/p99 request sent -> first streamed token, over all of c's requests (nearest-rank percentiles)
     speedup      tokens/s over the c = 1 row (one client at a time: the server never batches)
+    server CPU s the server process's user + system CPU seconds during the level (Linux /proc), and
+    tokens/CPU s tokens per server CPU second: on a machine loaded by other jobs the server may get far
+                 less than a core, which wall-clock tokens/s cannot show
 
 The model has random weights (the speed of a forward does not depend on their values): a Llama-style GPT
 of --d-model, --layers, --heads, 4·d_model/... FFN, a 320-id BPE vocabulary trained on the tests'
