@@ -216,5 +216,9 @@ def test_import_bad_input_is_one_line(tmp_path, capsys):
     json.dump(content, open(tmp_path / "hf" / "tokenizer.json", "w"))
     assert main(["import", str(tmp_path / "hf"), "--out-dir", str(tmp_path / "out")]) == 1
     assert "model type 'Unigram' is not supported" in one_line_error(capsys, "import")
-    assert main(["import", str(tmp_path / "hf"), "--out-dir", str(run)]) == 1
+    assert main(["import", str(tmp_path / "hf"), "--out-dir", str(run), "--force"]) == 1
+    assert "already holds a run" in one_line_error(capsys, "import")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("x")
+    assert main(["import", str(tmp_path / "hf"), "--out-dir", str(tmp_path / "full")]) == 1
     assert "pass --force" in one_line_error(capsys, "import")

@@ -152,6 +152,8 @@ def run_import(args) -> int:
     from .checkpoint import atomic_write_json, save_checkpoint
     from .data.shards import CharVocab
     from .export import ExportError, check_output_dir, import_hf
+    if os.path.isdir(os.path.join(args.out_dir, "checkpoints")):
+        raise CommandError(f"{args.out_dir} already holds a run (checkpoints/); import into a new directory")
     try:
         check_output_dir(args.out_dir, args.force)
         model, tokenizer, info = import_hf(args.hf_dir)
