@@ -377,14 +377,15 @@ def _saved_run(tmp_path, model, tokenizer):
 
 def test_serve_loads_a_run_and_quantizes_it_on_request(tmp_path, tiny):
     import argparse
+    from tinygrad_llm.cli import _load
     from tinygrad_llm.cli_serve import load_model
     from tinygrad_llm.quant.runs import QuantizedModel
     model, tokenizer = tiny
     run = _saved_run(tmp_path, model, tokenizer)
     args = argparse.Namespace(checkpoint=run, best=False, device="cpu", tokenizer=None, quant=None)
-    plain, state, loaded_tokenizer = load_model(args)
+    plain, state, loaded_tokenizer = load_model(args, _load)
     assert plain.config == model.config and loaded_tokenizer.encode_ordinary("hi") == tokenizer.encode_ordinary("hi")
-    quantized, state, _ = load_model(argparse.Namespace(**dict(vars(args), quant="q8_0")))
+    quantized, state, _ = load_model(argparse.Namespace(**dict(vars(args), quant="q8_0")), _load)
     assert isinstance(quantized, QuantizedModel) and state["quantized"] == "q8_0"
     prompt = prompts(1)[0]
     expected, _ = greedy_text(quantized, tokenizer, tokenizer.encode_ordinary(prompt), 10)

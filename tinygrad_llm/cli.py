@@ -306,7 +306,7 @@ def main(argv=None) -> int:
             return run_train_classifier(args)
         if args.command == "serve":
             from .cli_serve import run_serve
-            return run_serve(args)
+            return run_serve(args, _load)
         return COMMANDS[args.command](args)
     except CommandError as error:
         print(f"tinygrad-llm {args.command}: error: {error}", file=sys.stderr)

@@ -6,7 +6,9 @@
     tinygrad-llm serve runs/default --quant q8_0                      # weights quantized in memory at start
     tinygrad-llm serve runs/default-q4_0                              # a run written by `tinygrad-llm quantize`
 
-cli.py wires it in with `add_parsers(subparsers)` and dispatches to `run_serve(args)`. Without an API
+cli.py wires it in with `add_parsers(subparsers)` and dispatches to `run_serve(args, load)`, handing over
+its checkpoint loader (`load(path, best, device, tokenizer_file) -> (model, state, tokenizer)`, the one
+`sample` uses), so that this module never imports cli.py back. Without an API
 key the server refuses any host but a loopback address. The key can also come from the environment
 variable TINYGRAD_LLM_API_KEY (then it is not visible in the process list).
 """
@@ -19,6 +21,15 @@ import os
 import sys
 
 API_KEY_ENV = "TINYGRAD_LLM_API_KEY"
+EXIT_USAGE, EXIT_FAILURE = 2, 1
+
+
+class ServeError(Exception):
+    """A user-facing failure of `serve`: printed as one line, exit status `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.code = code
 
 
 def _positive_int(text: str) -> int:
@@ -61,42 +72,49 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def load_model(args):
-    """(model, state, tokenizer) to serve: the checkpoint as `sample` loads it, quantized when --quant says so."""
-    from .cli import EXIT_USAGE, CommandError, _load
+def load_model(args, load):
+    """(model, state, tokenizer) to serve: the checkpoint as `load` (cli.py's, as `sample` uses) reads it,
+    quantized when --quant says so."""
     if not args.quant:
-        return _load(args.checkpoint, args.best, args.device, args.tokenizer)
+        return load(args.checkpoint, args.best, args.device, args.tokenizer)
     from .generate import model_weights
     from .quant.runs import KINDS, QuantizedModel, quantize_weights
     if args.quant not in KINDS:
-        raise CommandError(f"--quant must be one of {', '.join(KINDS)}, got {args.quant!r}", EXIT_USAGE)
-    model, state, tokenizer = _load(args.checkpoint, args.best, "cpu", args.tokenizer)
+        raise ServeError(f"--quant must be one of {', '.join(KINDS)}, got {args.quant!r}", EXIT_USAGE)
+    model, state, tokenizer = load(args.checkpoint, args.best, "cpu", args.tokenizer)
     if isinstance(model, QuantizedModel):
-        raise CommandError(f"{args.checkpoint} is already a quantized run ({model.kind}); serve it without --quant")
+        raise ServeError(f"{args.checkpoint} is already a quantized run ({model.kind}); serve it without --quant")
     quantized = QuantizedModel(model.config, args.quant, quantize_weights(model_weights(model), args.quant))
     return quantized.to(device=args.device), dict(state, quantized=args.quant), tokenizer
 
 
-def run_serve(args) -> int:
-    from .cli import EXIT_USAGE, CommandError
+def run_serve(args, load) -> int:
+    try:
+        return _serve(args, load)
+    except ServeError as error:
+        print(f"tinygrad-llm serve: error: {error}", file=sys.stderr)
+        return error.code
+
+
+def _serve(args, load) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not api_key and not is_loopback(args.host):
-        raise CommandError(f"refusing to listen on {args.host} without an API key: pass --api-key KEY (or set "
+        raise ServeError(f"refusing to listen on {args.host} without an API key: pass --api-key KEY (or set "
                            f"{API_KEY_ENV}), or keep the default loopback host", EXIT_USAGE)
     if not 0 <= args.port <= 65535:
-        raise CommandError(f"--port must be in 0..65535, got {args.port}", EXIT_USAGE)
+        raise ServeError(f"--port must be in 0..65535, got {args.port}", EXIT_USAGE)
     if args.max_queue < 0:
-        raise CommandError("--max-queue must be >= 0", EXIT_USAGE)
+        raise ServeError("--max-queue must be >= 0", EXIT_USAGE)
     try:
         import uvicorn
         from .serve.app import create_app
     except ImportError:
-        raise CommandError("serve needs starlette, uvicorn and prometheus-client: pip install -e .[serve]") from None
+        raise ServeError("serve needs starlette, uvicorn and prometheus-client: pip install -e .[serve]") from None
     moderator = None
     if args.safety:
         from .moderation import Moderator
         moderator = Moderator.from_policy(args.safety)
-    model, state, tokenizer = load_model(args)
+    model, state, tokenizer = load_model(args, load)
     name = args.model_name or os.path.basename(os.path.normpath(os.path.abspath(args.checkpoint)))
     app = create_app(model, tokenizer, name, max_batch=args.max_batch, max_queue=args.max_queue, api_key=api_key,
                      moderator=moderator, max_body_bytes=args.max_body_bytes, log_prompts=args.log_prompts)
