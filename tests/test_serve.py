@@ -216,13 +216,30 @@ def test_api_key_is_required_on_the_api_but_not_for_health(tiny):
             openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
 
 
+def _slowed(app, seconds=0.05):
+    """Slow every decode step of the app's engine down, so that a request holds its slot for a while."""
+    import time
+    decoder = app.server.engine.decoder
+    real_step = decoder.step
+
+    def slow_step(slots, tokens):
+        time.sleep(seconds)
+        return real_step(slots, tokens)
+    decoder.step = slow_step
+    return app
+
+
 def test_a_full_queue_answers_429_with_retry_after(tiny):
     model, tokenizer = tiny
-    with running_server(create_app(model, tokenizer, MODEL, max_batch=1, max_queue=0)) as url:
+    app = _slowed(create_app(model, tokenizer, MODEL, max_batch=1, max_queue=0))
+    with running_server(app) as url:
         with httpx.Client(base_url=url, timeout=30) as http:
-            response = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-            assert response.status_code == 429 and response.headers["retry-after"] == "1"
-            assert response.json()["error"]["type"] == "rate_limit_error"
+            with http.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 60, "stream": True,
+                                                              "logprobs": 0}) as busy:
+                next(busy.iter_lines())                              # the only slot is taken, no queue
+                response = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+                assert response.status_code == 429 and response.headers["retry-after"] == "1"
+                assert response.json()["error"]["type"] == "rate_limit_error"
             assert http.get("/health").json()["status"] == "ok"
             assert 'status="429"' in http.get("/metrics").text
 
@@ -233,7 +250,7 @@ def test_engine_queue_bound_and_cancelled_sequences_leave_at_once(tiny):
     events = []
     make = lambda n: [Sequence([1, 2, 3], SamplingParams(max_tokens=40, temperature=0), events.append, tokenizer, i)
                       for i in range(n)]
-    engine.submit(make(3))                                       # not started: they wait
+    engine.submit(make(5))                       # not started: they wait (2 free slots + a queue of 3)
     with pytest.raises(QueueFull):
         engine.submit(make(1))
     engine._waiting.clear()
@@ -401,14 +418,7 @@ def test_a_client_that_disconnects_frees_its_slot_at_once(tiny, caplog):
     down here so that the request could not have finished on its own)."""
     import time
     model, tokenizer = tiny
-    app = create_app(model, tokenizer, MODEL, max_batch=1)
-    decoder = app.server.engine.decoder
-    real_step = decoder.step
-
-    def slow_step(slots, tokens):
-        time.sleep(0.05)
-        return real_step(slots, tokens)
-    decoder.step = slow_step
+    app = _slowed(create_app(model, tokenizer, MODEL, max_batch=1))
     with caplog.at_level(logging.INFO, logger="tinygrad_llm.serve.access"), running_server(app) as url:
         with httpx.Client(base_url=url, timeout=30) as http:
             with http.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 60, "stream": True,

@@ -16,7 +16,8 @@ The loop, on its own thread (NumPy and BLAS release the GIL, so the HTTP event l
        leaves the batch right away and its slot goes back to the free list.
 
 New requests therefore join at step boundaries and never wait for the batch to drain. The waiting
-queue is bounded: `submit` raises QueueFull past `max_queue` (the HTTP layer answers 429).
+queue is bounded: `submit` raises QueueFull when more than `max_queue` sequences would wait beyond the
+free slots (the HTTP layer answers 429).
 
 Each sequence turns its tokens into text itself (decode the ids so far, cut at a stop string, hold
 back what could still become a stop string or an incomplete UTF-8 character) and, with a moderator
@@ -213,9 +214,10 @@ class Engine:
         return len(self._active), len(self._waiting)
 
     def submit(self, sequences) -> None:
-        """Queue the sequences of one request, all or none; QueueFull when the queue has no room."""
+        """Queue the sequences of one request, all or none; QueueFull when, beyond the free slots, more than
+        `max_queue` sequences would wait."""
         with self._cond:
-            if len(self._waiting) + len(sequences) > self.max_queue:
+            if len(self._waiting) + len(sequences) > self.max_queue + self.decoder.free:
                 raise QueueFull(f"{len(self._waiting)} sequences are waiting (limit {self.max_queue})")
             self._waiting.extend(sequences)
             self._update_gauges()
