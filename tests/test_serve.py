@@ -434,3 +434,25 @@ def test_a_client_that_disconnects_frees_its_slot_at_once(tiny, caplog):
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tinygrad_llm.serve.access"]
     streamed = [line for line in lines if line["path"] == "/v1/completions"][0]
     assert streamed["completion_tokens"] < 60
+
+
+def test_a_model_failure_is_a_500_and_the_server_keeps_serving(tiny):
+    model, tokenizer = tiny
+    app = create_app(model, tokenizer, MODEL, max_batch=2)
+    decoder = app.server.engine.decoder
+    real_step, calls = decoder.step, []
+
+    def failing_once(slots, tokens):
+        calls.append(len(slots))
+        if len(calls) == 1:
+            raise RuntimeError("the accelerator caught fire")
+        return real_step(slots, tokens)
+    decoder.step = failing_once
+    with running_server(app) as url:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            failed = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5})
+            assert failed.status_code == 500 and "caught fire" in failed.json()["error"]["message"]
+            assert failed.json()["error"]["type"] == "server_error"
+            again = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5, "temperature": 0})
+            assert again.status_code == 200 and again.json()["choices"][0]["finish_reason"] in ("stop", "length")
+            assert app.server.engine.decoder.free == 2

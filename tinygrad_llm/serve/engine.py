@@ -34,6 +34,7 @@ sequences; no sliding window: a sequence stops with finish_reason "length" when 
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -237,29 +238,46 @@ class Engine:
             self.metrics.queued.set(len(self._waiting))
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopping and not self._waiting and not self._active:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                self._leave()
-                admitted = []
-                while self._waiting and (self.decoder.free or not self._needs_slot(self._waiting[0])):
-                    seq = self._waiting.popleft()
-                    if seq.cancelled:
-                        continue
-                    if self._needs_slot(seq):
-                        seq.slot = self.decoder.acquire()
-                    admitted.append(seq)
-            for seq in admitted:
-                self._guarded(seq, self._admit)
-            with self._cond:
-                self._leave()
-                self._update_gauges()
-            if self._active:
-                self._step()
-            self._step_end()
+        while not self._stopping:
+            try:
+                self._turn()
+            except Exception as error:                  # a bug here must not leave requests hanging
+                logging.getLogger("tinygrad_llm.serve").exception("scheduler step failed")
+                with self._cond:
+                    for seq in list(self._waiting) + self._active:
+                        seq.finish("error", error=f"{type(error).__name__}: {error}")
+                        try:
+                            self._release(seq)
+                        except Exception:
+                            seq.slot = None
+                    self._waiting.clear()
+                    self._active = []
+                self._step_end()
+
+    def _turn(self) -> None:
+        """One turn of the loop: wait for work, drop the cancelled, admit, step, hand the events over."""
+        with self._cond:
+            while not self._stopping and not self._waiting and not self._active:
+                self._cond.wait()
+            if self._stopping:
+                return
+            self._leave()
+            admitted = []
+            while self._waiting and (self.decoder.free or not self._needs_slot(self._waiting[0])):
+                seq = self._waiting.popleft()
+                if seq.cancelled:
+                    continue
+                if self._needs_slot(seq):
+                    seq.slot = self.decoder.acquire()
+                admitted.append(seq)
+        for seq in admitted:
+            self._guarded(seq, self._admit)
+        with self._cond:
+            self._leave()
+            self._update_gauges()
+        if self._active:
+            self._step()
+        self._step_end()
 
     def _step_end(self) -> None:
         if self.on_step_end is not None:
