@@ -55,8 +55,7 @@ def float_linear(x, weight):
 def _block_products(x_blocks, x_sums, weight: QuantizedMatrix, start: int, end: int) -> np.ndarray:
     """Output rows start…end−1 of a Q8_0 / Q4_0 product, (end − start, N), from x_blocks (nb, 32, N)."""
     count, rows = weight.values.shape[0], end - start
-    columns = x_blocks.shape[2]
-    y = np.zeros((rows, columns), dtype=np.float32)
+    y = None
     step = max(1, TILE_ELEMENTS // (rows * BLOCK_SIZE))                       # blocks converted at once
     codes = _buffer("codes", step * rows * BLOCK_SIZE)
     for first in range(0, count, step):
@@ -76,7 +75,8 @@ def _block_products(x_blocks, x_sums, weight: QuantizedMatrix, start: int, end: 
             products += high @ x_blocks[first:last, half:]
             products -= np.float32(8) * x_sums[first:last, None, :]             # the −8 offset: 8·Σ x per block
         products *= weight.scale[first:last, start:end, None].astype(np.float32)
-        y += products.sum(axis=0)
+        total = np.add.reduce(products, axis=0)                                 # Σ over the k blocks: (rows, N)
+        y = total if y is None else np.add(y, total, out=y)
     return y
 
 
@@ -85,9 +85,11 @@ def blockwise_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
     out_features, in_features = weight.shape
     columns = x2.shape[0]
     x_blocks = np.ascontiguousarray(x2.reshape(columns, -1, BLOCK_SIZE).transpose(1, 2, 0))  # (N, in) -> (nb, 32, N)
-    x_sums = x_blocks.sum(axis=1) if weight.kind == "q4_0" else None                          # (nb, N)
-    parts = parallel_items(lambda bounds: _block_products(x_blocks, x_sums, weight, *bounds),
-                           split(out_features, min_chunk=64))
+    x_sums = np.add.reduce(x_blocks, axis=1) if weight.kind == "q4_0" else None                # (nb, N)
+    ranges = split(out_features, min_chunk=64)
+    if len(ranges) == 1:
+        return np.ascontiguousarray(_block_products(x_blocks, x_sums, weight, 0, out_features).T)   # -> (N, out)
+    parts = parallel_items(lambda bounds: _block_products(x_blocks, x_sums, weight, *bounds), ranges)
     return np.ascontiguousarray(np.concatenate(parts, axis=0).T)                               # (out, N) -> (N, out)
 
 
