@@ -127,7 +127,9 @@ def _serve(args, load) -> int:
         access.propagate = False
     safety = f"moderation policy {args.safety}" if moderator is not None else "no moderation policy"
     auth = "API key required on /v1/" if api_key else "no API key: listening on loopback only"
-    print(f"serving {name} (step {state['step']}, context {model.config.max_seq_len}, max batch {args.max_batch}) "
+    weights = f", {state['quantized']} weights" if state.get("quantized") else ""
+    print(f"serving {name} (step {state['step']}{weights}, context {model.config.max_seq_len}, "
+          f"max batch {args.max_batch}) "
           f"on http://{args.host}:{args.port}; {auth}; {safety}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
