@@ -111,3 +111,24 @@ def test_shapes_not_a_multiple_of_32_are_refused_not_padded():
         quantize_weights(weights, "q4_0")
     quantized = quantize_weights(weights, "int8")
     assert quantized["a.weight"].kind == "int8" and quantized["norm.weight"].dtype == np.float32
+
+
+def test_a_run_with_a_tokenizer_file_keeps_its_copy(tmp_path):
+    """A BPE run names its tokenizer file: the quantized run carries a copy and finds it after a move."""
+    from tinygrad_llm.checkpoint import save_checkpoint
+    from tinygrad_llm.cli_quant import load_quantized
+    from tinygrad_llm.model import GPT, GPTConfig
+    from tinygrad_llm.tokenizer import Tokenizer
+    tokenizer = Tokenizer.train([SHAKESPEARE], vocab_size=300, special_tokens=("<|endoftext|>",))
+    run = tmp_path / "run"
+    run.mkdir()
+    tokenizer.save(str(run / "tokenizer.json"))
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=1, n_heads=2, ffn_hidden=64,
+                          max_seq_len=16))
+    ref = {"type": "file", "path": str(tmp_path / "gone.json"), "run_file": "tokenizer.json"}
+    save_checkpoint(str(run / "checkpoints"), 3, model, state={"model_config": model.config.to_dict(), "tokenizer": ref})
+    assert main(["quantize", str(run), "--type", "q8_0", "--out", str(tmp_path / "q")]) == 0
+    (tmp_path / "q").rename(tmp_path / "moved")
+    loaded, state, loaded_tokenizer = load_quantized(str(tmp_path / "moved"))
+    assert state["step"] == 3 and loaded_tokenizer.encode("ROMEO:") == tokenizer.encode("ROMEO:")
+    assert main(["sample", str(tmp_path / "moved"), "--prompt", "ROMEO:", "--max-new-tokens", "3"]) == 0
