@@ -384,12 +384,17 @@ def test_load_concurrent_streaming_clients_get_generates_answers(server, tiny):
 
 
 def _saved_run(tmp_path, model, tokenizer):
+    """A run directory as `train` leaves it: checkpoints/ and the run's own copy of the tokenizer file."""
+    import hashlib
     from tinygrad_llm.checkpoint import save_checkpoint
-    tokenizer.save(str(tmp_path / "tokenizer.json"))
-    save_checkpoint(str(tmp_path / "run" / "checkpoints"), 1, model,
-                    state={"model_config": model.config.to_dict(),
-                           "tokenizer": {"type": "file", "path": str(tmp_path / "tokenizer.json")}})
-    return str(tmp_path / "run")
+    run = tmp_path / "run"
+    run.mkdir()
+    tokenizer.save(str(run / "tokenizer.json"))
+    reference = {"type": "file", "path": str(run / "tokenizer.json"), "run_file": "tokenizer.json",
+                 "sha256": hashlib.sha256((run / "tokenizer.json").read_bytes()).hexdigest()}
+    save_checkpoint(str(run / "checkpoints"), 1, model,
+                    state={"model_config": model.config.to_dict(), "tokenizer": reference})
+    return str(run)
 
 
 def test_serve_loads_a_run_and_quantizes_it_on_request(tmp_path, tiny):
