@@ -10,7 +10,8 @@ does not. Run it with an interpreter that has them, with this checkout on PYTHON
 What it does:
  1. Without --run: trains a byte-level BPE (GPT4 split, the chat special tokens) on the first 90 % of
     --data, prepares shards with it (`tinygrad-llm prepare --split tail`), trains a small GQA model
-    (`tinygrad-llm train`), all in --work.
+    (2 layers, d 64, 4 heads, 2 key/value heads, --steps steps of 8 x --context tokens; `tinygrad-llm
+    train` in its own process), all in --work.
  2. Exports the run: `--hf` and `--gguf` of every type (f32, f16, q8_0, q4_0).
  3. transformers: AutoTokenizer ids on the held-out text equal ours; `generate(do_sample=False)` for 64
     tokens equals `tinygrad-llm sample --temperature 0 --max-new-tokens 64` (the ids of our generate() and
@@ -30,6 +31,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 
@@ -53,6 +55,13 @@ def run_cli(argv):
         raise SystemExit(f"tinygrad-llm {' '.join(argv)} failed with {code}")
 
 
+def run_cli_process(argv):
+    """The command in its own process: `tinygrad-llm train` then sets its BLAS threads as on a command line."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if subprocess.run([sys.executable, "-m", "tinygrad_llm", *argv], env=env).returncode != 0:
+        raise SystemExit(f"tinygrad-llm {' '.join(argv)} failed")
+
+
 def build_run(args):
     text = open(args.data, encoding="utf-8").read()
     cut = int(len(text) * 0.9)
@@ -67,10 +76,11 @@ def build_run(args):
     run_cli(["prepare", train_file, "--out", shards, "--tokenizer", os.path.join(args.work, "tokenizer.json"),
              "--split", "tail", "--val-fraction", "0.1", "--no-progress", "--no-filters", "--no-near-dedup"])
     run = os.path.join(args.work, "run")
-    run_cli(["train", "--data", shards, "--tokenizer", os.path.join(args.work, "tokenizer.json"), "--out-dir", run, "--d-model", "128", "--n-layers", "4", "--n-heads", "4",
-             "--n-kv-heads", "2", "--ffn-hidden", "384", "--seq-len", str(args.context), "--batch-size", "16",
-             "--max-steps", str(args.steps), "--eval-interval", str(args.steps), "--eval-iters", "4",
-             "--warmup-steps", "20", "--lr", "3e-3", "--no-progress"])
+    run_cli_process(["train", "--data", shards, "--tokenizer", os.path.join(args.work, "tokenizer.json"),
+                     "--out-dir", run, "--d-model", "64", "--n-layers", "2", "--n-heads", "4", "--n-kv-heads", "2",
+                     "--ffn-hidden", "192", "--seq-len", str(args.context), "--batch-size", "8",
+                     "--max-steps", str(args.steps), "--eval-interval", str(args.steps), "--eval-iters", "4",
+                     "--warmup-steps", "20", "--lr", "3e-3", "--no-progress"])
     return run, heldout
 
 
@@ -93,7 +103,7 @@ def main():
     parser.add_argument("--heldout", help="held-out text file (default: the last 10 %% of --data)")
     parser.add_argument("--work", default=os.path.join(REPO, "runs", "export_check"))
     parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--windows", type=int, default=16, help="held-out windows for perplexity")
     parser.add_argument("--prompt", default="ROMEO:\nWhat say you, my lord?\n\n")

@@ -4,6 +4,7 @@ weights checked by a NumPy Llama forward written here from config.json + model.s
 No network, no GPU. transformers is used only where it is installed (CI does not install it)."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -24,7 +25,9 @@ WITH_SPECIALS = ("<|system|>\nBe brief.<|end|>\n<|user|>\nWie geht's? 你好<|en
                  "<|endoftext|>First Citizen:<|endoftext|><|endoftext|>")
 
 
+@functools.lru_cache(maxsize=None)
 def train_tokenizer(pattern=GPT4_PATTERN, vocab_size=700):
+    """A small BPE with the chat special tokens (trained once per pattern and size; never mutated)."""
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")              # the small corpus may run out of pairs
