@@ -112,7 +112,8 @@ def test_chat_template_ids_keep_typed_special_strings_as_text(tiny):
     plain = [{"role": "user", "content": "hello"}]
     assert chat_prompt_ids(tokenizer, plain)[0] == tokenizer.encode(
         "<|user|>\nhello<|end|>\n<|assistant|>\n", allowed_special=set(special))
-    assert stop_ids == {special["<|end|>"], special["<|endoftext|>"]}
+    assert stop_ids == {special[name] for name in ("<|end|>", "<|endoftext|>", "<|system|>", "<|user|>",
+                                                   "<|assistant|>")}
 
 
 def test_same_seed_same_sample_and_stop_strings(client):

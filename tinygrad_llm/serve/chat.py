@@ -2,6 +2,9 @@
 
     ids, stop_ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": "Hi"}])
 
+`stop_ids` are every chat special token the tokenizer has: the assistant's turn ends at <|end|> (or
+<|endoftext|>), and a model that starts another role's turn instead has ended its own.
+
 Each turn is the role's special token, "\\n", the content, <|end|>, "\\n"; then "<|assistant|>\\n" for the
 model to continue. The special tokens are inserted as ids and every piece of text is encoded as ordinary
 text, so a user who types "<|end|>" gets those characters, never the token. The ids equal
@@ -12,7 +15,7 @@ the same layout as plain text; `stop_ids` then holds only the end-of-text token,
 """
 from __future__ import annotations
 
-from ..tokenizer import CHAT_ROLES
+from ..tokenizer import CHAT_ROLES, CHAT_SPECIAL_TOKENS
 
 END = "<|end|>"
 
@@ -46,4 +49,4 @@ def chat_prompt_ids(tokenizer, messages):
         ids += [special[markers["assistant"]]] + _ordinary(tokenizer, "\n")
     else:
         ids += _ordinary(tokenizer, f"{markers['assistant']}\n")
-    return ids, {special[name] for name in (END, "<|endoftext|>") if name in special}
+    return ids, {special[name] for name in CHAT_SPECIAL_TOKENS if name in special}
