@@ -241,6 +241,10 @@ def test_hf_layout_loads_in_transformers_when_installed(bpe, tmp_path):
     np.testing.assert_allclose(our_logits(model, ids), theirs, rtol=1e-4, atol=1e-4)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert tokenizer(WITH_SPECIALS, add_special_tokens=False)["input_ids"] == bpe.encode(WITH_SPECIALS, allowed_special="all")
+    messages = [{"role": "user", "content": "Wie geht's? 你好"}, {"role": "assistant", "content": "Gut"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert list(ids) == chat_ids(bpe, messages, True)
 
 
 def test_export_refuses_a_non_empty_directory_and_a_missing_tokenizer(bpe, tmp_path):

@@ -10,7 +10,7 @@ Files written:
     tokenizer_config.json    bos / eos / pad, no BOS added, and the chat template (tokenizer.CHAT_TEMPLATE)
                              when the vocabulary has the chat tokens (has_chat_tokens)
     special_tokens_map.json  the same special tokens, for older readers
-    generation_config.json   bos / eos / pad ids and the context length
+    generation_config.json   bos / eos / pad ids
     README.md                the model card, when one is given (export/card.py)
 
 Weights: the parameter names and (out, in) layouts are Hugging Face's, so they are written as they are;
@@ -120,7 +120,7 @@ def tokenizer_files(tokenizer, max_seq_len: int) -> dict:
         special_map["additional_special_tokens"] = others
     stops = [token_id[role] for role in ("eos", "end_of_turn") if token_id[role] is not None]
     generation = {"bos_token_id": token_id["bos"], "eos_token_id": stops[0] if len(stops) == 1 else (stops or None),
-                  "pad_token_id": token_id["pad"], "max_length": max_seq_len}
+                  "pad_token_id": token_id["pad"]}
     return {"tokenizer.json": content, "tokenizer_config.json": config, "special_tokens_map.json": special_map,
             "generation_config.json": generation}
 
