@@ -7,7 +7,9 @@ at 1 and 2 threads. GPU rows are printed as "not measured here" unless CuPy sees
     python benchmarks/decode.py --matmul                         # the CPU quantized-matmul alternatives
     python benchmarks/decode.py --profile --models default --types q8_0   # where a decode step's time goes
 
-Each (model, weight type, threads) runs in a fresh subprocess with OPENBLAS_NUM_THREADS = TINYGRAD_LLM_THREADS
+Quantized weights are made by one subprocess and written to $TMPDIR/tinygrad_llm_decode_*.safetensors
+(reused by later runs; delete them after changing the model configs), then read by the measuring one, so
+its peak RSS is that of a loaded quantized model. Each (model, weight type, threads) runs in a fresh subprocess with OPENBLAS_NUM_THREADS = TINYGRAD_LLM_THREADS
 = threads (and OPENBLAS_THREAD_TIMEOUT=4, as the CLI sets), so the thread count takes effect and the peak
 RSS (ru_maxrss) is that configuration's own. For each batch size B: B random prompts of --prompt-len tokens
 are prefilled one after another into a BatchedKVCache (TTFT = the time until every sequence has its
@@ -45,19 +47,36 @@ MODELS = {   # name -> GPTConfig fields; "default" is `tinygrad-llm train`'s mod
 
 
 def build(model_name: str, kind: str):
-    """A random-weight model of MODELS[model_name], quantized to `kind` unless float32."""
+    """A random-weight model of MODELS[model_name]; for q8_0 / q4_0 the quantized weights are read from a
+    file that a separate process wrote (prepare_file), so this process's peak RSS never held the float
+    model, as when a quantized run is loaded. Returns (model, weight bytes, parameter count)."""
     from tinygrad_llm import manual_seed
     from tinygrad_llm.model import GPT, GPTConfig
-    from tinygrad_llm.quant.runs import QuantizedModel, quantize_weights
+    config = GPTConfig(**MODELS[model_name])
+    if kind == "float32":
+        manual_seed(0)
+        model = GPT(config)
+        return model, int(sum(p.data.nbytes for p in model.parameters())), model.num_parameters()
+    from safetensors.numpy import load_file
+    from tinygrad_llm.quant.runs import QuantizedModel, weights_from_arrays
+    model = QuantizedModel(config, kind, weights_from_arrays(config, kind, dict(load_file(prepared_path(model_name, kind)))))
+    return model, model.nbytes, model.num_parameters()
+
+
+def prepared_path(model_name: str, kind: str) -> str:
+    return os.path.join(os.environ.get("TMPDIR", "/tmp"), f"tinygrad_llm_decode_{model_name}_{kind}.safetensors")
+
+
+def prepare_file(model_name: str, kind: str) -> None:
+    """Quantize the random float model and write its arrays where build() reads them."""
+    from safetensors.numpy import save_file
+    from tinygrad_llm import manual_seed
+    from tinygrad_llm.model import GPT, GPTConfig
+    from tinygrad_llm.quant.runs import _arrays, quantize_weights
     manual_seed(0)
     model = GPT(GPTConfig(**MODELS[model_name]))
-    if kind == "float32":
-        return model, int(sum(p.data.nbytes for p in model.parameters())), model.num_parameters()
-    weights = {name: p.data for name, p in model.named_parameters()}
-    quantized = QuantizedModel(model.config, kind, quantize_weights(weights, kind))
-    parameters = model.num_parameters()
-    del model, weights
-    return quantized, quantized.nbytes, parameters
+    arrays = _arrays(quantize_weights({name: p.data for name, p in model.named_parameters()}, kind))
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, prepared_path(model_name, kind))
 
 
 def measure(model_name: str, kind: str, batches, prompt_len: int, new_tokens: int, repeat: int) -> list:
@@ -161,6 +180,9 @@ def optional_baselines() -> list:
 
 
 def child(args) -> None:
+    if args.prepare:
+        prepare_file(args.models[0], args.types[0])
+        return
     if args.profile:
         print(profile(args.models[0], args.types[0], args.batches[0], args.prompt_len, args.new_tokens))
         return
@@ -200,6 +222,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile of decode steps (first model/type/batch)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.models, args.types = args.models.split(","), args.types.split(",")
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -211,6 +234,10 @@ def main() -> None:
     print(f"# {command}\n# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, numpy {np.__version__}")
     common = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat)]
+    for model_name in args.models:                     # quantized weights written once, by another process
+        for kind in args.types:
+            if kind != "float32" and not args.matmul and not os.path.isfile(prepared_path(model_name, kind)):
+                run_child(["--prepare", "--models", model_name, "--types", kind], threads[0])
     if args.profile:
         print(run_child(["--profile", "--models", args.models[0], "--types", args.types[0], "--batches",
                          str(args.batches[0]), *common], threads[0]))

@@ -164,9 +164,23 @@ def load_quantized_run(path: str) -> tuple:
         raise CheckpointError(f"{path}: bad model config in {INFO_FILE}: {error}") from None
     file = os.path.join(path, MODEL_FILE)
     arrays = read_safetensors(file, info.get("files", {}).get(MODEL_FILE))
-    kind, weights = info["type"], {}
     try:
-        for name, shape in _expected_names(config).items():
+        weights = weights_from_arrays(config, info["type"], arrays)
+    except QuantFormatError as error:
+        raise CheckpointError(f"{file} is corrupt: {error}") from None
+    tokenizer = dict(info.get("tokenizer") or {})
+    if tokenizer.get("type") == "file" and not os.path.isabs(tokenizer.get("path", "")):
+        tokenizer["path"] = os.path.join(os.path.abspath(path), tokenizer.get("path", TOKENIZER_FILE))
+    info = dict(info, tokenizer=tokenizer, directory=os.path.abspath(path))
+    return QuantizedModel(config, info["type"], weights), info
+
+
+def weights_from_arrays(config: GPTConfig, kind: str, arrays: dict) -> dict:
+    """The stored arrays (the layout in the module docstring) -> name -> QuantizedMatrix or float32 array.
+    QuantFormatError names the first missing or mis-shaped array. Consumes `arrays`."""
+    weights = {}
+    for name, shape in _expected_names(config).items():
+        try:
             if len(shape) == 1:
                 weights[name] = _array(arrays, name, np.float32, shape)
             elif kind == "int8":
@@ -174,15 +188,9 @@ def load_quantized_run(path: str) -> tuple:
                 weights[name] = QuantizedMatrix(kind, shape, values, _array(arrays, f"{name}.scale", np.float32, shape[:1]))
             else:
                 weights[name] = QuantizedMatrix.from_blocks(arrays.pop(f"{name}.blocks"), kind, shape)
-    except KeyError as missing:
-        raise CheckpointError(f"{file} is corrupt: it has no array {missing}") from None
-    except QuantFormatError as error:
-        raise CheckpointError(f"{file} is corrupt: {error}") from None
-    tokenizer = dict(info.get("tokenizer") or {})
-    if tokenizer.get("type") == "file" and not os.path.isabs(tokenizer.get("path", "")):
-        tokenizer["path"] = os.path.join(os.path.abspath(path), tokenizer.get("path", TOKENIZER_FILE))
-    info = dict(info, tokenizer=tokenizer, directory=os.path.abspath(path))
-    return QuantizedModel(config, kind, weights), info
+        except KeyError as missing:
+            raise QuantFormatError(f"it has no array {missing}") from None
+    return weights
 
 
 def _array(arrays: dict, name: str, dtype, shape) -> np.ndarray:
