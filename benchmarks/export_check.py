@@ -46,7 +46,6 @@ from tinygrad_llm.generate import generate  # noqa: E402
 from tinygrad_llm.tokenizer import CHAT_SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
-NEW_TOKENS = 64
 
 
 def run_cli(argv):
@@ -107,6 +106,8 @@ def main():
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--windows", type=int, default=16, help="held-out windows for perplexity")
     parser.add_argument("--prompt", default="ROMEO:\nWhat say you, my lord?\n\n")
+    parser.add_argument("--new-tokens", type=int, default=64, help="greedy tokens compared (prompt + these must "
+                                                                   "fit the context: no sliding window)")
     args = parser.parse_args()
     command = "python " + " ".join(sys.argv)
     started = time.time()
@@ -131,11 +132,12 @@ def main():
     windows = [heldout_ids[i * context:(i + 1) * context] for i in range(args.windows)]
     windows = [w for w in windows if len(w) == context]
     prompt_ids = encode(args.prompt)
-    assert len(prompt_ids) + NEW_TOKENS <= context, "prompt + 64 tokens must fit the context (no sliding window)"
-    ours = list(generate(model, prompt_ids, NEW_TOKENS, temperature=0.0, eot_id=None))
+    if len(prompt_ids) + args.new_tokens > context:
+        raise SystemExit(f"prompt ({len(prompt_ids)} tokens) + --new-tokens must fit the context ({context})")
+    ours = list(generate(model, prompt_ids, args.new_tokens, temperature=0.0, eot_id=None))
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        run_cli(["sample", run, "--prompt", args.prompt, "--temperature", "0", "--max-new-tokens", str(NEW_TOKENS)])
+        run_cli(["sample", run, "--prompt", args.prompt, "--temperature", "0", "--max-new-tokens", str(args.new_tokens)])
     cli_text = buffer.getvalue()
     eot = tokenizer.special_tokens.get("<|endoftext|>")
     ours_until_eot = ours[:ours.index(eot)] if eot in ours else ours
@@ -158,11 +160,11 @@ def main():
         hf_model.generation_config.eos_token_id = None          # 64 tokens, as ours
         hf_model.generation_config.pad_token_id = eot
         with torch.no_grad():
-            generated = hf_model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=NEW_TOKENS,
-                                          min_new_tokens=NEW_TOKENS)[0, len(prompt_ids):].tolist()
+            generated = hf_model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=args.new_tokens,
+                                          min_new_tokens=args.new_tokens)[0, len(prompt_ids):].tolist()
             logits = hf_model(torch.tensor([windows[0]])).logits[0].double().numpy()
         first = next((i for i, (a, b) in enumerate(zip(generated, ours)) if a != b), None)
-        rows.append(("transformers: greedy 64 tokens == ours", f"{generated == ours}"
+        rows.append((f"transformers: greedy {args.new_tokens} tokens == ours", f"{generated == ours}"
                      + ("" if first is None else f" (first difference at token {first})")))
         reference = np.asarray(model(np.asarray([windows[0]]), return_logits=True).data[0], dtype=np.float64)
         rows.append(("transformers: max |logit difference| (one window)", f"{np.abs(logits - reference).max():.2e}"))
@@ -188,12 +190,12 @@ def main():
             llm.reset()
             llm.eval(prompt_ids)
             greedy = []
-            for _ in range(NEW_TOKENS):
+            for _ in range(args.new_tokens):
                 token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
                 greedy.append(token)
                 llm.eval([token])
             first = next((i for i, (a, b) in enumerate(zip(greedy, ours)) if a != b), None)
-            rows.append((f"{name}: greedy 64 tokens == ours", f"{greedy == ours}"
+            rows.append((f"{name}: greedy {args.new_tokens} tokens == ours", f"{greedy == ours}"
                          + ("" if first is None else f" (first difference at token {first})")))
             their_ppl = perplexity(logits_of, windows)
             rows.append((f"{name}: held-out perplexity", f"{their_ppl:.4f} ({(their_ppl / our_ppl - 1) * 100:+.3f} % "
