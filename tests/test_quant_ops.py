@@ -37,6 +37,7 @@ def test_tiles_and_threads_do_not_change_the_result(kind, monkeypatch):
     x = rng.standard_normal((2, 3, 96)).astype(np.float32)                  # leading axes are kept
     whole = quantized.linear_forward(x, matrix)
     monkeypatch.setattr(quantized, "TILE_ELEMENTS", 32 * 70)              # several steps, a ragged last one
+    monkeypatch.setattr(quantized, "THREAD_ELEMENTS", 96)                 # and a split across the threads
     previous = cpu_threads.thread_count()
     try:
         cpu_threads.set_thread_count(2)

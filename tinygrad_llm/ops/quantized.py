@@ -10,7 +10,8 @@ The dispatch point for every Linear of KV-cached decoding (tinygrad_llm.generate
   inputs in one batched GEMM:  P[j] = codes[j] @ x[:, block j]ᵀ  (out, N);  then y = Σ_j d[j] · P[j].
   The scales act on the products, (out, N) per block, not on the weights, (out, 32) per block: for decode
   (N ≤ 32) that is the cheaper side. Q4_0's −8 offset is folded the same way: Σ (n − 8)·x = Σ n·x − 8·Σ x.
-  Output rows are split across tinygrad_llm.cpu_threads' threads.
+  Output rows are split across tinygrad_llm.cpu_threads' threads when each share holds at least
+  THREAD_ELEMENTS weights (handing a small matrix to a second thread costs more than it saves).
 - a QuantizedMatrix on the CPU, INT8 per channel: a tile of output rows at a time converted to float32
   and one GEMM, the per-row scale applied to y's columns.
 
@@ -31,6 +32,7 @@ from ..quant.formats import BLOCK_SIZE, QuantizedMatrix
 from ..tensor import Function
 
 TILE_ELEMENTS = 1 << 17          # float32 weights converted per step (512 KiB: stays in L2 beside x and y)
+THREAD_ELEMENTS = 1 << 18        # weights a thread's share must hold before the rows are split across threads
 _scratch = threading.local()
 
 
@@ -86,7 +88,7 @@ def blockwise_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
     columns = x2.shape[0]
     x_blocks = np.ascontiguousarray(x2.reshape(columns, -1, BLOCK_SIZE).transpose(1, 2, 0))  # (N, in) -> (nb, 32, N)
     x_sums = np.add.reduce(x_blocks, axis=1) if weight.kind == "q4_0" else None                # (nb, N)
-    ranges = split(out_features, min_chunk=64)
+    ranges = split(out_features, min_chunk=max(64, THREAD_ELEMENTS // in_features))
     if len(ranges) == 1:
         return np.ascontiguousarray(_block_products(x_blocks, x_sums, weight, 0, out_features).T)   # -> (N, out)
     parts = parallel_items(lambda bounds: _block_products(x_blocks, x_sums, weight, *bounds), ranges)
@@ -107,7 +109,7 @@ def int8_rows_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
             np.copyto(tile, weight.values[start:end], casting="unsafe")
             np.matmul(x2, tile.T, out=y[:, start:end])
 
-    parallel_items(work, split(out_features, min_chunk=64))
+    parallel_items(work, split(out_features, min_chunk=max(64, THREAD_ELEMENTS // in_features)))
     y *= weight.scale[None, :]
     return y
 
