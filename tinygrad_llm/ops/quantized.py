@@ -26,7 +26,7 @@ import threading
 
 import numpy as np
 
-from ..backend import is_cupy_array, kernel
+from ..backend import kernel
 from ..cpu_threads import parallel_items, split, thread_count
 from ..quant.formats import BLOCK_SIZE, QuantizedMatrix
 from ..tensor import Function
@@ -88,8 +88,8 @@ def blockwise_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
     columns = x2.shape[0]
     x_blocks = np.ascontiguousarray(x2.reshape(columns, -1, BLOCK_SIZE).transpose(1, 2, 0))  # (N, in) -> (nb, 32, N)
     x_sums = np.add.reduce(x_blocks, axis=1) if weight.kind == "q4_0" else None                # (nb, N)
-    ranges = split(out_features, min_chunk=max(64, THREAD_ELEMENTS // in_features))
-    if len(ranges) == 1:
+    ranges = [] if thread_count() == 1 else split(out_features, min_chunk=max(64, THREAD_ELEMENTS // in_features))
+    if len(ranges) <= 1:
         return np.ascontiguousarray(_block_products(x_blocks, x_sums, weight, 0, out_features).T)   # -> (N, out)
     parts = parallel_items(lambda bounds: _block_products(x_blocks, x_sums, weight, *bounds), ranges)
     return np.ascontiguousarray(np.concatenate(parts, axis=0).T)                               # (out, N) -> (N, out)
@@ -134,7 +134,7 @@ def linear_forward(x, weight):
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"quantized_linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]} "
                          f"(weight shape {weight.shape} is (out, in))")
-    if is_cupy_array(x) or is_cupy_array(weight.values):
+    if type(x) is not np.ndarray or type(weight.values) is not np.ndarray:
         from .. import gpu_quant   # the GPU layer; imported only once GPU arrays exist
         return gpu_quant.quantized_linear(x, weight)
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)                 # (..., in) -> (N, in)
