@@ -100,16 +100,21 @@ class BatchedKVCache:
 
     def release(self, slot: int) -> None:
         """Give a slot back: its sequence is done (its arrays are simply overwritten by the next one)."""
-        slot = self._check(slot)
+        slot = self.check(slot)
         self._in_use.discard(slot)
         self.lengths[slot] = 0
         self._free.append(slot)
 
-    def _check(self, slot) -> int:
+    def check(self, slot) -> int:
+        """The slot as an int; ValueError unless it is allocated."""
         slot = int(slot)
         if slot not in self._in_use:
             raise ValueError(f"KV cache slot {slot} is not allocated (active: {self.active_slots})")
         return slot
+
+    def holds(self, slots) -> bool:
+        """Whether every slot in `slots` (ints) is allocated."""
+        return self._in_use.issuperset(slots)
 
     @property
     def nbytes(self) -> int:
@@ -191,7 +196,7 @@ class Decoder:
     def prefill(self, cache: BatchedKVCache, slot: int, ids, all_logits: bool = False):
         """Run `ids` (T,) into `slot` from its current length. Returns the last position's logits (V,),
         or every position's (T, V) with all_logits."""
-        slot = cache._check(slot)
+        slot = cache.check(slot)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         start, time = int(cache.lengths[slot]), ids.shape[0]
         if time == 0:
@@ -213,8 +218,9 @@ class Decoder:
         if tokens.shape != slots.shape:
             raise ValueError(f"decode_step: {tokens.shape[0]} tokens for {slots.shape[0]} slots")
         listed = slots.tolist()
-        if not cache._in_use.issuperset(listed):
-            cache._check(next(s for s in listed if s not in cache._in_use))            # raises, naming the slot
+        if not cache.holds(listed):
+            for slot in listed:
+                cache.check(slot)                                                     # raises, naming the slot
         if len(set(listed)) != len(listed):
             raise ValueError(f"decode_step: a slot appears twice in {listed}")
         positions = cache.lengths[slots]
