@@ -146,7 +146,8 @@ class Decoder:
 
     Same math as GPT.forward (model.py), written for inference: the Hugging Face weights by name, every
     Linear through ops/quantized.linear_forward (float or quantized), RMSNorm and SwiGLU as in the model's
-    CPU ops, attention over each slot's own cached keys. Logits come back as float32 NumPy arrays.
+    CPU ops, attention over each slot's own cached keys. Logits come back as NumPy arrays (float32, or
+    float64 for a float64 model). The tests hold it to GPT.forward's logits.
     On the GPU under a bf16/fp16 policy (tinygrad_llm.precision) the float weight matrices are cast to
     the low dtype once, here (a copy beside the float32 masters), and every GEMM runs in it; norms,
     attention and the KV cache stay float32. A quantized embedding is looked up on the host.
