@@ -14,10 +14,31 @@ from __future__ import annotations
 
 import hashlib
 import os
-
-from .cli import EXIT_USAGE, CommandError
+import sys
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
+EXIT_USAGE, EXIT_FAILURE = 2, 1
+
+
+class CommandError(Exception):
+    """A user-facing failure of export or import: printed as one line, exit status `code`. (Its own class,
+    so that this module never imports cli.py, which imports it.)"""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE):
+        super().__init__(message)
+        self.code = code
+
+
+def _one_line_errors(run):
+    """Run a command; a CommandError becomes `tinygrad-llm <command>: error: ...` and its exit status."""
+    def command(args) -> int:
+        try:
+            return run(args)
+        except CommandError as error:
+            print(f"tinygrad-llm {args.command}: error: {error}", file=sys.stderr)
+            return error.code
+    command.__doc__ = run.__doc__
+    return command
 
 
 def add_parsers(subparsers) -> None:
@@ -107,6 +128,7 @@ def run_tokenizer(state: dict, checkpoint_dir: str, override: str | None = None)
 
 
 # ---------------------------------------------------------------------------------------------- export
+@_one_line_errors
 def run_export(args) -> int:
     from .checkpoint import load_checkpoint
     from .export import ExportError, check_output_dir, export_gguf, export_hf, gguf_vocabulary, model_card, run_facts
@@ -148,6 +170,7 @@ def run_export(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- import
+@_one_line_errors
 def run_import(args) -> int:
     from .checkpoint import atomic_write_json, save_checkpoint
     from .data.shards import CharVocab
