@@ -150,10 +150,11 @@ def test_rope_row_permutation_round_trips(heads, half, columns):
 def test_gguf_metadata_and_tokenizer(bpe, tmp_path):
     model = small_model(bpe.vocab_size)
     path = tmp_path / "model.gguf"
-    export_gguf(model, bpe, str(path), "f16", name="tiny")
+    export_gguf(model, bpe, str(path), "f16", name="tiny", license_id="mit")
     fields, tensors = read(path)
     config = model.config
     assert fields["general.architecture"] == "llama" and fields["general.name"] == "tiny"
+    assert fields["general.license"] == "mit" and fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
     assert fields["llama.context_length"] == config.max_seq_len and fields["llama.embedding_length"] == 64
     assert fields["llama.feed_forward_length"] == 96 and fields["llama.block_count"] == 2
     assert fields["llama.attention.head_count_kv"] == 2 and fields["llama.rope.dimension_count"] == 16

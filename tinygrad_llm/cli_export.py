@@ -159,7 +159,7 @@ def run_export(args) -> int:
                   f"special_tokens_map.json, generation_config.json, README.md ({config['num_hidden_layers']} layers, "
                   f"vocab {config['vocab_size']})")
         if args.gguf:
-            result = export_gguf(model, tokenizer, args.gguf, args.type, name=name, force=True)
+            result = export_gguf(model, tokenizer, args.gguf, args.type, name=name, force=True, license_id=args.license)
             from .checkpoint import atomic_write_bytes
             atomic_write_bytes(gguf_card, card.encode("utf-8"))
             print(f"wrote {args.gguf} ({args.type}, {len(result['tensors'])} tensors, {os.path.getsize(args.gguf):,} "

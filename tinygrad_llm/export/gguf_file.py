@@ -3,7 +3,7 @@
     export_gguf(model, tokenizer, "model-q8_0.gguf", kind="q8_0")     # kind: f32, f16, q8_0, q4_0
 
 What the file holds:
-    general.*                architecture "llama", name, file type, quantization version
+    general.*                architecture "llama", name, license (when given), file type, quantization version
     llama.*                  context length, embedding length, block count, feed-forward length, head counts,
                              RMSNorm epsilon, RoPE base and dimension count, vocabulary size
     tokenizer.ggml.*         model "gpt2" (byte-level BPE): tokens (byte-level strings, GPT-2's table, the
@@ -134,7 +134,8 @@ def _tensor_type(gguf, array: np.ndarray, kind: str):
     return quantize(array), raw
 
 
-def export_gguf(model, tokenizer, path: str, kind: str = "f16", name: str | None = None, force: bool = False) -> dict:
+def export_gguf(model, tokenizer, path: str, kind: str = "f16", name: str | None = None, force: bool = False,
+                license_id: str | None = None) -> dict:
     """Write `path` as a GGUF file of the given kind; returns {"tensors": {gguf name: type name}, ...}."""
     if kind not in KINDS:
         raise ExportError(f"unknown GGUF type {kind!r}; choose one of {', '.join(KINDS)}")
@@ -160,6 +161,8 @@ def export_gguf(model, tokenizer, path: str, kind: str = "f16", name: str | None
     written = {}
     try:
         writer.add_name(name or "tinygrad_llm model")
+        if license_id:
+            writer.add_license(license_id)
         writer.add_file_type(file_types[kind])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_context_length(config.max_seq_len)
