@@ -216,6 +216,14 @@ def test_import_bad_input_is_one_line(tmp_path, capsys):
     json.dump(content, open(tmp_path / "hf" / "tokenizer.json", "w"))
     assert main(["import", str(tmp_path / "hf"), "--out-dir", str(tmp_path / "out")]) == 1
     assert "model type 'Unigram' is not supported" in one_line_error(capsys, "import")
+    content["model"]["type"] = "BPE"
+    json.dump(content, open(tmp_path / "hf" / "tokenizer.json", "w"))
+    header = json.dumps({"model.norm.weight": {"dtype": "BF16", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    original = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    assert main(["import", str(tmp_path / "hf"), "--out-dir", str(tmp_path / "out")]) == 1
+    assert "holds bfloat16 weights, which NumPy cannot read" in one_line_error(capsys, "import")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(original)
     assert main(["import", str(tmp_path / "hf"), "--out-dir", str(run), "--force"]) == 1
     assert "already holds a run" in one_line_error(capsys, "import")
     (tmp_path / "full").mkdir()

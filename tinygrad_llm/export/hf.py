@@ -220,6 +220,9 @@ def _read_weights(hf_dir: str) -> dict:
         try:
             weights.update(load_file(os.path.join(hf_dir, shard)))
         except Exception as error:   # SafetensorError, OSError: the file is not readable safetensors
+            if "bfloat16" in str(error):
+                raise ExportError(f"{os.path.join(hf_dir, shard)} holds bfloat16 weights, which NumPy cannot read; "
+                                  f"save the model in float32 or float16 first") from None
             raise ExportError(f"{os.path.join(hf_dir, shard)} is not a valid safetensors file: {error}") from None
     return weights
 
@@ -227,7 +230,7 @@ def _read_weights(hf_dir: str) -> dict:
 def import_hf(hf_dir: str):
     """(model, tokenizer, info) from a Hugging Face Llama directory (config.json, safetensors, tokenizer.json).
 
-    Weights of any float dtype become float32 (bfloat16 is not read: NumPy has none). `info` holds the
+    Weights of any float dtype NumPy reads become float32 (bfloat16 is refused: NumPy has none). `info` holds the
     config.json dict. ExportError for anything that does not fit our model or tokenizer."""
     from ..model import GPT
     from ..nn import StateDictError
