@@ -115,6 +115,38 @@ def test_tokenizer_json_we_cannot_reproduce_is_refused(bpe):
         tokenizer_from_hf_json(content)
 
 
+def _mutations():
+    """A tokenizer.json with one field replaced, deleted or given another JSON type."""
+    values = st.one_of(st.none(), st.booleans(), st.integers(-3, 1000), st.text(max_size=6), st.just([]), st.just({}),
+                       st.just([["a", "b"]]), st.just({"type": "ByteLevel"}))
+    paths = st.sampled_from([("model",), ("model", "type"), ("model", "vocab"), ("model", "merges"),
+                             ("pre_tokenizer",), ("pre_tokenizer", "pretokenizers"), ("added_tokens",),
+                             ("normalizer",), ("model", "merges", 0), ("model", "vocab", "a"), ("added_tokens", 0)])
+    return st.tuples(paths, st.one_of(values, st.just("<delete>")))
+
+
+@settings(max_examples=80)
+@given(st.lists(_mutations(), min_size=1, max_size=3))
+def test_a_mutated_tokenizer_json_reads_back_or_is_refused(mutations):
+    content = json.loads(json.dumps(tokenizer_json(train_tokenizer(GPT4_PATTERN, 300))))
+    for path, value in mutations:
+        parent = content
+        for key in path[:-1]:
+            parent = parent.get(key) if isinstance(parent, dict) else (
+                parent[key] if isinstance(parent, list) and isinstance(key, int) and key < len(parent) else None)
+        key = path[-1]
+        if isinstance(parent, dict) or (isinstance(parent, list) and isinstance(key, int) and key < len(parent)):
+            if value == "<delete>":
+                del parent[key]
+            else:
+                parent[key] = value
+    try:
+        back = tokenizer_from_hf_json(content)
+    except ValueError:
+        return                                                   # refused, with a message
+    assert isinstance(back, (Tokenizer, CharVocab))
+
+
 # ------------------------------------------------------------------------------------- the chat template
 def chat_ids(tokenizer, messages, add_generation_prompt):
     """The ids of the project's chat format, built turn by turn from its definition (tokenizer.py):

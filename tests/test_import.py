@@ -183,6 +183,7 @@ def test_export_bad_input_is_one_line(tmp_path, capsys):
     assert main(["export", str(run), "--gguf", str(tmp_path / "m.gguf"), "--type", "q5_k"]) == 2
     assert "unknown --type 'q5_k'" in one_line_error(capsys, "export")
     assert main(["export", str(run), "--gguf", str(tmp_path / "m.gguf")]) == 0
+    assert (tmp_path / "m.README.md").read_text(encoding="utf-8").startswith("---\nlicense: unknown")
     assert main(["export", str(run), "--gguf", str(tmp_path / "m.gguf")]) == 1
     assert "already exists; pass --force" in one_line_error(capsys, "export")
     assert main(["export", str(run), "--gguf", str(tmp_path / "m.gguf"), "--force", "--type", "q8_0"]) == 0
