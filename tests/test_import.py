@@ -187,6 +187,10 @@ def test_export_bad_input_is_one_line(tmp_path, capsys):
     assert main(["export", str(run), "--gguf", str(tmp_path / "m.gguf")]) == 1
     assert "already exists; pass --force" in one_line_error(capsys, "export")
     assert main(["export", str(run), "--gguf", str(tmp_path / "m.gguf"), "--force", "--type", "q8_0"]) == 0
+    (tmp_path / "quantized").mkdir()
+    (tmp_path / "quantized" / "quantized.json").write_text("{}")
+    assert main(["export", str(tmp_path / "quantized"), "--hf", str(tmp_path / "q")]) == 1
+    assert "is a quantized run" in one_line_error(capsys, "export")
 
 
 def test_a_vocabulary_gguf_cannot_express_writes_nothing(tmp_path, capsys):

@@ -144,6 +144,9 @@ def run_export(args) -> int:
             check_output_dir(args.hf, args.force)
         if args.gguf and os.path.exists(args.gguf) and not args.force:
             raise ExportError(f"{args.gguf} already exists; pass --force to replace it")
+        if os.path.isfile(os.path.join(args.checkpoint, "quantized.json")):
+            raise CommandError(f"{args.checkpoint} is a quantized run (tinygrad-llm quantize); export the float run it "
+                               f"was made from (--gguf --type q8_0 / q4_0 writes the same blocks)")
         model, state = load_checkpoint(args.checkpoint, which="best" if args.best else "latest")
         tokenizer = run_tokenizer(state, state["directory"], args.tokenizer)
         if args.gguf:
