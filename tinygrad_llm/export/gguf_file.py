@@ -92,6 +92,8 @@ def _character_merges(chars) -> list:
 def gguf_vocabulary(tokenizer, vocab_size: int) -> dict:
     """{"tokens", "types", "merges", "pre"} for the tokenizer.ggml keys; ExportError when GGUF cannot say it."""
     gguf = _gguf()
+    if tokenizer.vocab_size > vocab_size:
+        raise ExportError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {vocab_size} embedding rows")
     specials = {token_id: name for name, token_id in special_tokens(tokenizer).items()}
     tokens, types = [], []
     if EOT not in specials.values():
@@ -141,9 +143,6 @@ def export_gguf(model, tokenizer, path: str, kind: str = "f16", name: str | None
         raise ExportError(f"unknown GGUF type {kind!r}; choose one of {', '.join(KINDS)}")
     if tokenizer is None:
         raise ExportError("the run has no tokenizer to export; pass --tokenizer FILE")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ExportError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                          f"{model.config.vocab_size} embedding rows")
     if os.path.isdir(path):
         raise ExportError(f"{path} is a directory; give the .gguf file to write")
     if os.path.exists(path) and not force:
