@@ -180,3 +180,14 @@ def test_gpu_decoding_matches_the_cpu(policy, weights):
         step = gpu.decode_step(cache, [1, 2, 3], [0, 1, 2])
     for a, b in zip(got + [step], expected + [expected_step]):
         np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance * np.abs(b).max())
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "int8"])
+def test_quantized_batch_equals_one_at_a_time(kind):
+    from tinygrad_llm.quant.runs import QuantizedModel, quantize_weights
+    model = make_model(max_seq_len=16)
+    quantized = QuantizedModel(model.config, kind, quantize_weights(
+        {name: p.data for name, p in model.named_parameters()}, kind))
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11]]
+    alone = [list(generate(quantized, p, 12, temperature=0)) for p in prompts]
+    assert generate_batch(quantized, prompts, 12, temperature=0) == alone
