@@ -6,11 +6,18 @@ CUDA: `pip install -e .[gpu]` installs cupy-cuda12x and ml_dtypes for bf16; on C
 The top-level kernels/ directory is shipped inside the package as data so that the GPU module can
 compile the CUDA sources at first use.
 """
+import re
+from pathlib import Path
+
 from setuptools import setup, find_packages
+
+# The version is defined once, in tinygrad_llm/__init__.py (CHANGELOG.md names the same number).
+VERSION = re.search(r'^__version__ = "([^"]+)"', (Path(__file__).parent / "tinygrad_llm" / "__init__.py")
+                    .read_text(encoding="utf-8"), re.M).group(1)
 
 setup(
     name="tinygrad_llm",
-    version="0.1.0",
+    version=VERSION,
     description="Build a Llama-style LLM from scratch on NumPy: hand-derived autograd, BPE, data pipeline, CUDA kernels",
     packages=find_packages(include=["tinygrad_llm", "tinygrad_llm.*"]) + ["tinygrad_llm.kernels"],
     package_dir={"tinygrad_llm.kernels": "kernels"},      # top-level kernels/ ships as package data
@@ -21,7 +28,10 @@ setup(
     extras_require={
         "gpu": ["cupy-cuda12x>=14", "ml_dtypes>=0.4"],   # CUDA 13 drivers: install cupy-cuda13x instead
         "plot": ["matplotlib>=3.5"],
+        "dist": ["mpi4py>=4", "mpich>=4"],              # data-parallel training: MPI from PyPI wheels
+        "book": ["matplotlib>=3.5", "pypandoc-binary>=1.13", "typst>=0.13"],   # pandoc's wheel + Typst: the PDF
         "test": ["pytest>=7", "hypothesis>=6.80", "tiktoken>=0.5",    # tiktoken: the id-equality test
+                 "mpi4py>=4", "mpich>=4",                            # the 2-rank data-parallel tests
                  "gguf>=0.10",                                   # gguf: llama.cpp's own Q8_0/Q4_0 bytes
                  "tokenizers>=0.19", "jinja2>=3",     # export: tokenizer.json and the chat template read back
                  # the server's tests: its extras, the official OpenAI client, httpx, Selenium for the chat page

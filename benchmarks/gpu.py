@@ -1,4 +1,4 @@
-"""Time the fused CUDA kernels of tinygrad_llm.gpu next to PyTorch, and a GPT-2-size training step.
+"""Time the CUDA kernels of tinygrad_llm.gpu next to PyTorch, a GPT-2-size training step, and attention.
 
     PYTHONPATH=. python3 benchmarks/gpu.py [--out DIR] [--torch-ref .anchors/torch_ref.py] [--compile]
                                            [--skip-kernels] [--skip-e2e] [--skip-attention] [--steps N]
@@ -15,6 +15,9 @@ with float32 accumulation, bf16 activations, float32 master weights and AdamW st
 model FLOP/s utilisation (6·params + 12·L·H·D·T FLOP per token, torch_ref.py's count, over the 989 TFLOP/s
 dense bf16 peak of an H100/H200 SXM) and the CuPy pool's peak bytes. With --torch-ref the same config runs
 through the PyTorch reference (eager, and torch.compile with --compile) in subprocesses afterwards.
+
+Attention: benchmarks/gpu_attention.py's table, including the head dims with no kernel (32, 96), where
+the op runs its batched-GEMM path.
 
 Writes benchmarks.json (every figure) and prints a table last. PyTorch is imported by this script only
 (for the comparison columns), never by the package.
@@ -36,6 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tinygrad_llm import backend, gpu, precision  # noqa: E402
+from tinygrad_llm.gpu.gemm import gemm  # noqa: E402
 from timing import median_ms  # noqa: E402  (benchmarks/timing.py, beside this file)
 
 PEAK_BF16_FLOPS = 989e12
@@ -101,12 +105,8 @@ def bench_cross_entropy(torch):
             torch_ms = _torch_ms(torch_step)
             del t_logits, t_targets
             torch.cuda.empty_cache()
-        variants = [("l2u4", 1024), ("l2u8", 1024), ("l2pu4", 1024), ("l2u4", 512), ("l2u8", 512),
-                    ("l2pu4", 512), ("smemu4", 1024), ("smemu8", 512)]
-        for variant in variants:
-            ms = _cupy_ms(lambda: gpu.cross_entropy_forward_backward(logits, targets, -100, variant=variant))
-            rows.append(_row(f"cross-entropy f+b {ROWS}x{VOCAB} {dtype_name} {variant[0]}/{variant[1]}", ms,
-                             bytes_moved, torch_ms))
+        ms = _cupy_ms(lambda: gpu.cross_entropy_forward_backward(logits, targets, -100))
+        rows.append(_row(f"cross-entropy f+b {ROWS}x{VOCAB} {dtype_name}", ms, bytes_moved, torch_ms))
         scratch = logits.copy()
         ms = _cupy_ms(lambda: gpu.cross_entropy_forward_backward(scratch, targets, -100, in_place=True))
         rows.append(_row(f"cross-entropy f+b {ROWS}x{VOCAB} {dtype_name} default, in place", ms, bytes_moved,
@@ -241,10 +241,8 @@ def bench_adamw(torch, parameter_count=162_220_800):
                                       betas=(0.9, 0.95), fused=True)
         torch_ms = _torch_ms(optimizer.step)
         del tparams, optimizer
-    norm_ms = _cupy_ms(lambda: gpu.sum_of_squares(grads))
     return [_row(f"adamw step {parameter_count / 1e6:.0f}M params (one launch)", ms, bytes_moved, torch_ms,
-                 "torch: AdamW(fused=True)"),
-            _row(f"grad sum of squares {parameter_count / 1e6:.0f}M (one launch)", norm_ms, parameter_count * 4)]
+                 "torch: AdamW(fused=True)")]
 
 
 def bench_linear(torch):
@@ -252,7 +250,7 @@ def bench_linear(torch):
     rng = cp.random.default_rng(6)
     x = rng.standard_normal((ROWS, CHANNELS), dtype=cp.float32).astype(_bf16())
     weight = rng.standard_normal((3 * CHANNELS, CHANNELS), dtype=cp.float32).astype(_bf16())
-    ms = _cupy_ms(lambda: precision.gemm(x, weight, transpose_b=True))
+    ms = _cupy_ms(lambda: gemm(x, weight, transpose_b=True))
     flops = 2 * ROWS * CHANNELS * 3 * CHANNELS
     torch_ms = None
     if torch is not None:

@@ -1,8 +1,13 @@
-"""Time the flash-attention kernels (tinygrad_llm.gpu_attention) next to PyTorch's SDPA, same run.
+"""Time the attention paths of the GPU next to PyTorch's SDPA, same run.
 
-    PYTHONPATH=. python3 benchmarks/gpu_attention.py [--sweep] [--first N]  # a table (--sweep: every build;
-                                                              # --first N: the first N shapes only)
+    PYTHONPATH=. python3 benchmarks/gpu_attention.py [--first N]  # a table (--first N: the first N shapes)
     from benchmarks.gpu_attention import run; rows = run()      # what benchmarks/gpu.py calls
+
+Head dims 64 and 128 run the flash-attention kernels (tinygrad_llm.gpu.attention; the "build" column names
+the forward/backward builds). Head dims with no kernel (32, 96) run what the op runs there: the
+NumPy-expressed CausalAttention on CuPy arrays, batched GEMMs with the (B, H, T, T) probabilities in
+memory; their build column reads "GEMM". A row whose path fails (e.g. a dtype CuPy's matmul does not know)
+prints the error instead of times.
 
 Each row: forward and forward+backward times (median over 10 batches of 20 back-to-back calls, CUDA
 events, after 30 warm-up calls), TFLOP/s
@@ -24,11 +29,14 @@ import numpy as np
 from timing import median_ms  # benchmarks/timing.py, beside this file
 
 SHAPES = [  # (batch, heads, kv_heads, time, head_dim, dtype)
-    (16, 12, 12, 1024, 64, "bfloat16"),     # the issue's target: SDPA 0.086 / 0.359 ms on an H200
+    (16, 12, 12, 1024, 64, "bfloat16"),     # the GPT-2 small shape: SDPA 0.086 / 0.359 ms on an H200
     (16, 12, 12, 1024, 64, "float16"),
     (16, 12, 4, 1024, 64, "bfloat16"),      # GQA 3
     (8, 16, 16, 1024, 128, "bfloat16"),
     (4, 12, 12, 4096, 64, "bfloat16"),
+    (16, 12, 12, 1024, 32, "float16"),      # no kernel: the batched-GEMM path
+    (16, 12, 12, 1024, 32, "bfloat16"),
+    (8, 16, 16, 1024, 96, "float16"),       # no kernel: the batched-GEMM path
 ]
 
 
@@ -73,11 +81,25 @@ def _sdpa(batch, heads, kv_heads, time, head_dim, dtype_name, q_host, k_host, v_
     return results
 
 
-def run(shapes=SHAPES, sweep=False):
-    """Time every shape; print a table; return one dict per shape. With sweep=True, first time each
-    build of the forward and of the backward (gpu_attention.*_VARIANTS) on each shape, keep the fastest."""
+class _GemmPath:
+    """The op's NumPy-expressed path on CuPy arrays, with the launchers' signatures."""
+
+    @staticmethod
+    def causal_attention_forward(q, k, v):
+        from tinygrad_llm.ops.attention import CausalAttention
+        op = CausalAttention()
+        out = op.forward(q, k, v)
+        return out, op
+
+    @staticmethod
+    def causal_attention_backward(dy, q, k, v, out, op):
+        return op.backward(dy)
+
+
+def run(shapes=SHAPES):
+    """Time every shape; print a table; return one dict per shape."""
     import cupy as cp
-    from tinygrad_llm import gpu_attention
+    from tinygrad_llm.gpu import attention
     rows = []
     rng = np.random.default_rng(0)
     for batch, heads, kv_heads, time, head_dim, dtype_name in shapes:
@@ -92,36 +114,27 @@ def run(shapes=SHAPES, sweep=False):
         dy_host = rng.standard_normal((batch, heads, time, head_dim), dtype=np.float32)
         q, k, v, dy = (cp.asarray(a.astype(dtype)) for a in (q_host, k_host, v_host, dy_host))
         shape = f"B{batch} H{heads} Hkv{kv_heads} T{time} D{head_dim} {dtype_name}"
+        path = attention.kernel_for(head_dim, dtype)
+        launcher = attention if path is not None else _GemmPath
+        build = path.split(" (")[0].replace("forward ", "").replace(", backward ", "/") if path else "GEMM"
+        row = dict(shape=shape, build=build)
+        try:
+            out, saved = launcher.causal_attention_forward(q, k, v)
+            forward = _median_ms(lambda: launcher.causal_attention_forward(q, k, v))
 
-        out, lse = gpu_attention.causal_attention_forward(q, k, v)
-        variants = {}
-        if sweep:
-            for chosen, choices, which in (
-                    (gpu_attention.FORWARD_VARIANT, gpu_attention.FORWARD_VARIANTS, "fwd"),
-                    (gpu_attention.BACKWARD_VARIANT, gpu_attention.BACKWARD_VARIANTS, "bwd")):
-                timings = {}
-                for variant in choices[head_dim]:
-                    chosen[head_dim] = variant
-                    if which == "fwd":
-                        timings[variant] = _median_ms(lambda: gpu_attention.causal_attention_forward(q, k, v))
-                    else:
-                        timings[variant] = _median_ms(
-                            lambda: gpu_attention.causal_attention_backward(dy, q, k, v, out, lse))
-                chosen[head_dim] = min(timings, key=timings.get)
-                variants[which] = timings
-                print(f"  {shape} {which}: " + ", ".join(f"{w} {t:.3f} ms" for w, t in timings.items()))
-        forward = _median_ms(lambda: gpu_attention.causal_attention_forward(q, k, v))
-
-        def forward_backward():
-            o, l = gpu_attention.causal_attention_forward(q, k, v)
-            gpu_attention.causal_attention_backward(dy, q, k, v, o, l)
-        both = _median_ms(forward_backward)
-        backward = _median_ms(lambda: gpu_attention.causal_attention_backward(dy, q, k, v, out, lse))
-
+            def forward_backward():
+                o, s = launcher.causal_attention_forward(q, k, v)
+                launcher.causal_attention_backward(dy, q, k, v, o, s)
+            both = _median_ms(forward_backward)
+            backward = _median_ms(lambda: launcher.causal_attention_backward(dy, q, k, v, out, saved))
+        except Exception as error:          # the path itself fails: report it in the row
+            row["error"] = f"{type(error).__name__}: {error}"[:120]
+            rows.append(row)
+            q = k = v = dy = None
+            cp.get_default_memory_pool().free_all_blocks()
+            continue
         flops = 4.0 * batch * heads * time * time * head_dim / 2
-        row = dict(shape=shape, fwd_variant=gpu_attention.FORWARD_VARIANT[head_dim],
-                   bwd_variant=gpu_attention.BACKWARD_VARIANT[head_dim], variants=variants,
-                   fwd_ms=forward, bwd_ms=backward, fwdbwd_ms=both,
+        row.update(fwd_ms=forward, bwd_ms=backward, fwdbwd_ms=both,
                    fwd_tflops=flops / forward / 1e9, fwdbwd_tflops=3.5 * flops / both / 1e9)
         reference = _sdpa(batch, heads, kv_heads, time, head_dim, dtype_name, q_host, k_host, v_host, dy_host)
         ours = np.asarray(out.get(), dtype=np.float32)
@@ -130,15 +143,18 @@ def run(shapes=SHAPES, sweep=False):
                         f"sdpa_{label}_over_ours_fwdbwd": sdpa_both / both,
                         f"rel_diff_to_sdpa_{label}": float(np.linalg.norm(ours - sdpa_out) / np.linalg.norm(sdpa_out))})
         rows.append(row)
-        del q, k, v, dy, out, lse
+        q = k = v = dy = out = saved = None
         cp.get_default_memory_pool().free_all_blocks()
 
-    header = (f"{'shape':<36} {'build f/b':>9} {'fwd ms':>7} {'bwd ms':>7} {'f+b ms':>7} {'fwd TF/s':>8} "
+    header = (f"{'shape':<36} {'build f/b':>14} {'fwd ms':>7} {'bwd ms':>7} {'f+b ms':>7} {'fwd TF/s':>8} "
               f"{'f+b TF/s':>8} | {'flash fwd':>9} {'flash f+b':>9} {'ratio':>5} | {'SDPA fwd':>8} {'SDPA f+b':>8} "
               f"{'ratio':>5} | {'rel diff':>8}")
     print(header)
     for row in rows:
-        line = (f"{row['shape']:<36} {row['fwd_variant'] + '/' + row['bwd_variant']:>9} {row['fwd_ms']:7.3f} "
+        if "error" in row:
+            print(f"{row['shape']:<36} {row['build']:>14} failed: {row['error']}")
+            continue
+        line = (f"{row['shape']:<36} {row['build']:>14} {row['fwd_ms']:7.3f} "
                 f"{row['bwd_ms']:7.3f} {row['fwdbwd_ms']:7.3f} {row['fwd_tflops']:8.1f} {row['fwdbwd_tflops']:8.1f}")
         for label, width in (("flash", 9), ("default", 8)):
             if f"sdpa_{label}_fwd_ms" in row:
@@ -160,4 +176,4 @@ if __name__ == "__main__":
         sys.exit("benchmarks/gpu_attention.py needs an NVIDIA GPU with CuPy; none is usable here")
     # --first N: only the first N shapes of SHAPES (N = 1: the issue's B16 H12 T1024 D64 bf16 alone)
     first = int(sys.argv[sys.argv.index("--first") + 1]) if "--first" in sys.argv else len(SHAPES)
-    run(SHAPES[:first], sweep="--sweep" in sys.argv)
+    run(SHAPES[:first])

@@ -22,5 +22,5 @@ if [ "$what" != tests ]; then
     --launch-count 2 --section SpeedOfLight --section WarpStateStats --section Occupancy \
     python3 benchmarks/gpu_attention_profile.py > "$OUT/ncu.txt" 2>&1
   grep -E "attention_|Throughput|Duration|Achieved Occupancy|Stall|Warp Cycles Per Issued" "$OUT/ncu.txt" | grep -v "^==PROF==" | cut -c1-110 | head -40
-  timeout 150 python3 benchmarks/gpu_attention.py --sweep 2>&1 | tee "$OUT/bench.log"
+  timeout 150 python3 benchmarks/gpu_attention.py 2>&1 | tee "$OUT/bench.log"
 fi

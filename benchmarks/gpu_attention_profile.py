@@ -7,13 +7,14 @@ warm-up pair, for Nsight Compute:
 import ml_dtypes
 import numpy as np
 
-from tinygrad_llm import backend, gpu_attention
+from tinygrad_llm import backend
+from tinygrad_llm.gpu import attention
 
 cp = backend.cupy_module()
 rng = np.random.default_rng(0)
 q, k, v, dy = (cp.asarray(rng.standard_normal((16, 12, 1024, 64), dtype=np.float32).astype(ml_dtypes.bfloat16))
                for _ in range(4))
 for _ in range(2):
-    out, lse = gpu_attention.causal_attention_forward(q, k, v)
-    gpu_attention.causal_attention_backward(dy, q, k, v, out, lse)
+    out, lse = attention.causal_attention_forward(q, k, v)
+    attention.causal_attention_backward(dy, q, k, v, out, lse)
 cp.cuda.Device().synchronize()

@@ -13,7 +13,8 @@ array for both libraries). PyTorch is limited to --threads intra-op threads (tor
 that both sides may use the same cores; NumPy's elementwise code is single-threaded, its matmuls use
 the BLAS threads (OPENBLAS_NUM_THREADS / OMP_NUM_THREADS, set here to --threads before NumPy is imported).
 PyTorch's versions are its idiomatic ones: F.rms_norm, F.silu(g)·u, rotate-half RoPE written in torch,
-F.scaled_dot_product_attention(is_causal=True), F.cross_entropy, F.embedding, F.linear, F.dropout.
+F.scaled_dot_product_attention(is_causal=True), F.cross_entropy, F.embedding, F.linear, F.dropout, and
+compositions of those for the packed forms (swiglu on gate‖up, rope_attention on q‖k‖v, linear_cross_entropy).
 """
 from __future__ import annotations
 
@@ -116,6 +117,19 @@ def torch_rope(cos, sin):
     return rope
 
 
+def torch_rope_attention(cos, sin, heads):
+    """RoPE on the q and k slices of a packed (B, T, 3H, D) projection, then causal SDPA, as (B, T, H·D)."""
+    rope = torch_rope(cos, sin)
+
+    def rope_attention(qkv):
+        batch, time, _, head_dim = qkv.shape
+        q, k, v = (qkv[:, :, i * heads:(i + 1) * heads].transpose(1, 2) for i in range(3))   # 3 × (B, H, T, D)
+        out = TF.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+        return out.transpose(1, 2).reshape(batch, time, heads * head_dim)                  # -> (B, T, H·D)
+
+    return rope_attention
+
+
 def cases(B, T, C, H, V):
     """(name, shape text, arrays, ours(*tensors), torch(*tensors) or None, output shape) per op."""
     rng = np.random.default_rng(0)
@@ -157,6 +171,17 @@ def cases(B, T, C, H, V):
            lambda x, w: F.linear(x, w), lambda x, w: TF.linear(x, w), (B, T, FF))
     yield ("dropout p=0.1", f"x ({B},{T},{C})", [normal(B, T, C)],
            lambda x: F.dropout(x, 0.1, seed=0), lambda x: TF.dropout(x, 0.1, training=True), (B, T, C))
+    # the packed forms the model trains with
+    yield ("swiglu packed", f"gate‖up ({B},{T},{2 * FF})", [normal(B, T, 2 * FF)],
+           lambda gate_up: F.swiglu(gate_up), lambda gate_up: TF.silu(gate_up[..., :FF]) * gate_up[..., FF:],
+           (B, T, FF))
+    yield ("rope_attention", f"qkv ({B},{T},{3 * H},{D})", [normal(B, T, 3 * H, D)],
+           lambda qkv: F.rope_attention(qkv, H, H, cos, sin, keep_probabilities=True),
+           torch_rope_attention(cos, sin, H) if torch else None, (B, T, C))
+    yield ("linear_cross_entropy", f"x ({B},{T},{C}), W ({V},{C})",
+           [normal(B, T, C), normal(V, C, scale=C ** -0.5), targets],
+           lambda x, w, t: F.linear_cross_entropy(x, w, t),
+           lambda x, w, t: TF.cross_entropy(TF.linear(x, w).reshape(-1, V), t.reshape(-1)), ())
 
 
 def machine_line():

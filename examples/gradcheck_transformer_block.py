@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.p
 import tinygrad_llm.functional as F  # noqa: E402
 from tinygrad_llm import Tensor, manual_seed  # noqa: E402
 from tinygrad_llm.gradcheck import gradcheck  # noqa: E402
-from tinygrad_llm.model import DecoderLayer, GPTConfig, PackedRopeAttention, PackedSwiGLU  # noqa: E402
+from tinygrad_llm.model import DecoderLayer, GPTConfig  # noqa: E402
 from tinygrad_llm.ops.rope import rope_angles  # noqa: E402
 
 
@@ -52,9 +52,9 @@ def main():
     ok &= report("causal attention, 4 q / 2 kv heads", gradcheck(F.causal_attention, [q, k, v]))
     qkv = rng.standard_normal((batch, time, heads + 2 * kv_heads, head_dim))
     ok &= report("fused rope + attention (packed qkv)",
-                 gradcheck(lambda a: PackedRopeAttention.apply(a, heads, kv_heads, cos, sin), [qkv]))
+                 gradcheck(lambda a: F.rope_attention(a, heads, kv_heads, cos, sin), [qkv]))
     gate_up = 2 * rng.standard_normal((batch, time, 2 * config.ffn_hidden))
-    ok &= report("fused swiglu (packed gate/up)", gradcheck(lambda a: PackedSwiGLU.apply(a), [gate_up]))
+    ok &= report("fused swiglu (packed gate/up)", gradcheck(lambda a: F.swiglu(a), [gate_up]))
 
     print("the whole block, with respect to its input and each parameter:")
     layer = DecoderLayer(config)

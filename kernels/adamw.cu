@@ -1,5 +1,5 @@
-// adamw.cu: a multi-tensor AdamW step and a multi-tensor sum of squares, each one launch for every
-// parameter of the model (the fused path of optim.py's AdamW; gpu.adamw_step / gpu.sum_of_squares).
+// adamw.cu: a multi-tensor AdamW step, one launch for every parameter of the model (the fused path of
+// optim.py's AdamW; tinygrad_llm.gpu.adamw.adamw_step).
 //
 // adamw_multi_tensor, for tensor i and element j, with g = grad · grad_scale[0] (a device scalar: a
 // clipping factor or 1/loss_scale, read on the device so the host never waits):
@@ -8,9 +8,6 @@
 //     p ← p − step_size · m / (√v · inv_sqrt_bias2 + eps)
 // with step_size = lr / (1 − β₁ᵗ) and inv_sqrt_bias2 = 1 / √(1 − β₂ᵗ): PyTorch's AdamW, and the NumPy
 // AdamW it must match. Params, moments and grads are float32 (the fp32 master copy).
-//
-// sum_of_squares_multi_tensor: partial[b] = Σ over block b's chunk of grad² (float32); the caller sums
-// the partials (fixed order) for the global gradient norm used by clipping.
 //
 // Shapes:  pointer tables (one uint64 per tensor): params, grads, exp_avgs, exp_avg_sqs; sizes (int64);
 //          weight_decays (float32); block_tensor (int32) and block_start (int64): which tensor and which
@@ -69,19 +66,4 @@ adamw_multi_tensor(const unsigned long long* params, const unsigned long long* g
     }
     for (j += threadIdx.x; j < end; j += blockDim.x)        // the tail, or everything when unaligned
         adamw_element(p[j], g[j], m[j], v[j], scale, decay, beta1, beta2, eps, step_size, inv_sqrt_bias2);
-}
-
-extern "C" __global__ void __launch_bounds__(256)
-sum_of_squares_multi_tensor(const unsigned long long* grads, const int64* sizes, const int* block_tensor,
-                            const int64* block_start, float* partial) {
-    __shared__ float scratch[32];
-    const int tensor = block_tensor[blockIdx.x];
-    const int64 start = block_start[blockIdx.x];
-    const int64 end = min(start + (int64)CHUNK, sizes[tensor]);
-    const float* g = reinterpret_cast<const float*>(grads[tensor]);
-    float total = 0.0f;
-#pragma unroll 4
-    for (int64 j = start + threadIdx.x; j < end; j += blockDim.x) total = fmaf(g[j], g[j], total);
-    total = block_sum(total, scratch);
-    if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }

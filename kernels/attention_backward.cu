@@ -17,8 +17,7 @@
 //   attention_backward_prepare_{bf16,fp16}_d{64,128}(dO, out, Δ, dq_accumulator, rows)
 //     Δ = rowsum(dO ∘ out) in fp32 and the row of dq_accumulator set to 0, in one pass: 8 threads a
 //     row, 16-byte loads and stores. Grid ceil(rows · 8 / 256), block 256.
-//   attention_backward_{bf16,fp16}_d64_{w4,w8,w4q32,w4m2q32,w4m2q32p,w8m2q32p},
-//   attention_backward_{bf16,fp16}_d128_{w4,w8}
+//   attention_backward_{bf16,fp16}_d64_w4m2q32p, attention_backward_{bf16,fp16}_d128_w4
 //       (q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk, scale)
 //     Tensor cores (mma.sync.m16n8k16, fp32 accumulators). One block owns BLOCK_K keys of one
 //     (b, kv head); warp w owns 16·M_TILES consecutive keys and keeps their dk, dv accumulators in
@@ -35,18 +34,16 @@
 //     keeping dk/dv in registers, as in FlashAttention-2. dq's summation order (hence its last bits)
 //     can vary between runs; dk and dv are deterministic.
 //     Q, dO, L and Δ of step s + 1 are copied (cp.async) while step s computes: two buffers.
-//     Builds (warps × 16·M_TILES keys, BLOCK_Q): _w4 4 × 16 (64 keys), 64 rows at D = 64, 32 at
-//     D = 128; _w8 8 × 16 (128 keys); _w4q32 4 × 16, 32 rows; _w4m2q32 4 × 32 (128 keys), 32 rows
-//     (each Q/dO fragment read from shared memory feeds two m-tiles); _w4m2q32p and _w8m2q32p (4 or 8
-//     warps × 32 keys, 32 rows) hold Pᵀ only as 16-bit A fragments once dV is done, and form dSᵀ from
-//     that rounded P (as dV uses it): 16 registers fewer, no spill at 255 for _w4m2q32p.
-//     gpu_attention.BACKWARD_VARIANT picks one per head dim.
+//     Builds (warps × 16·M_TILES keys, BLOCK_Q): _w4m2q32p 4 × 32 (128 keys), 32 rows, each Q/dO
+//     fragment read from shared memory feeding two m-tiles, Pᵀ held only as 16-bit A fragments once dV
+//     is done and dSᵀ formed from that rounded P (as dV uses it); _w4 4 × 16 (64 keys), 32 rows at
+//     D = 128. tinygrad_llm.gpu.attention picks one per head dim.
 //     Launch: grid (ceil(Tk / BLOCK_K), B·Hkv), block 32·warps threads.
 //     Shared memory (dynamic): K, V tiles BLOCK_K × (D + 8); Q and dO, two buffers each, BLOCK_Q × (D + 8);
-//     dSᵀ BLOCK_K × (BLOCK_Q + 8), all 2-byte; L and Δ, two buffers each, BLOCK_Q fp32: 64 KiB for _w4
-//     and 91 KiB for _w8 at D = 64, 64.5 KiB for _w4m2q32, 73.5 KiB for _w4 at D = 128. Padding rows by 16
+//     dSᵀ BLOCK_K × (BLOCK_Q + 8), all 2-byte; L and Δ, two buffers each, BLOCK_Q fp32: 64.5 KiB for
+//     _w4m2q32p at D = 64, 73.5 KiB for _w4 at D = 128. Padding rows by 16
 //     bytes keeps ldmatrix conflict-free. Rows past Tq / Tk are zero-filled (there Q = dO = Δ = 0, so
-//     they add nothing). Inputs must be C-contiguous and 16-byte aligned (gpu_attention makes them so).
+//     they add nothing). Inputs must be C-contiguous and 16-byte aligned (tinygrad_llm.gpu.attention makes them so).
 //     dk, dv are written in the input dtype.
 //   attention_backward_convert8_{bf16,fp16}(dq_accumulator, dq, n / 8): dq = dtype(dq_accumulator),
 //     8 elements a thread (two 16-byte loads, one 16-byte store).
@@ -533,29 +530,13 @@ ATTN_BACKWARD_DELTA(attention_backward_delta_fp32, float)
                                                                    dq_accumulator, dk, dv, heads,      \
                                                                    kv_heads, query_len, key_len, scale); \
     }
-// _w4: 4 warps × 16 keys = 64-key tiles; _w8: 8 warps, 128 keys (half the Q/dO loads and dq atomics per
-// key); _w4q32: 4 warps, 32-row query steps (fewer registers, 4 blocks a multiprocessor); _w4m2q32: 4 warps
-// × 32 keys = 128-key tiles with 32-row query steps (each Q/dO fragment read from shared memory feeds two
-// m-tiles: ~20% less shared-memory traffic per mma, half the dq atomics per key)
-ATTN_BACKWARD_MMA(attention_backward_bf16_d64_w4, __nv_bfloat16, 64, 64, 4, 1, 3)
-ATTN_BACKWARD_MMA(attention_backward_bf16_d64_w8, __nv_bfloat16, 64, 64, 8, 1, 1)
-ATTN_BACKWARD_MMA(attention_backward_bf16_d64_w4q32, __nv_bfloat16, 64, 32, 4, 1, 4)
-ATTN_BACKWARD_MMA(attention_backward_bf16_d64_w4m2q32, __nv_bfloat16, 64, 32, 4, 2, 2)
-ATTN_BACKWARD_MMA(attention_backward_bf16_d128_w4, __nv_bfloat16, 128, 32, 4, 1, 2)
-ATTN_BACKWARD_MMA(attention_backward_bf16_d128_w8, __nv_bfloat16, 128, 32, 8, 1, 1)
-ATTN_BACKWARD_MMA(attention_backward_fp16_d64_w4, __half, 64, 64, 4, 1, 3)
-ATTN_BACKWARD_MMA(attention_backward_fp16_d64_w8, __half, 64, 64, 8, 1, 1)
-ATTN_BACKWARD_MMA(attention_backward_fp16_d64_w4q32, __half, 64, 32, 4, 1, 4)
-ATTN_BACKWARD_MMA(attention_backward_fp16_d64_w4m2q32, __half, 64, 32, 4, 2, 2)
-ATTN_BACKWARD_MMA(attention_backward_fp16_d128_w4, __half, 128, 32, 4, 1, 2)
-ATTN_BACKWARD_MMA(attention_backward_fp16_d128_w8, __half, 128, 32, 8, 1, 1)
-// _w4m2q32p: _w4m2q32 with Pᵀ held as 16-bit A fragments after dV (16 registers fewer: aims to end the
-// 40-byte spill at 255); _w8m2q32p: the same with 8 warps, 256-key tiles (half the dq atomics per key
-// again, 1 block = 8 warps a multiprocessor)
+// _w4m2q32p (head dim 64, and the backward of GPUs without wgmma): 4 warps × 32 keys = 128-key tiles,
+// 32-row query steps (each Q/dO fragment read from shared memory feeds two m-tiles), Pᵀ held as 16-bit A
+// fragments once dV is done; _w4 (head dim 128): 4 warps × 16 keys = 64-key tiles, 32-row query steps.
 ATTN_BACKWARD_MMA_BUILD(attention_backward_bf16_d64_w4m2q32p, __nv_bfloat16, 64, 32, 4, 2, 2, true)
-ATTN_BACKWARD_MMA_BUILD(attention_backward_bf16_d64_w8m2q32p, __nv_bfloat16, 64, 32, 8, 2, 1, true)
+ATTN_BACKWARD_MMA(attention_backward_bf16_d128_w4, __nv_bfloat16, 128, 32, 4, 1, 2)
 ATTN_BACKWARD_MMA_BUILD(attention_backward_fp16_d64_w4m2q32p, __half, 64, 32, 4, 2, 2, true)
-ATTN_BACKWARD_MMA_BUILD(attention_backward_fp16_d64_w8m2q32p, __half, 64, 32, 8, 2, 1, true)
+ATTN_BACKWARD_MMA(attention_backward_fp16_d128_w4, __half, 128, 32, 4, 1, 2)
 
 #define ATTN_BACKWARD_PREPARE(NAME, TYPE, DIM)                                                         \
     extern "C" __global__ void __launch_bounds__(256) NAME(const TYPE* dout, const TYPE* out,          \

@@ -12,7 +12,7 @@
 //     q, out: (B, H, Tq, D)   k, v: (B, Hkv, Tk, D)   lse: (B, H, Tq) fp32      Tq <= Tk, D in {64, 128}
 //
 // Kernels (extern "C", one per dtype, head dim and build):
-//   attention_forward_{bf16,fp16}_d{64,128}_{w4,w8}, attention_forward_{bf16,fp16}_d64_w4m2
+//   attention_forward_{bf16,fp16}_d64_w4m2, attention_forward_{bf16,fp16}_d128_w8
 //     Tensor cores (mma.sync.m16n8k16, fp32 accumulators).
 //     Algorithm: one block owns a tile of BLOCK_Q query rows of one (b, h); warp w owns 16·M_TILES
 //     consecutive rows and keeps their Q as A fragments in registers. The block walks the key/value
@@ -24,18 +24,17 @@
 //     accumulator layout to the A operand layout (no trip through shared memory). Each K/V fragment read
 //     from shared memory (ldmatrix) feeds the warp's M_TILES m-tiles. out = O / l,
 //     L = (m + log2 l) · ln 2.
-//     Builds: _w4 = 4 warps × 16 rows (BLOCK_Q 64), _w8 = 8 warps × 16 rows (128), _w4m2 = 4 warps ×
-//     32 rows (128; half the shared-memory reads per mma, 234 registers); _w4m2k32 and _w4m2k32r: _w4m2
-//     with 32-key K/V tiles (BLOCK_K 32), built for 3 blocks a multiprocessor, _r also re-reading Q from
-//     shared memory each tile. gpu_attention.FORWARD_VARIANT picks one per head dim.
+//     Builds: _w4m2 = 4 warps × 32 rows (BLOCK_Q 128; half the shared-memory reads per mma), _w8 =
+//     8 warps × 16 rows (BLOCK_Q 128). tinygrad_llm.gpu.attention picks one per head dim. The template
+//     also takes BLOCK_K and whether Q stays in registers; both builds use 64-key tiles and register Q.
 //     Launch: grid (ceil(Tq / BLOCK_Q), B·H), block 32·warps threads. Query tiles are handed out
 //     last-first (the longest rows start first).
 //     Shared memory (dynamic): Q tile BLOCK_Q × (D + 8) plus two buffers each of K and V, BLOCK_K × (D + 8),
-//     all 2-byte: (BLOCK_Q + 4·BLOCK_K)·(D + 8)·2 bytes, e.g. 45 KiB for _w4 and 54 KiB for _w4m2 at D = 64,
-//     85 KiB for _w4 at D = 128. Rows are padded by 16 bytes so that ldmatrix reads hit 8 different bank
+//     all 2-byte: (BLOCK_Q + 4·BLOCK_K)·(D + 8)·2 bytes, e.g. 54 KiB for _w4m2 at D = 64,
+//     102 KiB for _w8 at D = 128. Rows are padded by 16 bytes so that ldmatrix reads hit 8 different bank
 //     groups. K/V tiles are double-buffered with cp.async: tile t + 1 is in flight while tile t is
 //     multiplied. Rows past Tq / Tk are zero-filled, never read from global memory. Inputs must be
-//     C-contiguous and 16-byte aligned (gpu_attention makes them so).
+//     C-contiguous and 16-byte aligned (tinygrad_llm.gpu.attention makes them so).
 //     out is written in the input dtype, lse in fp32.
 //   attention_forward_fp32_d{64,128}   plain fp32, for checking: one warp per query row, the online
 //     softmax over keys one at a time; lane l holds dims l, l + 32, … Grid (ceil(Tq / 4), B·H),
@@ -306,26 +305,12 @@ __device__ __forceinline__ void attention_forward_fp32(const float* __restrict__
 #define ATTN_FORWARD_MMA(NAME, TYPE, DIM, WARPS, M_TILES) \
     ATTN_FORWARD_MMA_BUILD(NAME, TYPE, DIM, WARPS, M_TILES, 64, true, 1)
 
-// _w4: 4 warps × 16 rows = 64-row tiles; _w8: 8 warps × 16 rows; _w4m2: 4 warps × 32 rows (each K/V
-// fragment read from shared memory feeds two m-tiles: half the shared-memory traffic per mma)
-ATTN_FORWARD_MMA(attention_forward_bf16_d64_w4, __nv_bfloat16, 64, 4, 1)
-ATTN_FORWARD_MMA(attention_forward_bf16_d64_w8, __nv_bfloat16, 64, 8, 1)
+// _w4m2 (head dim 64, and the forward of GPUs without wgmma): 4 warps × 32 rows, each K/V fragment read
+// from shared memory feeding two m-tiles; _w8 (head dim 128): 8 warps × 16 rows.
 ATTN_FORWARD_MMA(attention_forward_bf16_d64_w4m2, __nv_bfloat16, 64, 4, 2)
-ATTN_FORWARD_MMA(attention_forward_bf16_d128_w4, __nv_bfloat16, 128, 4, 1)
 ATTN_FORWARD_MMA(attention_forward_bf16_d128_w8, __nv_bfloat16, 128, 8, 1)
-ATTN_FORWARD_MMA(attention_forward_fp16_d64_w4, __half, 64, 4, 1)
-ATTN_FORWARD_MMA(attention_forward_fp16_d64_w8, __half, 64, 8, 1)
 ATTN_FORWARD_MMA(attention_forward_fp16_d64_w4m2, __half, 64, 4, 2)
-ATTN_FORWARD_MMA(attention_forward_fp16_d128_w4, __half, 128, 4, 1)
 ATTN_FORWARD_MMA(attention_forward_fp16_d128_w8, __half, 128, 8, 1)
-// Fewer live registers than _w4m2 (234 registers: 2 blocks = 8 warps a multiprocessor), built for 3 blocks
-// (12 warps, ≤ 168 registers): _w4m2k32: K/V tiles of 32 keys (S takes 32 registers, not 64; ptxas:
-// 168 registers, 28 bytes spilled); _w4m2k32r: also Q read again from shared memory for every K tile
-// instead of held in registers (32 fewer; 159 registers, no spill; +50% ldmatrix per mma on S = Q Kᵀ).
-ATTN_FORWARD_MMA_BUILD(attention_forward_bf16_d64_w4m2k32, __nv_bfloat16, 64, 4, 2, 32, true, 3)
-ATTN_FORWARD_MMA_BUILD(attention_forward_bf16_d64_w4m2k32r, __nv_bfloat16, 64, 4, 2, 32, false, 3)
-ATTN_FORWARD_MMA_BUILD(attention_forward_fp16_d64_w4m2k32, __half, 64, 4, 2, 32, true, 3)
-ATTN_FORWARD_MMA_BUILD(attention_forward_fp16_d64_w4m2k32r, __half, 64, 4, 2, 32, false, 3)
 
 #define ATTN_FORWARD_FP32(NAME, DIM)                                                                   \
     extern "C" __global__ void __launch_bounds__(128) NAME(                                            \

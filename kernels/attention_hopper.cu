@@ -30,38 +30,23 @@
 //     O += P V  (8 × m64n64k16, A = P converted in registers to bf16/fp16, B = V MN-major)
 //   A warpgroup skips a tile whose keys all come after its rows. out = O / l, L = m · scale + ln l.
 //
-// attention_backward_{bf16,fp16}_d64_wg2(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk, scale)
-//   Launch: grid B·Hkv·ceil(Tk / 128) (one dimension), block 384 = 3 warpgroups, 120 832 bytes of
-//   dynamic shared memory: K and V tiles (128 keys), Q and dO tiles of 64 rows two buffers each, the dSᵀ
-//   tile (128 keys × 64 queries), L and Δ two buffers each, two dQ stages (64 rows of 72 floats), 1 KiB
-//   alignment slack. Block x takes key block x mod ceil(Tk / 128) of kv head x / ceil(Tk / 128): a
-//   head's key blocks run side by side, so its Q, dO and dq_accumulator stay in L2 (the dq reductions
-//   resolve there, not in DRAM), and the first key blocks (seen by the most queries) start first.
-//   Registers: 168 a thread at launch; setmaxnreg then gives the two compute warpgroups 232 and the dQ
-//   warpgroup 40.
-//   Compute warpgroup w (0, 1) owns keys 64w … 64w + 63 of the block's 128, holds its warp's 16 keys of
-//   K and V as register A fragments and keeps their dK, dV accumulators in registers. The block loops
-//   over the G query heads of its group and the 64-row query steps that can see its keys. Per step (Q,
-//   dO, L, Δ of step s + 1 are copied while step s computes):
-//     Sᵀ = K Qᵀ and dPᵀ = V dOᵀ     (4 + 4 × m64n64k16, A from registers, B = Q / dO K-major)
-//     Pᵀ = exp2(Sᵀ · scale · log2 e − L · log2 e), masked on steps crossing the diagonal or the ends
-//     dV += Pᵀ dO                   (4 × m64n64k16, A = Pᵀ from registers, B = dO MN-major)
-//     dSᵀ = Pᵀ ∘ (dPᵀ − Δ);  dK += dSᵀ Q   (A = dSᵀ from registers, B = Q MN-major)
-//     dSᵀ → shared memory (16-bit); barrier; warpgroup w computes columns 32w … 32w + 31 of
-//     dQ = dS K over all 128 keys  (8 × m64n32k16, A = dS read MN-major from the dSᵀ tile, B = K
-//     MN-major) and leaves dQ · scale in dQ stage s mod 2.
-//   The dQ warpgroup (2) takes each full stage and adds it to dq_accumulator with red.global.add.v4.f32,
-//   two whole 256-byte rows an instruction, then hands the stage back (named barriers 2–5; the compute
-//   warpgroups sync among themselves on barrier 1). Issued by the compute warps themselves, the same
-//   reductions stalled them (the load/store queue fills): 0.288 ms against 0.259 for this kernel at
-//   B16 H12 T1024 (benchmarks/RESULTS.md).
+// attention_backward_{bf16,fp16}_d64_wq(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk, scale)
+//   Launch: grid B·Hkv·ceil(Tk / 128) (one dimension), block 384 = 3 warpgroups (two compute
+//   warpgroups and one that adds dQ), 203 776 bytes of dynamic shared memory (listed above the function
+//   below). Block x takes key block x mod ceil(Tk / 128) of kv head x / ceil(Tk / 128): a head's key
+//   blocks run side by side, so its Q, dO and dq_accumulator stay in L2 (the dq reductions resolve there,
+//   not in DRAM), and the first key blocks (seen by the most queries) start first. setmaxnreg gives the
+//   compute warpgroups more registers and the dQ warpgroup fewer. The block loops over the G query heads
+//   of its group and the 128-row query steps that can see its keys (Q, dO, L, Δ of step s + 1 are
+//   copied while step s computes); the per-step work is described above attention_backward_wq.
+//   The dQ warpgroup (2) takes each full stage of dQ · scale and adds it to dq_accumulator with
+//   red.global.add.v4.f32, two whole 256-byte rows an instruction, then hands the stage back (named
+//   barriers 2–5; the compute warpgroups sync among themselves on barrier 1): issued by the compute warps
+//   themselves, the same reductions stall them on a full load/store queue.
 //   dk = dK · scale and dv = dV are written once, in the input dtype. dq's summation order varies
 //   between runs (reductions across key blocks); dk and dv are deterministic.
-//
-// attention_backward_{bf16,fp16}_d64_wq(the same arguments): the backward with the queries as the M
-//   dimension (the default; described above its function below), 3–5 % faster than wg2's.
 
-// The kernels exist only for sm_90a (compiled with NVRTC's -arch=sm_90a by tinygrad_llm.gpu_attention,
+// The kernels exist only for sm_90a (compiled with NVRTC's -arch=sm_90a by tinygrad_llm.gpu.attention,
 // or nvcc -gencode=arch=compute_90a,code=sm_90a); built for anything else they trap.
 
 #include "attention_hopper.cuh"
@@ -287,7 +272,7 @@ __device__ __forceinline__ void attn_add_staged_dq(float* dq_rows, const float* 
     }
 }
 
-// The work of one backward block (both backward builds): key block blockIdx.x mod ceil(Tk / BLOCK_K) of
+// The work of one backward block: key block blockIdx.x mod ceil(Tk / BLOCK_K) of
 // kv head blockIdx.x / ceil(Tk / BLOCK_K) (a head's blocks side by side, the first keys first), and its
 // iterations: for each query head of the kv head's group, the BLOCK_Q-row query steps that can see the
 // block's keys (the earlier steps see none of them).
@@ -329,175 +314,6 @@ __device__ __forceinline__ void attn_backward_prefetch(const AttnBackwardWork<BL
     }
 }
 
-template <typename T>
-__device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, const T* __restrict__ k,
-                                                       const T* __restrict__ v, const T* __restrict__ dout,
-                                                       const float* __restrict__ lse,
-                                                       const float* __restrict__ delta,
-                                                       float* __restrict__ dq_accumulator, T* __restrict__ dk,
-                                                       T* __restrict__ dv, int heads, int kv_heads,
-                                                       int query_len, int key_len, float scale) {
-    constexpr int D = 64, BLOCK_K = 128, BLOCK_Q = 64, THREADS = 256;   // THREADS: the two compute warpgroups
-    constexpr int DQ_STRIDE = D + 8;      // floats a staged dQ row (288 bytes: the float2 stores miss no bank)
-    constexpr int TILE_K = BLOCK_K * 128, TILE_Q = BLOCK_Q * 128;   // bytes
-    unsigned char* k_tile = attn_aligned_shared();
-    unsigned char* v_tile = k_tile + TILE_K;
-    unsigned char* q_tiles = v_tile + TILE_K;                 // 2 buffers
-    unsigned char* dout_tiles = q_tiles + 2 * TILE_Q;         // 2 buffers
-    unsigned char* ds_tile = dout_tiles + 2 * TILE_Q;         // dSᵀ: BLOCK_K rows (keys) of BLOCK_Q queries
-    float* l_tiles = reinterpret_cast<float*>(ds_tile + TILE_K);   // 2 buffers of BLOCK_Q
-    float* delta_tiles = l_tiles + 2 * BLOCK_Q;                    // 2 buffers of BLOCK_Q
-    float* dq_stage = delta_tiles + 2 * BLOCK_Q;                   // 2 buffers of BLOCK_Q × DQ_STRIDE
-
-    const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int g = lane >> 2, t = lane & 3;
-    const AttnBackwardWork<BLOCK_Q, BLOCK_K> work(heads, kv_heads, query_len, key_len);
-    const int k0 = work.k0, iterations = work.iterations, offset = key_len - query_len;
-    const long long kv_base = work.kv_base;
-    auto row_base = [&](int it) { return work.row_base(it); };
-    auto query_start = [&](int it) { return work.query_start(it); };
-    auto prefetch = [&](int it, int buffer) {                 // Q, dO, L, Δ of iteration it
-        attn_backward_prefetch<T, BLOCK_Q, BLOCK_K, THREADS>(work, it, q, dout, lse, delta, q_tiles + buffer * TILE_Q,
-                                                            dout_tiles + buffer * TILE_Q, l_tiles + buffer * BLOCK_Q,
-                                                            delta_tiles + buffer * BLOCK_Q);
-    };
-
-    if (tid >= THREADS) {
-        // Warpgroup 2 writes dQ: step it's dQ · scale waits in dq_stage[it & 1]; its warp w adds rows
-        // 16w … 16w + 15 to dq_accumulator with 16-byte reductions (two whole 256-byte rows an
-        // instruction), then the buffer goes back to the compute warpgroups.
-        attn_set_max_registers_dec<40>();
-        const int writer_warp = (tid - THREADS) >> 5;
-        for (int it = 0; it < iterations; ++it) {
-            attn_named_sync(2 + (it & 1), THREADS + 128);     // dq_stage[it & 1] is full
-            const int q0 = query_start(it);
-            float* dq_rows = dq_accumulator + (row_base(it) + q0) * D;
-            attn_add_staged_dq<BLOCK_Q / 4>(dq_rows, dq_stage + (it & 1) * BLOCK_Q * DQ_STRIDE, DQ_STRIDE,
-                                             writer_warp, query_len - q0);
-            if (it + 2 < iterations) attn_named_arrive(4 + (it & 1), THREADS + 128);   // empty again
-        }
-    } else {
-        attn_set_max_registers_inc<232>();
-
-        attn_load_swizzled<T, BLOCK_K, THREADS>(k_tile, k + kv_base, k0, key_len);
-        attn_load_swizzled<T, BLOCK_K, THREADS>(v_tile, v + kv_base, k0, key_len);
-        prefetch(0, 0);
-        attn_copy_commit();
-
-        const int key_row = 64 * group + 16 * warp + g;           // this thread's keys: k0 + key_row (+ 8)
-        const float scale_log2 = scale * ATTN_LOG2E;
-        const unsigned k_address = attn_smem_address(k_tile), v_address = attn_smem_address(v_tile);
-        const unsigned ds_address = attn_smem_address(ds_tile);
-        float dk_acc[32], dv_acc[32];
-        #pragma unroll
-        for (int i = 0; i < 32; ++i) dk_acc[i] = dv_acc[i] = 0.f;
-        // this warp's 16 keys of K and V as A fragments, for the whole loop
-        unsigned k_fragments[4][4], v_fragments[4][4];
-        attn_copy_wait_all();
-        attn_named_sync(1, THREADS);
-        attn_load_fragments(k_fragments, k_tile, 64 * group + 16 * warp);
-        attn_load_fragments(v_fragments, v_tile, 64 * group + 16 * warp);
-
-        for (int it = 0; it < iterations; ++it) {
-            const int buffer = it & 1, q0 = query_start(it);
-            attn_copy_wait_all();
-            attn_fence_async();
-            attn_named_sync(1, THREADS);      // step it's tiles are in; step it − 1 (dSᵀ, its buffers) is done
-            if (it + 1 < iterations) prefetch(it + 1, buffer ^ 1);
-            attn_copy_commit();
-
-            const unsigned q_address = attn_smem_address(q_tiles + buffer * TILE_Q);
-            const unsigned dout_address = attn_smem_address(dout_tiles + buffer * TILE_Q);
-            float s[32], dp[32];
-            wgmma_fence();
-            #pragma unroll
-            for (int c = 0; c < D / 16; ++c)
-                Wgmma<T>::template rs_n64<0>(s, k_fragments[c], attn_descriptor(q_address + 32 * c), c);
-            wgmma_commit();
-            #pragma unroll
-            for (int c = 0; c < D / 16; ++c)
-                Wgmma<T>::template rs_n64<0>(dp, v_fragments[c], attn_descriptor(dout_address + 32 * c), c);
-            wgmma_commit();
-            wgmma_wait<1>();                                      // Sᵀ is done, dPᵀ may still run
-            wgmma_hold(s);
-
-            // Pᵀ (keys × queries): column i of this step needs L of query q0 + i
-            const float* l_row = l_tiles + buffer * BLOCK_Q;
-            const bool edge = k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len;
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float2 l_pair = *reinterpret_cast<const float2*>(l_row + 8 * j + 2 * t);
-                #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float l_value = (e & 1) ? l_pair.y : l_pair.x;
-                    float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -l_value * ATTN_LOG2E));
-                    if (edge) {
-                        const int key = k0 + key_row + 8 * (e >> 1), query = q0 + 8 * j + 2 * t + (e & 1);
-                        if (key > query + offset || query >= query_len || key >= key_len) p = 0.f;
-                    }
-                    s[4 * j + e] = p;
-                }
-            }
-            unsigned p_fragments[BLOCK_Q / 16][4];
-            attn_issue_product<T>(dv_acc, p_fragments, s, dout_address);     // dV += Pᵀ dO
-            wgmma_commit();
-            wgmma_wait<1>();                                      // dPᵀ is done, dV may still run
-            wgmma_hold(dp);
-
-            // dSᵀ = Pᵀ ∘ (dPᵀ − Δ)
-            const float* delta_row = delta_tiles + buffer * BLOCK_Q;
-            #pragma unroll
-            for (int j = 0; j < 8; ++j) {
-                const float2 d_pair = *reinterpret_cast<const float2*>(delta_row + 8 * j + 2 * t);
-                #pragma unroll
-                for (int e = 0; e < 4; ++e) dp[4 * j + e] = s[4 * j + e] * (dp[4 * j + e] - ((e & 1) ? d_pair.y : d_pair.x));
-            }
-            unsigned ds_fragments[BLOCK_Q / 16][4];
-            attn_issue_product<T>(dk_acc, ds_fragments, dp, q_address);      // dK += dSᵀ Q
-            wgmma_commit();
-
-            // dSᵀ to shared memory: fragment word (c, w) holds row key_row + 8·(w & 1), columns 16c + 8·(w >> 1) + 2t
-            #pragma unroll
-            for (int c = 0; c < BLOCK_Q / 16; ++c)
-                #pragma unroll
-                for (int w = 0; w < 4; ++w) {
-                    const int r = key_row + 8 * (w & 1), chunk = 2 * c + (w >> 1);
-                    *reinterpret_cast<unsigned*>(ds_tile + attn_swizzle(r, chunk) + 4 * t) = ds_fragments[c][w];
-                }
-            attn_fence_async();
-            attn_named_sync(1, THREADS);                          // the whole dSᵀ tile is written
-
-            // dQ[:, 32·group … +31] = dS K over the block's 128 keys
-            float dq[16];
-            wgmma_fence();
-            #pragma unroll
-            for (int c = 0; c < BLOCK_K / 16; ++c)
-                Wgmma<T>::template ss_n32<1, 1>(dq, attn_descriptor(ds_address + 2048 * c),
-                                                attn_descriptor(k_address + 2048 * c + 64 * group), c);
-            wgmma_commit();
-            wgmma_wait<0>();
-            wgmma_hold(dq);
-            wgmma_hold(dk_acc);
-            wgmma_hold(dv_acc);
-            wgmma_hold(p_fragments);
-            wgmma_hold(ds_fragments);
-
-            // dQ · scale to dq_stage[it & 1] for the writer warp (after it has emptied that buffer, two steps ago)
-            if (it >= 2) attn_named_sync(4 + (it & 1), THREADS + 128);
-            float* staged = dq_stage + (it & 1) * BLOCK_Q * DQ_STRIDE + 32 * group + 2 * t;
-            #pragma unroll
-            for (int r = 0; r < 2; ++r)
-                #pragma unroll
-                for (int j = 0; j < 4; ++j)
-                    *reinterpret_cast<float2*>(staged + (16 * warp + g + 8 * r) * DQ_STRIDE + 8 * j) =
-                        make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
-            attn_named_arrive(2 + (it & 1), THREADS + 128);         // dq_stage[it & 1] is full
-        }
-
-        attn_backward_store(dk_acc, dv_acc, dk + kv_base, dv + kv_base, k0 + key_row, key_len, scale);
-    }
-}
-
 // wq: the backward with the queries as the M dimension (FlashAttention-3's layout). A step takes 128
 // query rows; compute warpgroup w owns rows 64w … 64w + 63 of it:
 //     S = Q Kᵀ and dP = dO Vᵀ        (4 + 4 × m64n128k16 from shared memory: the wide, efficient shape)
@@ -505,10 +321,10 @@ __device__ __forceinline__ void attention_backward_wg2(const T* __restrict__ q, 
 //     P, dS → shared memory (128 × 128, 16-bit);  dQ = dS K  (8 × m64n64k16, A = dS from registers)
 //     barrier; then warpgroup w's keys 64w … 64w + 63:
 //     dV += Pᵀ dO and dK += dSᵀ Q     (8 + 8 × m64n64k16, A read transposed from the P / dS tiles)
-// and leaves dQ · scale in the stage for the dQ warpgroup, as in wg2 (one stage buffer here).
+// and leaves dQ · scale in the stage for the dQ warpgroup (one stage buffer).
 // Shared memory: K, V (128 keys); Q, dO (128 rows) two buffers each; P and dS tiles (128 × 128, as two
 // 64-key column blocks); L, Δ two buffers each; the dQ stage (128 rows of 72 floats); 1 KiB of alignment:
-// 203 776 bytes. Launch as wg2: grid B·Hkv·ceil(Tk / 128), block 384.
+// 203 776 bytes.
 template <typename T>
 __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, const T* __restrict__ dout,
@@ -687,23 +503,13 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
 #define ATTN_HOPPER_BODY(CALL) __trap();
 #endif
 
-#define ATTN_HOPPER_KERNELS(SUFFIX, TYPE, BUILD)                                                                   \
+#define ATTN_HOPPER_FORWARD(SUFFIX, TYPE, BUILD)                                                             \
     extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d64_##BUILD(            \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,       \
         int query_len, int key_len, float scale, int batches) {                                            \
         ATTN_HOPPER_BODY(attention_forward_##BUILD<TYPE>(q, k, v, out, lse, heads, kv_heads, query_len,       \
                                                      key_len, scale, batches))                             \
-    }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d64_##BUILD(           \
-        const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
-        const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
-        int query_len, int key_len, float scale) {                                                         \
-        ATTN_HOPPER_BODY(attention_backward_##BUILD<TYPE>(q, k, v, dout, lse, delta, dq_accumulator, dk, dv,  \
-                                                      heads, kv_heads, query_len, key_len, scale))         \
     }
-
-ATTN_HOPPER_KERNELS(bf16, __nv_bfloat16, wg2)
-ATTN_HOPPER_KERNELS(fp16, __half, wg2)
 
 #define ATTN_HOPPER_BACKWARD(SUFFIX, TYPE, BUILD)                                                            \
     extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d64_##BUILD(           \
@@ -713,5 +519,8 @@ ATTN_HOPPER_KERNELS(fp16, __half, wg2)
         ATTN_HOPPER_BODY(attention_backward_##BUILD<TYPE>(q, k, v, dout, lse, delta, dq_accumulator, dk, dv,  \
                                                       heads, kv_heads, query_len, key_len, scale))         \
     }
+
+ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg2)
+ATTN_HOPPER_FORWARD(fp16, __half, wg2)
 ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wq)
 ATTN_HOPPER_BACKWARD(fp16, __half, wq)

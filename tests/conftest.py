@@ -40,11 +40,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    if any("gpu" in item.keywords for item in items) and not gpu_present():
+    marked = [item for item in items if item.get_closest_marker("gpu") is not None]   # the marker, not a name
+    if marked and not gpu_present():
         skip = pytest.mark.skip(reason="no usable GPU (CuPy missing or no CUDA device)")
-        for item in items:
-            if "gpu" in item.keywords:
-                item.add_marker(skip)
+        for item in marked:
+            item.add_marker(skip)
 
 
 class Backend:

@@ -93,3 +93,47 @@ def test_bad_toml_key(tmp_path, capsys):
     config.write_text("[train]\nlearning_rate = 1\n")
     assert main(["train", "--config", str(config)]) == 1
     assert "unknown configuration keys: learning_rate" in capsys.readouterr().err
+
+
+def test_prepare_bpe_train_sample_export_reload(tmp_path, capsys):
+    """The seams end to end: prepare with a BPE tokenizer -> train on its shards -> sample -> export -> reload."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from tinygrad_llm.checkpoint import load_checkpoint
+    from tinygrad_llm.model import GPT, GPTConfig
+    from tinygrad_llm.tokenizer import Tokenizer, tokenizer_fingerprint
+
+    tokenizer = Tokenizer.train(SHAKESPEARE, vocab_size=300, special_tokens=["<|endoftext|>"])
+    tokenizer.save(str(tmp_path / "bpe.json"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "plays.txt").write_text(SHAKESPEARE * 4, encoding="utf-8")
+    shards = tmp_path / "shards"
+    assert main(["prepare", str(corpus), "--out", str(shards), "--tokenizer", str(tmp_path / "bpe.json"),
+                 "--split", "tail", "--no-filters", "--no-near-dedup", "--workers", "1", "--no-progress"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(shards), "--tokenizer", str(tmp_path / "bpe.json"), "--out-dir", str(run),
+                 "--tie-embeddings", *SMALL[:SMALL.index("--seq-len")], "--seq-len", "16",
+                 *SMALL[SMALL.index("--seq-len") + 2:]]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "--prompt", "ROMEO:", "--max-new-tokens", "8", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    assert main(["export", str(run), "--hf", str(tmp_path / "hf")]) == 0
+
+    config = json.load(open(tmp_path / "hf" / "config.json"))
+    reloaded = GPT(GPTConfig(vocab_size=config["vocab_size"], d_model=config["hidden_size"],
+                             n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
+                             n_kv_heads=config["num_key_value_heads"], ffn_hidden=config["intermediate_size"],
+                             max_seq_len=config["max_position_embeddings"], rope_theta=config["rope_theta"],
+                             norm_eps=config["rms_norm_eps"], tie_embeddings=config["tie_word_embeddings"]))
+    reloaded.load_state_dict(load_file(str(tmp_path / "hf" / "model.safetensors")))
+    trained, _ = load_checkpoint(str(run))
+    trained.eval()
+    reloaded.eval()
+    ids = np.asarray([tokenizer.encode_ordinary("ROMEO: my lord")])
+    a, b = trained(ids), reloaded(ids)                            # (1, T, V) logits
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    from tinygrad_llm.export import tokenizer_from_hf_json                 # the exported tokenizer.json, read back
+    exported_tokenizer = tokenizer_from_hf_json(json.load(open(tmp_path / "hf" / "tokenizer.json", encoding="utf-8")))
+    assert tokenizer_fingerprint(exported_tokenizer) == tokenizer_fingerprint(tokenizer)

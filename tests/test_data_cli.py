@@ -6,7 +6,8 @@ import numpy as np
 
 from tinygrad_llm.cli_prepare import main
 from tinygrad_llm.data.loader import DataLoader
-from tinygrad_llm.data.shards import CharVocab, read_shard
+from tinygrad_llm.data.shards import read_shard
+from tinygrad_llm.tokenizer import CharVocab
 
 PARAGRAPH = ("The quality of mercy is not strained; it droppeth as the gentle rain from heaven upon the place "
              "beneath. It is twice blest: it blesseth him that gives and him that takes. ")

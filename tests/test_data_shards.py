@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tinygrad_llm.data import shards
-from tinygrad_llm.data.shards import (EOT, SHARD_MAGIC, CharVocab, ShardError, read_header, read_shard, split_document,
+from tinygrad_llm.tokenizer import CharVocab
+from tinygrad_llm.data.shards import (EOT, SHARD_MAGIC, ShardError, read_header, read_shard, split_document,
                                       write_shard, write_token_shards)
 
 

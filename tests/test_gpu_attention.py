@@ -1,18 +1,19 @@
-"""The flash-attention kernels (tinygrad_llm.gpu_attention) against the NumPy op, in float64.
+"""The flash-attention kernels (tinygrad_llm.gpu.attention) against the NumPy op, in float64.
 
 Every check draws fresh random inputs, poisons every output buffer with NaN before the launch (so an
 element the kernel forgot to write fails), and compares ‖kernel − reference‖ / ‖reference‖ with the
 reference computed by `CausalAttention` on the inputs upcast to float64 (bf16/fp16 inputs are rounded
 first, so only the kernel's own arithmetic is measured). Tolerances: 1e-2 for bf16 and fp16, 1e-5 for
-fp32. Every build of each tensor-core kernel (gpu_attention.FORWARD_VARIANTS / BACKWARD_VARIANTS) is
-checked, not only the default one. GPU tests skip cleanly where CuPy or a GPU is missing.
+fp32. Both paths of head dim 64 are checked on a Hopper GPU (the wgmma builds and the mma.sync ones the
+other GPUs run). GPU tests skip cleanly where CuPy or a GPU is missing.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from tinygrad_llm import backend, gpu_attention
+from tinygrad_llm import backend, gpu
+from tinygrad_llm.gpu import arrays, attention, compiler, registry
 from tinygrad_llm.ops.attention import CausalAttention
 
 TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-2, "float32": 1e-5}
@@ -30,7 +31,7 @@ def _reference(q, k, v, dy):
     op = CausalAttention()
     q, k, v, dy = (np.asarray(a, dtype=np.float64) for a in (q, k, v, dy))
     out = op.forward(q, k, v)
-    lse = op.saved[-1]
+    lse = op.saved[5].reshape(q.shape[:3])        # saved: path, q, k, v, out, L (B, Hkv, G·Tq, 1), packed
     dq, dk, dv = op.backward(dy)
     return out, lse, dq, dk, dv
 
@@ -52,13 +53,13 @@ def _inputs(rng, dtype, batch, heads, kv_heads, query_len, key_len, head_dim):
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    monkeypatch.setattr(gpu_attention, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(arrays, "POISON_OUTPUTS", True)
 
 
 def test_supports_needs_gpu_arrays_and_known_head_dims():
     q = np.zeros((1, 2, 4, 64), np.float32)
-    assert not gpu_attention.supports(q, q, q)                  # host arrays never take the kernel
-    assert not gpu_attention.supports("causal_attention", q, q, q)
+    assert not attention.supports(q, q, q)                      # host arrays never take the kernel
+    assert not gpu.supports("causal_attention", q, q, q)
 
 
 CASES = [  # (batch, heads, kv_heads, query_len, key_len)
@@ -72,37 +73,31 @@ CASES = [  # (batch, heads, kv_heads, query_len, key_len)
 ]
 
 
+# (head dim, dtype, hopper): hopper True runs the wgmma builds (compute capability 9.0 only), False the
+# mma.sync builds every other GPU runs, None whatever the GPU picks (head dim 128 and float32 have one path)
+PATHS = [(64, "bfloat16", True), (64, "bfloat16", False), (64, "float16", True), (64, "float16", False),
+         (128, "bfloat16", None), (128, "float16", None), (64, "float32", None), (128, "float32", None)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", sorted({v for table in (gpu_attention.FORWARD_VARIANTS,
-                                                                gpu_attention.BACKWARD_VARIANTS)
-                                              for builds in table.values() for v in builds}))
-@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16", "float32"])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim,dtype_name,hopper", PATHS, ids=lambda p: str(p))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}Hkv{}Tq{}Tk{}".format(*c))
-def test_forward_backward_match_numpy_float64(dtype_name, head_dim, case, variant, poisoned, monkeypatch):
-    """Every build of each tensor-core kernel (gpu_attention.*_VARIANTS); fp32 has one kernel."""
-    if dtype_name == "float32" and variant != "w4":
-        pytest.skip("the fp32 kernels have one build")
-    in_forward = variant in gpu_attention.FORWARD_VARIANTS[head_dim]
-    in_backward = variant in gpu_attention.BACKWARD_VARIANTS[head_dim]
-    if not (in_forward or in_backward):
-        pytest.skip(f"no {variant} build at head dim {head_dim}")
-    if variant in gpu_attention.HOPPER_VARIANTS and not gpu_attention.hopper_available():
-        pytest.skip(f"{variant} needs compute capability 9.0 (sm_90a)")
-    if in_forward:
-        monkeypatch.setitem(gpu_attention.FORWARD_VARIANT, head_dim, variant)
-    if in_backward:
-        monkeypatch.setitem(gpu_attention.BACKWARD_VARIANT, head_dim, variant)
+def test_forward_backward_match_numpy_float64(head_dim, dtype_name, hopper, case, poisoned, monkeypatch):
+    """Every kernel the package ships, forward and backward, against the NumPy op."""
+    if hopper and not attention.hopper_available():
+        pytest.skip("the wgmma builds need compute capability 9.0 (sm_90a)")
+    if hopper is False:
+        monkeypatch.setattr(attention, "hopper_available", lambda: False)
     cp = backend.cupy_module()
     dtype = _dtype(dtype_name)
     rng = np.random.default_rng()
     batch, heads, kv_heads, query_len, key_len = case
     q, k, v, dy = _inputs(rng, dtype, batch, heads, kv_heads, query_len, key_len, head_dim)
     gq, gk, gv, gdy = (cp.asarray(a) for a in (q, k, v, dy))
-    assert gpu_attention.supports(gq, gk, gv)
+    assert gpu.supports("causal_attention", gq, gk, gv)
 
-    out, lse = gpu_attention.causal_attention_forward(gq, gk, gv)
-    dq, dk, dv = gpu_attention.causal_attention_backward(gdy, gq, gk, gv, out, lse)
+    out, lse = attention.causal_attention_forward(gq, gk, gv)
+    dq, dk, dv = attention.causal_attention_backward(gdy, gq, gk, gv, out, lse)
     assert out.dtype == gq.dtype and dq.dtype == gq.dtype and dk.dtype == gk.dtype and dv.dtype == gv.dtype
     assert lse.dtype == np.float32 and lse.shape == (batch, heads, query_len)
 
@@ -121,8 +116,8 @@ def test_large_sequence_matches_numpy(dtype_name, poisoned):
     rng = np.random.default_rng()
     q, k, v, dy = _inputs(rng, dtype, 2, 4, 2, 1000, 1000, 64)
     gq, gk, gv, gdy = (cp.asarray(a) for a in (q, k, v, dy))
-    out, lse = gpu_attention.causal_attention_forward(gq, gk, gv)
-    grads = gpu_attention.causal_attention_backward(gdy, gq, gk, gv, out, lse)
+    out, lse = attention.causal_attention_forward(gq, gk, gv)
+    grads = attention.causal_attention_backward(gdy, gq, gk, gv, out, lse)
     for name, got, expected in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + tuple(grads),
                                    _reference(q, k, v, dy)):
         error = _relative_error(got, expected)
@@ -141,8 +136,8 @@ def test_output_at_t_ignores_keys_after_t(dtype_name):
     k2, v2 = k.copy(), v.copy()
     k2[:, :, t + 1:] = rng.standard_normal(k2[:, :, t + 1:].shape).astype(np.float32).astype(dtype)
     v2[:, :, t + 1:] = rng.standard_normal(v2[:, :, t + 1:].shape).astype(np.float32).astype(dtype)
-    out, lse = gpu_attention.causal_attention_forward(cp.asarray(q), cp.asarray(k), cp.asarray(v))
-    out2, lse2 = gpu_attention.causal_attention_forward(cp.asarray(q), cp.asarray(k2), cp.asarray(v2))
+    out, lse = attention.causal_attention_forward(cp.asarray(q), cp.asarray(k), cp.asarray(v))
+    out2, lse2 = attention.causal_attention_forward(cp.asarray(q), cp.asarray(k2), cp.asarray(v2))
     first, second = backend.to_numpy(out), backend.to_numpy(out2)
     assert np.array_equal(first[:, :, :t + 1].view(np.uint8), second[:, :, :t + 1].view(np.uint8))
     assert np.array_equal(backend.to_numpy(lse)[:, :, :t + 1], backend.to_numpy(lse2)[:, :, :t + 1])
@@ -156,9 +151,9 @@ def test_dk_dv_are_deterministic():
     dtype = _dtype("bfloat16")
     rng = np.random.default_rng()
     q, k, v, dy = (cp.asarray(a) for a in _inputs(rng, dtype, 2, 4, 1, 200, 200, 64))
-    out, lse = gpu_attention.causal_attention_forward(q, k, v)
-    _, dk1, dv1 = gpu_attention.causal_attention_backward(dy, q, k, v, out, lse)
-    _, dk2, dv2 = gpu_attention.causal_attention_backward(dy, q, k, v, out, lse)
+    out, lse = attention.causal_attention_forward(q, k, v)
+    _, dk1, dv1 = attention.causal_attention_backward(dy, q, k, v, out, lse)
+    _, dk2, dv2 = attention.causal_attention_backward(dy, q, k, v, out, lse)
     assert np.array_equal(backend.to_numpy(dk1).view(np.uint16), backend.to_numpy(dk2).view(np.uint16))
     assert np.array_equal(backend.to_numpy(dv1).view(np.uint16), backend.to_numpy(dv2).view(np.uint16))
 
@@ -169,9 +164,9 @@ def test_op_dispatches_to_the_kernel(monkeypatch):
     import tinygrad_llm.functional as F
     from tinygrad_llm import Tensor
     calls = []
-    forward, backward = gpu_attention.causal_attention_forward, gpu_attention.causal_attention_backward
-    monkeypatch.setattr(gpu_attention, "causal_attention_forward", lambda *a: calls.append("f") or forward(*a))
-    monkeypatch.setattr(gpu_attention, "causal_attention_backward", lambda *a: calls.append("b") or backward(*a))
+    forward, backward = gpu.causal_attention_forward, gpu.causal_attention_backward
+    monkeypatch.setattr(gpu, "causal_attention_forward", lambda *a: calls.append("f") or forward(*a))
+    monkeypatch.setattr(gpu, "causal_attention_backward", lambda *a: calls.append("b") or backward(*a))
     rng = np.random.default_rng()
     q, k, v, dy = _inputs(rng, np.float32, 2, 4, 2, 45, 45, 64)
     results = {}
@@ -209,11 +204,11 @@ def test_whole_model_gradients_match_cpu(monkeypatch):
     targets = rng.integers(0, config.vocab_size, size=(2, 45))
 
     calls = []
-    backward = gpu_attention.causal_attention_backward
-    monkeypatch.setattr(gpu_attention, "causal_attention_backward", lambda *a: calls.append(1) or backward(*a))
+    backward = gpu.causal_attention_backward
+    monkeypatch.setattr(gpu, "causal_attention_backward", lambda *a: calls.append(1) or backward(*a))
     with_kernel = _model_gradients("cuda", ids, targets, config)
     assert len(calls) == config.n_layers, "the attention kernel was not used on the GPU"
-    monkeypatch.setattr(gpu_attention, "supports", lambda *arrays: False)
+    monkeypatch.setitem(registry.SUPPORTS, "causal_attention", lambda *arrays: False)
     without_kernel = _model_gradients("cuda", ids, targets, config)
     assert len(calls) == config.n_layers
     cpu = _model_gradients("cpu", ids, targets, config)
@@ -226,39 +221,31 @@ def test_whole_model_gradients_match_cpu(monkeypatch):
     assert cpu_errors[worst] <= 1e-3, f"GPU vs CPU: {worst} {cpu_errors[worst]:.2e}"
 
 
-def test_hopper_builds_give_way_to_portable_ones_elsewhere(monkeypatch):
-    """The wgmma builds (sm_90a) are the defaults where they exist; on any other GPU the portable mma.sync
-    build of the same head dim runs, and every build a table names exists in the build lists."""
-    tables = ((gpu_attention.FORWARD_VARIANT, gpu_attention.PORTABLE_FORWARD_VARIANT, gpu_attention.FORWARD_VARIANTS),
-              (gpu_attention.BACKWARD_VARIANT, gpu_attention.PORTABLE_BACKWARD_VARIANT, gpu_attention.BACKWARD_VARIANTS))
-    monkeypatch.setattr(gpu_attention, "hopper_available", lambda: False)
-    for chosen, portable, builds in tables:
-        for head_dim in gpu_attention.HEAD_DIMS:
-            picked = gpu_attention._pick(chosen, portable, head_dim)
-            assert picked not in gpu_attention.HOPPER_VARIANTS and picked in builds[head_dim]
-            assert chosen[head_dim] in builds[head_dim]
-    monkeypatch.setattr(gpu_attention, "hopper_available", lambda: True)
-    for chosen, portable, _ in tables:
-        assert gpu_attention._pick(chosen, portable, 64) == chosen[64] in gpu_attention.HOPPER_VARIANTS
+def test_hopper_builds_give_way_to_portable_ones_elsewhere():
+    """The wgmma builds (sm_90a) run at head dim 64 in bf16/fp16 on compute capability 9.0; any other GPU
+    runs the mma.sync builds of the same head dim; head dims without a kernel have no build."""
+    assert attention.kernel_for(64, np.float16, hopper=True).endswith("(wgmma, sm_90a)")
+    for head_dim in attention.HEAD_DIMS:
+        assert attention.kernel_for(head_dim, np.float16, hopper=False).endswith("(mma.sync)")
+    assert attention.kernel_for(128, np.float16, hopper=True).endswith("(mma.sync)")
+    assert attention.kernel_for(32, np.float16, hopper=True) is None
 
 
 @pytest.mark.gpu
 def test_hopper_runs_the_wgmma_build_by_default(monkeypatch):
     """On compute capability 9.0, bf16 attention at head dim 64 launches the wgmma kernels (and is right)."""
-    if not gpu_attention.hopper_available():
+    if not attention.hopper_available():
         pytest.skip("needs compute capability 9.0")
     names = []
-    launch = gpu_attention._kernel
-    monkeypatch.setattr(gpu_attention, "_kernel", lambda file, name, *rest: names.append(name) or launch(file, name, *rest))
+    launch = attention._kernel
+    monkeypatch.setattr(attention, "_kernel", lambda file, name, *rest: names.append(name) or launch(file, name, *rest))
     cp = backend.cupy_module()
     rng = np.random.default_rng()
     q, k, v, dy = _inputs(rng, _dtype("bfloat16"), 2, 4, 2, 300, 300, 64)
     gq, gk, gv, gdy = (cp.asarray(a) for a in (q, k, v, dy))
-    out, lse = gpu_attention.causal_attention_forward(gq, gk, gv)
-    grads = gpu_attention.causal_attention_backward(gdy, gq, gk, gv, out, lse)
-    assert f"attention_forward_bf16_d64_{gpu_attention.FORWARD_VARIANT[64]}" in names
-    assert f"attention_backward_bf16_d64_{gpu_attention.BACKWARD_VARIANT[64]}" in names
-    assert {gpu_attention.FORWARD_VARIANT[64], gpu_attention.BACKWARD_VARIANT[64]} <= set(gpu_attention.HOPPER_VARIANTS)
+    out, lse = attention.causal_attention_forward(gq, gk, gv)
+    grads = attention.causal_attention_backward(gdy, gq, gk, gv, out, lse)
+    assert "attention_forward_bf16_d64_wg2" in names and "attention_backward_bf16_d64_wq" in names
     for name, got, expected in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + tuple(grads),
                                    _reference(q, k, v, dy)):
         assert _relative_error(got, expected) <= TOLERANCE["bfloat16"], name
@@ -266,29 +253,27 @@ def test_hopper_runs_the_wgmma_build_by_default(monkeypatch):
 
 @pytest.mark.gpu
 def test_sm90a_module_is_compiled_once_and_cached_on_disk(tmp_path, monkeypatch):
-    """gpu.load_module(..., arch="sm_90a") compiles through NVRTC into <cache>/cubin and, in a fresh
+    """compiler.load_module(..., arch="sm_90a") compiles through NVRTC into <cache>/kernels and, in a fresh
     process (here: an emptied module table), loads that cubin without compiling again."""
-    from tinygrad_llm import gpu
     monkeypatch.setenv("TINYGRAD_LLM_CACHE", str(tmp_path))
-    monkeypatch.setattr(gpu, "_modules", {})
-    gpu.load_module(gpu_attention.HOPPER_FILE, arch="sm_90a")
-    cubins = list((tmp_path / "cubin").glob("attention_hopper-sm_90a-*.cubin"))
+    monkeypatch.setattr(compiler, "_modules", {})
+    compiler.load_module(attention.HOPPER_FILE, arch="sm_90a")
+    cubins = list((tmp_path / "kernels").glob("attention_hopper-sm_90a-*.cubin"))
     assert len(cubins) == 1 and cubins[0].stat().st_size > 0
-    monkeypatch.setattr(gpu, "_modules", {})
-    monkeypatch.setattr(backend, "compile_cubin", lambda *args: pytest.fail("the cached cubin was compiled again"))
-    module = gpu.load_module(gpu_attention.HOPPER_FILE, arch="sm_90a")
-    assert module.get_function("attention_backward_fp16_d64_wg2") is not None
+    monkeypatch.setattr(compiler, "_modules", {})
+    monkeypatch.setattr(compiler, "compile_cubin", lambda *args: pytest.fail("the cached cubin was compiled again"))
+    module = compiler.load_module(attention.HOPPER_FILE, arch="sm_90a")
+    assert module.get_function("attention_backward_fp16_d64_wq") is not None
 
 
 @pytest.mark.gpu
 def test_sm90a_compile_error_names_the_file_and_shows_the_log(tmp_path, monkeypatch):
-    from tinygrad_llm import gpu
     kernels = tmp_path / "kernels"
     kernels.mkdir()
     (kernels / "broken.cu").write_text('extern "C" __global__ void broken() { not_declared_anywhere(); }\n')
     monkeypatch.setenv("TINYGRAD_LLM_KERNELS_DIR", str(kernels))
     monkeypatch.setenv("TINYGRAD_LLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(gpu, "_modules", {})
+    monkeypatch.setattr(compiler, "_modules", {})
     with pytest.raises(RuntimeError, match=r"(?s)NVRTC could not compile broken\.cu.*not_declared_anywhere"):
-        gpu.load_module("broken.cu", arch="sm_90a")
+        compiler.load_module("broken.cu", arch="sm_90a")
     assert not list((tmp_path / "cache").rglob("*.cubin"))

@@ -9,7 +9,7 @@ import pytest
 import tinygrad_llm.functional as F
 from tinygrad_llm import Tensor, manual_seed
 from tinygrad_llm.gradcheck import gradcheck
-from tinygrad_llm.model import GPT, GPTConfig, PackedRopeAttention, PackedSwiGLU
+from tinygrad_llm.model import GPT, GPTConfig, OpOptions
 from tinygrad_llm.nn import StateDictError
 from tinygrad_llm.optim import AdamW
 from tinygrad_llm.ops.rope import rope_angles
@@ -122,24 +122,55 @@ def _composed_attention(qkv, heads, kv_heads, theta=10000.0):
     return F.causal_attention(q, k, v).permute(0, 2, 1, 3).reshape(batch, time, heads * head_dim)
 
 
-def test_fused_ops_match_composed_references():
+@pytest.mark.parametrize("keep_probabilities", [True, False])
+def test_packed_ops_match_composed_references(keep_probabilities):
     rng = np.random.default_rng(0)
     heads, kv_heads, time, head_dim = 4, 2, 5, 6
     qkv = rng.standard_normal((2, time, heads + 2 * kv_heads, head_dim))
     cos, sin = rope_angles(np.arange(time), head_dim, 10000.0)
-    fused = PackedRopeAttention.apply(Tensor(qkv), heads, kv_heads, cos, sin)
-    np.testing.assert_allclose(fused.numpy(), _composed_attention(Tensor(qkv), heads, kv_heads).numpy(), atol=1e-12)
-    assert gradcheck(lambda t: PackedRopeAttention.apply(t, heads, kv_heads, cos, sin), [qkv]).ok
+
+    def packed(t):
+        return F.rope_attention(t, heads, kv_heads, cos, sin, keep_probabilities=keep_probabilities)
+
+    np.testing.assert_allclose(packed(Tensor(qkv)).numpy(), _composed_attention(Tensor(qkv), heads, kv_heads).numpy(),
+                               atol=1e-12)
+    assert gradcheck(packed, [qkv]).ok
     gate_up = rng.standard_normal((3, 4, 10)) * 3
-    np.testing.assert_allclose(PackedSwiGLU.apply(Tensor(gate_up)).numpy(),
+    np.testing.assert_allclose(F.swiglu(Tensor(gate_up)).numpy(),
                                F.swiglu(Tensor(gate_up[..., :5]), Tensor(gate_up[..., 5:])).numpy(), atol=1e-12)
-    assert gradcheck(lambda t: PackedSwiGLU.apply(t), [gate_up]).ok
+    assert gradcheck(lambda t: F.swiglu(t), [gate_up]).ok
 
 
-def test_every_parameter_of_a_two_layer_model_passes_gradcheck():
-    """float64 finite differences through the whole model (embeddings, GQA attention, MLP, norms, loss)."""
+def test_tied_embedding_gradient_is_the_sum_of_its_two_uses():
+    """With tie_embeddings one matrix is both the embedding table and the output head: its gradient must be
+    the lookup's scatter-add plus the head's Gᵀ x, each computed here from a model whose two uses are split."""
+    manual_seed(7)
+    config = tiny_config(tie_embeddings=True)
+    tied = GPT(config)
+    tied.to(dtype=np.float64)
+    ids = np.random.default_rng(8).integers(0, 11, (2, 7))
+    _, loss = tied(ids[:, :-1], ids[:, 1:], return_logits=False)
+    loss.backward()
+    untied = GPT(tiny_config(tie_embeddings=False))
+    untied.to(dtype=np.float64)
+    untied.load_state_dict({**tied.state_dict(), "lm_head.weight": tied.lm_head.weight.data.copy()})
+    _, loss_split = untied(ids[:, :-1], ids[:, 1:], return_logits=False)
+    loss_split.backward()
+    embedding_part = untied.model.embed_tokens.weight.grad
+    head_part = untied.lm_head.weight.grad
+    assert np.abs(embedding_part).max() > 0 and np.abs(head_part).max() > 0
+    np.testing.assert_allclose(loss.item(), loss_split.item(), rtol=1e-12)
+    np.testing.assert_allclose(tied.model.embed_tokens.weight.grad, embedding_part + head_part, rtol=1e-9, atol=1e-13)
+    assert not np.allclose(tied.model.embed_tokens.weight.grad, head_part)         # both uses count
+
+
+@pytest.mark.parametrize("return_logits, tie_embeddings", [(True, False), (False, False), (False, True)])
+def test_every_parameter_of_a_two_layer_model_passes_gradcheck(return_logits, tie_embeddings):
+    """float64 finite differences through the whole model (embeddings, GQA attention, MLP, norms, loss), with
+    the loss from linear + cross_entropy and from the fused head, and with tied embeddings."""
     manual_seed(3)
-    model = GPT(tiny_config(d_model=8, n_heads=2, n_kv_heads=1, ffn_hidden=12, vocab_size=7, max_seq_len=6))
+    model = GPT(tiny_config(d_model=8, n_heads=2, n_kv_heads=1, ffn_hidden=12, vocab_size=7, max_seq_len=6,
+                            tie_embeddings=tie_embeddings))
     model.to(dtype=np.float64)
     for p in model.parameters():           # norm gains away from 1 so their gradients are generic
         if p.ndim == 1:
@@ -158,8 +189,11 @@ def test_every_parameter_of_a_two_layer_model_passes_gradcheck():
                 owner = owner[int(part)] if part.isdigit() else getattr(owner, part)
             originals[(id(owner), attribute)] = (owner, attribute, getattr(owner, attribute))
             setattr(owner, attribute, t)
+        if tie_embeddings:          # the head's use of the one tied matrix must see the same stand-in
+            originals[(id(model.lm_head), "weight")] = (model.lm_head, "weight", model.lm_head.weight)
+            model.lm_head.weight = model.model.embed_tokens.weight
         try:
-            _, loss = model(ids, targets)
+            _, loss = model(ids, targets, return_logits=return_logits)
         finally:
             for owner, attribute, value in originals.values():
                 setattr(owner, attribute, value)
@@ -184,14 +218,13 @@ def test_overfits_one_batch():
     assert loss.item() < 0.05
 
 
-def test_fused_head_cross_entropy_matches_composed_path():
-    from tinygrad_llm.model import HeadCrossEntropy
+def test_linear_cross_entropy_matches_composed_path():
     rng = np.random.default_rng(1)
     x, weight = rng.standard_normal((3, 70, 8)), rng.standard_normal((13, 8))   # 210 rows: several threads
     targets = rng.integers(0, 13, (3, 70))
     targets[0, :5] = -100                                                        # ignored positions
     xt, wt = Tensor(x, requires_grad=True), Tensor(weight, requires_grad=True)
-    fused = HeadCrossEntropy.apply(xt, wt, targets)
+    fused = F.linear_cross_entropy(xt, wt, targets)
     fused.backward(np.asarray(2.0))
     xr, wr = Tensor(x, requires_grad=True), Tensor(weight, requires_grad=True)
     composed = F.cross_entropy(F.linear(xr, wr), targets)
@@ -200,27 +233,27 @@ def test_fused_head_cross_entropy_matches_composed_path():
     np.testing.assert_allclose(xt.grad, xr.grad, atol=1e-12)
     np.testing.assert_allclose(wt.grad, wr.grad, atol=1e-12)
     small = targets[:1, :6]
-    assert gradcheck(lambda a, b: HeadCrossEntropy.apply(a, b, small), [x[:1, :6], weight]).ok
+    assert gradcheck(lambda a, b: F.linear_cross_entropy(a, b, small), [x[:1, :6], weight]).ok
     model = GPT(tiny_config())
     ids = rng.integers(0, 11, (2, 9))
     _, loss = model(ids, ids, return_logits=False)
     np.testing.assert_allclose(loss.item(), model(ids, ids)[1].item(), rtol=1e-5)
 
 
-def test_chunked_rms_norm_matches_the_engine_op():
-    from tinygrad_llm.model import ChunkedRMSNorm
+def test_chunked_rms_norm_matches_the_plain_path():
     rng = np.random.default_rng(2)
     x, w = rng.standard_normal((5, 300, 7)), 1 + 0.3 * rng.standard_normal(7)    # many chunks
     dy = rng.standard_normal(x.shape)
     a, wa = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
     b, wb = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
-    ya, yb = ChunkedRMSNorm.apply(a, wa, eps=1e-5), F.rms_norm(b, wb, 1e-5)
+    ya, yb = F.rms_norm(a, wa, 1e-5, chunked=True), F.rms_norm(b, wb, 1e-5, chunked=False)
+    assert ya._ctx.saved[0] == "chunked" and yb._ctx.saved[0] == "plain"
     ya.backward(dy)
     yb.backward(dy)
     np.testing.assert_allclose(ya.numpy(), yb.numpy(), atol=1e-12)
     np.testing.assert_allclose(a.grad, b.grad, atol=1e-12)
     np.testing.assert_allclose(wa.grad, wb.grad, atol=1e-10)
-    assert gradcheck(lambda t, v: ChunkedRMSNorm.apply(t, v, eps=1e-5), [x[:1, :4], w]).ok
+    assert gradcheck(lambda t, v: F.rms_norm(t, v, 1e-5, chunked=True), [x[:1, :4], w]).ok
 
 
 def test_threaded_cpu_ops_give_bit_identical_results():
@@ -248,20 +281,18 @@ def test_threaded_cpu_ops_give_bit_identical_results():
 
 
 @pytest.mark.parametrize("keep_probabilities, chunked_norm", [(False, False), (True, False), (False, True)])
-def test_cpu_tuning_switches_do_not_change_the_gradients(keep_probabilities, chunked_norm, monkeypatch):
-    import tinygrad_llm.model as model_module
+def test_op_options_do_not_change_the_gradients(keep_probabilities, chunked_norm):
     ids = np.random.default_rng(4).integers(0, 11, (3, 12))
 
-    def gradients():
+    def gradients(options):
         manual_seed(5)
-        model = GPT(tiny_config())
+        model = GPT(tiny_config(), options=options)
         model.to(dtype=np.float64)
         _, loss = model(ids[:, :-1], ids[:, 1:], return_logits=False)
         loss.backward()
         return {n: p.grad for n, p in model.named_parameters()}
 
-    reference = gradients()                                        # the defaults: both switches on
-    monkeypatch.setattr(model_module, "CPU_KEEP_PROBABILITIES", keep_probabilities)
-    monkeypatch.setattr(model_module, "CPU_CHUNKED_NORM", chunked_norm)
-    for name, grad in gradients().items():
+    reference = gradients(OpOptions())                             # the defaults: both on
+    options = OpOptions(keep_attention_probabilities=keep_probabilities, chunked_norm=chunked_norm)
+    for name, grad in gradients(options).items():
         np.testing.assert_allclose(grad, reference[name], rtol=1e-9, atol=1e-12, err_msg=name)

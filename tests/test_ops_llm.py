@@ -1,4 +1,5 @@
-"""The fused LLM ops: rms_norm, swiglu, rope, causal_attention, cross_entropy.
+"""The fused LLM ops: rms_norm, swiglu, rope, causal_attention, cross_entropy, and their packed forms
+(rope_attention, swiglu on gate‖up, linear_cross_entropy, rms_norm's plain and chunked paths).
 
 For each: a float64 gradcheck with hypothesis-chosen shapes (size-1 axes, T = 1, GQA ratios 1/2/4, the
 cached Tk > Tq case, ignore_index), the fused op against its composed `*_reference` (forward and
@@ -18,7 +19,7 @@ from tinygrad_llm.ops.activation import swiglu_reference
 from tinygrad_llm.ops.attention import causal_attention_reference
 from tinygrad_llm.ops.loss import cross_entropy_reference
 from tinygrad_llm.ops.norm import rms_norm_reference
-from tinygrad_llm.ops.rope import rope_reference
+from tinygrad_llm.ops.rope import rope_angles, rope_reference
 
 from op_helpers import assert_same_forward_and_backward, normal, relative_error, run
 
@@ -427,3 +428,126 @@ def test_cross_entropy_bad_input_is_a_clear_error(backend):
         F.cross_entropy(logits, backend.array(np.zeros((2, 3))))
     with pytest.raises(ValueError, match=r"\(N, V\) or \(B, T, V\)"):
         F.cross_entropy(backend.tensor(np.ones(4)), backend.array(np.array(0)))
+
+
+# ------------------------------------------------------------------ packed forms and the fused head
+def _composed_rope_attention(qkv, heads, kv_heads, start=0):
+    """The unpacked oracle: three slices, F.rope at the offset, F.causal_attention, laid out as (B, T, H·D)."""
+    batch, time, _, head_dim = qkv.shape
+    qkv = qkv.permute(0, 2, 1, 3)                                   # (B, T, H + 2Hkv, D) -> (B, H + 2Hkv, T, D)
+    q = F.rope(qkv[:, :heads], start)
+    k = F.rope(qkv[:, heads:heads + kv_heads], start)
+    v = qkv[:, heads + kv_heads:]
+    return F.causal_attention(q, k, v).permute(0, 2, 1, 3).reshape(batch, time, heads * head_dim)
+
+
+@st.composite
+def packed_attention_case(draw):
+    batch, time = draw(st.integers(1, 2)), draw(st.integers(1, 4))
+    group = draw(st.sampled_from([1, 2, 4]))
+    kv_heads = draw(st.integers(1, 2)) if group < 4 else 1
+    head_dim = draw(st.sampled_from([2, 4]))
+    return batch, time, kv_heads * group, kv_heads, head_dim
+
+
+@given(case=packed_attention_case(), seed=seeds, keep=st.booleans())
+def test_rope_attention_gradcheck_and_composed_reference(backend, assert_gradcheck, case, seed, keep):
+    batch, time, heads, kv_heads, head_dim = case
+    qkv = normal((batch, time, heads + 2 * kv_heads, head_dim), seed)
+    cos, sin = (backend.array(t) for t in rope_angles(np.arange(time), head_dim, 10000.0))
+
+    def packed(t):
+        return F.rope_attention(t, heads, kv_heads, cos, sin, keep_probabilities=keep)
+
+    assert_gradcheck(packed, [backend.tensor(qkv)], max_elements_per_input=24)
+    assert_same_forward_and_backward(backend, packed, lambda t: _composed_rope_attention(t, heads, kv_heads), [qkv])
+
+
+@given(case=packed_attention_case(), seed=seeds, data=st.data())
+def test_rope_attention_output_ignores_the_future(backend, case, seed, data):
+    batch, time, heads, kv_heads, head_dim = case
+    qkv = normal((batch, time, heads + 2 * kv_heads, head_dim), seed)
+    cos, sin = (backend.array(t) for t in rope_angles(np.arange(time), head_dim, 10000.0))
+    t = data.draw(st.integers(0, time - 1))
+    changed = qkv.copy()
+    changed[:, t + 1:] = normal(changed[:, t + 1:].shape, seed + 1)
+    before = F.rope_attention(backend.tensor(qkv), heads, kv_heads, cos, sin).numpy()
+    after = F.rope_attention(backend.tensor(changed), heads, kv_heads, cos, sin).numpy()
+    np.testing.assert_allclose(after[:, :t + 1], before[:, :t + 1], rtol=1e-12, atol=1e-14)
+
+
+@given(seed=seeds, cached=st.integers(0, 3), new=st.integers(1, 3))
+def test_rope_attention_with_a_cache_equals_the_last_positions(backend, seed, cached, new):
+    """Decoding: prefill `cached` positions into the stores, then `new` more; equals the full run's last rows."""
+    heads, kv_heads, head_dim, total = 4, 2, 4, cached + new
+    qkv = normal((1, total, heads + 2 * kv_heads, head_dim), seed)
+    full_tables = rope_angles(np.arange(total), head_dim, 10000.0)
+    full = F.rope_attention(backend.tensor(qkv), heads, kv_heads, *(backend.array(t) for t in full_tables)).numpy()
+    k_store = backend.array(np.zeros((1, kv_heads, total, head_dim)))
+    v_store = backend.array(np.zeros((1, kv_heads, total, head_dim)))
+    pieces = []
+    for start, end in ((0, cached), (cached, total)):
+        if end > start:
+            tables = (backend.array(t) for t in rope_angles(np.arange(start, end), head_dim, 10000.0))
+            pieces.append(F.rope_attention(backend.tensor(qkv[:, start:end]), heads, kv_heads, *tables,
+                                           cache=(k_store, v_store, start)).numpy())
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=1e-10, atol=1e-12)
+
+
+@given(shape=hnp.array_shapes(min_dims=0, max_dims=2, max_side=4), hidden=st.integers(1, 4), seed=seeds,
+       scale=st.sampled_from([0.5, 5.0]))
+def test_packed_swiglu_gradcheck_and_equals_the_two_halves(backend, assert_gradcheck, shape, hidden, seed, scale):
+    gate_up = normal(tuple(shape) + (2 * hidden,), seed, scale)
+    assert_gradcheck(F.swiglu, [backend.tensor(gate_up)])
+    assert_same_forward_and_backward(backend, F.swiglu,
+                                     lambda t: swiglu_reference(t[..., :hidden], t[..., hidden:]), [gate_up])
+
+
+def test_packed_swiglu_odd_width_is_a_clear_error(backend):
+    with pytest.raises(ValueError, match="even last axis"):
+        F.swiglu(backend.tensor(np.ones((2, 5))))
+
+
+@given(rows=st.integers(1, 6), channels=st.integers(1, 4), vocab=st.integers(2, 6), seed=seeds,
+       ignored=st.integers(0, 2))
+def test_linear_cross_entropy_gradcheck_and_composed_reference(backend, assert_gradcheck, rows, channels, vocab,
+                                                               seed, ignored):
+    x, weight = normal((rows, channels), seed), normal((vocab, channels), seed + 1)
+    targets = np.random.default_rng(seed).integers(0, vocab, rows)
+    targets[:min(ignored, rows - 1)] = -100                              # at least one row counts
+    targets = backend.array(targets)
+
+    def fused(a, b):
+        return F.linear_cross_entropy(a, b, targets)
+
+    assert_gradcheck(fused, [backend.tensor(x), backend.tensor(weight)])
+    assert_same_forward_and_backward(backend, fused, lambda a, b: cross_entropy_reference(F.linear(a, b), targets),
+                                     [x, weight])
+
+
+@given(seed=seeds, shift=st.floats(-3, 3))
+def test_linear_cross_entropy_ignores_a_shift_shared_by_every_vocabulary_row(backend, seed, shift):
+    """W + 1·cᵀ adds x·c to every logit of a row; softmax cannot see it, so the loss and dx are unchanged."""
+    x, weight = normal((5, 3), seed), normal((4, 3), seed + 1)
+    targets = backend.array(np.random.default_rng(seed).integers(0, 4, 5))
+    shifted = weight + shift * normal((1, 3), seed + 2)
+    results = []
+    for w in (weight, shifted):
+        xt = backend.tensor(x, requires_grad=True)
+        loss = F.linear_cross_entropy(xt, backend.tensor(w), targets)
+        loss.backward()
+        results.append((loss.item(), Tensor(xt.grad).numpy()))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-10)
+    # dx = G W and every row of G sums to 0, so the shared row c contributes nothing to dx either
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-9, atol=1e-12)
+
+
+@given(leading=hnp.array_shapes(min_dims=1, max_dims=2, max_side=3), channels=st.integers(1, 5), seed=seeds)
+def test_rms_norm_plain_path_gradcheck_and_reference(backend, assert_gradcheck, leading, channels, seed):
+    x, weight = normal(tuple(leading) + (channels,), seed), normal((channels,), seed + 1)
+
+    def plain(a, b):
+        return F.rms_norm(a, b, chunked=False)
+
+    assert_gradcheck(plain, [backend.tensor(x), backend.tensor(weight)])
+    assert_same_forward_and_backward(backend, plain, rms_norm_reference, [x, weight])

@@ -159,3 +159,32 @@ def test_config_errors_are_clear(text_file, tmp_path):
     train(small_config(text_file, tmp_path / "r2", max_steps=2, eval_interval=2), log=lambda m: None)
     with pytest.raises(FileExistsError, match="--resume"):
         train(small_config(text_file, tmp_path / "r2", max_steps=2, eval_interval=2), log=lambda m: None)
+
+
+def test_the_library_never_imports_the_command_line():
+    """train, its configuration, checkpoints and the data package call no parser: the CLI calls them."""
+    import ast
+    import tinygrad_llm
+    root = os.path.dirname(tinygrad_llm.__file__)
+    paths = [os.path.join(root, name) for name in ("train.py", "train_config.py", "checkpoint.py", "optim.py",
+                                                   "tokenizer.py")]
+    paths += [os.path.join(root, "data", name) for name in os.listdir(os.path.join(root, "data")) if name.endswith(".py")]
+    for path in paths:
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        for node in ast.walk(tree):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert "cli" not in name.split("."), f"{path} imports {name}"
+                assert name != "argparse", f"{path} imports argparse"
+
+
+def test_train_config_takes_its_model_fields_from_gpt_config():
+    from dataclasses import fields
+    from tinygrad_llm.train_config import MODEL_FIELDS
+    model_defaults = {f.name: f.default for f in fields(GPTConfig)}
+    assert set(MODEL_FIELDS) == set(model_defaults) - {"vocab_size", "max_seq_len"}
+    config = TrainConfig(d_model=48, n_heads=6, seq_len=20)
+    assert all(getattr(TrainConfig(), name) == model_defaults[name] for name in MODEL_FIELDS)
+    built = config.model_config(vocab_size=70)
+    assert (built.d_model, built.n_heads, built.vocab_size, built.max_seq_len) == (48, 6, 70, 20)

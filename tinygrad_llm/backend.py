@@ -1,12 +1,13 @@
-"""NumPy or CuPy: the one module that knows CuPy exists.
+"""NumPy or CuPy: the one module that imports the cupy package.
 
 Every op asks `array_module(*arrays)` for the array library of its inputs and uses only the array methods
 NumPy and CuPy share, so the same op code runs on the CPU and on the GPU. CuPy is imported lazily, the
 first time something asks for the GPU, so `import tinygrad_llm` works on a machine without it.
 
-Kernel-backed ops have one dispatch point, `kernel(op_name, *arrays)`: it returns the `tinygrad_llm.gpu`
-module when the arrays live on the GPU, fused kernels are enabled and one supports them, and None otherwise (the NumPy-expressed
-path, which is also the reference the kernels are tested against).
+The switch `set_kernels_enabled` turns the CUDA kernels off (GPU arrays then take the NumPy-expressed
+path); the dispatch point that reads it, `tinygrad_llm.gpu.kernel`, lives with the kernels. This module
+imports nothing of the package. (tinygrad_llm.gpu and precision reach CuPy's lower layers, NVRTC, cuBLAS
+and the matmul compute type, only after `cupy_module()` has given them CuPy.)
 """
 from __future__ import annotations
 
@@ -45,60 +46,17 @@ def cupy_module():
     return cp
 
 
-def set_cupy_tf32(enabled: bool) -> None:
-    """Let CuPy's float32 matmuls use TF32 tensor cores (the switch behind the CUPY_TF32 variable)."""
-    cp = cupy_module()
-    from cupy._core import _routines_linalg as linalg
-    tf32, default = 7, 1                                     # COMPUTE_TYPE_TF32, COMPUTE_TYPE_DEFAULT
-    linalg.set_compute_type(cp.float32, tf32 if enabled else default)
-
-
-def device_compute_capability() -> str:
-    """The current CUDA device's compute capability as CuPy spells it ("90" for an H100 or H200)."""
-    return str(cupy_module().cuda.Device().compute_capability)
-
-
-def compile_cubin(source: str, name: str, options) -> bytes:
-    """Compile CUDA C++ `source` with NVRTC and the given `options` (which name the target, e.g.
-    "-arch=sm_90a"), returning the cubin. CuPy's RawModule always targets the device's plain
-    architecture (sm_90), which has no wgmma; the sm_90a kernels come through here instead. CuPy's own
-    include options (the CUDA headers it found) are added. A compile error is raised with NVRTC's log."""
-    cp = cupy_module()
-    from cupy.cuda import compiler
-    from cupy_backends.cuda.libs import nvrtc
-    # the folders CuPy's own compiles search: the CUDA toolkit's headers (cuda_bf16.h), CuPy's, and any
-    # it found in a conda or wheel install
-    includes = []
-    cuda_path = cp.cuda.get_cuda_path()
-    if cuda_path:
-        includes.append(f"-I{os.path.join(cuda_path, 'include')}")
-    try:
-        from cupy._core.core import _get_header_dir_path
-        includes.append(f"-I{_get_header_dir_path()}")
-    except ImportError:
-        pass
-    includes += list(getattr(compiler, "_get_extra_include_dir_opts", tuple)())
-    program = nvrtc.createProgram(source, name, (), ())
-    try:
-        try:
-            nvrtc.compileProgram(program, list(options) + list(includes))
-        except nvrtc.NVRTCError as error:
-            raise RuntimeError(f"NVRTC could not compile {name} ({' '.join(options)}):\n"
-                               f"{nvrtc.getProgramLog(program)}") from error
-        return nvrtc.getCUBIN(program)
-    finally:
-        nvrtc.destroyProgram(program)
-
-
-def nvrtc_version() -> tuple:
+def nccl_module():
+    """CuPy's NCCL binding (cupy.cuda.nccl), for multi-GPU collectives; a clear error where it is missing."""
     cupy_module()
-    from cupy_backends.cuda.libs import nvrtc
-    return tuple(nvrtc.getVersion())
-
-
-def load_cubin_module(path: str):
-    """A cupy.RawModule over a compiled cubin file (its kernels are RawKernels like any other)."""
-    return cupy_module().RawModule(path=path)
+    try:
+        from cupy.cuda import nccl
+    except ImportError as error:
+        raise RuntimeError(f"NCCL is not available to CuPy ({error}); pip install nvidia-nccl-cu12 or the "
+                           f"wheel matching your CUDA") from None
+    if not getattr(nccl, "available", True):
+        raise RuntimeError("CuPy was built without NCCL: install the NCCL wheel matching your CUDA")
+    return nccl
 
 
 def gpu_available() -> bool:
@@ -166,22 +124,14 @@ def tune_host_allocator() -> bool:
 
 
 def set_kernels_enabled(enabled: bool) -> None:
-    """Turn the fused CUDA kernels on or off (off: GPU arrays take the NumPy-expressed path)."""
+    """Turn the CUDA kernels on or off (off: GPU arrays take the NumPy-expressed path)."""
     global _kernels_enabled
     _kernels_enabled = bool(enabled)
 
 
-def kernel(op_name: str, *arrays):
-    """The dispatch point for kernel-backed ops.
-
-    Returns the `tinygrad_llm.gpu` module when the arrays are on the GPU, kernels are enabled and a kernel
-    for `op_name` supports these arrays (dtype, shapes); otherwise None, and the op takes its
-    NumPy-expressed path, which is also the reference every kernel is tested against.
-    """
-    if not _kernels_enabled or not any(is_cupy_array(a) for a in arrays):
-        return None
-    from . import gpu  # imported only once GPU arrays exist
-    return gpu if gpu.supports(op_name, *arrays) else None
+def kernels_enabled() -> bool:
+    """Whether kernel-backed ops may use their CUDA kernels (TINYGRAD_LLM_KERNELS=0 starts with them off)."""
+    return _kernels_enabled
 
 
 def random_generator(seed, like):

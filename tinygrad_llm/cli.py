@@ -11,8 +11,9 @@
 
 Training options come from the TrainConfig defaults, then a TOML file (`--config`, sections allowed),
 then flags (`--max-steps 500`, `--no-progress`, ...), later ones winning. Errors (bad flags, missing
-paths, invalid values, corrupt checkpoints) print one `tinygrad-llm <command>: error: ...` line and exit
-with status 2 (usage) or 1 (anything else).
+paths, invalid values, corrupt checkpoints, a diverged run) print one `tinygrad-llm <command>: error: ...`
+line and exit with status 2 (usage) or 1 (anything else); Ctrl-C exits 130 (`train` saves a checkpoint
+first).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import json
 import os
 import sys
 
-EXIT_USAGE, EXIT_FAILURE = 2, 1
+EXIT_USAGE, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 
 
 class CommandError(Exception):
@@ -44,8 +45,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+_finite_float.__name__ = "float"           # argparse names the type in its messages
+
+
 def add_train_parser(subparsers):
-    from .train import CONFIG_FIELDS, TrainConfig
+    from .train_config import CONFIG_FIELDS, TrainConfig
     p = subparsers.add_parser("train", help="train a model (default: the built-in Shakespeare corpus)",
                               description="Train a Llama-style model. Defaults < --config TOML < flags.",
                               argument_default=argparse.SUPPRESS)
@@ -64,8 +78,8 @@ def add_train_parser(subparsers):
         if isinstance(default, bool):
             p.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, help=text)
         else:
-            p.add_argument(_flag(name), dest=name, type=type(default), metavar=type(default).__name__.upper(),
-                           help=text)
+            kind = _finite_float if isinstance(default, float) else type(default)
+            p.add_argument(_flag(name), dest=name, type=kind, metavar=type(default).__name__.upper(), help=text)
     return p
 
 
@@ -88,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="run directory, checkpoints/ directory or step directory")
     p.add_argument("--prompt", default="\n", help="prompt text (default: a newline)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=300)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--temperature", type=_finite_float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-p", type=_finite_float, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--best", action="store_true", help="use the best checkpoint instead of the latest")
@@ -119,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------- commands
 def run_train(args) -> int:
-    from .train import TrainConfig, config_from_dict, load_toml, train
+    from .train import train
+    from .train_config import TrainConfig, config_from_dict, load_toml
     values = {}
     if getattr(args, "config_file", None):
         values.update(load_toml(args.config_file))
@@ -133,8 +148,11 @@ def run_train(args) -> int:
     if config.data and not os.path.exists(config.data):
         raise CommandError(f"--data {config.data}: no such file or directory")
     summary = train(config)
-    if summary.get("stopped") and summary["stopped"] != "interrupted":
-        return EXIT_FAILURE
+    if summary.get("stopped") == "interrupted":
+        print(f"tinygrad-llm train: interrupted; resume with --resume --out-dir {config.out_dir}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if summary.get("stopped"):
+        raise CommandError(summary["stopped"])
     print(f"\nsaved to {os.path.join(config.out_dir, 'checkpoints')}; try: tinygrad-llm sample {config.out_dir} "
           f"--prompt 'ROMEO:'")
     return 0
@@ -149,16 +167,17 @@ def _fresh_run_dir(base: str) -> str:
 
 
 def _load(checkpoint: str, best: bool, device: str = "cpu", tokenizer_file: str | None = None):
-    from .checkpoint import load_checkpoint
+    from .checkpoint import load_checkpoint, tokenizer_from_state
     from .cli_quant import load_quantized
+    from .tokenizer import load_tokenizer
     quantized = load_quantized(checkpoint, device, tokenizer_file)      # a `tinygrad-llm quantize` run
     if quantized is not None:
         return quantized
-    from .data.shards import load_tokenizer
-    from .train import tokenizer_from_ref
     model, state = load_checkpoint(checkpoint, which="best" if best else "latest")
     model.to(device=device)
-    tokenizer = load_tokenizer(tokenizer_file) if tokenizer_file else tokenizer_from_ref(state["tokenizer"], state["directory"])
+    tokenizer = load_tokenizer(tokenizer_file) if tokenizer_file else tokenizer_from_state(state, state["directory"])
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise CommandError(f"the tokenizer has {tokenizer.vocab_size} ids but the model {model.config.vocab_size}")
     return model, state, tokenizer
 
 
@@ -181,12 +200,20 @@ def run_sample(args) -> int:
 
 
 def run_eval(args) -> int:
-    from .train import TrainConfig, build_data, config_from_dict, evaluate
+    from .checkpoint import require_field
+    from .tokenizer import tokenizer_fingerprint
+    from .train import build_data, evaluate
+    from .train_config import TrainConfig, config_from_dict
     model, state, tokenizer = _load(args.checkpoint, args.best, args.device)
-    saved = dict(state.get("train_config", {}))
+    from .train_config import CONFIG_FIELDS
+    saved = require_field(state, "train_config", dict, os.path.join(state["directory"], "state.json"))
+    saved = {k: v for k, v in saved.items() if k in CONFIG_FIELDS}     # fields of older versions are dropped
     saved.update(resume=False, progress=False)
     if args.data:
         saved["data"] = args.data
+    if saved.get("tokenizer"):                        # the run's own verified copy, wherever the run is now
+        from .checkpoint import tokenizer_file_of
+        saved["tokenizer"] = tokenizer_file_of(state, state["directory"]) or ""
     if args.batch_size:
         saved["batch_size"] = args.batch_size
     config = config_from_dict(saved, TrainConfig())
@@ -194,6 +221,9 @@ def run_eval(args) -> int:
     if data.tokenizer.vocab_size != model.config.vocab_size:
         raise CommandError(f"the data's vocabulary ({data.tokenizer.vocab_size}) is not the model's "
                            f"({model.config.vocab_size})")
+    if tokenizer_fingerprint(data.tokenizer) != tokenizer_fingerprint(tokenizer):
+        raise CommandError(f"the data of {config.data} uses another vocabulary than the model (same size "
+                           f"{tokenizer.vocab_size}, different tokens): its loss would mean nothing")
     result = evaluate(model, data.val, args.eval_iters or config.eval_iters, data.bytes_per_token, args.device)
     if state.get("quantized"):                                            # the perplexity change vs the float run
         from .cli_quant import compare_with_float
@@ -318,7 +348,7 @@ def main(argv=None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"tinygrad-llm {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
     tinygrad-llm export runs/default --gguf model.gguf --type q8_0       # llama.cpp (needs the gguf extra)
     tinygrad-llm import exported/ --out-dir runs/imported                # a run that sample/eval/export accept
 
-The tokenizer of a run is found from its checkpoint's state.json without trusting any path in it: a
-character vocabulary is stored inline; a tokenizer file is read from the run directory (`run_file`, a
+The tokenizer of a run is found by checkpoint.tokenizer_from_state, which trusts no path in state.json:
+a character vocabulary is stored inline; a tokenizer file is read from the run directory (`run_file`, a
 plain file name, resolved inside the run, so a moved run still finds it), or from the recorded path only
 when that path lies inside the run directory or its sha256 matches the one recorded. Nothing is copied:
 the tokenizer is converted (export/hf_tokenizer.py).
@@ -75,56 +75,12 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _inside(path: str, directory: str) -> bool:
-    real, root = os.path.realpath(path), os.path.realpath(directory)
-    return os.path.commonpath([real, root]) == root
-
-
 def run_tokenizer(state: dict, checkpoint_dir: str, override: str | None = None):
-    """The tokenizer of a checkpoint, found as the module docstring says; CommandError otherwise."""
-    from .data.shards import CharVocab, load_tokenizer
-    if override:
-        return load_tokenizer(override)
-    ref = state.get("tokenizer")
-    where = os.path.join(checkpoint_dir, "state.json")
-    if not isinstance(ref, dict) or not ref:
-        raise CommandError(f"{where} records no tokenizer; pass --tokenizer FILE")
-    if ref.get("type") == "char":
-        chars, specials = ref.get("chars"), ref.get("special_tokens", [])
-        if not isinstance(chars, str) or not isinstance(specials, list) or not all(isinstance(s, str) for s in specials):
-            raise CommandError(f"{where}: tokenizer.chars must be a string and tokenizer.special_tokens a list of strings")
-        try:
-            return CharVocab(list(chars), tuple(specials))
-        except ValueError as error:
-            raise CommandError(f"{where}: tokenizer: {error}") from None
-    if ref.get("type") != "file":
-        raise CommandError(f"{where}: unknown tokenizer type {ref.get('type')!r}; pass --tokenizer FILE")
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_dir)))
-    recorded_sha = ref.get("sha256") if isinstance(ref.get("sha256"), str) else None
-    candidates = []
-    run_file = ref.get("run_file")
-    if run_file is not None:
-        if not isinstance(run_file, str) or os.path.basename(run_file) != run_file or run_file in ("", ".", ".."):
-            raise CommandError(f"{where}: tokenizer.run_file must be a plain file name in the run directory, got "
-                               f"{run_file!r}")
-        candidates.append(os.path.join(run_dir, run_file))
-    path = ref.get("path")
-    if path is not None and not isinstance(path, str):
-        raise CommandError(f"{where}: tokenizer.path must be a string, got {path!r}")
-    if path:
-        candidates.append(path)
-    for candidate in candidates:
-        if not os.path.isfile(candidate):
-            continue
-        if recorded_sha is not None:
-            if _sha256(candidate) != recorded_sha:
-                raise CommandError(f"tokenizer file {candidate} does not match the sha256 recorded in {where}")
-        elif not _inside(candidate, run_dir):
-            raise CommandError(f"{where} names the tokenizer file {candidate}, outside the run directory {run_dir} and "
-                               f"without a recorded sha256; refusing to read it (pass --tokenizer FILE)")
-        return load_tokenizer(candidate)
-    raise CommandError(f"the run's tokenizer file is missing (looked at {', '.join(candidates) or 'nothing'}); "
-                       f"pass --tokenizer FILE")
+    """The tokenizer of a checkpoint (checkpoint.tokenizer_from_state: inline, or the run's verified file),
+    or the --tokenizer file given instead."""
+    from .checkpoint import tokenizer_from_state
+    from .tokenizer import load_tokenizer
+    return load_tokenizer(override) if override else tokenizer_from_state(state, checkpoint_dir)
 
 
 # ---------------------------------------------------------------------------------------------- export

@@ -84,7 +84,7 @@ def run_prepare(args) -> int:
     from .data.corpus import CorpusError, iter_shakespeare
     from .data.filters import FilterConfig
     from .data.pipeline import PipelineConfig, format_report, run_pipeline
-    from .data.shards import load_tokenizer
+    from .tokenizer import load_tokenizer
     from .data.sources import MissingInputError, SourceStats, expand_paths, iter_documents
 
     def fail(message, code=2):

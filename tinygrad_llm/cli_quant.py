@@ -36,11 +36,16 @@ def load_quantized(path: str, device: str = "cpu", tokenizer_file: str | None = 
     from .quant.runs import is_quantized_run, load_quantized_run
     if not is_quantized_run(path):
         return None
-    from .data.shards import load_tokenizer
-    from .train import tokenizer_from_ref
+    from .tokenizer import CharVocab, load_tokenizer
     model, info = load_quantized_run(path)
     model.to(device=device)
-    tokenizer = load_tokenizer(tokenizer_file) if tokenizer_file else tokenizer_from_ref(info["tokenizer"])
+    ref = info["tokenizer"]                          # a CharVocab inline, or the run's own file (absolute)
+    if tokenizer_file:
+        tokenizer = load_tokenizer(tokenizer_file)
+    elif ref.get("type") == "char":
+        tokenizer = CharVocab.from_dict(ref, os.path.join(path, "quantized.json") + " field 'tokenizer'")
+    else:
+        tokenizer = load_tokenizer(ref["path"])
     state = dict(info, step=info["source"].get("step"), quantized=info["type"])
     return model, state, tokenizer
 

@@ -2,8 +2,8 @@
 
 NumPy runs each elementwise op on one core, but it releases the GIL inside its loops (and BLAS calls),
 so two Python threads working on two halves of an array really run at once. The fused training ops
-(attention glue, SwiGLU, the output head's softmax) and the AdamW update use `parallel_ranges` to split
-their rows; GEMMs are already threaded by BLAS and stay as they are.
+(attention, SwiGLU, RMSNorm, the output head's softmax, in ops/) and the AdamW update split their rows
+with `run_chunked` / `run_row_chunks`; GEMMs are already threaded by BLAS and stay as they are.
 
 Thread count: $TINYGRAD_LLM_THREADS if set. Otherwise the pool is on only when $OPENBLAS_THREAD_TIMEOUT is
 set (then with $OPENBLAS_NUM_THREADS / $OMP_NUM_THREADS threads, else the CPU count, at most 8): OpenBLAS's
@@ -44,24 +44,6 @@ def set_thread_count(count: int) -> None:
     _threads = max(1, int(count))
 
 
-def parallel_ranges(function, total: int, min_chunk: int = 1, parts: int | None = None):
-    """Call function(start, end) over a split of range(total) into contiguous parts, in parallel.
-
-    Returns the list of results in order. Runs inline when one thread is configured, or when the
-    work is too small to split (fewer than 2·min_chunk items).
-    """
-    global _pool
-    count = min(parts or thread_count(), total // max(1, min_chunk))
-    if count <= 1:
-        return [function(0, total)]
-    bounds = [total * i // count for i in range(count + 1)]
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=thread_count(), thread_name_prefix="tinygrad_llm")
-    futures = [_pool.submit(function, start, end) for start, end in zip(bounds[1:-1], bounds[2:])]
-    first = function(bounds[0], bounds[1])          # the calling thread takes the first part
-    return [first] + [f.result() for f in futures]
-
-
 def parallel_items(function, items: list):
     """[function(item) for item in items], the items spread over the pool (the first on this thread)."""
     global _pool
@@ -96,3 +78,14 @@ def run_chunked(function, total: int, chunk: int):
 
     parallel_items(work, groups)
     return results
+
+
+CHUNK_ELEMENTS = 1 << 17     # elements per row chunk on the CPU (512 KiB of float32: stays in L2)
+
+
+def run_row_chunks(function, rows: int, width: int, xp):
+    """function(start, end) over cache-sized row ranges (about CHUNK_ELEMENTS elements each, rows of `width`
+    elements), threaded, for NumPy arrays; one call over every row for CuPy arrays (xp is their module)."""
+    if xp.__name__ != "numpy":
+        return [function(0, rows)]
+    return run_chunked(function, rows, max(1, CHUNK_ELEMENTS // max(1, width)))

@@ -11,7 +11,7 @@ from .ops.attention import CausalAttention
 from .ops.dropout import Dropout
 from .ops.elementwise import Add, Div, Exp, Log, Maximum, Mul, Neg, Pow, Sqrt, Sub, Tanh
 from .ops.embedding import Embedding
-from .ops.loss import CrossEntropy
+from .ops.loss import CrossEntropy, LinearCrossEntropy
 from .ops.matmul import Linear, MatMul
 from .ops.movement import Concatenate, GetItem, Permute, Reshape, Stack
 from .ops.norm import RMSNorm
@@ -144,8 +144,18 @@ def softmax(x, axis=-1): return Softmax.apply(ensure_tensor(x), axis=axis)
 def log_softmax(x, axis=-1): return LogSoftmax.apply(ensure_tensor(x), axis=axis)
 def silu(x): return SiLU.apply(ensure_tensor(x))
 def gelu(x): return GELU.apply(ensure_tensor(x))
-def swiglu(gate, up): return SwiGLU.apply(ensure_tensor(gate), ensure_tensor(up))
-def rms_norm(x, weight, eps=1e-5): return RMSNorm.apply(ensure_tensor(x), ensure_tensor(weight), eps=eps)
+
+
+def swiglu(gate, up=None):
+    """silu(gate) · up; with up None, gate is the packed gate‖up (..., 2F) of one stacked GEMM."""
+    if up is None:
+        return SwiGLU.apply(ensure_tensor(gate), packed=True)
+    return SwiGLU.apply(ensure_tensor(gate), ensure_tensor(up))
+
+
+def rms_norm(x, weight, eps=1e-5, chunked=True):
+    """RMSNorm over the last axis; chunked: NumPy arrays go through the threaded row-chunk path."""
+    return RMSNorm.apply(ensure_tensor(x), ensure_tensor(weight), eps=eps, chunked=chunked)
 
 
 def rope(x, positions=None, theta=10000.0):
@@ -158,10 +168,26 @@ def causal_attention(q, k, v):
     return CausalAttention.apply(ensure_tensor(q), ensure_tensor(k), ensure_tensor(v))
 
 
+def rope_attention(qkv, heads, kv_heads, cos, sin, keep_probabilities=False, cache=None):
+    """RoPE + causal attention on a packed projection qkv (B, T, H + 2Hkv, D) -> (B, T, H·D).
+
+    cos, sin: (T, D/2) tables of the positions (ops/rope.rope_angles). keep_probabilities: on the CPU,
+    keep P between forward and backward. cache: (k_store, v_store, start) for KV-cached decoding.
+    """
+    return CausalAttention.apply(ensure_tensor(qkv), packed=(heads, kv_heads, cos, sin),
+                                 keep_probabilities=keep_probabilities, cache=cache)
+
+
 def cross_entropy(logits, targets, ignore_index=-100):
     """Mean next-token loss over targets != ignore_index; logits (N, V) or (B, T, V)."""
     targets = targets.data if isinstance(targets, Tensor) else targets
     return CrossEntropy.apply(ensure_tensor(logits), targets, ignore_index=ignore_index)
+
+
+def linear_cross_entropy(x, weight, targets, ignore_index=-100):
+    """cross_entropy(linear(x, weight), targets) in one op that never keeps the (N, V) logits twice."""
+    targets = targets.data if isinstance(targets, Tensor) else targets
+    return LinearCrossEntropy.apply(ensure_tensor(x), ensure_tensor(weight), targets, ignore_index=ignore_index)
 
 
 def dropout(x, p, training=True, seed=None):

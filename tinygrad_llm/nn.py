@@ -206,15 +206,16 @@ class Embedding(Module):
 
 
 class RMSNorm(Module):
-    """Root-mean-square normalisation with a learned gain initialised at 1."""
+    """Root-mean-square normalisation with a learned gain initialised at 1 (chunked: see F.rms_norm)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5, dtype=np.float32):
+    def __init__(self, dim: int, eps: float = 1e-5, dtype=np.float32, chunked: bool = True):
         super().__init__()
         self.eps = eps
+        self.chunked = chunked
         self.weight = Parameter(np.ones(dim, dtype=dtype), dtype=dtype)
 
     def forward(self, x):
-        return F.rms_norm(x, self.weight, self.eps)
+        return F.rms_norm(x, self.weight, self.eps, chunked=self.chunked)
 
 
 class Dropout(Module):

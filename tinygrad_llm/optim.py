@@ -11,6 +11,10 @@ vectorised passes over the buffer, done in cache-sized chunks, instead of severa
 Parameter whose `.data` was replaced since (a device move, a dtype cast) is noticed and re-gathered.
 `gather_grads()` copies the gradients into a matching flat buffer and returns their global L2 norm,
 which is what clipping and the non-finite check of the training loop need.
+
+Sharded state (ZeRO stage 1, `shard=(rank, world)`): each rank keeps the moments of one contiguous
+1/world of every flat buffer and updates only those parameters; the data-parallel wrapper
+(tinygrad_llm.distributed) all-gathers the updated slices. Without `shard` the moments cover everything.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import math
 import numpy as np
 
 from . import backend
+from .gpu import kernel
 from .cpu_threads import parallel_items, split
 
 CHUNK = 1 << 16      # elements per pass of the fused update (fits the temporaries in L2)
@@ -59,13 +64,23 @@ def clip_grad_norm_(params, max_norm: float) -> float:
     return norm
 
 
+def shard_bounds(total: int, rank: int, world: int) -> tuple:
+    """[lo, hi) of the `rank`-th of `world` nearly equal contiguous parts of range(total)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"shard rank {rank} outside a world of {world}")
+    base, extra = divmod(total, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
+
+
 class _Group:
     """Parameters sharing one flat buffer, weight decay setting, dtype and device."""
 
-    def __init__(self, names, params, weight_decay):
+    def __init__(self, names, params, weight_decay, shard=None):
         self.names, self.params, self.weight_decay = list(names), list(params), float(weight_decay)
         self.sizes = [p.size for p in self.params]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int).tolist()
+        self.lo, self.hi = shard_bounds(self.offsets[-1], *(shard or (0, 1)))   # the slice this rank updates
         self.flat = self.grad = self.exp_avg = self.exp_avg_sq = None
         self.views = []
 
@@ -86,9 +101,11 @@ class _Group:
             p.data = flat[start:end].reshape(p.shape)
             self.views.append(p.data)
         moved = lambda a: None if a is None else backend.to_device(a, backend.device_of(flat)).astype(flat.dtype)
-        self.exp_avg = moved(self.exp_avg) if keep_moments and self.exp_avg is not None else xp.zeros_like(flat)
+        owned = self.hi - self.lo
+        self.exp_avg = (moved(self.exp_avg) if keep_moments and self.exp_avg is not None
+                        else xp.zeros(owned, dtype=flat.dtype))
         self.exp_avg_sq = (moved(self.exp_avg_sq) if keep_moments and self.exp_avg_sq is not None
-                           else xp.zeros_like(flat))
+                           else xp.zeros(owned, dtype=flat.dtype))
         self.flat, self.grad = flat, xp.zeros_like(flat)
 
     def is_bound(self) -> bool:
@@ -103,7 +120,7 @@ class AdamW:
     """
 
     def __init__(self, named_parameters, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, shard: tuple | None = None):
         items = list(named_parameters)
         if items and not isinstance(items[0], tuple):
             items = [(str(i), p) for i, p in enumerate(items)]
@@ -116,7 +133,9 @@ class AdamW:
         self.step_count = 0
         decay = [(n, p) for n, p in items if p.ndim >= 2]
         no_decay = [(n, p) for n, p in items if p.ndim < 2]
-        self.groups = [_Group([n for n, _ in part], [p for _, p in part], wd)
+        self.shard = None if shard is None else (int(shard[0]), int(shard[1]))
+        self.combine_shards = None     # sharded state: sums zero-padded full-size arrays over the ranks
+        self.groups = [_Group([n for n, _ in part], [p for _, p in part], wd, self.shard)
                        for part, wd in ((decay, weight_decay), (no_decay, 0.0)) if part]
         for group in self.groups:
             group.bind(keep_moments=False)
@@ -146,6 +165,14 @@ class AdamW:
                     group.grad[start:end] = 0
                 else:
                     group.grad[start:end] = p.grad.ravel()
+        return self.gathered_norm()
+
+    def gathered_norm(self) -> float:
+        """The global L2 norm of the flat gradient buffers as they are now (filled by gather_grads, or by
+        a data-parallel reduction), marking them as this step's gradients."""
+        self._ensure_bound()
+        total = 0.0
+        for group in self.groups:
             total += float(group.grad @ group.grad)        # float32 dot; inf or nan propagate
         self._gathered = True
         return math.sqrt(total) if total >= 0 else float("nan")
@@ -163,8 +190,8 @@ class AdamW:
         t = self.step_count
         step_size = lr / (1.0 - beta1 ** t)
         bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
-        buffers = [(g.flat, g.grad, g.exp_avg, g.exp_avg_sq) for g in self.groups]
-        fast = backend.kernel("adamw", *(a for group in buffers for a in group))
+        buffers = [(g.flat[g.lo:g.hi], g.grad[g.lo:g.hi], g.exp_avg, g.exp_avg_sq) for g in self.groups]
+        fast = kernel("adamw", *(a for group in buffers for a in group))
         if fast is not None:      # every group in one launch (kernels/adamw.cu), the same update
             fast.adamw_step(*(list(column) for column in zip(*buffers)), lr, beta1, beta2, self.eps,
                             [g.weight_decay for g in self.groups], t, grad_scale)
@@ -174,13 +201,13 @@ class AdamW:
             xp = backend.array_module(group.flat)
             dtype = group.flat.dtype.type
             decay = dtype(1.0 - lr * group.weight_decay)
-            total = group.offsets[-1]
+            owned = group.hi - group.lo
 
             def update(bounds, group=group, xp=xp, dtype=dtype, decay=decay):
                 tmp = xp.empty(min(CHUNK, bounds[1] - bounds[0]), dtype=group.flat.dtype)
-                for start in range(bounds[0], bounds[1], CHUNK):
+                for start in range(bounds[0], bounds[1], CHUNK):     # offsets within the owned slice
                     end = min(start + CHUNK, bounds[1])
-                    param, grad = group.flat[start:end], group.grad[start:end]
+                    param, grad = group.flat[group.lo + start:group.lo + end], group.grad[group.lo + start:group.lo + end]
                     m, v = group.exp_avg[start:end], group.exp_avg_sq[start:end]
                     scratch = tmp[:end - start]
                     if grad_scale != 1.0:
@@ -201,7 +228,7 @@ class AdamW:
                     scratch *= dtype(step_size)
                     param -= scratch
 
-            parallel_items(update, split(total, CHUNK) if xp is np else [(0, total)])
+            parallel_items(update, split(owned, CHUNK) if xp is np else [(0, owned)])
         self._gathered = False
 
     # ---------------------------------------------------------------- state
@@ -210,13 +237,24 @@ class AdamW:
         self._ensure_bound()
         arrays = {}
         for group in self.groups:
-            m, v = backend.to_numpy(group.exp_avg), backend.to_numpy(group.exp_avg_sq)
+            m, v = self._full_moment(group, group.exp_avg), self._full_moment(group, group.exp_avg_sq)
             for name, p, start, end in zip(group.names, group.params, group.offsets, group.offsets[1:]):
                 arrays[f"exp_avg.{name}"] = np.array(m[start:end].reshape(p.shape))
                 arrays[f"exp_avg_sq.{name}"] = np.array(v[start:end].reshape(p.shape))
         meta = {"step": self.step_count, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
                 "weight_decay": self.weight_decay}
         return arrays, meta
+
+    def _full_moment(self, group, owned) -> np.ndarray:
+        """A moment of the whole flat buffer on the host: this rank's slice, combined with the other
+        ranks' slices through `combine_shards` (a sum over ranks of zero-padded copies) when sharded."""
+        if self.shard is None:
+            return backend.to_numpy(owned)
+        if self.combine_shards is None:
+            raise RuntimeError("the state of a sharded AdamW needs combine_shards (set by distributed.DataParallel)")
+        full = np.zeros(group.offsets[-1], dtype=np.dtype(owned.dtype))
+        full[group.lo:group.hi] = backend.to_numpy(owned)
+        return self.combine_shards(full)
 
     def load_state_dict(self, arrays: dict, meta: dict) -> None:
         self._ensure_bound()
@@ -237,7 +275,10 @@ class AdamW:
         for group in self.groups:
             device = backend.device_of(group.flat)
             for name, start, end in zip(group.names, group.offsets, group.offsets[1:]):
-                group.exp_avg[start:end] = backend.to_device(np.ascontiguousarray(arrays[f"exp_avg.{name}"]).ravel(), device)
-                group.exp_avg_sq[start:end] = backend.to_device(
-                    np.ascontiguousarray(arrays[f"exp_avg_sq.{name}"]).ravel(), device)
+                first, last = max(start, group.lo), min(end, group.hi)     # the part of this parameter owned here
+                if first >= last:
+                    continue
+                for key, moment in (("exp_avg", group.exp_avg), ("exp_avg_sq", group.exp_avg_sq)):
+                    values = np.ascontiguousarray(arrays[f"{key}.{name}"]).ravel()[first - start:last - start]
+                    moment[first - group.lo:last - group.lo] = backend.to_device(values, device)
         self.step_count = int(meta["step"])

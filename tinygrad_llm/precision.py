@@ -6,9 +6,9 @@
 - fp32: every product in float32 (CuPy's cuBLAS default).
 - tf32: float32 arrays, but cuBLAS may round matrix-product inputs to TF32 on the tensor cores
         (CuPy's compute type for float32, what the CUPY_TF32 environment variable sets; ~3e-4 relative).
-- bf16: every Linear (ops/matmul.py) runs its three GEMMs through cublasGemmEx on bfloat16 operands
-        with float32 accumulation and returns bfloat16; dx comes back in the input's dtype and dW directly
-        in float32 from cuBLAS. Master weights, their gradients and the optimizer state stay float32;
+- bf16: every Linear (ops/matmul.py) runs its three GEMMs through cublasGemmEx (tinygrad_llm.gpu.gemm)
+        on bfloat16 operands with float32 accumulation and returns bfloat16; dx comes back in the input's
+        dtype and dW directly in float32 from cuBLAS. Master weights, their gradients and the optimizer state stay float32;
         every fused kernel computes in float32 inside. The residual stream: with LOW_PRECISION_RESIDUAL
         (the default) `activation_dtype` tells GPT to cast its embedding output, so activations are bf16
         end to end (residual, norms' outputs, attention, SwiGLU, logits); with it False the residual
@@ -16,6 +16,9 @@
         ~10% slower and 3 GiB more at the GPT-2 size, with no better validation loss measured
         (benchmarks/RESULTS.md).
 - fp16: as bf16 with float16 operands; fp16's narrow range needs dynamic loss scaling (`LossScaler`).
+
+This module holds the policy only and imports no GPU code; the GEMMs that follow it live in
+tinygrad_llm.gpu.gemm.
 
 Simplifications: one process-wide policy (not per thread); only Linear is autocast (attention has its own
 bf16/fp16 kernels; plain matmul follows NumPy's dtype rules); policies other than fp32 act on CuPy arrays
@@ -96,92 +99,15 @@ def activation_dtype(like):
 
 
 def _apply_tf32(enabled: bool) -> None:
-    """Tell CuPy's matmul whether float32 products may use TF32 (nothing to do without a GPU)."""
+    """Tell CuPy's own matmul whether float32 products may use TF32 tensor cores (the switch behind the
+    CUPY_TF32 variable); nothing to do without a GPU. The policy's cuBLAS GEMM (tinygrad_llm.gpu.gemm)
+    reads `get_policy().tf32` itself."""
     if not backend.gpu_available():
         return
-    backend.set_cupy_tf32(enabled)
-
-
-# ------------------------------------------------------------------ Linear under bf16 / fp16
-def linear_supported(x, weight) -> bool:
-    """Whether the current policy runs this Linear in low precision (GPU arrays of float dtypes)."""
-    return (_current.compute is not None and backend.is_cupy_array(x) and backend.is_cupy_array(weight)
-            and np.dtype(x.dtype).name in ("float32", "bfloat16", "float16")
-            and np.dtype(weight.dtype).name in ("float32", "bfloat16", "float16"))
-
-
-def linear_forward(x, weight):
-    """y = x @ Wᵀ with both operands in the policy's low dtype, float32 accumulation, y in that dtype.
-
-    Returns (y, x_low, weight_low): the low-precision operands are what the backward needs (saving them
-    instead of x and W halves the memory a float32 x would take).
-    """
     cp = backend.cupy_module()
-    low = dtype_named(_current.compute)
-    x_low = cp.ascontiguousarray(x.astype(low, copy=False))
-    weight_low = cp.ascontiguousarray(weight.astype(low, copy=False))
-    x2 = x_low.reshape(-1, x.shape[-1])                                      # (..., in) -> (N, in)
-    y = gemm(x2, weight_low, transpose_b=True, out_dtype=low)               # (N, out)
-    return y.reshape(*x.shape[:-1], weight.shape[0]), x_low, weight_low     # -> (..., out)
-
-
-def linear_backward(dy, x_low, weight_low, dtypes, needs_input_grad=(True, True)):
-    """dx = dy @ W (in x's dtype), dW = dyᵀ @ x summed over the leading axes (in W's dtype, float32 for
-    master weights: cuBLAS writes the float32 accumulator directly), from the saved low operands."""
-    cp = backend.cupy_module()
-    x_dtype, weight_dtype = dtypes
-    dy_low = cp.ascontiguousarray(dy.astype(x_low.dtype, copy=False))
-    dy2 = dy_low.reshape(-1, dy.shape[-1])                                   # (..., out) -> (N, out)
-    dx = dweight = None
-    if needs_input_grad[0]:
-        dx = gemm(dy2, weight_low, out_dtype=x_dtype).reshape(x_low.shape)   # (N, in) -> (..., in)
-    if len(needs_input_grad) > 1 and needs_input_grad[1]:
-        dweight = gemm(dy2, x_low.reshape(-1, x_low.shape[-1]), transpose_a=True, out_dtype=weight_dtype)
-    return dx, dweight
-
-
-_CUDA_TYPE = {"float32": 0, "float16": 2, "bfloat16": 14}   # cudaDataType: CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF
-_OP_N, _OP_T = 0, 1
-_COMPUTE_32F = 68                                           # CUBLAS_COMPUTE_32F: float32 accumulation
-_GEMM_DEFAULT_TENSOR_OP = 99
-
-
-def gemm(a, b, transpose_a=False, transpose_b=False, out_dtype=None):
-    """op(a) @ op(b) through cublasGemmEx, float32 accumulation, result in `out_dtype` (default a's).
-
-    a, b: C-contiguous 2-D CuPy arrays of one dtype (bfloat16, float16 or float32); op transposes when
-    asked. cuBLAS is column-major: a row-major C = op(a) op(b) is the column-major Cᵀ = op(b)ᵀ op(a)ᵀ,
-    and a row-major matrix read column-major is its transpose, so b goes first and neither is copied.
-    """
-    cp = backend.cupy_module()
-    from cupy_backends.cuda.libs import cublas
-    if a.dtype != b.dtype or a.ndim != 2 or b.ndim != 2 or not (a.flags.c_contiguous and b.flags.c_contiguous):
-        raise ValueError("gemm: a and b must be C-contiguous 2-D arrays of one dtype")
-    rows, inner = (a.shape[1], a.shape[0]) if transpose_a else a.shape
-    inner_b, cols = (b.shape[1], b.shape[0]) if transpose_b else b.shape
-    if inner != inner_b:
-        raise ValueError(f"gemm: inner dimensions differ ({inner} vs {inner_b})")
-    out_dtype = np.dtype(out_dtype or a.dtype)
-    out = cp.empty((rows, cols), dtype=out_dtype)
-    if out.size == 0:
-        return out
-    if inner == 0:
-        out.fill(0)
-        return out
-    one, zero = np.ones(1, dtype=np.float32), np.zeros(1, dtype=np.float32)
-    in_type, out_type = _CUDA_TYPE[np.dtype(a.dtype).name], _CUDA_TYPE[out_dtype.name]
-    compute = _COMPUTE_32F
-    if in_type == 0 and _current.tf32:
-        compute = 77                                         # CUBLAS_COMPUTE_32F_FAST_TF32
-    handle = cp.cuda.device.get_cublas_handle()
-    cublas.setPointerMode(handle, 0)                         # CUBLAS_POINTER_MODE_HOST: alpha, beta on the host
-    cublas.gemmEx(handle, _OP_T if transpose_b else _OP_N, _OP_T if transpose_a else _OP_N,
-                  cols, rows, inner,
-                  one.ctypes.data, b.data.ptr, in_type, b.shape[1],
-                  a.data.ptr, in_type, a.shape[1],
-                  zero.ctypes.data, out.data.ptr, out_type, cols,
-                  compute, _GEMM_DEFAULT_TENSOR_OP)
-    return out
+    from cupy._core import _routines_linalg as linalg
+    tf32, default = 7, 1                                     # COMPUTE_TYPE_TF32, COMPUTE_TYPE_DEFAULT
+    linalg.set_compute_type(cp.float32, tf32 if enabled else default)
 
 
 # ------------------------------------------------------------------ fp16: dynamic loss scaling

@@ -192,11 +192,14 @@ class Tensor:
         raise TypeError("the truth value of a Tensor is ambiguous; compare .numpy() or use .item()")
 
     # ---------------------------------------------------------------- the backward pass
-    def backward(self, grad=None, retain_graph: bool = False) -> None:
+    def backward(self, grad=None, retain_graph: bool = False, on_leaf_grad=None) -> None:
         """Accumulate d(self)/d(leaf) · grad into every leaf's .grad that requires one.
 
         `grad` defaults to 1 for a one-element tensor. With retain_graph=False (the default) the saved
         arrays of every Function on the way are freed once used, and the graph is cut.
+        `on_leaf_grad(tensor)` is called as soon as a leaf's .grad is final for this pass (every use of
+        the leaf has sent its gradient): data-parallel training starts reducing gradients then, while the
+        rest of the backward pass runs.
         """
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad (no input required one, "
@@ -224,6 +227,8 @@ class Tensor:
                 # a copy: dy may be shared with another tensor's gradient or be the caller's `grad` array
                 tensor.grad = dy.copy() if tensor.grad is None else tensor.grad + dy
             if function is None:
+                if on_leaf_grad is not None:
+                    on_leaf_grad(tensor)
                 continue
             if function._freed:
                 raise RuntimeError(

@@ -895,3 +895,120 @@ class Tokenizer:
         with open(path, "w", encoding="ascii") as file:
             for data, rank in sorted(self._ranks.items(), key=lambda item: item[1]):
                 file.write(f"{base64.b64encode(data).decode('ascii')} {rank}\n")
+
+
+# ---------------------------------------------------------------------------------------------- char level
+END_OF_TEXT = "<|endoftext|>"
+
+
+class CharVocab:
+    """A character-level vocabulary: one id per distinct character, sorted, then special tokens.
+
+    `encode_ordinary` matches the Tokenizer protocol; a character outside the vocabulary raises KeyError
+    naming it. Saved as JSON (`vocab.json`), never pickled."""
+
+    def __init__(self, chars, special_tokens=(END_OF_TEXT,)):
+        self.chars = list(chars)
+        if len(set(self.chars)) != len(self.chars):
+            raise ValueError("duplicate characters in vocabulary")
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.special_tokens = {s: len(self.chars) + i for i, s in enumerate(special_tokens)}
+        self.itos = {i: c for c, i in self.stoi.items()}
+        self.itos.update({i: s for s, i in self.special_tokens.items()})
+
+    @classmethod
+    def from_text(cls, text_or_texts, special_tokens=(END_OF_TEXT,)):
+        chars = set()
+        for text in ([text_or_texts] if isinstance(text_or_texts, str) else text_or_texts):
+            chars.update(text)
+        return cls(sorted(chars), special_tokens)
+
+    @property
+    def vocab_size(self):
+        return len(self.chars) + len(self.special_tokens)
+
+    @property
+    def eot_id(self):
+        return self.special_tokens.get(END_OF_TEXT)
+
+    def encode_ordinary(self, text):
+        stoi = self.stoi
+        try:
+            return [stoi[c] for c in text]
+        except KeyError as e:
+            raise KeyError(f"character {e.args[0]!r} is not in the vocabulary") from None
+
+    def encode(self, text):
+        return self.encode_ordinary(text)
+
+    def decode(self, ids):
+        return "".join(self.itos[int(i)] for i in ids)
+
+    def save(self, path):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"type": "char", "chars": "".join(self.chars), "special_tokens": list(self.special_tokens)},
+                      f, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, state, where="vocab.json"):
+        """A CharVocab from its JSON object; ValueError naming `where` and the field for anything malformed."""
+        if not isinstance(state, dict) or state.get("type") != "char":
+            raise ValueError(f"{where} is not a CharVocab file (expected an object with \"type\": \"char\")")
+        chars, specials = state.get("chars"), state.get("special_tokens", [])
+        if not isinstance(chars, str) or not chars:
+            raise ValueError(f"{where}: field 'chars' must be a non-empty string, got {chars!r:.60}")
+        if not isinstance(specials, list) or not all(isinstance(s, str) and s for s in specials):
+            raise ValueError(f"{where}: field 'special_tokens' must be a list of strings, got {specials!r:.60}")
+        if len(set(chars)) != len(chars) or len(set(specials)) != len(specials) or set(chars) & set(specials):
+            raise ValueError(f"{where}: field 'chars' or 'special_tokens' repeats an entry")
+        return cls(list(chars), tuple(specials))
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                state = json.load(f)
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not a CharVocab file (not UTF-8 text)") from None
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a CharVocab file (not valid JSON: {error.msg})") from None
+        return cls.from_dict(state, str(path))
+
+
+def load_tokenizer(path):
+    """A tokenizer file: a CharVocab (`"type": "char"`, as in vocab.json) or a byte-level BPE Tokenizer
+    file, told apart by their JSON. FileNotFoundError for a missing path, ValueError for a bad file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        content = None                       # Tokenizer.load names what is wrong with the file
+    if isinstance(content, dict) and content.get("type") == "char":
+        return CharVocab.from_dict(content, str(path))
+    if isinstance(content, (list, str, int, float)) or (isinstance(content, dict) and "format" not in content):
+        raise ValueError(f"{path} is neither a CharVocab file (\"type\": \"char\") nor a tinygrad_llm "
+                         f"tokenizer file (\"format\": \"{FILE_FORMAT}\")")
+    return Tokenizer.load(path)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 over what every id means (its bytes, special tokens by name): two tokenizers of the same
+    size but different vocabularies get different fingerprints."""
+    digest = hashlib.sha256()
+    specials = getattr(tokenizer, "special_tokens", {})
+    specials = dict(specials) if isinstance(specials, dict) else {}
+    by_id = {i: s for s, i in specials.items()}
+    for i in range(tokenizer.vocab_size):
+        if i in by_id:
+            piece = b"\x00special:" + by_id[i].encode("utf-8")
+        elif hasattr(tokenizer, "token_bytes"):
+            try:
+                piece = tokenizer.token_bytes(i)
+            except ValueError:
+                piece = b"\x00unused"
+        else:
+            piece = tokenizer.decode([i]).encode("utf-8")
+        digest.update(len(piece).to_bytes(4, "little") + piece)
+    return digest.hexdigest()

@@ -1,23 +1,28 @@
-"""Pretraining: the configuration, the data sources, the training loop with evaluation and checkpoints.
+"""Pretraining: the training loop, as step / evaluate / checkpoint / resume functions, and `train`.
 
     from tinygrad_llm.train import TrainConfig, train
     summary = train(TrainConfig(data="../shared/data/tinyshakespeare.txt", max_steps=2000, out_dir="runs/char"))
 
-Data (`TrainConfig.data`):
-  * a directory prepared by `tinygrad-llm prepare` (llm.c shards `*_train_*.bin` / `*_val_*.bin`, and
-    `vocab.json` for the character tokenizer or a BPE file given as `tokenizer=`): batches come from
-    `tinygrad_llm.data.DataLoader`, shuffled windows, a pure function of (seed, batch index);
-  * a plain `.txt` file: character-level, the first 90 % for training and the rest for validation
-    (nanoGPT's shakespeare_char split), windows at random offsets drawn from (seed, batch index);
-  * empty: the built-in Shakespeare corpus, fetched and prepared once into the cache.
+The configuration is `tinygrad_llm.train_config` (TrainConfig, config_from_dict, load_toml), the data
+`tinygrad_llm.data.feed` (build_data and the batch sources); both are re-exported here.
 
-The loop, per optimizer step: `grad_accum` micro-batches, each loss scaled by 1/grad_accum before its
-backward (so gradients are the mean over the micro-batches); the global gradient norm; a non-finite loss
-or norm skips the update (logged; `max_bad_steps` in a row stop the run, keeping the last good
-checkpoint); clipping to `grad_clip`; AdamW at the warmup + cosine learning rate. Every `eval_interval`
-steps: validation loss, perplexity and bits per byte over `eval_iters` fixed batches, a checkpoint, and
-best.json when the validation loss improved. Everything a resumed run needs is in the checkpoint, so
-`resume=True` continues bit for bit (on the CPU) where the last checkpoint left off.
+The loop, per optimizer step (`train_step`): `grad_accum` micro-batches, each loss scaled by
+1/grad_accum before its backward (so gradients are the mean over the micro-batches); the global gradient
+norm; a non-finite loss or norm skips the update (logged; `max_bad_steps` in a row stop the run);
+clipping to `grad_clip`; AdamW at the warmup + cosine learning rate. Every `eval_interval` steps
+(`evaluate`): validation loss, perplexity and bits per byte over `eval_iters` fixed batches, then a
+checkpoint (`save_training_checkpoint`) and best.json when the validation loss improved. Everything a
+resumed run needs is in the checkpoint (`resume_training`), so `resume=True` continues bit for bit (on
+the CPU) where the last checkpoint left off, metrics.jsonl included.
+
+Divergence: a loss above 2·ln(V) + 1 (far worse than a uniform guess), a training loss more than
+`spike_sigma` standard deviations and 50 % above the mean of the last `spike_window` steps, a
+non-finite validation loss, or `max_bad_steps` non-finite steps in a row stop the run at once, before
+any further checkpoint: every checkpoint on disk was written before the trouble. The summary says
+`diverged` and names the last checkpoint written before it.
+
+Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and stops (`stopped == "interrupted"`;
+the CLI exits 130); a second Ctrl-C stops at once.
 
 Logs: `<out_dir>/metrics.jsonl` (one JSON object per log line, evaluation, skipped step and event),
 `<out_dir>/config.json` (the resolved configuration); a tqdm bar shows loss and tokens/s.
@@ -27,324 +32,97 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from collections import deque
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from . import backend
 from . import rng as global_rng
-from .checkpoint import CheckpointError, load_checkpoint, read_state, resolve_checkpoint, save_checkpoint
-from .data.shards import load_tokenizer
+from .checkpoint import (CheckpointError, RUN_TOKENIZER_FILE, STATE_FILE, atomic_write_bytes, atomic_write_json,
+                         check_memory, load_checkpoint, newest_verified_checkpoint, parameter_count, read_state,
+                         remove_debris, require_field, resolve_checkpoint, save_checkpoint)
+from .data.feed import (Data, RandomWindows, ShardBatches, build_data, builtin_corpus_dir,  # noqa: F401
+                        file_sha256, token_byte_lengths)
+from .distributed import DataParallel, RankSlice, communicator, install_abort_on_error, tokens_in
 from .model import GPT, GPTConfig
 from .optim import AdamW, lr_schedule
 from .tensor import no_grad
+from .train_config import (CONFIG_FIELDS, MODEL_FIELDS, TrainConfig, TrainOptions, config_from_dict,  # noqa: F401
+                           load_toml)
 
-MODEL_FIELDS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "rope_theta", "norm_eps",
-                "tie_embeddings", "dropout")
+__all__ = [  # the loop, and the configuration and data names re-exported for callers of `train`
+    "train", "train_step", "evaluate", "checkpoint_state", "save_training_checkpoint", "resume_training",
+    "StepResult", "LoopState", "DivergenceMonitor", "MetricsLog", "training_memory_bytes",
+    "TrainConfig", "TrainOptions", "CONFIG_FIELDS", "MODEL_FIELDS", "config_from_dict", "load_toml",
+    "Data", "RandomWindows", "ShardBatches", "build_data", "builtin_corpus_dir", "token_byte_lengths",
+]
+RESUMED_FIELDS = ("batch_size", "seq_len", "grad_accum", "seed", "data")
 
 
+# ---------------------------------------------------------------------------------------------- pieces
 @dataclass
-class TrainConfig:
-    # data
-    data: str = ""                    # prepared shard directory, a .txt file (char-level), or "" (built-in corpus)
-    tokenizer: str = ""               # tokenizer file for a shard directory without vocab.json
-    val_fraction: float = 0.1         # for a .txt file: the tail share used for validation
-    # model (vocab_size comes from the tokenizer, max_seq_len from seq_len)
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 0               # 0: as many as n_heads
-    ffn_hidden: int = 384
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    dropout: float = 0.0
-    # optimisation
-    batch_size: int = 12
-    seq_len: int = 64
-    grad_accum: int = 1
-    max_steps: int = 2000
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1         # cosine decays to lr · min_lr_ratio
-    warmup_steps: int = 100
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0            # 0 disables clipping
-    max_bad_steps: int = 5            # consecutive non-finite steps that stop the run
-    # evaluation, logging, checkpoints
-    eval_interval: int = 250
-    eval_iters: int = 20
-    log_interval: int = 10
-    keep_last: int = 2
-    sample_tokens: int = 0            # print a sample of this many tokens at the end (0: none)
-    sample_prompt: str = "\n"
-    # run
-    seed: int = 1337
-    out_dir: str = "runs/default"
-    device: str = "cpu"
-    dtype: str = "float32"            # parameter dtype
-    precision: str = "fp32"           # GPU mixed-precision policy: fp32, tf32, bf16, fp16 (tinygrad_llm.precision)
-    resume: bool = False
-    progress: bool = True
-
-    def __post_init__(self):
-        # `--dtype fp32|tf32|bf16|fp16` names a mixed-precision policy (the GPU issue's spelling): the
-        # parameters then stay float32 and the policy decides what the matmuls run in.
-        if self.dtype in ("fp32", "tf32", "bf16", "fp16"):
-            self.precision, self.dtype = self.dtype, "float32"
-
-    def validate(self) -> None:
-        problems = []
-        positive = ("d_model", "n_layers", "n_heads", "ffn_hidden", "batch_size", "seq_len", "grad_accum",
-                    "max_steps", "eval_interval", "eval_iters", "log_interval", "max_bad_steps")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "n_kv_heads", "keep_last", "sample_tokens", "eps"):
-            if getattr(self, name) < 0:
-                problems.append(f"{name} must be non-negative, got {getattr(self, name)}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            problems.append(f"lr must be a positive number, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.dtype not in ("float32", "float64", "float16", "bfloat16"):
-            problems.append(f"dtype must be float32, float64, float16 or bfloat16 (parameters) or fp32, tf32, "
-                            f"bf16 or fp16 (a precision policy), got {self.dtype!r}")
-        try:
-            backend.normalize_device(self.device)
-        except ValueError as error:
-            problems.append(str(error))
-        if self.precision not in ("fp32", "tf32", "bf16", "fp16"):
-            problems.append(f"precision must be fp32, tf32, bf16 or fp16, got {self.precision!r}")
-        if problems:
-            raise ValueError("invalid training configuration: " + "; ".join(problems))
+class StepResult:
+    loss: float                       # mean loss over the micro-batches
+    grad_norm: float                  # global gradient norm before clipping (inf/nan when non-finite)
+    lr: float
+    applied: bool                     # False: the update was skipped (non-finite loss or norm, fp16 backoff)
+    backoff: bool = False             # skipped because fp16 overflowed and the loss scale was lowered
 
 
-CONFIG_FIELDS = {f.name: f for f in fields(TrainConfig)}
+def train_step(model, optimizer, batches, step: int, config, device="cpu", scaler=None,
+               parallel=None) -> StepResult:
+    """One optimizer step: batches step·grad_accum … step·grad_accum + grad_accum − 1, AdamW at the
+    scheduled learning rate. Skips the update when the loss or the gradient norm is not finite.
+
+    `parallel` (a distributed.DataParallel): this process is one rank of a data-parallel job; `batches`
+    gives its rows of each global batch, gradients are summed over the ranks in buckets during the last
+    backward, and the loss reported is the global batch's."""
+    lr = lr_schedule(step, config.lr, config.warmup_steps, config.max_steps, config.min_lr_ratio)
+    loss_scale = scaler.scale if scaler is not None else 1.0
+    optimizer.zero_grad()
+    step_loss = 0.0
+    if parallel is not None:
+        micro_batches = [batches.batch(step * config.grad_accum + m) for m in range(config.grad_accum)]
+        shares = parallel.backward_seeds([tokens_in(y) for _, y in micro_batches])   # of the global tokens
+        for micro, (x, y) in enumerate(micro_batches):
+            _, loss = model(backend.to_device(x, device), backend.to_device(y, device), return_logits=False)
+            parallel.backward(loss, shares[micro] * loss_scale, last=micro == config.grad_accum - 1)
+            step_loss += shares[micro] * float(loss.item())
+        step_loss = float(parallel.comm.sum_host(np.array([step_loss]))[0])
+        batches.step = (step + 1) * config.grad_accum
+        grad_norm = parallel.reduce() / loss_scale
+        apply_update = parallel.step
+    else:
+        micro_batches = [batches.batch(step * config.grad_accum + m) for m in range(config.grad_accum)]
+        counts = [tokens_in(y) for _, y in micro_batches]
+        total = sum(counts)
+        for micro, (x, y) in enumerate(micro_batches):
+            _, loss = model(backend.to_device(x, device), backend.to_device(y, device), return_logits=False)
+            share = counts[micro] / total if total else 0.0     # of the step's counted targets (equal shares
+            seed = loss_scale * share                          # 1/grad_accum when no target is ignored)
+            loss.backward(backend.to_device(np.asarray(seed, dtype=loss.dtype), device))
+            step_loss += share * float(loss.item())
+        batches.step = (step + 1) * config.grad_accum
+        grad_norm = optimizer.gather_grads() / loss_scale
+        apply_update = optimizer.step
+    if scaler is not None and scaler.enabled and not scaler.update(math.isfinite(grad_norm)):
+        optimizer.zero_grad()                               # fp16 overflow: the scale was lowered, step skipped
+        return StepResult(step_loss, grad_norm, lr, False, backoff=True)
+    if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad()
+        return StepResult(step_loss, grad_norm, lr, False)
+    clip = min(1.0, config.grad_clip / (grad_norm + 1e-6)) if config.grad_clip > 0 else 1.0
+    apply_update(lr=lr, grad_scale=clip / loss_scale)
+    optimizer.zero_grad()
+    return StepResult(step_loss, grad_norm, lr, True)
 
 
-def config_from_dict(values: dict, base: TrainConfig | None = None) -> TrainConfig:
-    """A TrainConfig from a flat dict (or TOML sections, flattened), with type checks and unknown-key errors."""
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):        # [model], [train], [data] ... sections
-            flat.update(value)
-        else:
-            flat[key] = value
-    unknown = sorted(set(flat) - set(CONFIG_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown configuration keys: {', '.join(unknown)}")
-    merged = asdict(base) if base is not None else {}
-    for key, value in flat.items():
-        kind = type(getattr(TrainConfig, key)) if hasattr(TrainConfig, key) else type(value)
-        if kind is bool and not isinstance(value, bool):
-            raise ValueError(f"{key} must be true or false, got {value!r}")
-        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ValueError(f"{key} must be an integer, got {value!r}")
-        if kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{key} must be a number, got {value!r}")
-            value = float(value)
-        if kind is str and not isinstance(value, str):
-            raise ValueError(f"{key} must be a string, got {value!r}")
-        merged[key] = value
-    config = TrainConfig(**merged)
-    config.validate()
-    return config
-
-
-def load_toml(path: str) -> dict:
-    """A TOML file as a dict. `path` may also name a bundled config: "shakespeare_char" or "small_bpe"."""
-    try:
-        import tomllib                          # Python 3.11+
-    except ImportError:                         # pragma: no cover - older Pythons
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise RuntimeError("TOML config files need Python 3.11+ (tomllib) or `pip install tomli`") from None
-    bundled = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{path}.toml")
-    if not os.path.exists(path) and os.path.sep not in path and os.path.isfile(bundled):
-        path = bundled
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path} is not valid TOML: {error}") from None
-
-
-# ---------------------------------------------------------------------------------------------- data
-class RandomWindows:
-    """Batches of B windows of T + 1 tokens at random offsets in one token array (nanoGPT's get_batch).
-
-    Batch number `index` uses np.random.default_rng([seed, index]): a pure function of (seed, index),
-    so resuming needs only the index. x, y: (B, T) int64, y = x shifted by one.
-    """
-
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int):
-        if len(tokens) < seq_len + 2:
-            raise ValueError(f"{len(tokens)} tokens are too few for windows of {seq_len + 1}")
-        self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
-        self.step = 0
-        self._offsets = np.arange(seq_len + 1)
-
-    def batch(self, index: int):
-        starts = np.random.default_rng([self.seed, index]).integers(0, len(self.tokens) - self.seq_len - 1,
-                                                                     self.batch_size)
-        windows = self.tokens[starts[:, None] + self._offsets].astype(np.int64)  # (B, T + 1)
-        return windows[:, :-1], windows[:, 1:]
-
-    def state_dict(self) -> dict:
-        return {"kind": "random_windows", "step": self.step, "seed": self.seed, "batch_size": self.batch_size,
-                "seq_len": self.seq_len, "tokens": int(len(self.tokens))}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "batch_size", "seq_len", "tokens"):
-            if state.get(key) != self.state_dict()[key]:
-                raise ValueError(f"loader state has {key}={state.get(key)!r}, this data gives "
-                                 f"{self.state_dict()[key]!r}: the data or configuration changed")
-        self.step = int(state["step"])
-
-
-class ShardBatches:
-    """The data pipeline's DataLoader, addressed by batch index like RandomWindows."""
-
-    def __init__(self, loader):
-        self.loader = loader
-        self.batch_size, self.seq_len = loader.batch_size, loader.seq_len
-
-    @property
-    def step(self):
-        return self.loader.step
-
-    @step.setter
-    def step(self, value):
-        self.loader.step = value
-
-    def batch(self, index: int):
-        return self.loader.batch(index)
-
-    def state_dict(self) -> dict:
-        return dict(self.loader.state_dict(), kind="shards")
-
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict({k: v for k, v in state.items() if k != "kind"})
-
-
-@dataclass
-class Data:
-    train: object
-    val: object
-    tokenizer: object
-    tokenizer_ref: dict               # how to find the tokenizer again: {"type": ..., "path": ...}
-    bytes_per_token: np.ndarray       # (V,) UTF-8 bytes of each token id (0 for special tokens)
-
-
-def token_byte_lengths(tokenizer) -> np.ndarray:
-    """(V,) number of UTF-8 bytes each token id stands for; special tokens count 0 (for bits per byte)."""
-    specials = set(getattr(tokenizer, "special_tokens", {}).values()) if isinstance(
-        getattr(tokenizer, "special_tokens", None), dict) else set()
-    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
-    for i in range(tokenizer.vocab_size):
-        if i in specials:
-            continue
-        if hasattr(tokenizer, "token_bytes"):
-            try:
-                lengths[i] = len(tokenizer.token_bytes(i))
-                continue
-            except ValueError:
-                continue
-        try:
-            lengths[i] = len(tokenizer.decode([i]).encode("utf-8"))
-        except (KeyError, ValueError):
-            lengths[i] = 0
-    return lengths
-
-
-def builtin_corpus_dir() -> str:
-    """Prepare the built-in Shakespeare corpus (character tokenizer) once; return the shard directory."""
-    from .data.corpus import cache_dir
-    out = os.path.join(cache_dir(), "prepared", "shakespeare_char")
-    if os.path.isfile(os.path.join(out, "report.json")) and os.path.isfile(os.path.join(out, "vocab.json")):
-        return out
-    import argparse
-    from .cli_prepare import add_prepare_parser, run_prepare
-    parser = argparse.ArgumentParser(prog="tinygrad-llm")
-    add_prepare_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["prepare", "--corpus", "shakespeare", "--out", out, "--tokenizer", "char"])
-    print(f"preparing the built-in Shakespeare corpus into {out} (once)", flush=True)
-    code = run_prepare(args)
-    if code != 0:
-        raise RuntimeError(f"preparing the built-in corpus failed (exit status {code}); see the messages above")
-    return out
-
-
-def build_data(config: TrainConfig) -> Data:
-    path = config.data or builtin_corpus_dir()
-    if os.path.isfile(path):
-        from .data.shards import CharVocab
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except UnicodeDecodeError:
-            raise ValueError(f"{path} is not UTF-8 text") from None
-        if len(text) < 10 * (config.seq_len + 2):
-            raise ValueError(f"{path} holds {len(text)} characters: too little text for seq_len {config.seq_len}")
-        vocab = CharVocab.from_text(text, special_tokens=())
-        tokens = np.asarray(vocab.encode_ordinary(text), dtype=np.uint16 if vocab.vocab_size < 65536 else np.uint32)
-        split = int(len(tokens) * (1 - config.val_fraction))
-        train = RandomWindows(tokens[:split], config.batch_size, config.seq_len, config.seed)
-        val = RandomWindows(tokens[split:], config.batch_size, config.seq_len, config.seed + 1)
-        ref = {"type": "char", "chars": "".join(vocab.chars), "source": os.path.abspath(path)}
-        return Data(train, val, vocab, ref, token_byte_lengths(vocab))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"data not found: {path} (give a directory made by `tinygrad-llm prepare` or a .txt file)")
-    from .data.loader import DataLoader, shard_paths
-    tokenizer_path = config.tokenizer or os.path.join(path, "vocab.json")
-    if not os.path.isfile(tokenizer_path):
-        raise FileNotFoundError(f"{path} has no vocab.json; pass the BPE tokenizer file it was prepared with "
-                                f"(--tokenizer FILE)")
-    tokenizer = load_tokenizer(tokenizer_path)
-    train = ShardBatches(DataLoader(shard_paths(path, "train"), config.batch_size, config.seq_len, seed=config.seed))
-    try:
-        val_paths = shard_paths(path, "val")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} has no validation shards (*_val_*.bin); prepare with --val-fraction > 0") from None
-    val = ShardBatches(DataLoader(val_paths, config.batch_size, config.seq_len, seed=config.seed, shuffle=False))
-    ref = {"type": "file", "path": os.path.abspath(tokenizer_path)}
-    return Data(train, val, tokenizer, ref, token_byte_lengths(tokenizer))
-
-
-def tokenizer_from_ref(ref: dict, checkpoint_dir: str | None = None):
-    """Rebuild the tokenizer a checkpoint refers to (its run's copy when the original path moved)."""
-    from .data.shards import CharVocab
-    if ref.get("type") == "char":
-        return CharVocab(list(ref["chars"]), special_tokens=tuple(ref.get("special_tokens", ())))
-    if ref.get("type") == "file":
-        candidates = [ref["path"]]
-        if checkpoint_dir and ref.get("run_file"):   # <run>/checkpoints/step_N/ -> <run>/tokenizer.json
-            candidates.insert(0, os.path.join(checkpoint_dir, os.pardir, os.pardir, ref["run_file"]))
-        for path in candidates:
-            if os.path.isfile(path):
-                return load_tokenizer(path)
-        raise FileNotFoundError(f"the checkpoint's tokenizer file is missing (looked at {', '.join(candidates)}); "
-                                f"pass --tokenizer FILE")
-    raise ValueError(f"unknown tokenizer reference {ref!r}")
-
-
-# ---------------------------------------------------------------------------------------------- loop
 def evaluate(model: GPT, batches, iters: int, bytes_per_token: np.ndarray | None = None, device="cpu") -> dict:
     """Mean loss over batches 0 … iters−1 of `batches` (fixed, so evaluations compare), perplexity, bits/byte."""
     was_training = model.training
@@ -361,18 +139,62 @@ def evaluate(model: GPT, batches, iters: int, bytes_per_token: np.ndarray | None
                 total_bytes += int(bytes_per_token[np.asarray(y)].sum())
     model.train(was_training)
     mean = total_loss / count
-    result = {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0))}
+    result = {"val_loss": mean, "val_ppl": math.exp(min(mean, 700.0)) if math.isfinite(mean) else float("nan")}
     if bytes_per_token is not None and total_bytes:
         result["val_bpb"] = total_loss / math.log(2) / total_bytes
     return result
 
 
+class DivergenceMonitor:
+    """Says when a loss means the run diverged (see the module docstring); its window is saved in checkpoints."""
+
+    def __init__(self, vocab_size: int, sigma: float = 3.0, window: int = 50, recent=()):
+        self.ceiling = 2.0 * math.log(max(vocab_size, 2)) + 1.0
+        self.sigma = sigma
+        self.recent = deque((float(v) for v in recent), maxlen=window)
+
+    def check(self, loss: float, what: str = "loss") -> str | None:
+        """A reason when `loss` means divergence, else None (and the loss joins the window)."""
+        if not math.isfinite(loss):
+            return f"non-finite {what} {loss}"
+        if self.sigma > 0 and loss > self.ceiling:
+            return f"{what} {loss:.4g} is above {self.ceiling:.4g} (2·ln(V) + 1, far worse than a uniform guess)"
+        if what == "loss":
+            if self.sigma > 0 and len(self.recent) >= min(10, self.recent.maxlen):
+                mean, std = float(np.mean(self.recent)), float(np.std(self.recent))
+                if loss > mean + self.sigma * std and loss > 1.5 * mean:
+                    return (f"loss {loss:.4g} spiked {(loss - mean) / max(std, 1e-12):.1f} standard deviations over "
+                            f"the mean {mean:.4g} of the last {len(self.recent)} steps")
+            self.recent.append(loss)
+        return None
+
+
 class MetricsLog:
     """Appends JSON lines to <run>/metrics.jsonl (flushed each line, so a crash loses nothing logged)."""
 
-    def __init__(self, path: str):
+    KEPT_EVENTS = ("start", "resume", "interrupted", "diverged", "end")
+
+    def __init__(self, path: str, keep_through_step: int | None = None):
         self.path = path
+        if keep_through_step is not None and os.path.isfile(path):
+            self._truncate(keep_through_step)
         self.file = open(path, "a", encoding="utf-8")
+
+    def _truncate(self, step: int) -> None:
+        """Drop the step records after `step` (a resumed run writes them again), keeping run events."""
+        kept = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue                                  # a line cut by a crash
+                if not isinstance(record, dict):
+                    continue
+                later = isinstance(record.get("step"), int) and record["step"] > step
+                if not later or record.get("event") in self.KEPT_EVENTS:
+                    kept.append(json.dumps(record) + "\n")
+        atomic_write_bytes(self.path, "".join(kept).encode("utf-8"))
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -382,19 +204,175 @@ class MetricsLog:
         self.file.close()
 
 
+@dataclass
+class LoopState:
+    """What the loop carries from step to step and saves in every checkpoint."""
+    step: int = 0
+    best_val: float = float("inf")
+    log_window: list = field(default_factory=list)     # losses since the last log record
+    recent_losses: list = field(default_factory=list)  # the divergence monitor's window
+
+
+def checkpoint_state(config, model_config: GPTConfig, data: Data, loop: LoopState) -> dict:
+    """The JSON-able state a checkpoint holds besides the arrays: enough to resume exactly."""
+    return {"model_config": model_config.to_dict(), "train_config": asdict(config),
+            "rng": global_rng.get_state(), "loader": data.train.state_dict(), "tokenizer": data.tokenizer_ref,
+            "best_val_loss": loop.best_val, "log_window": list(loop.log_window),
+            "recent_losses": list(loop.recent_losses)}
+
+
+def save_training_checkpoint(out_dir: str, model, optimizer, state: dict, step: int, keep_last: int = 2,
+                             best: bool = False) -> str:
+    """Write <out_dir>/checkpoints/step_N atomically (see tinygrad_llm.checkpoint); returns its directory."""
+    return save_checkpoint(os.path.join(out_dir, "checkpoints"), step, model, optimizer, state,
+                           keep_last=keep_last, best=best)
+
+
+def resume_training(out_dir: str, model, optimizer, batches, config=None) -> tuple[str | None, LoopState]:
+    """Load the newest good checkpoint of the run in out_dir into model, optimizer, the global RNG and
+    `batches`; returns (its directory, the loop state). (None, LoopState()) when the run holds no complete
+    checkpoint yet (a crash inside the first save): the run then starts from step 0, as it would have.
+    `config` (a TrainConfig): refuse a checkpoint trained with other batch shapes, seed or data."""
+    checkpoint_dir = os.path.join(out_dir, "checkpoints")
+    remove_debris(checkpoint_dir)
+    try:
+        directory = resolve_checkpoint(out_dir)
+    except CheckpointError:
+        if not os.path.isdir(out_dir):
+            raise CheckpointError(f"--resume: {out_dir} does not exist") from None
+        if newest_verified_checkpoint(checkpoint_dir) is None and not _has_pointer(checkpoint_dir):
+            return None, LoopState()
+        raise
+    where = os.path.join(directory, STATE_FILE)
+    state = read_state(directory)
+    saved = require_field(state, "train_config", dict, where)
+    for name, kind in (("rng", dict), ("loader", dict), ("tokenizer", dict)):
+        require_field(state, name, kind, where)
+    if config is not None:
+        def same(key):
+            if key == "data":
+                return os.path.abspath(saved.get(key) or "") == os.path.abspath(config.data)
+            return saved.get(key) == getattr(config, key)
+        changed = [k for k in RESUMED_FIELDS if not same(k)]
+        if changed:
+            raise CheckpointError(f"--resume: the checkpoint in {directory} was trained with different "
+                                  + ", ".join(f"{k} ({saved.get(k)!r} vs now {getattr(config, k)!r})" for k in changed))
+    _, state = load_checkpoint(directory, model=model, optimizer=optimizer)
+    try:
+        global_rng.set_state(state["rng"])
+    except (TypeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{where}: field 'rng' is not a generator state: {error}") from None
+    try:
+        batches.load_state_dict(state["loader"])
+    except ValueError as error:
+        raise CheckpointError(f"{where}: field 'loader': {error}") from None
+    best = state.get("best_val_loss", float("inf"))
+    window, recent = state.get("log_window", []), state.get("recent_losses", [])
+    for name, value in (("log_window", window), ("recent_losses", recent)):
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) for v in value):
+            raise CheckpointError(f"{where}: field {name!r} must be a list of numbers")
+    if not isinstance(best, (int, float)):
+        raise CheckpointError(f"{where}: field 'best_val_loss' must be a number, got {best!r:.40}")
+    return directory, LoopState(int(state["step"]), float(best), list(window), list(recent))
+
+
+def _has_pointer(checkpoint_dir: str) -> bool:
+    return any(os.path.isfile(os.path.join(checkpoint_dir, f"{which}.json")) for which in ("latest", "best"))
+
+
+def training_memory_bytes(model_config: GPTConfig, batch_size: int, itemsize: int = 4) -> float:
+    """A lower bound on what training needs: parameters, gradients and two AdamW moments, the logits,
+    and per layer the activations and attention probabilities kept for backward."""
+    params = parameter_count(model_config.to_dict())
+    tokens = batch_size * model_config.max_seq_len
+    per_layer = tokens * (10 * model_config.d_model + 3 * model_config.ffn_hidden) \
+        + batch_size * model_config.n_heads * model_config.max_seq_len ** 2
+    return itemsize * (4 * params + 3 * tokens * model_config.vocab_size + model_config.n_layers * per_layer)
+
+
 def _dtype(name: str):
     if name == "bfloat16":
         raise ValueError("dtype bfloat16 needs the GPU backend's support; NumPy has no bfloat16")
     return np.dtype(name)
 
 
-def model_config_for(config: TrainConfig, vocab_size: int) -> GPTConfig:
-    return GPTConfig(vocab_size=vocab_size, max_seq_len=config.seq_len,
-                     **{name: getattr(config, name) for name in MODEL_FIELDS})
+def model_config_for(config, vocab_size: int) -> GPTConfig:
+    return config.model_config(vocab_size)
 
 
-def train(config: TrainConfig, log=None) -> dict:
-    """Run (or resume) training; returns a summary dict (steps, losses, timings, checkpoint paths).
+def _resolve_paths(config) -> None:
+    """Absolute data and tokenizer paths, so eval, export and resume work from any directory."""
+    if not config.data:                       # record the resolved path: resume and eval use the same data
+        config.data = builtin_corpus_dir(progress=config.progress)
+    config.data = os.path.abspath(config.data)
+    if config.tokenizer:
+        config.tokenizer = os.path.abspath(config.tokenizer)
+
+
+def _adopt_tokenizer(out_dir: str, data: Data, resumed_state: dict | None) -> None:
+    """A tokenizer file travels with the run: copied to <out_dir>/tokenizer.json and checksummed there."""
+    if data.tokenizer_ref.get("type") != "file":
+        return
+    if resumed_state is not None:             # the run's recorded reference stays what it was
+        data.tokenizer_ref = resumed_state["tokenizer"]
+        return
+    copy = os.path.join(out_dir, RUN_TOKENIZER_FILE)
+    source = data.tokenizer_ref["path"]
+    if os.path.abspath(source) != os.path.abspath(copy):
+        tmp = copy + ".tmp"
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, copy)
+    digest = file_sha256(copy)
+    if digest != data.tokenizer_ref.get("sha256"):
+        raise RuntimeError(f"the tokenizer file {source} changed while it was copied into {out_dir}")
+    data.tokenizer_ref = {"type": "file", "run_file": RUN_TOKENIZER_FILE, "sha256": digest,
+                          "path": os.path.abspath(copy), "source": source}
+
+
+class _InterruptFlag:
+    """Turns the first SIGINT into a flag the loop checks between steps; a second one interrupts at once."""
+
+    def __init__(self):
+        self.raised = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+class _NoMetrics:
+    """The metrics log of a rank that writes none (all but rank 0 of a data-parallel job)."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _StateOf:
+    """An optimizer stand-in whose state_dict() was already gathered (what rank 0 saves)."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train(config, log=None) -> dict:
+    """Run (or resume) training; returns a summary dict (steps, losses, timings, `stopped`, `diverged`).
 
     The precision policy of `config.precision` holds for the run and is restored afterwards."""
     from . import precision
@@ -405,7 +383,7 @@ def train(config: TrainConfig, log=None) -> dict:
         precision.set_policy(previous)
 
 
-def _train(config: TrainConfig, log=None) -> dict:
+def _train(config, log=None) -> dict:
     config.validate()
     log = log or (lambda message: print(message, flush=True))
     backend.tune_host_allocator()
@@ -413,168 +391,193 @@ def _train(config: TrainConfig, log=None) -> dict:
     dtype = _dtype(config.dtype)
     out_dir = config.out_dir
     checkpoint_dir = os.path.join(out_dir, "checkpoints")
-    if not config.data:                       # record the resolved path: resume and eval use the same data
-        config.data = builtin_corpus_dir()
+    _resolve_paths(config)
     data = build_data(config)
-    model_config = model_config_for(config, data.tokenizer.vocab_size)
+    model_config = config.model_config(data.tokenizer.vocab_size)
+    needed = training_memory_bytes(model_config, config.batch_size, dtype.itemsize) if device == "cpu" else \
+        4 * parameter_count(model_config.to_dict()) * dtype.itemsize        # on a GPU the host holds copies only
+    check_memory(needed, f"training this model (vocab {model_config.vocab_size}, d_model {model_config.d_model}, "
+                 f"seq_len {config.seq_len}, batch {config.batch_size})")
 
     from . import precision
     precision.set_policy(config.precision)          # a no-op on the CPU
     scaler = precision.LossScaler(enabled=config.precision == "fp16" and device == "cuda")
 
+    comm = communicator(device)                    # one process unless started by mpiexec
+    lead = comm.rank == 0                           # the rank that logs and writes files
+    if comm.size > 1:
+        install_abort_on_error(comm)
+        if not lead:
+            log = lambda message: None              # noqa: E731
     global_rng.manual_seed(config.seed)
     model = GPT(model_config)
     model.to(device=device, dtype=dtype)
     optimizer = AdamW(model.named_parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
-                      eps=config.eps, weight_decay=config.weight_decay)
-    start_step, best_val = 0, float("inf")
-    resumed_from = None
+                      eps=config.eps, weight_decay=config.weight_decay,
+                      shard=(comm.rank, comm.size) if config.zero and comm.size > 1 else None)
+    parallel = None
+    if comm.size > 1:
+        parallel = DataParallel(model, optimizer, comm)
+        parallel.check_same_everywhere({k: v for k, v in asdict(config).items() if k != "progress"})
+        data.train = RankSlice(data.train, comm.rank, comm.size)
+        log(f"data parallel: {comm.size} ranks over {comm.name}, {config.batch_size // comm.size} rows of each "
+            f"batch a rank, {parallel.bytes_per_step / 2**20:.1f} MiB all-reduced a step in "
+            f"{len(parallel.buckets)} buckets" + (", AdamW state sharded (ZeRO-1)" if config.zero else ""))
+    if device == "cuda":                            # say once which attention path the run takes
+        from . import gpu
+        attention_dtype = precision.get_policy().compute or np.dtype(dtype).name
+        path = gpu.attention_kernel_for(model_config.head_dim, attention_dtype)
+        log(f"attention: {path}" if path else f"attention: no kernel for head dim {model_config.head_dim}, "
+            f"using the batched-GEMM path")
+    resumed_from, resumed_state = None, None
     if config.resume:
-        try:
-            directory = resolve_checkpoint(out_dir)
-        except CheckpointError as error:
-            raise CheckpointError(f"--resume: {error}") from None
-        state = read_state(directory)
-        saved = state.get("train_config", {})
-        same = lambda k: (os.path.abspath(saved.get(k) or "") == os.path.abspath(config.data)) if k == "data" \
-            else saved.get(k) == getattr(config, k)
-        changed = [k for k in ("batch_size", "seq_len", "grad_accum", "seed", "data") if not same(k)]
-        if changed:
-            raise CheckpointError(f"--resume: the checkpoint in {directory} was trained with different "
-                                  + ", ".join(f"{k} ({saved.get(k)!r} vs now {getattr(config, k)!r})" for k in changed))
-        _, state = load_checkpoint(directory, model=model, optimizer=optimizer)
-        global_rng.set_state(state["rng"])
-        data.train.load_state_dict(state["loader"])
-        start_step, best_val = int(state["step"]), float(state.get("best_val_loss", float("inf")))
-        resumed_from = directory
-        log(f"resumed from {directory} at step {start_step}")
-    elif os.path.isdir(checkpoint_dir) and any(d.startswith("step_") for d in os.listdir(checkpoint_dir)):
-        raise FileExistsError(f"{out_dir} already holds checkpoints; pass --resume to continue that run or "
-                              f"choose another --out-dir")
+        resumed_from, loop = resume_training(out_dir, model, optimizer, data.train, config)
+        if resumed_from:
+            resumed_state = read_state(resumed_from)
+            log(f"resumed from {resumed_from} at step {loop.step}")
+        else:
+            log(f"{out_dir} holds no complete checkpoint yet; starting from step 0")
+    else:
+        if lead:
+            remove_debris(checkpoint_dir)
+        if newest_verified_checkpoint(checkpoint_dir) or _has_pointer(checkpoint_dir):
+            raise FileExistsError(f"{out_dir} already holds checkpoints; pass --resume to continue that run or "
+                                  f"choose another --out-dir")
+        loop = LoopState()
+    start_step = loop.step
 
-    os.makedirs(out_dir, exist_ok=True)
-    if data.tokenizer_ref.get("type") == "file" and not resumed_from:    # a copy travels with the run
-        import shutil
-        copy = os.path.join(out_dir, "tokenizer.json")
-        if os.path.abspath(data.tokenizer_ref["path"]) != os.path.abspath(copy):
-            shutil.copyfile(data.tokenizer_ref["path"], copy)
-        data.tokenizer_ref = {"type": "file", "path": os.path.abspath(copy), "run_file": "tokenizer.json",
-                              "source": data.tokenizer_ref["path"]}
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump({"train_config": asdict(config), "model_config": model_config.to_dict(),
-                   "tokenizer": data.tokenizer_ref}, f, indent=1)
-    metrics = MetricsLog(os.path.join(out_dir, "metrics.jsonl"))
+    if lead:
+        os.makedirs(out_dir, exist_ok=True)
+        _adopt_tokenizer(out_dir, data, resumed_state)
+        atomic_write_json(os.path.join(out_dir, "config.json"),
+                          {"train_config": asdict(config), "model_config": model_config.to_dict(),
+                           "tokenizer": data.tokenizer_ref})
+    metrics = (MetricsLog(os.path.join(out_dir, "metrics.jsonl"), keep_through_step=start_step) if lead
+               else _NoMetrics())
     metrics.write({"event": "resume" if resumed_from else "start", "step": start_step, "time": time.time(),
                    "parameters": model.num_parameters(), "device": device, "dtype": config.dtype})
     log(f"model: {model.num_parameters():,} parameters, {model_config.n_layers} layers, d_model "
         f"{model_config.d_model}, vocab {model_config.vocab_size}; {config.max_steps} steps of "
         f"{config.batch_size}×{config.seq_len}×{config.grad_accum} tokens on {device}")
 
-    def checkpoint_state(step):
-        return {"model_config": model_config.to_dict(), "train_config": asdict(config),
-                "rng": global_rng.get_state(), "loader": data.train.state_dict(),
-                "tokenizer": data.tokenizer_ref, "best_val_loss": best_val}
+    monitor = DivergenceMonitor(model_config.vocab_size, config.spike_sigma, config.spike_window, loop.recent_losses)
+    last_saved = resumed_from
+
+    def save(step, best=False):
+        nonlocal last_saved
+        loop.recent_losses = list(monitor.recent)
+        if parallel is None:
+            last_saved = save_training_checkpoint(out_dir, model, optimizer,
+                                                  checkpoint_state(config, model_config, data, loop), step,
+                                                  keep_last=config.keep_last, best=best)
+            return last_saved
+        whole = _StateOf(optimizer.state_dict())      # every rank takes part: ZeRO slices are combined
+        if lead:
+            last_saved = save_training_checkpoint(out_dir, model, whole,
+                                                  checkpoint_state(config, model_config, data, loop), step,
+                                                  keep_last=config.keep_last, best=best)
+        last_saved = comm.broadcast_object(last_saved)
+        return last_saved
 
     tokens_per_step = config.batch_size * config.seq_len * config.grad_accum
     bar = None
-    if config.progress:
+    if config.progress and lead:
         from tqdm import tqdm
         bar = tqdm(total=config.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                    file=sys.stderr)
-    bad_streak, stopped, last_eval = 0, None, {}
-    step = start_step
+    say = bar.write if bar is not None else log
+    bad_streak, stopped, diverged, last_eval = 0, None, None, {}
     train_seconds, window_tokens, window_start = 0.0, 0, time.perf_counter()
-    losses_window = []
-    last_loss = float("nan")
-    first_loss = None
+    last_loss, first_loss = float("nan"), None
     model.train()
     try:
-        while step < config.max_steps:
-            t0 = time.perf_counter()
-            lr = lr_schedule(step, config.lr, config.warmup_steps, config.max_steps, config.min_lr_ratio)
-            optimizer.zero_grad()
-            step_loss = 0.0
-            for micro in range(config.grad_accum):
-                x, y = data.train.batch(step * config.grad_accum + micro)
-                _, loss = model(backend.to_device(x, device), backend.to_device(y, device), return_logits=False)
-                seed = scaler.scale / config.grad_accum                   # mean over micro-batches (× loss scale)
-                loss.backward(backend.to_device(np.asarray(seed, dtype=loss.dtype), device))
-                step_loss += float(loss.item()) / config.grad_accum
-            data.train.step = (step + 1) * config.grad_accum
-            grad_norm = optimizer.gather_grads() / scaler.scale
-            if scaler.enabled and not scaler.update(math.isfinite(grad_norm)):   # fp16 overflow: rescale, retry
-                optimizer.zero_grad()
-                metrics.write({"event": "loss_scale_backoff", "step": step, "scale": scaler.scale})
-                step += 1
-                continue
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                bad_streak += 1
-                optimizer.zero_grad()
-                record = {"event": "skipped", "step": step, "loss": repr(step_loss), "grad_norm": repr(grad_norm),
-                          "streak": bad_streak}
-                metrics.write(record)
-                log(f"step {step}: non-finite loss {step_loss} or gradient norm {grad_norm}; update skipped "
-                    f"({bad_streak} in a row)")
-                step += 1
-                if bad_streak >= config.max_bad_steps:
-                    stopped = (f"stopped after {bad_streak} non-finite steps in a row at step {step}; the last good "
-                               f"checkpoint is kept")
-                    metrics.write({"event": "stopped", "step": step, "reason": "non-finite"})
-                    log(stopped)
+        with _InterruptFlag() as interrupt:
+            while loop.step < config.max_steps:
+                t0 = time.perf_counter()
+                result = train_step(model, optimizer, data.train, loop.step, config, device, scaler, parallel)
+                if parallel is not None:           # every rank stops at the same step
+                    interrupt.raised = bool(comm.sum_host(np.array([float(interrupt.raised)]))[0])
+                step = loop.step = loop.step + 1
+                if result.backoff:
+                    metrics.write({"event": "loss_scale_backoff", "step": step - 1, "scale": scaler.scale})
+                    continue
+                if not result.applied:
+                    bad_streak += 1
+                    metrics.write({"event": "skipped", "step": step - 1, "loss": repr(result.loss),
+                                   "grad_norm": repr(result.grad_norm), "streak": bad_streak})
+                    log(f"step {step - 1}: non-finite loss {result.loss} or gradient norm {result.grad_norm}; "
+                        f"update skipped ({bad_streak} in a row)")
+                    if bad_streak >= config.max_bad_steps:
+                        diverged = f"{bad_streak} non-finite steps in a row at step {step}"
+                        break
+                    if interrupt.raised:         # no checkpoint while the loss is not finite
+                        stopped = "interrupted"
+                        metrics.write({"event": "interrupted", "step": step, "checkpoint": last_saved})
+                        break
+                    continue
+                bad_streak = 0
+                reason = monitor.check(result.loss)
+                if reason:
+                    diverged = f"{reason} at step {step}"
                     break
-                continue
-            bad_streak = 0
-            scale = min(1.0, config.grad_clip / (grad_norm + 1e-6)) if config.grad_clip > 0 else 1.0
-            optimizer.step(lr=lr, grad_scale=scale / scaler.scale)
-            optimizer.zero_grad()
-            step += 1
-            elapsed = time.perf_counter() - t0
-            train_seconds += elapsed
-            window_tokens += tokens_per_step
-            losses_window.append(step_loss)
-            last_loss = step_loss
-            first_loss = step_loss if first_loss is None else first_loss
-            if bar is not None:
-                bar.update(1)
-            if step % config.log_interval == 0 or step == config.max_steps:
-                now = time.perf_counter()
-                tokens_per_second = window_tokens / max(now - window_start, 1e-9)
-                record = {"step": step, "loss": float(np.mean(losses_window)), "lr": lr,
-                          "grad_norm": grad_norm, "tokens_per_s": tokens_per_second, "train_s": train_seconds}
-                metrics.write(record)
+                train_seconds += time.perf_counter() - t0
+                window_tokens += tokens_per_step
+                loop.log_window.append(result.loss)
+                last_loss = result.loss
+                first_loss = result.loss if first_loss is None else first_loss
                 if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
-                elif step % (config.log_interval * 10) == 0:
-                    log(f"step {step}: loss {record['loss']:.4f}, {tokens_per_second:,.0f} tokens/s")
-                losses_window, window_tokens, window_start = [], 0, time.perf_counter()
-            if step % config.eval_interval == 0 or step == config.max_steps:
-                last_eval = evaluate(model, data.val, config.eval_iters, data.bytes_per_token, device)
-                improved = last_eval["val_loss"] < best_val
-                best_val = min(best_val, last_eval["val_loss"])
-                metrics.write(dict(last_eval, step=step, train_s=train_seconds, best=improved))
-                save_checkpoint(checkpoint_dir, step, model, optimizer, checkpoint_state(step),
-                                keep_last=config.keep_last, best=improved)
-                message = (f"step {step}: val loss {last_eval['val_loss']:.4f}, ppl {last_eval['val_ppl']:.2f}"
-                           + (f", {last_eval['val_bpb']:.3f} bits/byte" if "val_bpb" in last_eval else "")
-                           + (" (best)" if improved else "") + f", {train_seconds:.1f} s training")
-                if bar is not None:
-                    bar.write(message)
-                else:
-                    log(message)
-                window_start = time.perf_counter()      # evaluation time is not training time
+                    bar.update(1)
+                if step % config.log_interval == 0 or step == config.max_steps:
+                    now = time.perf_counter()
+                    tokens_per_second = window_tokens / max(now - window_start, 1e-9)
+                    record = {"step": step, "loss": float(np.mean(loop.log_window)), "lr": result.lr,
+                              "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_second,
+                              "train_s": train_seconds}
+                    metrics.write(record)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
+                    elif step % (config.log_interval * 10) == 0:
+                        log(f"step {step}: loss {record['loss']:.4f}, {tokens_per_second:,.0f} tokens/s")
+                    loop.log_window, window_tokens, window_start = [], 0, time.perf_counter()
+                if step % config.eval_interval == 0 or step == config.max_steps:
+                    last_eval = evaluate(model, data.val, config.eval_iters, data.bytes_per_token, device)
+                    reason = monitor.check(last_eval["val_loss"], "validation loss")
+                    if reason:
+                        diverged = f"{reason} at step {step}"
+                        break
+                    improved = last_eval["val_loss"] < loop.best_val
+                    loop.best_val = min(loop.best_val, last_eval["val_loss"])
+                    metrics.write(dict(last_eval, step=step, train_s=train_seconds, best=improved))
+                    save(step, best=improved)
+                    say(f"step {step}: val loss {last_eval['val_loss']:.4f}, ppl {last_eval['val_ppl']:.2f}"
+                        + (f", {last_eval['val_bpb']:.3f} bits/byte" if "val_bpb" in last_eval else "")
+                        + (" (best)" if improved else "") + f", {train_seconds:.1f} s training")
+                    window_start = time.perf_counter()      # evaluation time is not training time
+                elif interrupt.raised:
+                    save(step)
+                if interrupt.raised:
+                    stopped = "interrupted"
+                    metrics.write({"event": "interrupted", "step": step, "checkpoint": last_saved})
+                    log(f"interrupted at step {step}; saved {last_saved}")
+                    break
     except KeyboardInterrupt:
-        metrics.write({"event": "interrupted", "step": step})
-        log(f"interrupted at step {step}; the last checkpoint is in {checkpoint_dir}")
+        metrics.write({"event": "interrupted", "step": loop.step})
+        log(f"interrupted at step {loop.step}; the last checkpoint is {last_saved or 'none (none was written)'}")
         stopped = "interrupted"
     finally:
         if bar is not None:
             bar.close()
-    summary = {"steps": step, "start_step": start_step, "last_loss": last_loss, "first_loss": first_loss,
-               "train_seconds": train_seconds, "best_val_loss": best_val, "stopped": stopped,
-               "out_dir": out_dir, **last_eval}
+    if diverged:
+        stopped = (f"diverged: {diverged}; the last checkpoint written before the trouble is "
+                   + (last_saved or "none (no checkpoint was written)"))
+        metrics.write({"event": "diverged", "step": loop.step, "reason": diverged, "checkpoint": last_saved})
+        log(stopped)
+    summary = {"steps": loop.step, "start_step": start_step, "last_loss": last_loss, "first_loss": first_loss,
+               "train_seconds": train_seconds, "best_val_loss": loop.best_val, "stopped": stopped,
+               "diverged": bool(diverged), "last_checkpoint": last_saved, "out_dir": out_dir, **last_eval}
     metrics.write(dict(summary, event="end"))
     metrics.close()
-    if config.sample_tokens and stopped is None:
+    if config.sample_tokens and stopped is None and lead:
         from .generate import generate_text
         model.eval()
         log("\n--- sample " + "-" * 60)

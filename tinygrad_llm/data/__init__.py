@@ -1,4 +1,4 @@
-"""Data pipeline: text → clean → quality filters → dedup → classifier → token shards → loader.
+"""Data pipeline: text → clean → quality filters → dedup → classifier → token shards → loader → feed.
 
 Stages stream documents and report what they kept and why they dropped the rest; see docs/data.md.
 Nothing here imports the autograd engine except the classifier (imported lazily by the pipeline).
@@ -9,9 +9,10 @@ from .clean import clean_text, strip_gutenberg
 from .filters import FilterConfig, FILTER_NAMES, check_document, document_stats
 from .dedup import (MinHasher, shingle_hashes, exact_jaccard, estimated_jaccard, lsh_params, lsh_candidate_pairs,
                     near_duplicate_clusters, ExactDeduplicator, UnionFind)
-from .shards import (CharVocab, ShardWriter, ShardError, write_shard, read_shard, read_header, write_token_shards,
+from .shards import (ShardWriter, ShardError, write_shard, read_shard, read_header, write_token_shards,
                      SHARD_MAGIC, EOT)
 from .loader import DataLoader, shard_paths
+from .feed import Data, RandomWindows, ShardBatches, build_data, builtin_corpus_dir
 from .pipeline import PipelineConfig, run_pipeline, format_report
 from .classifier import QualityClassifier, train_classifier, load_labelled_jsonl   # engine imported only to train
 
@@ -21,7 +22,8 @@ __all__ = [
     "clean_text", "strip_gutenberg", "FilterConfig", "FILTER_NAMES", "check_document", "document_stats",
     "MinHasher", "shingle_hashes", "exact_jaccard", "estimated_jaccard", "lsh_params", "lsh_candidate_pairs",
     "near_duplicate_clusters", "ExactDeduplicator", "UnionFind",
-    "CharVocab", "ShardWriter", "ShardError", "write_shard", "read_shard", "read_header", "write_token_shards",
-    "SHARD_MAGIC", "EOT", "DataLoader", "shard_paths", "PipelineConfig", "run_pipeline", "format_report",
+    "ShardWriter", "ShardError", "write_shard", "read_shard", "read_header", "write_token_shards",
+    "SHARD_MAGIC", "EOT", "DataLoader", "shard_paths",
+    "Data", "RandomWindows", "ShardBatches", "build_data", "builtin_corpus_dir", "PipelineConfig", "run_pipeline", "format_report",
     "QualityClassifier", "train_classifier", "load_labelled_jsonl",
 ]

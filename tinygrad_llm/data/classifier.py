@@ -13,8 +13,8 @@ and is trained with softmax cross-entropy over two classes — "keep" (the `keep
 
     F.embedding(ids, W) (B, L, 2) · mask → sum over L → (B, 2) + b → F.cross_entropy
 
-and steps Adam (written here over the raw arrays; mean pooling leaves each n-gram row a tiny
-gradient, which plain SGD would need thousands of epochs to use) with a linearly decaying learning
+and steps Adam (`tinygrad_llm.optim.AdamW` without weight decay; mean pooling leaves each n-gram row a
+tiny gradient, which plain SGD would need thousands of epochs to use) with a linearly decaying learning
 rate, fastText's schedule, on the gradients the engine computes. Inference needs no graph:
 `predict_proba` is the same formula in NumPy.
 
@@ -156,6 +156,7 @@ def train_classifier(texts, labels, keep_label=None, buckets=1 << 18, ngrams=2, 
     """Train a QualityClassifier; returns (model, metrics with train/val accuracy and final loss)."""
     import tinygrad_llm.functional as F
     from tinygrad_llm import Tensor
+    from tinygrad_llm.optim import AdamW
 
     distinct = sorted(set(labels))
     if len(distinct) < 2:
@@ -177,9 +178,7 @@ def train_classifier(texts, labels, keep_label=None, buckets=1 << 18, ngrams=2, 
 
     weight = Tensor(np.zeros((buckets, 2), dtype=np.float32), requires_grad=True)
     bias = Tensor(np.zeros(2, dtype=np.float32), requires_grad=True)
-    params = [weight, bias]
-    moments = [(np.zeros_like(p.data), np.zeros_like(p.data)) for p in params]
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    optimizer = AdamW([weight, bias], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     steps_total = epochs * -(-len(train_idx) // batch_size)
     step, loss_value = 0, float("nan")
     for epoch in range(epochs):
@@ -191,19 +190,10 @@ def train_classifier(texts, labels, keep_label=None, buckets=1 << 18, ngrams=2, 
             emb = F.embedding(ids, weight)                              # (B, L) -> (B, L, 2)
             pooled = F.sum(emb * Tensor(mask), axis=1)                  # (B, L, 2) -> (B, 2)
             loss = F.cross_entropy(pooled + bias, y[idx])
-            for p in params:
-                p.grad = None
+            optimizer.zero_grad()
             loss.backward()
             step += 1
-            rate = lr * (1.0 - (step - 1) / max(1, steps_total))        # linear decay, as fastText
-            for p, (m, v) in zip(params, moments):                      # Adam on the raw arrays
-                m *= beta1
-                m += (1 - beta1) * p.grad
-                v *= beta2
-                v += (1 - beta2) * p.grad * p.grad
-                m_hat = m / (1 - beta1 ** step)
-                v_hat = v / (1 - beta2 ** step)
-                p.data -= rate * m_hat / (np.sqrt(v_hat) + eps)
+            optimizer.step(lr=lr * (1.0 - (step - 1) / max(1, steps_total)))   # linear decay, as fastText
             losses.append(float(loss.item()))
         loss_value = float(np.mean(losses))
         if log:

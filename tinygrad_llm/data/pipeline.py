@@ -20,7 +20,8 @@ import numpy as np
 from .clean import CleanStats, clean_text
 from .dedup import ExactDeduplicator, MinHasher, lsh_params, near_duplicate_clusters
 from .filters import FilterConfig, check_document
-from .shards import EOT, CharVocab, write_token_shards
+from ..tokenizer import CharVocab
+from .shards import EOT, write_token_shards
 from .sources import SourceStats
 
 REPORT_NAME = "report.json"

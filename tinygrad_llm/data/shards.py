@@ -14,7 +14,7 @@ count or which other documents exist. For a single long file (the classic char-l
 benchmark) `split="tail"` instead puts the last val_fraction of each document's characters in val.
 
 Tokenizers: anything with `encode_ordinary(text) -> list[int]`, `vocab_size` and `special_tokens`
-({str: id}) — tinygrad_llm.tokenizer.Tokenizer, or `CharVocab` below.
+({str: id}) — tinygrad_llm.tokenizer.Tokenizer or tinygrad_llm.tokenizer.CharVocab.
 """
 import hashlib
 import json
@@ -22,6 +22,8 @@ import multiprocessing
 import os
 
 import numpy as np
+
+from ..tokenizer import CharVocab, load_tokenizer  # noqa: F401  (they live with the tokenizer)
 
 SHARD_MAGIC = 20240520
 HEADER_INTS = 256
@@ -91,76 +93,6 @@ def read_shard(path, mmap=True):
     with open(path, "rb") as f:
         f.seek(HEADER_BYTES)
         return np.frombuffer(f.read(), dtype=dtype)
-
-
-class CharVocab:
-    """A character-level vocabulary: one id per distinct character, sorted, then special tokens.
-
-    `encode_ordinary` matches the Tokenizer protocol; a character outside the vocabulary raises KeyError
-    naming it. Saved as JSON, never pickled."""
-
-    def __init__(self, chars, special_tokens=(EOT,)):
-        self.chars = list(chars)
-        if len(set(self.chars)) != len(self.chars):
-            raise ValueError("duplicate characters in vocabulary")
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
-        self.special_tokens = {s: len(self.chars) + i for i, s in enumerate(special_tokens)}
-        self.itos = {i: c for c, i in self.stoi.items()}
-        self.itos.update({i: s for s, i in self.special_tokens.items()})
-
-    @classmethod
-    def from_text(cls, text_or_texts, special_tokens=(EOT,)):
-        chars = set()
-        for text in ([text_or_texts] if isinstance(text_or_texts, str) else text_or_texts):
-            chars.update(text)
-        return cls(sorted(chars), special_tokens)
-
-    @property
-    def vocab_size(self):
-        return len(self.chars) + len(self.special_tokens)
-
-    @property
-    def eot_id(self):
-        return self.special_tokens.get(EOT)
-
-    def encode_ordinary(self, text):
-        stoi = self.stoi
-        try:
-            return [stoi[c] for c in text]
-        except KeyError as e:
-            raise KeyError(f"character {e.args[0]!r} is not in the vocabulary") from None
-
-    def encode(self, text):
-        return self.encode_ordinary(text)
-
-    def decode(self, ids):
-        return "".join(self.itos[int(i)] for i in ids)
-
-    def save(self, path):
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"type": "char", "chars": "".join(self.chars), "special_tokens": list(self.special_tokens)},
-                      f, ensure_ascii=False)
-
-    @classmethod
-    def load(cls, path):
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-        if state.get("type") != "char":
-            raise ValueError(f"{path} is not a CharVocab file")
-        return cls(list(state["chars"]), tuple(state["special_tokens"]))
-
-
-def load_tokenizer(path: str):
-    """A tokenizer file: a CharVocab (vocab.json) or a byte-level BPE Tokenizer file, told apart by trying
-    the character vocabulary first. Raises FileNotFoundError for a missing path."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
-    try:
-        return CharVocab.load(path)
-    except (ValueError, KeyError, UnicodeDecodeError):
-        pass
-    from ..tokenizer import Tokenizer
-    return Tokenizer.load(path)
 
 
 def document_hash_fraction(text: str) -> float:

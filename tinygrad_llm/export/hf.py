@@ -230,7 +230,7 @@ def _read_weights(hf_dir: str) -> dict:
 def import_hf(hf_dir: str):
     """(model, tokenizer, info) from a Hugging Face Llama directory (config.json, safetensors, tokenizer.json).
 
-    Weights of any float dtype NumPy reads become float32 (bfloat16 is refused: NumPy has none). `info` holds the
+    Weights of any float dtype NumPy reads become float32 (bfloat16 where ml_dtypes is loaded, else refused). `info` holds the
     config.json dict. ExportError for anything that does not fit our model or tokenizer."""
     from ..model import GPT
     from ..nn import StateDictError
@@ -248,9 +248,10 @@ def import_hf(hf_dir: str):
     weights = _read_weights(hf_dir)
     if gpt_config.tie_embeddings:
         weights.pop("lm_head.weight", None)
-    for name, array in weights.items():
-        if array.dtype.kind != "f":
+    for name, array in list(weights.items()):
+        if array.dtype.kind != "f" and array.dtype.name != "bfloat16":        # ml_dtypes' bfloat16 has kind "V"
             raise ExportError(f"weight {name} has dtype {array.dtype}; only floating point weights are imported")
+        weights[name] = array = array.astype(np.float32)
         if not np.isfinite(array).all():
             raise ExportError(f"weight {name} holds NaN or infinite values")
     model = GPT(gpt_config)
@@ -260,7 +261,7 @@ def import_hf(hf_dir: str):
         raise ExportError(f"{hf_dir}: the weights do not fit the config (missing {missing[:4]}, unexpected "
                           f"{extra[:4]})")
     try:
-        model.load_state_dict({name: array.astype(np.float32) for name, array in weights.items()})
+        model.load_state_dict(weights)
     except StateDictError as error:
         raise ExportError(f"{hf_dir}: {error}") from None
     return model, tokenizer, {"config": config}

@@ -23,8 +23,7 @@ merges. Any other tokenizer.json is refused with a one-line reason, never approx
 """
 from __future__ import annotations
 
-from ..data.shards import CharVocab
-from ..tokenizer import Tokenizer
+from ..tokenizer import CharVocab, Tokenizer
 
 
 class HFTokenizerError(ValueError):

@@ -1,14 +1,18 @@
 """Activations and the softmax family: softmax, log_softmax, silu, gelu (tanh form), swiglu.
 
 Each has a composed `*_reference` built from primitive Tensor ops: slower, but an independent oracle for
-the tests. The logistic function is evaluated as ½(1 + tanh(x/2)), which never overflows.
+the tests. The logistic function is evaluated as ½(1 + tanh(x/2)), which never overflows. Softmax sums
+16-bit rows in float32.
 """
 from __future__ import annotations
 
 import math
 
-from ..backend import array_module, kernel
+from ..backend import array_module
+from ..gpu import kernel
+from ..cpu_threads import run_row_chunks
 from ..tensor import Function
+from .matmul import accumulation_dtype
 
 
 def sigmoid(x):
@@ -32,14 +36,15 @@ class Softmax(Function):
         xp = array_module(x)
         y = x - x.max(axis=axis, keepdims=True)           # max subtraction: exp never overflows
         xp.exp(y, out=y)
-        y /= y.sum(axis=axis, keepdims=True)
+        y /= y.sum(axis=axis, keepdims=True, dtype=accumulation_dtype(y.dtype)).astype(y.dtype)
         self.save(y=y, axis=axis)
         return y
 
     def backward(self, dy):
         y, axis = self.saved
         dx = dy * y
-        dx -= y * dx.sum(axis=axis, keepdims=True)       # y·dy − y·Σ(dy·y)
+        total = dx.sum(axis=axis, keepdims=True, dtype=accumulation_dtype(dx.dtype)).astype(dx.dtype)
+        dx -= y * total                                   # y·dy − y·Σ(dy·y)
         return dx
 
 
@@ -53,13 +58,15 @@ class LogSoftmax(Function):
     def forward(self, x, axis=-1):
         xp = array_module(x)
         shifted = x - x.max(axis=axis, keepdims=True)
-        y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+        total = xp.exp(shifted).sum(axis=axis, keepdims=True, dtype=accumulation_dtype(x.dtype))
+        y = shifted - xp.log(total).astype(x.dtype)
         self.save(y=y, axis=axis)
         return y
 
     def backward(self, dy):
         y, axis = self.saved
-        return dy - array_module(y).exp(y) * dy.sum(axis=axis, keepdims=True)
+        return dy - array_module(y).exp(y) * dy.sum(axis=axis, keepdims=True,
+                                                     dtype=accumulation_dtype(dy.dtype)).astype(dy.dtype)
 
 
 class SiLU(Function):
@@ -110,38 +117,85 @@ class SwiGLU(Function):
 
     Forward:  y = silu(g) · u = g · σ(g) · u
     Backward: du = dy · silu(g)
-              dg = dy · u · σ(g) · (1 + g · (1 − σ(g)))
+              dg = dy · u · σ(g) · (1 + g · (1 − σ(g)))      (silu'(g) = σ(g) + g σ(g)(1 − σ(g)))
     Shapes:   g, u, y, dy: (..., F)
-    Saves:    g, u   (σ(g) is recomputed: one array less to keep per layer)
+    Saves:    the path; g, u (or gate_up) and, on the array path, σ(g)   (the kernel recomputes σ)
+    Packed form, `swiglu(gate_up)`: g, u = gate_up[..., :F], gate_up[..., F:] (one GEMM against the
+    gate and up weights stacked gave both); same formulas, with dg and du written into the two halves
+    of one d(gate_up) (..., 2F) instead of the zero-filled gradients of two slices.
+    On NumPy arrays the rows are worked in cache-sized chunks spread over threads (cpu_threads).
     """
 
-    def forward(self, gate, up):
-        if gate.shape != up.shape:
-            raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
-        self.save(gate=gate, up=up)
-        fast = kernel("swiglu", gate, up)
-        if fast is not None:
-            return fast.swiglu_forward(gate, up)
-        y = sigmoid(gate)
-        y *= gate
-        y *= up
-        return y
+    def forward(self, gate, up=None, packed=False):
+        if packed:
+            if gate.shape[-1] % 2:
+                raise ValueError(f"swiglu: a packed gate‖up needs an even last axis, got {tuple(gate.shape)}")
+            hidden = gate.shape[-1] // 2
+            flat = gate.reshape(-1, 2 * hidden)                              # (..., 2F) -> (N, 2F)
+            gate2, up2 = flat[:, :hidden], flat[:, hidden:]
+            fast = kernel("swiglu_packed", gate)
+            out_shape = (*gate.shape[:-1], hidden)
+        else:
+            if up is None or gate.shape != up.shape:
+                raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up "
+                                 f"{None if up is None else tuple(up.shape)} must have the same shape")
+            gate2, up2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])   # (..., F) -> (N, F)
+            fast = kernel("swiglu", gate, up)
+            out_shape = gate.shape
+        if fast is not None:        # the CUDA kernel recomputes σ in the backward
+            self.save(path=fast, gate=gate, up=up, s=None, packed=packed)
+            return fast.swiglu_packed_forward(gate) if packed else fast.swiglu_forward(gate, up)
+        xp = array_module(gate)
+        s = xp.empty(gate2.shape, dtype=gate.dtype)
+        y = xp.empty_like(s)
+        half = gate.dtype.type(0.5)
+
+        def part(start, end):
+            g, u, sigma = gate2[start:end], up2[start:end], s[start:end]
+            xp.multiply(g, half, out=sigma)                           # σ(g) = ½ (1 + tanh(g/2)), no overflow
+            xp.tanh(sigma, out=sigma)
+            sigma *= half
+            sigma += half
+            out = y[start:end]
+            xp.multiply(g, sigma, out=out)
+            out *= u
+
+        run_row_chunks(part, gate2.shape[0], 2 * gate2.shape[1], xp)
+        self.save(path="array", gate=gate, up=up, s=s, packed=packed)
+        return y.reshape(out_shape)
 
     def backward(self, dy):
-        gate, up = self.saved
-        fast = kernel("swiglu", gate, up)
-        if fast is not None:
-            return fast.swiglu_backward(dy, gate, up)
-        s = sigmoid(gate)
-        dup = gate * s                                    # silu(g)
-        dup *= dy
-        dgate = 1 - s
-        dgate *= gate
-        dgate += 1
-        dgate *= s
-        dgate *= up
-        dgate *= dy                                       # dy · u · σ · (1 + g(1 − σ))
-        return dgate, dup
+        path, gate, up, s, packed = self.saved
+        if path != "array":         # the kernel module the forward ran
+            return path.swiglu_packed_backward(dy, gate) if packed else path.swiglu_backward(dy, gate, up)
+        xp = array_module(dy)
+        hidden = s.shape[1]
+        dy2 = dy.reshape(-1, hidden)                                         # (..., F) -> (N, F)
+        if packed:
+            flat = gate.reshape(-1, 2 * hidden)
+            gate2, up2 = flat[:, :hidden], flat[:, hidden:]
+            d_flat = xp.empty(flat.shape, dtype=dy.dtype)                    # (N, 2F): d(gate) ‖ d(up)
+            d_gate2, d_up2 = d_flat[:, :hidden], d_flat[:, hidden:]
+        else:
+            gate2, up2 = gate.reshape(-1, hidden), up.reshape(-1, hidden)
+            d_gate2, d_up2 = xp.empty_like(dy2), xp.empty_like(dy2)
+
+        def part(start, end):
+            g, u, sigma = gate2[start:end], up2[start:end], s[start:end]
+            d_gate, d_up, upstream = d_gate2[start:end], d_up2[start:end], dy2[start:end]
+            xp.multiply(upstream, g, out=d_up)
+            d_up *= sigma                                            # du = dy · silu(g)
+            t = 1 - sigma
+            t *= g
+            t += 1
+            t *= sigma                                               # σ(g)(1 + g(1 − σ(g))) = silu'(g)
+            t *= u
+            xp.multiply(upstream, t, out=d_gate)                     # dg = dy · u · silu'(g)
+
+        run_row_chunks(part, s.shape[0], 2 * hidden, xp)
+        if packed:
+            return d_flat.reshape(gate.shape)
+        return d_gate2.reshape(gate.shape), d_up2.reshape(up.shape)
 
 
 # ------------------------------------------------------------------ composed references (test oracles)

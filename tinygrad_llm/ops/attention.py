@@ -1,22 +1,34 @@
-"""Causal scaled dot-product attention with grouped-query heads.
+"""Causal scaled dot-product attention with grouped-query heads, and its packed form with RoPE.
 
-The NumPy version follows the algorithm of the CUDA flash-attention kernel, so that it is the kernel's
+The recomputing path follows the algorithm of the CUDA flash-attention kernel, so that it is the kernel's
 reference: the forward keeps only the output and the per-row log-sum-exp L of the scores; the backward
 recomputes the probabilities P = exp(S − L) from q and k instead of keeping the T×T matrix alive between
-the two passes. (The NumPy forward still forms S for one call at a time; the CUDA kernel tiles it.)
+the two passes. (The array forward still forms S for one call at a time; the CUDA kernel tiles it.)
+On the CPU the packed form may instead keep P (`keep_probabilities`): the T×T probabilities of one
+cache-sized chunk of the batch are cheap to keep, and keeping them saves the backward a GEMM and three
+passes over them.
 
 Grouped-query attention: H query heads share Hkv key/value heads, H = G · Hkv; query head h reads kv head
 h // G (consecutive query heads form a group, as Hugging Face's `repeat_kv` lays them out).
 
 Causality with a cache: keys may outnumber queries (Tk ≥ Tq, as in KV-cached generation). Query i then
 sits at absolute position Tk − Tq + i and sees keys 0 … Tk − Tq + i (the mask is aligned bottom-right).
+
+Low precision: bfloat16 scores and softmax are computed in float32 (no CuPy GEMM knows bfloat16) and P
+is cast back; every other product goes through ops/matmul.product.
 """
 from __future__ import annotations
 
 import math
 
-from ..backend import array_module, kernel
+import numpy as np
+
+from ..backend import array_module
+from ..gpu import kernel
+from ..cpu_threads import CHUNK_ELEMENTS, parallel_items, split, thread_count
 from ..tensor import Function
+from .matmul import needs_float32_products, product
+from .rope import rotate_into
 
 
 def _check_shapes(q, k, v):
@@ -66,6 +78,9 @@ def grouped_causal_probabilities(q3, k, group: int, scale: float, xp, lse=None):
     Batched products read a contiguous kᵀ: NumPy's stacked matmul is several times slower on a
     transposed view.
     """
+    low = q3.dtype
+    if needs_float32_products(low):                                       # bf16: scores and softmax in float32
+        q3, k = q3.astype(np.float32), k.astype(np.float32)
     k_transposed = xp.ascontiguousarray(k.swapaxes(-1, -2))              # (B, Hkv, Tk, D) -> (B, Hkv, D, Tk)
     s = (q3 * q3.dtype.type(scale)) @ k_transposed                        # (B, Hkv, G·Tq, Tk): q is the small side
     s += _causal_bias(q3.shape[2] // group, k.shape[2], group, s.dtype, xp)
@@ -76,67 +91,182 @@ def grouped_causal_probabilities(q3, k, group: int, scale: float, xp, lse=None):
         row_sum = s.sum(axis=-1, keepdims=True)
         lse = row_max + xp.log(row_sum)
         s *= xp.reciprocal(row_sum, out=row_sum)
-        return s, lse
+        return s.astype(low, copy=False), lse
     s -= lse
     xp.exp(s, out=s)
-    return s, lse
+    return s.astype(low, copy=False), lse
+
+
+def choose_path(q, k, v, keep_probabilities: bool):
+    """The kernel module when one applies; else "kept" (NumPy arrays, P kept) or "recompute"."""
+    fast = kernel("causal_attention", q, k, v)
+    if fast is not None:
+        return fast
+    return "kept" if keep_probabilities and array_module(q) is np else "recompute"
+
+
+def _attend(q, k, v, path):
+    """O (b, H, Tq, D) for q (b, H, Tq, D), k, v (b, Hkv, Tk, D) by `path`, and what its backward needs."""
+    if not isinstance(path, str):
+        out, lse = path.causal_attention_forward(q, k, v)
+        return out, (q, k, v, out, lse)
+    xp = array_module(q, k, v)
+    batch, heads, query_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    q3 = q.reshape(batch, kv_heads, group * query_len, head_dim)         # (b, H, Tq, D) -> (b, Hkv, G·Tq, D)
+    p, lse = grouped_causal_probabilities(q3, k, group, 1.0 / math.sqrt(head_dim), xp)
+    out3 = product(p, v)                                                  # (b, Hkv, G·Tq, D)
+    out = out3.reshape(q.shape)                                           # -> (b, H, Tq, D)
+    if path == "kept":
+        return out, (q3, k, v, out3, p)
+    return out, (q, k, v, out, lse.reshape(batch, heads, query_len))    # (b, Hkv, G·Tq, 1) -> (b, H, Tq)
+
+
+def _attend_backward(dy, path, q, k, v, out, kept):
+    """dq, dk, dv of _attend; `kept` is L (kernel, recompute) or P (kept); q is q3 on the kept path."""
+    if not isinstance(path, str):
+        return path.causal_attention_backward(dy, q, k, v, out, kept)
+    xp = array_module(q, k, v)
+    batch, kv_heads, key_len, head_dim = k.shape
+    scale = 1.0 / math.sqrt(head_dim)
+    grouped = (batch, kv_heads, -1, head_dim)                             # (b, H, Tq, D) -> (b, Hkv, G·Tq, D)
+    q3, dy3, out3 = q.reshape(grouped), dy.reshape(grouped), out.reshape(grouped)
+    if path == "kept":
+        p = kept
+    else:
+        group = q.shape[1] // kv_heads                                    # q is (b, H, Tq, D) here
+        lse3 = kept.reshape(batch, kv_heads, -1, 1)
+        p, _ = grouped_causal_probabilities(q3, k, group, scale, xp, lse=lse3)   # recomputed (b, Hkv, G·Tq, Tk)
+    dv = product(xp.ascontiguousarray(dy3.swapaxes(-1, -2)), p).swapaxes(-1, -2)   # (Pᵀ dO): (b, Hkv, Tk, D)
+    ds = product(dy3, xp.ascontiguousarray(v.swapaxes(-1, -2)))           # dP (b, Hkv, G·Tq, Tk)
+    ds -= (dy3 * out3).sum(axis=-1, keepdims=True)                        # dP − Δ
+    ds *= p                                                               # dS = P ∘ (dP − Δ)
+    dq = product(ds, k)                                                   # dS k, then / √D
+    dq *= dq.dtype.type(scale)
+    dk = product(xp.ascontiguousarray(q3.swapaxes(-1, -2)), ds).swapaxes(-1, -2)   # (b, Hkv, Tk, D)
+    dk *= dk.dtype.type(scale)
+    return dq, dk, dv                     # dq (b, Hkv, G·Tq, D): callers reshape; dk, dv are transposed views
 
 
 class CausalAttention(Function):
     """Forward:  S = q kᵀ / √D with S[i, j] = −∞ for j after i;  L = logsumexp_j S;  P = exp(S − L);  O = P v
-    Backward: P recomputed from q, k and L
+    Backward: P recomputed from q, k and L (or kept from the forward: keep_probabilities)
               dv = Pᵀ dO                      (summed over the query heads of a group)
               dP = dO vᵀ
               Δ  = rowsum(dO ∘ O)             (equals rowsum(P ∘ dP), one (Tq,) vector per head)
               dS = P ∘ (dP − Δ)               (the softmax Jacobian)
               dq = dS k / √D;   dk = dSᵀ q / √D  (dk summed over the group)
     Shapes:   q, O, dO: (B, H, Tq, D)   k, v, dk, dv: (B, Hkv, Tk, D)   L, Δ: (B, H, Tq)
-    Saves:    q, k, v, O, L   (no Tq×Tk array is kept between forward and backward)
+    Saves:    the path, q, k, v, O, L   (no Tq×Tk array is kept between forward and backward, unless kept)
     The query heads of a group are stacked along the rows, (B, H, Tq, D) -> (B, Hkv, G·Tq, D), so every
     product is a plain batched matmul and the sums over the group come out of the products themselves.
+
+    Packed form, `packed=(H, Hkv, cos, sin)`: q is then the whole projection qkv (B, T, H + 2Hkv, D)
+    (k and v are None) and the op is RoPE + attention + the layout o_proj wants:
+    Forward:  q, k, v = the three slices of qkv along the heads axis, each as (B, heads, T, D)
+              q ← RoPE(q), k ← RoPE(k)  (cos, sin: (T, D/2), ops/rope.rotate_into)
+              O as above;  y = O as (B, T, H·D)
+    Backward: dO = dy as (B, H, T, D);  dq, dk, dv as above
+              RoPE is a rotation, its transpose the rotation by −angle: d(q slice) = rotate(dq, cos, −sin),
+              the same for k; dv goes to the v slice as it is. The three are written straight into one
+              d(qkv) (B, T, H + 2Hkv, D): no zero-filled slice gradients, no separate transposes.
+    Shapes:   qkv, d(qkv): (B, T, H + 2Hkv, D)   y, dy: (B, T, H·D)
+    Saves:    per batch chunk, the path and what that path saves;  cos, sin
+    On NumPy arrays the batch is cut into chunks whose T×T scores fit in cache and the chunks are spread
+    over threads (tinygrad_llm.cpu_threads): batch rows are independent.
+    With `cache=(k_store, v_store, start)` (KV-cached decoding, no gradient) the rotated k and v of the
+    new positions are written into the stores (B, Hkv, max_len, D) at start … start + T, and q attends
+    to every stored position before start + T; cos, sin are then the tables of positions start … start + T.
     """
 
-    def forward(self, q, k, v):
+    def forward(self, q, k=None, v=None, packed=None, keep_probabilities=False, cache=None):
+        if packed is not None:
+            return self._packed_forward(q, *packed, keep_probabilities, cache)
         _check_shapes(q, k, v)
-        fast = kernel("causal_attention", q, k, v)
-        if fast is not None:
-            out, lse = fast.causal_attention_forward(q, k, v)
-            self.save(q=q, k=k, v=v, out=out, lse=lse)
-            return out
-        xp = array_module(q, k, v)
-        batch, heads, query_len, head_dim = q.shape
-        kv_heads = k.shape[1]
-        group = heads // kv_heads
-        q3 = q.reshape(batch, kv_heads, group * query_len, head_dim)     # (B, H, Tq, D) -> (B, Hkv, G·Tq, D)
-        p, lse = grouped_causal_probabilities(q3, k, group, 1.0 / math.sqrt(head_dim), xp)
-        out = (p @ v).reshape(q.shape)                                    # (B, Hkv, G·Tq, D) -> (B, H, Tq, D)
-        lse = lse.reshape(batch, heads, query_len)                        # (B, Hkv, G·Tq, 1) -> (B, H, Tq)
-        self.save(q=q, k=k, v=v, out=out, lse=lse)
+        path = choose_path(q, k, v, keep_probabilities)
+        out, (q_, k_, v_, out_, kept) = _attend(q, k, v, path)
+        self.save(path=path, q=q_, k=k_, v=v_, out=out_, kept=kept, packed=False)
         return out
 
     def backward(self, dy):
-        q, k, v, out, lse = self.saved
-        fast = kernel("causal_attention", q, k, v)
-        if fast is not None:
-            return fast.causal_attention_backward(dy, q, k, v, out, lse)
-        xp = array_module(q, k, v)
-        batch, heads, query_len, head_dim = q.shape
-        kv_heads = k.shape[1]
-        group = heads // kv_heads
-        scale = 1.0 / math.sqrt(head_dim)
-        grouped = (batch, kv_heads, group * query_len, head_dim)          # (B, H, Tq, D) -> (B, Hkv, G·Tq, D)
-        q3, dy3, out3 = q.reshape(grouped), dy.reshape(grouped), out.reshape(grouped)
-        lse3 = lse.reshape(batch, kv_heads, group * query_len, 1)
-        p, _ = grouped_causal_probabilities(q3, k, group, scale, xp, lse=lse3)  # recomputed (B, Hkv, G·Tq, Tk)
-        dy3_t = xp.ascontiguousarray(dy3.swapaxes(-1, -2))                # (B, Hkv, D, G·Tq)
-        dv = (dy3_t @ p).swapaxes(-1, -2)                                 # (Pᵀ dO)ᵀᵀ: (B, Hkv, Tk, D)
-        dp = dy3 @ xp.ascontiguousarray(v.swapaxes(-1, -2))               # (B, Hkv, G·Tq, Tk)
-        dp -= (dy3 * out3).sum(axis=-1, keepdims=True)                    # dP − Δ
-        dp *= p                                                           # dS = P ∘ (dP − Δ)
-        dq = (dp @ k).reshape(q.shape) * q.dtype.type(scale)              # (B, H, Tq, D)
-        q3_t = xp.ascontiguousarray(q3.swapaxes(-1, -2))                  # (B, Hkv, D, G·Tq)
-        dk = (q3_t @ dp).swapaxes(-1, -2) * k.dtype.type(scale)           # (B, Hkv, Tk, D)
-        return dq, xp.ascontiguousarray(dk), xp.ascontiguousarray(dv)
+        *saved, packed = self.saved
+        if packed:
+            return self._packed_backward(dy, *saved)
+        path, q, k, v, out, kept = saved
+        dq, dk, dv = _attend_backward(dy, path, q, k, v, out, kept)
+        xp = array_module(dy)
+        return dq.reshape(dy.shape), xp.ascontiguousarray(dk), xp.ascontiguousarray(dv)
+
+    def _packed_forward(self, qkv, heads, kv_heads, cos, sin, keep_probabilities, cache):
+        xp = array_module(qkv)
+        if qkv.ndim != 4 or qkv.shape[2] != heads + 2 * kv_heads or heads % kv_heads:
+            raise ValueError(f"causal_attention: packed qkv must be (B, T, {heads} + 2·{kv_heads}, D) with "
+                             f"{kv_heads} dividing {heads}, got {tuple(qkv.shape)}")
+        batch, time, _, head_dim = qkv.shape
+        out = xp.empty((batch, time, heads * head_dim), dtype=qkv.dtype)
+        rope = kernel("rope", qkv)
+
+        def part(bounds):
+            start, end = bounds
+            chunk = qkv[start:end]                                                   # (b, T, H + 2Hkv, D)
+            rows = end - start
+            q = xp.empty((rows, heads, time, head_dim), dtype=qkv.dtype)
+            k = xp.empty((rows, kv_heads, time, head_dim), dtype=qkv.dtype)
+            rotate_into(chunk[:, :, :heads].transpose(0, 2, 1, 3), cos, sin, q, rope)           # (b, H, T, D)
+            rotate_into(chunk[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3), cos, sin, k, rope)
+            v = xp.ascontiguousarray(chunk[:, :, heads + kv_heads:].transpose(0, 2, 1, 3))     # (b, Hkv, T, D)
+            if cache is not None:                                                   # decoding: keys so far
+                k, v = _store(cache, k, v)
+            path = choose_path(q, k, v, keep_probabilities and cache is None)
+            o, state = _attend(q, k, v, path)                                        # (b, H, T, D)
+            out[start:end] = o.transpose(0, 2, 1, 3).reshape(rows, time, heads * head_dim)    # -> (b, T, H·D)
+            return [bounds, path, state]
+
+        if xp is np and cache is None:   # cache-sized chunks of the batch, dealt to the threads
+            per_chunk = max(1, CHUNK_ELEMENTS // (heads * time * time))
+            chunks = split(batch, parts=-(-batch // per_chunk))
+            work = [chunks[i::thread_count()] for i in range(min(thread_count(), len(chunks)))]
+            parts = [p for group in parallel_items(lambda group: [part(c) for c in group], work) for p in group]
+        else:
+            parts = [part((0, batch))]
+        self.save(parts=parts, cos=cos, sin=sin, heads=heads, kv_heads=kv_heads, rope=rope, packed=True)
+        return out
+
+    def _packed_backward(self, dy, parts, cos, sin, heads, kv_heads, rope):
+        xp = array_module(dy)
+        batch, time, _ = dy.shape
+        head_dim = cos.shape[-1] * 2
+        dqkv = xp.empty((batch, time, heads + 2 * kv_heads, head_dim), dtype=dy.dtype)    # (B, T, H + 2Hkv, D)
+
+        def part(item):
+            (start, end), path, state = item
+            item[2] = None                                       # this chunk's P or L goes once used
+            rows = end - start
+            d_out = xp.ascontiguousarray(
+                dy[start:end].reshape(rows, time, heads, head_dim).transpose(0, 2, 1, 3))  # (b, H, T, D)
+            dq, dk, dv = _attend_backward(d_out, path, *state)
+            del state
+            dq = dq.reshape(d_out.shape)
+            target = dqkv[start:end]
+            rotate_into(dq, cos, -sin, target[:, :, :heads].transpose(0, 2, 1, 3), rope)
+            rotate_into(dk, cos, -sin, target[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3), rope)
+            target[:, :, heads + kv_heads:] = dv.transpose(0, 2, 1, 3)
+
+        work = [parts[i::thread_count()] for i in range(min(thread_count(), len(parts)))]
+        parallel_items(lambda group: [part(item) for item in group], work)
+        return dqkv
+
+
+def _store(cache, k, v):
+    """Write the new keys/values (B, Hkv, Tnew, D) into the stores at start …; return every one so far."""
+    k_store, v_store, start = cache
+    end = start + k.shape[2]
+    if end > k_store.shape[2]:
+        raise ValueError(f"KV cache holds {k_store.shape[2]} positions; {end} were asked for")
+    k_store[:, :, start:end] = k
+    v_store[:, :, start:end] = v
+    return k_store[:, :, :end].astype(k.dtype, copy=False), v_store[:, :, :end].astype(v.dtype, copy=False)
 
 
 def causal_attention_reference(q, k, v):

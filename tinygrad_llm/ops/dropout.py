@@ -1,7 +1,8 @@
 """Inverted dropout: zero each element with probability p and scale the survivors by 1/(1 − p)."""
 from __future__ import annotations
 
-from ..backend import kernel, random_generator
+from ..backend import random_generator
+from ..gpu import kernel
 from ..tensor import Function
 
 

@@ -1,8 +1,10 @@
 """Embedding lookup: rows of a weight table picked by integer ids."""
 from __future__ import annotations
 
-from ..backend import array_module, kernel
+from ..backend import array_module
+from ..gpu import kernel
 from ..tensor import Function
+from .matmul import accumulation_dtype
 
 
 class Embedding(Function):
@@ -11,6 +13,7 @@ class Embedding(Function):
               computed with add.at: `dW[ids] += dy` would keep only one of the repeats
     Shapes:   ids: (...) integers in [0, V);  W, dW: (V, C);  y, dy: (..., C)
     Saves:    ids, V
+    16-bit gradients are summed in float32 (repeated ids add up many rows) and cast back.
     """
 
     def forward(self, ids, weight):
@@ -32,9 +35,9 @@ class Embedding(Function):
             return fast.embedding_backward(ids, dy, vocab)
         xp = array_module(dy)
         channels = dy.shape[-1]
-        dweight = xp.zeros((vocab, channels), dtype=dy.dtype)
+        dweight = xp.zeros((vocab, channels), dtype=accumulation_dtype(dy.dtype))   # 16-bit: sums in float32
         xp.add.at(dweight, ids.reshape(-1), dy.reshape(-1, channels))      # (..., C) -> (N, C)
-        return dweight
+        return dweight.astype(dy.dtype, copy=False)
 
 
 def embedding_reference(ids, weight):

@@ -1,9 +1,35 @@
-"""Matrix products: matmul (batched, broadcasting) and linear (x @ Wᵀ, the layer form)."""
+"""Matrix products: matmul (batched, broadcasting) and linear (x @ Wᵀ, the layer form).
+
+Also the two helpers every op's array-expressed path uses for products and sums in low precision:
+CuPy has no bfloat16 GEMM (`@` on bfloat16 arrays fails with "data type 'E' not understood") and NumPy
+with ml_dtypes returns float32 from a bfloat16 `@`, so `product` multiplies bfloat16 operands in float32
+and casts the result back; `accumulation_dtype` is the dtype long sums (norms, softmax rows) run in.
+"""
 from __future__ import annotations
 
-from ..backend import kernel
+import numpy as np
+
+from ..gpu import kernel
 from ..tensor import Function
 from .elementwise import unbroadcast
+
+
+def needs_float32_products(dtype) -> bool:
+    """Whether products of this dtype must be computed in float32 (bfloat16: no CuPy GEMM knows it)."""
+    return np.dtype(dtype).name == "bfloat16"
+
+
+def accumulation_dtype(dtype):
+    """The dtype to accumulate long sums of `dtype` in: float32 for the 16-bit floats, else dtype itself."""
+    return np.dtype(np.float32) if np.dtype(dtype).name in ("bfloat16", "float16") else np.dtype(dtype)
+
+
+def product(a, b):
+    """a @ b in a's dtype; bfloat16 operands are multiplied in float32 and the result cast back."""
+    if needs_float32_products(a.dtype) or needs_float32_products(b.dtype):
+        low = a.dtype if needs_float32_products(a.dtype) else b.dtype
+        return (a.astype(np.float32) @ b.astype(np.float32)).astype(low)
+    return a @ b
 
 
 class MatMul(Function):
@@ -17,7 +43,7 @@ class MatMul(Function):
         if a.ndim == 0 or b.ndim == 0:
             raise ValueError("matmul needs operands with at least one dimension; use * for scalars")
         self.save(a=a, b=b)
-        return a @ b
+        return product(a, b)
 
     def backward(self, dy):
         a, b = self.saved
@@ -30,9 +56,9 @@ class MatMul(Function):
             dy2 = dy2[..., None, :]                    # restore the N = 1 axis
         da = db = None
         if self.needs_input_grad[0]:
-            da = unbroadcast(dy2 @ b2.swapaxes(-1, -2), a2.shape).reshape(a.shape)
+            da = unbroadcast(product(dy2, b2.swapaxes(-1, -2)), a2.shape).reshape(a.shape)
         if self.needs_input_grad[1]:
-            db = unbroadcast(a2.swapaxes(-1, -2) @ dy2, b2.shape).reshape(b.shape)
+            db = unbroadcast(product(a2.swapaxes(-1, -2), dy2), b2.shape).reshape(b.shape)
         return da, db
 
 
@@ -51,18 +77,17 @@ class Linear(Function):
         fast = kernel("linear", x, weight)
         if fast is not None:       # a bf16/fp16 policy (tinygrad_llm.precision): low-precision cuBLAS GEMMs
             y, x_low, weight_low = fast.linear_forward(x, weight)
-            self.save(x=x_low, weight=weight_low, dtypes=(x.dtype, weight.dtype))
+            self.save(x=x_low, weight=weight_low, dtypes=(x.dtype, weight.dtype), fast=fast)
             return y
-        self.save(x=x, weight=weight, dtypes=None)
+        self.save(x=x, weight=weight, dtypes=None, fast=None)
         x2 = x.reshape(-1, x.shape[-1])                                # (..., in) -> (N, in)
-        return (x2 @ weight.T).reshape(*x.shape[:-1], weight.shape[0])  # (N, out) -> (..., out)
+        return product(x2, weight.T).reshape(*x.shape[:-1], weight.shape[0])  # (N, out) -> (..., out)
 
     def backward(self, dy):
-        x, weight, dtypes = self.saved
-        if dtypes is not None:     # the forward ran the policy's GEMMs: x, weight are its low-precision copies
-            from .. import gpu
-            return gpu.linear_backward(dy, x, weight, dtypes, self.needs_input_grad)
+        x, weight, dtypes, fast = self.saved
+        if fast is not None:       # the forward ran the policy's GEMMs: x, weight are its low-precision copies
+            return fast.linear_backward(dy, x, weight, dtypes, self.needs_input_grad)
         dy2 = dy.reshape(-1, dy.shape[-1])                             # (..., out) -> (N, out)
-        dx = (dy2 @ weight).reshape(x.shape) if self.needs_input_grad[0] else None
-        dweight = dy2.T @ x.reshape(-1, x.shape[-1]) if self.needs_input_grad[1] else None
+        dx = product(dy2, weight).reshape(x.shape) if self.needs_input_grad[0] else None
+        dweight = product(dy2.T, x.reshape(-1, x.shape[-1])) if self.needs_input_grad[1] else None
         return dx, dweight

@@ -26,7 +26,7 @@ import threading
 
 import numpy as np
 
-from ..backend import kernel
+from ..gpu import kernel
 from ..cpu_threads import parallel_items, split, thread_count
 from ..quant.formats import BLOCK_SIZE, QuantizedMatrix
 from ..tensor import Function

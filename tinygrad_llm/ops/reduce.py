@@ -1,8 +1,17 @@
-"""Reductions over any axes, with keepdims."""
+"""Reductions over any axes, with keepdims. 16-bit floats are summed in float32 and cast back."""
 from __future__ import annotations
 
 from ..backend import array_module
 from ..tensor import Function
+from .matmul import accumulation_dtype
+
+
+def _reduce(x, method: str, axes, keepdims):
+    """x.sum / x.mean over axes, accumulated in float32 for bfloat16 and float16 (a long bf16 sum drifts)."""
+    accumulate = accumulation_dtype(x.dtype) if x.dtype.kind in "fV" else x.dtype
+    if accumulate == x.dtype:
+        return getattr(x, method)(axis=axes, keepdims=keepdims)
+    return getattr(x, method)(axis=axes, keepdims=keepdims, dtype=accumulate).astype(x.dtype)
 
 
 def normalize_axes(axis, ndim: int) -> tuple:
@@ -35,7 +44,7 @@ class Sum(Function):
     def forward(self, x, axis=None, keepdims=False):
         axes = normalize_axes(axis, x.ndim)
         self.save(shape=x.shape, axes=axes)
-        return x.sum(axis=axes, keepdims=keepdims)
+        return _reduce(x, "sum", axes, keepdims)
 
     def backward(self, dy):
         shape, axes = self.saved
@@ -57,7 +66,7 @@ class Mean(Function):
     def forward(self, x, axis=None, keepdims=False):
         axes = normalize_axes(axis, x.ndim)
         self.save(shape=x.shape, axes=axes)
-        return x.mean(axis=axes, keepdims=keepdims)
+        return _reduce(x, "mean", axes, keepdims)
 
     def backward(self, dy):
         shape, axes = self.saved

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module, kernel
+from ..backend import array_module
+from ..gpu import kernel
 from ..tensor import Function
 
 
@@ -44,7 +45,9 @@ class RoPE(Function):
                 dx₁ = dy₁ cos a + dy₂ sin a
                 dx₂ = dy₂ cos a − dy₁ sin a
     Shapes:   x, y, dy: (B, H, T, D), D even;  positions: (T,);  cos, sin: (T, D/2)
-    Saves:    cos, sin
+    Saves:    cos, sin, and the kernel the forward ran (None: the array path), which the backward reuses
+    The packed form (RoPE on the q and k slices of one q‖k‖v projection, inside attention) is
+    ops/attention.CausalAttention with `packed=`; it calls `rotate_into` below with the same tables.
     """
 
     def forward(self, x, positions=None, theta=10000.0):
@@ -54,25 +57,30 @@ class RoPE(Function):
         positions = resolve_positions(positions, x.shape[2], xp)
         cos, sin = rope_angles(positions, x.shape[-1], theta, xp)
         cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
-        self.save(cos=cos, sin=sin)
         fast = kernel("rope", x)
-        if fast is not None:
-            return fast.rope_forward(x, cos, sin)
-        return _rotate(x, cos, sin, xp)
+        self.save(cos=cos, sin=sin, fast=fast)
+        return rotate_into(x, cos, sin, xp.empty(x.shape, dtype=x.dtype), fast)
 
     def backward(self, dy):
-        cos, sin = self.saved
-        fast = kernel("rope", dy)
-        if fast is not None:
-            return fast.rope_forward(dy, cos, -sin)
-        return _rotate(dy, cos, -sin, array_module(dy))
+        cos, sin, fast = self.saved
+        return rotate_into(dy, cos, -sin, array_module(dy).empty(dy.shape, dtype=dy.dtype), fast)
 
 
-def _rotate(x, cos, sin, xp):
-    """Rotate each (x₁, x₂) pair of the last axis by the angle whose cosine and sine are given."""
+def rotate_into(x, cos, sin, out, fast=None):
+    """out = each (x₁, x₂) pair of the last axis rotated by the angle whose cosine and sine are given:
+    (x₁ cos − x₂ sin, x₂ cos + x₁ sin), pairs split at D/2. x and out may be strided views (out is written
+    in place); `fast` is the kernel module when the caller's forward chose the CUDA path."""
+    if fast is not None:        # one CUDA launch, strided views read and written in place (kernels/rope.cu)
+        return fast.rope_forward(x, cos, sin, out=out)
+    xp = array_module(x)
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]                  # (B, H, T, D) -> 2 × (B, H, T, D/2)
-    return xp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    x1, x2 = x[..., :half], x[..., half:]                  # (..., D) -> 2 × (..., D/2)
+    o1, o2 = out[..., :half], out[..., half:]
+    xp.multiply(x1, cos, out=o1)
+    o1 -= x2 * sin
+    xp.multiply(x2, cos, out=o2)
+    o2 += x1 * sin
+    return out
 
 
 def rope_reference(x, positions=None, theta=10000.0):

@@ -34,7 +34,7 @@ import numpy as np
 
 from .. import backend
 from ..checkpoint import (CheckpointError, _fsync_dir, atomic_write_json, load_checkpoint, read_safetensors,
-                          write_safetensors)
+                          tokenizer_file_of, write_safetensors)
 from ..generate import Decoder
 from ..model import GPTConfig
 from ..tensor import Tensor
@@ -92,14 +92,8 @@ def quantize_run(source: str, kind: str, out_dir: str, which: str = "latest") ->
     staging = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(out_dir)) + ".", suffix=".tmp", dir=parent)
     try:
         tokenizer = dict(state.get("tokenizer") or {})
-        if tokenizer.get("type") == "file":       # the run's copy first, as train.tokenizer_from_ref looks
-            candidates = [os.path.join(state["directory"], os.pardir, os.pardir, tokenizer["run_file"])
-                          ] if tokenizer.get("run_file") else []
-            found = [p for p in candidates + [tokenizer.get("path", "")] if os.path.isfile(p)]
-            if not found:
-                raise FileNotFoundError(f"the checkpoint's tokenizer file is missing (looked at "
-                                        f"{', '.join(candidates + [tokenizer.get('path', '')])})")
-            shutil.copyfile(found[0], os.path.join(staging, TOKENIZER_FILE))
+        if tokenizer.get("type") == "file":       # the run's own verified copy (never a path state.json invents)
+            shutil.copyfile(tokenizer_file_of(state, state["directory"]), os.path.join(staging, TOKENIZER_FILE))
             tokenizer = {"type": "file", "path": TOKENIZER_FILE}
         arrays = _arrays(quantized)
         digest = write_safetensors(os.path.join(staging, MODEL_FILE), arrays, {"format": FORMAT, "quant_type": kind})

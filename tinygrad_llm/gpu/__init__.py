@@ -1,0 +1,61 @@
+"""The CUDA side: kernels for the ops that have one, and the one place that decides when they run.
+
+    from tinygrad_llm.gpu import kernel
+    fast = kernel("rms_norm", x, weight)     # None: run the NumPy-expressed path
+    if fast is not None:
+        y, r = fast.rms_norm_forward(x, weight, eps)
+
+`kernel(op_name, *arrays)` returns this package, whose names below are every launcher, when the arrays
+are CuPy arrays, kernels are on (`backend.set_kernels_enabled`) and a kernel handles these dtypes and
+shapes (`registry.supports`); otherwise None, and the op runs its NumPy-expressed path, which is also
+the reference every kernel is tested against.
+
+Modules: compiler (NVRTC, the cubin cache), arrays (the helpers every launcher shares: output buffers,
+the POISON_OUTPUTS switch of the tests, contiguous inputs, device facts), registry (op -> kernel test),
+one launcher module per op family (norm, activation, rope, attention, loss, embedding, dropout, adamw)
+and gemm (the cuBLAS GEMM of the precision policies). Importing this package imports no CuPy: that
+happens at the first launch. A kernel that fails to compile raises with NVRTC's log.
+"""
+from __future__ import annotations
+
+import sys
+
+from .. import backend
+from .activation import swiglu_backward, swiglu_forward, swiglu_packed_backward, swiglu_packed_forward
+from .adamw import adamw_step
+from .attention import causal_attention_backward, causal_attention_forward, kernel_for
+from .dropout import dropout_forward
+from .embedding import embedding_backward
+from .gemm import linear_backward, linear_forward
+from .loss import cross_entropy_forward_backward
+from .norm import rms_norm_backward, rms_norm_forward
+from .registry import supports
+from .rope import rope_forward
+
+__all__ = ["kernel", "supports", "attention_kernel_for",
+           "rms_norm_forward", "rms_norm_backward", "swiglu_forward", "swiglu_backward",
+           "swiglu_packed_forward", "swiglu_packed_backward", "rope_forward", "dropout_forward",
+           "cross_entropy_forward_backward", "embedding_backward", "adamw_step", "linear_forward",
+           "linear_backward", "causal_attention_forward", "causal_attention_backward"]
+
+
+def kernel(op_name: str, *arrays):
+    """The dispatch point of kernel-backed ops: this package (its launchers) when the arrays are on the
+    GPU, kernels are enabled and a kernel for `op_name` handles them; None otherwise."""
+    if not backend.kernels_enabled() or not any(backend.is_cupy_array(a) for a in arrays):
+        return None
+    return sys.modules[__name__] if supports(op_name, *arrays) else None
+
+
+def attention_kernel_for(head_dim: int, dtype, hopper: bool | None = None) -> str | None:
+    """Which attention kernel runs for this head dim and dtype on the GPU, in words (e.g. "forward wg2,
+    backward wq (wgmma, sm_90a)"), or None when there is none, or kernels are off, and attention takes the
+    batched-GEMM path. `hopper` (compute capability 9.0) is asked of the current GPU unless given. A
+    training loop can log it once:
+
+        if gpu.attention_kernel_for(head_dim, dtype) is None:
+            log(f"attention: no kernel for head dim {head_dim}, using the batched-GEMM path")
+    """
+    if not backend.kernels_enabled():
+        return None
+    return kernel_for(head_dim, dtype, hopper)

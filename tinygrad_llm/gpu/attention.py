@@ -1,0 +1,195 @@
+"""Flash attention on the GPU: causal grouped-query attention without the T×T matrix in memory.
+
+Launches the kernels of kernels/attention_forward.cu, attention_backward.cu and attention_hopper.cu
+(their headers give the algorithm, tiles, launch layout and shared memory) for
+`tinygrad_llm.ops.attention.CausalAttention`, which is also their reference.
+
+    causal_attention_forward(q, k, v) -> (out, lse)
+    causal_attention_backward(dy, q, k, v, out, lse) -> (dq, dk, dv)
+
+Shapes: q, out, dy, dq (B, H, Tq, D); k, v, dk, dv (B, Hkv, Tk, D) with Hkv | H and Tq ≤ Tk (the causal
+mask is aligned bottom-right, so a KV-cached decoding step with Tq = 1 works); lse (B, H, Tq) float32.
+
+Which build runs (`kernel_for(head_dim, dtype)` names it):
+- head dim 64, bf16/fp16, compute capability 9.0 (H100, H200): the wgmma builds of attention_hopper.cu,
+  compiled for sm_90a: forward "wg2", backward "wq";
+- head dim 64 elsewhere: the mma.sync builds forward "w4m2", backward "w4m2q32p" (any GPU from sm_80);
+- head dim 128: mma.sync forward "w8", backward "w4";
+- float32: plain-FMA kernels (slow: for checking, and for float32 models);
+- any other head dim: no kernel; the op takes its NumPy-expressed path (batched GEMMs on CuPy arrays).
+
+Precision: bfloat16 and float16 inputs run on tensor cores with float32 accumulation; out, dq, dk, dv come
+back in the input dtype, lse in float32 (dq is accumulated in a float32 buffer by atomics, then cast).
+
+Simplifications: head dims 64 and 128 only; inputs are made C-contiguous and 16-byte aligned (a copy when
+they are not); dk and dv are summed over the query heads of a group inside one thread block, while dq is
+summed over key blocks with float32 atomics, so dq's last bits can vary from run to run (dk and dv cannot).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import backend
+from .arrays import all_on_gpu, compute_capability, contiguous, empty, multiprocessors
+from .compiler import function
+
+FORWARD_FILE = "attention_forward.cu"
+BACKWARD_FILE = "attention_backward.cu"
+HOPPER_FILE = "attention_hopper.cu"        # wgmma builds, sm_90a only
+HOPPER_ARCH = "sm_90a"
+HEAD_DIMS = (64, 128)
+_SUFFIX = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+class Build:
+    """One tensor-core build: its name and launch shape. Forward: `warps` warps, each 16·m_tiles query
+    rows. Backward: `warps` warps, each 16·m_tiles keys, query steps of `block_q` rows."""
+
+    def __init__(self, name, warps=0, m_tiles=1, block_q=0, hopper=False):
+        self.name, self.warps, self.m_tiles, self.block_q, self.hopper = name, warps, m_tiles, block_q, hopper
+
+
+_HOPPER_FORWARD = {64: Build("wg2", hopper=True)}
+_HOPPER_BACKWARD = {64: Build("wq", hopper=True)}
+_FORWARD = {64: Build("w4m2", warps=4, m_tiles=2), 128: Build("w8", warps=8)}
+_BACKWARD = {64: Build("w4m2q32p", warps=4, m_tiles=2, block_q=32), 128: Build("w4", warps=4, block_q=32)}
+_FORWARD_BLOCK_K = 64
+_TILE = 128 * 128                                    # bytes of a 128-row tile of D = 64 two-byte values
+_HOPPER_FORWARD_SHARED = 6 * _TILE + 1024            # 2 × Q, 2 × K, 2 × V, 1 KiB to align them to 1024 bytes
+# K, V, 2 × (Q, dO) of 128 rows, P and dS (128 × 128), L, Δ, one staged dQ (128 rows of 72 floats), 1 KiB
+_HOPPER_BACKWARD_SHARED = 2 * _TILE + 4 * _TILE + 4 * _TILE + 4 * 128 * 4 + 128 * 72 * 4 + 1024
+
+
+def supports(*arrays) -> bool:
+    """True when the kernels handle these arrays: (q, k, v) or any set of them, all CuPy arrays of one
+    dtype among bfloat16, float16 and float32, 4-d, with head dim 64 or 128."""
+    if not all_on_gpu(*arrays):
+        return False
+    dtypes = {np.dtype(a.dtype) for a in arrays}
+    if len(dtypes) != 1 or _SUFFIX.get(dtypes.pop().name) is None:
+        return False
+    return all(a.ndim == 4 and a.shape[-1] in HEAD_DIMS for a in arrays)
+
+
+def hopper_available() -> bool:
+    """True on a GPU of compute capability 9.0 (H100, H200), where the sm_90a wgmma builds run."""
+    return compute_capability() == "90"
+
+
+def kernel_for(head_dim: int, dtype, hopper: bool | None = None) -> str | None:
+    """The attention path for this head dim and dtype, in words: "forward wg2, backward wq (wgmma, sm_90a)",
+    "forward w4m2, backward w4m2q32p (mma.sync)", "float32 kernels", or None when no kernel exists (the
+    op then runs its batched-GEMM path). `hopper` defaults to asking the current GPU; without a GPU,
+    pass it."""
+    name = _SUFFIX.get(np.dtype(dtype).name)
+    if name is None or head_dim not in HEAD_DIMS:
+        return None
+    if name == "fp32":
+        return "float32 kernels"
+    if hopper is None:
+        hopper = hopper_available()
+    forward, backward = _builds(head_dim, hopper)
+    kind = "wgmma, sm_90a" if forward.hopper else "mma.sync"
+    return f"forward {forward.name}, backward {backward.name} ({kind})"
+
+
+def _builds(head_dim: int, hopper: bool) -> tuple:
+    forward = _HOPPER_FORWARD.get(head_dim) if hopper else None
+    backward = _HOPPER_BACKWARD.get(head_dim) if hopper else None
+    return forward or _FORWARD[head_dim], backward or _BACKWARD[head_dim]
+
+
+def _kernel(filename: str, name: str, shared_bytes: int = 0):
+    arch = HOPPER_ARCH if filename == HOPPER_FILE else None
+    return function(filename, name, arch=arch, shared_bytes=shared_bytes)
+
+
+def _forward_shared_bytes(head_dim: int, block_q: int) -> int:
+    # Q tile + two K and two V tiles of 64 rows, rows of D + 8 two-byte elements
+    return (block_q + 4 * _FORWARD_BLOCK_K) * (head_dim + 8) * 2
+
+
+def _backward_shared_bytes(head_dim: int, build: Build) -> int:
+    block_k, block_q = 16 * build.m_tiles * build.warps, build.block_q
+    tiles = (2 * block_k + 4 * block_q) * (head_dim + 8) * 2          # K, V; Q and dO double-buffered
+    return tiles + block_k * (block_q + 8) * 2 + 4 * block_q * 4       # dSᵀ; L and Δ double-buffered
+
+
+def causal_attention_forward(q, k, v):
+    """out (B, H, Tq, D) in q's dtype and lse (B, H, Tq) float32 of causal grouped-query attention."""
+    q, k, v = contiguous(q), contiguous(k), contiguous(v)
+    batch, heads, query_len, head_dim = q.shape
+    kv_heads, key_len = k.shape[1], k.shape[2]
+    suffix = _SUFFIX[np.dtype(q.dtype).name]
+    out = empty(q.shape, q.dtype)
+    lse = empty((batch, heads, query_len), np.float32)
+    if out.size == 0:
+        return out, lse
+    args = (q, k, v, out, lse, np.int32(heads), np.int32(kv_heads), np.int32(query_len), np.int32(key_len),
+            np.float32(1.0 / math.sqrt(head_dim)))
+    if suffix == "fp32":
+        _kernel(FORWARD_FILE, f"attention_forward_fp32_d{head_dim}")(
+            ((query_len + 3) // 4, batch * heads), (128,), args)
+        return out, lse
+    build, _ = _builds(head_dim, hopper_available())
+    if build.hopper:
+        items = batch * heads * ((query_len + 127) // 128)      # persistent: at most one block a multiprocessor
+        _kernel(HOPPER_FILE, f"attention_forward_{suffix}_d{head_dim}_{build.name}", _HOPPER_FORWARD_SHARED)(
+            (min(items, multiprocessors()),), (256,), args + (np.int32(batch),), shared_mem=_HOPPER_FORWARD_SHARED)
+    else:
+        block_q = 16 * build.m_tiles * build.warps
+        shared = _forward_shared_bytes(head_dim, block_q)
+        grid = ((query_len + block_q - 1) // block_q, batch * heads)
+        _kernel(FORWARD_FILE, f"attention_forward_{suffix}_d{head_dim}_{build.name}", shared)(
+            grid, (32 * build.warps,), args, shared_mem=shared)
+    return out, lse
+
+
+def causal_attention_backward(dy, q, k, v, out, lse):
+    """dq, dk, dv of causal grouped-query attention (dk, dv summed over each kv head's query heads)."""
+    cp = backend.cupy_module()
+    dy = contiguous(dy.astype(q.dtype, copy=False))
+    q, k, v, out, lse = (contiguous(a) for a in (q, k, v, out, lse))
+    batch, heads, query_len, head_dim = q.shape
+    kv_heads, key_len = k.shape[1], k.shape[2]
+    suffix = _SUFFIX[np.dtype(q.dtype).name]
+    sizes = (np.int32(heads), np.int32(kv_heads), np.int32(query_len), np.int32(key_len),
+             np.float32(1.0 / math.sqrt(head_dim)))
+    if q.size == 0:
+        return cp.empty(q.shape, dtype=q.dtype), cp.zeros(k.shape, k.dtype), cp.zeros(v.shape, v.dtype)
+    dk, dv = empty(k.shape, k.dtype), empty(v.shape, v.dtype)
+    rows = batch * heads * query_len
+    delta = empty((batch, heads, query_len), np.float32)
+    if suffix == "fp32":
+        # Δ = rowsum(dO ∘ O): one warp per row
+        _kernel(BACKWARD_FILE, "attention_backward_delta_fp32")(
+            ((rows + 7) // 8,), (256,), (dy, out, delta, np.int32(rows), np.int32(head_dim)))
+        dq = empty(q.shape, q.dtype)
+        _kernel(BACKWARD_FILE, f"attention_backward_dq_fp32_d{head_dim}")(
+            ((query_len + 3) // 4, batch * heads), (128,), (q, k, v, dy, lse, delta, dq) + sizes)
+        _kernel(BACKWARD_FILE, f"attention_backward_dkdv_fp32_d{head_dim}")(
+            ((key_len + 3) // 4, batch * kv_heads), (128,), (q, k, v, dy, lse, delta, dk, dv) + sizes)
+        return dq, dk, dv
+    # Δ = rowsum(dO ∘ O) and dq_accumulator = 0, one pass (8 threads a row)
+    dq_accumulator = empty(q.shape, np.float32)
+    _kernel(BACKWARD_FILE, f"attention_backward_prepare_{suffix}_d{head_dim}")(
+        ((rows * 8 + 255) // 256,), (256,), (dy, out, delta, dq_accumulator, np.int32(rows)))
+    _, build = _builds(head_dim, hopper_available())
+    arrays = (q, k, v, dy, lse, delta, dq_accumulator, dk, dv)
+    if build.hopper:
+        _kernel(HOPPER_FILE, f"attention_backward_{suffix}_d{head_dim}_{build.name}", _HOPPER_BACKWARD_SHARED)(
+            (batch * kv_heads * ((key_len + 127) // 128),), (384,), arrays + sizes,
+            shared_mem=_HOPPER_BACKWARD_SHARED)
+    else:
+        shared = _backward_shared_bytes(head_dim, build)
+        block_k = 16 * build.m_tiles * build.warps
+        grid = ((key_len + block_k - 1) // block_k, batch * kv_heads)
+        _kernel(BACKWARD_FILE, f"attention_backward_{suffix}_d{head_dim}_{build.name}", shared)(
+            grid, (32 * build.warps,), arrays + sizes, shared_mem=shared)
+    dq = empty(q.shape, q.dtype)
+    count8 = q.size // 8                                  # D is a multiple of 8
+    _kernel(BACKWARD_FILE, f"attention_backward_convert8_{suffix}")(
+        (min((count8 + 255) // 256, 8192),), (256,), (dq_accumulator, dq, np.int64(count8)))
+    return dq, dk, dv

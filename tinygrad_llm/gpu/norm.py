@@ -1,0 +1,57 @@
+"""RMSNorm's kernels (kernels/rms_norm.cu): one warp a row forward; backward with per-block dw partial sums."""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import backend
+from .arrays import all_on_gpu, contiguous, empty, float_kind, multiprocessors, same_dtype, suffix
+from .compiler import function
+
+MAX_CHANNELS = 8192          # the backward's per-warp dweight rows of one block live in shared memory
+
+
+def supports(x, weight) -> bool:
+    """(x, weight) or (dy, weight): float arrays, weight (C,) with C ≤ MAX_CHANNELS, x (..., C); weight
+    in x's dtype or float32 (master weights)."""
+    return (all_on_gpu(x, weight) and float_kind(x, weight) and weight.ndim == 1 and x.ndim >= 1
+            and x.shape[-1] == weight.shape[0] and 0 < weight.shape[0] <= MAX_CHANNELS
+            and (same_dtype(x, weight) or np.dtype(weight.dtype) == np.float32))
+
+
+def rms_norm_forward(x, weight, eps):
+    """y = x · r · w with r = 1/√(mean(x², −1) + eps).  Returns (y, r): y in x's dtype, r (..., 1) float32.
+
+    With bf16/fp16 x and float32 w (master weights), y keeps x's dtype (the activation dtype).
+    """
+    x, weight = contiguous(x), contiguous(weight)
+    channels = x.shape[-1]
+    rows = x.size // channels
+    y = empty(x.shape, x.dtype)
+    r = empty(x.shape[:-1] + (1,), np.float32)
+    if rows:
+        warps_per_block = 8
+        blocks = (rows + warps_per_block - 1) // warps_per_block
+        function("rms_norm.cu", f"rms_norm_forward_{suffix(x.dtype)}_{suffix(weight.dtype)}")(
+            (blocks,), (32 * warps_per_block,),
+            (x, weight, y, r, np.int32(rows), np.int32(channels), np.float32(eps)))
+    return y, r
+
+
+def rms_norm_backward(dy, x, weight, r):
+    """dx = r·(g − x̂·mean(g·x̂)), g = dy·w, x̂ = x·r;  dw = Σ_rows dy·x̂.  dx in x's dtype, dw in w's."""
+    dy = contiguous(dy.astype(x.dtype, copy=False))
+    x, weight, r = contiguous(x), contiguous(weight), contiguous(r)
+    channels = x.shape[-1]
+    rows = x.size // channels
+    dx = empty(x.shape, x.dtype)
+    if not rows:
+        return dx, backend.cupy_module().zeros(channels, dtype=weight.dtype)
+    warps_per_block = max(1, min(8, 12288 // channels))          # per-warp dw rows fit in 48 KB
+    blocks = max(1, min((rows + warps_per_block - 1) // warps_per_block, 4 * multiprocessors()))
+    partial = empty((blocks, channels), np.float32)
+    function("rms_norm.cu", f"rms_norm_backward_{suffix(x.dtype)}_{suffix(weight.dtype)}")(
+        (blocks,), (32 * warps_per_block,),
+        (dy, x, weight, r, dx, partial, np.int32(rows), np.int32(channels)),
+        shared_mem=warps_per_block * channels * 4)
+    dweight = partial.sum(axis=0)                                    # (blocks, C) -> (C,), fixed order
+    return dx, dweight.astype(weight.dtype, copy=False)
