@@ -3,7 +3,6 @@ the float run), the stored format, and one-line errors for a quantized source, o
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -132,3 +131,22 @@ def test_a_run_with_a_tokenizer_file_keeps_its_copy(tmp_path):
     loaded, state, loaded_tokenizer = load_quantized(str(tmp_path / "moved"))
     assert state["step"] == 3 and loaded_tokenizer.encode("ROMEO:") == tokenizer.encode("ROMEO:")
     assert main(["sample", str(tmp_path / "moved"), "--prompt", "ROMEO:", "--max-new-tokens", "3"]) == 0
+
+
+def test_a_replaced_tokenizer_copy_is_refused(tmp_path, capsys):
+    from tinygrad_llm.checkpoint import save_checkpoint
+    from tinygrad_llm.model import GPT, GPTConfig
+    from tinygrad_llm.tokenizer import Tokenizer
+    tokenizer = Tokenizer.train([SHAKESPEARE], vocab_size=280)
+    run = tmp_path / "run"
+    run.mkdir()
+    tokenizer.save(str(run / "tokenizer.json"))
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=1, n_heads=2, ffn_hidden=64,
+                          max_seq_len=16))
+    ref = {"type": "file", "run_file": "tokenizer.json"}
+    save_checkpoint(str(run / "checkpoints"), 1, model, state={"model_config": model.config.to_dict(), "tokenizer": ref})
+    assert main(["quantize", str(run), "--type", "q4_0", "--out", str(tmp_path / "q")]) == 0
+    Tokenizer.train([SHAKESPEARE[:2000]], vocab_size=280).save(str(tmp_path / "q" / "tokenizer.json"))
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "q"), "--max-new-tokens", "2"]) == 1
+    assert "does not match the sha256" in capsys.readouterr().err

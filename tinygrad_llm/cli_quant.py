@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 from .quant.formats import KINDS
 
@@ -36,17 +35,13 @@ def load_quantized(path: str, device: str = "cpu", tokenizer_file: str | None = 
     from .quant.runs import is_quantized_run, load_quantized_run
     if not is_quantized_run(path):
         return None
-    from .tokenizer import CharVocab, load_tokenizer
+    from .checkpoint import tokenizer_from_state
+    from .tokenizer import load_tokenizer
     model, info = load_quantized_run(path)
     model.to(device=device)
-    ref = info["tokenizer"]                          # a CharVocab inline, or the run's own file (absolute)
-    if tokenizer_file:
-        tokenizer = load_tokenizer(tokenizer_file)
-    elif ref.get("type") == "char":
-        tokenizer = CharVocab.from_dict(ref, os.path.join(path, "quantized.json") + " field 'tokenizer'")
-    else:
-        tokenizer = load_tokenizer(ref["path"])
     state = dict(info, step=info["source"].get("step"), quantized=info["type"])
+    # a CharVocab inline, or the run's copy of the file, checked against the sha256 quantize recorded
+    tokenizer = load_tokenizer(tokenizer_file) if tokenizer_file else tokenizer_from_state(state, info["directory"])
     return model, state, tokenizer
 
 

@@ -4,7 +4,7 @@
 - up to GEMV_ROWS rows of x (decode): `quant_gemv_<format>`, one fused dequantise + GEMV launch per
   GEMV_ROWS rows, never materialising Ŵ;
 - more rows (prefill): `dequantize_<format>` writes Ŵ as float32 (out, in) once, then one cuBLAS GEMM
-  (CuPy's matmul; under a bf16/fp16 policy the GEMM runs through tinygrad_llm.precision like any Linear).
+  (CuPy's matmul; under a bf16/fp16 policy the GEMM runs through tinygrad_llm.gpu.gemm like any Linear).
 x is cast to float32 and made contiguous first; y is float32.
 Simplifications: float32 activations inside the kernels; Ŵ is rebuilt for every prefill call (no cache of
 the float matrix, which would undo the memory saving); one device, the current stream.
@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backend, gpu, precision
+from . import backend
+from .gpu import compiler, gemm
 
 GEMV_ROWS = 8             # as #define GEMV_ROWS in kernels/quant_matmul.cu
 _WARPS_PER_BLOCK = 8      # as #define WARPS_PER_BLOCK
@@ -22,7 +23,7 @@ _FILE = "quant_matmul.cu"
 
 
 def _kernel(name: str):
-    return gpu.load_module(_FILE).get_function(name)
+    return compiler.function(_FILE, name)
 
 
 def dequantize(weight):
@@ -47,8 +48,8 @@ def quantized_linear(x, weight):
     rows = x2.shape[0]
     if rows > GEMV_ROWS:
         w = dequantize(weight)
-        if precision.linear_supported(x2, w):                  # a bf16/fp16 policy: the low-precision GEMM
-            y = precision.linear_forward(x2, w)[0].astype(cp.float32)
+        if gemm.linear_supported(x2, w):                       # a bf16/fp16 policy: the low-precision GEMM
+            y = gemm.linear_forward(x2, w)[0].astype(cp.float32)
         else:
             y = x2 @ w.T                                        # cuBLAS
         return y.reshape(*x.shape[:-1], out_features)

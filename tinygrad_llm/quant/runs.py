@@ -11,7 +11,8 @@ A quantized run is a directory
                             blocks (out, in/32 · bytes), as they go into a GGUF file; INT8 as `<name>.values`
                             int8 (out, in) and `<name>.scale` float32 (out,); the RMSNorm gains stay float32
                             under their own names. The safetensors header's metadata names the format too.
-    tokenizer.json          a copy of the run's tokenizer file (character vocabularies live in the JSON)
+    tokenizer.json          a copy of the run's tokenizer file, its sha256 in quantized.json (character
+                            vocabularies live in the JSON)
 No pickle anywhere; files are written to a staging directory (fsynced) that is renamed into place whole.
 Loading checks the sha256, the metadata, and every array's dtype and shape against the model config,
 so a truncated, tampered or mismatched file is a one-line `CheckpointError`.
@@ -33,8 +34,8 @@ import tempfile
 import numpy as np
 
 from .. import backend
-from ..checkpoint import (CheckpointError, _fsync_dir, atomic_write_json, load_checkpoint, read_safetensors,
-                          tokenizer_file_of, write_safetensors)
+from ..checkpoint import (CheckpointError, _fsync_dir, _sha256, atomic_write_json, load_checkpoint,
+                          read_safetensors, tokenizer_file_of, write_safetensors)
 from ..generate import Decoder
 from ..model import GPTConfig
 from ..tensor import Tensor
@@ -93,8 +94,9 @@ def quantize_run(source: str, kind: str, out_dir: str, which: str = "latest") ->
     try:
         tokenizer = dict(state.get("tokenizer") or {})
         if tokenizer.get("type") == "file":       # the run's own verified copy (never a path state.json invents)
-            shutil.copyfile(tokenizer_file_of(state, state["directory"]), os.path.join(staging, TOKENIZER_FILE))
-            tokenizer = {"type": "file", "path": TOKENIZER_FILE}
+            copy = os.path.join(staging, TOKENIZER_FILE)
+            shutil.copyfile(tokenizer_file_of(state, state["directory"]), copy)
+            tokenizer = {"type": "file", "path": TOKENIZER_FILE, "sha256": _sha256(copy)}
         arrays = _arrays(quantized)
         digest = write_safetensors(os.path.join(staging, MODEL_FILE), arrays, {"format": FORMAT, "quant_type": kind})
         parameters = int(sum(math.prod(w.shape) for w in weights.values()))
