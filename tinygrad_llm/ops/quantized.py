@@ -17,7 +17,7 @@ The dispatch point for every Linear of KV-cached decoding (tinygrad_llm.generate
 
 Why float32 GEMMs rather than an int8 dot product: NumPy has no int8 GEMM with int32 accumulation (an
 integer matmul runs NumPy's own unvectorised loop); `int8_dot_linear` is that alternative, and
-benchmarks/decode.py --matmul measures both (docs/quantization.md has the numbers).
+benchmarks/decode.py --matmul measures both (benchmarks/RESULTS.md has the numbers).
 Simplification: no backward (quantized weights are not trained); the op raises if one is asked for.
 """
 from __future__ import annotations
