@@ -21,7 +21,7 @@ setup(
     description="Build a Llama-style LLM from scratch on NumPy: hand-derived autograd, BPE, data pipeline, CUDA kernels",
     packages=find_packages(include=["tinygrad_llm", "tinygrad_llm.*"]) + ["tinygrad_llm.kernels"],
     package_dir={"tinygrad_llm.kernels": "kernels"},      # top-level kernels/ ships as package data
-    package_data={"tinygrad_llm": ["configs/*.toml"], "tinygrad_llm.kernels": ["*.cu", "*.cuh"]},
+    package_data={"tinygrad_llm": ["configs/*.toml", "serve/page.html"], "tinygrad_llm.kernels": ["*.cu", "*.cuh"]},
     python_requires=">=3.9",
     install_requires=["numpy>=1.22", "regex>=2022.1.18", "safetensors>=0.4", "tqdm>=4.60",
                       "tomli>=2; python_version < '3.11'"],          # TOML configs (tomllib from 3.11)
@@ -33,7 +33,14 @@ setup(
         "lm_eval": ["lm-eval>=0.4"],       # examples/lm_eval: the reference harness on the same task files
         "test": ["pytest>=7", "hypothesis>=6.80", "tiktoken>=0.5",    # tiktoken: the id-equality test
                  "mpi4py>=4", "mpich>=4",                            # the 2-rank data-parallel tests
-                 "jinja2>=3"],                                       # jinja2: the chat-template test
+                 "gguf>=0.10",                                   # gguf: llama.cpp's own Q8_0/Q4_0 bytes
+                 "tokenizers>=0.19", "jinja2>=3",     # export: tokenizer.json and the chat template read back
+                 # the server's tests: its extras, the official OpenAI client, httpx, Selenium for the chat page
+                 "starlette>=0.37", "uvicorn>=0.29", "prometheus-client>=0.20", "better-profanity>=0.7",
+                 "httpx>=0.27", "openai>=1.30", "selenium>=4.20"],
+        "serve": ["starlette>=0.37", "uvicorn>=0.29", "prometheus-client>=0.20"],   # tinygrad-llm serve
+        "moderation": ["better-profanity>=0.7"],      # the blocklist's maintained word list (MIT)
+        "export": ["gguf>=0.10"],                      # llama.cpp's GGUF writer, for `export --gguf`
         "bench": ["tokenizers>=0.15", "tiktoken>=0.5", "datasketch>=1.6"],
     },
     entry_points={"console_scripts": ["tinygrad-llm=tinygrad_llm.cli:main"]},

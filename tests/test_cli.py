@@ -102,7 +102,7 @@ def test_prepare_bpe_train_sample_export_reload(tmp_path, capsys):
 
     from tinygrad_llm.checkpoint import load_checkpoint
     from tinygrad_llm.model import GPT, GPTConfig
-    from tinygrad_llm.tokenizer import Tokenizer, load_tokenizer, tokenizer_fingerprint
+    from tinygrad_llm.tokenizer import Tokenizer, tokenizer_fingerprint
 
     tokenizer = Tokenizer.train(SHAKESPEARE, vocab_size=300, special_tokens=["<|endoftext|>"])
     tokenizer.save(str(tmp_path / "bpe.json"))
@@ -134,5 +134,6 @@ def test_prepare_bpe_train_sample_export_reload(tmp_path, capsys):
     ids = np.asarray([tokenizer.encode_ordinary("ROMEO: my lord")])
     a, b = trained(ids), reloaded(ids)                            # (1, T, V) logits
     np.testing.assert_array_equal(a.numpy(), b.numpy())
-    exported_tokenizer = load_tokenizer(str(tmp_path / "hf" / "tinygrad_tokenizer.json"))
+    from tinygrad_llm.export import tokenizer_from_hf_json                 # the exported tokenizer.json, read back
+    exported_tokenizer = tokenizer_from_hf_json(json.load(open(tmp_path / "hf" / "tokenizer.json", encoding="utf-8")))
     assert tokenizer_fingerprint(exported_tokenizer) == tokenizer_fingerprint(tokenizer)

@@ -1,11 +1,12 @@
-"""The `tinygrad-llm` command: prepare, train, sample, eval, export, plot (and train-classifier).
+"""The `tinygrad-llm` command: prepare, train, sample, eval, export, import, plot (and train-classifier).
 
     tinygrad-llm train                                   # built-in Shakespeare, default small model, ~5 min
     tinygrad-llm train --config shakespeare_char --data ../shared/data/tinyshakespeare.txt   # bundled TOML
     tinygrad-llm train --data ../shared/data/tinyshakespeare.txt --out-dir runs/char --resume
     tinygrad-llm sample runs/default --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8 --top-k 40
     tinygrad-llm eval runs/default [--best]
-    tinygrad-llm export runs/default --hf exported/
+    tinygrad-llm export runs/default --hf exported/ [--gguf model.gguf --type q8_0]   # cli_export.py
+    tinygrad-llm import exported/ --out-dir runs/imported
     tinygrad-llm plot runs/default                       # runs/default/loss.png (needs matplotlib)
 
 Training options come from the TrainConfig defaults, then a TOML file (`--config`, sections allowed),
@@ -96,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     from .cli_posttrain import add_parsers as add_posttrain_parsers     # sft, dpo, chat
     add_posttrain_parsers(sub)
+    from .cli_serve import add_parsers as add_serve_parsers
+    add_serve_parsers(sub)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument("checkpoint", help="run directory, checkpoints/ directory or step directory")
@@ -123,10 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="write --task results with per-item scores to this JSON file")
     p.add_argument("--against", default=None, metavar="RUN", help="score a second run on the same --task items")
 
-    p = sub.add_parser("export", help="export a checkpoint for Hugging Face transformers")
-    p.add_argument("checkpoint")
-    p.add_argument("--hf", required=True, metavar="DIR", help="output directory (config.json, model.safetensors)")
-    p.add_argument("--best", action="store_true")
+    from .cli_export import add_parsers as add_export_parsers
+    add_export_parsers(sub)                  # export, import
+    from .cli_quant import add_parsers as add_quant_parsers
+    add_quant_parsers(sub)                   # quantize
 
     p = sub.add_parser("plot", help="draw the loss curves of a run into a PNG (needs matplotlib)")
     p.add_argument("run_dir")
@@ -171,7 +174,11 @@ def _fresh_run_dir(base: str) -> str:
 
 def _load(checkpoint: str, best: bool, device: str = "cpu", tokenizer_file: str | None = None):
     from .checkpoint import load_checkpoint, tokenizer_from_state
+    from .cli_quant import load_quantized
     from .tokenizer import load_tokenizer
+    quantized = load_quantized(checkpoint, device, tokenizer_file)      # a `tinygrad-llm quantize` run
+    if quantized is not None:
+        return quantized
     model, state = load_checkpoint(checkpoint, which="best" if best else "latest")
     model.to(device=device)
     tokenizer = load_tokenizer(tokenizer_file) if tokenizer_file else tokenizer_from_state(state, state["directory"])
@@ -227,6 +234,11 @@ def run_eval(args) -> int:
         raise CommandError(f"the data of {config.data} uses another vocabulary than the model (same size "
                            f"{tokenizer.vocab_size}, different tokens): its loss would mean nothing")
     result = evaluate(model, data.val, args.eval_iters or config.eval_iters, data.bytes_per_token, args.device)
+    if state.get("quantized"):                                            # the perplexity change vs the float run
+        from .cli_quant import compare_with_float
+        result.update(compare_with_float(state, result, lambda float_model: evaluate(
+            float_model.to(device=args.device), data.val, args.eval_iters or config.eval_iters, data.bytes_per_token,
+            args.device)))
     result["step"] = state["step"]
     result["checkpoint"] = state["directory"]
     print(json.dumps(result, indent=1))
@@ -234,15 +246,18 @@ def run_eval(args) -> int:
 
 
 def run_export(args) -> int:
-    from .export import export_hf
-    from .generate import _eot_id
-    from .checkpoint import tokenizer_file_of
-    model, state, tokenizer = _load(args.checkpoint, args.best)
-    config = export_hf(model, args.hf, eot_id=_eot_id(tokenizer),
-                       tokenizer_path=tokenizer_file_of(state, state["directory"]))
-    print(f"wrote {os.path.join(args.hf, 'config.json')} and model.safetensors "
-          f"({config['num_hidden_layers']} layers, vocab {config['vocab_size']})")
-    return 0
+    from .cli_export import run_export as run
+    return run(args)
+
+
+def run_import(args) -> int:
+    from .cli_export import run_import as run
+    return run(args)
+
+
+def run_quantize(args) -> int:
+    from .cli_quant import run_quantize as run
+    return run(args)
 
 
 def run_plot(args) -> int:
@@ -286,7 +301,9 @@ def run_plot(args) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "sample": run_sample, "eval": run_eval, "export": run_export, "plot": run_plot}
+COMMANDS = {"train": run_train, "sample": run_sample, "eval": run_eval, "export": run_export, "plot": run_plot,
+            "import": run_import}
+COMMANDS["quantize"] = run_quantize
 from .cli_posttrain import COMMANDS as POSTTRAIN_COMMANDS  # noqa: E402  (sft, dpo, chat)
 COMMANDS.update(POSTTRAIN_COMMANDS)
 
@@ -328,6 +345,9 @@ def main(argv=None) -> int:
         if args.command == "train-classifier":
             from .cli_prepare import run_train_classifier
             return run_train_classifier(args)
+        if args.command == "serve":
+            from .cli_serve import run_serve
+            return run_serve(args, _load)
         return COMMANDS[args.command](args)
     except CommandError as error:
         print(f"tinygrad-llm {args.command}: error: {error}", file=sys.stderr)

@@ -15,6 +15,7 @@ from .ops.loss import CrossEntropy, LinearCrossEntropy
 from .ops.matmul import Linear, MatMul
 from .ops.movement import Concatenate, GetItem, Permute, Reshape, Stack
 from .ops.norm import RMSNorm
+from .ops.quantized import QuantizedLinear
 from .ops.reduce import Max, Mean, Sum
 from .ops.rope import RoPE
 from .tensor import Tensor, ensure_tensor
@@ -230,3 +231,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
 def lora_weight(weight, a, b, scale):
     """W + scale · B @ A: a LoRA-adapted weight; weight (out, in), a (r, in), b (out, r)."""
     return LoRAWeight.apply(ensure_tensor(weight), ensure_tensor(a), ensure_tensor(b), scale=float(scale))
+
+
+def quantized_linear(x, weight):
+    """y = x @ Ŵᵀ for a `tinygrad_llm.quant.QuantizedMatrix` weight (inference only: no backward)."""
+    return QuantizedLinear.apply(ensure_tensor(x), weight)

@@ -1,29 +1,374 @@
-"""Text generation: greedy, temperature, top-k and top-p sampling with a KV cache, streamed.
+"""Text generation: greedy, temperature, top-k and top-p sampling with a KV cache, one sequence or a batch.
 
-    from tinygrad_llm.generate import generate, generate_text
+    from tinygrad_llm.generate import generate, generate_text, generate_batch
     for token in generate(model, prompt_ids, max_new_tokens=200, temperature=0.8, top_k=40): ...
     text = generate_text(model, tokenizer, "ROMEO:", max_new_tokens=200, stop=["\\n\\n"], stream=sys.stdout)
+    outputs = generate_batch(model, [ids_a, ids_b, ids_c], max_new_tokens=50, temperature=0)   # one list each
+
+`model` is a GPT (float32 on the CPU; on the GPU also under a bf16/fp16 policy) or a quantized run
+(tinygrad_llm.quant.runs.QuantizedModel): anything with `.config` and either `named_parameters()` (Hugging
+Face names) or `inference_weights()` (the same names -> float arrays or QuantizedMatrix).
+
+The decoding API (what the server's continuous batching runs on):
+
+    decoder = Decoder(model)                      # the weights by name (references, not copies, on the CPU)
+    cache = decoder.new_cache(slots=8)            # BatchedKVCache: every layer's keys/values, preallocated
+    slot = cache.allocate()                       # a free slot (sequences join between steps)
+    logits = decoder.prefill(cache, slot, ids)    # (V,) NumPy (float32; float64 for a float64 model)
+    logits = decoder.decode_step(cache, tokens, slots)   # (n, V): one new token for each of n slots
+    cache.release(slot)                           # the sequence leaves; the slot is free again
+
+`BatchedKVCache` holds `k[layer]`, `v[layer]` of shape (slots, Hkv, max_len, D) and `lengths[slot]`, the
+number of positions stored (the slot's next position). Each slot is its own sequence at its own
+positions: `decode_step` takes any subset of slots, in any order, each one token, and attends each only to
+its own `lengths[slot]` keys (ragged, no padding: RoPE at each slot's own position, a −∞ mask past each
+slot's length). `prefill` runs one sequence's prompt (T tokens, one GEMM per weight) from the slot's
+current length, so it also extends a slot (a chat turn). A slot is full at `max_len` (the model's
+max_seq_len by default): the caller releases and re-prefills it (generate slides its window so).
+Nothing here keeps gradients. A Decoder holds references to the model's arrays (no copy of a float32
+model on the CPU), taken when it is built: build a new one if training replaces them.
 
 KV cache: the prompt is run through the model once (prefill) and every layer's keys and values are kept;
-each new token is then one position (rope at the cache length as offset, attention over all cached keys).
+each new token is then one position (rope at the slot's length, attention over the slot's cached keys).
 
 Context limit, handled explicitly: the model sees at most `max_seq_len` tokens. A longer prompt is cut to
 its last `max_seq_len` tokens (a warning says so). When generation fills the context, the window slides:
 from then on each step recomputes the cache from the last `max_seq_len` tokens (the new token included),
 so the model always conditions on exactly the most recent `max_seq_len` tokens.
 
-Stops: at `eot_id` (the end-of-text token, not emitted) or when the decoded continuation contains one of
-the `stop` strings (the text is cut before it). Streaming holds back only what could still turn into a
-stop string or is an incomplete UTF-8 sequence.
+Stops: at `eot_id` (the end-of-text token, not emitted), at any of a sequence's `stop_tokens` (not
+emitted), or when the decoded continuation contains one of the `stop` strings (the text is cut before it).
+Streaming holds back only what could still turn into a stop string or is an incomplete UTF-8 sequence.
+
+Simplifications: a batch's prompts are prefilled one after another (each is one GEMM per weight already);
+decode attention gathers the keys of a non-contiguous set of slots (a copy), a contiguous run is a view.
 """
 from __future__ import annotations
 
+import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import backend
+from . import backend, precision
+from .ops.attention import grouped_causal_probabilities
+from .ops.quantized import linear_forward
+from .ops.rope import rope_angles
 from .tensor import no_grad
+
+
+class BatchedKVCache:
+    """Keys and values of every layer for `slots` independent sequences, preallocated to `max_len` positions.
+
+    k[layer], v[layer]: (slots, Hkv, max_len, D); lengths[s]: positions stored in slot s, all valid in
+    [:, :, :lengths[s]]. allocate() / release() hand slots out and take them back (lowest free first).
+    """
+
+    def __init__(self, config, slots: int, max_len: int | None = None, dtype=np.float32, device="cpu"):
+        if int(slots) <= 0:
+            raise ValueError(f"a KV cache needs at least one slot, got {slots}")
+        self.max_len = int(max_len or config.max_seq_len)
+        if not 0 < self.max_len <= config.max_seq_len:
+            raise ValueError(f"max_len must be in [1, {config.max_seq_len}] (the model's context), got {max_len}")
+        xp = backend.cupy_module() if backend.normalize_device(device) == "cuda" else np
+        shape = (int(slots), config.n_kv_heads, self.max_len, config.head_dim)
+        self.k = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.slots = int(slots)
+        self.lengths = np.zeros(self.slots, dtype=np.int64)
+        self._free = list(range(self.slots))
+        self._in_use = set()
+
+    @property
+    def free_slots(self) -> list:
+        return sorted(self._free)
+
+    @property
+    def active_slots(self) -> list:
+        return sorted(self._in_use)
+
+    def allocate(self) -> int:
+        """Take the lowest free slot (length 0); RuntimeError when every slot is in use."""
+        if not self._free:
+            raise RuntimeError(f"all {self.slots} KV cache slots are in use")
+        self._free.sort()
+        slot = self._free.pop(0)
+        self._in_use.add(slot)
+        self.lengths[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Give a slot back: its sequence is done (its arrays are simply overwritten by the next one)."""
+        slot = self.check(slot)
+        self._in_use.discard(slot)
+        self.lengths[slot] = 0
+        self._free.append(slot)
+
+    def check(self, slot) -> int:
+        """The slot as an int; ValueError unless it is allocated."""
+        slot = int(slot)
+        if slot not in self._in_use:
+            raise ValueError(f"KV cache slot {slot} is not allocated (active: {self.active_slots})")
+        return slot
+
+    def holds(self, slots) -> bool:
+        """Whether every slot in `slots` (ints) is allocated."""
+        return self._in_use.issuperset(slots)
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v))
+
+
+@dataclass
+class _Layer:
+    attention_norm: object
+    q: object
+    k: object
+    v: object
+    o: object
+    mlp_norm: object
+    gate: object
+    up: object
+    down: object
+
+
+def model_weights(model) -> dict:
+    """name -> array (or QuantizedMatrix): a quantized run's inference_weights(), or a model's parameters."""
+    if hasattr(model, "inference_weights"):
+        return dict(model.inference_weights())
+    return {name: p.data for name, p in model.named_parameters()}
+
+
+class Decoder:
+    """KV-cached forward passes of a model for prefill and batched decoding, on raw arrays (no autograd).
+
+    Same math as GPT.forward (model.py), written for inference: the Hugging Face weights by name, every
+    Linear through ops/quantized.linear_forward (float or quantized), RMSNorm and SwiGLU as in the model's
+    CPU ops, attention over each slot's own cached keys. Logits come back as NumPy arrays (float32, or
+    float64 for a float64 model). The tests hold it to GPT.forward's logits.
+    On the GPU under a bf16/fp16 policy (tinygrad_llm.precision) the float weight matrices are cast to
+    the low dtype once, here (a copy beside the float32 masters), and every GEMM runs in it; norms,
+    attention and the KV cache stay float32. A quantized embedding is looked up on the host.
+    """
+
+    def __init__(self, model):
+        config = self.config = model.config
+        weights = model_weights(model)
+        try:
+            embed = weights["model.embed_tokens.weight"]
+            self.layers = [_Layer(*(weights[f"model.layers.{i}.{name}"] for name in (
+                "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+                "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")))
+                for i in range(config.n_layers)]
+            self.norm = weights["model.norm.weight"]
+        except KeyError as missing:
+            raise ValueError(f"Decoder: the model has no weight {missing}") from None
+        self.embed = embed
+        self.lm_head = weights.get("lm_head.weight", embed)          # tied embeddings: one matrix
+        self.device = backend.device_of(self.norm)
+        self.xp = backend.array_module(self.norm)
+        self.dtype = np.dtype(np.float32) if self.norm.dtype == np.float16 else np.dtype(self.norm.dtype)
+        if self.dtype.kind != "f":                                    # bfloat16 master copies: compute in float32
+            self.dtype = np.dtype(np.float32)
+        as_compute = lambda w: w.astype(self.dtype, copy=False)     # norm gains in the compute dtype, once
+        self.layers = [_Layer(**dict(vars(layer), attention_norm=as_compute(layer.attention_norm),
+                                     mlp_norm=as_compute(layer.mlp_norm))) for layer in self.layers]
+        self.norm = as_compute(self.norm)
+        if hasattr(self.embed, "take_rows") and self.device != "cpu":
+            self.embed = self.embed.to("cpu")                         # quantized lookups run on the host
+        low = precision.get_policy().compute
+        if low is not None and self.device != "cpu":                  # bf16/fp16 policy: GEMM operands cast once
+            cast = lambda w: w.astype(precision.dtype_named(low)) if getattr(w, "ndim", 0) == 2 else w
+            self.layers = [_Layer(*(cast(w) for w in vars(layer).values())) for layer in self.layers]
+            self.lm_head = cast(self.lm_head)
+        positions = self.xp.arange(config.max_seq_len)
+        cos, sin = rope_angles(positions, config.head_dim, config.rope_theta, self.xp)      # (max_len, D/2)
+        # rotate-half as x·[cos, cos] + [x₂, x₁]·[−sin, sin]: two full-width tables, one product each
+        self.cos = self.xp.concatenate([cos, cos], axis=1).astype(self.dtype)                 # (max_len, D)
+        self.sin = self.xp.concatenate([-sin, sin], axis=1).astype(self.dtype)
+
+    def new_cache(self, slots: int, max_len: int | None = None) -> BatchedKVCache:
+        return BatchedKVCache(self.config, slots, max_len, self.dtype, self.device)
+
+    # ------------------------------------------------------------------ the public steps
+    def prefill(self, cache: BatchedKVCache, slot: int, ids, all_logits: bool = False):
+        """Run `ids` (T,) into `slot` from its current length. Returns the last position's logits (V,),
+        or every position's (T, V) with all_logits."""
+        slot = cache.check(slot)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        start, time = int(cache.lengths[slot]), ids.shape[0]
+        if time == 0:
+            raise ValueError("prefill needs at least one token")
+        if start + time > cache.max_len:
+            raise ValueError(f"slot {slot} holds {start} positions; {time} more exceed the cache's {cache.max_len}")
+        self._check_ids(ids)
+        with no_grad():
+            x = self._embed(ids)                                                   # (T, C)
+            attend = lambda layer, q, k, v: self._prefill_attention(cache, layer, slot, start, q, k, v)
+            x = self._layers(x, attend)
+            cache.lengths[slot] = start + time
+            return self._logits(x if all_logits else x[-1:])[slice(None) if all_logits else 0]
+
+    def decode_step(self, cache: BatchedKVCache, tokens, slots):
+        """One new token for each of `slots` (n,), at each slot's own position. Returns logits (n, V)."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+        if tokens.shape != slots.shape:
+            raise ValueError(f"decode_step: {tokens.shape[0]} tokens for {slots.shape[0]} slots")
+        listed = slots.tolist()
+        if not cache.holds(listed):
+            for slot in listed:
+                cache.check(slot)                                                     # raises, naming the slot
+        if len(set(listed)) != len(listed):
+            raise ValueError(f"decode_step: a slot appears twice in {listed}")
+        positions = cache.lengths[slots]
+        if (positions >= cache.max_len).any():
+            full = slots[positions >= cache.max_len].tolist()
+            raise ValueError(f"KV cache slots {full} are full ({cache.max_len} positions): release and re-prefill")
+        if (positions == 0).any():
+            raise ValueError(f"decode_step: slots {slots[positions == 0].tolist()} are empty; prefill them first")
+        self._check_ids(tokens)
+        with no_grad():
+            step = self._decode_plan(slots, positions)
+            x = self._embed(tokens)                                                # (n, C)
+            x = self._layers(x, lambda layer, q, k, v: self._decode_attention(cache, layer, step, q, k, v))
+            cache.lengths[slots] = positions + 1
+            return self._logits(x)
+
+    def forward(self, ids):
+        """Logits (B, T, V) of whole sequences (B, T), without a cache (evaluation of quantized runs)."""
+        ids = np.asarray(ids)
+        if ids.ndim != 2:
+            raise ValueError(f"Decoder.forward expects ids of shape (B, T), got {tuple(ids.shape)}")
+        cache = self.new_cache(1, ids.shape[1])
+        rows = []
+        for row in ids:
+            slot = cache.allocate()
+            rows.append(self.prefill(cache, slot, row, all_logits=True))
+            cache.release(slot)
+        return np.stack(rows)
+
+    # ------------------------------------------------------------------ the pieces
+    def _check_ids(self, ids):
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise IndexError(f"token ids must be in [0, {self.config.vocab_size}), got {ids.min()}…{ids.max()}")
+
+    def _embed(self, ids):
+        if hasattr(self.embed, "take_rows"):                     # a QuantizedMatrix: dequantise the rows used
+            rows = self.embed.take_rows(ids)
+            return backend.to_device(rows, self.device) if self.device != "cpu" else rows
+        return self.embed[backend.to_device(ids, self.device)].astype(self.dtype, copy=False)
+
+    def _linear(self, x, weight):
+        y = linear_forward(x, weight)
+        return y if y.dtype == self.dtype else y.astype(self.dtype)
+
+    def _rms_norm(self, x, weight):
+        """x · rsqrt(mean(x²) + eps) · w, in the order of model.ChunkedRMSNorm (ufunc reductions called
+        directly: the ndarray.sum wrapper costs as much as the sum itself at decode sizes)."""
+        xp = self.xp
+        r = xp.add.reduce(x * x, axis=-1, keepdims=True)
+        r *= x.dtype.type(1.0 / x.shape[-1])
+        r += x.dtype.type(self.config.norm_eps)
+        xp.sqrt(r, out=r)
+        xp.reciprocal(r, out=r)
+        y = x * r
+        y *= weight
+        return y
+
+    def _layers(self, x, attend):
+        """x (N, C) through every decoder layer; attend(layer, q, k, v) -> (N, H·D) does the attention."""
+        config, xp = self.config, self.xp
+        heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        half = self.dtype.type(0.5)
+        for i, layer in enumerate(self.layers):
+            h = self._rms_norm(x, layer.attention_norm)
+            q = self._linear(h, layer.q).reshape(-1, heads, head_dim)             # (N, C) -> (N, H, D)
+            k = self._linear(h, layer.k).reshape(-1, kv_heads, head_dim)          # (N, Hkv, D)
+            v = self._linear(h, layer.v).reshape(-1, kv_heads, head_dim)          # (N, Hkv, D)
+            x = x + self._linear(attend(i, q, k, v), layer.o)
+            h = self._rms_norm(x, layer.mlp_norm)
+            gate = self._linear(h, layer.gate)
+            sigma = xp.tanh(gate * half)                                          # σ(g) = ½ (1 + tanh(g/2))
+            sigma *= half
+            sigma += half
+            gate *= sigma
+            gate *= self._linear(h, layer.up)                                     # silu(g) · u
+            x = x + self._linear(gate, layer.down)
+        return x
+
+    def _logits(self, x):
+        logits = self._linear(self._rms_norm(x, self.norm), self.lm_head)         # (N, V)
+        logits = backend.to_numpy(logits)
+        return logits if logits.dtype in (np.float32, np.float64) else logits.astype(np.float32)
+
+    def _rotate(self, x, cos, sin):
+        """RoPE of x (N, heads, D) with the (N, 1, D) tables: (x₁, x₂) -> (x₁ cos − x₂ sin, x₂ cos + x₁ sin)."""
+        half = x.shape[-1] // 2
+        swapped = self.xp.concatenate([x[..., half:], x[..., :half]], axis=-1)             # [x₂, x₁]
+        swapped *= sin
+        out = x * cos
+        out += swapped
+        return out
+
+    def _prefill_attention(self, cache, layer, slot, start, q, k, v):
+        """One slot, T new positions start…start+T−1: causal attention over the slot's start + T keys."""
+        xp, config = self.xp, self.config
+        time, heads, head_dim = q.shape
+        kv_heads, group = config.n_kv_heads, config.n_heads // config.n_kv_heads
+        cos, sin = self.cos[start:start + time, None, :], self.sin[start:start + time, None, :]     # (T, 1, D)
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        end = start + time
+        cache.k[layer][slot, :, start:end] = k.transpose(1, 0, 2)                 # (T, Hkv, D) -> (Hkv, T, D)
+        cache.v[layer][slot, :, start:end] = v.transpose(1, 0, 2)
+        keys, values = cache.k[layer][slot, :, :end], cache.v[layer][slot, :, :end]     # (Hkv, start + T, D)
+        q3 = q.reshape(time, kv_heads, group, head_dim).transpose(1, 2, 0, 3)      # (T, H, D) -> (Hkv, G, T, D)
+        q3 = q3.reshape(1, kv_heads, group * time, head_dim)                       # -> (1, Hkv, G·T, D)
+        p, _ = grouped_causal_probabilities(q3, keys[None], group, 1.0 / math.sqrt(head_dim), xp)
+        out = p @ values[None]                                                     # (1, Hkv, G·T, D)
+        out = out.reshape(kv_heads, group, time, head_dim).transpose(2, 0, 1, 3)   # -> (T, Hkv, G, D)
+        return out.reshape(time, heads * head_dim)                                 # -> (T, H·D)
+
+    def _decode_plan(self, slots, positions) -> dict:
+        """What every layer's decode attention shares within one step: RoPE tables at each slot's position,
+        the −∞ bias on keys past each slot's length, and how to read the slots' keys (a view or a gather)."""
+        xp, device = self.xp, self.device
+        count, length = slots.shape[0], int(positions.max()) + 1
+        device_slots, device_positions = backend.to_device(slots, device), backend.to_device(positions, device)
+        first = int(slots[0])
+        contiguous = bool(np.array_equal(slots, np.arange(first, first + count)))
+        bias = None
+        if int(positions.min()) + 1 < length:        # ragged lengths: mask each slot's keys past its position
+            beyond = xp.arange(length)[None, :] > device_positions[:, None]                     # (n, L)
+            bias = xp.where(beyond, -xp.inf, 0).astype(self.dtype)[:, None, :, None]           # (n, 1, L, 1)
+        return {"slots": device_slots, "positions": device_positions, "length": length,
+                "keys": slice(first, first + count) if contiguous else device_slots, "bias": bias,
+                "cos": self.cos[device_positions][:, None, :], "sin": self.sin[device_positions][:, None, :]}
+
+    def _decode_attention(self, cache, layer, step, q, k, v):
+        """n slots, one new position each: attention over each slot's own keys (step: _decode_plan)."""
+        xp, config = self.xp, self.config
+        count, heads, head_dim = q.shape
+        kv_heads, group = config.n_kv_heads, config.n_heads // config.n_kv_heads
+        q, k = self._rotate(q, step["cos"], step["sin"]), self._rotate(k, step["cos"], step["sin"])
+        cache.k[layer][step["slots"], :, step["positions"]] = k                   # (n, Hkv, D) at (slot, :, pos)
+        cache.v[layer][step["slots"], :, step["positions"]] = v
+        length = step["length"]
+        keys = cache.k[layer][step["keys"], :, :length]                           # (n, Hkv, L, D): view or gather
+        values = cache.v[layer][step["keys"], :, :length]
+        q = q * q.dtype.type(1.0 / math.sqrt(head_dim))
+        q4 = q.reshape(count, kv_heads, group, head_dim).swapaxes(-1, -2)          # (n, H, D) -> (n, Hkv, D, G)
+        scores = keys @ q4                                                         # (n, Hkv, L, G)
+        if step["bias"] is not None:
+            scores += step["bias"]
+        scores -= xp.maximum.reduce(scores, axis=2, keepdims=True)
+        xp.exp(scores, out=scores)
+        scores /= xp.add.reduce(scores, axis=2, keepdims=True)                      # P, normalised over keys
+        out = xp.ascontiguousarray(scores.swapaxes(-1, -2)) @ values                # (n, Hkv, G, L) @ (n, Hkv, L, D)
+        return out.reshape(count, heads * head_dim)                                # (n, Hkv, G, D) -> (n, H·D)
 
 
 def sample_next(logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
@@ -52,66 +397,160 @@ def sample_next(logits: np.ndarray, temperature: float = 1.0, top_k: int | None 
     return int(rng.choice(probs.size, p=probs))
 
 
-def _last_logits(model, ids, cache):
-    logits = model(backend.to_device(np.asarray(ids, dtype=np.int64)[None, :], model.device), cache=cache,
-                   last_only=True)
-    return backend.to_numpy(logits.data)[0, -1]                                     # (1, 1, V) -> (V,)
+def _full_logits(model, decoder, context):
+    """The last position's logits from the whole context, no cache: GPT.forward itself for a GPT (the
+    reference the cached path is tested against), the decoder's cache-free pass otherwise."""
+    if not hasattr(model, "named_parameters"):
+        return decoder.forward(np.asarray(context)[None, :])[0, -1]
+    was_training = model.training
+    model.eval()
+    try:
+        with no_grad():
+            ids = backend.to_device(np.asarray(context, dtype=np.int64)[None, :], model.device)
+            return backend.to_numpy(model(ids, last_only=True).data)[0, -1]         # (1, 1, V) -> (V,)
+    finally:
+        model.train(was_training)
+
+
+def _crop(context: list, limit: int, stacklevel: int = 3) -> list:
+    if len(context) > limit:
+        warnings.warn(f"prompt of {len(context)} tokens is longer than the context ({limit}); keeping its last "
+                      f"{limit} tokens", stacklevel=stacklevel)
+        return context[-limit:]
+    return context
 
 
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eot_id: int | None = None, seed: int | None = None,
-             use_cache: bool = True):
-    """Yield up to max_new_tokens new token ids (stops early at eot_id, which is not yielded)."""
+             use_cache: bool = True, stop_tokens=()):
+    """Yield up to max_new_tokens new token ids (stops early at eot_id or a stop token, neither yielded)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
     context = [int(t) for t in prompt_ids]
     if not context:
         raise ValueError("generate needs at least one prompt token")
     limit = model.config.max_seq_len
-    if len(context) > limit:
-        warnings.warn(f"prompt of {len(context)} tokens is longer than the context ({limit}); keeping its last "
-                      f"{limit} tokens", stacklevel=2)
-        context = context[-limit:]
+    context = _crop(context, limit)
+    stops = set(int(t) for t in stop_tokens or ()) | ({int(eot_id)} if eot_id is not None else set())
     rng = np.random.default_rng(seed)
-    was_training = model.training
-    model.eval()
-    try:
-        with no_grad():
-            cache = model.new_cache(1) if use_cache else None
-            logits = _last_logits(model, context, cache)                               # prefill
-            for _ in range(max_new_tokens):
-                token = sample_next(logits, temperature, top_k, top_p, rng)
-                if eot_id is not None and token == eot_id:
-                    return
-                yield token
-                context.append(token)
-                if cache is not None and cache.length < limit:
-                    logits = _last_logits(model, [token], cache)                       # one position
-                else:                                                                  # slide the window
-                    context = context[-limit:]
-                    cache = model.new_cache(1) if use_cache else None
-                    logits = _last_logits(model, context, cache)
-    finally:
-        model.train(was_training)
+    decoder = model if isinstance(model, Decoder) else Decoder(model)
+    if use_cache:
+        cache = decoder.new_cache(1)
+        slot = cache.allocate()
+        logits = decoder.prefill(cache, slot, context)                                    # prefill
+    else:
+        logits = _full_logits(model, decoder, context)
+    for _ in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, rng)
+        if token in stops:
+            return
+        yield token
+        context.append(token)
+        if not use_cache:
+            context = context[-limit:]
+            logits = _full_logits(model, decoder, context)
+        elif cache.lengths[slot] < limit:
+            logits = decoder.decode_step(cache, [token], [slot])[0]                        # one position
+        else:                                                                              # slide the window
+            context = context[-limit:]
+            cache.release(slot)
+            slot = cache.allocate()
+            logits = decoder.prefill(cache, slot, context)
+
+
+def _per_sequence(value, count: int, name: str) -> list:
+    """One list per sequence from `value`: a flat list (of ids or strings) shared by all, or `count` lists."""
+    value = list(value or ())
+    if value and all(isinstance(v, (list, tuple, set, frozenset)) for v in value):
+        if len(value) != count:
+            raise ValueError(f"{name}: {len(value)} per-sequence lists for {count} prompts")
+        return [list(v) for v in value]
+    return [value] * count
+
+
+def generate_batch(model, prompts, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None, eot_id: int | None = None, seed=None, stop_tokens=(),
+                   should_stop=None) -> list:
+    """Generate for a batch of prompts (lists of ids, any lengths) at once; returns one list of new ids each.
+
+    Every prompt gets its own KV cache slot, its own positions and its own sampler: `seed` is one seed for
+    all (each sequence's generator starts from it, so a sequence samples what `generate` would give it
+    alone) or a list of seeds. `stop_tokens`: ids for all, or one list per prompt (not emitted, like
+    eot_id). `should_stop(index, ids)`: called after each new token; True ends that sequence (generate_text_batch
+    uses it for stop strings). Sequences that stop leave the batch; the others go on.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
+    prompts = [[int(t) for t in p] for p in prompts]
+    if not prompts:
+        return []
+    if any(not p for p in prompts):
+        raise ValueError("generate_batch needs at least one token in every prompt")
+    count, limit = len(prompts), model.config.max_seq_len
+    contexts = [_crop(p, limit) for p in prompts]
+    seeds = seed if isinstance(seed, (list, tuple)) else [seed] * count
+    if len(seeds) != count:
+        raise ValueError(f"generate_batch: {len(seeds)} seeds for {count} prompts")
+    stops = [set(int(t) for t in group) | ({int(eot_id)} if eot_id is not None else set())
+             for group in _per_sequence(stop_tokens, count, "stop_tokens")]
+    rngs = [np.random.default_rng(s) for s in seeds]
+    decoder = model if isinstance(model, Decoder) else Decoder(model)
+    cache = decoder.new_cache(count)
+    slots = [cache.allocate() for _ in range(count)]
+    logits = {i: decoder.prefill(cache, slots[i], contexts[i]) for i in range(count)}
+    outputs = [[] for _ in range(count)]
+    active = list(range(count)) if max_new_tokens > 0 else []
+    while active:
+        going, stepping = [], []
+        for i in active:
+            token = sample_next(logits[i], temperature, top_k, top_p, rngs[i])
+            if token in stops[i]:
+                continue
+            outputs[i].append(token)
+            contexts[i].append(token)
+            if len(outputs[i]) >= max_new_tokens or (should_stop is not None and should_stop(i, outputs[i])):
+                continue
+            going.append(i)
+            if cache.lengths[slots[i]] < limit:
+                stepping.append(i)
+            else:                                                        # slide this sequence's window
+                contexts[i] = contexts[i][-limit:]
+                cache.release(slots[i])
+                slots[i] = cache.allocate()
+                logits[i] = decoder.prefill(cache, slots[i], contexts[i])
+        if stepping:
+            step_logits = decoder.decode_step(cache, [contexts[i][-1] for i in stepping], [slots[i] for i in stepping])
+            for row, i in enumerate(stepping):
+                logits[i] = step_logits[row]
+        active = going
+    return outputs
 
 
 def _decode(tokenizer, ids) -> str:
     return tokenizer.decode(ids) if ids else ""
 
 
+def _prompt_ids(tokenizer, prompt: str) -> list:
+    ids = tokenizer.encode_ordinary(prompt) if hasattr(tokenizer, "encode_ordinary") else tokenizer.encode(prompt)
+    if not ids:
+        eot = _eot_id(tokenizer)
+        if eot is None:
+            raise ValueError("empty prompt and the tokenizer has no end-of-text token to start from")
+        ids = [eot]
+    return list(ids)
+
+
+def _cut_at_stop(text: str, stop) -> tuple:
+    """(text before the first stop string, whether one was found)."""
+    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0,
                   top_k: int | None = None, top_p: float | None = None, stop=(), seed: int | None = None,
                   stream=None, use_cache: bool = True) -> str:
     """The continuation of `prompt` as text. `stream`: a file (or callable) that receives text as it comes."""
-    if hasattr(tokenizer, "encode_ordinary"):
-        prompt_ids = tokenizer.encode_ordinary(prompt)
-    else:
-        prompt_ids = tokenizer.encode(prompt)
-    if not prompt_ids:
-        eot = _eot_id(tokenizer)
-        if eot is None:
-            raise ValueError("empty prompt and the tokenizer has no end-of-text token to start from")
-        prompt_ids = [eot]
+    prompt_ids = _prompt_ids(tokenizer, prompt)
     stop = [s for s in (stop or ()) if s]
     write = (stream if callable(stream) else (lambda text: (stream.write(text), stream.flush()))) if stream else None
     holdback = max((len(s) for s in stop), default=1) - 1
@@ -119,10 +558,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, temp
     for token in generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, _eot_id(tokenizer),
                           seed, use_cache):
         ids.append(token)
-        text = _decode(tokenizer, ids)
-        cut = min((text.find(s) for s in stop if s in text), default=-1)
-        if cut >= 0:
-            text = text[:cut]
+        text, stopped = _cut_at_stop(_decode(tokenizer, ids), stop)
+        if stopped:
             break
         if write is not None:
             safe = len(text) - holdback
@@ -134,6 +571,20 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, temp
     if write is not None and len(text) > emitted:
         write(text[emitted:])
     return text
+
+
+def generate_text_batch(model, tokenizer, prompts, max_new_tokens: int = 200, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, stop=(), seed=None) -> list:
+    """The continuations of several prompts, decoded together. `stop`: strings for all, or one list per prompt."""
+    prompts = list(prompts)
+    stops = [[s for s in group if s] for group in _per_sequence(stop, len(prompts), "stop")]
+
+    def should_stop(index, ids):
+        return bool(stops[index]) and _cut_at_stop(_decode(tokenizer, ids), stops[index])[1]
+
+    outputs = generate_batch(model, [_prompt_ids(tokenizer, p) for p in prompts], max_new_tokens, temperature,
+                             top_k, top_p, _eot_id(tokenizer), seed, should_stop=should_stop)
+    return [_cut_at_stop(_decode(tokenizer, ids), stops[i])[0] for i, ids in enumerate(outputs)]
 
 
 def _eot_id(tokenizer):

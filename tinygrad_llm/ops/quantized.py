@@ -1,0 +1,157 @@
+"""Linear layers on quantized weights (inference only): y = x @ Ŵᵀ with Ŵ a `QuantizedMatrix`.
+
+The dispatch point for every Linear of KV-cached decoding (tinygrad_llm.generate):
+- a float weight: the same path as ops/matmul.Linear (the bf16/fp16 cuBLAS policy on the GPU, else x @ Wᵀ);
+- a QuantizedMatrix on the GPU: the CUDA kernels of kernels/quant_matmul.cu (tinygrad_llm.gpu_quant), a
+  fused dequantise + GEMV for a few rows (decode), dequantise + cuBLAS for many (prefill);
+- a QuantizedMatrix on the CPU, Q8_0 / Q4_0: block by block. The matrix is block-major (the j-th
+  32-weight block of every output row is one contiguous (out, 32) slab), so a few slabs at a time are
+  converted to float32 (into a per-thread buffer that stays in cache) and multiplied by the matching 32
+  inputs in one batched GEMM:  P[j] = codes[j] @ x[:, block j]ᵀ  (out, N);  then y = Σ_j d[j] · P[j].
+  The scales act on the products, (out, N) per block, not on the weights, (out, 32) per block: for decode
+  (N ≤ 32) that is the cheaper side. Q4_0's −8 offset is folded the same way: Σ (n − 8)·x = Σ n·x − 8·Σ x.
+  Output rows are split across tinygrad_llm.cpu_threads' threads when each share holds at least
+  THREAD_ELEMENTS weights (handing a small matrix to a second thread costs more than it saves).
+- a QuantizedMatrix on the CPU, INT8 per channel: a tile of output rows at a time converted to float32
+  and one GEMM, the per-row scale applied to y's columns.
+
+Why float32 GEMMs rather than an int8 dot product: NumPy has no int8 GEMM with int32 accumulation (an
+integer matmul runs NumPy's own unvectorised loop); `int8_dot_linear` is that alternative, and
+benchmarks/decode.py --matmul measures both (benchmarks/RESULTS.md has the numbers).
+Simplification: no backward (quantized weights are not trained); the op raises if one is asked for.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ..gpu import kernel
+from ..cpu_threads import parallel_items, split, thread_count
+from ..quant.formats import BLOCK_SIZE, QuantizedMatrix
+from ..tensor import Function
+
+TILE_ELEMENTS = 1 << 17          # float32 weights converted per step (512 KiB: stays in L2 beside x and y)
+THREAD_ELEMENTS = 1 << 18        # weights a thread's share must hold before the rows are split across threads
+_scratch = threading.local()
+
+
+def _buffer(name: str, elements: int) -> np.ndarray:
+    """A per-thread float32 scratch buffer of at least `elements` (reused across calls: no allocation)."""
+    buffer = getattr(_scratch, name, None)
+    if buffer is None or buffer.size < elements:
+        buffer = np.empty(elements, dtype=np.float32)
+        setattr(_scratch, name, buffer)
+    return buffer
+
+
+def float_linear(x, weight):
+    """x (..., in) @ weight (out, in)ᵀ for a float weight: the path of ops/matmul.Linear's forward."""
+    fast = kernel("linear", x, weight)
+    if fast is not None:                   # a bf16/fp16 policy: low-precision cuBLAS
+        return fast.linear_forward(x, weight)[0]
+    x2 = x.reshape(-1, x.shape[-1])                                        # (..., in) -> (N, in)
+    return (x2 @ weight.T).reshape(*x.shape[:-1], weight.shape[0])          # (N, out) -> (..., out)
+
+
+def _block_products(x_blocks, x_sums, weight: QuantizedMatrix, start: int, end: int) -> np.ndarray:
+    """Output rows start…end−1 of a Q8_0 / Q4_0 product, (end − start, N), from x_blocks (nb, 32, N)."""
+    count, rows = weight.values.shape[0], end - start
+    y = None
+    step = max(1, TILE_ELEMENTS // (rows * BLOCK_SIZE))                       # blocks converted at once
+    codes = _buffer("codes", step * rows * BLOCK_SIZE)
+    for first in range(0, count, step):
+        last = min(first + step, count)
+        values = weight.values[first:last, start:end]                          # (k, rows, 32 | 16)
+        if weight.kind == "q8_0":
+            tile = codes[:(last - first) * rows * BLOCK_SIZE].reshape(last - first, rows, BLOCK_SIZE)
+            np.copyto(tile, values, casting="unsafe")                           # int8 -> float32
+            products = tile @ x_blocks[first:last]                              # (k, rows, N)
+        else:   # Q4_0: low nibbles are elements 0…15 of a block, high nibbles 16…31
+            half = BLOCK_SIZE // 2
+            low = codes[:(last - first) * rows * half].reshape(last - first, rows, half)
+            high = codes[(last - first) * rows * half:(last - first) * rows * BLOCK_SIZE].reshape(low.shape)
+            np.bitwise_and(values, 0x0F, out=low, casting="unsafe")
+            np.right_shift(values, 4, out=high, casting="unsafe")
+            products = low @ x_blocks[first:last, :half]                        # (k, rows, N)
+            products += high @ x_blocks[first:last, half:]
+            products -= np.float32(8) * x_sums[first:last, None, :]             # the −8 offset: 8·Σ x per block
+        products *= weight.scale[first:last, start:end, None].astype(np.float32)
+        total = np.add.reduce(products, axis=0)                                 # Σ over the k blocks: (rows, N)
+        y = total if y is None else np.add(y, total, out=y)
+    return y
+
+
+def blockwise_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
+    """CPU Q8_0 / Q4_0: (N, in) float32 @ Ŵᵀ -> (N, out) float32, block by block (see the module docstring)."""
+    out_features, in_features = weight.shape
+    columns = x2.shape[0]
+    x_blocks = np.ascontiguousarray(x2.reshape(columns, -1, BLOCK_SIZE).transpose(1, 2, 0))  # (N, in) -> (nb, 32, N)
+    x_sums = np.add.reduce(x_blocks, axis=1) if weight.kind == "q4_0" else None                # (nb, N)
+    ranges = [] if thread_count() == 1 else split(out_features, min_chunk=max(64, THREAD_ELEMENTS // in_features))
+    if len(ranges) <= 1:
+        return np.ascontiguousarray(_block_products(x_blocks, x_sums, weight, 0, out_features).T)   # -> (N, out)
+    parts = parallel_items(lambda bounds: _block_products(x_blocks, x_sums, weight, *bounds), ranges)
+    return np.ascontiguousarray(np.concatenate(parts, axis=0).T)                               # (out, N) -> (N, out)
+
+
+def int8_rows_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
+    """CPU INT8: (N, in) float32 @ Ŵᵀ -> (N, out): row tiles converted to float32, one GEMM each, y scaled."""
+    out_features, in_features = weight.shape
+    y = np.empty((x2.shape[0], out_features), dtype=np.float32)
+    rows = max(1, TILE_ELEMENTS // in_features)
+
+    def work(bounds):
+        tile_buffer = _buffer("codes", rows * in_features)
+        for start in range(bounds[0], bounds[1], rows):
+            end = min(start + rows, bounds[1])
+            tile = tile_buffer[:(end - start) * in_features].reshape(end - start, in_features)     # (rows, in)
+            np.copyto(tile, weight.values[start:end], casting="unsafe")
+            np.matmul(x2, tile.T, out=y[:, start:end])
+
+    parallel_items(work, split(out_features, min_chunk=max(64, THREAD_ELEMENTS // in_features)))
+    y *= weight.scale[None, :]
+    return y
+
+
+def int8_dot_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
+    """CPU, the alternative that benchmarks/decode.py --matmul measures: x quantized per row to int8,
+    int8 × int8 products summed in int32 (NumPy's integer matmul), rescaled. int8 weights only."""
+    if weight.kind != "int8":
+        raise ValueError("int8_dot_linear takes int8 (per-channel) weights")
+    x_scale = np.abs(x2).max(axis=1, keepdims=True) / np.float32(127)                       # (N, 1)
+    x_q = np.rint(x2 / np.where(x_scale == 0, 1, x_scale)).astype(np.int32)                  # (N, in)
+    accumulated = x_q @ weight.values.T.astype(np.int32)                                       # (N, out) int32
+    return accumulated.astype(np.float32) * x_scale * weight.scale[None, :]
+
+
+def linear_forward(x, weight):
+    """y = x @ Ŵᵀ for a float array or a QuantizedMatrix weight (the dispatch point). x (..., in)."""
+    if type(weight) is np.ndarray and type(x) is np.ndarray and x.ndim == 2 and x.shape[1] == weight.shape[1]:
+        return x @ weight.T             # the common CPU case first: no dispatch overhead per decode step
+    if not isinstance(weight, QuantizedMatrix):
+        return float_linear(x, weight)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"quantized_linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]} "
+                         f"(weight shape {weight.shape} is (out, in))")
+    if type(x) is not np.ndarray or type(weight.values) is not np.ndarray:
+        from .. import gpu_quant   # the GPU layer; imported only once GPU arrays exist
+        return gpu_quant.quantized_linear(x, weight)
+    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)                 # (..., in) -> (N, in)
+    y = int8_rows_linear(x2, weight) if weight.kind == "int8" else blockwise_linear(x2, weight)
+    return y.reshape(*x.shape[:-1], weight.shape[0])                                          # -> (..., out)
+
+
+class QuantizedLinear(Function):
+    """Forward:  y = x @ Ŵᵀ,  Ŵ = dequantize(W) (Q8_0, Q4_0 or per-channel INT8: tinygrad_llm.quant)
+    Backward: none: quantized weights are for inference; asking for a gradient raises
+    Shapes:   x (..., in)   W a QuantizedMatrix (out, in)   y (..., out) float32 (CPU)
+    Saves:    nothing
+    """
+
+    def forward(self, x, weight):
+        return linear_forward(x, weight)
+
+    def backward(self, dy):
+        raise RuntimeError("quantized_linear has no backward: quantized weights are inference-only "
+                           "(train the float run, then quantize it)")

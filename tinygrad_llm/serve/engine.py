@@ -1,0 +1,371 @@
+"""Continuous batching: one scheduler thread runs a decode step for every active sequence.
+
+    engine = Engine(model, tokenizer, max_batch=8, max_queue=32)
+    engine.start()
+    engine.submit([Sequence(prompt_ids, SamplingParams(max_tokens=20, temperature=0), emit=callback)])
+    ...
+    engine.stop()
+
+The loop, on its own thread (NumPy and BLAS release the GIL, so the HTTP event loop stays responsive):
+
+    1. drop sequences whose client went away (`cancel`), freeing their KV slots at once;
+    2. admit waiting sequences while slots are free: score the prompt if asked (echo + logprobs),
+       prefill it into the slot and sample its first token;
+    3. one decode step for every active sequence (decoder.step), sample each one's next token;
+    4. a sequence that stopped (end token, stop string, max_tokens, context full, content filter)
+       leaves the batch right away and its slot goes back to the free list.
+
+New requests therefore join at step boundaries and never wait for the batch to drain. The waiting
+queue is bounded: `submit` raises QueueFull when more than `max_queue` sequences would wait beyond the
+free slots (the HTTP layer answers 429).
+
+Each sequence turns its tokens into text itself (decode the ids so far, cut at a stop string, hold
+back what could still become a stop string or an incomplete UTF-8 character) and, with a moderator
+whose policy checks output, holds back the unfinished last word so that a blocklisted word is judged
+whole before any of it is sent. Every change is delivered through the sequence's `emit` callback as an
+Event; the callback is called on the engine thread and must only hand the event over. After each step
+the engine calls `on_step_end` (when set): the HTTP layer collects a step's events and hands them to
+its event loop in one call_soon_threadsafe, one wake-up per step rather than one per token.
+
+Simplifications: a prompt is prefilled in one forward at a step boundary, so a long prompt delays
+the other sequences' next token by its prefill time (no chunked prefill); no prefix sharing between
+sequences; no sliding window: a sequence stops with finish_reason "length" when its context is full.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..generate import sample_next
+from .decoder import SlotDecoder
+
+
+class QueueFull(Exception):
+    """The waiting queue is full: try again later."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple = ()                   # stop strings: the text is cut before the first one
+    logprobs: int | None = None        # None: none; N >= 0: each token's log-probability and the top N
+    echo: bool = False                 # score the prompt's tokens too (with logprobs)
+
+
+@dataclass
+class Event:
+    """What one sequence has to say: new text, the tokens behind it, and at the end a finish reason."""
+    index: int
+    text: str = ""
+    tokens: list = field(default_factory=list)        # [(token id, logprob or None, [(id, logprob), ...])]
+    prompt_tokens: list | None = None                 # echo: the prompt's tokens in the same form
+    finish_reason: str | None = None                  # "stop" | "length" | "content_filter"
+    usage: dict | None = None
+    moderation: dict | None = None                    # the output verdict, on the last event
+    error: str | None = None
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _top(logprobs: np.ndarray, n: int):
+    if n <= 0:
+        return []
+    n = min(n, logprobs.size)
+    best = np.argpartition(-logprobs, n - 1)[:n]
+    best = best[np.argsort(-logprobs[best], kind="stable")]
+    return [(int(i), float(logprobs[i])) for i in best]
+
+
+class Sequence:
+    """One prompt being completed: its sampling state, its text and where its events go."""
+
+    def __init__(self, prompt_ids, params: SamplingParams, emit, tokenizer=None, index: int = 0, stop_ids=(),
+                 moderator=None):
+        self.prompt_ids = [int(t) for t in prompt_ids]
+        self.params = params
+        self.emit = emit
+        self.tokenizer = tokenizer
+        self.index = index
+        self.stop_ids = set(stop_ids)
+        self.moderator = moderator if moderator is not None and moderator.check_output and moderator.active else None
+        self.rng = np.random.default_rng(params.seed)
+        self.ids: list = []            # generated tokens (stop tokens excluded)
+        self.text = ""                 # text sent so far
+        self.verdict = None
+        self.slot = None
+        self.finish_reason = None
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.last_token_time = None
+        self.first_token_time = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.cancelled
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids) if ids else ""
+
+    def advance(self, token: int, entry) -> None:
+        """Take one sampled token: update the text, send what is safe to send, decide whether to stop."""
+        finished = None
+        if token in self.stop_ids:
+            finished = "stop"
+        else:
+            self.ids.append(token)
+        full = self._decode(self.ids)
+        stops = [s for s in self.params.stop if s]
+        cut = min((full.find(s) for s in stops if s in full), default=-1)
+        if cut >= 0:
+            full, finished = full[:cut], "stop"
+        if finished is None and len(self.ids) >= self.params.max_tokens:
+            finished = "length"
+        safe = len(full)
+        if finished is None:
+            safe -= max((len(s) for s in stops), default=1) - 1
+            while safe > len(self.text) and full[safe - 1] == "\ufffd":          # incomplete UTF-8
+                safe -= 1
+            if self.moderator is not None:                                       # only whole words
+                while safe > len(self.text) and (full[safe - 1].isalnum() or full[safe - 1] in "@$!|+_"):
+                    safe -= 1
+        candidate = full[:max(safe, len(self.text))]
+        if self.moderator is not None and len(candidate) > len(self.text):
+            self.verdict = self.moderator.check(candidate)
+            if self.verdict.blocked:
+                candidate, finished = self.text, "content_filter"
+            else:
+                candidate = self.text + self.verdict.text[len(self.text):]
+        delta = candidate[len(self.text):]
+        self.text = candidate
+        tokens = [] if entry is None else [entry]
+        if finished is not None:
+            self.finish(finished, delta, tokens)
+        elif delta or tokens:
+            self.emit(Event(self.index, delta, tokens))
+
+    def finish(self, reason: str, text: str = "", tokens=(), error: str | None = None) -> None:
+        if self.finish_reason is not None:
+            return
+        self.finish_reason = reason
+        moderation = self.verdict.to_dict() if self.verdict is not None else None
+        usage = {"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.ids),
+                 "total_tokens": len(self.prompt_ids) + len(self.ids)}
+        self.emit(Event(self.index, text, list(tokens), finish_reason=reason, usage=usage, moderation=moderation,
+                        error=error))
+
+
+class Engine:
+    """The scheduler: a bounded waiting queue, `max_batch` KV slots, one thread that decodes them all."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_queue: int = 64, metrics=None, decoder=None):
+        if max_batch <= 0 or max_queue < 0:
+            raise ValueError(f"max_batch must be positive and max_queue non-negative, got {max_batch}, {max_queue}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.decoder = decoder or SlotDecoder(model, max_batch)
+        self.context = self.decoder.context
+        self.metrics = metrics
+        self._waiting = collections.deque()
+        self._active = []
+        self._cond = threading.Condition()
+        self._thread = None
+        self._stopping = False
+        self.steps = 0
+        self.on_step_end = None          # called on the engine thread after each step (the HTTP side flushes events)
+
+    # ------------------------------------------------------------------ the HTTP side
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="tinygrad-llm-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        for seq in list(self._waiting) + self._active:
+            seq.finish("error", error="the server is shutting down")
+        self._waiting.clear()
+        self._active = []
+        self._step_end()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def counts(self):
+        """(active, queued) sequences."""
+        return len(self._active), len(self._waiting)
+
+    def submit(self, sequences) -> None:
+        """Queue the sequences of one request, all or none; QueueFull when, beyond the free slots, more than
+        `max_queue` sequences would wait."""
+        with self._cond:
+            if len(self._waiting) + len(sequences) > self.max_queue + self.decoder.free:
+                raise QueueFull(f"{len(self._waiting)} sequences are waiting (limit {self.max_queue})")
+            self._waiting.extend(sequences)
+            self._update_gauges()
+            self._cond.notify_all()
+
+    def cancel(self, sequences) -> None:
+        """The client went away: the sequences leave at the next step boundary, without an event."""
+        with self._cond:
+            for seq in sequences:
+                seq.cancelled = True
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ the scheduler thread
+    def _update_gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.active.set(len(self._active))
+            self.metrics.queued.set(len(self._waiting))
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._turn()
+            except Exception as error:                  # a bug here must not leave requests hanging
+                logging.getLogger("tinygrad_llm.serve").exception("scheduler step failed")
+                with self._cond:
+                    for seq in list(self._waiting) + self._active:
+                        seq.finish("error", error=f"{type(error).__name__}: {error}")
+                        try:
+                            self._release(seq)
+                        except Exception:
+                            seq.slot = None
+                    self._waiting.clear()
+                    self._active = []
+                self._step_end()
+
+    def _turn(self) -> None:
+        """One turn of the loop: wait for work, drop the cancelled, admit, step, hand the events over."""
+        with self._cond:
+            while not self._stopping and not self._waiting and not self._active:
+                self._cond.wait()
+            if self._stopping:
+                return
+            self._leave()
+            admitted = []
+            while self._waiting and (self.decoder.free or not self._needs_slot(self._waiting[0])):
+                seq = self._waiting.popleft()
+                if seq.cancelled:
+                    continue
+                if self._needs_slot(seq):
+                    seq.slot = self.decoder.acquire()
+                admitted.append(seq)
+        for seq in admitted:
+            self._guarded(seq, self._admit)
+        with self._cond:
+            self._leave()
+            self._update_gauges()
+        if self._active:
+            self._step()
+        self._step_end()
+
+    def _step_end(self) -> None:
+        if self.on_step_end is not None:
+            self.on_step_end()
+
+    @staticmethod
+    def _needs_slot(seq) -> bool:
+        return seq.params.max_tokens > 0
+
+    def _leave(self) -> None:
+        """Free the slots of finished and cancelled sequences (called with the lock held)."""
+        keep = []
+        for seq in self._active:
+            if seq.done:
+                self._release(seq)
+            else:
+                keep.append(seq)
+        self._active = keep
+
+    def _release(self, seq) -> None:
+        if seq.slot is not None:
+            self.decoder.release(seq.slot)
+            seq.slot = None
+
+    def _guarded(self, seq, work, *args) -> None:
+        try:
+            work(seq, *args)
+        except Exception as error:                      # one bad sequence never stops the others
+            seq.finish("error", error=f"{type(error).__name__}: {error}")
+            with self._cond:
+                if seq in self._active:
+                    self._active.remove(seq)
+                self._release(seq)
+
+    def _admit(self, seq) -> None:
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
+        if seq.params.echo and seq.params.logprobs is not None:
+            logprobs = _log_softmax(self.decoder.prompt_logits(seq.prompt_ids))       # (T, V)
+            entries = [(seq.prompt_ids[0], None, None)]
+            for t in range(1, len(seq.prompt_ids)):
+                token = seq.prompt_ids[t]
+                entries.append((token, float(logprobs[t - 1, token]), _top(logprobs[t - 1], seq.params.logprobs)))
+            seq.emit(Event(seq.index, prompt_tokens=entries))
+        if seq.params.max_tokens == 0:
+            seq.finish("length")
+            return
+        logits = self.decoder.prefill(seq.slot, seq.prompt_ids)
+        with self._cond:
+            self._active.append(seq)
+        self._sample(seq, logits)
+
+    def _step(self) -> None:
+        batch = [seq for seq in self._active if not seq.done]
+        if not batch:
+            return
+        try:
+            logits = self.decoder.step([seq.slot for seq in batch], [seq.last_token for seq in batch])   # (n, V)
+        except Exception as error:
+            for seq in batch:
+                seq.finish("error", error=f"{type(error).__name__}: {error}")
+            return
+        self.steps += 1
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(batch))
+        for seq, row in zip(batch, logits):
+            self._guarded(seq, self._sample, row)
+
+    def _sample(self, seq, logits) -> None:
+        params = seq.params
+        token = sample_next(logits, params.temperature, params.top_k, params.top_p, seq.rng)
+        entry = None
+        if params.logprobs is not None:
+            logprobs = _log_softmax(logits)
+            entry = (token, float(logprobs[token]), _top(logprobs, params.logprobs))
+        now = time.perf_counter()
+        if self.metrics is not None:
+            if seq.first_token_time is None:
+                self.metrics.ttft.observe(now - seq.submitted)
+            else:
+                self.metrics.token_latency.observe(now - seq.last_token_time)
+            self.metrics.completion_tokens.inc()
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.last_token_time = now
+        seq.last_token = token
+        seq.advance(token, entry)
+        if not seq.done and self.decoder.length(seq.slot) >= self.context:
+            seq.finish("length")                        # the context is full: no position for the next token
+        if seq.finish_reason == "content_filter" and self.metrics is not None:
+            self.metrics.safety.labels(stage="output", action="block").inc()
