@@ -173,8 +173,8 @@ def test_jinja_renders_the_chat_template_to_our_ids(bpe, tmp_path, add_generatio
         messages=messages, add_generation_prompt=add_generation_prompt, bos_token=config["bos_token"])
     expected = chat_ids(bpe, messages, add_generation_prompt)
     assert bpe.encode(text, allowed_special="all") == expected
-    if hasattr(bpe, "apply_chat_template"):
-        assert list(bpe.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)) == expected
+    ids, assistant_mask = bpe.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    assert list(ids) == expected and len(assistant_mask) == len(ids)
     tokenizers = pytest.importorskip("tokenizers")
     theirs = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert theirs.encode(text, add_special_tokens=False).ids == expected
