@@ -171,7 +171,8 @@ def choose(configured: str, shape: dict, step_factory=None) -> dict:
     """Pick, apply and describe the plan. `shape` (a JSON-able dict) keys the cache; `step_factory()`
     returns a function running one scratch training step (called only when the plan must be measured).
 
-    Returns {"plan", "source" (flag, env, cache, measured, one core, fixed), "pool_threads",
+    Without `step_factory` (data-parallel ranks sharing the cores) `auto` means `single`.
+    Returns {"plan", "source" (flag, env, cache, measured, one core, not measured), "pool_threads",
     "blas_threads", "step_ms" (measured plans, when known)}."""
     plan = requested(configured)
     cores = usable_cores()
@@ -181,8 +182,8 @@ def choose(configured: str, shape: dict, step_factory=None) -> dict:
         candidates = PLANS if _threadpoolctl() is not None else ("pool", "blas")
         if cores == 1:
             plan, source = "single", "one core"
-        elif step_factory is None:
-            plan, source = "blas", "fixed"
+        elif step_factory is None:                             # several ranks share this machine's cores
+            plan, source = "single", "not measured"
         else:
             path = cache_path()
             entries = read_cache(path)
