@@ -285,7 +285,8 @@ def _reexec_with_blas_settings(argv) -> None:
 
     OpenBLAS reads it once, when NumPy loads it (before this module runs), and by default its idle
     worker threads spin for ~2^28 cycles after every GEMM, competing with the elementwise work on the
-    same cores; a short timeout makes CPU training 20-30 % faster on 2 cores (benchmarks/RESULTS.md).
+    same cores; with a short timeout the row pool's threads can share the cores (`threading_plan` then
+    measures whether they should: benchmarks/RESULTS.md).
     Only for a real command line (argv None), never inside a program that called main(argv);
     TINYGRAD_LLM_REEXEC=0 turns it off.
     """

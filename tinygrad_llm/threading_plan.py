@@ -6,7 +6,8 @@ model's shape and how busy the cores are, and the wrong mix can double a step's 
 measured, not guessed: a few training steps of a scratch copy of the run's model under each candidate,
 the candidates interleaved so that load from other processes hits them alike, the fastest kept.
 
-Plans (N = the usable cores, at most 8 and at most $TINYGRAD_LLM_THREADS):
+Plans (N = the usable cores, at most 8 and at most any of $TINYGRAD_LLM_THREADS, $OPENBLAS_NUM_THREADS,
+$OMP_NUM_THREADS that is set):
     pool    the row pool with N threads, BLAS with N threads
     blas    no row pool (everything elementwise on the calling thread), BLAS with N threads
     single  one thread for everything: plain NumPy
@@ -17,8 +18,9 @@ file is ignored with a warning and rewritten. $TINYGRAD_LLM_THREADS_PLAN overrid
 
 Simplifications: BLAS's thread count is switched at run time through threadpoolctl (an optional extra,
 `pip install tinygrad_llm[cpu]`); without it BLAS keeps the count it started with, the `single` plan
-keeps only the pool at one thread, and `auto` compares `pool` and `blas`. On one usable core every plan
-is `single`. The scratch steps use random tokens (the same shapes as the run), never the run's model,
+keeps only the pool at one thread, and `auto` compares `pool` and `blas`. On one usable core `auto` is
+`single` (and the others amount to it). A measurement reflects the load the machine had when it was
+taken; delete the cache file to measure again. The scratch steps use random tokens (the same shapes as the run), never the run's model,
 optimizer or random stream, so a run trains the same whichever plan it gets.
 """
 from __future__ import annotations
@@ -42,14 +44,16 @@ CACHE_FILE = "threading.json"
 
 
 def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask), at most 8 and at most $TINYGRAD_LLM_THREADS."""
+    """Cores this process may run on (its affinity mask), at most 8 and at most $TINYGRAD_LLM_THREADS,
+    $OPENBLAS_NUM_THREADS and $OMP_NUM_THREADS where they are set."""
     try:
         count = len(os.sched_getaffinity(0))
     except AttributeError:                                     # not Linux
         count = os.cpu_count() or 1
-    limit = os.environ.get("TINYGRAD_LLM_THREADS", "").strip()
-    if limit.isdigit() and int(limit) > 0:
-        count = min(count, int(limit))
+    for variable in ("TINYGRAD_LLM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        limit = os.environ.get(variable, "").strip()
+        if limit.isdigit() and int(limit) > 0:
+            count = min(count, int(limit))
     return max(1, min(count, 8))
 
 
