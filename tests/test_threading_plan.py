@@ -14,10 +14,12 @@ SHAPE = {"d_model": 32, "batch_size": 4}
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    """A private cache directory, two usable cores, no plan from the environment; thread counts restored."""
+    """A private cache directory, two usable cores, an idle machine, no plan from the environment; thread
+    counts restored."""
     monkeypatch.setenv("TINYGRAD_LLM_CACHE", str(tmp_path))
     monkeypatch.delenv(threading_plan.ENV_PLAN, raising=False)
     monkeypatch.setattr(threading_plan, "usable_cores", lambda: 2)
+    monkeypatch.setattr(threading_plan, "machine_busy", lambda: False)     # the real load average moves
     before = cpu_threads.thread_count()
     yield
     cpu_threads.set_thread_count(before)
@@ -72,7 +74,7 @@ def test_auto_measures_once_then_reads_the_cache(monkeypatch):
     assert second["step_ms"] == first["step_ms"]
 
 
-@pytest.mark.parametrize("change", ["blas build", "config shape", "thread timeout"])
+@pytest.mark.parametrize("change", ["blas build", "config shape", "thread timeout", "machine load"])
 def test_cache_is_invalidated_when_the_build_or_the_shape_changes(monkeypatch, change):
     timings = {"pool": 1.0, "blas": 2.0, "single": 3.0}
     monkeypatch.setattr(threading_plan, "measure", lambda step, candidates: {p: timings[p] for p in candidates})
@@ -84,8 +86,10 @@ def test_cache_is_invalidated_when_the_build_or_the_shape_changes(monkeypatch, c
         monkeypatch.setattr(threading_plan, "_blas_build", lambda: "numpy 9.9; another OpenBLAS")
     elif change == "config shape":
         shape = dict(SHAPE, d_model=64)
-    else:
+    elif change == "thread timeout":
         monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "7")
+    else:
+        monkeypatch.setattr(threading_plan, "machine_busy", lambda: True)
     choice = threading_plan.choose("auto", shape, factory)
     assert (choice["plan"], choice["source"], factory.built) == ("blas", "measured", 2)
     with open(threading_plan.cache_path()) as f:

@@ -13,14 +13,15 @@ $OMP_NUM_THREADS that is set):
     single  one thread for everything: plain NumPy
 `auto` measures the candidates; the choice is cached in `<cache>/threading.json` ($TINYGRAD_LLM_CACHE,
 else ~/.cache/tinygrad_llm), keyed by the machine (CPU model, usable cores), the NumPy and BLAS build,
-OPENBLAS_THREAD_TIMEOUT and the model/batch shape; any change of those measures again. A corrupt cache
+OPENBLAS_THREAD_TIMEOUT, whether the machine is busy (load average at least its CPU count) and the
+model/batch shape; any change of those measures again. A corrupt cache
 file is ignored with a warning and rewritten. $TINYGRAD_LLM_THREADS_PLAN overrides the configured plan.
 
 Simplifications: BLAS's thread count is switched at run time through threadpoolctl (an optional extra,
 `pip install tinygrad_llm[cpu]`); without it BLAS keeps the count it started with, the `single` plan
 keeps only the pool at one thread, and `auto` compares `pool` and `blas`. On one usable core `auto` is
-`single` (and the others amount to it). A measurement reflects the load the machine had when it was
-taken; delete the cache file to measure again. The scratch steps use random tokens (the same shapes as the run), never the run's model,
+`single` (and the others amount to it). Busy or idle is a coarse split: a measurement reflects the load
+the machine had when it was taken; delete the cache file to measure again. The scratch steps use random tokens (the same shapes as the run), never the run's model,
 optimizer or random stream, so a run trains the same whichever plan it gets.
 """
 from __future__ import annotations
@@ -87,8 +88,17 @@ def cache_key(shape: dict) -> str:
     """What the measured plan depends on, as one string (its hash names the cache entry)."""
     parts = {"cpu": _cpu_model(), "cores": usable_cores(), "machine": platform.machine(), "blas": _blas_build(),
              "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT", ""),
-             "blas_control": _threadpoolctl() is not None, "shape": shape}
+             "blas_control": _threadpoolctl() is not None, "busy": machine_busy(), "shape": shape}
     return json.dumps(parts, sort_keys=True)
+
+
+def machine_busy() -> bool:
+    """Whether other processes already keep the cores busy (1-minute load average ≥ the CPU count): the
+    plan that wins then (usually `single`) is not the one that wins on an idle machine."""
+    try:
+        return os.getloadavg()[0] >= (os.cpu_count() or 1)
+    except (AttributeError, OSError):
+        return False
 
 
 def _threadpoolctl():
