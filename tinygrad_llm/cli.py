@@ -70,7 +70,9 @@ def add_train_parser(subparsers):
              "device": "cpu or cuda", "dtype": "fp32, tf32, bf16 or fp16 picks the GPU precision policy (parameters stay float32); "
                       "float32 (default) or float64 sets the parameter dtype",
              "precision": "GPU mixed precision policy: fp32, tf32, bf16, fp16 (ignored on the CPU)",
-             "sample_tokens": "print a sample of this many tokens at the end"}
+             "sample_tokens": "print a sample of this many tokens at the end",
+             "threads_plan": "CPU threads: auto (measured once, cached), pool, blas or single; "
+                             "$TINYGRAD_LLM_THREADS_PLAN overrides"}
     for name, spec in CONFIG_FIELDS.items():
         default = getattr(defaults, name)
         text = helps.get(name, "") + f" (default: {default!r})"
