@@ -2,6 +2,7 @@
 
     python benchmarks/torch_baseline.py --config a --threads 2          # ms/step and tokens/s
     python benchmarks/torch_baseline.py --config char --threads 1 --steps 20
+    python benchmarks/torch_baseline.py --train-char ../shared/data/tinyshakespeare.txt --seed 1337
 
 The same architecture and parameter count as tinygrad_llm's GPT (RMSNorm, rotate-half RoPE, causal
 scaled-dot-product attention, SwiGLU, no biases, untied head, the same initialisation scale) and the same
@@ -9,6 +10,13 @@ step: forward, cross-entropy, backward, global-norm clipping to 1.0, AdamW (β 0
 on matrices only), gradients set to None. Eager mode (no torch.compile). `benchmarks/train_cpu.py` times
 this beside tinygrad_llm; run alone it prints its own timings. PyTorch is needed only here: nothing in
 the package imports it.
+
+`--train-char FILE` trains the char config for 2000 steps as
+`tinygrad-llm train --config tinygrad_llm/configs/shakespeare_char.toml` does (characters of the file,
+first 90 % train / last 10 % validation, random windows, lr 1e-3 with 100 warm-up steps and a cosine to
+1e-4, clipping 1.0), evaluating 20 random validation batches every 250 steps; it prints the training
+seconds (evaluation excluded) and the validation losses. Batches come from torch's generator seeded with
+--seed, so the runs are not batch-for-batch those of tinygrad_llm.
 """
 from __future__ import annotations
 
@@ -109,6 +117,62 @@ def make_step(config: dict, threads: int, seed: int = 0):
     return step
 
 
+def train_char(path: str, seed: int, threads: int, steps: int = 2000, eval_interval: int = 250,
+               eval_iters: int = 20) -> dict:
+    import torch
+    import torch.nn.functional as F
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    text = open(path, encoding="utf-8").read()
+    chars = sorted(set(text))
+    index = {c: i for i, c in enumerate(chars)}
+    data = torch.tensor([index[c] for c in text], dtype=torch.long)
+    split = int(0.9 * len(data))
+    train_data, val_data = data[:split], data[split:]
+    config = dict(CONFIGS["char"], vocab_size=len(chars))
+    B, T = config["batch_size"], config["seq_len"]
+    model = build_model(config)
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    gains = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": gains, "weight_decay": 0.0}],
+                                  lr=1e-3, betas=(0.9, 0.99))
+
+    def batch(source):
+        starts = torch.randint(len(source) - T - 1, (B,))
+        x = torch.stack([source[s:s + T] for s in starts])                 # (B, T)
+        return x, torch.stack([source[s + 1:s + T + 1] for s in starts])
+
+    def lr_at(step):                        # warmup, then cosine from 1e-3 to 1e-4 (tinygrad_llm.optim.lr_schedule)
+        if step < 100:
+            return 1e-3 * (step + 1) / 101
+        progress = min(1.0, (step - 100) / max(1, steps - 100))
+        return 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + math.cos(math.pi * progress))
+
+    def validation_loss():
+        model.eval()
+        with torch.no_grad():
+            losses = [F.cross_entropy(model(x).view(-1, len(chars)), y.view(-1)).item()
+                      for x, y in (batch(val_data) for _ in range(eval_iters))]
+        model.train()
+        return sum(losses) / len(losses)
+
+    seconds, evaluations = 0.0, []
+    for step in range(steps):
+        start = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        x, y = batch(train_data)
+        loss = F.cross_entropy(model(x).view(-1, len(chars)), y.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds += time.perf_counter() - start
+        if (step + 1) % eval_interval == 0 or step + 1 == steps:
+            evaluations.append({"step": step + 1, "train_s": seconds, "val_loss": validation_loss()})
+    return {"seed": seed, "train_seconds": seconds, "evaluations": evaluations}
+
+
 def time_steps(step, steps: int, warmup: int) -> dict:
     """Wall and process-CPU seconds of each timed step."""
     wall, cpu = [], []
@@ -128,12 +192,20 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print only the timings as JSON")
+    parser.add_argument("--train-char", metavar="FILE", help="train the char config on FILE for 2000 steps instead")
+    parser.add_argument("--seed", type=int, default=1337)
     args = parser.parse_args(argv)
     try:
         import torch
     except ImportError:
         print("torch_baseline.py: error: PyTorch is not installed (pip install torch)", file=sys.stderr)
         return 1
+    if args.train_char:
+        result = train_char(args.train_char, args.seed, args.threads)
+        for record in result["evaluations"]:
+            print(f"step {record['step']:>4}  {record['train_s']:7.1f} s  val {record['val_loss']:.4f}")
+        print(json.dumps(result))
+        return 0
     config = CONFIGS[args.config]
     times = time_steps(make_step(config, args.threads), args.steps, args.warmup)
     if args.json:
