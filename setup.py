@@ -28,6 +28,7 @@ setup(
     extras_require={
         "gpu": ["cupy-cuda12x>=14", "ml_dtypes>=0.4"],   # CUDA 13 drivers: install cupy-cuda13x instead
         "plot": ["matplotlib>=3.5"],
+        "cpu": ["threadpoolctl>=3.1"],                 # the CPU threading plan sets OpenBLAS's threads at run time
         "dist": ["mpi4py>=4", "mpich>=4"],              # data-parallel training: MPI from PyPI wheels
         "book": ["matplotlib>=3.5", "pypandoc-binary>=1.13", "typst>=0.13"],   # pandoc's wheel + Typst: the PDF
         "lm_eval": ["lm-eval>=0.4"],       # examples/lm_eval: the reference harness on the same task files

@@ -7,136 +7,63 @@
 Configs (the issue's): (a) 6 layers, d 256, 8 heads, ffn 704, T 128, B 16, V 4096;
 (char) nanoGPT's shakespeare_char CPU model: 4 layers, 4 heads, d 128, ffn 384, T 64, B 12, V 65.
 A step is the full training step: forward, cross-entropy, backward, global-norm clipping to 1.0, AdamW
-(β 0.9/0.99, weight decay 0.1 on matrices). tinygrad_llm runs as the `tinygrad-llm` command does
-(OPENBLAS_THREAD_TIMEOUT=4, so its row-parallel ops get the threads too). Each measurement runs in its own subprocess with the same
-thread count for both libraries (OMP/OpenBLAS/MKL env vars and torch.set_num_threads); rounds alternate
-ours / PyTorch so that load from other processes hits both alike; the median step time over all rounds
-is reported. `--parity N` instead trains the char model for N steps in both libraries from the same
-initial weights on the same batches with the same AdamW, schedule and clipping, and prints both losses
-(a check that the two compute the same training, not a timing). The PyTorch model (written here, same architecture and parameter count: RMSNorm, rotate-half
-RoPE, causal SDPA, SwiGLU, no biases, untied head) is run only when torch can be imported.
+(β 0.9/0.99, weight decay 0.1 on matrices). tinygrad_llm runs as the `tinygrad-llm` command does:
+OPENBLAS_THREAD_TIMEOUT=4 and the threading plan of `tinygrad_llm.threading_plan` (`--plan auto` measures
+and caches it; pool, blas or single fix it), with at most --threads threads. PyTorch runs
+benchmarks/torch_baseline.py (the same model, step and optimizer) with torch.set_num_threads(--threads).
+Each measurement runs in its own subprocess with the same thread count for both libraries
+(OMP/OpenBLAS/MKL env vars too); rounds alternate ours / PyTorch so that load from other processes hits
+both alike. Printed per config and thread count: the median step of the median round, the slowest
+round's median ("worst"), process CPU time per step, and the ratio of tokens/s (ours / PyTorch) for each
+alternating pair: the median pair and the worst pair. `--parity N` instead trains the char model for N
+steps in both libraries from the same initial weights on the same batches with the same AdamW, schedule
+and clipping, and prints both losses (a check that the two compute the same training, not a timing).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
 
-CONFIGS = {
-    "a": dict(vocab_size=4096, d_model=256, n_layers=6, n_heads=8, ffn_hidden=704, seq_len=128, batch_size=16),
-    "char": dict(vocab_size=65, d_model=128, n_layers=4, n_heads=4, ffn_hidden=384, seq_len=64, batch_size=12),
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_baseline import CONFIGS, time_steps  # noqa: E402  (PyTorch itself is imported only by its worker)
 
 
-def worker_ours(config: dict, steps: int, warmup: int) -> list:
+def worker_ours(config: dict, steps: int, warmup: int, plan: str) -> dict:
     import numpy as np
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-    from tinygrad_llm import backend, manual_seed
+    from tinygrad_llm import backend, manual_seed, threading_plan
     from tinygrad_llm.model import GPT, GPTConfig
     from tinygrad_llm.optim import AdamW
     backend.tune_host_allocator()
+    model_config = GPTConfig(vocab_size=config["vocab_size"], d_model=config["d_model"], n_layers=config["n_layers"],
+                             n_heads=config["n_heads"], ffn_hidden=config["ffn_hidden"], max_seq_len=config["seq_len"])
+    choice = threading_plan.choose(plan, threading_plan.model_shape(model_config, config["batch_size"], config["seq_len"]),
+                                   threading_plan.model_step_factory(model_config, config["batch_size"], config["seq_len"]))
     manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=config["vocab_size"], d_model=config["d_model"], n_layers=config["n_layers"],
-                          n_heads=config["n_heads"], ffn_hidden=config["ffn_hidden"], max_seq_len=config["seq_len"]))
+    model = GPT(model_config)
     optimizer = AdamW(model.named_parameters(), lr=3e-4, betas=(0.9, 0.99), weight_decay=0.1)
     rng = np.random.default_rng(0)
     shape = (config["batch_size"], config["seq_len"])
     x, y = rng.integers(0, config["vocab_size"], shape), rng.integers(0, config["vocab_size"], shape)
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
+
+    def step():
         _, loss = model(x, y, return_logits=False)
         loss.backward()
         norm = optimizer.gather_grads()
         optimizer.step(grad_scale=min(1.0, 1.0 / (norm + 1e-6)))
         optimizer.zero_grad()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+    return dict(time_steps(step, steps, warmup), plan=choice["plan"], plan_source=choice["source"])
 
 
-def worker_torch(config: dict, steps: int, warmup: int, threads: int) -> list:
-    import math
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    d, heads, hidden, T = config["d_model"], config["n_heads"], config["ffn_hidden"], config["seq_len"]
-    head_dim = d // heads
-
-    class Norm(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = nn.Parameter(torch.ones(d))
-
-        def forward(self, x):
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * self.weight
-
-    inverse_frequency = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
-    angles = torch.outer(torch.arange(T).float(), inverse_frequency).repeat(1, 2)
-    cos, sin = angles.cos(), angles.sin()
-
-    def rope(x):
-        x1, x2 = x[..., :head_dim // 2], x[..., head_dim // 2:]
-        return x * cos + torch.cat([-x2, x1], -1) * sin
-
-    class Layer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.input_layernorm, self.post_attention_layernorm = Norm(), Norm()
-            self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d, bias=False) for _ in range(4))
-            self.gate_proj, self.up_proj = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
-            self.down_proj = nn.Linear(hidden, d, bias=False)
-
-        def forward(self, x):
-            B = x.shape[0]
-            h = self.input_layernorm(x)
-            q, k, v = (p(h).view(B, T, heads, head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-            a = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
-            x = x + self.o_proj(a.transpose(1, 2).reshape(B, T, d))
-            h = self.post_attention_layernorm(x)
-            return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed_tokens = nn.Embedding(config["vocab_size"], d)
-            self.layers = nn.ModuleList(Layer() for _ in range(config["n_layers"]))
-            self.norm, self.lm_head = Norm(), nn.Linear(d, config["vocab_size"], bias=False)
-            for name, p in self.named_parameters():
-                if p.dim() == 2:
-                    scaled = name.endswith(("o_proj.weight", "down_proj.weight"))
-                    nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * config["n_layers"]) if scaled else 0.02)
-
-        def forward(self, ids):
-            x = self.embed_tokens(ids)
-            for layer in self.layers:
-                x = layer(x)
-            return self.lm_head(self.norm(x))
-
-    model = Model()
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    gains = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": gains, "weight_decay": 0.0}],
-                                  lr=3e-4, betas=(0.9, 0.99))
-    shape = (config["batch_size"], T)
-    x, y = torch.randint(0, config["vocab_size"], shape), torch.randint(0, config["vocab_size"], shape)
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        loss = F.cross_entropy(model(x).view(-1, config["vocab_size"]), y.view(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+def worker_torch(config: dict, steps: int, warmup: int, threads: int) -> dict:
+    import torch_baseline
+    return time_steps(torch_baseline.make_step(config, threads), steps, warmup)
 
 
 def parity(steps: int, data_path: str) -> int:
@@ -211,12 +138,13 @@ def parity(steps: int, data_path: str) -> int:
     return 0
 
 
-def run_worker(kind: str, config_name: str, steps: int, warmup: int, threads: int) -> list:
+def run_worker(kind: str, config_name: str, steps: int, warmup: int, threads: int, plan: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
-    env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")     # what `tinygrad-llm` uses; no effect on PyTorch's MKL
+    env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")     # what `tinygrad-llm` sets; no effect on PyTorch's own BLAS
     command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--configs", config_name,
-               "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
+               "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads), "--plan", plan]
+    env["TINYGRAD_LLM_THREADS"] = str(threads)         # the most threads tinygrad_llm's plan may use
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{done.stderr[-2000:]}")
@@ -227,13 +155,22 @@ def torch_available() -> bool:
     return subprocess.run([sys.executable, "-c", "import torch"], capture_output=True).returncode == 0
 
 
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="a,char", help="comma-separated: a, char")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="alternating ours/PyTorch rounds")
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--threads", default=str(min(2, os.cpu_count() or 1)),
+                        help="thread count(s) for both libraries, comma-separated (e.g. 1,2)")
+    parser.add_argument("--plan", default="auto", help="tinygrad_llm's threading plan: auto, pool, blas, single")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--parity", type=int, default=0, metavar="STEPS",
                         help="train both libraries identically for STEPS steps and compare (needs torch)")
@@ -249,36 +186,67 @@ def main(argv=None) -> int:
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
+    try:
+        thread_counts = [int(t) for t in args.threads.split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"--threads takes whole numbers, got {args.threads!r}")
     if args.worker:
         config = CONFIGS[names[0]]
-        times = (worker_ours(config, args.steps, args.warmup) if args.worker == "ours"
-                 else worker_torch(config, args.steps, args.warmup, args.threads))
-        print(json.dumps(times))
+        result = (worker_ours(config, args.steps, args.warmup, args.plan) if args.worker == "ours"
+                  else worker_torch(config, args.steps, args.warmup, thread_counts[0]))
+        print(json.dumps(result))
         return 0
     with_torch = not args.no_torch and torch_available()
-    print(f"threads {args.threads}, {args.rounds} rounds x {args.steps} steps (+{args.warmup} warmup), "
+    print(f"{' '.join(sys.argv)}\n{platform.platform()}, {os.cpu_count()} CPUs ({_cpu_name()}), load average "
+          f"{load_average()} at the start; {args.rounds} rounds x {args.steps} steps (+{args.warmup} warm-up), "
           f"PyTorch {'side by side' if with_torch else 'not available'}")
-    print(f"{'config':8} {'tokens/step':>11} {'ours ms':>9} {'ours tok/s':>11} {'torch ms':>9} {'torch tok/s':>12} {'ratio':>6}")
+    print("ms = median step of a round; worst = the slowest round's median; ratio = ours tokens/s / PyTorch's, "
+          "per alternating pair (median pair, worst pair); cpu = process CPU ms per step (median)")
+    print(f"{'config':7} {'thr':>3} {'plan':>7} {'ours ms':>8} {'worst':>7} {'cpu':>6} {'tok/s':>7} "
+          f"{'torch ms':>8} {'worst':>7} {'cpu':>6} {'tok/s':>7} {'ratio':>6} {'worst':>6}")
     results = []
-    for name in names:
-        config = CONFIGS[name]
-        tokens = config["batch_size"] * config["seq_len"]
-        ours, theirs = [], []
-        for _ in range(args.rounds):
-            ours += run_worker("ours", name, args.steps, args.warmup, args.threads)
-            if with_torch:
-                theirs += run_worker("torch", name, args.steps, args.warmup, args.threads)
-        ours_ms = statistics.median(ours) * 1e3
-        row = {"config": name, "tokens_per_step": tokens, "ours_ms": ours_ms, "ours_tokens_per_s": tokens / ours_ms * 1e3}
-        line = f"{name:8} {tokens:>11} {ours_ms:>9.1f} {row['ours_tokens_per_s']:>11.0f}"
-        if theirs:
-            torch_ms = statistics.median(theirs) * 1e3
-            row.update(torch_ms=torch_ms, torch_tokens_per_s=tokens / torch_ms * 1e3, ratio=torch_ms / ours_ms)
-            line += f" {torch_ms:>9.1f} {row['torch_tokens_per_s']:>12.0f} {row['ratio']:>5.2f}x"
-        print(line, flush=True)
-        results.append(row)
-    print(json.dumps({"threads": args.threads, "results": results}))
+    for threads in thread_counts:
+        for name in names:
+            config = CONFIGS[name]
+            tokens = config["batch_size"] * config["seq_len"]
+            ours, theirs, plans = [], [], set()
+            for _ in range(args.rounds):
+                run = run_worker("ours", name, args.steps, args.warmup, threads, args.plan)
+                ours.append(run)
+                plans.add(f"{run['plan']}")
+                if with_torch:
+                    theirs.append(run_worker("torch", name, args.steps, args.warmup, threads, args.plan))
+            row = {"config": name, "threads": threads, "plan": ",".join(sorted(plans)), "tokens_per_step": tokens,
+                   **_summary("ours", ours, tokens)}
+            line = (f"{name:7} {threads:>3} {row['plan']:>7} {row['ours_ms']:>8.1f} {row['ours_worst_ms']:>7.1f} "
+                    f"{row['ours_cpu_ms']:>6.1f} {row['ours_tokens_per_s']:>7.0f}")
+            if theirs:
+                row.update(_summary("torch", theirs, tokens))
+                pairs = [statistics.median(t["wall"]) / statistics.median(o["wall"]) for o, t in zip(ours, theirs)]
+                row.update(ratio=statistics.median(pairs), worst_ratio=min(pairs), pair_ratios=pairs)
+                line += (f" {row['torch_ms']:>8.1f} {row['torch_worst_ms']:>7.1f} {row['torch_cpu_ms']:>6.1f} "
+                         f"{row['torch_tokens_per_s']:>7.0f} {row['ratio']:>5.2f}x {row['worst_ratio']:>5.2f}x")
+            print(line, flush=True)
+            results.append(row)
+    print(f"load average {load_average()} at the end")
+    print(json.dumps({"results": results}))
     return 0
+
+
+def _summary(side: str, runs: list, tokens: int) -> dict:
+    medians = [statistics.median(r["wall"]) for r in runs]
+    cpu = statistics.median([c for r in runs for c in r["cpu"]])
+    ms = statistics.median(medians) * 1e3
+    return {f"{side}_ms": ms, f"{side}_worst_ms": max(medians) * 1e3, f"{side}_cpu_ms": cpu * 1e3,
+            f"{side}_tokens_per_s": tokens / ms * 1e3, f"{side}_round_ms": [m * 1e3 for m in medians]}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
+    except OSError:
+        return "?"
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ def add_train_parser(subparsers):
              "device": "cpu or cuda", "dtype": "fp32, tf32, bf16 or fp16 picks the GPU precision policy (parameters stay float32); "
                       "float32 (default) or float64 sets the parameter dtype",
              "precision": "GPU mixed precision policy: fp32, tf32, bf16, fp16 (ignored on the CPU)",
-             "sample_tokens": "print a sample of this many tokens at the end"}
+             "sample_tokens": "print a sample of this many tokens at the end",
+             "threads_plan": "CPU threads: auto (measured once, cached), pool, blas or single; "
+                             "$TINYGRAD_LLM_THREADS_PLAN overrides"}
     for name, spec in CONFIG_FIELDS.items():
         default = getattr(defaults, name)
         text = helps.get(name, "") + f" (default: {default!r})"
@@ -313,7 +315,8 @@ def _reexec_with_blas_settings(argv) -> None:
 
     OpenBLAS reads it once, when NumPy loads it (before this module runs), and by default its idle
     worker threads spin for ~2^28 cycles after every GEMM, competing with the elementwise work on the
-    same cores; a short timeout makes CPU training 20-30 % faster on 2 cores (benchmarks/RESULTS.md).
+    same cores; with a short timeout the row pool's threads can share the cores (`threading_plan` then
+    measures whether they should: benchmarks/RESULTS.md).
     Only for a real command line (argv None), never inside a program that called main(argv);
     TINYGRAD_LLM_REEXEC=0 turns it off.
     """

@@ -7,10 +7,11 @@ with `run_chunked` / `run_row_chunks`; GEMMs are already threaded by BLAS and st
 
 Thread count: $TINYGRAD_LLM_THREADS if set. Otherwise the pool is on only when $OPENBLAS_THREAD_TIMEOUT is
 set (then with $OPENBLAS_NUM_THREADS / $OMP_NUM_THREADS threads, else the CPU count, at most 8): OpenBLAS's
-worker threads spin for about 2^28 cycles after each GEMM by default and would fight the pool's threads
-for the same cores; OPENBLAS_THREAD_TIMEOUT=4 (read once, when NumPy loads OpenBLAS) makes them sleep at
-once. Measured on 2 cores: 538 ms/step for config (a) with both, 733 ms with neither. The `tinygrad-llm`
-command sets it for itself (see cli.py). CuPy arrays never go through the pool.
+idle worker threads spin for a long while after each GEMM by default and would fight the pool's threads
+for the same cores, and OPENBLAS_THREAD_TIMEOUT (read once, when NumPy loads OpenBLAS) makes them sleep
+sooner. A training run does not rely on this default: `threading_plan` measures which mix of pool and
+BLAS threads is fastest on the machine and sets it with `set_thread_count` (figures in
+benchmarks/RESULTS.md). CuPy arrays never go through the pool.
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import backend
+from . import backend, threading_plan
 from . import rng as global_rng
 from .checkpoint import (CheckpointError, RUN_TOKENIZER_FILE, STATE_FILE, atomic_write_bytes, atomic_write_json,
                          check_memory, load_checkpoint, newest_verified_checkpoint, parameter_count, read_state,
@@ -409,6 +409,13 @@ def _train(config, log=None) -> dict:
         install_abort_on_error(comm)
         if not lead:
             log = lambda message: None              # noqa: E731
+    threads = None
+    if device == "cpu":                             # who gets the cores: the row pool, BLAS, or one thread
+        threads = threading_plan.choose(
+            config.threads_plan, threading_plan.model_shape(model_config, config.batch_size, config.seq_len, dtype),
+            threading_plan.model_step_factory(model_config, config.batch_size, config.seq_len, dtype)
+            if comm.size == 1 else None)
+        log(threading_plan.describe(threads))
     global_rng.manual_seed(config.seed)
     model = GPT(model_config)
     model.to(device=device, dtype=dtype)
@@ -455,7 +462,8 @@ def _train(config, log=None) -> dict:
     metrics = (MetricsLog(os.path.join(out_dir, "metrics.jsonl"), keep_through_step=start_step) if lead
                else _NoMetrics())
     metrics.write({"event": "resume" if resumed_from else "start", "step": start_step, "time": time.time(),
-                   "parameters": model.num_parameters(), "device": device, "dtype": config.dtype})
+                   "parameters": model.num_parameters(), "device": device, "dtype": config.dtype,
+                   **({"threads": threads} if threads else {})})
     log(f"model: {model.num_parameters():,} parameters, {model_config.n_layers} layers, d_model "
         f"{model_config.d_model}, vocab {model_config.vocab_size}; {config.max_steps} steps of "
         f"{config.batch_size}×{config.seq_len}×{config.grad_accum} tokens on {device}")

@@ -58,6 +58,7 @@ class TrainOptions:
     resume: bool = False
     progress: bool = True
     zero: bool = False                # under mpiexec: shard the AdamW state over the ranks (ZeRO stage 1)
+    threads_plan: str = "auto"        # CPU threads: auto (measured, cached), pool, blas, single (tinygrad_llm.threading_plan)
 
     def __post_init__(self):
         # `--dtype fp32|tf32|bf16|fp16` names a mixed-precision policy (the GPU issue's spelling): the
@@ -100,6 +101,8 @@ class TrainOptions:
             problems.append(str(error))
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be fp32, tf32, bf16 or fp16, got {self.precision!r}")
+        if self.threads_plan not in ("auto", "pool", "blas", "single"):
+            problems.append(f"threads_plan must be auto, pool, blas or single, got {self.threads_plan!r}")
         if problems:
             raise ValueError("invalid training configuration: " + "; ".join(problems))
 

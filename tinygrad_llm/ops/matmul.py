@@ -14,14 +14,26 @@ from ..tensor import Function
 from .elementwise import unbroadcast
 
 
+_BY_DTYPE: dict = {}     # dtype -> (needs float32 products, accumulation dtype): `dtype.name` costs ~10 µs
+
+
+def _dtype_facts(dtype):
+    facts = _BY_DTYPE.get(dtype)
+    if facts is None:
+        name = np.dtype(dtype).name
+        facts = _BY_DTYPE[dtype] = (name == "bfloat16", np.dtype(np.float32) if name in ("bfloat16", "float16")
+                                    else np.dtype(dtype))
+    return facts
+
+
 def needs_float32_products(dtype) -> bool:
     """Whether products of this dtype must be computed in float32 (bfloat16: no CuPy GEMM knows it)."""
-    return np.dtype(dtype).name == "bfloat16"
+    return _dtype_facts(dtype)[0]
 
 
 def accumulation_dtype(dtype):
     """The dtype to accumulate long sums of `dtype` in: float32 for the 16-bit floats, else dtype itself."""
-    return np.dtype(np.float32) if np.dtype(dtype).name in ("bfloat16", "float16") else np.dtype(dtype)
+    return _dtype_facts(dtype)[1]
 
 
 def product(a, b):
