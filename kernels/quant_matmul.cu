@@ -12,7 +12,7 @@
 //   INT8 4 consecutive weights at a time; partial dot products for every row of x are summed over the
 //   warp with shuffles (common.cuh's warp_sum). Launch: blockDim 256 (8 warps), grid ceil(out / 8).
 // Prefill, `dequantize_<format>`: Ŵ written out as float (out, in) for a cuBLAS GEMM (tinygrad_llm
-//   .gpu_quant calls cupy's matmul); one thread per weight, grid-stride. Launch: blockDim 256.
+//   .gpu.quantized calls cupy's matmul); one thread per weight, grid-stride. Launch: blockDim 256.
 // Must match: ops/quantized.py's linear_forward on the CPU (tests/test_quant_ops.py compares them).
 #include "common.cuh"
 

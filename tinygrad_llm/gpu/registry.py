@@ -5,7 +5,7 @@ backward of one op get the same answer.
 """
 from __future__ import annotations
 
-from . import activation, adamw, attention, dropout, embedding, gemm, loss, norm, rope
+from . import activation, adamw, attention, dropout, embedding, gemm, loss, norm, quantized, rope
 
 SUPPORTS = {
     "rms_norm": norm.supports,                     # (x, weight) or (dy, weight)
@@ -18,6 +18,7 @@ SUPPORTS = {
     "adamw": adamw.supports,                       # every param, grad and moment
     "linear": gemm.linear_supported,               # (x, weight) under a bf16/fp16 precision policy
     "causal_attention": attention.supports,        # (q, k, v)
+    "quantized_linear": quantized.supports,        # (x, weight blocks, weight scales)
 }
 
 

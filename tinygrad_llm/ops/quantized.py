@@ -2,7 +2,7 @@
 
 The dispatch point for every Linear of KV-cached decoding (tinygrad_llm.generate):
 - a float weight: the same path as ops/matmul.Linear (the bf16/fp16 cuBLAS policy on the GPU, else x @ Wᵀ);
-- a QuantizedMatrix on the GPU: the CUDA kernels of kernels/quant_matmul.cu (tinygrad_llm.gpu_quant), a
+- a QuantizedMatrix on the GPU: the CUDA kernels of kernels/quant_matmul.cu (tinygrad_llm.gpu.quantized), a
   fused dequantise + GEMV for a few rows (decode), dequantise + cuBLAS for many (prefill);
 - a QuantizedMatrix on the CPU, Q8_0 / Q4_0: block by block. The matrix is block-major (the j-th
   32-weight block of every output row is one contiguous (out, 32) slab), so a few slabs at a time are
@@ -135,8 +135,11 @@ def linear_forward(x, weight):
         raise ValueError(f"quantized_linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]} "
                          f"(weight shape {weight.shape} is (out, in))")
     if type(x) is not np.ndarray or type(weight.values) is not np.ndarray:
-        from .. import gpu_quant   # the GPU layer; imported only once GPU arrays exist
-        return gpu_quant.quantized_linear(x, weight)
+        fast = kernel("quantized_linear", x, weight.values, weight.scale)
+        if fast is None:
+            raise ValueError("quantized_linear: x and the quantized weight must both be on the GPU (with kernels "
+                             "enabled) or both on the CPU")
+        return fast.quantized_linear(x, weight)
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)                 # (..., in) -> (N, in)
     y = int8_rows_linear(x2, weight) if weight.kind == "int8" else blockwise_linear(x2, weight)
     return y.reshape(*x.shape[:-1], weight.shape[0])                                          # -> (..., out)

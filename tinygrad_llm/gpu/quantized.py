@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backend
-from .gpu import compiler, gemm
+from .. import backend
+from . import compiler, gemm
 
 GEMV_ROWS = 8             # as #define GEMV_ROWS in kernels/quant_matmul.cu
 _WARPS_PER_BLOCK = 8      # as #define WARPS_PER_BLOCK
 _THREADS = 256
 _FILE = "quant_matmul.cu"
+
+
+def supports(x, *weight_arrays) -> bool:
+    """A CuPy activation and CuPy weight blocks: the kernels take any row count and feature size."""
+    return all(backend.is_cupy_array(a) for a in (x, *weight_arrays))
 
 
 def _kernel(name: str):
