@@ -53,6 +53,7 @@ import numpy as np
 
 from . import backend, precision
 from .ops.attention import grouped_causal_probabilities
+from .ops.matmul import product
 from .ops.quantized import linear_forward
 from .ops.rope import rope_angles
 from .tensor import no_grad
@@ -267,10 +268,9 @@ class Decoder:
         return y if y.dtype == self.dtype else y.astype(self.dtype)
 
     def _rms_norm(self, x, weight):
-        """x · rsqrt(mean(x²) + eps) · w, in the order of model.ChunkedRMSNorm (ufunc reductions called
-        directly: the ndarray.sum wrapper costs as much as the sum itself at decode sizes)."""
+        """x · rsqrt(mean(x²) + eps) · w, in the order of the RMSNorm op's chunked path."""
         xp = self.xp
-        r = xp.add.reduce(x * x, axis=-1, keepdims=True)
+        r = (x * x).sum(axis=-1, keepdims=True)
         r *= x.dtype.type(1.0 / x.shape[-1])
         r += x.dtype.type(self.config.norm_eps)
         xp.sqrt(r, out=r)
@@ -328,7 +328,7 @@ class Decoder:
         q3 = q.reshape(time, kv_heads, group, head_dim).transpose(1, 2, 0, 3)      # (T, H, D) -> (Hkv, G, T, D)
         q3 = q3.reshape(1, kv_heads, group * time, head_dim)                       # -> (1, Hkv, G·T, D)
         p, _ = grouped_causal_probabilities(q3, keys[None], group, 1.0 / math.sqrt(head_dim), xp)
-        out = p @ values[None]                                                     # (1, Hkv, G·T, D)
+        out = product(p, values[None])                                             # (1, Hkv, G·T, D)
         out = out.reshape(kv_heads, group, time, head_dim).transpose(2, 0, 1, 3)   # -> (T, Hkv, G, D)
         return out.reshape(time, heads * head_dim)                                 # -> (T, H·D)
 
@@ -361,13 +361,13 @@ class Decoder:
         values = cache.v[layer][step["keys"], :, :length]
         q = q * q.dtype.type(1.0 / math.sqrt(head_dim))
         q4 = q.reshape(count, kv_heads, group, head_dim).swapaxes(-1, -2)          # (n, H, D) -> (n, Hkv, D, G)
-        scores = keys @ q4                                                         # (n, Hkv, L, G)
+        scores = product(keys, q4)                                                 # (n, Hkv, L, G)
         if step["bias"] is not None:
             scores += step["bias"]
-        scores -= xp.maximum.reduce(scores, axis=2, keepdims=True)
+        scores -= scores.max(axis=2, keepdims=True)
         xp.exp(scores, out=scores)
-        scores /= xp.add.reduce(scores, axis=2, keepdims=True)                      # P, normalised over keys
-        out = xp.ascontiguousarray(scores.swapaxes(-1, -2)) @ values                # (n, Hkv, G, L) @ (n, Hkv, L, D)
+        scores /= scores.sum(axis=2, keepdims=True)                                 # P, normalised over keys
+        out = product(xp.ascontiguousarray(scores.swapaxes(-1, -2)), values)       # (n, Hkv, G, L) @ (n, Hkv, L, D)
         return out.reshape(count, heads * head_dim)                                # (n, Hkv, G, D) -> (n, H·D)
 
 
