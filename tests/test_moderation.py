@@ -129,3 +129,22 @@ def test_filter_document_for_the_data_pipeline():
     assert redact.filter_document("a wug here") == (True, "toxicity_flagged", "a *** here")
     assert log.filter_document("a wug here") == (True, "toxicity_flagged", "a wug here")
     assert block.filter_document("clean text") == (True, None, "clean text")
+
+
+def test_prepare_drops_and_counts_documents_by_the_policy(tmp_path):
+    from tinygrad_llm.data.pipeline import PipelineConfig, run_pipeline
+    from tinygrad_llm.data.sources import Document
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[blocklist]\naction = "block"\nextra_words = ["zorblax"]\n', encoding="utf-8")
+    clean = "The quality of mercy is not strained; it droppeth as the gentle rain from heaven. " * 8
+    docs = [Document(f"doc{i}", clean.replace("mercy", f"mercy {i}")) for i in range(5)]
+    docs.append(Document("bad", clean.replace("gentle", "zorblax")))
+    config = PipelineConfig(filters=None, exact_dedup=False, near_dedup=False, toxicity=str(policy), val_fraction=0.0)
+    report = run_pipeline(docs, str(tmp_path / "out"), config=config, progress=False)
+    stage = next(s for s in report["stages"] if s["stage"] == "toxicity")
+    assert (stage["docs_in"], stage["docs_out"]) == (6, 5)
+    assert stage["dropped"] == {"toxicity_blocklist": 1}
+    redacting = tmp_path / "redact.toml"
+    redacting.write_text('[blocklist]\naction = "redact"\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="redact action would rewrite them"):
+        run_pipeline(docs, str(tmp_path / "out2"), config=PipelineConfig(toxicity=str(redacting)), progress=False)

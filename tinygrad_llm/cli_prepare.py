@@ -73,6 +73,8 @@ def add_prepare_parser(subparsers):
     st.add_argument("--shingle", choices=["word", "char"], default="word", help="shingle unit (default word)")
     st.add_argument("--ngram", type=int, default=3, help="shingle n-gram length (default 3)")
     st.add_argument("--classifier", default=None, help="a model saved by train-classifier (path prefix or .json)")
+    st.add_argument("--toxicity", default=None, metavar="POLICY.toml",
+                    help="drop (block) or count (log) documents by a moderation policy (docs/serving.md)")
     st.add_argument("--classifier-threshold", type=float, default=0.5,
                     help="keep documents whose probability of the keep label is at least this (default 0.5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -115,7 +117,7 @@ def run_prepare(args) -> int:
         exact_dedup=not args.no_exact_dedup, near_dedup=not args.no_near_dedup, near_threshold=threshold,
         near_action=args.near_action, near_keep=args.near_keep, num_perm=args.num_perm, shingle=args.shingle,
         ngram=args.ngram,
-        classifier=args.classifier, classifier_threshold=args.classifier_threshold,
+        classifier=args.classifier, classifier_threshold=args.classifier_threshold, toxicity=args.toxicity,
         val_fraction=args.val_fraction, split=args.split, shard_tokens=args.shard_tokens, eot=not args.no_eot,
         workers=max(1, args.workers), prefix=args.prefix or (args.corpus or "data"))
     stats = SourceStats()

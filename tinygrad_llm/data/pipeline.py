@@ -74,6 +74,7 @@ class PipelineConfig:
     minhash_seed: int = 1
     classifier: str = None               # path of a saved QualityClassifier
     classifier_threshold: float = 0.5
+    toxicity: str = None                 # a moderation policy TOML (tinygrad_llm.moderation): block or log
     val_fraction: float = 0.1
     split: str = "hash"
     shard_tokens: int = 10_000_000
@@ -117,7 +118,8 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
     if os.path.exists(report_path):
         os.remove(report_path)                        # a stale report must not vouch for new shards
     spill_path = os.path.join(out_dir, f".{config.prefix}_spill.jsonl.tmp")
-    stages = {n: StageReport(n) for n in ("read", "clean", "filters", "exact_dedup", "near_dedup", "classifier")}
+    stages = {n: StageReport(n) for n in ("read", "clean", "filters", "exact_dedup", "near_dedup", "classifier",
+                                          "toxicity")}
     clean_stats = CleanStats()
     exact = ExactDeduplicator()
     hasher = None
@@ -126,6 +128,15 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
     signatures, ids, titles, sizes, exact_groups = [], [], [], [], {}
     pending, pending_chars = [], 0
     t_start = time.perf_counter()
+    moderator = None
+    if config.toxicity:                               # the server's moderation policy, as a document filter
+        from ..moderation import Moderator
+        moderator = Moderator.from_policy(config.toxicity)
+        if moderator.blocklist_action == "redact":
+            raise ValueError(f"{config.toxicity}: the pipeline drops or keeps documents; a redact action would "
+                             f"rewrite them (use block or log)")
+        stages["toxicity"].details = {"policy": config.toxicity, "blocklist": moderator.blocklist_action,
+                                      "classifier": moderator.classifier_action, "flagged": 0}
     classifier = None
     if config.classifier:                             # load first: a bad path fails before any work
         from .classifier import QualityClassifier
@@ -232,6 +243,13 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
                         stages["classifier"].took(size, ok, "below_threshold")
                     if not ok:
                         continue
+                if moderator is not None:
+                    with _Timer(stages["toxicity"]):
+                        ok, reason, _ = moderator.filter_document(text)
+                        stages["toxicity"].took(size, ok, reason)
+                        stages["toxicity"].details["flagged"] += reason == "toxicity_flagged"
+                    if not ok:
+                        continue
                 final[i] = True
                 if isinstance(tokenizer, str):
                     chars.update(text)
@@ -279,6 +297,8 @@ def run_pipeline(documents, out_dir, tokenizer="char", config: PipelineConfig = 
         rows.append(stages["near_dedup"])
     if config.classifier:
         rows.append(stages["classifier"])
+    if config.toxicity:
+        rows.append(stages["toxicity"])
     stages["clean"].details = {"gutenberg_stripped": clean_stats.gutenberg_stripped}
     if source_stats is not None:                      # files the readers skipped are the read stage's drops
         read = stages["read"]
