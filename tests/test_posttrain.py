@@ -251,6 +251,12 @@ def test_cli_sft_dpo_chat_and_bad_input(base, tmp_path, capsys):
     assert "unknown built-in task" in capsys.readouterr().err
     assert main(["chat", base["run"]]) == 1
     assert "no chat tokens" in capsys.readouterr().err
+    # sample --chat: the prompt as a user turn, the reply stopping at <|end|> (the same as chat's first reply)
+    assert main(["sample", dpo_dir, "--chat", "--prompt", "Who is there", "--max-new-tokens", "5",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == out.getvalue().split("\n")[0] + "\n"
+    assert main(["sample", base["run"], "--chat", "--prompt", "Hi"]) == 1
+    assert "no chat tokens" in capsys.readouterr().err
     assert main(["dpo", sft_dir, "--data", str(tmp_path / "none.jsonl"), "--out-dir", str(tmp_path / "w")]) == 1
     assert "no such file" in capsys.readouterr().err
 

@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", action="store_true", help="use the best checkpoint instead of the latest")
     p.add_argument("--tokenizer", default=None, help="tokenizer file, if the checkpoint's is not found")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context every token")
+    p.add_argument("--chat", action="store_true",
+                   help="send --prompt as a user turn through the chat template; the reply stops at <|end|>")
     p.add_argument("--device", default="cpu")
 
     p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint")
@@ -199,6 +201,15 @@ def run_sample(args) -> int:
         raise CommandError("--top-k must be positive", EXIT_USAGE)
     model, state, tokenizer = _load(args.checkpoint, args.best, args.device, args.tokenizer)
     prompt = args.prompt.replace("\\n", "\n")            # a typed "\n" means a newline
+    if args.chat:
+        from .posttrain.chat import chat_reply, has_chat_tokens
+        if not has_chat_tokens(tokenizer):
+            raise CommandError(f"{args.checkpoint} has no chat tokens (a base model?): fine-tune it with "
+                               f"`tinygrad-llm sft` first, or sample without --chat")
+        chat_reply(model, tokenizer, [{"role": "user", "content": prompt}], args.max_new_tokens, args.temperature,
+                   args.top_k, args.top_p, args.seed, stream=sys.stdout)
+        sys.stdout.write("\n")
+        return 0
     sys.stdout.write(prompt)
     generate_text(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, stop=args.stop, seed=args.seed, stream=sys.stdout,
