@@ -359,6 +359,29 @@ def loss_curve():
     return fig
 
 
+@figure("quantization_error")
+def quantization_error():
+    """Errors of Q8_0 and Q4_0 on a Gaussian weight matrix, in units of each block's max |w|, with the
+    derived bounds."""
+    from ..quant.formats import dequantize_q4_0, dequantize_q8_0, quantize_q4_0, quantize_q8_0
+    w = np.random.default_rng(0).standard_normal((256, 1024)).astype(np.float32)
+    block_max = np.abs(w.reshape(256, -1, 32)).max(axis=-1, keepdims=True)           # (256, 32 blocks, 1)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(7.5, 3.0))
+    for ax, name, quantize, dequantize, bounds in (
+            (axes[0], "Q8_0", quantize_q8_0, dequantize_q8_0, (1 / 254 + 2 ** -11,)),
+            (axes[1], "Q4_0", quantize_q4_0, dequantize_q4_0, (1 / 16 + 2 ** -11, 1 / 8 + 2 ** -11))):
+        error = (dequantize(quantize(w)) - w).reshape(256, -1, 32) / block_max        # relative to the block
+        ax.hist(error.ravel(), bins=120, color="#4a78b0")
+        for bound in bounds:
+            for sign in (-1, 1):
+                ax.axvline(sign * bound, color="#a44", lw=0.8)
+        ax.set_title(f"{name}: (ŵ − w) / max|w| of the block", fontsize=8)
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
 def draw_all(folder: Path, names=None, log=print) -> list:
     """Draw the registered figures (or `names`) into folder/NAME.png; returns the paths."""
     plt = _pyplot()
