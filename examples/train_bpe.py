@@ -1,6 +1,6 @@
 """Byte-level BPE end to end: train a tokenizer, write token shards, train a small model, sample.
 
-    python examples/train_bpe.py                                   # ../shared/data/tinyshakespeare.txt
+    python examples/train_bpe.py                                   # the built-in corpus (first 1 MB)
     python examples/train_bpe.py --data my_text.txt --vocab-size 1024 --max-steps 1000
 
 1. `Tokenizer.train` learns `--vocab-size` ids (256 bytes, the merges, <|endoftext|>) on the text.
@@ -25,22 +25,31 @@ from tinygrad_llm.checkpoint import load_checkpoint  # noqa: E402
 from tinygrad_llm.tokenizer import Tokenizer  # noqa: E402
 from tinygrad_llm.train import TrainConfig, train  # noqa: E402
 
-DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "shared", "data",
-                            "tinyshakespeare.txt")
+BUILTIN_CHARS = 1_000_000         # of the built-in corpus: enough for a small vocabulary, quick to train
+
+
+def builtin_text() -> str:
+    """The first BUILTIN_CHARS characters of the built-in Shakespeare corpus (downloaded once, then cached)."""
+    from tinygrad_llm.data.corpus import iter_shakespeare
+    text = "\n\n".join(document.text for document in iter_shakespeare())
+    return text[:BUILTIN_CHARS]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--data", default=None, help="a UTF-8 text file (default: the built-in corpus)")
     parser.add_argument("--out-dir", default="runs/bpe_example")
     parser.add_argument("--vocab-size", type=int, default=512)
     parser.add_argument("--max-steps", type=int, default=600)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
-    if not os.path.isfile(args.data):
+    if args.data is None:
+        text = builtin_text()
+    elif not os.path.isfile(args.data):
         parser.error(f"{args.data} not found: pass --data path/to/text.txt")
-    with open(args.data, encoding="utf-8") as f:
-        text = f.read()
+    else:
+        with open(args.data, encoding="utf-8") as f:
+            text = f.read()
     os.makedirs(args.out_dir, exist_ok=True)
 
     tokenizer_path = os.path.join(args.out_dir, "tokenizer.json")

@@ -1,6 +1,6 @@
 """The classic char-level benchmark: nanoGPT's shakespeare_char CPU configuration, Llama-style.
 
-    python examples/train_shakespeare_char.py                        # ../shared/data/tinyshakespeare.txt
+    python examples/train_shakespeare_char.py                        # the built-in corpus (character-level)
     python examples/train_shakespeare_char.py --data input.txt --max-steps 500 --eval-interval 100
 
 4 layers, 4 heads, d 128, SwiGLU 384, T 64, B 12, 2000 steps, lr 1e-3 -> 1e-4 (cosine, warmup 100),
@@ -23,12 +23,11 @@ from tinygrad_llm.train import TrainConfig, config_from_dict, load_toml, train  
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, os.pardir, "tinygrad_llm", "configs", "shakespeare_char.toml")
-DEFAULT_DATA = os.path.join(HERE, os.pardir, os.pardir, "shared", "data", "tinyshakespeare.txt")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=DEFAULT_DATA, help="tinyshakespeare input.txt")
+    parser.add_argument("--data", default="", help="nanoGPT's tinyshakespeare input.txt (default: the built-in corpus)")
     parser.add_argument("--out-dir", default="runs/shakespeare_char")
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--eval-interval", type=int, default=None)
@@ -36,7 +35,7 @@ def main():
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
-    if not os.path.isfile(args.data):
+    if args.data and not os.path.isfile(args.data):
         parser.error(f"{args.data} not found: pass --data path/to/tinyshakespeare.txt")
     overrides = {"data": args.data, "out_dir": args.out_dir, "resume": args.resume, "progress": not args.no_progress,
                  "sample_tokens": 300, "sample_prompt": "ROMEO:"}

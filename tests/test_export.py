@@ -260,25 +260,6 @@ def test_hf_layout_matches_a_numpy_llama(bpe, tmp_path, tie, kv_heads):
     np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
 
 
-def test_hf_layout_loads_in_transformers_when_installed(bpe, tmp_path):
-    pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    model = small_model(bpe.vocab_size)
-    export_hf(model, bpe, str(tmp_path))
-    ids = bpe.encode(WITH_SPECIALS, allowed_special="all")[:48]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
-    import torch
-    with torch.no_grad():
-        theirs = hf(torch.tensor([ids])).logits[0].double().numpy()
-    np.testing.assert_allclose(our_logits(model, ids), theirs, rtol=1e-4, atol=1e-4)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
-    assert tokenizer(WITH_SPECIALS, add_special_tokens=False)["input_ids"] == bpe.encode(WITH_SPECIALS, allowed_special="all")
-    messages = [{"role": "user", "content": "Wie geht's? 你好"}, {"role": "assistant", "content": "Gut"}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    assert list(ids) == chat_ids(bpe, messages, True)
-
-
 def test_export_refuses_a_non_empty_directory_and_a_missing_tokenizer(bpe, tmp_path):
     model = small_model(bpe.vocab_size)
     (tmp_path / "notes.txt").write_text("mine")

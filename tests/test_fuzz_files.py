@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -372,6 +373,7 @@ def test_toml_config(data):
         except ValueError:
             return
         config.validate()                                   # what loads is a valid configuration
+        assert config_from_dict(dataclasses.asdict(config), TrainConfig()) == config   # and reads back the same
 
 
 # ---------------------------------------------------------------------------------------------- the CLI line

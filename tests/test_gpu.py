@@ -381,7 +381,7 @@ def test_adamw_step_matches_the_formula(rng):
 
 @gpu_test
 def test_optimizer_uses_the_fused_step_and_matches_the_numpy_path(rng):
-    optim = pytest.importorskip("tinygrad_llm.optim")
+    from tinygrad_llm import optim
     from tinygrad_llm.nn import Parameter
     values = [rng.standard_normal(s).astype(np.float32) for s in [(64, 48), (48,), (10, 64)]]
     grads = [rng.standard_normal(v.shape).astype(np.float32) for v in values]
@@ -437,7 +437,7 @@ def test_tf32_policy_changes_float32_products_only_slightly(rng):
 # ------------------------------------------------------------------ the whole model, GPU vs CPU
 @gpu_test
 def test_small_model_loss_and_gradients_match_the_cpu(rng):
-    model_module = pytest.importorskip("tinygrad_llm.model")
+    from tinygrad_llm import model as model_module
     from tinygrad_llm import manual_seed
     config = model_module.GPTConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
                                     ffn_hidden=128, max_seq_len=32)
@@ -461,7 +461,7 @@ def test_small_model_loss_and_gradients_match_the_cpu(rng):
 @gpu_test
 @pytest.mark.parametrize("policy_name", ["bf16", "fp16"])
 def test_small_model_under_a_low_precision_policy_tracks_float32(policy_name, rng):
-    model_module = pytest.importorskip("tinygrad_llm.model")
+    from tinygrad_llm import model as model_module
     from tinygrad_llm import manual_seed
     config = model_module.GPTConfig(vocab_size=97, d_model=128, n_layers=2, n_heads=2, n_kv_heads=1,
                                     ffn_hidden=256, max_seq_len=64)     # head dim 64: the attention kernel's

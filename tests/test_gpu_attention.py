@@ -195,7 +195,6 @@ def test_whole_model_gradients_match_cpu(monkeypatch):
     """A small GQA model (D = 64, G = 2) in float32. Its parameter gradients on the GPU with the attention
     kernels in place match (a) the GPU run with attention on its NumPy-expressed path (CuPy), which
     isolates these kernels, to 1e-4, and (b) the CPU path to 1e-3, which also covers the other GPU kernels."""
-    pytest.importorskip("tinygrad_llm.model")
     from tinygrad_llm.model import GPTConfig
     config = GPTConfig(vocab_size=97, d_model=128, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=256,
                        max_seq_len=64)

@@ -46,11 +46,20 @@ def cupy_module():
     return cp
 
 
+def cupy_part(module: str):
+    """A module of CuPy's own (e.g. "cupy.cuda.compiler", "cupy_backends.cuda.libs.nvrtc"), imported here so
+    that this stays the one module that imports CuPy; the GPU package reaches NVRTC and cuBLAS through it."""
+    if not (module == "cupy" or module.startswith(("cupy.", "cupy_backends."))):
+        raise ValueError(f"cupy_part: {module!r} is not a CuPy module")
+    cupy_module()
+    import importlib
+    return importlib.import_module(module)
+
+
 def nccl_module():
     """CuPy's NCCL binding (cupy.cuda.nccl), for multi-GPU collectives; a clear error where it is missing."""
-    cupy_module()
     try:
-        from cupy.cuda import nccl
+        nccl = cupy_part("cupy.cuda.nccl")
     except ImportError as error:
         raise RuntimeError(f"NCCL is not available to CuPy ({error}); pip install nvidia-nccl-cu12 or the "
                            f"wheel matching your CUDA") from None

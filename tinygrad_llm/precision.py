@@ -105,7 +105,7 @@ def _apply_tf32(enabled: bool) -> None:
     if not backend.gpu_available():
         return
     cp = backend.cupy_module()
-    from cupy._core import _routines_linalg as linalg
+    linalg = backend.cupy_part("cupy._core._routines_linalg")
     tf32, default = 7, 1                                     # COMPUTE_TYPE_TF32, COMPUTE_TYPE_DEFAULT
     linalg.set_compute_type(cp.float32, tf32 if enabled else default)
 

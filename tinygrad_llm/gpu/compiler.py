@@ -73,7 +73,7 @@ def load_module(filename: str, options=(), arch: str | None = None):
         source = source_with_includes(kernels_dir(), filename)
         if arch is None:
             module = cp.RawModule(code=source, options=("-std=c++17",) + tuple(options))
-            from cupy.cuda.compiler import CompileException
+            CompileException = backend.cupy_part("cupy.cuda.compiler").CompileException
             try:
                 module.compile()                # now, so a broken kernel fails here and not mid-step
             except CompileException as error:
@@ -120,16 +120,15 @@ def compile_cubin(source: str, name: str, options) -> bytes:
     returning the cubin. CuPy's include folders (the CUDA headers it found, for cuda_bf16.h) are added.
     A compile error raises RuntimeError with NVRTC's log."""
     cp = backend.cupy_module()
-    from cupy.cuda import compiler
-    from cupy_backends.cuda.libs import nvrtc
+    compiler = backend.cupy_part("cupy.cuda.compiler")
+    nvrtc = backend.cupy_part("cupy_backends.cuda.libs.nvrtc")
     includes = []
     cuda_path = cp.cuda.get_cuda_path()
     if cuda_path:
         includes.append(f"-I{os.path.join(cuda_path, 'include')}")
     try:
-        from cupy._core.core import _get_header_dir_path
-        includes.append(f"-I{_get_header_dir_path()}")
-    except ImportError:
+        includes.append(f"-I{backend.cupy_part('cupy._core.core')._get_header_dir_path()}")
+    except (ImportError, AttributeError):       # a CuPy that keeps its headers elsewhere
         pass
     includes += list(getattr(compiler, "_get_extra_include_dir_opts", tuple)())
     program = nvrtc.createProgram(source, name, (), ())
@@ -146,5 +145,5 @@ def compile_cubin(source: str, name: str, options) -> bytes:
 
 def nvrtc_version() -> tuple:
     backend.cupy_module()
-    from cupy_backends.cuda.libs import nvrtc
+    nvrtc = backend.cupy_part("cupy_backends.cuda.libs.nvrtc")
     return tuple(nvrtc.getVersion())

@@ -65,7 +65,7 @@ def gemm(a, b, transpose_a=False, transpose_b=False, out_dtype=None):
     Float32 operands use TF32 tensor cores under the tf32 policy.
     """
     cp = backend.cupy_module()
-    from cupy_backends.cuda.libs import cublas
+    cublas = backend.cupy_part("cupy_backends.cuda.libs.cublas")
     if a.dtype != b.dtype or a.ndim != 2 or b.ndim != 2 or not (a.flags.c_contiguous and b.flags.c_contiguous):
         raise ValueError("gemm: a and b must be C-contiguous 2-D arrays of one dtype")
     rows, inner = (a.shape[1], a.shape[0]) if transpose_a else a.shape
