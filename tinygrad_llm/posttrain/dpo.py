@@ -30,7 +30,7 @@ from .. import backend
 from .. import functional as F
 from ..checkpoint import CheckpointError, read_safetensors, write_safetensors
 from ..tensor import no_grad
-from .data import BUILTIN_NAMES, builtin_split, collate, encode_preferences, read_preferences
+from .data import builtin_split, collate, encode_preferences, read_preferences
 from .loop import PostTrainConfig, Stage, run_stage
 
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -101,10 +101,6 @@ class DPOStage(Stage):
     name = "dpo"
 
     def load_data(self, config, tokenizer, max_len, log):
-        if config.builtin and config.builtin not in BUILTIN_NAMES:
-            raise ValueError(f"unknown built-in task {config.builtin!r}; known: {', '.join(BUILTIN_NAMES)}")
-        if config.data and not os.path.isfile(config.data):
-            raise FileNotFoundError(f"--data {config.data}: no such file")
         return load_dpo_data(config, tokenizer, max_len)
 
     def prepare(self, run, cached):

@@ -34,7 +34,7 @@ from ..checkpoint import (OPTIMIZER_FILE, CheckpointError, load_checkpoint, read
 from ..optim import AdamW, lr_schedule
 from ..train import MetricsLog                              # the only import from train.py in posttrain/
 from .chat import grow_vocabulary, with_chat_tokens
-from .data import batch_indices
+from .data import BUILTIN_NAMES, batch_indices
 from .lora import LoRA, AdapterOptimizerState, MergedView, parse_targets
 
 
@@ -114,6 +114,14 @@ CONFIG_FIELDS = {f.name: f for f in fields(PostTrainConfig)}
 RESUME_KEYS = ("stage", "data", "builtin", "val_data", "held_out_fraction", "per_task", "split_seed", "batch_size",
                "grad_accum", "max_seq_len",
                "seed", "beta", "lora_rank", "lora_alpha", "lora_targets")
+
+
+def check_data_source(config) -> None:
+    """A known built-in task name and an existing --data file (one-line errors for the CLI)."""
+    if config.builtin and config.builtin not in BUILTIN_NAMES:
+        raise ValueError(f"unknown built-in task {config.builtin!r}; known: {', '.join(BUILTIN_NAMES)}")
+    if config.data and not os.path.isfile(config.data):
+        raise FileNotFoundError(f"--data {config.data}: no such file")
 
 
 class Stage:
@@ -222,6 +230,7 @@ def run_stage(config: PostTrainConfig, stage: Stage, log=None) -> dict:
     if config.resume and not existing:
         raise CheckpointError(f"--resume: {out_dir} holds no checkpoint to resume")
 
+    check_data_source(config)                        # before loading a model: a wrong name fails at once
     model, tokenizer, added, base_state = load_start(config.base, device, config.max_seq_len)
     if added:
         log(f"added {added} chat token(s) to the vocabulary; embedding grown to {model.config.vocab_size} rows")

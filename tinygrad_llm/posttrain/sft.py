@@ -15,13 +15,11 @@ than those of one with long answers, and the step would not equal one big batch 
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from .. import backend
 from ..tensor import no_grad
-from .data import (BUILTIN_NAMES, builtin_split, collate, encode_conversations, read_conversations, sft_targets)
+from .data import builtin_split, collate, encode_conversations, read_conversations, sft_targets
 from .loop import PostTrainConfig, Stage, run_stage
 
 
@@ -75,10 +73,6 @@ class SFTStage(Stage):
     name = "sft"
 
     def load_data(self, config, tokenizer, max_len, log):
-        if config.builtin and config.builtin not in BUILTIN_NAMES:
-            raise ValueError(f"unknown built-in task {config.builtin!r}; known: {', '.join(BUILTIN_NAMES)}")
-        if config.data and not os.path.isfile(config.data):
-            raise FileNotFoundError(f"--data {config.data}: no such file")
         return load_sft_data(config, tokenizer, max_len)
 
     def weight_total(self, run, indices):
