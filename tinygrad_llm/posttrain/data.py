@@ -105,19 +105,22 @@ def _read_jsonl(path, report, handle):
     except OSError as error:
         raise PostTrainDataError(f"{path}: cannot be read ({error.strerror})") from None
     with file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            report.lines += 1
-            try:
-                record = json.loads(line)
-            except ValueError as error:
-                report.skip(number, "bad_json", str(error)[:80])
-                continue
-            if not isinstance(record, dict):
-                report.skip(number, "bad_json", "not a JSON object")
-                continue
-            handle(number, record)
+        try:
+            for number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                report.lines += 1
+                try:
+                    record = json.loads(line)
+                except ValueError as error:
+                    report.skip(number, "bad_json", str(error)[:80])
+                    continue
+                if not isinstance(record, dict):
+                    report.skip(number, "bad_json", "not a JSON object")
+                    continue
+                handle(number, record)
+        except UnicodeDecodeError:
+            raise PostTrainDataError(f"{path}: not UTF-8 text") from None
 
 
 def read_conversations(path):
@@ -135,10 +138,7 @@ def read_conversations(path):
         out.append(record["messages"])
         report.kept += 1
 
-    try:
-        _read_jsonl(path, report, handle)
-    except UnicodeDecodeError:
-        raise PostTrainDataError(f"{path}: not UTF-8 text") from None
+    _read_jsonl(path, report, handle)
     return out, report
 
 
@@ -164,10 +164,7 @@ def read_preferences(path):
         out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
         report.kept += 1
 
-    try:
-        _read_jsonl(path, report, handle)
-    except UnicodeDecodeError:
-        raise PostTrainDataError(f"{path}: not UTF-8 text") from None
+    _read_jsonl(path, report, handle)
     return out, report
 
 
