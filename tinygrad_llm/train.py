@@ -49,7 +49,7 @@ from .checkpoint import (CheckpointError, RUN_TOKENIZER_FILE, STATE_FILE, atomic
                          remove_debris, require_field, resolve_checkpoint, save_checkpoint)
 from .data.feed import (Data, RandomWindows, ShardBatches, build_data, builtin_corpus_dir,  # noqa: F401
                         file_sha256, token_byte_lengths)
-from .distributed import DataParallel, RankSlice, communicator, install_abort_on_error, tokens_in
+from .distributed import DataParallel, RankSlice, SingleProcess, communicator, install_abort_on_error, tokens_in
 from .model import GPT, GPTConfig
 from .optim import AdamW, lr_schedule
 from .tensor import no_grad
@@ -80,37 +80,27 @@ def train_step(model, optimizer, batches, step: int, config, device="cpu", scale
     """One optimizer step: batches step·grad_accum … step·grad_accum + grad_accum − 1, AdamW at the
     scheduled learning rate. Skips the update when the loss or the gradient norm is not finite.
 
-    `parallel` (a distributed.DataParallel): this process is one rank of a data-parallel job; `batches`
-    gives its rows of each global batch, gradients are summed over the ranks in buckets during the last
-    backward, and the loss reported is the global batch's."""
+    Each micro-batch's backward is seeded with its share of the step's counted targets (1/grad_accum when
+    none is ignored), so the gradient is the mean over every counted target. `parallel` (a
+    distributed.DataParallel) makes this process one rank of a data-parallel job: `batches` gives its rows
+    of each global batch, the shares are of the global count, gradients are summed over the ranks in
+    buckets during the last backward, and the loss reported is the global batch's. Without it the step
+    runs alone (the single-process communicator)."""
+    if parallel is None:
+        parallel = DataParallel(model, optimizer, SingleProcess())
     lr = lr_schedule(step, config.lr, config.warmup_steps, config.max_steps, config.min_lr_ratio)
     loss_scale = scaler.scale if scaler is not None else 1.0
     optimizer.zero_grad()
     step_loss = 0.0
-    if parallel is not None:
-        micro_batches = [batches.batch(step * config.grad_accum + m) for m in range(config.grad_accum)]
-        shares = parallel.backward_seeds([tokens_in(y) for _, y in micro_batches])   # of the global tokens
-        for micro, (x, y) in enumerate(micro_batches):
-            _, loss = model(backend.to_device(x, device), backend.to_device(y, device), return_logits=False)
-            parallel.backward(loss, shares[micro] * loss_scale, last=micro == config.grad_accum - 1)
-            step_loss += shares[micro] * float(loss.item())
-        step_loss = float(parallel.comm.sum_host(np.array([step_loss]))[0])
-        batches.step = (step + 1) * config.grad_accum
-        grad_norm = parallel.reduce() / loss_scale
-        apply_update = parallel.step
-    else:
-        micro_batches = [batches.batch(step * config.grad_accum + m) for m in range(config.grad_accum)]
-        counts = [tokens_in(y) for _, y in micro_batches]
-        total = sum(counts)
-        for micro, (x, y) in enumerate(micro_batches):
-            _, loss = model(backend.to_device(x, device), backend.to_device(y, device), return_logits=False)
-            share = counts[micro] / total if total else 0.0     # of the step's counted targets (equal shares
-            seed = loss_scale * share                          # 1/grad_accum when no target is ignored)
-            loss.backward(backend.to_device(np.asarray(seed, dtype=loss.dtype), device))
-            step_loss += share * float(loss.item())
-        batches.step = (step + 1) * config.grad_accum
-        grad_norm = optimizer.gather_grads() / loss_scale
-        apply_update = optimizer.step
+    micro_batches = [batches.batch(step * config.grad_accum + m) for m in range(config.grad_accum)]
+    shares = parallel.backward_seeds([tokens_in(y) for _, y in micro_batches])
+    for micro, (x, y) in enumerate(micro_batches):
+        _, loss = model(backend.to_device(x, device), backend.to_device(y, device), return_logits=False)
+        parallel.backward(loss, shares[micro] * loss_scale, last=micro == config.grad_accum - 1)
+        step_loss += shares[micro] * float(loss.item())
+    step_loss = float(parallel.comm.sum_host(np.array([step_loss]))[0])
+    batches.step = (step + 1) * config.grad_accum
+    grad_norm = parallel.reduce() / loss_scale
     if scaler is not None and scaler.enabled and not scaler.update(math.isfinite(grad_norm)):
         optimizer.zero_grad()                               # fp16 overflow: the scale was lowered, step skipped
         return StepResult(step_loss, grad_norm, lr, False, backoff=True)
@@ -118,7 +108,7 @@ def train_step(model, optimizer, batches, step: int, config, device="cpu", scale
         optimizer.zero_grad()
         return StepResult(step_loss, grad_norm, lr, False)
     clip = min(1.0, config.grad_clip / (grad_norm + 1e-6)) if config.grad_clip > 0 else 1.0
-    apply_update(lr=lr, grad_scale=clip / loss_scale)
+    parallel.step(lr=lr, grad_scale=clip / loss_scale)
     optimizer.zero_grad()
     return StepResult(step_loss, grad_norm, lr, True)
 
@@ -422,9 +412,8 @@ def _train(config, log=None) -> dict:
     optimizer = AdamW(model.named_parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
                       eps=config.eps, weight_decay=config.weight_decay,
                       shard=(comm.rank, comm.size) if config.zero and comm.size > 1 else None)
-    parallel = None
+    parallel = DataParallel(model, optimizer, comm)  # with one process: the plain step, no communication
     if comm.size > 1:
-        parallel = DataParallel(model, optimizer, comm)
         parallel.check_same_everywhere({k: v for k, v in asdict(config).items() if k != "progress"})
         data.train = RankSlice(data.train, comm.rank, comm.size)
         log(f"data parallel: {comm.size} ranks over {comm.name}, {config.batch_size // comm.size} rows of each "
@@ -474,11 +463,6 @@ def _train(config, log=None) -> dict:
     def save(step, best=False):
         nonlocal last_saved
         loop.recent_losses = list(monitor.recent)
-        if parallel is None:
-            last_saved = save_training_checkpoint(out_dir, model, optimizer,
-                                                  checkpoint_state(config, model_config, data, loop), step,
-                                                  keep_last=config.keep_last, best=best)
-            return last_saved
         whole = _StateOf(optimizer.state_dict())      # every rank takes part: ZeRO slices are combined
         if lead:
             last_saved = save_training_checkpoint(out_dir, model, whole,
@@ -503,8 +487,7 @@ def _train(config, log=None) -> dict:
             while loop.step < config.max_steps:
                 t0 = time.perf_counter()
                 result = train_step(model, optimizer, data.train, loop.step, config, device, scaler, parallel)
-                if parallel is not None:           # every rank stops at the same step
-                    interrupt.raised = bool(comm.sum_host(np.array([float(interrupt.raised)]))[0])
+                interrupt.raised = bool(comm.sum_host(np.array([float(interrupt.raised)]))[0])   # ranks stop together
                 step = loop.step = loop.step + 1
                 if result.backoff:
                     metrics.write({"event": "loss_scale_backoff", "step": step - 1, "scale": scaler.scale})
