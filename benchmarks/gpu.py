@@ -296,12 +296,13 @@ def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low
         rng = np.random.default_rng(0)
         ids = cp.asarray(rng.integers(0, config.vocab_size, (batch, length)))
         targets = cp.asarray(rng.integers(0, config.vocab_size, (batch, length)))
-        times, losses = [], []
+        times, losses, host_times = [], [], []
         for i in range(warmup + steps):
             cp.cuda.Device().synchronize()
             start = time.perf_counter()
             _, loss = model(ids, targets)
             loss.backward()
+            queued = time.perf_counter()                     # the host has issued forward and backward
             norm = optimizer.gather_grads()
             optimizer.step(grad_scale=min(1.0, 1.0 / (norm + 1e-6)))
             optimizer.zero_grad()
@@ -309,6 +310,7 @@ def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low
             end = time.perf_counter()
             if i >= warmup:
                 times.append(end - start)
+                host_times.append(queued - start)
             losses.append(float(loss.item()))
         step_s = float(np.median(times))
         tokens_per_s = batch * length / step_s
@@ -318,8 +320,9 @@ def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low
                       params=params, step_ms=step_s * 1e3, tokens_per_s=tokens_per_s,
                       tflops=tokens_per_s * flops_per_token / 1e12,
                       mfu=tokens_per_s * flops_per_token / PEAK_BF16_FLOPS, peak_pool_gib=pool.total_bytes() / 2 ** 30,
-                      losses=losses)
+                      losses=losses, host_forward_backward_ms=float(np.median(host_times)) * 1e3)
         result["profile_ms"] = profile_step(model, optimizer, ids, targets)
+        result["gpu_profile_ms"] = profile_step(model, optimizer, ids, targets, events=True)
         return result
     finally:
         precision.set_policy("fp32")
@@ -327,18 +330,17 @@ def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low
         pool.free_all_blocks()
 
 
-def profile_step(model, optimizer, ids, targets):
+def profile_step(model, optimizer, ids, targets, events=False):
     """One more step with a device sync around every op's forward and backward: total ms by op class
-    (inclusive: an op that calls another op's forward counts it too), plus the optimizer and the rest."""
+    (inclusive: an op that calls another op's forward counts it too), plus the optimizer and the rest.
+
+    events=True: no syncs; a CUDA event pair around every op's forward and backward instead, read after
+    the step, so each op's figure is the device time between its first launch and its last one ending
+    (the stream is serial), without the host's launch overhead and without draining the queue per op."""
     cp = backend.cupy_module()
-    from tinygrad_llm.tensor import Function
-    totals = {}
-    classes, pending = [], list(Function.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        classes.append(cls)
-        pending.extend(cls.__subclasses__())
-    originals = []
+    if events:
+        return _event_profile(model, optimizer, ids, targets)
+    totals, originals = {}, []
 
     def timed(cls, name, original):
         def run(self, *args, **kwargs):
@@ -351,7 +353,7 @@ def profile_step(model, optimizer, ids, targets):
             return out
         return run
 
-    for cls in classes:
+    for cls in _function_classes():
         for name in ("forward", "backward"):
             if name in cls.__dict__:
                 originals.append((cls, name, cls.__dict__[name]))
@@ -374,6 +376,68 @@ def profile_step(model, optimizer, ids, targets):
     totals["optimizer.gather_grads"] = (gathered - middle) * 1e3
     totals["optimizer.step"] = (end - gathered) * 1e3
     totals["whole step (synced ops)"] = (end - start) * 1e3
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def _function_classes():
+    from tinygrad_llm.tensor import Function
+    classes, pending = [], list(Function.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        classes.append(cls)
+        pending.extend(cls.__subclasses__())
+    return classes
+
+
+def _event_profile(model, optimizer, ids, targets):
+    cp = backend.cupy_module()
+    pairs, depth, originals = [], [0], []
+
+    def timed(cls, name, original):
+        def run(self, *args, **kwargs):
+            if depth[0]:                                   # nested op: its caller's pair covers it
+                return original(self, *args, **kwargs)
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            depth[0] += 1
+            try:
+                out = original(self, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+            end.record()
+            pairs.append((f"{cls.__name__}.{name}", start, end))
+            return out
+        return run
+
+    for cls in _function_classes():
+        for name in ("forward", "backward"):
+            if name in cls.__dict__:
+                originals.append((cls, name, cls.__dict__[name]))
+                setattr(cls, name, timed(cls, name, cls.__dict__[name]))
+    try:
+        cp.cuda.Device().synchronize()
+        marks = [cp.cuda.Event() for _ in range(4)]
+        marks[0].record()
+        _, loss = model(ids, targets)
+        loss.backward()
+        marks[1].record()
+        norm = optimizer.gather_grads()
+        marks[2].record()
+        optimizer.step(grad_scale=min(1.0, 1.0 / (norm + 1e-6)))
+        optimizer.zero_grad()
+        marks[3].record()
+        cp.cuda.Device().synchronize()
+    finally:
+        for cls, name, original in originals:
+            setattr(cls, name, original)
+    totals = {}
+    for key, start, end in pairs:
+        totals[key] = totals.get(key, 0.0) + cp.cuda.get_elapsed_time(start, end)
+    totals["ops (sum)"] = sum(cp.cuda.get_elapsed_time(s, e) for _, s, e in pairs)
+    totals["forward+backward"] = cp.cuda.get_elapsed_time(marks[0], marks[1])
+    totals["optimizer.gather_grads"] = cp.cuda.get_elapsed_time(marks[1], marks[2])
+    totals["optimizer.step"] = cp.cuda.get_elapsed_time(marks[2], marks[3])
+    totals["whole step (device)"] = cp.cuda.get_elapsed_time(marks[0], marks[3])
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
@@ -404,6 +468,11 @@ def main(argv=None):
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--skip-attention", action="store_true")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--kernels", default=None,
+                        help="comma-separated kernel rows to time (copy, cross_entropy, rms_norm, swiglu, rope, "
+                             "embedding, adamw, linear); all by default")
+    parser.add_argument("--residual", choices=("both", "bf16", "fp32"), default="both",
+                        help="which residual dtype(s) the training step runs with")
     parser.add_argument("--shakespeare", action="store_true", help="also time the char model's training step")
     args = parser.parse_args(argv)
     cp = backend.cupy_module()
@@ -420,17 +489,22 @@ def main(argv=None):
             report["errors"].append(f"{name}: {traceback.format_exc()[-1500:]}")
             print(f"[{name}] failed:\n{traceback.format_exc()[-1500:]}", flush=True)
 
+    chosen = None if args.kernels is None else set(args.kernels.split(","))
     if not args.skip_kernels:
-        attempt("copy", bench_copy, report["kernels"])
+        if chosen is None or "copy" in chosen:
+            attempt("copy", bench_copy, report["kernels"])
         for name, fn in (("cross_entropy", bench_cross_entropy), ("rms_norm", bench_rms_norm),
                          ("swiglu", bench_swiglu), ("rope", bench_rope), ("embedding", bench_embedding),
                          ("adamw", bench_adamw), ("linear", bench_linear)):
+            if chosen is not None and name not in chosen:
+                continue
             attempt(name, lambda fn=fn: fn(torch), report["kernels"])
             if torch is not None:
                 torch.cuda.empty_cache()
             cp.get_default_memory_pool().free_all_blocks()
-    if not args.skip_e2e:
+    if not args.skip_e2e and args.residual in ("both", "bf16"):
         attempt("training bf16", lambda: bench_training("bf16", args.steps), report["training"])
+    if not args.skip_e2e and args.residual in ("both", "fp32"):
         attempt("training bf16, fp32 residual", lambda: bench_training("bf16", args.steps,
                                                                         low_precision_residual=False),
                 report["training"])
@@ -465,8 +539,13 @@ def main(argv=None):
         peak = row.get("peak_pool_gib", row.get("peak_mem_gib", float("nan")))
         print(f"{row['name']:<40} {row['step_ms']:8.1f} ms/step {row['tokens_per_s']:10.0f} tok/s "
               f"MFU {row['mfu']:.3f}  peak {peak:.1f} GiB")
+        if "host_forward_backward_ms" in row:
+            print(f"  host time to issue forward+backward: {row['host_forward_backward_ms']:.1f} ms")
         if "profile_ms" in row:
             print("  synced profile (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in list(row["profile_ms"].items())[:16]))
+        if "gpu_profile_ms" in row:
+            print("  device-event profile (ms): " + ", ".join(f"{k} {v:.2f}"
+                                                           for k, v in list(row["gpu_profile_ms"].items())[:22]))
     if report["errors"]:
         print(f"{len(report['errors'])} section(s) failed; see benchmarks.json")
     return report
