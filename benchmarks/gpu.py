@@ -145,7 +145,52 @@ def bench_rms_norm(torch):
                 y.backward(tdy.to(y.dtype))
             torch_ms = _torch_ms(torch_step)
         rows.append(_row(f"rms_norm f+b {ROWS}x{CHANNELS} {dtype_name} (w fp32)", ms, bytes_moved, torch_ms))
+    # the residual junction of the float32-residual step: s = x + b (b bf16), y = RMSNorm(s) in bf16
+    if not hasattr(gpu, "add_rms_norm_forward"):
+        return rows
+    x = rng.standard_normal((ROWS, CHANNELS), dtype=cp.float32)
+    branch = rng.standard_normal((ROWS, CHANNELS), dtype=cp.float32).astype(_bf16())
+    weight = (1 + 0.1 * rng.standard_normal(CHANNELS, dtype=cp.float32))
+    dy = rng.standard_normal((ROWS, CHANNELS), dtype=cp.float32).astype(_bf16())
+    ms = _cupy_ms(lambda: gpu.add_rms_norm_forward(x, branch, weight, 1e-5, _bf16()))
+    rows.append(_row(f"add_rms_norm fwd {ROWS}x{CHANNELS} fp32 + bf16 -> fp32, bf16", ms,
+                     x.nbytes + branch.nbytes + x.nbytes + branch.nbytes))
+    _, _, r = gpu.add_rms_norm_forward(x, branch, weight, 1e-5, _bf16())
+    ms = _cupy_ms(lambda: gpu.rms_norm_backward(dy, x, weight, r))
+    rows.append(_row(f"rms_norm bwd {ROWS}x{CHANNELS} fp32 x, bf16 dy", ms, dy.nbytes + 2 * x.nbytes))
     return rows
+
+
+def bench_attention_layout(torch):
+    """The packed attention op (q‖k‖v in, RoPE, the head layouts, out as (B, T, H·D)) forward + backward
+    next to its attention kernels alone on ready (B, H, T, D) arrays: the difference is the layout work."""
+    cp = backend.cupy_module()
+    from tinygrad_llm.ops.attention import CausalAttention
+    from tinygrad_llm.ops.rope import rope_angles
+    rng = cp.random.default_rng(7)
+    dtype = _bf16()
+    qkv = rng.standard_normal((BATCH, TIME, 3 * HEADS, HEAD_DIM), dtype=cp.float32).astype(dtype)
+    dy = rng.standard_normal((BATCH, TIME, HEADS * HEAD_DIM), dtype=cp.float32).astype(dtype)
+    cos, sin = rope_angles(cp.arange(TIME), HEAD_DIM, 10000.0, cp)
+    cos, sin = cos.astype(dtype), sin.astype(dtype)
+
+    def packed():
+        op = CausalAttention()
+        op.needs_input_grad = (True,)
+        op.forward(qkv, packed=(HEADS, HEADS, cos, sin))
+        op.backward(dy)
+    ms = _cupy_ms(packed)
+    q, k, v = (cp.ascontiguousarray(qkv[:, :, i * HEADS:(i + 1) * HEADS].transpose(0, 2, 1, 3)) for i in range(3))
+    d_out = cp.ascontiguousarray(dy.reshape(BATCH, TIME, HEADS, HEAD_DIM).transpose(0, 2, 1, 3))
+
+    def kernels_only():
+        out, lse = gpu.causal_attention_forward(q, k, v)
+        gpu.causal_attention_backward(d_out, q, k, v, out, lse)
+    kernel_ms = _cupy_ms(kernels_only)
+    layout_bytes = 2 * (qkv.nbytes + dy.nbytes) + 2 * (qkv.nbytes + dy.nbytes)      # fwd and bwd: read + write
+    return [_row(f"packed rope-attention f+b B{BATCH} H{HEADS} T{TIME} D{HEAD_DIM} bf16", ms, 0),
+            _row("  its attention kernels alone (f+b)", kernel_ms, 0),
+            _row("  the difference: RoPE and head layouts (GB/s: the fewest bytes)", ms - kernel_ms, layout_bytes)]
 
 
 def bench_swiglu(torch):
@@ -276,7 +321,30 @@ def shakespeare_config():
                      dropout=0.2)
 
 
-def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low_precision_residual=True):
+def host_profile(model, optimizer, ids, targets, top=30):
+    """cProfile of one step's host side (the step is host-bound when the host's issue time is close to
+    the step time): the `top` functions by own time, as pstats prints them."""
+    import cProfile
+    import io
+    import pstats
+    cp = backend.cupy_module()
+    profiler = cProfile.Profile()
+    cp.cuda.Device().synchronize()
+    profiler.enable()
+    _, loss = model(ids, targets)
+    loss.backward()
+    norm = optimizer.gather_grads()
+    optimizer.step(grad_scale=min(1.0, 1.0 / (norm + 1e-6)))
+    optimizer.zero_grad()
+    profiler.disable()
+    cp.cuda.Device().synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low_precision_residual=True,
+                   profile_host=False):
     """tokens/s, MFU and pool peak of full training steps of the GPT-2-size model (or the char model)."""
     cp = backend.cupy_module()
     from tinygrad_llm import manual_seed
@@ -323,6 +391,8 @@ def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low
                       losses=losses, host_forward_backward_ms=float(np.median(host_times)) * 1e3)
         result["profile_ms"] = profile_step(model, optimizer, ids, targets)
         result["gpu_profile_ms"] = profile_step(model, optimizer, ids, targets, events=True)
+        if profile_host:
+            result["host_profile"] = host_profile(model, optimizer, ids, targets)
         return result
     finally:
         precision.set_policy("fp32")
@@ -470,7 +540,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--kernels", default=None,
                         help="comma-separated kernel rows to time (copy, cross_entropy, rms_norm, swiglu, rope, "
-                             "embedding, adamw, linear); all by default")
+                             "embedding, adamw, linear, attention_layout); all by default")
+    parser.add_argument("--host-profile", action="store_true", help="print a cProfile of one step's host side")
     parser.add_argument("--residual", choices=("both", "bf16", "fp32"), default="both",
                         help="which residual dtype(s) the training step runs with")
     parser.add_argument("--shakespeare", action="store_true", help="also time the char model's training step")
@@ -495,7 +566,8 @@ def main(argv=None):
             attempt("copy", bench_copy, report["kernels"])
         for name, fn in (("cross_entropy", bench_cross_entropy), ("rms_norm", bench_rms_norm),
                          ("swiglu", bench_swiglu), ("rope", bench_rope), ("embedding", bench_embedding),
-                         ("adamw", bench_adamw), ("linear", bench_linear)):
+                         ("adamw", bench_adamw), ("linear", bench_linear),
+                         ("attention_layout", bench_attention_layout)):
             if chosen is not None and name not in chosen:
                 continue
             attempt(name, lambda fn=fn: fn(torch), report["kernels"])
@@ -503,10 +575,12 @@ def main(argv=None):
                 torch.cuda.empty_cache()
             cp.get_default_memory_pool().free_all_blocks()
     if not args.skip_e2e and args.residual in ("both", "bf16"):
-        attempt("training bf16", lambda: bench_training("bf16", args.steps), report["training"])
+        attempt("training bf16", lambda: bench_training("bf16", args.steps, profile_host=args.host_profile),
+                report["training"])
     if not args.skip_e2e and args.residual in ("both", "fp32"):
         attempt("training bf16, fp32 residual", lambda: bench_training("bf16", args.steps,
-                                                                        low_precision_residual=False),
+                                                                        low_precision_residual=False,
+                                                                        profile_host=args.host_profile),
                 report["training"])
     if args.shakespeare:
         attempt("training shakespeare", lambda: bench_training("bf16", 20, 5, shakespeare=True), report["training"])
@@ -543,6 +617,8 @@ def main(argv=None):
             print(f"  host time to issue forward+backward: {row['host_forward_backward_ms']:.1f} ms")
         if "profile_ms" in row:
             print("  synced profile (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in list(row["profile_ms"].items())[:16]))
+        if "host_profile" in row:
+            print(row["host_profile"][-6000:])
         if "gpu_profile_ms" in row:
             print("  device-event profile (ms): " + ", ".join(f"{k} {v:.2f}"
                                                            for k, v in list(row["gpu_profile_ms"].items())[:22]))

@@ -97,7 +97,7 @@ def test_supports_refuses_host_arrays():
 
 
 LAUNCHERS = ["rms_norm_forward", "rms_norm_backward", "add_rms_norm_forward", "swiglu_forward", "swiglu_backward", "swiglu_packed_forward",
-             "swiglu_packed_backward", "rope_forward", "dropout_forward", "cross_entropy_forward_backward",
+             "swiglu_packed_backward", "rope_forward", "copy_heads", "dropout_forward", "cross_entropy_forward_backward",
              "embedding_backward", "adamw_step", "linear_forward", "linear_backward", "causal_attention_forward",
              "causal_attention_backward", "quantized_linear"]
 
@@ -284,6 +284,22 @@ def test_rope_matches_numpy_on_a_transposed_view(batch, heads, length, head_dim,
     tolerance = TOLERANCE[dtype_name] if dtype_name != "float32" else 1e-6
     assert _relative_error(y, want_y) < tolerance
     assert _relative_error(dx, want_dx) < tolerance
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("head_dim", [64, 6])                           # 6: the one-pair-an-item path
+def test_copy_heads_moves_heads_between_the_packed_and_the_attention_layout(dtype_name, head_dim, rng, poisoned):
+    cp = backend.cupy_module()
+    dtype = _dtype(dtype_name)
+    packed = cp.asarray(_random(rng, (2, 17, 3 + 2 * 2, head_dim), dtype))   # (B, T, H + 2Hkv, D)
+    source = packed[:, :, 3:5].transpose(0, 2, 1, 3)                         # the k slice as (B, Hkv, T, D)
+    gathered = gpu.copy_heads(source)
+    assert gathered.flags.c_contiguous and gathered.dtype == dtype
+    np.testing.assert_array_equal(_f64(gathered), _f64(source))
+    target = arrays.empty((2, 17, 2, head_dim), dtype)                      # poisoned; written through a view
+    gpu.copy_heads(gathered, out=target.transpose(0, 2, 1, 3))
+    np.testing.assert_array_equal(_f64(target), _f64(packed[:, :, 3:5]))
 
 
 @gpu_test
