@@ -16,31 +16,9 @@ THREADS = 256                               # threads per block of the element-w
 _device_facts: dict = {}                    # device id -> {"sm": ..., "capability": ...}
 
 
-_suffix_of: dict = {}                       # dtype -> suffix: every launch asks, np.dtype(...).name is slow
-
-
 def suffix(dtype) -> str | None:
     """The kernels' name suffix for a dtype ("f32", "bf16", "f16"), None for any other dtype."""
-    try:
-        return _suffix_of[dtype]
-    except (KeyError, TypeError):           # TypeError: an unhashable dtype-like
-        name = _SUFFIX.get(np.dtype(dtype).name)
-        try:
-            _suffix_of[dtype] = name
-        except TypeError:
-            pass
-        return name
-
-
-def cupy():
-    """The cupy module, checked once (backend.cupy_module asks the driver for devices on every call)."""
-    global _cupy
-    if _cupy is None:
-        _cupy = backend.cupy_module()
-    return _cupy
-
-
-_cupy = None
+    return _SUFFIX.get(np.dtype(dtype).name)
 
 
 def float_kind(*arrays) -> bool:
@@ -58,7 +36,7 @@ def all_on_gpu(*arrays) -> bool:
 
 def empty(shape, dtype):
     """An output buffer: uninitialised, or all NaN when POISON_OUTPUTS is set."""
-    out = cupy().empty(shape, dtype=dtype)
+    out = backend.cupy_module().empty(shape, dtype=dtype)
     if POISON_OUTPUTS:
         out.view(f"u{out.itemsize}").fill(_NAN_BITS[out.itemsize])
     return out
@@ -69,7 +47,7 @@ def contiguous(x):
     only when it is not one already."""
     if x.flags.c_contiguous and x.data.ptr % 16 == 0:
         return x
-    copy = cupy().empty(x.shape, dtype=x.dtype)
+    copy = backend.cupy_module().empty(x.shape, dtype=x.dtype)
     copy[...] = x
     return copy
 

@@ -31,7 +31,8 @@ import math
 
 import numpy as np
 
-from .arrays import all_on_gpu, compute_capability, contiguous, cupy, empty, multiprocessors
+from .. import backend
+from .arrays import all_on_gpu, compute_capability, contiguous, empty, multiprocessors
 from .compiler import function
 
 FORWARD_FILE = "attention_forward.cu"
@@ -148,7 +149,7 @@ def causal_attention_forward(q, k, v):
 
 def causal_attention_backward(dy, q, k, v, out, lse):
     """dq, dk, dv of causal grouped-query attention (dk, dv summed over each kv head's query heads)."""
-    cp = cupy()
+    cp = backend.cupy_module()
     dy = contiguous(dy.astype(q.dtype, copy=False))
     q, k, v, out, lse = (contiguous(a) for a in (q, k, v, out, lse))
     batch, heads, query_len, head_dim = q.shape

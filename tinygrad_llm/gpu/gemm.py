@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend, precision
-from .arrays import cupy
 
 _CUDA_TYPE = {"float32": 0, "float16": 2, "bfloat16": 14}   # cudaDataType: CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF
 _OP_N, _OP_T = 0, 1
@@ -17,7 +16,6 @@ _COMPUTE_32F = 68                                           # CUBLAS_COMPUTE_32F
 _COMPUTE_32F_FAST_TF32 = 77
 _GEMM_DEFAULT_TENSOR_OP = 99
 _LINEAR_DTYPES = ("float32", "bfloat16", "float16")
-_ONE, _ZERO = np.ones(1, dtype=np.float32), np.zeros(1, dtype=np.float32)   # alpha, beta (read on the host)
 
 
 def linear_supported(x, weight) -> bool:
@@ -33,7 +31,7 @@ def linear_forward(x, weight):
     Returns (y, x_low, weight_low): the low-precision operands are what the backward needs (saving them
     instead of x and W halves the memory a float32 x would take).
     """
-    cp = cupy()
+    cp = backend.cupy_module()
     low = precision.dtype_named(precision.get_policy().compute)
     x_low = cp.ascontiguousarray(x.astype(low, copy=False))
     weight_low = cp.ascontiguousarray(weight.astype(low, copy=False))
@@ -46,7 +44,7 @@ def linear_backward(dy, x_low, weight_low, dtypes, needs_input_grad=(True, True)
     """dx = dy @ W (in x's dtype), dW = dyᵀ @ x summed over the leading axes (in W's dtype, float32 for
     master weights: cuBLAS writes the float32 accumulator directly), from the saved low operands;
     dtypes = (x.dtype, weight.dtype) of the forward's inputs."""
-    cp = cupy()
+    cp = backend.cupy_module()
     x_dtype, weight_dtype = dtypes
     dy_low = cp.ascontiguousarray(dy.astype(x_low.dtype, copy=False))
     dy2 = dy_low.reshape(-1, dy.shape[-1])                                   # (..., out) -> (N, out)
@@ -58,17 +56,6 @@ def linear_backward(dy, x_low, weight_low, dtypes, needs_input_grad=(True, True)
     return dx, dweight
 
 
-def _cublas():
-    """CuPy's cuBLAS binding, imported once."""
-    global _CUBLAS
-    if _CUBLAS is None:
-        _CUBLAS = backend.cupy_part("cupy_backends.cuda.libs.cublas")
-    return _CUBLAS
-
-
-_CUBLAS = None
-
-
 def gemm(a, b, transpose_a=False, transpose_b=False, out_dtype=None):
     """op(a) @ op(b) through cublasGemmEx, float32 accumulation, result in `out_dtype` (default a's).
 
@@ -77,8 +64,8 @@ def gemm(a, b, transpose_a=False, transpose_b=False, out_dtype=None):
     and a row-major matrix read column-major is its transpose, so b goes first and neither is copied.
     Float32 operands use TF32 tensor cores under the tf32 policy.
     """
-    cp = cupy()
-    cublas = _cublas()
+    cp = backend.cupy_module()
+    cublas = backend.cupy_part("cupy_backends.cuda.libs.cublas")
     if a.dtype != b.dtype or a.ndim != 2 or b.ndim != 2 or not (a.flags.c_contiguous and b.flags.c_contiguous):
         raise ValueError("gemm: a and b must be C-contiguous 2-D arrays of one dtype")
     rows, inner = (a.shape[1], a.shape[0]) if transpose_a else a.shape
@@ -92,7 +79,7 @@ def gemm(a, b, transpose_a=False, transpose_b=False, out_dtype=None):
     if inner == 0:
         out.fill(0)
         return out
-    one, zero = _ONE, _ZERO
+    one, zero = np.ones(1, dtype=np.float32), np.zeros(1, dtype=np.float32)
     in_type, out_type = _CUDA_TYPE[np.dtype(a.dtype).name], _CUDA_TYPE[out_dtype.name]
     compute = _COMPUTE_32F_FAST_TF32 if in_type == 0 and precision.get_policy().tf32 else _COMPUTE_32F
     handle = cp.cuda.device.get_cublas_handle()

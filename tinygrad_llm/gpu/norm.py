@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .arrays import all_on_gpu, contiguous, cupy, empty, float_kind, multiprocessors, same_dtype, suffix
+from .. import backend
+from .arrays import all_on_gpu, contiguous, empty, float_kind, multiprocessors, same_dtype, suffix
 from .compiler import function
 
 MAX_CHANNELS = 8192          # the backward's per-warp dweight rows of one block live in shared memory
@@ -86,7 +87,7 @@ def rms_norm_backward(dy, x, weight, r):
     rows = x.size // channels
     dx = empty(x.shape, x.dtype)
     if not rows:
-        return dx, cupy().zeros(channels, dtype=weight.dtype)
+        return dx, backend.cupy_module().zeros(channels, dtype=weight.dtype)
     warps_per_block = max(1, min(8, 12288 // channels))          # per-warp dw rows fit in 48 KB
     blocks = max(1, min((rows + warps_per_block - 1) // warps_per_block, 4 * multiprocessors()))
     partial = empty((blocks, channels), np.float32)

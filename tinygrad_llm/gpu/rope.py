@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .arrays import aligned, all_on_gpu, contiguous, cupy, empty, float_kind, grid, suffix
+from .. import backend
+from .arrays import aligned, all_on_gpu, contiguous, empty, float_kind, grid, suffix
 from .compiler import function
 
 
@@ -30,7 +31,7 @@ def rope_forward(x, cos, sin, out=None, rotate=True):
     """
     batch, heads, length, head_dim = x.shape
     if x.strides[-1] != x.itemsize:
-        x = cupy().ascontiguousarray(x)
+        x = backend.cupy_module().ascontiguousarray(x)
     if rotate:
         cos = contiguous(cos.astype(x.dtype, copy=False))
         sin = contiguous(sin.astype(x.dtype, copy=False))
