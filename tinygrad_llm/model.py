@@ -11,7 +11,9 @@ of Llama; attention is grouped-query (`n_kv_heads` key/value heads shared by `n_
 
 Speed: q, k and v come out of one GEMM against the three weights concatenated along the output axis and
 go through one op (F.rope_attention: RoPE, attention, the layout o_proj wants); gate and up likewise
-come out of one GEMM into F.swiglu's packed form; training's head is F.linear_cross_entropy. The separate
+come out of one GEMM into F.swiglu's packed form; training's head is F.linear_cross_entropy. Each
+residual add and the RMSNorm that reads its sum are one F.add_rms_norm (an MLP branch is added by the
+next layer's first norm, or the final norm). The separate
 Hugging Face parameters stay the ones that are stored and updated; the concatenation is a cheap copy of
 the weights redone every forward. CPU tuning choices are `OpOptions`, given to GPT.
 
