@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/gpu.py [--out DIR] [--torch-ref .anchors/torch_ref.py] [--compile]
                                            [--skip-kernels] [--skip-e2e] [--skip-attention] [--steps N]
+                                           [--kernels a,b] [--residual both|bf16|fp32] [--host-profile]
 
 Kernels: median of CUDA-event timings (5 back-to-back calls per event pair, 10 warm-up calls), on random normal inputs (never zeros), at the sizes
 of the GPT-2-size config (B·T = 16 384 rows, C 768, F 2048, V 50 304, H 12, D 64). "GB/s" counts the
@@ -13,8 +14,12 @@ End to end: one training step (forward, backward, gradient norm and clipping, Ad
 GPT with 12 layers, d 768, 12 heads, ffn 2048, V 50 304, T 1024, B 16 under the bf16 policy (bf16 GEMMs
 with float32 accumulation, bf16 activations, float32 master weights and AdamW state); tokens/s,
 model FLOP/s utilisation (6·params + 12·L·H·D·T FLOP per token, torch_ref.py's count, over the 989 TFLOP/s
-dense bf16 peak of an H100/H200 SXM) and the CuPy pool's peak bytes. With --torch-ref the same config runs
-through the PyTorch reference (eager, and torch.compile with --compile) in subprocesses afterwards.
+dense bf16 peak of an H100/H200 SXM) and the CuPy pool's peak bytes. Then the host's time to issue forward
+and backward (near the step time when the step is host-bound), a synced per-op profile (each op's host
+and device time, a sync around it), a device-event profile (an event pair around each op, no syncs: device
+time per op class while the host keeps ahead) and, with --host-profile, a cProfile of one step. With
+--torch-ref the same config runs through the PyTorch reference (eager, and torch.compile with --compile)
+in subprocesses afterwards.
 
 Attention: benchmarks/gpu_attention.py's table, including the head dims with no kernel (32, 96), where
 the op runs its batched-GEMM path.

@@ -30,8 +30,8 @@ _MIXED_BACKWARD = {("f32", "bf16", "f32"), ("f32", "f16", "f32")}
 def supports_residual(x, branch, weight, out_dtype) -> bool:
     """Whether add_rms_norm_forward handles these: x (..., C), branch of x's shape in x's dtype (or a 16-bit
     branch on a float32 x), y in x's dtype or the branch's, weight as for rms_norm_forward."""
-    return (supports(x, weight) and all_on_gpu(branch) and branch.shape == x.shape
-            and (suffix(x.dtype), suffix(branch.dtype), suffix(out_dtype), suffix(weight.dtype)) in _ADD_NORM_KERNELS)
+    dtypes = (suffix(x.dtype), suffix(branch.dtype), suffix(out_dtype), suffix(weight.dtype))
+    return supports(x, weight) and all_on_gpu(branch) and branch.shape == x.shape and dtypes in _ADD_NORM_KERNELS
 
 
 def add_rms_norm_forward(x, branch, weight, eps, out_dtype=None):

@@ -221,7 +221,8 @@ class CausalAttention(Function):
                 k, v = _store(cache, k, v)
             path = choose_path(q, k, v, keep_probabilities and cache is None)
             o, state = _attend(q, k, v, path)                                        # (b, H, T, D)
-            _copy_into(o, out[start:end].reshape(rows, time, heads, head_dim).transpose(0, 2, 1, 3), rope)  # -> (b, T, H·D)
+            target = out[start:end].reshape(rows, time, heads, head_dim)                # (b, T, H·D) -> (b, T, H, D)
+            _copy_into(o, target.transpose(0, 2, 1, 3), rope)                           # o (b, H, T, D) into it
             return [bounds, path, state]
 
         if xp is np and cache is None:   # cache-sized chunks of the batch, dealt to the threads
