@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/gpu.py [--out DIR] [--torch-ref .anchors/torch_ref.py] [--compile]
                                            [--skip-kernels] [--skip-e2e] [--skip-attention] [--steps N]
+                                           [--kernels a,b] [--residual both|bf16|fp32] [--host-profile]
 
 Kernels: median of CUDA-event timings (5 back-to-back calls per event pair, 10 warm-up calls), on random normal inputs (never zeros), at the sizes
 of the GPT-2-size config (B·T = 16 384 rows, C 768, F 2048, V 50 304, H 12, D 64). "GB/s" counts the
@@ -13,8 +14,12 @@ End to end: one training step (forward, backward, gradient norm and clipping, Ad
 GPT with 12 layers, d 768, 12 heads, ffn 2048, V 50 304, T 1024, B 16 under the bf16 policy (bf16 GEMMs
 with float32 accumulation, bf16 activations, float32 master weights and AdamW state); tokens/s,
 model FLOP/s utilisation (6·params + 12·L·H·D·T FLOP per token, torch_ref.py's count, over the 989 TFLOP/s
-dense bf16 peak of an H100/H200 SXM) and the CuPy pool's peak bytes. With --torch-ref the same config runs
-through the PyTorch reference (eager, and torch.compile with --compile) in subprocesses afterwards.
+dense bf16 peak of an H100/H200 SXM) and the CuPy pool's peak bytes. Then the host's time to issue forward
+and backward (near the step time when the step is host-bound), a synced per-op profile (each op's host
+and device time, a sync around it), a device-event profile (an event pair around each op, no syncs: device
+time per op class while the host keeps ahead) and, with --host-profile, a cProfile of one step. With
+--torch-ref the same config runs through the PyTorch reference (eager, and torch.compile with --compile)
+in subprocesses afterwards.
 
 Attention: benchmarks/gpu_attention.py's table, including the head dims with no kernel (32, 96), where
 the op runs its batched-GEMM path.
@@ -145,7 +150,52 @@ def bench_rms_norm(torch):
                 y.backward(tdy.to(y.dtype))
             torch_ms = _torch_ms(torch_step)
         rows.append(_row(f"rms_norm f+b {ROWS}x{CHANNELS} {dtype_name} (w fp32)", ms, bytes_moved, torch_ms))
+    # the residual junction of the float32-residual step: s = x + b (b bf16), y = RMSNorm(s) in bf16
+    if not hasattr(gpu, "add_rms_norm_forward"):
+        return rows
+    x = rng.standard_normal((ROWS, CHANNELS), dtype=cp.float32)
+    branch = rng.standard_normal((ROWS, CHANNELS), dtype=cp.float32).astype(_bf16())
+    weight = (1 + 0.1 * rng.standard_normal(CHANNELS, dtype=cp.float32))
+    dy = rng.standard_normal((ROWS, CHANNELS), dtype=cp.float32).astype(_bf16())
+    ms = _cupy_ms(lambda: gpu.add_rms_norm_forward(x, branch, weight, 1e-5, _bf16()))
+    rows.append(_row(f"add_rms_norm fwd {ROWS}x{CHANNELS} fp32 + bf16 -> fp32, bf16", ms,
+                     x.nbytes + branch.nbytes + x.nbytes + branch.nbytes))
+    _, _, r = gpu.add_rms_norm_forward(x, branch, weight, 1e-5, _bf16())
+    ms = _cupy_ms(lambda: gpu.rms_norm_backward(dy, x, weight, r))
+    rows.append(_row(f"rms_norm bwd {ROWS}x{CHANNELS} fp32 x, bf16 dy", ms, dy.nbytes + 2 * x.nbytes))
     return rows
+
+
+def bench_attention_layout(torch):
+    """The packed attention op (q‖k‖v in, RoPE, the head layouts, out as (B, T, H·D)) forward + backward
+    next to its attention kernels alone on ready (B, H, T, D) arrays: the difference is the layout work."""
+    cp = backend.cupy_module()
+    from tinygrad_llm.ops.attention import CausalAttention
+    from tinygrad_llm.ops.rope import rope_angles
+    rng = cp.random.default_rng(7)
+    dtype = _bf16()
+    qkv = rng.standard_normal((BATCH, TIME, 3 * HEADS, HEAD_DIM), dtype=cp.float32).astype(dtype)
+    dy = rng.standard_normal((BATCH, TIME, HEADS * HEAD_DIM), dtype=cp.float32).astype(dtype)
+    cos, sin = rope_angles(cp.arange(TIME), HEAD_DIM, 10000.0, cp)
+    cos, sin = cos.astype(dtype), sin.astype(dtype)
+
+    def packed():
+        op = CausalAttention()
+        op.needs_input_grad = (True,)
+        op.forward(qkv, packed=(HEADS, HEADS, cos, sin))
+        op.backward(dy)
+    ms = _cupy_ms(packed)
+    q, k, v = (cp.ascontiguousarray(qkv[:, :, i * HEADS:(i + 1) * HEADS].transpose(0, 2, 1, 3)) for i in range(3))
+    d_out = cp.ascontiguousarray(dy.reshape(BATCH, TIME, HEADS, HEAD_DIM).transpose(0, 2, 1, 3))
+
+    def kernels_only():
+        out, lse = gpu.causal_attention_forward(q, k, v)
+        gpu.causal_attention_backward(d_out, q, k, v, out, lse)
+    kernel_ms = _cupy_ms(kernels_only)
+    layout_bytes = 2 * (qkv.nbytes + dy.nbytes) + 2 * (qkv.nbytes + dy.nbytes)      # fwd and bwd: read + write
+    return [_row(f"packed rope-attention f+b B{BATCH} H{HEADS} T{TIME} D{HEAD_DIM} bf16", ms, 0),
+            _row("  its attention kernels alone (f+b)", kernel_ms, 0),
+            _row("  the difference: RoPE and head layouts (GB/s: the fewest bytes)", ms - kernel_ms, layout_bytes)]
 
 
 def bench_swiglu(torch):
@@ -276,7 +326,30 @@ def shakespeare_config():
                      dropout=0.2)
 
 
-def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low_precision_residual=True):
+def host_profile(model, optimizer, ids, targets, top=30):
+    """cProfile of one step's host side (the step is host-bound when the host's issue time is close to
+    the step time): the `top` functions by own time, as pstats prints them."""
+    import cProfile
+    import io
+    import pstats
+    cp = backend.cupy_module()
+    profiler = cProfile.Profile()
+    cp.cuda.Device().synchronize()
+    profiler.enable()
+    _, loss = model(ids, targets)
+    loss.backward()
+    norm = optimizer.gather_grads()
+    optimizer.step(grad_scale=min(1.0, 1.0 / (norm + 1e-6)))
+    optimizer.zero_grad()
+    profiler.disable()
+    cp.cuda.Device().synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low_precision_residual=True,
+                   profile_host=False):
     """tokens/s, MFU and pool peak of full training steps of the GPT-2-size model (or the char model)."""
     cp = backend.cupy_module()
     from tinygrad_llm import manual_seed
@@ -296,12 +369,13 @@ def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low
         rng = np.random.default_rng(0)
         ids = cp.asarray(rng.integers(0, config.vocab_size, (batch, length)))
         targets = cp.asarray(rng.integers(0, config.vocab_size, (batch, length)))
-        times, losses = [], []
+        times, losses, host_times = [], [], []
         for i in range(warmup + steps):
             cp.cuda.Device().synchronize()
             start = time.perf_counter()
             _, loss = model(ids, targets)
             loss.backward()
+            queued = time.perf_counter()                     # the host has issued forward and backward
             norm = optimizer.gather_grads()
             optimizer.step(grad_scale=min(1.0, 1.0 / (norm + 1e-6)))
             optimizer.zero_grad()
@@ -309,6 +383,7 @@ def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low
             end = time.perf_counter()
             if i >= warmup:
                 times.append(end - start)
+                host_times.append(queued - start)
             losses.append(float(loss.item()))
         step_s = float(np.median(times))
         tokens_per_s = batch * length / step_s
@@ -318,8 +393,11 @@ def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low
                       params=params, step_ms=step_s * 1e3, tokens_per_s=tokens_per_s,
                       tflops=tokens_per_s * flops_per_token / 1e12,
                       mfu=tokens_per_s * flops_per_token / PEAK_BF16_FLOPS, peak_pool_gib=pool.total_bytes() / 2 ** 30,
-                      losses=losses)
+                      losses=losses, host_forward_backward_ms=float(np.median(host_times)) * 1e3)
         result["profile_ms"] = profile_step(model, optimizer, ids, targets)
+        result["gpu_profile_ms"] = profile_step(model, optimizer, ids, targets, events=True)
+        if profile_host:
+            result["host_profile"] = host_profile(model, optimizer, ids, targets)
         return result
     finally:
         precision.set_policy("fp32")
@@ -327,18 +405,17 @@ def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low
         pool.free_all_blocks()
 
 
-def profile_step(model, optimizer, ids, targets):
+def profile_step(model, optimizer, ids, targets, events=False):
     """One more step with a device sync around every op's forward and backward: total ms by op class
-    (inclusive: an op that calls another op's forward counts it too), plus the optimizer and the rest."""
+    (inclusive: an op that calls another op's forward counts it too), plus the optimizer and the rest.
+
+    events=True: no syncs; a CUDA event pair around every op's forward and backward instead, read after
+    the step, so each op's figure is the device time between its first launch and its last one ending
+    (the stream is serial), without the host's launch overhead and without draining the queue per op."""
     cp = backend.cupy_module()
-    from tinygrad_llm.tensor import Function
-    totals = {}
-    classes, pending = [], list(Function.__subclasses__())
-    while pending:
-        cls = pending.pop()
-        classes.append(cls)
-        pending.extend(cls.__subclasses__())
-    originals = []
+    if events:
+        return _event_profile(model, optimizer, ids, targets)
+    totals, originals = {}, []
 
     def timed(cls, name, original):
         def run(self, *args, **kwargs):
@@ -351,7 +428,7 @@ def profile_step(model, optimizer, ids, targets):
             return out
         return run
 
-    for cls in classes:
+    for cls in _function_classes():
         for name in ("forward", "backward"):
             if name in cls.__dict__:
                 originals.append((cls, name, cls.__dict__[name]))
@@ -374,6 +451,68 @@ def profile_step(model, optimizer, ids, targets):
     totals["optimizer.gather_grads"] = (gathered - middle) * 1e3
     totals["optimizer.step"] = (end - gathered) * 1e3
     totals["whole step (synced ops)"] = (end - start) * 1e3
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def _function_classes():
+    from tinygrad_llm.tensor import Function
+    classes, pending = [], list(Function.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        classes.append(cls)
+        pending.extend(cls.__subclasses__())
+    return classes
+
+
+def _event_profile(model, optimizer, ids, targets):
+    cp = backend.cupy_module()
+    pairs, depth, originals = [], [0], []
+
+    def timed(cls, name, original):
+        def run(self, *args, **kwargs):
+            if depth[0]:                                   # nested op: its caller's pair covers it
+                return original(self, *args, **kwargs)
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            depth[0] += 1
+            try:
+                out = original(self, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+            end.record()
+            pairs.append((f"{cls.__name__}.{name}", start, end))
+            return out
+        return run
+
+    for cls in _function_classes():
+        for name in ("forward", "backward"):
+            if name in cls.__dict__:
+                originals.append((cls, name, cls.__dict__[name]))
+                setattr(cls, name, timed(cls, name, cls.__dict__[name]))
+    try:
+        cp.cuda.Device().synchronize()
+        marks = [cp.cuda.Event() for _ in range(4)]
+        marks[0].record()
+        _, loss = model(ids, targets)
+        loss.backward()
+        marks[1].record()
+        norm = optimizer.gather_grads()
+        marks[2].record()
+        optimizer.step(grad_scale=min(1.0, 1.0 / (norm + 1e-6)))
+        optimizer.zero_grad()
+        marks[3].record()
+        cp.cuda.Device().synchronize()
+    finally:
+        for cls, name, original in originals:
+            setattr(cls, name, original)
+    totals = {}
+    for key, start, end in pairs:
+        totals[key] = totals.get(key, 0.0) + cp.cuda.get_elapsed_time(start, end)
+    totals["ops (sum)"] = sum(cp.cuda.get_elapsed_time(s, e) for _, s, e in pairs)
+    totals["forward+backward"] = cp.cuda.get_elapsed_time(marks[0], marks[1])
+    totals["optimizer.gather_grads"] = cp.cuda.get_elapsed_time(marks[1], marks[2])
+    totals["optimizer.step"] = cp.cuda.get_elapsed_time(marks[2], marks[3])
+    totals["whole step (device)"] = cp.cuda.get_elapsed_time(marks[0], marks[3])
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 
@@ -404,6 +543,12 @@ def main(argv=None):
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--skip-attention", action="store_true")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--kernels", default=None,
+                        help="comma-separated kernel rows to time (copy, cross_entropy, rms_norm, swiglu, rope, "
+                             "embedding, adamw, linear, attention_layout); all by default")
+    parser.add_argument("--host-profile", action="store_true", help="print a cProfile of one step's host side")
+    parser.add_argument("--residual", choices=("both", "bf16", "fp32"), default="both",
+                        help="which residual dtype(s) the training step runs with")
     parser.add_argument("--shakespeare", action="store_true", help="also time the char model's training step")
     args = parser.parse_args(argv)
     cp = backend.cupy_module()
@@ -420,19 +565,27 @@ def main(argv=None):
             report["errors"].append(f"{name}: {traceback.format_exc()[-1500:]}")
             print(f"[{name}] failed:\n{traceback.format_exc()[-1500:]}", flush=True)
 
+    chosen = None if args.kernels is None else set(args.kernels.split(","))
     if not args.skip_kernels:
-        attempt("copy", bench_copy, report["kernels"])
+        if chosen is None or "copy" in chosen:
+            attempt("copy", bench_copy, report["kernels"])
         for name, fn in (("cross_entropy", bench_cross_entropy), ("rms_norm", bench_rms_norm),
                          ("swiglu", bench_swiglu), ("rope", bench_rope), ("embedding", bench_embedding),
-                         ("adamw", bench_adamw), ("linear", bench_linear)):
+                         ("adamw", bench_adamw), ("linear", bench_linear),
+                         ("attention_layout", bench_attention_layout)):
+            if chosen is not None and name not in chosen:
+                continue
             attempt(name, lambda fn=fn: fn(torch), report["kernels"])
             if torch is not None:
                 torch.cuda.empty_cache()
             cp.get_default_memory_pool().free_all_blocks()
-    if not args.skip_e2e:
-        attempt("training bf16", lambda: bench_training("bf16", args.steps), report["training"])
+    if not args.skip_e2e and args.residual in ("both", "bf16"):
+        attempt("training bf16", lambda: bench_training("bf16", args.steps, profile_host=args.host_profile),
+                report["training"])
+    if not args.skip_e2e and args.residual in ("both", "fp32"):
         attempt("training bf16, fp32 residual", lambda: bench_training("bf16", args.steps,
-                                                                        low_precision_residual=False),
+                                                                        low_precision_residual=False,
+                                                                        profile_host=args.host_profile),
                 report["training"])
     if args.shakespeare:
         attempt("training shakespeare", lambda: bench_training("bf16", 20, 5, shakespeare=True), report["training"])
@@ -465,8 +618,15 @@ def main(argv=None):
         peak = row.get("peak_pool_gib", row.get("peak_mem_gib", float("nan")))
         print(f"{row['name']:<40} {row['step_ms']:8.1f} ms/step {row['tokens_per_s']:10.0f} tok/s "
               f"MFU {row['mfu']:.3f}  peak {peak:.1f} GiB")
+        if "host_forward_backward_ms" in row:
+            print(f"  host time to issue forward+backward: {row['host_forward_backward_ms']:.1f} ms")
         if "profile_ms" in row:
             print("  synced profile (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in list(row["profile_ms"].items())[:16]))
+        if "host_profile" in row:
+            print(row["host_profile"][-6000:])
+        if "gpu_profile_ms" in row:
+            print("  device-event profile (ms): " + ", ".join(f"{k} {v:.2f}"
+                                                           for k, v in list(row["gpu_profile_ms"].items())[:22]))
     if report["errors"]:
         print(f"{len(report['errors'])} section(s) failed; see benchmarks.json")
     return report

@@ -7,6 +7,11 @@
 //                           summed by the caller in a fixed order, so dw is deterministic)
 // Must match the NumPy path of RMSNorm (rms_norm_reference is the composed oracle).
 //
+// Residual form (ops/norm.py's ResidualAdd feeding RMSNorm, one pass over the rows):
+//   s[n, c] = x[n, c] + b[n, c]  (b, the branch, rounded to x's dtype first, as a cast then an add would)
+//   then the forward above on s, y written in its own dtype Y (the residual's, or the branch's low dtype
+//   that the next Linear reads). The backward may take dy in a dtype D other than x's.
+//
 // Shapes:  x, y, dy, dx: (N, C) row-major in X = float / bf16 / fp16; w: (C,) in W = X or float;
 //          r: (N,) float32 (the op's (..., 1)); partial: (gridDim.x, C) float32. y and dx are in X.
 // Launch:  one warp per row, WARPS warps per block (blockDim.x = 32 · WARPS).
@@ -16,6 +21,37 @@
 //          16-byte packs of x / dy / y / dx when C is a multiple of the pack and the base pointers are
 //          16-byte aligned (rows are then aligned too); scalar otherwise.
 #include "common.cuh"
+
+// 8 consecutive elements as floats / from floats: one 16-byte access for 16-bit types, two for float.
+// p must be 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+    constexpr int P = Pack<T>::size;
+#pragma unroll
+    for (int part = 0; part < 8 / P; ++part) {
+        float chunk[P];
+        load_pack<T>(p + part * P, chunk);
+#pragma unroll
+        for (int k = 0; k < P; ++k) v[part * P + k] = chunk[k];
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
+    constexpr int P = Pack<T>::size;
+#pragma unroll
+    for (int part = 0; part < 8 / P; ++part) {
+        float chunk[P];
+#pragma unroll
+        for (int k = 0; k < P; ++k) chunk[k] = v[part * P + k];
+        store_pack<T>(p + part * P, chunk);
+    }
+}
+
+__device__ __forceinline__ bool aligned16(const void* a, const void* b, const void* c, const void* d) {
+    return ((reinterpret_cast<unsigned long long>(a) | reinterpret_cast<unsigned long long>(b) |
+             reinterpret_cast<unsigned long long>(c) | reinterpret_cast<unsigned long long>(d)) & 15) == 0;
+}
 
 template <typename X>
 __device__ __forceinline__ bool packs_fit(int channels, const void* a, const void* b, const void* c) {
@@ -125,6 +161,133 @@ __device__ __forceinline__ void rms_norm_backward(const X* dy, const X* x, const
     }
 }
 
+template <typename X, typename B, typename Y, typename W>
+__device__ __forceinline__ void add_rms_norm_forward(const X* x, const B* branch, const W* w, X* total, Y* y,
+                                                     float* r, int rows, int channels, float eps) {
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;                               // whole warps leave together
+    const int64 offset = (int64)row * channels;
+    const X* xr = x + offset;
+    const B* br = branch + offset;
+    X* sr = total + offset;
+    Y* yr = y + offset;
+    const bool vectorised = channels % 8 == 0 && aligned16(x, branch, total, y);
+
+    float sum_squares = 0.0f;
+    if (vectorised) {
+#pragma unroll 4
+        for (int c = lane * 8; c < channels; c += 32 * 8) {
+            float a[8], b[8];
+            load8<X>(xr + c, a);
+            load8<B>(br + c, b);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) {
+                a[k] = to_float(from_float<X>(a[k] + to_float(from_float<X>(b[k]))));   // s in x's dtype
+                sum_squares = fmaf(a[k], a[k], sum_squares);
+            }
+            store8<X>(sr + c, a);
+        }
+    } else {
+        for (int c = lane; c < channels; c += 32) {
+            const float v = to_float(from_float<X>(to_float(xr[c]) + to_float(from_float<X>(to_float(br[c])))));
+            sr[c] = from_float<X>(v);
+            sum_squares = fmaf(v, v, sum_squares);
+        }
+    }
+    sum_squares = warp_sum(sum_squares);
+    const float rstd = 1.0f / sqrtf(sum_squares / channels + eps);
+    if (lane == 0) r[row] = rstd;
+
+    if (vectorised) {
+#pragma unroll 4
+        for (int c = lane * 8; c < channels; c += 32 * 8) {
+            float v[8];
+            load8<X>(sr + c, v);                           // this thread's own stores, still in cache
+#pragma unroll
+            for (int k = 0; k < 8; ++k) v[k] = (v[k] * rstd) * to_float(w[c + k]);
+            store8<Y>(yr + c, v);
+        }
+    } else {
+        for (int c = lane; c < channels; c += 32) yr[c] = from_float<Y>((to_float(sr[c]) * rstd) * to_float(w[c]));
+    }
+}
+
+// The backward with dy in its own dtype D (the forward's y dtype); dx in x's dtype X.
+template <typename X, typename D, typename W>
+__device__ __forceinline__ void rms_norm_backward_mixed(const D* dy, const X* x, const W* w, const float* r, X* dx,
+                                                        float* partial, int rows, int channels) {
+    extern __shared__ float warp_dw[];                     // (WARPS, C)
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    float* my_dw = warp_dw + warp * channels;
+    for (int c = lane; c < channels; c += 32) my_dw[c] = 0.0f;
+    const bool vectorised = channels % 8 == 0 && aligned16(dy, x, dx, dx);
+
+    for (int row = blockIdx.x * warps + warp; row < rows; row += gridDim.x * warps) {
+        const int64 offset = (int64)row * channels;
+        const D* dyr = dy + offset;
+        const X* xr = x + offset;
+        X* dxr = dx + offset;
+        const float rstd = r[row];
+        float dot = 0.0f;
+        if (vectorised) {
+#pragma unroll 4
+            for (int c = lane * 8; c < channels; c += 32 * 8) {
+                float a[8], b[8];
+                load8<D>(dyr + c, a);
+                load8<X>(xr + c, b);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) dot = fmaf(a[k] * to_float(w[c + k]), b[k] * rstd, dot);
+            }
+        } else {
+            for (int c = lane; c < channels; c += 32)
+                dot = fmaf(to_float(dyr[c]) * to_float(w[c]), to_float(xr[c]) * rstd, dot);
+        }
+        const float mean_dot = warp_sum(dot) / channels;
+        if (vectorised) {
+#pragma unroll 4
+            for (int c = lane * 8; c < channels; c += 32 * 8) {
+                float a[8], b[8], d[8];
+                load8<D>(dyr + c, a);
+                load8<X>(xr + c, b);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) {
+                    const float xhat = b[k] * rstd;
+                    d[k] = rstd * (a[k] * to_float(w[c + k]) - xhat * mean_dot);
+                    my_dw[c + k] += a[k] * xhat;
+                }
+                store8<X>(dxr + c, d);
+            }
+        } else {
+            for (int c = lane; c < channels; c += 32) {
+                const float a = to_float(dyr[c]), xhat = to_float(xr[c]) * rstd;
+                dxr[c] = from_float<X>(rstd * (a * to_float(w[c]) - xhat * mean_dot));
+                my_dw[c] += a * xhat;
+            }
+        }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < channels; c += blockDim.x) {
+        float total = 0.0f;
+        for (int k = 0; k < warps; ++k) total += warp_dw[k * channels + c];
+        partial[(int64)blockIdx.x * channels + c] = total;
+    }
+}
+
+// Names: add_rms_norm_forward_<x>_<branch>_<y>_<w>, rms_norm_backward_<x>_<dy>_<w>.
+#define ADD_RMS_NORM_KERNEL(X, B, Y, W, SUFFIX)                                                            \
+    extern "C" __global__ void add_rms_norm_forward_##SUFFIX(const X* x, const B* branch, const W* w,       \
+                                                            X* total, Y* y, float* r, int rows,             \
+                                                            int channels, float eps) {                      \
+        add_rms_norm_forward<X, B, Y, W>(x, branch, w, total, y, r, rows, channels, eps);                   \
+    }
+
+#define RMS_NORM_MIXED_BACKWARD(X, D, W, SUFFIX)                                                           \
+    extern "C" __global__ void rms_norm_backward_##SUFFIX(const D* dy, const X* x, const W* w, const float* r, \
+                                                         X* dx, float* partial, int rows, int channels) {    \
+        rms_norm_backward_mixed<X, D, W>(dy, x, w, r, dx, partial, rows, channels);                         \
+    }
+
 #define RMS_NORM_KERNELS(X, W, SUFFIX)                                                                    \
     extern "C" __global__ void rms_norm_forward_##SUFFIX(const X* x, const W* w, X* y, float* r, int rows,   \
                                                         int channels, float eps) {                          \
@@ -140,3 +303,15 @@ RMS_NORM_KERNELS(__nv_bfloat16, __nv_bfloat16, bf16_bf16)
 RMS_NORM_KERNELS(__half, __half, f16_f16)
 RMS_NORM_KERNELS(__nv_bfloat16, float, bf16_f32)
 RMS_NORM_KERNELS(__half, float, f16_f32)
+
+ADD_RMS_NORM_KERNEL(float, float, float, float, f32_f32_f32_f32)
+ADD_RMS_NORM_KERNEL(float, __nv_bfloat16, float, float, f32_bf16_f32_f32)
+ADD_RMS_NORM_KERNEL(float, __nv_bfloat16, __nv_bfloat16, float, f32_bf16_bf16_f32)
+ADD_RMS_NORM_KERNEL(float, __half, float, float, f32_f16_f32_f32)
+ADD_RMS_NORM_KERNEL(float, __half, __half, float, f32_f16_f16_f32)
+ADD_RMS_NORM_KERNEL(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16, bf16_bf16_bf16_bf16)
+ADD_RMS_NORM_KERNEL(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, float, bf16_bf16_bf16_f32)
+ADD_RMS_NORM_KERNEL(__half, __half, __half, __half, f16_f16_f16_f16)
+ADD_RMS_NORM_KERNEL(__half, __half, __half, float, f16_f16_f16_f32)
+RMS_NORM_MIXED_BACKWARD(float, __nv_bfloat16, float, f32_bf16_f32)
+RMS_NORM_MIXED_BACKWARD(float, __half, float, f32_f16_f32)

@@ -3,6 +3,8 @@
 // With x split at D/2 into (x1, x2) and angle tables cos, sin of shape (T, D/2):
 //     y1 = x1 · cos − x2 · sin;   y2 = x2 · cos + x1 · sin
 // The backward is the same kernel called with −sin (a rotation's transpose is the rotation by −a).
+// With rotate = 0 the kernel is a plain strided copy y = x of the same layouts (cos, sin unread): the
+// head-layout changes around attention ((B, T, H, D) <-> (B, H, T, D)) in 16-byte accesses.
 // Must match ops/rope.py's `_rotate` (the NumPy path).
 //
 // Shapes:  x, y: (B, H, T, D), each with any strides for B, H, T (in elements) and a contiguous last
@@ -17,7 +19,8 @@
 template <typename T, int P>
 __device__ __forceinline__ void rope_items(const T* x, const T* cos_table, const T* sin_table, T* y, int heads,
                                            int length, int half, int64 stride_b, int64 stride_h,
-                                           int64 stride_t, int64 out_b, int64 out_h, int64 out_t, int64 work) {
+                                           int64 stride_t, int64 out_b, int64 out_h, int64 out_t, int64 work,
+                                           bool rotate) {
     const int groups = half / P;                          // items per (b, h, t) row
     for (int64 item = (int64)blockIdx.x * blockDim.x + threadIdx.x; item < work;
          item += (int64)gridDim.x * blockDim.x) {
@@ -35,18 +38,29 @@ __device__ __forceinline__ void rope_items(const T* x, const T* cos_table, const
         if constexpr (P > 1) {
             load_pack<T>(xr + j, x1);
             load_pack<T>(xr + half + j, x2);
-            load_pack<T>(cr + j, c);
-            load_pack<T>(sr + j, s);
         } else {
             x1[0] = to_float(xr[j]);
             x2[0] = to_float(xr[half + j]);
-            c[0] = to_float(cr[j]);
-            s[0] = to_float(sr[j]);
         }
+        if (rotate) {
+            if constexpr (P > 1) {
+                load_pack<T>(cr + j, c);
+                load_pack<T>(sr + j, s);
+            } else {
+                c[0] = to_float(cr[j]);
+                s[0] = to_float(sr[j]);
+            }
 #pragma unroll
-        for (int k = 0; k < P; ++k) {
-            y1[k] = x1[k] * c[k] - x2[k] * s[k];
-            y2[k] = x2[k] * c[k] + x1[k] * s[k];
+            for (int k = 0; k < P; ++k) {
+                y1[k] = x1[k] * c[k] - x2[k] * s[k];
+                y2[k] = x2[k] * c[k] + x1[k] * s[k];
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < P; ++k) {
+                y1[k] = x1[k];
+                y2[k] = x2[k];
+            }
         }
         if constexpr (P > 1) {
             store_pack<T>(yr + j, y1);
@@ -62,13 +76,13 @@ __device__ __forceinline__ void rope_items(const T* x, const T* cos_table, const
     extern "C" __global__ void rope_##SUFFIX(const T* x, const T* cos_table, const T* sin_table, T* y,     \
                                             int heads, int length, int half, int64 stride_b,              \
                                             int64 stride_h, int64 stride_t, int64 out_b, int64 out_h,     \
-                                            int64 out_t, int64 work, int vectorised) {                    \
+                                            int64 out_t, int64 work, int vectorised, int rotate) {        \
         if (vectorised)                                                                                   \
             rope_items<T, Pack<T>::size>(x, cos_table, sin_table, y, heads, length, half, stride_b,       \
-                                         stride_h, stride_t, out_b, out_h, out_t, work);                  \
+                                         stride_h, stride_t, out_b, out_h, out_t, work, rotate != 0);     \
         else                                                                                              \
             rope_items<T, 1>(x, cos_table, sin_table, y, heads, length, half, stride_b, stride_h,         \
-                             stride_t, out_b, out_h, out_t, work);                                        \
+                             stride_t, out_b, out_h, out_t, work, rotate != 0);                           \
     }
 
 ROPE_KERNEL(float, f32)

@@ -21,7 +21,7 @@ from tinygrad_llm.ops.activation import SwiGLU
 from tinygrad_llm.ops.embedding import Embedding
 from tinygrad_llm.ops.loss import CrossEntropy
 from tinygrad_llm.ops.matmul import Linear
-from tinygrad_llm.ops.norm import RMSNorm
+from tinygrad_llm.ops.norm import ResidualAdd, RMSNorm
 from tinygrad_llm.ops.rope import RoPE
 
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
@@ -96,8 +96,8 @@ def test_supports_refuses_host_arrays():
     assert gpu.kernel("rms_norm", x, np.ones(4, np.float32)) is None
 
 
-LAUNCHERS = ["rms_norm_forward", "rms_norm_backward", "swiglu_forward", "swiglu_backward", "swiglu_packed_forward",
-             "swiglu_packed_backward", "rope_forward", "dropout_forward", "cross_entropy_forward_backward",
+LAUNCHERS = ["rms_norm_forward", "rms_norm_backward", "add_rms_norm_forward", "swiglu_forward", "swiglu_backward", "swiglu_packed_forward",
+             "swiglu_packed_backward", "rope_forward", "copy_heads", "dropout_forward", "cross_entropy_forward_backward",
              "embedding_backward", "adamw_step", "linear_forward", "linear_backward", "causal_attention_forward",
              "causal_attention_backward", "quantized_linear"]
 
@@ -105,7 +105,7 @@ LAUNCHERS = ["rms_norm_forward", "rms_norm_backward", "swiglu_forward", "swiglu_
 def test_the_package_exposes_every_launcher_under_its_op_name():
     missing = [name for name in LAUNCHERS if not callable(getattr(gpu, name, None))]
     assert not missing, missing
-    assert set(gpu.registry.SUPPORTS) == {"rms_norm", "swiglu", "swiglu_packed", "rope", "dropout", "cross_entropy",
+    assert set(gpu.registry.SUPPORTS) == {"rms_norm", "add_rms_norm", "swiglu", "swiglu_packed", "rope", "dropout", "cross_entropy",
                                           "embedding", "adamw", "linear", "causal_attention", "quantized_linear"}
 
 
@@ -204,6 +204,41 @@ def test_rms_norm_matches_numpy(shape, x_dtype, w_dtype, rng, poisoned):
     assert _relative_error(dw, want_dw) < tolerance
 
 
+# (shape, x dtype, branch dtype, y dtype, weight dtype): the float32 stream with a bf16 branch and a bf16
+# output is the GPT-2 step's; C = 100 and 13 take the scalar path (C not a multiple of 8)
+ADD_NORM_CASES = [((4, 37, 768), "float32", "bfloat16", "bfloat16", "float32"),
+                  ((4, 37, 768), "float32", "float32", "float32", "float32"),
+                  ((3, 5, 100), "float32", "float16", "float32", "float32"),
+                  ((2, 64, 768), "bfloat16", "bfloat16", "bfloat16", "float32"),
+                  ((6, 100), "bfloat16", "bfloat16", "bfloat16", "bfloat16"),
+                  ((7, 13), "float16", "float16", "float16", "float16")]
+
+
+@gpu_test
+@pytest.mark.parametrize("shape,x_dtype,b_dtype,y_dtype,w_dtype", ADD_NORM_CASES)
+def test_add_rms_norm_matches_numpy(shape, x_dtype, b_dtype, y_dtype, w_dtype, rng, poisoned):
+    x, branch = _random(rng, shape, _dtype(x_dtype)), _random(rng, shape, _dtype(b_dtype))
+    weight = (1 + 0.1 * rng.standard_normal(shape[-1])).astype(np.float32).astype(_dtype(w_dtype))
+    dy = _random(rng, shape, _dtype(y_dtype))
+    total64 = _f64(x) + _f64(branch.astype(x.dtype))
+    want_y, (want_ds, want_dw) = _run(RMSNorm, [total64, _f64(weight)], _f64(dy), eps=1e-5)
+    cuda = [backend.to_device(a, "cuda") for a in (x, branch, weight, dy)]
+    assert gpu.supports("add_rms_norm", cuda[0], cuda[1], cuda[2], _dtype(y_dtype))
+    into = {}
+    total = ResidualAdd().forward(cuda[0], cuda[1], norm=(cuda[2], 1e-5, _dtype(y_dtype), into))
+    assert "prepared" in into                             # the fused kernel ran
+    norm = RMSNorm()
+    norm.needs_input_grad = (True, True)
+    y = norm.forward(total, cuda[2], eps=1e-5, out_dtype=_dtype(y_dtype), prepared=into["prepared"])
+    ds, dw = norm.backward(cuda[3])
+    assert total.dtype == x.dtype and y.dtype == _dtype(y_dtype) and ds.dtype == x.dtype and dw.dtype == weight.dtype
+    tolerance = max(TOLERANCE[x_dtype], TOLERANCE[y_dtype])
+    assert _relative_error(total, total64) < TOLERANCE[x_dtype]
+    assert _relative_error(y, want_y) < tolerance
+    assert _relative_error(ds, want_ds) < tolerance
+    assert _relative_error(dw, want_dw) < tolerance
+
+
 # ------------------------------------------------------------------ SwiGLU
 @gpu_test
 @pytest.mark.parametrize("shape", [(4, 33, 2048), (5, 7), (3, 1, 24), (1,)])
@@ -249,6 +284,22 @@ def test_rope_matches_numpy_on_a_transposed_view(batch, heads, length, head_dim,
     tolerance = TOLERANCE[dtype_name] if dtype_name != "float32" else 1e-6
     assert _relative_error(y, want_y) < tolerance
     assert _relative_error(dx, want_dx) < tolerance
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("head_dim", [64, 6])                           # 6: the one-pair-an-item path
+def test_copy_heads_moves_heads_between_the_packed_and_the_attention_layout(dtype_name, head_dim, rng, poisoned):
+    cp = backend.cupy_module()
+    dtype = _dtype(dtype_name)
+    packed = cp.asarray(_random(rng, (2, 17, 3 + 2 * 2, head_dim), dtype))   # (B, T, H + 2Hkv, D)
+    source = packed[:, :, 3:5].transpose(0, 2, 1, 3)                         # the k slice as (B, Hkv, T, D)
+    gathered = gpu.copy_heads(source)
+    assert gathered.flags.c_contiguous and gathered.dtype == dtype
+    np.testing.assert_array_equal(_f64(gathered), _f64(source))
+    target = arrays.empty((2, 17, 2, head_dim), dtype)                      # poisoned; written through a view
+    gpu.copy_heads(gathered, out=target.transpose(0, 2, 1, 3))
+    np.testing.assert_array_equal(_f64(target), _f64(packed[:, :, 3:5]))
 
 
 @gpu_test

@@ -70,6 +70,16 @@ class FakeKernels:
             self.backward_calls += 1
         return rope.rotate_into(x, cos, sin, np.empty_like(x) if out is None else out)
 
+    def copy_heads(self, x, out=None):
+        out = np.empty_like(x) if out is None else out
+        out[...] = x
+        return out
+
+    def add_rms_norm_forward(self, x, branch, weight, eps, out_dtype=None):
+        total = x + branch.astype(x.dtype)
+        y, r = self.rms_norm_forward(total, weight, eps)
+        return total, y.astype(out_dtype or x.dtype), r
+
     def causal_attention_forward(self, q, k, v):
         out, (_, _, _, _, lse) = attention._attend(q, k, v, "recompute")
         return out, lse
@@ -116,6 +126,8 @@ TARGETS = np.array([[1, 4, -100, 0, 2], [3, 3, 1, 0, 4]])
 # name -> (function of tensors, input shapes)
 CASES = {
     "rms_norm": (lambda x, w: F.rms_norm(x, w), [(3, 4, 8), (8,)]),
+    "add_rms_norm": (lambda x, b, w: F.concatenate(list(F.add_rms_norm(x, b, w)), axis=-1),
+                     [(3, 4, 8), (3, 4, 8), (8,)]),
     "swiglu": (lambda g, u: F.swiglu(g, u), [(3, 4, 8), (3, 4, 8)]),
     "swiglu_packed": (lambda gu: F.swiglu(gu), [(3, 4, 16)]),
     "rope": (lambda x: F.rope(x, 2), [(2, 3, TIME, HEAD_DIM)]),

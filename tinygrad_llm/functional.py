@@ -14,7 +14,7 @@ from .ops.embedding import Embedding
 from .ops.loss import CrossEntropy, LinearCrossEntropy
 from .ops.matmul import Linear, MatMul
 from .ops.movement import Concatenate, GetItem, Permute, Reshape, Stack
-from .ops.norm import RMSNorm
+from .ops.norm import ResidualAdd, RMSNorm
 from .ops.quantized import QuantizedLinear
 from .ops.reduce import Max, Mean, Sum
 from .ops.rope import RoPE
@@ -156,6 +156,16 @@ def swiglu(gate, up=None):
 def rms_norm(x, weight, eps=1e-5, chunked=True):
     """RMSNorm over the last axis; chunked: NumPy arrays go through the threaded row-chunk path."""
     return RMSNorm.apply(ensure_tensor(x), ensure_tensor(weight), eps=eps, chunked=chunked)
+
+
+def add_rms_norm(x, branch, weight, eps=1e-5, chunked=True, out_dtype=None):
+    """(s, rms_norm(s)) with s = x + branch, the branch rounded to x's dtype: a residual junction and the
+    norm that follows it; y in out_dtype (default x's). One pass over the rows on the GPU."""
+    x, branch, weight = ensure_tensor(x), ensure_tensor(branch), ensure_tensor(weight)
+    into = {}
+    total = ResidualAdd.apply(x, branch, norm=(weight.data, eps, out_dtype, into))
+    return total, RMSNorm.apply(total, weight, eps=eps, chunked=chunked, out_dtype=out_dtype,
+                                prepared=into.get("prepared"))
 
 
 def rope(x, positions=None, theta=10000.0):

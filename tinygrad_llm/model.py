@@ -11,7 +11,9 @@ of Llama; attention is grouped-query (`n_kv_heads` key/value heads shared by `n_
 
 Speed: q, k and v come out of one GEMM against the three weights concatenated along the output axis and
 go through one op (F.rope_attention: RoPE, attention, the layout o_proj wants); gate and up likewise
-come out of one GEMM into F.swiglu's packed form; training's head is F.linear_cross_entropy. The separate
+come out of one GEMM into F.swiglu's packed form; training's head is F.linear_cross_entropy. Each
+residual add and the RMSNorm that reads its sum are one F.add_rms_norm (an MLP branch is added by the
+next layer's first norm, or the final norm). The separate
 Hugging Face parameters stay the ones that are stored and updated; the concatenation is a cheap copy of
 the weights redone every forward. CPU tuning choices are `OpOptions`, given to GPT.
 
@@ -164,11 +166,24 @@ class DecoderLayer(Module):
         self.mlp = MLP(config, dtype=dtype)
         self.dropout = Dropout(config.dropout)
 
-    def forward(self, x, rope_tables, cache=None, layer=0, start=0):
-        h = self.input_layernorm(x)                                       # pre-norm
-        x = x + _like(self.dropout(self.self_attn(h, rope_tables, cache, layer, start)), x)
-        h = self.post_attention_layernorm(x)
-        return x + _like(self.dropout(self.mlp(h)), x)
+    def forward(self, x, rope_tables, cache=None, layer=0, start=0, pending=None, defer=False):
+        """x + attention branch + MLP branch. `pending`: the previous layer's MLP branch, not yet added to
+        x (added here, in one op with this layer's first norm); defer=True returns (x, this MLP branch)
+        instead of their sum, for the next layer or the final norm to add."""
+        if pending is None:
+            h = self.input_layernorm(x)                                   # pre-norm
+        else:
+            x, h = _add_norm(x, pending, self.input_layernorm)
+        x, h = _add_norm(x, self.dropout(self.self_attn(h, rope_tables, cache, layer, start)),
+                         self.post_attention_layernorm)
+        branch = self.dropout(self.mlp(h))
+        return (x, branch) if defer else x + _like(branch, x)
+
+
+def _add_norm(x, branch, norm):
+    """x + branch and its RMSNorm in one op (F.add_rms_norm), the norm's output in the branch's dtype (the
+    Linears' low dtype under a bf16/fp16 policy with a float32 residual, else the residual's)."""
+    return F.add_rms_norm(x, branch, norm.weight, norm.eps, chunked=norm.chunked, out_dtype=branch.dtype)
 
 
 def _like(branch, x):
@@ -238,13 +253,16 @@ class GPT(Module):
             x = x.astype(activation_dtype)
         x = trunk.dropout(x)
         rope_tables = self._rope_tables(start, ids.shape[1], x.data)
+        pending = None
         for i, layer in enumerate(trunk.layers):
-            x = layer(x, rope_tables, cache, i, start)
+            x, pending = layer(x, rope_tables, cache, i, start, pending=pending, defer=True)
         if cache is not None:
             cache.length = start + ids.shape[1]
         if last_only:
-            x = x[:, -1:]                                                   # (B, T, C) -> (B, 1, C)
-        x = trunk.norm(x)
+            x = (x + _like(pending, x))[:, -1:]                             # (B, T, C) -> (B, 1, C)
+            x = trunk.norm(x)
+        else:
+            _, x = _add_norm(x, pending, trunk.norm)
         if targets is not None and not return_logits:
             targets = targets.data if isinstance(targets, Tensor) else targets
             return None, F.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=ignore_index)

@@ -94,10 +94,13 @@ def train_step(model, optimizer, batches, step: int, config, device="cpu", scale
     step_loss = 0.0
     micro_batches = [batches.batch(step * config.grad_accum + m) for m in range(config.grad_accum)]
     shares = parallel.backward_seeds([tokens_in(y) for _, y in micro_batches])
+    losses = []
     for micro, (x, y) in enumerate(micro_batches):
         _, loss = model(backend.to_device(x, device), backend.to_device(y, device), return_logits=False)
         parallel.backward(loss, shares[micro] * loss_scale, last=micro == config.grad_accum - 1)
-        step_loss += shares[micro] * float(loss.item())
+        losses.append(loss)
+    for share, loss in zip(shares, losses):   # read once every micro-batch is queued: on the GPU one wait a step
+        step_loss += share * float(loss.item())
     step_loss = float(parallel.comm.sum_host(np.array([step_loss]))[0])
     batches.step = (step + 1) * config.grad_accum
     grad_norm = parallel.reduce() / loss_scale

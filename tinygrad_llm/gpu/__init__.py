@@ -28,14 +28,14 @@ from .dropout import dropout_forward
 from .embedding import embedding_backward
 from .gemm import linear_backward, linear_forward
 from .loss import cross_entropy_forward_backward
-from .norm import rms_norm_backward, rms_norm_forward
+from .norm import add_rms_norm_forward, rms_norm_backward, rms_norm_forward
 from .quantized import quantized_linear
 from .registry import supports
-from .rope import rope_forward
+from .rope import copy_heads, rope_forward
 
 __all__ = ["kernel", "supports", "attention_kernel_for", "quantized_linear",
-           "rms_norm_forward", "rms_norm_backward", "swiglu_forward", "swiglu_backward",
-           "swiglu_packed_forward", "swiglu_packed_backward", "rope_forward", "dropout_forward",
+           "rms_norm_forward", "rms_norm_backward", "add_rms_norm_forward", "swiglu_forward", "swiglu_backward",
+           "swiglu_packed_forward", "swiglu_packed_backward", "rope_forward", "copy_heads", "dropout_forward",
            "cross_entropy_forward_backward", "embedding_backward", "adamw_step", "linear_forward",
            "linear_backward", "causal_attention_forward", "causal_attention_backward"]
 

@@ -1,4 +1,5 @@
-"""RMSNorm's kernels (kernels/rms_norm.cu): one warp a row forward; backward with per-block dw partial sums."""
+"""RMSNorm's kernels (kernels/rms_norm.cu): one warp a row forward; backward with per-block dw partial sums;
+the residual form (x + branch, then its RMSNorm) in one pass over the rows."""
 from __future__ import annotations
 
 import numpy as np
@@ -16,6 +17,42 @@ def supports(x, weight) -> bool:
     return (all_on_gpu(x, weight) and float_kind(x, weight) and weight.ndim == 1 and x.ndim >= 1
             and x.shape[-1] == weight.shape[0] and 0 < weight.shape[0] <= MAX_CHANNELS
             and (same_dtype(x, weight) or np.dtype(weight.dtype) == np.float32))
+
+
+# (x, branch, y, weight) dtype suffixes that add_rms_norm_forward has a kernel for
+_ADD_NORM_KERNELS = {("f32", "f32", "f32", "f32"), ("f32", "bf16", "f32", "f32"), ("f32", "bf16", "bf16", "f32"),
+                     ("f32", "f16", "f32", "f32"), ("f32", "f16", "f16", "f32"), ("bf16", "bf16", "bf16", "bf16"),
+                     ("bf16", "bf16", "bf16", "f32"), ("f16", "f16", "f16", "f16"), ("f16", "f16", "f16", "f32")}
+# (x, dy, weight) suffixes of the backward with dy in another dtype than x (dy in y's low dtype)
+_MIXED_BACKWARD = {("f32", "bf16", "f32"), ("f32", "f16", "f32")}
+
+
+def supports_residual(x, branch, weight, out_dtype) -> bool:
+    """Whether add_rms_norm_forward handles these: x (..., C), branch of x's shape in x's dtype (or a 16-bit
+    branch on a float32 x), y in x's dtype or the branch's, weight as for rms_norm_forward."""
+    dtypes = (suffix(x.dtype), suffix(branch.dtype), suffix(out_dtype), suffix(weight.dtype))
+    return supports(x, weight) and all_on_gpu(branch) and branch.shape == x.shape and dtypes in _ADD_NORM_KERNELS
+
+
+def add_rms_norm_forward(x, branch, weight, eps, out_dtype=None):
+    """s = x + branch (branch rounded to x's dtype), y = RMSNorm(s) in `out_dtype` (default x's), in one pass.
+
+    Returns (s, y, r): s in x's dtype, y in out_dtype, r (..., 1) float32 as rms_norm_forward's."""
+    out_dtype = np.dtype(x.dtype if out_dtype is None else out_dtype)
+    x, branch, weight = contiguous(x), contiguous(branch), contiguous(weight)
+    channels = x.shape[-1]
+    rows = x.size // channels
+    total = empty(x.shape, x.dtype)
+    y = empty(x.shape, out_dtype)
+    r = empty(x.shape[:-1] + (1,), np.float32)
+    if rows:
+        warps_per_block = 8
+        blocks = (rows + warps_per_block - 1) // warps_per_block
+        name = "_".join(suffix(d) for d in (x.dtype, branch.dtype, out_dtype, weight.dtype))
+        function("rms_norm.cu", f"add_rms_norm_forward_{name}")(
+            (blocks,), (32 * warps_per_block,),
+            (x, branch, weight, total, y, r, np.int32(rows), np.int32(channels), np.float32(eps)))
+    return total, y, r
 
 
 def rms_norm_forward(x, weight, eps):
@@ -39,8 +76,13 @@ def rms_norm_forward(x, weight, eps):
 
 def rms_norm_backward(dy, x, weight, r):
     """dx = r·(g − x̂·mean(g·x̂)), g = dy·w, x̂ = x·r;  dw = Σ_rows dy·x̂.  dx in x's dtype, dw in w's."""
-    dy = contiguous(dy.astype(x.dtype, copy=False))
-    x, weight, r = contiguous(x), contiguous(weight), contiguous(r)
+    mixed = (suffix(x.dtype), suffix(dy.dtype), suffix(weight.dtype))
+    kernel_name = f"rms_norm_backward_{mixed[0]}_{mixed[2]}"
+    if mixed in _MIXED_BACKWARD:                  # dy in y's low dtype, read as it is
+        kernel_name = "rms_norm_backward_" + "_".join(mixed)
+    else:
+        dy = dy.astype(x.dtype, copy=False)
+    dy, x, weight, r = contiguous(dy), contiguous(x), contiguous(weight), contiguous(r)
     channels = x.shape[-1]
     rows = x.size // channels
     dx = empty(x.shape, x.dtype)
@@ -49,7 +91,7 @@ def rms_norm_backward(dy, x, weight, r):
     warps_per_block = max(1, min(8, 12288 // channels))          # per-warp dw rows fit in 48 KB
     blocks = max(1, min((rows + warps_per_block - 1) // warps_per_block, 4 * multiprocessors()))
     partial = empty((blocks, channels), np.float32)
-    function("rms_norm.cu", f"rms_norm_backward_{suffix(x.dtype)}_{suffix(weight.dtype)}")(
+    function("rms_norm.cu", kernel_name)(
         (blocks,), (32 * warps_per_block,),
         (dy, x, weight, r, dx, partial, np.int32(rows), np.int32(channels)),
         shared_mem=warps_per_block * channels * 4)

@@ -9,6 +9,7 @@ from . import activation, adamw, attention, dropout, embedding, gemm, loss, norm
 
 SUPPORTS = {
     "rms_norm": norm.supports,                     # (x, weight) or (dy, weight)
+    "add_rms_norm": norm.supports_residual,        # (x, branch, weight, y's dtype)
     "swiglu": activation.supports,                 # (gate, up)
     "swiglu_packed": activation.supports_packed,   # (gate_up,)
     "rope": rope.supports,                         # (x,) or (dy,)

@@ -215,12 +215,14 @@ class CausalAttention(Function):
             k = xp.empty((rows, kv_heads, time, head_dim), dtype=qkv.dtype)
             rotate_into(chunk[:, :, :heads].transpose(0, 2, 1, 3), cos, sin, q, rope)           # (b, H, T, D)
             rotate_into(chunk[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3), cos, sin, k, rope)
-            v = xp.ascontiguousarray(chunk[:, :, heads + kv_heads:].transpose(0, 2, 1, 3))     # (b, Hkv, T, D)
+            v = _copy_into(chunk[:, :, heads + kv_heads:].transpose(0, 2, 1, 3),                 # (b, Hkv, T, D)
+                           xp.empty((rows, kv_heads, time, head_dim), dtype=qkv.dtype), rope)
             if cache is not None:                                                   # decoding: keys so far
                 k, v = _store(cache, k, v)
             path = choose_path(q, k, v, keep_probabilities and cache is None)
             o, state = _attend(q, k, v, path)                                        # (b, H, T, D)
-            out[start:end] = o.transpose(0, 2, 1, 3).reshape(rows, time, heads * head_dim)    # -> (b, T, H·D)
+            target = out[start:end].reshape(rows, time, heads, head_dim)                # (b, T, H·D) -> (b, T, H, D)
+            _copy_into(o, target.transpose(0, 2, 1, 3), rope)                           # o (b, H, T, D) into it
             return [bounds, path, state]
 
         if xp is np and cache is None:   # cache-sized chunks of the batch, dealt to the threads
@@ -243,19 +245,29 @@ class CausalAttention(Function):
             (start, end), path, state = item
             item[2] = None                                       # this chunk's P or L goes once used
             rows = end - start
-            d_out = xp.ascontiguousarray(
-                dy[start:end].reshape(rows, time, heads, head_dim).transpose(0, 2, 1, 3))  # (b, H, T, D)
+            d_out = _copy_into(dy[start:end].reshape(rows, time, heads, head_dim).transpose(0, 2, 1, 3),
+                               xp.empty((rows, heads, time, head_dim), dtype=dy.dtype), rope)  # (b, H, T, D)
             dq, dk, dv = _attend_backward(d_out, path, *state)
             del state
             dq = dq.reshape(d_out.shape)
             target = dqkv[start:end]
             rotate_into(dq, cos, -sin, target[:, :, :heads].transpose(0, 2, 1, 3), rope)
             rotate_into(dk, cos, -sin, target[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3), rope)
-            target[:, :, heads + kv_heads:] = dv.transpose(0, 2, 1, 3)
+            _copy_into(dv, target[:, :, heads + kv_heads:].transpose(0, 2, 1, 3), rope)
 
         work = [parts[i::thread_count()] for i in range(min(thread_count(), len(parts)))]
         parallel_items(lambda group: [part(item) for item in group], work)
         return dqkv
+
+
+def _copy_into(source, target, rope=None):
+    """target[...] = source for (b, heads, T, D) views (either may be a transposed view of a packed array);
+    `rope` is the kernel module when the op's RoPE runs on the GPU: its copy_heads moves 16 bytes an access.
+    Returns target."""
+    if rope is not None:
+        return rope.copy_heads(source, out=target)
+    target[...] = source
+    return target
 
 
 def _store(cache, k, v):

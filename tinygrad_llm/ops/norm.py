@@ -4,6 +4,12 @@ Three paths, chosen once in the forward and recorded for the backward: the CUDA 
 a kernel for them), the chunked path (NumPy arrays of float32/64: cache-sized row chunks spread over the
 threads of tinygrad_llm.cpu_threads), and the plain array expression (CuPy arrays without a kernel,
 16-bit NumPy arrays, or chunked=False).
+
+The residual form, `add_rms_norm` (what a pre-norm block does at each junction of its residual stream):
+s = x + branch and y = RMSNorm(s), two Tensors from two ops (ResidualAdd, then RMSNorm on s), since a
+Function has one output. On the GPU the first op computes both in one pass over the rows and hands y to
+the second, which then only records what its backward needs. Simplification: the backward stays two
+ops (the gradient reaching s from the norm and from the rest of the stream is summed by the autograd).
 """
 from __future__ import annotations
 
@@ -28,12 +34,26 @@ class RMSNorm(Function):
     Chunked:  the same formulas on row ranges of x (N, C); dw is the sum of the per-chunk partial sums,
               added in chunk order, so the result does not depend on the thread count.
     Low precision: mean(x²) and the row sums of the backward accumulate in float32 for 16-bit inputs.
+
+    Output dtype: `out_dtype` (default x's) rounds y to another dtype (the low dtype a following Linear
+    reads); dy then comes in that dtype and dx goes back in x's. `prepared` = (kernel module, y, r): y
+    and r already computed by ResidualAdd's fused pass over this x; the forward records them only.
     """
 
-    def forward(self, x, weight, eps=1e-5, chunked=True):
+    def forward(self, x, weight, eps=1e-5, chunked=True, out_dtype=None, prepared=None):
         if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
             raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match the last axis of "
                              f"x {tuple(x.shape)}")
+        if prepared is not None:
+            fast, y, r = prepared
+            self.save(path=fast, x=x, r=r, weight=weight)
+            return y
+        y = self._normalise(x, weight, eps, chunked)
+        if out_dtype is not None and np.dtype(out_dtype) != y.dtype:
+            y = y.astype(out_dtype)
+        return y
+
+    def _normalise(self, x, weight, eps, chunked):
         xp = array_module(x)
         fast = kernel("rms_norm", x, weight)
         if fast is not None:
@@ -52,10 +72,11 @@ class RMSNorm(Function):
 
     def backward(self, dy):
         path, saved_x, r, weight = self.saved        # saved_x is x̂ on the plain path, x otherwise
+        if path != "plain" and path != "chunked":    # the kernel module the forward ran (reads dy's dtype)
+            return path.rms_norm_backward(dy, saved_x, weight, r)
+        dy = dy.astype(saved_x.dtype, copy=False)    # y was rounded to out_dtype: dx in x's dtype
         if path == "chunked":
             return _chunked_backward(dy, saved_x, r, weight)
-        if path != "plain":                          # the kernel module the forward ran
-            return path.rms_norm_backward(dy, saved_x, weight, r)
         xhat = saved_x
         accumulate = accumulation_dtype(dy.dtype)
         g = dy * weight
@@ -63,6 +84,37 @@ class RMSNorm(Function):
         dx = r * (g - xhat * projection)
         dweight = (dy * xhat).reshape(-1, weight.shape[0]).sum(axis=0, dtype=accumulate)  # (..., C) -> (N, C) -> (C,)
         return dx, dweight.astype(weight.dtype, copy=False)
+
+
+class ResidualAdd(Function):
+    """The sum at a junction of a residual stream, x + branch, with the branch in its own dtype.
+
+    Forward:  s = x + b, b rounded to x's dtype first (a branch computed in bf16 joining a float32 stream)
+    Backward: dx = ds;  db = ds rounded to b's dtype
+    Shapes:   x, b, s, ds: (..., C), alike
+    Saves:    b's dtype
+    Fused norm: with `norm=(weight, eps, out_dtype, into)` and a kernel for the arrays (GPU), the forward
+    also computes y = RMSNorm(s) (weight, eps; y in out_dtype) in the same pass over the rows and stores
+    (kernel module, y, r) in the dict `into`, for RMSNorm's `prepared`; on other arrays `into` stays empty.
+    """
+
+    def forward(self, x, branch, norm=None):
+        if branch.shape != x.shape:
+            raise ValueError(f"residual add: branch shape {tuple(branch.shape)} does not match x {tuple(x.shape)}")
+        self.save(dtype=branch.dtype)
+        if norm is not None:
+            weight, eps, out_dtype, into = norm
+            out_dtype = np.dtype(x.dtype if out_dtype is None else out_dtype)
+            fast = kernel("add_rms_norm", x, branch, weight, out_dtype)
+            if fast is not None:
+                total, y, r = fast.add_rms_norm_forward(x, branch, weight, eps, out_dtype)
+                into["prepared"] = (fast, y, r)
+                return total
+        return x + branch.astype(x.dtype, copy=False)
+
+    def backward(self, ds):
+        (dtype,) = self.saved
+        return ds, ds.astype(dtype, copy=False)
 
 
 def _chunked_forward(x, weight, eps):
