@@ -166,30 +166,24 @@ class DecoderLayer(Module):
         self.mlp = MLP(config, dtype=dtype)
         self.dropout = Dropout(config.dropout)
 
-    def forward(self, x, rope_tables, cache=None, layer=0, start=0, pending=None, defer=False):
-        """x + attention branch + MLP branch. `pending`: the previous layer's MLP branch, not yet added to
-        x (added here, in one op with this layer's first norm); defer=True returns (x, this MLP branch)
-        instead of their sum, for the next layer or the final norm to add."""
+    def forward(self, x, pending, rope_tables, cache=None, layer=0, start=0):
+        """(x, pending) -> (x', branch): the residual stream arrives with the previous layer's MLP branch
+        not yet added (`pending`, None before the first layer); it is added in one op with this layer's
+        first norm, and this layer's MLP branch is handed on the same way (to the next layer or the final
+        norm)."""
         if pending is None:
             h = self.input_layernorm(x)                                   # pre-norm
         else:
             x, h = _add_norm(x, pending, self.input_layernorm)
         x, h = _add_norm(x, self.dropout(self.self_attn(h, rope_tables, cache, layer, start)),
                          self.post_attention_layernorm)
-        branch = self.dropout(self.mlp(h))
-        return (x, branch) if defer else x + _like(branch, x)
+        return x, self.dropout(self.mlp(h))
 
 
 def _add_norm(x, branch, norm):
     """x + branch and its RMSNorm in one op (F.add_rms_norm), the norm's output in the branch's dtype (the
     Linears' low dtype under a bf16/fp16 policy with a float32 residual, else the residual's)."""
     return F.add_rms_norm(x, branch, norm.weight, norm.eps, chunked=norm.chunked, out_dtype=branch.dtype)
-
-
-def _like(branch, x):
-    """A branch in the residual's dtype: under a bf16/fp16 policy (tinygrad_llm.precision) the Linears
-    return the low dtype while the residual stream may stay float32, as in PyTorch's autocast."""
-    return branch if branch.dtype == x.dtype else branch.astype(x.dtype)
 
 
 class LlamaModel(Module):
@@ -255,14 +249,12 @@ class GPT(Module):
         rope_tables = self._rope_tables(start, ids.shape[1], x.data)
         pending = None
         for i, layer in enumerate(trunk.layers):
-            x, pending = layer(x, rope_tables, cache, i, start, pending=pending, defer=True)
+            x, pending = layer(x, pending, rope_tables, cache, i, start)
         if cache is not None:
             cache.length = start + ids.shape[1]
         if last_only:
-            x = (x + _like(pending, x))[:, -1:]                             # (B, T, C) -> (B, 1, C)
-            x = trunk.norm(x)
-        else:
-            _, x = _add_norm(x, pending, trunk.norm)
+            x, pending = x[:, -1:], pending[:, -1:]                         # (B, T, C) -> (B, 1, C)
+        _, x = _add_norm(x, pending, trunk.norm)
         if targets is not None and not return_logits:
             targets = targets.data if isinstance(targets, Tensor) else targets
             return None, F.linear_cross_entropy(x, self.lm_head.weight, targets, ignore_index=ignore_index)
