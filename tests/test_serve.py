@@ -10,6 +10,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -27,6 +29,8 @@ from tinygrad_llm.moderation import Blocklist, Moderator  # noqa: E402
 from tinygrad_llm.serve.app import create_app  # noqa: E402
 from tinygrad_llm.serve.chat import chat_prompt_ids  # noqa: E402
 from tinygrad_llm.serve.engine import Engine, QueueFull, SamplingParams, Sequence  # noqa: E402
+from tinygrad_llm.serve.engine import _choose, _log_softmax, _TextSoFar  # noqa: E402
+from tinygrad_llm.tokenizer import CharVocab  # noqa: E402
 
 MODEL = "tiny"
 
@@ -462,3 +466,68 @@ def test_a_model_failure_is_a_500_and_the_server_keeps_serving(tiny):
             again = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5, "temperature": 0})
             assert again.status_code == 200 and again.json()["choices"][0]["finish_reason"] in ("stop", "length")
             assert app.server.engine.decoder.free == 2
+
+
+# ---------------------------------------------------------------------------------------------- per-token work
+
+
+class _ByteTokens:
+    """A byte-level stand-in tokenizer whose token i is the bytes given for it (split UTF-8 characters too)."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def token_bytes(self, token):
+        return self.pieces[token]
+
+    def decode(self, ids):
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=3), min_size=1, max_size=12), st.data())
+def test_text_so_far_matches_decoding_the_whole_list(pieces, data):
+    """Token by token, the text is a prefix of the whole list's decoding that lacks at most an incomplete
+    character; at the end it is exactly the whole list's decoding."""
+    tokenizer = _ByteTokens(pieces + ["é".encode()[:1], "é".encode()[1:], "€".encode()])
+    ids = data.draw(st.lists(st.integers(0, len(tokenizer.pieces) - 1), min_size=1, max_size=20))
+    text = _TextSoFar(tokenizer)
+    for n in range(1, len(ids) + 1):
+        so_far, whole = text.push(ids[n - 1]), tokenizer.decode(ids[:n])
+        assert whole.startswith(so_far) and len(whole) - len(so_far) <= 1
+    assert text.final() == tokenizer.decode(ids)
+
+
+def test_text_so_far_on_the_project_tokenizers(tiny):
+    _, tokenizer = tiny
+    ids = tokenizer.encode_ordinary("Ay, my good lord — “quoth” he, ça va?") + [tokenizer.special_tokens["<|endoftext|>"]]
+    chars = CharVocab.from_text("abc\n ")
+    for vocab, sequence in ((tokenizer, ids), (chars, chars.encode("a cab\nba"))):
+        text = _TextSoFar(vocab)
+        for token in sequence:
+            text.push(token)
+        assert text.final() == vocab.decode(sequence)
+
+
+def test_one_choice_per_row_as_each_sequence_alone_would_choose():
+    """Greedy rows take the argmax of their own row, sampled rows their own generator's draw, and each
+    logprob entry is that row's log-softmax: the same as choosing for each sequence on its own."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(5, 40)).astype(np.float32)
+    settings_ = [SamplingParams(temperature=0), SamplingParams(temperature=0, logprobs=3),
+                 SamplingParams(temperature=0.8, seed=11, logprobs=0), SamplingParams(temperature=1.0, seed=5),
+                 SamplingParams(temperature=0, logprobs=1)]
+    batch = [Sequence([1], params, None) for params in settings_]
+    alone = [Sequence([1], params, None) for params in settings_]
+    tokens, entries = _choose(batch, logits)
+    for i, seq in enumerate(alone):
+        (token,), (entry,) = _choose([seq], logits[i:i + 1])
+        assert tokens[i] == token
+        assert entries[i] == entry
+        if seq.params.temperature == 0:
+            assert token == int(np.argmax(logits[i]))
+        if seq.params.logprobs is not None:
+            assert entry[1] == pytest.approx(float(_log_softmax(logits[i])[token]), abs=1e-12)
+            assert len(entry[2]) == seq.params.logprobs
+        else:
+            assert entry is None
