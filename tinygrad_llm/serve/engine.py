@@ -351,8 +351,13 @@ class Engine:
     def _admit(self, seq) -> None:
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
-        if seq.params.echo and seq.params.logprobs is not None:
-            logprobs = _log_softmax(self.decoder.prompt_logits(seq.prompt_ids))       # (T, V)
+        scored = seq.params.echo and seq.params.logprobs is not None
+        if scored:
+            if seq.params.max_tokens == 0:
+                logits = self.decoder.prompt_logits(seq.prompt_ids)                        # (T, V), no slot
+            else:                                       # one prefill scores the prompt and gives the next token
+                logits = self.decoder.prefill(seq.slot, seq.prompt_ids, all_logits=True)  # (T, V)
+            logprobs = _log_softmax(logits)                                                # (T, V)
             entries = [(seq.prompt_ids[0], None, None)]
             for t in range(1, len(seq.prompt_ids)):
                 token = seq.prompt_ids[t]
@@ -361,7 +366,7 @@ class Engine:
         if seq.params.max_tokens == 0:
             seq.finish("length")
             return
-        logits = self.decoder.prefill(seq.slot, seq.prompt_ids)
+        logits = logits[-1] if scored else self.decoder.prefill(seq.slot, seq.prompt_ids)     # (V,)
         with self._cond:
             self._active.append(seq)
         self._sample(seq, logits)
