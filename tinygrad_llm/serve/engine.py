@@ -11,7 +11,8 @@ The loop, on its own thread (NumPy and BLAS release the GIL, so the HTTP event l
     1. drop sequences whose client went away (`cancel`), freeing their KV slots at once;
     2. admit waiting sequences while slots are free: score the prompt if asked (echo + logprobs),
        prefill it into the slot and sample its first token;
-    3. one decode step for every active sequence (decoder.step), sample each one's next token;
+    3. one decode step for every active sequence (decoder.step), then each one's next token: one argmax
+       for all the greedy rows and one log-softmax for all the rows that want logprobs (_choose);
     4. a sequence that stopped (end token, stop string, max_tokens, context full, content filter)
        leaves the batch right away and its slot goes back to the free list.
 
@@ -19,13 +20,14 @@ New requests therefore join at step boundaries and never wait for the batch to d
 queue is bounded: `submit` raises QueueFull when more than `max_queue` sequences would wait beyond the
 free slots (the HTTP layer answers 429).
 
-Each sequence turns its tokens into text itself (decode the ids so far, cut at a stop string, hold
-back what could still become a stop string or an incomplete UTF-8 character) and, with a moderator
-whose policy checks output, holds back the unfinished last word so that a blocklisted word is judged
-whole before any of it is sent. Every change is delivered through the sequence's `emit` callback as an
+Each sequence turns its tokens into text itself (each new token's bytes through an incremental UTF-8
+decoder, never the whole output again; cut at a stop string; hold back what could still become a stop
+string or an incomplete UTF-8 character) and, with a moderator whose policy checks output, holds back
+the unfinished last word so that a blocklisted word is judged whole before any of it is sent. Every change is delivered through the sequence's `emit` callback as an
 Event; the callback is called on the engine thread and must only hand the event over. After each step
-the engine calls `on_step_end` (when set): the HTTP layer collects a step's events and hands them to
-its event loop in one call_soon_threadsafe, one wake-up per step rather than one per token.
+(and after each prefill, so that a first token goes out before the next prompt's prefill) the engine
+calls `on_step_end` (when set): the HTTP layer collects the events and hands them to its event loop in
+one call_soon_threadsafe, one wake-up per step rather than one per token.
 
 Simplifications: a prompt is prefilled in one forward at a step boundary, so a long prompt delays
 the other sequences' next token by its prefill time (no chunked prefill); no prefix sharing between
