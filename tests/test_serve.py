@@ -531,3 +531,23 @@ def test_one_choice_per_row_as_each_sequence_alone_would_choose():
             assert len(entry[2]) == seq.params.logprobs
         else:
             assert entry is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(list(range(5))), min_size=1, max_size=30),
+       st.lists(st.text(alphabet="abc ", min_size=1, max_size=4), max_size=3))
+def test_stop_strings_cut_the_text_where_whole_text_search_would(tokens, stops):
+    """Searching only the new end of the text for stop strings finds the same first stop as searching the
+    whole text; the text sent is the whole text cut before it (or all of it at max_tokens)."""
+    vocab = CharVocab.from_text("abc ")
+    ids = [t % 4 for t in tokens]
+    events = []
+    seq = Sequence([0], SamplingParams(max_tokens=len(ids), stop=tuple(stops)), events.append, vocab)
+    for token in ids:
+        if not seq.done:
+            seq.advance(token, None)
+    whole = vocab.decode(ids)
+    cuts = [whole.find(s) for s in stops if s in whole]
+    expected = whole[:min(cuts)] if cuts else whole
+    assert "".join(e.text for e in events) == expected
+    assert events[-1].finish_reason == ("stop" if cuts else "length")

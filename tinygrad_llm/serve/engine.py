@@ -109,6 +109,7 @@ class _TextSoFar:
         if hasattr(tokenizer, "token_bytes"):
             self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._itos = getattr(tokenizer, "itos", None) if self._utf8 is None else None
+        self.appends_only = self._utf8 is not None or isinstance(self._itos, dict)   # earlier text never changes
 
     def push(self, token: int) -> str:
         if self._utf8 is not None:
@@ -143,6 +144,9 @@ class Sequence:
         self.ids: list = []            # generated tokens (stop tokens excluded)
         self.text = ""                 # text sent so far
         self._decoded = _TextSoFar(tokenizer) if tokenizer is not None else None
+        self._stops = [stop for stop in params.stop if stop]
+        self._longest_stop = max((len(stop) for stop in self._stops), default=1)
+        self._searched = 0             # characters of the text already searched for stop strings
         self.verdict = None
         self.slot = None
         self.finish_reason = None
@@ -164,15 +168,22 @@ class Sequence:
         else:
             self.ids.append(token)
             full = self._decoded.push(token)
-        stops = [s for s in self.params.stop if s]
-        cut = min((full.find(s) for s in stops if s in full), default=-1)
+        stops = self._stops
+        if stops:
+            # Text only grows at its end, so a stop string not found before can only end in the new part.
+            start = self._searched if self._decoded.appends_only else 0
+            found = [at for at in (full.find(stop, max(0, start - len(stop) + 1)) for stop in stops) if at >= 0]
+            cut = min(found, default=-1)
+            self._searched = len(full)
+        else:
+            cut = -1
         if cut >= 0:
             full, finished = full[:cut], "stop"
         if finished is None and len(self.ids) >= self.params.max_tokens:
             finished, full = "length", self._decoded.final()
         safe = len(full)
         if finished is None:
-            safe -= max((len(s) for s in stops), default=1) - 1
+            safe -= self._longest_stop - 1
             while safe > len(self.text) and full[safe - 1] == "\ufffd":          # incomplete UTF-8
                 safe -= 1
             if self.moderator is not None:                                       # only whole words
