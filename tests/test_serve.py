@@ -280,6 +280,32 @@ def test_engine_queue_bound_and_cancelled_sequences_leave_at_once(tiny):
     assert other.finish_reason in ("stop", "length") and engine.decoder.free == 2
 
 
+def test_a_sequence_that_fails_mid_batch_does_not_stop_the_others(tiny):
+    """A sequence whose sampling raises during a batched step ends with an error; the other sequence of
+    the same step still gets every token greedy decoding alone would give it."""
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, max_batch=2)
+    done, other_done, other_events = threading.Event(), threading.Event(), []
+
+    def break_after_first(event):
+        bad.params.temperature = -1.0                 # sample_next refuses it at the next step
+        if event.finish_reason:
+            done.set()
+    bad = Sequence([4, 5, 6], SamplingParams(max_tokens=20, temperature=0), break_after_first, tokenizer, 0)
+    other = Sequence([7, 8], SamplingParams(max_tokens=12, temperature=0),
+                     lambda event: (other_events.append(event), event.finish_reason and other_done.set()), tokenizer, 1)
+    engine.start()
+    try:
+        engine.submit([bad, other])
+        assert done.wait(20) and other_done.wait(20)
+    finally:
+        engine.stop()
+    assert bad.finish_reason == "error"
+    text, count = greedy_text(model, tokenizer, [7, 8], 12)
+    assert other.finish_reason in ("stop", "length") and "".join(e.text for e in other_events) == text
+    assert engine.decoder.free == 2
+
+
 def test_metrics_and_one_access_log_line_per_request(server, caplog):
     with caplog.at_level(logging.INFO, logger="tinygrad_llm.serve.access"):
         with httpx.Client(base_url=server, timeout=30) as http:
@@ -500,7 +526,8 @@ def test_text_so_far_matches_decoding_the_whole_list(pieces, data):
 
 def test_text_so_far_on_the_project_tokenizers(tiny):
     _, tokenizer = tiny
-    ids = tokenizer.encode_ordinary("Ay, my good lord — “quoth” he, ça va?") + [tokenizer.special_tokens["<|endoftext|>"]]
+    ids = tokenizer.encode_ordinary("Ay, my good lord — “quoth” he, ça va?")
+    ids.append(tokenizer.special_tokens["<|endoftext|>"])
     chars = CharVocab.from_text("abc\n ")
     for vocab, sequence in ((tokenizer, ids), (chars, chars.encode("a cab\nba"))):
         text = _TextSoFar(vocab)

@@ -23,8 +23,9 @@ free slots (the HTTP layer answers 429).
 Each sequence turns its tokens into text itself (each new token's bytes through an incremental UTF-8
 decoder, never the whole output again; cut at a stop string; hold back what could still become a stop
 string or an incomplete UTF-8 character) and, with a moderator whose policy checks output, holds back
-the unfinished last word so that a blocklisted word is judged whole before any of it is sent. Every change is delivered through the sequence's `emit` callback as an
-Event; the callback is called on the engine thread and must only hand the event over. After each step
+the unfinished last word so that a blocklisted word is judged whole before any of it is sent. Every
+change is delivered through the sequence's `emit` callback as an Event; the callback is called on the
+engine thread and must only hand the event over. After each step
 (and after each prefill, so that a first token goes out before the next prompt's prefill) the engine
 calls `on_step_end` (when set): the HTTP layer collects the events and hands them to its event loop in
 one call_soon_threadsafe, one wake-up per step rather than one per token.
@@ -397,11 +398,12 @@ class Engine:
         self.steps += 1
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(batch))
+        logits = np.asarray(logits)
         try:
-            tokens, entries = _choose(batch, np.asarray(logits))
-        except Exception as error:
-            for seq in batch:
-                seq.finish("error", error=f"{type(error).__name__}: {error}")
+            tokens, entries = _choose(batch, logits)
+        except Exception:                               # one bad sequence never stops the others: one by one
+            for seq, row in zip(batch, logits):
+                self._guarded(seq, self._sample, row)
             return
         now = time.perf_counter()
         if self.metrics is not None:
@@ -410,7 +412,8 @@ class Engine:
             self._guarded(seq, self._take, token, entry, now)
 
     def _sample(self, seq, logits) -> None:
-        """The first token after a prefill: (V,) logits of one sequence."""
+        """One sequence's next token from its (V,) logits: after its prefill, or one by one when the batch's
+        choice failed."""
         (token,), (entry,) = _choose([seq], np.asarray(logits)[None, :])
         if self.metrics is not None:
             self.metrics.completion_tokens.inc()
