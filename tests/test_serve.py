@@ -578,3 +578,16 @@ def test_stop_strings_cut_the_text_where_whole_text_search_would(tokens, stops):
     expected = whole[:min(cuts)] if cuts else whole
     assert "".join(e.text for e in events) == expected
     assert events[-1].finish_reason == ("stop" if cuts else "length")
+
+
+def test_a_full_context_sends_the_text_held_back_for_a_stop_string():
+    """The last token the context allows ends the sequence with "length" and sends everything, including
+    the text held back because it could still have begun a stop string."""
+    vocab = CharVocab.from_text("abxyz")
+    events = []
+    seq = Sequence([0], SamplingParams(max_tokens=10, stop=("xyz",)), events.append, vocab)
+    for token in vocab.encode("ababx"):
+        seq.advance(token, None)
+    assert "".join(e.text for e in events) == "aba" and not seq.done       # "bx" might begin "xyz": held back
+    seq.advance(vocab.encode("y")[0], None, context_full=True)
+    assert "".join(e.text for e in events) == "ababxy" and events[-1].finish_reason == "length"

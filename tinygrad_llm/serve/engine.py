@@ -160,8 +160,9 @@ class Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None or self.cancelled
 
-    def advance(self, token: int, entry) -> None:
-        """Take one sampled token: update the text, send what is safe to send, decide whether to stop."""
+    def advance(self, token: int, entry, context_full: bool = False) -> None:
+        """Take one sampled token: update the text, send what is safe to send, decide whether to stop.
+        context_full: the model has no position left after this token, so it is the last one."""
         finished = None
         if token in self.stop_ids:
             finished = "stop"
@@ -180,7 +181,7 @@ class Sequence:
             cut = -1
         if cut >= 0:
             full, finished = full[:cut], "stop"
-        if finished is None and len(self.ids) >= self.params.max_tokens:
+        if finished is None and (len(self.ids) >= self.params.max_tokens or context_full):
             finished, full = "length", self._decoded.final()
         safe = len(full)
         if finished is None:
@@ -430,9 +431,7 @@ class Engine:
             seq.first_token_time = now
         seq.last_token_time = now
         seq.last_token = token
-        seq.advance(token, entry)
-        if not seq.done and self.decoder.length(seq.slot) >= self.context:
-            seq.finish("length")                        # the context is full: no position for the next token
+        seq.advance(token, entry, context_full=self.decoder.length(seq.slot) >= self.context)
         if seq.finish_reason == "content_filter" and self.metrics is not None:
             self.metrics.safety.labels(stage="output", action="block").inc()
 
