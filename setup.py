@@ -31,7 +31,8 @@ setup(
         "cpu": ["threadpoolctl>=3.1"],                 # the CPU threading plan sets OpenBLAS's threads at run time
         "dist": ["mpi4py>=4", "mpich>=4"],              # data-parallel training: MPI from PyPI wheels
         "book": ["matplotlib>=3.5", "pypandoc-binary>=1.13", "typst>=0.13"],   # pandoc's wheel + Typst: the PDF
-        "lm_eval": ["lm-eval>=0.4"],       # examples/lm_eval: the reference harness on the same task files
+        "lm_eval": ["lm-eval[api]>=0.4",   # examples/lm_eval: the reference harness on the same task files
+                    "transformers>=4.40"],  # its local-completions model reads the exported tokenizer through it
         "test": ["pytest>=7", "hypothesis>=6.80", "tiktoken>=0.5",    # tiktoken: the id-equality test
                  "mpi4py>=4", "mpich>=4",                            # the 2-rank data-parallel tests
                  "gguf>=0.10",                                   # gguf: llama.cpp's own Q8_0/Q4_0 bytes
@@ -43,6 +44,7 @@ setup(
         "moderation": ["better-profanity>=0.7"],      # the blocklist's maintained word list (MIT)
         "export": ["gguf>=0.10"],                      # llama.cpp's GGUF writer, for `export --gguf`
         "bench": ["tokenizers>=0.15", "tiktoken>=0.5", "datasketch>=1.6"],
+        "llamacpp": ["llama-cpp-python>=0.3"],        # benchmarks/decode_llamacpp.py: llama.cpp on our GGUF file
     },
     entry_points={"console_scripts": ["tinygrad-llm=tinygrad_llm.cli:main"]},
 )

@@ -3,6 +3,7 @@
     python benchmarks/serve.py                       # CPU, the default model below, 64 tokens per request
     python benchmarks/serve.py --concurrency 1 8 32 --max-tokens 64 --requests-per-client 2
     python benchmarks/serve.py --d-model 128 --layers 2      # a smaller model
+    python benchmarks/serve.py --device cuda                 # the GPU rows (needs CuPy and a GPU)
 
 What is measured: one `tinygrad-llm serve`-equivalent server (tinygrad_llm.serve.create_app under uvicorn,
 --max-batch 32) runs in a child process; this process is the client (httpx, asyncio). For each
@@ -19,7 +20,8 @@ exactly max_tokens tokens; logprobs=0 so that every token is its own event). Rep
 
 The model has random weights (the speed of a forward does not depend on their values): a Llama-style GPT
 of --d-model, --layers, --heads, 4·d_model/... FFN, a 320-id BPE vocabulary trained on the tests'
-Shakespeare sample, --context positions. CPU only here; the GPU rows are printed as "not measured".
+Shakespeare sample, --context positions, on --device (cpu, or cuda: the model's weights and the KV cache
+on the GPU); the other device's rows are printed as "not measured".
 Each concurrency runs after one warm-up request, and the levels run --rounds times interleaved
 (1, 8, 32, 1, 8, 32, ...) so that a change in the machine's load hits every level; each row is the level's
 worst round. The server runs with OPENBLAS_NUM_THREADS=1 by default: its scheduler thread and its event
@@ -52,6 +54,7 @@ def build(args):
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, d_model=args.d_model, n_layers=args.layers,
                           n_heads=args.heads, ffn_hidden=args.d_model * 8 // 3 // 64 * 64 or 64,
                           max_seq_len=args.context)).eval()
+    model.to(device=args.device)
     return model, tokenizer
 
 
@@ -131,6 +134,7 @@ def main():
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--port", type=int, default=8763)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the server's model runs")
     parser.add_argument("--rounds", type=int, default=3, help="the levels run this many times, interleaved")
     parser.add_argument("--blas-threads", default="1", help="OPENBLAS_NUM_THREADS of the server (default 1)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)   # the child process
@@ -185,11 +189,12 @@ def main():
     for c, r in worst.items():
         speedup = f"{r['tokens_per_s'] / base:.2f}x" if base else "-"
         spread = f"{min(ratios[c]):.2f}-{max(ratios[c]):.2f}x" if ratios else "-"
-        print(f"| cpu | {c} | {r['requests']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | "
+        print(f"| {args.device} | {c} | {r['requests']} | {r['tokens']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} | "
               f"{r['ttft_p50'] * 1000:.0f} | {r['ttft_p99'] * 1000:.0f} | {speedup} | {spread} | "
               f"{r['server_cpu']:.1f} | {r['tokens_per_cpu_s']:.0f} |")
+    other = "cuda" if args.device == "cpu" else "cpu"
     for c in args.concurrency:
-        print(f"| gpu | {c} | not measured (no GPU on this machine) | | | | | | | | | |")
+        print(f"| {other} | {c} | not measured (this run: --device {args.device}) | | | | | | | | | |")
 
 
 if __name__ == "__main__":

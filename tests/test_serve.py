@@ -10,6 +10,8 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -27,6 +29,8 @@ from tinygrad_llm.moderation import Blocklist, Moderator  # noqa: E402
 from tinygrad_llm.serve.app import create_app  # noqa: E402
 from tinygrad_llm.serve.chat import chat_prompt_ids  # noqa: E402
 from tinygrad_llm.serve.engine import Engine, QueueFull, SamplingParams, Sequence  # noqa: E402
+from tinygrad_llm.serve.engine import _choose, _log_softmax, _TextSoFar  # noqa: E402
+from tinygrad_llm.tokenizer import CharVocab  # noqa: E402
 
 MODEL = "tiny"
 
@@ -276,6 +280,32 @@ def test_engine_queue_bound_and_cancelled_sequences_leave_at_once(tiny):
     assert other.finish_reason in ("stop", "length") and engine.decoder.free == 2
 
 
+def test_a_sequence_that_fails_mid_batch_does_not_stop_the_others(tiny):
+    """A sequence whose sampling raises during a batched step ends with an error; the other sequence of
+    the same step still gets every token greedy decoding alone would give it."""
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, max_batch=2)
+    done, other_done, other_events = threading.Event(), threading.Event(), []
+
+    def break_after_first(event):
+        bad.params.temperature = -1.0                 # sample_next refuses it at the next step
+        if event.finish_reason:
+            done.set()
+    bad = Sequence([4, 5, 6], SamplingParams(max_tokens=20, temperature=0), break_after_first, tokenizer, 0)
+    other = Sequence([7, 8], SamplingParams(max_tokens=12, temperature=0),
+                     lambda event: (other_events.append(event), event.finish_reason and other_done.set()), tokenizer, 1)
+    engine.start()
+    try:
+        engine.submit([bad, other])
+        assert done.wait(20) and other_done.wait(20)
+    finally:
+        engine.stop()
+    assert bad.finish_reason == "error"
+    text, count = greedy_text(model, tokenizer, [7, 8], 12)
+    assert other.finish_reason in ("stop", "length") and "".join(e.text for e in other_events) == text
+    assert engine.decoder.free == 2
+
+
 def test_metrics_and_one_access_log_line_per_request(server, caplog):
     with caplog.at_level(logging.INFO, logger="tinygrad_llm.serve.access"):
         with httpx.Client(base_url=server, timeout=30) as http:
@@ -462,3 +492,102 @@ def test_a_model_failure_is_a_500_and_the_server_keeps_serving(tiny):
             again = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5, "temperature": 0})
             assert again.status_code == 200 and again.json()["choices"][0]["finish_reason"] in ("stop", "length")
             assert app.server.engine.decoder.free == 2
+
+
+# ---------------------------------------------------------------------------------------------- per-token work
+
+
+class _ByteTokens:
+    """A byte-level stand-in tokenizer whose token i is the bytes given for it (split UTF-8 characters too)."""
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def token_bytes(self, token):
+        return self.pieces[token]
+
+    def decode(self, ids):
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=3), min_size=1, max_size=12), st.data())
+def test_text_so_far_matches_decoding_the_whole_list(pieces, data):
+    """Token by token, the text is a prefix of the whole list's decoding that lacks at most an incomplete
+    character; at the end it is exactly the whole list's decoding."""
+    tokenizer = _ByteTokens(pieces + ["é".encode()[:1], "é".encode()[1:], "€".encode()])
+    ids = data.draw(st.lists(st.integers(0, len(tokenizer.pieces) - 1), min_size=1, max_size=20))
+    text = _TextSoFar(tokenizer)
+    for n in range(1, len(ids) + 1):
+        so_far, whole = text.push(ids[n - 1]), tokenizer.decode(ids[:n])
+        assert whole.startswith(so_far) and len(whole) - len(so_far) <= 1
+    assert text.final() == tokenizer.decode(ids)
+
+
+def test_text_so_far_on_the_project_tokenizers(tiny):
+    _, tokenizer = tiny
+    ids = tokenizer.encode_ordinary("Ay, my good lord — “quoth” he, ça va?")
+    ids.append(tokenizer.special_tokens["<|endoftext|>"])
+    chars = CharVocab.from_text("abc\n ")
+    for vocab, sequence in ((tokenizer, ids), (chars, chars.encode("a cab\nba"))):
+        text = _TextSoFar(vocab)
+        for token in sequence:
+            text.push(token)
+        assert text.final() == vocab.decode(sequence)
+
+
+def test_one_choice_per_row_as_each_sequence_alone_would_choose():
+    """Greedy rows take the argmax of their own row, sampled rows their own generator's draw, and each
+    logprob entry is that row's log-softmax: the same as choosing for each sequence on its own."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(5, 40)).astype(np.float32)
+    settings_ = [SamplingParams(temperature=0), SamplingParams(temperature=0, logprobs=3),
+                 SamplingParams(temperature=0.8, seed=11, logprobs=0), SamplingParams(temperature=1.0, seed=5),
+                 SamplingParams(temperature=0, logprobs=1)]
+    batch = [Sequence([1], params, None) for params in settings_]
+    alone = [Sequence([1], params, None) for params in settings_]
+    tokens, entries = _choose(batch, logits)
+    for i, seq in enumerate(alone):
+        (token,), (entry,) = _choose([seq], logits[i:i + 1])
+        assert tokens[i] == token
+        assert entries[i] == entry
+        if seq.params.temperature == 0:
+            assert token == int(np.argmax(logits[i]))
+        if seq.params.logprobs is not None:
+            assert entry[1] == pytest.approx(float(_log_softmax(logits[i])[token]), abs=1e-12)
+            assert len(entry[2]) == seq.params.logprobs
+        else:
+            assert entry is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(list(range(5))), min_size=1, max_size=30),
+       st.lists(st.text(alphabet="abc ", min_size=1, max_size=4), max_size=3))
+def test_stop_strings_cut_the_text_where_whole_text_search_would(tokens, stops):
+    """Searching only the new end of the text for stop strings finds the same first stop as searching the
+    whole text; the text sent is the whole text cut before it (or all of it at max_tokens)."""
+    vocab = CharVocab.from_text("abc ")
+    ids = [t % 4 for t in tokens]
+    events = []
+    seq = Sequence([0], SamplingParams(max_tokens=len(ids), stop=tuple(stops)), events.append, vocab)
+    for token in ids:
+        if not seq.done:
+            seq.advance(token, None)
+    whole = vocab.decode(ids)
+    cuts = [whole.find(s) for s in stops if s in whole]
+    expected = whole[:min(cuts)] if cuts else whole
+    assert "".join(e.text for e in events) == expected
+    assert events[-1].finish_reason == ("stop" if cuts else "length")
+
+
+def test_a_full_context_sends_the_text_held_back_for_a_stop_string():
+    """The last token the context allows ends the sequence with "length" and sends everything, including
+    the text held back because it could still have begun a stop string."""
+    vocab = CharVocab.from_text("abxyz")
+    events = []
+    seq = Sequence([0], SamplingParams(max_tokens=10, stop=("xyz",)), events.append, vocab)
+    for token in vocab.encode("ababx"):
+        seq.advance(token, None)
+    assert "".join(e.text for e in events) == "aba" and not seq.done       # "bx" might begin "xyz": held back
+    seq.advance(vocab.encode("y")[0], None, context_full=True)
+    assert "".join(e.text for e in events) == "ababxy" and events[-1].finish_reason == "length"

@@ -159,6 +159,7 @@ class _Server:
         self.loop = None                                  # the event loop, set when the app starts
         self._pending = []                                # (queue, event) emitted during the current step
         self._pending_lock = threading.Lock()
+        self._token_texts = {}                            # token id -> its text, for logprobs
         self.engine.on_step_end = self._flush
 
     # -------------------------------------------------------------- engine thread -> event loop
@@ -232,7 +233,10 @@ class _Server:
         return verdict
 
     def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token])
+        return text
 
     async def submit(self, request, sequences):
         """Queue `sequences` (all or none) and return the asyncio.Queue their events arrive on; 429 when full."""
@@ -333,6 +337,7 @@ def create_app(model, tokenizer, model_name: str = "model", max_batch: int = 8, 
         state = {c["index"]: _ChoiceState(c, echo, logprobs, server) for c in choices}
         if stream:
             async def events():
+                waiting = []                               # SSE messages not yet written
                 try:
                     async for event in _drain(request, server, queue, sequences, state):
                         if event is _BLOCKED:
@@ -344,9 +349,14 @@ def create_app(model, tokenizer, model_name: str = "model", max_batch: int = 8, 
                         s = state[event.index]
                         text = (s.choice["prompt_text"] if echo and not s.sent_echo else "") + event.text
                         s.sent_echo = True
-                        yield _sse(chunk([s.completion_chunk(text, event, event.finish_reason)]))
+                        waiting.append(_sse(chunk([s.completion_chunk(text, event, event.finish_reason)])))
+                        if queue.empty():                  # what arrived meanwhile: one write
+                            yield "".join(waiting)
+                            waiting.clear()
                 except APIError as error:                  # the model failed mid-stream: say so, then end
-                    yield _sse(error.body())
+                    waiting.append(_sse(error.body()))
+                if waiting:
+                    yield "".join(waiting)
                 if include_usage:
                     yield _sse(chunk([], _usage(state)))
                 yield "data: [DONE]\n\n"
@@ -397,6 +407,7 @@ def create_app(model, tokenizer, model_name: str = "model", max_batch: int = 8, 
         if stream:
             async def events():
                 s = state[0]
+                waiting = []                               # SSE messages not yet written
                 yield _sse(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                    "finish_reason": None}]))
                 try:
@@ -404,9 +415,14 @@ def create_app(model, tokenizer, model_name: str = "model", max_batch: int = 8, 
                         if event is _BLOCKED:
                             yield _sse(chunk([s.chat_chunk(None, "content_filter")]))
                             continue
-                        yield _sse(chunk([s.chat_chunk(event, event.finish_reason)]))
+                        waiting.append(_sse(chunk([s.chat_chunk(event, event.finish_reason)])))
+                        if queue.empty():                  # what arrived meanwhile: one write
+                            yield "".join(waiting)
+                            waiting.clear()
                 except APIError as error:                  # the model failed mid-stream: say so, then end
-                    yield _sse(error.body())
+                    waiting.append(_sse(error.body()))
+                if waiting:
+                    yield "".join(waiting)
                 if include_usage:
                     yield _sse(chunk([], _usage(state)))
                 yield "data: [DONE]\n\n"

@@ -3,6 +3,7 @@
     decoder = SlotDecoder(model, slots=8)
     slot = decoder.acquire()                             # a free KV slot, or None when all are in use
     logits = decoder.prefill(slot, prompt_ids)           # (V,) the next-token logits after the prompt
+    logits = decoder.prefill(slot, prompt_ids, all_logits=True)   # (T, V): scoring the prompt as well
     logits = decoder.step([slot_a, slot_b], [tok_a, tok_b])   # (2, V), one new position per sequence
     decoder.release(slot)
     logits = decoder.prompt_logits(prompt_ids)           # (T, V), no slot: scoring a prompt
@@ -39,9 +40,10 @@ class SlotDecoder:
         """Positions held in the slot."""
         return int(self.cache.lengths[slot])
 
-    def prefill(self, slot: int, prompt_ids) -> np.ndarray:
-        """Fill the slot with the prompt; return the (V,) logits of the next token."""
-        return self.decoder.prefill(self.cache, slot, prompt_ids)
+    def prefill(self, slot: int, prompt_ids, all_logits: bool = False) -> np.ndarray:
+        """Fill the slot with the prompt; return the (V,) logits of the next token, or with all_logits the
+        (T, V) logits at every position of the prompt (the last row is the next token's)."""
+        return self.decoder.prefill(self.cache, slot, prompt_ids, all_logits=all_logits)
 
     def step(self, slots, tokens) -> np.ndarray:
         """Append one token to each slot; return the (n, V) next-token logits, one row per slot."""

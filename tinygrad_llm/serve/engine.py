@@ -11,7 +11,8 @@ The loop, on its own thread (NumPy and BLAS release the GIL, so the HTTP event l
     1. drop sequences whose client went away (`cancel`), freeing their KV slots at once;
     2. admit waiting sequences while slots are free: score the prompt if asked (echo + logprobs),
        prefill it into the slot and sample its first token;
-    3. one decode step for every active sequence (decoder.step), sample each one's next token;
+    3. one decode step for every active sequence (decoder.step), then each one's next token: one argmax
+       for all the greedy rows and one log-softmax for all the rows that want logprobs (_choose);
     4. a sequence that stopped (end token, stop string, max_tokens, context full, content filter)
        leaves the batch right away and its slot goes back to the free list.
 
@@ -19,13 +20,15 @@ New requests therefore join at step boundaries and never wait for the batch to d
 queue is bounded: `submit` raises QueueFull when more than `max_queue` sequences would wait beyond the
 free slots (the HTTP layer answers 429).
 
-Each sequence turns its tokens into text itself (decode the ids so far, cut at a stop string, hold
-back what could still become a stop string or an incomplete UTF-8 character) and, with a moderator
-whose policy checks output, holds back the unfinished last word so that a blocklisted word is judged
-whole before any of it is sent. Every change is delivered through the sequence's `emit` callback as an
-Event; the callback is called on the engine thread and must only hand the event over. After each step
-the engine calls `on_step_end` (when set): the HTTP layer collects a step's events and hands them to
-its event loop in one call_soon_threadsafe, one wake-up per step rather than one per token.
+Each sequence turns its tokens into text itself (each new token's bytes through an incremental UTF-8
+decoder, never the whole output again; cut at a stop string; hold back what could still become a stop
+string or an incomplete UTF-8 character) and, with a moderator whose policy checks output, holds back
+the unfinished last word so that a blocklisted word is judged whole before any of it is sent. Every
+change is delivered through the sequence's `emit` callback as an Event; the callback is called on the
+engine thread and must only hand the event over. After each step
+(and after each prefill, so that a first token goes out before the next prompt's prefill) the engine
+calls `on_step_end` (when set): the HTTP layer collects the events and hands them to its event loop in
+one call_soon_threadsafe, one wake-up per step rather than one per token.
 
 Simplifications: a prompt is prefilled in one forward at a step boundary, so a long prompt delays
 the other sequences' next token by its prefill time (no chunked prefill); no prefix sharing between
@@ -33,6 +36,7 @@ sequences; no sliding window: a sequence stops with finish_reason "length" when 
 """
 from __future__ import annotations
 
+import codecs
 import collections
 import logging
 import threading
@@ -89,6 +93,42 @@ def _top(logprobs: np.ndarray, n: int):
     return [(int(i), float(logprobs[i])) for i in best]
 
 
+class _TextSoFar:
+    """The text of a growing list of generated ids, one token at a time, without decoding the list again.
+
+    Byte-level tokenizers (`token_bytes`): each token's bytes go through an incremental UTF-8 decoder, so a
+    character split across tokens appears once its last byte arrives; `final()` adds U+FFFD for bytes left
+    incomplete at the end, as decoding the whole list would. Character vocabularies (`itos`): one
+    character string per id. Any other tokenizer: the whole list decoded again each token (exact, slower).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.text = ""
+        self._utf8 = None
+        self._ids = []
+        if hasattr(tokenizer, "token_bytes"):
+            self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._itos = getattr(tokenizer, "itos", None) if self._utf8 is None else None
+        self.appends_only = self._utf8 is not None or isinstance(self._itos, dict)   # earlier text never changes
+
+    def push(self, token: int) -> str:
+        if self._utf8 is not None:
+            self.text += self._utf8.decode(self.tokenizer.token_bytes(token))
+        elif isinstance(self._itos, dict):
+            self.text += self._itos[token]
+        else:
+            self._ids.append(token)
+            self.text = self.tokenizer.decode(self._ids)
+        return self.text
+
+    def final(self) -> str:
+        """The text with any incomplete trailing UTF-8 sequence shown as U+FFFD."""
+        if self._utf8 is not None:
+            self.text += self._utf8.decode(b"", final=True)
+        return self.text
+
+
 class Sequence:
     """One prompt being completed: its sampling state, its text and where its events go."""
 
@@ -104,6 +144,10 @@ class Sequence:
         self.rng = np.random.default_rng(params.seed)
         self.ids: list = []            # generated tokens (stop tokens excluded)
         self.text = ""                 # text sent so far
+        self._decoded = _TextSoFar(tokenizer) if tokenizer is not None else None
+        self._stops = [stop for stop in params.stop if stop]
+        self._longest_stop = max((len(stop) for stop in self._stops), default=1)
+        self._searched = 0             # characters of the text already searched for stop strings
         self.verdict = None
         self.slot = None
         self.finish_reason = None
@@ -116,26 +160,32 @@ class Sequence:
     def done(self) -> bool:
         return self.finish_reason is not None or self.cancelled
 
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids) if ids else ""
-
-    def advance(self, token: int, entry) -> None:
-        """Take one sampled token: update the text, send what is safe to send, decide whether to stop."""
+    def advance(self, token: int, entry, context_full: bool = False) -> None:
+        """Take one sampled token: update the text, send what is safe to send, decide whether to stop.
+        context_full: the model has no position left after this token, so it is the last one."""
         finished = None
         if token in self.stop_ids:
             finished = "stop"
+            full = self._decoded.final()
         else:
             self.ids.append(token)
-        full = self._decode(self.ids)
-        stops = [s for s in self.params.stop if s]
-        cut = min((full.find(s) for s in stops if s in full), default=-1)
+            full = self._decoded.push(token)
+        stops = self._stops
+        if stops:
+            # Text only grows at its end, so a stop string not found before can only end in the new part.
+            start = self._searched if self._decoded.appends_only else 0
+            found = [at for at in (full.find(stop, max(0, start - len(stop) + 1)) for stop in stops) if at >= 0]
+            cut = min(found, default=-1)
+            self._searched = len(full)
+        else:
+            cut = -1
         if cut >= 0:
             full, finished = full[:cut], "stop"
-        if finished is None and len(self.ids) >= self.params.max_tokens:
-            finished = "length"
+        if finished is None and (len(self.ids) >= self.params.max_tokens or context_full):
+            finished, full = "length", self._decoded.final()
         safe = len(full)
         if finished is None:
-            safe -= max((len(s) for s in stops), default=1) - 1
+            safe -= self._longest_stop - 1
             while safe > len(self.text) and full[safe - 1] == "\ufffd":          # incomplete UTF-8
                 safe -= 1
             if self.moderator is not None:                                       # only whole words
@@ -272,6 +322,7 @@ class Engine:
                 admitted.append(seq)
         for seq in admitted:
             self._guarded(seq, self._admit)
+            self._step_end()                            # its first token goes out before the next prefill
         with self._cond:
             self._leave()
             self._update_gauges()
@@ -315,8 +366,13 @@ class Engine:
     def _admit(self, seq) -> None:
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
-        if seq.params.echo and seq.params.logprobs is not None:
-            logprobs = _log_softmax(self.decoder.prompt_logits(seq.prompt_ids))       # (T, V)
+        scored = seq.params.echo and seq.params.logprobs is not None
+        if scored:
+            if seq.params.max_tokens == 0:
+                logits = self.decoder.prompt_logits(seq.prompt_ids)                        # (T, V), no slot
+            else:                                       # one prefill scores the prompt and gives the next token
+                logits = self.decoder.prefill(seq.slot, seq.prompt_ids, all_logits=True)  # (T, V)
+            logprobs = _log_softmax(logits)                                                # (T, V)
             entries = [(seq.prompt_ids[0], None, None)]
             for t in range(1, len(seq.prompt_ids)):
                 token = seq.prompt_ids[t]
@@ -325,7 +381,7 @@ class Engine:
         if seq.params.max_tokens == 0:
             seq.finish("length")
             return
-        logits = self.decoder.prefill(seq.slot, seq.prompt_ids)
+        logits = logits[-1] if scored else self.decoder.prefill(seq.slot, seq.prompt_ids)     # (V,)
         with self._cond:
             self._active.append(seq)
         self._sample(seq, logits)
@@ -343,29 +399,65 @@ class Engine:
         self.steps += 1
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(batch))
-        for seq, row in zip(batch, logits):
-            self._guarded(seq, self._sample, row)
+        logits = np.asarray(logits)
+        try:
+            tokens, entries = _choose(batch, logits)
+        except Exception:                               # one bad sequence never stops the others: one by one
+            for seq, row in zip(batch, logits):
+                self._guarded(seq, self._sample, row)
+            return
+        now = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.completion_tokens.inc(len(batch))
+        for seq, token, entry in zip(batch, tokens, entries):
+            self._guarded(seq, self._take, token, entry, now)
 
     def _sample(self, seq, logits) -> None:
-        params = seq.params
-        token = sample_next(logits, params.temperature, params.top_k, params.top_p, seq.rng)
-        entry = None
-        if params.logprobs is not None:
-            logprobs = _log_softmax(logits)
-            entry = (token, float(logprobs[token]), _top(logprobs, params.logprobs))
-        now = time.perf_counter()
+        """One sequence's next token from its (V,) logits: after its prefill, or one by one when the batch's
+        choice failed."""
+        (token,), (entry,) = _choose([seq], np.asarray(logits)[None, :])
+        if self.metrics is not None:
+            self.metrics.completion_tokens.inc()
+        self._take(seq, token, entry, time.perf_counter())
+
+    def _take(self, seq, token: int, entry, now: float) -> None:
+        """A sampled token reaches its sequence: latency metrics, text and events, the stop checks."""
         if self.metrics is not None:
             if seq.first_token_time is None:
                 self.metrics.ttft.observe(now - seq.submitted)
             else:
                 self.metrics.token_latency.observe(now - seq.last_token_time)
-            self.metrics.completion_tokens.inc()
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.last_token_time = now
         seq.last_token = token
-        seq.advance(token, entry)
-        if not seq.done and self.decoder.length(seq.slot) >= self.context:
-            seq.finish("length")                        # the context is full: no position for the next token
+        seq.advance(token, entry, context_full=self.decoder.length(seq.slot) >= self.context)
         if seq.finish_reason == "content_filter" and self.metrics is not None:
             self.metrics.safety.labels(stage="output", action="block").inc()
+
+
+def _choose(batch, logits: np.ndarray):
+    """The next token of each sequence from its row of (n, V) logits, and its logprob entry (None unless asked).
+
+    Greedy rows share one argmax over the batch and the rows that want logprobs one log-softmax, so a step of
+    32 sequences costs two NumPy calls here instead of a few per sequence; sampled rows go through
+    generate.sample_next one by one (each has its own generator)."""
+    n = len(batch)
+    tokens = [0] * n
+    greedy = [i for i, seq in enumerate(batch) if seq.params.temperature == 0]
+    if greedy:
+        rows = logits if len(greedy) == n else logits[greedy]
+        for i, token in zip(greedy, rows.argmax(axis=-1).tolist()):
+            tokens[i] = token
+    for i, seq in enumerate(batch):
+        params = seq.params
+        if params.temperature != 0:
+            tokens[i] = sample_next(logits[i], params.temperature, params.top_k, params.top_p, seq.rng)
+    entries = [None] * n
+    wanted = [i for i, seq in enumerate(batch) if seq.params.logprobs is not None]
+    if wanted:
+        logprobs = _log_softmax(logits if len(wanted) == n else logits[wanted])         # (n', V) float64
+        picked = logprobs[np.arange(len(wanted)), [tokens[i] for i in wanted]].tolist()
+        for row, i, value in zip(logprobs, wanted, picked):
+            entries[i] = (tokens[i], value, _top(row, batch[i].params.logprobs))
+    return tokens, entries
