@@ -118,11 +118,8 @@ class SwiGLU(Function):
     Forward:  y = silu(g) · u = g · σ(g) · u
     Backward: du = dy · silu(g)
               dg = dy · u · σ(g) · (1 + g · (1 − σ(g)))      (silu'(g) = σ(g) + g σ(g)(1 − σ(g)))
-              the array path writes silu'(g) = σ + a − a·σ with a = silu(g) kept from the forward:
-              three passes where σ(1 + g(1 − σ)) takes four and a temporary
     Shapes:   g, u, y, dy: (..., F)
-    Saves:    the path; g, u (or gate_up) and, on the array path, σ(g) and silu(g)   (the kernel
-              recomputes σ)
+    Saves:    the path; g, u (or gate_up) and, on the array path, σ(g)   (the kernel recomputes σ)
     Packed form, `swiglu(gate_up)`: g, u = gate_up[..., :F], gate_up[..., F:] (one GEMM against the
     gate and up weights stacked gave both); same formulas, with dg and du written into the two halves
     of one d(gate_up) (..., 2F) instead of the zero-filled gradients of two slices.
@@ -150,21 +147,21 @@ class SwiGLU(Function):
             return fast.swiglu_packed_forward(gate) if packed else fast.swiglu_forward(gate, up)
         xp = array_module(gate)
         s = xp.empty(gate2.shape, dtype=gate.dtype)
-        activated = xp.empty_like(s)
         y = xp.empty_like(s)
         half = gate.dtype.type(0.5)
 
         def part(start, end):
-            g, u, sigma, a = gate2[start:end], up2[start:end], s[start:end], activated[start:end]
+            g, u, sigma = gate2[start:end], up2[start:end], s[start:end]
             xp.multiply(g, half, out=sigma)                           # σ(g) = ½ (1 + tanh(g/2)), no overflow
             xp.tanh(sigma, out=sigma)
             sigma *= half
             sigma += half
-            xp.multiply(g, sigma, out=a)                              # a = silu(g)
-            xp.multiply(a, u, out=y[start:end])
+            out = y[start:end]
+            xp.multiply(g, sigma, out=out)
+            out *= u
 
         run_row_chunks(part, gate2.shape[0], 2 * gate2.shape[1], xp)
-        self.save(path="array", gate=gate, up=up, s=(s, activated), packed=packed)
+        self.save(path="array", gate=gate, up=up, s=s, packed=packed)
         return y.reshape(out_shape)
 
     def backward(self, dy):
@@ -172,7 +169,6 @@ class SwiGLU(Function):
         if path != "array":         # the kernel module the forward ran
             return path.swiglu_packed_backward(dy, gate) if packed else path.swiglu_backward(dy, gate, up)
         xp = array_module(dy)
-        s, activated = s
         hidden = s.shape[1]
         dy2 = dy.reshape(-1, hidden)                                         # (..., F) -> (N, F)
         if packed:
@@ -185,14 +181,16 @@ class SwiGLU(Function):
             d_gate2, d_up2 = xp.empty_like(dy2), xp.empty_like(dy2)
 
         def part(start, end):
-            u, sigma, a = up2[start:end], s[start:end], activated[start:end]
+            g, u, sigma = gate2[start:end], up2[start:end], s[start:end]
             d_gate, d_up, upstream = d_gate2[start:end], d_up2[start:end], dy2[start:end]
-            xp.multiply(upstream, a, out=d_up)                       # du = dy · silu(g)
-            xp.multiply(a, sigma, out=d_gate)                        # d_gate is the scratch until the last line
-            xp.subtract(a, d_gate, out=d_gate)
-            d_gate += sigma                                          # σ + a − a·σ = σ(1 + g(1 − σ)) = silu'(g)
-            d_gate *= u
-            d_gate *= upstream                                       # dg = dy · u · silu'(g)
+            xp.multiply(upstream, g, out=d_up)
+            d_up *= sigma                                            # du = dy · silu(g)
+            t = 1 - sigma
+            t *= g
+            t += 1
+            t *= sigma                                               # σ(g)(1 + g(1 − σ(g))) = silu'(g)
+            t *= u
+            xp.multiply(upstream, t, out=d_gate)                     # dg = dy · u · silu'(g)
 
         run_row_chunks(part, s.shape[0], 2 * hidden, xp)
         if packed:
