@@ -345,7 +345,8 @@ class CausalAttention(Function):
         else:
             per_chunk = max(1, CHUNK_ELEMENTS // (heads * time * time))
         if xp is np and cache is None:   # cache-sized chunks of the batch, dealt to the threads
-            chunks = split(batch, parts=-(-batch // per_chunk))
+            least = thread_count() if blocked else 1                      # the blocked path: a chunk a thread
+            chunks = split(batch, parts=max(-(-batch // per_chunk), least))
             work = [chunks[i::thread_count()] for i in range(min(thread_count(), len(chunks)))]
             parts = [p for group in parallel_items(lambda group: [part(c) for c in group], work) for p in group]
         else:
