@@ -126,6 +126,22 @@ def _diagonal_bias(size: int, dtype):
     return bias
 
 
+_HEAD_TABLES: dict = {}
+
+
+def _head_tables(cos, sin, heads: int, kv_heads: int):
+    """`wide_tables` of the q and k heads, the q heads' scaled by 1/√D; remembered for the last cos and sin
+    arrays seen per head count (the model passes the same two arrays every training step)."""
+    key = (heads, kv_heads)
+    cached = _HEAD_TABLES.get(key)
+    if cached is not None and cached[0] is cos and cached[1] is sin:
+        return cached[2]
+    head_dim = cos.shape[-1] * 2
+    tables = wide_tables(cos, sin, [1.0 / math.sqrt(head_dim)] * heads + [1.0] * kv_heads)
+    _HEAD_TABLES[key] = (cos, sin, tables)
+    return tables
+
+
 def _contiguous_transpose(x):
     """x (..., T, D) as a contiguous (..., D, T). From a strided view the copy goes through a contiguous
     one first: NumPy's transposing copy out of a strided view is about four times slower than the two."""
@@ -311,9 +327,7 @@ class CausalAttention(Function):
         rope = kernel("rope", qkv)
         blocked = (xp is np and cache is None and keep_probabilities and not needs_float32_products(qkv.dtype)
                    and kernel("causal_attention", qkv) is None)
-        tables = None
-        if blocked:              # RoPE tables of the q and k heads; the q heads' carry 1/√D
-            tables = wide_tables(cos, sin, [1.0 / math.sqrt(head_dim)] * heads + [1.0] * kv_heads)
+        tables = _head_tables(cos, sin, heads, kv_heads) if blocked else None
 
         def part(bounds):
             start, end = bounds
