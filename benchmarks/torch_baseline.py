@@ -15,8 +15,9 @@ the package imports it.
 `tinygrad-llm train --config tinygrad_llm/configs/shakespeare_char.toml` does (characters of the file,
 first 90 % train / last 10 % validation, random windows, lr 1e-3 with 100 warm-up steps and a cosine to
 1e-4, clipping 1.0), evaluating 20 random validation batches every 250 steps; it prints the training
-seconds (evaluation excluded) and the validation losses. Batches come from torch's generator seeded with
---seed, so the runs are not batch-for-batch those of tinygrad_llm.
+seconds (evaluation excluded), the validation losses and, at the end, the loss over every non-overlapping
+window of the validation split. Batches come from torch's generator seeded with --seed, so the runs are
+not batch-for-batch those of tinygrad_llm.
 """
 from __future__ import annotations
 
@@ -170,7 +171,27 @@ def train_char(path: str, seed: int, threads: int, steps: int = 2000, eval_inter
         seconds += time.perf_counter() - start
         if (step + 1) % eval_interval == 0 or step + 1 == steps:
             evaluations.append({"step": step + 1, "train_s": seconds, "val_loss": validation_loss()})
-    return {"seed": seed, "train_seconds": seconds, "evaluations": evaluations}
+    return {"seed": seed, "train_seconds": seconds, "evaluations": evaluations,
+            "full_val_loss": full_validation_loss(model, val_data, T, len(chars))}
+
+
+def full_validation_loss(model, tokens, seq_len: int, vocab_size: int, rows: int = 64) -> float:
+    """Mean loss over every non-overlapping window of the validation split (windows t·T … t·T + T, the
+    targets shifted by one), the low-noise figure that `benchmarks/char_quality.py` compares."""
+    import torch
+    import torch.nn.functional as F
+    count = (len(tokens) - 1) // seq_len
+    starts = torch.arange(count) * seq_len
+    total = 0.0
+    model.eval()
+    with torch.no_grad():
+        for first in range(0, count, rows):
+            chunk = starts[first:first + rows]
+            x = torch.stack([tokens[s:s + seq_len] for s in chunk])                     # (rows, T)
+            y = torch.stack([tokens[s + 1:s + seq_len + 1] for s in chunk])
+            total += F.cross_entropy(model(x).view(-1, vocab_size), y.view(-1), reduction="sum").item()
+    model.train()
+    return total / (count * seq_len)
 
 
 def time_steps(step, steps: int, warmup: int) -> dict:
@@ -204,6 +225,7 @@ def main(argv=None) -> int:
         result = train_char(args.train_char, args.seed, args.threads)
         for record in result["evaluations"]:
             print(f"step {record['step']:>4}  {record['train_s']:7.1f} s  val {record['val_loss']:.4f}")
+        print(f"whole validation split: {result['full_val_loss']:.4f}")
         print(json.dumps(result))
         return 0
     config = CONFIGS[args.config]

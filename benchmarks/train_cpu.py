@@ -18,6 +18,8 @@ round's median ("worst"), process CPU time per step, and the ratio of tokens/s (
 alternating pair: the median pair and the worst pair. `--parity N` instead trains the char model for N
 steps in both libraries from the same initial weights on the same batches with the same AdamW, schedule
 and clipping, and prints both losses (a check that the two compute the same training, not a timing).
+`--baseline-tree DIR` adds a third worker per round, this script of another checkout (a before/after of
+a change under the same load): its ms, cpu, and the per-round speedup of this tree over it.
 """
 from __future__ import annotations
 
@@ -138,11 +140,14 @@ def parity(steps: int, data_path: str) -> int:
     return 0
 
 
-def run_worker(kind: str, config_name: str, steps: int, warmup: int, threads: int, plan: str) -> dict:
+def run_worker(kind: str, config_name: str, steps: int, warmup: int, threads: int, plan: str,
+               tree: str | None = None) -> dict:
+    """One measurement in a fresh subprocess; `tree`: run this script of another checkout instead."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
     env.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")     # what `tinygrad-llm` sets; no effect on PyTorch's own BLAS
-    command = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--configs", config_name,
+    script = os.path.join(tree, "benchmarks", "train_cpu.py") if tree else os.path.abspath(__file__)
+    command = [sys.executable, script, "--worker", kind, "--configs", config_name,
                "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads), "--plan", plan]
     env["TINYGRAD_LLM_THREADS"] = str(threads)         # the most threads tinygrad_llm's plan may use
     done = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -176,6 +181,9 @@ def main(argv=None) -> int:
                         help="train both libraries identically for STEPS steps and compare (needs torch)")
     parser.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
                                                       os.pardir, "shared", "data", "tinyshakespeare.txt"))
+    parser.add_argument("--baseline-tree", metavar="DIR",
+                        help="also time the tinygrad_llm of another checkout (e.g. `git worktree add DIR <commit>`), "
+                             "interleaved with this one: a before/after under the same load")
     parser.add_argument("--worker", choices=["ours", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.parity:
@@ -209,8 +217,11 @@ def main(argv=None) -> int:
         for name in names:
             config = CONFIGS[name]
             tokens = config["batch_size"] * config["seq_len"]
-            ours, theirs, plans = [], [], set()
+            ours, theirs, before, plans = [], [], [], set()
             for _ in range(args.rounds):
+                if args.baseline_tree:
+                    before.append(run_worker("ours", name, args.steps, args.warmup, threads, args.plan,
+                                             tree=args.baseline_tree))
                 run = run_worker("ours", name, args.steps, args.warmup, threads, args.plan)
                 ours.append(run)
                 plans.add(f"{run['plan']}")
@@ -226,6 +237,13 @@ def main(argv=None) -> int:
                 row.update(ratio=statistics.median(pairs), worst_ratio=min(pairs), pair_ratios=pairs)
                 line += (f" {row['torch_ms']:>8.1f} {row['torch_worst_ms']:>7.1f} {row['torch_cpu_ms']:>6.1f} "
                          f"{row['torch_tokens_per_s']:>7.0f} {row['ratio']:>5.2f}x {row['worst_ratio']:>5.2f}x")
+            if before:
+                row.update(_summary("baseline", before, tokens))
+                pairs = [statistics.median(b["wall"]) / statistics.median(o["wall"]) for o, b in zip(ours, before)]
+                row.update(speedup=statistics.median(pairs), worst_speedup=min(pairs), speedup_pairs=pairs)
+                line += (f"  | baseline tree {row['baseline_ms']:.1f} ms (worst {row['baseline_worst_ms']:.1f}, cpu "
+                         f"{row['baseline_cpu_ms']:.1f}): this tree {row['speedup']:.2f}x faster, worst pair "
+                         f"{row['worst_speedup']:.2f}x")
             print(line, flush=True)
             results.append(row)
     print(f"load average {load_average()} at the end")

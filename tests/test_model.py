@@ -141,6 +141,30 @@ def test_packed_ops_match_composed_references(keep_probabilities):
     assert gradcheck(lambda t: F.swiglu(t), [gate_up]).ok
 
 
+@pytest.mark.parametrize("block, heads, kv_heads", [(1, 2, 2), (2, 4, 2), (3, 4, 1), (7, 4, 2)])
+def test_blocked_causal_attention_matches_the_composed_reference(monkeypatch, block, heads, kv_heads):
+    """The CPU training path cuts the query rows into blocks that see only the keys up to their diagonal;
+    every block size (one row, uneven last block, a single block) must give the unblocked result and
+    gradient, with grouped heads too, and the blocked path must be the one that ran."""
+    from tinygrad_llm.ops import attention
+    monkeypatch.setattr(attention, "QUERY_BLOCK", block)
+    calls = []
+    blocked_forward = attention._blocked_forward
+    monkeypatch.setattr(attention, "_blocked_forward", lambda *a: calls.append(a[-1]) or blocked_forward(*a))
+    rng = np.random.default_rng(block)
+    time, head_dim = 7, 4
+    qkv = rng.standard_normal((2, time, heads + 2 * kv_heads, head_dim))
+    cos, sin = rope_angles(np.arange(time), head_dim, 10000.0)
+
+    def packed(t):
+        return F.rope_attention(t, heads, kv_heads, cos, sin, keep_probabilities=True)
+
+    np.testing.assert_allclose(packed(Tensor(qkv)).numpy(), _composed_attention(Tensor(qkv), heads, kv_heads).numpy(),
+                               atol=1e-12)
+    assert calls and set(calls) == {block}
+    assert gradcheck(packed, [qkv]).ok
+
+
 def test_tied_embedding_gradient_is_the_sum_of_its_two_uses():
     """With tie_embeddings one matrix is both the embedding table and the output head: its gradient must be
     the lookup's scatter-add plus the head's Gᵀ x, each computed here from a model whose two uses are split."""

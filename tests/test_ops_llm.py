@@ -19,7 +19,7 @@ from tinygrad_llm.ops.activation import swiglu_reference
 from tinygrad_llm.ops.attention import causal_attention_reference
 from tinygrad_llm.ops.loss import cross_entropy_reference
 from tinygrad_llm.ops.norm import rms_norm_reference
-from tinygrad_llm.ops.rope import rope_angles, rope_reference
+from tinygrad_llm.ops.rope import rope_angles, rope_reference, rotate_heads_into, rotate_into, wide_tables
 
 from op_helpers import assert_same_forward_and_backward, normal, relative_error, run
 
@@ -185,6 +185,25 @@ def test_rope_bad_input_is_a_clear_error(backend):
         F.rope(x, positions=-1)
     with pytest.raises(TypeError, match="integers"):
         F.rope(x, positions=np.array([0.0, 1.0, 2.0]))
+
+
+@given(seed=seeds, heads=st.integers(1, 4), half=st.integers(1, 4), time=st.integers(1, 5))
+def test_rotate_heads_into_equals_rope_per_head_with_its_scale(seed, heads, half, time):
+    """The token-major rotation of the packed CPU path (scaled signed tables) against rotate_into, head by
+    head on a strided slice of a wider array; rotating back with −sin_signed gives x times scale²."""
+    rng = np.random.default_rng(seed)
+    head_dim = 2 * half
+    wide = rng.standard_normal((2, time, heads + 1, head_dim))            # a spare head: x is a strided slice
+    x = wide[:, :, :heads]
+    scales = rng.uniform(0.5, 2.0, heads)
+    cos, sin = rope_angles(np.arange(time), head_dim, 10000.0)
+    cos_wide, sin_signed = wide_tables(cos, sin, scales)
+    out = rotate_heads_into(x, cos_wide, sin_signed, np.empty(x.shape))
+    expected = np.empty((2, heads, time, head_dim))
+    rotate_into(x.transpose(0, 2, 1, 3), cos, sin, expected)              # (B, T, n, D) -> (B, n, T, D)
+    np.testing.assert_allclose(out, expected.transpose(0, 2, 1, 3) * scales[:, None], atol=1e-12)
+    back = rotate_heads_into(out, cos_wide, -sin_signed, np.empty(x.shape))
+    np.testing.assert_allclose(back, x * (scales ** 2)[:, None], atol=1e-12)
 
 
 # ------------------------------------------------------------------ causal_attention

@@ -6,7 +6,8 @@ recomputes the probabilities P = exp(S − L) from q and k instead of keeping th
 the two passes. (The array forward still forms S for one call at a time; the CUDA kernel tiles it.)
 On the CPU the packed form may instead keep P (`keep_probabilities`): the T×T probabilities of one
 cache-sized chunk of the batch are cheap to keep, and keeping them saves the backward a GEMM and three
-passes over them.
+passes over them. That CPU training path also skips the masked upper half of the scores, in blocks of
+query rows that each see only the keys up to the diagonal.
 
 Grouped-query attention: H query heads share Hkv key/value heads, H = G · Hkv; query head h reads kv head
 h // G (consecutive query heads form a group, as Hugging Face's `repeat_kv` lays them out).
@@ -28,7 +29,7 @@ from ..gpu import kernel
 from ..cpu_threads import CHUNK_ELEMENTS, parallel_items, split, thread_count
 from ..tensor import Function
 from .matmul import needs_float32_products, product
-from .rope import rotate_into
+from .rope import rotate_heads_into, rotate_into, wide_tables
 
 
 def _check_shapes(q, k, v):
@@ -105,6 +106,120 @@ def choose_path(q, k, v, keep_probabilities: bool):
     return "kept" if keep_probabilities and array_module(q) is np else "recompute"
 
 
+QUERY_BLOCK = 32     # query rows per block of the blocked causal path
+
+
+def _query_blocks(time: int, block: int) -> list:
+    """(start, end) row ranges of the blocked causal path; each block's keys are 0 … end − 1."""
+    return [(start, min(start + block, time)) for start in range(0, time, block)]
+
+
+_DIAGONAL_BIAS: dict = {}
+
+
+def _diagonal_bias(size: int, dtype):
+    """(n, n) additive mask of a block on the diagonal: 0 on and below it, −∞ above (cached)."""
+    key = (size, dtype)                        # a dtype hashes fast; its str() costs ~40 µs
+    bias = _DIAGONAL_BIAS.get(key)
+    if bias is None:
+        bias = _DIAGONAL_BIAS[key] = np.where(_causal_mask(size, size, np), -np.inf, 0).astype(dtype)
+    return bias
+
+
+_HEAD_TABLES: dict = {}
+
+
+def _head_tables(cos, sin, heads: int, kv_heads: int):
+    """`wide_tables` of the q and k heads, the q heads' scaled by 1/√D; remembered for the last cos and sin
+    arrays seen per head count (the model passes the same two arrays every training step)."""
+    key = (heads, kv_heads)
+    cached = _HEAD_TABLES.get(key)
+    if cached is not None and cached[0] is cos and cached[1] is sin:
+        return cached[2]
+    head_dim = cos.shape[-1] * 2
+    tables = wide_tables(cos, sin, [1.0 / math.sqrt(head_dim)] * heads + [1.0] * kv_heads)
+    _HEAD_TABLES[key] = (cos, sin, tables)
+    return tables
+
+
+def _contiguous_transpose(x):
+    """x (..., T, D) as a contiguous (..., D, T). From a strided view the copy goes through a contiguous
+    one first: NumPy's transposing copy out of a strided view is about four times slower than the two."""
+    return np.ascontiguousarray(np.ascontiguousarray(x).swapaxes(-1, -2))
+
+
+def _blocked_forward(q, k, v, out, block: int) -> list:
+    """Causal attention on NumPy arrays that skips the masked upper half of the scores.
+
+    q (b, H, T, D) already scaled by 1/√D; k, v (b, Hkv, T, D); the result O is written into out
+    (b, H, T, D). Any of q, v, out may be strided views (the packed layout) as long as their last axis is
+    unit-stride: BLAS reads and writes them in place. The query rows are cut into blocks of `block` rows;
+    block [s, e) needs only the keys 0 … e − 1 (later keys are masked for every row of it), so its scores
+    are (n, e), not (n, T), and only the (n, n) square on the diagonal needs the mask. Returns the
+    probabilities P of each block, (b, Hkv, G, n, e), kept for the backward.
+    """
+    batch, heads, time, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    q5 = q.reshape(batch, kv_heads, group, time, head_dim)               # (b, H, T, D) -> (b, Hkv, G, T, D)
+    out5 = out.reshape(q5.shape)
+    k_transposed = _contiguous_transpose(k)[:, :, None]                  # (b, Hkv, T, D) -> (b, Hkv, 1, D, T)
+    v5 = v[:, :, None]                                                    # -> (b, Hkv, 1, T, D)
+    kept = []
+    for start, end in _query_blocks(time, block):
+        s = q5[..., start:end, :] @ k_transposed[..., :end]              # S (b, Hkv, G, n, e)
+        s[..., start:] += _diagonal_bias(end - start, s.dtype)
+        row_max = s.max(axis=-1, keepdims=True)
+        s -= row_max                                                      # max subtraction: exp ≤ 1
+        np.exp(s, out=s)
+        row_sum = s.sum(axis=-1, keepdims=True)
+        s *= np.reciprocal(row_sum, out=row_sum)                          # P
+        np.matmul(s, v5[..., :end, :], out=out5[..., start:end, :])      # O rows = P v
+        kept.append(s)
+    return kept
+
+
+def _blocked_backward(d_out, q, k, v, out, kept: list, block: int, dq, dk, dv):
+    """dq (with respect to the scaled q), dk, dv of _blocked_forward, block by block.
+
+    d_out, out (b, H, T, D) may be strided views. Block [s, e) with P_b (n, e) and dO_b (n, D):
+    dP_b = dO_b vᵀ[:, :e];  dS_b = P_b ∘ (dP_b − Δ_b);  dq_b = dS_b k[:e];  dk[:e] += dS_bᵀ q_b;
+    dv[:e] += P_bᵀ dO_b. The last block spans every key, so it writes dk and dv and the others add.
+    dq (b, H, T, D) (with respect to the scaled q), dk, dv (b, Hkv, T, D) are written into the arrays
+    given (unit-stride rows, any layout); `kept` is emptied as it is used.
+    """
+    batch, heads, time, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    grouped = (batch, kv_heads, group, time, head_dim)                  # (b, H, T, D) -> (b, Hkv, G, T, D)
+    q5, d_out5 = q.reshape(grouped), d_out.reshape(grouped)
+    delta = (d_out5 * out.reshape(grouped)).sum(axis=-1, keepdims=True)   # Δ (b, Hkv, G, T, 1)
+    v_transposed = _contiguous_transpose(v)[:, :, None]                   # (b, Hkv, 1, D, T)
+    k5 = k[:, :, None]                                                    # (b, Hkv, 1, T, D)
+    dq5 = dq.reshape(grouped)
+    blocks = _query_blocks(time, block)
+    for index in reversed(range(len(blocks))):
+        start, end = blocks[index]
+        p, kept[index] = kept[index], None
+        rows = group * (end - start)
+        d_out_block = d_out5[..., start:end, :]
+        ds = d_out_block @ v_transposed[..., :end]                       # dP (b, Hkv, G, n, e)
+        ds -= delta[..., start:end, :]
+        ds *= p                                                           # dS = P ∘ (dP − Δ)
+        np.matmul(ds, k5[..., :end, :], out=dq5[..., start:end, :])      # dq = dS k
+        # the group's rows stacked, (b, Hkv, G, n, ·) -> (b, Hkv, G·n, ·): the products sum over the group
+        p3t = p.reshape(batch, kv_heads, rows, end).swapaxes(-1, -2)      # Pᵀ (b, Hkv, e, G·n)
+        ds3t = ds.reshape(batch, kv_heads, rows, end).swapaxes(-1, -2)    # dSᵀ
+        d_out3 = d_out_block.reshape(batch, kv_heads, rows, head_dim)
+        q3 = q5[..., start:end, :].reshape(batch, kv_heads, rows, head_dim)
+        if end == time:
+            np.matmul(p3t, d_out3, out=dv)
+            np.matmul(ds3t, q3, out=dk)
+        else:
+            dv[:, :, :end] += p3t @ d_out3
+            dk[:, :, :end] += ds3t @ q3
+
+
 def _attend(q, k, v, path):
     """O (b, H, Tq, D) for q (b, H, Tq, D), k, v (b, Hkv, Tk, D) by `path`, and what its backward needs."""
     if not isinstance(path, str):
@@ -175,6 +290,10 @@ class CausalAttention(Function):
     Saves:    per batch chunk, the path and what that path saves;  cos, sin
     On NumPy arrays the batch is cut into chunks whose T×T scores fit in cache and the chunks are spread
     over threads (tinygrad_llm.cpu_threads): batch rows are independent.
+    Blocked causal path (NumPy, keep_probabilities, no cache: CPU training): the query rows go in blocks
+    of QUERY_BLOCK rows, each against only the keys up to its diagonal (`_blocked_forward`,
+    `_blocked_backward`; derived in docs/backprop.md), 1/√D rides in q's RoPE tables, and q, k, O, dO
+    stay in the token-major layout of qkv and y (no transposed copies but kᵀ and vᵀ).
     With `cache=(k_store, v_store, start)` (KV-cached decoding, no gradient) the rotated k and v of the
     new positions are written into the stores (B, Hkv, max_len, D) at start … start + T, and q attends
     to every stored position before start + T; cos, sin are then the tables of positions start … start + T.
@@ -206,11 +325,23 @@ class CausalAttention(Function):
         batch, time, _, head_dim = qkv.shape
         out = xp.empty((batch, time, heads * head_dim), dtype=qkv.dtype)
         rope = kernel("rope", qkv)
+        blocked = (xp is np and cache is None and keep_probabilities and not needs_float32_products(qkv.dtype)
+                   and kernel("causal_attention", qkv) is None)
+        tables = _head_tables(cos, sin, heads, kv_heads) if blocked else None
 
         def part(bounds):
             start, end = bounds
             chunk = qkv[start:end]                                                   # (b, T, H + 2Hkv, D)
             rows = end - start
+            if blocked:          # q, k rotated in the token-major layout; O written in o_proj's layout
+                qk = np.empty((rows, time, heads + kv_heads, head_dim), dtype=qkv.dtype)
+                rotate_heads_into(chunk[:, :, :heads + kv_heads], *tables, qk)
+                q = qk[:, :, :heads].transpose(0, 2, 1, 3)                           # (b, H, T, D) view
+                k = qk[:, :, heads:].transpose(0, 2, 1, 3)                           # (b, Hkv, T, D) view
+                v = chunk[:, :, heads + kv_heads:].transpose(0, 2, 1, 3)             # (b, Hkv, T, D) view
+                o = out[start:end].reshape(rows, time, heads, head_dim).transpose(0, 2, 1, 3)   # (b, H, T, D)
+                kept = _blocked_forward(q, k, v, o, QUERY_BLOCK)
+                return [bounds, "blocked", (q, k, v, o, kept)]
             q = xp.empty((rows, heads, time, head_dim), dtype=qkv.dtype)
             k = xp.empty((rows, kv_heads, time, head_dim), dtype=qkv.dtype)
             rotate_into(chunk[:, :, :heads].transpose(0, 2, 1, 3), cos, sin, q, rope)           # (b, H, T, D)
@@ -225,17 +356,22 @@ class CausalAttention(Function):
             _copy_into(o, target.transpose(0, 2, 1, 3), rope)                           # o (b, H, T, D) into it
             return [bounds, path, state]
 
-        if xp is np and cache is None:   # cache-sized chunks of the batch, dealt to the threads
+        if blocked:              # batch chunks whose largest score block fits in cache, dealt to the threads
+            per_chunk = max(1, CHUNK_ELEMENTS // (heads * min(QUERY_BLOCK, time) * time))
+        else:
             per_chunk = max(1, CHUNK_ELEMENTS // (heads * time * time))
-            chunks = split(batch, parts=-(-batch // per_chunk))
+        if xp is np and cache is None:   # cache-sized chunks of the batch, dealt to the threads
+            least = thread_count() if blocked else 1                      # the blocked path: a chunk a thread
+            chunks = split(batch, parts=max(-(-batch // per_chunk), least))
             work = [chunks[i::thread_count()] for i in range(min(thread_count(), len(chunks)))]
             parts = [p for group in parallel_items(lambda group: [part(c) for c in group], work) for p in group]
         else:
             parts = [part((0, batch))]
-        self.save(parts=parts, cos=cos, sin=sin, heads=heads, kv_heads=kv_heads, rope=rope, packed=True)
+        self.save(parts=parts, cos=cos, sin=sin, tables=tables, heads=heads, kv_heads=kv_heads, rope=rope,
+                  packed=True)
         return out
 
-    def _packed_backward(self, dy, parts, cos, sin, heads, kv_heads, rope):
+    def _packed_backward(self, dy, parts, cos, sin, tables, heads, kv_heads, rope):
         xp = array_module(dy)
         batch, time, _ = dy.shape
         head_dim = cos.shape[-1] * 2
@@ -245,12 +381,21 @@ class CausalAttention(Function):
             (start, end), path, state = item
             item[2] = None                                       # this chunk's P or L goes once used
             rows = end - start
-            d_out = _copy_into(dy[start:end].reshape(rows, time, heads, head_dim).transpose(0, 2, 1, 3),
-                               xp.empty((rows, heads, time, head_dim), dtype=dy.dtype), rope)  # (b, H, T, D)
+            d_out = dy[start:end].reshape(rows, time, heads, head_dim).transpose(0, 2, 1, 3)   # (b, H, T, D) view
+            target = dqkv[start:end]
+            if path == "blocked":    # d(q‖k) gathered token-major, rotated back (1/√D on q) into d(qkv)
+                d_qk = np.empty((rows, time, heads + kv_heads, head_dim), dtype=dy.dtype)
+                _blocked_backward(d_out, *state, QUERY_BLOCK, dq=d_qk[:, :, :heads].transpose(0, 2, 1, 3),
+                                  dk=d_qk[:, :, heads:].transpose(0, 2, 1, 3),
+                                  dv=target[:, :, heads + kv_heads:].transpose(0, 2, 1, 3))
+                del state
+                cos_wide, sin_signed = tables
+                rotate_heads_into(d_qk, cos_wide, -sin_signed, target[:, :, :heads + kv_heads])
+                return
+            d_out = _copy_into(d_out, xp.empty((rows, heads, time, head_dim), dtype=dy.dtype), rope)
             dq, dk, dv = _attend_backward(d_out, path, *state)
             del state
             dq = dq.reshape(d_out.shape)
-            target = dqkv[start:end]
             rotate_into(dq, cos, -sin, target[:, :, :heads].transpose(0, 2, 1, 3), rope)
             rotate_into(dk, cos, -sin, target[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3), rope)
             _copy_into(dv, target[:, :, heads + kv_heads:].transpose(0, 2, 1, 3), rope)

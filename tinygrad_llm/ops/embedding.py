@@ -1,6 +1,8 @@
 """Embedding lookup: rows of a weight table picked by integer ids."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..backend import array_module
 from ..gpu import kernel
 from ..tensor import Function
@@ -10,7 +12,9 @@ from .matmul import accumulation_dtype
 class Embedding(Function):
     """Forward:  y[..., :] = W[ids[...], :]
     Backward: dW[v] = Σ over positions where ids == v of dy      (repeated ids accumulate)
-              computed with add.at: `dW[ids] += dy` would keep only one of the repeats
+              `dW[ids] += dy` would keep only one of the repeats. On NumPy arrays the rows of dy are
+              sorted by id and each run of equal ids summed (add.reduceat), several times faster than
+              add.at; CuPy arrays use add.at (atomic adds)
     Shapes:   ids: (...) integers in [0, V);  W, dW: (V, C);  y, dy: (..., C)
     Saves:    ids, V
     16-bit gradients are summed in float32 (repeated ids add up many rows) and cast back.
@@ -36,7 +40,15 @@ class Embedding(Function):
         xp = array_module(dy)
         channels = dy.shape[-1]
         dweight = xp.zeros((vocab, channels), dtype=accumulation_dtype(dy.dtype))   # 16-bit: sums in float32
-        xp.add.at(dweight, ids.reshape(-1), dy.reshape(-1, channels))      # (..., C) -> (N, C)
+        flat_ids, rows = ids.reshape(-1), dy.reshape(-1, channels)         # (..., C) -> (N, C)
+        if xp is np and flat_ids.size:
+            order = np.argsort(flat_ids, kind="stable")
+            sorted_ids = flat_ids[order]
+            starts = np.flatnonzero(np.concatenate([[True], sorted_ids[1:] != sorted_ids[:-1]]))   # run starts
+            dweight[sorted_ids[starts]] = np.add.reduceat(rows[order].astype(dweight.dtype, copy=False), starts,
+                                                          axis=0)
+        else:
+            xp.add.at(dweight, flat_ids, rows)
         return dweight.astype(dy.dtype, copy=False)
 
 

@@ -95,3 +95,32 @@ def rope_reference(x, positions=None, theta=10000.0):
     half = x.shape[-1] // 2
     rotated = concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
+
+
+def wide_tables(cos, sin, head_scales):
+    """The tables of `rotate_heads_into` for heads that each carry a scale: cos (T, n, D) = scale·[cos, cos]
+    and the signed sin (T, n, 2, D/2) = scale·[−sin, sin], from cos, sin (T, D/2) and head_scales (n,)."""
+    xp = array_module(cos)
+    scales = xp.asarray(head_scales, dtype=cos.dtype)[None, :, None]                # (n,) -> (1, n, 1)
+    cos_wide = xp.concatenate([cos, cos], axis=-1)[:, None, :] * scales            # (T, D/2) -> (T, n, D)
+    sin_signed = xp.stack([-sin, sin], axis=1)[:, None] * scales[..., None]        # -> (T, n, 2, D/2)
+    return cos_wide, sin_signed
+
+
+def rotate_heads_into(x, cos_wide, sin_signed, out):
+    """out = RoPE of the heads of x in the token-major layout, y = x · cos + rotate_half(x) · sin, with
+    rotate_half(x) = [−x₂, x₁] folded into the signed sin table (`wide_tables`; −sin_signed rotates back).
+
+    x, out: (B, T, n, D) whose (n, D) block of each token is contiguous (slices of one q‖k‖v projection):
+    NumPy then runs the two multiplications by the tables over whole n·D rows instead of D/2-element
+    pieces. Three passes: out = x · cos, a temporary of x with its halves swapped times the signed sin,
+    added to out.
+    """
+    xp = array_module(x)
+    batch, time, heads, head_dim = x.shape
+    half = head_dim // 2
+    xp.multiply(x, cos_wide, out=out)
+    swapped = x.reshape(batch, time, heads, 2, half)[..., ::-1, :]              # [x₂, x₁]: (B, T, n, 2, D/2)
+    rotated = xp.multiply(swapped, sin_signed)                                   # [−x₂ sin, x₁ sin]
+    out += rotated.reshape(x.shape)
+    return out
