@@ -6,6 +6,8 @@ at 1 and 2 threads. GPU rows are printed as "not measured here" unless CuPy sees
     python benchmarks/decode.py --models default --batches 1,32  # a quick look
     python benchmarks/decode.py --matmul                         # the CPU quantized-matmul alternatives
     python benchmarks/decode.py --profile --models default --types q8_0   # where a decode step's time goes
+    python benchmarks/decode.py --device cuda                    # one GPU: fp32/bf16/fp16 and q8_0/q4_0 kernels
+    python benchmarks/decode.py --device cuda --transformers     # + transformers generate (bf16, static cache, compiled)
 
 Quantized weights are made by one subprocess and written to $TMPDIR/tinygrad_llm_decode_*.safetensors
 (reused by later runs; delete them after changing the model configs), then read by the measuring one, so
@@ -19,6 +21,17 @@ divides by the process's CPU time (time.process_time, all its threads) instead o
 shared machine it leaves out the time the process waited for a core, so at 1 thread it is what an idle
 core would give; at 2 threads it is throughput per CPU-second, not per wall-second.
 llama.cpp (llama-cpp-python) and transformers columns appear only when those packages are installed.
+
+GPU (--device cuda): one process, no subprocesses. Rows for float32 weights under each --precisions policy
+(tinygrad_llm.precision: the GEMMs in bf16/fp16, norms, attention and the KV cache in float32) and for
+q8_0 / q4_0 weights (the quantized CUDA kernels, fp32 policy). Same prompts and steps as on the CPU; every
+decode step ends with the logits copied to the host (what sampling needs), so the timings include the
+synchronisation. Peak GPU memory is the most CuPy's memory pool held during that configuration (the pool is
+emptied before each). --transformers adds Hugging Face transformers' `generate` on a random LlamaForCausalLM
+of the same shape (bf16, greedy, static cache, forward under torch.compile, and its default dynamic cache
+without compile for reference) at --transformers-batches: TTFT = generate(1 new token), decode tokens/s =
+B · (N − 1) / (time of N new tokens − time of 1). It is skipped with a message when torch or transformers
+is missing or torch sees no GPU. Defaults for the GPU: --models gpt2 --new-tokens 32 --repeat 3.
 """
 from __future__ import annotations
 
@@ -85,28 +98,13 @@ def measure(model_name: str, kind: str, batches, prompt_len: int, new_tokens: in
     decoder = Decoder(model)
     vocab = model.config.vocab_size
     rows = []
+    settings = argparse.Namespace(prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat)
     for batch in batches:
-        worst_ttft, worst_rate, worst_cpu_rate, cache_bytes = 0.0, float("inf"), float("inf"), 0
-        for trial in range(repeat):
-            rng = np.random.default_rng(trial)
-            prompts = rng.integers(0, vocab, (batch, prompt_len))
-            cache = decoder.new_cache(batch, prompt_len + new_tokens)
-            slots = [cache.allocate() for _ in range(batch)]
-            start = time.perf_counter()
-            logits = np.stack([decoder.prefill(cache, slot, prompt) for slot, prompt in zip(slots, prompts)])
-            ttft = time.perf_counter() - start
-            tokens = logits.argmax(axis=1)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            for _ in range(new_tokens):
-                tokens = decoder.decode_step(cache, tokens, slots).argmax(axis=1)
-            rate = batch * new_tokens / (time.perf_counter() - start)
-            cpu_rate = batch * new_tokens / (time.process_time() - cpu_start)
-            worst_ttft, worst_rate = max(worst_ttft, ttft), min(worst_rate, rate)
-            worst_cpu_rate = min(worst_cpu_rate, cpu_rate)
-            cache_bytes = cache.nbytes
-        rows.append({"model": model_name, "type": kind, "batch": batch, "ttft_ms": 1e3 * worst_ttft,
-                     "tokens_per_s": worst_rate, "tokens_per_cpu_s": worst_cpu_rate, "weight_bytes": weight_bytes, "parameters": parameters,
-                     "bytes_per_parameter": weight_bytes / parameters, "kv_cache_bytes": cache_bytes})
+        ttft, rate, cpu_rate, cache_bytes = time_decoding(decoder, vocab, batch, settings)
+        rows.append({"model": model_name, "type": kind, "batch": batch, "ttft_ms": 1e3 * ttft,
+                     "tokens_per_s": rate, "tokens_per_cpu_s": cpu_rate, "weight_bytes": weight_bytes,
+                     "parameters": parameters, "bytes_per_parameter": weight_bytes / parameters,
+                     "kv_cache_bytes": cache_bytes})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024          # Linux: KiB
     for row in rows:
         row["peak_rss_bytes"] = peak
@@ -209,28 +207,208 @@ def gpu_line() -> str:
             else "GPU: not measured here (no CuPy/GPU on this machine)")
 
 
+def gpu_rows(args) -> list:
+    """Decode timings on the GPU in this process: float32 weights under each precision policy, then the
+    quantized types under fp32 (their CUDA kernels)."""
+    from tinygrad_llm import backend, precision
+    from tinygrad_llm.generate import Decoder
+    cp = backend.cupy_module()
+    pool = cp.get_default_memory_pool()
+    rows = []
+    for model_name in args.models:
+        for kind in args.types:
+            model, weight_bytes, parameters = build_in_memory(model_name, kind)
+            model.to(device="cuda")
+            for policy in (args.precisions if kind == "float32" else ["fp32"]):
+                pool.free_all_blocks()                   # what the last policy's Decoder held goes back
+                with precision.policy(policy):
+                    decoder = Decoder(model)
+                    for batch in args.batches:
+                        ttft, rate, _, cache_bytes = time_decoding(decoder, model.config.vocab_size, batch, args, cp)
+                        rows.append({"model": model_name, "type": kind, "precision": policy, "batch": batch,
+                                     "ttft_ms": 1e3 * ttft, "tokens_per_s": rate, "weight_bytes": weight_bytes,
+                                     "parameters": parameters, "kv_cache_bytes": cache_bytes})
+                peak = pool.total_bytes()
+                for row in rows:
+                    row.setdefault("peak_gpu_bytes", peak)
+                del decoder
+            del model
+    return rows
+
+
+def build_in_memory(model_name: str, kind: str):
+    """A random-weight model of MODELS[model_name], quantized in this process for q8_0 / q4_0 (the GPU
+    table reports GPU memory, so the host's peak does not matter here)."""
+    from tinygrad_llm import manual_seed
+    from tinygrad_llm.model import GPT, GPTConfig
+    from tinygrad_llm.quant.runs import QuantizedModel, quantize_weights
+    config = GPTConfig(**MODELS[model_name])
+    manual_seed(0)
+    model = GPT(config)
+    if kind == "float32":
+        return model, int(sum(p.data.nbytes for p in model.parameters())), model.num_parameters()
+    model = QuantizedModel(config, kind, quantize_weights({n: p.data for n, p in model.named_parameters()}, kind))
+    return model, model.nbytes, model.num_parameters()
+
+
+def time_decoding(decoder, vocab: int, batch: int, args, cp=None):
+    """(worst TTFT s, worst decode tokens/s, worst decode tokens per CPU-second, KV cache bytes) over
+    args.repeat trials; on the GPU (cp given) after one warm-up trial (the first launches compile kernels)."""
+    worst_ttft, worst_rate, worst_cpu_rate, cache_bytes = 0.0, float("inf"), float("inf"), 0
+    for trial in range(-1 if cp is not None else 0, args.repeat):
+        rng = np.random.default_rng(max(trial, 0))
+        prompts = rng.integers(0, vocab, (batch, args.prompt_len))
+        cache = decoder.new_cache(batch, args.prompt_len + args.new_tokens)
+        slots = [cache.allocate() for _ in range(batch)]
+        start = time.perf_counter()
+        logits = np.stack([decoder.prefill(cache, slot, prompt) for slot, prompt in zip(slots, prompts)])
+        ttft = time.perf_counter() - start
+        tokens = logits.argmax(axis=1)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(args.new_tokens):
+            tokens = decoder.decode_step(cache, tokens, slots).argmax(axis=1)      # logits come back to the host
+        rate = batch * args.new_tokens / (time.perf_counter() - start)
+        cpu_rate = batch * args.new_tokens / max(time.process_time() - cpu_start, 1e-9)
+        cache_bytes = cache.nbytes
+        if trial >= 0:
+            worst_ttft, worst_rate = max(worst_ttft, ttft), min(worst_rate, rate)
+            worst_cpu_rate = min(worst_cpu_rate, cpu_rate)
+    return worst_ttft, worst_rate, worst_cpu_rate, cache_bytes
+
+
+def transformers_rows(args) -> tuple:
+    """transformers `generate` on the GPU (bf16), or ([], why not)."""
+    try:
+        import torch
+        import transformers
+    except ImportError as missing:
+        return [], f"transformers baseline skipped: {missing.name} is not installed"
+    if not torch.cuda.is_available():
+        return [], "transformers baseline skipped: torch sees no CUDA GPU"
+    rows = []
+    for model_name in args.models:
+        fields = MODELS[model_name]
+        config = transformers.LlamaConfig(
+            vocab_size=fields["vocab_size"], hidden_size=fields["d_model"], intermediate_size=fields["ffn_hidden"],
+            num_hidden_layers=fields["n_layers"], num_attention_heads=fields["n_heads"],
+            num_key_value_heads=fields.get("n_kv_heads") or fields["n_heads"],
+            max_position_embeddings=fields["max_seq_len"], rope_theta=10000.0, rms_norm_eps=1e-5,
+            tie_word_embeddings=bool(fields.get("tie_embeddings")), attention_bias=False, mlp_bias=False)
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+        for cache_kind in ("dynamic", "static"):
+            options = {}
+            if cache_kind == "static":                    # transformers' recipe: static cache, compiled forward
+                model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+                options["cache_implementation"] = "static"
+            for batch in args.transformers_batches:
+                torch.cuda.reset_peak_memory_stats()
+                ids = torch.randint(0, fields["vocab_size"], (batch, args.prompt_len), device="cuda")
+
+                def generate(new_tokens):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    with torch.no_grad():
+                        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **options)
+                    torch.cuda.synchronize()
+                    return time.perf_counter() - start
+
+                for _ in range(2):                                      # compile and capture the graphs
+                    generate(args.new_tokens)
+                    generate(1)
+                worst_ttft, worst_rate = 0.0, float("inf")
+                for _ in range(args.repeat):
+                    first, whole = generate(1), generate(args.new_tokens)
+                    worst_ttft = max(worst_ttft, first)
+                    worst_rate = min(worst_rate, batch * (args.new_tokens - 1) / max(whole - first, 1e-9))
+                rows.append({"model": model_name, "type": f"transformers bf16, {cache_kind} cache"
+                             + (", compiled" if cache_kind == "static" else ""), "batch": batch,
+                             "ttft_ms": 1e3 * worst_ttft, "tokens_per_s": worst_rate,
+                             "peak_gpu_bytes": torch.cuda.max_memory_allocated()})
+        del model
+        torch.cuda.empty_cache()
+    return rows, f"transformers {transformers.__version__}, torch {torch.__version__}"
+
+
+def gpu_main(args, command: str) -> None:
+    from tinygrad_llm import backend
+    if not backend.gpu_available():
+        raise SystemExit("decode.py: --device cuda needs CuPy and an NVIDIA GPU; neither is usable here "
+                         "(pip install -e .[gpu] on a GPU machine)")
+    cp = backend.cupy_module()
+    name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
+    name = name.decode() if isinstance(name, bytes) else name
+    print(f"# {command}\n# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {name}, CuPy {cp.__version__}, "
+          f"numpy {np.__version__}; prompts of {args.prompt_len} tokens, {args.new_tokens} greedy steps, "
+          f"worst of {args.repeat}")
+    rows = gpu_rows(args)
+    print("| model | weights | precision | batch | TTFT (ms) | decode tok/s | ×batch 1 | ms/step | weights MiB "
+          "| KV cache MiB | peak GPU MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        base = next(r["tokens_per_s"] for r in rows if r["batch"] == min(args.batches) and r["model"] == row["model"]
+                    and r["type"] == row["type"] and r["precision"] == row["precision"])
+        print(f"| {row['model']} | {row['type']} | {row['precision']} | {row['batch']} | {row['ttft_ms']:.1f} | "
+              f"{row['tokens_per_s']:.1f} | {row['tokens_per_s'] / base:.1f} | "
+              f"{1e3 * row['batch'] / row['tokens_per_s']:.2f} | {row['weight_bytes'] / 2**20:.1f} | "
+              f"{row['kv_cache_bytes'] / 2**20:.1f} | {row['peak_gpu_bytes'] / 2**20:.0f} |", flush=True)
+    if args.transformers:
+        cp.get_default_memory_pool().free_all_blocks()
+        baseline, note = transformers_rows(args)
+        print(f"\n{note}")
+        if baseline:
+            print("| model | baseline | batch | TTFT (ms) | decode tok/s | ms/step | peak GPU MiB (torch) |")
+            print("| --- | --- | --- | --- | --- | --- | --- |")
+            for row in baseline:
+                print(f"| {row['model']} | {row['type']} | {row['batch']} | {row['ttft_ms']:.1f} | "
+                      f"{row['tokens_per_s']:.1f} | {1e3 * row['batch'] / row['tokens_per_s']:.2f} | "
+                      f"{row['peak_gpu_bytes'] / 2**20:.0f} |")
+        rows += baseline
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="default,gpt2")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--models", default=None, help="default: default,gpt2 (CPU), gpt2 (cuda)")
     parser.add_argument("--types", default="float32,q8_0,q4_0")
+    parser.add_argument("--precisions", default="fp32,bf16,fp16", help="cuda: the policies for float32 weights")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=None, help="default: 16 (CPU), 32 (cuda)")
+    parser.add_argument("--repeat", type=int, default=None, help="default: 2 (CPU), 3 (cuda)")
+    parser.add_argument("--transformers", action="store_true", help="cuda: also time transformers generate")
+    parser.add_argument("--transformers-batches", default="1")
     parser.add_argument("--matmul", action="store_true", help="time the quantized-matmul alternatives")
     parser.add_argument("--profile", action="store_true", help="cProfile of decode steps (first model/type/batch)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.models, args.types = args.models.split(","), args.types.split(",")
+    gpu = args.device == "cuda"
+    args.models = (args.models or ("gpt2" if gpu else "default,gpt2")).split(",")
+    args.new_tokens = args.new_tokens or (32 if gpu else 16)
+    args.repeat = args.repeat or (3 if gpu else 2)
+    args.types, args.precisions = args.types.split(","), args.precisions.split(",")
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.transformers_batches = [int(b) for b in args.transformers_batches.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"decode.py: unknown model {unknown[0]!r} (known: {', '.join(MODELS)})")
     if args.child:
         child(args)
         return
     command = "python benchmarks/decode.py " + " ".join(sys.argv[1:])
+    if gpu:
+        gpu_main(args, command)
+        return
+    if args.transformers:
+        raise SystemExit("decode.py: --transformers times transformers on the GPU; add --device cuda")
     print(f"# {command}\n# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, numpy {np.__version__}")
     common = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat)]
