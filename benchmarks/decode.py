@@ -276,15 +276,17 @@ def time_decoding(decoder, vocab: int, batch: int, args, cp=None):
     return worst_ttft, worst_rate, worst_cpu_rate, cache_bytes
 
 
-def transformers_rows(args) -> tuple:
-    """transformers `generate` on the GPU (bf16), or ([], why not)."""
+def transformers_rows(args, device: str = "cuda") -> tuple:
+    """transformers `generate` on the GPU (bf16), or ([], why not). (device="cpu" only checks the wiring.)"""
     try:
         import torch
         import transformers
     except ImportError as missing:
         return [], f"transformers baseline skipped: {missing.name} is not installed"
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         return [], "transformers baseline skipped: torch sees no CUDA GPU"
+    gpu = device == "cuda"
+    synchronize = torch.cuda.synchronize if gpu else (lambda: None)
     rows = []
     for model_name in args.models:
         fields = MODELS[model_name]
@@ -295,23 +297,24 @@ def transformers_rows(args) -> tuple:
             max_position_embeddings=fields["max_seq_len"], rope_theta=10000.0, rms_norm_eps=1e-5,
             tie_word_embeddings=bool(fields.get("tie_embeddings")), attention_bias=False, mlp_bias=False)
         torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+        model = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
         for cache_kind in ("dynamic", "static"):
             options = {}
             if cache_kind == "static":                    # transformers' recipe: static cache, compiled forward
                 model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
                 options["cache_implementation"] = "static"
             for batch in args.transformers_batches:
-                torch.cuda.reset_peak_memory_stats()
-                ids = torch.randint(0, fields["vocab_size"], (batch, args.prompt_len), device="cuda")
+                if gpu:
+                    torch.cuda.reset_peak_memory_stats()
+                ids = torch.randint(0, fields["vocab_size"], (batch, args.prompt_len), device=device)
 
                 def generate(new_tokens):
-                    torch.cuda.synchronize()
+                    synchronize()
                     start = time.perf_counter()
                     with torch.no_grad():
                         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **options)
-                    torch.cuda.synchronize()
+                    synchronize()
                     return time.perf_counter() - start
 
                 for _ in range(2):                                      # compile and capture the graphs
@@ -321,13 +324,15 @@ def transformers_rows(args) -> tuple:
                 for _ in range(args.repeat):
                     first, whole = generate(1), generate(args.new_tokens)
                     worst_ttft = max(worst_ttft, first)
-                    worst_rate = min(worst_rate, batch * (args.new_tokens - 1) / max(whole - first, 1e-9))
+                    rate = batch * (args.new_tokens - 1) / (whole - first) if whole > first else float("nan")
+                    worst_rate = rate if rate != rate else min(worst_rate, rate)       # nan: a timing too noisy to use
                 rows.append({"model": model_name, "type": f"transformers bf16, {cache_kind} cache"
                              + (", compiled" if cache_kind == "static" else ""), "batch": batch,
                              "ttft_ms": 1e3 * worst_ttft, "tokens_per_s": worst_rate,
-                             "peak_gpu_bytes": torch.cuda.max_memory_allocated()})
+                             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if gpu else 0})
         del model
-        torch.cuda.empty_cache()
+        if gpu:
+            torch.cuda.empty_cache()
     return rows, f"transformers {transformers.__version__}, torch {torch.__version__}"
 
 
