@@ -62,7 +62,7 @@ def _block_products(x_blocks, x_sums, weight: QuantizedMatrix, start: int, end: 
     y = None
     step = max(1, TILE_ELEMENTS // (rows * BLOCK_SIZE))                       # blocks converted at once
     codes = _buffer("codes", step * rows * BLOCK_SIZE)
-    scale = weight.scale[:, start:end, None].astype(np.float32)               # (nb, rows, 1): one conversion
+    scale = weight.float32_scale()[:, start:end, None]                         # (nb, rows, 1)
     for first in range(0, count, step):
         last = min(first + step, count)
         values = weight.values[first:last, start:end]                          # (k, rows, 32 | 16)
@@ -94,7 +94,7 @@ def _dequantized_products(x_t, weight: QuantizedMatrix, start: int, end: int) ->
     y = np.empty((out_rows, x_t.shape[1]), dtype=np.float32)
     rows = max(1, TILE_ELEMENTS // in_features)
     tile_buffer = _buffer("dequantized", rows * in_features)
-    scales = weight.scale[:, start:end].T.astype(np.float32)[:, :, None]                         # (rows, nb, 1)
+    scales = weight.float32_scale()[:, start:end].T[:, :, None]                                  # (rows, nb, 1)
     for first in range(start, end, rows):
         last = min(first + rows, end)
         tile = tile_buffer[:(last - first) * in_features].reshape(last - first, count, BLOCK_SIZE)   # (r, nb, 32)
