@@ -16,7 +16,9 @@ its peak RSS is that of a loaded quantized model. Each (model, weight type, thre
 RSS (ru_maxrss) is that configuration's own. For each batch size B: B random prompts of --prompt-len tokens
 are prefilled one after another into a BatchedKVCache (TTFT = the time until every sequence has its
 first token's logits), then --new-tokens greedy decode steps of B tokens each (tokens/s = B · steps / time).
-Each figure is the worst (slowest) of --repeat runs, as the project's benchmarks report. "tok per CPU-s"
+The batch sizes take turns (one trial of each per round, --repeat rounds, in one process): each figure is
+the worst (slowest) of the rounds, and "×batch 1" is the worst over rounds of that round's tokens/s divided
+by batch 1's in the same round, so a change of load between rounds cannot fake or hide the ratio. "tok per CPU-s"
 divides by the process's CPU time (time.process_time, all its threads) instead of the wall clock: on a
 shared machine it leaves out the time the process waited for a core, so at 1 thread it is what an idle
 core would give; at 2 threads it is throughput per CPU-second, not per wall-second.
@@ -97,14 +99,11 @@ def measure(model_name: str, kind: str, batches, prompt_len: int, new_tokens: in
     model, weight_bytes, parameters = build(model_name, kind)
     decoder = Decoder(model)
     vocab = model.config.vocab_size
-    rows = []
-    settings = argparse.Namespace(prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat)
-    for batch in batches:
-        ttft, rate, cpu_rate, cache_bytes = time_decoding(decoder, vocab, batch, settings)
-        rows.append({"model": model_name, "type": kind, "batch": batch, "ttft_ms": 1e3 * ttft,
-                     "tokens_per_s": rate, "tokens_per_cpu_s": cpu_rate, "weight_bytes": weight_bytes,
-                     "parameters": parameters, "bytes_per_parameter": weight_bytes / parameters,
-                     "kv_cache_bytes": cache_bytes})
+    settings = argparse.Namespace(prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat, batches=batches)
+    rows = interleaved_rows(decoder, vocab, settings, warm_up=False)
+    for row in rows:
+        row.update({"model": model_name, "type": kind, "weight_bytes": weight_bytes, "parameters": parameters,
+                    "bytes_per_parameter": weight_bytes / parameters})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024          # Linux: KiB
     for row in rows:
         row["peak_rss_bytes"] = peak
@@ -168,12 +167,12 @@ def matmul_alternatives(repeat: int) -> list:
 
 def optional_baselines() -> list:
     lines = []
-    for package, what in (("llama_cpp", "llama.cpp (llama-cpp-python)"), ("transformers", "transformers")):
-        try:
-            __import__(package)
-            lines.append(f"{what}: installed, but no side-by-side run is wired into this script yet")
-        except ImportError:
-            lines.append(f"{what}: not installed (optional; its columns are skipped)")
+    try:
+        __import__("llama_cpp")
+        lines.append("llama.cpp (llama-cpp-python): installed, but no side-by-side run is wired into this script yet")
+    except ImportError:
+        lines.append("llama.cpp (llama-cpp-python): not installed (optional; its columns are skipped)")
+    lines.append("transformers: GPU only, `--device cuda --transformers`")
     return lines
 
 
@@ -203,8 +202,8 @@ def run_child(argv: list, threads: int) -> str:
 
 def gpu_line() -> str:
     from tinygrad_llm import backend
-    return ("GPU: present, but this script times the CPU only; GPU rows not measured here" if backend.gpu_available()
-            else "GPU: not measured here (no CuPy/GPU on this machine)")
+    return ("GPU: present; `--device cuda` times it" if backend.gpu_available()
+            else "GPU: not measured here (no CuPy/GPU on this machine; `--device cuda` on one)")
 
 
 def gpu_rows(args) -> list:
@@ -223,11 +222,10 @@ def gpu_rows(args) -> list:
                 pool.free_all_blocks()                   # what the last policy's Decoder held goes back
                 with precision.policy(policy):
                     decoder = Decoder(model)
-                    for batch in args.batches:
-                        ttft, rate, _, cache_bytes = time_decoding(decoder, model.config.vocab_size, batch, args, cp)
-                        rows.append({"model": model_name, "type": kind, "precision": policy, "batch": batch,
-                                     "ttft_ms": 1e3 * ttft, "tokens_per_s": rate, "weight_bytes": weight_bytes,
-                                     "parameters": parameters, "kv_cache_bytes": cache_bytes})
+                    for row in interleaved_rows(decoder, model.config.vocab_size, args, warm_up=True):
+                        row.update({"model": model_name, "type": kind, "precision": policy,
+                                    "weight_bytes": weight_bytes, "parameters": parameters})
+                        rows.append(row)
                 peak = pool.total_bytes()
                 for row in rows:
                     row.setdefault("peak_gpu_bytes", peak)
@@ -251,29 +249,46 @@ def build_in_memory(model_name: str, kind: str):
     return model, model.nbytes, model.num_parameters()
 
 
-def time_decoding(decoder, vocab: int, batch: int, args, cp=None):
-    """(worst TTFT s, worst decode tokens/s, worst decode tokens per CPU-second, KV cache bytes) over
-    args.repeat trials; on the GPU (cp given) after one warm-up trial (the first launches compile kernels)."""
-    worst_ttft, worst_rate, worst_cpu_rate, cache_bytes = 0.0, float("inf"), float("inf"), 0
-    for trial in range(-1 if cp is not None else 0, args.repeat):
-        rng = np.random.default_rng(max(trial, 0))
-        prompts = rng.integers(0, vocab, (batch, args.prompt_len))
-        cache = decoder.new_cache(batch, args.prompt_len + args.new_tokens)
-        slots = [cache.allocate() for _ in range(batch)]
-        start = time.perf_counter()
-        logits = np.stack([decoder.prefill(cache, slot, prompt) for slot, prompt in zip(slots, prompts)])
-        ttft = time.perf_counter() - start
-        tokens = logits.argmax(axis=1)
-        start, cpu_start = time.perf_counter(), time.process_time()
-        for _ in range(args.new_tokens):
-            tokens = decoder.decode_step(cache, tokens, slots).argmax(axis=1)      # logits come back to the host
-        rate = batch * args.new_tokens / (time.perf_counter() - start)
-        cpu_rate = batch * args.new_tokens / max(time.process_time() - cpu_start, 1e-9)
-        cache_bytes = cache.nbytes
-        if trial >= 0:
-            worst_ttft, worst_rate = max(worst_ttft, ttft), min(worst_rate, rate)
-            worst_cpu_rate = min(worst_cpu_rate, cpu_rate)
-    return worst_ttft, worst_rate, worst_cpu_rate, cache_bytes
+def decode_trial(decoder, vocab: int, batch: int, args, seed: int) -> tuple:
+    """One trial: (TTFT s, decode tokens/s, decode tokens per CPU-second, KV cache bytes)."""
+    prompts = np.random.default_rng(seed).integers(0, vocab, (batch, args.prompt_len))
+    cache = decoder.new_cache(batch, args.prompt_len + args.new_tokens)
+    slots = [cache.allocate() for _ in range(batch)]
+    start = time.perf_counter()
+    logits = np.stack([decoder.prefill(cache, slot, prompt) for slot, prompt in zip(slots, prompts)])
+    ttft = time.perf_counter() - start
+    tokens = logits.argmax(axis=1)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(args.new_tokens):
+        tokens = decoder.decode_step(cache, tokens, slots).argmax(axis=1)          # logits come back to the host
+    rate = batch * args.new_tokens / (time.perf_counter() - start)
+    cpu_rate = batch * args.new_tokens / max(time.process_time() - cpu_start, 1e-9)
+    return ttft, rate, cpu_rate, cache.nbytes
+
+
+def interleaved_rows(decoder, vocab: int, args, warm_up: bool) -> list:
+    """Every batch size once per round (ABAB…), --repeat rounds; per batch: the worst TTFT and tokens/s,
+    and the worst over rounds of its tokens/s divided by batch 1's in the same round (a ratio that a
+    change of machine load between rounds does not fake)."""
+    trials = {batch: [] for batch in args.batches}
+    if warm_up:                                                  # the first GPU launches compile kernels
+        for batch in args.batches:
+            decode_trial(decoder, vocab, batch, args, 0)
+    for round_ in range(args.repeat):
+        for batch in args.batches:
+            trials[batch].append(decode_trial(decoder, vocab, batch, args, round_))
+    base = trials.get(1)
+    rows = []
+    for batch, runs in trials.items():
+        ttft, rate, cpu_rate, cache_bytes = (max(r[0] for r in runs), min(r[1] for r in runs),
+                                             min(r[2] for r in runs), runs[-1][3])
+        row = {"batch": batch, "ttft_ms": 1e3 * ttft, "tokens_per_s": rate, "tokens_per_cpu_s": cpu_rate,
+               "kv_cache_bytes": cache_bytes}
+        if base is not None:
+            row["ratio"] = min(r[1] / b[1] for r, b in zip(runs, base))
+            row["cpu_ratio"] = min(r[2] / b[2] for r, b in zip(runs, base))
+        rows.append(row)
+    return rows
 
 
 def transformers_rows(args, device: str = "cuda") -> tuple:
@@ -352,10 +367,9 @@ def gpu_main(args, command: str) -> None:
           "| KV cache MiB | peak GPU MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        base = next(r["tokens_per_s"] for r in rows if r["batch"] == min(args.batches) and r["model"] == row["model"]
-                    and r["type"] == row["type"] and r["precision"] == row["precision"])
+        ratio = f"{row['ratio']:.1f}" if "ratio" in row else "—"
         print(f"| {row['model']} | {row['type']} | {row['precision']} | {row['batch']} | {row['ttft_ms']:.1f} | "
-              f"{row['tokens_per_s']:.1f} | {row['tokens_per_s'] / base:.1f} | "
+              f"{row['tokens_per_s']:.1f} | {ratio} | "
               f"{1e3 * row['batch'] / row['tokens_per_s']:.2f} | {row['weight_bytes'] / 2**20:.1f} | "
               f"{row['kv_cache_bytes'] / 2**20:.1f} | {row['peak_gpu_bytes'] / 2**20:.0f} |", flush=True)
     if args.transformers:
@@ -443,12 +457,10 @@ def main() -> None:
             for count in threads:
                 rows = json.loads(run_child(["--models", model_name, "--types", kind, "--batches",
                                              ",".join(map(str, args.batches)), *common], count))
-                base = next((r["tokens_per_s"] for r in rows if r["batch"] == 1), None)
-                cpu_base = next((r["tokens_per_cpu_s"] for r in rows if r["batch"] == 1), None)
                 for row in rows:
                     row["threads"] = count
-                    ratio = f"{row['tokens_per_s'] / base:.1f}" if base else "—"
-                    cpu_ratio = f"{row['tokens_per_cpu_s'] / cpu_base:.1f}" if cpu_base else "—"
+                    ratio = f"{row['ratio']:.1f}" if "ratio" in row else "—"
+                    cpu_ratio = f"{row['cpu_ratio']:.1f}" if "cpu_ratio" in row else "—"
                     print(f"| {model_name} | {kind} | {count} | {row['batch']} | {row['ttft_ms']:.1f} | "
                           f"{row['tokens_per_s']:.1f} | {ratio} | {row['tokens_per_cpu_s']:.1f} | {cpu_ratio} | "
                           f"{row['bytes_per_parameter']:.4f} | "
