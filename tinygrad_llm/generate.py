@@ -292,12 +292,13 @@ class Decoder:
 
 def sample_next(logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                 rng: np.random.Generator | None = None) -> int:
-    """One token id from a (V,) logit vector. temperature 0 → greedy (argmax)."""
-    logits = np.asarray(logits, dtype=np.float64)
+    """One token id from a (V,) logit vector. temperature 0 → greedy (argmax, on the logits as they come:
+    widening to float64 is exact, so it cannot change the argmax)."""
     if temperature < 0:
         raise ValueError(f"temperature must be ≥ 0, got {temperature}")
     if temperature == 0:
         return int(np.argmax(logits))
+    logits = np.asarray(logits, dtype=np.float64)
     logits = logits / temperature
     if top_k is not None and top_k > 0 and top_k < logits.size:
         kth = np.partition(logits, -top_k)[-top_k]
