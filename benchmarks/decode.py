@@ -5,6 +5,7 @@ at 1 and 2 threads. GPU rows are printed as "not measured here" unless CuPy sees
     python benchmarks/decode.py                                  # the full table (several minutes on 2 cores)
     python benchmarks/decode.py --models default --batches 1,32  # a quick look
     python benchmarks/decode.py --matmul                         # the CPU quantized-matmul alternatives
+    python benchmarks/decode.py --orientation --threads 1        # Linear: x @ Wᵀ against (W @ xᵀ)ᵀ
     python benchmarks/decode.py --profile --models default --types q8_0   # where a decode step's time goes
     python benchmarks/decode.py --device cuda                    # one GPU: fp32/bf16/fp16 and q8_0/q4_0 kernels
     python benchmarks/decode.py --device cuda --transformers     # + transformers generate (bf16, static cache, compiled)
@@ -165,6 +166,28 @@ def matmul_alternatives(repeat: int) -> list:
     return rows
 
 
+def orientations(repeat: int) -> list:
+    """Linear's two orientations on NumPy, at the GPT-2-size shapes: x @ Wᵀ against (W @ xᵀ)ᵀ (which
+    ops/matmul.Linear uses for 2 … FEW_ROWS rows). Interleaved in rounds; the worst round of each."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for out_features, in_features in ((768, 768), (2048, 768), (768, 2048), (50257, 768)):
+        weight = rng.standard_normal((out_features, in_features), dtype=np.float32)
+        for batch in (1, 2, 8, 32, 128, 512):
+            x = rng.standard_normal((batch, in_features), dtype=np.float32)
+            calls = max(1, int(2e8 // (2 * out_features * in_features * batch)))
+            worst = {"x_wt": 0.0, "w_xt": 0.0}
+            for _ in range(repeat):
+                for name, function in (("x_wt", lambda: x @ weight.T), ("w_xt", lambda: (weight @ x.T).T)):
+                    function()
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        function()
+                    worst[name] = max(worst[name], (time.perf_counter() - start) / calls * 1e3)
+            rows.append({"shape": f"{out_features}×{in_features}", "batch": batch, **worst})
+    return rows
+
+
 def optional_baselines() -> list:
     lines = []
     try:
@@ -185,6 +208,9 @@ def child(args) -> None:
         return
     if args.matmul:
         print(json.dumps(matmul_alternatives(args.repeat)))
+        return
+    if args.orientation:
+        print(json.dumps(orientations(args.repeat)))
         return
     print(json.dumps(measure(args.models[0], args.types[0], args.batches, args.prompt_len, args.new_tokens,
                              args.repeat)))
@@ -404,6 +430,7 @@ def main() -> None:
     parser.add_argument("--transformers-batches", default="1")
     parser.add_argument("--matmul", action="store_true", help="time the quantized-matmul alternatives")
     parser.add_argument("--profile", action="store_true", help="cProfile of decode steps (first model/type/batch)")
+    parser.add_argument("--orientation", action="store_true", help="time x @ Wᵀ against (W @ xᵀ)ᵀ (Linear's few-row path)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
@@ -433,11 +460,19 @@ def main() -> None:
     common = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat)]
     for model_name in args.models:                     # quantized weights written once, by another process
         for kind in args.types:
-            if kind != "float32" and not args.matmul and not os.path.isfile(prepared_path(model_name, kind)):
+            if kind != "float32" and not args.matmul and not args.orientation and not os.path.isfile(prepared_path(model_name, kind)):
                 run_child(["--prepare", "--models", model_name, "--types", kind], threads[0])
     if args.profile:
         print(run_child(["--profile", "--models", args.models[0], "--types", args.types[0], "--batches",
                          str(args.batches[0]), *common], threads[0]))
+        return
+    if args.orientation:
+        print("| threads | W (out × in) | rows of x | x @ Wᵀ (ms) | (W @ xᵀ)ᵀ (ms) | speed-up |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for count in threads:
+            for row in json.loads(run_child(["--orientation", *common], count)):
+                print(f"| {count} | {row['shape']} | {row['batch']} | {row['x_wt']:.3f} | {row['w_xt']:.3f} | "
+                      f"{row['x_wt'] / row['w_xt']:.2f} |")
         return
     if args.matmul:
         print("| threads | type | batch | op (ms) | dequantise whole + GEMM (ms) | int8 dot (ms) | float32 GEMM (ms) |")
