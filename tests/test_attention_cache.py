@@ -136,6 +136,9 @@ def test_bad_cache_calls_are_clear_errors():
     with no_grad(), pytest.raises(ValueError, match="cache rows for 3"):
         F.rope_attention(qkv, heads, kv_heads, *tables(NUMPY, [0, 0, 0], head_dim),
                          cache=(k_store, v_store, CacheRows([0, 1, 2], [0, 0, 0], 1)))
+    with no_grad(), pytest.raises(ValueError, match="has 3 rows"):
+        F.rope_attention(qkv, heads, kv_heads, *tables(NUMPY, [0, 0], head_dim),
+                         cache=(k_store, v_store, CacheRows([0, 3], [0, 0], 1)))
     qkv.requires_grad = True
     out = F.rope_attention(qkv, heads, kv_heads, *tables(NUMPY, [0, 0], head_dim), cache=(k_store, v_store, CacheRows([0, 1], [0, 0], 1)))
     with pytest.raises(RuntimeError, match="keeps no gradient"):

@@ -284,6 +284,8 @@ class CausalAttention(Function):
                              f"qkv has {batch} × {time}")
         if rows.end > k_store.shape[2]:
             raise ValueError(f"KV cache holds {k_store.shape[2]} positions; {rows.end} were asked for")
+        if int(rows.slots.max()) >= k_store.shape[0]:
+            raise ValueError(f"KV cache has {k_store.shape[0]} rows; row {int(rows.slots.max())} was asked for")
         flat = xp.ascontiguousarray(qkv).reshape(1, batch * time, heads + 2 * kv_heads, head_dim)  # (1, B·T, ·, D)
         rope = kernel("rope", qkv)
         q = xp.empty((1, heads, batch * time, head_dim), dtype=qkv.dtype)
