@@ -409,6 +409,12 @@ def gpu_main(args, command: str) -> None:
                 print(f"| {row['model']} | {row['type']} | {row['batch']} | {row['ttft_ms']:.1f} | "
                       f"{row['tokens_per_s']:.1f} | {1e3 * row['batch'] / row['tokens_per_s']:.2f} | "
                       f"{row['peak_gpu_bytes'] / 2**20:.0f} |")
+            for row in rows:
+                theirs = next((r for r in baseline if r["model"] == row["model"] and r["batch"] == row["batch"]
+                               and "static" in r["type"]), None)
+                if theirs is not None and row["type"] == "float32" and row["precision"] == "bf16":
+                    print(f"{row['model']} batch {row['batch']}, bf16: ours / transformers (static, compiled) = "
+                          f"{row['tokens_per_s'] / theirs['tokens_per_s']:.2f}× decode tokens/s")
         rows += baseline
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
