@@ -48,7 +48,8 @@ def test_tiles_and_threads_do_not_change_the_result(kind, leading, monkeypatch):
         cpu_threads.set_thread_count(previous)
     rows = leading[0] * leading[1]
     assert tiled.shape == (*leading, 100)
-    np.testing.assert_allclose(tiled, whole, rtol=1e-6, atol=1e-6)
+    close = 1e-6 if rows <= quantized.PRODUCT_SIDE_ROWS else 1e-5      # BLAS may block a tile's sum differently
+    np.testing.assert_allclose(tiled, whole, rtol=close, atol=close * np.abs(whole).max())
     np.testing.assert_allclose(tiled.reshape(rows, 100), reference(x.reshape(rows, 96), matrix), rtol=1e-4, atol=1e-4)
 
 
