@@ -5,7 +5,7 @@ at 1 and 2 threads. GPU rows are printed as "not measured here" unless CuPy sees
     python benchmarks/decode.py                                  # the full table (several minutes on 2 cores)
     python benchmarks/decode.py --models default --batches 1,32  # a quick look
     python benchmarks/decode.py --matmul                         # the CPU quantized-matmul alternatives
-    python benchmarks/decode.py --orientation --threads 1        # Linear: x @ Wᵀ against (W @ xᵀ)ᵀ
+    python benchmarks/decode.py --orientation --threads 1        # Linear: x @ Wᵀ against (W @ xᵀ)ᵀ (FEW_ROWS)
     python benchmarks/decode.py --profile --models default --types q8_0   # where a decode step's time goes
     python benchmarks/decode.py --device cuda                    # one GPU: fp32/bf16/fp16 and q8_0/q4_0 kernels
     python benchmarks/decode.py --device cuda --transformers     # + transformers generate (bf16, static cache, compiled)

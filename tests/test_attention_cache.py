@@ -145,7 +145,7 @@ def test_bad_cache_calls_are_clear_errors():
         out.sum().backward()
 
 
-@pytest.mark.parametrize("rows", [1, 2, 7, 128, 129])
+@pytest.mark.parametrize("rows", [1, 2, 7, 64, 65])
 def test_linear_orientation_for_few_rows_gives_the_same_product(rows):
     """Linear computes (W xᵀ)ᵀ for 2 … FEW_ROWS rows: the same values and gradients as x Wᵀ."""
     rng = np.random.default_rng(rows)

@@ -74,7 +74,7 @@ class MatMul(Function):
         return da, db
 
 
-FEW_ROWS = 128                 # up to this many rows, Linear computes (W xᵀ)ᵀ on NumPy arrays
+FEW_ROWS = 64                  # up to this many rows, Linear computes (W xᵀ)ᵀ on NumPy arrays
 _BLAS_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
