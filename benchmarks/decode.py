@@ -371,7 +371,7 @@ def transformers_rows(args, device: str = "cuda") -> tuple:
                              + (", compiled" if cache_kind == "static" else ""), "batch": batch,
                              "ttft_ms": 1e3 * worst_ttft, "tokens_per_s": worst_rate,
                              "peak_gpu_bytes": torch.cuda.max_memory_allocated() if gpu else 0})
-        del model
+        model = None                                            # the weights go before the cache is emptied
         if gpu:
             torch.cuda.empty_cache()
     return rows, f"transformers {transformers.__version__}, torch {torch.__version__}"

@@ -59,6 +59,9 @@ from .quant.formats import QuantizedMatrix
 from .tensor import no_grad
 
 
+CHUNKED_NORM_ROWS = 64     # RMSNorm takes its threaded row-chunk path above this many rows (decode steps don't)
+
+
 class BatchedKVCache:
     """Keys and values of every layer for `slots` independent sequences, preallocated to `max_len` positions.
 
@@ -265,27 +268,31 @@ class Decoder:
         y = op(x, weight).data
         return y if y.dtype == self.dtype else y.astype(self.dtype)
 
+    def _norm(self, x, weight):
+        """F.rms_norm; its threaded row chunks only for many rows (a prompt), not a row per sequence."""
+        return F.rms_norm(x, weight, self.config.norm_eps, chunked=x.size > CHUNKED_NORM_ROWS * x.shape[-1]).data
+
     def _layers(self, x, cache, rows):
         """x (B, T, C): row b is the sequence in cache slot rows.slots[b], T new positions from rows.starts[b]."""
         config, xp = self.config, self.xp
-        heads, kv_heads, head_dim, eps = config.n_heads, config.n_kv_heads, config.head_dim, config.norm_eps
+        heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         batch, time, _ = x.shape
         positions = backend.to_device(rows.positions, self.device)
         cos, sin = self.cos[positions], self.sin[positions]                         # (B·T, D/2)
         for i, layer in enumerate(self.layers):
-            h = F.rms_norm(x, layer.attention_norm, eps).data
+            h = self._norm(x, layer.attention_norm)
             qkv = xp.concatenate([self._linear(h, layer.q), self._linear(h, layer.k), self._linear(h, layer.v)],
                                  axis=-1)                                           # (B, T, C + 2·Hkv·D)
             qkv = qkv.reshape(batch, time, heads + 2 * kv_heads, head_dim)         # -> (B, T, H + 2Hkv, D)
             y = F.rope_attention(qkv, heads, kv_heads, cos, sin, cache=(cache.k[i], cache.v[i], rows)).data
             x = x + self._linear(y, layer.o)
-            h = F.rms_norm(x, layer.mlp_norm, eps).data
+            h = self._norm(x, layer.mlp_norm)
             x = x + self._linear(F.swiglu(self._linear(h, layer.gate), self._linear(h, layer.up)).data, layer.down)
         return x
 
     def _logits(self, x):
         """(N, C) -> (N, V) logits as a NumPy array (float32 or float64)."""
-        logits = self._linear(F.rms_norm(x, self.norm, self.config.norm_eps).data, self.lm_head)
+        logits = self._linear(self._norm(x, self.norm), self.lm_head)
         logits = backend.to_numpy(logits)
         return logits if logits.dtype in (np.float32, np.float64) else logits.astype(np.float32)
 

@@ -329,15 +329,18 @@ class CacheRows:
         if slots.shape != starts.shape or slots.size == 0 or int(time) < 1:
             raise ValueError(f"CacheRows: {slots.size} slots, {starts.size} starts and {time} new positions; "
                              "need one start per slot and at least one of each")
-        if np.unique(slots).size != slots.size or int(starts.min()) < 0 or int(slots.min()) < 0:
+        order = np.argsort(slots, kind="stable")
+        ordered = slots[order]
+        if (np.diff(ordered) == 0).any() or int(starts.min()) < 0 or int(ordered[0]) < 0:
             raise ValueError(f"CacheRows: store rows must be distinct and non-negative, starts non-negative; "
                              f"got slots {slots.tolist()}, starts {starts.tolist()}")
         self.slots, self.starts, self.time, self.batch = slots, starts, int(time), slots.size
         self.positions = (starts[:, None] + np.arange(self.time)[None, :]).reshape(-1)    # (B·T,) row after row
         self.end = int(starts.max()) + self.time
         self.write = (xp.asarray(np.repeat(slots, self.time)), xp.asarray(self.positions))
-        order = np.argsort(slots, kind="stable")
-        ordered = slots[order]
+        if self.batch == 1:                               # one sequence (generate, prefill): one run, no mask
+            self.runs = [(slice(0, 1), slice(int(slots[0]), int(slots[0]) + 1), self.end, None)]
+            return
         breaks = np.diff(ordered) != 1
         if self.time > 1:
             breaks |= np.diff(starts[order]) != 0

@@ -92,15 +92,16 @@ class Linear(Function):
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]} "
                              f"(weight shape {tuple(weight.shape)} is (out, in))")
-        fast = kernel("linear", x, weight)
+        fast = None if type(x) is np.ndarray else kernel("linear", x, weight)    # NumPy: no kernel to ask for
         if fast is not None:       # a bf16/fp16 policy (tinygrad_llm.precision): low-precision cuBLAS GEMMs
             y, x_low, weight_low = fast.linear_forward(x, weight)
             self.save(x=x_low, weight=weight_low, dtypes=(x.dtype, weight.dtype), fast=fast)
             return y
         self.save(x=x, weight=weight, dtypes=None, fast=None)
         x2 = x.reshape(-1, x.shape[-1])                                # (..., in) -> (N, in)
-        if 1 < x2.shape[0] <= FEW_ROWS and type(x2) is np.ndarray and x2.dtype == weight.dtype in _BLAS_FLOATS:
-            y = (weight @ x2.T).T      # a few rows (decoding): OpenBLAS is up to 2× faster with W on the left
+        if type(x2) is np.ndarray and x2.dtype == weight.dtype in _BLAS_FLOATS:
+            # a few rows (decoding): OpenBLAS is up to 2× faster with W on the left
+            y = (weight @ x2.T).T if 1 < x2.shape[0] <= FEW_ROWS else x2 @ weight.T
         else:
             y = product(x2, weight.T)
         return y.reshape(*x.shape[:-1], weight.shape[0])              # (N, out) -> (..., out)
