@@ -92,7 +92,7 @@ class Linear(Function):
         if x.shape[-1] != weight.shape[1]:
             raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]} "
                              f"(weight shape {tuple(weight.shape)} is (out, in))")
-        fast = None if type(x) is np.ndarray else kernel("linear", x, weight)    # NumPy: no kernel to ask for
+        fast = kernel("linear", x, weight)
         if fast is not None:       # a bf16/fp16 policy (tinygrad_llm.precision): low-precision cuBLAS GEMMs
             y, x_low, weight_low = fast.linear_forward(x, weight)
             self.save(x=x_low, weight=weight_low, dtypes=(x.dtype, weight.dtype), fast=fast)
