@@ -288,10 +288,9 @@ class CausalAttention(Function):
             raise ValueError(f"KV cache has {k_store.shape[0]} rows; row {int(rows.slots.max())} was asked for")
         flat = xp.ascontiguousarray(qkv).reshape(1, batch * time, heads + 2 * kv_heads, head_dim)  # (1, B·T, ·, D)
         rope = kernel("rope", qkv)
-        q = xp.empty((1, heads, batch * time, head_dim), dtype=qkv.dtype)
-        k = xp.empty((1, kv_heads, batch * time, head_dim), dtype=qkv.dtype)
-        rotate_into(flat[:, :, :heads].transpose(0, 2, 1, 3), cos, sin, q, rope)     # (1, H, B·T, D): each
-        rotate_into(flat[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3), cos, sin, k, rope)   # at its position
+        rotated = xp.empty((1, heads + kv_heads, batch * time, head_dim), dtype=qkv.dtype)
+        rotate_into(flat[:, :, :heads + kv_heads].transpose(0, 2, 1, 3), cos, sin, rotated, rope)   # q and k, each
+        q, k = rotated[:, :heads], rotated[:, heads:]                # at its position: (1, H | Hkv, B·T, D)
         store_rows, positions = rows.write
         k_store[store_rows, :, positions] = k[0].swapaxes(0, 1)                      # (B·T, Hkv, D)
         v_store[store_rows, :, positions] = flat[0, :, heads + kv_heads:]
