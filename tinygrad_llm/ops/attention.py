@@ -27,7 +27,7 @@ from ..backend import array_module
 from ..gpu import kernel
 from ..cpu_threads import CHUNK_ELEMENTS, parallel_items, split, thread_count
 from ..tensor import Function
-from .matmul import accumulation_dtype, needs_float32_products, product
+from .matmul import needs_float32_products, product
 from .rope import rotate_into
 
 
@@ -175,10 +175,10 @@ class CausalAttention(Function):
     Saves:    per batch chunk, the path and what that path saves;  cos, sin
     On NumPy arrays the batch is cut into chunks whose T×T scores fit in cache and the chunks are spread
     over threads (tinygrad_llm.cpu_threads): batch rows are independent.
-    KV cache, `cache=(k_store, v_store, start)` (generation, no gradient): the rotated k and v of the new
-    positions are written into the stores (B, Hkv, max_len, D) at start … start + T − 1, and query i
-    attends to every stored position up to start + i; cos, sin are the tables of positions start … start + T − 1.
-    Ragged batched cache, `cache=(k_store, v_store, rows)` with rows a `CacheRows`: the stores hold S
+    With `cache=(k_store, v_store, start)` (KV-cached decoding, no gradient) the rotated k and v of the
+    new positions are written into the stores (B, Hkv, max_len, D) at start … start + T, and q attends
+    to every stored position before start + T; cos, sin are then the tables of positions start … start + T.
+    Both cache forms run `_cached_forward` (never the chunked training path). Ragged batched cache, `cache=(k_store, v_store, rows)` with rows a `CacheRows`: the stores hold S
     independent sequences (S, Hkv, max_len, D); batch row b is the sequence in store row rows.slots[b],
     which already holds rows.starts[b] positions. Its T new positions go to starts[b] … starts[b] + T − 1
     (cos, sin: (B·T, D/2), each row's own positions, row after row) and query i of row b attends to that
@@ -191,7 +191,7 @@ class CausalAttention(Function):
         if packed is not None and cache is not None:
             return self._cached_forward(q, *packed, cache)
         if packed is not None:
-            return self._packed_forward(q, *packed, keep_probabilities)
+            return self._packed_forward(q, *packed, keep_probabilities, cache)
         _check_shapes(q, k, v)
         path = choose_path(q, k, v, keep_probabilities)
         out, (q_, k_, v_, out_, kept) = _attend(q, k, v, path)
@@ -209,7 +209,7 @@ class CausalAttention(Function):
         xp = array_module(dy)
         return dq.reshape(dy.shape), xp.ascontiguousarray(dk), xp.ascontiguousarray(dv)
 
-    def _packed_forward(self, qkv, heads, kv_heads, cos, sin, keep_probabilities):
+    def _packed_forward(self, qkv, heads, kv_heads, cos, sin, keep_probabilities, cache):
         xp = array_module(qkv)
         if qkv.ndim != 4 or qkv.shape[2] != heads + 2 * kv_heads or heads % kv_heads:
             raise ValueError(f"causal_attention: packed qkv must be (B, T, {heads} + 2·{kv_heads}, D) with "
@@ -227,12 +227,14 @@ class CausalAttention(Function):
             rotate_into(chunk[:, :, :heads].transpose(0, 2, 1, 3), cos, sin, q, rope)           # (b, H, T, D)
             rotate_into(chunk[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3), cos, sin, k, rope)
             v = xp.ascontiguousarray(chunk[:, :, heads + kv_heads:].transpose(0, 2, 1, 3))     # (b, Hkv, T, D)
-            path = choose_path(q, k, v, keep_probabilities)
+            if cache is not None:                                                   # decoding: keys so far
+                k, v = _store(cache, k, v)
+            path = choose_path(q, k, v, keep_probabilities and cache is None)
             o, state = _attend(q, k, v, path)                                        # (b, H, T, D)
             out[start:end] = o.transpose(0, 2, 1, 3).reshape(rows, time, heads * head_dim)    # -> (b, T, H·D)
             return [bounds, path, state]
 
-        if xp is np:   # cache-sized chunks of the batch, dealt to the threads
+        if xp is np and cache is None:   # cache-sized chunks of the batch, dealt to the threads
             per_chunk = max(1, CHUNK_ELEMENTS // (heads * time * time))
             chunks = split(batch, parts=-(-batch // per_chunk))
             work = [chunks[i::thread_count()] for i in range(min(thread_count(), len(chunks)))]
@@ -309,6 +311,17 @@ class CausalAttention(Function):
         return out
 
 
+def _store(cache, k, v):
+    """Write the new keys/values (B, Hkv, Tnew, D) into the stores at start …; return every one so far."""
+    k_store, v_store, start = cache
+    end = start + k.shape[2]
+    if end > k_store.shape[2]:
+        raise ValueError(f"KV cache holds {k_store.shape[2]} positions; {end} were asked for")
+    k_store[:, :, start:end] = k
+    v_store[:, :, start:end] = v
+    return k_store[:, :, :end].astype(k.dtype, copy=False), v_store[:, :, :end].astype(v.dtype, copy=False)
+
+
 class CacheRows:
     """The store rows a batch writes and reads, and the position each row starts at: the ragged
     batched-cache option of CausalAttention, `cache=(k_store, v_store, CacheRows(slots, starts, T))`.
@@ -365,7 +378,7 @@ def _attend_decode(q, k, v, bias):
     rows, heads, _, head_dim = q.shape
     kv_heads = k.shape[1]
     group = heads // kv_heads
-    work = accumulation_dtype(q.dtype)
+    work = np.promote_types(q.dtype, np.float32)               # float32 for 16-bit inputs, else their own
     q_t = q.astype(work).reshape(rows, kv_heads, group, head_dim).swapaxes(-1, -2)   # (r, H, 1, D) -> (r, Hkv, D, G)
     q_t *= work.type(1.0 / math.sqrt(head_dim))
     scores = product(k.astype(work, copy=False), q_t)                                 # (r, Hkv, L, G)
