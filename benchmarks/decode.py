@@ -5,7 +5,10 @@ at 1 and 2 threads. GPU rows are printed as "not measured here" unless CuPy sees
     python benchmarks/decode.py                                  # the full table (several minutes on 2 cores)
     python benchmarks/decode.py --models default --batches 1,32  # a quick look
     python benchmarks/decode.py --matmul                         # the CPU quantized-matmul alternatives
+    python benchmarks/decode.py --orientation --threads 1        # Linear: x @ Wᵀ against (W @ xᵀ)ᵀ (FEW_ROWS)
     python benchmarks/decode.py --profile --models default --types q8_0   # where a decode step's time goes
+    python benchmarks/decode.py --device cuda                    # one GPU: fp32/bf16/fp16 and q8_0/q4_0 kernels
+    python benchmarks/decode.py --device cuda --transformers     # + transformers generate (bf16, static cache, compiled)
 
 Quantized weights are made by one subprocess and written to $TMPDIR/tinygrad_llm_decode_*.safetensors
 (reused by later runs; delete them after changing the model configs), then read by the measuring one, so
@@ -14,11 +17,24 @@ its peak RSS is that of a loaded quantized model. Each (model, weight type, thre
 RSS (ru_maxrss) is that configuration's own. For each batch size B: B random prompts of --prompt-len tokens
 are prefilled one after another into a BatchedKVCache (TTFT = the time until every sequence has its
 first token's logits), then --new-tokens greedy decode steps of B tokens each (tokens/s = B · steps / time).
-Each figure is the worst (slowest) of --repeat runs, as the project's benchmarks report. "tok per CPU-s"
+The batch sizes take turns (one trial of each per round, --repeat rounds, in one process): each figure is
+the worst (slowest) of the rounds, and "×batch 1" is the worst over rounds of that round's tokens/s divided
+by batch 1's in the same round, so a change of load between rounds cannot fake or hide the ratio. "tok per CPU-s"
 divides by the process's CPU time (time.process_time, all its threads) instead of the wall clock: on a
 shared machine it leaves out the time the process waited for a core, so at 1 thread it is what an idle
 core would give; at 2 threads it is throughput per CPU-second, not per wall-second.
 llama.cpp (llama-cpp-python) and transformers columns appear only when those packages are installed.
+
+GPU (--device cuda): one process, no subprocesses. Rows for float32 weights under each --precisions policy
+(tinygrad_llm.precision: the GEMMs in bf16/fp16, norms, attention and the KV cache in float32) and for
+q8_0 / q4_0 weights (the quantized CUDA kernels, fp32 policy). Same prompts and steps as on the CPU; every
+decode step ends with the logits copied to the host (what sampling needs), so the timings include the
+synchronisation. Peak GPU memory is the most CuPy's memory pool held during that configuration (the pool is
+emptied before each). --transformers adds Hugging Face transformers' `generate` on a random LlamaForCausalLM
+of the same shape (bf16, greedy, static cache, forward under torch.compile, and its default dynamic cache
+without compile for reference) at --transformers-batches: TTFT = generate(1 new token), decode tokens/s =
+B · (N − 1) / (time of N new tokens − time of 1). It is skipped with a message when torch or transformers
+is missing or torch sees no GPU. Defaults for the GPU: --models gpt2 --new-tokens 32 --repeat 3.
 """
 from __future__ import annotations
 
@@ -84,29 +100,11 @@ def measure(model_name: str, kind: str, batches, prompt_len: int, new_tokens: in
     model, weight_bytes, parameters = build(model_name, kind)
     decoder = Decoder(model)
     vocab = model.config.vocab_size
-    rows = []
-    for batch in batches:
-        worst_ttft, worst_rate, worst_cpu_rate, cache_bytes = 0.0, float("inf"), float("inf"), 0
-        for trial in range(repeat):
-            rng = np.random.default_rng(trial)
-            prompts = rng.integers(0, vocab, (batch, prompt_len))
-            cache = decoder.new_cache(batch, prompt_len + new_tokens)
-            slots = [cache.allocate() for _ in range(batch)]
-            start = time.perf_counter()
-            logits = np.stack([decoder.prefill(cache, slot, prompt) for slot, prompt in zip(slots, prompts)])
-            ttft = time.perf_counter() - start
-            tokens = logits.argmax(axis=1)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            for _ in range(new_tokens):
-                tokens = decoder.decode_step(cache, tokens, slots).argmax(axis=1)
-            rate = batch * new_tokens / (time.perf_counter() - start)
-            cpu_rate = batch * new_tokens / (time.process_time() - cpu_start)
-            worst_ttft, worst_rate = max(worst_ttft, ttft), min(worst_rate, rate)
-            worst_cpu_rate = min(worst_cpu_rate, cpu_rate)
-            cache_bytes = cache.nbytes
-        rows.append({"model": model_name, "type": kind, "batch": batch, "ttft_ms": 1e3 * worst_ttft,
-                     "tokens_per_s": worst_rate, "tokens_per_cpu_s": worst_cpu_rate, "weight_bytes": weight_bytes, "parameters": parameters,
-                     "bytes_per_parameter": weight_bytes / parameters, "kv_cache_bytes": cache_bytes})
+    settings = argparse.Namespace(prompt_len=prompt_len, new_tokens=new_tokens, repeat=repeat, batches=batches)
+    rows = interleaved_rows(decoder, vocab, settings, warm_up=False)
+    for row in rows:
+        row.update({"model": model_name, "type": kind, "weight_bytes": weight_bytes, "parameters": parameters,
+                    "bytes_per_parameter": weight_bytes / parameters})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024          # Linux: KiB
     for row in rows:
         row["peak_rss_bytes"] = peak
@@ -168,14 +166,36 @@ def matmul_alternatives(repeat: int) -> list:
     return rows
 
 
+def orientations(repeat: int) -> list:
+    """Linear's two orientations on NumPy, at the GPT-2-size shapes: x @ Wᵀ against (W @ xᵀ)ᵀ (which
+    ops/matmul.Linear uses for 2 … FEW_ROWS rows). Interleaved in rounds; the worst round of each."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for out_features, in_features in ((768, 768), (2048, 768), (768, 2048), (50257, 768)):
+        weight = rng.standard_normal((out_features, in_features), dtype=np.float32)
+        for batch in (1, 2, 8, 32, 128, 512):
+            x = rng.standard_normal((batch, in_features), dtype=np.float32)
+            calls = max(1, int(2e8 // (2 * out_features * in_features * batch)))
+            worst = {"x_wt": 0.0, "w_xt": 0.0}
+            for _ in range(repeat):
+                for name, function in (("x_wt", lambda: x @ weight.T), ("w_xt", lambda: (weight @ x.T).T)):
+                    function()
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        function()
+                    worst[name] = max(worst[name], (time.perf_counter() - start) / calls * 1e3)
+            rows.append({"shape": f"{out_features}×{in_features}", "batch": batch, **worst})
+    return rows
+
+
 def optional_baselines() -> list:
     lines = []
-    for package, what in (("llama_cpp", "llama.cpp (llama-cpp-python)"), ("transformers", "transformers")):
-        try:
-            __import__(package)
-            lines.append(f"{what}: installed, but no side-by-side run is wired into this script yet")
-        except ImportError:
-            lines.append(f"{what}: not installed (optional; its columns are skipped)")
+    try:
+        __import__("llama_cpp")
+        lines.append("llama.cpp (llama-cpp-python): installed, but no side-by-side run is wired into this script yet")
+    except ImportError:
+        lines.append("llama.cpp (llama-cpp-python): not installed (optional; its columns are skipped)")
+    lines.append("transformers: GPU only, `--device cuda --transformers`")
     return lines
 
 
@@ -188,6 +208,9 @@ def child(args) -> None:
         return
     if args.matmul:
         print(json.dumps(matmul_alternatives(args.repeat)))
+        return
+    if args.orientation:
+        print(json.dumps(orientations(args.repeat)))
         return
     print(json.dumps(measure(args.models[0], args.types[0], args.batches, args.prompt_len, args.new_tokens,
                              args.repeat)))
@@ -205,42 +228,257 @@ def run_child(argv: list, threads: int) -> str:
 
 def gpu_line() -> str:
     from tinygrad_llm import backend
-    return ("GPU: present, but this script times the CPU only; GPU rows not measured here" if backend.gpu_available()
-            else "GPU: not measured here (no CuPy/GPU on this machine)")
+    return ("GPU: present; `--device cuda` times it" if backend.gpu_available()
+            else "GPU: not measured here (no CuPy/GPU on this machine; `--device cuda` on one)")
+
+
+def gpu_rows(args) -> list:
+    """Decode timings on the GPU in this process: float32 weights under each precision policy, then the
+    quantized types under fp32 (their CUDA kernels)."""
+    from tinygrad_llm import backend, precision
+    from tinygrad_llm.generate import Decoder
+    cp = backend.cupy_module()
+    pool = cp.get_default_memory_pool()
+    rows = []
+    for model_name in args.models:
+        for kind in args.types:
+            model, weight_bytes, parameters = build_in_memory(model_name, kind)
+            model.to(device="cuda")
+            for policy in (args.precisions if kind == "float32" else ["fp32"]):
+                pool.free_all_blocks()                   # what the last policy's Decoder held goes back
+                with precision.policy(policy):
+                    decoder = Decoder(model)
+                    for row in interleaved_rows(decoder, model.config.vocab_size, args, warm_up=True):
+                        row.update({"model": model_name, "type": kind, "precision": policy,
+                                    "weight_bytes": weight_bytes, "parameters": parameters})
+                        rows.append(row)
+                peak = pool.total_bytes()
+                for row in rows:
+                    row.setdefault("peak_gpu_bytes", peak)
+                del decoder
+            del model
+    return rows
+
+
+def build_in_memory(model_name: str, kind: str):
+    """A random-weight model of MODELS[model_name], quantized in this process for q8_0 / q4_0 (the GPU
+    table reports GPU memory, so the host's peak does not matter here)."""
+    from tinygrad_llm import manual_seed
+    from tinygrad_llm.model import GPT, GPTConfig
+    from tinygrad_llm.quant.runs import QuantizedModel, quantize_weights
+    config = GPTConfig(**MODELS[model_name])
+    manual_seed(0)
+    model = GPT(config)
+    if kind == "float32":
+        return model, int(sum(p.data.nbytes for p in model.parameters())), model.num_parameters()
+    model = QuantizedModel(config, kind, quantize_weights({n: p.data for n, p in model.named_parameters()}, kind))
+    return model, model.nbytes, model.num_parameters()
+
+
+def decode_trial(decoder, vocab: int, batch: int, args, seed: int) -> tuple:
+    """One trial: (TTFT s, decode tokens/s, decode tokens per CPU-second, KV cache bytes)."""
+    prompts = np.random.default_rng(seed).integers(0, vocab, (batch, args.prompt_len))
+    cache = decoder.new_cache(batch, args.prompt_len + args.new_tokens)
+    slots = [cache.allocate() for _ in range(batch)]
+    start = time.perf_counter()
+    logits = np.stack([decoder.prefill(cache, slot, prompt) for slot, prompt in zip(slots, prompts)])
+    ttft = time.perf_counter() - start
+    tokens = logits.argmax(axis=1)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(args.new_tokens):
+        tokens = decoder.decode_step(cache, tokens, slots).argmax(axis=1)          # logits come back to the host
+    rate = batch * args.new_tokens / (time.perf_counter() - start)
+    cpu_rate = batch * args.new_tokens / max(time.process_time() - cpu_start, 1e-9)
+    return ttft, rate, cpu_rate, cache.nbytes
+
+
+def interleaved_rows(decoder, vocab: int, args, warm_up: bool) -> list:
+    """Every batch size once per round (ABAB…), --repeat rounds; per batch: the worst TTFT and tokens/s,
+    and the worst over rounds of its tokens/s divided by batch 1's in the same round (a ratio that a
+    change of machine load between rounds does not fake)."""
+    trials = {batch: [] for batch in args.batches}
+    if warm_up:                                                  # the first GPU launches compile kernels
+        for batch in args.batches:
+            decode_trial(decoder, vocab, batch, args, 0)
+    for round_ in range(args.repeat):
+        for batch in args.batches:
+            trials[batch].append(decode_trial(decoder, vocab, batch, args, round_))
+    base = trials.get(1)
+    rows = []
+    for batch, runs in trials.items():
+        ttft, rate, cpu_rate, cache_bytes = (max(r[0] for r in runs), min(r[1] for r in runs),
+                                             min(r[2] for r in runs), runs[-1][3])
+        row = {"batch": batch, "ttft_ms": 1e3 * ttft, "tokens_per_s": rate, "tokens_per_cpu_s": cpu_rate,
+               "kv_cache_bytes": cache_bytes}
+        if base is not None:
+            row["ratio"] = min(r[1] / b[1] for r, b in zip(runs, base))
+            row["cpu_ratio"] = min(r[2] / b[2] for r, b in zip(runs, base))
+        rows.append(row)
+    return rows
+
+
+def transformers_rows(args, device: str = "cuda") -> tuple:
+    """transformers `generate` on the GPU (bf16), or ([], why not). (device="cpu" only checks the wiring.)"""
+    try:
+        import torch
+        import transformers
+    except ImportError as missing:
+        return [], f"transformers baseline skipped: {missing.name} is not installed"
+    if device == "cuda" and not torch.cuda.is_available():
+        return [], "transformers baseline skipped: torch sees no CUDA GPU"
+    gpu = device == "cuda"
+    synchronize = torch.cuda.synchronize if gpu else (lambda: None)
+    rows = []
+    for model_name in args.models:
+        fields = MODELS[model_name]
+        config = transformers.LlamaConfig(
+            vocab_size=fields["vocab_size"], hidden_size=fields["d_model"], intermediate_size=fields["ffn_hidden"],
+            num_hidden_layers=fields["n_layers"], num_attention_heads=fields["n_heads"],
+            num_key_value_heads=fields.get("n_kv_heads") or fields["n_heads"],
+            max_position_embeddings=fields["max_seq_len"], rope_theta=10000.0, rms_norm_eps=1e-5,
+            tie_word_embeddings=bool(fields.get("tie_embeddings")), attention_bias=False, mlp_bias=False)
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+        for cache_kind in ("dynamic", "static"):
+            options = {}
+            if cache_kind == "static":                    # transformers' recipe: static cache, compiled forward
+                model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+                options["cache_implementation"] = "static"
+            for batch in args.transformers_batches:
+                if gpu:
+                    torch.cuda.reset_peak_memory_stats()
+                ids = torch.randint(0, fields["vocab_size"], (batch, args.prompt_len), device=device)
+
+                def generate(new_tokens):
+                    synchronize()
+                    start = time.perf_counter()
+                    with torch.no_grad():
+                        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **options)
+                    synchronize()
+                    return time.perf_counter() - start
+
+                for _ in range(2):                                      # compile and capture the graphs
+                    generate(args.new_tokens)
+                    generate(1)
+                worst_ttft, worst_rate = 0.0, float("inf")
+                for _ in range(args.repeat):
+                    first, whole = generate(1), generate(args.new_tokens)
+                    worst_ttft = max(worst_ttft, first)
+                    rate = batch * (args.new_tokens - 1) / (whole - first) if whole > first else float("nan")
+                    worst_rate = rate if rate != rate else min(worst_rate, rate)       # nan: a timing too noisy to use
+                rows.append({"model": model_name, "type": f"transformers bf16, {cache_kind} cache"
+                             + (", compiled" if cache_kind == "static" else ""), "batch": batch,
+                             "ttft_ms": 1e3 * worst_ttft, "tokens_per_s": worst_rate,
+                             "peak_gpu_bytes": torch.cuda.max_memory_allocated() if gpu else 0})
+        model = None                                            # the weights go before the cache is emptied
+        if gpu:
+            torch.cuda.empty_cache()
+    return rows, f"transformers {transformers.__version__}, torch {torch.__version__}"
+
+
+def gpu_main(args, command: str) -> None:
+    from tinygrad_llm import backend
+    if not backend.gpu_available():
+        raise SystemExit("decode.py: --device cuda needs CuPy and an NVIDIA GPU; neither is usable here "
+                         "(pip install -e .[gpu] on a GPU machine)")
+    cp = backend.cupy_module()
+    name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
+    name = name.decode() if isinstance(name, bytes) else name
+    print(f"# {command}\n# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {name}, CuPy {cp.__version__}, "
+          f"numpy {np.__version__}; prompts of {args.prompt_len} tokens, {args.new_tokens} greedy steps, "
+          f"worst of {args.repeat}")
+    rows = gpu_rows(args)
+    print("| model | weights | precision | batch | TTFT (ms) | decode tok/s | ×batch 1 | ms/step | weights MiB "
+          "| KV cache MiB | peak GPU MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        ratio = f"{row['ratio']:.1f}" if "ratio" in row else "—"
+        print(f"| {row['model']} | {row['type']} | {row['precision']} | {row['batch']} | {row['ttft_ms']:.1f} | "
+              f"{row['tokens_per_s']:.1f} | {ratio} | "
+              f"{1e3 * row['batch'] / row['tokens_per_s']:.2f} | {row['weight_bytes'] / 2**20:.1f} | "
+              f"{row['kv_cache_bytes'] / 2**20:.1f} | {row['peak_gpu_bytes'] / 2**20:.0f} |", flush=True)
+    if args.transformers:
+        cp.get_default_memory_pool().free_all_blocks()
+        baseline, note = transformers_rows(args)
+        print(f"\n{note}")
+        if baseline:
+            print("| model | baseline | batch | TTFT (ms) | decode tok/s | ms/step | peak GPU MiB (torch) |")
+            print("| --- | --- | --- | --- | --- | --- | --- |")
+            for row in baseline:
+                print(f"| {row['model']} | {row['type']} | {row['batch']} | {row['ttft_ms']:.1f} | "
+                      f"{row['tokens_per_s']:.1f} | {1e3 * row['batch'] / row['tokens_per_s']:.2f} | "
+                      f"{row['peak_gpu_bytes'] / 2**20:.0f} |")
+            for row in rows:
+                theirs = next((r for r in baseline if r["model"] == row["model"] and r["batch"] == row["batch"]
+                               and "static" in r["type"]), None)
+                if theirs is not None and row["type"] == "float32" and row["precision"] == "bf16":
+                    print(f"{row['model']} batch {row['batch']}, bf16: ours / transformers (static, compiled) = "
+                          f"{row['tokens_per_s'] / theirs['tokens_per_s']:.2f}× decode tokens/s")
+        rows += baseline
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="default,gpt2")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--models", default=None, help="default: default,gpt2 (CPU), gpt2 (cuda)")
     parser.add_argument("--types", default="float32,q8_0,q4_0")
+    parser.add_argument("--precisions", default="fp32,bf16,fp16", help="cuda: the policies for float32 weights")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=None, help="default: 16 (CPU), 32 (cuda)")
+    parser.add_argument("--repeat", type=int, default=None, help="default: 2 (CPU), 3 (cuda)")
+    parser.add_argument("--transformers", action="store_true", help="cuda: also time transformers generate")
+    parser.add_argument("--transformers-batches", default="1")
     parser.add_argument("--matmul", action="store_true", help="time the quantized-matmul alternatives")
     parser.add_argument("--profile", action="store_true", help="cProfile of decode steps (first model/type/batch)")
+    parser.add_argument("--orientation", action="store_true", help="time x @ Wᵀ against (W @ xᵀ)ᵀ (Linear's few-row path)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.models, args.types = args.models.split(","), args.types.split(",")
+    gpu = args.device == "cuda"
+    args.models = (args.models or ("gpt2" if gpu else "default,gpt2")).split(",")
+    args.new_tokens = args.new_tokens or (32 if gpu else 16)
+    args.repeat = args.repeat or (3 if gpu else 2)
+    args.types, args.precisions = args.types.split(","), args.precisions.split(",")
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.transformers_batches = [int(b) for b in args.transformers_batches.split(",")]
     threads = [int(t) for t in args.threads.split(",")]
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        raise SystemExit(f"decode.py: unknown model {unknown[0]!r} (known: {', '.join(MODELS)})")
     if args.child:
         child(args)
         return
     command = "python benchmarks/decode.py " + " ".join(sys.argv[1:])
+    if gpu:
+        gpu_main(args, command)
+        return
+    if args.transformers:
+        raise SystemExit("decode.py: --transformers times transformers on the GPU; add --device cuda")
     print(f"# {command}\n# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, numpy {np.__version__}")
     common = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat)]
     for model_name in args.models:                     # quantized weights written once, by another process
         for kind in args.types:
-            if kind != "float32" and not args.matmul and not os.path.isfile(prepared_path(model_name, kind)):
+            if kind != "float32" and not args.matmul and not args.orientation and not os.path.isfile(prepared_path(model_name, kind)):
                 run_child(["--prepare", "--models", model_name, "--types", kind], threads[0])
     if args.profile:
         print(run_child(["--profile", "--models", args.models[0], "--types", args.types[0], "--batches",
                          str(args.batches[0]), *common], threads[0]))
+        return
+    if args.orientation:
+        print("| threads | W (out × in) | rows of x | x @ Wᵀ (ms) | (W @ xᵀ)ᵀ (ms) | speed-up |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for count in threads:
+            for row in json.loads(run_child(["--orientation", *common], count)):
+                print(f"| {count} | {row['shape']} | {row['batch']} | {row['x_wt']:.3f} | {row['w_xt']:.3f} | "
+                      f"{row['x_wt'] / row['w_xt']:.2f} |")
         return
     if args.matmul:
         print("| threads | type | batch | op (ms) | dequantise whole + GEMM (ms) | int8 dot (ms) | float32 GEMM (ms) |")
@@ -260,12 +498,10 @@ def main() -> None:
             for count in threads:
                 rows = json.loads(run_child(["--models", model_name, "--types", kind, "--batches",
                                              ",".join(map(str, args.batches)), *common], count))
-                base = next((r["tokens_per_s"] for r in rows if r["batch"] == 1), None)
-                cpu_base = next((r["tokens_per_cpu_s"] for r in rows if r["batch"] == 1), None)
                 for row in rows:
                     row["threads"] = count
-                    ratio = f"{row['tokens_per_s'] / base:.1f}" if base else "—"
-                    cpu_ratio = f"{row['tokens_per_cpu_s'] / cpu_base:.1f}" if cpu_base else "—"
+                    ratio = f"{row['ratio']:.1f}" if "ratio" in row else "—"
+                    cpu_ratio = f"{row['cpu_ratio']:.1f}" if "cpu_ratio" in row else "—"
                     print(f"| {model_name} | {kind} | {count} | {row['batch']} | {row['ttft_ms']:.1f} | "
                           f"{row['tokens_per_s']:.1f} | {ratio} | {row['tokens_per_cpu_s']:.1f} | {cpu_ratio} | "
                           f"{row['bytes_per_parameter']:.4f} | "

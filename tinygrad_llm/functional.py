@@ -182,7 +182,8 @@ def rope_attention(qkv, heads, kv_heads, cos, sin, keep_probabilities=False, cac
     """RoPE + causal attention on a packed projection qkv (B, T, H + 2Hkv, D) -> (B, T, H·D).
 
     cos, sin: (T, D/2) tables of the positions (ops/rope.rope_angles). keep_probabilities: on the CPU,
-    keep P between forward and backward. cache: (k_store, v_store, start) for KV-cached decoding.
+    keep P between forward and backward. cache: (k_store, v_store, start) for KV-cached decoding, or
+    (k_store, v_store, CacheRows) for a ragged batch of cache slots (ops/attention.CacheRows).
     """
     return CausalAttention.apply(ensure_tensor(qkv), packed=(heads, kv_heads, cos, sin),
                                  keep_probabilities=keep_probabilities, cache=cache)

@@ -41,22 +41,25 @@ emitted), or when the decoded continuation contains one of the `stop` strings (t
 Streaming holds back only what could still turn into a stop string or is an incomplete UTF-8 sequence.
 
 Simplifications: a batch's prompts are prefilled one after another (each is one GEMM per weight already);
-decode attention gathers the keys of a non-contiguous set of slots (a copy), a contiguous run is a view.
+a decode step's attention runs once per run of consecutive slots (each run's keys a view of the cache, no
+gather), so a batch scattered over many non-adjacent slots costs one small attention call per run.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import backend, precision
-from .ops.attention import grouped_causal_probabilities
-from .ops.matmul import product
-from .ops.quantized import linear_forward
+from . import functional as F
+from .ops.attention import CacheRows
 from .ops.rope import rope_angles
+from .quant.formats import QuantizedMatrix
 from .tensor import no_grad
+
+
+CHUNKED_NORM_ROWS = 64     # RMSNorm takes its threaded row-chunk path above this many rows (decode steps don't)
 
 
 class BatchedKVCache:
@@ -143,12 +146,14 @@ def model_weights(model) -> dict:
 
 
 class Decoder:
-    """KV-cached forward passes of a model for prefill and batched decoding, on raw arrays (no autograd).
+    """KV-cached forward passes of a model for prefill and batched decoding (no autograd).
 
-    Same math as GPT.forward (model.py), written for inference: the Hugging Face weights by name, every
-    Linear through ops/quantized.linear_forward (float or quantized), RMSNorm and SwiGLU as in the model's
-    CPU ops, attention over each slot's own cached keys. Logits come back as NumPy arrays (float32, or
-    float64 for a float64 model). The tests hold it to GPT.forward's logits.
+    The same ops as GPT.forward, run under no_grad on the weights by name: F.embedding (or a quantized
+    embedding's own row lookup), F.rms_norm, the linear op (F.linear for a float weight,
+    F.quantized_linear for a QuantizedMatrix), F.rope_attention with the ragged batched-cache option
+    (ops/attention.CacheRows: every slot at its own position, attending to its own keys only) and
+    F.swiglu. Logits come back as NumPy arrays (float32, or float64 for a float64 model). The tests hold
+    it to GPT.forward's logits.
     On the GPU under a bf16/fp16 policy (tinygrad_llm.precision) the float weight matrices are cast to
     the low dtype once, here (a copy beside the float32 masters), and every GEMM runs in it; norms,
     attention and the KV cache stay float32. A quantized embedding is looked up on the host.
@@ -185,11 +190,8 @@ class Decoder:
             cast = lambda w: w.astype(precision.dtype_named(low)) if getattr(w, "ndim", 0) == 2 else w
             self.layers = [_Layer(*(cast(w) for w in vars(layer).values())) for layer in self.layers]
             self.lm_head = cast(self.lm_head)
-        positions = self.xp.arange(config.max_seq_len)
-        cos, sin = rope_angles(positions, config.head_dim, config.rope_theta, self.xp)      # (max_len, D/2)
-        # rotate-half as x·[cos, cos] + [x₂, x₁]·[−sin, sin]: two full-width tables, one product each
-        self.cos = self.xp.concatenate([cos, cos], axis=1).astype(self.dtype)                 # (max_len, D)
-        self.sin = self.xp.concatenate([-sin, sin], axis=1).astype(self.dtype)
+        cos, sin = rope_angles(self.xp.arange(config.max_seq_len), config.head_dim, config.rope_theta, self.xp)
+        self.cos, self.sin = cos.astype(self.dtype), sin.astype(self.dtype)                  # (max_len, D/2)
 
     def new_cache(self, slots: int, max_len: int | None = None) -> BatchedKVCache:
         return BatchedKVCache(self.config, slots, max_len, self.dtype, self.device)
@@ -207,11 +209,9 @@ class Decoder:
             raise ValueError(f"slot {slot} holds {start} positions; {time} more exceed the cache's {cache.max_len}")
         self._check_ids(ids)
         with no_grad():
-            x = self._embed(ids)                                                   # (T, C)
-            attend = lambda layer, q, k, v: self._prefill_attention(cache, layer, slot, start, q, k, v)
-            x = self._layers(x, attend)
+            x = self._layers(self._embed(ids)[None], cache, CacheRows([slot], [start], time, self.xp))  # (1, T, C)
             cache.lengths[slot] = start + time
-            return self._logits(x if all_logits else x[-1:])[slice(None) if all_logits else 0]
+            return self._logits(x[0] if all_logits else x[0, -1:])[slice(None) if all_logits else 0]
 
     def decode_step(self, cache: BatchedKVCache, tokens, slots):
         """One new token for each of `slots` (n,), at each slot's own position. Returns logits (n, V)."""
@@ -233,11 +233,9 @@ class Decoder:
             raise ValueError(f"decode_step: slots {slots[positions == 0].tolist()} are empty; prefill them first")
         self._check_ids(tokens)
         with no_grad():
-            step = self._decode_plan(slots, positions)
-            x = self._embed(tokens)                                                # (n, C)
-            x = self._layers(x, lambda layer, q, k, v: self._decode_attention(cache, layer, step, q, k, v))
+            x = self._layers(self._embed(tokens)[:, None], cache, CacheRows(slots, positions, 1, self.xp))
             cache.lengths[slots] = positions + 1
-            return self._logits(x)
+            return self._logits(x[:, 0])                                           # (n, 1, C) -> (n, C)
 
     def forward(self, ids):
         """Logits (B, T, V) of whole sequences (B, T), without a cache (evaluation of quantized runs)."""
@@ -258,127 +256,56 @@ class Decoder:
             raise IndexError(f"token ids must be in [0, {self.config.vocab_size}), got {ids.min()}…{ids.max()}")
 
     def _embed(self, ids):
+        """(N,) ids -> (N, C) in the compute dtype."""
         if hasattr(self.embed, "take_rows"):                     # a QuantizedMatrix: dequantise the rows used
             rows = self.embed.take_rows(ids)
             return backend.to_device(rows, self.device) if self.device != "cpu" else rows
-        return self.embed[backend.to_device(ids, self.device)].astype(self.dtype, copy=False)
+        return F.embedding(backend.to_device(ids, self.device), self.embed).data.astype(self.dtype, copy=False)
 
     def _linear(self, x, weight):
-        y = linear_forward(x, weight)
+        """The linear op for this weight (float or quantized), its output in the compute dtype."""
+        op = F.quantized_linear if isinstance(weight, QuantizedMatrix) else F.linear
+        y = op(x, weight).data
         return y if y.dtype == self.dtype else y.astype(self.dtype)
 
-    def _rms_norm(self, x, weight):
-        """x · rsqrt(mean(x²) + eps) · w, in the order of the RMSNorm op's chunked path."""
-        xp = self.xp
-        r = (x * x).sum(axis=-1, keepdims=True)
-        r *= x.dtype.type(1.0 / x.shape[-1])
-        r += x.dtype.type(self.config.norm_eps)
-        xp.sqrt(r, out=r)
-        xp.reciprocal(r, out=r)
-        y = x * r
-        y *= weight
-        return y
+    def _norm(self, x, weight):
+        """F.rms_norm; its threaded row chunks only for many rows (a prompt), not a row per sequence."""
+        return F.rms_norm(x, weight, self.config.norm_eps, chunked=x.size > CHUNKED_NORM_ROWS * x.shape[-1]).data
 
-    def _layers(self, x, attend):
-        """x (N, C) through every decoder layer; attend(layer, q, k, v) -> (N, H·D) does the attention."""
+    def _layers(self, x, cache, rows):
+        """x (B, T, C): row b is the sequence in cache slot rows.slots[b], T new positions from rows.starts[b]."""
         config, xp = self.config, self.xp
         heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        half = self.dtype.type(0.5)
+        batch, time, _ = x.shape
+        positions = backend.to_device(rows.positions, self.device)
+        cos, sin = self.cos[positions], self.sin[positions]                         # (B·T, D/2)
         for i, layer in enumerate(self.layers):
-            h = self._rms_norm(x, layer.attention_norm)
-            q = self._linear(h, layer.q).reshape(-1, heads, head_dim)             # (N, C) -> (N, H, D)
-            k = self._linear(h, layer.k).reshape(-1, kv_heads, head_dim)          # (N, Hkv, D)
-            v = self._linear(h, layer.v).reshape(-1, kv_heads, head_dim)          # (N, Hkv, D)
-            x = x + self._linear(attend(i, q, k, v), layer.o)
-            h = self._rms_norm(x, layer.mlp_norm)
-            gate = self._linear(h, layer.gate)
-            sigma = xp.tanh(gate * half)                                          # σ(g) = ½ (1 + tanh(g/2))
-            sigma *= half
-            sigma += half
-            gate *= sigma
-            gate *= self._linear(h, layer.up)                                     # silu(g) · u
-            x = x + self._linear(gate, layer.down)
+            h = self._norm(x, layer.attention_norm)
+            qkv = xp.concatenate([self._linear(h, layer.q), self._linear(h, layer.k), self._linear(h, layer.v)],
+                                 axis=-1)                                           # (B, T, C + 2·Hkv·D)
+            qkv = qkv.reshape(batch, time, heads + 2 * kv_heads, head_dim)         # -> (B, T, H + 2Hkv, D)
+            y = F.rope_attention(qkv, heads, kv_heads, cos, sin, cache=(cache.k[i], cache.v[i], rows)).data
+            x = x + self._linear(y, layer.o)
+            h = self._norm(x, layer.mlp_norm)
+            x = x + self._linear(F.swiglu(self._linear(h, layer.gate), self._linear(h, layer.up)).data, layer.down)
         return x
 
     def _logits(self, x):
-        logits = self._linear(self._rms_norm(x, self.norm), self.lm_head)         # (N, V)
+        """(N, C) -> (N, V) logits as a NumPy array (float32 or float64)."""
+        logits = self._linear(self._norm(x, self.norm), self.lm_head)
         logits = backend.to_numpy(logits)
         return logits if logits.dtype in (np.float32, np.float64) else logits.astype(np.float32)
-
-    def _rotate(self, x, cos, sin):
-        """RoPE of x (N, heads, D) with the (N, 1, D) tables: (x₁, x₂) -> (x₁ cos − x₂ sin, x₂ cos + x₁ sin)."""
-        half = x.shape[-1] // 2
-        swapped = self.xp.concatenate([x[..., half:], x[..., :half]], axis=-1)             # [x₂, x₁]
-        swapped *= sin
-        out = x * cos
-        out += swapped
-        return out
-
-    def _prefill_attention(self, cache, layer, slot, start, q, k, v):
-        """One slot, T new positions start…start+T−1: causal attention over the slot's start + T keys."""
-        xp, config = self.xp, self.config
-        time, heads, head_dim = q.shape
-        kv_heads, group = config.n_kv_heads, config.n_heads // config.n_kv_heads
-        cos, sin = self.cos[start:start + time, None, :], self.sin[start:start + time, None, :]     # (T, 1, D)
-        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-        end = start + time
-        cache.k[layer][slot, :, start:end] = k.transpose(1, 0, 2)                 # (T, Hkv, D) -> (Hkv, T, D)
-        cache.v[layer][slot, :, start:end] = v.transpose(1, 0, 2)
-        keys, values = cache.k[layer][slot, :, :end], cache.v[layer][slot, :, :end]     # (Hkv, start + T, D)
-        q3 = q.reshape(time, kv_heads, group, head_dim).transpose(1, 2, 0, 3)      # (T, H, D) -> (Hkv, G, T, D)
-        q3 = q3.reshape(1, kv_heads, group * time, head_dim)                       # -> (1, Hkv, G·T, D)
-        p, _ = grouped_causal_probabilities(q3, keys[None], group, 1.0 / math.sqrt(head_dim), xp)
-        out = product(p, values[None])                                             # (1, Hkv, G·T, D)
-        out = out.reshape(kv_heads, group, time, head_dim).transpose(2, 0, 1, 3)   # -> (T, Hkv, G, D)
-        return out.reshape(time, heads * head_dim)                                 # -> (T, H·D)
-
-    def _decode_plan(self, slots, positions) -> dict:
-        """What every layer's decode attention shares within one step: RoPE tables at each slot's position,
-        the −∞ bias on keys past each slot's length, and how to read the slots' keys (a view or a gather)."""
-        xp, device = self.xp, self.device
-        count, length = slots.shape[0], int(positions.max()) + 1
-        device_slots, device_positions = backend.to_device(slots, device), backend.to_device(positions, device)
-        first = int(slots[0])
-        contiguous = bool(np.array_equal(slots, np.arange(first, first + count)))
-        bias = None
-        if int(positions.min()) + 1 < length:        # ragged lengths: mask each slot's keys past its position
-            beyond = xp.arange(length)[None, :] > device_positions[:, None]                     # (n, L)
-            bias = xp.where(beyond, -xp.inf, 0).astype(self.dtype)[:, None, :, None]           # (n, 1, L, 1)
-        return {"slots": device_slots, "positions": device_positions, "length": length,
-                "keys": slice(first, first + count) if contiguous else device_slots, "bias": bias,
-                "cos": self.cos[device_positions][:, None, :], "sin": self.sin[device_positions][:, None, :]}
-
-    def _decode_attention(self, cache, layer, step, q, k, v):
-        """n slots, one new position each: attention over each slot's own keys (step: _decode_plan)."""
-        xp, config = self.xp, self.config
-        count, heads, head_dim = q.shape
-        kv_heads, group = config.n_kv_heads, config.n_heads // config.n_kv_heads
-        q, k = self._rotate(q, step["cos"], step["sin"]), self._rotate(k, step["cos"], step["sin"])
-        cache.k[layer][step["slots"], :, step["positions"]] = k                   # (n, Hkv, D) at (slot, :, pos)
-        cache.v[layer][step["slots"], :, step["positions"]] = v
-        length = step["length"]
-        keys = cache.k[layer][step["keys"], :, :length]                           # (n, Hkv, L, D): view or gather
-        values = cache.v[layer][step["keys"], :, :length]
-        q = q * q.dtype.type(1.0 / math.sqrt(head_dim))
-        q4 = q.reshape(count, kv_heads, group, head_dim).swapaxes(-1, -2)          # (n, H, D) -> (n, Hkv, D, G)
-        scores = product(keys, q4)                                                 # (n, Hkv, L, G)
-        if step["bias"] is not None:
-            scores += step["bias"]
-        scores -= scores.max(axis=2, keepdims=True)
-        xp.exp(scores, out=scores)
-        scores /= scores.sum(axis=2, keepdims=True)                                 # P, normalised over keys
-        out = product(xp.ascontiguousarray(scores.swapaxes(-1, -2)), values)       # (n, Hkv, G, L) @ (n, Hkv, L, D)
-        return out.reshape(count, heads * head_dim)                                # (n, Hkv, G, D) -> (n, H·D)
 
 
 def sample_next(logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                 rng: np.random.Generator | None = None) -> int:
-    """One token id from a (V,) logit vector. temperature 0 → greedy (argmax)."""
-    logits = np.asarray(logits, dtype=np.float64)
+    """One token id from a (V,) logit vector. temperature 0 → greedy (argmax, on the logits as they come:
+    widening to float64 is exact, so it cannot change the argmax)."""
     if temperature < 0:
         raise ValueError(f"temperature must be ≥ 0, got {temperature}")
     if temperature == 0:
         return int(np.argmax(logits))
+    logits = np.asarray(logits, dtype=np.float64)
     logits = logits / temperature
     if top_k is not None and top_k > 0 and top_k < logits.size:
         kth = np.partition(logits, -top_k)[-top_k]

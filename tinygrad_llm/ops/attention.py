@@ -297,9 +297,18 @@ class CausalAttention(Function):
     With `cache=(k_store, v_store, start)` (KV-cached decoding, no gradient) the rotated k and v of the
     new positions are written into the stores (B, Hkv, max_len, D) at start … start + T, and q attends
     to every stored position before start + T; cos, sin are then the tables of positions start … start + T.
+    Both cache forms run `_cached_forward` (never the chunked training path). Ragged batched cache, `cache=(k_store, v_store, rows)` with rows a `CacheRows`: the stores hold S
+    independent sequences (S, Hkv, max_len, D); batch row b is the sequence in store row rows.slots[b],
+    which already holds rows.starts[b] positions. Its T new positions go to starts[b] … starts[b] + T − 1
+    (cos, sin: (B·T, D/2), each row's own positions, row after row) and query i of row b attends to that
+    store row's keys 0 … starts[b] + i only. Keys are read in place (a view per run of consecutive store
+    rows, no gather); for one new position per row (decoding) the scores are formed as K qᵀ, keys on the
+    left, so no transposed copy of the cached keys is made.
     """
 
     def forward(self, q, k=None, v=None, packed=None, keep_probabilities=False, cache=None):
+        if packed is not None and cache is not None:
+            return self._cached_forward(q, *packed, cache)
         if packed is not None:
             return self._packed_forward(q, *packed, keep_probabilities, cache)
         _check_shapes(q, k, v)
@@ -310,6 +319,8 @@ class CausalAttention(Function):
 
     def backward(self, dy):
         *saved, packed = self.saved
+        if packed == "cache":
+            raise RuntimeError("causal_attention: the KV-cache path keeps no gradient (run it under no_grad)")
         if packed:
             return self._packed_backward(dy, *saved)
         path, q, k, v, out, kept = saved
@@ -404,6 +415,48 @@ class CausalAttention(Function):
         parallel_items(lambda group: [part(item) for item in group], work)
         return dqkv
 
+    def _cached_forward(self, qkv, heads, kv_heads, cos, sin, cache):
+        """The KV-cache forms (see the class docstring): rotate, write the new keys and values into the
+        stores, attend each batch row over its own store row. No gradient is kept."""
+        xp = array_module(qkv)
+        if qkv.ndim != 4 or qkv.shape[2] != heads + 2 * kv_heads or heads % kv_heads:
+            raise ValueError(f"causal_attention: packed qkv must be (B, T, {heads} + 2·{kv_heads}, D) with "
+                             f"{kv_heads} dividing {heads}, got {tuple(qkv.shape)}")
+        k_store, v_store, rows = cache
+        batch, time, _, head_dim = qkv.shape
+        if not isinstance(rows, CacheRows):                  # one start for every row: store rows 0 … B − 1
+            rows = CacheRows(np.arange(batch), np.full(batch, int(rows)), time, xp)
+            if batch > 1:
+                cos, sin = xp.tile(cos, (batch, 1)), xp.tile(sin, (batch, 1))      # (T, D/2) -> (B·T, D/2)
+        if rows.batch != batch or rows.time != time:
+            raise ValueError(f"causal_attention: cache rows for {rows.batch} × {rows.time} positions, "
+                             f"qkv has {batch} × {time}")
+        if rows.end > k_store.shape[2]:
+            raise ValueError(f"KV cache holds {k_store.shape[2]} positions; {rows.end} were asked for")
+        if int(rows.slots.max()) >= k_store.shape[0]:
+            raise ValueError(f"KV cache has {k_store.shape[0]} rows; row {int(rows.slots.max())} was asked for")
+        flat = xp.ascontiguousarray(qkv).reshape(1, batch * time, heads + 2 * kv_heads, head_dim)  # (1, B·T, ·, D)
+        rope = kernel("rope", qkv)
+        rotated = xp.empty((1, heads + kv_heads, batch * time, head_dim), dtype=qkv.dtype)
+        rotate_into(flat[:, :, :heads + kv_heads].transpose(0, 2, 1, 3), cos, sin, rotated, rope)   # q and k, each
+        q, k = rotated[:, :heads], rotated[:, heads:]                # at its position: (1, H | Hkv, B·T, D)
+        store_rows, positions = rows.write
+        k_store[store_rows, :, positions] = k[0].swapaxes(0, 1)                      # (B·T, Hkv, D)
+        v_store[store_rows, :, positions] = flat[0, :, heads + kv_heads:]
+        q = q.reshape(heads, batch, time, head_dim).transpose(1, 0, 2, 3)           # -> (B, H, T, D)
+        out = xp.empty((batch, time, heads * head_dim), dtype=qkv.dtype)
+        for members, stores, length, bias in rows.runs:
+            keys, values = k_store[stores, :, :length], v_store[stores, :, :length]   # (r, Hkv, L, D): views
+            if time == 1:
+                o = _attend_decode(q[members], keys, values, bias)
+            else:
+                q_run = xp.ascontiguousarray(q[members])
+                keys, values = keys.astype(q.dtype, copy=False), values.astype(q.dtype, copy=False)
+                o, _ = _attend(q_run, keys, values, choose_path(q_run, keys, values, False))
+            out[members] = o.transpose(0, 2, 1, 3).reshape(-1, time, heads * head_dim)   # (r, H, T, D) -> (r, T, H·D)
+        self.save(packed="cache")
+        return out
+
 
 def _copy_into(source, target, rope=None):
     """target[...] = source for (b, heads, T, D) views (either may be a transposed view of a packed array);
@@ -424,6 +477,75 @@ def _store(cache, k, v):
     k_store[:, :, start:end] = k
     v_store[:, :, start:end] = v
     return k_store[:, :, :end].astype(k.dtype, copy=False), v_store[:, :, :end].astype(v.dtype, copy=False)
+
+
+class CacheRows:
+    """The store rows a batch writes and reads, and the position each row starts at: the ragged
+    batched-cache option of CausalAttention, `cache=(k_store, v_store, CacheRows(slots, starts, T))`.
+
+    Batch row b is the sequence kept in store row slots[b], holding starts[b] positions; its T new
+    positions are starts[b] … starts[b] + T − 1. Every layer of one step shares one CacheRows, so what
+    follows from the rows is worked out once, here: the store indices of the new keys, and the runs.
+    A run is a set of batch rows whose store rows are consecutive (with T > 1, also at the same start):
+    its keys are one view of the stores, (r, Hkv, L, D) with L its longest row, and a −∞ bias hides
+    each row's keys past its own length (decoding, T = 1; with T > 1 the run's causal mask does that).
+    slots, starts: (B,) integers; xp: the array module of the stores.
+    """
+
+    def __init__(self, slots, starts, time: int, xp=np):
+        slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+        starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+        if slots.shape != starts.shape or slots.size == 0 or int(time) < 1:
+            raise ValueError(f"CacheRows: {slots.size} slots, {starts.size} starts and {time} new positions; "
+                             "need one start per slot and at least one of each")
+        order = np.argsort(slots, kind="stable")
+        ordered = slots[order]
+        if (np.diff(ordered) == 0).any() or int(starts.min()) < 0 or int(ordered[0]) < 0:
+            raise ValueError(f"CacheRows: store rows must be distinct and non-negative, starts non-negative; "
+                             f"got slots {slots.tolist()}, starts {starts.tolist()}")
+        self.slots, self.starts, self.time, self.batch = slots, starts, int(time), slots.size
+        self.positions = (starts[:, None] + np.arange(self.time)[None, :]).reshape(-1)    # (B·T,) row after row
+        self.end = int(starts.max()) + self.time
+        self.write = (xp.asarray(np.repeat(slots, self.time)), xp.asarray(self.positions))
+        if self.batch == 1:                               # one sequence (generate, prefill): one run, no mask
+            self.runs = [(slice(0, 1), slice(int(slots[0]), int(slots[0]) + 1), self.end, None)]
+            return
+        breaks = np.diff(ordered) != 1
+        if self.time > 1:
+            breaks |= np.diff(starts[order]) != 0
+        self.runs = []
+        for members in np.split(order, np.flatnonzero(breaks) + 1):
+            first, count = int(members[0]), members.size
+            lengths = starts[members] + self.time                                       # (r,)
+            bias = None
+            if self.time == 1 and int(lengths.min()) != int(lengths.max()):
+                beyond = np.arange(int(lengths.max()))[None, :] >= lengths[:, None]     # (r, L)
+                bias = xp.asarray(np.where(beyond, -np.inf, 0.0)[:, None, :, None])     # (r, 1, L, 1)
+            contiguous = np.array_equal(members, np.arange(first, first + count))
+            low = int(slots[members].min())
+            self.runs.append((slice(first, first + count) if contiguous else xp.asarray(members),
+                              slice(low, low + count), int(lengths.max()), bias))
+
+
+def _attend_decode(q, k, v, bias):
+    """O (r, H, 1, D) of one query per row over that row's keys k, v (r, Hkv, L, D), −∞ `bias` (r, 1, L, 1)
+    or None: scores as K qᵀ (r, Hkv, L, G), keys on the left (the stored keys are read as they lie),
+    softmax over L, then Pᵀ V. 16-bit inputs are worked in float32."""
+    xp = array_module(q)
+    rows, heads, _, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    work = np.promote_types(q.dtype, np.float32)               # float32 for 16-bit inputs, else their own
+    q_t = q.astype(work).reshape(rows, kv_heads, group, head_dim).swapaxes(-1, -2)   # (r, H, 1, D) -> (r, Hkv, D, G)
+    q_t *= work.type(1.0 / math.sqrt(head_dim))
+    scores = product(k.astype(work, copy=False), q_t)                                 # (r, Hkv, L, G)
+    if bias is not None:
+        scores += bias.astype(work, copy=False)
+    scores -= scores.max(axis=2, keepdims=True)
+    xp.exp(scores, out=scores)
+    scores /= scores.sum(axis=2, keepdims=True)                                        # P, normalised over L
+    out = product(xp.ascontiguousarray(scores.swapaxes(-1, -2)), v.astype(work, copy=False))   # (r, Hkv, G, D)
+    return out.reshape(rows, heads, 1, head_dim).astype(q.dtype, copy=False)          # -> (r, H, 1, D)
 
 
 def causal_attention_reference(q, k, v):

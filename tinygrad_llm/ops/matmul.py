@@ -74,12 +74,18 @@ class MatMul(Function):
         return da, db
 
 
+FEW_ROWS = 64                  # up to this many rows, Linear computes (W xᵀ)ᵀ on NumPy arrays
+_BLAS_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 class Linear(Function):
     """Forward:  y = x @ Wᵀ   with W in the (out, in) layout of PyTorch and Hugging Face
     Backward: dx = dy @ W;  dW = dyᵀ @ x summed over every leading axis
     Shapes:   x (..., in), W (out, in), y (..., out)
     Saves:    x, W
-    The leading axes are folded into one so that each product is a single 2-D GEMM.
+    The leading axes are folded into one so that each product is a single 2-D GEMM. With 2 … FEW_ROWS rows
+    on the CPU (batched decoding) the forward is computed as (W xᵀ)ᵀ, a transposed view: the same sums,
+    but OpenBLAS runs that orientation much faster when x is the thin side (benchmarks/RESULTS.md).
     """
 
     def forward(self, x, weight):
@@ -93,7 +99,12 @@ class Linear(Function):
             return y
         self.save(x=x, weight=weight, dtypes=None, fast=None)
         x2 = x.reshape(-1, x.shape[-1])                                # (..., in) -> (N, in)
-        return product(x2, weight.T).reshape(*x.shape[:-1], weight.shape[0])  # (N, out) -> (..., out)
+        if type(x2) is np.ndarray and x2.dtype == weight.dtype in _BLAS_FLOATS:
+            # a few rows (decoding): OpenBLAS is up to 2× faster with W on the left
+            y = (weight @ x2.T).T if 1 < x2.shape[0] <= FEW_ROWS else x2 @ weight.T
+        else:
+            y = product(x2, weight.T)
+        return y.reshape(*x.shape[:-1], weight.shape[0])              # (N, out) -> (..., out)
 
     def backward(self, dy):
         x, weight, dtypes, fast = self.saved
