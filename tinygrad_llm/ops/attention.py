@@ -297,7 +297,8 @@ class CausalAttention(Function):
     With `cache=(k_store, v_store, start)` (KV-cached decoding, no gradient) the rotated k and v of the
     new positions are written into the stores (B, Hkv, max_len, D) at start … start + T, and q attends
     to every stored position before start + T; cos, sin are then the tables of positions start … start + T.
-    Both cache forms run `_cached_forward` (never the chunked training path). Ragged batched cache, `cache=(k_store, v_store, rows)` with rows a `CacheRows`: the stores hold S
+    Both cache forms run `_cached_forward` (never the chunked training path).
+    Ragged batched cache, `cache=(k_store, v_store, rows)` with rows a `CacheRows`: the stores hold S
     independent sequences (S, Hkv, max_len, D); batch row b is the sequence in store row rows.slots[b],
     which already holds rows.starts[b] positions. Its T new positions go to starts[b] … starts[b] + T − 1
     (cos, sin: (B·T, D/2), each row's own positions, row after row) and query i of row b attends to that
@@ -310,7 +311,7 @@ class CausalAttention(Function):
         if packed is not None and cache is not None:
             return self._cached_forward(q, *packed, cache)
         if packed is not None:
-            return self._packed_forward(q, *packed, keep_probabilities, cache)
+            return self._packed_forward(q, *packed, keep_probabilities)
         _check_shapes(q, k, v)
         path = choose_path(q, k, v, keep_probabilities)
         out, (q_, k_, v_, out_, kept) = _attend(q, k, v, path)
@@ -328,7 +329,7 @@ class CausalAttention(Function):
         xp = array_module(dy)
         return dq.reshape(dy.shape), xp.ascontiguousarray(dk), xp.ascontiguousarray(dv)
 
-    def _packed_forward(self, qkv, heads, kv_heads, cos, sin, keep_probabilities, cache):
+    def _packed_forward(self, qkv, heads, kv_heads, cos, sin, keep_probabilities):
         xp = array_module(qkv)
         if qkv.ndim != 4 or qkv.shape[2] != heads + 2 * kv_heads or heads % kv_heads:
             raise ValueError(f"causal_attention: packed qkv must be (B, T, {heads} + 2·{kv_heads}, D) with "
@@ -336,7 +337,7 @@ class CausalAttention(Function):
         batch, time, _, head_dim = qkv.shape
         out = xp.empty((batch, time, heads * head_dim), dtype=qkv.dtype)
         rope = kernel("rope", qkv)
-        blocked = (xp is np and cache is None and keep_probabilities and not needs_float32_products(qkv.dtype)
+        blocked = (xp is np and keep_probabilities and not needs_float32_products(qkv.dtype)
                    and kernel("causal_attention", qkv) is None)
         tables = _head_tables(cos, sin, heads, kv_heads) if blocked else None
 
@@ -359,9 +360,7 @@ class CausalAttention(Function):
             rotate_into(chunk[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3), cos, sin, k, rope)
             v = _copy_into(chunk[:, :, heads + kv_heads:].transpose(0, 2, 1, 3),                 # (b, Hkv, T, D)
                            xp.empty((rows, kv_heads, time, head_dim), dtype=qkv.dtype), rope)
-            if cache is not None:                                                   # decoding: keys so far
-                k, v = _store(cache, k, v)
-            path = choose_path(q, k, v, keep_probabilities and cache is None)
+            path = choose_path(q, k, v, keep_probabilities)
             o, state = _attend(q, k, v, path)                                        # (b, H, T, D)
             target = out[start:end].reshape(rows, time, heads, head_dim)                # (b, T, H·D) -> (b, T, H, D)
             _copy_into(o, target.transpose(0, 2, 1, 3), rope)                           # o (b, H, T, D) into it
@@ -371,7 +370,7 @@ class CausalAttention(Function):
             per_chunk = max(1, CHUNK_ELEMENTS // (heads * min(QUERY_BLOCK, time) * time))
         else:
             per_chunk = max(1, CHUNK_ELEMENTS // (heads * time * time))
-        if xp is np and cache is None:   # cache-sized chunks of the batch, dealt to the threads
+        if xp is np:                       # cache-sized chunks of the batch, dealt to the threads
             least = thread_count() if blocked else 1                      # the blocked path: a chunk a thread
             chunks = split(batch, parts=max(-(-batch // per_chunk), least))
             work = [chunks[i::thread_count()] for i in range(min(thread_count(), len(chunks)))]
@@ -466,17 +465,6 @@ def _copy_into(source, target, rope=None):
         return rope.copy_heads(source, out=target)
     target[...] = source
     return target
-
-
-def _store(cache, k, v):
-    """Write the new keys/values (B, Hkv, Tnew, D) into the stores at start …; return every one so far."""
-    k_store, v_store, start = cache
-    end = start + k.shape[2]
-    if end > k_store.shape[2]:
-        raise ValueError(f"KV cache holds {k_store.shape[2]} positions; {end} were asked for")
-    k_store[:, :, start:end] = k
-    v_store[:, :, start:end] = v
-    return k_store[:, :, :end].astype(k.dtype, copy=False), v_store[:, :, :end].astype(v.dtype, copy=False)
 
 
 class CacheRows:
