@@ -54,8 +54,8 @@ def first_of_each(examples, count, key):
 
 
 def held_out_subset(examples, per_task):
-    """The first `per_task` held-out questions of each kind."""
-    return first_of_each(examples, per_task, lambda e: e.task)
+    """The first `per_task` held-out questions of each kind of each play."""
+    return first_of_each(examples, per_task, lambda e: (e.play, e.task))
 
 
 def load_run(path, device):
@@ -108,11 +108,13 @@ def main():
     parser.add_argument("--lora-rank", type=int, default=8, help="0 skips the LoRA run")
     parser.add_argument("--lora-lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--per-task", type=int, default=25, help="held-out questions of each kind scored")
+    parser.add_argument("--per-task", type=int, default=10, help="held-out questions of each kind per play scored")
+    parser.add_argument("--sft-per-task", type=int, default=40, help="SFT training questions of each kind per play")
     parser.add_argument("--dpo-per-task", type=int, default=10, help="DPO training pairs of each kind per play")
     parser.add_argument("--dpo-batch-size", type=int, default=8)
     parser.add_argument("--stages", default="sft,dpo,lora", help="which of sft, dpo, lora to run (dpo needs sft)")
     parser.add_argument("--skip-base", action="store_true", help="do not score the base model")
+    parser.add_argument("--sft-run", default="", help="an SFT run to start DPO from (then no SFT stage runs)")
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="score the held-out plays (test) or validation plays cut from the training plays")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (every stage and the scoring)")
@@ -125,17 +127,19 @@ def main():
     os.makedirs(args.work_dir)
 
     validation = args.split == "validation"
-    train, held = builtin_split("plays", validation=validation)
+    train, held = builtin_split("plays", per_task=max(args.sft_per_task, args.per_task), validation=validation)
     questions = held_out_subset(held, args.per_task)
     model, tokenizer, _, _ = load_start(args.base, args.device)
     model.eval()
     pairs, _ = encode_preferences([q.preference() for q in questions], tokenizer, model.config.max_seq_len + 1)
     common = dict(batch_size=args.batch_size, progress=False, eval_interval=100, seed=1337, device=args.device)
-    sft_source, dpo_source = dict(builtin="plays"), dict(builtin="plays", per_task=args.dpo_per_task)
+    sft_source = dict(builtin="plays", per_task=args.sft_per_task)
+    dpo_source = dict(builtin="plays", per_task=args.dpo_per_task)
     if validation:            # the stages read the validation split's training plays from files
         dpo_train = first_of_each(train, args.dpo_per_task, lambda e: (e.play, e.task))
+        sft_train = first_of_each(train, args.sft_per_task, lambda e: (e.play, e.task))
         sft_source = dict(data=write_jsonl(os.path.join(args.work_dir, "sft_train.jsonl"),
-                                           [{"messages": e.messages()} for e in train]),
+                                           [{"messages": e.messages()} for e in sft_train]),
                           val_data=write_jsonl(os.path.join(args.work_dir, "sft_val.jsonl"),
                                                [{"messages": q.messages()} for q in questions]))
         dpo_source = dict(data=write_jsonl(os.path.join(args.work_dir, "dpo_train.jsonl"),
@@ -146,15 +150,21 @@ def main():
 
     if not args.skip_base:
         results["base"] = score(model, tokenizer, questions, pairs, None, args.beta, args.device)
+    sft_run = args.sft_run or os.path.join(args.work_dir, "sft")
+    if args.sft_run:                       # an SFT run made before: scored, not trained again
+        labels_given = {"sft": f"SFT ({args.sft_run})"}
+        results["sft"] = score(*load_run(args.sft_run, args.device), questions, pairs, None, args.beta, args.device)
+    else:
+        labels_given = {}
     stages = [("sft", "SFT", sft, dict(sft_source, base=args.base, max_steps=args.sft_steps, lr=args.sft_lr)),
-              ("dpo", "SFT + DPO", dpo, dict(dpo_source, base=os.path.join(args.work_dir, "sft"),
+              ("dpo", "SFT + DPO", dpo, dict(dpo_source, base=sft_run,
                                              max_steps=args.dpo_steps, lr=args.dpo_lr, beta=args.beta,
                                              batch_size=args.dpo_batch_size)),
               ("lora", f"SFT, LoRA r={args.lora_rank}", sft,
                dict(sft_source, base=args.base, max_steps=args.sft_steps, lr=args.lora_lr, lora_rank=args.lora_rank))]
-    wanted = set(args.stages.split(","))
+    wanted = set(args.stages.split(",")) - ({"sft"} if args.sft_run else set())
     stages = [stage for stage in stages if stage[0] in wanted]
-    labels = {"base": "base"}
+    labels = dict(base="base", **labels_given)
     summaries = {}
     for key, label, function, options in stages:
         options = dict(common, **options)
@@ -174,7 +184,7 @@ def main():
     print(f"# command: {command}")
     print(f"# device {args.device}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"# {'validation' if validation else 'held-out'} plays: {len(questions)} questions ({args.per_task} of "
-          f"each kind), {len(pairs)} preference pairs; {len(train)} training questions")
+          f"each kind per play), {len(pairs)} preference pairs")
     points = reference_points(questions)
     print("# no model: " + ", ".join(f"{kind} chance {c:.3f} / first name {f:.3f}" for kind, (c, f) in points.items()))
     header = ["model", "exact (all)"] + [f"exact {t}" for t in tasks] + \

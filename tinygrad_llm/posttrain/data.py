@@ -10,15 +10,20 @@ Nothing is dropped silently: every line that cannot be used is counted under a r
 longer than the context, characters the tokenizer cannot encode), and the first few are kept with their
 line numbers for the message the CLI prints. Blank lines are skipped without counting.
 
-The built-in task (`--builtin plays`) needs no download beyond the built-in corpus: from
-tinygrad_llm.data.plays, three kinds of question about a speech's first verse line, each with a right
-answer and a plausible wrong one (the preference pairs):
-    who_says     Who says "LINE"? Choose: A; B; C        -> the speaker (wrong: another speaker of the scene)
-    which_play   Which play has "LINE"? Choose: T1; T2   -> the title (wrong: another play of the same split)
-    next_line    Continue: "LINE"                        -> the next speech's first line (wrong: a line of
-                                                            another play)
-The split is by play (data.plays.split_plays), so no held-out speech is seen in training. Choices are
-listed in alphabetical order, so their position tells nothing.
+The built-in task (`--builtin plays`) needs no download beyond the built-in corpus. From
+tinygrad_llm.data.plays, each question shows an excerpt of EXCERPT_SPEECHES consecutive speeches of a
+scene, one row each, "NAME: line" (the speech's first verse line cut at a word boundary to EXCERPT_CHARS),
+then asks about it; the answer is always a name shown in the excerpt, so it can be read off the prompt:
+    who_says       ...\nWho says "LINE"?          -> the name on LINE's row
+    next_speaker   ...\nWho speaks after NAME?    -> the name on the row after NAME's (NAME once among the
+                                                   rows before the last)
+The preference pairs reject another name of the same excerpt. The split is by play
+(data.plays.split_plays), so no held-out speech is seen in training. The training questions rename the
+excerpt's speakers, one to one, with names drawn from every speaker of the training plays: an answer can
+then only be read off the excerpt, never recalled from the play (a small model otherwise learns the
+training plays' names instead of reading). The held-out questions keep the real names.
+Simplifications: excerpts with a chorus ("ALL", "BOTH", "X and Y"), a speaker name over 16 characters, a
+quote mark or a line under 8 characters are not used; one question per excerpt.
 
 Batches: examples are visited in a fresh permutation each epoch, drawn from (seed, epoch), so batch i is
 a pure function of (seed, i) and resuming needs only the step. Sequences are right-padded; under the causal
