@@ -115,6 +115,7 @@ def main():
     parser.add_argument("--stages", default="sft,dpo,lora", help="which of sft, dpo, lora to run (dpo needs sft)")
     parser.add_argument("--skip-base", action="store_true", help="do not score the base model")
     parser.add_argument("--sft-run", default="", help="an SFT run to start DPO from (then no SFT stage runs)")
+    parser.add_argument("--score-runs", default="", help="LABEL=RUN,...: finished runs to score beside the others")
     parser.add_argument("--split", choices=("test", "validation"), default="test",
                         help="score the held-out plays (test) or validation plays cut from the training plays")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (every stage and the scoring)")
@@ -156,6 +157,10 @@ def main():
         results["sft"] = score(*load_run(args.sft_run, args.device), questions, pairs, None, args.beta, args.device)
     else:
         labels_given = {}
+    for item in filter(None, args.score_runs.split(",")):       # finished runs, scored only
+        label, path = item.split("=", 1)
+        labels_given[label] = label
+        results[label] = score(*load_run(path, args.device), questions, pairs, None, args.beta, args.device)
     stages = [("sft", "SFT", sft, dict(sft_source, base=args.base, max_steps=args.sft_steps, lr=args.sft_lr)),
               ("dpo", "SFT + DPO", dpo, dict(dpo_source, base=sft_run,
                                              max_steps=args.dpo_steps, lr=args.dpo_lr, beta=args.beta,

@@ -19,9 +19,9 @@ then asks about it; the answer is always a name shown in the excerpt, so it can 
                                                    rows before the last)
 The preference pairs reject another name of the same excerpt. The split is by play
 (data.plays.split_plays), so no held-out speech is seen in training. The training questions rename the
-excerpt's speakers, one to one, with names drawn from every speaker of the training plays: an answer can
-then only be read off the excerpt, never recalled from the play (a small model otherwise learns the
-training plays' names instead of reading). The held-out questions keep the real names.
+excerpt's speakers, one to one, with invented names ("BRALIOS", "TEMUN"): an answer can then only be read
+off the excerpt, never recalled (a small model otherwise learns the training plays' names, or a list of
+names it was shown, instead of reading). The held-out questions keep the real names.
 Simplifications: excerpts with a chorus ("ALL", "BOTH", "X and Y"), a speaker name over 16 characters, a
 quote mark or a line under 8 characters are not used; one question per excerpt.
 
@@ -240,15 +240,24 @@ def _questions(window, task, pick):
     return out
 
 
+_ONSETS = ("B", "C", "D", "F", "G", "H", "L", "M", "N", "P", "R", "S", "T", "V", "BR", "CL", "GR", "ST", "TH")
+_VOWELS = ("A", "E", "I", "O", "U", "IA", "EO")
+_CODAS = ("", "", "", "N", "S", "R", "L", "M")
+
+
+def invented_name(rng) -> str:
+    """A pronounceable made-up speaker name of two or three syllables ("BRALIOS", "TEMUN")."""
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                   for _ in range(rng.choice((2, 2, 3))))
+
+
 def play_tasks(plays, tasks=BUILTIN_TASKS, per_task=40, seed=0, rename=False) -> list:
     """TaskExamples from `plays` (module docstring): at most `per_task` of each kind per play, picked
     deterministically from (seed, title, kind); each from its own excerpt.
 
-    rename=True gives each excerpt's speakers other names (one to one, drawn from every speaker of `plays`),
-    so an answer can only be read off the excerpt, never recalled from the play."""
+    rename=True gives each excerpt's speakers invented names (invented_name, distinct within the excerpt),
+    so an answer can only be read off the excerpt, never recalled from the play or a list of names."""
     out = []
-    names = sorted({speaker for play in plays for scene in play.scenes for window in _excerpts(scene)
-                    for speaker, _ in window})
     for play in plays:
         for task in tasks:
             pick = random.Random(f"{seed}:{play.title}:{task}")
@@ -259,8 +268,12 @@ def play_tasks(plays, tasks=BUILTIN_TASKS, per_task=40, seed=0, rename=False) ->
                 if count >= per_task:
                     break
                 if rename:
-                    speakers = sorted({speaker for speaker, _ in window})
-                    mapping = dict(zip(speakers, pick.sample(names, len(speakers))))
+                    mapping = {}
+                    for speaker in sorted({speaker for speaker, _ in window}):
+                        name = invented_name(pick)
+                        while name in mapping.values():
+                            name = invented_name(pick)
+                        mapping[speaker] = name
                     window = [(mapping[speaker], text) for speaker, text in window]
                 questions = _questions(window, task, pick)
                 if questions:
