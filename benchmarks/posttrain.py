@@ -13,7 +13,9 @@ Measured, on the questions of the held-out plays (never seen in SFT or DPO):
   SFT loss       mean −log p per token of the chosen (correct) answers, before and after DPO
   wall time      of each stage on this machine, with the machine named in the output
 Each stage is one `tinygrad_llm.posttrain` call with the options printed. The numbers are single runs
-(a seed each), not best-of.
+(a seed each), not best-of. The defaults were chosen with --split validation (benchmarks/RESULTS.md says
+which runs); --sft-per-task 1000 takes every excerpt, so 600 steps of 16 see each training question once
+at most and cannot memorise answers.
 
 --split validation chooses settings without looking at the held-out plays: the training plays are split once
 more (tinygrad_llm.posttrain.data.builtin_split(validation=True)), the stages train on the rest (written
@@ -36,11 +38,11 @@ import numpy as np  # noqa: E402
 
 from tinygrad_llm.checkpoint import load_checkpoint, tokenizer_from_state  # noqa: E402
 from tinygrad_llm.posttrain.chat import with_chat_tokens  # noqa: E402
-from tinygrad_llm.posttrain.data import builtin_split, encode_preferences  # noqa: E402
+from tinygrad_llm.posttrain.data import builtin_split, encode_conversations, encode_preferences  # noqa: E402
 from tinygrad_llm.posttrain.dpo import chosen_nll, dpo, pair_logps, preference_metrics  # noqa: E402
 from tinygrad_llm.posttrain.evaluate import exact_match  # noqa: E402
 from tinygrad_llm.posttrain.loop import PostTrainConfig, load_start  # noqa: E402
-from tinygrad_llm.posttrain.sft import sft  # noqa: E402
+from tinygrad_llm.posttrain.sft import held_out_loss, sft  # noqa: E402
 
 
 def first_of_each(examples, count, key):
@@ -66,9 +68,19 @@ def load_run(path, device):
     return model, tokenizer
 
 
+def without_excerpt(questions, tokenizer, max_len):
+    """The questions as SFT sequences with the excerpt cut out of the prompt (only the question line left)."""
+    messages = [[{"role": "user", "content": q.prompt.rsplit("\n", 1)[1]}, {"role": "assistant", "content": q.answer}]
+                for q in questions]
+    return encode_conversations(messages, tokenizer, max_len)[0]
+
+
 def score(model, tokenizer, questions, pairs, reference, beta, device):
-    """Exact match, preference accuracies and the chosen answers' NLL of one model."""
+    """Exact match, preference accuracies and the chosen answers' NLL of one model (with and without the
+    excerpt in the prompt: a model that reads the excerpt does much better with it)."""
     result = {"exact": exact_match(model, tokenizer, questions)}
+    bare = without_excerpt(questions, tokenizer, model.config.max_seq_len + 1)
+    result["nll_without_excerpt"] = held_out_loss(model, bare, device=device)
     chosen, rejected = pair_logps(model, pairs, device=device)
     ref_chosen, ref_rejected = reference if reference is not None else (chosen, rejected)
     result["preference"] = preference_metrics(chosen, rejected, ref_chosen, ref_rejected, beta)
@@ -100,17 +112,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", required=True, help="a pretrained run (tinygrad-llm train --out-dir ...)")
     parser.add_argument("--work-dir", required=True, help="where the SFT/DPO/LoRA runs go (replaced)")
-    parser.add_argument("--sft-steps", type=int, default=200)
+    parser.add_argument("--sft-steps", type=int, default=600)
     parser.add_argument("--dpo-steps", type=int, default=60)
-    parser.add_argument("--sft-lr", type=float, default=3e-4)
-    parser.add_argument("--dpo-lr", type=float, default=2e-4)
+    parser.add_argument("--sft-lr", type=float, default=1e-3)
+    parser.add_argument("--dpo-lr", type=float, default=3e-4)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--lora-rank", type=int, default=8, help="0 skips the LoRA run")
     parser.add_argument("--lora-lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--per-task", type=int, default=10, help="held-out questions of each kind per play scored")
-    parser.add_argument("--sft-per-task", type=int, default=40, help="SFT training questions of each kind per play")
-    parser.add_argument("--dpo-per-task", type=int, default=10, help="DPO training pairs of each kind per play")
+    parser.add_argument("--sft-per-task", type=int, default=1000, help="SFT training questions of each kind per play")
+    parser.add_argument("--dpo-per-task", type=int, default=20, help="DPO training pairs of each kind per play")
     parser.add_argument("--dpo-batch-size", type=int, default=8)
     parser.add_argument("--stages", default="sft,dpo,lora", help="which of sft, dpo, lora to run (dpo needs sft)")
     parser.add_argument("--skip-base", action="store_true", help="do not score the base model")
@@ -193,7 +205,7 @@ def main():
     points = reference_points(questions)
     print("# no model: " + ", ".join(f"{kind} chance {c:.3f} / first name {f:.3f}" for kind, (c, f) in points.items()))
     header = ["model", "exact (all)"] + [f"exact {t}" for t in tasks] + \
-        ["pref acc (log p)", "DPO reward acc", "chosen NLL", "wall s", "trained params", "AdamW MiB"]
+        ["pref acc (log p)", "DPO reward acc", "chosen NLL", "NLL w/o excerpt", "wall s", "trained params", "AdamW MiB"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for key in results:
@@ -202,7 +214,7 @@ def main():
         row = [labels[key], f"{r['exact']['all']:.3f}"] + [f"{r['exact'][t]:.3f}" for t in tasks] + [
             f"{r['preference']['logp_accuracy']:.3f}",
             f"{r['preference']['reward_accuracy']:.3f}" if key == "dpo" else "-",
-            f"{r['chosen_nll']:.4f}", f"{times[key]:.0f}" if key in times else "-",
+            f"{r['chosen_nll']:.4f}", f"{r['nll_without_excerpt']:.4f}", f"{times[key]:.0f}" if key in times else "-",
             f"{summary['trained_parameters']:,}" if summary else "-",
             f"{summary['optimizer_state_bytes'] / 2**20:.2f}" if summary else "-"]
         print("| " + " | ".join(row) + " |")
