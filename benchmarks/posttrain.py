@@ -170,7 +170,7 @@ def main():
     else:
         labels_given = {}
     for item in filter(None, args.score_runs.split(",")):       # finished runs, scored only
-        label, path = item.split("=", 1)
+        label, path = item.rsplit("=", 1)
         labels_given[label] = label
         results[label] = score(*load_run(path, args.device), questions, pairs, None, args.beta, args.device)
     stages = [("sft", "SFT", sft, dict(sft_source, base=args.base, max_steps=args.sft_steps, lr=args.sft_lr)),
