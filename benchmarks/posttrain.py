@@ -10,12 +10,13 @@ Measured, on the questions of the held-out plays (never seen in SFT or DPO):
                  random: the mean of 1 / distinct speakers) and "first name" (always the excerpt's first)
   preference     log π(chosen) > log π(rejected) for the model's own log-probabilities, and DPO's implicit
                  reward accuracy (β·(log π − log π_ref) higher for chosen; ties ½, so the SFT model is 0.5)
-  SFT loss       mean −log p per token of the chosen (correct) answers, before and after DPO
+  SFT loss       mean −log p per token of the chosen (correct) answers, before and after DPO; and the same
+                 with the excerpt cut out of the prompt ("NLL w/o excerpt"): much higher when the model reads
   wall time      of each stage on this machine, with the machine named in the output
 Each stage is one `tinygrad_llm.posttrain` call with the options printed. The numbers are single runs
 (a seed each), not best-of. The defaults were chosen with --split validation (benchmarks/RESULTS.md says
-which runs); --sft-per-task 1000 takes every excerpt, so 600 steps of 16 see each training question once
-at most and cannot memorise answers.
+which runs); --sft-per-task 1000 takes every excerpt (about 42 000 questions from the 30 training plays),
+so 3 000 steps of 16 see each about once: too few to memorise answers.
 
 --split validation chooses settings without looking at the held-out plays: the training plays are split once
 more (tinygrad_llm.posttrain.data.builtin_split(validation=True)), the stages train on the rest (written
