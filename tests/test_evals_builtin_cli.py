@@ -47,16 +47,24 @@ def test_next_line_items_continue_their_context_and_draw_distractors_from_the_sa
 
 def test_speaker_items_attribute_one_line_to_four_speakers_in_both_forms():
     plain = builtin_task("shakespeare_speaker", plays=synthetic_plays(), limit=1000)
-    chat = builtin_task("shakespeare_speaker", chat=True, plays=synthetic_plays(), limit=1000)
+    distinct = [Play(play.title, tuple(Scene(scene.name, tuple(Line(line.speaker, f"Speech {i} {line.text}")
+                                                                   for i, line in enumerate(scene.lines)))
+                                       for scene in play.scenes)) for play in synthetic_plays()]
+    chat = builtin_task("shakespeare_speaker", chat=True, plays=distinct, limit=1000)
     assert plain.name == "shakespeare_speaker" and chat.name == "shakespeare_speaker_chat"
     for item in plain.items:
         names = [choice.split("\n")[0] for choice in item.choices]
         lines = {choice.split("\n", 1)[1] for choice in item.choices}
         assert len(set(names)) == CHOICES and len(lines) == 1 and item.target_delimiter == "\n\n"
+    assert chat.items
     for item in chat.items:
-        assert item.context.startswith('<|user|>\nWho says "') and item.context.endswith("<|end|>\n<|assistant|>\n")
-        assert f'? Choose: {"; ".join(sorted(item.choices))}<|end|>' in item.context
+        assert item.context.startswith("<|user|>\n") and item.context.endswith("<|end|>\n<|assistant|>\n")
+        *rows, question = item.context[len("<|user|>\n"):-len("<|end|>\n<|assistant|>\n")].split("\n")
+        asked = question[len('Who says "'):-len('"?')]
+        speakers = [row.split(": ", 1)[0] for row in rows if row.split(": ", 1)[1] == asked]
+        assert speakers == [_true_line(item)] and 2 <= len(rows) <= 3           # the answer is in the excerpt
         assert all(choice.startswith("SPEAKER") and "\n" not in choice for choice in item.choices)
+        assert len(set(item.choices)) == CHOICES
 
 
 def test_continue_items_ask_for_the_first_line_of_the_next_speech():

@@ -9,7 +9,8 @@ from tinygrad_llm.data.plays import Line, Play, Scene, split_plays
 from tinygrad_llm.data.shards import CharVocab
 from tinygrad_llm.posttrain.chat import with_chat_tokens
 from tinygrad_llm.posttrain.data import (IGNORE, PostTrainDataError, Sequence, batch_indices, collate,
-                                         encode_conversations, encode_preferences, play_tasks, read_conversations,
+                                         builtin_split, encode_conversations, encode_preferences, play_tasks,
+                                         read_conversations,
                                          read_preferences, sft_targets)
 
 VOCAB = with_chat_tokens(CharVocab(sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,?:;'\"!\n"))))
@@ -97,35 +98,79 @@ def synthetic_plays(n=5):
         scenes = []
         for s in range(2):
             speakers = [f"SPEAKER {chr(65 + k)}{p}" for k in range(3)]
-            lines = tuple(Line(speakers[i % 3], f"Line number {i} of scene {s} in play {p}, my lord")
+            lines = tuple(Line(speakers[i % 3], f"P{p}S{s}L{i} speaks here, my good lord")
                           for i in range(8))
             scenes.append(Scene(f"Act I, Scene {s + 1}", lines))
         plays.append(Play(f"Play {p}", tuple(scenes)))
     return plays
 
 
-def test_play_tasks_are_correct_and_split_by_play():
+def excerpt_rows(prompt):
+    """(speaker, text) rows of a built-in question's excerpt and the question line."""
+    *rows, question = prompt.split("\n")
+    return [tuple(row.split(": ", 1)) for row in rows], question
+
+
+def answer_from_prompt(example):
+    """The answer read off the prompt alone, as the task promises it can be."""
+    rows, question = excerpt_rows(example.prompt)
+    if example.task == "who_says":
+        quoted = question[len('Who says "'):-len('"?')]
+        return [speaker for speaker, text in rows if text == quoted][0]
+    asked = question[len("Who speaks after "):-1]
+    return [rows[i + 1][0] for i in range(len(rows) - 1) if rows[i][0] == asked][0]
+
+
+def test_play_tasks_are_split_by_play_and_answerable_from_the_prompt():
     plays = synthetic_plays()
+    train, held = builtin_split("plays", 0.4, seed=1, per_task=5, plays=plays)
     train_plays, held_plays = split_plays(plays, 0.4, seed=1)
-    train, held = play_tasks(train_plays, per_task=5, seed=0), play_tasks(held_plays, per_task=5, seed=0)
-    assert {e.task for e in train} == {"who_says", "which_play", "next_line"}
-    lines = {(p.title, l.text): l.speaker for p in plays for l in p.lines}
+    assert {e.task for e in train} == {e.task for e in held} == {"who_says", "next_speaker"}
     held_titles = {p.title for p in held_plays}
-    for example in train + held:
-        assert example.answer != example.wrong
-        if example.task == "who_says":
-            quoted = example.prompt.split('"')[1]
-            assert lines[(example.play, quoted)] == example.answer
-            assert example.answer in example.prompt and example.wrong in example.prompt
-        elif example.task == "which_play":
-            assert example.answer == example.play and example.wrong in example.prompt
     assert all(e.play not in held_titles for e in train) and all(e.play in held_titles for e in held)
-    assert all(e.wrong not in held_titles for e in train if e.task == "which_play")
-    assert play_tasks(train_plays, per_task=5, seed=0) == train
+    held_texts = {line.text.split()[0] for p in held_plays for line in p.lines}
+    assert not any(text in e.prompt for e in train for text in held_texts)          # no held-out speech in training
+    consecutive = {p.title: [(l.speaker, l.text) for l in p.lines] for p in plays}
+    for example in train + held:
+        rows, _ = excerpt_rows(example.prompt)
+        names = {speaker for speaker, _ in rows}
+        assert answer_from_prompt(example) == example.answer
+        assert example.wrong != example.answer and example.wrong in names
+        speeches = consecutive[example.play]
+        starts = [i for i in range(len(speeches) - len(rows) + 1)
+                  if all(speeches[i + k][1].startswith(text) for k, (_, text) in enumerate(rows))]
+        assert len(starts) == 1                                   # consecutive speeches of the example's play
+        real = [speeches[starts[0] + k][0] for k in range(len(rows))]
+        shown = [speaker for speaker, _ in rows]
+        if example in held:
+            assert shown == real                                  # held-out questions keep the real names
+        else:                                                     # training ones rename them one to one
+            assert len(set(zip(real, shown))) == len(set(real)) == len(set(shown))
+    assert play_tasks(train_plays, per_task=5, seed=0) == play_tasks(train_plays, per_task=5, seed=0)
     conversation = train[0].messages()
     assert conversation[-1] == turn("assistant", train[0].answer)
     preference = train[0].preference()
     assert preference["chosen"][0]["content"] == train[0].answer and preference["rejected"][0]["content"] == train[0].wrong
+
+
+def test_validation_split_is_cut_from_the_training_plays_only():
+    plays = synthetic_plays(10)
+    _, test = builtin_split("plays", 0.2, per_task=3, plays=plays)
+    fit, validation = builtin_split("plays", 0.2, per_task=3, plays=plays, validation=True)
+    test_titles, validation_titles = {e.play for e in test}, {e.play for e in validation}
+    assert validation_titles and not validation_titles & test_titles
+    assert not {e.play for e in fit} & (test_titles | validation_titles)
+
+
+@given(speakers=st.lists(st.sampled_from(["ANNE", "BEN", "CLEO", "ALL"]), min_size=3, max_size=12),
+       seed=st.integers(0, 50))
+def test_every_question_of_any_scene_is_answerable_from_its_prompt(speakers, seed):
+    lines = tuple(Line(name, f"Speech {i} of the scene, good sir") for i, name in enumerate(speakers))
+    play = Play("Only", (Scene("Act I, Scene I", lines),))
+    for example in play_tasks([play], per_task=50, seed=seed):
+        rows, _ = excerpt_rows(example.prompt)
+        assert answer_from_prompt(example) == example.answer != example.wrong
+        assert "ALL" not in {speaker for speaker, _ in rows} and len({speaker for speaker, _ in rows}) >= 2
 
 
 def test_exact_match_counts_per_kind(monkeypatch):
@@ -133,8 +178,8 @@ def test_exact_match_counts_per_kind(monkeypatch):
     from tinygrad_llm.posttrain.data import TaskExample
     examples = [TaskExample("who_says", "P", "Who says it?", "HAMLET", "HORATIO"),
                 TaskExample("who_says", "P", "Who says that?", "OSRIC", "HAMLET"),
-                TaskExample("next_line", "P", "Continue: go", "Stand.", "Sit.")]
-    replies = {"Who says it?": " HAMLET ", "Who says that?": "HAMLET", "Continue: go": "Stand."}
+                TaskExample("next_speaker", "P", "Who speaks after OSRIC?", "HAMLET", "OSRIC")]
+    replies = {"Who says it?": " HAMLET ", "Who says that?": "HAMLET", "Who speaks after OSRIC?": "HAMLET"}
 
     def fake_reply(model, prompt_ids, end_id, limit):
         text = VOCAB.decode(prompt_ids).split("<|user|>\n")[1].split("<|end|>")[0]
@@ -143,4 +188,4 @@ def test_exact_match_counts_per_kind(monkeypatch):
     monkeypatch.setattr(evaluate, "greedy_reply_ids", fake_reply)
     model = type("M", (), {"config": type("C", (), {"max_seq_len": 200})()})()
     result = evaluate.exact_match(model, VOCAB, examples)
-    assert result == {"next_line": 1.0, "who_says": 0.5, "all": 2 / 3, "count": 3}
+    assert result == {"next_speaker": 1.0, "who_says": 0.5, "all": 2 / 3, "count": 3}

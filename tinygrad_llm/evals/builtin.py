@@ -13,17 +13,19 @@ Tasks (four choices each, so chance is 25 %; the choices' order is shuffled with
 - shakespeare_next_line: the scene so far (at most CONTEXT_SPEECHES speeches, rendered as the corpus
   lays them out: the speaker's name on its own line, then the speech, blank lines between speeches) and the
   true next verse line against three other verse lines of the same play. Delimiter "\\n".
-- shakespeare_speaker: who speaks next. Plain form: the scene so far, then each choice is "NAME\\nfirst
+- shakespeare_speaker: who speaks next. Plain form: the scene so far, then each choice is "NAME\nfirst
   line of the speech" for the true speaker and three other speakers (of the same scene first, then the
   most frequent of the play): the line is the same in every choice, so the model must attribute it.
-  Chat form (chat=True): the user asks 'Who says "LINE"? Choose: A; B; C; D' (the four names sorted), the
-  assistant answers with the name.
-- shakespeare_continue: the instruction an SFT'd model is trained to follow, 'Continue: "LINE"' with the
-  first line of a speech, answered by the first line of the next speech of the scene, scored against the
-  first lines of three other speeches of the play. The questions are worded as the post-training task of
-  tinygrad_llm.posttrain.data words them, so a model fine-tuned on its training plays meets the same
-  instruction on held-out plays. Chat form through the template; the plain form writes the same
-  instruction as text (a base model never saw it: fine-tuning should raise the score).
+  Chat form (chat=True): the question of the post-training task (tinygrad_llm.posttrain.data, kind
+  who_says): an excerpt of the speech and the speeches around it, one "NAME: line" row each (the line cut
+  at a word boundary to EXCERPT_CHARS), then 'Who says "LINE"?'; the assistant answers with the name, scored
+  against three other speakers (of the excerpt and the scene first). The answer can be read off the
+  excerpt, so a model fine-tuned on the training plays' questions should improve on it.
+- shakespeare_continue: an instruction, 'Continue: "LINE"' with the first line of a speech, answered by
+  the first line of the next speech of the scene, scored against the first lines of three other speeches
+  of the play. Chat form through the template; the plain form writes the same instruction as text. The
+  post-training task does not train this instruction: it measures whether following the chat format
+  carries over to a question of another kind.
 
 Chat rendering follows `tinygrad_llm.tokenizer.CHAT_TEMPLATE` exactly (each turn "<|role|>\\n" + content +
 "<|end|>\\n", then "<|assistant|>\\n"); evals.scoring.encode turns the special-token names into their ids.
@@ -43,7 +45,8 @@ CONTEXT_SPEECHES = 4
 MIN_LINE_CHARS, MAX_LINE_CHARS = 16, 48
 CHOICES = 4
 CHORUS = ("ALL", "BOTH")       # speeches of several speakers: never a speaker-attribution answer or distractor
-SPEAKER_PROMPT = 'Who says "{line}"? Choose: {choices}'      # the questions of posttrain/data.py's task
+SPEAKER_PROMPT = '{excerpt}\nWho says "{line}"?'      # the who_says question of posttrain/data.py's task
+EXCERPT_CHARS = 20                                     # as posttrain/data.py cuts an excerpt's lines
 CONTINUE_PROMPT = 'Continue: "{line}"'
 
 
@@ -141,6 +144,25 @@ def continue_items(plays, rng, chat: bool = False):
     return items
 
 
+def _cut(line: str) -> str:
+    """A verse line cut at a word boundary to at most EXCERPT_CHARS characters, as an excerpt shows it."""
+    if len(line) > EXCERPT_CHARS:
+        line = line[:EXCERPT_CHARS + 1].rsplit(" ", 1)[0].rstrip(" ,;:-")
+    return line
+
+
+def _excerpt(scene, speech_index: int):
+    """(rendered rows, the asked speech's shown line) of the speech and its neighbours, or None when a row
+    would be a chorus, hold a quote mark or repeat the asked line."""
+    speeches = scene.lines[max(0, speech_index - 1):speech_index + 2]
+    rows = [(s.speaker, _cut(s.text.split("\n")[0])) for s in speeches]
+    asked = _cut(scene.lines[speech_index].text.split("\n")[0])
+    if any(name.upper() in CHORUS or '"' in text or not text for name, text in rows) or \
+            [text for _, text in rows].count(asked) != 1:
+        return None
+    return "\n".join(f"{name}: {text}" for name, text in rows), asked
+
+
 def speaker_items(plays, rng, chat: bool = False):
     """Items of shakespeare_speaker (module docstring)."""
     items = []
@@ -153,15 +175,21 @@ def speaker_items(plays, rng, chat: bool = False):
                 first_line = speech.text.split("\n")[0]
                 if p == 0 or speech.speaker.upper() in CHORUS or not _usable(first_line) or (chat and '"' in first_line):
                     continue
+                excerpt = _excerpt(scene, p) if chat else None
+                if chat and excerpt is None:
+                    continue
                 others = [n for n in in_scene if n != speech.speaker]
                 rng.shuffle(others)
+                if chat:                     # the excerpt's other speakers first: the plausible wrong answers
+                    shown = {row.split(": ", 1)[0] for row in excerpt[0].split("\n")}
+                    others = [n for n in others if n in shown] + [n for n in others if n not in shown]
                 others += [n for n in frequent if n != speech.speaker and n not in others]
                 if len(others) < CHOICES - 1:
                     continue
                 names, gold = _shuffled(speech.speaker, others[:CHOICES - 1], rng)
                 item_id = f"{play.title}|{scene.name}|{p}"
                 if chat:
-                    prompt = SPEAKER_PROMPT.format(line=first_line, choices="; ".join(sorted(names)))
+                    prompt = SPEAKER_PROMPT.format(excerpt=excerpt[0], line=excerpt[1])
                     context = render_chat([("user", prompt)])
                     items.append(Item(context, names, gold, "", item_id))
                 else:

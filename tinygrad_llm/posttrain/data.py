@@ -10,15 +10,20 @@ Nothing is dropped silently: every line that cannot be used is counted under a r
 longer than the context, characters the tokenizer cannot encode), and the first few are kept with their
 line numbers for the message the CLI prints. Blank lines are skipped without counting.
 
-The built-in task (`--builtin plays`) needs no download beyond the built-in corpus: from
-tinygrad_llm.data.plays, three kinds of question about a speech's first verse line, each with a right
-answer and a plausible wrong one (the preference pairs):
-    who_says     Who says "LINE"? Choose: A; B; C        -> the speaker (wrong: another speaker of the scene)
-    which_play   Which play has "LINE"? Choose: T1; T2   -> the title (wrong: another play of the same split)
-    next_line    Continue: "LINE"                        -> the next speech's first line (wrong: a line of
-                                                            another play)
-The split is by play (data.plays.split_plays), so no held-out speech is seen in training. Choices are
-listed in alphabetical order, so their position tells nothing.
+The built-in task (`--builtin plays`) needs no download beyond the built-in corpus. From
+tinygrad_llm.data.plays, each question shows an excerpt of EXCERPT_SPEECHES consecutive speeches of a
+scene, one row each, "NAME: line" (the speech's first verse line cut at a word boundary to EXCERPT_CHARS),
+then asks about it; the answer is always a name shown in the excerpt, so it can be read off the prompt:
+    who_says       ...\nWho says "LINE"?          -> the name on LINE's row
+    next_speaker   ...\nWho speaks after NAME?    -> the name on the row after NAME's (NAME once among the
+                                                   rows before the last)
+The preference pairs reject another name of the same excerpt. The split is by play
+(data.plays.split_plays), so no held-out speech is seen in training. The training questions rename the
+excerpt's speakers, one to one, with invented names ("BRALIOS", "TEMUN"): an answer can then only be read
+off the excerpt, never recalled (a small model otherwise learns the training plays' names, or a list of
+names it was shown, instead of reading). The held-out questions keep the real names.
+Simplifications: excerpts with a chorus ("ALL", "BOTH", "X and Y"), a speaker name over 16 characters, a
+quote mark or a line under 8 characters are not used; one question per excerpt.
 
 Batches: examples are visited in a fresh permutation each epoch, drawn from (seed, epoch), so batch i is
 a pure function of (seed, i) and resuming needs only the step. Sequences are right-padded; under the causal
@@ -38,7 +43,10 @@ from .chat import apply_chat_template
 
 IGNORE = -100
 MAX_SHOWN = 5
-BUILTIN_TASKS = ("who_says", "which_play", "next_line")
+EXCERPT_SPEECHES = 3            # speeches shown in a built-in question
+EXCERPT_CHARS = 20              # longest verse line shown of each speech
+CHORUS = ("ALL", "BOTH")        # speeches of several speakers (and "X and Y"): never in an excerpt
+BUILTIN_TASKS = ("who_says", "next_speaker")
 BUILTIN_NAMES = ("plays",) + tuple(f"plays:{task}" for task in BUILTIN_TASKS)
 
 
@@ -187,71 +195,110 @@ class TaskExample:
                 "rejected": [{"role": "assistant", "content": self.wrong}]}
 
 
-def _first_line(text: str) -> str:
-    return text.split("\n", 1)[0].strip()
+def _shown(text: str, limit=EXCERPT_CHARS) -> str:
+    """A speech's first verse line cut at a word boundary to at most `limit` characters ("" if unusable)."""
+    line = text.split("\n", 1)[0].strip()
+    if '"' in line:
+        return ""
+    if len(line) > limit:
+        line = line[:limit + 1].rsplit(" ", 1)[0].rstrip(" ,;:-")
+    return line if len(line) >= 8 else ""
 
 
-def _usable(line: str, low=12, high=50) -> bool:
-    return low <= len(line) <= high and '"' not in line
+def _excerpts(scene):
+    """Windows of EXCERPT_SPEECHES consecutive speeches of a scene as (speaker, shown line) pairs, where every
+    line is usable, no speaker is a chorus and at least two speakers differ."""
+    for start in range(len(scene.lines) - EXCERPT_SPEECHES + 1):
+        window = [(line.speaker, _shown(line.text)) for line in scene.lines[start:start + EXCERPT_SPEECHES]]
+        if all(text and speaker.upper() not in CHORUS and " and " not in speaker.lower() and len(speaker) <= 16
+               for speaker, text in window) \
+                and len({speaker for speaker, _ in window}) >= 2:
+            yield window
 
 
-def play_tasks(plays, tasks=BUILTIN_TASKS, per_task=40, seed=0) -> list:
-    """TaskExamples from `plays` (wrong titles and lines come from these plays only): at most `per_task`
-    of each task per play, chosen deterministically from (seed, title, task)."""
-    plays = list(plays)
-    titles = [p.title for p in plays]
-    pool = {p.title: [_first_line(line.text) for line in p.lines if _usable(_first_line(line.text))] for p in plays}
+def _render(window) -> str:
+    return "\n".join(f"{speaker}: {text}" for speaker, text in window)
+
+
+def _questions(window, task, pick):
+    """(prompt, answer, wrong) questions of one kind about an excerpt; every answer is a name of the excerpt."""
+    speakers = sorted({speaker for speaker, _ in window})
     out = []
-    for play in plays:
-        candidates = {task: [] for task in tasks}
-        for scene in play.scenes:
-            speakers = sorted({line.speaker for line in scene.lines if line.speaker.upper() not in ("ALL", "BOTH")})
-            for i, line in enumerate(scene.lines):
-                text = _first_line(line.text)
-                if not _usable(text):
-                    continue
-                if "who_says" in tasks and line.speaker in speakers and len(speakers) >= 2:
-                    candidates["who_says"].append((text, line.speaker, speakers))
-                if "next_line" in tasks and i + 1 < len(scene.lines):
-                    following = _first_line(scene.lines[i + 1].text)
-                    if _usable(following, 2):
-                        candidates["next_line"].append((text, following))
-                if "which_play" in tasks and len(plays) >= 2:
-                    candidates["which_play"].append((text,))
-        for task in tasks:
-            pick = random.Random(f"{seed}:{play.title}:{task}")
-            chosen = candidates[task]
-            chosen = pick.sample(chosen, min(per_task, len(chosen)))
-            for item in chosen:
-                text = item[0]
-                if task == "who_says":
-                    others = [s for s in item[2] if s != item[1]]
-                    shown = pick.sample(others, min(2, len(others)))
-                    choices = sorted([item[1]] + shown)
-                    out.append(TaskExample(task, play.title, f'Who says "{text}"? Choose: {"; ".join(choices)}',
-                                           item[1], shown[0]))
-                elif task == "which_play":
-                    other = pick.choice([t for t in titles if t != play.title])
-                    choices = sorted([play.title, other])
-                    out.append(TaskExample(task, play.title, f'Which play has "{text}"? Choose: {"; ".join(choices)}',
-                                           play.title, other))
-                else:
-                    other_play = pick.choice([t for t in titles if t != play.title and pool[t]] or [play.title])
-                    wrong = pick.choice(pool[other_play])
-                    if wrong == item[1]:
-                        continue
-                    out.append(TaskExample(task, play.title, f'Continue: "{text}"', item[1], wrong))
+    if task == "who_says":
+        texts = [text for _, text in window]
+        for speaker, text in window:
+            if texts.count(text) == 1:
+                wrong = pick.choice([s for s in speakers if s != speaker])
+                out.append((f'{_render(window)}\nWho says "{text}"?', speaker, wrong))
+    elif task == "next_speaker":
+        before = [speaker for speaker, _ in window[:-1]]
+        for i, (speaker, _) in enumerate(window[:-1]):
+            answer = window[i + 1][0]
+            if before.count(speaker) == 1 and answer != speaker:
+                wrong = pick.choice([s for s in speakers if s != answer])
+                out.append((f"{_render(window)}\nWho speaks after {speaker}?", answer, wrong))
     return out
 
 
-def builtin_split(name="plays", held_out_fraction=0.2, seed=0, per_task=40, root=None, download=True):
-    """(train examples, held-out examples) of a built-in task: "plays" (all three questions) or "plays:TASK"."""
+_ONSETS = ("B", "C", "D", "F", "G", "H", "L", "M", "N", "P", "R", "S", "T", "V", "BR", "CL", "GR", "ST", "TH")
+_VOWELS = ("A", "E", "I", "O", "U", "IA", "EO")
+_CODAS = ("", "", "", "N", "S", "R", "L", "M")
+
+
+def invented_name(rng) -> str:
+    """A pronounceable made-up speaker name of two or three syllables ("BRALIOS", "TEMUN")."""
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                   for _ in range(rng.choice((2, 2, 3))))
+
+
+def play_tasks(plays, tasks=BUILTIN_TASKS, per_task=40, seed=0, rename=False) -> list:
+    """TaskExamples from `plays` (module docstring): at most `per_task` of each kind per play, picked
+    deterministically from (seed, title, kind); each from its own excerpt.
+
+    rename=True gives each excerpt's speakers invented names (invented_name, distinct within the excerpt),
+    so an answer can only be read off the excerpt, never recalled from the play or a list of names."""
+    out = []
+    for play in plays:
+        for task in tasks:
+            pick = random.Random(f"{seed}:{play.title}:{task}")
+            windows = [window for scene in play.scenes for window in _excerpts(scene)]
+            pick.shuffle(windows)
+            count = 0
+            for window in windows:
+                if count >= per_task:
+                    break
+                if rename:
+                    mapping = {}
+                    for speaker in sorted({speaker for speaker, _ in window}):
+                        name = invented_name(pick)
+                        while name in mapping.values():
+                            name = invented_name(pick)
+                        mapping[speaker] = name
+                    window = [(mapping[speaker], text) for speaker, text in window]
+                questions = _questions(window, task, pick)
+                if questions:
+                    prompt, answer, wrong = pick.choice(questions)
+                    out.append(TaskExample(task, play.title, prompt, answer, wrong))
+                    count += 1
+    return out
+
+
+def builtin_split(name="plays", held_out_fraction=0.2, seed=0, per_task=40, root=None, download=True,
+                  validation=False, plays=None):
+    """(train examples, held-out examples) of a built-in task: "plays" (every kind) or "plays:KIND".
+
+    validation=True splits the training plays once more (the same fraction, seed + 1) and returns (examples
+    of the remaining training plays, examples of the validation plays): choosing settings on it never looks
+    at the held-out plays. `plays` replaces the built-in corpus's plays (tests)."""
     from ..data.plays import load_plays, split_plays
     if name not in BUILTIN_NAMES:
         raise PostTrainDataError(f"unknown built-in task {name!r}; known: {', '.join(BUILTIN_NAMES)}")
     tasks = BUILTIN_TASKS if name == "plays" else (name.split(":", 1)[1],)
-    train_plays, held_plays = split_plays(load_plays(root, download), held_out_fraction, seed)
-    return (play_tasks(train_plays, tasks, per_task, seed), play_tasks(held_plays, tasks, per_task, seed))
+    plays = load_plays(root, download) if plays is None else plays
+    train_plays, held_plays = split_plays(plays, held_out_fraction, seed)
+    if validation:
+        train_plays, held_plays = split_plays(train_plays, held_out_fraction, seed + 1)
+    return (play_tasks(train_plays, tasks, per_task, seed, rename=True), play_tasks(held_plays, tasks, per_task, seed))
 
 
 # ---------------------------------------------------------------------------------------------- encoding
