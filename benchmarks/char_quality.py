@@ -26,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 
+from train_cpu import load_average   # benchmarks/ is on sys.path when a script in it runs
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, os.pardir))
 
@@ -88,13 +90,6 @@ def _summary(evaluations: list, full: float, target: float, **extra) -> dict:
     return {"train_s": last["train_s"], "val_final": last["val_loss"], "full_val": full,
             "reached_step": reached["step"] if reached else None,
             "reached_s": reached["train_s"] if reached else None, **extra}
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "unknown"
 
 
 def main(argv=None) -> int:
