@@ -337,10 +337,12 @@ def test_moderation_blocks_input_and_counts_it(tiny):
                                               stream=True)
         finishes = [c.choices[0].finish_reason for c in chat if c.choices]
         assert finishes[-1] == "content_filter"
+        streamed = list(client.completions.create(model=MODEL, prompt="frobnicate", max_tokens=5, stream=True))
+        assert [c.choices[0].finish_reason for c in streamed] == ["content_filter"]    # nothing else queued
         fine = client.completions.create(model=MODEL, prompt="a fine prompt", max_tokens=3)
         assert fine.choices[0].finish_reason in ("stop", "length")
         metrics = httpx.get(url + "/metrics").text
-        assert 'tinygrad_llm_safety_events_total{action="block",stage="input"} 2.0' in metrics
+        assert 'tinygrad_llm_safety_events_total{action="block",stage="input"} 3.0' in metrics
 
 
 class _Words:

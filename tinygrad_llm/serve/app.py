@@ -336,31 +336,19 @@ def create_app(model, tokenizer, model_name: str = "model", max_batch: int = 8, 
 
         state = {c["index"]: _ChoiceState(c, echo, logprobs, server) for c in choices}
         if stream:
-            async def events():
-                waiting = []                               # SSE messages not yet written
-                try:
-                    async for event in _drain(request, server, queue, sequences, state):
-                        if event is _BLOCKED:
-                            for s in state.values():
-                                if s.choice.get("blocked"):
-                                    yield _sse(chunk([s.completion_chunk(s.choice["prompt_text"] if echo else "",
-                                                                          None, "content_filter")]))
-                            continue
-                        s = state[event.index]
-                        text = (s.choice["prompt_text"] if echo and not s.sent_echo else "") + event.text
-                        s.sent_echo = True
-                        waiting.append(_sse(chunk([s.completion_chunk(text, event, event.finish_reason)])))
-                        if queue.empty():                  # what arrived meanwhile: one write
-                            yield "".join(waiting)
-                            waiting.clear()
-                except APIError as error:                  # the model failed mid-stream: say so, then end
-                    waiting.append(_sse(error.body()))
-                if waiting:
-                    yield "".join(waiting)
-                if include_usage:
-                    yield _sse(chunk([], _usage(state)))
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            def render(event):
+                if event is _BLOCKED:
+                    return [_sse(chunk([s.completion_chunk(s.choice["prompt_text"] if echo else "", None,
+                                                           "content_filter")]))
+                            for s in state.values() if s.choice.get("blocked")]
+                s = state[event.index]
+                text = (s.choice["prompt_text"] if echo and not s.sent_echo else "") + event.text
+                s.sent_echo = True
+                return [_sse(chunk([s.completion_chunk(text, event, event.finish_reason)]))]
+
+            events = _sse_events(_drain(request, server, queue, sequences, state), queue, render,
+                                 (lambda: chunk([], _usage(state))) if include_usage else None)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         async for event in _drain(request, server, queue, sequences, state):
             pass
         return JSONResponse(chunk([s.completion() for s in state.values()], _usage(state)))
@@ -405,28 +393,18 @@ def create_app(model, tokenizer, model_name: str = "model", max_batch: int = 8, 
             return out
 
         if stream:
-            async def events():
-                s = state[0]
-                waiting = []                               # SSE messages not yet written
-                yield _sse(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+            s = state[0]
+
+            def render(event):
+                if event is _BLOCKED:
+                    return [_sse(chunk([s.chat_chunk(None, "content_filter")]))]
+                return [_sse(chunk([s.chat_chunk(event, event.finish_reason)]))]
+
+            opening = _sse(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                    "finish_reason": None}]))
-                try:
-                    async for event in _drain(request, server, queue, sequences, state):
-                        if event is _BLOCKED:
-                            yield _sse(chunk([s.chat_chunk(None, "content_filter")]))
-                            continue
-                        waiting.append(_sse(chunk([s.chat_chunk(event, event.finish_reason)])))
-                        if queue.empty():                  # what arrived meanwhile: one write
-                            yield "".join(waiting)
-                            waiting.clear()
-                except APIError as error:                  # the model failed mid-stream: say so, then end
-                    waiting.append(_sse(error.body()))
-                if waiting:
-                    yield "".join(waiting)
-                if include_usage:
-                    yield _sse(chunk([], _usage(state)))
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            events = _sse_events(_drain(request, server, queue, sequences, state), queue, render,
+                                 (lambda: chunk([], _usage(state))) if include_usage else None, opening)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         async for event in _drain(request, server, queue, sequences, state):
             pass
         return JSONResponse(chunk([state[0].chat_message()], _usage(state), obj="chat.completion"))
@@ -594,6 +572,28 @@ def _usage(state) -> dict:
     prompt = sum(len(s.choice["prompt_ids"]) for s in state.values())
     completion = sum(s.completion_tokens for s in state.values())
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _sse_events(drained, queue, render, usage=None, opening=None):
+    """A streaming response's body: `opening` (an SSE message), then render(event) for each event of
+    `drained` (a list of SSE messages), the messages that queued up meanwhile written as one; an APIError
+    mid-stream becomes an error message; then usage() when asked for, and `data: [DONE]`."""
+    if opening is not None:
+        yield opening
+    waiting = []                                           # SSE messages not yet written
+    try:
+        async for event in drained:
+            waiting.extend(render(event))
+            if queue is None or queue.empty():             # what arrived meanwhile: one write
+                yield "".join(waiting)
+                waiting.clear()
+    except APIError as error:                              # the model failed mid-stream: say so, then end
+        waiting.append(_sse(error.body()))
+    if waiting:
+        yield "".join(waiting)
+    if usage is not None:
+        yield _sse(usage())
+    yield "data: [DONE]\n\n"
 
 
 def _sse(payload: dict) -> str:
