@@ -30,6 +30,7 @@ Writes benchmarks.json (every figure) and prints a table last. PyTorch is import
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -415,7 +416,7 @@ def profile_step(model, optimizer, ids, targets, events=False):
     cp = backend.cupy_module()
     if events:
         return _event_profile(model, optimizer, ids, targets)
-    totals, originals = {}, []
+    totals = {}
 
     def timed(cls, name, original):
         def run(self, *args, **kwargs):
@@ -428,12 +429,7 @@ def profile_step(model, optimizer, ids, targets, events=False):
             return out
         return run
 
-    for cls in _function_classes():
-        for name in ("forward", "backward"):
-            if name in cls.__dict__:
-                originals.append((cls, name, cls.__dict__[name]))
-                setattr(cls, name, timed(cls, name, cls.__dict__[name]))
-    try:
+    with _every_op_wrapped(timed):
         cp.cuda.Device().synchronize()
         start = time.perf_counter()
         _, loss = model(ids, targets)
@@ -445,13 +441,25 @@ def profile_step(model, optimizer, ids, targets, events=False):
         optimizer.zero_grad()
         cp.cuda.Device().synchronize()
         end = time.perf_counter()
-    finally:
-        for cls, name, original in originals:
-            setattr(cls, name, original)
     totals["optimizer.gather_grads"] = (gathered - middle) * 1e3
     totals["optimizer.step"] = (end - gathered) * 1e3
     totals["whole step (synced ops)"] = (end - start) * 1e3
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+@contextlib.contextmanager
+def _every_op_wrapped(timed):
+    """Inside the block, each Function subclass's own forward and backward is timed(cls, name, original);
+    the originals come back after it, whatever happened inside."""
+    originals = [(cls, name, cls.__dict__[name]) for cls in _function_classes() for name in ("forward", "backward")
+                 if name in cls.__dict__]
+    for cls, name, original in originals:
+        setattr(cls, name, timed(cls, name, original))
+    try:
+        yield
+    finally:
+        for cls, name, original in originals:
+            setattr(cls, name, original)
 
 
 def _function_classes():
@@ -466,7 +474,7 @@ def _function_classes():
 
 def _event_profile(model, optimizer, ids, targets):
     cp = backend.cupy_module()
-    pairs, depth, originals = [], [0], []
+    pairs, depth = [], [0]
 
     def timed(cls, name, original):
         def run(self, *args, **kwargs):
@@ -484,12 +492,7 @@ def _event_profile(model, optimizer, ids, targets):
             return out
         return run
 
-    for cls in _function_classes():
-        for name in ("forward", "backward"):
-            if name in cls.__dict__:
-                originals.append((cls, name, cls.__dict__[name]))
-                setattr(cls, name, timed(cls, name, cls.__dict__[name]))
-    try:
+    with _every_op_wrapped(timed):
         cp.cuda.Device().synchronize()
         marks = [cp.cuda.Event() for _ in range(4)]
         marks[0].record()
@@ -502,9 +505,6 @@ def _event_profile(model, optimizer, ids, targets):
         optimizer.zero_grad()
         marks[3].record()
         cp.cuda.Device().synchronize()
-    finally:
-        for cls, name, original in originals:
-            setattr(cls, name, original)
     totals = {}
     for key, start, end in pairs:
         totals[key] = totals.get(key, 0.0) + cp.cuda.get_elapsed_time(start, end)
