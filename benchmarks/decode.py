@@ -245,17 +245,18 @@ def gpu_rows(args) -> list:
             model, weight_bytes, parameters = build_in_memory(model_name, kind)
             model.to(device="cuda")
             for policy in (args.precisions if kind == "float32" else ["fp32"]):
-                pool.free_all_blocks()                   # what the last policy's Decoder held goes back
-                with precision.policy(policy):
-                    decoder = Decoder(model)
-                    for row in interleaved_rows(decoder, model.config.vocab_size, args, warm_up=True):
-                        row.update({"model": model_name, "type": kind, "precision": policy,
-                                    "weight_bytes": weight_bytes, "parameters": parameters})
-                        rows.append(row)
-                peak = pool.total_bytes()
-                for row in rows:
-                    row.setdefault("peak_gpu_bytes", peak)
-                del decoder
+                for graphs in args.graphs:
+                    pool.free_all_blocks()               # what the last policy's Decoder held goes back
+                    with precision.policy(policy):
+                        decoder = Decoder(model, cuda_graphs=graphs == "on")
+                        for row in interleaved_rows(decoder, model.config.vocab_size, args, warm_up=True):
+                            row.update({"model": model_name, "type": kind, "precision": policy, "graphs": graphs,
+                                        "weight_bytes": weight_bytes, "parameters": parameters})
+                            rows.append(row)
+                    peak = pool.total_bytes()
+                    for row in rows:
+                        row.setdefault("peak_gpu_bytes", peak)
+                    del decoder
             del model
     return rows
 
@@ -275,10 +276,16 @@ def build_in_memory(model_name: str, kind: str):
     return model, model.nbytes, model.num_parameters()
 
 
-def decode_trial(decoder, vocab: int, batch: int, args, seed: int) -> tuple:
-    """One trial: (TTFT s, decode tokens/s, decode tokens per CPU-second, KV cache bytes)."""
+def decode_trial(decoder, vocab: int, batch: int, args, seed: int, caches: dict) -> tuple:
+    """One trial: (TTFT s, decode tokens/s, decode tokens per CPU-second, KV cache bytes). The KV cache of
+    a batch size is kept from trial to trial (`caches`), as a server keeps its one cache: on the GPU its
+    captured decoding steps (CUDA graphs) are then made once, in the warm-up trial."""
     prompts = np.random.default_rng(seed).integers(0, vocab, (batch, args.prompt_len))
-    cache = decoder.new_cache(batch, args.prompt_len + args.new_tokens)
+    cache = caches.get(batch)
+    if cache is None:
+        cache = caches[batch] = decoder.new_cache(batch, args.prompt_len + args.new_tokens)
+    for slot in cache.active_slots:
+        cache.release(slot)
     slots = [cache.allocate() for _ in range(batch)]
     start = time.perf_counter()
     logits = np.stack([decoder.prefill(cache, slot, prompt) for slot, prompt in zip(slots, prompts)])
@@ -297,12 +304,13 @@ def interleaved_rows(decoder, vocab: int, args, warm_up: bool) -> list:
     and the worst over rounds of its tokens/s divided by batch 1's in the same round (a ratio that a
     change of machine load between rounds does not fake)."""
     trials = {batch: [] for batch in args.batches}
+    caches = {}
     if warm_up:                                                  # the first GPU launches compile kernels
         for batch in args.batches:
-            decode_trial(decoder, vocab, batch, args, 0)
+            decode_trial(decoder, vocab, batch, args, 0, caches)
     for round_ in range(args.repeat):
         for batch in args.batches:
-            trials[batch].append(decode_trial(decoder, vocab, batch, args, round_))
+            trials[batch].append(decode_trial(decoder, vocab, batch, args, round_, caches))
     base = trials.get(1)
     rows = []
     for batch, runs in trials.items():
@@ -389,12 +397,13 @@ def gpu_main(args, command: str) -> None:
           f"numpy {np.__version__}; prompts of {args.prompt_len} tokens, {args.new_tokens} greedy steps, "
           f"worst of {args.repeat}")
     rows = gpu_rows(args)
-    print("| model | weights | precision | batch | TTFT (ms) | decode tok/s | ×batch 1 | ms/step | weights MiB "
-          "| KV cache MiB | peak GPU MiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | weights | precision | CUDA graphs | batch | TTFT (ms) | decode tok/s | ×batch 1 | ms/step "
+          "| weights MiB | KV cache MiB | peak GPU MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
         ratio = f"{row['ratio']:.1f}" if "ratio" in row else "—"
-        print(f"| {row['model']} | {row['type']} | {row['precision']} | {row['batch']} | {row['ttft_ms']:.1f} | "
+        print(f"| {row['model']} | {row['type']} | {row['precision']} | {row['graphs']} | {row['batch']} | "
+              f"{row['ttft_ms']:.1f} | "
               f"{row['tokens_per_s']:.1f} | {ratio} | "
               f"{1e3 * row['batch'] / row['tokens_per_s']:.2f} | {row['weight_bytes'] / 2**20:.1f} | "
               f"{row['kv_cache_bytes'] / 2**20:.1f} | {row['peak_gpu_bytes'] / 2**20:.0f} |", flush=True)
@@ -413,7 +422,8 @@ def gpu_main(args, command: str) -> None:
                 theirs = next((r for r in baseline if r["model"] == row["model"] and r["batch"] == row["batch"]
                                and "static" in r["type"]), None)
                 if theirs is not None and row["type"] == "float32" and row["precision"] == "bf16":
-                    print(f"{row['model']} batch {row['batch']}, bf16: ours / transformers (static, compiled) = "
+                    print(f"{row['model']} batch {row['batch']}, bf16, graphs {row['graphs']}: ours / "
+                          f"transformers (static, compiled) = "
                           f"{row['tokens_per_s'] / theirs['tokens_per_s']:.2f}× decode tokens/s")
         rows += baseline
     if args.json:
@@ -434,6 +444,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=None, help="default: 2 (CPU), 3 (cuda)")
     parser.add_argument("--transformers", action="store_true", help="cuda: also time transformers generate")
     parser.add_argument("--transformers-batches", default="1")
+    parser.add_argument("--graphs", default="on", choices=["on", "off", "both"],
+                        help="cuda: decode steps replayed from CUDA graphs (on, the default), uncaptured, or both")
     parser.add_argument("--matmul", action="store_true", help="time the quantized-matmul alternatives")
     parser.add_argument("--profile", action="store_true", help="cProfile of decode steps (first model/type/batch)")
     parser.add_argument("--orientation", action="store_true", help="time x @ Wᵀ against (W @ xᵀ)ᵀ (Linear's few-row path)")
@@ -448,6 +460,7 @@ def main() -> None:
     args.types, args.precisions = args.types.split(","), args.precisions.split(",")
     args.batches = [int(b) for b in args.batches.split(",")]
     args.transformers_batches = [int(b) for b in args.transformers_batches.split(",")]
+    args.graphs = ["on", "off"] if args.graphs == "both" else [args.graphs]
     threads = [int(t) for t in args.threads.split(",")]
     unknown = sorted(set(args.models) - set(MODELS))
     if unknown:

@@ -157,3 +157,15 @@ def test_linear_orientation_for_few_rows_gives_the_same_product(rows):
     (y * Tensor(upstream)).sum().backward()
     np.testing.assert_allclose(x.grad, upstream @ w.numpy(), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(w.grad, upstream.T @ x.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_rows_given_on_the_device_are_the_ones_written_and_read():
+    """CacheRows(device=(rows, positions)) uses those arrays as `write` (a CUDA graph's fixed buffers) and
+    still works the host-side runs out from slots and starts; without it `write` comes from them."""
+    given_rows, given_positions = np.array([4, 2]), np.array([7, 3])
+    rows = CacheRows([0, 1], [0, 0], 1, np, device=(given_rows, given_positions))
+    assert rows.write[0] is given_rows and rows.write[1] is given_positions
+    plain = CacheRows([3, 1], [5, 2], 2, np)
+    np.testing.assert_array_equal(plain.write[0], [3, 3, 1, 1])
+    np.testing.assert_array_equal(plain.write[1], [5, 6, 2, 3])
+    assert len(plain.runs) == 2

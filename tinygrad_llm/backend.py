@@ -146,3 +146,39 @@ def kernels_enabled() -> bool:
 def random_generator(seed, like):
     """A random Generator on the device of `like` (numpy or cupy `default_rng(seed)`)."""
     return array_module(like).random.default_rng(seed)
+
+
+class CudaGraph:
+    """`fn()`'s GPU work captured once into a CUDA graph; `replay()` runs the same kernels again, with no
+    Python in between, and returns what `fn` returned (the same arrays, rewritten by each replay).
+
+    fn must only launch work on the current stream: no host syncs (`int(array)`, `.get()`), no copies from
+    host memory, and nothing whose launch depends on values that change between replays. Its inputs are
+    whatever device arrays it reads: fixed buffers the caller refills before each replay. The arrays fn
+    allocates come from a memory pool of the graph's own, kept as long as the graph, so no other
+    allocation can reuse their memory between replays. Capture runs on a stream of its own (a capture
+    cannot use the legacy default stream); a replay runs on the caller's current stream, after whatever
+    was queued there. Compile every kernel fn launches before capturing it (run it once uncaptured).
+    """
+
+    def __init__(self, fn):
+        cp = cupy_module()
+        self._pool = cp.cuda.MemoryPool()
+        self._stream = cp.cuda.Stream(non_blocking=True)
+        with cp.cuda.using_allocator(self._pool.malloc), self._stream:
+            self._stream.begin_capture()
+            try:
+                outputs = fn()
+            except BaseException:
+                try:
+                    self._stream.end_capture()
+                except Exception:                # the capture was invalidated by what failed: already said
+                    pass
+                raise
+            self._graph = self._stream.end_capture()
+        self.outputs = outputs
+
+    def replay(self):
+        """Run the captured work on the current stream; returns fn's outputs."""
+        self._graph.launch(stream=_cupy.cuda.get_current_stream())
+        return self.outputs

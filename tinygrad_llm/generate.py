@@ -46,12 +46,14 @@ gather), so a batch scattered over many non-adjacent slots costs one small atten
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import backend, precision
+from .gpu import kernel
 from . import functional as F
 from .ops.attention import CacheRows
 from .ops.rope import rope_angles
@@ -81,6 +83,7 @@ class BatchedKVCache:
         self.v = [xp.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
         self.slots = int(slots)
         self.lengths = np.zeros(self.slots, dtype=np.int64)
+        self.step_graphs = {}             # (decoder id, batch size) -> _StepGraph: captured decoding steps
         self._free = list(range(self.slots))
         self._in_use = set()
 
@@ -159,7 +162,7 @@ class Decoder:
     attention and the KV cache stay float32. A quantized embedding is looked up on the host.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, cuda_graphs: bool | None = None):
         config = self.config = model.config
         weights = model_weights(model)
         try:
@@ -192,6 +195,9 @@ class Decoder:
             self.lm_head = cast(self.lm_head)
         cos, sin = rope_angles(self.xp.arange(config.max_seq_len), config.head_dim, config.rope_theta, self.xp)
         self.cos, self.sin = cos.astype(self.dtype), sin.astype(self.dtype)                  # (max_len, D/2)
+        if cuda_graphs is None:
+            cuda_graphs = os.environ.get("TINYGRAD_LLM_CUDA_GRAPHS", "1") != "0"
+        self.cuda_graphs = bool(cuda_graphs) and self.device == "cuda"
 
     def new_cache(self, slots: int, max_len: int | None = None) -> BatchedKVCache:
         return BatchedKVCache(self.config, slots, max_len, self.dtype, self.device)
@@ -211,7 +217,7 @@ class Decoder:
         with no_grad():
             x = self._layers(self._embed(ids)[None], cache, CacheRows([slot], [start], time, self.xp))  # (1, T, C)
             cache.lengths[slot] = start + time
-            return self._logits(x[0] if all_logits else x[0, -1:])[slice(None) if all_logits else 0]
+            return self._host(self._head(x[0] if all_logits else x[0, -1:]))[slice(None) if all_logits else 0]
 
     def decode_step(self, cache: BatchedKVCache, tokens, slots):
         """One new token for each of `slots` (n,), at each slot's own position. Returns logits (n, V)."""
@@ -233,9 +239,14 @@ class Decoder:
             raise ValueError(f"decode_step: slots {slots[positions == 0].tolist()} are empty; prefill them first")
         self._check_ids(tokens)
         with no_grad():
-            x = self._layers(self._embed(tokens)[:, None], cache, CacheRows(slots, positions, 1, self.xp))
+            x = self._embed(tokens)[:, None]                                        # (n, C) -> (n, 1, C)
+            graph = self._step_graph(cache, slots.size)
+            if graph is not None:
+                logits = graph.run(x, slots, positions)
+            else:
+                logits = self._head(self._layers(x, cache, CacheRows(slots, positions, 1, self.xp))[:, 0])
             cache.lengths[slots] = positions + 1
-            return self._logits(x[:, 0])                                           # (n, 1, C) -> (n, C)
+            return self._host(logits)                                              # (n, V)
 
     def forward(self, ids):
         """Logits (B, T, V) of whole sequences (B, T), without a cache (evaluation of quantized runs)."""
@@ -277,7 +288,7 @@ class Decoder:
         config, xp = self.config, self.xp
         heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         batch, time, _ = x.shape
-        positions = backend.to_device(rows.positions, self.device)
+        positions = rows.write[1]                                                   # (B·T,) on the device
         cos, sin = self.cos[positions], self.sin[positions]                         # (B·T, D/2)
         for i, layer in enumerate(self.layers):
             h = self._norm(x, layer.attention_norm)
@@ -290,11 +301,62 @@ class Decoder:
             x = x + self._linear(F.swiglu(self._linear(h, layer.gate), self._linear(h, layer.up)).data, layer.down)
         return x
 
-    def _logits(self, x):
-        """(N, C) -> (N, V) logits as a NumPy array (float32 or float64)."""
-        logits = self._linear(self._norm(x, self.norm), self.lm_head)
+    def _head(self, x):
+        """(N, C) -> (N, V) logits, on the model's device."""
+        return self._linear(self._norm(x, self.norm), self.lm_head)
+
+    @staticmethod
+    def _host(logits):
+        """Logits as a NumPy array (float32 or float64)."""
         logits = backend.to_numpy(logits)
         return logits if logits.dtype in (np.float32, np.float64) else logits.astype(np.float32)
+
+    def _step_graph(self, cache, batch: int):
+        """The captured decoding step for `batch` rows of this cache, or None (run the step uncaptured).
+
+        Graphs run on the GPU when the decoding attention kernel handles the cache (it reads every row's
+        cache row and length on the device; the other attention path depends on them on the host). A
+        batch size's first step runs uncaptured (it compiles the kernels), its second is captured, later
+        ones replay. A capture that fails turns graphs off for this decoder, with a warning.
+        """
+        if not self.cuda_graphs:
+            return None
+        key = (id(self), batch)
+        graph = cache.step_graphs.get(key)
+        if graph is None:
+            if kernel("decode_attention", cache.k[0], cache.v[0]) is None:
+                return None
+            cache.step_graphs[key] = False                                          # seen once: run uncaptured
+            return None
+        if graph is False:
+            try:
+                graph = cache.step_graphs[key] = _StepGraph(self, cache, batch)
+            except Exception as error:
+                self.cuda_graphs = False
+                cache.step_graphs.pop(key, None)
+                warnings.warn(f"decoding without CUDA graphs: capturing the step failed ({error})", stacklevel=3)
+                return None
+        return graph
+
+
+class _StepGraph:
+    """One decoding step of `batch` rows on one cache, captured (backend.CudaGraph) from Decoder._layers and
+    _head: its inputs are fixed device buffers that each step overwrites: the embedded tokens (batch, 1, C)
+    and the rows' cache rows and positions (2, batch). It keeps the decoder (its weights) alive."""
+
+    def __init__(self, decoder, cache, batch: int):
+        xp, config = decoder.xp, decoder.config
+        self.decoder = decoder
+        self.x = xp.zeros((batch, 1, config.d_model), dtype=decoder.dtype)
+        self.rows = xp.zeros((2, batch), dtype=np.int64)                          # cache rows; positions
+        rows = CacheRows(np.arange(batch), np.zeros(batch), 1, xp, device=(self.rows[0], self.rows[1]))
+        self.graph = backend.CudaGraph(lambda: decoder._head(decoder._layers(self.x, cache, rows)[:, 0]))
+
+    def run(self, x, slots, positions):
+        """Logits (batch, V) on the device for embedded tokens x (batch, 1, C) at these slots and positions."""
+        self.x[...] = x
+        self.rows.set(np.stack([slots, positions]))
+        return self.graph.replay()
 
 
 def sample_next(logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

@@ -3,7 +3,8 @@
     from tinygrad_llm import precision
     precision.set_policy("bf16")          # or use `with precision.policy("bf16"):`
 
-- fp32: every product in float32 (CuPy's cuBLAS default).
+- fp32: every product in float32 (a Linear through tinygrad_llm.gpu.gemm's cublasGemmEx with float32
+        operands, other products CuPy's cuBLAS default).
 - tf32: float32 arrays, but cuBLAS may round matrix-product inputs to TF32 on the tensor cores
         (CuPy's compute type for float32, what the CUPY_TF32 environment variable sets; ~3e-4 relative).
 - bf16: every Linear (ops/matmul.py) runs its three GEMMs through cublasGemmEx (tinygrad_llm.gpu.gemm)

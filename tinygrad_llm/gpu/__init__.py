@@ -23,7 +23,7 @@ import sys
 from .. import backend
 from .activation import swiglu_backward, swiglu_forward, swiglu_packed_backward, swiglu_packed_forward
 from .adamw import adamw_step
-from .attention import causal_attention_backward, causal_attention_forward, kernel_for
+from .attention import causal_attention_backward, causal_attention_forward, decode_attention, kernel_for
 from .dropout import dropout_forward
 from .embedding import embedding_backward
 from .gemm import linear_backward, linear_forward
@@ -37,7 +37,7 @@ __all__ = ["kernel", "supports", "attention_kernel_for", "quantized_linear",
            "rms_norm_forward", "rms_norm_backward", "add_rms_norm_forward", "swiglu_forward", "swiglu_backward",
            "swiglu_packed_forward", "swiglu_packed_backward", "rope_forward", "copy_heads", "dropout_forward",
            "cross_entropy_forward_backward", "embedding_backward", "adamw_step", "linear_forward",
-           "linear_backward", "causal_attention_forward", "causal_attention_backward"]
+           "linear_backward", "causal_attention_forward", "causal_attention_backward", "decode_attention"]
 
 
 def kernel(op_name: str, *arrays):

@@ -193,3 +193,41 @@ def causal_attention_backward(dy, q, k, v, out, lse):
     _kernel(BACKWARD_FILE, f"attention_backward_convert8_{suffix}")(
         (min((count8 + 255) // 256, 8192),), (256,), (dq_accumulator, dq, np.int64(count8)))
     return dq, dk, dv
+
+
+DECODE_FILE = "attention_decode.cu"
+DECODE_THREADS = 128                                # THREADS in attention_decode.cu
+
+
+def decode_supports(k_store, v_store) -> bool:
+    """The decoding kernel handles these cache stores: float32 CuPy arrays (S, Hkv, max_len, D), C-contiguous,
+    16-byte aligned, one shape, D a multiple of 4 and at most 256."""
+    return (all_on_gpu(k_store, v_store) and k_store.dtype == np.float32 == v_store.dtype
+            and k_store.ndim == 4 and k_store.shape == v_store.shape and k_store.shape[-1] % 4 == 0
+            and k_store.shape[-1] <= 2 * DECODE_THREADS and k_store.flags.c_contiguous and v_store.flags.c_contiguous
+            and k_store.data.ptr % 16 == 0 and v_store.data.ptr % 16 == 0)
+
+
+def decode_attention(q, k_store, v_store, slots, starts, out):
+    """One decoding step (kernels/attention_decode.cu): out[b] = attention of q[b] (H, D) over keys
+    0 … starts[b] of cache row slots[b], whose new key and value are already stored.
+
+    q: (B, H, D) float32 with a contiguous last axis (any strides for B and H); k_store, v_store: (S, Hkv,
+    max_len, D) (decode_supports); slots, starts: (B,) int64 CuPy arrays (read on the device: nothing here
+    reads them back, so the launch can be captured in a CUDA graph); out: (B, H·D) float32, C-contiguous.
+    Returns out.
+    """
+    batch, heads, head_dim = q.shape
+    kv_heads, max_len = k_store.shape[1], k_store.shape[2]
+    if q.dtype != np.float32 or q.strides[-1] != 4 or out.shape != (batch, heads * head_dim) \
+            or out.dtype != np.float32 or not out.flags.c_contiguous or head_dim != k_store.shape[-1]:
+        raise ValueError("decode_attention: q (B, H, D) float32 with a contiguous last axis and out (B, H·D) "
+                         "float32 C-contiguous are needed, D the stores' head dim")
+    if batch:
+        shared = (head_dim + DECODE_THREADS + 32) * 4
+        function(DECODE_FILE, "decode_attention_f32")(
+            (heads, batch), (DECODE_THREADS,),
+            (q, k_store, v_store, slots, starts, out, np.int32(heads), np.int32(kv_heads), np.int32(max_len),
+             np.int32(head_dim), np.int64(q.strides[0] // 4), np.int64(q.strides[1] // 4),
+             np.float32(1.0 / math.sqrt(head_dim))), shared_mem=shared)
+    return out

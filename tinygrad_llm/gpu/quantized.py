@@ -53,7 +53,7 @@ def quantized_linear(x, weight):
     rows = x2.shape[0]
     if rows > GEMV_ROWS:
         w = dequantize(weight)
-        if gemm.linear_supported(x2, w):                       # a bf16/fp16 policy: the low-precision GEMM
+        if gemm.linear_supported(x2, w):                       # the policy's GEMM (float32 under fp32)
             y = gemm.linear_forward(x2, w)[0].astype(cp.float32)
         else:
             y = x2 @ w.T                                        # cuBLAS

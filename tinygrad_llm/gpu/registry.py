@@ -17,8 +17,9 @@ SUPPORTS = {
     "cross_entropy": loss.supports,                # (logits2d,)
     "embedding": embedding.supports,               # (dy,)
     "adamw": adamw.supports,                       # every param, grad and moment
-    "linear": gemm.linear_supported,               # (x, weight) under a bf16/fp16 precision policy
+    "linear": gemm.linear_supported,               # (x, weight): float GPU arrays, in the policy's dtype
     "causal_attention": attention.supports,        # (q, k, v)
+    "decode_attention": attention.decode_supports,  # (k_store, v_store) of a KV cache
     "quantized_linear": quantized.supports,        # (x, weight blocks, weight scales)
 }
 

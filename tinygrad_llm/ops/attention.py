@@ -304,7 +304,10 @@ class CausalAttention(Function):
     (cos, sin: (B·T, D/2), each row's own positions, row after row) and query i of row b attends to that
     store row's keys 0 … starts[b] + i only. Keys are read in place (a view per run of consecutive store
     rows, no gather); for one new position per row (decoding) the scores are formed as K qᵀ, keys on the
-    left, so no transposed copy of the cached keys is made.
+    left, so no transposed copy of the cached keys is made. On the GPU (float32 stores) a decoding step's
+    attention is one kernel instead (kernels/attention_decode.cu, held to this path by the tests): it reads
+    each row's store row and length on the device, so the runs are not used and the launch is the same at
+    every step (a CUDA graph can replay it).
     """
 
     def forward(self, q, k=None, v=None, packed=None, keep_probabilities=False, cache=None):
@@ -442,6 +445,12 @@ class CausalAttention(Function):
         store_rows, positions = rows.write
         k_store[store_rows, :, positions] = k[0].swapaxes(0, 1)                      # (B·T, Hkv, D)
         v_store[store_rows, :, positions] = flat[0, :, heads + kv_heads:]
+        decode = kernel("decode_attention", k_store, v_store) if time == 1 and qkv.dtype == k_store.dtype else None
+        if decode is not None:   # every row over its own cache row, rows and lengths read on the device
+            out = xp.empty((batch, heads * head_dim), dtype=qkv.dtype)
+            decode.decode_attention(q[0].swapaxes(0, 1), k_store, v_store, store_rows, positions, out)  # q (B, H, D)
+            self.save(packed="cache")
+            return out.reshape(batch, 1, heads * head_dim)                          # (B, H·D) -> (B, 1, H·D)
         q = q.reshape(heads, batch, time, head_dim).transpose(1, 0, 2, 3)           # -> (B, H, T, D)
         out = xp.empty((batch, time, heads * head_dim), dtype=qkv.dtype)
         for members, stores, length, bias in rows.runs:
@@ -477,10 +486,14 @@ class CacheRows:
     A run is a set of batch rows whose store rows are consecutive (with T > 1, also at the same start):
     its keys are one view of the stores, (r, Hkv, L, D) with L its longest row, and a −∞ bias hides
     each row's keys past its own length (decoding, T = 1; with T > 1 the run's causal mask does that).
-    slots, starts: (B,) integers; xp: the array module of the stores.
+    slots, starts: (B,) integers; xp: the array module of the stores. `write` is (store row, position) of
+    every new position, (B·T,) each, on the stores' device; `device` gives those two arrays instead of
+    copying them from slots and starts: fixed buffers that a CUDA graph of the decoding step reads, refilled
+    before each replay (generate.Decoder). The decoding kernel reads only `write`, so a graph built from one
+    CacheRows serves every later step of the same batch size.
     """
 
-    def __init__(self, slots, starts, time: int, xp=np):
+    def __init__(self, slots, starts, time: int, xp=np, device=None):
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
         starts = np.asarray(starts, dtype=np.int64).reshape(-1)
         if slots.shape != starts.shape or slots.size == 0 or int(time) < 1:
@@ -494,7 +507,7 @@ class CacheRows:
         self.slots, self.starts, self.time, self.batch = slots, starts, int(time), slots.size
         self.positions = (starts[:, None] + np.arange(self.time)[None, :]).reshape(-1)    # (B·T,) row after row
         self.end = int(starts.max()) + self.time
-        self.write = (xp.asarray(np.repeat(slots, self.time)), xp.asarray(self.positions))
+        self.write = device or (xp.asarray(np.repeat(slots, self.time)), xp.asarray(self.positions))
         if self.batch == 1:                               # one sequence (generate, prefill): one run, no mask
             self.runs = [(slice(0, 1), slice(int(slots[0]), int(slots[0]) + 1), self.end, None)]
             return

@@ -22,13 +22,14 @@ class Embedding(Function):
 
     def forward(self, ids, weight):
         xp = array_module(weight)
-        ids = xp.asarray(ids)
-        if ids.dtype.kind not in "iu":
-            raise TypeError(f"embedding: ids must be integers, got dtype {ids.dtype}")
+        checked = ids if array_module(ids) is not np else np.asarray(ids)   # host ids are checked on the host
+        if checked.dtype.kind not in "iu":
+            raise TypeError(f"embedding: ids must be integers, got dtype {checked.dtype}")
         vocab = weight.shape[0]
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        if checked.size and (int(checked.min()) < 0 or int(checked.max()) >= vocab):
             raise IndexError(f"embedding: ids must lie in [0, {vocab}), got values in "
-                             f"[{int(ids.min())}, {int(ids.max())}]")
+                             f"[{int(checked.min())}, {int(checked.max())}]")
+        ids = xp.asarray(checked)
         self.save(ids=ids, vocab=vocab)
         return weight[ids]
 

@@ -93,7 +93,7 @@ class Linear(Function):
             raise ValueError(f"linear: input has {x.shape[-1]} features, weight expects {weight.shape[1]} "
                              f"(weight shape {tuple(weight.shape)} is (out, in))")
         fast = kernel("linear", x, weight)
-        if fast is not None:       # a bf16/fp16 policy (tinygrad_llm.precision): low-precision cuBLAS GEMMs
+        if fast is not None:       # GPU arrays: cuBLAS GEMMs in the precision policy's dtype (gpu/gemm.py)
             y, x_low, weight_low = fast.linear_forward(x, weight)
             self.save(x=x_low, weight=weight_low, dtypes=(x.dtype, weight.dtype), fast=fast)
             return y

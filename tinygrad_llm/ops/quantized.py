@@ -51,7 +51,7 @@ def _buffer(name: str, elements: int) -> np.ndarray:
 def float_linear(x, weight):
     """x (..., in) @ weight (out, in)ᵀ for a float weight: the path of ops/matmul.Linear's forward."""
     fast = kernel("linear", x, weight)
-    if fast is not None:                   # a bf16/fp16 policy: low-precision cuBLAS
+    if fast is not None:                   # GPU arrays: cuBLAS in the precision policy's dtype
         return fast.linear_forward(x, weight)[0]
     x2 = x.reshape(-1, x.shape[-1])                                        # (..., in) -> (N, in)
     return (x2 @ weight.T).reshape(*x.shape[:-1], weight.shape[0])          # (N, out) -> (..., out)
