@@ -9,6 +9,7 @@ at 1 and 2 threads. GPU rows are printed as "not measured here" unless CuPy sees
     python benchmarks/decode.py --profile --models default --types q8_0   # where a decode step's time goes
     python benchmarks/decode.py --device cuda                    # one GPU: fp32/bf16/fp16 and q8_0/q4_0 kernels
     python benchmarks/decode.py --device cuda --transformers     # + transformers generate (bf16, static cache, compiled)
+    python benchmarks/decode.py --device cuda --graphs both      # decode steps from CUDA graphs and uncaptured
 
 Quantized weights are made by one subprocess and written to $TMPDIR/tinygrad_llm_decode_*.safetensors
 (reused by later runs; delete them after changing the model configs), then read by the measuring one, so
@@ -29,10 +30,13 @@ GPU (--device cuda): one process, no subprocesses. Rows for float32 weights unde
 (tinygrad_llm.precision: the GEMMs in bf16/fp16, norms, attention and the KV cache in float32) and for
 q8_0 / q4_0 weights (the quantized CUDA kernels, fp32 policy). Same prompts and steps as on the CPU; every
 decode step ends with the logits copied to the host (what sampling needs), so the timings include the
-synchronisation. Peak GPU memory is the most CuPy's memory pool held during that configuration (the pool is
+synchronisation. Decode steps replay from CUDA graphs (--graphs on, what Decoder does by default; "off"
+runs them uncaptured, "both" prints both); the KV cache of a batch size is kept across trials, as a
+server keeps its one cache, so the graphs are captured in the warm-up trial. Peak GPU memory is the most CuPy's memory pool held during that configuration (the pool is
 emptied before each). --transformers adds Hugging Face transformers' `generate` on a random LlamaForCausalLM
-of the same shape (bf16, greedy, static cache, forward under torch.compile, and its default dynamic cache
-without compile for reference) at --transformers-batches: TTFT = generate(1 new token), decode tokens/s =
+of the same shape (bf16, greedy, a static cache, whose decoding forward `generate` compiles itself, and
+its default dynamic cache without compile for reference; "compiled" is printed only when the model has
+generate's compiled call afterwards) at --transformers-batches: TTFT = generate(1 new token), decode tokens/s =
 B · (N − 1) / (time of N new tokens − time of 1). It is skipped with a message when torch or transformers
 is missing or torch sees no GPU. Defaults for the GPU: --models gpt2 --new-tokens 32 --repeat 3.
 """
@@ -349,9 +353,8 @@ def transformers_rows(args, device: str = "cuda") -> tuple:
         model = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
         for cache_kind in ("dynamic", "static"):
             options = {}
-            if cache_kind == "static":                    # transformers' recipe: static cache, compiled forward
-                model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-                options["cache_implementation"] = "static"
+            if cache_kind == "static":   # transformers' recipe: a static cache; generate then compiles the
+                options["cache_implementation"] = "static"      # decoding forward itself (its compile_config)
             for batch in args.transformers_batches:
                 if gpu:
                     torch.cuda.reset_peak_memory_stats()
@@ -366,17 +369,22 @@ def transformers_rows(args, device: str = "cuda") -> tuple:
                     synchronize()
                     return time.perf_counter() - start
 
-                for _ in range(2):                                      # compile and capture the graphs
-                    generate(args.new_tokens)
-                    generate(1)
+                try:
+                    for _ in range(2):                                  # compile and capture the graphs
+                        generate(args.new_tokens)
+                        generate(1)
+                except Exception as error:                              # report it; the other rows stand
+                    print(f"transformers {cache_kind} cache, batch {batch}: failed: {str(error).splitlines()[0]}")
+                    continue
                 worst_ttft, worst_rate = 0.0, float("inf")
                 for _ in range(args.repeat):
                     first, whole = generate(1), generate(args.new_tokens)
                     worst_ttft = max(worst_ttft, first)
                     rate = batch * (args.new_tokens - 1) / (whole - first) if whole > first else float("nan")
                     worst_rate = rate if rate != rate else min(worst_rate, rate)       # nan: a timing too noisy to use
+                compiled = cache_kind == "static" and getattr(model, "_compiled_call", None) is not None
                 rows.append({"model": model_name, "type": f"transformers bf16, {cache_kind} cache"
-                             + (", compiled" if cache_kind == "static" else ""), "batch": batch,
+                             + (", compiled" if compiled else ""), "batch": batch,
                              "ttft_ms": 1e3 * worst_ttft, "tokens_per_s": worst_rate,
                              "peak_gpu_bytes": torch.cuda.max_memory_allocated() if gpu else 0})
         model = None                                            # the weights go before the cache is emptied

@@ -77,13 +77,19 @@ def _model(**overrides):
     return make_model(**{**dict(max_seq_len=24, d_model=64, n_heads=4, n_kv_heads=2, ffn_hidden=128), **overrides})
 
 
-@pytest.mark.parametrize("policy", ["fp32", "bf16"])
-def test_graph_replay_equals_the_uncaptured_step(policy):
+@pytest.mark.parametrize("policy, weights", [("fp32", "float32"), ("bf16", "float32"), ("fp32", "q8_0"),
+                                             ("fp32", "q4_0")])
+def test_graph_replay_equals_the_uncaptured_step(policy, weights):
     """Steps over changing subsets of slots at changing lengths: once captured (the second step of a batch
     size), every replay gives the uncaptured step's logits; the graphs were really used."""
     from tinygrad_llm import precision
     from tinygrad_llm.generate import Decoder, _StepGraph
-    model = _model().to(device="cuda")
+    from tinygrad_llm.quant.runs import QuantizedModel, quantize_weights
+    model = _model()
+    if weights != "float32":
+        model = QuantizedModel(model.config, weights, quantize_weights(
+            {name: p.data for name, p in model.named_parameters()}, weights))
+    model = model.to(device="cuda")
     prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9], [10, 11]]
     steps = [([1, 2, 3, 4], [0, 1, 2, 3]), ([5, 6, 7, 8], [3, 2, 1, 0]), ([9, 10], [1, 3]), ([11, 12], [0, 2]),
              ([1, 2, 3, 4], [2, 0, 3, 1]), ([5], [2]), ([6], [2]), ([7], [1]), ([8, 9], [3, 0])]
