@@ -76,6 +76,11 @@ def gpu_available() -> bool:
         return False
 
 
+def cupy_imported() -> bool:
+    """Whether CuPy has been imported (something asked for the GPU); until then no array is a CuPy array."""
+    return bool(_cupy)
+
+
 def is_cupy_array(x) -> bool:
     """True for a cupy.ndarray, decided without importing CuPy."""
     return type(x).__module__.startswith("cupy")

@@ -139,6 +139,8 @@ class _Layer:
     gate: object
     up: object
     down: object
+    qkv: object = None          # q‖k‖v and gate‖up stacked (one GEMM each): the GPU's low-precision copies
+    gate_up: object = None
 
 
 def model_weights(model) -> dict:
@@ -158,8 +160,10 @@ class Decoder:
     F.swiglu. Logits come back as NumPy arrays (float32, or float64 for a float64 model). The tests hold
     it to GPT.forward's logits.
     On the GPU under a bf16/fp16 policy (tinygrad_llm.precision) the float weight matrices are cast to
-    the low dtype once, here (a copy beside the float32 masters), and every GEMM runs in it; norms,
-    attention and the KV cache stay float32. A quantized embedding is looked up on the host.
+    the low dtype once, here (a copy beside the float32 masters), with q‖k‖v and gate‖up stacked so that
+    each is one GEMM, and every GEMM runs in it (the gate‖up product stays in it through SwiGLU into the
+    down projection); norms, attention and the KV cache stay float32. A quantized embedding is looked up
+    on the host. On the GPU the decoding steps replay from CUDA graphs (`_step_graph`).
     """
 
     def __init__(self, model, cuda_graphs: bool | None = None):
@@ -191,13 +195,22 @@ class Decoder:
         low = precision.get_policy().compute
         if low is not None and self.device != "cpu":                  # bf16/fp16 policy: GEMM operands cast once
             cast = lambda w: w.astype(precision.dtype_named(low)) if getattr(w, "ndim", 0) == 2 else w
-            self.layers = [_Layer(*(cast(w) for w in vars(layer).values())) for layer in self.layers]
+            self.layers = [self._stacked(_Layer(*(cast(w) for w in vars(layer).values()))) for layer in self.layers]
             self.lm_head = cast(self.lm_head)
         cos, sin = rope_angles(self.xp.arange(config.max_seq_len), config.head_dim, config.rope_theta, self.xp)
         self.cos, self.sin = cos.astype(self.dtype), sin.astype(self.dtype)                  # (max_len, D/2)
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("TINYGRAD_LLM_CUDA_GRAPHS", "1") != "0"
         self.cuda_graphs = bool(cuda_graphs) and self.device == "cuda"
+
+    def _stacked(self, layer):
+        """The layer with q‖k‖v and gate‖up each stacked into one matrix (rows: out features), when its
+        weights are plain arrays: a copy, so only for the low-precision copies the decoder makes anyway."""
+        if any(isinstance(w, QuantizedMatrix) for w in (layer.q, layer.k, layer.v, layer.gate, layer.up)):
+            return layer
+        return _Layer(layer.attention_norm, None, None, None, layer.o, layer.mlp_norm, None, None, layer.down,
+                      qkv=self.xp.concatenate([layer.q, layer.k, layer.v]),             # (C + 2·Hkv·D, C)
+                      gate_up=self.xp.concatenate([layer.gate, layer.up]))              # (2F, C)
 
     def new_cache(self, slots: int, max_len: int | None = None) -> BatchedKVCache:
         return BatchedKVCache(self.config, slots, max_len, self.dtype, self.device)
@@ -292,13 +305,20 @@ class Decoder:
         cos, sin = self.cos[positions], self.sin[positions]                         # (B·T, D/2)
         for i, layer in enumerate(self.layers):
             h = self._norm(x, layer.attention_norm)
-            qkv = xp.concatenate([self._linear(h, layer.q), self._linear(h, layer.k), self._linear(h, layer.v)],
-                                 axis=-1)                                           # (B, T, C + 2·Hkv·D)
+            if layer.qkv is not None:
+                qkv = self._linear(h, layer.qkv)                                    # (B, T, C + 2·Hkv·D)
+            else:
+                qkv = xp.concatenate([self._linear(h, layer.q), self._linear(h, layer.k),
+                                      self._linear(h, layer.v)], axis=-1)           # (B, T, C + 2·Hkv·D)
             qkv = qkv.reshape(batch, time, heads + 2 * kv_heads, head_dim)         # -> (B, T, H + 2Hkv, D)
             y = F.rope_attention(qkv, heads, kv_heads, cos, sin, cache=(cache.k[i], cache.v[i], rows)).data
             x = x + self._linear(y, layer.o)
             h = self._norm(x, layer.mlp_norm)
-            x = x + self._linear(F.swiglu(self._linear(h, layer.gate), self._linear(h, layer.up)).data, layer.down)
+            if layer.gate_up is not None:            # gate‖up stays in the GEMM's dtype through SwiGLU
+                hidden = F.swiglu(F.linear(h, layer.gate_up).data).data
+            else:
+                hidden = F.swiglu(self._linear(h, layer.gate), self._linear(h, layer.up)).data
+            x = x + self._linear(hidden, layer.down)
         return x
 
     def _head(self, x):

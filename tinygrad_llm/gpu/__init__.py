@@ -43,7 +43,7 @@ __all__ = ["kernel", "supports", "attention_kernel_for", "quantized_linear",
 def kernel(op_name: str, *arrays):
     """The dispatch point of kernel-backed ops: this package (its launchers) when the arrays are on the
     GPU, kernels are enabled and a kernel for `op_name` handles them; None otherwise."""
-    if not backend.kernels_enabled() or not any(backend.is_cupy_array(a) for a in arrays):
+    if not (backend.kernels_enabled() and backend.cupy_imported()) or not any(backend.is_cupy_array(a) for a in arrays):
         return None
     return sys.modules[__name__] if supports(op_name, *arrays) else None
 
