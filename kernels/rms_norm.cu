@@ -18,8 +18,10 @@
 //          forward:  grid (ceil(N / WARPS),).
 //          backward: grid (min(ceil(N / WARPS), 4 · SMs),), rows visited grid-stride; dynamic shared
 //                    memory WARPS · C floats (each warp accumulates its own dw row, no atomics).
-//          16-byte packs of x / dy / y / dx when C is a multiple of the pack and the base pointers are
-//          16-byte aligned (rows are then aligned too); scalar otherwise.
+//          The forward reads and writes 16-byte packs when C is a multiple of the pack and the base
+//          pointers are 16-byte aligned (rows are then aligned too); the backward and the residual form
+//          take 8 elements at a time when C is a multiple of 8 and the pointers are 16-byte aligned;
+//          scalar otherwise.
 #include "common.cuh"
 
 // 8 consecutive elements as floats / from floats: one 16-byte access for 16-bit types, two for float.
@@ -102,65 +104,6 @@ __device__ __forceinline__ void rms_norm_forward(const X* x, const W* w, X* y, f
     }
 }
 
-template <typename X, typename W>
-__device__ __forceinline__ void rms_norm_backward(const X* dy, const X* x, const W* w, const float* r, X* dx,
-                                                  float* partial, int rows, int channels) {
-    constexpr int P = Pack<X>::size;
-    extern __shared__ float warp_dw[];                     // (WARPS, C)
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    float* my_dw = warp_dw + warp * channels;
-    for (int c = lane; c < channels; c += 32) my_dw[c] = 0.0f;
-    const bool vectorised = packs_fit<X>(channels, dy, x, dx);
-
-    for (int row = blockIdx.x * warps + warp; row < rows; row += gridDim.x * warps) {
-        const X* dyr = dy + (int64)row * channels;
-        const X* xr = x + (int64)row * channels;
-        X* dxr = dx + (int64)row * channels;
-        const float rstd = r[row];
-        // forward was y = x̂·w, so dx̂ = dy·w = g; first the row's mean of g·x̂
-        float dot = 0.0f;
-        if (vectorised) {
-            for (int c = lane * P; c < channels; c += 32 * P) {
-                float a[P], b[P];
-                load_pack<X>(dyr + c, a);
-                load_pack<X>(xr + c, b);
-#pragma unroll
-                for (int k = 0; k < P; ++k) dot = fmaf(a[k] * to_float(w[c + k]), b[k] * rstd, dot);
-            }
-        } else {
-            for (int c = lane; c < channels; c += 32)
-                dot = fmaf(to_float(dyr[c]) * to_float(w[c]), to_float(xr[c]) * rstd, dot);
-        }
-        const float mean_dot = warp_sum(dot) / channels;
-        if (vectorised) {
-            for (int c = lane * P; c < channels; c += 32 * P) {
-                float a[P], b[P], d[P];
-                load_pack<X>(dyr + c, a);
-                load_pack<X>(xr + c, b);
-#pragma unroll
-                for (int k = 0; k < P; ++k) {
-                    const float xhat = b[k] * rstd;
-                    d[k] = rstd * (a[k] * to_float(w[c + k]) - xhat * mean_dot);
-                    my_dw[c + k] += a[k] * xhat;
-                }
-                store_pack<X>(dxr + c, d);
-            }
-        } else {
-            for (int c = lane; c < channels; c += 32) {
-                const float a = to_float(dyr[c]), xhat = to_float(xr[c]) * rstd;
-                dxr[c] = from_float<X>(rstd * (a * to_float(w[c]) - xhat * mean_dot));
-                my_dw[c] += a * xhat;
-            }
-        }
-    }
-    __syncthreads();
-    for (int c = threadIdx.x; c < channels; c += blockDim.x) {
-        float total = 0.0f;
-        for (int k = 0; k < warps; ++k) total += warp_dw[k * channels + c];
-        partial[(int64)blockIdx.x * channels + c] = total;
-    }
-}
-
 template <typename X, typename B, typename Y, typename W>
 __device__ __forceinline__ void add_rms_norm_forward(const X* x, const B* branch, const W* w, X* total, Y* y,
                                                      float* r, int rows, int channels, float eps) {
@@ -213,9 +156,9 @@ __device__ __forceinline__ void add_rms_norm_forward(const X* x, const B* branch
     }
 }
 
-// The backward with dy in its own dtype D (the forward's y dtype); dx in x's dtype X.
+// The backward, dy in dtype D: x's own, or the forward's y dtype when that differs (the residual form); dx in X.
 template <typename X, typename D, typename W>
-__device__ __forceinline__ void rms_norm_backward_mixed(const D* dy, const X* x, const W* w, const float* r, X* dx,
+__device__ __forceinline__ void rms_norm_backward(const D* dy, const X* x, const W* w, const float* r, X* dx,
                                                         float* partial, int rows, int channels) {
     extern __shared__ float warp_dw[];                     // (WARPS, C)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -285,7 +228,7 @@ __device__ __forceinline__ void rms_norm_backward_mixed(const D* dy, const X* x,
 #define RMS_NORM_MIXED_BACKWARD(X, D, W, SUFFIX)                                                           \
     extern "C" __global__ void rms_norm_backward_##SUFFIX(const D* dy, const X* x, const W* w, const float* r, \
                                                          X* dx, float* partial, int rows, int channels) {    \
-        rms_norm_backward_mixed<X, D, W>(dy, x, w, r, dx, partial, rows, channels);                         \
+        rms_norm_backward<X, D, W>(dy, x, w, r, dx, partial, rows, channels);                         \
     }
 
 #define RMS_NORM_KERNELS(X, W, SUFFIX)                                                                    \
@@ -295,7 +238,7 @@ __device__ __forceinline__ void rms_norm_backward_mixed(const D* dy, const X* x,
     }                                                                                                       \
     extern "C" __global__ void rms_norm_backward_##SUFFIX(const X* dy, const X* x, const W* w, const float* r, \
                                                          X* dx, float* partial, int rows, int channels) {    \
-        rms_norm_backward<X, W>(dy, x, w, r, dx, partial, rows, channels);                                  \
+        rms_norm_backward<X, X, W>(dy, x, w, r, dx, partial, rows, channels);                                  \
     }
 
 RMS_NORM_KERNELS(float, float, f32_f32)
