@@ -99,14 +99,15 @@ def test_supports_refuses_host_arrays():
 LAUNCHERS = ["rms_norm_forward", "rms_norm_backward", "add_rms_norm_forward", "swiglu_forward", "swiglu_backward", "swiglu_packed_forward",
              "swiglu_packed_backward", "rope_forward", "copy_heads", "dropout_forward", "cross_entropy_forward_backward",
              "embedding_backward", "adamw_step", "linear_forward", "linear_backward", "causal_attention_forward",
-             "causal_attention_backward", "quantized_linear"]
+             "causal_attention_backward", "decode_attention", "quantized_linear"]
 
 
 def test_the_package_exposes_every_launcher_under_its_op_name():
     missing = [name for name in LAUNCHERS if not callable(getattr(gpu, name, None))]
     assert not missing, missing
     assert set(gpu.registry.SUPPORTS) == {"rms_norm", "add_rms_norm", "swiglu", "swiglu_packed", "rope", "dropout", "cross_entropy",
-                                          "embedding", "adamw", "linear", "causal_attention", "quantized_linear"}
+                                          "embedding", "adamw", "linear", "causal_attention", "decode_attention",
+                                          "quantized_linear"}
 
 
 @gpu_test
