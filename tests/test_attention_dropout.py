@@ -310,3 +310,20 @@ def test_checkpoint_saved_before_the_option_loads_as_zero(tmp_path):
     from tinygrad_llm.checkpoint import CheckpointError
     with pytest.raises(CheckpointError, match="attention_dropout"):
         load_checkpoint(str(tmp_path), model=GPT(_config(attention_dropout=0.1)))
+
+
+def test_both_cpu_schedules_drop_alike_in_the_model():
+    """OpOptions changes how attention runs on the CPU (P kept and blocked, or recomputed), not what it
+    computes: with attention dropout on, the loss and every gradient agree to float32 rounding."""
+    from tinygrad_llm.model import OpOptions
+    ids = np.random.default_rng(0).integers(0, 31, (3, 17))
+    results = []
+    for keep in (True, False):
+        manual_seed(0)
+        model = GPT(_config(attention_dropout=0.3), options=OpOptions(keep_attention_probabilities=keep))
+        _, loss = model(ids[:, :-1], ids[:, 1:], return_logits=False)
+        loss.backward()
+        results.append((loss.item(), {name: p.grad for name, p in model.named_parameters()}))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for name, grad in results[0][1].items():
+        np.testing.assert_allclose(grad, results[1][1][name], rtol=1e-4, atol=1e-6, err_msg=name)
