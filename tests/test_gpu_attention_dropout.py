@@ -93,8 +93,9 @@ def test_kernel_masks_are_the_hash_bits_exactly(head_dim, dtype_name, hopper, ro
     dtype = _dtype(dtype_name)
     batch, heads, time, keep = 3, 4, head_dim, 0.6
     eye = np.broadcast_to(np.eye(time, head_dim, dtype=np.float32), (batch, heads, time, head_dim)).astype(dtype)
-    q = cp.zeros((batch, heads, time, head_dim), dtype=dtype)
-    k = cp.asarray(np.random.default_rng(0).standard_normal(q.shape).astype(np.float32).astype(dtype))
+    shape = (batch, heads, time, head_dim)
+    q = cp.asarray(np.zeros(shape, dtype=dtype))                  # host arrays first, as for every dtype here
+    k = cp.asarray(np.random.default_rng(0).standard_normal(shape).astype(np.float32).astype(dtype))
     v, dy = cp.asarray(eye), cp.asarray(eye)
     dropout = kernel_dropout((SEED, keep), row_offset)
     out, lse = attention.causal_attention_forward(q, k, v, dropout=dropout)
