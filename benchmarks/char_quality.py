@@ -58,11 +58,12 @@ def full_validation_loss_ours(run_dir: str, data_path: str, rows: int = 64) -> f
     return total / (count * seq_len)
 
 
-def run_ours(seed: int, data_path: str, target: float) -> dict:
+def run_ours(seed: int, data_path: str, target: float, attention_dropout: float = 0.0) -> dict:
     with tempfile.TemporaryDirectory(prefix="char_quality_") as run_dir:
         command = [sys.executable, "-m", "tinygrad_llm", "train", "--config",
                    os.path.join(ROOT, "tinygrad_llm", "configs", "shakespeare_char.toml"), "--data", data_path,
-                   "--seed", str(seed), "--no-progress", "--sample-tokens", "0", "--out-dir", run_dir]
+                   "--seed", str(seed), "--no-progress", "--sample-tokens", "0", "--out-dir", run_dir,
+                   "--attention-dropout", str(attention_dropout)]
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"tinygrad-llm train failed:\n{done.stderr[-2000:]}")
@@ -74,9 +75,9 @@ def run_ours(seed: int, data_path: str, target: float) -> dict:
     return _summary(evaluations, full, target, plan=plan)
 
 
-def run_torch(seed: int, data_path: str, threads: int, target: float) -> dict:
+def run_torch(seed: int, data_path: str, threads: int, target: float, attention_dropout: float = 0.0) -> dict:
     command = [sys.executable, os.path.join(HERE, "torch_baseline.py"), "--train-char", data_path,
-               "--seed", str(seed), "--threads", str(threads)]
+               "--seed", str(seed), "--threads", str(threads), "--attention-dropout", str(attention_dropout)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"torch_baseline.py failed:\n{done.stderr[-2000:]}")
@@ -99,7 +100,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="PyTorch's threads")
     parser.add_argument("--target", type=float, default=1.70, help="validation loss to reach")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--attention-dropout", type=float, default=0.0,
+                        help="dropout on the attention probabilities, the same on both sides (the config's is 0)")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.attention_dropout < 1.0:
+        parser.error(f"--attention-dropout must be in [0, 1), got {args.attention_dropout}")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -115,9 +120,10 @@ def main(argv=None) -> int:
     print(f"{'seed':>5} {'side':>7} {'train s':>8} {'reached':>14} {'val@2000':>9} {'whole val':>10}  plan/load")
     rows = {"ours": [], "torch": []}
     for seed in seeds:
-        sides = [("ours", lambda: run_ours(seed, args.data, args.target))]
+        sides = [("ours", lambda: run_ours(seed, args.data, args.target, args.attention_dropout))]
         if with_torch:
-            sides.append(("torch", lambda: run_torch(seed, args.data, args.threads, args.target)))
+            sides.append(("torch", lambda: run_torch(seed, args.data, args.threads, args.target,
+                                                     args.attention_dropout)))
         for side, run in sides:
             result = dict(run(), seed=seed)
             rows[side].append(result)

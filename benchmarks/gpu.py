@@ -320,11 +320,13 @@ def gpt2_config():
                      max_seq_len=TIME)
 
 
-def shakespeare_config():
-    """nanoGPT's shakespeare_char GPU configuration (torch_ref.py's 'shakespeare-char'), B 64, T 256."""
+def shakespeare_config(attention_dropout=0.2):
+    """nanoGPT's shakespeare_char GPU configuration (torch_ref.py's 'shakespeare-char'), B 64, T 256. Its
+    dropout 0.2 acts on the embeddings and residual branches and, as torch_ref.py's SDPA dropout_p, on the
+    attention probabilities (attention_dropout; --attention-dropout 0 leaves that out)."""
     from tinygrad_llm.model import GPTConfig
     return GPTConfig(vocab_size=65, d_model=384, n_layers=6, n_heads=6, ffn_hidden=1024, max_seq_len=256,
-                     dropout=0.2)
+                     dropout=0.2, attention_dropout=attention_dropout)
 
 
 def host_profile(model, optimizer, ids, targets, top=30):
@@ -350,7 +352,7 @@ def host_profile(model, optimizer, ids, targets, top=30):
 
 
 def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low_precision_residual=True,
-                   profile_host=False):
+                   profile_host=False, attention_dropout=0.2):
     """tokens/s, MFU and pool peak of full training steps of the GPT-2-size model (or the char model)."""
     cp = backend.cupy_module()
     from tinygrad_llm import manual_seed
@@ -361,7 +363,7 @@ def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low
     precision.set_policy(policy_name)
     precision.LOW_PRECISION_RESIDUAL = low_precision_residual
     try:
-        config = shakespeare_config() if shakespeare else gpt2_config()
+        config = shakespeare_config(attention_dropout) if shakespeare else gpt2_config()
         batch, length = (64, 256) if shakespeare else (BATCH, TIME)
         manual_seed(0)
         model = GPT(config).to("cuda")                      # float32 master weights; GPT casts activations
@@ -390,7 +392,8 @@ def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low
         tokens_per_s = batch * length / step_s
         flops_per_token = 6 * params + 12 * config.n_layers * config.n_heads * config.head_dim * length
         residual = "bf16 residual" if low_precision_residual else "fp32 residual"
-        result = dict(name=f"ours {policy_name}, {residual}{' shakespeare-char' if shakespeare else ''}",
+        char = f" shakespeare-char, attention dropout {attention_dropout:g}" if shakespeare else ""
+        result = dict(name=f"ours {policy_name}, {residual}{char}",
                       params=params, step_ms=step_s * 1e3, tokens_per_s=tokens_per_s,
                       tflops=tokens_per_s * flops_per_token / 1e12,
                       mfu=tokens_per_s * flops_per_token / PEAK_BF16_FLOPS, peak_pool_gib=pool.total_bytes() / 2 ** 30,
@@ -550,6 +553,8 @@ def main(argv=None):
     parser.add_argument("--residual", choices=("both", "bf16", "fp32"), default="both",
                         help="which residual dtype(s) the training step runs with")
     parser.add_argument("--shakespeare", action="store_true", help="also time the char model's training step")
+    parser.add_argument("--attention-dropout", type=float, default=0.2,
+                        help="the char model's attention dropout (torch_ref.py's shakespeare-char: 0.2, its dropout)")
     args = parser.parse_args(argv)
     cp = backend.cupy_module()
     torch = _torch()
@@ -588,7 +593,9 @@ def main(argv=None):
                                                                         profile_host=args.host_profile),
                 report["training"])
     if args.shakespeare:
-        attempt("training shakespeare", lambda: bench_training("bf16", 20, 5, shakespeare=True), report["training"])
+        attempt("training shakespeare", lambda: bench_training("bf16", 20, 5, shakespeare=True,
+                                                               attention_dropout=args.attention_dropout),
+                report["training"])
     if not args.skip_attention and (Path(__file__).parent / "gpu_attention.py").is_file():
         sys.path.insert(0, str(Path(__file__).parent))
         try:

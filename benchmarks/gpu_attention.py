@@ -1,6 +1,7 @@
 """Time the attention paths of the GPU next to PyTorch's SDPA, same run.
 
     PYTHONPATH=. python3 benchmarks/gpu_attention.py [--first N]  # a table (--first N: the first N shapes)
+    PYTHONPATH=. python3 benchmarks/gpu_attention.py --dropout 0.1   # attention dropout on both sides
     from benchmarks.gpu_attention import run; rows = run()      # what benchmarks/gpu.py calls
 
 Head dims 64 and 128 run the flash-attention kernels (tinygrad_llm.gpu.attention; the "build" column names
@@ -18,6 +19,8 @@ attention; the issue's 0.086 / 0.359 ms anchor was taken that way). is_causal=Tr
 gets k and v repeated to H heads, i.e. the same arithmetic. "ratio" = SDPA time / ours (above 1: ours wins).
 Our forward+backward is what the op runs: forward, then Δ pre-pass + backward + dq cast.
 Inputs are random normal (never zeros). Also prints the relative difference of our output to SDPA's.
+`--dropout P`: attention dropout on both sides (our kernels' `_dropout` builds with a fixed seed, SDPA's
+dropout_p = P); the relative difference is then meaningless (two different masks) and left out.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ def _median_ms(fn):
     return median_ms(fn, "cupy", repeats=10, inner=20, warmup=30)
 
 
-def _sdpa(batch, heads, kv_heads, time, head_dim, dtype_name, q_host, k_host, v_host, dy_host):
+def _sdpa(batch, heads, kv_heads, time, head_dim, dtype_name, q_host, k_host, v_host, dy_host, dropout=0.0):
     """{"flash" or "default": (forward ms, forward+backward ms, output as float32 numpy)} of PyTorch SDPA."""
     try:
         import torch
@@ -58,7 +61,8 @@ def _sdpa(batch, heads, kv_heads, time, head_dim, dtype_name, q_host, k_host, v_
     k = torch.from_numpy(np.repeat(k_host, group, axis=1)).cuda().to(dtype).requires_grad_(True)
     v = torch.from_numpy(np.repeat(v_host, group, axis=1)).cuda().to(dtype).requires_grad_(True)
     dy = torch.from_numpy(dy_host).cuda().to(dtype)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    def sdpa(q, k, v, is_causal):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, dropout_p=dropout)
 
     def timed(fn):
         return median_ms(fn, "torch", repeats=10, inner=20, warmup=30)
@@ -85,21 +89,22 @@ class _GemmPath:
     """The op's NumPy-expressed path on CuPy arrays, with the launchers' signatures."""
 
     @staticmethod
-    def causal_attention_forward(q, k, v):
+    def causal_attention_forward(q, k, v, dropout=None):
         from tinygrad_llm.ops.attention import CausalAttention
         op = CausalAttention()
-        out = op.forward(q, k, v)
+        out = op.forward(q, k, v, dropout=dropout)                  # the op's (p, seed), or None
         return out, op
 
     @staticmethod
-    def causal_attention_backward(dy, q, k, v, out, op):
+    def causal_attention_backward(dy, q, k, v, out, op, dropout=None):
         return op.backward(dy)
 
 
-def run(shapes=SHAPES):
+def run(shapes=SHAPES, dropout=0.0):
     """Time every shape; print a table; return one dict per shape."""
     import cupy as cp
     from tinygrad_llm.gpu import attention
+    from tinygrad_llm.ops.attention import kernel_dropout
     rows = []
     rng = np.random.default_rng(0)
     for batch, heads, kv_heads, time, head_dim, dtype_name in shapes:
@@ -116,17 +121,23 @@ def run(shapes=SHAPES):
         shape = f"B{batch} H{heads} Hkv{kv_heads} T{time} D{head_dim} {dtype_name}"
         path = attention.kernel_for(head_dim, dtype)
         launcher = attention if path is not None else _GemmPath
+        if dropout and launcher is attention:          # the `_dropout` builds, one fixed seed
+            options = dict(dropout=kernel_dropout((1234, 1.0 - dropout), 0))
+        elif dropout:                                  # the op's own argument, (p, seed)
+            options = dict(dropout=(dropout, 1234))
+        else:
+            options = {}
         build = path.split(" (")[0].replace("forward ", "").replace(", backward ", "/") if path else "GEMM"
         row = dict(shape=shape, build=build)
         try:
-            out, saved = launcher.causal_attention_forward(q, k, v)
-            forward = _median_ms(lambda: launcher.causal_attention_forward(q, k, v))
+            out, saved = launcher.causal_attention_forward(q, k, v, **options)
+            forward = _median_ms(lambda: launcher.causal_attention_forward(q, k, v, **options))
 
             def forward_backward():
-                o, s = launcher.causal_attention_forward(q, k, v)
-                launcher.causal_attention_backward(dy, q, k, v, o, s)
+                o, s = launcher.causal_attention_forward(q, k, v, **options)
+                launcher.causal_attention_backward(dy, q, k, v, o, s, **options)
             both = _median_ms(forward_backward)
-            backward = _median_ms(lambda: launcher.causal_attention_backward(dy, q, k, v, out, saved))
+            backward = _median_ms(lambda: launcher.causal_attention_backward(dy, q, k, v, out, saved, **options))
         except Exception as error:          # the path itself fails: report it in the row
             row["error"] = f"{type(error).__name__}: {error}"[:120]
             rows.append(row)
@@ -136,12 +147,14 @@ def run(shapes=SHAPES):
         flops = 4.0 * batch * heads * time * time * head_dim / 2
         row.update(fwd_ms=forward, bwd_ms=backward, fwdbwd_ms=both,
                    fwd_tflops=flops / forward / 1e9, fwdbwd_tflops=3.5 * flops / both / 1e9)
-        reference = _sdpa(batch, heads, kv_heads, time, head_dim, dtype_name, q_host, k_host, v_host, dy_host)
+        reference = _sdpa(batch, heads, kv_heads, time, head_dim, dtype_name, q_host, k_host, v_host, dy_host,
+                          dropout)
         ours = np.asarray(out.get(), dtype=np.float32)
         for label, (sdpa_forward, sdpa_both, sdpa_out) in (reference or {}).items():
             row.update({f"sdpa_{label}_fwd_ms": sdpa_forward, f"sdpa_{label}_fwdbwd_ms": sdpa_both,
                         f"sdpa_{label}_over_ours_fwdbwd": sdpa_both / both,
-                        f"rel_diff_to_sdpa_{label}": float(np.linalg.norm(ours - sdpa_out) / np.linalg.norm(sdpa_out))})
+                        f"rel_diff_to_sdpa_{label}": float("nan") if dropout else
+                        float(np.linalg.norm(ours - sdpa_out) / np.linalg.norm(sdpa_out))})
         rows.append(row)
         q = k = v = dy = out = saved = None
         cp.get_default_memory_pool().free_all_blocks()
@@ -176,4 +189,4 @@ if __name__ == "__main__":
         sys.exit("benchmarks/gpu_attention.py needs an NVIDIA GPU with CuPy; none is usable here")
     # --first N: only the first N shapes of SHAPES (N = 1: the issue's B16 H12 T1024 D64 bf16 alone)
     first = int(sys.argv[sys.argv.index("--first") + 1]) if "--first" in sys.argv else len(SHAPES)
-    run(SHAPES[:first])
+    run(SHAPES[:first], dropout=float(sys.argv[sys.argv.index("--dropout") + 1]) if "--dropout" in sys.argv else 0.0)

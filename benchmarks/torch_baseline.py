@@ -3,6 +3,7 @@
     python benchmarks/torch_baseline.py --config a --threads 2          # ms/step and tokens/s
     python benchmarks/torch_baseline.py --config char --threads 1 --steps 20
     python benchmarks/torch_baseline.py --train-char ../shared/data/tinyshakespeare.txt --seed 1337
+    python benchmarks/torch_baseline.py --train-char FILE --attention-dropout 0.1   # SDPA's dropout_p while training
 
 The same architecture and parameter count as tinygrad_llm's GPT (RMSNorm, rotate-half RoPE, causal
 scaled-dot-product attention, SwiGLU, no biases, untied head, the same initialisation scale) and the same
@@ -40,6 +41,7 @@ def build_model(config: dict):
     import torch.nn.functional as F
     d, heads, hidden, T = config["d_model"], config["n_heads"], config["ffn_hidden"], config["seq_len"]
     head_dim = d // heads
+    attention_dropout = config.get("attention_dropout", 0.0)        # tinygrad_llm's GPTConfig.attention_dropout
 
     class Norm(nn.Module):
         def __init__(self):
@@ -70,7 +72,8 @@ def build_model(config: dict):
             h = self.input_layernorm(x)
             # (B, T, C) -> (B, H, T, D)
             q, k, v = (p(h).view(B, T, heads, head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-            a = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+            a = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True,
+                                               dropout_p=attention_dropout if self.training else 0.0)
             x = x + self.o_proj(a.transpose(1, 2).reshape(B, T, d))          # (B, H, T, D) -> (B, T, C)
             h = self.post_attention_layernorm(x)
             return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -119,7 +122,7 @@ def make_step(config: dict, threads: int, seed: int = 0):
 
 
 def train_char(path: str, seed: int, threads: int, steps: int = 2000, eval_interval: int = 250,
-               eval_iters: int = 20) -> dict:
+               eval_iters: int = 20, attention_dropout: float = 0.0) -> dict:
     import torch
     import torch.nn.functional as F
     torch.set_num_threads(threads)
@@ -130,7 +133,7 @@ def train_char(path: str, seed: int, threads: int, steps: int = 2000, eval_inter
     data = torch.tensor([index[c] for c in text], dtype=torch.long)
     split = int(0.9 * len(data))
     train_data, val_data = data[:split], data[split:]
-    config = dict(CONFIGS["char"], vocab_size=len(chars))
+    config = dict(CONFIGS["char"], vocab_size=len(chars), attention_dropout=attention_dropout)
     B, T = config["batch_size"], config["seq_len"]
     model = build_model(config)
     matrices = [p for p in model.parameters() if p.dim() >= 2]
@@ -215,14 +218,18 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print only the timings as JSON")
     parser.add_argument("--train-char", metavar="FILE", help="train the char config on FILE for 2000 steps instead")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--attention-dropout", type=float, default=0.0,
+                        help="--train-char: dropout on the attention probabilities while training")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.attention_dropout < 1.0:
+        parser.error(f"--attention-dropout must be in [0, 1), got {args.attention_dropout}")
     try:
         import torch
     except ImportError:
         print("torch_baseline.py: error: PyTorch is not installed (pip install torch)", file=sys.stderr)
         return 1
     if args.train_char:
-        result = train_char(args.train_char, args.seed, args.threads)
+        result = train_char(args.train_char, args.seed, args.threads, attention_dropout=args.attention_dropout)
         for record in result["evaluations"]:
             print(f"step {record['step']:>4}  {record['train_s']:7.1f} s  val {record['val_loss']:.4f}")
         print(f"whole validation split: {result['full_val_loss']:.4f}")

@@ -3,6 +3,7 @@
     python benchmarks/train_cpu.py                       # both configs, 2 threads, 3 alternating rounds
     python benchmarks/train_cpu.py --configs a --threads 1 --steps 5 --rounds 2
     python benchmarks/train_cpu.py --parity 200 --data ../shared/data/tinyshakespeare.txt
+    python benchmarks/train_cpu.py --configs char --attention-dropout 0.1   # both sides drop attention probabilities
 
 Configs (the issue's): (a) 6 layers, d 256, 8 heads, ffn 704, T 128, B 16, V 4096;
 (char) nanoGPT's shakespeare_char CPU model: 4 layers, 4 heads, d 128, ffn 384, T 64, B 12, V 65.
@@ -44,7 +45,8 @@ def worker_ours(config: dict, steps: int, warmup: int, plan: str) -> dict:
     from tinygrad_llm.optim import AdamW
     backend.tune_host_allocator()
     model_config = GPTConfig(vocab_size=config["vocab_size"], d_model=config["d_model"], n_layers=config["n_layers"],
-                             n_heads=config["n_heads"], ffn_hidden=config["ffn_hidden"], max_seq_len=config["seq_len"])
+                             n_heads=config["n_heads"], ffn_hidden=config["ffn_hidden"], max_seq_len=config["seq_len"],
+                             attention_dropout=config.get("attention_dropout", 0.0))
     choice = threading_plan.choose(plan, threading_plan.model_shape(model_config, config["batch_size"], config["seq_len"]),
                                    threading_plan.model_step_factory(model_config, config["batch_size"], config["seq_len"]))
     manual_seed(0)
@@ -141,7 +143,7 @@ def parity(steps: int, data_path: str) -> int:
 
 
 def run_worker(kind: str, config_name: str, steps: int, warmup: int, threads: int, plan: str,
-               tree: str | None = None) -> dict:
+               tree: str | None = None, attention_dropout: float = 0.0) -> dict:
     """One measurement in a fresh subprocess; `tree`: run this script of another checkout instead."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
@@ -149,6 +151,8 @@ def run_worker(kind: str, config_name: str, steps: int, warmup: int, threads: in
     script = os.path.join(tree, "benchmarks", "train_cpu.py") if tree else os.path.abspath(__file__)
     command = [sys.executable, script, "--worker", kind, "--configs", config_name,
                "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads), "--plan", plan]
+    if attention_dropout:
+        command += ["--attention-dropout", str(attention_dropout)]
     env["TINYGRAD_LLM_THREADS"] = str(threads)         # the most threads tinygrad_llm's plan may use
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -184,8 +188,12 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-tree", metavar="DIR",
                         help="also time the tinygrad_llm of another checkout (e.g. `git worktree add DIR <commit>`), "
                              "interleaved with this one: a before/after under the same load")
+    parser.add_argument("--attention-dropout", type=float, default=0.0,
+                        help="dropout on the attention probabilities, both sides (training mode)")
     parser.add_argument("--worker", choices=["ours", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if not 0.0 <= args.attention_dropout < 1.0:
+        parser.error(f"--attention-dropout must be in [0, 1), got {args.attention_dropout}")
     if args.parity:
         if not torch_available():
             parser.error("--parity needs PyTorch")
@@ -199,7 +207,7 @@ def main(argv=None) -> int:
     except ValueError:
         parser.error(f"--threads takes whole numbers, got {args.threads!r}")
     if args.worker:
-        config = CONFIGS[names[0]]
+        config = dict(CONFIGS[names[0]], attention_dropout=args.attention_dropout)
         result = (worker_ours(config, args.steps, args.warmup, args.plan) if args.worker == "ours"
                   else worker_torch(config, args.steps, args.warmup, thread_counts[0]))
         print(json.dumps(result))
@@ -221,12 +229,14 @@ def main(argv=None) -> int:
             for _ in range(args.rounds):
                 if args.baseline_tree:
                     before.append(run_worker("ours", name, args.steps, args.warmup, threads, args.plan,
-                                             tree=args.baseline_tree))
-                run = run_worker("ours", name, args.steps, args.warmup, threads, args.plan)
+                                             tree=args.baseline_tree, attention_dropout=args.attention_dropout))
+                run = run_worker("ours", name, args.steps, args.warmup, threads, args.plan,
+                                 attention_dropout=args.attention_dropout)
                 ours.append(run)
                 plans.add(f"{run['plan']}")
                 if with_torch:
-                    theirs.append(run_worker("torch", name, args.steps, args.warmup, threads, args.plan))
+                    theirs.append(run_worker("torch", name, args.steps, args.warmup, threads, args.plan,
+                                             attention_dropout=args.attention_dropout))
             row = {"config": name, "threads": threads, "plan": ",".join(sorted(plans)), "tokens_per_step": tokens,
                    **_summary("ours", ours, tokens)}
             line = (f"{name:7} {threads:>3} {row['plan']:>7} {row['ours_ms']:>8.1f} {row['ours_worst_ms']:>7.1f} "

@@ -51,6 +51,15 @@
 //   then attention_backward_dq_fp32_d{64,128} and attention_backward_dkdv_fp32_d{64,128}: one warp per
 //     query row (dq) or per key row (dk, dv, looping over the group's heads and the query rows that see
 //     the key); grid (ceil(T / 4), B·H or B·Hkv), block 128. No atomics; dq is written directly.
+//
+// Attention dropout: the tensor-core and fp32 kernels (not the pre-passes, whose Δ = rowsum(dO ∘ out)
+// already reads the dropped forward's out) also exist as NAME_dropout, taking four more arguments
+// (row_seed, column_seed, threshold, keep_scale; attention_common.cuh's AttnDropout). With M the
+// hashed keep mask (row = (b·H + h)·Tq + i, the key j) and s = keep_scale they compute
+//     dv[j] = Σ_{h in group} Σ_i s · M[i, j] P[i, j] dO[i]
+//     dS    = P ∘ (s · M ∘ (dO vᵀ) − Δ)
+// and dq, dk from dS as above: the mask is made again in registers from the indices, never loaded.
+// The plain kernels are the DROPOUT = false builds of the same templates, so their code is what it was.
 
 #include "attention_common.cuh"
 
@@ -173,11 +182,12 @@ __device__ __forceinline__ void attn_warp_product_abt(float (&acc)[M_TILES][BLOC
     }
 }
 
-template <typename T, int D, int BLOCK_Q, int WARPS, int M_TILES, bool PACKED_P>
+template <typename T, int D, int BLOCK_Q, int WARPS, int M_TILES, bool PACKED_P, bool DROPOUT>
 __device__ __forceinline__ void attention_backward_mma(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
     const float* __restrict__ lse, const float* __restrict__ delta, float* __restrict__ dq_accumulator,
-    T* __restrict__ dk, T* __restrict__ dv, int heads, int kv_heads, int query_len, int key_len, float scale) {
+    T* __restrict__ dk, T* __restrict__ dv, int heads, int kv_heads, int query_len, int key_len, float scale,
+    AttnDropout dropout) {
     constexpr int WARP_KEYS = 16 * M_TILES;                   // keys of one warp (M_TILES m-tiles)
     constexpr int BLOCK_K = WARP_KEYS * WARPS, THREADS = 32 * WARPS, STRIDE = D + 8, DS_STRIDE = BLOCK_Q + 8;
     constexpr int ROW_GROUPS = BLOCK_Q / 16;          // dQ tile: warps split its rows into groups of 16 …
@@ -279,6 +289,29 @@ __device__ __forceinline__ void attention_backward_mma(
                     if (need_mask && (key > query0 + query_local + offset || key >= key_len)) p = 0.f;
                     st[m][n][e] = p;
                 }
+        // dropout: bit 4n + e of kept[m] says whether st[m][n][e] survives (the rows' keys made once a step)
+        static_assert(BLOCK_Q / 2 <= 32, "the kept bits of an m-tile fit one word");
+        unsigned kept[DROPOUT ? M_TILES : 1];
+        if constexpr (DROPOUT) {
+            unsigned row_keys[BLOCK_Q / 8][2];
+#pragma unroll
+            for (int n = 0; n < BLOCK_Q / 8; ++n)
+#pragma unroll
+                for (int c = 0; c < 2; ++c)
+                    row_keys[n][c] = attn_dropout_row_key(
+                        dropout, (long long)batch_head * query_len + query0 + n * 8 + (lane % 4) * 2 + c);
+#pragma unroll
+            for (int m = 0; m < M_TILES; ++m) {
+                kept[m] = 0u;
+#pragma unroll
+                for (int n = 0; n < BLOCK_Q / 8; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        if (attn_dropout_kept(dropout, row_keys[n][e & 1], my_key0 + m * 16 + (e >> 1) * 8))
+                            kept[m] |= 1u << (4 * n + e);
+                attn_opaque(kept[m]);   // one word, not the comparisons that made it
+            }
+        }
 
         // dV += Pᵀ dO   (dO as the B operand: rows are k = queries, contiguous in n = dims: transpose).
         // PACKED_P keeps Pᵀ from here on only as these 16-bit A fragments (half the registers of st), and
@@ -289,10 +322,21 @@ __device__ __forceinline__ void attention_backward_mma(
             unsigned a[M_TILES][4];
 #pragma unroll
             for (int m = 0; m < M_TILES; ++m) {
-                attn_accumulator_to_a<T>(a[m], st[m][2 * kk], st[m][2 * kk + 1]);
-                if constexpr (PACKED_P) {
+                if constexpr (DROPOUT) {   // dV takes the kept P (keep_scale comes at the end); dS all of P
+                    float left[4], right[4];
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) p_packed[m][kk][e] = a[m][e];
+                    for (int e = 0; e < 4; ++e) {
+                        left[e] = (kept[m] >> (8 * kk + e)) & 1u ? st[m][2 * kk][e] : 0.f;
+                        right[e] = (kept[m] >> (8 * kk + 4 + e)) & 1u ? st[m][2 * kk + 1][e] : 0.f;
+                    }
+                    attn_accumulator_to_a<T>(a[m], left, right);
+                    if constexpr (PACKED_P) attn_accumulator_to_a<T>(p_packed[m][kk], st[m][2 * kk], st[m][2 * kk + 1]);
+                } else {
+                    attn_accumulator_to_a<T>(a[m], st[m][2 * kk], st[m][2 * kk + 1]);
+                    if constexpr (PACKED_P) {
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) p_packed[m][kk][e] = a[m][e];
+                    }
                 }
             }
 #pragma unroll
@@ -325,7 +369,9 @@ __device__ __forceinline__ void attention_backward_mma(
                     } else {
                         p = st[m][n][e];
                     }
-                    dpt[m][n][e] = p * (dpt[m][n][e] - delta_tile[n * 8 + (lane % 4) * 2 + (e & 1)]);
+                    float dp = dpt[m][n][e];
+                    if constexpr (DROPOUT) dp = (kept[m] >> (4 * n + e)) & 1u ? dp * dropout.scale : 0.f;
+                    dpt[m][n][e] = p * (dp - delta_tile[n * 8 + (lane % 4) * 2 + (e & 1)]);
                 }
 
         // dK += dSᵀ Q, and dSᵀ to shared memory for dQ
@@ -404,7 +450,11 @@ __device__ __forceinline__ void attention_backward_mma(
                 for (int d = 0; d < D / 8; ++d) {
                     *reinterpret_cast<unsigned*>(dk_row + d * 8) =
                         AttnType<T>::pack(dk_acc[m][d][2 * r] * scale, dk_acc[m][d][2 * r + 1] * scale);
-                    *reinterpret_cast<unsigned*>(dv_row + d * 8) = AttnType<T>::pack(dv_acc[m][d][2 * r], dv_acc[m][d][2 * r + 1]);
+                    if constexpr (DROPOUT)
+                        *reinterpret_cast<unsigned*>(dv_row + d * 8) = AttnType<T>::pack(
+                            dv_acc[m][d][2 * r] * dropout.scale, dv_acc[m][d][2 * r + 1] * dropout.scale);
+                    else
+                        *reinterpret_cast<unsigned*>(dv_row + d * 8) = AttnType<T>::pack(dv_acc[m][d][2 * r], dv_acc[m][d][2 * r + 1]);
                 }
             }
         }
@@ -413,11 +463,11 @@ __device__ __forceinline__ void attention_backward_mma(
 // ---------------------------------------------------------------------------------------------------
 // fp32 backward, for checking: dq one warp per query row, dk/dv one warp per key row.
 
-template <int D>
+template <int D, bool DROPOUT>
 __device__ __forceinline__ void attention_backward_dq_fp32(
     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
     const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-    float* __restrict__ dq, int heads, int kv_heads, int query_len, int key_len, float scale) {
+    float* __restrict__ dq, int heads, int kv_heads, int query_len, int key_len, float scale, AttnDropout dropout) {
     constexpr int PER_LANE = D / 32;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int query = blockIdx.x * 4 + warp;
@@ -436,6 +486,7 @@ __device__ __forceinline__ void attention_backward_dq_fp32(
     }
     const float row_lse = lse[row], row_delta = delta[row];
     const int last_key = query + key_len - query_len;
+    const unsigned row_key = DROPOUT ? attn_dropout_row_key(dropout, row) : 0u;
     for (int key = 0; key <= last_key; ++key) {
         float score = 0.f, dp = 0.f;
 #pragma unroll
@@ -448,6 +499,7 @@ __device__ __forceinline__ void attention_backward_dq_fp32(
             score += __shfl_xor_sync(0xffffffffu, score, width);
             dp += __shfl_xor_sync(0xffffffffu, dp, width);
         }
+        if (DROPOUT) dp = attn_dropout_kept(dropout, row_key, key) ? dp * dropout.scale : 0.f;
         const float ds = expf(score * scale - row_lse) * (dp - row_delta);
 #pragma unroll
         for (int i = 0; i < PER_LANE; ++i) dq_values[i] += ds * k_rows[(long long)key * D + lane + 32 * i];
@@ -456,12 +508,12 @@ __device__ __forceinline__ void attention_backward_dq_fp32(
     for (int i = 0; i < PER_LANE; ++i) dq[row * D + lane + 32 * i] = dq_values[i] * scale;
 }
 
-template <int D>
+template <int D, bool DROPOUT>
 __device__ __forceinline__ void attention_backward_dkdv_fp32(
     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
     const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
     float* __restrict__ dk, float* __restrict__ dv, int heads, int kv_heads, int query_len, int key_len,
-    float scale) {
+    float scale, AttnDropout dropout) {
     constexpr int PER_LANE = D / 32;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int key = blockIdx.x * 4 + warp;
@@ -494,10 +546,16 @@ __device__ __forceinline__ void attention_backward_dkdv_fp32(
                 dp += __shfl_xor_sync(0xffffffffu, dp, width);
             }
             const float p = expf(score * scale - lse[row]);
+            float p_kept = p;
+            if (DROPOUT) {
+                const bool kept = attn_dropout_kept(dropout, attn_dropout_row_key(dropout, row), key);
+                p_kept = kept ? p * dropout.scale : 0.f;
+                dp = kept ? dp * dropout.scale : 0.f;
+            }
             const float ds = p * (dp - delta[row]);
 #pragma unroll
             for (int i = 0; i < PER_LANE; ++i) {
-                dv_values[i] += p * dout[row * D + lane + 32 * i];
+                dv_values[i] += p_kept * dout[row * D + lane + 32 * i];
                 dk_values[i] += ds * q[row * D + lane + 32 * i];
             }
         }
@@ -526,9 +584,18 @@ ATTN_BACKWARD_DELTA(attention_backward_delta_fp32, float)
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,               \
         const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,        \
         int query_len, int key_len, float scale) {                                                     \
-        attention_backward_mma<TYPE, DIM, BLOCK_Q, WARPS, M_TILES, PACKED_P>(q, k, v, dout, lse, delta, \
-                                                                   dq_accumulator, dk, dv, heads,      \
-                                                                   kv_heads, query_len, key_len, scale); \
+        attention_backward_mma<TYPE, DIM, BLOCK_Q, WARPS, M_TILES, PACKED_P, false>(                   \
+            q, k, v, dout, lse, delta, dq_accumulator, dk, dv, heads, kv_heads, query_len, key_len,    \
+            scale, AttnDropout{});                                                                     \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) NAME##_dropout(               \
+        const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,               \
+        const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,        \
+        int query_len, int key_len, float scale, unsigned row_seed, unsigned column_seed,              \
+        unsigned threshold, float keep_scale) {                                                        \
+        attention_backward_mma<TYPE, DIM, BLOCK_Q, WARPS, M_TILES, PACKED_P, true>(                    \
+            q, k, v, dout, lse, delta, dq_accumulator, dk, dv, heads, kv_heads, query_len, key_len,    \
+            scale, AttnDropout{row_seed, column_seed, threshold, keep_scale});                         \
     }
 // _w4m2q32p (head dim 64, and the backward of GPUs without wgmma): 4 warps × 32 keys = 128-key tiles,
 // 32-row query steps (each Q/dO fragment read from shared memory feeds two m-tiles), Pᵀ held as 16-bit A
@@ -557,20 +624,25 @@ ATTN_BACKWARD_PREPARE(attention_backward_prepare_fp16_d128, __half, 128)
 ATTN_BACKWARD_CONVERT8(attention_backward_convert8_bf16, __nv_bfloat16)
 ATTN_BACKWARD_CONVERT8(attention_backward_convert8_fp16, __half)
 
-#define ATTN_BACKWARD_FP32(DQ_NAME, DKDV_NAME, DIM)                                                    \
+#define ATTN_BACKWARD_FP32_PAIR(DQ_NAME, DKDV_NAME, DIM, DROPOUT, EXTRA_PARAMETERS, DROPOUT_VALUE)     \
     extern "C" __global__ void __launch_bounds__(128) DQ_NAME(                                         \
         const float* q, const float* k, const float* v, const float* dout, const float* lse,           \
         const float* delta, float* dq, int heads, int kv_heads, int query_len, int key_len,            \
-        float scale) {                                                                                 \
-        attention_backward_dq_fp32<DIM>(q, k, v, dout, lse, delta, dq, heads, kv_heads, query_len,     \
-                                        key_len, scale);                                               \
+        float scale EXTRA_PARAMETERS) {                                                                \
+        attention_backward_dq_fp32<DIM, DROPOUT>(q, k, v, dout, lse, delta, dq, heads, kv_heads,       \
+                                                 query_len, key_len, scale, DROPOUT_VALUE);            \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(128) DKDV_NAME(                                       \
         const float* q, const float* k, const float* v, const float* dout, const float* lse,           \
         const float* delta, float* dk, float* dv, int heads, int kv_heads, int query_len,              \
-        int key_len, float scale) {                                                                    \
-        attention_backward_dkdv_fp32<DIM>(q, k, v, dout, lse, delta, dk, dv, heads, kv_heads,          \
-                                          query_len, key_len, scale);                                  \
+        int key_len, float scale EXTRA_PARAMETERS) {                                                   \
+        attention_backward_dkdv_fp32<DIM, DROPOUT>(q, k, v, dout, lse, delta, dk, dv, heads, kv_heads, \
+                                                   query_len, key_len, scale, DROPOUT_VALUE);          \
     }
+#define ATTN_DROPOUT_PARAMETERS , unsigned row_seed, unsigned column_seed, unsigned threshold, float keep_scale
+#define ATTN_BACKWARD_FP32(DQ_NAME, DKDV_NAME, DIM)                                                    \
+    ATTN_BACKWARD_FP32_PAIR(DQ_NAME, DKDV_NAME, DIM, false, , AttnDropout{})                           \
+    ATTN_BACKWARD_FP32_PAIR(DQ_NAME##_dropout, DKDV_NAME##_dropout, DIM, true, ATTN_DROPOUT_PARAMETERS, \
+                            (AttnDropout{row_seed, column_seed, threshold, keep_scale}))
 ATTN_BACKWARD_FP32(attention_backward_dq_fp32_d64, attention_backward_dkdv_fp32_d64, 64)
 ATTN_BACKWARD_FP32(attention_backward_dq_fp32_d128, attention_backward_dkdv_fp32_d128, 128)

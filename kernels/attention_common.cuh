@@ -80,6 +80,45 @@ template <> struct AttnType<__half> {
     }
 };
 
+// ---------------------------------------------------------------------------------------------------
+// Attention dropout: the keep/drop decision of score (row, key) from a counter-based hash, recomputed
+// wherever it is needed (forward, backward, any tile order), never stored. It must give the bits of
+// tinygrad_llm.rng.hash_bits:
+//     key(row)       = fmix32(row · 0x9E3779B9 + row_seed)          (once per query row)
+//     bits(row, j)   = fmix32(key(row) ^ (j · 0x7FEB352D + column_seed))
+//     kept(row, j)   = bits(row, j) < threshold                      (threshold = ⌊keep · 2³²⌋)
+// with row the query's index in the flat (B, H, Tq) order and j the key (all arithmetic modulo 2³²).
+// Kernels built with dropout take (row_seed, column_seed, threshold, scale = 1 / keep) as AttnDropout.
+
+struct AttnDropout {
+    unsigned row_seed, column_seed, threshold;
+    float scale;
+};
+
+// MurmurHash3's 32-bit finaliser.
+__device__ __forceinline__ unsigned attn_fmix32(unsigned x) {
+    x ^= x >> 16;
+    x *= 0x85EBCA6Bu;
+    x ^= x >> 13;
+    x *= 0xC2B2AE35u;
+    x ^= x >> 16;
+    return x;
+}
+
+// key(row) of the hash, for a row in the flat (B, H, Tq) order.
+__device__ __forceinline__ unsigned attn_dropout_row_key(const AttnDropout& dropout, long long row) {
+    return attn_fmix32(static_cast<unsigned>(row) * 0x9E3779B9u + dropout.row_seed);
+}
+
+// Whether score (row, key) survives, given key(row).
+__device__ __forceinline__ bool attn_dropout_kept(const AttnDropout& dropout, unsigned row_key, int key) {
+    return attn_fmix32(row_key ^ (static_cast<unsigned>(key) * 0x7FEB352Du + dropout.column_seed)) < dropout.threshold;
+}
+
+// Hide a value's origin from the compiler, so that a word of packed flags stays one register instead of
+// being unpacked back into the comparisons that made it.
+__device__ __forceinline__ void attn_opaque(unsigned& x) { asm volatile("" : "+r"(x)); }
+
 // Copy rows [row0, row0 + ROWS) of a (rows, D) matrix into shared memory with row stride STRIDE,
 // zero-filling rows at or past `limit`. All THREADS threads take part; each copy is 16 bytes.
 template <typename T, int ROWS, int D, int STRIDE, int THREADS>

@@ -41,17 +41,26 @@
 //     block 128 (4 warps = 4 rows). No shared memory.
 //
 // Arguments of every kernel: q, k, v, out, lse, H, Hkv, Tq, Tk, scale (= 1/sqrt(D)).
+//
+// Attention dropout: every kernel above also exists as NAME_dropout, taking four more arguments
+// (row_seed, column_seed, threshold, keep_scale; attention_common.cuh's AttnDropout). It computes
+//     out[b, h, i] = keep_scale · sum_j M[i, j] exp(S[i, j] - L[b, h, i]) v[b, h // G, j]
+// with M the hashed keep mask of attention_common.cuh (row = (b·H + h)·Tq + i, the key j), L still the
+// log-sum-exp of the undropped scores: P is normalised before the mask, as in the NumPy op. The mask
+// decision is made in registers on the tile of P; the plain kernels are the DROPOUT = false builds of
+// the same templates, so their code is what it was.
 
 #include "attention_common.cuh"
 
 // ---------------------------------------------------------------------------------------------------
 // Tensor-core forward.
 
-template <typename T, int D, int WARPS, int M_TILES, int BLOCK_K, bool Q_IN_REGISTERS>
+template <typename T, int D, int WARPS, int M_TILES, int BLOCK_K, bool Q_IN_REGISTERS, bool DROPOUT>
 __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, T* __restrict__ out,
                                                       float* __restrict__ lse, int heads, int kv_heads,
-                                                      int query_len, int key_len, float scale) {
+                                                      int query_len, int key_len, float scale,
+                                                      AttnDropout dropout) {
     constexpr int WARP_ROWS = 16 * M_TILES;                    // query rows of one warp (M_TILES m-tiles)
     constexpr int BLOCK_Q = WARP_ROWS * WARPS, THREADS = 32 * WARPS, STRIDE = D + 8;
     extern __shared__ __align__(16) unsigned char attn_shared[];
@@ -92,6 +101,15 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
         for (int d = 0; d < D / 8; ++d) o[m][d][0] = o[m][d][1] = o[m][d][2] = o[m][d][3] = 0.f;
         row_max[m][0] = row_max[m][1] = ATTN_NEG_INF;
         row_sum[m][0] = row_sum[m][1] = 0.f;
+    }
+    unsigned row_keys[DROPOUT ? M_TILES : 1][2];   // dropout: key(row) of this thread's rows, for every tile
+    if constexpr (DROPOUT) {
+#pragma unroll
+        for (int m = 0; m < M_TILES; ++m)
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+                row_keys[m][r] = attn_dropout_row_key(
+                    dropout, (long long)batch_head * query_len + warp_row0 + m * 16 + lane / 4 + r * 8);
     }
 
     for (int tile = 0; tile < key_tiles; ++tile) {
@@ -190,6 +208,14 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
                     tile_sum += s[m][n][2 * r] + s[m][n][2 * r + 1];
                 }
                 row_sum[m][r] = row_sum[m][r] * alpha + tile_sum;
+                if constexpr (DROPOUT) {   // the row sum took every P; P V takes only the kept ones
+#pragma unroll
+                    for (int n = 0; n < BLOCK_K / 8; ++n)
+#pragma unroll
+                        for (int c = 0; c < 2; ++c)
+                            if (!attn_dropout_kept(dropout, row_keys[m][r], key0 + n * 8 + (lane % 4) * 2 + c))
+                                s[m][n][2 * r + c] = 0.f;
+                }
 #pragma unroll
                 for (int d = 0; d < D / 8; ++d) {
                     o[m][d][2 * r] *= alpha;
@@ -234,7 +260,7 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
             total += __shfl_xor_sync(0xffffffffu, total, 2);
             const int query = warp_row0 + m * 16 + lane / 4 + r * 8;
             if (query < query_len) {
-                const float inverse = 1.f / total;
+                const float inverse = (DROPOUT ? dropout.scale : 1.f) / total;
                 T* out_row = out + ((long long)batch_head * query_len + query) * D;
 #pragma unroll
                 for (int d = 0; d < D / 8; ++d) {
@@ -250,11 +276,12 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
 // ---------------------------------------------------------------------------------------------------
 // fp32 forward, for checking: one warp per query row.
 
-template <int D>
+template <int D, bool DROPOUT>
 __device__ __forceinline__ void attention_forward_fp32(const float* __restrict__ q, const float* __restrict__ k,
                                                        const float* __restrict__ v, float* __restrict__ out,
                                                        float* __restrict__ lse, int heads, int kv_heads,
-                                                       int query_len, int key_len, float scale) {
+                                                       int query_len, int key_len, float scale,
+                                                       AttnDropout dropout) {
     constexpr int PER_LANE = D / 32;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int query = blockIdx.x * 4 + warp;
@@ -271,6 +298,7 @@ __device__ __forceinline__ void attention_forward_fp32(const float* __restrict__
     for (int i = 0; i < PER_LANE; ++i) { q_values[i] = q_row[lane + 32 * i]; o[i] = 0.f; }
     float row_max = ATTN_NEG_INF, row_sum = 0.f;
     const int last_key = query + key_len - query_len;          // inclusive
+    const unsigned row_key = DROPOUT ? attn_dropout_row_key(dropout, (long long)batch_head * query_len + query) : 0u;
     for (int key = 0; key <= last_key; ++key) {
         float score = 0.f;
 #pragma unroll
@@ -282,13 +310,14 @@ __device__ __forceinline__ void attention_forward_fp32(const float* __restrict__
         const float alpha = expf(row_max - new_max);
         const float p = expf(score - new_max);
         row_sum = row_sum * alpha + p;
+        const float p_kept = DROPOUT && !attn_dropout_kept(dropout, row_key, key) ? 0.f : p;
 #pragma unroll
-        for (int i = 0; i < PER_LANE; ++i) o[i] = o[i] * alpha + p * v_rows[(long long)key * D + lane + 32 * i];
+        for (int i = 0; i < PER_LANE; ++i) o[i] = o[i] * alpha + p_kept * v_rows[(long long)key * D + lane + 32 * i];
         row_max = new_max;
     }
     float* out_row = out + ((long long)batch_head * query_len + query) * D;
 #pragma unroll
-    for (int i = 0; i < PER_LANE; ++i) out_row[lane + 32 * i] = o[i] / row_sum;
+    for (int i = 0; i < PER_LANE; ++i) out_row[lane + 32 * i] = DROPOUT ? o[i] * dropout.scale / row_sum : o[i] / row_sum;
     if (lane == 0) lse[(long long)batch_head * query_len + query] = row_max + logf(row_sum);
 }
 
@@ -299,8 +328,16 @@ __device__ __forceinline__ void attention_forward_fp32(const float* __restrict__
     extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) NAME(                         \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,   \
         int query_len, int key_len, float scale) {                                                     \
-        attention_forward_mma<TYPE, DIM, WARPS, M_TILES, BLOCK_K, Q_IN_REGISTERS>(                     \
-            q, k, v, out, lse, heads, kv_heads, query_len, key_len, scale);                            \
+        attention_forward_mma<TYPE, DIM, WARPS, M_TILES, BLOCK_K, Q_IN_REGISTERS, false>(              \
+            q, k, v, out, lse, heads, kv_heads, query_len, key_len, scale, AttnDropout{});             \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) NAME##_dropout(               \
+        const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,   \
+        int query_len, int key_len, float scale, unsigned row_seed, unsigned column_seed,              \
+        unsigned threshold, float keep_scale) {                                                        \
+        attention_forward_mma<TYPE, DIM, WARPS, M_TILES, BLOCK_K, Q_IN_REGISTERS, true>(               \
+            q, k, v, out, lse, heads, kv_heads, query_len, key_len, scale,                             \
+            AttnDropout{row_seed, column_seed, threshold, keep_scale});                                \
     }
 #define ATTN_FORWARD_MMA(NAME, TYPE, DIM, WARPS, M_TILES) \
     ATTN_FORWARD_MMA_BUILD(NAME, TYPE, DIM, WARPS, M_TILES, 64, true, 1)
@@ -316,7 +353,15 @@ ATTN_FORWARD_MMA(attention_forward_fp16_d128_w8, __half, 128, 8, 1)
     extern "C" __global__ void __launch_bounds__(128) NAME(                                            \
         const float* q, const float* k, const float* v, float* out, float* lse, int heads,             \
         int kv_heads, int query_len, int key_len, float scale) {                                       \
-        attention_forward_fp32<DIM>(q, k, v, out, lse, heads, kv_heads, query_len, key_len, scale);    \
+        attention_forward_fp32<DIM, false>(q, k, v, out, lse, heads, kv_heads, query_len, key_len,     \
+                                           scale, AttnDropout{});                                      \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) NAME##_dropout(                                  \
+        const float* q, const float* k, const float* v, float* out, float* lse, int heads,             \
+        int kv_heads, int query_len, int key_len, float scale, unsigned row_seed,                      \
+        unsigned column_seed, unsigned threshold, float keep_scale) {                                  \
+        attention_forward_fp32<DIM, true>(q, k, v, out, lse, heads, kv_heads, query_len, key_len,      \
+                                          scale, AttnDropout{row_seed, column_seed, threshold, keep_scale}); \
     }
 
 ATTN_FORWARD_FP32(attention_forward_fp32_d64, 64)

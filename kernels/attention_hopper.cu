@@ -46,6 +46,13 @@
 //   dk = dK · scale and dv = dV are written once, in the input dtype. dq's summation order varies
 //   between runs (reductions across key blocks); dk and dv are deterministic.
 
+// Attention dropout: both kernels also exist as NAME_dropout, taking four more arguments (row_seed,
+// column_seed, threshold, keep_scale; attention_common.cuh's AttnDropout), with the mask and formulas
+// of attention_forward.cu's and attention_backward.cu's dropout kernels: the forward zeroes the dropped
+// P in registers after the row sum has taken it, before O += P V, and scales out by keep_scale; the
+// backward writes the kept P to the P tile (dV = Pᵀ dO, scaled by keep_scale at the store) and forms
+// dS = P ∘ (keep_scale · M ∘ dP − Δ). The plain kernels are the DROPOUT = false builds.
+//
 // The kernels exist only for sm_90a (compiled with NVRTC's -arch=sm_90a by tinygrad_llm.gpu.attention,
 // or nvcc -gencode=arch=compute_90a,code=sm_90a); built for anything else they trap.
 
@@ -67,10 +74,10 @@ __device__ __forceinline__ unsigned char* attn_aligned_shared() {
 
 // out = O / l and L = m · scale + ln l for this thread's two rows (row, row + 8) inside the sequence;
 // row_sum holds the thread's partial sums (its quad of lanes adds them up here).
-template <typename T>
+template <typename T, bool DROPOUT>
 __device__ __forceinline__ void attn_forward_store(const float (&o)[32], const float (&row_max)[2], float (&row_sum)[2],
                                                    T* __restrict__ out, float* __restrict__ lse, int batch_head,
-                                                   int row, int query_len, float scale_log2) {
+                                                   int row, int query_len, float scale_log2, float keep_scale) {
     constexpr int D = 64;
     const int t = threadIdx.x & 3;
     #pragma unroll
@@ -79,7 +86,7 @@ __device__ __forceinline__ void attn_forward_store(const float (&o)[32], const f
         row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
         const int out_row = row + 8 * r;
         if (out_row >= query_len) continue;
-        const float inverse = 1.f / row_sum[r];
+        const float inverse = (DROPOUT ? keep_scale : 1.f) / row_sum[r];
         T* out_line = out + ((long long)batch_head * query_len + out_row) * D;
         #pragma unroll
         for (int j = 0; j < 8; ++j)
@@ -90,11 +97,12 @@ __device__ __forceinline__ void attn_forward_store(const float (&o)[32], const f
     }
 }
 
-template <typename T>
+template <typename T, bool DROPOUT>
 __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, T* __restrict__ out,
                                                       float* __restrict__ lse, int heads, int kv_heads,
-                                                      int query_len, int key_len, float scale, int batches) {
+                                                      int query_len, int key_len, float scale, int batches,
+                                                      AttnDropout dropout) {
     constexpr int D = 64, BLOCK_Q = 128, BLOCK_K = 128, THREADS = 256, TILE = 128 * 128;
     unsigned char* q_tiles = attn_aligned_shared();           // 2 buffers of BLOCK_Q rows of 128 bytes
     unsigned char* k_tiles = q_tiles + 2 * TILE;               // 2 buffers of BLOCK_K rows
@@ -146,6 +154,12 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         float o[32], row_max[2] = {ATTN_NEG_INF, ATTN_NEG_INF}, row_sum[2] = {0.f, 0.f};
         #pragma unroll
         for (int i = 0; i < 32; ++i) o[i] = 0.f;
+        unsigned row_keys[2];                                 // dropout: key(row) of this thread's two rows
+        if constexpr (DROPOUT) {
+            #pragma unroll
+            for (int r = 0; r < 2; ++r)
+                row_keys[r] = attn_dropout_row_key(dropout, (long long)current.batch_head * query_len + row + 8 * r);
+        }
 
         for (int tile = 0; tile < current.tiles; ++tile, buffer ^= 1) {
             const int k0 = tile * BLOCK_K;
@@ -209,7 +223,10 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                 for (int e = 0; e < 4; ++e) {
                     const float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]));
                     row_sum[e >> 1] += p;
-                    s[4 * j + e] = p;
+                    if constexpr (DROPOUT)   // the row sum took every P; P V takes only the kept ones
+                        s[4 * j + e] = attn_dropout_kept(dropout, row_keys[e >> 1], k0 + 8 * j + 2 * t + (e & 1)) ? p : 0.f;
+                    else
+                        s[4 * j + e] = p;
                 }
             unsigned p_fragments[BLOCK_K / 16][4];
             attn_issue_product<T>(o, p_fragments, s, v_address);      // O += P V
@@ -218,7 +235,8 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             wgmma_hold(o);
             wgmma_hold(p_fragments);
         }
-        attn_forward_store(o, row_max, row_sum, out, lse, current.batch_head, row, query_len, scale_log2);
+        attn_forward_store<T, DROPOUT>(o, row_max, row_sum, out, lse, current.batch_head, row, query_len, scale_log2,
+                                       dropout.scale);
         if (!has_next) break;
         item = next_item;
         current = next;
@@ -237,10 +255,10 @@ __device__ __forceinline__ void attn_atomic_add4(float* address, float x, float 
 
 // dk = dK · scale and dv = dV, in the input dtype, for this thread's two keys (key, key + 8) inside the
 // sequence; dk_rows, dv_rows point at the (b, kv head)'s first row.
-template <typename T>
+template <typename T, bool DROPOUT>
 __device__ __forceinline__ void attn_backward_store(const float (&dk_acc)[32], const float (&dv_acc)[32],
                                                     T* __restrict__ dk_rows, T* __restrict__ dv_rows, int key,
-                                                    int key_len, float scale) {
+                                                    int key_len, float scale, float keep_scale) {
     constexpr int D = 64;
     const int t = threadIdx.x & 3;
     #pragma unroll
@@ -252,7 +270,11 @@ __device__ __forceinline__ void attn_backward_store(const float (&dk_acc)[32], c
         for (int j = 0; j < 8; ++j) {
             *reinterpret_cast<unsigned*>(dk_line + 8 * j) =
                 AttnType<T>::pack(dk_acc[4 * j + 2 * r] * scale, dk_acc[4 * j + 2 * r + 1] * scale);
-            *reinterpret_cast<unsigned*>(dv_line + 8 * j) = AttnType<T>::pack(dv_acc[4 * j + 2 * r], dv_acc[4 * j + 2 * r + 1]);
+            if constexpr (DROPOUT)
+                *reinterpret_cast<unsigned*>(dv_line + 8 * j) =
+                    AttnType<T>::pack(dv_acc[4 * j + 2 * r] * keep_scale, dv_acc[4 * j + 2 * r + 1] * keep_scale);
+            else
+                *reinterpret_cast<unsigned*>(dv_line + 8 * j) = AttnType<T>::pack(dv_acc[4 * j + 2 * r], dv_acc[4 * j + 2 * r + 1]);
         }
     }
 }
@@ -325,14 +347,14 @@ __device__ __forceinline__ void attn_backward_prefetch(const AttnBackwardWork<BL
 // Shared memory: K, V (128 keys); Q, dO (128 rows) two buffers each; P and dS tiles (128 × 128, as two
 // 64-key column blocks); L, Δ two buffers each; the dQ stage (128 rows of 72 floats); 1 KiB of alignment:
 // 203 776 bytes.
-template <typename T>
+template <typename T, bool DROPOUT>
 __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, const T* __restrict__ dout,
                                                       const float* __restrict__ lse,
                                                       const float* __restrict__ delta,
                                                       float* __restrict__ dq_accumulator, T* __restrict__ dk,
                                                       T* __restrict__ dv, int heads, int kv_heads,
-                                                      int query_len, int key_len, float scale) {
+                                                      int query_len, int key_len, float scale, AttnDropout dropout) {
     constexpr int D = 64, BLOCK_K = 128, BLOCK_Q = 128, THREADS = 256;   // THREADS: the two compute warpgroups
     constexpr int DQ_STRIDE = D + 8;      // floats a staged dQ row (288 bytes: the float2 stores miss no bank)
     constexpr int TILE = 128 * 128;       // bytes of a 128-row tile of 64 two-byte columns
@@ -395,6 +417,21 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             if (it + 1 < iterations) prefetch(it + 1, buffer ^ 1);
             attn_copy_commit();
 
+            // dropout: bit 2j + c of kept[r] says whether s[4j + 2r + c] below survives (made before the
+            // products, while the S and dP accumulators hold no registers yet)
+            unsigned kept[2] = {0u, 0u};
+            if constexpr (DROPOUT) {
+                #pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const unsigned row_key = attn_dropout_row_key(dropout, row_base(it) + q0 + row + 8 * r);
+                    #pragma unroll
+                    for (int j = 0; j < 16; ++j)
+                        #pragma unroll
+                        for (int c = 0; c < 2; ++c)
+                            kept[r] |= (unsigned)attn_dropout_kept(dropout, row_key, k0 + 8 * j + 2 * t + c) << (2 * j + c);
+                    attn_opaque(kept[r]);   // one word, not 32 comparison results kept alive until dS
+                }
+            }
             const unsigned q_address = attn_smem_address(q_tiles + buffer * TILE);
             const unsigned dout_address = attn_smem_address(dout_tiles + buffer * TILE);
             float s[64], dp[64];
@@ -427,13 +464,20 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                     }
                     s[4 * j + e] = p;
                 }
-            // P to its tile: accumulator pair (j, r) is row row + 8r, keys 8j + 2t, + 1 (column block j / 8)
+            // P to its tile: accumulator pair (j, r) is row row + 8r, keys 8j + 2t, + 1 (column block j / 8);
+            // with dropout only the kept P (dV's; keep_scale comes at the store)
             #pragma unroll
             for (int j = 0; j < 16; ++j)
                 #pragma unroll
-                for (int r = 0; r < 2; ++r)
+                for (int r = 0; r < 2; ++r) {
+                    float first = s[4 * j + 2 * r], second = s[4 * j + 2 * r + 1];
+                    if constexpr (DROPOUT) {
+                        first = (kept[r] >> (2 * j)) & 1u ? first : 0.f;
+                        second = (kept[r] >> (2 * j + 1)) & 1u ? second : 0.f;
+                    }
                     *reinterpret_cast<unsigned*>(p_tile + (j >> 3) * TILE + attn_swizzle(row + 8 * r, j & 7) + 4 * t) =
-                        AttnType<T>::pack(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]);
+                        AttnType<T>::pack(first, second);
+                }
             wgmma_wait<0>();                                  // dP is done
             wgmma_hold(dp);
 
@@ -441,7 +485,11 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             const float* delta_row = delta_tiles + buffer * BLOCK_Q;
             const float row_delta[2] = {delta_row[row], delta_row[row + 8]};
             #pragma unroll
-            for (int i = 0; i < 64; ++i) dp[i] = s[i] * (dp[i] - row_delta[(i >> 1) & 1]);
+            for (int i = 0; i < 64; ++i) {
+                if constexpr (DROPOUT)   // s[i] is row (i >> 1) & 1, key 8 · (i >> 2) + 2t + (i & 1)
+                    dp[i] = (kept[(i >> 1) & 1] >> (2 * (i >> 2) + (i & 1))) & 1u ? dp[i] * dropout.scale : 0.f;
+                dp[i] = s[i] * (dp[i] - row_delta[(i >> 1) & 1]);
+            }
             unsigned ds_fragments[8][4];
             #pragma unroll
             for (int c = 0; c < BLOCK_K / 16; ++c) {
@@ -491,7 +539,8 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                         make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
             attn_named_arrive(2, THREADS + 128);              // the stage is full
         }
-        attn_backward_store(dk_acc, dv_acc, dk + kv_base, dv + kv_base, k0 + key_row, key_len, scale);
+        attn_backward_store<T, DROPOUT>(dk_acc, dv_acc, dk + kv_base, dv + kv_base, k0 + key_row, key_len, scale,
+                                        dropout.scale);
     }
 }
 
@@ -507,8 +556,17 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
     extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d64_##BUILD(            \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,       \
         int query_len, int key_len, float scale, int batches) {                                            \
-        ATTN_HOPPER_BODY(attention_forward_##BUILD<TYPE>(q, k, v, out, lse, heads, kv_heads, query_len,       \
-                                                     key_len, scale, batches))                             \
+        ATTN_HOPPER_BODY((attention_forward_##BUILD<TYPE, false>(q, k, v, out, lse, heads, kv_heads,         \
+                                                             query_len, key_len, scale, batches,           \
+                                                             AttnDropout{})))                              \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d64_##BUILD##_dropout(  \
+        const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,       \
+        int query_len, int key_len, float scale, int batches, unsigned row_seed, unsigned column_seed,     \
+        unsigned threshold, float keep_scale) {                                                            \
+        ATTN_HOPPER_BODY((attention_forward_##BUILD<TYPE, true>(                                            \
+            q, k, v, out, lse, heads, kv_heads, query_len, key_len, scale, batches,                        \
+            AttnDropout{row_seed, column_seed, threshold, keep_scale})))                                   \
     }
 
 #define ATTN_HOPPER_BACKWARD(SUFFIX, TYPE, BUILD)                                                            \
@@ -516,8 +574,18 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
         const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
         int query_len, int key_len, float scale) {                                                         \
-        ATTN_HOPPER_BODY(attention_backward_##BUILD<TYPE>(q, k, v, dout, lse, delta, dq_accumulator, dk, dv,  \
-                                                      heads, kv_heads, query_len, key_len, scale))         \
+        ATTN_HOPPER_BODY((attention_backward_##BUILD<TYPE, false>(q, k, v, dout, lse, delta, dq_accumulator, \
+                                                              dk, dv, heads, kv_heads, query_len, key_len, \
+                                                              scale, AttnDropout{})))                      \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d64_##BUILD##_dropout( \
+        const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
+        const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
+        int query_len, int key_len, float scale, unsigned row_seed, unsigned column_seed,                  \
+        unsigned threshold, float keep_scale) {                                                            \
+        ATTN_HOPPER_BODY((attention_backward_##BUILD<TYPE, true>(                                           \
+            q, k, v, dout, lse, delta, dq_accumulator, dk, dv, heads, kv_heads, query_len, key_len, scale, \
+            AttnDropout{row_seed, column_seed, threshold, keep_scale})))                                   \
     }
 
 ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg2)

@@ -150,7 +150,8 @@ def test_blocked_causal_attention_matches_the_composed_reference(monkeypatch, bl
     monkeypatch.setattr(attention, "QUERY_BLOCK", block)
     calls = []
     blocked_forward = attention._blocked_forward
-    monkeypatch.setattr(attention, "_blocked_forward", lambda *a: calls.append(a[-1]) or blocked_forward(*a))
+    monkeypatch.setattr(attention, "_blocked_forward",
+                        lambda *a, **kw: calls.append(a[4]) or blocked_forward(*a, **kw))
     rng = np.random.default_rng(block)
     time, head_dim = 7, 4
     qkv = rng.standard_normal((2, time, heads + 2 * kv_heads, head_dim))

@@ -406,11 +406,11 @@ def load_checkpoint(path: str, which: str = "latest", model=None, optimizer=None
             raise CheckpointError(f"{os.path.join(directory, STATE_FILE)}: field 'model_config' describes "
                                   f"{expected:,} parameters but {MODEL_FILE} holds {held:,}")
         model = GPT(config, dtype=dtype)
-    elif state["model_config"] != model.config.to_dict():
-        different = sorted(k for k in set(state["model_config"]) | set(model.config.to_dict())
-                           if state["model_config"].get(k) != model.config.to_dict().get(k))
+    elif (saved := {**GPTConfig.field_defaults(), **state["model_config"]}) != model.config.to_dict():
+        different = sorted(k for k in set(saved) | set(model.config.to_dict())
+                           if saved.get(k) != model.config.to_dict().get(k))
         raise CheckpointError(f"checkpoint {directory} was saved for a different model config; differing "
-                              f"fields: " + ", ".join(f"{k} (checkpoint {state['model_config'].get(k)!r}, "
+                              f"fields: " + ", ".join(f"{k} (checkpoint {saved.get(k)!r}, "
                                                       f"model {model.config.to_dict().get(k)!r})" for k in different))
     try:
         model.load_state_dict(weights)

@@ -173,20 +173,32 @@ def rope(x, positions=None, theta=10000.0):
     return RoPE.apply(ensure_tensor(x), positions=positions, theta=theta)
 
 
-def causal_attention(q, k, v):
-    """Causal grouped-query attention: q (B, H, Tq, D), k and v (B, Hkv, Tk, D), Hkv | H, Tk ≥ Tq."""
-    return CausalAttention.apply(ensure_tensor(q), ensure_tensor(k), ensure_tensor(v))
+def causal_attention(q, k, v, dropout=0.0, seed=None):
+    """Causal grouped-query attention: q (B, H, Tq, D), k and v (B, Hkv, Tk, D), Hkv | H, Tk ≥ Tq.
+    dropout: probability of dropping each attention probability (training; the caller passes 0 in eval);
+    seed=None draws one from tinygrad_llm.rng."""
+    return CausalAttention.apply(ensure_tensor(q), ensure_tensor(k), ensure_tensor(v),
+                                 dropout=_attention_dropout(dropout, seed))
 
 
-def rope_attention(qkv, heads, kv_heads, cos, sin, keep_probabilities=False, cache=None):
+def rope_attention(qkv, heads, kv_heads, cos, sin, keep_probabilities=False, cache=None, dropout=0.0, seed=None):
     """RoPE + causal attention on a packed projection qkv (B, T, H + 2Hkv, D) -> (B, T, H·D).
 
     cos, sin: (T, D/2) tables of the positions (ops/rope.rope_angles). keep_probabilities: on the CPU,
     keep P between forward and backward. cache: (k_store, v_store, start) for KV-cached decoding, or
     (k_store, v_store, CacheRows) for a ragged batch of cache slots (ops/attention.CacheRows).
+    dropout, seed: attention dropout as in causal_attention (never with a cache).
     """
     return CausalAttention.apply(ensure_tensor(qkv), packed=(heads, kv_heads, cos, sin),
-                                 keep_probabilities=keep_probabilities, cache=cache)
+                                 keep_probabilities=keep_probabilities, cache=cache,
+                                 dropout=_attention_dropout(dropout, seed))
+
+
+def _attention_dropout(probability, seed):
+    """The op's dropout=(p, seed) argument: None for p == 0, else a seed drawn when none is given."""
+    if probability == 0.0:
+        return None
+    return probability, rng.next_seed() if seed is None else seed
 
 
 def cross_entropy(logits, targets, ignore_index=-100):

@@ -19,7 +19,8 @@ the weights redone every forward. CPU tuning choices are `OpOptions`, given to G
 
 Generation uses a `KVCache`: the prompt is run once (prefill), then each new token is one position that
 attends to every cached key, through the same attention op (RoPE tables start at the cache length).
-Simplification: no attention dropout (dropout acts on the embeddings and on each residual branch).
+Dropout: `dropout` acts on the embeddings and on each residual branch, `attention_dropout` on the attention
+probabilities (inside F.rope_attention, a hashed mask that is never stored); both only in training mode.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ class GPTConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     dropout: float = 0.0
+    attention_dropout: float = 0.0     # on the attention probabilities (the reference models' attn_pdrop)
 
     def __post_init__(self):
         if not self.n_kv_heads:
@@ -80,6 +82,8 @@ class GPTConfig:
                 problems.append(f"n_kv_heads {self.n_kv_heads} must divide n_heads {self.n_heads}")
         if not 0.0 <= float(self.dropout) < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= float(self.attention_dropout) < 1.0:
+            problems.append(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
         if not float(self.rope_theta) > 0 or not float(self.norm_eps) > 0:
             problems.append("rope_theta and norm_eps must be positive")
         if problems:
@@ -91,6 +95,11 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def field_defaults(cls) -> dict:
+        """Every field's default: what a saved config written before a field existed stands for."""
+        return {f.name: f.default for f in fields(cls)}
 
     @classmethod
     def from_dict(cls, values: dict) -> "GPTConfig":
@@ -128,6 +137,7 @@ class Attention(Module):
         self.o_proj = Linear(c, c, std=residual_std, dtype=dtype)
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.options = options
+        self.attention_dropout = float(config.attention_dropout)
 
     def forward(self, x, rope_tables, cache: KVCache | None = None, layer: int = 0, start: int = 0):
         batch, time, _ = x.shape
@@ -136,8 +146,10 @@ class Attention(Module):
         qkv = F.linear(x, weight)                                          # (B, T, C + 2·Hkv·D)
         qkv = qkv.reshape(batch, time, heads + 2 * kv_heads, self.head_dim)   # -> (B, T, H + 2Hkv, D)
         stores = None if cache is None else (cache.k[layer], cache.v[layer], start)
+        dropout = self.attention_dropout if self.training and cache is None else 0.0
         y = F.rope_attention(qkv, heads, kv_heads, *rope_tables,
-                             keep_probabilities=self.options.keep_attention_probabilities, cache=stores)
+                             keep_probabilities=self.options.keep_attention_probabilities, cache=stores,
+                             dropout=dropout)
         return F.linear(y, self.o_proj.weight)                            # (B, T, C)
 
 

@@ -92,6 +92,8 @@ class TrainOptions:
             problems.append(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            problems.append(f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
         if self.dtype not in ("float32", "float64", "float16", "bfloat16"):
             problems.append(f"dtype must be float32, float64, float16 or bfloat16 (parameters) or fp32, tf32, "
                             f"bf16 or fp16 (a precision policy), got {self.dtype!r}")

@@ -80,7 +80,7 @@ def hf_config(config, tokenizer=None) -> dict:
         "rope_scaling": None,
         "hidden_act": "silu",
         "attention_bias": False,
-        "attention_dropout": 0.0,
+        "attention_dropout": float(config.attention_dropout),
         "mlp_bias": False,
         "initializer_range": 0.02,
         "pretraining_tp": 1,

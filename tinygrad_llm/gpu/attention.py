@@ -4,8 +4,8 @@ Launches the kernels of kernels/attention_forward.cu, attention_backward.cu and 
 (their headers give the algorithm, tiles, launch layout and shared memory) for
 `tinygrad_llm.ops.attention.CausalAttention`, which is also their reference.
 
-    causal_attention_forward(q, k, v) -> (out, lse)
-    causal_attention_backward(dy, q, k, v, out, lse) -> (dq, dk, dv)
+    causal_attention_forward(q, k, v, dropout=None) -> (out, lse)
+    causal_attention_backward(dy, q, k, v, out, lse, dropout=None) -> (dq, dk, dv)
 
 Shapes: q, out, dy, dq (B, H, Tq, D); k, v, dk, dv (B, Hkv, Tk, D) with Hkv | H and Tq ≤ Tk (the causal
 mask is aligned bottom-right, so a KV-cached decoding step with Tq = 1 works); lse (B, H, Tq) float32.
@@ -20,6 +20,12 @@ Which build runs (`kernel_for(head_dim, dtype)` names it):
 
 Precision: bfloat16 and float16 inputs run on tensor cores with float32 accumulation; out, dq, dk, dv come
 back in the input dtype, lse in float32 (dq is accumulated in a float32 buffer by atomics, then cast).
+
+Attention dropout: `dropout=(row_seed, column_seed, threshold, keep_scale)` (what
+ops/attention.kernel_dropout makes from the op's seed and keep probability) runs every build's
+`_dropout` twin, which drops P with the hashed mask of kernels/attention_common.cuh (the bits of
+tinygrad_llm.rng.hash_bits): out = keep_scale · (P ∘ M) v, and the matching backward. Without it the
+plain builds run, compiled from the same templates with the dropout code left out.
 
 Simplifications: head dims 64 and 128 only; inputs are made C-contiguous and 16-byte aligned (a copy when
 they are not); dk and dv are summed over the query heads of a group inside one thread block, while dq is
@@ -117,8 +123,17 @@ def _backward_shared_bytes(head_dim: int, build: Build) -> int:
     return tiles + block_k * (block_q + 8) * 2 + 4 * block_q * 4       # dSᵀ; L and Δ double-buffered
 
 
-def causal_attention_forward(q, k, v):
-    """out (B, H, Tq, D) in q's dtype and lse (B, H, Tq) float32 of causal grouped-query attention."""
+def _dropout_arguments(dropout) -> tuple:
+    """The kernel name's suffix and the extra arguments of a dropout build (none for the plain ones)."""
+    if dropout is None:
+        return "", ()
+    row_seed, column_seed, threshold, keep_scale = dropout
+    return "_dropout", (np.uint32(row_seed), np.uint32(column_seed), np.uint32(threshold), np.float32(keep_scale))
+
+
+def causal_attention_forward(q, k, v, dropout=None):
+    """out (B, H, Tq, D) in q's dtype and lse (B, H, Tq) float32 of causal grouped-query attention;
+    dropout: (row_seed, column_seed, threshold, keep_scale) of attention dropout, or None."""
     q, k, v = contiguous(q), contiguous(k), contiguous(v)
     batch, heads, query_len, head_dim = q.shape
     kv_heads, key_len = k.shape[1], k.shape[2]
@@ -129,26 +144,29 @@ def causal_attention_forward(q, k, v):
         return out, lse
     args = (q, k, v, out, lse, np.int32(heads), np.int32(kv_heads), np.int32(query_len), np.int32(key_len),
             np.float32(1.0 / math.sqrt(head_dim)))
+    variant, extra = _dropout_arguments(dropout)
     if suffix == "fp32":
-        _kernel(FORWARD_FILE, f"attention_forward_fp32_d{head_dim}")(
-            ((query_len + 3) // 4, batch * heads), (128,), args)
+        _kernel(FORWARD_FILE, f"attention_forward_fp32_d{head_dim}{variant}")(
+            ((query_len + 3) // 4, batch * heads), (128,), args + extra)
         return out, lse
     build, _ = _builds(head_dim, hopper_available())
     if build.hopper:
         items = batch * heads * ((query_len + 127) // 128)      # persistent: at most one block a multiprocessor
-        _kernel(HOPPER_FILE, f"attention_forward_{suffix}_d{head_dim}_{build.name}", _HOPPER_FORWARD_SHARED)(
-            (min(items, multiprocessors()),), (256,), args + (np.int32(batch),), shared_mem=_HOPPER_FORWARD_SHARED)
+        _kernel(HOPPER_FILE, f"attention_forward_{suffix}_d{head_dim}_{build.name}{variant}", _HOPPER_FORWARD_SHARED)(
+            (min(items, multiprocessors()),), (256,), args + (np.int32(batch),) + extra,
+            shared_mem=_HOPPER_FORWARD_SHARED)
     else:
         block_q = 16 * build.m_tiles * build.warps
         shared = _forward_shared_bytes(head_dim, block_q)
         grid = ((query_len + block_q - 1) // block_q, batch * heads)
-        _kernel(FORWARD_FILE, f"attention_forward_{suffix}_d{head_dim}_{build.name}", shared)(
-            grid, (32 * build.warps,), args, shared_mem=shared)
+        _kernel(FORWARD_FILE, f"attention_forward_{suffix}_d{head_dim}_{build.name}{variant}", shared)(
+            grid, (32 * build.warps,), args + extra, shared_mem=shared)
     return out, lse
 
 
-def causal_attention_backward(dy, q, k, v, out, lse):
-    """dq, dk, dv of causal grouped-query attention (dk, dv summed over each kv head's query heads)."""
+def causal_attention_backward(dy, q, k, v, out, lse, dropout=None):
+    """dq, dk, dv of causal grouped-query attention (dk, dv summed over each kv head's query heads);
+    dropout: the forward's (row_seed, column_seed, threshold, keep_scale), or None."""
     cp = backend.cupy_module()
     dy = contiguous(dy.astype(q.dtype, copy=False))
     q, k, v, out, lse = (contiguous(a) for a in (q, k, v, out, lse))
@@ -157,6 +175,7 @@ def causal_attention_backward(dy, q, k, v, out, lse):
     suffix = _SUFFIX[np.dtype(q.dtype).name]
     sizes = (np.int32(heads), np.int32(kv_heads), np.int32(query_len), np.int32(key_len),
              np.float32(1.0 / math.sqrt(head_dim)))
+    variant, extra = _dropout_arguments(dropout)
     if q.size == 0:
         return cp.empty(q.shape, dtype=q.dtype), cp.zeros(k.shape, k.dtype), cp.zeros(v.shape, v.dtype)
     dk, dv = empty(k.shape, k.dtype), empty(v.shape, v.dtype)
@@ -167,10 +186,10 @@ def causal_attention_backward(dy, q, k, v, out, lse):
         _kernel(BACKWARD_FILE, "attention_backward_delta_fp32")(
             ((rows + 7) // 8,), (256,), (dy, out, delta, np.int32(rows), np.int32(head_dim)))
         dq = empty(q.shape, q.dtype)
-        _kernel(BACKWARD_FILE, f"attention_backward_dq_fp32_d{head_dim}")(
-            ((query_len + 3) // 4, batch * heads), (128,), (q, k, v, dy, lse, delta, dq) + sizes)
-        _kernel(BACKWARD_FILE, f"attention_backward_dkdv_fp32_d{head_dim}")(
-            ((key_len + 3) // 4, batch * kv_heads), (128,), (q, k, v, dy, lse, delta, dk, dv) + sizes)
+        _kernel(BACKWARD_FILE, f"attention_backward_dq_fp32_d{head_dim}{variant}")(
+            ((query_len + 3) // 4, batch * heads), (128,), (q, k, v, dy, lse, delta, dq) + sizes + extra)
+        _kernel(BACKWARD_FILE, f"attention_backward_dkdv_fp32_d{head_dim}{variant}")(
+            ((key_len + 3) // 4, batch * kv_heads), (128,), (q, k, v, dy, lse, delta, dk, dv) + sizes + extra)
         return dq, dk, dv
     # Δ = rowsum(dO ∘ O) and dq_accumulator = 0, one pass (8 threads a row)
     dq_accumulator = empty(q.shape, np.float32)
@@ -179,15 +198,15 @@ def causal_attention_backward(dy, q, k, v, out, lse):
     _, build = _builds(head_dim, hopper_available())
     arrays = (q, k, v, dy, lse, delta, dq_accumulator, dk, dv)
     if build.hopper:
-        _kernel(HOPPER_FILE, f"attention_backward_{suffix}_d{head_dim}_{build.name}", _HOPPER_BACKWARD_SHARED)(
-            (batch * kv_heads * ((key_len + 127) // 128),), (384,), arrays + sizes,
+        _kernel(HOPPER_FILE, f"attention_backward_{suffix}_d{head_dim}_{build.name}{variant}", _HOPPER_BACKWARD_SHARED)(
+            (batch * kv_heads * ((key_len + 127) // 128),), (384,), arrays + sizes + extra,
             shared_mem=_HOPPER_BACKWARD_SHARED)
     else:
         shared = _backward_shared_bytes(head_dim, build)
         block_k = 16 * build.m_tiles * build.warps
         grid = ((key_len + block_k - 1) // block_k, batch * kv_heads)
-        _kernel(BACKWARD_FILE, f"attention_backward_{suffix}_d{head_dim}_{build.name}", shared)(
-            grid, (32 * build.warps,), arrays + sizes, shared_mem=shared)
+        _kernel(BACKWARD_FILE, f"attention_backward_{suffix}_d{head_dim}_{build.name}{variant}", shared)(
+            grid, (32 * build.warps,), arrays + sizes + extra, shared_mem=shared)
     dq = empty(q.shape, q.dtype)
     count8 = q.size // 8                                  # D is a multiple of 8
     _kernel(BACKWARD_FILE, f"attention_backward_convert8_{suffix}")(

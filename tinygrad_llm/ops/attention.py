@@ -17,6 +17,11 @@ sits at absolute position Tk − Tq + i and sees keys 0 … Tk − Tq + i (the m
 
 Low precision: bfloat16 scores and softmax are computed in float32 (no CuPy GEMM knows bfloat16) and P
 is cast back; every other product goes through ops/matmul.product.
+
+Attention dropout (training): O = (P ∘ M / keep) v with M a Bernoulli(keep) mask that is never stored.
+M[row, j] comes from a counter-based hash of (seed, row, j) (tinygrad_llm.rng.hash_bits; row = the query's
+index in the flat (B, H, Tq) order, j the key), so the backward, any batch chunk and the CUDA kernels
+regenerate exactly the same mask.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import math
 
 import numpy as np
 
+from .. import rng
 from ..backend import array_module
 from ..gpu import kernel
 from ..cpu_threads import CHUNK_ELEMENTS, parallel_items, split, thread_count
@@ -98,6 +104,25 @@ def grouped_causal_probabilities(q3, k, group: int, scale: float, xp, lse=None):
     return s.astype(low, copy=False), lse
 
 
+def _dropout_scale(drop, row_offset: int, rows, columns, dtype, xp):
+    """M / keep in `dtype` for score rows `rows` and key columns `columns` (integer arrays broadcast
+    together, rows counted from `row_offset` in the flat (B, H, Tq) order): the attention dropout mask
+    of drop = (seed, keep), from tinygrad_llm.rng.hash_bits."""
+    seed, keep = drop
+    words = rng.dropout_words(seed, keep, row_offset)
+    scaled = (rng.hash_bits(words, rows, columns, xp) < np.uint32(words[2])).astype(dtype)
+    scaled *= dtype.type(1.0 / keep)
+    return scaled
+
+
+def kernel_dropout(drop, row_offset: int):
+    """What the GPU launchers take for drop = (seed, keep): (s0, s1, threshold, 1 / keep), or None."""
+    if drop is None:
+        return None
+    seed, keep = drop
+    return rng.dropout_words(seed, keep, row_offset) + (1.0 / keep,)
+
+
 def choose_path(q, k, v, keep_probabilities: bool):
     """The kernel module when one applies; else "kept" (NumPy arrays, P kept) or "recompute"."""
     fast = kernel("causal_attention", q, k, v)
@@ -148,7 +173,13 @@ def _contiguous_transpose(x):
     return np.ascontiguousarray(np.ascontiguousarray(x).swapaxes(-1, -2))
 
 
-def _blocked_forward(q, k, v, out, block: int) -> list:
+def _block_rows(batch: int, heads: int, kv_heads: int, time: int, start: int, end: int):
+    """Flat (b, H, T) row indices of query rows start … end − 1 of every (b, h), as (b, Hkv, G, n, 1)."""
+    first = np.arange(batch * heads).reshape(batch, kv_heads, heads // kv_heads, 1, 1) * time
+    return first + np.arange(start, end)[:, None]
+
+
+def _blocked_forward(q, k, v, out, block: int, drop=None, row_offset: int = 0) -> list:
     """Causal attention on NumPy arrays that skips the masked upper half of the scores.
 
     q (b, H, T, D) already scaled by 1/√D; k, v (b, Hkv, T, D); the result O is written into out
@@ -156,7 +187,8 @@ def _blocked_forward(q, k, v, out, block: int) -> list:
     unit-stride: BLAS reads and writes them in place. The query rows are cut into blocks of `block` rows;
     block [s, e) needs only the keys 0 … e − 1 (later keys are masked for every row of it), so its scores
     are (n, e), not (n, T), and only the (n, n) square on the diagonal needs the mask. Returns the
-    probabilities P of each block, (b, Hkv, G, n, e), kept for the backward.
+    probabilities P of each block, (b, Hkv, G, n, e), kept for the backward. With drop = (seed, keep)
+    the block's O rows are (P ∘ M / keep) v, the mask of rows counted from row_offset (P is kept undropped).
     """
     batch, heads, time, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -174,19 +206,24 @@ def _blocked_forward(q, k, v, out, block: int) -> list:
         np.exp(s, out=s)
         row_sum = s.sum(axis=-1, keepdims=True)
         s *= np.reciprocal(row_sum, out=row_sum)                          # P
-        np.matmul(s, v5[..., :end, :], out=out5[..., start:end, :])      # O rows = P v
+        p = s
+        if drop is not None:                                              # P ∘ M / keep
+            p = s * _dropout_scale(drop, row_offset, _block_rows(batch, heads, kv_heads, time, start, end),
+                                   np.arange(end), s.dtype, np)
+        np.matmul(p, v5[..., :end, :], out=out5[..., start:end, :])      # O rows = P v
         kept.append(s)
     return kept
 
 
-def _blocked_backward(d_out, q, k, v, out, kept: list, block: int, dq, dk, dv):
+def _blocked_backward(d_out, q, k, v, out, kept: list, block: int, dq, dk, dv, drop=None, row_offset: int = 0):
     """dq (with respect to the scaled q), dk, dv of _blocked_forward, block by block.
 
     d_out, out (b, H, T, D) may be strided views. Block [s, e) with P_b (n, e) and dO_b (n, D):
     dP_b = dO_b vᵀ[:, :e];  dS_b = P_b ∘ (dP_b − Δ_b);  dq_b = dS_b k[:e];  dk[:e] += dS_bᵀ q_b;
     dv[:e] += P_bᵀ dO_b. The last block spans every key, so it writes dk and dv and the others add.
     dq (b, H, T, D) (with respect to the scaled q), dk, dv (b, Hkv, T, D) are written into the arrays
-    given (unit-stride rows, any layout); `kept` is emptied as it is used.
+    given (unit-stride rows, any layout); `kept` is emptied as it is used. With drop = (seed, keep) the
+    block's mask M / keep is made again: dP_b = (dO_b vᵀ) ∘ M / keep and dv takes (P_b ∘ M / keep)ᵀ dO_b.
     """
     batch, heads, time, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -204,11 +241,17 @@ def _blocked_backward(d_out, q, k, v, out, kept: list, block: int, dq, dk, dv):
         rows = group * (end - start)
         d_out_block = d_out5[..., start:end, :]
         ds = d_out_block @ v_transposed[..., :end]                       # dP (b, Hkv, G, n, e)
+        p_out = p                                                         # the P that multiplied v
+        if drop is not None:     # forward was O = (P ∘ M / keep) v, so dP sees M / keep and dv its P
+            scaled = _dropout_scale(drop, row_offset, _block_rows(batch, heads, kv_heads, time, start, end),
+                                    np.arange(end), p.dtype, np)
+            ds *= scaled
+            p_out = p * scaled
         ds -= delta[..., start:end, :]
         ds *= p                                                           # dS = P ∘ (dP − Δ)
         np.matmul(ds, k5[..., :end, :], out=dq5[..., start:end, :])      # dq = dS k
         # the group's rows stacked, (b, Hkv, G, n, ·) -> (b, Hkv, G·n, ·): the products sum over the group
-        p3t = p.reshape(batch, kv_heads, rows, end).swapaxes(-1, -2)      # Pᵀ (b, Hkv, e, G·n)
+        p3t = p_out.reshape(batch, kv_heads, rows, end).swapaxes(-1, -2)  # Pᵀ (b, Hkv, e, G·n)
         ds3t = ds.reshape(batch, kv_heads, rows, end).swapaxes(-1, -2)    # dSᵀ
         d_out3 = d_out_block.reshape(batch, kv_heads, rows, head_dim)
         q3 = q5[..., start:end, :].reshape(batch, kv_heads, rows, head_dim)
@@ -220,10 +263,19 @@ def _blocked_backward(d_out, q, k, v, out, kept: list, block: int, dq, dk, dv):
             dk[:, :, :end] += ds3t @ q3
 
 
-def _attend(q, k, v, path):
-    """O (b, H, Tq, D) for q (b, H, Tq, D), k, v (b, Hkv, Tk, D) by `path`, and what its backward needs."""
+def _grouped_rows(batch: int, kv_heads: int, rows: int, xp):
+    """Flat (b, H, Tq) row indices of the grouped layout's rows, (b, Hkv, G·Tq, 1)."""
+    return xp.arange(batch * kv_heads).reshape(batch, kv_heads, 1, 1) * rows + xp.arange(rows)[:, None]
+
+
+def _attend(q, k, v, path, drop=None, row_offset: int = 0):
+    """O (b, H, Tq, D) for q (b, H, Tq, D), k, v (b, Hkv, Tk, D) by `path`, and what its backward needs.
+    drop = (seed, keep): attention dropout, the mask of rows counted from row_offset."""
     if not isinstance(path, str):
-        out, lse = path.causal_attention_forward(q, k, v)
+        if drop is None:
+            out, lse = path.causal_attention_forward(q, k, v)
+        else:
+            out, lse = path.causal_attention_forward(q, k, v, dropout=kernel_dropout(drop, row_offset))
         return out, (q, k, v, out, lse)
     xp = array_module(q, k, v)
     batch, heads, query_len, head_dim = q.shape
@@ -231,17 +283,23 @@ def _attend(q, k, v, path):
     group = heads // kv_heads
     q3 = q.reshape(batch, kv_heads, group * query_len, head_dim)         # (b, H, Tq, D) -> (b, Hkv, G·Tq, D)
     p, lse = grouped_causal_probabilities(q3, k, group, 1.0 / math.sqrt(head_dim), xp)
-    out3 = product(p, v)                                                  # (b, Hkv, G·Tq, D)
+    p_out = p
+    if drop is not None:                                                  # P ∘ M / keep
+        p_out = p * _dropout_scale(drop, row_offset, _grouped_rows(batch, kv_heads, q3.shape[2], xp),
+                                   xp.arange(k.shape[2]), p.dtype, xp)
+    out3 = product(p_out, v)                                              # (b, Hkv, G·Tq, D)
     out = out3.reshape(q.shape)                                           # -> (b, H, Tq, D)
     if path == "kept":
         return out, (q3, k, v, out3, p)
     return out, (q, k, v, out, lse.reshape(batch, heads, query_len))    # (b, Hkv, G·Tq, 1) -> (b, H, Tq)
 
 
-def _attend_backward(dy, path, q, k, v, out, kept):
+def _attend_backward(dy, path, q, k, v, out, kept, drop=None, row_offset: int = 0):
     """dq, dk, dv of _attend; `kept` is L (kernel, recompute) or P (kept); q is q3 on the kept path."""
     if not isinstance(path, str):
-        return path.causal_attention_backward(dy, q, k, v, out, kept)
+        if drop is None:
+            return path.causal_attention_backward(dy, q, k, v, out, kept)
+        return path.causal_attention_backward(dy, q, k, v, out, kept, dropout=kernel_dropout(drop, row_offset))
     xp = array_module(q, k, v)
     batch, kv_heads, key_len, head_dim = k.shape
     scale = 1.0 / math.sqrt(head_dim)
@@ -253,8 +311,15 @@ def _attend_backward(dy, path, q, k, v, out, kept):
         group = q.shape[1] // kv_heads                                    # q is (b, H, Tq, D) here
         lse3 = kept.reshape(batch, kv_heads, -1, 1)
         p, _ = grouped_causal_probabilities(q3, k, group, scale, xp, lse=lse3)   # recomputed (b, Hkv, G·Tq, Tk)
-    dv = product(xp.ascontiguousarray(dy3.swapaxes(-1, -2)), p).swapaxes(-1, -2)   # (Pᵀ dO): (b, Hkv, Tk, D)
+    p_out = p                                                             # the P that multiplied v
+    if drop is not None:         # forward was O = (P ∘ M / keep) v, so dP sees M / keep and dv its P
+        scaled = _dropout_scale(drop, row_offset, _grouped_rows(batch, kv_heads, q3.shape[2], xp),
+                                xp.arange(key_len), p.dtype, xp)
+        p_out = p * scaled
+    dv = product(xp.ascontiguousarray(dy3.swapaxes(-1, -2)), p_out).swapaxes(-1, -2)   # (Pᵀ dO): (b, Hkv, Tk, D)
     ds = product(dy3, xp.ascontiguousarray(v.swapaxes(-1, -2)))           # dP (b, Hkv, G·Tq, Tk)
+    if drop is not None:
+        ds *= scaled
     ds -= (dy3 * out3).sum(axis=-1, keepdims=True)                        # dP − Δ
     ds *= p                                                               # dS = P ∘ (dP − Δ)
     dq = product(ds, k)                                                   # dS k, then / √D
@@ -262,6 +327,20 @@ def _attend_backward(dy, path, q, k, v, out, kept):
     dk = product(xp.ascontiguousarray(q3.swapaxes(-1, -2)), ds).swapaxes(-1, -2)   # (b, Hkv, Tk, D)
     dk *= dk.dtype.type(scale)
     return dq, dk, dv                     # dq (b, Hkv, G·Tq, D): callers reshape; dk, dv are transposed views
+
+
+def _check_dropout(dropout, cache):
+    """(seed, keep) of the op's dropout=(p, seed) argument, or None when there is nothing to drop."""
+    if dropout is None:
+        return None
+    probability, seed = dropout
+    if not 0.0 <= float(probability) < 1.0:
+        raise ValueError(f"causal_attention: dropout probability must be in [0, 1), got {probability}")
+    if float(probability) == 0.0:
+        return None
+    if cache is not None:
+        raise ValueError("causal_attention: attention dropout is for training; the KV-cache path takes none")
+    return int(seed), 1.0 - float(probability)
 
 
 class CausalAttention(Function):
@@ -276,6 +355,19 @@ class CausalAttention(Function):
     Saves:    the path, q, k, v, O, L   (no Tq×Tk array is kept between forward and backward, unless kept)
     The query heads of a group are stacked along the rows, (B, H, Tq, D) -> (B, Hkv, G·Tq, D), so every
     product is a plain batched matmul and the sums over the group come out of the products themselves.
+
+    Attention dropout, `dropout=(p, seed)` with keep = 1 − p (training only; p = 0 is the plain op):
+    Forward:  M[i, j] = [hash(seed, row i, key j) < keep · 2³²]   (tinygrad_llm.rng.hash_bits; the row is
+              the query's index in the flat (B, H, Tq) order)
+              P̃ = P ∘ M / keep;   O = P̃ v      (L is still the log-sum-exp of the undropped scores)
+    Backward: M made again from (seed, row, key), never stored
+              dv = P̃ᵀ dO
+              dP̃ = dO vᵀ          (the gradient reaching P̃)
+              dP = dP̃ ∘ M / keep  (P̃ = P ∘ M / keep is elementwise in P)
+              Δ  = rowsum(dO ∘ O) (= Σ_j P̃ dP̃ = rowsum(P ∘ dP): still one (Tq,) vector per head)
+              dS = P ∘ (dP − Δ);   dq, dk as above
+    Shapes:   as above; the mask is (B, H, Tq, Tk) in principle, made a block at a time
+    Saves:    as above, plus (seed, keep)
 
     Packed form, `packed=(H, Hkv, cos, sin)`: q is then the whole projection qkv (B, T, H + 2Hkv, D)
     (k and v are None) and the op is RoPE + attention + the layout o_proj wants:
@@ -310,15 +402,16 @@ class CausalAttention(Function):
     every step (a CUDA graph can replay it).
     """
 
-    def forward(self, q, k=None, v=None, packed=None, keep_probabilities=False, cache=None):
+    def forward(self, q, k=None, v=None, packed=None, keep_probabilities=False, cache=None, dropout=None):
+        drop = _check_dropout(dropout, cache)
         if packed is not None and cache is not None:
             return self._cached_forward(q, *packed, cache)
         if packed is not None:
-            return self._packed_forward(q, *packed, keep_probabilities)
+            return self._packed_forward(q, *packed, keep_probabilities, drop)
         _check_shapes(q, k, v)
         path = choose_path(q, k, v, keep_probabilities)
-        out, (q_, k_, v_, out_, kept) = _attend(q, k, v, path)
-        self.save(path=path, q=q_, k=k_, v=v_, out=out_, kept=kept, packed=False)
+        out, (q_, k_, v_, out_, kept) = _attend(q, k, v, path, drop)
+        self.save(path=path, q=q_, k=k_, v=v_, out=out_, kept=kept, drop=drop, packed=False)
         return out
 
     def backward(self, dy):
@@ -327,12 +420,12 @@ class CausalAttention(Function):
             raise RuntimeError("causal_attention: the KV-cache path keeps no gradient (run it under no_grad)")
         if packed:
             return self._packed_backward(dy, *saved)
-        path, q, k, v, out, kept = saved
-        dq, dk, dv = _attend_backward(dy, path, q, k, v, out, kept)
+        path, q, k, v, out, kept, drop = saved
+        dq, dk, dv = _attend_backward(dy, path, q, k, v, out, kept, drop)
         xp = array_module(dy)
         return dq.reshape(dy.shape), xp.ascontiguousarray(dk), xp.ascontiguousarray(dv)
 
-    def _packed_forward(self, qkv, heads, kv_heads, cos, sin, keep_probabilities):
+    def _packed_forward(self, qkv, heads, kv_heads, cos, sin, keep_probabilities, drop=None):
         xp = array_module(qkv)
         if qkv.ndim != 4 or qkv.shape[2] != heads + 2 * kv_heads or heads % kv_heads:
             raise ValueError(f"causal_attention: packed qkv must be (B, T, {heads} + 2·{kv_heads}, D) with "
@@ -355,7 +448,7 @@ class CausalAttention(Function):
                 k = qk[:, :, heads:].transpose(0, 2, 1, 3)                           # (b, Hkv, T, D) view
                 v = chunk[:, :, heads + kv_heads:].transpose(0, 2, 1, 3)             # (b, Hkv, T, D) view
                 o = out[start:end].reshape(rows, time, heads, head_dim).transpose(0, 2, 1, 3)   # (b, H, T, D)
-                kept = _blocked_forward(q, k, v, o, QUERY_BLOCK)
+                kept = _blocked_forward(q, k, v, o, QUERY_BLOCK, drop=drop, row_offset=start * heads * time)
                 return [bounds, "blocked", (q, k, v, o, kept)]
             q = xp.empty((rows, heads, time, head_dim), dtype=qkv.dtype)
             k = xp.empty((rows, kv_heads, time, head_dim), dtype=qkv.dtype)
@@ -364,7 +457,7 @@ class CausalAttention(Function):
             v = _copy_into(chunk[:, :, heads + kv_heads:].transpose(0, 2, 1, 3),                 # (b, Hkv, T, D)
                            xp.empty((rows, kv_heads, time, head_dim), dtype=qkv.dtype), rope)
             path = choose_path(q, k, v, keep_probabilities)
-            o, state = _attend(q, k, v, path)                                        # (b, H, T, D)
+            o, state = _attend(q, k, v, path, drop, start * heads * time)            # (b, H, T, D)
             target = out[start:end].reshape(rows, time, heads, head_dim)                # (b, T, H·D) -> (b, T, H, D)
             _copy_into(o, target.transpose(0, 2, 1, 3), rope)                           # o (b, H, T, D) into it
             return [bounds, path, state]
@@ -381,10 +474,10 @@ class CausalAttention(Function):
         else:
             parts = [part((0, batch))]
         self.save(parts=parts, cos=cos, sin=sin, tables=tables, heads=heads, kv_heads=kv_heads, rope=rope,
-                  packed=True)
+                  drop=drop, packed=True)
         return out
 
-    def _packed_backward(self, dy, parts, cos, sin, tables, heads, kv_heads, rope):
+    def _packed_backward(self, dy, parts, cos, sin, tables, heads, kv_heads, rope, drop):
         xp = array_module(dy)
         batch, time, _ = dy.shape
         head_dim = cos.shape[-1] * 2
@@ -400,13 +493,14 @@ class CausalAttention(Function):
                 d_qk = np.empty((rows, time, heads + kv_heads, head_dim), dtype=dy.dtype)
                 _blocked_backward(d_out, *state, QUERY_BLOCK, dq=d_qk[:, :, :heads].transpose(0, 2, 1, 3),
                                   dk=d_qk[:, :, heads:].transpose(0, 2, 1, 3),
-                                  dv=target[:, :, heads + kv_heads:].transpose(0, 2, 1, 3))
+                                  dv=target[:, :, heads + kv_heads:].transpose(0, 2, 1, 3),
+                                  drop=drop, row_offset=start * heads * time)
                 del state
                 cos_wide, sin_signed = tables
                 rotate_heads_into(d_qk, cos_wide, -sin_signed, target[:, :, :heads + kv_heads])
                 return
             d_out = _copy_into(d_out, xp.empty((rows, heads, time, head_dim), dtype=dy.dtype), rope)
-            dq, dk, dv = _attend_backward(d_out, path, *state)
+            dq, dk, dv = _attend_backward(d_out, path, *state, drop=drop, row_offset=start * heads * time)
             del state
             dq = dq.reshape(d_out.shape)
             rotate_into(dq, cos, -sin, target[:, :, :heads].transpose(0, 2, 1, 3), rope)
@@ -549,8 +643,17 @@ def _attend_decode(q, k, v, bias):
     return out.reshape(rows, heads, 1, head_dim).astype(q.dtype, copy=False)          # -> (r, H, 1, D)
 
 
-def causal_attention_reference(q, k, v):
-    """Causal attention composed from primitives, with kv heads repeated explicitly (a test oracle)."""
+def dropout_mask(seed: int, keep: float, shape: tuple, dtype=np.float64, xp=np):
+    """The whole M / keep of attention dropout (seed, keep) for scores of shape (B, H, Tq, Tk), in dtype:
+    what the op applies a block at a time (a test oracle; O(B·H·Tq·Tk) memory)."""
+    batch, heads, query_len, key_len = shape
+    rows = xp.arange(batch * heads * query_len).reshape(batch, heads, query_len, 1)
+    return _dropout_scale((seed, keep), 0, rows, xp.arange(key_len), np.dtype(dtype), xp)
+
+
+def causal_attention_reference(q, k, v, dropout_scale=None):
+    """Causal attention composed from primitives, with kv heads repeated explicitly (a test oracle);
+    dropout_scale: M / keep (B, H, Tq, Tk) multiplied into the probabilities (attention dropout)."""
     from ..functional import concatenate, softmax
     from ..tensor import Tensor
     xp = array_module(q.data)
@@ -562,4 +665,7 @@ def causal_attention_reference(q, k, v):
     scores = (q @ k.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(q.shape[-1]))
     mask = _causal_mask(q.shape[2], k.shape[2], xp)
     scores = scores + Tensor(xp.where(mask, -1e9, 0.0).astype(q.dtype))
-    return softmax(scores, axis=-1) @ v
+    probabilities = softmax(scores, axis=-1)
+    if dropout_scale is not None:
+        probabilities = probabilities * Tensor(dropout_scale)
+    return probabilities @ v
