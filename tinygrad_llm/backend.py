@@ -30,8 +30,14 @@ def _import_cupy():
     return _cupy or None
 
 
+_device_checked = False   # a device was found once: later calls skip the check (every launcher asks)
+
+
 def cupy_module():
     """The cupy module, or a clear error when CUDA was asked for and is not usable."""
+    global _device_checked
+    if _device_checked:
+        return _cupy
     cp = _import_cupy()
     if cp is None:
         raise RuntimeError(
@@ -43,6 +49,7 @@ def cupy_module():
             raise RuntimeError("no CUDA device")
     except Exception as error:
         raise RuntimeError(f"CUDA was requested but no usable GPU was found ({error}); use device='cpu'.") from None
+    _device_checked = True
     return cp
 
 

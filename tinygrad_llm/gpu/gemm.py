@@ -96,8 +96,7 @@ def gemm(a, b, transpose_a=False, transpose_b=False, out_dtype=None):
         return out
     in_type, out_type = _CUDA_TYPE[np.dtype(a.dtype).name], _CUDA_TYPE[out_dtype.name]
     compute = _COMPUTE_32F_FAST_TF32 if in_type == 0 and precision.get_policy().tf32 else _COMPUTE_32F
-    library, handle = _handle()
-    _check(library.cublasSetStream_v2(handle, cp.cuda.get_current_stream().ptr), "cublasSetStream")
+    library, handle = _handle(cp.cuda.get_current_stream().ptr)
     _check(library.cublasGemmEx(handle, _OP_T if transpose_b else _OP_N, _OP_T if transpose_a else _OP_N,
                                 cols, rows, inner,
                                 _ONE.ctypes.data, b.data.ptr, in_type, b.shape[1],
@@ -143,10 +142,11 @@ def _library():
     return library
 
 
-def _handle():
-    """(library, this thread's cuBLAS handle on the current device), made once with its own workspace."""
+def _handle(stream: int):
+    """(library, this thread's cuBLAS handle on the current device, bound to `stream`), the handle made once
+    with its own workspace; the stream is set again only when it changed."""
     cp = backend.cupy_module()
-    device = cp.cuda.Device().id
+    device = cp.cuda.runtime.getDevice()
     handles = getattr(_local, "handles", None)
     if handles is None:
         handles = _local.handles = {}
@@ -158,5 +158,8 @@ def _handle():
         workspace = cp.empty(_WORKSPACE_BYTES, dtype=cp.uint8)                  # kept as long as the handle
         _check(library.cublasSetWorkspace_v2(handle, workspace.data.ptr, _WORKSPACE_BYTES), "cublasSetWorkspace")
         _check(library.cublasSetPointerMode_v2(handle, 0), "cublasSetPointerMode")   # alpha, beta on the host
-        entry = handles[device] = (library, handle, workspace)
+        entry = handles[device] = [library, handle, workspace, None]
+    if entry[3] != stream:
+        _check(entry[0].cublasSetStream_v2(entry[1], stream), "cublasSetStream")
+        entry[3] = stream
     return entry[0], entry[1]
