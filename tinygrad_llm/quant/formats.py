@@ -225,7 +225,7 @@ class QuantizedMatrix:
     work on CPU arrays.
     """
 
-    __slots__ = ("kind", "shape", "values", "scale", "_float32_scale")
+    __slots__ = ("kind", "shape", "values", "scale", "_float32_scale", "cpu_kernel_call")
 
     def __init__(self, kind: str, shape, values, scale):
         if kind not in KINDS:
@@ -250,6 +250,7 @@ class QuantizedMatrix:
                                    f"{tuple(values.shape)} and {scale.dtype} {tuple(scale.shape)}")
         self.kind, self.shape, self.values, self.scale = kind, shape, values, scale
         self._float32_scale = None
+        self.cpu_kernel_call = None      # ops/quantized.py's cached arguments for the compiled CPU kernel
 
     def float32_scale(self):
         """The scales as float32, converted at the first call and kept (the CPU op's products need them in
