@@ -72,7 +72,7 @@ def compiled_kernels():
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
-@given(rows=st.integers(1, 8), out_features=st.integers(1, 70), blocks=st.integers(1, 5),
+@given(rows=st.sampled_from([1, 2, 3, 8, 17, 32]), out_features=st.integers(1, 70), blocks=st.integers(1, 5),
        scale=st.sampled_from([1e-3, 1.0, 300.0]), seed=st.integers(0, 2 ** 16))
 def test_compiled_kernels_equal_the_numpy_path(kind, rows, out_features, blocks, scale, seed):
     compiled_kernels()
@@ -81,12 +81,26 @@ def test_compiled_kernels_equal_the_numpy_path(kind, rows, out_features, blocks,
     x = rng.standard_normal((rows, 32 * blocks)).astype(np.float32)
     kernel_y = quantized.kernel_linear(cpu_kernels.library(), x, matrix)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(quantized.KERNEL_ROWS, kind, 0)                   # the NumPy path for every row count
+        patch.setattr(quantized, "KERNEL_ROWS", 0)                      # the NumPy paths for every row count
         numpy_y = quantized.linear_forward(x, matrix)
     exact = reference(x, matrix)
     assert kernel_y.dtype == np.float32 and kernel_y.shape == (rows, out_features)
     np.testing.assert_allclose(kernel_y, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
     np.testing.assert_allclose(kernel_y, numpy_y, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+
+
+def test_the_portable_build_equals_the_simd_build(fresh_kernels):
+    simd = compiled_kernels()
+    portable = cpu_kernels.load(extra_flags=("-DTINYGRAD_LLM_PORTABLE",))   # plain C, what non-x86 machines run
+    rng = np.random.default_rng(8)
+    for kind, rows, out_features in [("q8_0", 1, 37), ("q4_0", 3, 21), ("q8_0", 9, 16), ("q4_0", 1, 7)]:
+        matrix = QuantizedMatrix.quantize(rng.standard_normal((out_features, 96)), kind)
+        x = rng.standard_normal((rows, 96)).astype(np.float32)
+        expected = reference(x, matrix)
+        for library in (simd, portable):
+            matrix.cpu_kernel_call = None
+            y = quantized.kernel_linear(library, x, matrix)
+            np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
 def test_decode_rows_take_the_kernel_and_keep_no_float32_scales(monkeypatch):

@@ -45,7 +45,7 @@ PRODUCT_TILE_ELEMENTS = 1 << 19  # codes converted per step on the products path
                                  # steps (a GPT-2-size token: 15–20 % less CPU time than at 1 << 17, measured)
 THREAD_ELEMENTS = 1 << 18        # weights a thread's share must hold before the rows are split across threads
 PRODUCT_SIDE_ROWS = 16           # Q8_0 / Q4_0 with up to this many rows of x: scales on the products
-KERNEL_ROWS = {"q8_0": 4, "q4_0": 8}  # rows of x up to which the compiled kernels beat the NumPy paths (measured)
+KERNEL_ROWS = 32                 # rows of x up to which the C kernels run (they beat the NumPy paths to ~64, measured)
 _scratch = threading.local()
 
 
@@ -151,11 +151,11 @@ def kernel_linear(library, x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarra
 
 def blockwise_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
     """CPU Q8_0 / Q4_0: (N, in) float32 @ Ŵᵀ -> (N, out) float32 (see the module docstring): up to
-    KERNEL_ROWS[kind] rows of x the compiled kernels where they are built, else up to PRODUCT_SIDE_ROWS
+    KERNEL_ROWS rows of x the compiled kernels where they are built, else up to PRODUCT_SIDE_ROWS
     rows the scales act on the products, beyond that on dequantised weight tiles."""
     out_features, in_features = weight.shape
     columns = x2.shape[0]
-    if columns <= KERNEL_ROWS[weight.kind] and weight.values.flags.c_contiguous and weight.scale.flags.c_contiguous:
+    if columns <= KERNEL_ROWS and weight.values.flags.c_contiguous and weight.scale.flags.c_contiguous:
         library = cpu_kernels.library()
         if library is not None:
             return kernel_linear(library, x2, weight)

@@ -75,13 +75,15 @@ def _compile(compiler: str, flags: tuple, target: Path) -> None:
             os.unlink(temporary)
 
 
-def _load() -> ctypes.CDLL:
+def load(extra_flags: tuple = ()) -> ctypes.CDLL:
+    """Build (or find in build_dir()) and load the kernels, compiled with `extra_flags` besides FLAGS (tests
+    build -DTINYGRAD_LLM_PORTABLE this way). Raises RuntimeError / OSError where that fails."""
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C compiler {compiler!r} on PATH")
     version, source = _compiler_version(compiler), SOURCE.read_bytes()
     error = None
-    for flags in (FLAGS + NATIVE, FLAGS):
+    for flags in (FLAGS + tuple(extra_flags) + NATIVE, FLAGS + tuple(extra_flags)):
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu().encode(),
                                          compiler.encode()])).hexdigest()[:16]
         target = build_dir() / f"cpu_kernels-{key}.so"
@@ -108,7 +110,7 @@ def library():
         return None
     if _library is _UNSET:
         try:
-            _library = _load()
+            _library = load()
         except (OSError, RuntimeError, subprocess.SubprocessError) as error:
             warnings.warn(f"tinygrad_llm: the quantized CPU kernels could not be built ({error}); using the "
                           f"slower NumPy path", RuntimeWarning, stacklevel=2)
