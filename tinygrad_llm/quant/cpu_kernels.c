@@ -20,6 +20,7 @@
    (hadd) for the 8 sums; elsewhere (or with -DTINYGRAD_LLM_PORTABLE) plain C that the compiler vectorises,
    given the flags that let it reassociate the 32-term sums (tinygrad_llm/quant/cpu_kernels.py builds it). */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 32
@@ -122,33 +123,50 @@ static inline __m256 sums8(const __m256 *a)
     return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
 }
 
-static inline __m256 widen(__m128i bytes)                  /* the low 8 int8 lanes -> float32 */
+static inline __m256 widen_signed(const int8_t *q)        /* 8 int8 codes -> float32 */
 {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q)));
 }
 
 /* a block's 32 codes as float32, w[0..3] = elements 0–7, 8–15, 16–23, 24–31 */
 static inline void q8_0_codes(const int8_t *q, __m256 *w)
 {
-    const __m128i a = _mm_loadu_si128((const __m128i *)q), b = _mm_loadu_si128((const __m128i *)(q + 16));
-    w[0] = widen(a); w[1] = widen(_mm_srli_si128(a, 8)); w[2] = widen(b); w[3] = widen(_mm_srli_si128(b, 8));
+    w[0] = widen_signed(q); w[1] = widen_signed(q + 8); w[2] = widen_signed(q + 16); w[3] = widen_signed(q + 24);
 }
 
+/* Q4_0: the nibbles n as float32, without the −8 (the caller subtracts 8 · Σ x once per 8 rows) */
 static inline void q4_0_codes(const uint8_t *q, __m256 *w)
 {
-    const __m128i packed = _mm_loadu_si128((const __m128i *)q), mask = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-    const __m128i low = _mm_sub_epi8(_mm_and_si128(packed, mask), eight);                      /* elements 0–15 */
-    const __m128i high = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(packed, 4), mask), eight);  /* elements 16–31 */
-    w[0] = widen(low); w[1] = widen(_mm_srli_si128(low, 8)); w[2] = widen(high); w[3] = widen(_mm_srli_si128(high, 8));
+    const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q));          /* bytes 0–7 */
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8)));    /* bytes 8–15 */
+    const __m256i low = _mm256_set1_epi32(15);
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, low)); w[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));
+    w[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));  w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
 
-#define SIMD_LINEAR(NAME, TYPE, BYTES, CODES, PORTABLE)                                                         \
+/* factor · Σ x over each block of each row of x: (rows, blocks), malloc'ed (NULL if that fails) */
+static float *block_sums(const float *x, int64_t rows, int64_t blocks, float factor)
+{
+    float *sums = (float *)malloc((size_t)(rows * blocks) * sizeof(float));
+    if (sums == NULL) return NULL;
+    for (int64_t k = 0; k < rows * blocks; k++) {
+        float total = 0.0f;
+        for (int i = 0; i < BLOCK; i++) total += x[k * BLOCK + i];
+        sums[k] = factor * total;
+    }
+    return sums;
+}
+
+/* OFFSET: what every code was stored above its value (Q4_0: 8), taken off the sums as OFFSET · Σ x */
+#define SIMD_LINEAR(NAME, TYPE, BYTES, CODES, OFFSET, PORTABLE)                                                 \
 void NAME(const TYPE *values, const uint16_t *scale, const float *x, float *y,                                  \
           int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)                               \
 {                                                                                                              \
     const int64_t in = blocks * BLOCK, grouped = start + (end - start) / GROUP * GROUP;                         \
-    if (grouped < end)                                     /* the last rows, fewer than a group */              \
-        PORTABLE(values, scale, x, y, blocks, out, grouped, end, rows);                                        \
+    float *offsets = OFFSET ? block_sums(x, rows, blocks, (float)(OFFSET)) : NULL;                             \
+    if (grouped < end || (OFFSET && offsets == NULL))      /* the last rows, fewer than a group */              \
+        PORTABLE(values, scale, x, y, blocks, out, offsets == NULL && OFFSET ? start : grouped, end, rows);    \
+    if (OFFSET && offsets == NULL) return;                 /* no memory for the sums: all rows done above */    \
     clear(y, rows, out, start, grouped);                                                                       \
     for (int64_t j = 0; j < blocks; j++) {                                                                      \
         const TYPE *slab = values + j * out * BYTES;                                                           \
@@ -163,15 +181,18 @@ void NAME(const TYPE *values, const uint16_t *scale, const float *x, float *y,  
                 for (int r = 0; r < GROUP; r++)                                                                \
                     products[r] = _mm256_fmadd_ps(w[r][0], x0, _mm256_fmadd_ps(w[r][1], x1,                    \
                                   _mm256_fmadd_ps(w[r][2], x2, _mm256_mul_ps(w[r][3], x3))));                  \
+                __m256 sums = sums8(products);                                                                 \
+                if (OFFSET) sums = _mm256_sub_ps(sums, _mm256_set1_ps(offsets[n * blocks + j]));               \
                 float *yo = y + n * out + o;                                                                   \
-                _mm256_storeu_ps(yo, _mm256_fmadd_ps(sums8(products), d, _mm256_loadu_ps(yo)));               \
+                _mm256_storeu_ps(yo, _mm256_fmadd_ps(sums, d, _mm256_loadu_ps(yo)));                           \
             }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
+    free(offsets);                                                                                             \
 }
 
-SIMD_LINEAR(q8_0_linear, int8_t, BLOCK, q8_0_codes, q8_0_portable)
-SIMD_LINEAR(q4_0_linear, uint8_t, (BLOCK / 2), q4_0_codes, q4_0_portable)
+SIMD_LINEAR(q8_0_linear, int8_t, BLOCK, q8_0_codes, 0, q8_0_portable)
+SIMD_LINEAR(q4_0_linear, uint8_t, (BLOCK / 2), q4_0_codes, 8, q4_0_portable)
 
 #else
 
