@@ -5,6 +5,7 @@ at 1 and 2 threads. GPU rows are printed as "not measured here" unless CuPy sees
     python benchmarks/decode.py                                  # the full table (several minutes on 2 cores)
     python benchmarks/decode.py --models default --batches 1,32  # a quick look
     python benchmarks/decode.py --matmul                         # the CPU quantized-matmul alternatives
+    TINYGRAD_LLM_CPU_KERNELS=0 python benchmarks/decode.py       # the quantized op's NumPy path (no C kernels)
     python benchmarks/decode.py --orientation --threads 1        # Linear: x @ Wᵀ against (W @ xᵀ)ᵀ (FEW_ROWS)
     python benchmarks/decode.py --profile --models default --types q8_0   # where a decode step's time goes
     python benchmarks/decode.py --device cuda                    # one GPU: fp32/bf16/fp16 and q8_0/q4_0 kernels
@@ -130,7 +131,8 @@ def profile(model_name: str, kind: str, batch: int, prompt_len: int, new_tokens:
 
 
 def matmul_alternatives(repeat: int) -> list:
-    """The CPU quantized linear: the op's path against dequantising whole tiles and the int8 dot product."""
+    """The CPU quantized linear: the op (its C kernels for Q8_0 / Q4_0 where they are built) against its
+    NumPy path, dequantising the whole matrix then one GEMM, and the int8 dot product."""
     from tinygrad_llm.ops import quantized
     from tinygrad_llm.quant import QuantizedMatrix
     rng = np.random.default_rng(0)
@@ -157,7 +159,15 @@ def matmul_alternatives(repeat: int) -> list:
                 tile[...] = matrix.dequantize()
                 return x @ tile.T
 
+            def numpy_path():
+                kernel_rows, quantized.KERNEL_ROWS = quantized.KERNEL_ROWS, 0
+                try:
+                    return quantized.linear_forward(x, matrix)
+                finally:
+                    quantized.KERNEL_ROWS = kernel_rows
+
             row = {"type": kind, "batch": batch, "op_ms": worst_ms(lambda: quantized.linear_forward(x, matrix)),
+                   "numpy_path_ms": worst_ms(numpy_path),
                    "dequantise_then_gemm_ms": worst_ms(dequantise_then_gemm),
                    "float32_gemm_ms": worst_ms(lambda: x @ weight.T)}
             if kind == "int8":
@@ -481,12 +491,15 @@ def main() -> None:
                       f"{row['x_wt'] / row['w_xt']:.2f} |")
         return
     if args.matmul:
-        print("| threads | type | batch | op (ms) | dequantise whole + GEMM (ms) | int8 dot (ms) | float32 GEMM (ms) |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        from tinygrad_llm.quant import cpu_kernels
+        print(f"# the op's C kernels: {'built' if cpu_kernels.library() is not None else 'not available (NumPy path)'}")
+        print("| threads | type | batch | op (ms) | op's NumPy path (ms) | dequantise whole + GEMM (ms) | int8 dot (ms) "
+              "| float32 GEMM (ms) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for count in threads:
             for row in json.loads(run_child(["--matmul", *common], count)):
                 int8 = f"{row['int8_dot_ms']:.2f}" if "int8_dot_ms" in row else "—"
-                print(f"| {count} | {row['type']} | {row['batch']} | {row['op_ms']:.2f} | "
+                print(f"| {count} | {row['type']} | {row['batch']} | {row['op_ms']:.2f} | {row['numpy_path_ms']:.2f} | "
                       f"{row['dequantise_then_gemm_ms']:.2f} | {int8} | {row['float32_gemm_ms']:.2f} |")
         return
     all_rows = []

@@ -10,7 +10,7 @@ vectorise the 32-term sums, into build_dir() ($TINYGRAD_LLM_CPU_KERNELS_DIR, els
 $TINYGRAD_LLM_CACHE/cpu_kernels/, else ~/.cache/tinygrad_llm/cpu_kernels/),
 the file named by a hash of the source, the flags, the compiler's version and the CPU, written under a
 temporary name and renamed (two processes building at once both end with a whole file). A compiler that is
-missing or fails leaves one warning and the NumPy path. TINYGRAD_LLM_CPU_KERNELS=0 turns the kernels off.
+missing or fails leaves one warning and the NumPy path. TINYGRAD_LLM_CPU_KERNELS=0 (read at the first use) turns the kernels off.
 Simplification: no prebuilt binaries; a machine without a C compiler runs the NumPy path.
 """
 from __future__ import annotations
@@ -104,21 +104,24 @@ def load(extra_flags: tuple = ()) -> ctypes.CDLL:
 
 def library():
     """The compiled kernels (a ctypes.CDLL with q8_0_linear and q4_0_linear), or None: turned off by
-    TINYGRAD_LLM_CPU_KERNELS=0, or no compiler / a failed build (then one warning, once a process)."""
+    TINYGRAD_LLM_CPU_KERNELS=0, or no compiler / a failed build (then one warning, once a process). Looked
+    up at the first call and kept (the quantized op asks at every call)."""
     global _library
-    if not enabled():
-        return None
     if _library is _UNSET:
-        try:
-            _library = load()
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            warnings.warn(f"tinygrad_llm: the quantized CPU kernels could not be built ({error}); using the "
-                          f"slower NumPy path", RuntimeWarning, stacklevel=2)
+        if not enabled():
             _library = None
+        else:
+            try:
+                _library = load()
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                warnings.warn(f"tinygrad_llm: the quantized CPU kernels could not be built ({error}); using the "
+                              f"slower NumPy path", RuntimeWarning, stacklevel=2)
+                _library = None
     return _library
 
 
 def reset() -> None:
-    """Forget the loaded library (the next library() call looks again): for tests that change $CC."""
+    """Forget the loaded library (the next library() call looks again, and reads $TINYGRAD_LLM_CPU_KERNELS
+    and $CC again): for tests."""
     global _library
     _library = _UNSET
