@@ -1,16 +1,17 @@
 """The quantized linear op's compiled CPU kernels (cpu_kernels.c), built with the system C compiler.
 
 `library()` returns the kernels as a ctypes library, or None where they cannot be had; ops/quantized.py
-then takes its NumPy path, which computes the same product more slowly (NumPy has no int8 or int4
-matrix-vector product, so that path converts every code to float32 first: about 2× the time at batch 1
-for Q8_0, 4× for Q4_0, in benchmarks/RESULTS.md).
+then takes its NumPy path, which computes the same product more slowly: NumPy has no int8 or int4
+matrix-vector product, so that path converts every code to float32 first (at batch 1 on a GPT-2-size
+model, 2.5–4× the kernels' time for Q8_0, 4–6× for Q4_0: benchmarks/RESULTS.md).
 
-Built once per machine and source: `$CC` (else `cc`) with -O3 -march=native and the flags that let it
-vectorise the 32-term sums, into build_dir() ($TINYGRAD_LLM_CPU_KERNELS_DIR, else
-$TINYGRAD_LLM_CACHE/cpu_kernels/, else ~/.cache/tinygrad_llm/cpu_kernels/),
-the file named by a hash of the source, the flags, the compiler's version and the CPU, written under a
-temporary name and renamed (two processes building at once both end with a whole file). A compiler that is
-missing or fails leaves one warning and the NumPy path. TINYGRAD_LLM_CPU_KERNELS=0 (read at the first use) turns the kernels off.
+Built once per machine and source, at the first use (~0.5 s): `$CC` (else `cc`) with -O3 -march=native and
+the flags that let it vectorise the 32-term sums, into build_dir() ($TINYGRAD_LLM_CPU_KERNELS_DIR, else
+$TINYGRAD_LLM_CACHE/cpu_kernels/, else ~/.cache/tinygrad_llm/cpu_kernels/), the file named by a hash of the
+source, the flags, the compiler binary (path, size, time) and the CPU; written under a temporary name and
+renamed, so two processes building at once both end with a whole file. A missing compiler or a failed
+build leaves one warning and the NumPy path. TINYGRAD_LLM_CPU_KERNELS=0 (read at the first use) turns the
+kernels off.
 Simplification: no prebuilt binaries; a machine without a C compiler runs the NumPy path.
 """
 from __future__ import annotations
@@ -55,9 +56,12 @@ def _cpu() -> str:
         return platform.processor() or platform.machine()
 
 
-def _compiler_version(compiler: str) -> str:
-    done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60)
-    return done.stdout
+def _compiler_identity(path: str) -> str:
+    """The compiler binary's real path, size and modification time: a changed compiler means a new build
+    (cheaper than running `cc --version` in every process)."""
+    real = os.path.realpath(path)
+    status = os.stat(real)
+    return f"{real} {status.st_size} {status.st_mtime_ns}"
 
 
 def _compile(compiler: str, flags: tuple, target: Path) -> None:
@@ -79,9 +83,10 @@ def load(extra_flags: tuple = ()) -> ctypes.CDLL:
     """Build (or find in build_dir()) and load the kernels, compiled with `extra_flags` besides FLAGS (tests
     build -DTINYGRAD_LLM_PORTABLE this way). Raises RuntimeError / OSError where that fails."""
     compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
+    path = shutil.which(compiler)
+    if path is None:
         raise RuntimeError(f"no C compiler {compiler!r} on PATH")
-    version, source = _compiler_version(compiler), SOURCE.read_bytes()
+    version, source = _compiler_identity(path), SOURCE.read_bytes()
     error = None
     for flags in (FLAGS + tuple(extra_flags) + NATIVE, FLAGS + tuple(extra_flags)):
         key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu().encode(),
