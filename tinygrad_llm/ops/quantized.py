@@ -22,10 +22,12 @@ The dispatch point for every Linear of KV-cached decoding (tinygrad_llm.generate
   and one GEMM, the per-row scale applied to y's columns.
 
 Why a C kernel: NumPy has no int8 / int4 matrix-vector product, so its paths convert every code to float32
-before BLAS sees it; at batch 1 that conversion (~0.1 ns a weight, writing 4 bytes for each 1 read) costs
-more than the float32 GEMV of the same matrix, and llama.cpp is ~4× faster. An integer matmul in NumPy
-(int8 codes, int32 sums: `int8_dot_linear`, measured by benchmarks/decode.py --matmul) runs NumPy's
-unvectorised loop and is slower still. Numbers in benchmarks/RESULTS.md.
+before BLAS sees it. That conversion (~0.1 ns a weight, 4 bytes written for each 1 read) costs twice the
+float32 GEMV of the converted tile (~0.05 ns), so the NumPy path at batch 1 is ~0.2 ns a weight for Q8_0
+and more for Q4_0, where llama.cpp decodes a GPT-2-size model at 0.05–0.07 ns a weight all told (3.7× /
+7.7× faster than that path). An integer matmul in NumPy (int8 codes, int32 sums: `int8_dot_linear`,
+measured by benchmarks/decode.py --matmul) runs NumPy's unvectorised loop and is slower still. Numbers in
+benchmarks/RESULTS.md.
 Simplification: no backward (quantized weights are not trained); the op raises if one is asked for.
 """
 from __future__ import annotations
