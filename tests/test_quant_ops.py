@@ -93,8 +93,9 @@ def test_the_portable_build_equals_the_simd_build(fresh_kernels):
     simd = compiled_kernels()
     portable = cpu_kernels.load(extra_flags=("-DTINYGRAD_LLM_PORTABLE",))   # plain C, what non-x86 machines run
     rng = np.random.default_rng(8)
-    for kind, rows, out_features in [("q8_0", 1, 37), ("q4_0", 3, 21), ("q8_0", 9, 16), ("q4_0", 1, 7)]:
-        matrix = QuantizedMatrix.quantize(rng.standard_normal((out_features, 96)), kind)
+    cases = [("q8_0", 1, 37, 1.0), ("q4_0", 3, 21, 1.0), ("q8_0", 9, 16, 1e-3), ("q4_0", 1, 7, 1e-4)]
+    for kind, rows, out_features, size in cases:                # 1e-3, 1e-4: float16 scales below 2⁻¹⁴ (subnormal)
+        matrix = QuantizedMatrix.quantize(size * rng.standard_normal((out_features, 96)), kind)
         x = rng.standard_normal((rows, 96)).astype(np.float32)
         expected = reference(x, matrix)
         for library in (simd, portable):

@@ -137,6 +137,7 @@ def kernel_linear(library, x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarra
         call = weight.cpu_kernel_call = (library, weight.values, weight.scale, function, weight.values.ctypes.data,
                                          weight.scale.ctypes.data, weight.shape[1] // BLOCK_SIZE, weight.shape[0])
     function, values, scale, blocks, out_features = call[3:]
+    x2 = np.ascontiguousarray(x2, dtype=np.float32)          # the kernel reads (N, in) float32 rows, back to back
     columns = x2.shape[0]
     y = np.empty((columns, out_features), dtype=np.float32)
     x_pointer, y_pointer = x2.ctypes.data, y.ctypes.data

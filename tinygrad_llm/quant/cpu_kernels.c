@@ -17,8 +17,9 @@
    GIL during the call).
    Two builds of the same loops: with AVX2 + FMA + F16C (x86-64 since 2013), 8 output rows a step, their
    codes widened int8 -> int32 -> float32 in registers, 8 × 32 products, and one transposing reduction
-   (hadd) for the 8 sums; elsewhere (or with -DTINYGRAD_LLM_PORTABLE) plain C that the compiler vectorises,
-   given the flags that let it reassociate the 32-term sums (tinygrad_llm/quant/cpu_kernels.py builds it). */
+   (hadd) for the 8 sums; elsewhere (or with -DTINYGRAD_LLM_PORTABLE, which also converts the float16 scales
+   bit by bit instead of through the compiler's _Float16) plain C that the compiler vectorises, given the
+   flags that let it reassociate the 32-term sums (tinygrad_llm/quant/cpu_kernels.py builds it). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,7 +29,7 @@
 
 static inline float half_to_float(uint16_t bits)
 {
-#if defined(__FLT16_MAX__)
+#if defined(__FLT16_MAX__) && !defined(TINYGRAD_LLM_PORTABLE)
     _Float16 h;
     memcpy(&h, &bits, sizeof h);
     return (float)h;
@@ -61,7 +62,7 @@ static void clear(float *y, int64_t rows, int64_t out, int64_t start, int64_t en
 }
 
 static void q8_0_portable(const int8_t *values, const uint16_t *scale, const float *x, float *y,
-                 int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)
+                          int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)
 {
     const int64_t in = blocks * BLOCK;
     float d[CHUNK];
@@ -86,7 +87,7 @@ static void q8_0_portable(const int8_t *values, const uint16_t *scale, const flo
 }
 
 static void q4_0_portable(const uint8_t *values, const uint16_t *scale, const float *x, float *y,
-                 int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)
+                          int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)
 {
     const int64_t in = blocks * BLOCK;
     float d[CHUNK];
