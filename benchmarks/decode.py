@@ -5,6 +5,9 @@ at 1 and 2 threads. GPU rows are printed as "not measured here" unless CuPy sees
     python benchmarks/decode.py                                  # the full table (several minutes on 2 cores)
     python benchmarks/decode.py --models default --batches 1,32  # a quick look
     python benchmarks/decode.py --matmul                         # the CPU quantized-matmul alternatives
+    TINYGRAD_LLM_CPU_KERNELS=0 python benchmarks/decode.py       # the quantized op's NumPy path (no C kernels)
+    python benchmarks/decode.py --linears --models gpt2 --threads 1 --batches 1,8,32 --repeat 3
+                                              # one step's matrix products: C kernels, NumPy path, float32
     python benchmarks/decode.py --orientation --threads 1        # Linear: x @ Wᵀ against (W @ xᵀ)ᵀ (FEW_ROWS)
     python benchmarks/decode.py --profile --models default --types q8_0   # where a decode step's time goes
     python benchmarks/decode.py --device cuda                    # one GPU: fp32/bf16/fp16 and q8_0/q4_0 kernels
@@ -134,7 +137,8 @@ def profile(model_name: str, kind: str, batch: int, prompt_len: int, new_tokens:
 
 
 def matmul_alternatives(repeat: int) -> list:
-    """The CPU quantized linear: the op's path against dequantising whole tiles and the int8 dot product."""
+    """The CPU quantized linear: the op (its C kernels for Q8_0 / Q4_0 where they are built) against its
+    NumPy path, dequantising the whole matrix then one GEMM, and the int8 dot product."""
     from tinygrad_llm.ops import quantized
     from tinygrad_llm.quant import QuantizedMatrix
     rng = np.random.default_rng(0)
@@ -161,12 +165,83 @@ def matmul_alternatives(repeat: int) -> list:
                 tile[...] = matrix.dequantize()
                 return x @ tile.T
 
+            def numpy_path():
+                kernel_rows, quantized.KERNEL_ROWS = quantized.KERNEL_ROWS, 0
+                try:
+                    return quantized.linear_forward(x, matrix)
+                finally:
+                    quantized.KERNEL_ROWS = kernel_rows
+
             row = {"type": kind, "batch": batch, "op_ms": worst_ms(lambda: quantized.linear_forward(x, matrix)),
+                   "numpy_path_ms": worst_ms(numpy_path),
                    "dequantise_then_gemm_ms": worst_ms(dequantise_then_gemm),
                    "float32_gemm_ms": worst_ms(lambda: x @ weight.T)}
             if kind == "int8":
                 row["int8_dot_ms"] = worst_ms(lambda: quantized.int8_dot_linear(x, matrix))
             rows.append(row)
+    return rows
+
+
+def step_linears(model_name: str, kinds: list, batches: list, repeat: int) -> list:
+    """The matrix products of one decode step of a MODELS model (every layer's q, k, v, o, gate, up, down and
+    the output head: random codes and scales, no model built), at each batch size: float32 weights (x @ Wᵀ),
+    the quantized op (its C kernels where built) and the op's NumPy path. The three take turns, one step
+    each per round, `repeat` rounds; the worst round of each, in CPU ms a step (process time)."""
+    from tinygrad_llm.ops import quantized
+    from tinygrad_llm.quant import QuantizedMatrix
+    config = MODELS[model_name]
+    d, f, layers = config["d_model"], config["ffn_hidden"], config["n_layers"]
+    shapes = [(d, d)] * 4 * layers + [(f, d), (f, d), (d, f)] * layers + [(config["vocab_size"], d)]
+    rng = np.random.default_rng(0)
+
+    def codes(kind, out_features, in_features):
+        blocks = in_features // 32
+        values = (rng.integers(-127, 128, (blocks, out_features, 32), dtype=np.int8) if kind == "q8_0" else
+                  rng.integers(0, 256, (blocks, out_features, 16), dtype=np.uint8))
+        return QuantizedMatrix(kind, (out_features, in_features), values,
+                               (rng.random((blocks, out_features), dtype=np.float32) * 1e-3).astype(np.float16))
+
+    def numpy_path(x, weight):
+        kernel_rows, quantized.KERNEL_ROWS = quantized.KERNEL_ROWS, 0
+        try:
+            return quantized.linear_forward(x, weight)
+        finally:
+            quantized.KERNEL_ROWS = kernel_rows
+
+    rows = []
+    for kind in kinds:
+        if kind == "float32":
+            continue
+        weights = [codes(kind, *shape) for shape in shapes]
+        for batch in batches:
+            inputs = {n: rng.standard_normal((batch, n), dtype=np.float32) for n in {d, f}}
+            sides = {"op": lambda w: quantized.linear_forward(inputs[w.shape[1]], w),
+                     "numpy_path": lambda w: numpy_path(inputs[w.shape[1]], w)}
+            worst = dict.fromkeys(sides, 0.0)
+            for function in sides.values():
+                for weight in weights:
+                    function(weight)                     # warm: the kernels' build, the NumPy path's float32 scales
+            for _ in range(repeat):
+                for name, function in sides.items():
+                    start = time.process_time()
+                    for weight in weights:
+                        function(weight)
+                    worst[name] = max(worst[name], (time.process_time() - start) * 1e3)
+            rows.append({"model": model_name, "type": kind, "batch": batch, **worst,
+                         "weights": int(sum(a * b for a, b in shapes))})
+        del weights
+    if "float32" in kinds:
+        weights = [(rng.standard_normal(shape, dtype=np.float32) * 0.02) for shape in shapes]
+        for batch in batches:
+            inputs = {n: rng.standard_normal((batch, n), dtype=np.float32) for n in {d, f}}
+            worst = 0.0
+            for _ in range(repeat):
+                start = time.process_time()
+                for weight in weights:
+                    inputs[weight.shape[1]] @ weight.T
+                worst = max(worst, (time.process_time() - start) * 1e3)
+            rows.append({"model": model_name, "type": "float32", "batch": batch, "op": worst,
+                         "weights": int(sum(a * b for a, b in shapes))})
     return rows
 
 
@@ -215,6 +290,9 @@ def child(args) -> None:
         return
     if args.orientation:
         print(json.dumps(orientations(args.repeat)))
+        return
+    if args.linears:
+        print(json.dumps(step_linears(args.models[0], args.types, args.batches, args.repeat)))
         return
     print(json.dumps(measure(args.models[0], args.types[0], args.batches, args.prompt_len, args.new_tokens,
                              args.repeat)))
@@ -457,6 +535,8 @@ def main() -> None:
     parser.add_argument("--matmul", action="store_true", help="time the quantized-matmul alternatives")
     parser.add_argument("--profile", action="store_true", help="cProfile of decode steps (first model/type/batch)")
     parser.add_argument("--orientation", action="store_true", help="time x @ Wᵀ against (W @ xᵀ)ᵀ (Linear's few-row path)")
+    parser.add_argument("--linears", action="store_true",
+                        help="time one decode step's matrix products: quantized op, its NumPy path, float32")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
@@ -487,7 +567,8 @@ def main() -> None:
     common = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat)]
     for model_name in args.models:                     # quantized weights written once, by another process
         for kind in args.types:
-            if kind != "float32" and not args.matmul and not args.orientation and not os.path.isfile(prepared_path(model_name, kind)):
+            if (kind != "float32" and not args.matmul and not args.orientation and not args.linears
+                    and not os.path.isfile(prepared_path(model_name, kind))):
                 run_child(["--prepare", "--models", model_name, "--types", kind], threads[0])
     if args.profile:
         print(run_child(["--profile", "--models", args.models[0], "--types", args.types[0], "--batches",
@@ -501,13 +582,32 @@ def main() -> None:
                 print(f"| {count} | {row['shape']} | {row['batch']} | {row['x_wt']:.3f} | {row['w_xt']:.3f} | "
                       f"{row['x_wt'] / row['w_xt']:.2f} |")
         return
+    if args.linears:
+        from tinygrad_llm.quant import cpu_kernels
+        print(f"# the op's C kernels: {'built' if cpu_kernels.library() is not None else 'not available (NumPy path)'}")
+        print("| model | threads | type | batch | op, CPU ms a step | op's NumPy path | NumPy path / op "
+              "| ns a weight (op) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for model_name in args.models:
+            for count in threads:
+                for row in json.loads(run_child(["--linears", "--models", model_name, "--types", ",".join(args.types),
+                                                 "--batches", ",".join(map(str, args.batches)), *common], count)):
+                    numpy_ms = row.get("numpy_path")
+                    slower = f"{numpy_ms / row['op']:.2f}" if numpy_ms else "—"
+                    print(f"| {row['model']} | {count} | {row['type']} | {row['batch']} | {row['op']:.2f} | "
+                          f"{f'{numpy_ms:.2f}' if numpy_ms else '—'} | {slower} | "
+                          f"{row['op'] * 1e6 / row['weights']:.3f} |")
+        return
     if args.matmul:
-        print("| threads | type | batch | op (ms) | dequantise whole + GEMM (ms) | int8 dot (ms) | float32 GEMM (ms) |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        from tinygrad_llm.quant import cpu_kernels
+        print(f"# the op's C kernels: {'built' if cpu_kernels.library() is not None else 'not available (NumPy path)'}")
+        print("| threads | type | batch | op (ms) | op's NumPy path (ms) | dequantise whole + GEMM (ms) | int8 dot (ms) "
+              "| float32 GEMM (ms) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for count in threads:
             for row in json.loads(run_child(["--matmul", *common], count)):
                 int8 = f"{row['int8_dot_ms']:.2f}" if "int8_dot_ms" in row else "—"
-                print(f"| {count} | {row['type']} | {row['batch']} | {row['op_ms']:.2f} | "
+                print(f"| {count} | {row['type']} | {row['batch']} | {row['op_ms']:.2f} | {row['numpy_path_ms']:.2f} | "
                       f"{row['dequantise_then_gemm_ms']:.2f} | {int8} | {row['float32_gemm_ms']:.2f} |")
         return
     all_rows = []

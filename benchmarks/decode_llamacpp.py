@@ -4,6 +4,7 @@
     python benchmarks/decode_llamacpp.py                  # default and GPT-2-size models, f32/q8_0/q4_0, 1 and 2 threads
     python benchmarks/decode_llamacpp.py --models default --types q8_0 --threads 1
     python benchmarks/decode_llamacpp.py --profile --models gpt2 --types q8_0   # where our decode step's time goes
+    TINYGRAD_LLM_CPU_KERNELS=0 python benchmarks/decode_llamacpp.py --types q8_0,q4_0   # ours on the op's NumPy path
 
 For each model (decode.py's MODELS: the default `tinygrad-llm train` shape and a GPT-2-size one, random
 weights) and weight type, the float model is built once from a fixed seed and exported with the project's
@@ -12,7 +13,9 @@ q4_0 into $TMPDIR/tinygrad_llm_llamacpp_<model>_<type>.gguf (rebuilt when missin
 (llama-cpp-python's Llama, n_threads = n_threads_batch = threads) loads that file; our side rebuilds the
 same float model from the same seed and, for q8_0 / q4_0, quantizes it with tinygrad_llm.quant (whose Q8_0
 and Q4_0 bytes equal gguf's, so both sides hold the same weights), then decodes with
-tinygrad_llm.generate.Decoder, as `sample`, `chat` and the server do.
+tinygrad_llm.generate.Decoder, as `sample`, `chat` and the server do (the quantized linear op on its C
+kernels, tinygrad_llm/quant/cpu_kernels.c, where a C compiler built them; the environment, and with it
+TINYGRAD_LLM_CPU_KERNELS, passes to the measuring processes).
 
 Each measurement runs in a fresh process with OPENBLAS_NUM_THREADS = OMP_NUM_THREADS = TINYGRAD_LLM_THREADS
 = threads, OPENBLAS_THREAD_TIMEOUT=4 (as the CLI sets) and OMP_WAIT_POLICY=PASSIVE (llama.cpp's OpenMP

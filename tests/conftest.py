@@ -10,6 +10,7 @@ HYPOTHESIS_PROFILE=thorough for a longer local search.
 from __future__ import annotations
 
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -18,6 +19,9 @@ from hypothesis import HealthCheck, settings
 from tinygrad_llm import backend as backend_module
 from tinygrad_llm import Tensor
 from tinygrad_llm.gradcheck import gradcheck
+
+# the quantized op's C kernels (tinygrad_llm/quant/cpu_kernels.py) are built into the temporary folder, not ~/.cache
+os.environ.setdefault("TINYGRAD_LLM_CPU_KERNELS_DIR", os.path.join(tempfile.gettempdir(), "tinygrad_llm_test_cpu_kernels"))
 
 settings.register_profile("default", deadline=None, max_examples=50, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

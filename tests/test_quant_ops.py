@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 import tinygrad_llm.functional as F
 from tinygrad_llm import Tensor, backend, cpu_threads
 from tinygrad_llm.ops import quantized
-from tinygrad_llm.quant import QuantizedMatrix
+from tinygrad_llm.quant import QuantizedMatrix, cpu_kernels
 
 KINDS = ("q8_0", "q4_0", "int8")
 
@@ -31,10 +31,11 @@ def test_quantized_linear_equals_the_dequantised_float_op(kind, rows, out_featur
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("leading", [(2, 3), (4, 5)])       # 6 rows: scales on the products; 20: dequantised tiles
+@pytest.mark.parametrize("leading", [(1, 2), (2, 3), (4, 5)])   # 2 rows: the C kernels; 6: q4_0's kernel, q8_0's
+                                                                # products; 20: dequantised tiles
 def test_tiles_and_threads_do_not_change_the_result(kind, leading, monkeypatch):
     rng = np.random.default_rng(1)
-    matrix = QuantizedMatrix.quantize(rng.standard_normal((100, 96)), kind)
+    matrix = QuantizedMatrix.quantize(rng.standard_normal((160, 96)), kind)  # 160 rows: two threads' shares of 64+
     x = rng.standard_normal((*leading, 96)).astype(np.float32)              # leading axes are kept
     whole = quantized.linear_forward(x, matrix)
     monkeypatch.setattr(quantized, "TILE_ELEMENTS", 32 * 70)              # several steps, a ragged last one
@@ -47,10 +48,99 @@ def test_tiles_and_threads_do_not_change_the_result(kind, leading, monkeypatch):
     finally:
         cpu_threads.set_thread_count(previous)
     rows = leading[0] * leading[1]
-    assert tiled.shape == (*leading, 100)
+    assert tiled.shape == (*leading, 160)
     close = 1e-6 if rows <= quantized.PRODUCT_SIDE_ROWS else 1e-5      # BLAS may block a tile's sum differently
     np.testing.assert_allclose(tiled, whole, rtol=close, atol=close * np.abs(whole).max())
-    np.testing.assert_allclose(tiled.reshape(rows, 100), reference(x.reshape(rows, 96), matrix), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(tiled.reshape(rows, 160), reference(x.reshape(rows, 96), matrix), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch, tmp_path):
+    """The compiled CPU kernels looked up afresh, built into tmp_path; the process's library restored after."""
+    monkeypatch.setenv("TINYGRAD_LLM_CPU_KERNELS_DIR", str(tmp_path))
+    monkeypatch.delenv("TINYGRAD_LLM_CPU_KERNELS", raising=False)
+    cpu_kernels.reset()
+    yield tmp_path
+    cpu_kernels.reset()
+
+
+def compiled_kernels():
+    library = cpu_kernels.library()
+    if library is None:
+        pytest.skip("no C compiler here: the NumPy path is the only one")
+    return library
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+@given(rows=st.sampled_from([1, 2, 3, 8, 17, 32]), out_features=st.integers(1, 70), blocks=st.integers(1, 5),
+       scale=st.sampled_from([1e-3, 1.0, 300.0]), seed=st.integers(0, 2 ** 16))
+def test_compiled_kernels_equal_the_numpy_path(kind, rows, out_features, blocks, scale, seed):
+    compiled_kernels()
+    rng = np.random.default_rng(seed)
+    matrix = QuantizedMatrix.quantize(scale * rng.standard_normal((out_features, 32 * blocks)), kind)
+    x = rng.standard_normal((rows, 32 * blocks)).astype(np.float32)
+    kernel_y = quantized.kernel_linear(cpu_kernels.library(), x, matrix)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantized, "KERNEL_ROWS", 0)                      # the NumPy paths for every row count
+        numpy_y = quantized.linear_forward(x, matrix)
+    exact = reference(x, matrix)
+    assert kernel_y.dtype == np.float32 and kernel_y.shape == (rows, out_features)
+    np.testing.assert_allclose(kernel_y, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+    np.testing.assert_allclose(kernel_y, numpy_y, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+
+
+def test_the_portable_build_equals_the_simd_build(fresh_kernels):
+    simd = compiled_kernels()
+    portable = cpu_kernels.load(extra_flags=("-DTINYGRAD_LLM_PORTABLE",))   # plain C, what non-x86 machines run
+    rng = np.random.default_rng(8)
+    cases = [("q8_0", 1, 37, 1.0), ("q4_0", 3, 21, 1.0), ("q8_0", 9, 16, 1e-3), ("q4_0", 1, 7, 1e-4)]
+    for kind, rows, out_features, size in cases:                # 1e-3, 1e-4: float16 scales below 2⁻¹⁴ (subnormal)
+        matrix = QuantizedMatrix.quantize(size * rng.standard_normal((out_features, 96)), kind)
+        x = rng.standard_normal((rows, 96)).astype(np.float32)
+        expected = reference(x, matrix)
+        for library in (simd, portable):
+            matrix.cpu_kernel_call = None
+            y = quantized.kernel_linear(library, x, matrix)
+            np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_decode_rows_take_the_kernel_and_keep_no_float32_scales(monkeypatch):
+    compiled_kernels()
+    rng = np.random.default_rng(6)
+    matrix = QuantizedMatrix.quantize(rng.standard_normal((40, 64)), "q8_0")
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    calls = []
+    monkeypatch.setattr(quantized, "kernel_linear", lambda *a: calls.append(a) or np.zeros((1, 40), np.float32))
+    quantized.linear_forward(x, matrix)
+    assert len(calls) == 1
+    monkeypatch.undo()
+    quantized.linear_forward(x, matrix)
+    assert matrix._float32_scale is None                               # the kernel reads the float16 scales
+
+
+def test_kernels_build_once_into_the_cache_folder(fresh_kernels):
+    first = compiled_kernels()
+    built = list(fresh_kernels.glob("cpu_kernels-*.so"))
+    assert len(built) == 1 and not list(fresh_kernels.glob("*.tmp"))
+    stamp = built[0].stat().st_mtime_ns
+    cpu_kernels.reset()
+    assert cpu_kernels.library() is not None and first is not None
+    assert built[0].stat().st_mtime_ns == stamp                        # loaded, not rebuilt
+
+
+def test_no_compiler_or_turned_off_means_the_numpy_path(fresh_kernels, monkeypatch):
+    rng = np.random.default_rng(7)
+    matrix = QuantizedMatrix.quantize(rng.standard_normal((30, 64)), "q4_0")
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    monkeypatch.setenv("CC", str(fresh_kernels / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="NumPy path"):
+        assert cpu_kernels.library() is None
+    np.testing.assert_allclose(quantized.linear_forward(x, matrix), reference(x, matrix), rtol=1e-4, atol=1e-4)
+    assert not list(fresh_kernels.glob("*.so"))
+    monkeypatch.delenv("CC")
+    cpu_kernels.reset()
+    monkeypatch.setenv("TINYGRAD_LLM_CPU_KERNELS", "0")
+    assert cpu_kernels.library() is None and not list(fresh_kernels.glob("*.so"))
 
 
 def test_int8_dot_alternative_is_close():

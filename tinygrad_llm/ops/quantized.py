@@ -4,20 +4,30 @@ The dispatch point for every Linear of KV-cached decoding (tinygrad_llm.generate
 - a float weight: the same path as ops/matmul.Linear (the bf16/fp16 cuBLAS policy on the GPU, else x @ Wᵀ);
 - a QuantizedMatrix on the GPU: the CUDA kernels of kernels/quant_matmul.cu (tinygrad_llm.gpu.quantized), a
   fused dequantise + GEMV for a few rows (decode), dequantise + cuBLAS for many (prefill);
-- a QuantizedMatrix on the CPU, Q8_0 / Q4_0: block by block. The matrix is block-major (the j-th
+- a QuantizedMatrix on the CPU, Q8_0 / Q4_0, up to KERNEL_ROWS rows of x (decode): the compiled C kernels
+  (tinygrad_llm/quant/cpu_kernels.c, built at first use by quant/cpu_kernels.py), which read each code once
+  and convert it to float32 in registers: no float32 tile is written. Where no C compiler is found (or
+  TINYGRAD_LLM_CPU_KERNELS=0) the NumPy paths below take these rows too, with the same result to rounding.
+- a QuantizedMatrix on the CPU, Q8_0 / Q4_0, NumPy: block by block. The matrix is block-major (the j-th
   32-weight block of every output row is one contiguous (out, 32) slab), so a few slabs at a time are
   converted to float32 (into a per-thread buffer that stays in cache) and multiplied by the matching 32
   inputs in one batched GEMM:  P[j] = codes[j] @ x[:, block j]ᵀ  (out, N);  then y = Σ_j d[j] · P[j].
   The scales act on the products, (out, N) per block, not on the weights, (out, 32) per block: for decode
   (N ≤ 32) that is the cheaper side. Q4_0's −8 offset is folded the same way: Σ (n − 8)·x = Σ n·x − 8·Σ x.
+  Beyond PRODUCT_SIDE_ROWS rows (batched decoding, prefill) tiles of whole weight rows are dequantised and
+  multiplied in one full-depth GEMM each: there the GEMM's arithmetic, not the conversion, is the cost.
   Output rows are split across tinygrad_llm.cpu_threads' threads when each share holds at least
   THREAD_ELEMENTS weights (handing a small matrix to a second thread costs more than it saves).
 - a QuantizedMatrix on the CPU, INT8 per channel: a tile of output rows at a time converted to float32
   and one GEMM, the per-row scale applied to y's columns.
 
-Why float32 GEMMs rather than an int8 dot product: NumPy has no int8 GEMM with int32 accumulation (an
-integer matmul runs NumPy's own unvectorised loop); `int8_dot_linear` is that alternative, and
-benchmarks/decode.py --matmul measures both (benchmarks/RESULTS.md has the numbers).
+Why a C kernel: NumPy has no int8 / int4 matrix-vector product, so its paths convert every code to float32
+before BLAS sees it. That conversion (~0.1 ns a weight, 4 bytes written for each 1 read) costs twice the
+float32 GEMV of the converted tile (~0.05 ns), so the NumPy path at batch 1 is ~0.2 ns a weight for Q8_0
+and more for Q4_0, where llama.cpp decodes a GPT-2-size model at 0.05–0.07 ns a weight all told (3.7× /
+7.7× faster than that path). An integer matmul in NumPy (int8 codes, int32 sums: `int8_dot_linear`,
+measured by benchmarks/decode.py --matmul) runs NumPy's unvectorised loop and is slower still. Numbers in
+benchmarks/RESULTS.md.
 Simplification: no backward (quantized weights are not trained); the op raises if one is asked for.
 """
 from __future__ import annotations
@@ -28,6 +38,7 @@ import numpy as np
 
 from ..gpu import kernel
 from ..cpu_threads import parallel_items, split, thread_count
+from ..quant import cpu_kernels
 from ..quant.formats import BLOCK_SIZE, QuantizedMatrix
 from ..tensor import Function
 
@@ -36,6 +47,7 @@ PRODUCT_TILE_ELEMENTS = 1 << 19  # codes converted per step on the products path
                                  # steps (a GPT-2-size token: 15–20 % less CPU time than at 1 << 17, measured)
 THREAD_ELEMENTS = 1 << 18        # weights a thread's share must hold before the rows are split across threads
 PRODUCT_SIDE_ROWS = 16           # Q8_0 / Q4_0 with up to this many rows of x: scales on the products
+KERNEL_ROWS = 32                 # rows of x up to which the C kernels run (they beat the NumPy paths to ~64, measured)
 _scratch = threading.local()
 
 
@@ -115,11 +127,41 @@ def _dequantized_products(x_t, weight: QuantizedMatrix, start: int, end: int) ->
     return y
 
 
+def kernel_linear(library, x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
+    """CPU Q8_0 / Q4_0 through the compiled kernels (tinygrad_llm/quant/cpu_kernels.c): (N, in) @ Ŵᵀ -> (N, out),
+    the codes read once and converted in registers; output rows split across the threads. The kernel's
+    arguments for the weight are kept on it (weight.cpu_kernel_call): a decode step calls this ~100 times."""
+    call = weight.cpu_kernel_call
+    if call is None or call[0] is not library or call[1] is not weight.values or call[2] is not weight.scale:
+        function = library.q8_0_linear if weight.kind == "q8_0" else library.q4_0_linear
+        call = weight.cpu_kernel_call = (library, weight.values, weight.scale, function, weight.values.ctypes.data,
+                                         weight.scale.ctypes.data, weight.shape[1] // BLOCK_SIZE, weight.shape[0])
+    function, values, scale, blocks, out_features = call[3:]
+    x2 = np.ascontiguousarray(x2, dtype=np.float32)          # the kernel reads (N, in) float32 rows, back to back
+    columns = x2.shape[0]
+    y = np.empty((columns, out_features), dtype=np.float32)
+    x_pointer, y_pointer = x2.ctypes.data, y.ctypes.data
+    if thread_count() == 1:
+        function(values, scale, x_pointer, y_pointer, blocks, out_features, 0, out_features, columns)
+        return y
+
+    def work(bounds):
+        function(values, scale, x_pointer, y_pointer, blocks, out_features, bounds[0], bounds[1], columns)  # GIL released
+
+    parallel_items(work, split(out_features, min_chunk=max(64, THREAD_ELEMENTS // (blocks * BLOCK_SIZE))))
+    return y
+
+
 def blockwise_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
     """CPU Q8_0 / Q4_0: (N, in) float32 @ Ŵᵀ -> (N, out) float32 (see the module docstring): up to
-    PRODUCT_SIDE_ROWS rows of x the scales act on the products, beyond that on dequantised weight tiles."""
+    KERNEL_ROWS rows of x the compiled kernels where they are built, else up to PRODUCT_SIDE_ROWS
+    rows the scales act on the products, beyond that on dequantised weight tiles."""
     out_features, in_features = weight.shape
     columns = x2.shape[0]
+    if columns <= KERNEL_ROWS and weight.values.flags.c_contiguous and weight.scale.flags.c_contiguous:
+        library = cpu_kernels.library()
+        if library is not None:
+            return kernel_linear(library, x2, weight)
     if columns > PRODUCT_SIDE_ROWS:
         x_t = np.ascontiguousarray(x2.T)                                                     # (in, N)
         work = lambda bounds: _dequantized_products(x_t, weight, *bounds)

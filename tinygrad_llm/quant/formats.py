@@ -219,13 +219,14 @@ class QuantizedMatrix:
             scale float16 (nb, out);
     - int8: values int8 (out, in), scale float32 (out,).
     The same bytes as the blocks (1.0625 / 0.5625 bytes a weight). Block-major, the j-th block of every
-    output row is one contiguous slab: the CPU op converts a few slabs at a time to float32 and multiplies
-    them by the matching 32 inputs in one batched GEMM, then applies the scales to the (small) products.
+    output row is one contiguous slab: the CPU op's C kernels (quant/cpu_kernels.c) read the slabs front to
+    back, and its NumPy path converts a few slabs at a time to float32 and multiplies them by the matching
+    32 inputs in one batched GEMM, then applies the scales to the (small) products.
     The arrays may live on the GPU (CuPy) after `to("cuda")`; `dequantize`, `take_rows` and `blocks`
     work on CPU arrays.
     """
 
-    __slots__ = ("kind", "shape", "values", "scale", "_float32_scale")
+    __slots__ = ("kind", "shape", "values", "scale", "_float32_scale", "cpu_kernel_call")
 
     def __init__(self, kind: str, shape, values, scale):
         if kind not in KINDS:
@@ -250,11 +251,13 @@ class QuantizedMatrix:
                                    f"{tuple(values.shape)} and {scale.dtype} {tuple(scale.shape)}")
         self.kind, self.shape, self.values, self.scale = kind, shape, values, scale
         self._float32_scale = None
+        self.cpu_kernel_call = None      # ops/quantized.py's cached arguments for the compiled CPU kernel
 
     def float32_scale(self):
-        """The scales as float32, converted at the first call and kept (the CPU op's products need them in
+        """The scales as float32, converted at the first call and kept (the CPU op's NumPy path needs them in
         float32, and NumPy converts float16 at ~10 ns an element: 15 ms a token for a GPT-2-size head).
-        Keeping them costs 4 bytes a block beside the 2 of the float16 scales (0.125 bytes a weight)."""
+        Keeping them costs 4 bytes a block beside the 2 of the float16 scales (0.125 bytes a weight); the
+        C kernels read the float16 scales and never ask for these."""
         if self._float32_scale is None:
             self._float32_scale = self.scale.astype(np.float32)
         return self._float32_scale
