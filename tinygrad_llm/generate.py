@@ -54,8 +54,12 @@ import numpy as np
 
 from . import backend, precision
 from .gpu import kernel
-from . import functional as F
-from .ops.attention import CacheRows
+from .ops.activation import SwiGLU
+from .ops.attention import CacheRows, CausalAttention
+from .ops.embedding import Embedding
+from .ops.matmul import Linear
+from .ops.norm import RMSNorm
+from .ops.quantized import QuantizedLinear
 from .ops.rope import rope_angles
 from .quant.formats import QuantizedMatrix
 from .tensor import no_grad
@@ -153,11 +157,11 @@ def model_weights(model) -> dict:
 class Decoder:
     """KV-cached forward passes of a model for prefill and batched decoding (no autograd).
 
-    The same ops as GPT.forward, run under no_grad on the weights by name: F.embedding (or a quantized
-    embedding's own row lookup), F.rms_norm, the linear op (F.linear for a float weight,
-    F.quantized_linear for a QuantizedMatrix), F.rope_attention with the ragged batched-cache option
-    (ops/attention.CacheRows: every slot at its own position, attending to its own keys only) and
-    F.swiglu. Logits come back as NumPy arrays (float32, or float64 for a float64 model). The tests hold
+    The same ops as GPT.forward, their forwards run on the raw arrays of the weights by name (`_forward`:
+    no Tensors, no graph): Embedding (or a quantized embedding's own row lookup), RMSNorm, the linear op
+    (Linear for a float weight, QuantizedLinear for a QuantizedMatrix), CausalAttention's packed RoPE form
+    with the ragged batched-cache option (ops/attention.CacheRows: every slot at its own position,
+    attending to its own keys only) and SwiGLU. Logits come back as NumPy arrays (float32, or float64 for a float64 model). The tests hold
     it to GPT.forward's logits.
     On the GPU under a bf16/fp16 policy (tinygrad_llm.precision) the float weight matrices are cast to
     the low dtype once, here (a copy beside the float32 masters), with q‖k‖v and gate‖up stacked so that
@@ -284,17 +288,16 @@ class Decoder:
         if hasattr(self.embed, "take_rows"):                     # a QuantizedMatrix: dequantise the rows used
             rows = self.embed.take_rows(ids)
             return backend.to_device(rows, self.device) if self.device != "cpu" else rows
-        return F.embedding(backend.to_device(ids, self.device), self.embed).data.astype(self.dtype, copy=False)
+        return _forward(Embedding, ids, self.embed).astype(self.dtype, copy=False)    # ids checked on the host
 
     def _linear(self, x, weight):
         """The linear op for this weight (float or quantized), its output in the compute dtype."""
-        op = F.quantized_linear if isinstance(weight, QuantizedMatrix) else F.linear
-        y = op(x, weight).data
+        y = _forward(QuantizedLinear if isinstance(weight, QuantizedMatrix) else Linear, x, weight)
         return y if y.dtype == self.dtype else y.astype(self.dtype)
 
     def _norm(self, x, weight):
-        """F.rms_norm; its threaded row chunks only for many rows (a prompt), not a row per sequence."""
-        return F.rms_norm(x, weight, self.config.norm_eps, chunked=x.size > CHUNKED_NORM_ROWS * x.shape[-1]).data
+        """RMSNorm; its threaded row chunks only for many rows (a prompt), not a row per sequence."""
+        return _forward(RMSNorm, x, weight, eps=self.config.norm_eps, chunked=x.size > CHUNKED_NORM_ROWS * x.shape[-1])
 
     def _layers(self, x, cache, rows):
         """x (B, T, C): row b is the sequence in cache slot rows.slots[b], T new positions from rows.starts[b]."""
@@ -311,13 +314,13 @@ class Decoder:
                 qkv = xp.concatenate([self._linear(h, layer.q), self._linear(h, layer.k),
                                       self._linear(h, layer.v)], axis=-1)           # (B, T, C + 2·Hkv·D)
             qkv = qkv.reshape(batch, time, heads + 2 * kv_heads, head_dim)         # -> (B, T, H + 2Hkv, D)
-            y = F.rope_attention(qkv, heads, kv_heads, cos, sin, cache=(cache.k[i], cache.v[i], rows)).data
+            y = _forward(CausalAttention, qkv, packed=(heads, kv_heads, cos, sin), cache=(cache.k[i], cache.v[i], rows))
             x = x + self._linear(y, layer.o)
             h = self._norm(x, layer.mlp_norm)
             if layer.gate_up is not None:            # gate‖up stays in the GEMM's dtype through SwiGLU
-                hidden = F.swiglu(F.linear(h, layer.gate_up).data).data
+                hidden = _forward(SwiGLU, _forward(Linear, h, layer.gate_up), packed=True)
             else:
-                hidden = F.swiglu(self._linear(h, layer.gate), self._linear(h, layer.up)).data
+                hidden = _forward(SwiGLU, self._linear(h, layer.gate), self._linear(h, layer.up))
             x = x + self._linear(hidden, layer.down)
         return x
 
@@ -357,6 +360,16 @@ class Decoder:
                 warnings.warn(f"decoding without CUDA graphs: capturing the step failed ({error})", stacklevel=3)
                 return None
         return graph
+
+
+def _forward(op, *arrays, **options):
+    """The op's forward on raw arrays, keeping nothing for a backward: what the functional op computes
+    under no_grad, without wrapping every array in a Tensor (a decoding step calls ~10 ops a layer)."""
+    function = op()
+    function.needs_input_grad = (False,) * len(arrays)
+    out = function.forward(*arrays, **options)
+    function.free()
+    return out
 
 
 class _StepGraph:
