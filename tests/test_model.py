@@ -304,8 +304,9 @@ def test_threaded_cpu_ops_give_bit_identical_results():
         np.testing.assert_array_equal(value, results[1][1][name], err_msg=name)
 
 
-@pytest.mark.parametrize("keep_probabilities, chunked_norm", [(False, False), (True, False), (False, True)])
-def test_op_options_do_not_change_the_gradients(keep_probabilities, chunked_norm):
+@pytest.mark.parametrize("keep_probabilities, chunked_norm, split_gate_up",
+                         [(False, False, True), (True, False, True), (False, True, True), (True, True, False)])
+def test_op_options_do_not_change_the_gradients(keep_probabilities, chunked_norm, split_gate_up):
     ids = np.random.default_rng(4).integers(0, 11, (3, 12))
 
     def gradients(options):
@@ -316,7 +317,8 @@ def test_op_options_do_not_change_the_gradients(keep_probabilities, chunked_norm
         loss.backward()
         return {n: p.grad for n, p in model.named_parameters()}
 
-    reference = gradients(OpOptions())                             # the defaults: both on
-    options = OpOptions(keep_attention_probabilities=keep_probabilities, chunked_norm=chunked_norm)
+    reference = gradients(OpOptions())                             # the defaults: all on
+    options = OpOptions(keep_attention_probabilities=keep_probabilities, chunked_norm=chunked_norm,
+                        split_gate_up=split_gate_up)
     for name, grad in gradients(options).items():
         np.testing.assert_allclose(grad, reference[name], rtol=1e-9, atol=1e-12, err_msg=name)
