@@ -165,6 +165,28 @@ def test_blocked_causal_attention_matches_the_composed_reference(monkeypatch, bl
     assert gradcheck(packed, [qkv]).ok
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blocked_causal_attention_with_rows_far_apart(monkeypatch, dtype):
+    """The blocked path shifts each block of scores by the block's maximum; a query whose scores lie far
+    below another row's of the same head (here 1000× larger q rows) must still get its own softmax (the
+    per-row fallback), not zeros or NaN, in float32 too."""
+    from tinygrad_llm.ops import attention
+    shifted = []
+    block_shift = attention._softmax_block_shift
+    monkeypatch.setattr(attention, "_softmax_block_shift", lambda s: shifted.append(block_shift(s)) or shifted[-1])
+    rng = np.random.default_rng(11)
+    time, heads, head_dim = 6, 2, 4
+    qkv = rng.standard_normal((2, time, 3 * heads, head_dim))
+    qkv[:, 1::2, :heads] *= 1000.0                                # every other query row: huge scores
+    cos, sin = rope_angles(np.arange(time), head_dim, 10000.0)
+    got = F.rope_attention(Tensor(qkv.astype(dtype)), heads, heads, cos.astype(dtype), sin.astype(dtype),
+                           keep_probabilities=True).numpy()
+    expected = _composed_attention(Tensor(qkv), heads, heads).numpy()
+    assert False in shifted                                        # the fallback ran
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-4)
+
+
 def test_tied_embedding_gradient_is_the_sum_of_its_two_uses():
     """With tie_embeddings one matrix is both the embedding table and the output head: its gradient must be
     the lookup's scatter-add plus the head's Gᵀ x, each computed here from a model whose two uses are split."""
