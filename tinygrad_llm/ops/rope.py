@@ -122,15 +122,15 @@ def rotate_heads_into(x, cos_wide, sin_signed, out):
     batch, time, heads, head_dim = x.shape
     half = head_dim // 2
     xp.multiply(x, cos_wide, out=out)
-    if xp is np:
+    halves = x.reshape(batch, time, heads, 2, half)                              # (B, T, n, 2, D/2)
+    if xp is np and halves.strides[-1] == x.dtype.itemsize and half > 1:
         unit = np.dtype((np.void, half * x.dtype.itemsize))                      # one half of a head
-        halves = x.reshape(batch, time, heads, 2, half).view(unit)[..., 0]        # (B, T, n, 2) units
+        halves = halves.view(unit)[..., 0]                                        # (B, T, n, 2) units
         rotated = np.empty((batch, time, heads, 2), dtype=unit)
         rotated[..., 0], rotated[..., 1] = halves[..., 1], halves[..., 0]        # [x₂, x₁]
         rotated = rotated.view(x.dtype).reshape(x.shape)                          # -> (B, T, n, D)
         rotated *= sin_signed.reshape(time, heads, head_dim)                      # [−x₂ sin, x₁ sin]
     else:
-        swapped = x.reshape(batch, time, heads, 2, half)[..., ::-1, :]          # [x₂, x₁]: (B, T, n, 2, D/2)
-        rotated = xp.multiply(swapped, sin_signed)                               # [−x₂ sin, x₁ sin]
+        rotated = xp.multiply(halves[..., ::-1, :], sin_signed)                  # [−x₂ sin, x₁ sin]
     out += rotated.reshape(x.shape)
     return out
