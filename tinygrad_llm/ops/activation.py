@@ -160,7 +160,7 @@ class SwiGLU(Function):
             xp.multiply(g, sigma, out=out)
             out *= u
 
-        run_row_chunks(part, gate2.shape[0], 2 * gate2.shape[1], xp)
+        run_row_chunks(part, gate2.shape[0], 2 * gate2.shape[1], xp, balanced=True)
         self.save(path="array", gate=gate, up=up, s=s, packed=packed)
         return y.reshape(out_shape)
 
@@ -191,7 +191,7 @@ class SwiGLU(Function):
             t *= d_gate                                              # b · g (1 − σ(g))
             d_gate += t                                              # dg = b (1 + g(1 − σ(g))) = dy · u · silu'(g)
 
-        run_row_chunks(part, s.shape[0], 2 * hidden, xp)
+        run_row_chunks(part, s.shape[0], 2 * hidden, xp, balanced=True)
         if packed:
             return d_flat.reshape(gate.shape)
         return d_gate2.reshape(gate.shape), d_up2.reshape(up.shape)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..backend import array_module
 from ..gpu import kernel
-from ..cpu_threads import CHUNK_ELEMENTS, parallel_items, thread_count
+from ..cpu_threads import run_row_chunks
 from ..tensor import Function
 from .matmul import accumulation_dtype
 
@@ -126,16 +126,6 @@ class ResidualAdd(Function):
         return ds, ds.astype(dtype, copy=False)
 
 
-def _row_parts(rows: int, channels: int) -> int:
-    """How many row chunks a (rows, channels) pass is cut into: cache-sized, and when there are several, a
-    multiple of the pool's thread count so that no thread waits for another's extra chunk. Less than one
-    chunk of work stays on the calling thread: handing it to the pool costs more than it saves."""
-    count = -(-rows * channels // CHUNK_ELEMENTS)
-    if count <= 1:
-        return 1
-    return min(rows, -(-count // thread_count()) * thread_count())
-
-
 def _chunked_forward(x, weight, eps, branch=None):
     """y = RMSNorm(x) and r over row chunks; with `branch`, x + branch is formed in the same pass (into a
     new array, returned as the third value) and normalised."""
@@ -163,7 +153,7 @@ def _chunked_forward(x, weight, eps, branch=None):
         np.multiply(rows, weight, out=out)
         out *= scale
 
-    _run_parts(part, x2.shape[0], channels)
+    run_row_chunks(part, x2.shape[0], channels, np, balanced=True)
     return y.reshape(x.shape), r, None if total is None else total.reshape(x.shape)
 
 
@@ -191,18 +181,9 @@ def _chunked_backward(dy, x, r, weight):
         out -= correction
         np.multiply(upstream, scale, out=correction)                # dy·r, for dw
 
-    _run_parts(part, x2.shape[0], channels)
+    run_row_chunks(part, x2.shape[0], channels, np, balanced=True)
     dweight = np.einsum("ij,ij->j", scaled_dy, x2)                  # Σ_rows (dy·r)·x = Σ_rows dy·x̂
     return dx.reshape(x.shape), dweight.astype(weight.dtype, copy=False)
-
-
-def _run_parts(function, rows: int, channels: int) -> None:
-    count = _row_parts(rows, channels)
-    bounds = [rows * i // count for i in range(count + 1)]
-    ranges = list(zip(bounds[:-1], bounds[1:]))
-    threads = min(thread_count(), count)
-    parallel_items(lambda group: [function(*ranges[i]) for i in group],
-                   [list(range(i, count, threads)) for i in range(threads)])
 
 
 def rms_norm_reference(x, weight, eps=1e-5):
