@@ -82,14 +82,14 @@ def run_chunked(function, total: int, chunk: int):
 
 
 CHUNK_ELEMENTS = 1 << 17     # elements per row chunk on the CPU (512 KiB of float32: stays in L2)
-SPLIT_ELEMENTS = 1 << 15     # a pass over fewer elements than this per thread stays on the calling thread
+SPLIT_ELEMENTS = 1 << 16     # a pass over fewer elements than this per thread stays on the calling thread
 
 
 def balanced_parts(rows: int, width: int) -> int:
     """How many row chunks a pass over (rows, width) elements is cut into when the result may depend on
     the thread count: cache-sized chunks, a multiple of the thread count (no thread waits for another's
     extra chunk), and a pass under one chunk still split over the threads when each gets at least
-    SPLIT_ELEMENTS (handing less to the pool costs more than it saves)."""
+    SPLIT_ELEMENTS (handing less to the pool costs more than it saves; benchmarks/RESULTS.md)."""
     threads, elements = thread_count(), rows * width
     count = -(-elements // CHUNK_ELEMENTS)
     if count <= 1:
