@@ -302,6 +302,38 @@ def test_chunked_rms_norm_matches_the_plain_path():
     assert gradcheck(lambda t, v: F.rms_norm(t, v, 1e-5, chunked=True), [x[:1, :4], w]).ok
 
 
+def test_balanced_row_chunks_give_the_same_results_on_any_thread_count(monkeypatch):
+    """RMSNorm (with its residual add) and SwiGLU cut their rows into chunks whose count depends on the
+    thread count; with chunks of a few rows, 1 and 3 threads must give bit-identical values and gradients,
+    equal to the unchunked plain path."""
+    from tinygrad_llm import cpu_threads
+    monkeypatch.setattr(cpu_threads, "CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(cpu_threads, "SPLIT_ELEMENTS", 8)
+    rng = np.random.default_rng(12)
+    x, branch, weight = rng.standard_normal((3, 10, 6)), rng.standard_normal((3, 10, 6)), rng.standard_normal(6)
+    gate, up, dy = rng.standard_normal((3, 10, 5)), rng.standard_normal((3, 10, 5)), rng.standard_normal((3, 10, 5))
+
+    def run(chunked):
+        tensors = [Tensor(a, requires_grad=True) for a in (x, branch, weight, gate, up)]
+        total, normed = F.add_rms_norm(*tensors[:3], 1e-5, chunked=chunked)
+        (total * normed).sum().backward()
+        F.swiglu(tensors[3], tensors[4]).backward(dy)
+        return [total.numpy(), normed.numpy()] + [t.grad for t in tensors]
+
+    previous = cpu_threads.thread_count()
+    try:
+        results = []
+        for threads in (1, 3):
+            cpu_threads.set_thread_count(threads)
+            results.append(run(chunked=True))
+    finally:
+        cpu_threads.set_thread_count(previous)
+    plain = run(chunked=False)
+    for one, three, reference in zip(*results, plain):
+        np.testing.assert_array_equal(one, three)
+        np.testing.assert_allclose(one, reference, rtol=1e-12, atol=1e-12)
+
+
 def test_threaded_cpu_ops_give_bit_identical_results():
     from tinygrad_llm import cpu_threads
     config = GPTConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,
