@@ -30,7 +30,7 @@ class RMSNorm(Function):
               dw = Σ_rows dy · x̂
               dx = r · (g − x̂ · mean(g · x̂, axis=−1))
     Shapes:   x, y, dy: (..., C)   w, dw: (C,)   r: (..., 1)
-    Saves:    the path; plain: x̂, r, w;  chunked and kernel: x, r, w (x̂ is recomputed per chunk)
+    Saves:    the path; plain: x̂, r, w;  chunked and kernel: x, r, w (x̂ is not kept)
     Chunked:  the same formulas on row ranges of x (N, C), threaded, with the row sums as einsum row dots
               and dx = r·g − x·r³·mean(g·x) (x̂ never formed); dw is one sum over every row after the chunks,
               so the result does not depend on the thread count.
