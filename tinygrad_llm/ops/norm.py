@@ -160,11 +160,11 @@ def _chunked_forward(x, weight, eps, branch=None):
 def _chunked_backward(dy, x, r, weight):
     """dx and dw of RMSNorm over row chunks, without forming x̂:
     with p = Σ_c dy·w·x per row, dx = r·(dy·w) − x · r³·p/C  (x̂ = x·r, so mean(g·x̂) = r·p/C);
-    dw = Σ_rows (dy·r)·x, summed once over all rows after the chunks (the same sum for any chunking)."""
+    dw = Σ_rows dy·x·r, one GEMV over all rows after the chunks (the same sum for any chunking)."""
     channels = x.shape[-1]
     x2, dy2 = x.reshape(-1, channels), dy.reshape(-1, channels)     # (..., C) -> (N, C)
     dx = np.empty_like(x2)
-    scaled_dy = np.empty_like(x2)
+    products = np.empty_like(x2)
     inverse_channels = x.dtype.type(1.0 / channels)
 
     def part(start, end):
@@ -177,12 +177,12 @@ def _chunked_backward(dy, x, r, weight):
         coefficient *= scale
         coefficient *= inverse_channels                             # r³·p/C
         out *= scale                                                # r·g
-        correction = np.multiply(rows, coefficient, out=scaled_dy[start:end])
+        correction = np.multiply(rows, coefficient, out=products[start:end])
         out -= correction
-        np.multiply(upstream, scale, out=correction)                # dy·r, for dw
+        np.multiply(upstream, rows, out=correction)                 # dy·x, for dw
 
     run_row_chunks(part, x2.shape[0], channels, np, balanced=True)
-    dweight = np.einsum("ij,ij->j", scaled_dy, x2)                  # Σ_rows (dy·r)·x = Σ_rows dy·x̂
+    dweight = products.T @ r[:, 0]                                  # Σ_rows dy·x·r = Σ_rows dy·x̂, one GEMV
     return dx.reshape(x.shape), dweight.astype(weight.dtype, copy=False)
 
 
