@@ -68,6 +68,8 @@ def run_chunked(function, total: int, chunk: int):
     """function(start, end) over range(total) in chunks of `chunk` items (cache-sized pieces), the chunks
     dealt round-robin to the threads; returns the results in chunk order."""
     chunk = max(1, int(chunk))
+    if total <= chunk:                                   # one chunk: no lists, no pool
+        return [function(0, total)]
     ranges = [(start, min(start + chunk, total)) for start in range(0, total, chunk)]
     threads = min(thread_count(), len(ranges))
     groups = [list(range(i, len(ranges), threads)) for i in range(threads)]
