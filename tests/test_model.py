@@ -166,6 +166,28 @@ def test_blocked_causal_attention_matches_the_composed_reference(monkeypatch, bl
     assert gradcheck(packed, [qkv]).ok
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_blocked_causal_attention_with_rows_far_apart(monkeypatch, dtype):
+    """The blocked path shifts each block of scores by the block's maximum; a query whose scores lie far
+    below another row's of the same head (here 1000× larger q rows) must still get its own softmax (the
+    per-row fallback), not zeros or NaN, in float32 too."""
+    from tinygrad_llm.ops import attention
+    shifted = []
+    block_shift = attention._softmax_block_shift
+    monkeypatch.setattr(attention, "_softmax_block_shift", lambda s: shifted.append(block_shift(s)) or shifted[-1])
+    rng = np.random.default_rng(11)
+    time, heads, head_dim = 6, 2, 4
+    qkv = rng.standard_normal((2, time, 3 * heads, head_dim))
+    qkv[:, 1::2, :heads] *= 1000.0                                # every other query row: huge scores
+    cos, sin = rope_angles(np.arange(time), head_dim, 10000.0)
+    got = F.rope_attention(Tensor(qkv.astype(dtype)), heads, heads, cos.astype(dtype), sin.astype(dtype),
+                           keep_probabilities=True).numpy()
+    expected = _composed_attention(Tensor(qkv), heads, heads).numpy()
+    assert False in shifted                                        # the fallback ran
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-4)
+
+
 def test_tied_embedding_gradient_is_the_sum_of_its_two_uses():
     """With tie_embeddings one matrix is both the embedding table and the output head: its gradient must be
     the lookup's scatter-add plus the head's Gᵀ x, each computed here from a model whose two uses are split."""
@@ -281,6 +303,38 @@ def test_chunked_rms_norm_matches_the_plain_path():
     assert gradcheck(lambda t, v: F.rms_norm(t, v, 1e-5, chunked=True), [x[:1, :4], w]).ok
 
 
+def test_balanced_row_chunks_give_the_same_results_on_any_thread_count(monkeypatch):
+    """RMSNorm (with its residual add) and SwiGLU cut their rows into chunks whose count depends on the
+    thread count; with chunks of a few rows, 1 and 3 threads must give bit-identical values and gradients,
+    equal to the unchunked plain path."""
+    from tinygrad_llm import cpu_threads
+    monkeypatch.setattr(cpu_threads, "CHUNK_ELEMENTS", 40)
+    monkeypatch.setattr(cpu_threads, "SPLIT_ELEMENTS", 8)
+    rng = np.random.default_rng(12)
+    x, branch, weight = rng.standard_normal((3, 10, 6)), rng.standard_normal((3, 10, 6)), rng.standard_normal(6)
+    gate, up, dy = rng.standard_normal((3, 10, 5)), rng.standard_normal((3, 10, 5)), rng.standard_normal((3, 10, 5))
+
+    def run(chunked):
+        tensors = [Tensor(a, requires_grad=True) for a in (x, branch, weight, gate, up)]
+        total, normed = F.add_rms_norm(*tensors[:3], 1e-5, chunked=chunked)
+        (total * normed).sum().backward()
+        F.swiglu(tensors[3], tensors[4]).backward(dy)
+        return [total.numpy(), normed.numpy()] + [t.grad for t in tensors]
+
+    previous = cpu_threads.thread_count()
+    try:
+        results = []
+        for threads in (1, 3):
+            cpu_threads.set_thread_count(threads)
+            results.append(run(chunked=True))
+    finally:
+        cpu_threads.set_thread_count(previous)
+    plain = run(chunked=False)
+    for one, three, reference in zip(*results, plain):
+        np.testing.assert_array_equal(one, three)
+        np.testing.assert_allclose(one, reference, rtol=1e-12, atol=1e-12)
+
+
 def test_threaded_cpu_ops_give_bit_identical_results():
     from tinygrad_llm import cpu_threads
     config = GPTConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,
@@ -305,8 +359,9 @@ def test_threaded_cpu_ops_give_bit_identical_results():
         np.testing.assert_array_equal(value, results[1][1][name], err_msg=name)
 
 
-@pytest.mark.parametrize("keep_probabilities, chunked_norm", [(False, False), (True, False), (False, True)])
-def test_op_options_do_not_change_the_gradients(keep_probabilities, chunked_norm):
+@pytest.mark.parametrize("keep_probabilities, chunked_norm, split_gate_up",
+                         [(False, False, True), (True, False, True), (False, True, True), (True, True, False)])
+def test_op_options_do_not_change_the_gradients(keep_probabilities, chunked_norm, split_gate_up):
     ids = np.random.default_rng(4).integers(0, 11, (3, 12))
 
     def gradients(options):
@@ -317,7 +372,8 @@ def test_op_options_do_not_change_the_gradients(keep_probabilities, chunked_norm
         loss.backward()
         return {n: p.grad for n, p in model.named_parameters()}
 
-    reference = gradients(OpOptions())                             # the defaults: both on
-    options = OpOptions(keep_attention_probabilities=keep_probabilities, chunked_norm=chunked_norm)
+    reference = gradients(OpOptions())                             # the defaults: all on
+    options = OpOptions(keep_attention_probabilities=keep_probabilities, chunked_norm=chunked_norm,
+                        split_gate_up=split_gate_up)
     for name, grad in gradients(options).items():
         np.testing.assert_allclose(grad, reference[name], rtol=1e-9, atol=1e-12, err_msg=name)

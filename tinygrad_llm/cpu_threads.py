@@ -68,6 +68,8 @@ def run_chunked(function, total: int, chunk: int):
     """function(start, end) over range(total) in chunks of `chunk` items (cache-sized pieces), the chunks
     dealt round-robin to the threads; returns the results in chunk order."""
     chunk = max(1, int(chunk))
+    if total <= chunk:                                   # one chunk: no lists, no pool
+        return [function(0, total)]
     ranges = [(start, min(start + chunk, total)) for start in range(0, total, chunk)]
     threads = min(thread_count(), len(ranges))
     groups = [list(range(i, len(ranges), threads)) for i in range(threads)]
@@ -82,11 +84,31 @@ def run_chunked(function, total: int, chunk: int):
 
 
 CHUNK_ELEMENTS = 1 << 17     # elements per row chunk on the CPU (512 KiB of float32: stays in L2)
+SPLIT_ELEMENTS = 1 << 16     # a pass over fewer elements than this per thread stays on the calling thread
 
 
-def run_row_chunks(function, rows: int, width: int, xp):
+def balanced_parts(rows: int, width: int) -> int:
+    """How many row chunks a pass over (rows, width) elements is cut into when the result may depend on
+    the thread count: cache-sized chunks, a multiple of the thread count (no thread waits for another's
+    extra chunk), and a pass under one chunk still split over the threads when each gets at least
+    SPLIT_ELEMENTS (handing less to the pool costs more than it saves; benchmarks/RESULTS.md)."""
+    threads, elements = thread_count(), rows * width
+    count = -(-elements // CHUNK_ELEMENTS)
+    if count <= 1:
+        count = max(1, min(threads, elements // SPLIT_ELEMENTS))
+    elif threads > 1:
+        count = -(-count // threads) * threads
+    return max(1, min(rows, count))
+
+
+def run_row_chunks(function, rows: int, width: int, xp, balanced: bool = False):
     """function(start, end) over cache-sized row ranges (about CHUNK_ELEMENTS elements each, rows of `width`
-    elements), threaded, for NumPy arrays; one call over every row for CuPy arrays (xp is their module)."""
+    elements), threaded, for NumPy arrays; one call over every row for CuPy arrays (xp is their module).
+    The ranges depend only on the shape, so per-chunk partial results combine the same way on any thread
+    count; `balanced` (for passes whose result does not depend on the chunking, e.g. elementwise ones)
+    uses `balanced_parts` instead, which evens the work out over the threads."""
     if xp.__name__ != "numpy":
         return [function(0, rows)]
+    if balanced:
+        return run_chunked(function, rows, -(-rows // balanced_parts(rows, width)))
     return run_chunked(function, rows, max(1, CHUNK_ELEMENTS // max(1, width)))

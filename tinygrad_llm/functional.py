@@ -163,7 +163,7 @@ def add_rms_norm(x, branch, weight, eps=1e-5, chunked=True, out_dtype=None):
     norm that follows it; y in out_dtype (default x's). One pass over the rows on the GPU."""
     x, branch, weight = ensure_tensor(x), ensure_tensor(branch), ensure_tensor(weight)
     into = {}
-    total = ResidualAdd.apply(x, branch, norm=(weight.data, eps, out_dtype, into))
+    total = ResidualAdd.apply(x, branch, norm=(weight.data, eps, out_dtype, into, chunked))
     return total, RMSNorm.apply(total, weight, eps=eps, chunked=chunked, out_dtype=out_dtype,
                                 prepared=into.get("prepared"))
 

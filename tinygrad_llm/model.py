@@ -11,7 +11,8 @@ of Llama; attention is grouped-query (`n_kv_heads` key/value heads shared by `n_
 
 Speed: q, k and v come out of one GEMM against the three weights concatenated along the output axis and
 go through one op (F.rope_attention: RoPE, attention, the layout o_proj wants); gate and up likewise
-come out of one GEMM into F.swiglu's packed form; training's head is F.linear_cross_entropy. Each
+come out of one GEMM into F.swiglu's packed form, except on NumPy arrays, where two GEMMs give them as
+contiguous arrays for F.swiglu's passes; training's head is F.linear_cross_entropy. Each
 residual add and the RMSNorm that reads its sum are one F.add_rms_norm (an MLP branch is added by the
 next layer's first norm, or the final norm). The separate
 Hugging Face parameters stay the ones that are stored and updated; the concatenation is a cheap copy of
@@ -42,9 +43,11 @@ class OpOptions:
     """How the ops run, not what they compute (tests/test_model.py checks every setting gives the same
     gradients). keep_attention_probabilities: on the CPU, attention keeps P between forward and backward
     (faster, T×T per cache-sized batch chunk of memory). chunked_norm: RMSNorm on NumPy arrays works in
-    threaded row chunks."""
+    threaded row chunks. split_gate_up: on NumPy arrays the MLP computes gate and up with two GEMMs
+    instead of one against the stacked weights (other arrays always stack them)."""
     keep_attention_probabilities: bool = True
     chunked_norm: bool = True
+    split_gate_up: bool = True
 
 
 @dataclass
@@ -154,8 +157,9 @@ class Attention(Module):
 
 
 class MLP(Module):
-    def __init__(self, config: GPTConfig, dtype=np.float32):
+    def __init__(self, config: GPTConfig, dtype=np.float32, options: OpOptions = OpOptions()):
         super().__init__()
+        self.split_gate_up = options.split_gate_up
         c, hidden = config.d_model, config.ffn_hidden
         self.gate_proj = Linear(c, hidden, dtype=dtype)
         self.up_proj = Linear(c, hidden, dtype=dtype)
@@ -163,6 +167,11 @@ class MLP(Module):
         self.hidden = hidden
 
     def forward(self, x):
+        if self.split_gate_up and array_module(x.data) is np:
+            # NumPy: two GEMMs give gate and up as contiguous arrays (SwiGLU's passes run 1.4–1.9× faster
+            # than over the two strided halves of one gate‖up array; the GEMMs cost the same)
+            gate, up = F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight)   # (B, T, F) each
+            return F.linear(F.swiglu(gate, up), self.down_proj.weight)                        # -> (B, T, C)
         weight = F.concatenate([self.gate_proj.weight, self.up_proj.weight], axis=0)
         gate_up = F.linear(x, weight)                                      # (B, T, 2F)
         return F.linear(F.swiglu(gate_up), self.down_proj.weight)          # (B, T, F) -> (B, T, C)
@@ -175,7 +184,7 @@ class DecoderLayer(Module):
         self.input_layernorm = RMSNorm(config.d_model, config.norm_eps, dtype=dtype, chunked=chunked)
         self.self_attn = Attention(config, dtype=dtype, options=options)
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps, dtype=dtype, chunked=chunked)
-        self.mlp = MLP(config, dtype=dtype)
+        self.mlp = MLP(config, dtype=dtype, options=options)
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x, pending, rope_tables, cache=None, layer=0, start=0):

@@ -160,7 +160,7 @@ class SwiGLU(Function):
             xp.multiply(g, sigma, out=out)
             out *= u
 
-        run_row_chunks(part, gate2.shape[0], 2 * gate2.shape[1], xp)
+        run_row_chunks(part, gate2.shape[0], 2 * gate2.shape[1], xp, balanced=True)
         self.save(path="array", gate=gate, up=up, s=s, packed=packed)
         return y.reshape(out_shape)
 
@@ -183,16 +183,15 @@ class SwiGLU(Function):
         def part(start, end):
             g, u, sigma = gate2[start:end], up2[start:end], s[start:end]
             d_gate, d_up, upstream = d_gate2[start:end], d_up2[start:end], dy2[start:end]
-            xp.multiply(upstream, g, out=d_up)
-            d_up *= sigma                                            # du = dy · silu(g)
+            xp.multiply(upstream, sigma, out=d_gate)                 # a = dy · σ(g)
+            xp.multiply(d_gate, g, out=d_up)                         # du = a · g = dy · silu(g)
+            d_gate *= u                                              # b = dy · u · σ(g)
             t = 1 - sigma
             t *= g
-            t += 1
-            t *= sigma                                               # σ(g)(1 + g(1 − σ(g))) = silu'(g)
-            t *= u
-            xp.multiply(upstream, t, out=d_gate)                     # dg = dy · u · silu'(g)
+            t *= d_gate                                              # b · g (1 − σ(g))
+            d_gate += t                                              # dg = b (1 + g(1 − σ(g))) = dy · u · silu'(g)
 
-        run_row_chunks(part, s.shape[0], 2 * hidden, xp)
+        run_row_chunks(part, s.shape[0], 2 * hidden, xp, balanced=True)
         if packed:
             return d_flat.reshape(gate.shape)
         return d_gate2.reshape(gate.shape), d_up2.reshape(up.shape)

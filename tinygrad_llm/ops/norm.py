@@ -30,14 +30,15 @@ class RMSNorm(Function):
               dw = Σ_rows dy · x̂
               dx = r · (g − x̂ · mean(g · x̂, axis=−1))
     Shapes:   x, y, dy: (..., C)   w, dw: (C,)   r: (..., 1)
-    Saves:    the path; plain: x̂, r, w;  chunked and kernel: x, r, w (x̂ is recomputed per chunk)
-    Chunked:  the same formulas on row ranges of x (N, C); dw is the sum of the per-chunk partial sums,
-              added in chunk order, so the result does not depend on the thread count.
+    Saves:    the path; plain: x̂, r, w;  chunked and kernel: x, r, w (x̂ is not kept)
+    Chunked:  the same formulas on row ranges of x (N, C), threaded, with the row sums as einsum row dots
+              and dx = r·g − x·r³·mean(g·x) (x̂ never formed); dw is one sum over every row after the chunks,
+              so the result does not depend on the thread count.
     Low precision: mean(x²) and the row sums of the backward accumulate in float32 for 16-bit inputs.
 
     Output dtype: `out_dtype` (default x's) rounds y to another dtype (the low dtype a following Linear
-    reads); dy then comes in that dtype and dx goes back in x's. `prepared` = (kernel module, y, r): y
-    and r already computed by ResidualAdd's fused pass over this x; the forward records them only.
+    reads); dy then comes in that dtype and dx goes back in x's. `prepared` = (kernel module or "chunked",
+    y, r): y and r already computed by ResidualAdd's fused pass over this x; the forward records them only.
     """
 
     def forward(self, x, weight, eps=1e-5, chunked=True, out_dtype=None, prepared=None):
@@ -61,7 +62,7 @@ class RMSNorm(Function):
             self.save(path=fast, x=x, r=r, weight=weight)
             return y
         if chunked and xp is np and accumulation_dtype(x.dtype) == x.dtype:   # 16-bit: the plain path
-            y, r = _chunked_forward(x, weight, eps)
+            y, r, _ = _chunked_forward(x, weight, eps)
             self.save(path="chunked", x=x, r=r, weight=weight)
             return y
         accumulate = accumulation_dtype(x.dtype)
@@ -93,9 +94,11 @@ class ResidualAdd(Function):
     Backward: dx = ds;  db = ds rounded to b's dtype
     Shapes:   x, b, s, ds: (..., C), alike
     Saves:    b's dtype
-    Fused norm: with `norm=(weight, eps, out_dtype, into)` and a kernel for the arrays (GPU), the forward
-    also computes y = RMSNorm(s) (weight, eps; y in out_dtype) in the same pass over the rows and stores
-    (kernel module, y, r) in the dict `into`, for RMSNorm's `prepared`; on other arrays `into` stays empty.
+    Fused norm: with `norm=(weight, eps, out_dtype, into[, chunked])` and a kernel for the arrays (GPU), the
+    forward also computes y = RMSNorm(s) (weight, eps; y in out_dtype) in the same pass over the rows and
+    stores (kernel module, y, r) in the dict `into`, for RMSNorm's `prepared`. NumPy arrays of one float32
+    or float64 dtype with `chunked` true do the same on the chunked path, each row chunk summed and
+    normalised while it is in cache ("chunked", y, r); on other arrays `into` stays empty.
     """
 
     def forward(self, x, branch, norm=None):
@@ -103,12 +106,18 @@ class ResidualAdd(Function):
             raise ValueError(f"residual add: branch shape {tuple(branch.shape)} does not match x {tuple(x.shape)}")
         self.save(dtype=branch.dtype)
         if norm is not None:
-            weight, eps, out_dtype, into = norm
+            weight, eps, out_dtype, into, *chunked = norm
             out_dtype = np.dtype(x.dtype if out_dtype is None else out_dtype)
             fast = kernel("add_rms_norm", x, branch, weight, out_dtype)
             if fast is not None:
                 total, y, r = fast.add_rms_norm_forward(x, branch, weight, eps, out_dtype)
                 into["prepared"] = (fast, y, r)
+                return total
+            if (chunked and chunked[0] and type(x) is np.ndarray and type(branch) is np.ndarray
+                    and x.dtype == branch.dtype == out_dtype == weight.dtype and weight.shape == x.shape[-1:]
+                    and accumulation_dtype(x.dtype) == x.dtype):       # the chunked CPU path, sum and norm at once
+                y, r, total = _chunked_forward(x, weight, eps, branch=branch)
+                into["prepared"] = ("chunked", y, r)
                 return total
         return x + branch.astype(x.dtype, copy=False)
 
@@ -117,52 +126,63 @@ class ResidualAdd(Function):
         return ds, ds.astype(dtype, copy=False)
 
 
-def _chunked_forward(x, weight, eps):
+def _chunked_forward(x, weight, eps, branch=None):
+    """y = RMSNorm(x) and r over row chunks; with `branch`, x + branch is formed in the same pass (into a
+    new array, returned as the third value) and normalised."""
     channels = x.shape[-1]
     x2 = x.reshape(-1, channels)                                    # (..., C) -> (N, C)
+    total = None
+    if branch is not None:
+        branch2 = branch.reshape(-1, channels)
+        total = np.empty_like(x2)
     y = np.empty_like(x2)
     r = np.empty((x2.shape[0], 1), dtype=x.dtype)
     inverse_channels = x.dtype.type(1.0 / channels)
 
     def part(start, end):
         rows = x2[start:end]
-        square = rows * rows
-        np.sum(square, axis=-1, keepdims=True, out=r[start:end])
+        if total is not None:
+            rows = np.add(rows, branch2[start:end], out=total[start:end])
         scale = r[start:end]
+        np.einsum("ij,ij->i", rows, rows, out=scale[:, 0])         # Σ x² per row, one pass
         scale *= inverse_channels
         scale += x.dtype.type(eps)
         np.sqrt(scale, out=scale)
         np.reciprocal(scale, out=scale)
         out = y[start:end]
-        np.multiply(rows, scale, out=out)
-        out *= weight
+        np.multiply(rows, weight, out=out)
+        out *= scale
 
-    run_row_chunks(part, x2.shape[0], channels, np)
-    return y.reshape(x.shape), r
+    run_row_chunks(part, x2.shape[0], channels, np, balanced=True)
+    return y.reshape(x.shape), r, None if total is None else total.reshape(x.shape)
 
 
 def _chunked_backward(dy, x, r, weight):
+    """dx and dw of RMSNorm over row chunks, without forming x̂:
+    with p = Σ_c dy·w·x per row, dx = r·(dy·w) − x · r³·p/C  (x̂ = x·r, so mean(g·x̂) = r·p/C);
+    dw = Σ_rows dy·x·r, one GEMV over all rows after the chunks (the same sum for any chunking)."""
     channels = x.shape[-1]
     x2, dy2 = x.reshape(-1, channels), dy.reshape(-1, channels)     # (..., C) -> (N, C)
     dx = np.empty_like(x2)
+    products = np.empty_like(x2)
     inverse_channels = x.dtype.type(1.0 / channels)
 
     def part(start, end):
-        xhat = x2[start:end] * r[start:end]
-        partial_dweight = (dy2[start:end] * xhat).sum(axis=0)
-        g = dy2[start:end] * weight                                 # forward was y = x̂·w, so dx̂ = dy·w
-        projection = (g * xhat).sum(axis=-1, keepdims=True)
-        projection *= inverse_channels
-        xhat *= projection
+        rows, upstream, scale = x2[start:end], dy2[start:end], r[start:end]
         out = dx[start:end]
-        np.subtract(g, xhat, out=out)
-        out *= r[start:end]
-        return partial_dweight
+        np.multiply(upstream, weight, out=out)                      # g = dy·w (forward was y = x̂·w)
+        coefficient = np.einsum("ij,ij->i", out, rows)[:, None]     # p = Σ g·x per row
+        coefficient *= scale
+        coefficient *= scale
+        coefficient *= scale
+        coefficient *= inverse_channels                             # r³·p/C
+        out *= scale                                                # r·g
+        correction = np.multiply(rows, coefficient, out=products[start:end])
+        out -= correction
+        np.multiply(upstream, rows, out=correction)                 # dy·x, for dw
 
-    partials = run_row_chunks(part, x2.shape[0], channels, np)
-    dweight = partials[0]
-    for partial in partials[1:]:
-        dweight = dweight + partial
+    run_row_chunks(part, x2.shape[0], channels, np, balanced=True)
+    dweight = products.T @ r[:, 0]                                  # Σ_rows dy·x·r = Σ_rows dy·x̂, one GEMV
     return dx.reshape(x.shape), dweight.astype(weight.dtype, copy=False)
 
 

@@ -113,14 +113,24 @@ def rotate_heads_into(x, cos_wide, sin_signed, out):
 
     x, out: (B, T, n, D) whose (n, D) block of each token is contiguous (slices of one q‖k‖v projection):
     NumPy then runs the two multiplications by the tables over whole n·D rows instead of D/2-element
-    pieces. Three passes: out = x · cos, a temporary of x with its halves swapped times the signed sin,
-    added to out.
+    pieces: out = x · cos, then a temporary of x with its halves swapped times the signed sin, added to
+    out. On NumPy arrays the swap is one copy of D/2-float units (each half viewed as one opaque element,
+    so the copy moves whole halves instead of looping over 16-float pieces), and the product by the sin
+    table runs over the contiguous temporary.
     """
     xp = array_module(x)
     batch, time, heads, head_dim = x.shape
     half = head_dim // 2
     xp.multiply(x, cos_wide, out=out)
-    swapped = x.reshape(batch, time, heads, 2, half)[..., ::-1, :]              # [x₂, x₁]: (B, T, n, 2, D/2)
-    rotated = xp.multiply(swapped, sin_signed)                                   # [−x₂ sin, x₁ sin]
+    halves = x.reshape(batch, time, heads, 2, half)                              # (B, T, n, 2, D/2)
+    if xp is np and halves.strides[-1] == x.dtype.itemsize and half > 1:
+        unit = np.dtype((np.void, half * x.dtype.itemsize))                      # one half of a head
+        halves = halves.view(unit)[..., 0]                                        # (B, T, n, 2) units
+        rotated = np.empty((batch, time, heads, 2), dtype=unit)
+        rotated[..., 0], rotated[..., 1] = halves[..., 1], halves[..., 0]        # [x₂, x₁]
+        rotated = rotated.view(x.dtype).reshape(x.shape)                          # -> (B, T, n, D)
+        rotated *= sin_signed.reshape(time, heads, head_dim)                      # [−x₂ sin, x₁ sin]
+    else:
+        rotated = xp.multiply(halves[..., ::-1, :], sin_signed)                  # [−x₂ sin, x₁ sin]
     out += rotated.reshape(x.shape)
     return out
