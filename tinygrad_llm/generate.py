@@ -161,8 +161,8 @@ class Decoder:
     no Tensors, no graph): Embedding (or a quantized embedding's own row lookup), RMSNorm, the linear op
     (Linear for a float weight, QuantizedLinear for a QuantizedMatrix), CausalAttention's packed RoPE form
     with the ragged batched-cache option (ops/attention.CacheRows: every slot at its own position,
-    attending to its own keys only) and SwiGLU. Logits come back as NumPy arrays (float32, or float64 for a float64 model). The tests hold
-    it to GPT.forward's logits.
+    attending to its own keys only) and SwiGLU. Logits come back as NumPy arrays (float32, or float64 for a
+    float64 model). The tests hold it to GPT.forward's logits.
     On the GPU under a bf16/fp16 policy (tinygrad_llm.precision) the float weight matrices are cast to
     the low dtype once, here (a copy beside the float32 masters), with q‖k‖v and gate‖up stacked so that
     each is one GEMM, and every GEMM runs in it (the gate‖up product stays in it through SwiGLU into the
