@@ -50,7 +50,7 @@ def test_decode_kernel_equals_the_array_path(monkeypatch, heads, kv_heads, head_
     assert np.isfinite(fast).all()
     np.testing.assert_allclose(fast, reference, rtol=2e-5, atol=2e-6)
     for a, b in zip(fast_stores, reference_stores):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)    # the same new keys and values (RoPE kernel vs array path)
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)    # the same keys and values (RoPE kernel or not)
 
 
 def test_decode_kernel_reads_rows_and_lengths_on_the_device():
