@@ -39,6 +39,7 @@ from . import backend
 
 DEFAULT_BUCKET_BYTES = 4 << 20
 DEFAULT_TIMEOUT_S = 600.0
+ABORT_GRACE_S = 0.5               # seconds an aborting rank waits after printing its error, before MPI_Abort
 
 _RANK_VARIABLES = (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
                    ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE"))
@@ -156,6 +157,7 @@ class MPICommunicator:
 
     def abort(self, message: str, code: int = 1) -> None:
         print(f"tinygrad-llm (rank {self.rank} of {self.size}): error: {message}", file=sys.stderr, flush=True)
+        time.sleep(ABORT_GRACE_S)        # mpiexec forwards the line before MPI_Abort tears the job down
         self.comm.Abort(code)
 
 
