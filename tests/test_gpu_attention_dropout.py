@@ -22,30 +22,12 @@ from tinygrad_llm import backend, gpu, rng
 from tinygrad_llm.gpu import arrays, attention, registry
 from tinygrad_llm.ops.attention import CausalAttention, kernel_dropout
 
+from test_gpu_attention import _dtype, _inputs, _model_gradients, _relative_error
+
 pytestmark = pytest.mark.gpu
 
 TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-2, "float32": 1e-5}
 SEED = 0x123456789ABCDEF
-
-
-def _dtype(name):
-    if name == "bfloat16":
-        ml_dtypes = pytest.importorskip("ml_dtypes")
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
-
-
-def _relative_error(got, want):
-    """‖got − want‖ / ‖want‖ (a reference of RMS below 1e-3 counts as zero, as in test_gpu_attention)."""
-    got = np.asarray(backend.to_numpy(got), dtype=np.float64)
-    assert np.isfinite(got).all(), "non-finite values: an output element was left unwritten (NaN poison)"
-    return np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-3 * np.sqrt(want.size))
-
-
-def _inputs(generator, dtype, batch, heads, kv_heads, query_len, key_len, head_dim):
-    shapes = [(batch, heads, query_len, head_dim), (batch, kv_heads, key_len, head_dim),
-              (batch, kv_heads, key_len, head_dim), (batch, heads, query_len, head_dim)]
-    return [generator.standard_normal(shape).astype(np.float32).astype(dtype) for shape in shapes]
 
 
 def _reference(q, k, v, dy, probability, seed):
@@ -173,16 +155,6 @@ def test_op_with_dropout_on_the_gpu_agrees_with_the_cpu(kernels, monkeypatch):
     assert calls == ([kernel_dropout((SEED, 1.0 - 0.3), 0)] if kernels else [])
     for got, want in zip(on_gpu, on_cpu):
         assert _relative_error(got, want.astype(np.float64)) <= 1e-5
-
-
-def _model_gradients(device, ids, targets, config):
-    from tinygrad_llm import manual_seed
-    from tinygrad_llm.model import GPT
-    manual_seed(1234)
-    model = GPT(config).to(device)
-    _, loss = model(backend.to_device(ids, device), backend.to_device(targets, device))
-    loss.backward()
-    return {name: backend.to_numpy(p.grad).astype(np.float64) for name, p in model.named_parameters()}
 
 
 def test_model_with_attention_dropout_matches_cpu(monkeypatch):
