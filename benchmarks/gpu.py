@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tinygrad_llm import backend, gpu, precision  # noqa: E402
 from tinygrad_llm.gpu.gemm import gemm  # noqa: E402
+from tinygrad_llm.optim import adamw_values  # noqa: E402
 from timing import median_ms  # noqa: E402  (benchmarks/timing.py, beside this file)
 
 PEAK_BF16_FLOPS = 989e12
@@ -279,7 +280,8 @@ def bench_adamw(torch, parameter_count=162_220_800):
 
     def ours():
         step[0] += 1
-        gpu.adamw_step(params, grads, ms_, vs_, 3e-4, 0.9, 0.95, 1e-8, [0.1, 0.0], step[0])
+        values = adamw_values(3e-4, (0.9, 0.95), step[0])
+        gpu.adamw_step(params, grads, ms_, vs_, values, 0.9, 0.95, 1e-8, [0.1, 0.0])
     ms = _cupy_ms(ours)
     bytes_moved = parameter_count * 4 * 7                               # read p, g, m, v; write p, m, v
     torch_ms = None

@@ -1,17 +1,19 @@
 // adamw.cu: a multi-tensor AdamW step, one launch for every parameter of the model (the fused path of
 // optim.py's AdamW; tinygrad_llm.gpu.adamw.adamw_step).
 //
-// adamw_multi_tensor, for tensor i and element j, with g = grad · grad_scale[0] (a device scalar: a
-// clipping factor or 1/loss_scale, read on the device so the host never waits):
+// adamw_multi_tensor, for tensor i and element j, with the step's four values read from device memory,
+// values = [grad_scale, lr, step_size, inv_sqrt_bias2] (so a captured training step can decide them on the
+// device: the clipping factor, the learning rate of the step), and g = grad · grad_scale:
 //     p ← p · (1 − lr · wd_i)                          (decoupled weight decay)
 //     m ← β₁ m + (1 − β₁) g;   v ← β₂ v + (1 − β₂) g²
 //     p ← p − step_size · m / (√v · inv_sqrt_bias2 + eps)
 // with step_size = lr / (1 − β₁ᵗ) and inv_sqrt_bias2 = 1 / √(1 − β₂ᵗ): PyTorch's AdamW, and the NumPy
-// AdamW it must match. Params, moments and grads are float32 (the fp32 master copy).
+// AdamW it must match. A grad_scale that is not finite means "skip this update": nothing is written.
+// Params, moments and grads are float32 (the fp32 master copy).
 //
 // Shapes:  pointer tables (one uint64 per tensor): params, grads, exp_avgs, exp_avg_sqs; sizes (int64);
 //          weight_decays (float32); block_tensor (int32) and block_start (int64): which tensor and which
-//          first element each block handles.
+//          first element each block handles; values (float32, 4).
 // Launch:  grid (number of chunks,), blockDim 256; a chunk is CHUNK = 4096 consecutive elements of one
 //          tensor; threads take 16-byte packs of 4 elements in turn (coalesced) when the tensor's four
 //          buffers are 16-byte aligned, single elements otherwise (and for a chunk's tail).
@@ -32,8 +34,10 @@ extern "C" __global__ void __launch_bounds__(256)
 adamw_multi_tensor(const unsigned long long* params, const unsigned long long* grads,
                    const unsigned long long* exp_avgs, const unsigned long long* exp_avg_sqs,
                    const int64* sizes, const int* block_tensor, const int64* block_start,
-                   const float* weight_decays, const float* grad_scale, float lr, float beta1, float beta2,
-                   float eps, float step_size, float inv_sqrt_bias2) {
+                   const float* weight_decays, const float* values, float beta1, float beta2, float eps) {
+    const float scale = values[0];
+    if (!isfinite(scale)) return;                            // the step was skipped
+    const float lr = values[1], step_size = values[2], inv_sqrt_bias2 = values[3];
     const int tensor = block_tensor[blockIdx.x];
     const int64 start = block_start[blockIdx.x];
     const int64 end = min(start + (int64)CHUNK, sizes[tensor]);
@@ -41,7 +45,6 @@ adamw_multi_tensor(const unsigned long long* params, const unsigned long long* g
     const float* g = reinterpret_cast<const float*>(grads[tensor]);
     float* m = reinterpret_cast<float*>(exp_avgs[tensor]);
     float* v = reinterpret_cast<float*>(exp_avg_sqs[tensor]);
-    const float scale = grad_scale[0];
     const float decay = 1.0f - lr * weight_decays[tensor];
     int64 j = start;
     if (((params[tensor] | grads[tensor] | exp_avgs[tensor] | exp_avg_sqs[tensor]) & 15) == 0) {
@@ -66,4 +69,27 @@ adamw_multi_tensor(const unsigned long long* params, const unsigned long long* g
     }
     for (j += threadIdx.x; j < end; j += blockDim.x)        // the tail, or everything when unaligned
         adamw_element(p[j], g[j], m[j], v[j], scale, decay, beta1, beta2, eps, step_size, inv_sqrt_bias2);
+}
+
+// square_sums: block b adds up g² over its chunk of the same chunk table as adamw_multi_tensor (the
+// global gradient norm's sum, without a host sync), one float32 partial sum a block; the caller adds the
+// partials. Launch: grid (number of chunks,), blockDim 256.
+extern "C" __global__ void __launch_bounds__(256)
+square_sums(const unsigned long long* arrays, const int64* sizes, const int* block_tensor, const int64* block_start,
+            float* partials) {
+    const int tensor = block_tensor[blockIdx.x];
+    const int64 start = block_start[blockIdx.x];
+    const int64 end = min(start + (int64)CHUNK, sizes[tensor]);
+    const float* g = reinterpret_cast<const float*>(arrays[tensor]);
+    float sum = 0.0f;
+    for (int64 j = start + threadIdx.x; j < end; j += blockDim.x) sum += g[j] * g[j];
+    __shared__ float warp_sums[8];
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float total = 0.0f;
+        for (int w = 0; w < 8; ++w) total += warp_sums[w];
+        partials[blockIdx.x] = total;
+    }
 }

@@ -53,8 +53,8 @@
 //     the key); grid (ceil(T / 4), B·H or B·Hkv), block 128. No atomics; dq is written directly.
 //
 // Attention dropout: the tensor-core and fp32 kernels (not the pre-passes, whose Δ = rowsum(dO ∘ out)
-// already reads the dropped forward's out) also exist as NAME_dropout, taking four more arguments
-// (row_seed, column_seed, threshold, keep_scale; attention_common.cuh's AttnDropout). With M the
+// already reads the dropped forward's out) also exist as NAME_dropout, taking five more arguments
+// (seed_base, row_seed, column_seed, threshold, keep_scale; attention_common.cuh's ATTN_DROPOUT_PARAMETERS). With M the
 // hashed keep mask (row = (b·H + h)·Tq + i, the key j) and s = keep_scale they compute
 //     dv[j] = Σ_{h in group} Σ_i s · M[i, j] P[i, j] dO[i]
 //     dS    = P ∘ (s · M ∘ (dO vᵀ) − Δ)
@@ -591,11 +591,10 @@ ATTN_BACKWARD_DELTA(attention_backward_delta_fp32, float)
     extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) NAME##_dropout(               \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,               \
         const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,        \
-        int query_len, int key_len, float scale, unsigned row_seed, unsigned column_seed,              \
-        unsigned threshold, float keep_scale) {                                                        \
+        int query_len, int key_len, float scale, ATTN_DROPOUT_PARAMETERS) {                            \
         attention_backward_mma<TYPE, DIM, BLOCK_Q, WARPS, M_TILES, PACKED_P, true>(                    \
             q, k, v, dout, lse, delta, dq_accumulator, dk, dv, heads, kv_heads, query_len, key_len,    \
-            scale, AttnDropout{row_seed, column_seed, threshold, keep_scale});                         \
+            scale, ATTN_DROPOUT_ARGUMENT);                                                             \
     }
 // _w4m2q32p (head dim 64, and the backward of GPUs without wgmma): 4 warps × 32 keys = 128-key tiles,
 // 32-row query steps (each Q/dO fragment read from shared memory feeds two m-tiles), Pᵀ held as 16-bit A
@@ -639,10 +638,10 @@ ATTN_BACKWARD_CONVERT8(attention_backward_convert8_fp16, __half)
         attention_backward_dkdv_fp32<DIM, DROPOUT>(q, k, v, dout, lse, delta, dk, dv, heads, kv_heads, \
                                                    query_len, key_len, scale, DROPOUT_VALUE);          \
     }
-#define ATTN_DROPOUT_PARAMETERS , unsigned row_seed, unsigned column_seed, unsigned threshold, float keep_scale
+#define ATTN_DROPOUT_EXTRA , ATTN_DROPOUT_PARAMETERS
 #define ATTN_BACKWARD_FP32(DQ_NAME, DKDV_NAME, DIM)                                                    \
     ATTN_BACKWARD_FP32_PAIR(DQ_NAME, DKDV_NAME, DIM, false, , AttnDropout{})                           \
-    ATTN_BACKWARD_FP32_PAIR(DQ_NAME##_dropout, DKDV_NAME##_dropout, DIM, true, ATTN_DROPOUT_PARAMETERS, \
-                            (AttnDropout{row_seed, column_seed, threshold, keep_scale}))
+    ATTN_BACKWARD_FP32_PAIR(DQ_NAME##_dropout, DKDV_NAME##_dropout, DIM, true, ATTN_DROPOUT_EXTRA,      \
+                            (ATTN_DROPOUT_ARGUMENT))
 ATTN_BACKWARD_FP32(attention_backward_dq_fp32_d64, attention_backward_dkdv_fp32_d64, 64)
 ATTN_BACKWARD_FP32(attention_backward_dq_fp32_d128, attention_backward_dkdv_fp32_d128, 128)

@@ -95,6 +95,21 @@ struct AttnDropout {
     float scale;
 };
 
+// The arguments of every NAME_dropout entry point: a pointer to a 64-bit seed in device memory, whose low
+// and high words are added to row_seed and column_seed (a captured training step rewrites it between
+// replays; a launch with a host seed points it at a zero), then the host's words, threshold and 1 / keep.
+#define ATTN_DROPOUT_PARAMETERS                                                                            \
+    const unsigned long long *seed_base, unsigned row_seed, unsigned column_seed, unsigned threshold,     \
+        float keep_scale
+#define ATTN_DROPOUT_ARGUMENT attn_dropout_from(seed_base, row_seed, column_seed, threshold, keep_scale)
+
+__device__ __forceinline__ AttnDropout attn_dropout_from(const unsigned long long* seed_base, unsigned row_seed,
+                                                         unsigned column_seed, unsigned threshold, float scale) {
+    const unsigned long long base = *seed_base;
+    return AttnDropout{row_seed + static_cast<unsigned>(base), column_seed + static_cast<unsigned>(base >> 32),
+                       threshold, scale};
+}
+
 // MurmurHash3's 32-bit finaliser.
 __device__ __forceinline__ unsigned attn_fmix32(unsigned x) {
     x ^= x >> 16;

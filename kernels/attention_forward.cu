@@ -42,8 +42,8 @@
 //
 // Arguments of every kernel: q, k, v, out, lse, H, Hkv, Tq, Tk, scale (= 1/sqrt(D)).
 //
-// Attention dropout: every kernel above also exists as NAME_dropout, taking four more arguments
-// (row_seed, column_seed, threshold, keep_scale; attention_common.cuh's AttnDropout). It computes
+// Attention dropout: every kernel above also exists as NAME_dropout, taking five more arguments
+// (seed_base, row_seed, column_seed, threshold, keep_scale; attention_common.cuh's ATTN_DROPOUT_PARAMETERS). It computes
 //     out[b, h, i] = keep_scale · sum_j M[i, j] exp(S[i, j] - L[b, h, i]) v[b, h // G, j]
 // with M the hashed keep mask of attention_common.cuh (row = (b·H + h)·Tq + i, the key j), L still the
 // log-sum-exp of the undropped scores: P is normalised before the mask, as in the NumPy op. The mask
@@ -333,11 +333,10 @@ __device__ __forceinline__ void attention_forward_fp32(const float* __restrict__
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) NAME##_dropout(               \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,   \
-        int query_len, int key_len, float scale, unsigned row_seed, unsigned column_seed,              \
-        unsigned threshold, float keep_scale) {                                                        \
+        int query_len, int key_len, float scale, ATTN_DROPOUT_PARAMETERS) {                            \
         attention_forward_mma<TYPE, DIM, WARPS, M_TILES, BLOCK_K, Q_IN_REGISTERS, true>(               \
             q, k, v, out, lse, heads, kv_heads, query_len, key_len, scale,                             \
-            AttnDropout{row_seed, column_seed, threshold, keep_scale});                                \
+            ATTN_DROPOUT_ARGUMENT);                                                                    \
     }
 #define ATTN_FORWARD_MMA(NAME, TYPE, DIM, WARPS, M_TILES) \
     ATTN_FORWARD_MMA_BUILD(NAME, TYPE, DIM, WARPS, M_TILES, 64, true, 1)
@@ -358,10 +357,9 @@ ATTN_FORWARD_MMA(attention_forward_fp16_d128_w8, __half, 128, 8, 1)
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(128) NAME##_dropout(                                  \
         const float* q, const float* k, const float* v, float* out, float* lse, int heads,             \
-        int kv_heads, int query_len, int key_len, float scale, unsigned row_seed,                      \
-        unsigned column_seed, unsigned threshold, float keep_scale) {                                  \
+        int kv_heads, int query_len, int key_len, float scale, ATTN_DROPOUT_PARAMETERS) {              \
         attention_forward_fp32<DIM, true>(q, k, v, out, lse, heads, kv_heads, query_len, key_len,      \
-                                          scale, AttnDropout{row_seed, column_seed, threshold, keep_scale}); \
+                                          scale, ATTN_DROPOUT_ARGUMENT);                               \
     }
 
 ATTN_FORWARD_FP32(attention_forward_fp32_d64, 64)

@@ -46,8 +46,8 @@
 //   dk = dK · scale and dv = dV are written once, in the input dtype. dq's summation order varies
 //   between runs (reductions across key blocks); dk and dv are deterministic.
 
-// Attention dropout: both kernels also exist as NAME_dropout, taking four more arguments (row_seed,
-// column_seed, threshold, keep_scale; attention_common.cuh's AttnDropout), with the mask and formulas
+// Attention dropout: both kernels also exist as NAME_dropout, taking five more arguments (seed_base,
+// row_seed, column_seed, threshold, keep_scale; attention_common.cuh's ATTN_DROPOUT_PARAMETERS), with the mask and formulas
 // of attention_forward.cu's and attention_backward.cu's dropout kernels: the forward zeroes the dropped
 // P in registers after the row sum has taken it, before O += P V, and scales out by keep_scale; the
 // backward writes the kept P to the P tile (dV = Pᵀ dO, scaled by keep_scale at the store) and forms
@@ -562,11 +562,10 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d64_##BUILD##_dropout(  \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,       \
-        int query_len, int key_len, float scale, int batches, unsigned row_seed, unsigned column_seed,     \
-        unsigned threshold, float keep_scale) {                                                            \
+        int query_len, int key_len, float scale, int batches, ATTN_DROPOUT_PARAMETERS) {                   \
         ATTN_HOPPER_BODY((attention_forward_##BUILD<TYPE, true>(                                            \
             q, k, v, out, lse, heads, kv_heads, query_len, key_len, scale, batches,                        \
-            AttnDropout{row_seed, column_seed, threshold, keep_scale})))                                   \
+            ATTN_DROPOUT_ARGUMENT)))                                                                       \
     }
 
 #define ATTN_HOPPER_BACKWARD(SUFFIX, TYPE, BUILD)                                                            \
@@ -581,11 +580,10 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
     extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d64_##BUILD##_dropout( \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
         const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
-        int query_len, int key_len, float scale, unsigned row_seed, unsigned column_seed,                  \
-        unsigned threshold, float keep_scale) {                                                            \
+        int query_len, int key_len, float scale, ATTN_DROPOUT_PARAMETERS) {                                \
         ATTN_HOPPER_BODY((attention_backward_##BUILD<TYPE, true>(                                           \
             q, k, v, dout, lse, delta, dq_accumulator, dk, dv, heads, kv_heads, query_len, key_len, scale, \
-            AttnDropout{row_seed, column_seed, threshold, keep_scale})))                                   \
+            ATTN_DROPOUT_ARGUMENT)))                                                                       \
     }
 
 ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg2)

@@ -1,6 +1,8 @@
 // dropout.cu: inverted dropout with a counter-based random stream (ops/dropout.py's Dropout forward).
 //
-// For element i of x (n elements) and a 64-bit seed:
+// For element i of x (n elements) and a 64-bit seed (the sum, modulo 2⁶⁴, of the host's seed argument and
+// the value at seed_base in device memory: a captured training step rewrites that value between replays,
+// a launch with a host seed points it at a zero):
 //     u_i  = the top 32 bits of splitmix64(seed + (i + 1) · 0x9E3779B97F4A7C15), uniform on [0, 2³²)
 //     m_i  = (u_i ≥ threshold) · scale       with threshold = ⌊p · 2³²⌋, scale = 1 / (1 − p)
 //     y_i  = x_i · m_i
@@ -55,9 +57,10 @@ __device__ __forceinline__ void dropout_forward(const T* x, T* y, T* mask, int64
 
 #define DROPOUT_KERNEL(T, SUFFIX)                                                                         \
     extern "C" __global__ void dropout_forward_##SUFFIX(const T* x, T* y, T* mask, int64 n,              \
+                                                       const unsigned long long* seed_base,              \
                                                        unsigned long long seed, unsigned int threshold,  \
                                                        float scale) {                                    \
-        dropout_forward<T>(x, y, mask, n, seed, threshold, scale);                                       \
+        dropout_forward<T>(x, y, mask, n, *seed_base + seed, threshold, scale);                          \
     }
 
 DROPOUT_KERNEL(float, f32)

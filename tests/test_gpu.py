@@ -422,13 +422,20 @@ def test_adamw_step_matches_the_formula(rng):
     params, grads, ms, vs = ([cp.asarray(a) for a in group] for group in host)
     decays = [0.1, 0.0, 0.1, 0.0, 0.05]
     hyper = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, step=7)
-    gpu.adamw_step(params, grads, ms, vs, hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"], decays,
-                   hyper["step"], grad_scale=cp.asarray(0.5, dtype=cp.float32))
+    from tinygrad_llm.optim import adamw_values
+    values = cp.asarray(adamw_values(hyper["lr"], (hyper["beta1"], hyper["beta2"]), hyper["step"], 0.5))
+    gpu.adamw_step(params, grads, ms, vs, values, hyper["beta1"], hyper["beta2"], hyper["eps"], decays)
     for i in range(len(shapes)):
         want = _adamw_reference(*(np.float64(group[i]) for group in host), hyper["lr"], hyper["beta1"],
                                 hyper["beta2"], hyper["eps"], decays[i], hyper["step"], 0.5)
         for got, expected in zip((params[i], ms[i], vs[i]), want):
             assert _relative_error(got, expected) < 1e-5
+    before = [[backend.to_numpy(a).copy() for a in group] for group in (params, ms, vs)]
+    values[0] = float("nan")                          # a skipped step (decided on the device): nothing moves
+    gpu.adamw_step(params, grads, ms, vs, values, hyper["beta1"], hyper["beta2"], hyper["eps"], decays)
+    for group, saved in zip((params, ms, vs), before):
+        for got, expected in zip(group, saved):
+            np.testing.assert_array_equal(backend.to_numpy(got), expected)
 
 
 @gpu_test

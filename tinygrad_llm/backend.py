@@ -160,6 +160,16 @@ def random_generator(seed, like):
     return array_module(like).random.default_rng(seed)
 
 
+_capturing = False    # a CudaGraph capture is running
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured now. Ops skip the checks that read device values then
+    (ids in range, targets in the vocabulary): a capture cannot wait for the GPU, and whoever captures
+    checks the inputs on the host before copying them into the graph's input buffers."""
+    return _capturing
+
+
 class CudaGraph:
     """`fn()`'s GPU work captured once into a CUDA graph; `replay()` runs the same kernels again, with no
     Python in between, and returns what `fn` returned (the same arrays, rewritten by each replay).
@@ -174,11 +184,13 @@ class CudaGraph:
     """
 
     def __init__(self, fn):
+        global _capturing
         cp = cupy_module()
         self._pool = cp.cuda.MemoryPool()
         self._stream = cp.cuda.Stream(non_blocking=True)
         with cp.cuda.using_allocator(self._pool.malloc), self._stream:
             self._stream.begin_capture()
+            _capturing = True
             try:
                 outputs = fn()
             except BaseException:
@@ -187,6 +199,8 @@ class CudaGraph:
                 except Exception:                # the capture was invalidated by what failed: already said
                     pass
                 raise
+            finally:
+                _capturing = False
             self._graph = self._stream.end_capture()
         self.outputs = outputs
 

@@ -289,7 +289,9 @@ class DataParallel:
 
     def backward(self, loss, seed: float, last: bool = True) -> None:
         """loss.backward seeded with `seed`; on the last micro-batch, buckets start reducing as they fill."""
-        grad = backend.to_device(np.asarray(seed, dtype=loss.dtype), backend.device_of(loss.data))
+        # a seed of 1 is left to backward(): the loss op then skips its multiply and nothing is copied
+        grad = None if seed == 1.0 and loss.size == 1 else \
+            backend.to_device(np.asarray(seed, dtype=loss.dtype), backend.device_of(loss.data))
         if last and self.overlap:
             self._started = set()
             for bucket in self.buckets:

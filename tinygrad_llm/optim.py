@@ -43,6 +43,13 @@ def lr_schedule(step: int, peak_lr: float, warmup_steps: int, total_steps: int, 
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (peak_lr - floor)
 
 
+def adamw_values(lr: float, betas, step: int, grad_scale: float = 1.0) -> np.ndarray:
+    """[grad_scale, lr, step_size, inv_sqrt_bias2] (float64) of AdamW's update number `step` (from 1):
+    step_size = lr / (1 − β₁ᵗ), inv_sqrt_bias2 = 1 / √(1 − β₂ᵗ). What `AdamW.apply` and the fused kernel read."""
+    beta1, beta2 = betas
+    return np.array([grad_scale, lr, lr / (1.0 - beta1 ** step), 1.0 / math.sqrt(1.0 - beta2 ** step)])
+
+
 def global_grad_norm(params) -> float:
     """√(Σ over all parameters of Σ g²), accumulated in float64; parameters without .grad count as 0."""
     total = 0.0
@@ -155,17 +162,35 @@ class AdamW:
             p.grad = None
         self._gathered = False
 
-    def gather_grads(self) -> float:
-        """Copy every .grad into the flat gradient buffers; return the global L2 norm (inf/nan if non-finite)."""
+    def collect_grads(self) -> None:
+        """Copy every .grad into the flat gradient buffers (a missing .grad counts as zeros), marking them
+        as this step's gradients; no host sync, so a captured training step can run it."""
         self._ensure_bound()
-        total = 0.0
         for group in self.groups:
             for p, start, end in zip(group.params, group.offsets, group.offsets[1:]):
                 if p.grad is None:
                     group.grad[start:end] = 0
                 else:
                     group.grad[start:end] = p.grad.ravel()
+        self._gathered = True
+
+    def gather_grads(self) -> float:
+        """Copy every .grad into the flat gradient buffers; return the global L2 norm (inf/nan if non-finite)."""
+        self.collect_grads()
         return self.gathered_norm()
+
+    def gathered_square_sum(self):
+        """Σ g² over the flat gradient buffers as they are now, as a one-element float32 array on their
+        device (no host sync; inf or nan propagate)."""
+        self._ensure_bound()
+        fast = kernel("adamw", *(g.grad for g in self.groups))
+        if fast is not None:
+            return fast.sum_of_squares([g.grad for g in self.groups])
+        total = None
+        for group in self.groups:
+            part = (group.grad @ group.grad).reshape(1)       # float32 dot
+            total = part if total is None else total + part
+        return total
 
     def gathered_norm(self) -> float:
         """The global L2 norm of the flat gradient buffers as they are now (filled by gather_grads, or by
@@ -177,6 +202,10 @@ class AdamW:
         self._gathered = True
         return math.sqrt(total) if total >= 0 else float("nan")
 
+    def update_values(self, lr: float | None = None, grad_scale: float = 1.0) -> np.ndarray:
+        """[grad_scale, lr, step_size, inv_sqrt_bias2] of the next update (step_count + 1), for `apply`."""
+        return adamw_values(self.lr if lr is None else float(lr), self.betas, self.step_count + 1, grad_scale)
+
     def step(self, lr: float | None = None, grad_scale: float = 1.0) -> None:
         """One AdamW update from the gradients (gathered now unless gather_grads() ran since zero_grad()).
 
@@ -184,17 +213,24 @@ class AdamW:
         """
         if not self._gathered:
             self.gather_grads()
-        lr = self.lr if lr is None else float(lr)
+        values = self.update_values(lr, grad_scale)
         self.step_count += 1
-        beta1, beta2 = self.betas
-        t = self.step_count
-        step_size = lr / (1.0 - beta1 ** t)
-        bias_correction2_sqrt = math.sqrt(1.0 - beta2 ** t)
+        self.apply(values)
+
+    def apply(self, values) -> None:
+        """The update of `values` = [grad_scale, lr, step_size, inv_sqrt_bias2] (update_values) to the
+        gathered gradients; a grad_scale that is not finite skips it (nothing changes). `values` may be a
+        device array (what a captured training step decides on the GPU); step_count is the caller's."""
         buffers = [(g.flat[g.lo:g.hi], g.grad[g.lo:g.hi], g.exp_avg, g.exp_avg_sq) for g in self.groups]
         fast = kernel("adamw", *(a for group in buffers for a in group))
+        beta1, beta2 = self.betas
         if fast is not None:      # every group in one launch (kernels/adamw.cu), the same update
-            fast.adamw_step(*(list(column) for column in zip(*buffers)), lr, beta1, beta2, self.eps,
-                            [g.weight_decay for g in self.groups], t, grad_scale)
+            fast.adamw_step(*(list(column) for column in zip(*buffers)), values, beta1, beta2, self.eps,
+                            [g.weight_decay for g in self.groups])
+            self._gathered = False
+            return
+        grad_scale, lr, step_size, inverse_bias2 = (float(v) for v in backend.to_numpy(values).reshape(4))
+        if not math.isfinite(grad_scale):
             self._gathered = False
             return
         for group in self.groups:
@@ -222,7 +258,7 @@ class AdamW:
                     if group.weight_decay:
                         param *= decay                                    # decoupled weight decay
                     xp.sqrt(v, out=scratch)                               # √v / √(1 − β₂ᵗ) + eps
-                    scratch *= dtype(1.0 / bias_correction2_sqrt)
+                    scratch *= dtype(inverse_bias2)
                     scratch += dtype(self.eps)
                     xp.divide(m, scratch, out=scratch)
                     scratch *= dtype(step_size)

@@ -204,12 +204,13 @@ class Tensor:
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad (no input required one, "
                                "or it was computed under no_grad())")
+        global _unit_seed
         xp = backend.array_module(self.data)
         if grad is None:
             if self.size != 1:
                 raise RuntimeError(f"backward() without a gradient needs a one-element tensor, got shape "
                                    f"{self.shape}; pass grad= of the same shape")
-            grad = xp.ones_like(self.data)
+            grad = _unit_seed = xp.ones_like(self.data)
         else:
             grad = grad.data if isinstance(grad, Tensor) else grad
             grad = xp.asarray(grad, dtype=self.dtype)
@@ -255,6 +256,16 @@ class Tensor:
             if not retain_graph:
                 function.free()
                 function.inputs = ()     # release the inputs; _ctx stays so that a second backward can say why
+        _unit_seed = None
+
+
+_unit_seed = None     # the ones a running backward() was seeded with when no grad was given
+
+
+def is_unit_seed(dy) -> bool:
+    """Whether `dy` is the gradient of ones that backward() made for a one-element root (no grad given):
+    a loss op's backward then skips multiplying by it, without reading it (no host sync on the GPU)."""
+    return dy is not None and dy is _unit_seed
 
 
 def _topological_order(root: Tensor) -> list:

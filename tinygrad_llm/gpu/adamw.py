@@ -1,8 +1,6 @@
 """The multi-tensor AdamW kernel (kernels/adamw.cu): every parameter of the model updated in one launch."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .. import backend
@@ -34,17 +32,26 @@ def _chunk_table(arrays):
     return table
 
 
-def _pointers(arrays, cache: bool):
-    """A device array of the arrays' data pointers (uint64); cached for buffers that never move."""
+def _pointers(arrays):
+    """A device array of the arrays' data pointers (uint64), cached by those pointers."""
     cp = backend.cupy_module()
     key = tuple(a.data.ptr for a in arrays)
-    table = _pointer_tables.get(key) if cache else None
+    table = _pointer_tables.get(key)
     if table is None:
         table = cp.asarray(np.array(key, dtype=np.uint64))
-        if cache:
-            if len(_pointer_tables) > 64:
-                _pointer_tables.clear()
-            _pointer_tables[key] = table
+        if len(_pointer_tables) > 64:
+            _pointer_tables.clear()
+        _pointer_tables[key] = table
+    return table
+
+
+def _decays(weight_decays):
+    """The weight decays as a device float32 array, cached by their values."""
+    key = ("decays",) + tuple(float(w) for w in weight_decays)
+    table = _pointer_tables.get(key)
+    if table is None:
+        table = backend.cupy_module().asarray(np.array(key[1:], dtype=np.float32))
+        _pointer_tables[key] = table
     return table
 
 
@@ -58,15 +65,17 @@ def _check(*lists):
             raise ValueError("adamw_step: each param, grad and moment must be C-contiguous float32 of one shape")
 
 
-def adamw_step(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decays, step,
-               grad_scale=1.0):
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, values, beta1, beta2, eps, weight_decays):
     """One AdamW step for every parameter in a single launch (float32 params, grads and moments).
 
-    For each tensor i, element j, with g = grad · grad_scale (a Python float, or a device float32 scalar
-    such as a clipping factor computed on the GPU, so no host sync is needed):
+    values: a float32 array of 4 on the device or the host, [grad_scale, lr, step_size, inv_sqrt_bias2]
+    (optim.AdamW.update_values); a device array is read by the kernel, so a captured training step can
+    compute grad_scale there. For each tensor i, element j, with g = grad · grad_scale:
         p ← p · (1 − lr·wd_i);  m ← β₁m + (1−β₁)g;  v ← β₂v + (1−β₂)g²
-        p ← p − (lr / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + eps)              (PyTorch's AdamW)
-    Updates params, exp_avgs and exp_avg_sqs in place; `step` is t, counted from 1.
+        p ← p − step_size · m / (√v · inv_sqrt_bias2 + eps)                    (PyTorch's AdamW)
+    A grad_scale that is not finite skips the update. Updates params, exp_avgs and exp_avg_sqs in place.
+    Every table the launch reads is cached by the buffers' addresses, so a captured step copies nothing
+    from the host (the optimizer's flat buffers never move).
     """
     cp = backend.cupy_module()
     params, grads, exp_avgs, exp_avg_sqs = list(params), list(grads), list(exp_avgs), list(exp_avg_sqs)
@@ -76,14 +85,27 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weig
     blocks, sizes, block_tensor, block_start = _chunk_table(params)
     if not blocks:
         return
-    if backend.is_cupy_array(grad_scale):
-        scale = grad_scale.astype(cp.float32, copy=False).reshape(1)
-    else:
-        scale = cp.full(1, grad_scale, dtype=cp.float32)
-    decays = cp.asarray(np.asarray(weight_decays, dtype=np.float32))
+    if not backend.is_cupy_array(values):
+        values = cp.asarray(np.asarray(values, dtype=np.float32))        # one small copy a step
+    if values.dtype != cp.float32 or values.size != 4:
+        raise ValueError("adamw_step: values must be 4 float32 numbers [grad_scale, lr, step_size, inv_sqrt_bias2]")
     function("adamw.cu", "adamw_multi_tensor")(
         (blocks,), (256,),
-        (_pointers(params, True), _pointers(grads, False), _pointers(exp_avgs, True), _pointers(exp_avg_sqs, True),
-         sizes, block_tensor, block_start, decays, scale,
-         np.float32(lr), np.float32(beta1), np.float32(beta2), np.float32(eps),
-         np.float32(lr / (1.0 - beta1 ** step)), np.float32(1.0 / math.sqrt(1.0 - beta2 ** step))))
+        (_pointers(params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs),
+         sizes, block_tensor, block_start, _decays(weight_decays), values,
+         np.float32(beta1), np.float32(beta2), np.float32(eps)))
+
+
+def sum_of_squares(arrays):
+    """Σ x² over float32 CuPy arrays, as a one-element float32 device array: no host sync (one launch
+    for the per-chunk partial sums, then their sum)."""
+    cp = backend.cupy_module()
+    arrays = list(arrays)
+    _check(arrays)
+    blocks, sizes, block_tensor, block_start = _chunk_table(arrays)
+    if not blocks:
+        return cp.zeros(1, dtype=cp.float32)
+    partials = cp.empty(blocks, dtype=cp.float32)
+    function("adamw.cu", "square_sums")((blocks,), (256,), (_pointers(arrays), sizes, block_tensor, block_start,
+                                                             partials))
+    return partials.sum(keepdims=True)

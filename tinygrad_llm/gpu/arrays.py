@@ -80,3 +80,21 @@ def grid(work: int) -> tuple:
     """(grid, block) for a grid-stride loop over `work` items: at most 32 blocks a multiprocessor."""
     blocks = (work + THREADS - 1) // THREADS
     return (max(1, min(blocks, 32 * multiprocessors())),), (THREADS,)
+
+
+_zero_seeds: dict = {}     # device id -> a one-element uint64 zero (the base of seeds passed by value)
+
+
+def seed_base(base):
+    """The device pointer argument `seed_base` of the kernels with a random stream: `base` (a one-element
+    uint64 device array, a rng.DeviceSeed's) as it is, or for None a zero kept on the current device."""
+    if base is not None:
+        if not backend.is_cupy_array(base):
+            raise TypeError("a DeviceSeed for a GPU kernel needs its base in device memory")
+        return base
+    cp = backend.cupy_module()
+    device = cp.cuda.Device().id
+    zero = _zero_seeds.get(device)
+    if zero is None:
+        zero = _zero_seeds[device] = cp.zeros(1, dtype=cp.uint64)
+    return zero

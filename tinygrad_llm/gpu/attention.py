@@ -21,8 +21,9 @@ Which build runs (`kernel_for(head_dim, dtype)` names it):
 Precision: bfloat16 and float16 inputs run on tensor cores with float32 accumulation; out, dq, dk, dv come
 back in the input dtype, lse in float32 (dq is accumulated in a float32 buffer by atomics, then cast).
 
-Attention dropout: `dropout=(row_seed, column_seed, threshold, keep_scale)` (what
-ops/attention.kernel_dropout makes from the op's seed and keep probability) runs every build's
+Attention dropout: `dropout=(base, row_seed, column_seed, threshold, keep_scale)` (what
+ops/attention.kernel_dropout makes from the op's seed and keep probability; base is None, or the device
+array of a rng.DeviceSeed whose value the kernels add to the seed words) runs every build's
 `_dropout` twin, which drops P with the hashed mask of kernels/attention_common.cuh (the bits of
 tinygrad_llm.rng.hash_bits): out = keep_scale · (P ∘ M) v, and the matching backward. Without it the
 plain builds run, compiled from the same templates with the dropout code left out.
@@ -38,7 +39,7 @@ import math
 import numpy as np
 
 from .. import backend
-from .arrays import all_on_gpu, compute_capability, contiguous, empty, multiprocessors
+from .arrays import all_on_gpu, compute_capability, contiguous, empty, multiprocessors, seed_base
 from .compiler import function
 
 FORWARD_FILE = "attention_forward.cu"
@@ -127,13 +128,15 @@ def _dropout_arguments(dropout) -> tuple:
     """The kernel name's suffix and the extra arguments of a dropout build (none for the plain ones)."""
     if dropout is None:
         return "", ()
-    row_seed, column_seed, threshold, keep_scale = dropout
-    return "_dropout", (np.uint32(row_seed), np.uint32(column_seed), np.uint32(threshold), np.float32(keep_scale))
+    base, row_seed, column_seed, threshold, keep_scale = dropout
+    return "_dropout", (seed_base(base), np.uint32(row_seed), np.uint32(column_seed), np.uint32(threshold),
+                        np.float32(keep_scale))
 
 
 def causal_attention_forward(q, k, v, dropout=None):
     """out (B, H, Tq, D) in q's dtype and lse (B, H, Tq) float32 of causal grouped-query attention;
-    dropout: (row_seed, column_seed, threshold, keep_scale) of attention dropout, or None."""
+    dropout: (base, row_seed, column_seed, threshold, keep_scale) of attention dropout (ops/attention's
+    kernel_dropout: base a device uint64 array added to the seed words, or None), or None."""
     q, k, v = contiguous(q), contiguous(k), contiguous(v)
     batch, heads, query_len, head_dim = q.shape
     kv_heads, key_len = k.shape[1], k.shape[2]
@@ -166,7 +169,7 @@ def causal_attention_forward(q, k, v, dropout=None):
 
 def causal_attention_backward(dy, q, k, v, out, lse, dropout=None):
     """dq, dk, dv of causal grouped-query attention (dk, dv summed over each kv head's query heads);
-    dropout: the forward's (row_seed, column_seed, threshold, keep_scale), or None."""
+    dropout: the forward's (base, row_seed, column_seed, threshold, keep_scale), or None."""
     cp = backend.cupy_module()
     dy = contiguous(dy.astype(q.dtype, copy=False))
     q, k, v, out, lse = (contiguous(a) for a in (q, k, v, out, lse))

@@ -116,11 +116,14 @@ def _dropout_scale(drop, row_offset: int, rows, columns, dtype, xp):
 
 
 def kernel_dropout(drop, row_offset: int):
-    """What the GPU launchers take for drop = (seed, keep): (s0, s1, threshold, 1 / keep), or None."""
+    """What the GPU launchers take for drop = (seed, keep): (base, s0, s1, threshold, 1 / keep), or None;
+    base is a DeviceSeed's device array (the kernels add base[0] to the words), None for an int seed."""
     if drop is None:
         return None
     seed, keep = drop
-    return rng.dropout_words(seed, keep, row_offset) + (1.0 / keep,)
+    if isinstance(seed, rng.DeviceSeed):
+        return (seed.base,) + rng.dropout_words(seed.offset, keep, row_offset) + (1.0 / keep,)
+    return (None,) + rng.dropout_words(seed, keep, row_offset) + (1.0 / keep,)
 
 
 def choose_path(q, k, v, keep_probabilities: bool):
@@ -369,7 +372,7 @@ def _check_dropout(dropout, cache):
         return None
     if cache is not None:
         raise ValueError("causal_attention: attention dropout is for training; the KV-cache path takes none")
-    return int(seed), 1.0 - float(probability)
+    return seed if isinstance(seed, rng.DeviceSeed) else int(seed), 1.0 - float(probability)
 
 
 class CausalAttention(Function):

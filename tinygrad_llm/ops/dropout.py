@@ -21,7 +21,7 @@ class Dropout(Function):
             y, mask = fast.dropout_forward(x, p, seed)
             self.save(mask=mask)
             return y
-        rng = random_generator(seed, like=x)
+        rng = random_generator(int(seed), like=x)       # a rng.DeviceSeed is read on the host here
         draw = x.dtype if x.dtype.name in ("float32", "float64") else "float32"   # generators draw no bf16/fp16
         mask = (rng.random(x.shape, dtype=draw) >= p).astype(x.dtype) / x.dtype.type(1.0 - p)
         self.save(mask=mask)

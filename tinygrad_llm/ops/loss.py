@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
+from ..backend import array_module, capturing
 from ..gpu import kernel
 from ..cpu_threads import run_row_chunks
-from ..tensor import Function
+from ..tensor import Function, is_unit_seed
 from .matmul import accumulation_dtype, product
 
 
@@ -38,6 +38,8 @@ def _flatten(logits, targets):
 
 
 def _check_targets(targets, vocab: int, ignore_index: int, xp):
+    if capturing():                 # the capturing caller checked them on the host (backend.capturing)
+        return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if bool(bad.any()):
         first = int(targets[xp.argmax(bad)])
@@ -106,7 +108,7 @@ class CrossEntropy(Function):
 
     def backward(self, dy):
         (dlogits,) = self.saved
-        if dy.size == 1 and float(dy) == 1.0:     # the usual case (loss.backward()): skip a full-size multiply
+        if is_unit_seed(dy):                     # the usual case (loss.backward()): skip a full-size multiply
             return dlogits
         return dlogits * dy
 
@@ -154,7 +156,7 @@ class LinearCrossEntropy(Function):
 
     def backward(self, dy):
         x, weight, grad, linear, dtypes, x_shape = self.saved
-        if dy.size != 1 or float(dy) != 1.0:     # a loss scale may not fit in float16: multiply in float32
+        if not is_unit_seed(dy):                 # a loss scale may not fit in float16: multiply in float32
             compute = accumulation_dtype(grad.dtype)
             grad = (grad.astype(compute, copy=False) * dy.astype(compute)).astype(grad.dtype, copy=False)
         if linear is not None:
