@@ -49,6 +49,7 @@ from .checkpoint import (CheckpointError, RUN_TOKENIZER_FILE, STATE_FILE, atomic
                          remove_debris, require_field, resolve_checkpoint, save_checkpoint)
 from .data.feed import (Data, RandomWindows, ShardBatches, build_data, builtin_corpus_dir,  # noqa: F401
                         file_sha256, token_byte_lengths)
+from .device_step import DeviceStep
 from .distributed import DataParallel, RankSlice, SingleProcess, communicator, install_abort_on_error, tokens_in
 from .model import GPT, GPTConfig
 from .optim import AdamW, lr_schedule
@@ -422,6 +423,9 @@ def _train(config, log=None) -> dict:
         log(f"data parallel: {comm.size} ranks over {comm.name}, {config.batch_size // comm.size} rows of each "
             f"batch a rank, {parallel.bytes_per_step / 2**20:.1f} MiB all-reduced a step in "
             f"{len(parallel.buckets)} buckets" + (", AdamW state sharded (ZeRO-1)" if config.zero else ""))
+    device_step = None
+    if device == "cuda" and comm.size == 1 and not scaler.enabled and backend.kernels_enabled():
+        device_step = DeviceStep(model, optimizer, config, model_config.vocab_size)
     if device == "cuda":                            # say once which attention path the run takes
         from . import gpu
         attention_dtype = precision.get_policy().compute or np.dtype(dtype).name
@@ -489,7 +493,12 @@ def _train(config, log=None) -> dict:
         with _InterruptFlag() as interrupt:
             while loop.step < config.max_steps:
                 t0 = time.perf_counter()
-                result = train_step(model, optimizer, data.train, loop.step, config, device, scaler, parallel)
+                if device_step is not None:
+                    result = StepResult(*device_step(data.train, loop.step))
+                    if device_step.calls == 2:
+                        log(device_step.describe())
+                else:
+                    result = train_step(model, optimizer, data.train, loop.step, config, device, scaler, parallel)
                 interrupt.raised = bool(comm.sum_host(np.array([float(interrupt.raised)]))[0])   # ranks stop together
                 step = loop.step = loop.step + 1
                 if result.backoff:
