@@ -353,11 +353,27 @@ def host_profile(model, optimizer, ids, targets, top=30):
     return text.getvalue()
 
 
+class _FixedBatch:
+    """A batch source giving the same host batch for every index (what DeviceStep asks of the loop's data)."""
+
+    def __init__(self, ids, targets):
+        self.ids, self.targets, self.step = ids, targets, 0
+
+    def batch(self, index):
+        return self.ids, self.targets
+
+
 def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low_precision_residual=True,
-                   profile_host=False, attention_dropout=0.2):
-    """tokens/s, MFU and pool peak of full training steps of the GPT-2-size model (or the char model)."""
+                   profile_host=False, attention_dropout=0.2, step_mode="graph"):
+    """tokens/s, MFU and pool peak of full training steps of the GPT-2-size model (or the char model).
+
+    step_mode: "graph" — the training loop's GPU step (tinygrad_llm.device_step.DeviceStep), replayed from a
+    CUDA graph; "device" — the same step uncaptured; "loop" — forward, backward, the norm read on the host,
+    AdamW (train_step's order, no graph)."""
     cp = backend.cupy_module()
+    from types import SimpleNamespace
     from tinygrad_llm import manual_seed
+    from tinygrad_llm.device_step import DeviceStep
     from tinygrad_llm.model import GPT
     from tinygrad_llm.optim import AdamW
     pool = cp.get_default_memory_pool()
@@ -372,33 +388,47 @@ def bench_training(policy_name="bf16", steps=6, warmup=2, shakespeare=False, low
         params = model.num_parameters()
         optimizer = AdamW(model.named_parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
         rng = np.random.default_rng(0)
-        ids = cp.asarray(rng.integers(0, config.vocab_size, (batch, length)))
-        targets = cp.asarray(rng.integers(0, config.vocab_size, (batch, length)))
+        host_ids = rng.integers(0, config.vocab_size, (batch, length))
+        host_targets = rng.integers(0, config.vocab_size, (batch, length))
+        ids, targets = cp.asarray(host_ids), cp.asarray(host_targets)
+        schedule = SimpleNamespace(lr=3e-4, warmup_steps=0, max_steps=10 ** 6, min_lr_ratio=0.1, grad_clip=1.0,
+                                   grad_accum=1)
+        device_step = DeviceStep(model, optimizer, schedule, config.vocab_size, graphs=step_mode == "graph")
+        batches = _FixedBatch(host_ids, host_targets)
         times, losses, host_times = [], [], []
         for i in range(warmup + steps):
             cp.cuda.Device().synchronize()
             start = time.perf_counter()
-            _, loss = model(ids, targets)
-            loss.backward()
-            queued = time.perf_counter()                     # the host has issued forward and backward
-            norm = optimizer.gather_grads()
-            optimizer.step(grad_scale=min(1.0, 1.0 / (norm + 1e-6)))
-            optimizer.zero_grad()
+            if step_mode == "loop":
+                _, loss = model(ids, targets)
+                loss.backward()
+                queued = time.perf_counter()                 # the host has issued forward and backward
+                norm = optimizer.gather_grads()
+                optimizer.step(grad_scale=min(1.0, 1.0 / (norm + 1e-6)))
+                optimizer.zero_grad()
+                step_loss = float(loss.item())
+            else:
+                step_loss = device_step(batches, i)[0]
+                queued = time.perf_counter()
             cp.cuda.Device().synchronize()
             end = time.perf_counter()
             if i >= warmup:
                 times.append(end - start)
                 host_times.append(queued - start)
-            losses.append(float(loss.item()))
+            losses.append(step_loss)
         step_s = float(np.median(times))
         tokens_per_s = batch * length / step_s
         flops_per_token = 6 * params + 12 * config.n_layers * config.n_heads * config.head_dim * length
         residual = "bf16 residual" if low_precision_residual else "fp32 residual"
         char = f" shakespeare-char, attention dropout {attention_dropout:g}" if shakespeare else ""
-        result = dict(name=f"ours {policy_name}, {residual}{char}",
+        graph_bytes = device_step.graph.pool_bytes() if device_step.graph is not None else 0
+        if step_mode == "graph" and device_step.not_captured:
+            raise RuntimeError(f"the step was not captured: {device_step.not_captured}")
+        result = dict(name=f"ours {policy_name}, {residual}{char}, step {step_mode}",
                       params=params, step_ms=step_s * 1e3, tokens_per_s=tokens_per_s,
                       tflops=tokens_per_s * flops_per_token / 1e12,
-                      mfu=tokens_per_s * flops_per_token / PEAK_BF16_FLOPS, peak_pool_gib=pool.total_bytes() / 2 ** 30,
+                      mfu=tokens_per_s * flops_per_token / PEAK_BF16_FLOPS,
+                      peak_pool_gib=(pool.total_bytes() + graph_bytes) / 2 ** 30,
                       losses=losses, host_forward_backward_ms=float(np.median(host_times)) * 1e3)
         result["profile_ms"] = profile_step(model, optimizer, ids, targets)
         result["gpu_profile_ms"] = profile_step(model, optimizer, ids, targets, events=True)
@@ -555,6 +585,9 @@ def main(argv=None):
     parser.add_argument("--residual", choices=("both", "bf16", "fp32"), default="both",
                         help="which residual dtype(s) the training step runs with")
     parser.add_argument("--shakespeare", action="store_true", help="also time the char model's training step")
+    parser.add_argument("--step-modes", default="graph",
+                        help="comma-separated training steps to time: graph (the loop's GPU step, replayed from a "
+                             "CUDA graph), device (the same, uncaptured), loop (the host-synced step)")
     parser.add_argument("--attention-dropout", type=float, default=0.2,
                         help="the char model's attention dropout (torch_ref.py's shakespeare-char: 0.2, its dropout)")
     args = parser.parse_args(argv)
@@ -586,18 +619,22 @@ def main(argv=None):
             if torch is not None:
                 torch.cuda.empty_cache()
             cp.get_default_memory_pool().free_all_blocks()
-    if not args.skip_e2e and args.residual in ("both", "bf16"):
-        attempt("training bf16", lambda: bench_training("bf16", args.steps, profile_host=args.host_profile),
-                report["training"])
-    if not args.skip_e2e and args.residual in ("both", "fp32"):
-        attempt("training bf16, fp32 residual", lambda: bench_training("bf16", args.steps,
-                                                                        low_precision_residual=False,
-                                                                        profile_host=args.host_profile),
-                report["training"])
-    if args.shakespeare:
-        attempt("training shakespeare", lambda: bench_training("bf16", 20, 5, shakespeare=True,
-                                                               attention_dropout=args.attention_dropout),
-                report["training"])
+    modes = args.step_modes.split(",")
+    for mode in modes:
+        if not args.skip_e2e and args.residual in ("both", "bf16"):
+            attempt(f"training bf16, step {mode}",
+                    lambda: bench_training("bf16", args.steps, profile_host=args.host_profile, step_mode=mode),
+                    report["training"])
+        if not args.skip_e2e and args.residual in ("both", "fp32"):
+            attempt(f"training bf16, fp32 residual, step {mode}",
+                    lambda: bench_training("bf16", args.steps, low_precision_residual=False,
+                                           profile_host=args.host_profile, step_mode=mode),
+                    report["training"])
+        if args.shakespeare:
+            attempt(f"training shakespeare, step {mode}",
+                    lambda: bench_training("bf16", 20, 5, shakespeare=True, attention_dropout=args.attention_dropout,
+                                           step_mode=mode),
+                    report["training"])
     if not args.skip_attention and (Path(__file__).parent / "gpu_attention.py").is_file():
         sys.path.insert(0, str(Path(__file__).parent))
         try:

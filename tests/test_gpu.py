@@ -98,7 +98,7 @@ def test_supports_refuses_host_arrays():
 
 LAUNCHERS = ["rms_norm_forward", "rms_norm_backward", "add_rms_norm_forward", "swiglu_forward", "swiglu_backward", "swiglu_packed_forward",
              "swiglu_packed_backward", "rope_forward", "copy_heads", "dropout_forward", "cross_entropy_forward_backward",
-             "embedding_backward", "adamw_step", "linear_forward", "linear_backward", "causal_attention_forward",
+             "embedding_backward", "adamw_step", "sum_of_squares", "linear_forward", "linear_backward", "causal_attention_forward",
              "causal_attention_backward", "decode_attention", "quantized_linear"]
 
 
@@ -423,7 +423,8 @@ def test_adamw_step_matches_the_formula(rng):
     decays = [0.1, 0.0, 0.1, 0.0, 0.05]
     hyper = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, step=7)
     from tinygrad_llm.optim import adamw_values
-    values = cp.asarray(adamw_values(hyper["lr"], (hyper["beta1"], hyper["beta2"]), hyper["step"], 0.5))
+    values = cp.asarray(adamw_values(hyper["lr"], (hyper["beta1"], hyper["beta2"]), hyper["step"], 0.5),
+                        dtype=cp.float32)
     gpu.adamw_step(params, grads, ms, vs, values, hyper["beta1"], hyper["beta2"], hyper["eps"], decays)
     for i in range(len(shapes)):
         want = _adamw_reference(*(np.float64(group[i]) for group in host), hyper["lr"], hyper["beta1"],

@@ -204,6 +204,10 @@ class CudaGraph:
             self._graph = self._stream.end_capture()
         self.outputs = outputs
 
+    def pool_bytes(self) -> int:
+        """Bytes held by the graph's own memory pool (what its captured arrays keep between replays)."""
+        return self._pool.total_bytes()
+
     def replay(self):
         """Run the captured work on the current stream; returns fn's outputs."""
         self._graph.launch(stream=_cupy.cuda.get_current_stream())

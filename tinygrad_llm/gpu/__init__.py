@@ -22,7 +22,7 @@ import sys
 
 from .. import backend
 from .activation import swiglu_backward, swiglu_forward, swiglu_packed_backward, swiglu_packed_forward
-from .adamw import adamw_step
+from .adamw import adamw_step, sum_of_squares
 from .attention import causal_attention_backward, causal_attention_forward, decode_attention, kernel_for
 from .dropout import dropout_forward
 from .embedding import embedding_backward
@@ -36,8 +36,8 @@ from .rope import copy_heads, rope_forward
 __all__ = ["kernel", "supports", "attention_kernel_for", "quantized_linear",
            "rms_norm_forward", "rms_norm_backward", "add_rms_norm_forward", "swiglu_forward", "swiglu_backward",
            "swiglu_packed_forward", "swiglu_packed_backward", "rope_forward", "copy_heads", "dropout_forward",
-           "cross_entropy_forward_backward", "embedding_backward", "adamw_step", "linear_forward",
-           "linear_backward", "causal_attention_forward", "causal_attention_backward", "decode_attention"]
+           "cross_entropy_forward_backward", "embedding_backward", "adamw_step", "sum_of_squares",
+           "linear_forward", "linear_backward", "causal_attention_forward", "causal_attention_backward", "decode_attention"]
 
 
 def kernel(op_name: str, *arrays):
