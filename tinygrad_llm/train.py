@@ -6,7 +6,8 @@
 The configuration is `tinygrad_llm.train_config` (TrainConfig, config_from_dict, load_toml), the data
 `tinygrad_llm.data.feed` (build_data and the batch sources); both are re-exported here.
 
-The loop, per optimizer step (`train_step`): `grad_accum` micro-batches, each loss scaled by
+The loop, per optimizer step (`train_step`; on one GPU `device_step.DeviceStep`, the same step with its
+decisions on the device, replayed from a CUDA graph): `grad_accum` micro-batches, each loss scaled by
 1/grad_accum before its backward (so gradients are the mean over the micro-batches); the global gradient
 norm; a non-finite loss or norm skips the update (logged; `max_bad_steps` in a row stop the run);
 clipping to `grad_clip`; AdamW at the warmup + cosine learning rate. Every `eval_interval` steps
