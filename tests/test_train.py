@@ -147,6 +147,32 @@ def test_gradient_accumulation_scaling_equals_the_full_batch_gradient():
         np.testing.assert_allclose(p.grad, full[n], rtol=1e-4, atol=1e-7, err_msg=n)
 
 
+def test_backward_writes_gradients_into_the_optimizer_buffer_and_the_step_is_unchanged():
+    """With an optimizer, each parameter's gradient lands in its slice of the flat gradient buffer (no
+    gather copy); the updates equal those from gradients assigned by hand, tied weights included."""
+    ids = np.random.default_rng(0).integers(0, 9, (2, 9))
+    results = []
+    for through_buffer in (True, False):
+        manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=9, d_model=16, n_layers=1, n_heads=2, ffn_hidden=16, max_seq_len=8,
+                              tie_embeddings=True))
+        opt = AdamW(model.named_parameters(), lr=0.01, weight_decay=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            _, loss = model(ids[:, :-1], ids[:, 1:])
+            loss.backward()
+            if through_buffer:
+                for p, group in ((p, g) for g in opt.groups for p in g.params):
+                    assert p.grad is p.grad_buffer and np.shares_memory(p.grad, group.grad)
+            else:
+                for p in opt.params:
+                    p.grad = p.grad.copy()                 # a gradient of its own: gathered by copying
+            opt.step()
+        results.append([p.numpy().copy() for p in opt.params])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_config_errors_are_clear(text_file, tmp_path):
     with pytest.raises(ValueError, match="lr must be a positive number"):
         small_config(text_file, tmp_path, lr=-1.0).validate()

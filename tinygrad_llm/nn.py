@@ -29,14 +29,19 @@ class StateDictError(KeyError):
 
 
 class Parameter(Tensor):
-    """A Tensor that a Module owns and an optimizer updates (requires_grad=True, float32 unless given)."""
+    """A Tensor that a Module owns and an optimizer updates (requires_grad=True, float32 unless given).
 
-    __slots__ = ()
+    `grad_buffer`: where backward() writes the parameter's gradient when .grad is None (an optimizer
+    points it at the parameter's slice of its flat gradient buffer, so no second copy is needed there);
+    None: a fresh array. A .grad that is the buffer is overwritten by the next backward after zero_grad()."""
+
+    __slots__ = ("grad_buffer",)
 
     def __init__(self, data, dtype=None):
         if dtype is None and isinstance(data, np.ndarray) and data.dtype.kind == "f":
             dtype = data.dtype
         super().__init__(data, requires_grad=True, dtype=dtype or np.float32)
+        self.grad_buffer = None
 
 
 class Module:

@@ -104,16 +104,19 @@ class _Group:
         for p, start, end in zip(self.params, self.offsets, self.offsets[1:]):
             flat[start:end] = p.data.ravel()
         self.views = []
+        grad = xp.zeros_like(flat)
         for p, start, end in zip(self.params, self.offsets, self.offsets[1:]):
             p.data = flat[start:end].reshape(p.shape)
             self.views.append(p.data)
+            if hasattr(p, "grad_buffer"):          # backward writes the gradient here: no gather copy
+                p.grad_buffer = grad[start:end].reshape(p.shape)
         moved = lambda a: None if a is None else backend.to_device(a, backend.device_of(flat)).astype(flat.dtype)
         owned = self.hi - self.lo
         self.exp_avg = (moved(self.exp_avg) if keep_moments and self.exp_avg is not None
                         else xp.zeros(owned, dtype=flat.dtype))
         self.exp_avg_sq = (moved(self.exp_avg_sq) if keep_moments and self.exp_avg_sq is not None
                            else xp.zeros(owned, dtype=flat.dtype))
-        self.flat, self.grad = flat, xp.zeros_like(flat)
+        self.flat, self.grad = flat, grad
 
     def is_bound(self) -> bool:
         return all(p.data is view for p, view in zip(self.params, self.views))
@@ -170,7 +173,7 @@ class AdamW:
             for p, start, end in zip(group.params, group.offsets, group.offsets[1:]):
                 if p.grad is None:
                     group.grad[start:end] = 0
-                else:
+                elif p.grad is not getattr(p, "grad_buffer", None):     # else backward wrote it in place
                     group.grad[start:end] = p.grad.ravel()
         self._gathered = True
 

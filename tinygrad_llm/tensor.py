@@ -225,8 +225,7 @@ class Tensor:
                 continue
             function = tensor._ctx
             if function is None or tensor._retain_grad:
-                # a copy: dy may be shared with another tensor's gradient or be the caller's `grad` array
-                tensor.grad = dy.copy() if tensor.grad is None else tensor.grad + dy
+                tensor.grad = _accumulated(tensor, dy)
             if function is None:
                 if on_leaf_grad is not None:
                     on_leaf_grad(tensor)
@@ -260,6 +259,23 @@ class Tensor:
 
 
 _unit_seed = None     # the ones a running backward() was seeded with when no grad was given
+
+
+def _accumulated(tensor, dy):
+    """tensor.grad after adding dy: a copy of dy (it may be shared with another tensor's gradient or be
+    the caller's `grad` array), written into a Parameter's grad_buffer when it has a fitting one."""
+    grad = tensor.grad
+    buffer = getattr(tensor, "grad_buffer", None)
+    if grad is None:
+        if buffer is not None and buffer.shape == dy.shape and buffer.dtype == dy.dtype \
+                and type(buffer) is type(dy):
+            buffer[...] = dy
+            return buffer
+        return dy.copy()
+    if grad is buffer:
+        grad += dy                 # the buffer is the optimizer's: add in place
+        return grad
+    return grad + dy
 
 
 def is_unit_seed(dy) -> bool:
