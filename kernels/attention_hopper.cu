@@ -2,47 +2,52 @@
 //
 // The same functions as attention_forward.cu and attention_backward.cu (FlashAttention-2's algorithm:
 // online softmax forward saving L = logsumexp per row; backward recomputing P tile by tile from L, with
-// the Δ = rowsum(dO ∘ out) pre-pass of attention_backward.cu), for head dim 64 and bf16/fp16, written
-// for the warpgroup matrix instructions (kernels/attention_hopper.cuh explains wgmma, the swizzled
-// shared-memory tiles and the register layouts). They must match the NumPy op
-// tinygrad_llm.ops.attention.CausalAttention (forward: out and the saved lse; backward: dq, dk, dv).
+// the Δ = rowsum(dO ∘ out) pre-pass of attention_backward.cu), for head dims D = 64 and 128 (one template
+// each, D a parameter) and bf16/fp16, written for the warpgroup matrix instructions
+// (kernels/attention_hopper.cuh explains wgmma, the swizzled shared-memory tiles and the register
+// layouts). They must match the NumPy op tinygrad_llm.ops.attention.CausalAttention (forward: out and the
+// saved lse; backward: dq, dk, dv).
 //
 //     S = q kᵀ / sqrt(D),  S[i, j] = −inf where j > i + (Tk − Tq)  (causal, aligned bottom-right)
 //     out = softmax(S) v,  L = logsumexp(S)  (fp32, natural log)
 //     P = exp(S − L),  dv = Pᵀ dO,  dS = P ∘ (dO vᵀ − Δ),  dq = dS k / sqrt(D),  dk = dSᵀ q / sqrt(D)
 // (dk, dv summed over the G = H / Hkv query heads of a kv head).
 //
-// Shapes (contiguous, row-major, 16-byte aligned): q, out, dO: (B, H, Tq, 64); k, v, dk, dv:
-// (B, Hkv, Tk, 64); L, Δ: (B, H, Tq) fp32; dq_accumulator: (B, H, Tq, 64) fp32, zeroed by the caller.
+// Shapes (contiguous, row-major, 16-byte aligned): q, out, dO: (B, H, Tq, D); k, v, dk, dv:
+// (B, Hkv, Tk, D); L, Δ: (B, H, Tq) fp32; dq_accumulator: (B, H, Tq, D) fp32, zeroed by the caller.
 //
-// attention_forward_{bf16,fp16}_d64_wg2(q, k, v, out, lse, H, Hkv, Tq, Tk, scale, B)
-//   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups, 99 328 bytes of dynamic
-//   shared memory: two 128-row Q tiles and two buffers each of 128-key K and V tiles (16 KiB a tile)
-//   plus 1 KiB to align them; 198 registers. A work item is a 128-row query tile of one (b, h); item i
-//   is tile ceil(Tq / 128) − 1 − i / (B·H) of (b, h) = i mod (B·H), so the longest items go first, and
-//   block x takes items x, x + grid, … While it works on an item's last K/V tile it already loads the
-//   next item's Q and first tile (the one-block-a-multiprocessor kernel otherwise waits for them).
+// attention_forward_{bf16,fp16}_d{64,128}_wg2(q, k, v, out, lse, H, Hkv, Tq, Tk, scale, B)
+//   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups, 6 · 128 · D · 2 + 1024 bytes
+//   of dynamic shared memory (99 328 at D = 64, 197 632 at D = 128): two 128-row Q tiles and two buffers
+//   each of 128-key K and V tiles plus 1 KiB to align them; 198 registers at D = 64, 244 at D = 128. A
+//   work item is a 128-row query tile of one (b, h); item i is tile ceil(Tq / 128) − 1 − i / (B·H) of
+//   (b, h) = i mod (B·H), so the longest items go first, and block x takes items x, x + grid, … While it
+//   works on an item's last K/V tile it already loads the next item's Q and first tile (the
+//   one-block-a-multiprocessor kernel otherwise waits for them).
 //   Warpgroup w owns query rows 64w … 64w + 63 of the item and holds its warp's 16 rows of Q as register
 //   A fragments. Per K/V tile (cp.async brings tile t + 1 while tile t is multiplied):
-//     S = Q Kᵀ  (4 × m64n128k16, A = Q from registers, B = K K-major)
+//     S = Q Kᵀ  (D / 16 × m64n128k16, A = Q from registers, B = K K-major)
 //     mask (only on tiles that cross the diagonal or the end of the keys), online softmax in registers
 //     (row max and sum over the quad of lanes holding a row, exp2 with the scale folded in), rescale O
-//     O += P V  (8 × m64n64k16, A = P converted in registers to bf16/fp16, B = V MN-major)
+//     O += P V  (8 × m64nDk16, A = P converted in registers to bf16/fp16, B = V MN-major); O takes D / 2
+//     float registers a thread (64 at D = 128)
 //   A warpgroup skips a tile whose keys all come after its rows. out = O / l, L = m · scale + ln l.
 //
-// attention_backward_{bf16,fp16}_d64_wq(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk, scale)
+// attention_backward_{bf16,fp16}_d{64,128}_wq(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk,
+//                                              scale)
 //   Launch: grid B·Hkv·ceil(Tk / 128) (one dimension), block 384 = 3 warpgroups (two compute
-//   warpgroups and one that adds dQ), 203 776 bytes of dynamic shared memory (listed above the function
-//   below). Block x takes key block x mod ceil(Tk / 128) of kv head x / ceil(Tk / 128): a head's key
-//   blocks run side by side, so its Q, dO and dq_accumulator stay in L2 (the dq reductions resolve there,
-//   not in DRAM), and the first key blocks (seen by the most queries) start first. setmaxnreg gives the
-//   compute warpgroups more registers and the dQ warpgroup fewer. The block loops over the G query heads
-//   of its group and the 128-row query steps that can see its keys (Q, dO, L, Δ of step s + 1 are
-//   copied while step s computes); the per-step work is described above attention_backward_wq.
-//   The dQ warpgroup (2) takes each full stage of dQ · scale and adds it to dq_accumulator with
-//   red.global.add.v4.f32, two whole 256-byte rows an instruction, then hands the stage back (named
-//   barriers 2–5; the compute warpgroups sync among themselves on barrier 1): issued by the compute warps
-//   themselves, the same reductions stall them on a full load/store queue.
+//   warpgroups and one that adds dQ), 203 776 (D = 64) or 200 704 (D = 128) bytes of dynamic shared
+//   memory (listed above the function below). Block x takes key block x mod ceil(Tk / 128) of kv head
+//   x / ceil(Tk / 128): a head's key blocks run side by side, so its Q, dO and dq_accumulator stay in L2
+//   (the dq reductions resolve there, not in DRAM), and the first key blocks (seen by the most queries)
+//   start first. setmaxnreg gives the compute warpgroups more registers and the dQ warpgroup fewer. The block loops over the G query heads
+//   of its group and the query steps (128 rows at D = 64, 64 at D = 128) that can see its keys (Q, dO,
+//   L, Δ of step s + 1 are copied while step s computes); the per-step work is described above
+//   attention_backward_wq. The dQ warpgroup (2) takes each full stage of dQ · scale and adds it to
+//   dq_accumulator with red.global.add.v4.f32, whole rows an instruction (two at D = 64, one at D = 128),
+//   then hands the stage back (named barriers 2–5; the compute warpgroups sync among themselves on
+//   barrier 1): issued by the compute warps themselves, the same reductions stall them on a full
+//   load/store queue.
 //   dk = dK · scale and dv = dV are written once, in the input dtype. dq's summation order varies
 //   between runs (reductions across key blocks); dk and dv are deterministic.
 
@@ -184,7 +189,8 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             wgmma_fence();
             #pragma unroll
             for (int c = 0; c < STEPS; ++c)
-                Wgmma<T>::template rs_n128<0>(s, q_fragments[c], attn_descriptor(k_address + (c >> 2) * BLOCK + 32 * (c & 3)), c);
+                Wgmma<T>::template rs_n128<0>(s, q_fragments[c],
+                                              attn_descriptor(k_address + (c >> 2) * BLOCK + 32 * (c & 3)), c);
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_hold(s);

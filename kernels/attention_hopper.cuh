@@ -139,7 +139,8 @@ __device__ __forceinline__ void attn_load_fragments(unsigned (&a)[STEPS][4], con
     const int lane = threadIdx.x & 31;
     #pragma unroll
     for (int c = 0; c < STEPS; ++c)
-        attn_ldmatrix_x4(a[c], tile + (c >> 2) * block_bytes + attn_swizzle(row0 + (lane & 15), 2 * (c & 3) + (lane >> 4)));
+        attn_ldmatrix_x4(a[c], tile + (c >> 2) * block_bytes +
+                                   attn_swizzle(row0 + (lane & 15), 2 * (c & 3) + (lane >> 4)));
 }
 
 // Accumulators d (float) to the A fragment of k16 step c (see the layout above), rounded to T.
