@@ -56,7 +56,9 @@ _SUFFIX = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 class Build:
     """One tensor-core build: its name and launch shape. Forward: `warps` warps, each 16·m_tiles query
-    rows. Backward: `warps` warps, each 16·m_tiles keys, query steps of `block_q` rows."""
+    rows. Backward: `warps` warps, each 16·m_tiles keys, query steps of `block_q` rows. The wgmma builds
+    (`hopper`) have fixed launches: forward 256 threads, backward 384 threads a 128-key block, taking
+    `block_q`-row query steps."""
 
     def __init__(self, name, warps=0, m_tiles=1, block_q=0, hopper=False):
         self.name, self.warps, self.m_tiles, self.block_q, self.hopper = name, warps, m_tiles, block_q, hopper
