@@ -40,14 +40,14 @@
 //   memory (listed above the function below). Block x takes key block x mod ceil(Tk / 128) of kv head
 //   x / ceil(Tk / 128): a head's key blocks run side by side, so its Q, dO and dq_accumulator stay in L2
 //   (the dq reductions resolve there, not in DRAM), and the first key blocks (seen by the most queries)
-//   start first. setmaxnreg gives the compute warpgroups more registers and the dQ warpgroup fewer. The block loops over the G query heads
-//   of its group and the query steps (128 rows at D = 64, 64 at D = 128) that can see its keys (Q, dO,
-//   L, Δ of step s + 1 are copied while step s computes); the per-step work is described above
-//   attention_backward_wq. The dQ warpgroup (2) takes each full stage of dQ · scale and adds it to
-//   dq_accumulator with red.global.add.v4.f32, whole rows an instruction (two at D = 64, one at D = 128),
-//   then hands the stage back (named barriers 2–5; the compute warpgroups sync among themselves on
-//   barrier 1): issued by the compute warps themselves, the same reductions stall them on a full
-//   load/store queue.
+//   start first. setmaxnreg gives the compute warpgroups more registers and the dQ warpgroup fewer. The
+//   block loops over the G query heads of its group and the query steps (128 rows at D = 64, 64 at
+//   D = 128) that can see its keys (Q, dO, L, Δ of step s + 1 are copied while step s computes); the
+//   per-step work is described above attention_backward_wq. The dQ warpgroup (2) takes each full stage
+//   of dQ · scale and adds it to dq_accumulator with red.global.add.v4.f32, whole rows an instruction
+//   (two at D = 64, one at D = 128), then hands the stage back (named barriers 2–5; the compute
+//   warpgroups sync among themselves on barrier 1): issued by the compute warps themselves, the same
+//   reductions stall them on a full load/store queue.
 //   dk = dK · scale and dv = dV are written once, in the input dtype. dq's summation order varies
 //   between runs (reductions across key blocks); dk and dv are deterministic.
 
@@ -80,9 +80,10 @@ __device__ __forceinline__ unsigned char* attn_aligned_shared() {
 // out = O / l and L = m · scale + ln l for this thread's two rows (row, row + 8) inside the sequence;
 // row_sum holds the thread's partial sums (its quad of lanes adds them up here).
 template <typename T, bool DROPOUT, int D>
-__device__ __forceinline__ void attn_forward_store(const float (&o)[D / 2], const float (&row_max)[2], float (&row_sum)[2],
-                                                   T* __restrict__ out, float* __restrict__ lse, int batch_head,
-                                                   int row, int query_len, float scale_log2, float keep_scale) {
+__device__ __forceinline__ void attn_forward_store(const float (&o)[D / 2], const float (&row_max)[2],
+                                                   float (&row_sum)[2], T* __restrict__ out, float* __restrict__ lse,
+                                                   int batch_head, int row, int query_len, float scale_log2,
+                                                   float keep_scale) {
     const int t = threadIdx.x & 3;
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -243,8 +244,8 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             wgmma_hold(o);
             wgmma_hold(p_fragments);
         }
-        attn_forward_store<T, DROPOUT, D>(o, row_max, row_sum, out, lse, current.batch_head, row, query_len, scale_log2,
-                                       dropout.scale);
+        attn_forward_store<T, DROPOUT, D>(o, row_max, row_sum, out, lse, current.batch_head, row, query_len,
+                                          scale_log2, dropout.scale);
         if (!has_next) break;
         item = next_item;
         current = next;
@@ -293,7 +294,8 @@ __device__ __forceinline__ void attn_backward_store(const float (&dk_acc)[D / 2]
 template <int ROWS, int D = 64>
 __device__ __forceinline__ void attn_add_staged_dq(float* dq_rows, const float* staged, int stride, int warp,
                                                    int valid_rows) {
-    constexpr int LANES = D / 4, LANE_BITS = D == 64 ? 4 : 5, ROWS_AT_ONCE = 32 / LANES;   // lanes a row, rows at once
+    constexpr int LANES = D / 4, LANE_BITS = D == 64 ? 4 : 5;   // lanes a row (16 bytes each)
+    constexpr int ROWS_AT_ONCE = 32 / LANES;                    // rows an instruction
     const int lane = threadIdx.x & 31, column = 4 * (lane & (LANES - 1));
     #pragma unroll 4
     for (int pass = 0; pass < ROWS / ROWS_AT_ONCE; ++pass) {
@@ -425,6 +427,7 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
         // This warpgroup's share: S and dP rows s_row0 … s_row0 + 63 of the step against keys
         // k0 + 64 · key_block …; dQ columns dq_column0 …; dK and dV rows (keys) 64w … 64w + 63.
         const int key_block = ROW_SPLIT ? 0 : group, s_row0 = ROW_SPLIT ? 64 * group : 0;
+        const int s_key_bytes = key_block * 64 * 128;         // offset of those keys' rows in the K, V tiles
         const int dq_column0 = ROW_SPLIT ? 0 : 64 * group;
         const int row = s_row0 + 16 * warp + g;               // this thread's query rows of a step: row, row + 8
         const int key_row = 64 * group + 16 * warp + g;       // and its keys of dK, dV: k0 + key_row (+ 8)
@@ -454,8 +457,9 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                     for (int j = 0; j < S_KEYS / 8; ++j)
                         #pragma unroll
                         for (int c = 0; c < 2; ++c)
-                            kept[r] |= (unsigned)attn_dropout_kept(dropout, row_key, k0 + 64 * key_block + 8 * j + 2 * t + c)
-                                   << (2 * j + c);
+                            kept[r] |= (unsigned)attn_dropout_kept(dropout, row_key,
+                                                                   k0 + 64 * key_block + 8 * j + 2 * t + c)
+                                       << (2 * j + c);
                     attn_opaque(kept[r]);   // one word, not 32 comparison results kept alive until dS
                 }
             }
@@ -467,12 +471,12 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             #pragma unroll
             for (int c = 0; c < D / 16; ++c)
                 wgmma_ss<T, 0, 0>(s, attn_descriptor(q_address + (c >> 2) * Q_BLOCK + s_row0 * 128 + 32 * (c & 3)),
-                                  attn_descriptor(k_address + (c >> 2) * K_BLOCK + key_block * 64 * 128 + 32 * (c & 3)), c);
+                                  attn_descriptor(k_address + (c >> 2) * K_BLOCK + s_key_bytes + 32 * (c & 3)), c);
             wgmma_commit();
             #pragma unroll
             for (int c = 0; c < D / 16; ++c)
                 wgmma_ss<T, 0, 0>(dp, attn_descriptor(dout_address + (c >> 2) * Q_BLOCK + s_row0 * 128 + 32 * (c & 3)),
-                                  attn_descriptor(v_address + (c >> 2) * K_BLOCK + key_block * 64 * 128 + 32 * (c & 3)), c);
+                                  attn_descriptor(v_address + (c >> 2) * K_BLOCK + s_key_bytes + 32 * (c & 3)), c);
             wgmma_commit();
             wgmma_wait<1>();                                  // S is done, dP may still run
             wgmma_hold(s);
