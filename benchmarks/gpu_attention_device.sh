@@ -1,11 +1,35 @@
 #!/usr/bin/env bash
 # One device call for the flash-attention kernels: SASS check, correctness tests, timings next to SDPA.
-# Run from the repository root on the device machine: bash benchmarks/gpu_attention_device.sh [tests|bench|all]
+# Run from the repository root on the device machine: bash benchmarks/gpu_attention_device.sh [tests|bench|all|d128]
+#   d128: head dim 128 on Hopper (about 3–4 minutes): a table of relative errors of every bf16 build
+#   (benchmarks/gpu_attention.py --check), the attention tests (tests/test_gpu_attention.py whole, the
+#   dropout tests at head dim 128), the head-dim-128 table (wgmma and mma.sync builds side by side with
+#   SDPA, two rounds and the worst of them), the head-dim-64 row, and ptxas registers/spills.
+#   TINYGRAD_LLM_ATTENTION_WGMMA=64 sends head dim 128 back to the mma.sync builds should the wgmma ones fail.
 set -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/attention_out}; mkdir -p "$OUT"
 what=${1:-all}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee "$OUT/smi.txt"
+if [ "$what" = d128 ]; then
+  # ptxas registers and spills of the sm_90a kernels, compiled beside the GPU work and printed at the end
+  nvcc -std=c++17 -gencode=arch=compute_90a,code=sm_90a -cubin -Xptxas -v -o /tmp/attention_hopper.cubin \
+       -I kernels kernels/attention_hopper.cu > "$OUT/ptxas_hopper.txt" 2>&1 &
+  echo "== correctness of every bf16 build (relative error, bound 1e-2)"
+  timeout 120 python3 benchmarks/gpu_attention.py --check 2>&1 | tee "$OUT/check.log" | tail -30
+  echo "== tests"
+  timeout 200 python3 -m pytest tests/test_gpu_attention.py tests/test_gpu_attention_dropout.py -k "128 or not dropout" \
+    -q --tb=line -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | grep -vE '^\s*$' | tail -30
+  echo "== head dim 128: wgmma (wg2/wq) and mma.sync (w8/w4) builds, SDPA in the same process"
+  timeout 150 python3 benchmarks/gpu_attention.py --d128 --rounds 2 2>&1 | tee "$OUT/bench_d128.log"
+  echo "== head dim 64 (its kernels' code is unchanged): the issue-7 shape"
+  timeout 60 python3 benchmarks/gpu_attention.py --first 1 2>&1 | tee "$OUT/bench_d64.log"
+  wait
+  echo "== ptxas (sm_90a)"
+  grep -E "Compiling entry|registers|spill" "$OUT/ptxas_hopper.txt" | paste - - - | sed -E 's/ptxas info *: //g' \
+    | sed -E "s/Compiling entry function '([a-z0-9_]+)' for 'sm_90a'/\1/" | cut -c1-150
+  exit 0
+fi
 for f in forward backward hopper; do
   arch=90; [ $f = hopper ] && arch=90a
   nvcc -std=c++17 -gencode=arch=compute_$arch,code=sm_$arch -cubin -Xptxas -v -o "/tmp/attention_$f.cubin" \

@@ -2,53 +2,58 @@
 //
 // The same functions as attention_forward.cu and attention_backward.cu (FlashAttention-2's algorithm:
 // online softmax forward saving L = logsumexp per row; backward recomputing P tile by tile from L, with
-// the Δ = rowsum(dO ∘ out) pre-pass of attention_backward.cu), for head dim 64 and bf16/fp16, written
-// for the warpgroup matrix instructions (kernels/attention_hopper.cuh explains wgmma, the swizzled
-// shared-memory tiles and the register layouts). They must match the NumPy op
-// tinygrad_llm.ops.attention.CausalAttention (forward: out and the saved lse; backward: dq, dk, dv).
+// the Δ = rowsum(dO ∘ out) pre-pass of attention_backward.cu), for head dims D = 64 and 128 (one template
+// each, D a parameter) and bf16/fp16, written for the warpgroup matrix instructions
+// (kernels/attention_hopper.cuh explains wgmma, the swizzled shared-memory tiles and the register
+// layouts). They must match the NumPy op tinygrad_llm.ops.attention.CausalAttention (forward: out and the
+// saved lse; backward: dq, dk, dv).
 //
 //     S = q kᵀ / sqrt(D),  S[i, j] = −inf where j > i + (Tk − Tq)  (causal, aligned bottom-right)
 //     out = softmax(S) v,  L = logsumexp(S)  (fp32, natural log)
 //     P = exp(S − L),  dv = Pᵀ dO,  dS = P ∘ (dO vᵀ − Δ),  dq = dS k / sqrt(D),  dk = dSᵀ q / sqrt(D)
 // (dk, dv summed over the G = H / Hkv query heads of a kv head).
 //
-// Shapes (contiguous, row-major, 16-byte aligned): q, out, dO: (B, H, Tq, 64); k, v, dk, dv:
-// (B, Hkv, Tk, 64); L, Δ: (B, H, Tq) fp32; dq_accumulator: (B, H, Tq, 64) fp32, zeroed by the caller.
+// Shapes (contiguous, row-major, 16-byte aligned): q, out, dO: (B, H, Tq, D); k, v, dk, dv:
+// (B, Hkv, Tk, D); L, Δ: (B, H, Tq) fp32; dq_accumulator: (B, H, Tq, D) fp32, zeroed by the caller.
 //
-// attention_forward_{bf16,fp16}_d64_wg2(q, k, v, out, lse, H, Hkv, Tq, Tk, scale, B)
-//   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups, 99 328 bytes of dynamic
-//   shared memory: two 128-row Q tiles and two buffers each of 128-key K and V tiles (16 KiB a tile)
-//   plus 1 KiB to align them; 198 registers. A work item is a 128-row query tile of one (b, h); item i
-//   is tile ceil(Tq / 128) − 1 − i / (B·H) of (b, h) = i mod (B·H), so the longest items go first, and
-//   block x takes items x, x + grid, … While it works on an item's last K/V tile it already loads the
-//   next item's Q and first tile (the one-block-a-multiprocessor kernel otherwise waits for them).
+// attention_forward_{bf16,fp16}_d{64,128}_wg2(q, k, v, out, lse, H, Hkv, Tq, Tk, scale, B)
+//   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups, 6 · 128 · D · 2 + 1024 bytes
+//   of dynamic shared memory (99 328 at D = 64, 197 632 at D = 128): two 128-row Q tiles and two buffers
+//   each of 128-key K and V tiles plus 1 KiB to align them; 198 registers at D = 64, 244 at D = 128. A
+//   work item is a 128-row query tile of one (b, h); item i is tile ceil(Tq / 128) − 1 − i / (B·H) of
+//   (b, h) = i mod (B·H), so the longest items go first, and block x takes items x, x + grid, … While it
+//   works on an item's last K/V tile it already loads the next item's Q and first tile (the
+//   one-block-a-multiprocessor kernel otherwise waits for them).
 //   Warpgroup w owns query rows 64w … 64w + 63 of the item and holds its warp's 16 rows of Q as register
 //   A fragments. Per K/V tile (cp.async brings tile t + 1 while tile t is multiplied):
-//     S = Q Kᵀ  (4 × m64n128k16, A = Q from registers, B = K K-major)
+//     S = Q Kᵀ  (D / 16 × m64n128k16, A = Q from registers, B = K K-major)
 //     mask (only on tiles that cross the diagonal or the end of the keys), online softmax in registers
 //     (row max and sum over the quad of lanes holding a row, exp2 with the scale folded in), rescale O
-//     O += P V  (8 × m64n64k16, A = P converted in registers to bf16/fp16, B = V MN-major)
+//     O += P V  (8 × m64nDk16, A = P converted in registers to bf16/fp16, B = V MN-major); O takes D / 2
+//     float registers a thread (64 at D = 128)
 //   A warpgroup skips a tile whose keys all come after its rows. out = O / l, L = m · scale + ln l.
 //
-// attention_backward_{bf16,fp16}_d64_wq(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk, scale)
+// attention_backward_{bf16,fp16}_d{64,128}_wq(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk,
+//                                              scale)
 //   Launch: grid B·Hkv·ceil(Tk / 128) (one dimension), block 384 = 3 warpgroups (two compute
-//   warpgroups and one that adds dQ), 203 776 bytes of dynamic shared memory (listed above the function
-//   below). Block x takes key block x mod ceil(Tk / 128) of kv head x / ceil(Tk / 128): a head's key
-//   blocks run side by side, so its Q, dO and dq_accumulator stay in L2 (the dq reductions resolve there,
-//   not in DRAM), and the first key blocks (seen by the most queries) start first. setmaxnreg gives the
-//   compute warpgroups more registers and the dQ warpgroup fewer. The block loops over the G query heads
-//   of its group and the 128-row query steps that can see its keys (Q, dO, L, Δ of step s + 1 are
-//   copied while step s computes); the per-step work is described above attention_backward_wq.
-//   The dQ warpgroup (2) takes each full stage of dQ · scale and adds it to dq_accumulator with
-//   red.global.add.v4.f32, two whole 256-byte rows an instruction, then hands the stage back (named
-//   barriers 2–5; the compute warpgroups sync among themselves on barrier 1): issued by the compute warps
-//   themselves, the same reductions stall them on a full load/store queue.
+//   warpgroups and one that adds dQ), 203 776 (D = 64) or 200 704 (D = 128) bytes of dynamic shared
+//   memory (listed above the function below). Block x takes key block x mod ceil(Tk / 128) of kv head
+//   x / ceil(Tk / 128): a head's key blocks run side by side, so its Q, dO and dq_accumulator stay in L2
+//   (the dq reductions resolve there, not in DRAM), and the first key blocks (seen by the most queries)
+//   start first. setmaxnreg gives the compute warpgroups more registers and the dQ warpgroup fewer. The
+//   block loops over the G query heads of its group and the query steps (128 rows at D = 64, 64 at
+//   D = 128) that can see its keys (Q, dO, L, Δ of step s + 1 are copied while step s computes); the
+//   per-step work is described above attention_backward_wq. The dQ warpgroup (2) takes each full stage
+//   of dQ · scale and adds it to dq_accumulator with red.global.add.v4.f32, whole rows an instruction
+//   (two at D = 64, one at D = 128), then hands the stage back (named barriers 2–5; the compute
+//   warpgroups sync among themselves on barrier 1): issued by the compute warps themselves, the same
+//   reductions stall them on a full load/store queue.
 //   dk = dK · scale and dv = dV are written once, in the input dtype. dq's summation order varies
 //   between runs (reductions across key blocks); dk and dv are deterministic.
 
 // Attention dropout: both kernels also exist as NAME_dropout, taking five more arguments (seed_base,
-// row_seed, column_seed, threshold, keep_scale; attention_common.cuh's ATTN_DROPOUT_PARAMETERS), with the mask and formulas
-// of attention_forward.cu's and attention_backward.cu's dropout kernels: the forward zeroes the dropped
+// row_seed, column_seed, threshold, keep_scale; attention_common.cuh's ATTN_DROPOUT_PARAMETERS), with the
+// mask and formulas of attention_forward.cu's and attention_backward.cu's dropout kernels: the forward zeroes the dropped
 // P in registers after the row sum has taken it, before O += P V, and scales out by keep_scale; the
 // backward writes the kept P to the P tile (dV = Pᵀ dO, scaled by keep_scale at the store) and forms
 // dS = P ∘ (keep_scale · M ∘ dP − Δ). The plain kernels are the DROPOUT = false builds.
@@ -74,11 +79,11 @@ __device__ __forceinline__ unsigned char* attn_aligned_shared() {
 
 // out = O / l and L = m · scale + ln l for this thread's two rows (row, row + 8) inside the sequence;
 // row_sum holds the thread's partial sums (its quad of lanes adds them up here).
-template <typename T, bool DROPOUT>
-__device__ __forceinline__ void attn_forward_store(const float (&o)[32], const float (&row_max)[2], float (&row_sum)[2],
-                                                   T* __restrict__ out, float* __restrict__ lse, int batch_head,
-                                                   int row, int query_len, float scale_log2, float keep_scale) {
-    constexpr int D = 64;
+template <typename T, bool DROPOUT, int D>
+__device__ __forceinline__ void attn_forward_store(const float (&o)[D / 2], const float (&row_max)[2],
+                                                   float (&row_sum)[2], T* __restrict__ out, float* __restrict__ lse,
+                                                   int batch_head, int row, int query_len, float scale_log2,
+                                                   float keep_scale) {
     const int t = threadIdx.x & 3;
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -89,7 +94,7 @@ __device__ __forceinline__ void attn_forward_store(const float (&o)[32], const f
         const float inverse = (DROPOUT ? keep_scale : 1.f) / row_sum[r];
         T* out_line = out + ((long long)batch_head * query_len + out_row) * D;
         #pragma unroll
-        for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < D / 8; ++j)
             *reinterpret_cast<unsigned*>(out_line + 8 * j + 2 * t) =
                 AttnType<T>::pack(o[4 * j + 2 * r] * inverse, o[4 * j + 2 * r + 1] * inverse);
         if (t == 0)
@@ -97,14 +102,17 @@ __device__ __forceinline__ void attn_forward_store(const float (&o)[32], const f
     }
 }
 
-template <typename T, bool DROPOUT>
+template <typename T, bool DROPOUT, int D>
 __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, T* __restrict__ out,
                                                       float* __restrict__ lse, int heads, int kv_heads,
                                                       int query_len, int key_len, float scale, int batches,
                                                       AttnDropout dropout) {
-    constexpr int D = 64, BLOCK_Q = 128, BLOCK_K = 128, THREADS = 256, TILE = 128 * 128;
-    unsigned char* q_tiles = attn_aligned_shared();           // 2 buffers of BLOCK_Q rows of 128 bytes
+    constexpr int BLOCK_Q = 128, BLOCK_K = 128, THREADS = 256, STEPS = D / 16;
+    constexpr int BLOCK = 128 * 128;                          // bytes of a 64-column block of a 128-row tile
+    constexpr int TILE = BLOCK * D / 64;                      // bytes of a 128-row tile (D / 64 blocks)
+    constexpr unsigned LEADING = D == 64 ? 1024 : BLOCK;      // V's leading byte offset (unused at D = 64)
+    unsigned char* q_tiles = attn_aligned_shared();           // 2 buffers of BLOCK_Q rows
     unsigned char* k_tiles = q_tiles + 2 * TILE;               // 2 buffers of BLOCK_K rows
     unsigned char* v_tiles = k_tiles + 2 * TILE;               // 2 buffers of BLOCK_K rows
 
@@ -129,12 +137,12 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         return w;
     };
     auto load_q = [&](const Work& w, int buffer) {
-        attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tiles + buffer * TILE, q + (long long)w.batch_head * query_len * D,
-                                                w.q0, query_len);
+        attn_load_swizzled<T, BLOCK_Q, THREADS, D>(q_tiles + buffer * TILE, q + (long long)w.batch_head * query_len * D,
+                                                   w.q0, query_len);
     };
     auto load_kv = [&](const Work& w, int tile, int buffer) {
-        attn_load_swizzled<T, BLOCK_K, THREADS>(k_tiles + buffer * TILE, w.k_head, tile * BLOCK_K, key_len);
-        attn_load_swizzled<T, BLOCK_K, THREADS>(v_tiles + buffer * TILE, w.v_head, tile * BLOCK_K, key_len);
+        attn_load_swizzled<T, BLOCK_K, THREADS, D>(k_tiles + buffer * TILE, w.k_head, tile * BLOCK_K, key_len);
+        attn_load_swizzled<T, BLOCK_K, THREADS, D>(v_tiles + buffer * TILE, w.v_head, tile * BLOCK_K, key_len);
     };
 
     int item = blockIdx.x;
@@ -150,10 +158,10 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         const Work next = work(has_next ? next_item : item);
         const int row = current.q0 + 64 * group + 16 * warp + g;   // this thread's rows: row and row + 8
         const int group_first_row = current.q0 + 64 * group, group_last_row = group_first_row + 63;
-        unsigned q_fragments[4][4];                           // this warp's 16 rows of Q
-        float o[32], row_max[2] = {ATTN_NEG_INF, ATTN_NEG_INF}, row_sum[2] = {0.f, 0.f};
+        unsigned q_fragments[STEPS][4];                       // this warp's 16 rows of Q
+        float o[D / 2], row_max[2] = {ATTN_NEG_INF, ATTN_NEG_INF}, row_sum[2] = {0.f, 0.f};
         #pragma unroll
-        for (int i = 0; i < 32; ++i) o[i] = 0.f;
+        for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
         unsigned row_keys[2];                                 // dropout: key(row) of this thread's two rows
         if constexpr (DROPOUT) {
             #pragma unroll
@@ -173,7 +181,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                 load_kv(next, 0, buffer ^ 1);
             }
             attn_copy_commit();
-            if (tile == 0) attn_load_fragments(q_fragments, q_tiles + q_buffer * TILE, 64 * group + 16 * warp);
+            if (tile == 0) attn_load_fragments(q_fragments, q_tiles + q_buffer * TILE, 64 * group + 16 * warp, BLOCK);
             if (k0 > group_last_row + offset) continue;       // every key after this warpgroup's rows
 
             const unsigned k_address = attn_smem_address(k_tiles + buffer * TILE);
@@ -181,8 +189,9 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             float s[64];
             wgmma_fence();
             #pragma unroll
-            for (int c = 0; c < D / 16; ++c)
-                Wgmma<T>::template rs_n128<0>(s, q_fragments[c], attn_descriptor(k_address + 32 * c), c);
+            for (int c = 0; c < STEPS; ++c)
+                Wgmma<T>::template rs_n128<0>(s, q_fragments[c],
+                                              attn_descriptor(k_address + (c >> 2) * BLOCK + 32 * (c & 3)), c);
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_hold(s);
@@ -210,7 +219,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                 const float alpha = attn_exp2((row_max[r] - new_max[r]) * scale_log2);   // 0 on the first tile
                 row_sum[r] *= alpha;
                 #pragma unroll
-                for (int j = 0; j < 8; ++j) {
+                for (int j = 0; j < D / 8; ++j) {
                     o[4 * j + 2 * r] *= alpha;
                     o[4 * j + 2 * r + 1] *= alpha;
                 }
@@ -229,14 +238,14 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                         s[4 * j + e] = p;
                 }
             unsigned p_fragments[BLOCK_K / 16][4];
-            attn_issue_product<T>(o, p_fragments, s, v_address);      // O += P V
+            attn_issue_product<T>(o, p_fragments, s, v_address, LEADING);   // O += P V
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_hold(o);
             wgmma_hold(p_fragments);
         }
-        attn_forward_store<T, DROPOUT>(o, row_max, row_sum, out, lse, current.batch_head, row, query_len, scale_log2,
-                                       dropout.scale);
+        attn_forward_store<T, DROPOUT, D>(o, row_max, row_sum, out, lse, current.batch_head, row, query_len,
+                                          scale_log2, dropout.scale);
         if (!has_next) break;
         item = next_item;
         current = next;
@@ -254,12 +263,11 @@ __device__ __forceinline__ void attn_atomic_add4(float* address, float x, float 
 }
 
 // dk = dK · scale and dv = dV, in the input dtype, for this thread's two keys (key, key + 8) inside the
-// sequence; dk_rows, dv_rows point at the (b, kv head)'s first row.
-template <typename T, bool DROPOUT>
-__device__ __forceinline__ void attn_backward_store(const float (&dk_acc)[32], const float (&dv_acc)[32],
+// sequence (all D columns); dk_rows, dv_rows point at the (b, kv head)'s first row.
+template <typename T, bool DROPOUT, int D>
+__device__ __forceinline__ void attn_backward_store(const float (&dk_acc)[D / 2], const float (&dv_acc)[D / 2],
                                                     T* __restrict__ dk_rows, T* __restrict__ dv_rows, int key,
                                                     int key_len, float scale, float keep_scale) {
-    constexpr int D = 64;
     const int t = threadIdx.x & 3;
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -267,7 +275,7 @@ __device__ __forceinline__ void attn_backward_store(const float (&dk_acc)[32], c
         T* dk_line = dk_rows + (long long)(key + 8 * r) * D + 2 * t;
         T* dv_line = dv_rows + (long long)(key + 8 * r) * D + 2 * t;
         #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+        for (int j = 0; j < D / 8; ++j) {
             *reinterpret_cast<unsigned*>(dk_line + 8 * j) =
                 AttnType<T>::pack(dk_acc[4 * j + 2 * r] * scale, dk_acc[4 * j + 2 * r + 1] * scale);
             if constexpr (DROPOUT)
@@ -280,17 +288,20 @@ __device__ __forceinline__ void attn_backward_store(const float (&dk_acc)[32], c
 }
 
 // The dQ warpgroup's share of one staged step: warp `warp` adds rows ROWS·warp … ROWS·warp + ROWS − 1 of
-// `staged` (rows of stride floats, 64 used) to dq_rows with 16-byte reductions, two whole 256-byte rows an
-// instruction; rows at or past `valid_rows` (outside the sequence) are left out.
-template <int ROWS>
+// `staged` (rows of stride floats, D used) to dq_rows with 16-byte reductions, whole rows an instruction
+// (two 256-byte rows at D = 64, one 512-byte row at D = 128); rows at or past `valid_rows` (outside the
+// sequence) are left out.
+template <int ROWS, int D = 64>
 __device__ __forceinline__ void attn_add_staged_dq(float* dq_rows, const float* staged, int stride, int warp,
                                                    int valid_rows) {
-    const int lane = threadIdx.x & 31, column = 4 * (lane & 15);
+    constexpr int LANES = D / 4, LANE_BITS = D == 64 ? 4 : 5;   // lanes a row (16 bytes each)
+    constexpr int ROWS_AT_ONCE = 32 / LANES;                    // rows an instruction
+    const int lane = threadIdx.x & 31, column = 4 * (lane & (LANES - 1));
     #pragma unroll 4
-    for (int pass = 0; pass < ROWS / 2; ++pass) {
-        const int row = ROWS * warp + 2 * pass + (lane >> 4);
+    for (int pass = 0; pass < ROWS / ROWS_AT_ONCE; ++pass) {
+        const int row = ROWS * warp + ROWS_AT_ONCE * pass + (lane >> LANE_BITS);
         const float4 sum = *reinterpret_cast<const float4*>(staged + row * stride + column);
-        if (row < valid_rows) attn_atomic_add4(dq_rows + row * 64 + column, sum.x, sum.y, sum.z, sum.w);
+        if (row < valid_rows) attn_atomic_add4(dq_rows + row * D + column, sum.x, sum.y, sum.z, sum.w);
     }
 }
 
@@ -298,7 +309,7 @@ __device__ __forceinline__ void attn_add_staged_dq(float* dq_rows, const float* 
 // kv head blockIdx.x / ceil(Tk / BLOCK_K) (a head's blocks side by side, the first keys first), and its
 // iterations: for each query head of the kv head's group, the BLOCK_Q-row query steps that can see the
 // block's keys (the earlier steps see none of them).
-template <int BLOCK_Q, int BLOCK_K>
+template <int BLOCK_Q, int BLOCK_K, int D = 64>
 struct AttnBackwardWork {
     int k0, first_step, steps, iterations, query_len;
     long long kv_base, head_base;   // first row of the kv head in k, v; of its first query head in q, L
@@ -310,7 +321,7 @@ struct AttnBackwardWork {
         first_step = max(0, k0 - (key_len - query_len)) / BLOCK_Q;
         steps = (query_len + BLOCK_Q - 1) / BLOCK_Q - first_step;
         iterations = group_size * steps;
-        kv_base = (long long)batch_kv * key_len * 64;
+        kv_base = (long long)batch_kv * key_len * D;
         head_base = ((long long)batch * heads + kv_head * group_size) * query_len;
     }
     // first row of iteration it's (b, h) in q, dO, L, Δ, and the iteration's first query row
@@ -319,15 +330,15 @@ struct AttnBackwardWork {
 };
 
 // Q and dO rows, L and Δ of step `it` into one buffer of their tiles, by THREADS threads (cp.async).
-template <typename T, int BLOCK_Q, int BLOCK_K, int THREADS>
-__device__ __forceinline__ void attn_backward_prefetch(const AttnBackwardWork<BLOCK_Q, BLOCK_K>& work, int it,
+template <typename T, int BLOCK_Q, int BLOCK_K, int THREADS, int D>
+__device__ __forceinline__ void attn_backward_prefetch(const AttnBackwardWork<BLOCK_Q, BLOCK_K, D>& work, int it,
                                                        const T* q, const T* dout, const float* lse,
                                                        const float* delta, unsigned char* q_tile,
                                                        unsigned char* dout_tile, float* l_tile, float* delta_tile) {
     const long long base = work.row_base(it);
     const int q0 = work.query_start(it), tid = threadIdx.x, query_len = work.query_len;
-    attn_load_swizzled<T, BLOCK_Q, THREADS>(q_tile, q + base * 64, q0, query_len);
-    attn_load_swizzled<T, BLOCK_Q, THREADS>(dout_tile, dout + base * 64, q0, query_len);
+    attn_load_swizzled<T, BLOCK_Q, THREADS, D>(q_tile, q + base * D, q0, query_len);
+    attn_load_swizzled<T, BLOCK_Q, THREADS, D>(dout_tile, dout + base * D, q0, query_len);
     if (tid < 2 * BLOCK_Q) {
         const int i = tid % BLOCK_Q;
         const float* source = (tid < BLOCK_Q ? lse : delta) + base + q0 + i;
@@ -336,18 +347,25 @@ __device__ __forceinline__ void attn_backward_prefetch(const AttnBackwardWork<BL
     }
 }
 
-// wq: the backward with the queries as the M dimension (FlashAttention-3's layout). A step takes 128
-// query rows; compute warpgroup w owns rows 64w … 64w + 63 of it:
+// wq: the backward with the queries as the M dimension (FlashAttention-3's layout). A step takes BLOCK_Q
+// query rows against the block's 128 keys.
+// Head dim 64 (BLOCK_Q = 128): compute warpgroup w owns rows 64w … 64w + 63 of the step:
 //     S = Q Kᵀ and dP = dO Vᵀ        (4 + 4 × m64n128k16 from shared memory: the wide, efficient shape)
 //     P = exp2(S · scale · log2 e − L · log2 e), dS = P ∘ (dP − Δ) (L and Δ are per row: two a thread)
 //     P, dS → shared memory (128 × 128, 16-bit);  dQ = dS K  (8 × m64n64k16, A = dS from registers)
 //     barrier; then warpgroup w's keys 64w … 64w + 63:
 //     dV += Pᵀ dO and dK += dSᵀ Q     (8 + 8 × m64n64k16, A read transposed from the P / dS tiles)
-// and leaves dQ · scale in the stage for the dQ warpgroup (one stage buffer).
-// Shared memory: K, V (128 keys); Q, dO (128 rows) two buffers each; P and dS tiles (128 × 128, as two
-// 64-key column blocks); L, Δ two buffers each; the dQ stage (128 rows of 72 floats); 1 KiB of alignment:
-// 203 776 bytes.
-template <typename T, bool DROPOUT>
+// Head dim 128 (BLOCK_Q = 64): dK and dV of 64 keys × 128 columns take 128 accumulators a thread, so
+// the S / dP and dQ work is split by columns instead of rows; warpgroup w owns keys 64w … 64w + 63:
+//     S, dP for the step's 64 rows × its 64 keys (8 + 8 × m64n64k16), P and dS → shared memory
+//     (64 × 128); barrier; dQ for the 64 rows × columns 64w … 64w + 63 over all 128 keys
+//     (8 × m64n64k16, A = dS from shared memory); dV += Pᵀ dO, dK += dSᵀ Q for its keys × 128
+//     columns (4 + 4 × m64n128k16).
+// Either way each step leaves dQ · scale in the stage for the dQ warpgroup (one stage buffer).
+// Shared memory: K, V (128 keys); Q, dO (BLOCK_Q rows) two buffers each; P and dS tiles (BLOCK_Q × 128,
+// as two 64-key column blocks); L, Δ two buffers each; the dQ stage (BLOCK_Q rows of D + 8 floats); 1 KiB
+// of alignment: 203 776 bytes at D = 64, 200 704 at D = 128.
+template <typename T, bool DROPOUT, int D>
 __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, const T* __restrict__ dout,
                                                       const float* __restrict__ lse,
@@ -355,59 +373,70 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                                                       float* __restrict__ dq_accumulator, T* __restrict__ dk,
                                                       T* __restrict__ dv, int heads, int kv_heads,
                                                       int query_len, int key_len, float scale, AttnDropout dropout) {
-    constexpr int D = 64, BLOCK_K = 128, BLOCK_Q = 128, THREADS = 256;   // THREADS: the two compute warpgroups
-    constexpr int DQ_STRIDE = D + 8;      // floats a staged dQ row (288 bytes: the float2 stores miss no bank)
-    constexpr int TILE = 128 * 128;       // bytes of a 128-row tile of 64 two-byte columns
+    constexpr int BLOCK_K = 128, BLOCK_Q = D == 64 ? 128 : 64, THREADS = 256;   // THREADS: the two compute warpgroups
+    constexpr bool ROW_SPLIT = BLOCK_Q == 128;   // S, dP, dQ split by query rows (D = 64) or by keys / columns
+    constexpr int S_KEYS = ROW_SPLIT ? BLOCK_K : 64;    // keys of a warpgroup's S and dP
+    constexpr int DQ_STRIDE = D + 8;      // floats a staged dQ row (D = 64: 288 bytes, the float2 stores miss no bank)
+    constexpr int K_BLOCK = BLOCK_K * 128;   // bytes of a 64-column block of the K, V tiles
+    constexpr int Q_BLOCK = BLOCK_Q * 128;   // of the Q, dO tiles, and one 64-key block of the P, dS tiles
+    constexpr int K_TILE = K_BLOCK * D / 64, Q_TILE = Q_BLOCK * D / 64, P_TILE = Q_BLOCK * BLOCK_K / 64;
+    constexpr unsigned LEADING = D == 64 ? 1024 : Q_BLOCK;   // dO's and Q's leading byte offset as 128-wide B
     unsigned char* k_tile = attn_aligned_shared();
-    unsigned char* v_tile = k_tile + TILE;
-    unsigned char* q_tiles = v_tile + TILE;                   // 2 buffers
-    unsigned char* dout_tiles = q_tiles + 2 * TILE;           // 2 buffers
-    unsigned char* p_tile = dout_tiles + 2 * TILE;            // P: 128 query rows × 2 blocks of 64 keys
-    unsigned char* ds_tile = p_tile + 2 * TILE;               // dS: the same layout
-    float* l_tiles = reinterpret_cast<float*>(ds_tile + 2 * TILE);   // 2 buffers of BLOCK_Q
+    unsigned char* v_tile = k_tile + K_TILE;
+    unsigned char* q_tiles = v_tile + K_TILE;                 // 2 buffers
+    unsigned char* dout_tiles = q_tiles + 2 * Q_TILE;         // 2 buffers
+    unsigned char* p_tile = dout_tiles + 2 * Q_TILE;          // P: BLOCK_Q query rows × 2 blocks of 64 keys
+    unsigned char* ds_tile = p_tile + P_TILE;                 // dS: the same layout
+    float* l_tiles = reinterpret_cast<float*>(ds_tile + P_TILE);     // 2 buffers of BLOCK_Q
     float* delta_tiles = l_tiles + 2 * BLOCK_Q;                      // 2 buffers of BLOCK_Q
     float* dq_stage = delta_tiles + 2 * BLOCK_Q;                     // BLOCK_Q × DQ_STRIDE
 
     const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const AttnBackwardWork<BLOCK_Q, BLOCK_K> work(heads, kv_heads, query_len, key_len);
+    const AttnBackwardWork<BLOCK_Q, BLOCK_K, D> work(heads, kv_heads, query_len, key_len);
     const int k0 = work.k0, iterations = work.iterations, offset = key_len - query_len;
     const long long kv_base = work.kv_base;
     auto row_base = [&](int it) { return work.row_base(it); };
     auto query_start = [&](int it) { return work.query_start(it); };
     auto prefetch = [&](int it, int buffer) {                 // Q, dO, L, Δ of iteration it
-        attn_backward_prefetch<T, BLOCK_Q, BLOCK_K, THREADS>(work, it, q, dout, lse, delta, q_tiles + buffer * TILE,
-                                                            dout_tiles + buffer * TILE, l_tiles + buffer * BLOCK_Q,
-                                                            delta_tiles + buffer * BLOCK_Q);
+        attn_backward_prefetch<T, BLOCK_Q, BLOCK_K, THREADS, D>(work, it, q, dout, lse, delta,
+                                                               q_tiles + buffer * Q_TILE, dout_tiles + buffer * Q_TILE,
+                                                               l_tiles + buffer * BLOCK_Q,
+                                                               delta_tiles + buffer * BLOCK_Q);
     };
 
     if (tid >= THREADS) {
-        // Warpgroup 2 adds each step's staged dQ · scale to dq_accumulator: warp w takes rows 32w … 32w + 31,
-        // two whole 256-byte rows an instruction, then hands the stage back.
+        // Warpgroup 2 adds each step's staged dQ · scale to dq_accumulator: warp w takes rows
+        // BLOCK_Q / 4 · w … of the stage, whole rows an instruction, then hands the stage back.
         attn_set_max_registers_dec<40>();
         const int writer_warp = (tid - THREADS) >> 5;
         for (int it = 0; it < iterations; ++it) {
             attn_named_sync(2, THREADS + 128);                // the stage is full
             const int q0 = query_start(it);
             float* dq_rows = dq_accumulator + (row_base(it) + q0) * D;
-            attn_add_staged_dq<BLOCK_Q / 4>(dq_rows, dq_stage, DQ_STRIDE, writer_warp, query_len - q0);
+            attn_add_staged_dq<BLOCK_Q / 4, D>(dq_rows, dq_stage, DQ_STRIDE, writer_warp, query_len - q0);
             if (it + 1 < iterations) attn_named_arrive(4, THREADS + 128);   // empty again
         }
     } else {
         attn_set_max_registers_inc<232>();
-        attn_load_swizzled<T, BLOCK_K, THREADS>(k_tile, k + kv_base, k0, key_len);
-        attn_load_swizzled<T, BLOCK_K, THREADS>(v_tile, v + kv_base, k0, key_len);
+        attn_load_swizzled<T, BLOCK_K, THREADS, D>(k_tile, k + kv_base, k0, key_len);
+        attn_load_swizzled<T, BLOCK_K, THREADS, D>(v_tile, v + kv_base, k0, key_len);
         prefetch(0, 0);
         attn_copy_commit();
 
-        const int row = 64 * group + 16 * warp + g;           // this thread's query rows of a step: row, row + 8
+        // This warpgroup's share: S and dP rows s_row0 … s_row0 + 63 of the step against keys
+        // k0 + 64 · key_block …; dQ columns dq_column0 …; dK and dV rows (keys) 64w … 64w + 63.
+        const int key_block = ROW_SPLIT ? 0 : group, s_row0 = ROW_SPLIT ? 64 * group : 0;
+        const int s_key_bytes = key_block * 64 * 128;         // offset of those keys' rows in the K, V tiles
+        const int dq_column0 = ROW_SPLIT ? 0 : 64 * group;
+        const int row = s_row0 + 16 * warp + g;               // this thread's query rows of a step: row, row + 8
         const int key_row = 64 * group + 16 * warp + g;       // and its keys of dK, dV: k0 + key_row (+ 8)
         const float scale_log2 = scale * ATTN_LOG2E;
         const unsigned k_address = attn_smem_address(k_tile), v_address = attn_smem_address(v_tile);
         const unsigned p_address = attn_smem_address(p_tile), ds_address = attn_smem_address(ds_tile);
-        float dk_acc[32], dv_acc[32];
+        float dk_acc[D / 2], dv_acc[D / 2];
         #pragma unroll
-        for (int i = 0; i < 32; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+        for (int i = 0; i < D / 2; ++i) dk_acc[i] = dv_acc[i] = 0.f;
 
         for (int it = 0; it < iterations; ++it) {
             const int buffer = it & 1, q0 = query_start(it);
@@ -425,26 +454,29 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                 for (int r = 0; r < 2; ++r) {
                     const unsigned row_key = attn_dropout_row_key(dropout, row_base(it) + q0 + row + 8 * r);
                     #pragma unroll
-                    for (int j = 0; j < 16; ++j)
+                    for (int j = 0; j < S_KEYS / 8; ++j)
                         #pragma unroll
                         for (int c = 0; c < 2; ++c)
-                            kept[r] |= (unsigned)attn_dropout_kept(dropout, row_key, k0 + 8 * j + 2 * t + c) << (2 * j + c);
+                            kept[r] |= (unsigned)attn_dropout_kept(dropout, row_key,
+                                                                   k0 + 64 * key_block + 8 * j + 2 * t + c)
+                                       << (2 * j + c);
                     attn_opaque(kept[r]);   // one word, not 32 comparison results kept alive until dS
                 }
             }
-            const unsigned q_address = attn_smem_address(q_tiles + buffer * TILE);
-            const unsigned dout_address = attn_smem_address(dout_tiles + buffer * TILE);
-            float s[64], dp[64];
+            const unsigned q_address = attn_smem_address(q_tiles + buffer * Q_TILE);
+            const unsigned dout_address = attn_smem_address(dout_tiles + buffer * Q_TILE);
+            // S = Q Kᵀ and dP = dO Vᵀ over D / 16 k16 steps (step c in column block c / 4)
+            float s[S_KEYS / 2], dp[S_KEYS / 2];
             wgmma_fence();
             #pragma unroll
             for (int c = 0; c < D / 16; ++c)
-                Wgmma<T>::template ss_n128<0, 0>(s, attn_descriptor(q_address + group * 64 * 128 + 32 * c),
-                                                 attn_descriptor(k_address + 32 * c), c);
+                wgmma_ss<T, 0, 0>(s, attn_descriptor(q_address + (c >> 2) * Q_BLOCK + s_row0 * 128 + 32 * (c & 3)),
+                                  attn_descriptor(k_address + (c >> 2) * K_BLOCK + s_key_bytes + 32 * (c & 3)), c);
             wgmma_commit();
             #pragma unroll
             for (int c = 0; c < D / 16; ++c)
-                Wgmma<T>::template ss_n128<0, 0>(dp, attn_descriptor(dout_address + group * 64 * 128 + 32 * c),
-                                                 attn_descriptor(v_address + 32 * c), c);
+                wgmma_ss<T, 0, 0>(dp, attn_descriptor(dout_address + (c >> 2) * Q_BLOCK + s_row0 * 128 + 32 * (c & 3)),
+                                  attn_descriptor(v_address + (c >> 2) * K_BLOCK + s_key_bytes + 32 * (c & 3)), c);
             wgmma_commit();
             wgmma_wait<1>();                                  // S is done, dP may still run
             wgmma_hold(s);
@@ -454,20 +486,21 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             const float shift[2] = {l_row[row] * ATTN_LOG2E, l_row[row + 8] * ATTN_LOG2E};
             const bool edge = k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len;
             #pragma unroll
-            for (int j = 0; j < 16; ++j)
+            for (int j = 0; j < S_KEYS / 8; ++j)
                 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]));
                     if (edge) {
-                        const int key = k0 + 8 * j + 2 * t + (e & 1), query = q0 + row + 8 * (e >> 1);
+                        const int key = k0 + 64 * key_block + 8 * j + 2 * t + (e & 1), query = q0 + row + 8 * (e >> 1);
                         if (key > query + offset || query >= query_len || key >= key_len) p = 0.f;
                     }
                     s[4 * j + e] = p;
                 }
-            // P to its tile: accumulator pair (j, r) is row row + 8r, keys 8j + 2t, + 1 (column block j / 8);
-            // with dropout only the kept P (dV's; keep_scale comes at the store)
+            // P to its tile: accumulator pair (j, r) is row row + 8r, keys 8j + 2t, + 1 of this warpgroup's
+            // keys (column block key_block + j / 8); with dropout only the kept P (dV's; keep_scale comes at
+            // the store)
             #pragma unroll
-            for (int j = 0; j < 16; ++j)
+            for (int j = 0; j < S_KEYS / 8; ++j)
                 #pragma unroll
                 for (int r = 0; r < 2; ++r) {
                     float first = s[4 * j + 2 * r], second = s[4 * j + 2 * r + 1];
@@ -475,62 +508,75 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                         first = (kept[r] >> (2 * j)) & 1u ? first : 0.f;
                         second = (kept[r] >> (2 * j + 1)) & 1u ? second : 0.f;
                     }
-                    *reinterpret_cast<unsigned*>(p_tile + (j >> 3) * TILE + attn_swizzle(row + 8 * r, j & 7) + 4 * t) =
+                    *reinterpret_cast<unsigned*>(p_tile + (key_block + (j >> 3)) * Q_BLOCK +
+                                                 attn_swizzle(row + 8 * r, j & 7) + 4 * t) =
                         AttnType<T>::pack(first, second);
                 }
             wgmma_wait<0>();                                  // dP is done
             wgmma_hold(dp);
 
-            // dS = P ∘ (dP − Δ), kept as A fragments (k16 steps over the 128 keys) and written to its tile
+            // dS = P ∘ (dP − Δ), as A fragments (k16 steps over this warpgroup's keys) written to its tile
             const float* delta_row = delta_tiles + buffer * BLOCK_Q;
             const float row_delta[2] = {delta_row[row], delta_row[row + 8]};
             #pragma unroll
-            for (int i = 0; i < 64; ++i) {
+            for (int i = 0; i < S_KEYS / 2; ++i) {
                 if constexpr (DROPOUT)   // s[i] is row (i >> 1) & 1, key 8 · (i >> 2) + 2t + (i & 1)
                     dp[i] = (kept[(i >> 1) & 1] >> (2 * (i >> 2) + (i & 1))) & 1u ? dp[i] * dropout.scale : 0.f;
                 dp[i] = s[i] * (dp[i] - row_delta[(i >> 1) & 1]);
             }
-            unsigned ds_fragments[8][4];
+            unsigned ds_fragments[S_KEYS / 16][4];
             #pragma unroll
-            for (int c = 0; c < BLOCK_K / 16; ++c) {
+            for (int c = 0; c < S_KEYS / 16; ++c) {
                 attn_fragment<T>(ds_fragments[c], dp, c);
                 #pragma unroll
                 for (int w = 0; w < 4; ++w)               // word w: row row + 8·(w & 1), keys 16c + 8·(w >> 1) + 2t
-                    *reinterpret_cast<unsigned*>(ds_tile + (c >> 2) * TILE +
+                    *reinterpret_cast<unsigned*>(ds_tile + (key_block + (c >> 2)) * Q_BLOCK +
                                                  attn_swizzle(row + 8 * (w & 1), (2 * c + (w >> 1)) & 7) + 4 * t) =
                         ds_fragments[c][w];
             }
-            // dQ = dS K over the block's 128 keys (K read transposed: rows are keys)
+            // dQ = dS K over the block's 128 keys (K read transposed: rows are keys). Split by rows, a
+            // warpgroup holds all of its rows' dS and starts before the barrier; split by keys, it needs
+            // the other warpgroup's dS too and reads dS from the tile after it.
             float dq[32];
-            wgmma_fence();
-            #pragma unroll
-            for (int c = 0; c < BLOCK_K / 16; ++c)
-                Wgmma<T>::template rs_n64<1>(dq, ds_fragments[c], attn_descriptor(k_address + 2048 * c), c);
-            wgmma_commit();
+            if constexpr (ROW_SPLIT) {
+                wgmma_fence();
+                #pragma unroll
+                for (int c = 0; c < BLOCK_K / 16; ++c)
+                    Wgmma<T>::template rs_n64<1>(dq, ds_fragments[c], attn_descriptor(k_address + 2048 * c), c);
+                wgmma_commit();
+            }
             attn_fence_async();
             attn_named_sync(1, THREADS);                      // both warpgroups' P and dS rows are written
+            if constexpr (!ROW_SPLIT) {
+                wgmma_fence();
+                #pragma unroll
+                for (int c = 0; c < BLOCK_K / 16; ++c)
+                    Wgmma<T>::template ss_n64<0, 1>(dq, attn_descriptor(ds_address + (c >> 2) * Q_BLOCK + 32 * (c & 3)),
+                                                    attn_descriptor(k_address + group * K_BLOCK + 2048 * c), c);
+                wgmma_commit();
+            }
 
-            // this warpgroup's keys: dV += Pᵀ dO, dK += dSᵀ Q over the step's 128 queries
+            // this warpgroup's keys: dV += Pᵀ dO, dK += dSᵀ Q over the step's BLOCK_Q queries
             wgmma_fence();
             #pragma unroll
             for (int c = 0; c < BLOCK_Q / 16; ++c)
-                Wgmma<T>::template ss_n64<1, 1>(dv_acc, attn_descriptor(p_address + group * TILE + 2048 * c),
-                                                attn_descriptor(dout_address + 2048 * c), 1);
+                wgmma_ss<T, 1, 1>(dv_acc, attn_descriptor(p_address + group * Q_BLOCK + 2048 * c),
+                                  attn_descriptor(dout_address + 2048 * c, LEADING), 1);
             wgmma_commit();
             #pragma unroll
             for (int c = 0; c < BLOCK_Q / 16; ++c)
-                Wgmma<T>::template ss_n64<1, 1>(dk_acc, attn_descriptor(ds_address + group * TILE + 2048 * c),
-                                                attn_descriptor(q_address + 2048 * c), 1);
+                wgmma_ss<T, 1, 1>(dk_acc, attn_descriptor(ds_address + group * Q_BLOCK + 2048 * c),
+                                  attn_descriptor(q_address + 2048 * c, LEADING), 1);
             wgmma_commit();
             wgmma_wait<0>();
             wgmma_hold(dq);
             wgmma_hold(dk_acc);
             wgmma_hold(dv_acc);
-            wgmma_hold(ds_fragments);
+            if constexpr (ROW_SPLIT) wgmma_hold(ds_fragments);
 
             // dQ · scale to the stage for the dQ warpgroup (once it has emptied it)
             if (it >= 1) attn_named_sync(4, THREADS + 128);
-            float* staged = dq_stage + 2 * t;
+            float* staged = dq_stage + dq_column0 + 2 * t;
             #pragma unroll
             for (int r = 0; r < 2; ++r)
                 #pragma unroll
@@ -539,8 +585,8 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                         make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
             attn_named_arrive(2, THREADS + 128);              // the stage is full
         }
-        attn_backward_store<T, DROPOUT>(dk_acc, dv_acc, dk + kv_base, dv + kv_base, k0 + key_row, key_len, scale,
-                                        dropout.scale);
+        attn_backward_store<T, DROPOUT, D>(dk_acc, dv_acc, dk + kv_base, dv + kv_base, k0 + key_row, key_len, scale,
+                                           dropout.scale);
     }
 }
 
@@ -552,41 +598,45 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
 #define ATTN_HOPPER_BODY(CALL) __trap();
 #endif
 
-#define ATTN_HOPPER_FORWARD(SUFFIX, TYPE, BUILD)                                                             \
-    extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d64_##BUILD(            \
+#define ATTN_HOPPER_FORWARD(SUFFIX, TYPE, BUILD, D)                                                          \
+    extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d##D##_##BUILD(          \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,       \
         int query_len, int key_len, float scale, int batches) {                                            \
-        ATTN_HOPPER_BODY((attention_forward_##BUILD<TYPE, false>(q, k, v, out, lse, heads, kv_heads,         \
-                                                             query_len, key_len, scale, batches,           \
-                                                             AttnDropout{})))                              \
+        ATTN_HOPPER_BODY((attention_forward_##BUILD<TYPE, false, D>(q, k, v, out, lse, heads, kv_heads,      \
+                                                                query_len, key_len, scale, batches,        \
+                                                                AttnDropout{})))                           \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d64_##BUILD##_dropout(  \
+    extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d##D##_##BUILD##_dropout( \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,       \
         int query_len, int key_len, float scale, int batches, ATTN_DROPOUT_PARAMETERS) {                   \
-        ATTN_HOPPER_BODY((attention_forward_##BUILD<TYPE, true>(                                            \
+        ATTN_HOPPER_BODY((attention_forward_##BUILD<TYPE, true, D>(                                         \
             q, k, v, out, lse, heads, kv_heads, query_len, key_len, scale, batches,                        \
             ATTN_DROPOUT_ARGUMENT)))                                                                       \
     }
 
-#define ATTN_HOPPER_BACKWARD(SUFFIX, TYPE, BUILD)                                                            \
-    extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d64_##BUILD(           \
+#define ATTN_HOPPER_BACKWARD(SUFFIX, TYPE, BUILD, D)                                                         \
+    extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d##D##_##BUILD(         \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
         const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
         int query_len, int key_len, float scale) {                                                         \
-        ATTN_HOPPER_BODY((attention_backward_##BUILD<TYPE, false>(q, k, v, dout, lse, delta, dq_accumulator, \
-                                                              dk, dv, heads, kv_heads, query_len, key_len, \
-                                                              scale, AttnDropout{})))                      \
+        ATTN_HOPPER_BODY((attention_backward_##BUILD<TYPE, false, D>(q, k, v, dout, lse, delta,              \
+                                                                 dq_accumulator, dk, dv, heads, kv_heads,  \
+                                                                 query_len, key_len, scale, AttnDropout{}))) \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d64_##BUILD##_dropout( \
+    extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d##D##_##BUILD##_dropout( \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
         const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
         int query_len, int key_len, float scale, ATTN_DROPOUT_PARAMETERS) {                                \
-        ATTN_HOPPER_BODY((attention_backward_##BUILD<TYPE, true>(                                           \
+        ATTN_HOPPER_BODY((attention_backward_##BUILD<TYPE, true, D>(                                        \
             q, k, v, dout, lse, delta, dq_accumulator, dk, dv, heads, kv_heads, query_len, key_len, scale, \
             ATTN_DROPOUT_ARGUMENT)))                                                                       \
     }
 
-ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg2)
-ATTN_HOPPER_FORWARD(fp16, __half, wg2)
-ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wq)
-ATTN_HOPPER_BACKWARD(fp16, __half, wq)
+ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg2, 64)
+ATTN_HOPPER_FORWARD(fp16, __half, wg2, 64)
+ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wq, 64)
+ATTN_HOPPER_BACKWARD(fp16, __half, wq, 64)
+ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg2, 128)
+ATTN_HOPPER_FORWARD(fp16, __half, wg2, 128)
+ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wq, 128)
+ATTN_HOPPER_BACKWARD(fp16, __half, wq, 128)

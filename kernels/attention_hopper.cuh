@@ -10,7 +10,9 @@
 //     r · 128 + ((c ^ (r mod 8)) · 16)
 // of a tile that starts on a 1024-byte boundary (the swizzle works on address bits 4–6 and 7–9, so an
 // unaligned tile would read the wrong chunks). The XOR spreads the 8 rows of a 1 KiB group over all 32
-// banks, so the row-wise cp.async fills and the column-wise reads are both conflict-free.
+// banks, so the row-wise cp.async fills and the column-wise reads are both conflict-free. At head dim
+// 128 a tile of R rows is two such 64-column blocks, one after the other (block b, R · 128 bytes from
+// the first, holds columns 64b … 64b + 63).
 //
 // One physical layout serves both ways wgmma reads an operand:
 //   - "K-major" (transpose flag 0): the tile's rows are the M (or N) index and its 64 columns the K
@@ -23,9 +25,12 @@
 // The descriptor (PTX ISA, "matrix descriptor" of wgmma): start address / 16 in bits 0–13, leading
 // byte offset / 16 in bits 16–29, stride byte offset / 16 in bits 32–45, swizzle mode in bits 62–63
 // (1 = 128 bytes). The stride byte offset is the distance between 8-row groups, 1024 bytes here. The
-// leading byte offset is the distance between 64-column blocks, which no operand here crosses (every
-// operand is at most 64 two-byte elements wide along its contiguous dimension), so it is set to 1024
-// as well: unused either way.
+// leading byte offset is the distance between 64-column blocks of an MN-major operand: at head dim 64
+// no operand crosses one (every operand is at most 64 two-byte elements wide along its contiguous
+// dimension), so it is set to 1024 as well, unused; at head dim 128 an MN-major operand 128 wide (V in
+// O = P V, dO and Q in dV and dK) spans both blocks of its tile and the leading byte offset is R · 128.
+// A K-major operand at head dim 128 never crosses a block either: its k16 step c (c < 8) starts in
+// block c / 4, 32 · (c mod 4) bytes along the row.
 //
 // Accumulator layout of m64nNk16 (float32, N/2 registers a thread), the mma.sync m16n8 layout per warp:
 // warp w of the warpgroup holds rows 16w + g and 16w + g + 8 (g = lane / 4, t = lane % 4), and
@@ -57,25 +62,30 @@
 // Byte offset of the 16-byte chunk `chunk` (0–7) of row `row` in a swizzled 128-byte-row tile.
 __device__ __forceinline__ int attn_swizzle(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
 
-// A wgmma shared-memory descriptor for the swizzled tile operand starting at shared address `address`.
-__device__ __forceinline__ unsigned long long attn_descriptor(unsigned address) {
+// A wgmma shared-memory descriptor for the swizzled tile operand starting at shared address `address`;
+// `leading` is the leading byte offset: the distance between the 64-column blocks of an MN-major operand
+// wider than 64 (head dim 128), unused by every other operand.
+__device__ __forceinline__ unsigned long long attn_descriptor(unsigned address, unsigned leading = 1024) {
     return static_cast<unsigned long long>((address & 0x3FFFF) >> 4)
-         | (static_cast<unsigned long long>(1024 >> 4) << 16)
+         | (static_cast<unsigned long long>(leading >> 4) << 16)
          | (static_cast<unsigned long long>(1024 >> 4) << 32)
          | (1ull << 62);
 }
 
-// Copy rows [row0, row0 + ROWS) of a (rows, 64) two-byte matrix into a swizzled tile, zero-filling rows
-// at or past `limit`. Every one of the THREADS threads takes part; each copy is 16 bytes (cp.async).
-template <typename T, int ROWS, int THREADS>
+// Copy rows [row0, row0 + ROWS) of a (rows, D) two-byte matrix into a swizzled tile, zero-filling rows
+// at or past `limit`. D = 128 fills two 64-column blocks of ROWS × 128 bytes, one after the other.
+// Every one of the THREADS threads takes part; each copy is 16 bytes (cp.async).
+template <typename T, int ROWS, int THREADS, int D = 64>
 __device__ __forceinline__ void attn_load_swizzled(unsigned char* tile, const T* global, int row0, int limit) {
-    static_assert(ROWS * 8 % THREADS == 0, "every thread copies the same number of chunks");
+    constexpr int CHUNKS = D / 8, CHUNK_BITS = D == 64 ? 3 : 4;     // 16-byte chunks a row
+    static_assert(D == 64 || D == 128, "head dim 64 or 128");
+    static_assert(ROWS * CHUNKS % THREADS == 0, "every thread copies the same number of chunks");
     #pragma unroll
-    for (int step = 0; step < ROWS * 8 / THREADS; ++step) {
-        const int index = threadIdx.x + step * THREADS, row = index >> 3, chunk = index & 7;
+    for (int step = 0; step < ROWS * CHUNKS / THREADS; ++step) {
+        const int index = threadIdx.x + step * THREADS, row = index >> CHUNK_BITS, chunk = index & (CHUNKS - 1);
         const bool valid = row0 + row < limit;
-        const T* source = global + (valid ? (long long)(row0 + row) * 64 + chunk * 8 : 0);
-        attn_copy16(tile + attn_swizzle(row, chunk), source, valid);
+        const T* source = global + (valid ? (long long)(row0 + row) * D + chunk * 8 : 0);
+        attn_copy16(tile + (chunk >> 3) * (ROWS * 128) + attn_swizzle(row, chunk & 7), source, valid);
     }
 }
 
@@ -119,13 +129,18 @@ template <int R> __device__ __forceinline__ void wgmma_hold(unsigned (&a)[R][4])
     for (int i = 0; i < R; ++i) asm volatile("" : "+r"(a[i][0]), "+r"(a[i][1]), "+r"(a[i][2]), "+r"(a[i][3]) :: "memory");
 }
 
-// The A fragments (k16 steps c = 0 … 3) of rows row0 … row0 + 15 of a swizzled 64-column tile, for the
+// The A fragments (k16 steps c = 0 … STEPS − 1) of rows row0 … row0 + 15 of a swizzled tile, for the
 // calling warp (ldmatrix: matrix i of x4 takes its row addresses from lanes 8i … 8i + 7; lanes 0–15
-// point at the rows' chunk 2c, lanes 16–31 at chunk 2c + 1), in the register-A layout above.
-__device__ __forceinline__ void attn_load_fragments(unsigned (&a)[4][4], const unsigned char* tile, int row0) {
+// point at the rows' chunk 2c, lanes 16–31 at chunk 2c + 1), in the register-A layout above. Steps 4 … 7
+// (head dim 128) read the second 64-column block, `block_bytes` further on.
+template <int STEPS>
+__device__ __forceinline__ void attn_load_fragments(unsigned (&a)[STEPS][4], const unsigned char* tile, int row0,
+                                                    int block_bytes = 0) {
     const int lane = threadIdx.x & 31;
     #pragma unroll
-    for (int c = 0; c < 4; ++c) attn_ldmatrix_x4(a[c], tile + attn_swizzle(row0 + (lane & 15), 2 * c + (lane >> 4)));
+    for (int c = 0; c < STEPS; ++c)
+        attn_ldmatrix_x4(a[c], tile + (c >> 2) * block_bytes +
+                                   attn_swizzle(row0 + (lane & 15), 2 * (c & 3) + (lane >> 4)));
 }
 
 // Accumulators d (float) to the A fragment of k16 step c (see the layout above), rounded to T.
@@ -139,16 +154,19 @@ __device__ __forceinline__ void attn_fragment(unsigned (&a)[4], const float (&d)
 
 // Issue acc += A B over STEPS k16 steps, A being the accumulator-layout floats d (rounded to T into
 // `fragments`, which must stay untouched until the products have been waited for) and B the swizzled
-// MN-major tile at shared address b (16 rows a step; N = 64). Neither commits nor waits.
+// MN-major tile at shared address b (16 rows a step; N = 64 for 32 accumulators, 128 for 64, whose
+// second 64-column block starts `leading` bytes after the first). Neither commits nor waits.
 template <typename T> struct Wgmma;
-template <typename T, int STEPS, int R>
-__device__ __forceinline__ void attn_issue_product(float (&acc)[32], unsigned (&fragments)[STEPS][4],
-                                                   const float (&d)[R], unsigned b) {
+template <typename T, int TRANS_B, int R>
+__device__ __forceinline__ void wgmma_rs(float (&d)[R], const unsigned (&a)[4], unsigned long long b, int accumulate);
+template <typename T, int STEPS, int R, int N>
+__device__ __forceinline__ void attn_issue_product(float (&acc)[N], unsigned (&fragments)[STEPS][4],
+                                                   const float (&d)[R], unsigned b, unsigned leading = 1024) {
     #pragma unroll
     for (int c = 0; c < STEPS; ++c) attn_fragment<T>(fragments[c], d, c);
     wgmma_fence();
     #pragma unroll
-    for (int c = 0; c < STEPS; ++c) Wgmma<T>::template rs_n64<1>(acc, fragments[c], attn_descriptor(b + 2048 * c), 1);
+    for (int c = 0; c < STEPS; ++c) wgmma_rs<T, 1>(acc, fragments[c], attn_descriptor(b + 2048 * c, leading), 1);
 }
 
 // wgmma.mma_async m64nNk16 with float32 accumulators: ss_n<N><TRANS_A, TRANS_B>(d, a, b, accumulate)
@@ -241,3 +259,20 @@ template <> struct Wgmma<TYPE> {                                                
 ATTN_WGMMA_WRAPPERS(__nv_bfloat16, "bf16")
 ATTN_WGMMA_WRAPPERS(__half, "f16")
 #undef ATTN_WGMMA_WRAPPERS
+
+// The wgmma of the shape the accumulator array implies (R floats a thread: N = 2R), so that one template
+// serves head dims 64 and 128: wgmma_ss<T, TRANS_A, TRANS_B>(d, a, b, accumulate) with both operands in
+// shared memory, wgmma_rs<T, TRANS_B>(d, a, b, accumulate) with A from registers.
+template <typename T, int TRANS_A, int TRANS_B, int R>
+__device__ __forceinline__ void wgmma_ss(float (&d)[R], unsigned long long a, unsigned long long b, int accumulate) {
+    static_assert(R == 16 || R == 32 || R == 64, "m64n32, m64n64 or m64n128");
+    if constexpr (R == 16) Wgmma<T>::template ss_n32<TRANS_A, TRANS_B>(d, a, b, accumulate);
+    else if constexpr (R == 32) Wgmma<T>::template ss_n64<TRANS_A, TRANS_B>(d, a, b, accumulate);
+    else Wgmma<T>::template ss_n128<TRANS_A, TRANS_B>(d, a, b, accumulate);
+}
+template <typename T, int TRANS_B, int R>
+__device__ __forceinline__ void wgmma_rs(float (&d)[R], const unsigned (&a)[4], unsigned long long b, int accumulate) {
+    static_assert(R == 32 || R == 64, "m64n64 or m64n128");
+    if constexpr (R == 32) Wgmma<T>::template rs_n64<TRANS_B>(d, a, b, accumulate);
+    else Wgmma<T>::template rs_n128<TRANS_B>(d, a, b, accumulate);
+}

@@ -4,8 +4,8 @@ Every check draws fresh random inputs, poisons every output buffer with NaN befo
 element the kernel forgot to write fails), and compares ‖kernel − reference‖ / ‖reference‖ with the
 reference computed by `CausalAttention` on the inputs upcast to float64 (bf16/fp16 inputs are rounded
 first, so only the kernel's own arithmetic is measured). Tolerances: 1e-2 for bf16 and fp16, 1e-5 for
-fp32. Both paths of head dim 64 are checked on a Hopper GPU (the wgmma builds and the mma.sync ones the
-other GPUs run). GPU tests skip cleanly where CuPy or a GPU is missing.
+fp32. Both paths of head dims 64 and 128 are checked on a Hopper GPU (the wgmma builds and the mma.sync
+ones the other GPUs run). GPU tests skip cleanly where CuPy or a GPU is missing.
 """
 from __future__ import annotations
 
@@ -74,9 +74,21 @@ CASES = [  # (batch, heads, kv_heads, query_len, key_len)
 
 
 # (head dim, dtype, hopper): hopper True runs the wgmma builds (compute capability 9.0 only), False the
-# mma.sync builds every other GPU runs, None whatever the GPU picks (head dim 128 and float32 have one path)
+# mma.sync builds every other GPU runs, None whatever the GPU picks (float32 has one path)
 PATHS = [(64, "bfloat16", True), (64, "bfloat16", False), (64, "float16", True), (64, "float16", False),
-         (128, "bfloat16", None), (128, "float16", None), (64, "float32", None), (128, "float32", None)]
+         (128, "bfloat16", True), (128, "bfloat16", False), (128, "float16", True), (128, "float16", False),
+         (64, "float32", None), (128, "float32", None)]
+
+
+def _choose_path(hopper, monkeypatch):
+    """hopper True: the wgmma builds (skips off compute capability 9.0; the environment's list of wgmma head
+    dims is cleared, so they are what runs); False: the mma.sync builds, also on Hopper; None: the default."""
+    if hopper and not attention.hopper_available():
+        pytest.skip("the wgmma builds need compute capability 9.0 (sm_90a)")
+    if hopper:
+        monkeypatch.delenv(attention.WGMMA_ENV, raising=False)
+    if hopper is False:
+        monkeypatch.setattr(attention, "hopper_available", lambda: False)
 
 
 @pytest.mark.gpu
@@ -84,10 +96,7 @@ PATHS = [(64, "bfloat16", True), (64, "bfloat16", False), (64, "float16", True),
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}Hkv{}Tq{}Tk{}".format(*c))
 def test_forward_backward_match_numpy_float64(head_dim, dtype_name, hopper, case, poisoned, monkeypatch):
     """Every kernel the package ships, forward and backward, against the NumPy op."""
-    if hopper and not attention.hopper_available():
-        pytest.skip("the wgmma builds need compute capability 9.0 (sm_90a)")
-    if hopper is False:
-        monkeypatch.setattr(attention, "hopper_available", lambda: False)
+    _choose_path(hopper, monkeypatch)
     cp = backend.cupy_module()
     dtype = _dtype(dtype_name)
     rng = np.random.default_rng()
@@ -109,12 +118,12 @@ def test_forward_backward_match_numpy_float64(head_dim, dtype_name, hopper, case
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
-def test_large_sequence_matches_numpy(dtype_name, poisoned):
+@pytest.mark.parametrize("head_dim,dtype_name", [(64, "bfloat16"), (64, "float32"), (128, "bfloat16")])
+def test_large_sequence_matches_numpy(head_dim, dtype_name, poisoned):
     cp = backend.cupy_module()
     dtype = _dtype(dtype_name)
     rng = np.random.default_rng()
-    q, k, v, dy = _inputs(rng, dtype, 2, 4, 2, 1000, 1000, 64)
+    q, k, v, dy = _inputs(rng, dtype, 2, 4, 2, 1000, 1000, head_dim)
     gq, gk, gv, gdy = (cp.asarray(a) for a in (q, k, v, dy))
     out, lse = attention.causal_attention_forward(gq, gk, gv)
     grads = attention.causal_attention_backward(gdy, gq, gk, gv, out, lse)
@@ -125,13 +134,13 @@ def test_large_sequence_matches_numpy(dtype_name, poisoned):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
-def test_output_at_t_ignores_keys_after_t(dtype_name):
+@pytest.mark.parametrize("head_dim,dtype_name", [(64, "bfloat16"), (64, "float32"), (128, "bfloat16")])
+def test_output_at_t_ignores_keys_after_t(head_dim, dtype_name):
     """Causality: replacing the keys and values after position t leaves outputs 0 … t bit-identical."""
     cp = backend.cupy_module()
     dtype = _dtype(dtype_name)
     rng = np.random.default_rng()
-    q, k, v, _ = _inputs(rng, dtype, 1, 4, 2, 150, 150, 64)
+    q, k, v, _ = _inputs(rng, dtype, 1, 4, 2, 150, 150, head_dim)
     t = 70
     k2, v2 = k.copy(), v.copy()
     k2[:, :, t + 1:] = rng.standard_normal(k2[:, :, t + 1:].shape).astype(np.float32).astype(dtype)
@@ -145,12 +154,13 @@ def test_output_at_t_ignores_keys_after_t(dtype_name):
 
 
 @pytest.mark.gpu
-def test_dk_dv_are_deterministic():
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_dk_dv_are_deterministic(head_dim):
     """dk and dv are summed inside one block (no atomics): two runs agree bit for bit."""
     cp = backend.cupy_module()
     dtype = _dtype("bfloat16")
     rng = np.random.default_rng()
-    q, k, v, dy = (cp.asarray(a) for a in _inputs(rng, dtype, 2, 4, 1, 200, 200, 64))
+    q, k, v, dy = (cp.asarray(a) for a in _inputs(rng, dtype, 2, 4, 1, 200, 200, head_dim))
     out, lse = attention.causal_attention_forward(q, k, v)
     _, dk1, dv1 = attention.causal_attention_backward(dy, q, k, v, out, lse)
     _, dk2, dv2 = attention.causal_attention_backward(dy, q, k, v, out, lse)
@@ -220,31 +230,54 @@ def test_whole_model_gradients_match_cpu(monkeypatch):
     assert cpu_errors[worst] <= 1e-3, f"GPU vs CPU: {worst} {cpu_errors[worst]:.2e}"
 
 
-def test_hopper_builds_give_way_to_portable_ones_elsewhere():
-    """The wgmma builds (sm_90a) run at head dim 64 in bf16/fp16 on compute capability 9.0; any other GPU
-    runs the mma.sync builds of the same head dim; head dims without a kernel have no build."""
-    assert attention.kernel_for(64, np.float16, hopper=True).endswith("(wgmma, sm_90a)")
+def test_hopper_builds_give_way_to_portable_ones_elsewhere(monkeypatch):
+    """The wgmma builds (sm_90a) run at head dims 64 and 128 in bf16/fp16 on compute capability 9.0; any
+    other GPU runs the mma.sync builds of the same head dim; head dims without a kernel have no build."""
+    monkeypatch.delenv(attention.WGMMA_ENV, raising=False)
     for head_dim in attention.HEAD_DIMS:
+        assert attention.kernel_for(head_dim, np.float16, hopper=True) == "forward wg2, backward wq (wgmma, sm_90a)"
         assert attention.kernel_for(head_dim, np.float16, hopper=False).endswith("(mma.sync)")
-    assert attention.kernel_for(128, np.float16, hopper=True).endswith("(mma.sync)")
     assert attention.kernel_for(32, np.float16, hopper=True) is None
+    assert attention.kernel_for(128, np.float32, hopper=True) == "float32 kernels"
+
+
+@pytest.mark.parametrize("value,wgmma", [("64", {64}), ("128", {128}), ("64,128", {64, 128}), (" 128 , 64 ", {64, 128}),
+                                         ("none", set()), ("", set())])
+def test_environment_picks_the_head_dims_of_the_wgmma_builds(value, wgmma, monkeypatch):
+    """TINYGRAD_LLM_ATTENTION_WGMMA lists the head dims that take the wgmma builds on Hopper (the way back to
+    the mma.sync builds of a head dim without a code change); the others run their mma.sync builds."""
+    monkeypatch.setenv(attention.WGMMA_ENV, value)
+    fallback = {64: "forward w4m2, backward w4m2q32p (mma.sync)", 128: "forward w8, backward w4 (mma.sync)"}
+    for head_dim in attention.HEAD_DIMS:
+        want = "forward wg2, backward wq (wgmma, sm_90a)" if head_dim in wgmma else fallback[head_dim]
+        assert attention.kernel_for(head_dim, np.float16, hopper=True) == want
+        assert attention.kernel_for(head_dim, np.float16, hopper=False) == fallback[head_dim]
+
+
+@pytest.mark.parametrize("value", ["96", "64,32", "yes", "64;128"])
+def test_environment_naming_no_wgmma_head_dim_is_an_error(value, monkeypatch):
+    monkeypatch.setenv(attention.WGMMA_ENV, value)
+    with pytest.raises(ValueError, match=attention.WGMMA_ENV):
+        attention.kernel_for(64, np.float16, hopper=True)
 
 
 @pytest.mark.gpu
-def test_hopper_runs_the_wgmma_build_by_default(monkeypatch):
-    """On compute capability 9.0, bf16 attention at head dim 64 launches the wgmma kernels (and is right)."""
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_hopper_runs_the_wgmma_build_by_default(head_dim, monkeypatch):
+    """On compute capability 9.0, bf16 attention launches the wgmma kernels (and is right)."""
     if not attention.hopper_available():
         pytest.skip("needs compute capability 9.0")
+    monkeypatch.delenv(attention.WGMMA_ENV, raising=False)
     names = []
     launch = attention._kernel
     monkeypatch.setattr(attention, "_kernel", lambda file, name, *rest: names.append(name) or launch(file, name, *rest))
     cp = backend.cupy_module()
     rng = np.random.default_rng()
-    q, k, v, dy = _inputs(rng, _dtype("bfloat16"), 2, 4, 2, 300, 300, 64)
+    q, k, v, dy = _inputs(rng, _dtype("bfloat16"), 2, 4, 2, 300, 300, head_dim)
     gq, gk, gv, gdy = (cp.asarray(a) for a in (q, k, v, dy))
     out, lse = attention.causal_attention_forward(gq, gk, gv)
     grads = attention.causal_attention_backward(gdy, gq, gk, gv, out, lse)
-    assert "attention_forward_bf16_d64_wg2" in names and "attention_backward_bf16_d64_wq" in names
+    assert f"attention_forward_bf16_d{head_dim}_wg2" in names and f"attention_backward_bf16_d{head_dim}_wq" in names
     for name, got, expected in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + tuple(grads),
                                    _reference(q, k, v, dy)):
         assert _relative_error(got, expected) <= TOLERANCE["bfloat16"], name
@@ -263,6 +296,7 @@ def test_sm90a_module_is_compiled_once_and_cached_on_disk(tmp_path, monkeypatch)
     monkeypatch.setattr(compiler, "compile_cubin", lambda *args: pytest.fail("the cached cubin was compiled again"))
     module = compiler.load_module(attention.HOPPER_FILE, arch="sm_90a")
     assert module.get_function("attention_backward_fp16_d64_wq") is not None
+    assert module.get_function("attention_forward_bf16_d128_wg2_dropout") is not None
 
 
 @pytest.mark.gpu

@@ -22,7 +22,7 @@ from tinygrad_llm import backend, gpu, rng
 from tinygrad_llm.gpu import arrays, attention, registry
 from tinygrad_llm.ops.attention import CausalAttention, kernel_dropout
 
-from test_gpu_attention import _dtype, _inputs, _model_gradients, _relative_error
+from test_gpu_attention import PATHS, _choose_path, _dtype, _inputs, _model_gradients, _relative_error
 
 pytestmark = pytest.mark.gpu
 
@@ -40,21 +40,10 @@ def _reference(q, k, v, dy, probability, seed):
     return out, lse, dq, dk, dv
 
 
-def _build(hopper, monkeypatch):
-    if hopper and not attention.hopper_available():
-        pytest.skip("the wgmma builds need compute capability 9.0 (sm_90a)")
-    if hopper is False:
-        monkeypatch.setattr(attention, "hopper_available", lambda: False)
-
-
 @pytest.fixture
 def poisoned(monkeypatch):
     monkeypatch.setattr(arrays, "POISON_OUTPUTS", True)
 
-
-# (head dim, dtype, hopper) as in test_gpu_attention: hopper True the wgmma builds, False the mma.sync ones
-PATHS = [(64, "bfloat16", True), (64, "bfloat16", False), (64, "float16", True), (64, "float16", False),
-         (128, "bfloat16", None), (128, "float16", None), (64, "float32", None), (128, "float32", None)]
 
 CASES = [  # (batch, heads, kv_heads, query_len, key_len)
     (2, 2, 1, 37, 37),        # odd T, GQA 2
@@ -66,11 +55,15 @@ CASES = [  # (batch, heads, kv_heads, query_len, key_len)
 
 @pytest.mark.parametrize("head_dim,dtype_name,hopper", PATHS, ids=lambda p: str(p))
 @pytest.mark.parametrize("row_offset", [0, 3_000_000_019])
-def test_kernel_masks_are_the_hash_bits_exactly(head_dim, dtype_name, hopper, row_offset, poisoned, monkeypatch):
+@pytest.mark.parametrize("device_seed", [False, True])
+def test_kernel_masks_are_the_hash_bits_exactly(head_dim, dtype_name, hopper, row_offset, device_seed, poisoned,
+                                                monkeypatch):
     """q = 0 makes P uniform over the visible keys; v[j] = e_j makes out[i, j] = M[i, j] / ((i + 1)·keep)
     for j ≤ i; dO[i] = e_i makes dv[j, i] = M[i, j] P[i, j] / keep. So the zero patterns of out and dv
-    are the kernels' masks, compared here with rng.hash_bits bit for bit (a row offset shifts the rows)."""
-    _build(hopper, monkeypatch)
+    are the kernels' masks, compared here with rng.hash_bits bit for bit (a row offset shifts the rows).
+    device_seed: the seed is a rng.DeviceSeed whose base the kernels read from device memory (what a
+    captured training step passes); its words are rng.dropout_words of it."""
+    _choose_path(hopper, monkeypatch)
     cp = backend.cupy_module()
     dtype = _dtype(dtype_name)
     batch, heads, time, keep = 3, 4, head_dim, 0.6
@@ -79,12 +72,15 @@ def test_kernel_masks_are_the_hash_bits_exactly(head_dim, dtype_name, hopper, ro
     q = cp.asarray(np.zeros(shape, dtype=dtype))                  # host arrays first, as for every dtype here
     k = cp.asarray(np.random.default_rng(0).standard_normal(shape).astype(np.float32).astype(dtype))
     v, dy = cp.asarray(eye), cp.asarray(eye)
-    dropout = kernel_dropout((SEED, keep), row_offset)
+    seed = rng.DeviceSeed(cp.asarray(np.array([0xFEDCBA9876543210], dtype=np.uint64)), SEED) if device_seed \
+        else SEED
+    dropout = kernel_dropout((seed, keep), row_offset)
     out, lse = attention.causal_attention_forward(q, k, v, dropout=dropout)
     _, _, dv = attention.causal_attention_backward(dy, q, k, v, out, lse, dropout=dropout)
 
     rows = np.arange(batch * heads * time).reshape(batch, heads, time, 1)
-    kept = rng.hash_bits(dropout[:3], rows, np.arange(time)) < dropout[2]          # (B, H, Tq, Tk)
+    words = rng.dropout_words(seed, keep, row_offset)
+    kept = rng.hash_bits(words, rows, np.arange(time)) < words[2]                  # (B, H, Tq, Tk)
     visible = np.tril(np.ones((time, time), dtype=bool))
     out_kept = backend.to_numpy(out).astype(np.float32)[..., :time] != 0
     np.testing.assert_array_equal(out_kept, kept & visible)
@@ -97,7 +93,7 @@ def test_kernel_masks_are_the_hash_bits_exactly(head_dim, dtype_name, hopper, ro
 @pytest.mark.parametrize("probability", [0.1, 0.5])
 def test_forward_backward_with_dropout_match_numpy_float64(head_dim, dtype_name, hopper, case, probability,
                                                            poisoned, monkeypatch):
-    _build(hopper, monkeypatch)
+    _choose_path(hopper, monkeypatch)
     cp = backend.cupy_module()
     dtype = _dtype(dtype_name)
     generator = np.random.default_rng()
@@ -115,10 +111,12 @@ def test_forward_backward_with_dropout_match_numpy_float64(head_dim, dtype_name,
 
 
 @pytest.mark.parametrize("hopper", [True, False])
-def test_dropout_dk_dv_are_deterministic(hopper, monkeypatch):
-    _build(hopper, monkeypatch)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_dropout_dk_dv_are_deterministic(head_dim, hopper, monkeypatch):
+    _choose_path(hopper, monkeypatch)
     cp = backend.cupy_module()
-    q, k, v, dy = (cp.asarray(a) for a in _inputs(np.random.default_rng(), _dtype("bfloat16"), 2, 4, 1, 200, 200, 64))
+    q, k, v, dy = (cp.asarray(a) for a in _inputs(np.random.default_rng(), _dtype("bfloat16"), 2, 4, 1, 200, 200,
+                                                  head_dim))
     dropout = kernel_dropout((SEED, 0.8), 0)
     out, lse = attention.causal_attention_forward(q, k, v, dropout=dropout)
     out2, _ = attention.causal_attention_forward(q, k, v, dropout=dropout)

@@ -11,10 +11,14 @@ Shapes: q, out, dy, dq (B, H, Tq, D); k, v, dk, dv (B, Hkv, Tk, D) with Hkv | H 
 mask is aligned bottom-right, so a KV-cached decoding step with Tq = 1 works); lse (B, H, Tq) float32.
 
 Which build runs (`kernel_for(head_dim, dtype)` names it):
-- head dim 64, bf16/fp16, compute capability 9.0 (H100, H200): the wgmma builds of attention_hopper.cu,
-  compiled for sm_90a: forward "wg2", backward "wq";
-- head dim 64 elsewhere: the mma.sync builds forward "w4m2", backward "w4m2q32p" (any GPU from sm_80);
-- head dim 128: mma.sync forward "w8", backward "w4";
+- head dims 64 and 128, bf16/fp16, compute capability 9.0 (H100, H200): the wgmma builds of
+  attention_hopper.cu, compiled for sm_90a: forward "wg2", backward "wq" (one template each, the head dim
+  a parameter);
+- elsewhere the mma.sync builds (any GPU from sm_80): head dim 64 forward "w4m2", backward "w4m2q32p";
+  head dim 128 forward "w8", backward "w4";
+- the environment variable TINYGRAD_LLM_ATTENTION_WGMMA lists the head dims that take the wgmma builds on
+  compute capability 9.0 (default "64,128"; "64" sends head dim 128 back to the mma.sync builds, "none"
+  every head dim); it is read at each call;
 - float32: plain-FMA kernels (slow: for checking, and for float32 models);
 - any other head dim: no kernel; the op takes its NumPy-expressed path (batched GEMMs on CuPy arrays).
 
@@ -35,6 +39,7 @@ summed over key blocks with float32 atomics, so dq's last bits can vary from run
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -52,21 +57,21 @@ _SUFFIX = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 class Build:
     """One tensor-core build: its name and launch shape. Forward: `warps` warps, each 16·m_tiles query
-    rows. Backward: `warps` warps, each 16·m_tiles keys, query steps of `block_q` rows."""
+    rows. Backward: `warps` warps, each 16·m_tiles keys, query steps of `block_q` rows. The wgmma builds
+    (`hopper`) have fixed launches: forward 256 threads, backward 384 threads a 128-key block, taking
+    `block_q`-row query steps."""
 
     def __init__(self, name, warps=0, m_tiles=1, block_q=0, hopper=False):
         self.name, self.warps, self.m_tiles, self.block_q, self.hopper = name, warps, m_tiles, block_q, hopper
 
 
-_HOPPER_FORWARD = {64: Build("wg2", hopper=True)}
-_HOPPER_BACKWARD = {64: Build("wq", hopper=True)}
+_HOPPER_FORWARD = {64: Build("wg2", hopper=True), 128: Build("wg2", hopper=True)}
+_HOPPER_BACKWARD = {64: Build("wq", block_q=128, hopper=True), 128: Build("wq", block_q=64, hopper=True)}
 _FORWARD = {64: Build("w4m2", warps=4, m_tiles=2), 128: Build("w8", warps=8)}
 _BACKWARD = {64: Build("w4m2q32p", warps=4, m_tiles=2, block_q=32), 128: Build("w4", warps=4, block_q=32)}
 _FORWARD_BLOCK_K = 64
-_TILE = 128 * 128                                    # bytes of a 128-row tile of D = 64 two-byte values
-_HOPPER_FORWARD_SHARED = 6 * _TILE + 1024            # 2 × Q, 2 × K, 2 × V, 1 KiB to align them to 1024 bytes
-# K, V, 2 × (Q, dO) of 128 rows, P and dS (128 × 128), L, Δ, one staged dQ (128 rows of 72 floats), 1 KiB
-_HOPPER_BACKWARD_SHARED = 2 * _TILE + 4 * _TILE + 4 * _TILE + 4 * 128 * 4 + 128 * 72 * 4 + 1024
+WGMMA_ENV = "TINYGRAD_LLM_ATTENTION_WGMMA"          # head dims that take the wgmma builds ("64,128", "none")
+_HOPPER_BLOCK_K = 128                               # keys a wgmma backward block (and a forward K/V tile)
 
 
 def supports(*arrays) -> bool:
@@ -83,6 +88,26 @@ def supports(*arrays) -> bool:
 def hopper_available() -> bool:
     """True on a GPU of compute capability 9.0 (H100, H200), where the sm_90a wgmma builds run."""
     return compute_capability() == "90"
+
+
+def wgmma_head_dims() -> tuple:
+    """The head dims whose wgmma builds run on compute capability 9.0: $TINYGRAD_LLM_ATTENTION_WGMMA, a
+    comma-separated list ("64,128" when unset; "none" or "" for none). A value naming no head dim that has
+    a wgmma build is an error (a typo must not silently change the path)."""
+    value = os.environ.get(WGMMA_ENV)
+    if value is None:
+        return tuple(sorted(_HOPPER_FORWARD))
+    words = [word.strip() for word in value.split(",") if word.strip()]
+    if words in ([], ["none"]):
+        return ()
+    try:
+        dims = tuple(int(word) for word in words)
+    except ValueError:
+        dims = ()
+    if not dims or any(d not in _HOPPER_FORWARD for d in dims):
+        raise ValueError(f"{WGMMA_ENV}={value!r}: expected a comma-separated list of head dims among "
+                         f"{sorted(_HOPPER_FORWARD)}, or 'none'")
+    return dims
 
 
 def kernel_for(head_dim: int, dtype, hopper: bool | None = None) -> str | None:
@@ -103,6 +128,7 @@ def kernel_for(head_dim: int, dtype, hopper: bool | None = None) -> str | None:
 
 
 def _builds(head_dim: int, hopper: bool) -> tuple:
+    hopper = hopper and head_dim in wgmma_head_dims()
     forward = _HOPPER_FORWARD.get(head_dim) if hopper else None
     backward = _HOPPER_BACKWARD.get(head_dim) if hopper else None
     return forward or _FORWARD[head_dim], backward or _BACKWARD[head_dim]
@@ -111,6 +137,17 @@ def _builds(head_dim: int, hopper: bool) -> tuple:
 def _kernel(filename: str, name: str, shared_bytes: int = 0):
     arch = HOPPER_ARCH if filename == HOPPER_FILE else None
     return function(filename, name, arch=arch, shared_bytes=shared_bytes)
+
+
+def _hopper_forward_shared_bytes(head_dim: int) -> int:
+    # 2 × Q, 2 × K, 2 × V tiles of 128 rows, 1 KiB to align them to 1024 bytes
+    return 6 * 128 * head_dim * 2 + 1024
+
+
+def _hopper_backward_shared_bytes(head_dim: int, build: Build) -> int:
+    block_q, block_k = build.block_q, _HOPPER_BLOCK_K
+    tiles = (2 * block_k + 4 * block_q) * head_dim * 2 + 2 * block_q * block_k * 2   # K, V; 2 × (Q, dO); P, dS
+    return tiles + 4 * block_q * 4 + block_q * (head_dim + 8) * 4 + 1024   # L, Δ; the dQ stage; alignment
 
 
 def _forward_shared_bytes(head_dim: int, block_q: int) -> int:
@@ -155,9 +192,9 @@ def causal_attention_forward(q, k, v, dropout=None):
     build, _ = _builds(head_dim, hopper_available())
     if build.hopper:
         items = batch * heads * ((query_len + 127) // 128)      # persistent: at most one block a multiprocessor
-        _kernel(HOPPER_FILE, f"attention_forward_{suffix}_d{head_dim}_{build.name}{variant}", _HOPPER_FORWARD_SHARED)(
-            (min(items, multiprocessors()),), (256,), args + (np.int32(batch),) + extra,
-            shared_mem=_HOPPER_FORWARD_SHARED)
+        shared = _hopper_forward_shared_bytes(head_dim)
+        _kernel(HOPPER_FILE, f"attention_forward_{suffix}_d{head_dim}_{build.name}{variant}", shared)(
+            (min(items, multiprocessors()),), (256,), args + (np.int32(batch),) + extra, shared_mem=shared)
     else:
         block_q = 16 * build.m_tiles * build.warps
         shared = _forward_shared_bytes(head_dim, block_q)
@@ -201,9 +238,10 @@ def causal_attention_backward(dy, q, k, v, out, lse, dropout=None):
     _, build = _builds(head_dim, hopper_available())
     arrays = (q, k, v, dy, lse, delta, dq_accumulator, dk, dv)
     if build.hopper:
-        _kernel(HOPPER_FILE, f"attention_backward_{suffix}_d{head_dim}_{build.name}{variant}", _HOPPER_BACKWARD_SHARED)(
-            (batch * kv_heads * ((key_len + 127) // 128),), (384,), arrays + sizes + extra,
-            shared_mem=_HOPPER_BACKWARD_SHARED)
+        shared = _hopper_backward_shared_bytes(head_dim, build)
+        key_blocks = (key_len + _HOPPER_BLOCK_K - 1) // _HOPPER_BLOCK_K
+        _kernel(HOPPER_FILE, f"attention_backward_{suffix}_d{head_dim}_{build.name}{variant}", shared)(
+            (batch * kv_heads * key_blocks,), (384,), arrays + sizes + extra, shared_mem=shared)
     else:
         shared = _backward_shared_bytes(head_dim, build)
         block_k = 16 * build.m_tiles * build.warps
