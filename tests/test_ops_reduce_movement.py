@@ -163,6 +163,25 @@ def test_concatenate_gradcheck(backend, assert_gradcheck, seed, sizes, axis):
     assert_gradcheck(lambda *ts: F.concatenate(list(ts), axis=axis), [backend.tensor(a) for a in arrays])
 
 
+@given(seed=seeds, sizes=st.lists(st.integers(1, 3), min_size=1, max_size=3), gap=st.booleans())
+def test_concatenate_view_of_adjacent_inputs(backend, assert_gradcheck, seed, sizes, gap):
+    """view=True: inputs lying end to end in one buffer give a view of it (the same values, shared memory,
+    the same gradients); inputs with a gap between them, or in another order, are copied as usual."""
+    flat = backend.array(normal((3 * sum(sizes) + 3 * len(sizes),), seed), dtype=np.float64)
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(backend.tensor(flat[start:start + 3 * size].reshape(size, 3), requires_grad=True))
+        start += 3 * size + (3 if gap else 0)
+    out = F.concatenate(parts, axis=0, view=True)
+    np.testing.assert_array_equal(out.numpy(), np.concatenate([p.numpy() for p in parts]))
+    shares = np.shares_memory(out.data, flat) if backend.name == "numpy" else \
+        out.data.data.ptr == flat.data.ptr
+    assert shares == (not gap or len(sizes) == 1)
+    flipped = F.concatenate(parts[::-1], axis=0, view=True)
+    np.testing.assert_array_equal(flipped.numpy(), np.concatenate([p.numpy() for p in parts[::-1]]))
+    assert_gradcheck(lambda *ts: F.concatenate(list(ts), axis=0, view=True), parts)
+
+
 @given(seed=seeds, sizes=st.lists(st.integers(1, 3), min_size=1, max_size=3), axis=st.integers(0, 1))
 def test_split_gradcheck(backend, assert_gradcheck, seed, sizes, axis):
     shape = [2, 2]

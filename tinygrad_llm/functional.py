@@ -93,9 +93,11 @@ def getitem(x, index):
     return GetItem.apply(ensure_tensor(x), index=index)
 
 
-def concatenate(tensors, axis=0):
+def concatenate(tensors, axis=0, view=False):
+    """The tensors joined along `axis`; view=True: a view of their memory when they lie end to end (only
+    for a result nothing writes into, see ops.movement.Concatenate)."""
     tensors = [ensure_tensor(t) for t in tensors]
-    return Concatenate.apply(*tensors, axis=axis)
+    return Concatenate.apply(*tensors, axis=axis, view=view)
 
 
 def stack(tensors, axis=0):

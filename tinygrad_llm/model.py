@@ -145,7 +145,8 @@ class Attention(Module):
     def forward(self, x, rope_tables, cache: KVCache | None = None, layer: int = 0, start: int = 0):
         batch, time, _ = x.shape
         heads, kv_heads = self.n_heads, self.n_kv_heads
-        weight = F.concatenate([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], axis=0)
+        # a view when the optimizer's flat buffer holds the three end to end (no copy a step)
+        weight = F.concatenate([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight], axis=0, view=True)
         qkv = F.linear(x, weight)                                          # (B, T, C + 2·Hkv·D)
         qkv = qkv.reshape(batch, time, heads + 2 * kv_heads, self.head_dim)   # -> (B, T, H + 2Hkv, D)
         stores = None if cache is None else (cache.k[layer], cache.v[layer], start)
@@ -172,7 +173,7 @@ class MLP(Module):
             # than over the two strided halves of one gate‖up array; the GEMMs cost the same)
             gate, up = F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight)   # (B, T, F) each
             return F.linear(F.swiglu(gate, up), self.down_proj.weight)                        # -> (B, T, C)
-        weight = F.concatenate([self.gate_proj.weight, self.up_proj.weight], axis=0)
+        weight = F.concatenate([self.gate_proj.weight, self.up_proj.weight], axis=0, view=True)
         gate_up = F.linear(x, weight)                                      # (B, T, 2F)
         return F.linear(F.swiglu(gate_up), self.down_proj.weight)          # (B, T, F) -> (B, T, C)
 

@@ -1,7 +1,9 @@
 """Movement ops: they rearrange elements without arithmetic."""
 from __future__ import annotations
 
-from ..backend import array_module
+import numpy as np
+
+from ..backend import array_module, is_cupy_array
 from ..tensor import Function
 
 
@@ -77,14 +79,18 @@ class Concatenate(Function):
     Backward: each input gets its slice of dy
     Shapes:   inputs agree except along axis; y sums their sizes there
     Saves:    the split points
+    view=True: when the inputs already lie end to end in one buffer (C-contiguous, joined along axis 0:
+    the q, k, v weights in an optimizer's flat buffer), y is a view of that memory instead of a copy. Only
+    for a y that nothing writes into (a GEMM's weight): it aliases the inputs.
     """
 
-    def forward(self, *arrays, axis=0):
+    def forward(self, *arrays, axis=0, view=False):
         xp = array_module(*arrays)
         axis = axis % arrays[0].ndim
         sizes = [a.shape[axis] for a in arrays]
         self.save(axis=axis, sizes=sizes)
-        return xp.concatenate(arrays, axis=axis)
+        joined = _adjacent_view(arrays, xp) if view and axis == 0 else None
+        return joined if joined is not None else xp.concatenate(arrays, axis=axis)
 
     def backward(self, dy):
         axis, sizes = self.saved
@@ -95,6 +101,33 @@ class Concatenate(Function):
             grads.append(dy[tuple(index)])
             start += size
         return tuple(grads)
+
+
+def _address(a) -> int:
+    return a.data.ptr if is_cupy_array(a) else a.__array_interface__["data"][0]
+
+
+def _adjacent_view(arrays, xp):
+    """The arrays joined along axis 0 as a view of their memory when they lie end to end in it, else None."""
+    first = arrays[0]
+    if first.ndim == 0 or not all(a.flags.c_contiguous and a.dtype == first.dtype and a.shape[1:] == first.shape[1:]
+                                  for a in arrays):
+        return None
+    expected = _address(first)
+    for a in arrays:
+        if _address(a) != expected:
+            return None
+        expected += a.nbytes
+    shape = (sum(a.shape[0] for a in arrays),) + tuple(first.shape[1:])     # the inputs' rows, one after another
+    if xp is not np:
+        return xp.ndarray(shape, dtype=first.dtype, memptr=first.data)      # the pointer keeps the memory alive
+    root = first
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    offset = _address(first) - _address(root)
+    if not root.flags.c_contiguous or offset < 0 or offset + (expected - _address(first)) > root.nbytes:
+        return None
+    return np.ndarray(shape, dtype=first.dtype, buffer=root, offset=offset)
 
 
 class Stack(Function):
