@@ -114,6 +114,8 @@ def test_model_card_comes_from_the_run_files(char_run, tmp_path):
     parameters = sum(a.size for a in load_checkpoint(str(run))[0].state_dict().values())
     assert f"| parameters | {parameters:,} |" in card and "| tokens per step (batch × sequence × accumulation) | 128 |" in card
     assert "No chat template" in card                         # a character vocabulary has no role tokens
+    train_config = json.load(open(run / "config.json"))["train_config"]
+    assert f"| attention dropout | {train_config['attention_dropout']:.4g} |" in card
 
 
 def test_card_counts_the_prepare_report(tmp_path):

@@ -179,6 +179,7 @@ def model_card(facts: dict, model, tokenizer, formats=("hf",), license_id: str |
             ("learning rate", f"{train.get('lr')} peak, {train.get('warmup_steps')} warm-up steps, cosine to "
                               f"{train.get('min_lr_ratio')} × peak"),
             ("gradient clipping", _number(train.get("grad_clip"))), ("dropout", _number(train.get("dropout"))),
+            ("attention dropout", _number(train.get("attention_dropout"))),
             ("precision", f"{train.get('precision', NOT_RECORDED)} (parameters {train.get('dtype', NOT_RECORDED)})"),
             ("device", start.get("device", train.get("device", NOT_RECORDED))), ("seed", str(train.get("seed", NOT_RECORDED))),
             ("training time", f"{facts['train_seconds']:.1f} s" if facts["train_seconds"] is not None else NOT_RECORDED),
