@@ -170,7 +170,7 @@ def test_concatenate_view_of_adjacent_inputs(backend, assert_gradcheck, seed, si
     flat = backend.array(normal((3 * sum(sizes) + 3 * len(sizes),), seed), dtype=np.float64)
     parts, start = [], 0
     for size in sizes:
-        parts.append(backend.tensor(flat[start:start + 3 * size].reshape(size, 3), requires_grad=True))
+        parts.append(Tensor(flat[start:start + 3 * size].reshape(size, 3), requires_grad=True))
         start += 3 * size + (3 if gap else 0)
     out = F.concatenate(parts, axis=0, view=True)
     np.testing.assert_array_equal(out.numpy(), np.concatenate([p.numpy() for p in parts]))
