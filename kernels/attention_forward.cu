@@ -43,7 +43,8 @@
 // Arguments of every kernel: q, k, v, out, lse, H, Hkv, Tq, Tk, scale (= 1/sqrt(D)).
 //
 // Attention dropout: every kernel above also exists as NAME_dropout, taking five more arguments
-// (seed_base, row_seed, column_seed, threshold, keep_scale; attention_common.cuh's ATTN_DROPOUT_PARAMETERS). It computes
+// (seed_base, row_seed, column_seed, threshold, keep_scale; attention_common.cuh's
+// ATTN_DROPOUT_PARAMETERS). It computes
 //     out[b, h, i] = keep_scale · sum_j M[i, j] exp(S[i, j] - L[b, h, i]) v[b, h // G, j]
 // with M the hashed keep mask of attention_common.cuh (row = (b·H + h)·Tq + i, the key j), L still the
 // log-sum-exp of the undropped scores: P is normalised before the mask, as in the NumPy op. The mask

@@ -98,8 +98,8 @@ def test_supports_refuses_host_arrays():
 
 LAUNCHERS = ["rms_norm_forward", "rms_norm_backward", "add_rms_norm_forward", "swiglu_forward", "swiglu_backward", "swiglu_packed_forward",
              "swiglu_packed_backward", "rope_forward", "copy_heads", "dropout_forward", "cross_entropy_forward_backward",
-             "embedding_backward", "adamw_step", "sum_of_squares", "linear_forward", "linear_backward", "causal_attention_forward",
-             "causal_attention_backward", "decode_attention", "quantized_linear"]
+             "embedding_backward", "adamw_step", "sum_of_squares", "linear_forward", "linear_backward",
+             "causal_attention_forward", "causal_attention_backward", "decode_attention", "quantized_linear"]
 
 
 def test_the_package_exposes_every_launcher_under_its_op_name():

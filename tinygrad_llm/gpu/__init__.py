@@ -37,7 +37,8 @@ __all__ = ["kernel", "supports", "attention_kernel_for", "quantized_linear",
            "rms_norm_forward", "rms_norm_backward", "add_rms_norm_forward", "swiglu_forward", "swiglu_backward",
            "swiglu_packed_forward", "swiglu_packed_backward", "rope_forward", "copy_heads", "dropout_forward",
            "cross_entropy_forward_backward", "embedding_backward", "adamw_step", "sum_of_squares",
-           "linear_forward", "linear_backward", "causal_attention_forward", "causal_attention_backward", "decode_attention"]
+           "linear_forward", "linear_backward", "causal_attention_forward", "causal_attention_backward",
+           "decode_attention"]
 
 
 def kernel(op_name: str, *arrays):
