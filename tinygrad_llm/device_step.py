@@ -62,8 +62,9 @@ def check_batch(x: np.ndarray, y: np.ndarray, vocab: int, ignore_index: int = IG
 
 
 class DeviceStep:
-    """`step(batches, step)` -> (loss, grad_norm, lr, applied): one optimizer step of `model` on the GPU, its batches
-    `batches.batch(step · grad_accum + m)`, with the schedule, clipping and skipping of `train_step`.
+    """`step(batches, step)` -> (loss, grad_norm, lr, applied): one optimizer step of `model` on the GPU,
+    its batches `batches.batch(step · grad_accum + m)`, with the schedule, clipping and skipping of
+    `train_step`.
 
     graphs: capture the step as a CUDA graph from the second call on (default: unless
     TINYGRAD_LLM_CUDA_GRAPHS=0). `captured` says whether the last step was a replay, `not_captured`
