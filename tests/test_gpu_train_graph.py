@@ -120,3 +120,16 @@ def test_train_on_the_gpu_runs_the_captured_step(text_file, tmp_path):
                                 dropout=0.1, attention_dropout=0.1), log=lines.append)
     assert any("replayed from a CUDA graph" in line for line in lines), lines
     assert summary["steps"] == 12 and np.isfinite(summary["val_loss"]) and summary["last_loss"] < summary["first_loss"]
+
+
+def test_a_resumed_gpu_run_captures_its_step_again(text_file, tmp_path):
+    """The checkpoint's weights and moments are loaded into the optimizer's buffers before the first step,
+    so the resumed run captures its own graph and goes on from the saved step."""
+    common = dict(data=text_file, out_dir=str(tmp_path / "run"), d_model=128, n_layers=2, n_heads=2, ffn_hidden=256,
+                  batch_size=4, seq_len=64, eval_interval=4, eval_iters=2, log_interval=1, progress=False,
+                  device="cuda", precision="bf16", sample_tokens=0)
+    train(TrainConfig(max_steps=4, **common), log=lambda line: None)
+    lines = []
+    summary = train(TrainConfig(max_steps=8, resume=True, **common), log=lines.append)
+    assert any("resumed from" in line for line in lines) and any("replayed from a CUDA graph" in line for line in lines)
+    assert summary["start_step"] == 4 and summary["steps"] == 8 and np.isfinite(summary["val_loss"])
