@@ -183,8 +183,11 @@ def test_gpu_decoding_matches_the_cpu(policy, weights):
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0", "int8"])
-def test_quantized_batch_equals_one_at_a_time(kind):
+@pytest.mark.parametrize("rounded_rows", [1, 1 << 62])   # x rounded to 8 bits at every row count (where the
+def test_quantized_batch_equals_one_at_a_time(kind, rounded_rows, monkeypatch):   # kernels do), or never
+    from tinygrad_llm.quant import cpu_kernels
     from tinygrad_llm.quant.runs import QuantizedModel, quantize_weights
+    monkeypatch.setattr(cpu_kernels, "ROUNDED_ROWS", rounded_rows)
     model = make_model(max_seq_len=16)
     quantized = QuantizedModel(model.config, kind, quantize_weights(
         {name: p.data for name, p in model.named_parameters()}, kind))

@@ -135,10 +135,14 @@ def kernel_linear(library, x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarra
     if call is None or call[0] is not library or call[1] is not weight.values or call[2] is not weight.scale:
         function = library.q8_0_linear if weight.kind == "q8_0" else library.q4_0_linear
         call = weight.cpu_kernel_call = (library, weight.values, weight.scale, function, weight.values.ctypes.data,
-                                         weight.scale.ctypes.data, weight.shape[1] // BLOCK_SIZE, weight.shape[0])
-    function, values, scale, blocks, out_features = call[3:]
+                                         weight.scale.ctypes.data, weight.shape[1] // BLOCK_SIZE, weight.shape[0],
+                                         library.q8_0_rounded_linear if weight.kind == "q8_0" else
+                                         library.q4_0_rounded_linear)
+    function, values, scale, blocks, out_features = call[3:8]
     x2 = np.ascontiguousarray(x2, dtype=np.float32)          # the kernel reads (N, in) float32 rows, back to back
     columns = x2.shape[0]
+    if cpu_kernels.rounded(library, columns):   # x rounded to 8 bits a block, int8 products (quant/cpu_kernels.py)
+        function = call[8]
     y = np.empty((columns, out_features), dtype=np.float32)
     x_pointer, y_pointer = x2.ctypes.data, y.ctypes.data
     if thread_count() == 1:
