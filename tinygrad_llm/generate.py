@@ -66,6 +66,7 @@ from .tensor import no_grad
 
 
 CHUNKED_NORM_ROWS = 64     # RMSNorm takes its threaded row-chunk path above this many rows (decode steps don't)
+STACK_BYTES = 16 << 20     # CPU: q‖k‖v and gate‖up stacked into copies when these total at most this many bytes
 
 
 class BatchedKVCache:
@@ -143,8 +144,8 @@ class _Layer:
     gate: object
     up: object
     down: object
-    qkv: object = None          # q‖k‖v and gate‖up stacked (one GEMM each): the GPU's low-precision copies
-    gate_up: object = None
+    qkv: object = None          # q‖k‖v and gate‖up stacked (one GEMM each): the GPU's low-precision copies,
+    gate_up: object = None      # and on the CPU small models' copies (STACK_BYTES)
 
 
 def model_weights(model) -> dict:
@@ -201,20 +202,30 @@ class Decoder:
             cast = lambda w: w.astype(precision.dtype_named(low)) if getattr(w, "ndim", 0) == 2 else w
             self.layers = [self._stacked(_Layer(*(cast(w) for w in vars(layer).values()))) for layer in self.layers]
             self.lm_head = cast(self.lm_head)
+        elif self.device == "cpu" and sum(w.nbytes for layer in self.layers for w in (
+                layer.q, layer.k, layer.v, layer.gate, layer.up)) <= STACK_BYTES:
+            self.layers = [self._stacked(layer, quantized=True) for layer in self.layers]
         cos, sin = rope_angles(self.xp.arange(config.max_seq_len), config.head_dim, config.rope_theta, self.xp)
         self.cos, self.sin = cos.astype(self.dtype), sin.astype(self.dtype)                  # (max_len, D/2)
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("TINYGRAD_LLM_CUDA_GRAPHS", "1") != "0"
         self.cuda_graphs = bool(cuda_graphs) and self.device == "cuda"
 
-    def _stacked(self, layer):
-        """The layer with q‖k‖v and gate‖up each stacked into one matrix (rows: out features), when its
-        weights are plain arrays: a copy, so only for the low-precision copies the decoder makes anyway."""
-        if any(isinstance(w, QuantizedMatrix) for w in (layer.q, layer.k, layer.v, layer.gate, layer.up)):
-            return layer
+    def _stacked(self, layer, quantized: bool = False):
+        """The layer with q‖k‖v and gate‖up each stacked into one matrix (rows: out features): a copy, so
+        only for the low-precision copies the decoder makes anyway (GPU) or a small model's weights (CPU,
+        where a call's Python costs more than its product). QuantizedMatrix weights (of one kind) are
+        stacked with `quantized`, else such a layer is left as it is."""
+        parts = (layer.q, layer.k, layer.v, layer.gate, layer.up)
+        if any(isinstance(w, QuantizedMatrix) for w in parts):
+            if not quantized or len({(w.kind if isinstance(w, QuantizedMatrix) else None) for w in parts}) != 1:
+                return layer
+            stack = QuantizedMatrix.stacked
+        else:
+            stack = self.xp.concatenate
         return _Layer(layer.attention_norm, None, None, None, layer.o, layer.mlp_norm, None, None, layer.down,
-                      qkv=self.xp.concatenate([layer.q, layer.k, layer.v]),             # (C + 2·Hkv·D, C)
-                      gate_up=self.xp.concatenate([layer.gate, layer.up]))              # (2F, C)
+                      qkv=stack([layer.q, layer.k, layer.v]),                                # (C + 2·Hkv·D, C)
+                      gate_up=stack([layer.gate, layer.up]))                                 # (2F, C)
 
     def new_cache(self, slots: int, max_len: int | None = None) -> BatchedKVCache:
         return BatchedKVCache(self.config, slots, max_len, self.dtype, self.device)
@@ -291,8 +302,13 @@ class Decoder:
         return _forward(Embedding, ids, self.embed).astype(self.dtype, copy=False)    # ids checked on the host
 
     def _linear(self, x, weight):
-        """The linear op for this weight (float or quantized), its output in the compute dtype."""
-        y = _forward(QuantizedLinear if isinstance(weight, QuantizedMatrix) else Linear, x, weight)
+        """The linear op for this weight (float or quantized), its output in the compute dtype. One row of x
+        on the CPU goes to the quantized op's dispatch point for a float weight too (its first branch is
+        x @ Wᵀ, Linear's product for one row, with less Python before it)."""
+        if isinstance(weight, QuantizedMatrix) or (x.size == x.shape[-1] and type(weight) is np.ndarray):
+            y = _forward(QuantizedLinear, x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
+        else:
+            y = _forward(Linear, x, weight)
         return y if y.dtype == self.dtype else y.astype(self.dtype)
 
     def _norm(self, x, weight):
@@ -317,7 +333,9 @@ class Decoder:
             y = _forward(CausalAttention, qkv, packed=(heads, kv_heads, cos, sin), cache=(cache.k[i], cache.v[i], rows))
             x = x + self._linear(y, layer.o)
             h = self._norm(x, layer.mlp_norm)
-            if layer.gate_up is not None:            # gate‖up stays in the GEMM's dtype through SwiGLU
+            if layer.gate_up is not None and self.device == "cpu":
+                hidden = _forward(SwiGLU, self._linear(h, layer.gate_up), packed=True)
+            elif layer.gate_up is not None:          # gate‖up stays in the GEMM's dtype through SwiGLU
                 hidden = _forward(SwiGLU, _forward(Linear, h, layer.gate_up), packed=True)
             else:
                 hidden = _forward(SwiGLU, self._linear(h, layer.gate), self._linear(h, layer.up))

@@ -278,7 +278,9 @@ static void rounded_portable(const uint8_t *values, int q4, const uint16_t *scal
 #include <immintrin.h>
 #define ROUNDED_SIMD 1
 #define LANES 16                  /* output rows a group: one zmm of int32 / float32 */
+#ifndef CODE_BYTES
 #define CODE_BYTES (128 * 1024)   /* rearranged codes kept at once (L2) while every row of x runs over them */
+#endif
 #define ARRANGED 8                /* zmm a group keeps per block */
 
 /* rows[r] = [output row r's 32 codes | row r + 8's], r < 8  ->  w[k] lane l = bytes 4k…4k+3 of row l */
@@ -330,6 +332,15 @@ static void arrange_groups(const uint8_t *values, int q4, const uint16_t *scale,
                         _mm256_loadu_si256((const __m256i *)(q + r * BLOCK))), _mm256_loadu_si256((const __m256i *)(q + (r + 8) * BLOCK)), 1));
             }
             transpose_group(rows, codes + (g * blocks + j) * ARRANGED);
+            {   /* the start of the same block's piece of the next chunk: each block's slab is read in pieces, which
+                   the hardware prefetcher follows better with this hint (measured: −20 % at batch 1, −8 % at 32;
+                   prefetching the whole next piece instead gained half that) */
+                const int64_t ahead = first + groups * LANES;
+                if (ahead + LANES <= out) {
+                    const char *next = (const char *)values + (j * out + ahead) * (q4 ? BLOCK / 2 : BLOCK);
+                    for (int line = 0; line < LANES * (q4 ? BLOCK / 2 : BLOCK); line += 64) _mm_prefetch(next + line, _MM_HINT_T1);
+                }
+            }
             scales[g * blocks + j] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + j * out + first)));
         }
     }
