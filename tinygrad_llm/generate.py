@@ -253,6 +253,8 @@ class Decoder:
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
         if tokens.shape != slots.shape:
             raise ValueError(f"decode_step: {tokens.shape[0]} tokens for {slots.shape[0]} slots")
+        if slots.size == 0:
+            raise ValueError("decode_step needs at least one slot")
         listed = slots.tolist()
         if not cache.holds(listed):
             for slot in listed:
@@ -260,12 +262,14 @@ class Decoder:
         if len(set(listed)) != len(listed):
             raise ValueError(f"decode_step: a slot appears twice in {listed}")
         positions = cache.lengths[slots]
-        if (positions >= cache.max_len).any():
+        lengths, ids = positions.tolist(), tokens.tolist()            # checked as Python ints: a step is ~1 row
+        if max(lengths) >= cache.max_len:
             full = slots[positions >= cache.max_len].tolist()
             raise ValueError(f"KV cache slots {full} are full ({cache.max_len} positions): release and re-prefill")
-        if (positions == 0).any():
+        if min(lengths) == 0:
             raise ValueError(f"decode_step: slots {slots[positions == 0].tolist()} are empty; prefill them first")
-        self._check_ids(tokens)
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
+            self._check_ids(tokens)                                                # raises
         with no_grad():
             x = self._embed(tokens)[:, None]                                        # (n, C) -> (n, 1, C)
             graph = self._step_graph(cache, slots.size)
