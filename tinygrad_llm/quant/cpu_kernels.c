@@ -282,6 +282,9 @@ static void rounded_portable(const uint8_t *values, int q4, const uint16_t *scal
 #define CODE_BYTES (128 * 1024)   /* rearranged codes kept at once (L2) while every row of x runs over them */
 #endif
 #define ARRANGED 8                /* zmm a group keeps per block */
+#ifndef PREFETCH_ROWS
+#define PREFETCH_ROWS 4           /* rows of x from which the next chunk is prefetched while this one computes */
+#endif
 
 /* rows[r] = [output row r's 32 codes | row r + 8's], r < 8  ->  w[k] lane l = bytes 4k…4k+3 of row l */
 static inline void transpose_group(const __m512i *rows, __m512i *w)
@@ -389,8 +392,20 @@ static void rounded_simd(const uint8_t *values, int q4, const uint16_t *scale, c
     for (int64_t first = start; first < end; first += chunk * LANES) {
         const int64_t groups = (end - first) / LANES < chunk ? (end - first) / LANES : chunk;
         arrange_groups(values, q4, scale, blocks, out, first, groups, all_codes, all_scales);
+        /* the next chunk's codes and scales, fetched into L2 a slice of its blocks per group while this
+           chunk's groups compute (with many rows of x that takes far longer than the fetch) */
+        const int64_t next = first + groups * LANES;
+        const int64_t next_rows = end - next < chunk * LANES ? (end - next) / LANES * LANES : chunk * LANES;
+        const int64_t bytes = q4 ? BLOCK / 2 : BLOCK;
         for (int64_t g = 0; g < groups; g++) {
             const int64_t o = first + g * LANES;
+            if (PREFETCH_ROWS > 0 && rows >= PREFETCH_ROWS && next_rows > 0)
+                for (int64_t j = g * blocks / groups; j < (g + 1) * blocks / groups; j++) {
+                    const char *slab = (const char *)values + (j * out + next) * bytes;
+                    for (int64_t line = 0; line < next_rows * bytes; line += 64) _mm_prefetch(slab + line, _MM_HINT_T1);
+                    const char *scales_next = (const char *)(scale + j * out + next);
+                    for (int64_t line = 0; line < next_rows * 2; line += 64) _mm_prefetch(scales_next + line, _MM_HINT_T1);
+                }
             const __m512i *codes = all_codes + g * blocks * ARRANGED;
             const __m512 *scales = all_scales + g * blocks;
             int64_t n = 0;
