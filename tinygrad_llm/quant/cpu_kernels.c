@@ -19,7 +19,9 @@
    codes widened int8 -> int32 -> float32 in registers, 8 × 32 products, and one transposing reduction
    (hadd) for the 8 sums; elsewhere (or with -DTINYGRAD_LLM_PORTABLE, which also converts the float16 scales
    bit by bit instead of through the compiler's _Float16) plain C that the compiler vectorises, given the
-   flags that let it reassociate the 32-term sums (tinygrad_llm/quant/cpu_kernels.py builds it). */
+   flags that let it reassociate the 32-term sums (tinygrad_llm/quant/cpu_kernels.py builds it).
+   The second half of the file: the rounded kernels, the same product on x rounded to 8 bits per block with
+   int8 products (llama.cpp's arithmetic, for many rows of x), described where they start. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -215,16 +217,19 @@ void q4_0_linear(const uint8_t *values, const uint16_t *scale, const float *x, f
 /* ------------------------------------------------------------------------------------------------------------
    The rounded kernels (q8_0_rounded_linear, q4_0_rounded_linear): the same product with x first rounded to
    8 bits per block of 32, llama.cpp's way for many rows of x:
-       x̃[n, 32 j + i] = e[n, j] · p[n, j, i],   e = max_i |x[n, 32 j + i]| / 127,   p = round(x / e) ∈ [−127, 127]
+       x̃[n, 32 j + i] = e[n, j] · p[n, j, i],  e = max_i |x[n, 32 j + i]| / 127,  p = round(x / e) ∈ [−127, 127]
        y[n, o] = Σ_j (d[j, o] · e[n, j]) · (Σ_i u[j, o, i] · p[n, j, i]  −  OFFSET · Σ_i p[n, j, i])
    with u the code as an unsigned byte (Q8_0: code + 128, OFFSET 128; Q4_0: the nibble, OFFSET 8), so each
    block's inner sum is exact in int32 and only the 8-bit rounding of x differs from the float op (bound:
    docs/quantization.md). Float arithmetic, identical in both builds: the scale product d · e rounded once,
    then y = fma(float(sum), d · e, y) over j in order, from y = 0.
-   Loop order: output rows in groups of 16; a group's codes, for every block, are rearranged once into a
-   scratch buffer (lane l of a vector = 4 consecutive codes of output row l), then every row of x runs over
-   the blocks with 16 outputs in one register: 8 VNNI dot products (vpdpbusd: 4 u8 × s8 products summed
-   into each int32 lane) a block, no horizontal sums. y is written once. */
+   Loop order (the AVX-512 VNNI build): output rows in groups of 16, taken a chunk of groups at a time
+   (~CODE_BYTES); a chunk's codes, for every block, are rearranged once into a scratch buffer (lane l of a
+   vector = 4 consecutive codes of output row l) while the next chunk is prefetched, then every row of x
+   runs over a group's blocks with 16 outputs in one register: 8 VNNI dot products (vpdpbusd: 4 u8 × s8
+   products summed into each int32 lane) a block, no horizontal sums, 8 rows of x at a time. y is written
+   once. Elsewhere the portable C below computes the same numbers (the op does not route rows to it: it is
+   no faster than the float kernels). */
 
 static void round_rows(const float *x, int64_t rows, int64_t blocks, int32_t offset,
                        int8_t *p, float *e, int32_t *offsets)
@@ -300,7 +305,8 @@ static inline void transpose_group(const __m512i *rows, __m512i *w)
         u[r + 2] = _mm512_unpacklo_epi64(t[r + 1], t[r + 3]);  /* 2 | 6 */
         u[r + 3] = _mm512_unpackhi_epi64(t[r + 1], t[r + 3]);  /* 3 | 7 */
     }
-    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13), second = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);          /* 128-bit lanes 0 of u[k], u[k+4] */
+    const __m512i second = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);       /* lanes 1 */
     for (int k = 0; k < 4; k++) {
         w[k] = _mm512_permutex2var_epi64(u[k], first, u[k + 4]);
         w[k + 4] = _mm512_permutex2var_epi64(u[k], second, u[k + 4]);
@@ -322,26 +328,30 @@ static void arrange_groups(const uint8_t *values, int q4, const uint16_t *scale,
             if (q4) {
                 const uint8_t *q = values + (j * out + first) * (BLOCK / 2);
                 for (int r = 0; r < 8; r++) {
-                    const __m256i packed = _mm256_inserti128_si256(_mm256_castsi128_si256(
-                        _mm_loadu_si128((const __m128i *)(q + r * 16))), _mm_loadu_si128((const __m128i *)(q + (r + 8) * 16)), 1);
-                    const __m256i lo = _mm256_and_si256(packed, low), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+                    const __m128i row = _mm_loadu_si128((const __m128i *)(q + r * 16));
+                    const __m128i later = _mm_loadu_si128((const __m128i *)(q + (r + 8) * 16));
+                    const __m256i packed = _mm256_inserti128_si256(_mm256_castsi128_si256(row), later, 1);
+                    const __m256i lo = _mm256_and_si256(packed, low);
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
                     rows[r] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_permute2x128_si256(lo, hi, 0x20)),
                                                  _mm256_permute2x128_si256(lo, hi, 0x31), 1);
                 }
             } else {
                 const uint8_t *q = values + (j * out + first) * BLOCK;
-                for (int r = 0; r < 8; r++)
-                    rows[r] = _mm512_xor_si512(flip, _mm512_inserti64x4(_mm512_castsi256_si512(
-                        _mm256_loadu_si256((const __m256i *)(q + r * BLOCK))), _mm256_loadu_si256((const __m256i *)(q + (r + 8) * BLOCK)), 1));
+                for (int r = 0; r < 8; r++) {
+                    const __m256i row = _mm256_loadu_si256((const __m256i *)(q + r * BLOCK));
+                    const __m256i later = _mm256_loadu_si256((const __m256i *)(q + (r + 8) * BLOCK));
+                    rows[r] = _mm512_xor_si512(flip, _mm512_inserti64x4(_mm512_castsi256_si512(row), later, 1));
+                }
             }
             transpose_group(rows, codes + (g * blocks + j) * ARRANGED);
-            {   /* the start of the same block's piece of the next chunk: each block's slab is read in pieces, which
-                   the hardware prefetcher follows better with this hint (measured: −20 % at batch 1, −8 % at 32;
-                   prefetching the whole next piece instead gained half that) */
-                const int64_t ahead = first + groups * LANES;
+            {   /* the start of the same block's piece of the next chunk: each block's slab is read in pieces,
+                   which the hardware prefetcher follows better with this hint (measured on a step's products:
+                   −20 % at 1 row of x, −8 % at 32; prefetching the whole next piece here gained half that) */
+                const int64_t ahead = first + groups * LANES, bytes = q4 ? BLOCK / 2 : BLOCK;
                 if (ahead + LANES <= out) {
-                    const char *next = (const char *)values + (j * out + ahead) * (q4 ? BLOCK / 2 : BLOCK);
-                    for (int line = 0; line < LANES * (q4 ? BLOCK / 2 : BLOCK); line += 64) _mm_prefetch(next + line, _MM_HINT_T1);
+                    const char *next = (const char *)values + (j * out + ahead) * bytes;
+                    for (int line = 0; line < LANES * bytes; line += 64) _mm_prefetch(next + line, _MM_HINT_T1);
                 }
             }
             scales[g * blocks + j] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scale + j * out + first)));
@@ -363,8 +373,9 @@ static inline __m512i dot_broadcast(__m512i acc, __m512i w, const int32_t *b)
 
 /* y[n … n + T, o … o + 16] for T rows of x over one group's arranged blocks: each block's 16 sums start at
    −OFFSET · Σ p, then 8 dot products, x's 4 bytes broadcast from memory into the instruction */
-static inline __attribute__((always_inline)) void rows_tile(const int T, const __m512i *codes, const __m512 *scales,
-                                                            const int8_t *p, const int32_t *offsets, const float *e, float *y,
+static inline __attribute__((always_inline)) void rows_tile(const int T, const __m512i *codes,
+                                                            const __m512 *scales, const int8_t *p,
+                                                            const int32_t *offsets, const float *e, float *y,
                                                             int64_t blocks, int64_t out, int64_t n, int64_t o)
 {
     __m512 acc[8];
@@ -378,8 +389,10 @@ static inline __attribute__((always_inline)) void rows_tile(const int T, const _
                 const int32_t *words = (const int32_t *)(p + ((n + t) * blocks + j) * BLOCK);
                 sums[t] = dot_broadcast(sums[t], w[k], words + k);
             }
-        for (int t = 0; t < T; t++)
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[t]), _mm512_mul_ps(scales[j], _mm512_set1_ps(e[(n + t) * blocks + j])), acc[t]);
+        for (int t = 0; t < T; t++) {
+            const __m512 product = _mm512_mul_ps(scales[j], _mm512_set1_ps(e[(n + t) * blocks + j]));   /* d · e */
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[t]), product, acc[t]);
+        }
     }
     for (int t = 0; t < T; t++) _mm512_storeu_ps(y + (n + t) * out + o, acc[t]);
 }
@@ -402,9 +415,11 @@ static void rounded_simd(const uint8_t *values, int q4, const uint16_t *scale, c
             if (PREFETCH_ROWS > 0 && rows >= PREFETCH_ROWS && next_rows > 0)
                 for (int64_t j = g * blocks / groups; j < (g + 1) * blocks / groups; j++) {
                     const char *slab = (const char *)values + (j * out + next) * bytes;
-                    for (int64_t line = 0; line < next_rows * bytes; line += 64) _mm_prefetch(slab + line, _MM_HINT_T1);
                     const char *scales_next = (const char *)(scale + j * out + next);
-                    for (int64_t line = 0; line < next_rows * 2; line += 64) _mm_prefetch(scales_next + line, _MM_HINT_T1);
+                    for (int64_t line = 0; line < next_rows * bytes; line += 64)
+                        _mm_prefetch(slab + line, _MM_HINT_T1);
+                    for (int64_t line = 0; line < next_rows * 2; line += 64)
+                        _mm_prefetch(scales_next + line, _MM_HINT_T1);
                 }
             const __m512i *codes = all_codes + g * blocks * ARRANGED;
             const __m512 *scales = all_scales + g * blocks;
@@ -434,15 +449,16 @@ static void rounded_linear(const uint8_t *values, int q4, const uint16_t *scale,
     __m512i *codes = (__m512i *)aligned_alloc(64, (size_t)(chunk * per_group));
     __m512 *scales = (__m512 *)aligned_alloc(64, (size_t)(chunk * blocks) * sizeof(__m512));
 #endif
-    if (p == NULL || e == NULL || offsets == NULL) {            /* no memory: y is NaN rather than wrong */
-        for (int64_t n = 0; n < rows; n++)
-            for (int64_t o = start; o < end; o++) y[n * out + o] = NAN;
+    if (p == NULL || e == NULL || offsets == NULL) {            /* no memory for x rounded: the float kernels */
+        if (q4) q4_0_linear(values, scale, x, y, blocks, out, start, end, rows);
+        else q8_0_linear((const int8_t *)values, scale, x, y, blocks, out, start, end, rows);
     } else {
         round_rows(x, rows, blocks, q4 ? 8 : 128, p, e, offsets);
 #if ROUNDED_SIMD
         if (codes != NULL && scales != NULL) {
             grouped = start + (end - start) / LANES * LANES;
-            rounded_simd(values, q4, scale, p, offsets, e, y, blocks, out, start, grouped, rows, codes, scales, chunk);
+            rounded_simd(values, q4, scale, p, offsets, e, y, blocks, out, start, grouped, rows, codes, scales,
+                         chunk);
         }
 #endif
         if (grouped < end)

@@ -12,7 +12,13 @@ source, the flags, the compiler binary (path, size, time) and the CPU; written u
 renamed, so two processes building at once both end with a whole file. A missing compiler or a failed
 build leaves one warning and the NumPy path. TINYGRAD_LLM_CPU_KERNELS=0 (read at the first use) turns the
 kernels off.
-Simplification: no prebuilt binaries; a machine without a C compiler runs the NumPy path.
+Two kinds of kernel: the float kernels (q8_0_linear, q4_0_linear: the dequantised float op's sum, to float32
+rounding) and the rounded ones (q8_0_rounded_linear, q4_0_rounded_linear: x rounded to 8 bits per block of
+32, int8 products summed in int32, as llama.cpp does; the error bound is derived in docs/quantization.md).
+`rounded(library, rows)` says which one the op runs: the rounded kernels from ROUNDED_ROWS rows of x where
+the build has AVX-512 VNNI (~3× the float kernels at 32 rows), the float kernels for one row and elsewhere.
+Simplification: no prebuilt binaries; a machine without a C compiler runs the NumPy path. No AVX-VNNI
+(256-bit, without AVX-512) or ARM dot-product build of the rounded kernels.
 """
 from __future__ import annotations
 
