@@ -271,12 +271,16 @@ class Decoder:
         if min(ids) < 0 or max(ids) >= self.config.vocab_size:
             self._check_ids(tokens)                                                # raises
         with no_grad():
-            x = self._embed(tokens)[:, None]                                        # (n, C) -> (n, 1, C)
+            x = self._embed(tokens)                                                 # (n, C)
             graph = self._step_graph(cache, slots.size)
-            if graph is not None:
-                logits = graph.run(x, slots, positions)
+            if graph is None and self.device == "cpu":     # the rows stay (n, C) through the layers: fewer reshapes
+                logits = self._head(self._layers(x, cache, CacheRows(slots, positions, 1, self.xp)))
             else:
-                logits = self._head(self._layers(x, cache, CacheRows(slots, positions, 1, self.xp))[:, 0])
+                x = x[:, None]                                                      # (n, C) -> (n, 1, C)
+                if graph is not None:
+                    logits = graph.run(x, slots, positions)
+                else:
+                    logits = self._head(self._layers(x, cache, CacheRows(slots, positions, 1, self.xp))[:, 0])
             cache.lengths[slots] = positions + 1
             return self._host(logits)                                              # (n, V)
 
@@ -310,20 +314,25 @@ class Decoder:
         on the CPU goes to the quantized op's dispatch point for a float weight too (its first branch is
         x @ Wᵀ, Linear's product for one row, with less Python before it)."""
         if isinstance(weight, QuantizedMatrix) or (x.size == x.shape[-1] and type(weight) is np.ndarray):
-            y = _forward(QuantizedLinear, x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], weight.shape[0])
+            if x.ndim == 2:                                                          # (N, in): as it is
+                y = _forward(QuantizedLinear, x, weight)
+            else:
+                y = _forward(QuantizedLinear, x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], -1)
         else:
             y = _forward(Linear, x, weight)
-        return y if y.dtype == self.dtype else y.astype(self.dtype)
+        return y if y.dtype is self.dtype or y.dtype == self.dtype else y.astype(self.dtype)
 
     def _norm(self, x, weight):
         """RMSNorm; its threaded row chunks only for many rows (a prompt), not a row per sequence."""
         return _forward(RMSNorm, x, weight, eps=self.config.norm_eps, chunked=x.size > CHUNKED_NORM_ROWS * x.shape[-1])
 
     def _layers(self, x, cache, rows):
-        """x (B, T, C): row b is the sequence in cache slot rows.slots[b], T new positions from rows.starts[b]."""
+        """x (B, T, C): row b is the sequence in cache slot rows.slots[b], T new positions from rows.starts[b];
+        or x (B, C) for one new position a row (CPU decoding: the rows stay 2-D, and so does the result)."""
         config, xp = self.config, self.xp
         heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        batch, time, _ = x.shape
+        rows_only = x.ndim == 2
+        batch, time = (x.shape[0], 1) if rows_only else x.shape[:2]
         positions = rows.write[1]                                                   # (B·T,) on the device
         cos, sin = self.cos[positions], self.sin[positions]                         # (B·T, D/2)
         for i, layer in enumerate(self.layers):
@@ -335,6 +344,8 @@ class Decoder:
                                       self._linear(h, layer.v)], axis=-1)           # (B, T, C + 2·Hkv·D)
             qkv = qkv.reshape(batch, time, heads + 2 * kv_heads, head_dim)         # -> (B, T, H + 2Hkv, D)
             y = _forward(CausalAttention, qkv, packed=(heads, kv_heads, cos, sin), cache=(cache.k[i], cache.v[i], rows))
+            if rows_only:
+                y = y.reshape(batch, -1)                                            # (B, 1, H·D) -> (B, H·D)
             x = x + self._linear(y, layer.o)
             h = self._norm(x, layer.mlp_norm)
             if layer.gate_up is not None and self.device == "cpu":
