@@ -197,6 +197,19 @@ def test_rounding_is_chosen_by_rows_and_can_be_turned_off(fresh_kernels, monkeyp
     np.testing.assert_allclose(quantized.linear_forward(x, matrix), reference(x, matrix), rtol=1e-4, atol=1e-4)
 
 
+def test_prefill_rows_take_the_rounded_kernels_where_they_run(monkeypatch):
+    library = compiled_kernels()
+    rng = np.random.default_rng(11)
+    matrix = QuantizedMatrix.quantize(rng.standard_normal((24, 64)), "q4_0")
+    x = rng.standard_normal((quantized.KERNEL_ROWS + 8, 64)).astype(np.float32)     # beyond the decode rows
+    calls = []
+    real = quantized.kernel_linear
+    monkeypatch.setattr(quantized, "kernel_linear", lambda *a: calls.append(a) or real(*a))
+    y = quantized.linear_forward(x, matrix)
+    assert len(calls) == (1 if library.rounds else 0)                   # else the NumPy path, exact
+    assert_close_to_the_float_op(y, x, matrix)
+
+
 def test_decode_rows_take_the_kernel_and_keep_no_float32_scales(monkeypatch):
     compiled_kernels()
     rng = np.random.default_rng(6)

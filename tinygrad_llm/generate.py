@@ -169,6 +169,9 @@ class Decoder:
     each is one GEMM, and every GEMM runs in it (the gate‖up product stays in it through SwiGLU into the
     down projection); norms, attention and the KV cache stay float32. A quantized embedding is looked up
     on the host. On the GPU the decoding steps replay from CUDA graphs (`_step_graph`).
+    On the CPU a small model (stacked copies ≤ STACK_BYTES) gets q‖k‖v and gate‖up stacked too, float or
+    quantized, so that a layer is 4 products instead of 7: at that size a token is per-call Python, not
+    arithmetic; a decoding step keeps its rows 2-D, (n, C), through the layers.
     """
 
     def __init__(self, model, cuda_graphs: bool | None = None):
