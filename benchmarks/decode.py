@@ -140,7 +140,7 @@ def matmul_alternatives(repeat: int) -> list:
     """The CPU quantized linear: the op (its C kernels for Q8_0 / Q4_0 where they are built) against its
     NumPy path, dequantising the whole matrix then one GEMM, and the int8 dot product."""
     from tinygrad_llm.ops import quantized
-    from tinygrad_llm.quant import QuantizedMatrix
+    from tinygrad_llm.quant import QuantizedMatrix, cpu_kernels
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((2048, 768)) * 0.02).astype(np.float32)   # the GPT-2-size up_proj
     rows = []
@@ -166,11 +166,12 @@ def matmul_alternatives(repeat: int) -> list:
                 return x @ tile.T
 
             def numpy_path():
-                kernel_rows, quantized.KERNEL_ROWS = quantized.KERNEL_ROWS, 0
+                saved = quantized.KERNEL_ROWS, cpu_kernels.ROUNDED_ROWS
+                quantized.KERNEL_ROWS, cpu_kernels.ROUNDED_ROWS = 0, 1 << 62
                 try:
                     return quantized.linear_forward(x, matrix)
                 finally:
-                    quantized.KERNEL_ROWS = kernel_rows
+                    quantized.KERNEL_ROWS, cpu_kernels.ROUNDED_ROWS = saved
 
             row = {"type": kind, "batch": batch, "op_ms": worst_ms(lambda: quantized.linear_forward(x, matrix)),
                    "numpy_path_ms": worst_ms(numpy_path),
@@ -188,7 +189,7 @@ def step_linears(model_name: str, kinds: list, batches: list, repeat: int) -> li
     the quantized op (its C kernels where built) and the op's NumPy path. The three take turns, one step
     each per round, `repeat` rounds; the worst round of each, in CPU ms a step (process time)."""
     from tinygrad_llm.ops import quantized
-    from tinygrad_llm.quant import QuantizedMatrix
+    from tinygrad_llm.quant import QuantizedMatrix, cpu_kernels
     config = MODELS[model_name]
     d, f, layers = config["d_model"], config["ffn_hidden"], config["n_layers"]
     shapes = [(d, d)] * 4 * layers + [(f, d), (f, d), (d, f)] * layers + [(config["vocab_size"], d)]
@@ -202,11 +203,12 @@ def step_linears(model_name: str, kinds: list, batches: list, repeat: int) -> li
                                (rng.random((blocks, out_features), dtype=np.float32) * 1e-3).astype(np.float16))
 
     def numpy_path(x, weight):
-        kernel_rows, quantized.KERNEL_ROWS = quantized.KERNEL_ROWS, 0
+        saved = quantized.KERNEL_ROWS, cpu_kernels.ROUNDED_ROWS
+        quantized.KERNEL_ROWS, cpu_kernels.ROUNDED_ROWS = 0, 1 << 62
         try:
             return quantized.linear_forward(x, weight)
         finally:
-            quantized.KERNEL_ROWS = kernel_rows
+            quantized.KERNEL_ROWS, cpu_kernels.ROUNDED_ROWS = saved
 
     rows = []
     for kind in kinds:

@@ -183,11 +183,45 @@ def test_gpu_decoding_matches_the_cpu(policy, weights):
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0", "int8"])
-def test_quantized_batch_equals_one_at_a_time(kind):
+@pytest.mark.parametrize("rounded_rows", [1, 1 << 62])   # x rounded to 8 bits at every row count (where the
+def test_quantized_batch_equals_one_at_a_time(kind, rounded_rows, monkeypatch):   # kernels do), or never
+    from tinygrad_llm.quant import cpu_kernels
     from tinygrad_llm.quant.runs import QuantizedModel, quantize_weights
+    monkeypatch.setattr(cpu_kernels, "ROUNDED_ROWS", rounded_rows)
     model = make_model(max_seq_len=16)
     quantized = QuantizedModel(model.config, kind, quantize_weights(
         {name: p.data for name, p in model.named_parameters()}, kind))
     prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11]]
     alone = [list(generate(quantized, p, 12, temperature=0)) for p in prompts]
     assert generate_batch(quantized, prompts, 12, temperature=0) == alone
+
+
+@pytest.mark.parametrize("kind", [None, "q8_0", "q4_0", "int8"])
+def test_stacked_projections_give_the_unstacked_decoder(kind, monkeypatch):
+    from tinygrad_llm import generate as generate_module
+    from tinygrad_llm.quant import cpu_kernels
+    from tinygrad_llm.quant.runs import QuantizedModel, quantize_weights
+    monkeypatch.setattr(cpu_kernels, "ROUNDED_ROWS", 1 << 62)          # the exact products on both sides
+    model = make_model()
+    if kind is not None:
+        model = QuantizedModel(model.config, kind, quantize_weights(
+            {name: p.data for name, p in model.named_parameters()}, kind))
+    stacked = Decoder(model)                                            # a small model: stacked on the CPU
+    monkeypatch.setattr(generate_module, "STACK_BYTES", 0)
+    separate = Decoder(model)
+    assert all(layer.qkv is not None and layer.q is None for layer in stacked.layers)
+    assert all(layer.qkv is None and layer.q is not None for layer in separate.layers)
+    config = model.config
+    assert stacked.layers[0].qkv.shape == (config.d_model + 2 * config.n_kv_heads * config.head_dim, config.d_model)
+    outputs = []
+    for decoder in (stacked, separate):
+        cache = decoder.new_cache(3)
+        slots = [cache.allocate() for _ in range(3)]
+        logits = [decoder.prefill(cache, slot, ids) for slot, ids in zip(slots, ([1, 2, 3], [4], [5, 6, 7, 8]))]
+        logits.append(decoder.decode_step(cache, [1, 2, 3], slots))
+        logits.append(decoder.decode_step(cache, [4], [slots[1]]))
+        outputs.append(logits)
+    for a, b in zip(*outputs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9, 10, 11]]
+    assert generate_batch(stacked, prompts, 10, temperature=0) == generate_batch(separate, prompts, 10, temperature=0)

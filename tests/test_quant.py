@@ -153,3 +153,18 @@ def test_int8_refuses_bad_input():
         quantize_int8(np.ones(5, np.float32))
     with pytest.raises(QuantFormatError, match="int8 needs"):
         dequantize_int8(np.ones((2, 3), np.int16), np.ones(2, np.float32))
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "int8"])
+def test_stacked_matrices_are_their_rows_in_turn(kind):
+    from tinygrad_llm.quant import QuantizedMatrix
+    rng = np.random.default_rng(12)
+    parts = [QuantizedMatrix.quantize(rng.standard_normal((rows, 64)), kind) for rows in (3, 5, 1)]
+    stacked = QuantizedMatrix.stacked(parts)
+    assert stacked.kind == kind and stacked.shape == (9, 64)
+    np.testing.assert_array_equal(stacked.dequantize(), np.concatenate([m.dequantize() for m in parts]))
+    other = QuantizedMatrix.quantize(rng.standard_normal((2, 64)), "q4_0" if kind != "q4_0" else "q8_0")
+    with pytest.raises(QuantFormatError, match="one kind"):
+        QuantizedMatrix.stacked([parts[0], other])
+    with pytest.raises(QuantFormatError, match="input width"):
+        QuantizedMatrix.stacked([parts[0], QuantizedMatrix.quantize(rng.standard_normal((2, 32)), kind)])

@@ -18,6 +18,39 @@ def reference(x, matrix):
     return x.astype(np.float64) @ matrix.dequantize().astype(np.float64).T
 
 
+def rounding_bound(x, matrix):
+    """docs/quantization.md's bound on |y − x @ Ŵᵀ| where x is rounded to 8 bits a block (the rounded kernels):
+    Σ_j (max|x_j| / 254) · Σ_i |ŵ_ji| over the blocks j, ×(1 + 2⁻¹²) for the float32 steps of the rounding,
+    plus the float32 accumulation over nb blocks, (nb + 2) · 2⁻²⁴ · Σ |ŵ| |x|, doubled for x̃ against x.
+    (N, in), (out, in) -> (N, out)."""
+    half_steps = np.abs(x.astype(np.float64)).reshape(x.shape[0], -1, 32).max(axis=2) / 254       # (N, nb)
+    weights = np.abs(matrix.dequantize().astype(np.float64))                                      # (out, in)
+    per_block = weights.reshape(weights.shape[0], -1, 32).sum(axis=2)                             # (out, nb)
+    return half_steps @ per_block.T * (1 + 2.0 ** -12) + (per_block.shape[1] + 2) * 2.0 ** -23 * (np.abs(x) @ weights.T)
+
+
+def rounds(rows: int) -> bool:
+    """Whether the op rounds x to 8 bits for this many rows here (the VNNI build of the kernels)."""
+    library = cpu_kernels.library()
+    return library is not None and cpu_kernels.rounded(library, rows)
+
+
+def assert_close_to_the_float_op(y, x, matrix):
+    """Within float32 rounding of the dequantised float op, or within the stated bound where x was rounded."""
+    x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, matrix.shape[0])
+    expected = reference(x2, matrix)
+    if matrix.kind != "int8" and rounds(x2.shape[0]):
+        assert (np.abs(y2 - expected) <= rounding_bound(x2, matrix)).all()
+    else:
+        np.testing.assert_allclose(y2, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def exact_products(monkeypatch):
+    """The float kernels for every row count: x is never rounded (the op's exact path)."""
+    monkeypatch.setattr(cpu_kernels, "ROUNDED_ROWS", 1 << 62)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @given(rows=st.sampled_from([1, 2, 5, 33]), out_features=st.integers(1, 70), blocks=st.integers(1, 4),
        seed=st.integers(0, 2 ** 16))
@@ -27,7 +60,7 @@ def test_quantized_linear_equals_the_dequantised_float_op(kind, rows, out_featur
     x = rng.standard_normal((rows, 32 * blocks)).astype(np.float32)
     y = quantized.linear_forward(x, matrix)
     assert y.shape == (rows, out_features) and y.dtype == np.float32
-    np.testing.assert_allclose(y, reference(x, matrix), rtol=1e-4, atol=1e-4)
+    assert_close_to_the_float_op(y, x, matrix)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -51,7 +84,7 @@ def test_tiles_and_threads_do_not_change_the_result(kind, leading, monkeypatch):
     assert tiled.shape == (*leading, 160)
     close = 1e-6 if rows <= quantized.PRODUCT_SIDE_ROWS else 1e-5      # BLAS may block a tile's sum differently
     np.testing.assert_allclose(tiled, whole, rtol=close, atol=close * np.abs(whole).max())
-    np.testing.assert_allclose(tiled.reshape(rows, 160), reference(x.reshape(rows, 96), matrix), rtol=1e-4, atol=1e-4)
+    assert_close_to_the_float_op(tiled, x, matrix)
 
 
 @pytest.fixture
@@ -79,8 +112,9 @@ def test_compiled_kernels_equal_the_numpy_path(kind, rows, out_features, blocks,
     rng = np.random.default_rng(seed)
     matrix = QuantizedMatrix.quantize(scale * rng.standard_normal((out_features, 32 * blocks)), kind)
     x = rng.standard_normal((rows, 32 * blocks)).astype(np.float32)
-    kernel_y = quantized.kernel_linear(cpu_kernels.library(), x, matrix)
     with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_kernels, "ROUNDED_ROWS", 1 << 62)             # the float kernels: x not rounded
+        kernel_y = quantized.kernel_linear(cpu_kernels.library(), x, matrix)
         patch.setattr(quantized, "KERNEL_ROWS", 0)                      # the NumPy paths for every row count
         numpy_y = quantized.linear_forward(x, matrix)
     exact = reference(x, matrix)
@@ -89,7 +123,7 @@ def test_compiled_kernels_equal_the_numpy_path(kind, rows, out_features, blocks,
     np.testing.assert_allclose(kernel_y, numpy_y, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
 
 
-def test_the_portable_build_equals_the_simd_build(fresh_kernels):
+def test_the_portable_build_equals_the_simd_build(fresh_kernels, exact_products):
     simd = compiled_kernels()
     portable = cpu_kernels.load(extra_flags=("-DTINYGRAD_LLM_PORTABLE",))   # plain C, what non-x86 machines run
     rng = np.random.default_rng(8)
@@ -102,6 +136,78 @@ def test_the_portable_build_equals_the_simd_build(fresh_kernels):
             matrix.cpu_kernel_call = None
             y = quantized.kernel_linear(library, x, matrix)
             np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+@given(rows=st.sampled_from([1, 2, 3, 4, 5, 8, 13, 32]), out_features=st.sampled_from([1, 15, 16, 17, 48, 70]),
+       blocks=st.integers(1, 5), scale=st.sampled_from([1e-4, 1.0, 300.0]), x_scale=st.sampled_from([1e-3, 1.0, 1e3]),
+       seed=st.integers(0, 2 ** 16))
+def test_rounded_kernels_stay_within_the_bound_and_do_not_depend_on_the_batch(kind, rows, out_features, blocks, scale,
+                                                                              x_scale, seed):
+    library = compiled_kernels()
+    rng = np.random.default_rng(seed)
+    matrix = QuantizedMatrix.quantize(scale * rng.standard_normal((out_features, 32 * blocks)), kind)
+    x = (x_scale * rng.standard_normal((rows, 32 * blocks))).astype(np.float32)
+    x[:, :32] *= rng.random(rows)[:, None] < 0.3                        # some all-zero blocks
+    function = library.q8_0_rounded_linear if kind == "q8_0" else library.q4_0_rounded_linear
+
+    def rounded(x):
+        y = np.full((x.shape[0], out_features), np.nan, dtype=np.float32)
+        function(matrix.values.ctypes.data, matrix.scale.ctypes.data, x.ctypes.data, y.ctypes.data, blocks,
+                 out_features, 0, out_features, x.shape[0])
+        return y
+
+    y = rounded(x)
+    assert (np.abs(y - reference(x, matrix)) <= rounding_bound(x, matrix)).all()
+    one_by_one = np.concatenate([rounded(np.ascontiguousarray(x[n:n + 1])) for n in range(rows)])
+    assert np.array_equal(y, one_by_one)                                # each row rounded on its own
+
+
+def test_the_portable_rounded_kernels_equal_the_simd_ones(fresh_kernels):
+    simd = compiled_kernels()
+    if not simd.rounds:
+        pytest.skip("no AVX-512 VNNI build here: the rounded kernels are the portable C already")
+    portable = cpu_kernels.load(extra_flags=("-DTINYGRAD_LLM_PORTABLE",))
+    assert not portable.rounds and portable.rounded_simd_build() == 0
+    rng = np.random.default_rng(9)
+    for kind, rows, out_features, size in [("q8_0", 5, 37, 1.0), ("q4_0", 32, 50, 1.0), ("q8_0", 9, 16, 1e-3),
+                                           ("q4_0", 2, 33, 1e-4)]:
+        matrix = QuantizedMatrix.quantize(size * rng.standard_normal((out_features, 96)), kind)
+        x = rng.standard_normal((rows, 96)).astype(np.float32)
+        ys = []
+        for library in (simd, portable):
+            function = library.q8_0_rounded_linear if kind == "q8_0" else library.q4_0_rounded_linear
+            y = np.empty((rows, out_features), dtype=np.float32)
+            function(matrix.values.ctypes.data, matrix.scale.ctypes.data, x.ctypes.data, y.ctypes.data, 3,
+                     out_features, 0, out_features, rows)
+            ys.append(y)
+        assert np.array_equal(ys[0], ys[1])             # same integer sums, same float steps in the same order
+
+
+def test_rounding_is_chosen_by_rows_and_can_be_turned_off(fresh_kernels, monkeypatch):
+    library = compiled_kernels()
+    assert not cpu_kernels.rounded(library, 1)                          # batch-1 decoding stays exact
+    assert cpu_kernels.rounded(library, cpu_kernels.ROUNDED_ROWS) == (library.rounded_simd_build() == 1)
+    cpu_kernels.reset()
+    monkeypatch.setenv("TINYGRAD_LLM_ROUND_ACTIVATIONS", "0")
+    assert not cpu_kernels.rounded(cpu_kernels.library(), 32)
+    rng = np.random.default_rng(10)
+    matrix = QuantizedMatrix.quantize(rng.standard_normal((20, 64)), "q4_0")
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    np.testing.assert_allclose(quantized.linear_forward(x, matrix), reference(x, matrix), rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_rows_take_the_rounded_kernels_where_they_run(monkeypatch):
+    library = compiled_kernels()
+    rng = np.random.default_rng(11)
+    matrix = QuantizedMatrix.quantize(rng.standard_normal((24, 64)), "q4_0")
+    x = rng.standard_normal((quantized.KERNEL_ROWS + 8, 64)).astype(np.float32)     # beyond the decode rows
+    calls = []
+    real = quantized.kernel_linear
+    monkeypatch.setattr(quantized, "kernel_linear", lambda *a: calls.append(a) or real(*a))
+    y = quantized.linear_forward(x, matrix)
+    assert len(calls) == (1 if library.rounds else 0)                   # else the NumPy path, exact
+    assert_close_to_the_float_op(y, x, matrix)
 
 
 def test_decode_rows_take_the_kernel_and_keep_no_float32_scales(monkeypatch):
@@ -163,7 +269,7 @@ def test_functional_forward_and_no_backward():
     matrix = QuantizedMatrix.quantize(rng.standard_normal((6, 32)), "q8_0")
     x = Tensor(rng.standard_normal((2, 32)).astype(np.float32), requires_grad=True)
     y = F.quantized_linear(x, matrix)
-    np.testing.assert_allclose(y.numpy(), reference(x.numpy(), matrix), rtol=1e-4, atol=1e-4)
+    assert_close_to_the_float_op(y.numpy(), x.numpy(), matrix)
     with pytest.raises(RuntimeError, match="no backward"):
         y.sum().backward()
     with pytest.raises(ValueError, match="features"):

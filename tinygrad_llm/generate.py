@@ -66,6 +66,7 @@ from .tensor import no_grad
 
 
 CHUNKED_NORM_ROWS = 64     # RMSNorm takes its threaded row-chunk path above this many rows (decode steps don't)
+STACK_BYTES = 16 << 20     # CPU: q‖k‖v and gate‖up stacked into copies when these total at most this many bytes
 
 
 class BatchedKVCache:
@@ -143,8 +144,8 @@ class _Layer:
     gate: object
     up: object
     down: object
-    qkv: object = None          # q‖k‖v and gate‖up stacked (one GEMM each): the GPU's low-precision copies
-    gate_up: object = None
+    qkv: object = None          # q‖k‖v and gate‖up stacked (one GEMM each): the GPU's low-precision copies,
+    gate_up: object = None      # and on the CPU small models' copies (STACK_BYTES)
 
 
 def model_weights(model) -> dict:
@@ -168,6 +169,9 @@ class Decoder:
     each is one GEMM, and every GEMM runs in it (the gate‖up product stays in it through SwiGLU into the
     down projection); norms, attention and the KV cache stay float32. A quantized embedding is looked up
     on the host. On the GPU the decoding steps replay from CUDA graphs (`_step_graph`).
+    On the CPU a small model (stacked copies ≤ STACK_BYTES) gets q‖k‖v and gate‖up stacked too, float or
+    quantized, so that a layer is 4 products instead of 7: at that size a token is per-call Python, not
+    arithmetic; a decoding step keeps its rows 2-D, (n, C), through the layers.
     """
 
     def __init__(self, model, cuda_graphs: bool | None = None):
@@ -201,20 +205,30 @@ class Decoder:
             cast = lambda w: w.astype(precision.dtype_named(low)) if getattr(w, "ndim", 0) == 2 else w
             self.layers = [self._stacked(_Layer(*(cast(w) for w in vars(layer).values()))) for layer in self.layers]
             self.lm_head = cast(self.lm_head)
+        elif self.device == "cpu" and sum(w.nbytes for layer in self.layers for w in (
+                layer.q, layer.k, layer.v, layer.gate, layer.up)) <= STACK_BYTES:
+            self.layers = [self._stacked(layer, quantized=True) for layer in self.layers]
         cos, sin = rope_angles(self.xp.arange(config.max_seq_len), config.head_dim, config.rope_theta, self.xp)
         self.cos, self.sin = cos.astype(self.dtype), sin.astype(self.dtype)                  # (max_len, D/2)
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("TINYGRAD_LLM_CUDA_GRAPHS", "1") != "0"
         self.cuda_graphs = bool(cuda_graphs) and self.device == "cuda"
 
-    def _stacked(self, layer):
-        """The layer with q‖k‖v and gate‖up each stacked into one matrix (rows: out features), when its
-        weights are plain arrays: a copy, so only for the low-precision copies the decoder makes anyway."""
-        if any(isinstance(w, QuantizedMatrix) for w in (layer.q, layer.k, layer.v, layer.gate, layer.up)):
-            return layer
+    def _stacked(self, layer, quantized: bool = False):
+        """The layer with q‖k‖v and gate‖up each stacked into one matrix (rows: out features): a copy, so
+        only for the low-precision copies the decoder makes anyway (GPU) or a small model's weights (CPU,
+        where a call's Python costs more than its product). QuantizedMatrix weights (of one kind) are
+        stacked with `quantized`, else such a layer is left as it is."""
+        parts = (layer.q, layer.k, layer.v, layer.gate, layer.up)
+        if any(isinstance(w, QuantizedMatrix) for w in parts):
+            if not quantized or len({(w.kind if isinstance(w, QuantizedMatrix) else None) for w in parts}) != 1:
+                return layer
+            stack = QuantizedMatrix.stacked
+        else:
+            stack = self.xp.concatenate
         return _Layer(layer.attention_norm, None, None, None, layer.o, layer.mlp_norm, None, None, layer.down,
-                      qkv=self.xp.concatenate([layer.q, layer.k, layer.v]),             # (C + 2·Hkv·D, C)
-                      gate_up=self.xp.concatenate([layer.gate, layer.up]))              # (2F, C)
+                      qkv=stack([layer.q, layer.k, layer.v]),                                # (C + 2·Hkv·D, C)
+                      gate_up=stack([layer.gate, layer.up]))                                 # (2F, C)
 
     def new_cache(self, slots: int, max_len: int | None = None) -> BatchedKVCache:
         return BatchedKVCache(self.config, slots, max_len, self.dtype, self.device)
@@ -242,6 +256,8 @@ class Decoder:
         slots = np.asarray(slots, dtype=np.int64).reshape(-1)
         if tokens.shape != slots.shape:
             raise ValueError(f"decode_step: {tokens.shape[0]} tokens for {slots.shape[0]} slots")
+        if slots.size == 0:
+            raise ValueError("decode_step needs at least one slot")
         listed = slots.tolist()
         if not cache.holds(listed):
             for slot in listed:
@@ -249,19 +265,25 @@ class Decoder:
         if len(set(listed)) != len(listed):
             raise ValueError(f"decode_step: a slot appears twice in {listed}")
         positions = cache.lengths[slots]
-        if (positions >= cache.max_len).any():
+        lengths, ids = positions.tolist(), tokens.tolist()            # checked as Python ints: a step is ~1 row
+        if max(lengths) >= cache.max_len:
             full = slots[positions >= cache.max_len].tolist()
             raise ValueError(f"KV cache slots {full} are full ({cache.max_len} positions): release and re-prefill")
-        if (positions == 0).any():
+        if min(lengths) == 0:
             raise ValueError(f"decode_step: slots {slots[positions == 0].tolist()} are empty; prefill them first")
-        self._check_ids(tokens)
+        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
+            self._check_ids(tokens)                                                # raises
         with no_grad():
-            x = self._embed(tokens)[:, None]                                        # (n, C) -> (n, 1, C)
+            x = self._embed(tokens)                                                 # (n, C)
             graph = self._step_graph(cache, slots.size)
-            if graph is not None:
-                logits = graph.run(x, slots, positions)
+            if graph is None and self.device == "cpu":     # the rows stay (n, C) through the layers: fewer reshapes
+                logits = self._head(self._layers(x, cache, CacheRows(slots, positions, 1, self.xp)))
             else:
-                logits = self._head(self._layers(x, cache, CacheRows(slots, positions, 1, self.xp))[:, 0])
+                x = x[:, None]                                                      # (n, C) -> (n, 1, C)
+                if graph is not None:
+                    logits = graph.run(x, slots, positions)
+                else:
+                    logits = self._head(self._layers(x, cache, CacheRows(slots, positions, 1, self.xp))[:, 0])
             cache.lengths[slots] = positions + 1
             return self._host(logits)                                              # (n, V)
 
@@ -291,19 +313,29 @@ class Decoder:
         return _forward(Embedding, ids, self.embed).astype(self.dtype, copy=False)    # ids checked on the host
 
     def _linear(self, x, weight):
-        """The linear op for this weight (float or quantized), its output in the compute dtype."""
-        y = _forward(QuantizedLinear if isinstance(weight, QuantizedMatrix) else Linear, x, weight)
-        return y if y.dtype == self.dtype else y.astype(self.dtype)
+        """The linear op for this weight (float or quantized), its output in the compute dtype. One row of x
+        on the CPU goes to the quantized op's dispatch point for a float weight too (its first branch is
+        x @ Wᵀ, Linear's product for one row, with less Python before it)."""
+        if isinstance(weight, QuantizedMatrix) or (x.size == x.shape[-1] and type(weight) is np.ndarray):
+            if x.ndim == 2:                                                          # (N, in): as it is
+                y = _forward(QuantizedLinear, x, weight)
+            else:
+                y = _forward(QuantizedLinear, x.reshape(-1, x.shape[-1]), weight).reshape(*x.shape[:-1], -1)
+        else:
+            y = _forward(Linear, x, weight)
+        return y if y.dtype is self.dtype or y.dtype == self.dtype else y.astype(self.dtype)
 
     def _norm(self, x, weight):
         """RMSNorm; its threaded row chunks only for many rows (a prompt), not a row per sequence."""
         return _forward(RMSNorm, x, weight, eps=self.config.norm_eps, chunked=x.size > CHUNKED_NORM_ROWS * x.shape[-1])
 
     def _layers(self, x, cache, rows):
-        """x (B, T, C): row b is the sequence in cache slot rows.slots[b], T new positions from rows.starts[b]."""
+        """x (B, T, C): row b is the sequence in cache slot rows.slots[b], T new positions from rows.starts[b];
+        or x (B, C) for one new position a row (CPU decoding: the rows stay 2-D, and so does the result)."""
         config, xp = self.config, self.xp
         heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        batch, time, _ = x.shape
+        rows_only = x.ndim == 2
+        batch, time = (x.shape[0], 1) if rows_only else x.shape[:2]
         positions = rows.write[1]                                                   # (B·T,) on the device
         cos, sin = self.cos[positions], self.sin[positions]                         # (B·T, D/2)
         for i, layer in enumerate(self.layers):
@@ -315,9 +347,13 @@ class Decoder:
                                       self._linear(h, layer.v)], axis=-1)           # (B, T, C + 2·Hkv·D)
             qkv = qkv.reshape(batch, time, heads + 2 * kv_heads, head_dim)         # -> (B, T, H + 2Hkv, D)
             y = _forward(CausalAttention, qkv, packed=(heads, kv_heads, cos, sin), cache=(cache.k[i], cache.v[i], rows))
+            if rows_only:
+                y = y.reshape(batch, -1)                                            # (B, 1, H·D) -> (B, H·D)
             x = x + self._linear(y, layer.o)
             h = self._norm(x, layer.mlp_norm)
-            if layer.gate_up is not None:            # gate‖up stays in the GEMM's dtype through SwiGLU
+            if layer.gate_up is not None and self.device == "cpu":
+                hidden = _forward(SwiGLU, self._linear(h, layer.gate_up), packed=True)
+            elif layer.gate_up is not None:          # gate‖up stays in the GEMM's dtype through SwiGLU
                 hidden = _forward(SwiGLU, _forward(Linear, h, layer.gate_up), packed=True)
             else:
                 hidden = _forward(SwiGLU, self._linear(h, layer.gate), self._linear(h, layer.up))

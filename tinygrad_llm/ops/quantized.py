@@ -8,6 +8,9 @@ The dispatch point for every Linear of KV-cached decoding (tinygrad_llm.generate
   (tinygrad_llm/quant/cpu_kernels.c, built at first use by quant/cpu_kernels.py), which read each code once
   and convert it to float32 in registers: no float32 tile is written. Where no C compiler is found (or
   TINYGRAD_LLM_CPU_KERNELS=0) the NumPy paths below take these rows too, with the same result to rounding.
+  From cpu_kernels.ROUNDED_ROWS rows on (any number: batched decoding and prefill), where the kernels are
+  the AVX-512 VNNI build, x is rounded to 8 bits a block and multiplied in int8 (llama.cpp's arithmetic;
+  its error bound against the float op is in docs/quantization.md; quant/cpu_kernels.rounded()).
 - a QuantizedMatrix on the CPU, Q8_0 / Q4_0, NumPy: block by block. The matrix is block-major (the j-th
   32-weight block of every output row is one contiguous (out, 32) slab), so a few slabs at a time are
   converted to float32 (into a per-thread buffer that stays in cache) and multiplied by the matching 32
@@ -135,10 +138,14 @@ def kernel_linear(library, x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarra
     if call is None or call[0] is not library or call[1] is not weight.values or call[2] is not weight.scale:
         function = library.q8_0_linear if weight.kind == "q8_0" else library.q4_0_linear
         call = weight.cpu_kernel_call = (library, weight.values, weight.scale, function, weight.values.ctypes.data,
-                                         weight.scale.ctypes.data, weight.shape[1] // BLOCK_SIZE, weight.shape[0])
-    function, values, scale, blocks, out_features = call[3:]
+                                         weight.scale.ctypes.data, weight.shape[1] // BLOCK_SIZE, weight.shape[0],
+                                         library.q8_0_rounded_linear if weight.kind == "q8_0" else
+                                         library.q4_0_rounded_linear)
+    function, values, scale, blocks, out_features = call[3:8]
     x2 = np.ascontiguousarray(x2, dtype=np.float32)          # the kernel reads (N, in) float32 rows, back to back
     columns = x2.shape[0]
+    if cpu_kernels.rounded(library, columns):   # x rounded to 8 bits a block, int8 products (quant/cpu_kernels.py)
+        function = call[8]
     y = np.empty((columns, out_features), dtype=np.float32)
     x_pointer, y_pointer = x2.ctypes.data, y.ctypes.data
     if thread_count() == 1:
@@ -158,9 +165,11 @@ def blockwise_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
     rows the scales act on the products, beyond that on dequantised weight tiles."""
     out_features, in_features = weight.shape
     columns = x2.shape[0]
-    if columns <= KERNEL_ROWS and weight.values.flags.c_contiguous and weight.scale.flags.c_contiguous:
+    if weight.values.flags.c_contiguous and weight.scale.flags.c_contiguous and (
+            columns <= KERNEL_ROWS or columns >= cpu_kernels.ROUNDED_ROWS):
         library = cpu_kernels.library()
-        if library is not None:
+        # any number of rows where x is rounded to 8 bits (3-4x the NumPy paths for a prefill, measured)
+        if library is not None and (columns <= KERNEL_ROWS or cpu_kernels.rounded(library, columns)):
             return kernel_linear(library, x2, weight)
     if columns > PRODUCT_SIDE_ROWS:
         x_t = np.ascontiguousarray(x2.T)                                                     # (in, N)

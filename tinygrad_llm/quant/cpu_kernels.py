@@ -12,7 +12,13 @@ source, the flags, the compiler binary (path, size, time) and the CPU; written u
 renamed, so two processes building at once both end with a whole file. A missing compiler or a failed
 build leaves one warning and the NumPy path. TINYGRAD_LLM_CPU_KERNELS=0 (read at the first use) turns the
 kernels off.
-Simplification: no prebuilt binaries; a machine without a C compiler runs the NumPy path.
+Two kinds of kernel: the float kernels (q8_0_linear, q4_0_linear: the dequantised float op's sum, to float32
+rounding) and the rounded ones (q8_0_rounded_linear, q4_0_rounded_linear: x rounded to 8 bits per block of
+32, int8 products summed in int32, as llama.cpp does; the error bound is derived in docs/quantization.md).
+`rounded(library, rows)` says which one the op runs: the rounded kernels from ROUNDED_ROWS rows of x where
+the build has AVX-512 VNNI (~3× the float kernels at 32 rows), the float kernels for one row and elsewhere.
+Simplification: no prebuilt binaries; a machine without a C compiler runs the NumPy path. No AVX-VNNI
+(256-bit, without AVX-512) or ARM dot-product build of the rounded kernels.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
 NATIVE = ("-march=native",)          # dropped where the compiler refuses it
 _ARGUMENTS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5     # values, scale, x, y, blocks, out, start, end, rows
+_FUNCTIONS = ("q8_0_linear", "q4_0_linear", "q8_0_rounded_linear", "q4_0_rounded_linear")
+ROUNDED_ROWS = 2     # rows of x from which the rounded kernels run (where they are the VNNI build): see rounded()
 _UNSET = object()
 _library = _UNSET
 
@@ -101,14 +109,32 @@ def load(extra_flags: tuple = ()) -> ctypes.CDLL:
             error = failure
     else:
         raise RuntimeError(str(error))
-    for name in ("q8_0_linear", "q4_0_linear"):
+    for name in _FUNCTIONS:
         function = getattr(library, name)
         function.argtypes, function.restype = _ARGUMENTS, None
+    library.rounded_simd_build.argtypes, library.rounded_simd_build.restype = [], ctypes.c_int
+    library.rounds = library.rounded_simd_build() == 1 and rounding_enabled()
     return library
 
 
+def rounding_enabled() -> bool:
+    return os.environ.get("TINYGRAD_LLM_ROUND_ACTIVATIONS", "1").strip() != "0"
+
+
+def rounded(library, rows: int) -> bool:
+    """Whether `rows` rows of x take the rounded kernels (x rounded to 8 bits per block of 32, int8 × int8
+    products summed in int32: llama.cpp's arithmetic, within docs/quantization.md's bound of the float op)
+    rather than the float ones (the dequantised float op's sum, to float32 rounding). Only the VNNI build
+    (AVX-512 VNNI, built where -march=native has it) rounds: there it is ~3× the float kernels' speed from
+    a few rows of x; elsewhere the rounded kernels are plain C, no faster than the float ones, and unused.
+    One row (batch-1 decoding) stays on the float kernels, which read the codes at memory speed already.
+    TINYGRAD_LLM_ROUND_ACTIVATIONS=0 (read at the library's first use) keeps every row exact."""
+    return library.rounds and rows >= ROUNDED_ROWS
+
+
 def library():
-    """The compiled kernels (a ctypes.CDLL with q8_0_linear and q4_0_linear), or None: turned off by
+    """The compiled kernels (a ctypes.CDLL with the float kernels q8_0_linear / q4_0_linear, the rounded
+    q8_0_rounded_linear / q4_0_rounded_linear, and `.rounds`: see rounded()), or None: turned off by
     TINYGRAD_LLM_CPU_KERNELS=0, or no compiler / a failed build (then one warning, once a process). Looked
     up at the first call and kept (the quantized op asks at every call)."""
     global _library

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import to_device
+from ..backend import array_module, to_device
 
 BLOCK_SIZE = 32
 BLOCK_BYTES = {"q8_0": 2 + BLOCK_SIZE, "q4_0": 2 + BLOCK_SIZE // 2}
@@ -282,6 +282,20 @@ class QuantizedMatrix:
         scale = np.ascontiguousarray(per_block[:, :, :2]).view(np.float16)[:, :, 0]      # (nb, out)
         values = np.ascontiguousarray(per_block[:, :, 2:])                                  # (nb, out, 32 | 16)
         return cls(kind, shape, values.view(np.int8) if kind == "q8_0" else values, scale)
+
+    @classmethod
+    def stacked(cls, matrices) -> "QuantizedMatrix":
+        """One matrix whose output rows are those of `matrices` in turn (the same kind and input width): a
+        copy, for one product in place of several (generate.Decoder stacks q‖k‖v and gate‖up so)."""
+        first = matrices[0]
+        if any(m.kind != first.kind or m.shape[1] != first.shape[1] for m in matrices):
+            raise QuantFormatError("stacking needs matrices of one kind and one input width, got "
+                                   + ", ".join(f"{m.kind} {m.shape}" for m in matrices))
+        axis = 0 if first.kind == "int8" else 1                      # the out axis of values and scale
+        xp = array_module(first.values)
+        return cls(first.kind, (sum(m.shape[0] for m in matrices), first.shape[1]),
+                   xp.concatenate([m.values for m in matrices], axis=axis),
+                   xp.concatenate([m.scale for m in matrices], axis=axis))
 
     def blocks(self) -> np.ndarray:
         """ggml's blocks uint8 (out, in/32 · bytes) (q8_0 / q4_0; CPU arrays)."""
