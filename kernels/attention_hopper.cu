@@ -19,13 +19,14 @@
 // attention_forward_{bf16,fp16}_d{64,128}_wg2(q, k, v, out, lse, H, Hkv, Tq, Tk, scale, B)
 //   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups, 6 · 128 · D · 2 + 1024 bytes
 //   of dynamic shared memory (99 328 at D = 64, 197 632 at D = 128): two 128-row Q tiles and two buffers
-//   each of 128-key K and V tiles plus 1 KiB to align them; 198 registers at D = 64, 244 at D = 128. A
+//   each of 128-key K and V tiles plus 1 KiB to align them; 198 registers at D = 64, 238 at D = 128. A
 //   work item is a 128-row query tile of one (b, h); item i is tile ceil(Tq / 128) − 1 − i / (B·H) of
 //   (b, h) = i mod (B·H), so the longest items go first, and block x takes items x, x + grid, … While it
 //   works on an item's last K/V tile it already loads the next item's Q and first tile (the
 //   one-block-a-multiprocessor kernel otherwise waits for them).
-//   Warpgroup w owns query rows 64w … 64w + 63 of the item and holds its warp's 16 rows of Q as register
-//   A fragments. Per K/V tile (cp.async brings tile t + 1 while tile t is multiplied):
+//   Warpgroup w owns query rows 64w … 64w + 63 of the item; each warp takes its 16 rows of Q as register
+//   A fragments (ldmatrix), once an item at D = 64, before each tile's S at D = 128 (see the loop).
+//   Per K/V tile (cp.async brings tile t + 1 while tile t is multiplied):
 //     S = Q Kᵀ  (D / 16 × m64n128k16, A = Q from registers, B = K K-major)
 //     mask (only on tiles that cross the diagonal or the end of the keys), online softmax in registers
 //     (row max and sum over the quad of lanes holding a row, exp2 with the scale folded in), rescale O
@@ -181,8 +182,17 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                 load_kv(next, 0, buffer ^ 1);
             }
             attn_copy_commit();
-            if (tile == 0) attn_load_fragments(q_fragments, q_tiles + q_buffer * TILE, 64 * group + 16 * warp, BLOCK);
+            // This warp's Q fragments: D = 64 reads them once an item and holds them across its tiles; D = 128
+            // reads them again before each tile's S (the item's Q tile stays in its buffer until the item
+            // ends), so that they are dead during the softmax and P V. Held across the tiles at D = 128,
+            // ptxas (CUDA 13.0) gave their registers to P's fragments, and every tile after the first
+            // multiplied P of the tile before by K.
+            if constexpr (D == 64) {
+                if (tile == 0) attn_load_fragments(q_fragments, q_tiles + q_buffer * TILE, 64 * group + 16 * warp, BLOCK);
+            }
             if (k0 > group_last_row + offset) continue;       // every key after this warpgroup's rows
+            if constexpr (D == 128)
+                attn_load_fragments(q_fragments, q_tiles + q_buffer * TILE, 64 * group + 16 * warp, BLOCK);
 
             const unsigned k_address = attn_smem_address(k_tiles + buffer * TILE);
             const unsigned v_address = attn_smem_address(v_tiles + buffer * TILE);
