@@ -62,6 +62,24 @@ static inline float exp_f32(float x)
 #else
 #define real FUSED_TYPE
 
+/* max of row[0 … n − 1], n ≥ 1, over 16 independent lanes (the compiler keeps them in vector registers) */
+static inline real FUSED_NAME(row_max)(const real *restrict row, int64_t n)
+{
+    real lanes[16];
+    for (int k = 0; k < 16; k++)
+        lanes[k] = row[0];
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int k = 0; k < 16; k++)
+            lanes[k] = row[j + k] > lanes[k] ? row[j + k] : lanes[k];
+    real top = row[0];
+    for (int k = 0; k < 16; k++)
+        top = lanes[k] > top ? lanes[k] : top;
+    for (; j < n; j++)
+        top = row[j] > top ? row[j] : top;
+    return top;
+}
+
 /* y = silu(g) · u = g · σ(g) · u, σ(g) = 1 / (1 + e^−g)  (e^−g overflowing to inf gives σ = 0) */
 void FUSED_NAME(swiglu_forward)(const real *restrict g, const real *restrict u, real *restrict y, int64_t n)
 {
@@ -142,9 +160,7 @@ void FUSED_NAME(causal_softmax)(real *restrict s, int64_t blocks, int64_t n, int
         for (int64_t i = 0; i < n; i++) {
             real *row = s + (b * n + i) * keys;
             int64_t seen = start + i + 1 < keys ? start + i + 1 : keys;
-            real top = row[0];
-            for (int64_t j = 1; j < seen; j++)
-                top = row[j] > top ? row[j] : top;
+            real top = FUSED_NAME(row_max)(row, seen);
             real total = 0;
             for (int64_t j = 0; j < seen; j++) {
                 real e = FUSED_EXP(row[j] - top);
@@ -173,6 +189,61 @@ void FUSED_NAME(softmax_backward)(real *restrict ds, const real *restrict p, con
             for (int64_t j = 0; j < keys; j++)
                 row[j] = pr[j] * (row[j] - d);
         }
+    }
+}
+
+/* RoPE of token-major heads: x, out (batch, time, width) with width = heads · D, rows of `width` contiguous
+   elements at the strides given (in elements); per head, with halves x₁, x₂ of D/2 and the tables
+   cos (time, width) = [c, c] and sin (time, width) = [−s, s] (per head, any scale folded in):
+   out₁ = x₁ · cos₁ + x₂ · sin₁;  out₂ = x₂ · cos₂ + x₁ · sin₂ */
+void FUSED_NAME(rope_heads)(const real *x, int64_t x_batch, int64_t x_token, real *out, int64_t out_batch,
+                            int64_t out_token, const real *restrict cos, const real *restrict sin,
+                            int64_t batch, int64_t time, int64_t width, int64_t half)
+{
+    for (int64_t b = 0; b < batch; b++) {
+        for (int64_t t = 0; t < time; t++) {
+            const real *restrict xr = x + b * x_batch + t * x_token;
+            real *restrict o = out + b * out_batch + t * out_token;
+            const real *c = cos + t * width, *s = sin + t * width;
+            for (int64_t head = 0; head < width; head += 2 * half) {
+                for (int64_t i = head; i < head + half; i++) {
+                    real x1 = xr[i], x2 = xr[i + half];
+                    o[i] = x1 * c[i] + x2 * s[i];
+                    o[i + half] = x2 * c[i + half] + x1 * s[i + half];
+                }
+            }
+        }
+    }
+}
+
+/* Cross-entropy rows in place: z (rows, vocab) becomes the gradient (softmax(z) − onehot(target)) · scale
+   and losses[row] = logsumexp(z) − z[target] (in double); a row whose target is `ignore` becomes 0 with
+   loss 0. Targets must lie in [0, vocab) otherwise (the caller checks). */
+void FUSED_NAME(cross_entropy_rows)(real *restrict z, const int64_t *restrict targets, double *restrict losses,
+                                    int64_t rows, int64_t vocab, real scale, int64_t ignore)
+{
+    for (int64_t row = 0; row < rows; row++) {
+        real *zr = z + row * vocab;
+        int64_t target = targets[row];
+        if (target == ignore) {
+            for (int64_t j = 0; j < vocab; j++)
+                zr[j] = 0;
+            losses[row] = 0;
+            continue;
+        }
+        real picked = zr[target];
+        real top = FUSED_NAME(row_max)(zr, vocab);
+        real total = 0;
+        for (int64_t j = 0; j < vocab; j++) {
+            real e = FUSED_EXP(zr[j] - top);
+            zr[j] = e;
+            total += e;
+        }
+        losses[row] = (double)top + log((double)total) - (double)picked;
+        real factor = scale / total;
+        for (int64_t j = 0; j < vocab; j++)
+            zr[j] *= factor;
+        zr[target] -= scale;
     }
 }
 

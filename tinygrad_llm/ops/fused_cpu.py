@@ -45,6 +45,8 @@ _SIGNATURES = {                         # name: argument types, the floating one
     "causal_softmax": (_P, _N, _N, _N, _N),
     "softmax_backward": (_P, _P, _P, _N, _N, _N, _N),
     "adamw": (_P, _P, _P, _P, _N) + (None,) * 7,
+    "rope_heads": (_P, _N, _N, _P, _N, _N, _P, _P, _N, _N, _N, _N),
+    "cross_entropy_rows": (_P, _P, _P, _N, _N, None, _N),
 }
 _SUFFIX = {np.dtype(np.float32): ("_f32", ctypes.c_float), np.dtype(np.float64): ("_f64", ctypes.c_double)}
 _UNSET = object()
