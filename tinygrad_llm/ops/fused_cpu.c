@@ -192,6 +192,19 @@ void FUSED_NAME(softmax_backward)(real *restrict ds, const real *restrict p, con
     }
 }
 
+static inline __attribute__((always_inline)) void FUSED_NAME(rope_row)(
+    const real *restrict xr, real *restrict o, const real *restrict c, const real *restrict s, int64_t width,
+    int64_t half)
+{
+    for (int64_t head = 0; head < width; head += 2 * half) {
+        for (int64_t i = head; i < head + half; i++) {
+            real x1 = xr[i], x2 = xr[i + half];
+            o[i] = x1 * c[i] + x2 * s[i];
+            o[i + half] = x2 * c[i + half] + x1 * s[i + half];
+        }
+    }
+}
+
 /* RoPE of token-major heads: x, out (batch, time, width) with width = heads · D, rows of `width` contiguous
    elements at the strides given (in elements); per head, with halves x₁, x₂ of D/2 and the tables
    cos (time, width) = [c, c] and sin (time, width) = [−s, s] (per head, any scale folded in):
@@ -204,13 +217,12 @@ void FUSED_NAME(rope_heads)(const real *x, int64_t x_batch, int64_t x_token, rea
         for (int64_t t = 0; t < time; t++) {
             const real *restrict xr = x + b * x_batch + t * x_token;
             real *restrict o = out + b * out_batch + t * out_token;
-            const real *c = cos + t * width, *s = sin + t * width;
-            for (int64_t head = 0; head < width; head += 2 * half) {
-                for (int64_t i = head; i < head + half; i++) {
-                    real x1 = xr[i], x2 = xr[i + half];
-                    o[i] = x1 * c[i] + x2 * s[i];
-                    o[i + half] = x2 * c[i + half] + x1 * s[i + half];
-                }
+            const real *restrict c = cos + t * width, *restrict s = sin + t * width;
+            switch (half) {            /* the usual head sizes with a constant trip count: no loop overhead */
+            case 16: FUSED_NAME(rope_row)(xr, o, c, s, width, 16); break;
+            case 32: FUSED_NAME(rope_row)(xr, o, c, s, width, 32); break;
+            case 64: FUSED_NAME(rope_row)(xr, o, c, s, width, 64); break;
+            default: FUSED_NAME(rope_row)(xr, o, c, s, width, half);
             }
         }
     }
