@@ -23,6 +23,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -51,6 +52,7 @@ _SIGNATURES = {                         # name: argument types, the floating one
 _SUFFIX = {np.dtype(np.float32): ("_f32", ctypes.c_float), np.dtype(np.float64): ("_f64", ctypes.c_double)}
 _UNSET = object()
 _library = _UNSET
+_LOCK = threading.Lock()
 
 
 def _compile(compiler: str, flags: tuple, target: Path) -> None:
@@ -104,7 +106,11 @@ def library():
     """The loops ({(name, dtype): function}), or None: turned off by TINYGRAD_LLM_CPU_KERNELS=0, or no
     compiler / a failed build (then one warning, once a process). Looked up at the first call and kept."""
     global _library
-    if _library is _UNSET:
+    if _library is not _UNSET:
+        return _library
+    with _LOCK:                         # the first call may come from several row-pool threads at once
+        if _library is not _UNSET:
+            return _library
         if not enabled():
             _library = None
         else:
