@@ -202,7 +202,8 @@ def _blocked_forward(q, k, v, out, block: int, drop=None, row_offset: int = 0) -
     softmax = fused_cpu.function("causal_softmax", q.dtype)
     for start, end in _query_blocks(time, block):
         s = q5[..., start:end, :] @ k_transposed[..., :end]              # S (b, Hkv, G, n, e)
-        if softmax is not None:           # compiled: each row shifted by its own maximum, later keys 0
+        if softmax is not None and s.flags.c_contiguous:   # compiled: each row shifted by its own maximum,
+            # the keys after its query set to 0
             softmax(fused_cpu.address(s), s.size // ((end - start) * end), end - start, end, start)
         else:
             s[..., start:] += _diagonal_bias(end - start, s.dtype)
@@ -283,7 +284,8 @@ def _blocked_backward(d_out, q, k, v, out, kept: list, block: int, dq, dk, dv, d
                                     np.arange(end), p.dtype, np)
             ds *= scaled
             p_out = p * scaled
-        if softmax_backward is not None:                                  # dS = P ∘ (dP − Δ), one compiled pass
+        if softmax_backward is not None and ds.flags.c_contiguous and p.flags.c_contiguous:
+            # dS = P ∘ (dP − Δ), one compiled pass
             softmax_backward(fused_cpu.address(ds), fused_cpu.address(p), fused_cpu.address(delta, start),
                              ds.size // ((end - start) * end), end - start, end, time)
         else:
