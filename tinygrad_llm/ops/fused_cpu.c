@@ -228,6 +228,39 @@ void FUSED_NAME(rope_heads)(const real *x, int64_t x_batch, int64_t x_token, rea
     }
 }
 
+/* Per-head views of token-major arrays, element (b, h, t, d) at b · sb + h · sh + t · st + d:
+   heads_transposed writes out (batch, heads, dim, time) contiguous (kᵀ, vᵀ for the batched products);
+   row_dots writes out[(b · heads + h) · time + t] = Σ_d x[b, h, t, d] · y[b, h, t, d]  (attention's Δ). */
+void FUSED_NAME(heads_transposed)(const real *x, int64_t sb, int64_t sh, int64_t st, real *restrict out,
+                                  int64_t batch, int64_t heads, int64_t time, int64_t dim)
+{
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t h = 0; h < heads; h++) {
+            real *restrict o = out + (b * heads + h) * dim * time;
+            for (int64_t t = 0; t < time; t++) {
+                const real *restrict row = x + b * sb + h * sh + t * st;
+                for (int64_t d = 0; d < dim; d++)
+                    o[d * time + t] = row[d];
+            }
+        }
+}
+
+void FUSED_NAME(row_dots)(const real *x, int64_t x_sb, int64_t x_sh, int64_t x_st, const real *y, int64_t y_sb,
+                          int64_t y_sh, int64_t y_st, real *restrict out, int64_t batch, int64_t heads,
+                          int64_t time, int64_t dim)
+{
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t h = 0; h < heads; h++)
+            for (int64_t t = 0; t < time; t++) {
+                const real *restrict xr = x + b * x_sb + h * x_sh + t * x_st;
+                const real *restrict yr = y + b * y_sb + h * y_sh + t * y_st;
+                real total = 0;
+                for (int64_t d = 0; d < dim; d++)
+                    total += xr[d] * yr[d];
+                out[(b * heads + h) * time + t] = total;
+            }
+}
+
 /* Cross-entropy rows in place: z (rows, vocab) becomes the gradient (softmax(z) − onehot(target)) · scale
    and losses[row] = logsumexp(z) − z[target] (in double); a row whose target is `ignore` becomes 0 with
    loss 0. Targets must lie in [0, vocab) otherwise (the caller checks). */

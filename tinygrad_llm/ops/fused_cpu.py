@@ -48,6 +48,8 @@ _SIGNATURES = {                         # name: argument types, the floating one
     "adamw": (_P, _P, _P, _P, _N) + (None,) * 7,
     "rope_heads": (_P, _N, _N, _P, _N, _N, _P, _P, _N, _N, _N, _N),
     "cross_entropy_rows": (_P, _P, _P, _N, _N, None, _N),
+    "heads_transposed": (_P, _N, _N, _N, _P, _N, _N, _N, _N),
+    "row_dots": (_P, _N, _N, _N, _P, _N, _N, _N, _P, _N, _N, _N, _N),
 }
 _SUFFIX = {np.dtype(np.float32): ("_f32", ctypes.c_float), np.dtype(np.float64): ("_f64", ctypes.c_double)}
 _UNSET = object()
@@ -149,6 +151,19 @@ def function(name: str, dtype):
     if dtype not in _SUFFIX or library() is None:
         return None
     return library()[name, dtype]
+
+
+def heads_view(a):
+    """(address, batch, head and time strides in elements) of a (B, H, T, D) float32/64 NumPy view whose D
+    axis is unit-stride and whose strides are whole elements and ≥ 0; None otherwise (or without loops)."""
+    if type(a) is not np.ndarray or a.ndim != 4 or a.dtype not in _SUFFIX or library() is None:
+        return None
+    item = a.itemsize
+    if a.strides[3] != item and a.shape[3] > 1:
+        return None
+    if any(s % item or s < 0 for s in a.strides[:3]):
+        return None
+    return (a.ctypes.data,) + tuple(s // item for s in a.strides[:3])
 
 
 def address(a, offset: int = 0) -> int:
