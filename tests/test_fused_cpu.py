@@ -177,3 +177,24 @@ def test_without_a_compiler_the_ops_take_the_numpy_paths(monkeypatch, tmp_path):
     finally:
         monkeypatch.undo()
         fused_cpu.reset()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_head_transpose_and_row_dots_of_strided_views(dtype):
+    """kᵀ and Δ read (B, H, T, D) views of a token-major array in place; views the loops cannot read (a
+    reversed or non-unit-stride last axis) take NumPy's copy and einsum, with the same values."""
+    from tinygrad_llm.ops.attention import _contiguous_transpose, _row_dots
+    packed = normal((3, 9, 5, 4), 14).astype(dtype)                    # (B, T, heads, D)
+    other = normal((3, 9, 5, 4), 15).astype(dtype)
+    views = [packed[:, :, 1:4].transpose(0, 2, 1, 3), packed[:, :, 1:4, ::-1].transpose(0, 2, 1, 3),
+             packed[:, :, 1:4, ::2].transpose(0, 2, 1, 3)]
+    partners = [other[:, :, 1:4].transpose(0, 2, 1, 3), other[:, :, 1:4, ::-1].transpose(0, 2, 1, 3),
+                other[:, :, 1:4, ::2].transpose(0, 2, 1, 3)]
+    with loops(True):
+        assert fused_cpu.heads_view(views[0]) is not None
+        assert fused_cpu.heads_view(views[1]) is None and fused_cpu.heads_view(views[2]) is None
+        for view, partner in zip(views, partners):
+            transposed = _contiguous_transpose(view)
+            assert transposed.flags.c_contiguous
+            np.testing.assert_array_equal(transposed, view.swapaxes(-1, -2))
+            np.testing.assert_allclose(_row_dots(view, partner), (view * partner).sum(-1), rtol=1e-5, atol=1e-6)
