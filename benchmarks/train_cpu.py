@@ -76,8 +76,9 @@ def worker_plan(config: dict, plan: str) -> dict:
     model_config = GPTConfig(vocab_size=config["vocab_size"], d_model=config["d_model"], n_layers=config["n_layers"],
                              n_heads=config["n_heads"], ffn_hidden=config["ffn_hidden"], max_seq_len=config["seq_len"],
                              attention_dropout=config.get("attention_dropout", 0.0))
-    choice = threading_plan.choose(plan, threading_plan.model_shape(model_config, config["batch_size"], config["seq_len"]),
-                                   threading_plan.model_step_factory(model_config, config["batch_size"], config["seq_len"]))
+    batch, seq_len = config["batch_size"], config["seq_len"]
+    choice = threading_plan.choose(plan, threading_plan.model_shape(model_config, batch, seq_len),
+                                   threading_plan.model_step_factory(model_config, batch, seq_len))
     return {"plan": choice["plan"], "plan_source": choice["source"], "step_ms": choice["step_ms"]}
 
 

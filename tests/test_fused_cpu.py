@@ -153,7 +153,8 @@ def test_adamw_loop_matches_the_numpy_update(dtype, threads):
                     p.grad = rng.standard_normal(p.shape).astype(dtype)
                 optimizer.step(grad_scale=0.5 if step else 1.0)
                 optimizer.zero_grad()
-        return [p.data for p in params] + [g.exp_avg for g in optimizer.groups] + [g.exp_avg_sq for g in optimizer.groups]
+        moments = [g.exp_avg for g in optimizer.groups] + [g.exp_avg_sq for g in optimizer.groups]
+        return [p.data for p in params] + moments
 
     tolerance = dict(rtol=1e-5, atol=1e-7) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-15)
     for a, b in zip(train(True), train(False)):

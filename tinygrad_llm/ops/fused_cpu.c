@@ -10,7 +10,8 @@
    Formulas: those of the op's docstring in ops/ (activation.SwiGLU, norm.RMSNorm, attention.CausalAttention,
    optim.AdamW), which the tests hold these loops to.
    exp: float uses exp_f32 below (range reduction to 2^k · e^r, |r| ≤ ln2/2, and Cephes' degree-7
-   polynomial: within 2 ulp of expf, 0 below −87.34 and inf above 88.72; written so that the compiler vectorises the loops around it);
+   polynomial: within 2 ulp of expf, 0 below −87.34 and inf above 88.72; written so that the compiler
+   vectorises the loops around it);
    double uses libm's exp (the float64 paths are the tests' gradient checks, not a speed path).
    Built with -O3 -march=native and the flags that let the compiler reassociate the row sums. */
 #ifndef FUSED_TYPE
@@ -293,7 +294,8 @@ void FUSED_NAME(cross_entropy_rows)(real *restrict z, const int64_t *restrict ta
 }
 
 /* AdamW on n elements: g ← g · grad_scale (written back);
-   m ← β₁ m + (1 − β₁) g;  v ← β₂ v + (1 − β₂) g²;  θ ← θ · decay − step_size · m / (√v · inverse_correction + eps) */
+   m ← β₁ m + (1 − β₁) g;  v ← β₂ v + (1 − β₂) g²;
+   θ ← θ · decay − step_size · m / (√v · inverse_correction + eps) */
 void FUSED_NAME(adamw)(real *restrict param, real *restrict grad, real *restrict m, real *restrict v, int64_t n,
                        real grad_scale, real beta1, real beta2, real decay, real step_size,
                        real inverse_correction, real eps)
