@@ -21,7 +21,7 @@ setup(
     description="Build a Llama-style LLM from scratch on NumPy: hand-derived autograd, BPE, data pipeline, CUDA kernels",
     packages=find_packages(include=["tinygrad_llm", "tinygrad_llm.*"]) + ["tinygrad_llm.kernels"],
     package_dir={"tinygrad_llm.kernels": "kernels"},      # top-level kernels/ ships as package data
-    package_data={"tinygrad_llm": ["configs/*.toml", "serve/page.html", "quant/*.c"], "tinygrad_llm.kernels": ["*.cu", "*.cuh"]},
+    package_data={"tinygrad_llm": ["configs/*.toml", "serve/page.html", "quant/*.c", "ops/*.c"], "tinygrad_llm.kernels": ["*.cu", "*.cuh"]},
     python_requires=">=3.9",
     install_requires=["numpy>=1.22", "regex>=2022.1.18", "safetensors>=0.4", "tqdm>=4.60",
                       "tomli>=2; python_version < '3.11'"],          # TOML configs (tomllib from 3.11)

@@ -10,7 +10,10 @@ Configs (the issue's): (a) 6 layers, d 256, 8 heads, ffn 704, T 128, B 16, V 409
 A step is the full training step: forward, cross-entropy, backward, global-norm clipping to 1.0, AdamW
 (β 0.9/0.99, weight decay 0.1 on matrices). tinygrad_llm runs as the `tinygrad-llm` command does:
 OPENBLAS_THREAD_TIMEOUT=4 and the threading plan of `tinygrad_llm.threading_plan` (`--plan auto` measures
-and caches it; pool, blas or single fix it), with at most --threads threads. PyTorch runs
+and caches it; pool, blas or single fix it), with at most --threads threads. As a training run chooses its
+plan once at its start, `auto` is resolved once per config and thread count before any round is timed
+(the most threads first, while the machine is quietest) and every round of it runs that plan: the load
+of the benchmark's own previous rounds cannot switch a later round to the busy machine's plan. PyTorch runs
 benchmarks/torch_baseline.py (the same model, step and optimizer) with torch.set_num_threads(--threads).
 Each measurement runs in its own subprocess with the same thread count for both libraries
 (OMP/OpenBLAS/MKL env vars too); rounds alternate ours / PyTorch so that load from other processes hits
@@ -63,6 +66,20 @@ def worker_ours(config: dict, steps: int, warmup: int, plan: str) -> dict:
         optimizer.step(grad_scale=min(1.0, 1.0 / (norm + 1e-6)))
         optimizer.zero_grad()
     return dict(time_steps(step, steps, warmup), plan=choice["plan"], plan_source=choice["source"])
+
+
+def worker_plan(config: dict, plan: str) -> dict:
+    """The threading plan a run of this config starts with (measured or read from the cache), nothing timed."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+    from tinygrad_llm import threading_plan
+    from tinygrad_llm.model import GPTConfig
+    model_config = GPTConfig(vocab_size=config["vocab_size"], d_model=config["d_model"], n_layers=config["n_layers"],
+                             n_heads=config["n_heads"], ffn_hidden=config["ffn_hidden"], max_seq_len=config["seq_len"],
+                             attention_dropout=config.get("attention_dropout", 0.0))
+    batch, seq_len = config["batch_size"], config["seq_len"]
+    choice = threading_plan.choose(plan, threading_plan.model_shape(model_config, batch, seq_len),
+                                   threading_plan.model_step_factory(model_config, batch, seq_len))
+    return {"plan": choice["plan"], "plan_source": choice["source"], "step_ms": choice["step_ms"]}
 
 
 def worker_torch(config: dict, steps: int, warmup: int, threads: int) -> dict:
@@ -190,7 +207,7 @@ def main(argv=None) -> int:
                              "interleaved with this one: a before/after under the same load")
     parser.add_argument("--attention-dropout", type=float, default=0.0,
                         help="dropout on the attention probabilities, both sides (training mode)")
-    parser.add_argument("--worker", choices=["ours", "torch"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["ours", "torch", "plan"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not 0.0 <= args.attention_dropout < 1.0:
         parser.error(f"--attention-dropout must be in [0, 1), got {args.attention_dropout}")
@@ -208,8 +225,11 @@ def main(argv=None) -> int:
         parser.error(f"--threads takes whole numbers, got {args.threads!r}")
     if args.worker:
         config = dict(CONFIGS[names[0]], attention_dropout=args.attention_dropout)
-        result = (worker_ours(config, args.steps, args.warmup, args.plan) if args.worker == "ours"
-                  else worker_torch(config, args.steps, args.warmup, thread_counts[0]))
+        if args.worker == "plan":
+            result = worker_plan(config, args.plan)
+        else:
+            result = (worker_ours(config, args.steps, args.warmup, args.plan) if args.worker == "ours"
+                      else worker_torch(config, args.steps, args.warmup, thread_counts[0]))
         print(json.dumps(result))
         return 0
     with_torch = not args.no_torch and torch_available()
@@ -220,24 +240,35 @@ def main(argv=None) -> int:
           "per alternating pair (median pair, worst pair); cpu = process CPU ms per step (median)")
     print(f"{'config':7} {'thr':>3} {'plan':>7} {'ours ms':>8} {'worst':>7} {'cpu':>6} {'tok/s':>7} "
           f"{'torch ms':>8} {'worst':>7} {'cpu':>6} {'tok/s':>7} {'ratio':>6} {'worst':>6}")
+    plans = {}               # (threads, config) -> the plan every round of it runs, chosen once before any timing
+    for threads in sorted(thread_counts, reverse=True):
+        for name in names:
+            plans[threads, name] = args.plan
+            if args.plan == "auto":
+                chosen = run_worker("plan", name, 0, 0, threads, "auto", attention_dropout=args.attention_dropout)
+                plans[threads, name] = chosen["plan"]
+                timings = chosen["step_ms"] and ", ".join(f"{p} {ms:.0f}" for p, ms in chosen["step_ms"].items())
+                print(f"plan for {name} at {threads} thread(s): {chosen['plan']} ({chosen['plan_source']}"
+                      f"{'; ms/step ' + timings if timings else ''})", flush=True)
     results = []
     for threads in thread_counts:
         for name in names:
             config = CONFIGS[name]
             tokens = config["batch_size"] * config["seq_len"]
-            ours, theirs, before, plans = [], [], [], set()
+            ours, theirs, before, plans_run = [], [], [], set()
+            plan = plans[threads, name]
             for _ in range(args.rounds):
                 if args.baseline_tree:
-                    before.append(run_worker("ours", name, args.steps, args.warmup, threads, args.plan,
+                    before.append(run_worker("ours", name, args.steps, args.warmup, threads, plan,
                                              tree=args.baseline_tree, attention_dropout=args.attention_dropout))
-                run = run_worker("ours", name, args.steps, args.warmup, threads, args.plan,
+                run = run_worker("ours", name, args.steps, args.warmup, threads, plan,
                                  attention_dropout=args.attention_dropout)
                 ours.append(run)
-                plans.add(f"{run['plan']}")
+                plans_run.add(f"{run['plan']}")
                 if with_torch:
                     theirs.append(run_worker("torch", name, args.steps, args.warmup, threads, args.plan,
                                              attention_dropout=args.attention_dropout))
-            row = {"config": name, "threads": threads, "plan": ",".join(sorted(plans)), "tokens_per_step": tokens,
+            row = {"config": name, "threads": threads, "plan": ",".join(sorted(plans_run)), "tokens_per_step": tokens,
                    **_summary("ours", ours, tokens)}
             line = (f"{name:7} {threads:>3} {row['plan']:>7} {row['ours_ms']:>8.1f} {row['ours_worst_ms']:>7.1f} "
                     f"{row['ours_cpu_ms']:>6.1f} {row['ours_tokens_per_s']:>7.0f}")

@@ -64,7 +64,8 @@ def test_scores_equal_a_brute_force_per_choice_computation(model, strategy, batc
     scores = score_groups(model, groups, batch_size=batch_size, strategy=strategy)
     for (context, continuations), item_scores in zip(groups, scores):
         for continuation, score in zip(continuations, item_scores):
-            assert score.ll == pytest.approx(brute_force_ll(model, context, continuation), abs=2e-4)
+            # float32 sums of logits scaled up 8×: either side is ~2e-4 from the float64 value
+            assert score.ll == pytest.approx(brute_force_ll(model, context, continuation), abs=5e-4)
             assert score.truncated == (len(context) + len(continuation) > WINDOW + 1)
 
 

@@ -1,7 +1,9 @@
 """Row-parallel NumPy on the CPU: split independent work across a few threads.
 
 NumPy runs each elementwise op on one core, but it releases the GIL inside its loops (and BLAS calls),
-so two Python threads working on two halves of an array really run at once. The fused training ops
+so two Python threads working on two halves of an array really run at once; the ops' compiled loops
+(ops/fused_cpu.c, called through ctypes, which releases the GIL for the whole call) do the same with one
+call per thread instead of one per NumPy pass. The fused training ops
 (attention, SwiGLU, RMSNorm, the output head's softmax, in ops/) and the AdamW update split their rows
 with `run_chunked` / `run_row_chunks`; GEMMs are already threaded by BLAS and stay as they are.
 

@@ -7,7 +7,8 @@ AdamW (Loshchilov & Hutter) with decoupled weight decay, the update of `torch.op
 
 Speed: the optimizer copies every parameter into one contiguous buffer per group (2-D weights first,
 then gains) and re-points each Parameter's `.data` at its slice of that buffer, so the update is a few
-vectorised passes over the buffer, done in cache-sized chunks, instead of several per parameter. A
+vectorised passes over the buffer, done in cache-sized chunks, instead of several per parameter; on the
+CPU, where ops/fused_cpu.c could be built, one compiled pass per thread instead. A
 Parameter whose `.data` was replaced since (a device move, a dtype cast) is noticed and re-gathered.
 `gather_grads()` copies the gradients into a matching flat buffer and returns their global L2 norm,
 which is what clipping and the non-finite check of the training loop need.
@@ -25,6 +26,7 @@ import numpy as np
 from . import backend
 from .gpu import kernel
 from .cpu_threads import parallel_items, split
+from .ops import fused_cpu
 
 CHUNK = 1 << 16      # elements per pass of the fused update (fits the temporaries in L2)
 
@@ -241,6 +243,15 @@ class AdamW:
             dtype = group.flat.dtype.type
             decay = dtype(1.0 - lr * group.weight_decay)
             owned = group.hi - group.lo
+            if fused_cpu.usable(group.flat, group.grad, group.exp_avg, group.exp_avg_sq):
+                # the whole update in one compiled pass per thread's part (ops/fused_cpu.c)
+                function = fused_cpu.library()["adamw", group.flat.dtype]
+                parallel_items(lambda bounds, group=group, decay=decay: function(
+                    fused_cpu.address(group.flat, group.lo + bounds[0]),
+                    fused_cpu.address(group.grad, group.lo + bounds[0]), fused_cpu.address(group.exp_avg, bounds[0]),
+                    fused_cpu.address(group.exp_avg_sq, bounds[0]), bounds[1] - bounds[0], grad_scale, beta1, beta2,
+                    decay, step_size, inverse_bias2, self.eps), split(owned, fused_cpu.SPLIT))
+                continue
 
             def update(bounds, group=group, xp=xp, dtype=dtype, decay=decay):
                 tmp = xp.empty(min(CHUNK, bounds[1] - bounds[0]), dtype=group.flat.dtype)

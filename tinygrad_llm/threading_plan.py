@@ -13,8 +13,9 @@ $OMP_NUM_THREADS that is set):
     single  one thread for everything: plain NumPy
 `auto` measures the candidates; the choice is cached in `<cache>/threading.json` ($TINYGRAD_LLM_CACHE,
 else ~/.cache/tinygrad_llm), keyed by the machine (CPU model, usable cores), the NumPy and BLAS build,
-OPENBLAS_THREAD_TIMEOUT, whether the machine is busy (load average at least its CPU count) and the
-model/batch shape; any change of those measures again. A corrupt cache
+OPENBLAS_THREAD_TIMEOUT, whether the machine is busy (load average at least its CPU count), whether the
+ops' compiled CPU loops (ops/fused_cpu) are in use and the model/batch shape; any change of those
+measures again. A corrupt cache
 file is ignored with a warning and rewritten. $TINYGRAD_LLM_THREADS_PLAN overrides the configured plan.
 
 Simplifications: BLAS's thread count is switched at run time through threadpoolctl (an optional extra,
@@ -37,6 +38,7 @@ import warnings
 import numpy as np
 
 from . import cpu_threads
+from .ops import fused_cpu
 
 PLANS = ("pool", "blas", "single")
 CHOICES = ("auto",) + PLANS
@@ -88,7 +90,8 @@ def cache_key(shape: dict) -> str:
     """What the measured plan depends on, as one string (its hash names the cache entry)."""
     parts = {"cpu": _cpu_model(), "cores": usable_cores(), "machine": platform.machine(), "blas": _blas_build(),
              "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT", ""),
-             "blas_control": _threadpoolctl() is not None, "busy": machine_busy(), "shape": shape}
+             "blas_control": _threadpoolctl() is not None, "busy": machine_busy(), "shape": shape,
+             "fused_cpu_loops": fused_cpu.library() is not None}
     return json.dumps(parts, sort_keys=True)
 
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from ..backend import array_module
 from ..gpu import kernel
 from ..cpu_threads import run_row_chunks
 from ..tensor import Function
+from . import fused_cpu
 from .matmul import accumulation_dtype
 
 
@@ -119,11 +122,14 @@ class SwiGLU(Function):
     Backward: du = dy · silu(g)
               dg = dy · u · σ(g) · (1 + g · (1 − σ(g)))      (silu'(g) = σ(g) + g σ(g)(1 − σ(g)))
     Shapes:   g, u, y, dy: (..., F)
-    Saves:    the path; g, u (or gate_up) and, on the array path, σ(g)   (the kernel recomputes σ)
+    Saves:    the path; g, u (or gate_up) and, on the array path, σ(g)   (the CUDA kernel and the
+              compiled CPU loop recompute σ)
     Packed form, `swiglu(gate_up)`: g, u = gate_up[..., :F], gate_up[..., F:] (one GEMM against the
     gate and up weights stacked gave both); same formulas, with dg and du written into the two halves
     of one d(gate_up) (..., 2F) instead of the zero-filled gradients of two slices.
-    On NumPy arrays the rows are worked in cache-sized chunks spread over threads (cpu_threads).
+    On NumPy arrays the rows are worked in cache-sized chunks spread over threads (cpu_threads); two
+    contiguous float32/64 arrays (not packed) take the compiled loops of ops/fused_cpu.c instead, one pass
+    forward and one backward, the rows split over the threads.
     """
 
     def forward(self, gate, up=None, packed=False):
@@ -145,6 +151,14 @@ class SwiGLU(Function):
         if fast is not None:        # the CUDA kernel recomputes σ in the backward
             self.save(path=fast, gate=gate, up=up, s=None, packed=packed)
             return fast.swiglu_packed_forward(gate) if packed else fast.swiglu_forward(gate, up)
+        if not packed and fused_cpu.usable(gate, up):      # one compiled pass; the backward recomputes σ
+            y = np.empty_like(gate)
+            width = gate2.shape[1]
+            fused_cpu.over_rows("swiglu_forward", gate.dtype, gate2.shape[0], 2 * width, lambda f, start, end: f(
+                fused_cpu.address(gate, start * width), fused_cpu.address(up, start * width),
+                fused_cpu.address(y, start * width), (end - start) * width))
+            self.save(path="fused", gate=gate, up=up, s=None, packed=False)
+            return y
         xp = array_module(gate)
         s = xp.empty(gate2.shape, dtype=gate.dtype)
         y = xp.empty_like(s)
@@ -166,6 +180,8 @@ class SwiGLU(Function):
 
     def backward(self, dy):
         path, gate, up, s, packed = self.saved
+        if path == "fused":
+            return _fused_backward(dy, gate, up)
         if path != "array":         # the kernel module the forward ran
             return path.swiglu_packed_backward(dy, gate) if packed else path.swiglu_backward(dy, gate, up)
         xp = array_module(dy)
@@ -195,6 +211,16 @@ class SwiGLU(Function):
         if packed:
             return d_flat.reshape(gate.shape)
         return d_gate2.reshape(gate.shape), d_up2.reshape(up.shape)
+
+
+def _fused_backward(dy, gate, up):
+    """SwiGLU's backward by the compiled loop (ops/fused_cpu.c): σ(g) recomputed, one pass."""
+    dy = np.ascontiguousarray(dy, dtype=gate.dtype)
+    d_gate, d_up = np.empty_like(gate), np.empty_like(up)
+    width = gate.shape[-1]
+    fused_cpu.over_rows("swiglu_backward", gate.dtype, gate.size // width, 3 * width, lambda f, start, end: f(
+        *(fused_cpu.address(a, start * width) for a in (dy, gate, up, d_gate, d_up)), (end - start) * width))
+    return d_gate, d_up
 
 
 # ------------------------------------------------------------------ composed references (test oracles)

@@ -34,6 +34,7 @@ from ..backend import array_module
 from ..gpu import kernel
 from ..cpu_threads import CHUNK_ELEMENTS, parallel_items, split, thread_count
 from ..tensor import Function
+from . import fused_cpu
 from .matmul import needs_float32_products, product
 from .rope import rotate_heads_into, rotate_into, wide_tables
 
@@ -171,9 +172,25 @@ def _head_tables(cos, sin, heads: int, kv_heads: int):
 
 
 def _contiguous_transpose(x):
-    """x (..., T, D) as a contiguous (..., D, T). From a strided view the copy goes through a contiguous
-    one first: NumPy's transposing copy out of a strided view is about four times slower than the two."""
+    """x (..., T, D) as a contiguous (..., D, T). A (B, H, T, D) view takes one pass of a compiled loop where
+    there is one; otherwise the copy goes through a contiguous one first: NumPy's transposing copy out of a
+    strided view is about four times slower than the two."""
+    view = fused_cpu.heads_view(x)
+    if view is not None:
+        out = np.empty((*x.shape[:2], x.shape[3], x.shape[2]), dtype=x.dtype)   # (B, H, T, D) -> (B, H, D, T)
+        fused_cpu.library()["heads_transposed", x.dtype](*view, fused_cpu.address(out), *x.shape)
+        return out
     return np.ascontiguousarray(np.ascontiguousarray(x).swapaxes(-1, -2))
+
+
+def _row_dots(x, y):
+    """Σ_d x·y over the last axis of two (B, H, T, D) views, as a contiguous (B, H, T) array."""
+    x_view, y_view = fused_cpu.heads_view(x), fused_cpu.heads_view(y)
+    if x_view is not None and y_view is not None and x.dtype == y.dtype and x.shape == y.shape:
+        out = np.empty(x.shape[:3], dtype=x.dtype)
+        fused_cpu.library()["row_dots", x.dtype](*x_view, *y_view, fused_cpu.address(out), *x.shape)
+        return out
+    return np.einsum("bhtd,bhtd->bht", x, y, out=np.empty(x.shape[:3], dtype=np.result_type(x, y)))
 
 
 def _block_rows(batch: int, heads: int, kv_heads: int, time: int, start: int, end: int):
@@ -201,15 +218,20 @@ def _blocked_forward(q, k, v, out, block: int, drop=None, row_offset: int = 0) -
     k_transposed = _contiguous_transpose(k)[:, :, None]                  # (b, Hkv, T, D) -> (b, Hkv, 1, D, T)
     v5 = v[:, :, None]                                                    # -> (b, Hkv, 1, T, D)
     kept = []
+    softmax = fused_cpu.function("causal_softmax", q.dtype)
     for start, end in _query_blocks(time, block):
         s = q5[..., start:end, :] @ k_transposed[..., :end]              # S (b, Hkv, G, n, e)
-        s[..., start:] += _diagonal_bias(end - start, s.dtype)
-        if not _softmax_block_shift(s):                                   # a row far below its block's max:
-            s = q5[..., start:end, :] @ k_transposed[..., :end]          # S again, each row shifted by its own
+        if softmax is not None and s.flags.c_contiguous:   # compiled: each row shifted by its own maximum,
+            # the keys after its query set to 0
+            softmax(fused_cpu.address(s), s.size // ((end - start) * end), end - start, end, start)
+        else:
             s[..., start:] += _diagonal_bias(end - start, s.dtype)
-            s -= s.max(axis=-1, keepdims=True)
-            np.exp(s, out=s)
-            s /= s.sum(axis=-1, keepdims=True)
+            if not _softmax_block_shift(s):                               # a row far below its block's max:
+                s = q5[..., start:end, :] @ k_transposed[..., :end]      # S again, each row shifted by its own
+                s[..., start:] += _diagonal_bias(end - start, s.dtype)
+                s -= s.max(axis=-1, keepdims=True)
+                np.exp(s, out=s)
+                s /= s.sum(axis=-1, keepdims=True)
         p = s
         if drop is not None:                                              # P ∘ M / keep
             p = s * _dropout_scale(drop, row_offset, _block_rows(batch, heads, kv_heads, time, start, end),
@@ -262,11 +284,12 @@ def _blocked_backward(d_out, q, k, v, out, kept: list, block: int, dq, dk, dv, d
     group = heads // kv_heads
     grouped = (batch, kv_heads, group, time, head_dim)                  # (b, H, T, D) -> (b, Hkv, G, T, D)
     q5, d_out5 = q.reshape(grouped), d_out.reshape(grouped)
-    delta = np.einsum("bhgtd,bhgtd->bhgt", d_out5, out.reshape(grouped))[..., None]   # Δ (b, Hkv, G, T, 1)
+    delta = _row_dots(d_out, out).reshape(grouped[:-1])[..., None]      # Δ (b, H, T) -> (b, Hkv, G, T, 1)
     v_transposed = _contiguous_transpose(v)[:, :, None]                   # (b, Hkv, 1, D, T)
     k5 = k[:, :, None]                                                    # (b, Hkv, 1, T, D)
     dq5 = dq.reshape(grouped)
     blocks = _query_blocks(time, block)
+    softmax_backward = fused_cpu.function("softmax_backward", q.dtype)
     for index in reversed(range(len(blocks))):
         start, end = blocks[index]
         p, kept[index] = kept[index], None
@@ -279,8 +302,13 @@ def _blocked_backward(d_out, q, k, v, out, kept: list, block: int, dq, dk, dv, d
                                     np.arange(end), p.dtype, np)
             ds *= scaled
             p_out = p * scaled
-        ds -= delta[..., start:end, :]
-        ds *= p                                                           # dS = P ∘ (dP − Δ)
+        if softmax_backward is not None and ds.flags.c_contiguous and p.flags.c_contiguous:
+            # dS = P ∘ (dP − Δ), one compiled pass
+            softmax_backward(fused_cpu.address(ds), fused_cpu.address(p), fused_cpu.address(delta, start),
+                             ds.size // ((end - start) * end), end - start, end, time)
+        else:
+            ds -= delta[..., start:end, :]
+            ds *= p                                                       # dS = P ∘ (dP − Δ)
         np.matmul(ds, k5[..., :end, :], out=dq5[..., start:end, :])      # dq = dS k
         # the group's rows stacked, (b, Hkv, G, n, ·) -> (b, Hkv, G·n, ·): the products sum over the group
         p3t = p_out.reshape(batch, kv_heads, rows, end).swapaxes(-1, -2)  # Pᵀ (b, Hkv, e, G·n)

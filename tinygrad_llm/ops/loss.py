@@ -11,7 +11,8 @@ loop reports as a non-finite loss.
 
 `LinearCrossEntropy` is the output head and the loss in one op (training): the logits Z = x Wᵀ are
 formed once, turned into their gradient in their own memory, and never kept as a second (N, V) array.
-Both ops share `_loss_and_gradient`, which works on NumPy arrays in cache-sized row chunks over threads.
+Both ops share `_loss_and_gradient`, which works on NumPy arrays in cache-sized row chunks over threads
+(float32/64: each row one call of a compiled loop, ops/fused_cpu.c, where it is available).
 16-bit logits are softmaxed in float32.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..backend import array_module, capturing
 from ..gpu import kernel
 from ..cpu_threads import run_row_chunks
 from ..tensor import Function, is_unit_seed
+from . import fused_cpu
 from .matmul import accumulation_dtype, product
 
 
@@ -59,6 +61,15 @@ def _loss_and_gradient(logits, targets, ignore_index, xp, in_place=False):
     compute = accumulation_dtype(logits.dtype)
     grad = logits if in_place and compute == logits.dtype else logits.astype(compute)   # (N, V), becomes G
     scale = grad.dtype.type(1.0 / max(count, 1))
+    if xp is np and fused_cpu.usable(grad):         # each row in one compiled loop: max, exp and Σ, scale
+        targets64 = np.ascontiguousarray(targets, dtype=np.int64)
+        losses = np.empty(grad.shape[0], dtype=np.float64)
+        vocab = grad.shape[1]
+        fused_cpu.over_rows("cross_entropy_rows", grad.dtype, grad.shape[0], vocab, lambda f, start, end: f(
+            fused_cpu.address(grad, start * vocab), fused_cpu.address(targets64, start),
+            fused_cpu.address(losses, start), end - start, vocab, scale, ignore_index))
+        loss = losses.sum() / count if count else np.asarray(float("nan"))
+        return loss, grad.astype(logits.dtype, copy=False)
 
     def part(start, end):
         z = grad[start:end]

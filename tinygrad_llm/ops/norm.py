@@ -19,6 +19,7 @@ from ..backend import array_module
 from ..gpu import kernel
 from ..cpu_threads import run_row_chunks
 from ..tensor import Function
+from . import fused_cpu
 from .matmul import accumulation_dtype
 
 
@@ -33,7 +34,8 @@ class RMSNorm(Function):
     Saves:    the path; plain: x̂, r, w;  chunked and kernel: x, r, w (x̂ is not kept)
     Chunked:  the same formulas on row ranges of x (N, C), threaded, with the row sums as einsum row dots
               and dx = r·g − x·r³·mean(g·x) (x̂ never formed); dw is one sum over every row after the chunks,
-              so the result does not depend on the thread count.
+              so the result does not depend on the thread count. Contiguous float32/64 arrays run each row
+              range as one pass of a compiled loop (ops/fused_cpu.c) instead of several NumPy calls.
     Low precision: mean(x²) and the row sums of the backward accumulate in float32 for 16-bit inputs.
 
     Output dtype: `out_dtype` (default x's) rounds y to another dtype (the low dtype a following Linear
@@ -131,6 +133,8 @@ def _chunked_forward(x, weight, eps, branch=None):
     new array, returned as the third value) and normalised."""
     channels = x.shape[-1]
     x2 = x.reshape(-1, channels)                                    # (..., C) -> (N, C)
+    if fused_cpu.usable(x, weight, *(() if branch is None else (branch,))):
+        return _fused_forward(x2, weight, eps, branch, x.shape)
     total = None
     if branch is not None:
         branch2 = branch.reshape(-1, channels)
@@ -164,6 +168,14 @@ def _chunked_backward(dy, x, r, weight):
     channels = x.shape[-1]
     x2, dy2 = x.reshape(-1, channels), dy.reshape(-1, channels)     # (..., C) -> (N, C)
     dx = np.empty_like(x2)
+    if fused_cpu.usable(dy2, x2, r, weight):                        # the same formulas in one compiled pass
+        products = np.empty_like(x2)
+        fused_cpu.over_rows("rms_norm_backward", x.dtype, x2.shape[0], 3 * channels, lambda f, start, end: f(
+            fused_cpu.address(dy2, start * channels), fused_cpu.address(x2, start * channels),
+            fused_cpu.address(r, start), fused_cpu.address(weight), fused_cpu.address(dx, start * channels),
+            fused_cpu.address(products, start * channels), end - start, channels))
+        dweight = products.T @ r[:, 0]
+        return dx.reshape(x.shape), dweight.astype(weight.dtype, copy=False)
     products = np.empty_like(x2)
     inverse_channels = x.dtype.type(1.0 / channels)
 
@@ -184,6 +196,22 @@ def _chunked_backward(dy, x, r, weight):
     run_row_chunks(part, x2.shape[0], channels, np, balanced=True)
     dweight = products.T @ r[:, 0]                                  # Σ_rows dy·x·r = Σ_rows dy·x̂, one GEMV
     return dx.reshape(x.shape), dweight.astype(weight.dtype, copy=False)
+
+
+def _fused_forward(x2, weight, eps, branch, shape):
+    """_chunked_forward by the compiled loop (ops/fused_cpu.c): per row the residual sum (with `branch`),
+    Σ x², r and y in one pass."""
+    rows, channels = x2.shape
+    y = np.empty_like(x2)
+    r = np.empty((rows, 1), dtype=x2.dtype)
+    branch2 = None if branch is None else branch.reshape(-1, channels)                # (..., C) -> (N, C)
+    total = None if branch is None else np.empty_like(x2)
+    fused_cpu.over_rows("rms_norm_forward", x2.dtype, rows, 2 * channels, lambda f, start, end: f(
+        fused_cpu.address(x2, start * channels),
+        None if branch2 is None else fused_cpu.address(branch2, start * channels),
+        None if total is None else fused_cpu.address(total, start * channels), fused_cpu.address(weight),
+        fused_cpu.address(y, start * channels), fused_cpu.address(r, start), end - start, channels, eps))
+    return y.reshape(shape), r, None if total is None else total.reshape(shape)
 
 
 def rms_norm_reference(x, weight, eps=1e-5):

@@ -11,6 +11,7 @@ import numpy as np
 from ..backend import array_module
 from ..gpu import kernel
 from ..tensor import Function
+from . import fused_cpu
 
 
 def rope_angles(positions, head_dim: int, theta: float, xp=np):
@@ -107,6 +108,13 @@ def wide_tables(cos, sin, head_scales):
     return cos_wide, sin_signed
 
 
+def _token_major(a) -> bool:
+    """Whether each token's (n, D) block of a (B, T, n, D) array is contiguous (element strides, ≥ 0)."""
+    item = a.itemsize
+    return (a.strides[3] == item and a.strides[2] == a.shape[3] * item and a.strides[1] % item == 0
+            and a.strides[0] % item == 0 and a.strides[0] >= 0 and a.strides[1] >= 0)
+
+
 def rotate_heads_into(x, cos_wide, sin_signed, out):
     """out = RoPE of the heads of x in the token-major layout, y = x · cos + rotate_half(x) · sin, with
     rotate_half(x) = [−x₂, x₁] folded into the signed sin table (`wide_tables`; −sin_signed rotates back).
@@ -116,11 +124,21 @@ def rotate_heads_into(x, cos_wide, sin_signed, out):
     pieces: out = x · cos, then a temporary of x with its halves swapped times the signed sin, added to
     out. On NumPy arrays the swap is one copy of D/2-float units (each half viewed as one opaque element,
     so the copy moves whole halves instead of looping over 16-float pieces), and the product by the sin
-    table runs over the contiguous temporary.
+    table runs over the contiguous temporary. NumPy float32/64 arrays take one pass of a compiled loop
+    (ops/fused_cpu.c) instead, where it is available.
     """
     xp = array_module(x)
     batch, time, heads, head_dim = x.shape
     half = head_dim // 2
+    rope = fused_cpu.function("rope_heads", x.dtype) if xp is np else None
+    if (rope is not None and _token_major(x) and _token_major(out) and out.dtype == x.dtype
+            and fused_cpu.usable(cos_wide, sin_signed) and cos_wide.dtype == x.dtype):
+        # one compiled pass, each half read once: out₁ = x₁ c + x₂ (−s), out₂ = x₂ c + x₁ s
+        item = x.itemsize
+        rope(fused_cpu.address(x), x.strides[0] // item, x.strides[1] // item, fused_cpu.address(out),
+             out.strides[0] // item, out.strides[1] // item, fused_cpu.address(cos_wide),
+             fused_cpu.address(sin_signed), batch, time, heads * head_dim, half)
+        return out
     xp.multiply(x, cos_wide, out=out)
     halves = x.reshape(batch, time, heads, 2, half)                              # (B, T, n, 2, D/2)
     if xp is np and halves.strides[-1] == x.dtype.itemsize and half > 1:

@@ -1,0 +1,313 @@
+/* Fused CPU loops of the training ops' NumPy paths (tinygrad_llm/ops/fused_cpu.py loads them).
+
+   Each function is one pass over its rows that NumPy would make in several: SwiGLU forward and backward,
+   RMSNorm forward (with the residual add) and backward, the causal softmax of one block of attention
+   scores and its backward, and the AdamW update. Every function exists twice, for float (suffix _f32)
+   and double (_f64): this file includes itself once per type (the part after #else).
+
+   Shapes: every array is contiguous, rows of `cols` (or `channels`, `keys`) elements, rows given as a
+   count; a caller hands row ranges to several threads (ctypes releases the GIL during a call).
+   Formulas: those of the op's docstring in ops/ (activation.SwiGLU, norm.RMSNorm, attention.CausalAttention,
+   optim.AdamW), which the tests hold these loops to.
+   exp: float uses exp_f32 below (range reduction to 2^k · e^r, |r| ≤ ln2/2, and Cephes' degree-7
+   polynomial: within 2 ulp of expf, 0 below −87.34 and inf above 88.72; written so that the compiler
+   vectorises the loops around it);
+   double uses libm's exp (the float64 paths are the tests' gradient checks, not a speed path).
+   Built with -O3 -march=native and the flags that let the compiler reassociate the row sums. */
+#ifndef FUSED_TYPE
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float exp_f32(float x)
+{
+    const float high = 88.0f, low = -87.33654f;            /* e^low = FLT_MIN; below it the result is 0 */
+    const float overflow = 88.72284f;                      /* e^x > FLT_MAX above it: the result is inf */
+    float clamped = x > high ? high : x;
+    clamped = clamped < low ? low : clamped;
+    float k = floorf(clamped * 1.44269504088896341f + 0.5f);
+    float r = clamped - k * 0.693359375f;                  /* ln 2 in two parts: r exact to float rounding */
+    r = r + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    uint32_t bits = (uint32_t)((int32_t)k + 127) << 23;    /* 2^k */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    float result = p * scale;
+    result = x > overflow ? INFINITY : result;
+    return x < low ? 0.0f : result;                        /* NaN stays NaN: every comparison is false */
+}
+
+#define FUSED_TYPE float
+#define FUSED_NAME(name) name##_f32
+#define FUSED_EXP exp_f32
+#define FUSED_SQRT sqrtf
+#include __FILE__
+#undef FUSED_TYPE
+#undef FUSED_NAME
+#undef FUSED_EXP
+#undef FUSED_SQRT
+#undef real
+
+#define FUSED_TYPE double
+#define FUSED_NAME(name) name##_f64
+#define FUSED_EXP exp
+#define FUSED_SQRT sqrt
+#include __FILE__
+
+#else
+#define real FUSED_TYPE
+
+/* max of row[0 … n − 1], n ≥ 1, over 16 independent lanes (the compiler keeps them in vector registers) */
+static inline real FUSED_NAME(row_max)(const real *restrict row, int64_t n)
+{
+    real lanes[16];
+    for (int k = 0; k < 16; k++)
+        lanes[k] = row[0];
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int k = 0; k < 16; k++)
+            lanes[k] = row[j + k] > lanes[k] ? row[j + k] : lanes[k];
+    real top = row[0];
+    for (int k = 0; k < 16; k++)
+        top = lanes[k] > top ? lanes[k] : top;
+    for (; j < n; j++)
+        top = row[j] > top ? row[j] : top;
+    return top;
+}
+
+/* y = silu(g) · u = g · σ(g) · u, σ(g) = 1 / (1 + e^−g)  (e^−g overflowing to inf gives σ = 0) */
+void FUSED_NAME(swiglu_forward)(const real *restrict g, const real *restrict u, real *restrict y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        real s = (real)1 / ((real)1 + FUSED_EXP(-g[i]));
+        y[i] = g[i] * s * u[i];
+    }
+}
+
+/* a = dy · σ(g);  du = a · g;  b = a · u;  dg = b · (1 + g · (1 − σ(g))) */
+void FUSED_NAME(swiglu_backward)(const real *restrict dy, const real *restrict g, const real *restrict u,
+                                 real *restrict dg, real *restrict du, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        real s = (real)1 / ((real)1 + FUSED_EXP(-g[i]));
+        real a = dy[i] * s;
+        du[i] = a * g[i];
+        real b = a * u[i];
+        dg[i] = b + b * g[i] * ((real)1 - s);
+    }
+}
+
+/* Per row: t = x (+ branch, written to total when branch is given);  r = 1/√(Σ t² / C + eps);  y = t · r · w */
+void FUSED_NAME(rms_norm_forward)(const real *restrict x, const real *restrict branch, real *restrict total,
+                                  const real *restrict w, real *restrict y, real *restrict r, int64_t rows,
+                                  int64_t channels, real eps)
+{
+    for (int64_t row = 0; row < rows; row++) {
+        const real *xr = x + row * channels;
+        real *yr = y + row * channels;
+        real squares = 0;
+        if (branch) {
+            const real *br = branch + row * channels;
+            real *tr = total + row * channels;
+            for (int64_t c = 0; c < channels; c++) {
+                real t = xr[c] + br[c];
+                tr[c] = t;
+                squares += t * t;
+            }
+            xr = tr;
+        } else {
+            for (int64_t c = 0; c < channels; c++)
+                squares += xr[c] * xr[c];
+        }
+        real scale = (real)1 / FUSED_SQRT(squares / (real)channels + eps);
+        r[row] = scale;
+        for (int64_t c = 0; c < channels; c++)
+            yr[c] = xr[c] * scale * w[c];
+    }
+}
+
+/* Per row, with g = dy · w and p = Σ g · x:  dx = r · g − x · r³ · p / C;  products = dy · x (for dw) */
+void FUSED_NAME(rms_norm_backward)(const real *restrict dy, const real *restrict x, const real *restrict r,
+                                   const real *restrict w, real *restrict dx, real *restrict products,
+                                   int64_t rows, int64_t channels)
+{
+    for (int64_t row = 0; row < rows; row++) {
+        const real *dyr = dy + row * channels, *xr = x + row * channels;
+        real *dxr = dx + row * channels, *pr = products + row * channels;
+        real p = 0;
+        for (int64_t c = 0; c < channels; c++)
+            p += dyr[c] * w[c] * xr[c];
+        real scale = r[row];
+        real coefficient = scale * scale * scale * p / (real)channels;
+        for (int64_t c = 0; c < channels; c++) {
+            dxr[c] = scale * dyr[c] * w[c] - xr[c] * coefficient;
+            pr[c] = dyr[c] * xr[c];
+        }
+    }
+}
+
+/* Causal softmax of score blocks in place: s is (blocks, n, keys); row i of a block sees keys
+   0 … start + i (its query sits at position start + i), later keys get probability 0. Each row is shifted
+   by its own maximum over the keys it sees. */
+void FUSED_NAME(causal_softmax)(real *restrict s, int64_t blocks, int64_t n, int64_t keys, int64_t start)
+{
+    for (int64_t b = 0; b < blocks; b++) {
+        for (int64_t i = 0; i < n; i++) {
+            real *row = s + (b * n + i) * keys;
+            int64_t seen = start + i + 1 < keys ? start + i + 1 : keys;
+            real top = FUSED_NAME(row_max)(row, seen);
+            real total = 0;
+            for (int64_t j = 0; j < seen; j++) {
+                real e = FUSED_EXP(row[j] - top);
+                row[j] = e;
+                total += e;
+            }
+            real inverse = (real)1 / total;
+            for (int64_t j = 0; j < seen; j++)
+                row[j] *= inverse;
+            for (int64_t j = seen; j < keys; j++)
+                row[j] = 0;
+        }
+    }
+}
+
+/* The softmax's backward in place: ds = p · (ds − Δ) for ds, p (blocks, n, keys); Δ of block b's row i
+   is delta[b · delta_stride + i] */
+void FUSED_NAME(softmax_backward)(real *restrict ds, const real *restrict p, const real *restrict delta,
+                                  int64_t blocks, int64_t n, int64_t keys, int64_t delta_stride)
+{
+    for (int64_t b = 0; b < blocks; b++) {
+        for (int64_t i = 0; i < n; i++) {
+            real d = delta[b * delta_stride + i];
+            real *row = ds + (b * n + i) * keys;
+            const real *pr = p + (b * n + i) * keys;
+            for (int64_t j = 0; j < keys; j++)
+                row[j] = pr[j] * (row[j] - d);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void FUSED_NAME(rope_row)(
+    const real *restrict xr, real *restrict o, const real *restrict c, const real *restrict s, int64_t width,
+    int64_t half)
+{
+    for (int64_t head = 0; head < width; head += 2 * half) {
+        for (int64_t i = head; i < head + half; i++) {
+            real x1 = xr[i], x2 = xr[i + half];
+            o[i] = x1 * c[i] + x2 * s[i];
+            o[i + half] = x2 * c[i + half] + x1 * s[i + half];
+        }
+    }
+}
+
+/* RoPE of token-major heads: x, out (batch, time, width) with width = heads · D, rows of `width` contiguous
+   elements at the strides given (in elements); per head, with halves x₁, x₂ of D/2 and the tables
+   cos (time, width) = [c, c] and sin (time, width) = [−s, s] (per head, any scale folded in):
+   out₁ = x₁ · cos₁ + x₂ · sin₁;  out₂ = x₂ · cos₂ + x₁ · sin₂ */
+void FUSED_NAME(rope_heads)(const real *x, int64_t x_batch, int64_t x_token, real *out, int64_t out_batch,
+                            int64_t out_token, const real *restrict cos, const real *restrict sin,
+                            int64_t batch, int64_t time, int64_t width, int64_t half)
+{
+    for (int64_t b = 0; b < batch; b++) {
+        for (int64_t t = 0; t < time; t++) {
+            const real *restrict xr = x + b * x_batch + t * x_token;
+            real *restrict o = out + b * out_batch + t * out_token;
+            const real *restrict c = cos + t * width, *restrict s = sin + t * width;
+            switch (half) {            /* the usual head sizes with a constant trip count: no loop overhead */
+            case 16: FUSED_NAME(rope_row)(xr, o, c, s, width, 16); break;
+            case 32: FUSED_NAME(rope_row)(xr, o, c, s, width, 32); break;
+            case 64: FUSED_NAME(rope_row)(xr, o, c, s, width, 64); break;
+            default: FUSED_NAME(rope_row)(xr, o, c, s, width, half);
+            }
+        }
+    }
+}
+
+/* Per-head views of token-major arrays, element (b, h, t, d) at b · sb + h · sh + t · st + d:
+   heads_transposed writes out (batch, heads, dim, time) contiguous (kᵀ, vᵀ for the batched products);
+   row_dots writes out[(b · heads + h) · time + t] = Σ_d x[b, h, t, d] · y[b, h, t, d]  (attention's Δ). */
+void FUSED_NAME(heads_transposed)(const real *x, int64_t sb, int64_t sh, int64_t st, real *restrict out,
+                                  int64_t batch, int64_t heads, int64_t time, int64_t dim)
+{
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t h = 0; h < heads; h++) {
+            real *restrict o = out + (b * heads + h) * dim * time;
+            for (int64_t t = 0; t < time; t++) {
+                const real *restrict row = x + b * sb + h * sh + t * st;
+                for (int64_t d = 0; d < dim; d++)
+                    o[d * time + t] = row[d];
+            }
+        }
+}
+
+void FUSED_NAME(row_dots)(const real *x, int64_t x_sb, int64_t x_sh, int64_t x_st, const real *y, int64_t y_sb,
+                          int64_t y_sh, int64_t y_st, real *restrict out, int64_t batch, int64_t heads,
+                          int64_t time, int64_t dim)
+{
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t h = 0; h < heads; h++)
+            for (int64_t t = 0; t < time; t++) {
+                const real *restrict xr = x + b * x_sb + h * x_sh + t * x_st;
+                const real *restrict yr = y + b * y_sb + h * y_sh + t * y_st;
+                real total = 0;
+                for (int64_t d = 0; d < dim; d++)
+                    total += xr[d] * yr[d];
+                out[(b * heads + h) * time + t] = total;
+            }
+}
+
+/* Cross-entropy rows in place: z (rows, vocab) becomes the gradient (softmax(z) − onehot(target)) · scale
+   and losses[row] = logsumexp(z) − z[target] (in double); a row whose target is `ignore` becomes 0 with
+   loss 0. Targets must lie in [0, vocab) otherwise (the caller checks). */
+void FUSED_NAME(cross_entropy_rows)(real *restrict z, const int64_t *restrict targets, double *restrict losses,
+                                    int64_t rows, int64_t vocab, real scale, int64_t ignore)
+{
+    for (int64_t row = 0; row < rows; row++) {
+        real *zr = z + row * vocab;
+        int64_t target = targets[row];
+        if (target == ignore) {
+            for (int64_t j = 0; j < vocab; j++)
+                zr[j] = 0;
+            losses[row] = 0;
+            continue;
+        }
+        real picked = zr[target];
+        real top = FUSED_NAME(row_max)(zr, vocab);
+        real total = 0;
+        for (int64_t j = 0; j < vocab; j++) {
+            real e = FUSED_EXP(zr[j] - top);
+            zr[j] = e;
+            total += e;
+        }
+        losses[row] = (double)top + log((double)total) - (double)picked;
+        real factor = scale / total;
+        for (int64_t j = 0; j < vocab; j++)
+            zr[j] *= factor;
+        zr[target] -= scale;
+    }
+}
+
+/* AdamW on n elements: g ← g · grad_scale (written back);
+   m ← β₁ m + (1 − β₁) g;  v ← β₂ v + (1 − β₂) g²;
+   θ ← θ · decay − step_size · m / (√v · inverse_correction + eps) */
+void FUSED_NAME(adamw)(real *restrict param, real *restrict grad, real *restrict m, real *restrict v, int64_t n,
+                       real grad_scale, real beta1, real beta2, real decay, real step_size,
+                       real inverse_correction, real eps)
+{
+    for (int64_t i = 0; i < n; i++) {
+        real g = grad[i] * grad_scale;
+        grad[i] = g;
+        real mi = beta1 * m[i] + ((real)1 - beta1) * g;
+        real vi = beta2 * v[i] + ((real)1 - beta2) * g * g;
+        m[i] = mi;
+        v[i] = vi;
+        param[i] = param[i] * decay - step_size * mi / (FUSED_SQRT(vi) * inverse_correction + eps);
+    }
+}
+#endif
