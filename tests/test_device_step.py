@@ -142,3 +142,12 @@ def test_bad_batches_are_refused_on_the_host_with_the_ops_messages():
         check_batch(good, np.array([[1, -1]]), vocab=3)
     with pytest.raises(TypeError, match="integers"):
         check_batch(good.astype(np.float32), good, vocab=3)
+
+
+def test_a_reason_given_at_construction_keeps_every_step_uncaptured(setup):
+    config, data, model, optimizer = setup()
+    step = DeviceStep(model, optimizer, config, data.tokenizer.vocab_size, graphs=True,
+                      not_captured="no attention kernel for head dim 8")
+    for i in range(2):
+        assert step(data.train, i)[3] and not step.captured
+    assert step.graph is None and "no attention kernel for head dim 8" in step.describe()

@@ -68,10 +68,12 @@ class DeviceStep:
 
     graphs: capture the step as a CUDA graph from the second call on (default: unless
     TINYGRAD_LLM_CUDA_GRAPHS=0). `captured` says whether the last step was a replay, `not_captured`
-    why capturing was given up (None while it was not).
+    why capturing was given up (None while it was not); passing a reason there runs every step
+    uncaptured from the start (the loop does for a model whose attention has no kernel).
     """
 
-    def __init__(self, model, optimizer, config, vocab_size: int, graphs: bool | None = None):
+    def __init__(self, model, optimizer, config, vocab_size: int, graphs: bool | None = None,
+                 not_captured: str | None = None):
         self.model, self.optimizer, self.config, self.vocab = model, optimizer, config, int(vocab_size)
         self.xp = xp = backend.array_module(optimizer.groups[0].flat)   # NumPy too: the same step, for tests
         self.graphs = (graphs_enabled() if graphs is None else bool(graphs)) and xp is not np
@@ -83,7 +85,7 @@ class DeviceStep:
         self.graph_key = None
         self.calls = 0
         self.captured = False
-        self.not_captured: str | None = None
+        self.not_captured = not_captured            # a reason given here: never try to capture
 
     # ------------------------------------------------------------------ the step
     def __call__(self, batches, step: int):
@@ -180,8 +182,9 @@ class DeviceStep:
 
     def describe(self) -> str:
         """One line for the run's log."""
-        if not self.graphs:
-            return "training step: on the device, not captured (TINYGRAD_LLM_CUDA_GRAPHS=0)"
         if self.not_captured:
             return f"training step: on the device, not captured ({self.not_captured})"
+        if not self.graphs:
+            return ("training step: on the device, not captured (TINYGRAD_LLM_CUDA_GRAPHS=0)" if self.xp is not np
+                    else "training step: on NumPy arrays, uncaptured")
         return "training step: on the device, replayed from a CUDA graph captured at its second step"

@@ -424,15 +424,18 @@ def _train(config, log=None) -> dict:
         log(f"data parallel: {comm.size} ranks over {comm.name}, {config.batch_size // comm.size} rows of each "
             f"batch a rank, {parallel.bytes_per_step / 2**20:.1f} MiB all-reduced a step in "
             f"{len(parallel.buckets)} buckets" + (", AdamW state sharded (ZeRO-1)" if config.zero else ""))
-    device_step = None
-    if device == "cuda" and comm.size == 1 and not scaler.enabled and backend.kernels_enabled():
-        device_step = DeviceStep(model, optimizer, config, model_config.vocab_size)
+    device_step, path = None, None
     if device == "cuda":                            # say once which attention path the run takes
         from . import gpu
         attention_dtype = precision.get_policy().compute or np.dtype(dtype).name
         path = gpu.attention_kernel_for(model_config.head_dim, attention_dtype)
         log(f"attention: {path}" if path else f"attention: no kernel for head dim {model_config.head_dim}, "
             f"using the batched-GEMM path")
+    if device == "cuda" and comm.size == 1 and not scaler.enabled and backend.kernels_enabled():
+        # the batched-GEMM attention multiplies through CuPy's cuBLAS binding, which a capture refuses
+        device_step = DeviceStep(model, optimizer, config, model_config.vocab_size,
+                                 not_captured=None if path else f"no attention kernel for head dim "
+                                 f"{model_config.head_dim}: its batched-GEMM path cannot be captured")
     resumed_from, resumed_state = None, None
     if config.resume:
         resumed_from, loop = resume_training(out_dir, model, optimizer, data.train, config)
