@@ -54,9 +54,9 @@
 
 // Attention dropout: both kernels also exist as NAME_dropout, taking five more arguments (seed_base,
 // row_seed, column_seed, threshold, keep_scale; attention_common.cuh's ATTN_DROPOUT_PARAMETERS), with the
-// mask and formulas of attention_forward.cu's and attention_backward.cu's dropout kernels: the forward zeroes the dropped
-// P in registers after the row sum has taken it, before O += P V, and scales out by keep_scale; the
-// backward writes the kept P to the P tile (dV = Pᵀ dO, scaled by keep_scale at the store) and forms
+// mask and formulas of attention_forward.cu's and attention_backward.cu's dropout kernels: the forward
+// zeroes the dropped P in registers after the row sum has taken it, before O += P V, and scales out by
+// keep_scale; the backward writes the kept P to the P tile (dV = Pᵀ dO, scaled by keep_scale at the store) and forms
 // dS = P ∘ (keep_scale · M ∘ dP − Δ). The plain kernels are the DROPOUT = false builds.
 //
 // The kernels exist only for sm_90a (compiled with NVRTC's -arch=sm_90a by tinygrad_llm.gpu.attention,
