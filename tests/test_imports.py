@@ -14,7 +14,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tinygrad_llm"
 
-ENGINE = {"tinygrad_llm.tensor", "tinygrad_llm.backend", "tinygrad_llm.rng", "tinygrad_llm.cpu_threads"}
+ENGINE = {"tinygrad_llm.tensor", "tinygrad_llm.backend", "tinygrad_llm.rng", "tinygrad_llm.cpu_threads",
+          "tinygrad_llm.native"}
 OPS = ("tinygrad_llm.ops", "tinygrad_llm.functional", "tinygrad_llm.gradcheck")
 GPU = ("tinygrad_llm.gpu", "tinygrad_llm.precision")
 MODEL = ("tinygrad_llm.nn", "tinygrad_llm.model")

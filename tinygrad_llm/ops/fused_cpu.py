@@ -8,34 +8,24 @@ contiguous NumPy float32/float64 arrays when `library()` has them; otherwise the
 expressions, which compute the same values (the tests hold each branch to them, and run the float64
 gradient checks through both).
 
-Built once per machine and source at the first use (~1 s), as the quantized op's kernels are
-(tinygrad_llm/quant/cpu_kernels.py: the same build folder and TINYGRAD_LLM_CPU_KERNELS=0 switch):
-`$CC` (else `cc`) with -O3 -march=native and the flags that let it vectorise the row sums, the file named
-by a hash of the source, flags, compiler and CPU, written under a temporary name and renamed. A missing
-compiler or a failed build leaves one warning and the NumPy paths.
+Built once per machine and source at the first use (~1 s) by tinygrad_llm.native, as the quantized op's
+kernels are (the system C compiler, -O3 -march=native, the same build folder and TINYGRAD_LLM_CPU_KERNELS=0
+switch). A missing compiler or a failed build leaves one warning and the NumPy paths.
 Simplification: no prebuilt binaries; a machine without a C compiler runs the NumPy expressions.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from .. import native
 from ..cpu_threads import parallel_items, split, thread_count
-from ..quant.cpu_kernels import _compiler_identity, _cpu, build_dir, enabled
 
 SOURCE = Path(__file__).with_name("fused_cpu.c")
-FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-         "-fno-trapping-math")
-NATIVE = ("-march=native",)             # dropped where the compiler refuses it
 SPLIT = 1 << 15                         # elements a thread gets at least before a call is split
 _P, _N = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {                         # name: argument types, the floating ones as None (float or double)
@@ -57,43 +47,10 @@ _library = _UNSET
 _LOCK = threading.Lock()
 
 
-def _compile(compiler: str, flags: tuple, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".tmp")
-    os.close(handle)
-    try:
-        done = subprocess.run([compiler, *flags, "-o", temporary, str(SOURCE), "-lm"], capture_output=True,
-                              text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output")
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 def load() -> dict:
-    """Build (or find in build_dir()) and load the loops: {(name, dtype): ctypes function}. Raises
-    RuntimeError / OSError where that fails."""
-    compiler = os.environ.get("CC") or "cc"
-    path = shutil.which(compiler)
-    if path is None:
-        raise RuntimeError(f"no C compiler {compiler!r} on PATH")
-    version, source = _compiler_identity(path), SOURCE.read_bytes()
-    error = None
-    for flags in (FLAGS + NATIVE, FLAGS):
-        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu().encode(),
-                                         compiler.encode()])).hexdigest()[:16]
-        target = build_dir() / f"fused_cpu-{key}.so"
-        try:
-            if not target.is_file():
-                _compile(compiler, flags, target)
-            library = ctypes.CDLL(str(target))
-            break
-        except (OSError, RuntimeError, subprocess.SubprocessError) as failure:
-            error = failure
-    else:
-        raise RuntimeError(str(error))
+    """Build (or find) and load the loops (tinygrad_llm.native): {(name, dtype): ctypes function}. Raises
+    native.BUILD_ERRORS where that fails."""
+    library = native.build(SOURCE, libraries=("-lm",))
     functions = {}
     for name, arguments in _SIGNATURES.items():
         for dtype, (suffix, real) in _SUFFIX.items():
@@ -113,12 +70,12 @@ def library():
     with _LOCK:                         # the first call may come from several row-pool threads at once
         if _library is not _UNSET:
             return _library
-        if not enabled():
+        if not native.enabled():
             _library = None
         else:
             try:
                 _library = load()
-            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            except native.BUILD_ERRORS as error:
                 warnings.warn(f"tinygrad_llm: the fused CPU loops could not be built ({error}); using the "
                               f"NumPy expressions", RuntimeWarning, stacklevel=2)
                 _library = None

@@ -5,13 +5,9 @@ then takes its NumPy path, which computes the same product more slowly: NumPy ha
 matrix-vector product, so that path converts every code to float32 first (at batch 1 on a GPT-2-size
 model, 2.5–4× the kernels' time for Q8_0, 4–6× for Q4_0: benchmarks/RESULTS.md).
 
-Built once per machine and source, at the first use (~0.5 s): `$CC` (else `cc`) with -O3 -march=native and
-the flags that let it vectorise the 32-term sums, into build_dir() ($TINYGRAD_LLM_CPU_KERNELS_DIR, else
-$TINYGRAD_LLM_CACHE/cpu_kernels/, else ~/.cache/tinygrad_llm/cpu_kernels/), the file named by a hash of the
-source, the flags, the compiler binary (path, size, time) and the CPU; written under a temporary name and
-renamed, so two processes building at once both end with a whole file. A missing compiler or a failed
-build leaves one warning and the NumPy path. TINYGRAD_LLM_CPU_KERNELS=0 (read at the first use) turns the
-kernels off.
+Built once per machine and source at the first use (~0.5 s) by tinygrad_llm.native (the system C compiler,
+-O3 -march=native, cached under its build_dir()). A missing compiler or a failed build leaves one warning
+and the NumPy path. TINYGRAD_LLM_CPU_KERNELS=0 (read at the first use) turns the kernels off.
 Two kinds of kernel: the float kernels (q8_0_linear, q4_0_linear: the dequantised float op's sum, to float32
 rounding) and the rounded ones (q8_0_rounded_linear, q4_0_rounded_linear: x rounded to 8 bits per block of
 32, int8 products summed in int32, as llama.cpp does; the error bound is derived in docs/quantization.md).
@@ -23,18 +19,13 @@ Simplification: no prebuilt binaries; a machine without a C compiler runs the Nu
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
+from .. import native
+
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math")
-NATIVE = ("-march=native",)          # dropped where the compiler refuses it
 _ARGUMENTS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5     # values, scale, x, y, blocks, out, start, end, rows
 _FUNCTIONS = ("q8_0_linear", "q4_0_linear", "q8_0_rounded_linear", "q4_0_rounded_linear")
 ROUNDED_ROWS = 2     # rows of x from which the rounded kernels run (where they are the VNNI build): see rounded()
@@ -42,73 +33,10 @@ _UNSET = object()
 _library = _UNSET
 
 
-def enabled() -> bool:
-    return os.environ.get("TINYGRAD_LLM_CPU_KERNELS", "1").strip() != "0"
-
-
-def build_dir() -> Path:
-    """$TINYGRAD_LLM_CPU_KERNELS_DIR, else $TINYGRAD_LLM_CACHE/cpu_kernels, else ~/.cache/tinygrad_llm/cpu_kernels."""
-    if os.environ.get("TINYGRAD_LLM_CPU_KERNELS_DIR"):
-        return Path(os.environ["TINYGRAD_LLM_CPU_KERNELS_DIR"])
-    root = os.environ.get("TINYGRAD_LLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tinygrad_llm")
-    return Path(root) / "cpu_kernels"
-
-
-def _cpu() -> str:
-    """The CPU's model and feature flags (-march=native builds for exactly these)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags", "Features"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _compiler_identity(path: str) -> str:
-    """The compiler binary's real path, size and modification time: a changed compiler means a new build
-    (cheaper than running `cc --version` in every process)."""
-    real = os.path.realpath(path)
-    status = os.stat(real)
-    return f"{real} {status.st_size} {status.st_mtime_ns}"
-
-
-def _compile(compiler: str, flags: tuple, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=target.stem + ".", suffix=".tmp")
-    os.close(handle)
-    try:
-        done = subprocess.run([compiler, *flags, "-o", temporary, str(SOURCE)], capture_output=True, text=True,
-                              timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output")
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 def load(extra_flags: tuple = ()) -> ctypes.CDLL:
-    """Build (or find in build_dir()) and load the kernels, compiled with `extra_flags` besides FLAGS (tests
-    build -DTINYGRAD_LLM_PORTABLE this way). Raises RuntimeError / OSError where that fails."""
-    compiler = os.environ.get("CC") or "cc"
-    path = shutil.which(compiler)
-    if path is None:
-        raise RuntimeError(f"no C compiler {compiler!r} on PATH")
-    version, source = _compiler_identity(path), SOURCE.read_bytes()
-    error = None
-    for flags in (FLAGS + tuple(extra_flags) + NATIVE, FLAGS + tuple(extra_flags)):
-        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu().encode(),
-                                         compiler.encode()])).hexdigest()[:16]
-        target = build_dir() / f"cpu_kernels-{key}.so"
-        try:
-            if not target.is_file():
-                _compile(compiler, flags, target)
-            library = ctypes.CDLL(str(target))
-            break
-        except (OSError, RuntimeError, subprocess.SubprocessError) as failure:
-            error = failure
-    else:
-        raise RuntimeError(str(error))
+    """Build (or find) and load the kernels (tinygrad_llm.native), compiled with `extra_flags` besides its
+    FLAGS (tests build -DTINYGRAD_LLM_PORTABLE this way). Raises native.BUILD_ERRORS where that fails."""
+    library = native.build(SOURCE, extra_flags)
     for name in _FUNCTIONS:
         function = getattr(library, name)
         function.argtypes, function.restype = _ARGUMENTS, None
@@ -139,12 +67,12 @@ def library():
     up at the first call and kept (the quantized op asks at every call)."""
     global _library
     if _library is _UNSET:
-        if not enabled():
+        if not native.enabled():
             _library = None
         else:
             try:
                 _library = load()
-            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            except native.BUILD_ERRORS as error:
                 warnings.warn(f"tinygrad_llm: the quantized CPU kernels could not be built ({error}); using the "
                               f"slower NumPy path", RuntimeWarning, stacklevel=2)
                 _library = None
