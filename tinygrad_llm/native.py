@@ -20,6 +20,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
@@ -94,3 +95,16 @@ def build(source: Path, extra_flags: tuple = (), libraries: tuple = ()) -> ctype
         except BUILD_ERRORS as failure:
             error = failure
     raise RuntimeError(str(error))
+
+
+def load_or_none(load, what: str, fallback: str):
+    """load() (a build() and its setup), or None: when compiled CPU code is off (TINYGRAD_LLM_CPU_KERNELS=0),
+    or when the build fails, then with one warning naming `what` and the `fallback` that runs instead."""
+    if not enabled():
+        return None
+    try:
+        return load()
+    except BUILD_ERRORS as error:
+        warnings.warn(f"tinygrad_llm: {what} could not be built ({error}); using {fallback}", RuntimeWarning,
+                      stacklevel=3)
+        return None

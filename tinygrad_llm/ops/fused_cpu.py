@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -70,15 +69,7 @@ def library():
     with _LOCK:                         # the first call may come from several row-pool threads at once
         if _library is not _UNSET:
             return _library
-        if not native.enabled():
-            _library = None
-        else:
-            try:
-                _library = load()
-            except native.BUILD_ERRORS as error:
-                warnings.warn(f"tinygrad_llm: the fused CPU loops could not be built ({error}); using the "
-                              f"NumPy expressions", RuntimeWarning, stacklevel=2)
-                _library = None
+        _library = native.load_or_none(load, "the fused CPU loops", "the NumPy expressions")
     return _library
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import warnings
 from pathlib import Path
 
 from .. import native
@@ -67,15 +66,7 @@ def library():
     up at the first call and kept (the quantized op asks at every call)."""
     global _library
     if _library is _UNSET:
-        if not native.enabled():
-            _library = None
-        else:
-            try:
-                _library = load()
-            except native.BUILD_ERRORS as error:
-                warnings.warn(f"tinygrad_llm: the quantized CPU kernels could not be built ({error}); using the "
-                              f"slower NumPy path", RuntimeWarning, stacklevel=2)
-                _library = None
+        _library = native.load_or_none(load, "the quantized CPU kernels", "the slower NumPy path")
     return _library
 
 
