@@ -140,7 +140,7 @@ def matmul_alternatives(repeat: int) -> list:
     """The CPU quantized linear: the op (its C kernels for Q8_0 / Q4_0 where they are built) against its
     NumPy path, dequantising the whole matrix then one GEMM, and the int8 dot product."""
     from tinygrad_llm.ops import quantized
-    from tinygrad_llm.quant import QuantizedMatrix, cpu_kernels
+    from tinygrad_llm.quant import QuantizedMatrix
     rng = np.random.default_rng(0)
     weight = (rng.standard_normal((2048, 768)) * 0.02).astype(np.float32)   # the GPT-2-size up_proj
     rows = []
@@ -165,16 +165,8 @@ def matmul_alternatives(repeat: int) -> list:
                 tile[...] = matrix.dequantize()
                 return x @ tile.T
 
-            def numpy_path():
-                saved = quantized.KERNEL_ROWS, cpu_kernels.ROUNDED_ROWS
-                quantized.KERNEL_ROWS, cpu_kernels.ROUNDED_ROWS = 0, 1 << 62
-                try:
-                    return quantized.linear_forward(x, matrix)
-                finally:
-                    quantized.KERNEL_ROWS, cpu_kernels.ROUNDED_ROWS = saved
-
             row = {"type": kind, "batch": batch, "op_ms": worst_ms(lambda: quantized.linear_forward(x, matrix)),
-                   "numpy_path_ms": worst_ms(numpy_path),
+                   "numpy_path_ms": worst_ms(lambda: _numpy_path(x, matrix)),
                    "dequantise_then_gemm_ms": worst_ms(dequantise_then_gemm),
                    "float32_gemm_ms": worst_ms(lambda: x @ weight.T)}
             if kind == "int8":
@@ -183,13 +175,25 @@ def matmul_alternatives(repeat: int) -> list:
     return rows
 
 
+def _numpy_path(x, matrix):
+    """The quantized op's NumPy path (no C kernels, no rounded activations), for the NumPy-path columns."""
+    from tinygrad_llm.ops import quantized
+    from tinygrad_llm.quant import cpu_kernels
+    saved = quantized.KERNEL_ROWS, cpu_kernels.ROUNDED_ROWS
+    quantized.KERNEL_ROWS, cpu_kernels.ROUNDED_ROWS = 0, 1 << 62
+    try:
+        return quantized.linear_forward(x, matrix)
+    finally:
+        quantized.KERNEL_ROWS, cpu_kernels.ROUNDED_ROWS = saved
+
+
 def step_linears(model_name: str, kinds: list, batches: list, repeat: int) -> list:
     """The matrix products of one decode step of a MODELS model (every layer's q, k, v, o, gate, up, down and
     the output head: random codes and scales, no model built), at each batch size: float32 weights (x @ Wᵀ),
     the quantized op (its C kernels where built) and the op's NumPy path. The three take turns, one step
     each per round, `repeat` rounds; the worst round of each, in CPU ms a step (process time)."""
     from tinygrad_llm.ops import quantized
-    from tinygrad_llm.quant import QuantizedMatrix, cpu_kernels
+    from tinygrad_llm.quant import QuantizedMatrix
     config = MODELS[model_name]
     d, f, layers = config["d_model"], config["ffn_hidden"], config["n_layers"]
     shapes = [(d, d)] * 4 * layers + [(f, d), (f, d), (d, f)] * layers + [(config["vocab_size"], d)]
@@ -202,14 +206,6 @@ def step_linears(model_name: str, kinds: list, batches: list, repeat: int) -> li
         return QuantizedMatrix(kind, (out_features, in_features), values,
                                (rng.random((blocks, out_features), dtype=np.float32) * 1e-3).astype(np.float16))
 
-    def numpy_path(x, weight):
-        saved = quantized.KERNEL_ROWS, cpu_kernels.ROUNDED_ROWS
-        quantized.KERNEL_ROWS, cpu_kernels.ROUNDED_ROWS = 0, 1 << 62
-        try:
-            return quantized.linear_forward(x, weight)
-        finally:
-            quantized.KERNEL_ROWS, cpu_kernels.ROUNDED_ROWS = saved
-
     rows = []
     for kind in kinds:
         if kind == "float32":
@@ -218,7 +214,7 @@ def step_linears(model_name: str, kinds: list, batches: list, repeat: int) -> li
         for batch in batches:
             inputs = {n: rng.standard_normal((batch, n), dtype=np.float32) for n in {d, f}}
             sides = {"op": lambda w: quantized.linear_forward(inputs[w.shape[1]], w),
-                     "numpy_path": lambda w: numpy_path(inputs[w.shape[1]], w)}
+                     "numpy_path": lambda w: _numpy_path(inputs[w.shape[1]], w)}
             worst = dict.fromkeys(sides, 0.0)
             for function in sides.values():
                 for weight in weights:

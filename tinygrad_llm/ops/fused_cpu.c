@@ -81,6 +81,18 @@ static inline real FUSED_NAME(row_max)(const real *restrict row, int64_t n)
     return top;
 }
 
+// row[j] <- exp(row[j] - top) for j < n, returning their sum (the shifted exponentials of a softmax row).
+static inline real FUSED_NAME(exp_shifted)(real *restrict row, int64_t n, real top)
+{
+    real total = 0;
+    for (int64_t j = 0; j < n; j++) {
+        real e = FUSED_EXP(row[j] - top);
+        row[j] = e;
+        total += e;
+    }
+    return total;
+}
+
 /* y = silu(g) · u = g · σ(g) · u, σ(g) = 1 / (1 + e^−g)  (e^−g overflowing to inf gives σ = 0) */
 void FUSED_NAME(swiglu_forward)(const real *restrict g, const real *restrict u, real *restrict y, int64_t n)
 {
@@ -161,13 +173,7 @@ void FUSED_NAME(causal_softmax)(real *restrict s, int64_t blocks, int64_t n, int
         for (int64_t i = 0; i < n; i++) {
             real *row = s + (b * n + i) * keys;
             int64_t seen = start + i + 1 < keys ? start + i + 1 : keys;
-            real top = FUSED_NAME(row_max)(row, seen);
-            real total = 0;
-            for (int64_t j = 0; j < seen; j++) {
-                real e = FUSED_EXP(row[j] - top);
-                row[j] = e;
-                total += e;
-            }
+            real total = FUSED_NAME(exp_shifted)(row, seen, FUSED_NAME(row_max)(row, seen));
             real inverse = (real)1 / total;
             for (int64_t j = 0; j < seen; j++)
                 row[j] *= inverse;
@@ -279,12 +285,7 @@ void FUSED_NAME(cross_entropy_rows)(real *restrict z, const int64_t *restrict ta
         }
         real picked = zr[target];
         real top = FUSED_NAME(row_max)(zr, vocab);
-        real total = 0;
-        for (int64_t j = 0; j < vocab; j++) {
-            real e = FUSED_EXP(zr[j] - top);
-            zr[j] = e;
-            total += e;
-        }
+        real total = FUSED_NAME(exp_shifted)(zr, vocab, top);
         losses[row] = (double)top + log((double)total) - (double)picked;
         real factor = scale / total;
         for (int64_t j = 0; j < vocab; j++)
