@@ -10,15 +10,22 @@
 // recomputing P tile by tile, never writing a Tq × Tk array to global memory. It must match the NumPy op
 // tinygrad_llm.ops.attention.CausalAttention.backward (dq, dk, dv).
 //
-// Shapes (contiguous, row-major): q, out, dO, dq: (B, H, Tq, D)   k, v, dk, dv: (B, Hkv, Tk, D)
-//     L, Δ: (B, H, Tq) fp32   dq_accumulator: (B, H, Tq, D) fp32, zeroed by the caller.
+// Shapes: q, out, dO, dq: (B, H, Tq, D)   k, v, dk, dv: (B, Hkv, Tk, D)
+//     L, Δ: (B, H, Tq) fp32   dq_accumulator: (B, H, Tq, D) fp32, zeroed by the caller (both contiguous).
+//     q, k, v, out, dO, dq, dk and dv lie where their layouts say (attention_common.cuh's AttnLayout:
+//     batch, head and row strides in elements, rows contiguous and 16-byte aligned), e.g. dO read in
+//     place from the (B, T, H·D) gradient of the output projection's input, dk and dv written straight
+//     into the packed (B, T, H + 2Hkv, D) gradient of the projection; contiguous (B, H, T, D) is one case.
+//     "layouts" below: the layouts of q, k, v, dO, dq, dk, dv, three long long strides each (a kernel
+//     reads those of the arrays it takes).
 //
 // Kernels (extern "C"), in launch order for bf16/fp16:
-//   attention_backward_prepare_{bf16,fp16}_d{64,128}(dO, out, Δ, dq_accumulator, rows)
+//   attention_backward_prepare_{bf16,fp16}_d{64,128}(dO, out, Δ, dq_accumulator, rows, H, Tq,
+//                                                     layout of dO, layout of out)
 //     Δ = rowsum(dO ∘ out) in fp32 and the row of dq_accumulator set to 0, in one pass: 8 threads a
 //     row, 16-byte loads and stores. Grid ceil(rows · 8 / 256), block 256.
 //   attention_backward_{bf16,fp16}_d64_w4m2q32p, attention_backward_{bf16,fp16}_d128_w4
-//       (q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk, scale)
+//       (q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk, scale, layouts)
 //     Tensor cores (mma.sync.m16n8k16, fp32 accumulators). One block owns BLOCK_K keys of one
 //     (b, kv head); warp w owns 16·M_TILES consecutive keys and keeps their dk, dv accumulators in
 //     registers. The block loops over the G query heads of its group and, in each, over the query
@@ -43,11 +50,11 @@
 //     dSᵀ BLOCK_K × (BLOCK_Q + 8), all 2-byte; L and Δ, two buffers each, BLOCK_Q fp32: 64.5 KiB for
 //     _w4m2q32p at D = 64, 73.5 KiB for _w4 at D = 128. Padding rows by 16
 //     bytes keeps ldmatrix conflict-free. Rows past Tq / Tk are zero-filled (there Q = dO = Δ = 0, so
-//     they add nothing). Inputs must be C-contiguous and 16-byte aligned (tinygrad_llm.gpu.attention makes them so).
-//     dk, dv are written in the input dtype.
-//   attention_backward_convert8_{bf16,fp16}(dq_accumulator, dq, n / 8): dq = dtype(dq_accumulator),
-//     8 elements a thread (two 16-byte loads, one 16-byte store).
-//   fp32 path, for checking: attention_backward_delta_fp32(dO, out, Δ, rows, D) (one warp per row),
+//     they add nothing). dk, dv are written in the input dtype.
+//   attention_backward_convert8_{bf16,fp16}(dq_accumulator, dq, n / 8, H, Tq, D, layout of dq):
+//     dq = dtype(dq_accumulator), 8 elements a thread (two 16-byte loads, one 16-byte store).
+//   fp32 path, for checking: attention_backward_delta_fp32(dO, out, Δ, rows, D, H, Tq, layout of dO,
+//     layout of out) (one warp per row),
 //   then attention_backward_dq_fp32_d{64,128} and attention_backward_dkdv_fp32_d{64,128}: one warp per
 //     query row (dq) or per key row (dk, dv, looping over the group's heads and the query rows that see
 //     the key); grid (ceil(T / 4), B·H or B·Hkv), block 128. No atomics; dq is written directly.
@@ -75,15 +82,24 @@ __device__ __forceinline__ void attn_atomic_add2(float* address, float first, fl
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Where row `row` of the flat (B, H, T) order starts in an array of layout `layout`.
+template <typename T>
+__device__ __forceinline__ T* attn_flat_row(T* base, const AttnLayout& layout, long long row, int heads, int length) {
+    const long long batch_head = row / length;
+    return layout.rows(base, (int)(batch_head / heads), (int)(batch_head % heads)) + (row % length) * layout.row;
+}
+
 // Pre-pass of the fp32 path: Δ = rowsum(dO ∘ out), one warp per row.
 
 template <typename T>
 __device__ __forceinline__ void attention_backward_delta(const T* __restrict__ dout, const T* __restrict__ out,
-                                                         float* __restrict__ delta, int rows, int head_dim) {
+                                                         float* __restrict__ delta, int rows, int head_dim,
+                                                         int heads, int length, AttnLayout dout_layout,
+                                                         AttnLayout out_layout) {
     const int row = blockIdx.x * 8 + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
-    const T* dout_row = dout + (long long)row * head_dim;
-    const T* out_row = out + (long long)row * head_dim;
+    const T* dout_row = attn_flat_row(dout, dout_layout, row, heads, length);
+    const T* out_row = attn_flat_row(out, out_layout, row, heads, length);
     float total = 0.f;
     for (int d = lane; d < head_dim; d += 32) total += static_cast<float>(dout_row[d]) * static_cast<float>(out_row[d]);
 #pragma unroll
@@ -96,17 +112,21 @@ __device__ __forceinline__ void attention_backward_delta(const T* __restrict__ d
 template <typename T, int D>
 __device__ __forceinline__ void attention_backward_prepare(const T* __restrict__ dout, const T* __restrict__ out,
                                                            float* __restrict__ delta,
-                                                           float* __restrict__ dq_accumulator, int rows) {
+                                                           float* __restrict__ dq_accumulator, int rows,
+                                                           int heads, int length, AttnLayout dout_layout,
+                                                           AttnLayout out_layout) {
     constexpr int THREADS_PER_ROW = 8, PER_THREAD = D / THREADS_PER_ROW;
     const int row = (blockIdx.x * blockDim.x + threadIdx.x) / THREADS_PER_ROW;
     const int part = threadIdx.x % THREADS_PER_ROW;
     if (row >= rows) return;                      // whole 8-thread groups leave together
     const long long first = (long long)row * D + part * PER_THREAD;
+    const T* dout_part = attn_flat_row(dout, dout_layout, row, heads, length) + part * PER_THREAD;
+    const T* out_part = attn_flat_row(out, out_layout, row, heads, length) + part * PER_THREAD;
     float total = 0.f;
 #pragma unroll
     for (int chunk = 0; chunk < PER_THREAD / 8; ++chunk) {
-        const uint4 dout_bits = *reinterpret_cast<const uint4*>(dout + first + chunk * 8);
-        const uint4 out_bits = *reinterpret_cast<const uint4*>(out + first + chunk * 8);
+        const uint4 dout_bits = *reinterpret_cast<const uint4*>(dout_part + chunk * 8);
+        const uint4 out_bits = *reinterpret_cast<const uint4*>(out_part + chunk * 8);
         const T* dout_values = reinterpret_cast<const T*>(&dout_bits);
         const T* out_values = reinterpret_cast<const T*>(&out_bits);
 #pragma unroll
@@ -121,10 +141,13 @@ __device__ __forceinline__ void attention_backward_prepare(const T* __restrict__
     for (int i = 0; i < PER_THREAD / 4; ++i) zero_target[i] = make_float4(0.f, 0.f, 0.f, 0.f);
 }
 
-// dq = dtype(dq_accumulator), 8 elements a thread (count8 = element count / 8; D makes it whole).
+// dq = dtype(dq_accumulator), 8 elements a thread (count8 = element count / 8; D makes it whole); the
+// accumulator is contiguous (B, H, Tq, D), dq lies where its layout says.
 template <typename T>
 __device__ __forceinline__ void attention_backward_convert8(const float* __restrict__ source, T* __restrict__ target,
-                                                            long long count8) {
+                                                            long long count8, int heads, int length, int head_dim,
+                                                            AttnLayout target_layout) {
+    const int row_chunks = head_dim / 8;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < count8; i += (long long)gridDim.x * blockDim.x) {
         const float4 low = reinterpret_cast<const float4*>(source)[2 * i];
         const float4 high = reinterpret_cast<const float4*>(source)[2 * i + 1];
@@ -133,7 +156,9 @@ __device__ __forceinline__ void attention_backward_convert8(const float* __restr
         packed.y = AttnType<T>::pack(low.z, low.w);
         packed.z = AttnType<T>::pack(high.x, high.y);
         packed.w = AttnType<T>::pack(high.z, high.w);
-        reinterpret_cast<uint4*>(target)[i] = packed;
+        const long long row = i / row_chunks;
+        *reinterpret_cast<uint4*>(attn_flat_row(target, target_layout, row, heads, length) + (i - row * row_chunks) * 8) =
+            packed;
     }
 }
 
@@ -187,7 +212,8 @@ __device__ __forceinline__ void attention_backward_mma(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
     const float* __restrict__ lse, const float* __restrict__ delta, float* __restrict__ dq_accumulator,
     T* __restrict__ dk, T* __restrict__ dv, int heads, int kv_heads, int query_len, int key_len, float scale,
-    AttnDropout dropout) {
+    AttnLayout q_layout, AttnLayout k_layout, AttnLayout v_layout, AttnLayout dout_layout, AttnLayout dk_layout,
+    AttnLayout dv_layout, AttnDropout dropout) {
     constexpr int WARP_KEYS = 16 * M_TILES;                   // keys of one warp (M_TILES m-tiles)
     constexpr int BLOCK_K = WARP_KEYS * WARPS, THREADS = 32 * WARPS, STRIDE = D + 8, DS_STRIDE = BLOCK_Q + 8;
     constexpr int ROW_GROUPS = BLOCK_Q / 16;          // dQ tile: warps split its rows into groups of 16 …
@@ -209,11 +235,10 @@ __device__ __forceinline__ void attention_backward_mma(
     const int batch = batch_kv_head / kv_heads, kv_head = batch_kv_head % kv_heads;
     const int group = heads / kv_heads;
     const int offset = key_len - query_len;
-    const T* k_rows = k + (long long)batch_kv_head * key_len * D;
-    const T* v_rows = v + (long long)batch_kv_head * key_len * D;
-
-    attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(k_tile, k_rows, key0, key_len);
-    attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(v_tile, v_rows, key0, key_len);
+    attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(k_tile, k_layout.rows(k, batch, kv_head), k_layout.row, key0,
+                                                   key_len);
+    attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(v_tile, v_layout.rows(v, batch, kv_head), v_layout.row, key0,
+                                                   key_len);
 
     float dk_acc[M_TILES][D / 8][4], dv_acc[M_TILES][D / 8][4];
 #pragma unroll
@@ -235,12 +260,13 @@ __device__ __forceinline__ void attention_backward_mma(
     // Issue the copies of step `step`'s Q, dO, L, Δ into buffer `buffer`. Rows past Tq are zero-filled:
     // there Q = dO = 0 and Δ = 0, so whatever P is, they add nothing to dk, dv (and dq is not stored).
     auto load_step = [&](int step, int buffer) {
-        const int batch_head = batch * heads + kv_head * group + step / tiles_per_head;
+        const int head = kv_head * group + step / tiles_per_head, batch_head = batch * heads + head;
         const int query0 = (first_tile + step % tiles_per_head) * BLOCK_Q;
         attn_load_tile<T, BLOCK_Q, D, STRIDE, THREADS>(q_tiles + buffer * BLOCK_Q * STRIDE,
-                                                       q + (long long)batch_head * query_len * D, query0, query_len);
+                                                       q_layout.rows(q, batch, head), q_layout.row, query0, query_len);
         attn_load_tile<T, BLOCK_Q, D, STRIDE, THREADS>(dout_tiles + buffer * BLOCK_Q * STRIDE,
-                                                       dout + (long long)batch_head * query_len * D, query0, query_len);
+                                                       dout_layout.rows(dout, batch, head), dout_layout.row, query0,
+                                                       query_len);
         for (int i = threadIdx.x; i < 2 * BLOCK_Q; i += THREADS) {
             const int row = i % BLOCK_Q;
             const bool valid = query0 + row < query_len;
@@ -444,8 +470,8 @@ __device__ __forceinline__ void attention_backward_mma(
         for (int r = 0; r < 2; ++r) {
             const int key = my_key0 + m * 16 + r * 8;
             if (key < key_len) {
-                T* dk_row = dk + ((long long)batch_kv_head * key_len + key) * D + (lane % 4) * 2;
-                T* dv_row = dv + ((long long)batch_kv_head * key_len + key) * D + (lane % 4) * 2;
+                T* dk_row = dk_layout.rows(dk, batch, kv_head) + key * dk_layout.row + (lane % 4) * 2;
+                T* dv_row = dv_layout.rows(dv, batch, kv_head) + key * dv_layout.row + (lane % 4) * 2;
 #pragma unroll
                 for (int d = 0; d < D / 8; ++d) {
                     *reinterpret_cast<unsigned*>(dk_row + d * 8) =
@@ -467,21 +493,25 @@ template <int D, bool DROPOUT>
 __device__ __forceinline__ void attention_backward_dq_fp32(
     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
     const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-    float* __restrict__ dq, int heads, int kv_heads, int query_len, int key_len, float scale, AttnDropout dropout) {
+    float* __restrict__ dq, int heads, int kv_heads, int query_len, int key_len, float scale,
+    AttnLayout q_layout, AttnLayout k_layout, AttnLayout v_layout, AttnLayout dout_layout, AttnLayout dq_layout,
+    AttnDropout dropout) {
     constexpr int PER_LANE = D / 32;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int query = blockIdx.x * 4 + warp;
     const int batch_head = blockIdx.y;
     if (query >= query_len) return;
-    const int batch = batch_head / heads, kv_head = (batch_head % heads) / (heads / kv_heads);
+    const int batch = batch_head / heads, head = batch_head % heads, kv_head = head / (heads / kv_heads);
     const long long row = (long long)batch_head * query_len + query;
-    const float* k_rows = k + (long long)(batch * kv_heads + kv_head) * key_len * D;
-    const float* v_rows = v + (long long)(batch * kv_heads + kv_head) * key_len * D;
+    const float* k_rows = k_layout.rows(k, batch, kv_head);
+    const float* v_rows = v_layout.rows(v, batch, kv_head);
+    const float* q_row = q_layout.rows(q, batch, head) + query * q_layout.row;
+    const float* dout_row = dout_layout.rows(dout, batch, head) + query * dout_layout.row;
     float q_values[PER_LANE], dout_values[PER_LANE], dq_values[PER_LANE];
 #pragma unroll
     for (int i = 0; i < PER_LANE; ++i) {
-        q_values[i] = q[row * D + lane + 32 * i];
-        dout_values[i] = dout[row * D + lane + 32 * i];
+        q_values[i] = q_row[lane + 32 * i];
+        dout_values[i] = dout_row[lane + 32 * i];
         dq_values[i] = 0.f;
     }
     const float row_lse = lse[row], row_delta = delta[row];
@@ -491,8 +521,8 @@ __device__ __forceinline__ void attention_backward_dq_fp32(
         float score = 0.f, dp = 0.f;
 #pragma unroll
         for (int i = 0; i < PER_LANE; ++i) {
-            score += q_values[i] * k_rows[(long long)key * D + lane + 32 * i];
-            dp += dout_values[i] * v_rows[(long long)key * D + lane + 32 * i];
+            score += q_values[i] * k_rows[key * k_layout.row + lane + 32 * i];
+            dp += dout_values[i] * v_rows[key * v_layout.row + lane + 32 * i];
         }
 #pragma unroll
         for (int width = 16; width > 0; width /= 2) {
@@ -502,10 +532,11 @@ __device__ __forceinline__ void attention_backward_dq_fp32(
         if (DROPOUT) dp = attn_dropout_kept(dropout, row_key, key) ? dp * dropout.scale : 0.f;
         const float ds = expf(score * scale - row_lse) * (dp - row_delta);
 #pragma unroll
-        for (int i = 0; i < PER_LANE; ++i) dq_values[i] += ds * k_rows[(long long)key * D + lane + 32 * i];
+        for (int i = 0; i < PER_LANE; ++i) dq_values[i] += ds * k_rows[key * k_layout.row + lane + 32 * i];
     }
+    float* dq_row = dq_layout.rows(dq, batch, head) + query * dq_layout.row;
 #pragma unroll
-    for (int i = 0; i < PER_LANE; ++i) dq[row * D + lane + 32 * i] = dq_values[i] * scale;
+    for (int i = 0; i < PER_LANE; ++i) dq_row[lane + 32 * i] = dq_values[i] * scale;
 }
 
 template <int D, bool DROPOUT>
@@ -513,7 +544,8 @@ __device__ __forceinline__ void attention_backward_dkdv_fp32(
     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
     const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
     float* __restrict__ dk, float* __restrict__ dv, int heads, int kv_heads, int query_len, int key_len,
-    float scale, AttnDropout dropout) {
+    float scale, AttnLayout q_layout, AttnLayout k_layout, AttnLayout v_layout, AttnLayout dout_layout,
+    AttnLayout dk_layout, AttnLayout dv_layout, AttnDropout dropout) {
     constexpr int PER_LANE = D / 32;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int key = blockIdx.x * 4 + warp;
@@ -521,24 +553,30 @@ __device__ __forceinline__ void attention_backward_dkdv_fp32(
     if (key >= key_len) return;
     const int batch = batch_kv_head / kv_heads, kv_head = batch_kv_head % kv_heads;
     const int group = heads / kv_heads;
-    const long long key_row = (long long)batch_kv_head * key_len + key;
+    const float* k_row = k_layout.rows(k, batch, kv_head) + key * k_layout.row;
+    const float* v_row = v_layout.rows(v, batch, kv_head) + key * v_layout.row;
     float k_values[PER_LANE], v_values[PER_LANE], dk_values[PER_LANE], dv_values[PER_LANE];
 #pragma unroll
     for (int i = 0; i < PER_LANE; ++i) {
-        k_values[i] = k[key_row * D + lane + 32 * i];
-        v_values[i] = v[key_row * D + lane + 32 * i];
+        k_values[i] = k_row[lane + 32 * i];
+        v_values[i] = v_row[lane + 32 * i];
         dk_values[i] = dv_values[i] = 0.f;
     }
     const int first_query = max(0, key - (key_len - query_len));
     for (int member = 0; member < group; ++member) {
-        const long long head_rows = (long long)(batch * heads + kv_head * group + member) * query_len;
+        const int head = kv_head * group + member;
+        const long long head_rows = (long long)(batch * heads + head) * query_len;
+        const float* q_rows = q_layout.rows(q, batch, head);
+        const float* dout_rows = dout_layout.rows(dout, batch, head);
         for (int query = first_query; query < query_len; ++query) {
             const long long row = head_rows + query;
+            const float* q_row = q_rows + query * q_layout.row;
+            const float* dout_row = dout_rows + query * dout_layout.row;
             float score = 0.f, dp = 0.f;
 #pragma unroll
             for (int i = 0; i < PER_LANE; ++i) {
-                score += q[row * D + lane + 32 * i] * k_values[i];
-                dp += dout[row * D + lane + 32 * i] * v_values[i];
+                score += q_row[lane + 32 * i] * k_values[i];
+                dp += dout_row[lane + 32 * i] * v_values[i];
             }
 #pragma unroll
             for (int width = 16; width > 0; width /= 2) {
@@ -555,46 +593,57 @@ __device__ __forceinline__ void attention_backward_dkdv_fp32(
             const float ds = p * (dp - delta[row]);
 #pragma unroll
             for (int i = 0; i < PER_LANE; ++i) {
-                dv_values[i] += p_kept * dout[row * D + lane + 32 * i];
-                dk_values[i] += ds * q[row * D + lane + 32 * i];
+                dv_values[i] += p_kept * dout_row[lane + 32 * i];
+                dk_values[i] += ds * q_row[lane + 32 * i];
             }
         }
     }
 #pragma unroll
     for (int i = 0; i < PER_LANE; ++i) {
-        dk[key_row * D + lane + 32 * i] = dk_values[i] * scale;
-        dv[key_row * D + lane + 32 * i] = dv_values[i];
+        dk_layout.rows(dk, batch, kv_head)[key * dk_layout.row + lane + 32 * i] = dk_values[i] * scale;
+        dv_layout.rows(dv, batch, kv_head)[key * dv_layout.row + lane + 32 * i] = dv_values[i];
     }
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Entry points.
 
+#define ATTN_BACKWARD_LAYOUT_PARAMETERS                                                                 \
+    ATTN_LAYOUT_PARAMETERS(q), ATTN_LAYOUT_PARAMETERS(k), ATTN_LAYOUT_PARAMETERS(v),                  \
+        ATTN_LAYOUT_PARAMETERS(dout), ATTN_LAYOUT_PARAMETERS(dq), ATTN_LAYOUT_PARAMETERS(dk),         \
+        ATTN_LAYOUT_PARAMETERS(dv)
+
 #define ATTN_BACKWARD_DELTA(NAME, TYPE)                                                                \
-    extern "C" __global__ void __launch_bounds__(256) NAME(const TYPE* dout, const TYPE* out,          \
-                                                           float* delta, int rows, int head_dim) {     \
-        attention_backward_delta<TYPE>(dout, out, delta, rows, head_dim);                              \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                            \
+        const TYPE* dout, const TYPE* out, float* delta, int rows, int head_dim, int heads, int length, \
+        ATTN_LAYOUT_PARAMETERS(dout), ATTN_LAYOUT_PARAMETERS(out)) {                                   \
+        attention_backward_delta<TYPE>(dout, out, delta, rows, head_dim, heads, length,                \
+                                       ATTN_LAYOUT(dout), ATTN_LAYOUT(out));                           \
     }
 ATTN_BACKWARD_DELTA(attention_backward_delta_fp32, float)
 
+// the layouts the tensor-core kernels read (dq goes to the contiguous accumulator)
+#define ATTN_MMA_BACKWARD_LAYOUTS                                                                      \
+    ATTN_LAYOUT(q), ATTN_LAYOUT(k), ATTN_LAYOUT(v), ATTN_LAYOUT(dout), ATTN_LAYOUT(dk), ATTN_LAYOUT(dv)
 #define ATTN_BACKWARD_MMA(NAME, TYPE, DIM, BLOCK_Q, WARPS, M_TILES, MIN_BLOCKS) \
     ATTN_BACKWARD_MMA_BUILD(NAME, TYPE, DIM, BLOCK_Q, WARPS, M_TILES, MIN_BLOCKS, false)
 #define ATTN_BACKWARD_MMA_BUILD(NAME, TYPE, DIM, BLOCK_Q, WARPS, M_TILES, MIN_BLOCKS, PACKED_P)        \
     extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) NAME(                         \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,               \
         const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,        \
-        int query_len, int key_len, float scale) {                                                     \
+        int query_len, int key_len, float scale, ATTN_BACKWARD_LAYOUT_PARAMETERS) {                    \
         attention_backward_mma<TYPE, DIM, BLOCK_Q, WARPS, M_TILES, PACKED_P, false>(                   \
             q, k, v, dout, lse, delta, dq_accumulator, dk, dv, heads, kv_heads, query_len, key_len,    \
-            scale, AttnDropout{});                                                                     \
+            scale, ATTN_MMA_BACKWARD_LAYOUTS, AttnDropout{});                                          \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) NAME##_dropout(               \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,               \
         const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,        \
-        int query_len, int key_len, float scale, ATTN_DROPOUT_PARAMETERS) {                            \
+        int query_len, int key_len, float scale, ATTN_BACKWARD_LAYOUT_PARAMETERS,                      \
+        ATTN_DROPOUT_PARAMETERS) {                                                                     \
         attention_backward_mma<TYPE, DIM, BLOCK_Q, WARPS, M_TILES, PACKED_P, true>(                    \
             q, k, v, dout, lse, delta, dq_accumulator, dk, dv, heads, kv_heads, query_len, key_len,    \
-            scale, ATTN_DROPOUT_ARGUMENT);                                                             \
+            scale, ATTN_MMA_BACKWARD_LAYOUTS, ATTN_DROPOUT_ARGUMENT);                                  \
     }
 // _w4m2q32p (head dim 64, and the backward of GPUs without wgmma): 4 warps × 32 keys = 128-key tiles,
 // 32-row query steps (each Q/dO fragment read from shared memory feeds two m-tiles), Pᵀ held as 16-bit A
@@ -605,10 +654,11 @@ ATTN_BACKWARD_MMA_BUILD(attention_backward_fp16_d64_w4m2q32p, __half, 64, 32, 4,
 ATTN_BACKWARD_MMA(attention_backward_fp16_d128_w4, __half, 128, 32, 4, 1, 2)
 
 #define ATTN_BACKWARD_PREPARE(NAME, TYPE, DIM)                                                         \
-    extern "C" __global__ void __launch_bounds__(256) NAME(const TYPE* dout, const TYPE* out,          \
-                                                           float* delta, float* dq_accumulator,        \
-                                                           int rows) {                                 \
-        attention_backward_prepare<TYPE, DIM>(dout, out, delta, dq_accumulator, rows);                 \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                            \
+        const TYPE* dout, const TYPE* out, float* delta, float* dq_accumulator, int rows, int heads,   \
+        int length, ATTN_LAYOUT_PARAMETERS(dout), ATTN_LAYOUT_PARAMETERS(out)) {                       \
+        attention_backward_prepare<TYPE, DIM>(dout, out, delta, dq_accumulator, rows, heads, length,   \
+                                              ATTN_LAYOUT(dout), ATTN_LAYOUT(out));                    \
     }
 ATTN_BACKWARD_PREPARE(attention_backward_prepare_bf16_d64, __nv_bfloat16, 64)
 ATTN_BACKWARD_PREPARE(attention_backward_prepare_bf16_d128, __nv_bfloat16, 128)
@@ -616,9 +666,11 @@ ATTN_BACKWARD_PREPARE(attention_backward_prepare_fp16_d64, __half, 64)
 ATTN_BACKWARD_PREPARE(attention_backward_prepare_fp16_d128, __half, 128)
 
 #define ATTN_BACKWARD_CONVERT8(NAME, TYPE)                                                             \
-    extern "C" __global__ void __launch_bounds__(256) NAME(const float* source, TYPE* target,          \
-                                                           long long count8) {                         \
-        attention_backward_convert8<TYPE>(source, target, count8);                                     \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                            \
+        const float* source, TYPE* target, long long count8, int heads, int length, int head_dim,      \
+        ATTN_LAYOUT_PARAMETERS(target)) {                                                              \
+        attention_backward_convert8<TYPE>(source, target, count8, heads, length, head_dim,             \
+                                          ATTN_LAYOUT(target));                                        \
     }
 ATTN_BACKWARD_CONVERT8(attention_backward_convert8_bf16, __nv_bfloat16)
 ATTN_BACKWARD_CONVERT8(attention_backward_convert8_fp16, __half)
@@ -627,16 +679,19 @@ ATTN_BACKWARD_CONVERT8(attention_backward_convert8_fp16, __half)
     extern "C" __global__ void __launch_bounds__(128) DQ_NAME(                                         \
         const float* q, const float* k, const float* v, const float* dout, const float* lse,           \
         const float* delta, float* dq, int heads, int kv_heads, int query_len, int key_len,            \
-        float scale EXTRA_PARAMETERS) {                                                                \
+        float scale, ATTN_BACKWARD_LAYOUT_PARAMETERS EXTRA_PARAMETERS) {                               \
         attention_backward_dq_fp32<DIM, DROPOUT>(q, k, v, dout, lse, delta, dq, heads, kv_heads,       \
-                                                 query_len, key_len, scale, DROPOUT_VALUE);            \
+                                                 query_len, key_len, scale, ATTN_LAYOUT(q),            \
+                                                 ATTN_LAYOUT(k), ATTN_LAYOUT(v), ATTN_LAYOUT(dout),    \
+                                                 ATTN_LAYOUT(dq), DROPOUT_VALUE);                      \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(128) DKDV_NAME(                                       \
         const float* q, const float* k, const float* v, const float* dout, const float* lse,           \
         const float* delta, float* dk, float* dv, int heads, int kv_heads, int query_len,              \
-        int key_len, float scale EXTRA_PARAMETERS) {                                                   \
+        int key_len, float scale, ATTN_BACKWARD_LAYOUT_PARAMETERS EXTRA_PARAMETERS) {                  \
         attention_backward_dkdv_fp32<DIM, DROPOUT>(q, k, v, dout, lse, delta, dk, dv, heads, kv_heads, \
-                                                   query_len, key_len, scale, DROPOUT_VALUE);          \
+                                                   query_len, key_len, scale, ATTN_MMA_BACKWARD_LAYOUTS, \
+                                                   DROPOUT_VALUE);                                     \
     }
 #define ATTN_DROPOUT_EXTRA , ATTN_DROPOUT_PARAMETERS
 #define ATTN_BACKWARD_FP32(DQ_NAME, DKDV_NAME, DIM)                                                    \

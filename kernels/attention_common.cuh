@@ -134,16 +134,38 @@ __device__ __forceinline__ bool attn_dropout_kept(const AttnDropout& dropout, un
 // being unpacked back into the comparisons that made it.
 __device__ __forceinline__ void attn_opaque(unsigned& x) { asm volatile("" : "+r"(x)); }
 
-// Copy rows [row0, row0 + ROWS) of a (rows, D) matrix into shared memory with row stride STRIDE,
-// zero-filling rows at or past `limit`. All THREADS threads take part; each copy is 16 bytes.
+// Where the rows of a (B, heads, T, D) operand lie: element (b, h, t, d) at
+//     b · batch + h · head + t · row + d          (strides in elements; each row's D elements contiguous)
+// so that q, k, v, dO, out, dq, dk, dv may be views of packed arrays: the token-major (B, T, H, D)
+// layout of a projection (row = H · D, head = D), a slice of one along the heads axis, or the plain
+// (B, H, T, D) (row = D, head = T · D). Every stride and each array's start are multiples of 16 bytes,
+// and offsets inside one (b, h) are 32-bit: T · row < 2³¹ (tinygrad_llm.gpu.attention copies an array
+// whose layout breaks either rule). Kernels take a layout as three arguments (ATTN_LAYOUT_PARAMETERS:
+// long long batch and head strides, an int row stride) and read it from the parameter bank where they
+// need it.
+struct AttnLayout {
+    long long batch, head;
+    int row;
+    template <typename T>
+    __device__ __forceinline__ T* rows(T* base, int b, int h) const { return base + b * batch + h * head; }
+};
+#define ATTN_LAYOUT_PARAMETERS(NAME) long long NAME##_batch, long long NAME##_head, int NAME##_row
+#define ATTN_LAYOUT(NAME) AttnLayout{NAME##_batch, NAME##_head, NAME##_row}
+
+// Copy rows [row0, row0 + ROWS) of a (rows, D) matrix whose rows lie `row_stride` elements apart into
+// shared memory with row stride STRIDE, zero-filling rows at or past `limit`. All THREADS threads take
+// part; each copy is 16 bytes.
 template <typename T, int ROWS, int D, int STRIDE, int THREADS>
-__device__ __forceinline__ void attn_load_tile(T* shared, const T* global, int row0, int limit) {
-    constexpr int CHUNKS_PER_ROW = D * 2 / 16;
-    for (int chunk = threadIdx.x; chunk < ROWS * CHUNKS_PER_ROW; chunk += THREADS) {
-        const int row = chunk / CHUNKS_PER_ROW;
-        const int col = (chunk % CHUNKS_PER_ROW) * 8;
+__device__ __forceinline__ void attn_load_tile(T* shared, const T* global, int row_stride, int row0, int limit) {
+    constexpr int CHUNKS_PER_ROW = D * 2 / 16, ROWS_A_STEP = THREADS / CHUNKS_PER_ROW;
+    static_assert(THREADS % CHUNKS_PER_ROW == 0 && ROWS % ROWS_A_STEP == 0, "every thread copies the same chunks");
+    // a thread copies column `col` of rows first, first + ROWS_A_STEP, …: one source pointer, stepped
+    const int first = threadIdx.x / CHUNKS_PER_ROW, col = (threadIdx.x % CHUNKS_PER_ROW) * 8;
+    const T* source = global + ((row0 + first) * row_stride + col);
+#pragma unroll
+    for (int row = first; row < ROWS; row += ROWS_A_STEP) {
         const bool valid = row0 + row < limit;
-        const T* source = global + (valid ? (long long)(row0 + row) * D + col : 0);
-        attn_copy16(shared + row * STRIDE + col, source, valid);
+        attn_copy16(shared + row * STRIDE + col, valid ? source : global, valid);
+        source += ROWS_A_STEP * row_stride;
     }
 }

@@ -8,8 +8,11 @@
 // without ever writing S to global memory. It must match the NumPy op
 // tinygrad_llm.ops.attention.CausalAttention.forward (out, and the saved lse).
 //
-// Shapes (all contiguous, row-major):
-//     q, out: (B, H, Tq, D)   k, v: (B, Hkv, Tk, D)   lse: (B, H, Tq) fp32      Tq <= Tk, D in {64, 128}
+// Shapes: q, out: (B, H, Tq, D)   k, v: (B, Hkv, Tk, D)   lse: (B, H, Tq) fp32 contiguous
+//     Tq <= Tk, D in {64, 128}. q, k, v and out lie anywhere their layouts say (attention_common.cuh's
+//     AttnLayout: batch, head and row strides, rows contiguous and 16-byte aligned): e.g. q and k in a
+//     token-major (B, T, H + Hkv, D) buffer of rotated heads, v a slice of the packed (B, T, H + 2Hkv, D)
+//     projection, out the (B, T, H·D) input of the output projection; contiguous (B, H, T, D) is one case.
 //
 // Kernels (extern "C", one per dtype, head dim and build):
 //   attention_forward_{bf16,fp16}_d64_w4m2, attention_forward_{bf16,fp16}_d128_w8
@@ -33,14 +36,14 @@
 //     all 2-byte: (BLOCK_Q + 4·BLOCK_K)·(D + 8)·2 bytes, e.g. 54 KiB for _w4m2 at D = 64,
 //     102 KiB for _w8 at D = 128. Rows are padded by 16 bytes so that ldmatrix reads hit 8 different bank
 //     groups. K/V tiles are double-buffered with cp.async: tile t + 1 is in flight while tile t is
-//     multiplied. Rows past Tq / Tk are zero-filled, never read from global memory. Inputs must be
-//     C-contiguous and 16-byte aligned (tinygrad_llm.gpu.attention makes them so).
+//     multiplied. Rows past Tq / Tk are zero-filled, never read from global memory.
 //     out is written in the input dtype, lse in fp32.
 //   attention_forward_fp32_d{64,128}   plain fp32, for checking: one warp per query row, the online
 //     softmax over keys one at a time; lane l holds dims l, l + 32, … Grid (ceil(Tq / 4), B·H),
 //     block 128 (4 warps = 4 rows). No shared memory.
 //
-// Arguments of every kernel: q, k, v, out, lse, H, Hkv, Tq, Tk, scale (= 1/sqrt(D)).
+// Arguments of every kernel: q, k, v, out, lse, H, Hkv, Tq, Tk, scale (= 1/sqrt(D)), then the layouts of
+// q, k, v and out, three long long strides each (batch, head, row, in elements).
 //
 // Attention dropout: every kernel above also exists as NAME_dropout, taking five more arguments
 // (seed_base, row_seed, column_seed, threshold, keep_scale; attention_common.cuh's
@@ -61,6 +64,8 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
                                                       const T* __restrict__ v, T* __restrict__ out,
                                                       float* __restrict__ lse, int heads, int kv_heads,
                                                       int query_len, int key_len, float scale,
+                                                      AttnLayout q_layout, AttnLayout k_layout,
+                                                      AttnLayout v_layout, AttnLayout out_layout,
                                                       AttnDropout dropout) {
     constexpr int WARP_ROWS = 16 * M_TILES;                    // query rows of one warp (M_TILES m-tiles)
     constexpr int BLOCK_Q = WARP_ROWS * WARPS, THREADS = 32 * WARPS, STRIDE = D + 8;
@@ -79,16 +84,16 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
     const int offset = key_len - query_len;                   // query i sits at absolute position i + offset
     const float scale_log2 = scale * ATTN_LOG2E;
 
-    const T* q_rows = q + (long long)batch_head * query_len * D;
-    const T* k_rows = k + (long long)(batch * kv_heads + kv_head) * key_len * D;
-    const T* v_rows = v + (long long)(batch * kv_heads + kv_head) * key_len * D;
+    const T* q_rows = q_layout.rows(q, batch, head);
+    const T* k_rows = k_layout.rows(k, batch, kv_head);
+    const T* v_rows = v_layout.rows(v, batch, kv_head);
 
     const int key_end = min(key_len, query0 + BLOCK_Q + offset);   // keys this tile can see: [0, key_end)
     const int key_tiles = (key_end + BLOCK_K - 1) / BLOCK_K;
 
-    attn_load_tile<T, BLOCK_Q, D, STRIDE, THREADS>(q_tile, q_rows, query0, query_len);
-    attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(k_tiles, k_rows, 0, key_len);
-    attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(v_tiles, v_rows, 0, key_len);
+    attn_load_tile<T, BLOCK_Q, D, STRIDE, THREADS>(q_tile, q_rows, q_layout.row, query0, query_len);
+    attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(k_tiles, k_rows, k_layout.row, 0, key_len);
+    attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(v_tiles, v_rows, v_layout.row, 0, key_len);
     attn_copy_commit();
 
     // Q as A fragments: kept in registers for the whole loop, or (Q_IN_REGISTERS false: 32 fewer live
@@ -130,9 +135,9 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
         if (tile + 1 < key_tiles) {
             const int next = (tile + 1) & 1;
             attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(k_tiles + next * BLOCK_K * STRIDE, k_rows,
-                                                           (tile + 1) * BLOCK_K, key_len);
+                                                           k_layout.row, (tile + 1) * BLOCK_K, key_len);
             attn_load_tile<T, BLOCK_K, D, STRIDE, THREADS>(v_tiles + next * BLOCK_K * STRIDE, v_rows,
-                                                           (tile + 1) * BLOCK_K, key_len);
+                                                           v_layout.row, (tile + 1) * BLOCK_K, key_len);
         }
         attn_copy_commit();
         const T* k_tile = k_tiles + (tile & 1) * BLOCK_K * STRIDE;
@@ -262,7 +267,7 @@ __device__ __forceinline__ void attention_forward_mma(const T* __restrict__ q, c
             const int query = warp_row0 + m * 16 + lane / 4 + r * 8;
             if (query < query_len) {
                 const float inverse = (DROPOUT ? dropout.scale : 1.f) / total;
-                T* out_row = out + ((long long)batch_head * query_len + query) * D;
+                T* out_row = out_layout.rows(out, batch, head) + query * out_layout.row;
 #pragma unroll
                 for (int d = 0; d < D / 8; ++d) {
                     const unsigned packed = AttnType<T>::pack(o[m][d][2 * r] * inverse, o[m][d][2 * r + 1] * inverse);
@@ -282,6 +287,8 @@ __device__ __forceinline__ void attention_forward_fp32(const float* __restrict__
                                                        const float* __restrict__ v, float* __restrict__ out,
                                                        float* __restrict__ lse, int heads, int kv_heads,
                                                        int query_len, int key_len, float scale,
+                                                       AttnLayout q_layout, AttnLayout k_layout,
+                                                       AttnLayout v_layout, AttnLayout out_layout,
                                                        AttnDropout dropout) {
     constexpr int PER_LANE = D / 32;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -290,9 +297,9 @@ __device__ __forceinline__ void attention_forward_fp32(const float* __restrict__
     if (query >= query_len) return;
     const int batch = batch_head / heads, head = batch_head % heads;
     const int kv_head = head / (heads / kv_heads);
-    const float* q_row = q + ((long long)batch_head * query_len + query) * D;
-    const float* k_rows = k + (long long)(batch * kv_heads + kv_head) * key_len * D;
-    const float* v_rows = v + (long long)(batch * kv_heads + kv_head) * key_len * D;
+    const float* q_row = q_layout.rows(q, batch, head) + query * q_layout.row;
+    const float* k_rows = k_layout.rows(k, batch, kv_head);
+    const float* v_rows = v_layout.rows(v, batch, kv_head);
 
     float q_values[PER_LANE], o[PER_LANE];
 #pragma unroll
@@ -303,7 +310,7 @@ __device__ __forceinline__ void attention_forward_fp32(const float* __restrict__
     for (int key = 0; key <= last_key; ++key) {
         float score = 0.f;
 #pragma unroll
-        for (int i = 0; i < PER_LANE; ++i) score += q_values[i] * k_rows[(long long)key * D + lane + 32 * i];
+        for (int i = 0; i < PER_LANE; ++i) score += q_values[i] * k_rows[key * k_layout.row + lane + 32 * i];
 #pragma unroll
         for (int width = 16; width > 0; width /= 2) score += __shfl_xor_sync(0xffffffffu, score, width);
         score *= scale;
@@ -313,10 +320,10 @@ __device__ __forceinline__ void attention_forward_fp32(const float* __restrict__
         row_sum = row_sum * alpha + p;
         const float p_kept = DROPOUT && !attn_dropout_kept(dropout, row_key, key) ? 0.f : p;
 #pragma unroll
-        for (int i = 0; i < PER_LANE; ++i) o[i] = o[i] * alpha + p_kept * v_rows[(long long)key * D + lane + 32 * i];
+        for (int i = 0; i < PER_LANE; ++i) o[i] = o[i] * alpha + p_kept * v_rows[key * v_layout.row + lane + 32 * i];
         row_max = new_max;
     }
-    float* out_row = out + ((long long)batch_head * query_len + query) * D;
+    float* out_row = out_layout.rows(out, batch, head) + query * out_layout.row;
 #pragma unroll
     for (int i = 0; i < PER_LANE; ++i) out_row[lane + 32 * i] = DROPOUT ? o[i] * dropout.scale / row_sum : o[i] / row_sum;
     if (lane == 0) lse[(long long)batch_head * query_len + query] = row_max + logf(row_sum);
@@ -325,18 +332,25 @@ __device__ __forceinline__ void attention_forward_fp32(const float* __restrict__
 // ---------------------------------------------------------------------------------------------------
 // Entry points.
 
+#define ATTN_FORWARD_LAYOUT_PARAMETERS                                                                 \
+    ATTN_LAYOUT_PARAMETERS(q), ATTN_LAYOUT_PARAMETERS(k), ATTN_LAYOUT_PARAMETERS(v),                  \
+        ATTN_LAYOUT_PARAMETERS(out)
+#define ATTN_FORWARD_LAYOUTS ATTN_LAYOUT(q), ATTN_LAYOUT(k), ATTN_LAYOUT(v), ATTN_LAYOUT(out)
+
 #define ATTN_FORWARD_MMA_BUILD(NAME, TYPE, DIM, WARPS, M_TILES, BLOCK_K, Q_IN_REGISTERS, MIN_BLOCKS)   \
     extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) NAME(                         \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,   \
-        int query_len, int key_len, float scale) {                                                     \
+        int query_len, int key_len, float scale, ATTN_FORWARD_LAYOUT_PARAMETERS) {                     \
         attention_forward_mma<TYPE, DIM, WARPS, M_TILES, BLOCK_K, Q_IN_REGISTERS, false>(              \
-            q, k, v, out, lse, heads, kv_heads, query_len, key_len, scale, AttnDropout{});             \
+            q, k, v, out, lse, heads, kv_heads, query_len, key_len, scale, ATTN_FORWARD_LAYOUTS,       \
+            AttnDropout{});                                                                            \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS) NAME##_dropout(               \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,   \
-        int query_len, int key_len, float scale, ATTN_DROPOUT_PARAMETERS) {                            \
+        int query_len, int key_len, float scale, ATTN_FORWARD_LAYOUT_PARAMETERS,                       \
+        ATTN_DROPOUT_PARAMETERS) {                                                                     \
         attention_forward_mma<TYPE, DIM, WARPS, M_TILES, BLOCK_K, Q_IN_REGISTERS, true>(               \
-            q, k, v, out, lse, heads, kv_heads, query_len, key_len, scale,                             \
+            q, k, v, out, lse, heads, kv_heads, query_len, key_len, scale, ATTN_FORWARD_LAYOUTS,       \
             ATTN_DROPOUT_ARGUMENT);                                                                    \
     }
 #define ATTN_FORWARD_MMA(NAME, TYPE, DIM, WARPS, M_TILES) \
@@ -352,15 +366,16 @@ ATTN_FORWARD_MMA(attention_forward_fp16_d128_w8, __half, 128, 8, 1)
 #define ATTN_FORWARD_FP32(NAME, DIM)                                                                   \
     extern "C" __global__ void __launch_bounds__(128) NAME(                                            \
         const float* q, const float* k, const float* v, float* out, float* lse, int heads,             \
-        int kv_heads, int query_len, int key_len, float scale) {                                       \
+        int kv_heads, int query_len, int key_len, float scale, ATTN_FORWARD_LAYOUT_PARAMETERS) {       \
         attention_forward_fp32<DIM, false>(q, k, v, out, lse, heads, kv_heads, query_len, key_len,     \
-                                           scale, AttnDropout{});                                      \
+                                           scale, ATTN_FORWARD_LAYOUTS, AttnDropout{});                \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(128) NAME##_dropout(                                  \
         const float* q, const float* k, const float* v, float* out, float* lse, int heads,             \
-        int kv_heads, int query_len, int key_len, float scale, ATTN_DROPOUT_PARAMETERS) {              \
+        int kv_heads, int query_len, int key_len, float scale, ATTN_FORWARD_LAYOUT_PARAMETERS,         \
+        ATTN_DROPOUT_PARAMETERS) {                                                                     \
         attention_forward_fp32<DIM, true>(q, k, v, out, lse, heads, kv_heads, query_len, key_len,      \
-                                          scale, ATTN_DROPOUT_ARGUMENT);                               \
+                                          scale, ATTN_FORWARD_LAYOUTS, ATTN_DROPOUT_ARGUMENT);         \
     }
 
 ATTN_FORWARD_FP32(attention_forward_fp32_d64, 64)

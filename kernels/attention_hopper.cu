@@ -13,10 +13,13 @@
 //     P = exp(S − L),  dv = Pᵀ dO,  dS = P ∘ (dO vᵀ − Δ),  dq = dS k / sqrt(D),  dk = dSᵀ q / sqrt(D)
 // (dk, dv summed over the G = H / Hkv query heads of a kv head).
 //
-// Shapes (contiguous, row-major, 16-byte aligned): q, out, dO: (B, H, Tq, D); k, v, dk, dv:
-// (B, Hkv, Tk, D); L, Δ: (B, H, Tq) fp32; dq_accumulator: (B, H, Tq, D) fp32, zeroed by the caller.
+// Shapes: q, out, dO: (B, H, Tq, D); k, v, dk, dv: (B, Hkv, Tk, D); L, Δ: (B, H, Tq) fp32 and
+// dq_accumulator: (B, H, Tq, D) fp32, zeroed by the caller, both contiguous. q, k, v, out, dO, dk and dv
+// lie where their layouts say (attention_common.cuh's AttnLayout: batch, head and row strides in
+// elements, rows contiguous and 16-byte aligned), as in attention_forward.cu and attention_backward.cu.
 //
-// attention_forward_{bf16,fp16}_d{64,128}_wg2(q, k, v, out, lse, H, Hkv, Tq, Tk, scale, B)
+// attention_forward_{bf16,fp16}_d{64,128}_wg2(q, k, v, out, lse, H, Hkv, Tq, Tk, scale, B, layouts of q,
+//                                             k, v, out)
 //   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups, 6 · 128 · D · 2 + 1024 bytes
 //   of dynamic shared memory (99 328 at D = 64, 197 632 at D = 128): two 128-row Q tiles and two buffers
 //   each of 128-key K and V tiles plus 1 KiB to align them; 198 registers at D = 64, 238 at D = 128. A
@@ -35,7 +38,7 @@
 //   A warpgroup skips a tile whose keys all come after its rows. out = O / l, L = m · scale + ln l.
 //
 // attention_backward_{bf16,fp16}_d{64,128}_wq(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk,
-//                                              scale)
+//                                              scale, layouts of q, k, v, dO, dq (unread), dk, dv)
 //   Launch: grid B·Hkv·ceil(Tk / 128) (one dimension), block 384 = 3 warpgroups (two compute
 //   warpgroups and one that adds dQ), 203 776 (D = 64) or 200 704 (D = 128) bytes of dynamic shared
 //   memory (listed above the function below). Block x takes key block x mod ceil(Tk / 128) of kv head
@@ -79,12 +82,13 @@ __device__ __forceinline__ unsigned char* attn_aligned_shared() {
 // Forward.
 
 // out = O / l and L = m · scale + ln l for this thread's two rows (row, row + 8) inside the sequence;
-// row_sum holds the thread's partial sums (its quad of lanes adds them up here).
+// row_sum holds the thread's partial sums (its quad of lanes adds them up here). `out` points at the
+// (b, h)'s first row, its rows out_row_stride elements apart.
 template <typename T, bool DROPOUT, int D>
 __device__ __forceinline__ void attn_forward_store(const float (&o)[D / 2], const float (&row_max)[2],
                                                    float (&row_sum)[2], T* __restrict__ out, float* __restrict__ lse,
                                                    int batch_head, int row, int query_len, float scale_log2,
-                                                   float keep_scale) {
+                                                   float keep_scale, int out_row_stride) {
     const int t = threadIdx.x & 3;
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -93,7 +97,7 @@ __device__ __forceinline__ void attn_forward_store(const float (&o)[D / 2], cons
         const int out_row = row + 8 * r;
         if (out_row >= query_len) continue;
         const float inverse = (DROPOUT ? keep_scale : 1.f) / row_sum[r];
-        T* out_line = out + ((long long)batch_head * query_len + out_row) * D;
+        T* out_line = out + out_row * out_row_stride;
         #pragma unroll
         for (int j = 0; j < D / 8; ++j)
             *reinterpret_cast<unsigned*>(out_line + 8 * j + 2 * t) =
@@ -108,6 +112,8 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                                                       const T* __restrict__ v, T* __restrict__ out,
                                                       float* __restrict__ lse, int heads, int kv_heads,
                                                       int query_len, int key_len, float scale, int batches,
+                                                      AttnLayout q_layout, AttnLayout k_layout,
+                                                      AttnLayout v_layout, AttnLayout out_layout,
                                                       AttnDropout dropout) {
     constexpr int BLOCK_Q = 128, BLOCK_K = 128, THREADS = 256, STEPS = D / 16;
     constexpr int BLOCK = 128 * 128;                          // bytes of a 64-column block of a 128-row tile
@@ -129,21 +135,23 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         Work w;
         w.batch_head = item % (batches * heads);
         w.q0 = (q_blocks - 1 - item / (batches * heads)) * BLOCK_Q;
-        const int head = w.batch_head % heads, batch = w.batch_head / heads;
-        const long long kv_base = ((long long)batch * kv_heads + head / (heads / kv_heads)) * key_len * D;
-        w.k_head = k + kv_base;
-        w.v_head = v + kv_base;
+        const int head = w.batch_head % heads, batch = w.batch_head / heads, kv_head = head / (heads / kv_heads);
+        w.k_head = k_layout.rows(k, batch, kv_head);
+        w.v_head = v_layout.rows(v, batch, kv_head);
         const int key_end = min(key_len, w.q0 + BLOCK_Q + offset);   // the tile's last row sees keys < key_end
         w.tiles = (key_end + BLOCK_K - 1) / BLOCK_K;
         return w;
     };
     auto load_q = [&](const Work& w, int buffer) {
-        attn_load_swizzled<T, BLOCK_Q, THREADS, D>(q_tiles + buffer * TILE, q + (long long)w.batch_head * query_len * D,
-                                                   w.q0, query_len);
+        attn_load_swizzled<T, BLOCK_Q, THREADS, D>(q_tiles + buffer * TILE,
+                                                   q_layout.rows(q, w.batch_head / heads, w.batch_head % heads),
+                                                   q_layout.row, w.q0, query_len);
     };
     auto load_kv = [&](const Work& w, int tile, int buffer) {
-        attn_load_swizzled<T, BLOCK_K, THREADS, D>(k_tiles + buffer * TILE, w.k_head, tile * BLOCK_K, key_len);
-        attn_load_swizzled<T, BLOCK_K, THREADS, D>(v_tiles + buffer * TILE, w.v_head, tile * BLOCK_K, key_len);
+        attn_load_swizzled<T, BLOCK_K, THREADS, D>(k_tiles + buffer * TILE, w.k_head, k_layout.row, tile * BLOCK_K,
+                                                   key_len);
+        attn_load_swizzled<T, BLOCK_K, THREADS, D>(v_tiles + buffer * TILE, w.v_head, v_layout.row, tile * BLOCK_K,
+                                                   key_len);
     };
 
     int item = blockIdx.x;
@@ -254,8 +262,10 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             wgmma_hold(o);
             wgmma_hold(p_fragments);
         }
-        attn_forward_store<T, DROPOUT, D>(o, row_max, row_sum, out, lse, current.batch_head, row, query_len,
-                                          scale_log2, dropout.scale);
+        attn_forward_store<T, DROPOUT, D>(o, row_max, row_sum,
+                                          out_layout.rows(out, current.batch_head / heads, current.batch_head % heads),
+                                          lse, current.batch_head, row, query_len, scale_log2, dropout.scale,
+                                          out_layout.row);
         if (!has_next) break;
         item = next_item;
         current = next;
@@ -273,17 +283,19 @@ __device__ __forceinline__ void attn_atomic_add4(float* address, float x, float 
 }
 
 // dk = dK · scale and dv = dV, in the input dtype, for this thread's two keys (key, key + 8) inside the
-// sequence (all D columns); dk_rows, dv_rows point at the (b, kv head)'s first row.
+// sequence (all D columns); dk_rows, dv_rows point at the (b, kv head)'s first row, their rows
+// dk_stride and dv_stride elements apart.
 template <typename T, bool DROPOUT, int D>
 __device__ __forceinline__ void attn_backward_store(const float (&dk_acc)[D / 2], const float (&dv_acc)[D / 2],
                                                     T* __restrict__ dk_rows, T* __restrict__ dv_rows, int key,
-                                                    int key_len, float scale, float keep_scale) {
+                                                    int key_len, float scale, float keep_scale, int dk_stride,
+                                                    int dv_stride) {
     const int t = threadIdx.x & 3;
     #pragma unroll
     for (int r = 0; r < 2; ++r) {
         if (key + 8 * r >= key_len) continue;
-        T* dk_line = dk_rows + (long long)(key + 8 * r) * D + 2 * t;
-        T* dv_line = dv_rows + (long long)(key + 8 * r) * D + 2 * t;
+        T* dk_line = dk_rows + (key + 8 * r) * dk_stride + 2 * t;
+        T* dv_line = dv_rows + (key + 8 * r) * dv_stride + 2 * t;
         #pragma unroll
         for (int j = 0; j < D / 8; ++j) {
             *reinterpret_cast<unsigned*>(dk_line + 8 * j) =
@@ -321,21 +333,24 @@ __device__ __forceinline__ void attn_add_staged_dq(float* dq_rows, const float* 
 // block's keys (the earlier steps see none of them).
 template <int BLOCK_Q, int BLOCK_K, int D = 64>
 struct AttnBackwardWork {
-    int k0, first_step, steps, iterations, query_len;
-    long long kv_base, head_base;   // first row of the kv head in k, v; of its first query head in q, L
+    int k0, first_step, steps, iterations, query_len, batch, kv_head, first_head;
+    long long head_base;   // row of the kv head's first query head in L, Δ (and / D, in dq_accumulator)
 
     __device__ AttnBackwardWork(int heads, int kv_heads, int query_len_, int key_len) : query_len(query_len_) {
         const int key_blocks = (key_len + BLOCK_K - 1) / BLOCK_K, batch_kv = blockIdx.x / key_blocks;
-        const int group_size = heads / kv_heads, batch = batch_kv / kv_heads, kv_head = batch_kv % kv_heads;
+        const int group_size = heads / kv_heads;
+        batch = batch_kv / kv_heads;
+        kv_head = batch_kv % kv_heads;
+        first_head = kv_head * group_size;
         k0 = blockIdx.x % key_blocks * BLOCK_K;
         first_step = max(0, k0 - (key_len - query_len)) / BLOCK_Q;
         steps = (query_len + BLOCK_Q - 1) / BLOCK_Q - first_step;
         iterations = group_size * steps;
-        kv_base = (long long)batch_kv * key_len * D;
-        head_base = ((long long)batch * heads + kv_head * group_size) * query_len;
+        head_base = ((long long)batch * heads + first_head) * query_len;
     }
-    // first row of iteration it's (b, h) in q, dO, L, Δ, and the iteration's first query row
+    // first row of iteration it's (b, h) in L, Δ, its query head, and the iteration's first query row
     __device__ long long row_base(int it) const { return head_base + (long long)(it / steps) * query_len; }
+    __device__ int head(int it) const { return first_head + it / steps; }
     __device__ int query_start(int it) const { return (first_step + it % steps) * BLOCK_Q; }
 };
 
@@ -344,11 +359,14 @@ template <typename T, int BLOCK_Q, int BLOCK_K, int THREADS, int D>
 __device__ __forceinline__ void attn_backward_prefetch(const AttnBackwardWork<BLOCK_Q, BLOCK_K, D>& work, int it,
                                                        const T* q, const T* dout, const float* lse,
                                                        const float* delta, unsigned char* q_tile,
-                                                       unsigned char* dout_tile, float* l_tile, float* delta_tile) {
+                                                       unsigned char* dout_tile, float* l_tile, float* delta_tile,
+                                                       const AttnLayout& q_layout, const AttnLayout& dout_layout) {
     const long long base = work.row_base(it);
-    const int q0 = work.query_start(it), tid = threadIdx.x, query_len = work.query_len;
-    attn_load_swizzled<T, BLOCK_Q, THREADS, D>(q_tile, q + base * D, q0, query_len);
-    attn_load_swizzled<T, BLOCK_Q, THREADS, D>(dout_tile, dout + base * D, q0, query_len);
+    const int q0 = work.query_start(it), tid = threadIdx.x, query_len = work.query_len, head = work.head(it);
+    attn_load_swizzled<T, BLOCK_Q, THREADS, D>(q_tile, q_layout.rows(q, work.batch, head), q_layout.row, q0,
+                                               query_len);
+    attn_load_swizzled<T, BLOCK_Q, THREADS, D>(dout_tile, dout_layout.rows(dout, work.batch, head), dout_layout.row,
+                                               q0, query_len);
     if (tid < 2 * BLOCK_Q) {
         const int i = tid % BLOCK_Q;
         const float* source = (tid < BLOCK_Q ? lse : delta) + base + q0 + i;
@@ -382,7 +400,10 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                                                       const float* __restrict__ delta,
                                                       float* __restrict__ dq_accumulator, T* __restrict__ dk,
                                                       T* __restrict__ dv, int heads, int kv_heads,
-                                                      int query_len, int key_len, float scale, AttnDropout dropout) {
+                                                      int query_len, int key_len, float scale, AttnLayout q_layout,
+                                                      AttnLayout k_layout, AttnLayout v_layout,
+                                                      AttnLayout dout_layout, AttnLayout dk_layout,
+                                                      AttnLayout dv_layout, AttnDropout dropout) {
     constexpr int BLOCK_K = 128, BLOCK_Q = D == 64 ? 128 : 64, THREADS = 256;   // THREADS: the two compute warpgroups
     constexpr bool ROW_SPLIT = BLOCK_Q == 128;   // S, dP, dQ split by query rows (D = 64) or by keys / columns
     constexpr int S_KEYS = ROW_SPLIT ? BLOCK_K : 64;    // keys of a warpgroup's S and dP
@@ -405,14 +426,13 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
     const int g = lane >> 2, t = lane & 3;
     const AttnBackwardWork<BLOCK_Q, BLOCK_K, D> work(heads, kv_heads, query_len, key_len);
     const int k0 = work.k0, iterations = work.iterations, offset = key_len - query_len;
-    const long long kv_base = work.kv_base;
     auto row_base = [&](int it) { return work.row_base(it); };
     auto query_start = [&](int it) { return work.query_start(it); };
     auto prefetch = [&](int it, int buffer) {                 // Q, dO, L, Δ of iteration it
         attn_backward_prefetch<T, BLOCK_Q, BLOCK_K, THREADS, D>(work, it, q, dout, lse, delta,
                                                                q_tiles + buffer * Q_TILE, dout_tiles + buffer * Q_TILE,
                                                                l_tiles + buffer * BLOCK_Q,
-                                                               delta_tiles + buffer * BLOCK_Q);
+                                                               delta_tiles + buffer * BLOCK_Q, q_layout, dout_layout);
     };
 
     if (tid >= THREADS) {
@@ -429,8 +449,10 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
         }
     } else {
         attn_set_max_registers_inc<232>();
-        attn_load_swizzled<T, BLOCK_K, THREADS, D>(k_tile, k + kv_base, k0, key_len);
-        attn_load_swizzled<T, BLOCK_K, THREADS, D>(v_tile, v + kv_base, k0, key_len);
+        attn_load_swizzled<T, BLOCK_K, THREADS, D>(k_tile, k_layout.rows(k, work.batch, work.kv_head), k_layout.row,
+                                                   k0, key_len);
+        attn_load_swizzled<T, BLOCK_K, THREADS, D>(v_tile, v_layout.rows(v, work.batch, work.kv_head), v_layout.row,
+                                                   k0, key_len);
         prefetch(0, 0);
         attn_copy_commit();
 
@@ -595,8 +617,9 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                         make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
             attn_named_arrive(2, THREADS + 128);              // the stage is full
         }
-        attn_backward_store<T, DROPOUT, D>(dk_acc, dv_acc, dk + kv_base, dv + kv_base, k0 + key_row, key_len, scale,
-                                           dropout.scale);
+        attn_backward_store<T, DROPOUT, D>(dk_acc, dv_acc, dk_layout.rows(dk, work.batch, work.kv_head),
+                                           dv_layout.rows(dv, work.batch, work.kv_head), k0 + key_row, key_len, scale,
+                                           dropout.scale, dk_layout.row, dv_layout.row);
     }
 }
 
@@ -608,38 +631,55 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
 #define ATTN_HOPPER_BODY(CALL) __trap();
 #endif
 
+#define ATTN_HOPPER_FORWARD_LAYOUT_PARAMETERS                                                                \
+    ATTN_LAYOUT_PARAMETERS(q), ATTN_LAYOUT_PARAMETERS(k), ATTN_LAYOUT_PARAMETERS(v), ATTN_LAYOUT_PARAMETERS(out)
+#define ATTN_HOPPER_FORWARD_LAYOUTS ATTN_LAYOUT(q), ATTN_LAYOUT(k), ATTN_LAYOUT(v), ATTN_LAYOUT(out)
+// the backward takes dq's layout too (the launcher passes one list to every backward build), unread here:
+// dq goes to the contiguous accumulator
+#define ATTN_HOPPER_BACKWARD_LAYOUT_PARAMETERS                                                               \
+    ATTN_LAYOUT_PARAMETERS(q), ATTN_LAYOUT_PARAMETERS(k), ATTN_LAYOUT_PARAMETERS(v),                        \
+        ATTN_LAYOUT_PARAMETERS(dout), ATTN_LAYOUT_PARAMETERS(dq), ATTN_LAYOUT_PARAMETERS(dk),               \
+        ATTN_LAYOUT_PARAMETERS(dv)
+#define ATTN_HOPPER_BACKWARD_LAYOUTS                                                                         \
+    ATTN_LAYOUT(q), ATTN_LAYOUT(k), ATTN_LAYOUT(v), ATTN_LAYOUT(dout), ATTN_LAYOUT(dk), ATTN_LAYOUT(dv)
+
 #define ATTN_HOPPER_FORWARD(SUFFIX, TYPE, BUILD, D)                                                          \
     extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d##D##_##BUILD(          \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,       \
-        int query_len, int key_len, float scale, int batches) {                                            \
+        int query_len, int key_len, float scale, int batches, ATTN_HOPPER_FORWARD_LAYOUT_PARAMETERS) {     \
         ATTN_HOPPER_BODY((attention_forward_##BUILD<TYPE, false, D>(q, k, v, out, lse, heads, kv_heads,      \
                                                                 query_len, key_len, scale, batches,        \
+                                                                ATTN_HOPPER_FORWARD_LAYOUTS,               \
                                                                 AttnDropout{})))                           \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d##D##_##BUILD##_dropout( \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,       \
-        int query_len, int key_len, float scale, int batches, ATTN_DROPOUT_PARAMETERS) {                   \
+        int query_len, int key_len, float scale, int batches, ATTN_HOPPER_FORWARD_LAYOUT_PARAMETERS,       \
+        ATTN_DROPOUT_PARAMETERS) {                                                                         \
         ATTN_HOPPER_BODY((attention_forward_##BUILD<TYPE, true, D>(                                         \
             q, k, v, out, lse, heads, kv_heads, query_len, key_len, scale, batches,                        \
-            ATTN_DROPOUT_ARGUMENT)))                                                                       \
+            ATTN_HOPPER_FORWARD_LAYOUTS, ATTN_DROPOUT_ARGUMENT)))                                          \
     }
 
 #define ATTN_HOPPER_BACKWARD(SUFFIX, TYPE, BUILD, D)                                                         \
     extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d##D##_##BUILD(         \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
         const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
-        int query_len, int key_len, float scale) {                                                         \
+        int query_len, int key_len, float scale, ATTN_HOPPER_BACKWARD_LAYOUT_PARAMETERS) {                 \
         ATTN_HOPPER_BODY((attention_backward_##BUILD<TYPE, false, D>(q, k, v, dout, lse, delta,              \
                                                                  dq_accumulator, dk, dv, heads, kv_heads,  \
-                                                                 query_len, key_len, scale, AttnDropout{}))) \
+                                                                 query_len, key_len, scale,                \
+                                                                 ATTN_HOPPER_BACKWARD_LAYOUTS,             \
+                                                                 AttnDropout{})))                          \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d##D##_##BUILD##_dropout( \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
         const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
-        int query_len, int key_len, float scale, ATTN_DROPOUT_PARAMETERS) {                                \
+        int query_len, int key_len, float scale, ATTN_HOPPER_BACKWARD_LAYOUT_PARAMETERS,                   \
+        ATTN_DROPOUT_PARAMETERS) {                                                                         \
         ATTN_HOPPER_BODY((attention_backward_##BUILD<TYPE, true, D>(                                        \
             q, k, v, dout, lse, delta, dq_accumulator, dk, dv, heads, kv_heads, query_len, key_len, scale, \
-            ATTN_DROPOUT_ARGUMENT)))                                                                       \
+            ATTN_HOPPER_BACKWARD_LAYOUTS, ATTN_DROPOUT_ARGUMENT)))                                         \
     }
 
 ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg2, 64)

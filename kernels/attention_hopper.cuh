@@ -72,20 +72,26 @@ __device__ __forceinline__ unsigned long long attn_descriptor(unsigned address, 
          | (1ull << 62);
 }
 
-// Copy rows [row0, row0 + ROWS) of a (rows, D) two-byte matrix into a swizzled tile, zero-filling rows
-// at or past `limit`. D = 128 fills two 64-column blocks of ROWS × 128 bytes, one after the other.
-// Every one of the THREADS threads takes part; each copy is 16 bytes (cp.async).
+// Copy rows [row0, row0 + ROWS) of a (rows, D) two-byte matrix whose rows lie `row_stride` elements
+// apart into a swizzled tile, zero-filling rows at or past `limit`. D = 128 fills two 64-column blocks
+// of ROWS × 128 bytes, one after the other. Every one of the THREADS threads takes part; each copy is
+// 16 bytes (cp.async).
 template <typename T, int ROWS, int THREADS, int D = 64>
-__device__ __forceinline__ void attn_load_swizzled(unsigned char* tile, const T* global, int row0, int limit) {
+__device__ __forceinline__ void attn_load_swizzled(unsigned char* tile, const T* global, int row_stride, int row0,
+                                                   int limit) {
     constexpr int CHUNKS = D / 8, CHUNK_BITS = D == 64 ? 3 : 4;     // 16-byte chunks a row
     static_assert(D == 64 || D == 128, "head dim 64 or 128");
-    static_assert(ROWS * CHUNKS % THREADS == 0, "every thread copies the same number of chunks");
+    static_assert(ROWS * CHUNKS % THREADS == 0 && THREADS % CHUNKS == 0, "every thread copies the same chunks");
+    constexpr int ROWS_A_STEP = THREADS / CHUNKS;
+    // a thread copies chunk `chunk` of rows first, first + ROWS_A_STEP, …: one source pointer, stepped
+    const int first = threadIdx.x >> CHUNK_BITS, chunk = threadIdx.x & (CHUNKS - 1);
+    const T* source = global + ((row0 + first) * row_stride + chunk * 8);
     #pragma unroll
     for (int step = 0; step < ROWS * CHUNKS / THREADS; ++step) {
-        const int index = threadIdx.x + step * THREADS, row = index >> CHUNK_BITS, chunk = index & (CHUNKS - 1);
+        const int row = first + step * ROWS_A_STEP;
         const bool valid = row0 + row < limit;
-        const T* source = global + (valid ? (long long)(row0 + row) * D + chunk * 8 : 0);
-        attn_copy16(tile + (chunk >> 3) * (ROWS * 128) + attn_swizzle(row, chunk & 7), source, valid);
+        attn_copy16(tile + (chunk >> 3) * (ROWS * 128) + attn_swizzle(row, chunk & 7), valid ? source : global, valid);
+        source += ROWS_A_STEP * row_stride;
     }
 }
 

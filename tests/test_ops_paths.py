@@ -68,6 +68,8 @@ class FakeKernels:
     def rope_forward(self, x, cos, sin, out=None):
         if self.in_backward:
             self.backward_calls += 1
+        if out is x:                      # in place, as the kernel allows
+            x = x.copy()
         return rope.rotate_into(x, cos, sin, np.empty_like(x) if out is None else out)
 
     def copy_heads(self, x, out=None):
@@ -80,14 +82,22 @@ class FakeKernels:
         y, r = self.rms_norm_forward(total, weight, eps)
         return total, y.astype(out_dtype or x.dtype), r
 
-    def causal_attention_forward(self, q, k, v):
-        out, (_, _, _, _, lse) = attention._attend(q, k, v, "recompute")
-        return out, lse
+    def causal_attention_forward(self, q, k, v, dropout=None, out=None):
+        result, (_, _, _, _, lse) = attention._attend(q, k, v, "recompute")
+        if out is not None:               # the kernels write a given output through its strides
+            out[...] = result
+        return result if out is None else out, lse
 
-    def causal_attention_backward(self, dy, q, k, v, out, lse):
+    def causal_attention_backward(self, dy, q, k, v, out, lse, dropout=None, dq=None, dk=None, dv=None):
         self.backward_calls += 1
-        dq, dk, dv = attention._attend_backward(dy, "recompute", q, k, v, out, lse)
-        return dq.reshape(q.shape), np.ascontiguousarray(dk), np.ascontiguousarray(dv)
+        grads = attention._attend_backward(dy, "recompute", q, k, v, out, lse)
+        results = []
+        for grad, given, like in zip(grads, (dq, dk, dv), (q, k, v)):
+            grad = np.ascontiguousarray(grad).reshape(like.shape)
+            if given is not None:
+                given[...] = grad
+            results.append(grad if given is None else given)
+        return tuple(results)
 
     def linear_forward(self, x, weight):
         x2 = x.reshape(-1, x.shape[-1])

@@ -4,11 +4,21 @@ Launches the kernels of kernels/attention_forward.cu, attention_backward.cu and 
 (their headers give the algorithm, tiles, launch layout and shared memory) for
 `tinygrad_llm.ops.attention.CausalAttention`, which is also their reference.
 
-    causal_attention_forward(q, k, v, dropout=None) -> (out, lse)
-    causal_attention_backward(dy, q, k, v, out, lse, dropout=None) -> (dq, dk, dv)
+    causal_attention_forward(q, k, v, dropout=None, out=None) -> (out, lse)
+    causal_attention_backward(dy, q, k, v, out, lse, dropout=None, dq=None, dk=None, dv=None) -> (dq, dk, dv)
 
 Shapes: q, out, dy, dq (B, H, Tq, D); k, v, dk, dv (B, Hkv, Tk, D) with Hkv | H and Tq ≤ Tk (the causal
 mask is aligned bottom-right, so a KV-cached decoding step with Tq = 1 works); lse (B, H, Tq) float32.
+
+Layouts: the kernels read q, k, v, out, dy and write out, dq, dk, dv through their strides (batch, head
+and row, in elements; kernels/attention_common.cuh's AttnLayout), so each may be a view of a packed
+array: q, k of a token-major (B, T, H + Hkv, D) buffer, v a slice of the projection qkv
+(B, T, H + 2Hkv, D), out and dy the (B, T, H·D) arrays around the output projection, dq, dk, dv slices
+of d(qkv), each as its (B, T, heads, D) -> (B, heads, T, D) transpose. A view is used in place when its
+last axis is contiguous, its start and other strides are multiples of 16 bytes and T times its row stride
+is below 2³¹ elements; anything else is copied to a contiguous array first (inputs) or refused (outputs given as `out`, `dq`, `dk`, `dv`).
+Without those arguments the outputs are new C-contiguous arrays. lse, Δ and the float32 dq accumulator
+stay contiguous (B, H, Tq[, D]).
 
 Which build runs (`kernel_for(head_dim, dtype)` names it):
 - head dims 64 and 128, bf16/fp16, compute capability 9.0 (H100, H200): the wgmma builds of
@@ -32,8 +42,8 @@ array of a rng.DeviceSeed whose value the kernels add to the seed words) runs ev
 tinygrad_llm.rng.hash_bits): out = keep_scale · (P ∘ M) v, and the matching backward. Without it the
 plain builds run, compiled from the same templates with the dropout code left out.
 
-Simplifications: head dims 64 and 128 only; inputs are made C-contiguous and 16-byte aligned (a copy when
-they are not); dk and dv are summed over the query heads of a group inside one thread block, while dq is
+Simplifications: head dims 64 and 128 only; inputs whose layout the kernels cannot read (see Layouts) are
+copied; dk and dv are summed over the query heads of a group inside one thread block, while dq is
 summed over key blocks with float32 atomics, so dq's last bits can vary from run to run (dk and dv cannot).
 """
 from __future__ import annotations
@@ -43,7 +53,6 @@ import os
 
 import numpy as np
 
-from .. import backend
 from .arrays import all_on_gpu, compute_capability, contiguous, empty, multiprocessors, seed_base
 from .compiler import function
 
@@ -170,88 +179,128 @@ def _dropout_arguments(dropout) -> tuple:
                         np.float32(keep_scale))
 
 
-def causal_attention_forward(q, k, v, dropout=None):
+def _readable(x) -> bool:
+    """True when the kernels read or write x (B, heads, T, D) in place: last axis contiguous, start and the
+    other strides on 16-byte boundaries, and the offsets inside one (b, h) 32-bit (T · row stride < 2³¹
+    elements)."""
+    return (x.strides[-1] == x.itemsize and all(stride % 16 == 0 for stride in x.strides[:-1])
+            and x.data.ptr % 16 == 0 and x.shape[2] * abs(x.strides[2] // x.itemsize) < 2 ** 31)
+
+
+def _in_place(x):
+    """x itself when the kernels can read it through its strides, else a C-contiguous copy."""
+    return x if _readable(x) else contiguous(x)
+
+
+def _layout(x) -> tuple:
+    """The (batch, head, row) strides of a 4-d x in elements: the kernels' layout arguments (the row
+    stride an int32)."""
+    batch, head, row = (stride // x.itemsize for stride in x.strides[:3])
+    return np.int64(batch), np.int64(head), np.int32(row)
+
+
+def _output(given, shape, dtype, name: str):
+    """`given` checked as an output the kernels can write through its strides, or a new array."""
+    if given is None:
+        return empty(shape, dtype)
+    if tuple(given.shape) != tuple(shape) or given.dtype != dtype or not _readable(given):
+        raise ValueError(f"causal_attention: {name} must be a {tuple(shape)} {np.dtype(dtype).name} array whose "
+                         f"last axis is contiguous, whose start and other strides are multiples of 16 bytes and "
+                         f"whose T · row stride is below 2³¹ elements")
+    return given
+
+
+def causal_attention_forward(q, k, v, dropout=None, out=None):
     """out (B, H, Tq, D) in q's dtype and lse (B, H, Tq) float32 of causal grouped-query attention;
     dropout: (base, row_seed, column_seed, threshold, keep_scale) of attention dropout (ops/attention's
-    kernel_dropout: base a device uint64 array added to the seed words, or None), or None."""
-    q, k, v = contiguous(q), contiguous(k), contiguous(v)
+    kernel_dropout: base a device uint64 array added to the seed words, or None), or None. q, k, v may
+    be strided views (see Layouts); `out`, when given, is written in place and returned."""
+    q, k, v = _in_place(q), _in_place(k), _in_place(v)
     batch, heads, query_len, head_dim = q.shape
     kv_heads, key_len = k.shape[1], k.shape[2]
     suffix = _SUFFIX[np.dtype(q.dtype).name]
-    out = empty(q.shape, q.dtype)
+    out = _output(out, q.shape, q.dtype, "out")
     lse = empty((batch, heads, query_len), np.float32)
     if out.size == 0:
         return out, lse
     args = (q, k, v, out, lse, np.int32(heads), np.int32(kv_heads), np.int32(query_len), np.int32(key_len),
             np.float32(1.0 / math.sqrt(head_dim)))
+    layouts = _layout(q) + _layout(k) + _layout(v) + _layout(out)
     variant, extra = _dropout_arguments(dropout)
     if suffix == "fp32":
         _kernel(FORWARD_FILE, f"attention_forward_fp32_d{head_dim}{variant}")(
-            ((query_len + 3) // 4, batch * heads), (128,), args + extra)
+            ((query_len + 3) // 4, batch * heads), (128,), args + layouts + extra)
         return out, lse
     build, _ = _builds(head_dim, hopper_available())
     if build.hopper:
         items = batch * heads * ((query_len + 127) // 128)      # persistent: at most one block a multiprocessor
         shared = _hopper_forward_shared_bytes(head_dim)
         _kernel(HOPPER_FILE, f"attention_forward_{suffix}_d{head_dim}_{build.name}{variant}", shared)(
-            (min(items, multiprocessors()),), (256,), args + (np.int32(batch),) + extra, shared_mem=shared)
+            (min(items, multiprocessors()),), (256,), args + (np.int32(batch),) + layouts + extra, shared_mem=shared)
     else:
         block_q = 16 * build.m_tiles * build.warps
         shared = _forward_shared_bytes(head_dim, block_q)
         grid = ((query_len + block_q - 1) // block_q, batch * heads)
         _kernel(FORWARD_FILE, f"attention_forward_{suffix}_d{head_dim}_{build.name}{variant}", shared)(
-            grid, (32 * build.warps,), args + extra, shared_mem=shared)
+            grid, (32 * build.warps,), args + layouts + extra, shared_mem=shared)
     return out, lse
 
 
-def causal_attention_backward(dy, q, k, v, out, lse, dropout=None):
+def causal_attention_backward(dy, q, k, v, out, lse, dropout=None, dq=None, dk=None, dv=None):
     """dq, dk, dv of causal grouped-query attention (dk, dv summed over each kv head's query heads);
-    dropout: the forward's (base, row_seed, column_seed, threshold, keep_scale), or None."""
-    cp = backend.cupy_module()
-    dy = contiguous(dy.astype(q.dtype, copy=False))
-    q, k, v, out, lse = (contiguous(a) for a in (q, k, v, out, lse))
+    dropout: the forward's (base, row_seed, column_seed, threshold, keep_scale), or None. dy, q, k, v, out
+    may be strided views (see Layouts); dq, dk, dv, when given, are written in place and returned."""
+    dy = _in_place(dy.astype(q.dtype, copy=False))
+    q, k, v, out = (_in_place(a) for a in (q, k, v, out))
+    lse = contiguous(lse)
     batch, heads, query_len, head_dim = q.shape
     kv_heads, key_len = k.shape[1], k.shape[2]
     suffix = _SUFFIX[np.dtype(q.dtype).name]
     sizes = (np.int32(heads), np.int32(kv_heads), np.int32(query_len), np.int32(key_len),
              np.float32(1.0 / math.sqrt(head_dim)))
     variant, extra = _dropout_arguments(dropout)
-    if q.size == 0:
-        return cp.empty(q.shape, dtype=q.dtype), cp.zeros(k.shape, k.dtype), cp.zeros(v.shape, v.dtype)
-    dk, dv = empty(k.shape, k.dtype), empty(v.shape, v.dtype)
+    dq = _output(dq, q.shape, q.dtype, "dq")
+    dk, dv = _output(dk, k.shape, k.dtype, "dk"), _output(dv, v.shape, v.dtype, "dv")
+    if q.size == 0:                                       # no query sees a key: dk = dv = 0
+        dk[...] = 0
+        dv[...] = 0
+        return dq, dk, dv
+    layouts = _layout(q) + _layout(k) + _layout(v) + _layout(dy) + _layout(dq) + _layout(dk) + _layout(dv)
+    row_layouts = (np.int32(heads), np.int32(query_len)) + _layout(dy) + _layout(out)   # where Δ's rows lie
     rows = batch * heads * query_len
     delta = empty((batch, heads, query_len), np.float32)
     if suffix == "fp32":
         # Δ = rowsum(dO ∘ O): one warp per row
         _kernel(BACKWARD_FILE, "attention_backward_delta_fp32")(
-            ((rows + 7) // 8,), (256,), (dy, out, delta, np.int32(rows), np.int32(head_dim)))
-        dq = empty(q.shape, q.dtype)
+            ((rows + 7) // 8,), (256,), (dy, out, delta, np.int32(rows), np.int32(head_dim)) + row_layouts)
         _kernel(BACKWARD_FILE, f"attention_backward_dq_fp32_d{head_dim}{variant}")(
-            ((query_len + 3) // 4, batch * heads), (128,), (q, k, v, dy, lse, delta, dq) + sizes + extra)
+            ((query_len + 3) // 4, batch * heads), (128,), (q, k, v, dy, lse, delta, dq) + sizes + layouts + extra)
         _kernel(BACKWARD_FILE, f"attention_backward_dkdv_fp32_d{head_dim}{variant}")(
-            ((key_len + 3) // 4, batch * kv_heads), (128,), (q, k, v, dy, lse, delta, dk, dv) + sizes + extra)
+            ((key_len + 3) // 4, batch * kv_heads), (128,),
+            (q, k, v, dy, lse, delta, dk, dv) + sizes + layouts + extra)
         return dq, dk, dv
     # Δ = rowsum(dO ∘ O) and dq_accumulator = 0, one pass (8 threads a row)
     dq_accumulator = empty(q.shape, np.float32)
     _kernel(BACKWARD_FILE, f"attention_backward_prepare_{suffix}_d{head_dim}")(
-        ((rows * 8 + 255) // 256,), (256,), (dy, out, delta, dq_accumulator, np.int32(rows)))
+        ((rows * 8 + 255) // 256,), (256,), (dy, out, delta, dq_accumulator, np.int32(rows)) + row_layouts)
     _, build = _builds(head_dim, hopper_available())
     arrays = (q, k, v, dy, lse, delta, dq_accumulator, dk, dv)
     if build.hopper:
         shared = _hopper_backward_shared_bytes(head_dim, build)
         key_blocks = (key_len + _HOPPER_BLOCK_K - 1) // _HOPPER_BLOCK_K
         _kernel(HOPPER_FILE, f"attention_backward_{suffix}_d{head_dim}_{build.name}{variant}", shared)(
-            (batch * kv_heads * key_blocks,), (384,), arrays + sizes + extra, shared_mem=shared)
+            (batch * kv_heads * key_blocks,), (384,), arrays + sizes + layouts + extra, shared_mem=shared)
     else:
         shared = _backward_shared_bytes(head_dim, build)
         block_k = 16 * build.m_tiles * build.warps
         grid = ((key_len + block_k - 1) // block_k, batch * kv_heads)
         _kernel(BACKWARD_FILE, f"attention_backward_{suffix}_d{head_dim}_{build.name}{variant}", shared)(
-            grid, (32 * build.warps,), arrays + sizes + extra, shared_mem=shared)
-    dq = empty(q.shape, q.dtype)
+            grid, (32 * build.warps,), arrays + sizes + layouts + extra, shared_mem=shared)
     count8 = q.size // 8                                  # D is a multiple of 8
     _kernel(BACKWARD_FILE, f"attention_backward_convert8_{suffix}")(
-        (min((count8 + 255) // 256, 8192),), (256,), (dq_accumulator, dq, np.int64(count8)))
+        (min((count8 + 255) // 256, 8192),), (256,),
+        (dq_accumulator, dq, np.int64(count8), np.int32(heads), np.int32(query_len), np.int32(head_dim))
+        + _layout(dq))
     return dq, dk, dv
 
 

@@ -446,6 +446,10 @@ class CausalAttention(Function):
     of QUERY_BLOCK rows, each against only the keys up to its diagonal (`_blocked_forward`,
     `_blocked_backward`; derived in docs/backprop.md), 1/√D rides in q's RoPE tables, and q, k, O, dO
     stay in the token-major layout of qkv and y (no transposed copies but kᵀ and vᵀ).
+    GPU attention kernels (tinygrad_llm.gpu.attention): q and k are rotated in one pass into a token-major
+    (B, T, H + Hkv, D) buffer; the kernels read q, k there, v in qkv and dO in dy, and write O into y and
+    dq, dk, dv into d(qkv) through their strides; one more pass rotates d(q‖k) back in place. Saved: the
+    rotated buffer and views of qkv and y (both alive anyway, as inputs of this op and of the next), and L.
     With `cache=(k_store, v_store, start)` (KV-cached decoding, no gradient) the rotated k and v of the
     new positions are written into the stores (B, Hkv, max_len, D) at start … start + T, and q attends
     to every stored position before start + T; cos, sin are then the tables of positions start … start + T.
@@ -496,11 +500,24 @@ class CausalAttention(Function):
         blocked = (xp is np and keep_probabilities and not needs_float32_products(qkv.dtype)
                    and kernel("causal_attention", qkv) is None)
         tables = _head_tables(cos, sin, heads, kv_heads) if blocked else None
+        fast = kernel("causal_attention", qkv) if rope is not None else None
 
         def part(bounds):
             start, end = bounds
             chunk = qkv[start:end]                                                   # (b, T, H + 2Hkv, D)
             rows = end - start
+            if fast is not None:     # the GPU kernels read and write strided views: q and k rotated in one pass
+                # into a token-major buffer, v read in place from qkv, O written straight into out
+                qk = xp.empty((rows, time, heads + kv_heads, head_dim), dtype=qkv.dtype)   # (b, T, H + Hkv, D)
+                rotate_into(chunk[:, :, :heads + kv_heads].transpose(0, 2, 1, 3), cos, sin,
+                            qk.transpose(0, 2, 1, 3), rope)
+                q = qk[:, :, :heads].transpose(0, 2, 1, 3)                           # (b, H, T, D) view
+                k = qk[:, :, heads:].transpose(0, 2, 1, 3)                           # (b, Hkv, T, D) view
+                v = chunk[:, :, heads + kv_heads:].transpose(0, 2, 1, 3)             # (b, Hkv, T, D) view
+                o = out[start:end].reshape(rows, time, heads, head_dim).transpose(0, 2, 1, 3)   # (b, H, T, D)
+                _, lse = fast.causal_attention_forward(q, k, v, dropout=kernel_dropout(drop, start * heads * time),
+                                                       out=o)
+                return [bounds, fast, (q, k, v, o, lse)]
             if blocked:          # q, k rotated in the token-major layout; O written in o_proj's layout
                 qk = np.empty((rows, time, heads + kv_heads, head_dim), dtype=qkv.dtype)
                 rotate_heads_into(chunk[:, :, :heads + kv_heads], *tables, qk)
@@ -549,6 +566,18 @@ class CausalAttention(Function):
             rows = end - start
             d_out = dy[start:end].reshape(rows, time, heads, head_dim).transpose(0, 2, 1, 3)   # (b, H, T, D) view
             target = dqkv[start:end]
+            if not isinstance(path, str):    # GPU kernels: dO read in place; dq, dk, dv written into d(qkv),
+                # then the q and k heads rotated back (−sin) in place, one pass
+                q, k, v, o, lse = state
+                del state
+                path.causal_attention_backward(
+                    d_out, q, k, v, o, lse, dropout=kernel_dropout(drop, start * heads * time),
+                    dq=target[:, :, :heads].transpose(0, 2, 1, 3),
+                    dk=target[:, :, heads:heads + kv_heads].transpose(0, 2, 1, 3),
+                    dv=target[:, :, heads + kv_heads:].transpose(0, 2, 1, 3))
+                rotated = target[:, :, :heads + kv_heads].transpose(0, 2, 1, 3)        # (b, H + Hkv, T, D) view
+                rotate_into(rotated, cos, -sin, rotated, rope)
+                return
             if path == "blocked":    # d(q‖k) gathered token-major, rotated back (1/√D on q) into d(qkv)
                 d_qk = np.empty((rows, time, heads + kv_heads, head_dim), dtype=dy.dtype)
                 _blocked_backward(d_out, *state, QUERY_BLOCK, dq=d_qk[:, :, :heads].transpose(0, 2, 1, 3),
