@@ -262,11 +262,14 @@ __device__ __forceinline__ void attention_backward_mma(
     auto load_step = [&](int step, int buffer) {
         const int head = kv_head * group + step / tiles_per_head, batch_head = batch * heads + head;
         const int query0 = (first_tile + step % tiles_per_head) * BLOCK_Q;
+        unsigned step_batch = batch;
+        attn_opaque(step_batch);   // the rows' addresses made here, at each step, not kept across the loop
         attn_load_tile<T, BLOCK_Q, D, STRIDE, THREADS>(q_tiles + buffer * BLOCK_Q * STRIDE,
-                                                       q_layout.rows(q, batch, head), q_layout.row, query0, query_len);
-        attn_load_tile<T, BLOCK_Q, D, STRIDE, THREADS>(dout_tiles + buffer * BLOCK_Q * STRIDE,
-                                                       dout_layout.rows(dout, batch, head), dout_layout.row, query0,
+                                                       q_layout.rows(q, step_batch, head), q_layout.row, query0,
                                                        query_len);
+        attn_load_tile<T, BLOCK_Q, D, STRIDE, THREADS>(dout_tiles + buffer * BLOCK_Q * STRIDE,
+                                                       dout_layout.rows(dout, step_batch, head), dout_layout.row,
+                                                       query0, query_len);
         for (int i = threadIdx.x; i < 2 * BLOCK_Q; i += THREADS) {
             const int row = i % BLOCK_Q;
             const bool valid = query0 + row < query_len;

@@ -18,7 +18,8 @@ __device__ __forceinline__ unsigned attn_smem_address(const void* pointer) {
     return static_cast<unsigned>(__cvta_generic_to_shared(pointer));
 }
 
-// 16-byte asynchronous copy global -> shared; copies zeros when `valid` is false.
+// 16-byte asynchronous copy global -> shared; copies zeros when `valid` is false, and then reads nothing
+// from `global` (a source size of 0), which may point anywhere.
 __device__ __forceinline__ void attn_copy16(void* shared, const void* global, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                  :: "r"(attn_smem_address(shared)), "l"(global), "r"(valid ? 16 : 0));
@@ -152,6 +153,14 @@ struct AttnLayout {
 #define ATTN_LAYOUT_PARAMETERS(NAME) long long NAME##_batch, long long NAME##_head, int NAME##_row
 #define ATTN_LAYOUT(NAME) AttnLayout{NAME##_batch, NAME##_head, NAME##_row}
 
+// threadIdx.x read afresh at each call (volatile: the compiler neither hoists nor reuses it), so that
+// what a tile load derives from it is recomputed where the load is, not kept in registers across a loop.
+__device__ __forceinline__ int attn_thread_index() {
+    int index;
+    asm volatile("mov.u32 %0, %%tid.x;\n" : "=r"(index));
+    return index;
+}
+
 // Copy rows [row0, row0 + ROWS) of a (rows, D) matrix whose rows lie `row_stride` elements apart into
 // shared memory with row stride STRIDE, zero-filling rows at or past `limit`. All THREADS threads take
 // part; each copy is 16 bytes.
@@ -160,12 +169,12 @@ __device__ __forceinline__ void attn_load_tile(T* shared, const T* global, int r
     constexpr int CHUNKS_PER_ROW = D * 2 / 16, ROWS_A_STEP = THREADS / CHUNKS_PER_ROW;
     static_assert(THREADS % CHUNKS_PER_ROW == 0 && ROWS % ROWS_A_STEP == 0, "every thread copies the same chunks");
     // a thread copies column `col` of rows first, first + ROWS_A_STEP, …: one source pointer, stepped
-    const int first = threadIdx.x / CHUNKS_PER_ROW, col = (threadIdx.x % CHUNKS_PER_ROW) * 8;
+    const int thread = attn_thread_index(), first = thread / CHUNKS_PER_ROW, col = (thread % CHUNKS_PER_ROW) * 8;
     const T* source = global + ((row0 + first) * row_stride + col);
 #pragma unroll
     for (int row = first; row < ROWS; row += ROWS_A_STEP) {
         const bool valid = row0 + row < limit;
-        attn_copy16(shared + row * STRIDE + col, valid ? source : global, valid);
+        attn_copy16(shared + row * STRIDE + col, source, valid);   // a row past `limit` reads nothing
         source += ROWS_A_STEP * row_stride;
     }
 }

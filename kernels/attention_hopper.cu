@@ -363,10 +363,11 @@ __device__ __forceinline__ void attn_backward_prefetch(const AttnBackwardWork<BL
                                                        const AttnLayout& q_layout, const AttnLayout& dout_layout) {
     const long long base = work.row_base(it);
     const int q0 = work.query_start(it), tid = threadIdx.x, query_len = work.query_len, head = work.head(it);
-    attn_load_swizzled<T, BLOCK_Q, THREADS, D>(q_tile, q_layout.rows(q, work.batch, head), q_layout.row, q0,
+    unsigned batch = work.batch;
+    attn_opaque(batch);        // the rows' addresses made here, at each step, not kept across the loop
+    attn_load_swizzled<T, BLOCK_Q, THREADS, D>(q_tile, q_layout.rows(q, batch, head), q_layout.row, q0, query_len);
+    attn_load_swizzled<T, BLOCK_Q, THREADS, D>(dout_tile, dout_layout.rows(dout, batch, head), dout_layout.row, q0,
                                                query_len);
-    attn_load_swizzled<T, BLOCK_Q, THREADS, D>(dout_tile, dout_layout.rows(dout, work.batch, head), dout_layout.row,
-                                               q0, query_len);
     if (tid < 2 * BLOCK_Q) {
         const int i = tid % BLOCK_Q;
         const float* source = (tid < BLOCK_Q ? lse : delta) + base + q0 + i;

@@ -84,7 +84,7 @@ __device__ __forceinline__ void attn_load_swizzled(unsigned char* tile, const T*
     static_assert(ROWS * CHUNKS % THREADS == 0 && THREADS % CHUNKS == 0, "every thread copies the same chunks");
     constexpr int ROWS_A_STEP = THREADS / CHUNKS;
     // a thread copies chunk `chunk` of rows first, first + ROWS_A_STEP, …: one source pointer, stepped
-    const int first = threadIdx.x >> CHUNK_BITS, chunk = threadIdx.x & (CHUNKS - 1);
+    const int thread = attn_thread_index(), first = thread >> CHUNK_BITS, chunk = thread & (CHUNKS - 1);
     const T* source = global + ((row0 + first) * row_stride + chunk * 8);
     #pragma unroll
     for (int step = 0; step < ROWS * CHUNKS / THREADS; ++step) {

@@ -214,7 +214,7 @@ def test_whole_model_gradients_match_cpu(monkeypatch):
 
     calls = []
     backward = gpu.causal_attention_backward
-    monkeypatch.setattr(gpu, "causal_attention_backward", lambda *a: calls.append(1) or backward(*a))
+    monkeypatch.setattr(gpu, "causal_attention_backward", lambda *a, **kw: calls.append(1) or backward(*a, **kw))
     with_kernel = _model_gradients("cuda", ids, targets, config)
     assert len(calls) == config.n_layers, "the attention kernel was not used on the GPU"
     monkeypatch.setitem(registry.SUPPORTS, "causal_attention", lambda *arrays: False)
@@ -310,3 +310,134 @@ def test_sm90a_compile_error_names_the_file_and_shows_the_log(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match=r"(?s)NVRTC could not compile broken\.cu.*not_declared_anywhere"):
         compiler.load_module("broken.cu", arch="sm_90a")
     assert not list((tmp_path / "cache").rglob("*.cubin"))
+
+
+# ------------------------------------------------------------------ strided layouts and the packed op
+def _embedded(cp, array, extra, first, poison=True):
+    """array (B, heads, T, D) (host or None) as the (B, heads, T, D) view of heads first … first + heads − 1
+    of a token-major buffer (B, T, heads + extra, D) (the layout of a packed projection); the rest of the
+    buffer holds NaN, so a kernel that writes outside the view, or an output element left unwritten, shows.
+    Returns (view, buffer)."""
+    batch, heads, time, head_dim = array.shape
+    buffer = cp.full((batch, time, heads + extra, head_dim), np.nan, dtype=array.dtype)
+    view = buffer[:, :, first:first + heads].transpose(0, 2, 1, 3)          # (B, T, ·, D) -> (B, heads, T, D)
+    if not poison:
+        view[...] = cp.asarray(array)
+    return view, buffer
+
+
+def _outside(buffer, first, heads):
+    """The heads of buffer (B, T, ·, D) outside first … first + heads − 1, on the host."""
+    host = backend.to_numpy(buffer).astype(np.float32)
+    return np.concatenate([host[:, :, :first], host[:, :, first + heads:]], axis=2)
+
+
+STRIDED_CASES = [  # (batch, heads, kv_heads, query_len, key_len)
+    (2, 4, 2, 130, 130),      # GQA 2, more than one tile of every build
+    (1, 2, 2, 33, 200),       # Tq < Tk, both off the tile size
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,dtype_name,hopper", PATHS, ids=lambda p: str(p))
+@pytest.mark.parametrize("case", STRIDED_CASES, ids=lambda c: "B{}H{}Hkv{}Tq{}Tk{}".format(*c))
+def test_strided_views_are_read_and_written_in_place(head_dim, dtype_name, hopper, case, monkeypatch):
+    """q, k, v, dy and the outputs out, dq, dk, dv as views of token-major buffers (what the packed op
+    hands the kernels): the kernels read and write them through their strides, with no copy (contiguous is
+    refused for 4-d arrays here), touch nothing outside them, and give what the NumPy op gives; out, lse,
+    dk and dv bit for bit what the contiguous launch gives (the same arithmetic at other addresses)."""
+    _choose_path(hopper, monkeypatch)
+    cp = backend.cupy_module()
+    dtype = _dtype(dtype_name)
+    batch, heads, kv_heads, query_len, key_len = case
+    q, k, v, dy = _inputs(np.random.default_rng(), dtype, batch, heads, kv_heads, query_len, key_len, head_dim)
+    gq, gq_buffer = _embedded(cp, q, 3, 1, poison=False)
+    gk, gk_buffer = _embedded(cp, k, 1, 0, poison=False)
+    gv, gv_buffer = _embedded(cp, v, 2, 2, poison=False)
+    gdy, _ = _embedded(cp, dy, 0, 0, poison=False)
+    out, out_buffer = _embedded(cp, q, 1, 1)
+    dq, dq_buffer = _embedded(cp, q, 2, 0)
+    dk, dk_buffer = _embedded(cp, k, 2, 1)
+    dv, dv_buffer = _embedded(cp, v, 1, 0)
+    copy = attention.contiguous
+    monkeypatch.setattr(attention, "contiguous", lambda x: pytest.fail("a strided view was copied") if x.ndim == 4
+                        else copy(x))
+
+    got_out, lse = attention.causal_attention_forward(gq, gk, gv, out=out)
+    grads = attention.causal_attention_backward(gdy, gq, gk, gv, out, lse, dq=dq, dk=dk, dv=dv)
+    assert got_out is out and all(got is given for got, given in zip(grads, (dq, dk, dv)))
+    for buffer, first, count in ((out_buffer, 1, heads), (dq_buffer, 0, heads), (dk_buffer, 1, kv_heads),
+                                 (dv_buffer, 0, kv_heads)):
+        assert np.isnan(_outside(buffer, first, count)).all(), "a kernel wrote outside its output view"
+
+    want = _reference(q, k, v, dy)
+    for name, got, expected in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, dq, dk, dv), want):
+        error = _relative_error(got, expected)
+        assert error <= TOLERANCE[dtype_name], f"{name}: relative error {error:.2e} > {TOLERANCE[dtype_name]:.0e}"
+
+    monkeypatch.setattr(attention, "contiguous", copy)
+    plain = [cp.asarray(a) for a in (q, k, v, dy)]
+    plain_out, plain_lse = attention.causal_attention_forward(*plain[:3])
+    _, plain_dk, plain_dv = attention.causal_attention_backward(plain[3], *plain[:3], plain_out, plain_lse)
+    for name, got, expected in (("out", out, plain_out), ("lse", lse, plain_lse), ("dk", dk, plain_dk),
+                                ("dv", dv, plain_dv)):
+        got, expected = backend.to_numpy(cp.ascontiguousarray(got)), backend.to_numpy(expected)
+        assert np.array_equal(got.view(f"u{got.itemsize}"), expected.view(f"u{expected.itemsize}")), name
+
+
+@pytest.mark.gpu
+def test_outputs_the_kernels_cannot_write_are_refused():
+    cp = backend.cupy_module()
+    q = cp.zeros((1, 2, 8, 64), dtype=np.float16)
+    with pytest.raises(ValueError, match="out must be"):
+        attention.causal_attention_forward(q, q, q, out=cp.zeros((1, 2, 8, 128), dtype=np.float16)[..., ::2])
+    with pytest.raises(ValueError, match="out must be"):
+        attention.causal_attention_forward(q, q, q, out=cp.zeros((1, 2, 8, 64), dtype=np.float32))
+
+
+def _inside(view, array) -> bool:
+    """view's elements lie in array's memory."""
+    return array.data.ptr <= view.data.ptr < array.data.ptr + array.nbytes
+
+
+def _packed_inputs(generator, dtype, batch, heads, kv_heads, time, head_dim):
+    from tinygrad_llm.ops.rope import rope_angles
+    qkv = generator.standard_normal((batch, time, heads + 2 * kv_heads, head_dim)).astype(np.float32).astype(dtype)
+    dy = generator.standard_normal((batch, time, heads * head_dim)).astype(np.float32).astype(dtype)
+    cos, sin = rope_angles(np.arange(time), head_dim, 10000.0)
+    return qkv, dy, cos, sin
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,dtype_name,hopper", PATHS, ids=lambda p: str(p))
+def test_packed_rope_attention_matches_numpy(head_dim, dtype_name, hopper, monkeypatch):
+    """The packed op (RoPE + attention on qkv (B, T, H + 2Hkv, D) -> (B, T, H·D)) on the GPU kernels
+    against the same op in float64 on NumPy: y and d(qkv), GQA, T off the tile size. The kernels get
+    strided views, never copies: the forward's q and k are one token-major rotated buffer, v a view of
+    qkv, O a view of y (what the op keeps for its backward, so it keeps only the rotated buffer and L)."""
+    _choose_path(hopper, monkeypatch)
+    cp = backend.cupy_module()
+    dtype = _dtype(dtype_name)
+    batch, heads, kv_heads, time = 2, 4, 2, 150
+    qkv, dy, cos, sin = _packed_inputs(np.random.default_rng(), dtype, batch, heads, kv_heads, time, head_dim)
+    copy = attention.contiguous
+    monkeypatch.setattr(attention, "contiguous", lambda x: pytest.fail("a strided view was copied") if x.ndim == 4
+                        else copy(x))
+    op = CausalAttention()
+    gqkv = cp.asarray(qkv)
+    y = op.forward(gqkv, packed=(heads, kv_heads, cp.asarray(cos), cp.asarray(sin)))
+    (_, path, (q, k, v, o, lse)), = op.saved[0]                           # parts: one chunk on the GPU
+    assert path is gpu
+    item = np.dtype(dtype).itemsize
+    assert q.strides == k.strides == (time * (heads + kv_heads) * head_dim * item, head_dim * item,
+                                      (heads + kv_heads) * head_dim * item, item)  # one (B, T, H + Hkv, D)
+    assert k.data.ptr == q.data.ptr + heads * head_dim * item                      # buffer holds q and k
+    assert _inside(v, gqkv) and _inside(o, y)                                       # views, no copies
+    d_qkv = op.backward(cp.asarray(dy))
+
+    reference = CausalAttention()
+    want_y = reference.forward(qkv.astype(np.float64), packed=(heads, kv_heads, cos, sin))
+    want_d_qkv = reference.backward(dy.astype(np.float64))
+    for name, got, expected in (("y", y, want_y), ("d(qkv)", d_qkv, want_d_qkv)):
+        error = _relative_error(got, expected)
+        assert error <= TOLERANCE[dtype_name], f"{name}: relative error {error:.2e} > {TOLERANCE[dtype_name]:.0e}"

@@ -22,7 +22,7 @@ from tinygrad_llm import backend, gpu, rng
 from tinygrad_llm.gpu import arrays, attention, registry
 from tinygrad_llm.ops.attention import CausalAttention, kernel_dropout
 
-from test_gpu_attention import PATHS, _choose_path, _dtype, _inputs, _model_gradients, _relative_error
+from test_gpu_attention import PATHS, _choose_path, _dtype, _embedded, _inputs, _model_gradients, _relative_error
 
 pytestmark = pytest.mark.gpu
 
@@ -178,3 +178,30 @@ def test_model_with_attention_dropout_matches_cpu(monkeypatch):
         errors = {name: _relative_error(with_kernel[name], want) for name, want in reference.items()}
         worst = max(errors, key=errors.get)
         assert errors[worst] <= bound, f"kernel vs {label}: {worst} {errors[worst]:.2e}"
+
+
+@pytest.mark.parametrize("head_dim,dtype_name,hopper", PATHS, ids=lambda p: str(p))
+def test_dropout_builds_read_and_write_strided_views(head_dim, dtype_name, hopper, monkeypatch):
+    """The `_dropout` builds on views of token-major buffers (the packed op's layouts) give bit for bit the
+    out, lse, dk and dv of the contiguous launch, and dq to its atomics' rounding: the mask follows the
+    flat (b, h, i) row, not the address."""
+    _choose_path(hopper, monkeypatch)
+    cp = backend.cupy_module()
+    dtype = _dtype(dtype_name)
+    q, k, v, dy = _inputs(np.random.default_rng(), dtype, 2, 4, 2, 150, 150, head_dim)
+    dropout = kernel_dropout((SEED, 0.7), 0)
+    views = [_embedded(cp, a, extra, first, poison=False)[0]
+             for a, extra, first in ((q, 2, 1), (k, 3, 0), (v, 1, 1), (dy, 0, 0))]
+    out = _embedded(cp, q, 1, 0)[0]
+    grads = [_embedded(cp, a, 2, 2)[0] for a in (q, k, v)]
+    out, lse = attention.causal_attention_forward(*views[:3], dropout=dropout, out=out)
+    attention.causal_attention_backward(views[3], *views[:3], out, lse, dropout=dropout, dq=grads[0], dk=grads[1],
+                                        dv=grads[2])
+    plain = [cp.asarray(a) for a in (q, k, v, dy)]
+    plain_out, plain_lse = attention.causal_attention_forward(*plain[:3], dropout=dropout)
+    plain_grads = attention.causal_attention_backward(plain[3], *plain[:3], plain_out, plain_lse, dropout=dropout)
+    for name, got, want in (("out", out, plain_out), ("lse", lse, plain_lse), ("dk", grads[1], plain_grads[1]),
+                            ("dv", grads[2], plain_grads[2])):
+        got, want = backend.to_numpy(cp.ascontiguousarray(got)), backend.to_numpy(want)
+        assert np.array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}")), name
+    assert _relative_error(grads[0], backend.to_numpy(plain_grads[0]).astype(np.float64)) <= 1e-3

@@ -5,7 +5,8 @@ Launches the kernels of kernels/attention_forward.cu, attention_backward.cu and 
 `tinygrad_llm.ops.attention.CausalAttention`, which is also their reference.
 
     causal_attention_forward(q, k, v, dropout=None, out=None) -> (out, lse)
-    causal_attention_backward(dy, q, k, v, out, lse, dropout=None, dq=None, dk=None, dv=None) -> (dq, dk, dv)
+    causal_attention_backward(dy, q, k, v, out, lse, dropout=None, dq=None, dk=None, dv=None)
+        -> (dq, dk, dv)
 
 Shapes: q, out, dy, dq (B, H, Tq, D); k, v, dk, dv (B, Hkv, Tk, D) with Hkv | H and Tq ≤ Tk (the causal
 mask is aligned bottom-right, so a KV-cached decoding step with Tq = 1 works); lse (B, H, Tq) float32.
@@ -16,9 +17,9 @@ array: q, k of a token-major (B, T, H + Hkv, D) buffer, v a slice of the project
 (B, T, H + 2Hkv, D), out and dy the (B, T, H·D) arrays around the output projection, dq, dk, dv slices
 of d(qkv), each as its (B, T, heads, D) -> (B, heads, T, D) transpose. A view is used in place when its
 last axis is contiguous, its start and other strides are multiples of 16 bytes and T times its row stride
-is below 2³¹ elements; anything else is copied to a contiguous array first (inputs) or refused (outputs given as `out`, `dq`, `dk`, `dv`).
-Without those arguments the outputs are new C-contiguous arrays. lse, Δ and the float32 dq accumulator
-stay contiguous (B, H, Tq[, D]).
+is below 2³¹ elements; anything else is copied to a contiguous array first (inputs) or refused (outputs
+given as `out`, `dq`, `dk`, `dv`). Without those arguments the outputs are new C-contiguous arrays. lse,
+Δ and the float32 dq accumulator stay contiguous (B, H, Tq[, D]).
 
 Which build runs (`kernel_for(head_dim, dtype)` names it):
 - head dims 64 and 128, bf16/fp16, compute capability 9.0 (H100, H200): the wgmma builds of
