@@ -623,7 +623,9 @@ __device__ __forceinline__ void attention_backward_dkdv_fp32(
         attention_backward_delta<TYPE>(dout, out, delta, rows, head_dim, heads, length,                \
                                        ATTN_LAYOUT(dout), ATTN_LAYOUT(out));                           \
     }
+#if SELECTED(0, 1, 3)
 ATTN_BACKWARD_DELTA(attention_backward_delta_fp32, float)
+#endif
 
 // the layouts the tensor-core kernels read (dq goes to the contiguous accumulator)
 #define ATTN_MMA_BACKWARD_LAYOUTS                                                                      \
@@ -651,10 +653,18 @@ ATTN_BACKWARD_DELTA(attention_backward_delta_fp32, float)
 // _w4m2q32p (head dim 64, and the backward of GPUs without wgmma): 4 warps × 32 keys = 128-key tiles,
 // 32-row query steps (each Q/dO fragment read from shared memory feeds two m-tiles), Pᵀ held as 16-bit A
 // fragments once dV is done; _w4 (head dim 128): 4 warps × 16 keys = 64-key tiles, 32-row query steps.
+#if SELECTED(64, 2, 2)
 ATTN_BACKWARD_MMA_BUILD(attention_backward_bf16_d64_w4m2q32p, __nv_bfloat16, 64, 32, 4, 2, 2, true)
+#endif
+#if SELECTED(128, 2, 2)
 ATTN_BACKWARD_MMA(attention_backward_bf16_d128_w4, __nv_bfloat16, 128, 32, 4, 1, 2)
+#endif
+#if SELECTED(64, 3, 2)
 ATTN_BACKWARD_MMA_BUILD(attention_backward_fp16_d64_w4m2q32p, __half, 64, 32, 4, 2, 2, true)
+#endif
+#if SELECTED(128, 3, 2)
 ATTN_BACKWARD_MMA(attention_backward_fp16_d128_w4, __half, 128, 32, 4, 1, 2)
+#endif
 
 #define ATTN_BACKWARD_PREPARE(NAME, TYPE, DIM)                                                         \
     extern "C" __global__ void __launch_bounds__(256) NAME(                                            \
@@ -663,10 +673,18 @@ ATTN_BACKWARD_MMA(attention_backward_fp16_d128_w4, __half, 128, 32, 4, 1, 2)
         attention_backward_prepare<TYPE, DIM>(dout, out, delta, dq_accumulator, rows, heads, length,   \
                                               ATTN_LAYOUT(dout), ATTN_LAYOUT(out));                    \
     }
+#if SELECTED(64, 2, 3)
 ATTN_BACKWARD_PREPARE(attention_backward_prepare_bf16_d64, __nv_bfloat16, 64)
+#endif
+#if SELECTED(128, 2, 3)
 ATTN_BACKWARD_PREPARE(attention_backward_prepare_bf16_d128, __nv_bfloat16, 128)
+#endif
+#if SELECTED(64, 3, 3)
 ATTN_BACKWARD_PREPARE(attention_backward_prepare_fp16_d64, __half, 64)
+#endif
+#if SELECTED(128, 3, 3)
 ATTN_BACKWARD_PREPARE(attention_backward_prepare_fp16_d128, __half, 128)
+#endif
 
 #define ATTN_BACKWARD_CONVERT8(NAME, TYPE)                                                             \
     extern "C" __global__ void __launch_bounds__(256) NAME(                                            \
@@ -675,8 +693,12 @@ ATTN_BACKWARD_PREPARE(attention_backward_prepare_fp16_d128, __half, 128)
         attention_backward_convert8<TYPE>(source, target, count8, heads, length, head_dim,             \
                                           ATTN_LAYOUT(target));                                        \
     }
+#if SELECTED(0, 2, 3)
 ATTN_BACKWARD_CONVERT8(attention_backward_convert8_bf16, __nv_bfloat16)
+#endif
+#if SELECTED(0, 3, 3)
 ATTN_BACKWARD_CONVERT8(attention_backward_convert8_fp16, __half)
+#endif
 
 #define ATTN_BACKWARD_FP32_PAIR(DQ_NAME, DKDV_NAME, DIM, DROPOUT, EXTRA_PARAMETERS, DROPOUT_VALUE)     \
     extern "C" __global__ void __launch_bounds__(128) DQ_NAME(                                         \
@@ -701,5 +723,9 @@ ATTN_BACKWARD_CONVERT8(attention_backward_convert8_fp16, __half)
     ATTN_BACKWARD_FP32_PAIR(DQ_NAME, DKDV_NAME, DIM, false, , AttnDropout{})                           \
     ATTN_BACKWARD_FP32_PAIR(DQ_NAME##_dropout, DKDV_NAME##_dropout, DIM, true, ATTN_DROPOUT_EXTRA,      \
                             (ATTN_DROPOUT_ARGUMENT))
+#if SELECTED(64, 1, 2)
 ATTN_BACKWARD_FP32(attention_backward_dq_fp32_d64, attention_backward_dkdv_fp32_d64, 64)
+#endif
+#if SELECTED(128, 1, 2)
 ATTN_BACKWARD_FP32(attention_backward_dq_fp32_d128, attention_backward_dkdv_fp32_d128, 128)
+#endif

@@ -6,6 +6,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include "select.cuh"
 
 #define ATTN_NEG_INF (-__int_as_float(0x7f800000))
 #define ATTN_LOG2E 1.4426950408889634f

@@ -358,10 +358,18 @@ __device__ __forceinline__ void attention_forward_fp32(const float* __restrict__
 
 // _w4m2 (head dim 64, and the forward of GPUs without wgmma): 4 warps × 32 rows, each K/V fragment read
 // from shared memory feeding two m-tiles; _w8 (head dim 128): 8 warps × 16 rows.
+#if SELECTED(64, 2, 1)
 ATTN_FORWARD_MMA(attention_forward_bf16_d64_w4m2, __nv_bfloat16, 64, 4, 2)
+#endif
+#if SELECTED(128, 2, 1)
 ATTN_FORWARD_MMA(attention_forward_bf16_d128_w8, __nv_bfloat16, 128, 8, 1)
+#endif
+#if SELECTED(64, 3, 1)
 ATTN_FORWARD_MMA(attention_forward_fp16_d64_w4m2, __half, 64, 4, 2)
+#endif
+#if SELECTED(128, 3, 1)
 ATTN_FORWARD_MMA(attention_forward_fp16_d128_w8, __half, 128, 8, 1)
+#endif
 
 #define ATTN_FORWARD_FP32(NAME, DIM)                                                                   \
     extern "C" __global__ void __launch_bounds__(128) NAME(                                            \
@@ -378,5 +386,9 @@ ATTN_FORWARD_MMA(attention_forward_fp16_d128_w8, __half, 128, 8, 1)
                                           scale, ATTN_FORWARD_LAYOUTS, ATTN_DROPOUT_ARGUMENT);         \
     }
 
+#if SELECTED(64, 1, 1)
 ATTN_FORWARD_FP32(attention_forward_fp32_d64, 64)
+#endif
+#if SELECTED(128, 1, 1)
 ATTN_FORWARD_FP32(attention_forward_fp32_d128, 128)
+#endif

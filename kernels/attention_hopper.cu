@@ -683,11 +683,27 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             ATTN_HOPPER_BACKWARD_LAYOUTS, ATTN_DROPOUT_ARGUMENT)))                                         \
     }
 
+#if SELECTED(64, 2, 1)
 ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg2, 64)
+#endif
+#if SELECTED(64, 3, 1)
 ATTN_HOPPER_FORWARD(fp16, __half, wg2, 64)
+#endif
+#if SELECTED(64, 2, 2)
 ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wq, 64)
+#endif
+#if SELECTED(64, 3, 2)
 ATTN_HOPPER_BACKWARD(fp16, __half, wq, 64)
+#endif
+#if SELECTED(128, 2, 1)
 ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg2, 128)
+#endif
+#if SELECTED(128, 3, 1)
 ATTN_HOPPER_FORWARD(fp16, __half, wg2, 128)
+#endif
+#if SELECTED(128, 2, 2)
 ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wq, 128)
+#endif
+#if SELECTED(128, 3, 2)
 ATTN_HOPPER_BACKWARD(fp16, __half, wq, 128)
+#endif

@@ -23,6 +23,7 @@
 //          take 8 elements at a time when C is a multiple of 8 and the pointers are 16-byte aligned;
 //          scalar otherwise.
 #include "common.cuh"
+#include "select.cuh"
 
 // 8 consecutive elements as floats / from floats: one 16-byte access for 16-bit types, two for float.
 // p must be 16-byte aligned.
@@ -241,20 +242,52 @@ __device__ __forceinline__ void rms_norm_backward(const D* dy, const X* x, const
         rms_norm_backward<X, X, W>(dy, x, w, r, dx, partial, rows, channels);                                  \
     }
 
+#if SELECTED(0, 1, 0)
 RMS_NORM_KERNELS(float, float, f32_f32)
+#endif
+#if SELECTED(0, 2, 0)
 RMS_NORM_KERNELS(__nv_bfloat16, __nv_bfloat16, bf16_bf16)
+#endif
+#if SELECTED(0, 3, 0)
 RMS_NORM_KERNELS(__half, __half, f16_f16)
+#endif
+#if SELECTED(0, 2, 0)
 RMS_NORM_KERNELS(__nv_bfloat16, float, bf16_f32)
+#endif
+#if SELECTED(0, 3, 0)
 RMS_NORM_KERNELS(__half, float, f16_f32)
+#endif
 
+#if SELECTED(0, 1, 0)
 ADD_RMS_NORM_KERNEL(float, float, float, float, f32_f32_f32_f32)
+#endif
+#if SELECTED(0, 2, 0)
 ADD_RMS_NORM_KERNEL(float, __nv_bfloat16, float, float, f32_bf16_f32_f32)
+#endif
+#if SELECTED(0, 2, 0)
 ADD_RMS_NORM_KERNEL(float, __nv_bfloat16, __nv_bfloat16, float, f32_bf16_bf16_f32)
+#endif
+#if SELECTED(0, 3, 0)
 ADD_RMS_NORM_KERNEL(float, __half, float, float, f32_f16_f32_f32)
+#endif
+#if SELECTED(0, 3, 0)
 ADD_RMS_NORM_KERNEL(float, __half, __half, float, f32_f16_f16_f32)
+#endif
+#if SELECTED(0, 2, 0)
 ADD_RMS_NORM_KERNEL(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16, bf16_bf16_bf16_bf16)
+#endif
+#if SELECTED(0, 2, 0)
 ADD_RMS_NORM_KERNEL(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, float, bf16_bf16_bf16_f32)
+#endif
+#if SELECTED(0, 3, 0)
 ADD_RMS_NORM_KERNEL(__half, __half, __half, __half, f16_f16_f16_f16)
+#endif
+#if SELECTED(0, 3, 0)
 ADD_RMS_NORM_KERNEL(__half, __half, __half, float, f16_f16_f16_f32)
+#endif
+#if SELECTED(0, 2, 0)
 RMS_NORM_MIXED_BACKWARD(float, __nv_bfloat16, float, f32_bf16_f32)
+#endif
+#if SELECTED(0, 3, 0)
 RMS_NORM_MIXED_BACKWARD(float, __half, float, f32_f16_f32)
+#endif

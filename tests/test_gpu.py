@@ -175,6 +175,14 @@ def test_loss_scaler_backs_off_and_grows():
     assert scaler.update(finite=True) and scaler.update(finite=True) and scaler.scale == 1024.0
 
 
+def test_loss_scaler_stays_at_or_below_its_largest_scale():
+    scaler = precision.LossScaler(init_scale=2.0 ** 16, growth_interval=1, max_scale=2.0 ** 15)
+    assert scaler.scale == 2.0 ** 15 and np.isfinite(np.float16(scaler.scale))
+    assert scaler.update(finite=True) and scaler.scale == 2.0 ** 15
+    assert not scaler.update(finite=False) and scaler.scale == 2.0 ** 14
+    assert scaler.update(finite=True) and scaler.scale == 2.0 ** 15
+
+
 # ------------------------------------------------------------------ the compile-and-cache helper
 @gpu_test
 @pytest.mark.parametrize("name", OWN_KERNELS)

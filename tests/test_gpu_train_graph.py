@@ -133,3 +133,20 @@ def test_a_resumed_gpu_run_captures_its_step_again(text_file, tmp_path):
     summary = train(TrainConfig(max_steps=8, resume=True, **common), log=lines.append)
     assert any("resumed from" in line for line in lines) and any("replayed from a CUDA graph" in line for line in lines)
     assert summary["start_step"] == 4 and summary["steps"] == 8 and np.isfinite(summary["val_loss"])
+
+
+@pytest.mark.parametrize("policy, dtype", [("bf16", "bfloat16"), ("fp32", "float32")])
+def test_prefetch_lists_every_module_a_training_step_loads(text_file, tmp_path, monkeypatch, policy, dtype):
+    """gpu.prefetch_training names every kernel module the step launches (head dim 64, dropout on), so a
+    first run compiles them all at once; a module missing from the list would compile mid-step."""
+    from tinygrad_llm import gpu
+    from tinygrad_llm.gpu import compiler
+    monkeypatch.setenv("TINYGRAD_LLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(compiler, "_modules", {})
+    monkeypatch.setattr(compiler, "_functions", {})
+    listed = {compiler._key(*module) for module in gpu.prefetch_training(dtype, 64)}
+    _run(text_file, tmp_path, True, steps=2, policy=policy, dropout=0.1, attention_dropout=0.1)
+    loaded = set(compiler._modules)
+    assert loaded - listed == set()
+    assert any(filename.startswith("attention_") for filename, _, _ in loaded)
+    assert any(filename == "rms_norm.cu" for filename, _, _ in loaded)

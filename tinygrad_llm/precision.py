@@ -122,12 +122,15 @@ class LossScaler:
             clip = min(1.0, max_norm / (norm / scaler.scale + 1e-6))
             optimizer.step(lr, grad_scale=clip / scaler.scale)
 
-    The scale halves on every overflow and doubles after `growth_interval` finite steps in a row.
+    The scale halves on every overflow and doubles after `growth_interval` finite steps in a row, up to
+    `max_scale`: the backward seed is the scale in the loss's dtype, so a float16 loss needs it at most
+    2^15 (2^16 is past float16's largest value, 65504, and would seed backward with inf).
     """
 
     def __init__(self, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
-                 growth_interval: int = 2000, enabled: bool = True):
-        self.scale = float(init_scale) if enabled else 1.0
+                 growth_interval: int = 2000, enabled: bool = True, max_scale: float = 2.0 ** 24):
+        self.max_scale = float(max_scale)
+        self.scale = min(float(init_scale), self.max_scale) if enabled else 1.0
         self.growth_factor, self.backoff_factor = float(growth_factor), float(backoff_factor)
         self.growth_interval, self.enabled = int(growth_interval), bool(enabled)
         self._finite_steps = 0
@@ -145,6 +148,6 @@ class LossScaler:
             return False
         self._finite_steps += 1
         if self._finite_steps >= self.growth_interval:
-            self.scale *= self.growth_factor
+            self.scale = min(self.scale * self.growth_factor, self.max_scale)
             self._finite_steps = 0
         return True

@@ -396,7 +396,11 @@ def _train(config, log=None) -> dict:
 
     from . import precision
     precision.set_policy(config.precision)          # a no-op on the CPU
-    scaler = precision.LossScaler(enabled=config.precision == "fp16" and device == "cuda")
+    if device == "cuda" and backend.kernels_enabled():  # the step's kernels compile while the run sets up
+        from . import gpu
+        gpu.prefetch_training(precision.get_policy().compute or np.dtype(dtype).name, model_config.head_dim)
+    scaler = precision.LossScaler(enabled=config.precision == "fp16" and device == "cuda",
+                                  max_scale=2.0 ** 15)     # the float16 loss seeds backward with the scale
 
     comm = communicator(device)                    # one process unless started by mpiexec
     lead = comm.rank == 0                           # the rank that logs and writes files

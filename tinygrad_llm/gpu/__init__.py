@@ -10,7 +10,10 @@ are CuPy arrays, kernels are on (`backend.set_kernels_enabled`) and a kernel han
 shapes (`registry.supports`); otherwise None, and the op runs its NumPy-expressed path, which is also
 the reference every kernel is tested against.
 
-Modules: compiler (NVRTC, the cubin cache), arrays (the helpers every launcher shares: output buffers,
+`prefetch_training(dtype, head_dim)` starts compiling, on worker threads, the kernels a training step of
+such a model launches, so that a run's first step does not wait for them one after another.
+
+Modules: compiler (NVRTC, the cubin cache, prefetching), arrays (the helpers every launcher shares: output buffers,
 the POISON_OUTPUTS switch of the tests, contiguous inputs, device facts), registry (op -> kernel test),
 one launcher module per op family (norm, activation, rope, attention, loss, embedding, dropout, adamw)
 and gemm (the cuBLAS GEMM of the precision policies). Importing this package imports no CuPy: that
@@ -21,6 +24,7 @@ from __future__ import annotations
 import sys
 
 from .. import backend
+from . import attention, compiler, norm
 from .activation import swiglu_backward, swiglu_forward, swiglu_packed_backward, swiglu_packed_forward
 from .adamw import adamw_step, sum_of_squares
 from .attention import causal_attention_backward, causal_attention_forward, decode_attention, kernel_for
@@ -33,7 +37,7 @@ from .quantized import quantized_linear
 from .registry import supports
 from .rope import copy_heads, rope_forward
 
-__all__ = ["kernel", "supports", "attention_kernel_for", "quantized_linear",
+__all__ = ["kernel", "supports", "attention_kernel_for", "prefetch_training", "quantized_linear",
            "rms_norm_forward", "rms_norm_backward", "add_rms_norm_forward", "swiglu_forward", "swiglu_backward",
            "swiglu_packed_forward", "swiglu_packed_backward", "rope_forward", "copy_heads", "dropout_forward",
            "cross_entropy_forward_backward", "embedding_backward", "adamw_step", "sum_of_squares",
@@ -61,3 +65,18 @@ def attention_kernel_for(head_dim: int, dtype, hopper: bool | None = None) -> st
     if not backend.kernels_enabled():
         return None
     return kernel_for(head_dim, dtype, hopper)
+
+
+# Small files every training step launches, compiled whole.
+_TRAINING_FILES = ("swiglu.cu", "rope.cu", "cross_entropy.cu", "embedding.cu", "adamw.cu", "dropout.cu")
+
+
+def prefetch_training(dtype, head_dim: int) -> list:
+    """Start compiling the modules a training step of a model computing in `dtype` (a name or a NumPy
+    dtype) with this head dim launches on the current GPU, and return them ((filename, options, arch)
+    each). Returns at once; a kernel's first launch waits for its module."""
+    if not backend.kernels_enabled():
+        return []
+    modules = [(name, (), None) for name in _TRAINING_FILES] + norm.modules(dtype) + attention.modules(head_dim, dtype)
+    compiler.prefetch(modules)
+    return modules

@@ -18,7 +18,13 @@ _device_facts: dict = {}                    # device id -> {"sm": ..., "capabili
 
 def suffix(dtype) -> str | None:
     """The kernels' name suffix for a dtype ("f32", "bf16", "f16"), None for any other dtype."""
-    return _SUFFIX.get(np.dtype(dtype).name)
+    return _SUFFIX.get(dtype_name(dtype))
+
+
+def dtype_name(dtype) -> str:
+    """A dtype's name ("bfloat16"), also for the name itself (NumPy knows bfloat16 only once ml_dtypes is
+    imported)."""
+    return dtype if isinstance(dtype, str) else np.dtype(dtype).name
 
 
 def float_kind(*arrays) -> bool:

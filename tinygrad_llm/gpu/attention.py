@@ -51,11 +51,12 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import numpy as np
 
-from .arrays import all_on_gpu, compute_capability, contiguous, empty, multiprocessors, seed_base
-from .compiler import function
+from .arrays import all_on_gpu, compute_capability, contiguous, dtype_name, empty, multiprocessors, seed_base
+from .compiler import function, selection
 
 FORWARD_FILE = "attention_forward.cu"
 BACKWARD_FILE = "attention_backward.cu"
@@ -145,8 +146,51 @@ def _builds(head_dim: int, hopper: bool) -> tuple:
 
 
 def _kernel(filename: str, name: str, shared_bytes: int = 0):
-    arch = HOPPER_ARCH if filename == HOPPER_FILE else None
-    return function(filename, name, arch=arch, shared_bytes=shared_bytes)
+    return function(filename, name, shared_bytes=shared_bytes, **_module_of(filename, name))
+
+
+_NAME_PARTS = re.compile(r"attention_(forward|backward)(_prepare|_convert8|_delta|_dq|_dkdv)?_(bf16|fp16|fp32)"
+                         r"(?:_d(\d+))?")
+_DTYPE_OF = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _module_of(filename: str, name: str) -> dict:
+    """The module holding kernel `name` of `filename`: the arch, and the selection flags (one head dim,
+    dtype and part of the file, kernels/select.cuh) that build only the entry points it belongs with; the
+    small passes around the backward kernel go in one module per dtype."""
+    match = _NAME_PARTS.match(name)
+    if match is None:
+        raise ValueError(f"no attention kernel is named {name!r}")
+    direction, pass_, dtype, head_dim = match.groups()
+    part = ("forward" if direction == "forward" else
+            "around_backward" if pass_ in ("_prepare", "_convert8", "_delta") else "backward")
+    head_dim = 0 if part == "around_backward" else int(head_dim or 0)     # those passes are small: one module
+    options = selection(head_dim, _DTYPE_OF[dtype], part)
+    if filename == HOPPER_FILE:
+        return {"arch": HOPPER_ARCH, "options": options + ("-ftz=true",)}
+    return {"arch": None, "options": options}
+
+
+def modules(head_dim: int, dtype) -> list:
+    """The modules ((filename, options, arch) each) that a training step's attention of this head dim and
+    dtype launches on the current GPU: forward, backward and the passes around it. For compiler.prefetch."""
+    suffix = _SUFFIX.get(dtype_name(dtype))
+    if suffix is None or head_dim not in HEAD_DIMS:
+        return []
+    if suffix == "fp32":
+        names = [(FORWARD_FILE, f"attention_forward_fp32_d{head_dim}"), (BACKWARD_FILE, "attention_backward_delta_fp32"),
+                 (BACKWARD_FILE, f"attention_backward_dq_fp32_d{head_dim}")]
+    else:
+        forward, backward = _builds(head_dim, hopper_available())
+        names = [(HOPPER_FILE if forward.hopper else FORWARD_FILE, f"attention_forward_{suffix}_d{head_dim}_{forward.name}"),
+                 (HOPPER_FILE if backward.hopper else BACKWARD_FILE,
+                  f"attention_backward_{suffix}_d{head_dim}_{backward.name}"),
+                 (BACKWARD_FILE, f"attention_backward_prepare_{suffix}_d{head_dim}")]
+    found = []
+    for filename, name in names:
+        where = _module_of(filename, name)
+        found.append((filename, where["options"], where["arch"]))
+    return found
 
 
 def _hopper_forward_shared_bytes(head_dim: int) -> int:

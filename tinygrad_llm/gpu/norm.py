@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import backend
-from .arrays import all_on_gpu, contiguous, empty, float_kind, multiprocessors, same_dtype, suffix
-from .compiler import function
+from .arrays import all_on_gpu, contiguous, dtype_name, empty, float_kind, multiprocessors, same_dtype, suffix
+from .compiler import function, selection
 
 MAX_CHANNELS = 8192          # the backward's per-warp dweight rows of one block live in shared memory
 
@@ -49,7 +49,7 @@ def add_rms_norm_forward(x, branch, weight, eps, out_dtype=None):
         warps_per_block = 8
         blocks = (rows + warps_per_block - 1) // warps_per_block
         name = "_".join(suffix(d) for d in (x.dtype, branch.dtype, out_dtype, weight.dtype))
-        function("rms_norm.cu", f"add_rms_norm_forward_{name}")(
+        _kernel(f"add_rms_norm_forward_{name}")(
             (blocks,), (32 * warps_per_block,),
             (x, branch, weight, total, y, r, np.int32(rows), np.int32(channels), np.float32(eps)))
     return total, y, r
@@ -68,7 +68,7 @@ def rms_norm_forward(x, weight, eps):
     if rows:
         warps_per_block = 8
         blocks = (rows + warps_per_block - 1) // warps_per_block
-        function("rms_norm.cu", f"rms_norm_forward_{suffix(x.dtype)}_{suffix(weight.dtype)}")(
+        _kernel(f"rms_norm_forward_{suffix(x.dtype)}_{suffix(weight.dtype)}")(
             (blocks,), (32 * warps_per_block,),
             (x, weight, y, r, np.int32(rows), np.int32(channels), np.float32(eps)))
     return y, r
@@ -91,9 +91,31 @@ def rms_norm_backward(dy, x, weight, r):
     warps_per_block = max(1, min(8, 12288 // channels))          # per-warp dw rows fit in 48 KB
     blocks = max(1, min((rows + warps_per_block - 1) // warps_per_block, 4 * multiprocessors()))
     partial = empty((blocks, channels), np.float32)
-    function("rms_norm.cu", kernel_name)(
+    _kernel(kernel_name)(
         (blocks,), (32 * warps_per_block,),
         (dy, x, weight, r, dx, partial, np.int32(rows), np.int32(channels)),
         shared_mem=warps_per_block * channels * 4)
     dweight = partial.sum(axis=0)                                    # (blocks, C) -> (C,), fixed order
     return dx, dweight.astype(weight.dtype, copy=False)
+
+
+FILE = "rms_norm.cu"
+_LOW_DTYPES = {"bf16": "bfloat16", "f16": "float16"}
+
+
+def _low_dtype(name: str) -> str:
+    """The 16-bit dtype a kernel of rms_norm.cu touches (its name says), float32 for the all-float32 ones."""
+    found = [_LOW_DTYPES[word] for word in name.split("_") if word in _LOW_DTYPES]
+    return found[0] if found else "float32"
+
+
+def _kernel(name: str):
+    """A kernel of rms_norm.cu, from the module of its 16-bit dtype (kernels/select.cuh)."""
+    return function(FILE, name, options=selection(dtype=_low_dtype(name)))
+
+
+def modules(dtype) -> list:
+    """The modules a model computing in `dtype` launches ((filename, options, arch) each, for
+    compiler.prefetch): the float32 one, and the one of a 16-bit dtype."""
+    dtypes = ["float32"] + ([dtype_name(dtype)] if dtype_name(dtype) in _LOW_DTYPES.values() else [])
+    return [(FILE, selection(dtype=name), None) for name in dtypes]
