@@ -22,7 +22,7 @@
 //                                             k, v, out)
 //   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups, 6 · 128 · D · 2 + 1024 bytes
 //   of dynamic shared memory (99 328 at D = 64, 197 632 at D = 128): two 128-row Q tiles and two buffers
-//   each of 128-key K and V tiles plus 1 KiB to align them; 198 registers at D = 64, 238 at D = 128. A
+//   each of 128-key K and V tiles plus 1 KiB to align them; 188 registers at D = 64, 205 at D = 128. A
 //   work item is a 128-row query tile of one (b, h); item i is tile ceil(Tq / 128) − 1 − i / (B·H) of
 //   (b, h) = i mod (B·H), so the longest items go first, and block x takes items x, x + grid, … While it
 //   works on an item's last K/V tile it already loads the next item's Q and first tile (the
