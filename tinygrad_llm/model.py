@@ -287,13 +287,14 @@ class GPT(Module):
 
     def _rope_tables(self, start: int, time: int, like):
         """cos and sin (T, D/2) for positions start … start + T − 1 in the dtype and on the device of `like`
-        (memoised for start 0, what every training step asks for)."""
-        xp = array_module(like)
-        key = (time, like.dtype, backend.device_of(like))
+        (memoised for start 0, what every training step asks for). Computed by NumPy and then moved: on a
+        GPU the same tables through CuPy would compile eight element-wise kernels on a run's first start."""
+        device = backend.device_of(like)
+        key = (time, like.dtype, device)
         if start == 0 and getattr(self, "_rope_key", None) == key:
             return self._rope_cache
-        cos, sin = rope_angles(xp.arange(start, start + time), self.config.head_dim, self.config.rope_theta, xp)
-        tables = (cos.astype(like.dtype), sin.astype(like.dtype))
+        cos, sin = rope_angles(np.arange(start, start + time), self.config.head_dim, self.config.rope_theta, np)
+        tables = (backend.to_device(cos.astype(like.dtype), device), backend.to_device(sin.astype(like.dtype), device))
         if start == 0:
             self._rope_cache, self._rope_key = tables, key
         return tables
