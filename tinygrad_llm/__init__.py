@@ -14,7 +14,7 @@ from . import functional as F
 from .rng import manual_seed
 from .tensor import Function, Tensor, no_grad
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 # Tensor methods and operators, bound in one explicit list (no reflection).
 Tensor.__add__ = lambda self, other: F.add(self, other)
