@@ -54,18 +54,19 @@ import numpy as np
 
 from . import backend, precision
 from .gpu import kernel
-from .ops.activation import SwiGLU
-from .ops.attention import CacheRows, CausalAttention
+from .ops.activation import SwiGLU, swiglu_packed_call
+from .ops.attention import CacheRows, CausalAttention, decode_attention_call
 from .ops.embedding import Embedding
 from .ops.matmul import Linear
-from .ops.norm import RMSNorm
-from .ops.quantized import QuantizedLinear
+from .ops.norm import RMSNorm, rms_norm_call
+from .ops.quantized import QuantizedLinear, linear_call
 from .ops.rope import rope_angles
 from .quant.formats import QuantizedMatrix
 from .tensor import no_grad
 
 
 CHUNKED_NORM_ROWS = 64     # RMSNorm takes its threaded row-chunk path above this many rows (decode steps don't)
+CPU_STEPS = 8              # CPU decoding steps (one a batch size) kept per cache
 STACK_BYTES = 16 << 20     # CPU: q‖k‖v and gate‖up stacked into copies when these total at most this many bytes
 
 
@@ -273,6 +274,11 @@ class Decoder:
             raise ValueError(f"decode_step: slots {slots[positions == 0].tolist()} are empty; prefill them first")
         if min(ids) < 0 or max(ids) >= self.config.vocab_size:
             self._check_ids(tokens)                                                # raises
+        step = self._cpu_step(cache, slots.size) if self.device == "cpu" else None
+        if step is not None:
+            logits = step.run(tokens, slots, positions)
+            cache.lengths[slots] = positions + 1
+            return logits                                                          # (n, V)
         with no_grad():
             x = self._embed(tokens)                                                 # (n, C)
             graph = self._step_graph(cache, slots.size)
@@ -398,6 +404,21 @@ class Decoder:
         return graph
 
 
+    def _cpu_step(self, cache, batch: int):
+        """The CPU decoding step of `batch` rows on this cache (_CpuStep, built at its first use and kept on the
+        cache beside the GPU's graphs), or None where the ops' compiled loops do not all apply (then the
+        step runs op by op)."""
+        key = (id(self), batch)
+        step = cache.step_graphs.get(key)
+        if step is None:
+            step = _CpuStep.build(self, cache, batch)
+            built = [k for k, v in cache.step_graphs.items() if isinstance(v, _CpuStep)]
+            if len(built) >= CPU_STEPS:                               # a server's batch size varies: keep a few
+                del cache.step_graphs[built[0]]
+            cache.step_graphs[key] = step if step is not None else False
+        return step or None
+
+
 def _forward(op, *arrays, **options):
     """The op's forward on raw arrays, keeping nothing for a backward: what the functional op computes
     under no_grad, without wrapping every array in a Tensor (a decoding step calls ~10 ops a layer)."""
@@ -426,6 +447,86 @@ class _StepGraph:
         self.x[...] = x
         self.rows.set(np.stack([slots, positions]))
         return self.graph.replay()
+
+
+class _CpuStep:
+    """One decoding step of `batch` rows on one CPU cache as a fixed list of the ops' own compiled calls, each
+    bound once to preallocated buffers (the CPU's counterpart of _StepGraph): at the size of the default model
+    a token is ~40 op calls and their Python (Function objects, checks, array allocations, the arrays'
+    addresses), not arithmetic, so the calls are set up once and a step only refills its inputs: the
+    embedded tokens and the rows' cache rows and positions, which the attention loop reads at each call.
+
+    Per layer: RMSNorm (fused with the residual add that precedes it: ops/norm.rms_norm_call), q‖k‖v,
+    attention (ops/attention.decode_attention_call: RoPE, the cache write and the attention over the row's
+    keys in one loop), o, the add and norm, gate‖up, SwiGLU (ops/activation.swiglu_packed_call), down; then
+    the head. Linear layers are ops/quantized.linear_call (a float weight's product, or the Q8_0 / Q4_0
+    kernels). The residual stream alternates between two buffers (the fused add writes the other one).
+    Unstacked q, k, v (and gate, up) go to their own buffers and are concatenated. The logits come back as a
+    copy (the buffer is the next step's).
+    """
+
+    def __init__(self, decoder, cache, batch: int):
+        config, dtype = decoder.config, decoder.dtype
+        heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        empty = lambda *shape: np.empty(shape, dtype=dtype)
+        self.decoder, self.embed = decoder, decoder.embed
+        self.streams = [empty(batch, config.d_model), empty(batch, config.d_model)]   # the residual stream
+        normed, branch = empty(batch, config.d_model), empty(batch, config.d_model)
+        qkv = empty(batch, (heads + 2 * kv_heads) * head_dim)
+        attended = empty(batch, heads * head_dim)
+        gate_up, hidden = empty(batch, 2 * config.ffn_hidden), empty(batch, config.ffn_hidden)
+        self.logits = empty(batch, config.vocab_size)
+        self.slots, self.positions = np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=np.int64)
+        eps, stream = config.norm_eps, 0
+        calls = [rms_norm_call(self.streams[0], decoder.layers[0].attention_norm, eps, normed)]
+
+        def projections(weights, stacked, out):         # one product, or several concatenated into out
+            if stacked is not None:
+                return [linear_call(normed, stacked, out)]
+            parts = [empty(batch, w.shape[0]) for w in weights]
+            return [linear_call(normed, w, part) for w, part in zip(weights, parts)] + [
+                lambda: np.concatenate(parts, axis=1, out=out)]
+
+        def add_norm(weight):                            # stream + branch -> the other stream, and its norm
+            nonlocal stream
+            stream = 1 - stream
+            return rms_norm_call(self.streams[1 - stream], weight, eps, normed, branch=branch,
+                                 total=self.streams[stream])
+
+        for i, layer in enumerate(decoder.layers):
+            calls += projections((layer.q, layer.k, layer.v), layer.qkv, qkv)
+            calls.append(decode_attention_call(qkv.reshape(batch, heads + 2 * kv_heads, head_dim), cache.k[i],
+                                               cache.v[i], self.slots, self.positions, self.positions, decoder.cos,
+                                               decoder.sin, heads, kv_heads, attended))
+            calls.append(linear_call(attended, layer.o, branch))
+            calls.append(add_norm(layer.mlp_norm))
+            calls += projections((layer.gate, layer.up), layer.gate_up, gate_up)
+            calls.append(swiglu_packed_call(gate_up, hidden))
+            calls.append(linear_call(hidden, layer.down, branch))
+            last = i + 1 == len(decoder.layers)
+            calls.append(add_norm(decoder.norm if last else decoder.layers[i + 1].attention_norm))
+        calls.append(linear_call(normed, decoder.lm_head, self.logits))
+        self.calls = calls
+
+    @classmethod
+    def build(cls, decoder, cache, batch: int):
+        """The step, or None where one of the ops' compiled calls does not apply."""
+        if decoder.device != "cpu" or not isinstance(cache.k[0], np.ndarray):
+            return None
+        step = cls(decoder, cache, batch)
+        return step if all(call is not None for call in step.calls) else None
+
+    def run(self, tokens, slots, positions):
+        """Logits (batch, V), a new array, for tokens (batch,) (checked) at these cache rows and positions."""
+        self.slots[...] = slots
+        self.positions[...] = positions
+        if type(self.embed) is np.ndarray and self.embed.dtype == self.streams[0].dtype:
+            np.take(self.embed, tokens, axis=0, out=self.streams[0], mode="clip")   # weight[ids]; ids checked
+        else:
+            self.streams[0][...] = self.decoder._embed(tokens)
+        for call in self.calls:
+            call()
+        return self.logits.copy()
 
 
 def sample_next(logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

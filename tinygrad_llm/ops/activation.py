@@ -141,6 +141,12 @@ class SwiGLU(Function):
             gate2, up2 = flat[:, :hidden], flat[:, hidden:]
             fast = kernel("swiglu_packed", gate)
             out_shape = (*gate.shape[:-1], hidden)
+            if fast is None and not any(self.needs_input_grad) and type(gate) is np.ndarray:   # inference
+                y = np.empty((flat.shape[0], hidden), dtype=gate.dtype)
+                call = swiglu_packed_call(flat, y)
+                if call is not None:                          # one compiled pass; nothing kept for a backward
+                    call()
+                    return y.reshape(out_shape)
         else:
             if up is None or gate.shape != up.shape:
                 raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up "
@@ -211,6 +217,19 @@ class SwiGLU(Function):
         if packed:
             return d_flat.reshape(gate.shape)
         return d_gate2.reshape(gate.shape), d_up2.reshape(up.shape)
+
+
+def swiglu_packed_call(gate_up, y):
+    """SwiGLU's packed forward as one compiled loop (ops/fused_cpu.c, swiglu_packed_forward) bound to gate_up
+    (N, 2F) and y (N, F), contiguous: a callable that writes y = silu(g) · u each time it is called, for a
+    decoding step that refills gate_up in place (generate.Decoder's CPU steps; nothing is kept for a
+    backward). None where the loop does not apply (see fused_cpu.usable)."""
+    if not fused_cpu.usable(gate_up, y) or gate_up.ndim != 2 or gate_up.shape != (y.shape[0], 2 * y.shape[1]):
+        return None
+    function = fused_cpu.function("swiglu_packed_forward", y.dtype)
+    arrays = (gate_up, y)                                                           # kept alive by the call
+    pointers = (fused_cpu.address(gate_up), fused_cpu.address(y), y.shape[0], y.shape[1])
+    return lambda arrays=arrays: function(*pointers)
 
 
 def _fused_backward(dy, gate, up):

@@ -132,8 +132,17 @@ def _dequantized_products(x_t, weight: QuantizedMatrix, start: int, end: int) ->
 
 def kernel_linear(library, x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
     """CPU Q8_0 / Q4_0 through the compiled kernels (tinygrad_llm/quant/cpu_kernels.c): (N, in) @ Ŵᵀ -> (N, out),
-    the codes read once and converted in registers; output rows split across the threads. The kernel's
-    arguments for the weight are kept on it (weight.cpu_kernel_call): a decode step calls this ~100 times."""
+    the codes read once and converted in registers; output rows split across the threads."""
+    x2 = np.ascontiguousarray(x2, dtype=np.float32)          # the kernel reads (N, in) float32 rows, back to back
+    y = np.empty((x2.shape[0], weight.shape[0]), dtype=np.float32)
+    kernel_call(library, x2, weight, y)()
+    return y
+
+
+def kernel_call(library, x2: np.ndarray, weight: QuantizedMatrix, y: np.ndarray):
+    """kernel_linear bound to x2 (N, in) and y (N, out), contiguous float32: a callable that writes x2 @ Ŵᵀ into
+    y each time it is called (a decoding step refills x2 in place: generate.Decoder's CPU steps). The
+    kernel's arguments for the weight are kept on it (weight.cpu_kernel_call)."""
     call = weight.cpu_kernel_call
     if call is None or call[0] is not library or call[1] is not weight.values or call[2] is not weight.scale:
         function = library.q8_0_linear if weight.kind == "q8_0" else library.q4_0_linear
@@ -142,21 +151,37 @@ def kernel_linear(library, x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarra
                                          library.q8_0_rounded_linear if weight.kind == "q8_0" else
                                          library.q4_0_rounded_linear)
     function, values, scale, blocks, out_features = call[3:8]
-    x2 = np.ascontiguousarray(x2, dtype=np.float32)          # the kernel reads (N, in) float32 rows, back to back
     columns = x2.shape[0]
     if cpu_kernels.rounded(library, columns):   # x rounded to 8 bits a block, int8 products (quant/cpu_kernels.py)
         function = call[8]
-    y = np.empty((columns, out_features), dtype=np.float32)
+    arrays = (x2, y, weight.values, weight.scale)                                   # kept alive by the call
     x_pointer, y_pointer = x2.ctypes.data, y.ctypes.data
-    if thread_count() == 1:
-        function(values, scale, x_pointer, y_pointer, blocks, out_features, 0, out_features, columns)
-        return y
+    ranges = [] if thread_count() == 1 else split(out_features, min_chunk=max(64, THREAD_ELEMENTS // (blocks * BLOCK_SIZE)))
+    if len(ranges) <= 1:
+        return lambda arrays=arrays: function(values, scale, x_pointer, y_pointer, blocks, out_features, 0,
+                                              out_features, columns)
 
     def work(bounds):
         function(values, scale, x_pointer, y_pointer, blocks, out_features, bounds[0], bounds[1], columns)  # GIL released
 
-    parallel_items(work, split(out_features, min_chunk=max(64, THREAD_ELEMENTS // (blocks * BLOCK_SIZE))))
-    return y
+    return lambda arrays=arrays: parallel_items(work, ranges)
+
+
+def linear_call(x2: np.ndarray, weight, y: np.ndarray):
+    """The linear op for a decoding step on the CPU, bound to x2 (N, in) and y (N, out), contiguous NumPy arrays
+    in the compute dtype: a callable that writes x2 @ Wᵀ into y each time it is called. A float weight of
+    x2's dtype: one NumPy product into y; Q8_0 / Q4_0 where linear_forward takes the kernels: kernel_call;
+    any other weight: linear_forward, copied into y."""
+    if type(weight) is np.ndarray and weight.dtype == x2.dtype:
+        transposed = weight.T
+        return lambda: np.matmul(x2, transposed, out=y)
+    if (isinstance(weight, QuantizedMatrix) and weight.kind != "int8" and x2.dtype == np.float32
+            and type(weight.values) is np.ndarray and weight.values.flags.c_contiguous
+            and weight.scale.flags.c_contiguous):
+        library = cpu_kernels.library()
+        if library is not None and (x2.shape[0] <= KERNEL_ROWS or cpu_kernels.rounded(library, x2.shape[0])):
+            return kernel_call(library, x2, weight, y)
+    return lambda: np.copyto(y, linear_forward(x2, weight), casting="same_kind")
 
 
 def blockwise_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
