@@ -461,8 +461,8 @@ class _CpuStep:
     keys in one loop), o, the add and norm, gate‖up, SwiGLU (ops/activation.swiglu_packed_call), down; then
     the head. Linear layers are ops/quantized.linear_call (a float weight's product, or the Q8_0 / Q4_0
     kernels). The residual stream alternates between two buffers (the fused add writes the other one).
-    Unstacked q, k, v (and gate, up) go to their own buffers and are concatenated. The logits come back as a
-    copy (the buffer is the next step's).
+    Unstacked q, k, v (and gate, up) go to their own buffers and are concatenated. The head writes a new
+    logits array each step (the caller keeps it).
     """
 
     def __init__(self, decoder, cache, batch: int):
@@ -475,7 +475,6 @@ class _CpuStep:
         qkv = empty(batch, (heads + 2 * kv_heads) * head_dim)
         attended = empty(batch, heads * head_dim)
         gate_up, hidden = empty(batch, 2 * config.ffn_hidden), empty(batch, config.ffn_hidden)
-        self.logits = empty(batch, config.vocab_size)
         self.slots, self.positions = np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=np.int64)
         eps, stream = config.norm_eps, 0
         calls = [rms_norm_call(self.streams[0], decoder.layers[0].attention_norm, eps, normed)]
@@ -505,8 +504,8 @@ class _CpuStep:
             calls.append(linear_call(hidden, layer.down, branch))
             last = i + 1 == len(decoder.layers)
             calls.append(add_norm(decoder.norm if last else decoder.layers[i + 1].attention_norm))
-        calls.append(linear_call(normed, decoder.lm_head, self.logits))
         self.calls = calls
+        self.head = linear_call(normed, decoder.lm_head)                     # a new (batch, V) array each step
 
     @classmethod
     def build(cls, decoder, cache, batch: int):
@@ -514,7 +513,7 @@ class _CpuStep:
         if decoder.device != "cpu" or not isinstance(cache.k[0], np.ndarray):
             return None
         step = cls(decoder, cache, batch)
-        return step if all(call is not None for call in step.calls) else None
+        return step if all(call is not None for call in step.calls) else None      # (the head always applies)
 
     def run(self, tokens, slots, positions):
         """Logits (batch, V), a new array, for tokens (batch,) (checked) at these cache rows and positions."""
@@ -526,7 +525,7 @@ class _CpuStep:
             self.streams[0][...] = self.decoder._embed(tokens)
         for call in self.calls:
             call()
-        return self.logits.copy()
+        return Decoder._host(self.head())
 
 
 def sample_next(logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

@@ -44,6 +44,7 @@ from ..cpu_threads import parallel_items, split, thread_count
 from ..quant import cpu_kernels
 from ..quant.formats import BLOCK_SIZE, QuantizedMatrix
 from ..tensor import Function
+from .matmul import FEW_ROWS
 
 TILE_ELEMENTS = 1 << 17          # float32 weights converted per step (512 KiB: stays in L2 beside x and y)
 PRODUCT_TILE_ELEMENTS = 1 << 19  # codes converted per step on the products path: larger tiles, fewer Python
@@ -167,20 +168,27 @@ def kernel_call(library, x2: np.ndarray, weight: QuantizedMatrix, y: np.ndarray)
     return lambda arrays=arrays: parallel_items(work, ranges)
 
 
-def linear_call(x2: np.ndarray, weight, y: np.ndarray):
-    """The linear op for a decoding step on the CPU, bound to x2 (N, in) and y (N, out), contiguous NumPy arrays
-    in the compute dtype: a callable that writes x2 @ Wᵀ into y each time it is called. A float weight of
-    x2's dtype: one NumPy product into y; Q8_0 / Q4_0 where linear_forward takes the kernels: kernel_call;
-    any other weight: linear_forward, copied into y."""
+def linear_call(x2: np.ndarray, weight, y: np.ndarray | None = None):
+    """The linear op for a decoding step on the CPU, bound to x2 (N, in), a contiguous NumPy array in the compute
+    dtype, that the step refills in place: a callable that computes x2 @ Wᵀ each time it is called, into y
+    (N, out, contiguous) when given, else into a new array that it returns. A float weight of x2's dtype:
+    Linear's product (W on the left for 2 … FEW_ROWS rows, ops/matmul.Linear); Q8_0 / Q4_0 where
+    linear_forward takes the kernels: kernel_call; any other weight: linear_forward."""
     if type(weight) is np.ndarray and weight.dtype == x2.dtype:
-        transposed = weight.T
-        return lambda: np.matmul(x2, transposed, out=y)
+        if 1 < x2.shape[0] <= FEW_ROWS:             # a few rows: OpenBLAS is faster with W on the left
+            if y is None:
+                return lambda: np.matmul(weight, x2.T).T                              # (out, N) -> (N, out) view
+            transposed = np.empty((weight.shape[0], x2.shape[0]), dtype=y.dtype)       # (out, N)
+            return lambda: np.copyto(y, np.matmul(weight, x2.T, out=transposed).T)
+        return (lambda: x2 @ weight.T) if y is None else (lambda: np.matmul(x2, weight.T, out=y))
     if (isinstance(weight, QuantizedMatrix) and weight.kind != "int8" and x2.dtype == np.float32
             and type(weight.values) is np.ndarray and weight.values.flags.c_contiguous
             and weight.scale.flags.c_contiguous):
         library = cpu_kernels.library()
         if library is not None and (x2.shape[0] <= KERNEL_ROWS or cpu_kernels.rounded(library, x2.shape[0])):
-            return kernel_call(library, x2, weight, y)
+            return (lambda: kernel_linear(library, x2, weight)) if y is None else kernel_call(library, x2, weight, y)
+    if y is None:
+        return lambda: linear_forward(x2, weight)
     return lambda: np.copyto(y, linear_forward(x2, weight), casting="same_kind")
 
 
