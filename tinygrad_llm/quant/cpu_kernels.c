@@ -237,7 +237,11 @@ static void round_rows(const float *x, int64_t rows, int64_t blocks, int32_t off
     for (int64_t k = 0; k < rows * blocks; k++) {
         const float *xk = x + k * BLOCK;
         float amax = 0.0f;
-        for (int i = 0; i < BLOCK; i++) amax = fmaxf(amax, fabsf(xk[i]));
+        /* fmaxf's result (a NaN is skipped) as a compare, which the compiler vectorises (fmaxf is a libm call) */
+        for (int i = 0; i < BLOCK; i++) {
+            const float a = fabsf(xk[i]);
+            amax = a > amax ? a : amax;
+        }
         const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
         int32_t total = 0;
         for (int i = 0; i < BLOCK; i++) {
