@@ -54,7 +54,7 @@ import numpy as np
 
 from . import backend, precision
 from .gpu import kernel
-from .ops.activation import SwiGLU, swiglu_packed_call
+from .ops.activation import SwiGLU, swiglu_call
 from .ops.attention import CacheRows, CausalAttention, decode_attention_call
 from .ops.embedding import Embedding
 from .ops.matmul import Linear
@@ -458,11 +458,12 @@ class _CpuStep:
 
     Per layer: RMSNorm (fused with the residual add that precedes it: ops/norm.rms_norm_call), q‖k‖v,
     attention (ops/attention.decode_attention_call: RoPE, the cache write and the attention over the row's
-    keys in one loop), o, the add and norm, gate‖up, SwiGLU (ops/activation.swiglu_packed_call), down; then
-    the head. Linear layers are ops/quantized.linear_call (a float weight's product, or the Q8_0 / Q4_0
+    keys in one loop), o, the add and norm, gate‖up, SwiGLU (ops/activation.swiglu_call), down; then the
+    head. Linear layers are ops/quantized.linear_call (a float weight's product, or the Q8_0 / Q4_0
     kernels). The residual stream alternates between two buffers (the fused add writes the other one).
-    Unstacked q, k, v (and gate, up) go to their own buffers and are concatenated. The head writes a new
-    logits array each step (the caller keeps it).
+    Unstacked q, k, v (and gate, up) go to their own buffers, which attention (and SwiGLU) read as they
+    are; stacked ones to one buffer, read in column views. The head writes a new logits array each step
+    (the caller keeps it).
     """
 
     def __init__(self, decoder, cache, batch: int):
@@ -472,19 +473,18 @@ class _CpuStep:
         self.decoder, self.embed = decoder, decoder.embed
         self.streams = [empty(batch, config.d_model), empty(batch, config.d_model)]   # the residual stream
         normed, branch = empty(batch, config.d_model), empty(batch, config.d_model)
-        qkv = empty(batch, (heads + 2 * kv_heads) * head_dim)
         attended = empty(batch, heads * head_dim)
-        gate_up, hidden = empty(batch, 2 * config.ffn_hidden), empty(batch, config.ffn_hidden)
         self.slots, self.positions = np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=np.int64)
         eps, stream = config.norm_eps, 0
         calls = [rms_norm_call(self.streams[0], decoder.layers[0].attention_norm, eps, normed)]
 
-        def projections(weights, stacked, out):         # one product, or several concatenated into out
-            if stacked is not None:
-                return [linear_call(normed, stacked, out)]
-            parts = [empty(batch, w.shape[0]) for w in weights]
-            return [linear_call(normed, w, part) for w, part in zip(weights, parts)] + [
-                lambda: np.concatenate(parts, axis=1, out=out)]
+        def projections(widths, weights, stacked):
+            """normed times each weight, or times the stacked one, split in column views: (outputs, calls)."""
+            if stacked is None:
+                outs = [empty(batch, width) for width in widths]
+                return outs, [linear_call(normed, w, out) for w, out in zip(weights, outs)]
+            out, bounds = empty(batch, sum(widths)), np.cumsum([0, *widths])
+            return [out[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])], [linear_call(normed, stacked, out)]
 
         def add_norm(weight):                            # stream + branch -> the other stream, and its norm
             nonlocal stream
@@ -493,14 +493,20 @@ class _CpuStep:
                                  total=self.streams[stream])
 
         for i, layer in enumerate(decoder.layers):
-            calls += projections((layer.q, layer.k, layer.v), layer.qkv, qkv)
-            calls.append(decode_attention_call(qkv.reshape(batch, heads + 2 * kv_heads, head_dim), cache.k[i],
-                                               cache.v[i], self.slots, self.positions, self.positions, decoder.cos,
-                                               decoder.sin, heads, kv_heads, attended))
+            (q, k, v), products = projections((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim),
+                                              (layer.q, layer.k, layer.v), layer.qkv)
+            calls += products
+            calls.append(decode_attention_call(q, k, v, cache.k[i], cache.v[i], self.slots, self.positions,
+                                               self.positions, decoder.cos, decoder.sin, heads, kv_heads, attended))
             calls.append(linear_call(attended, layer.o, branch))
             calls.append(add_norm(layer.mlp_norm))
-            calls += projections((layer.gate, layer.up), layer.gate_up, gate_up)
-            calls.append(swiglu_packed_call(gate_up, hidden))
+            hidden = empty(batch, config.ffn_hidden)
+            if layer.gate_up is not None:
+                gate_up = empty(batch, 2 * config.ffn_hidden)
+                calls += [linear_call(normed, layer.gate_up, gate_up), swiglu_call(gate_up, None, hidden)]
+            else:
+                (gate, up), products = projections((config.ffn_hidden,) * 2, (layer.gate, layer.up), None)
+                calls += products + [swiglu_call(gate, up, hidden)]
             calls.append(linear_call(hidden, layer.down, branch))
             last = i + 1 == len(decoder.layers)
             calls.append(add_norm(decoder.norm if last else decoder.layers[i + 1].attention_norm))

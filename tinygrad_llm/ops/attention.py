@@ -594,8 +594,10 @@ class CausalAttention(Function):
         flat = xp.ascontiguousarray(qkv).reshape(1, batch * time, heads + 2 * kv_heads, head_dim)  # (1, B·T, ·, D)
         if time == 1 and xp is np:           # decoding on the CPU: rotate, store and attend in one compiled loop
             out = np.empty((batch, heads * head_dim), dtype=qkv.dtype)
-            call = decode_attention_call(flat[0], k_store, v_store, *rows.write, np.arange(batch), cos, sin, heads,
-                                         kv_heads, out)
+            packed = flat[0].reshape(batch, -1)                                   # (B, (H + 2Hkv)·D)
+            call = decode_attention_call(packed[:, :heads * head_dim], packed[:, heads * head_dim:(heads + kv_heads) * head_dim],
+                                         packed[:, (heads + kv_heads) * head_dim:], k_store, v_store, *rows.write,
+                                         np.arange(batch), cos, sin, heads, kv_heads, out)
             if call is not None:
                 call()
                 self.save(packed="cache")
@@ -690,25 +692,32 @@ class CacheRows:
                               slice(low, low + count), int(lengths.max()), bias))
 
 
-def decode_attention_call(qkv, k_store, v_store, slots, positions, angles, cos, sin, heads: int, kv_heads: int, out):
+def decode_attention_call(q, k, v, k_store, v_store, slots, positions, angles, cos, sin, heads: int, kv_heads: int,
+                          out):
     """The cached form's decoding step (T = 1) as one compiled loop (ops/fused_cpu.c, decode_attention), bound
     to these arrays: a callable that, each time it is called, rotates row b's q and k at the tables' row
     angles[b], writes k and v into the stores at (slots[b], :, positions[b]) and attends q over the row's
-    positions[b] + 1 keys into out[b]. Reads the three index arrays' contents at each call (a decoding step
-    refills them: generate.Decoder's CPU steps). None where the loop does not apply (not contiguous NumPy
-    float32/64 arrays of one dtype, or no compiled loops). The caller checks the indices against the stores.
-    Shapes: qkv (n, H + 2Hkv, D); slots, positions, angles (n,) int64; cos, sin (·, D/2);
+    positions[b] + 1 keys into out[b]. Reads the arrays' contents at each call (a decoding step refills
+    them: generate.Decoder's CPU steps). None where the loop does not apply (NumPy float32/64 arrays of one
+    dtype, contiguous but for q, k, v, whose rows may be strided: column slices of one q‖k‖v array; and the
+    compiled loops). The caller checks the indices against the stores.
+    Shapes: q (n, H·D); k, v (n, Hkv·D); slots, positions, angles (n,) int64; cos, sin (·, D/2);
     stores (·, Hkv, L, D); out (n, H·D)."""
-    if not fused_cpu.usable(qkv, k_store, v_store, cos, sin, out):
+    if not fused_cpu.usable(k_store, v_store, cos, sin, out):
+        return None
+    news = (q, k, v)
+    if any(type(a) is not np.ndarray or a.ndim != 2 or a.dtype != out.dtype or a.strides[1] != a.itemsize
+           or a.strides[0] % a.itemsize for a in news):
         return None
     indices = (slots, positions, angles)
     if any(type(a) is not np.ndarray or a.dtype != np.int64 or not a.flags.c_contiguous for a in indices):
         return None
-    rows, length, head_dim = qkv.shape[0], k_store.shape[2], qkv.shape[-1]
-    function = fused_cpu.function("decode_attention", qkv.dtype)
-    scratch = np.empty(rows * (heads * head_dim + length), dtype=qkv.dtype)
-    arrays = (qkv, *indices, cos, sin, k_store, v_store, out, scratch)        # kept alive by the call
-    pointers = [fused_cpu.address(a) for a in arrays]
+    rows, length, head_dim = q.shape[0], k_store.shape[2], k_store.shape[3]
+    function = fused_cpu.function("decode_attention", out.dtype)
+    scratch = np.empty(rows * (heads * head_dim + length), dtype=out.dtype)
+    arrays = (*news, *indices, cos, sin, k_store, v_store, out, scratch)        # kept alive by the call
+    pointers = [p for a in news for p in (fused_cpu.address(a), a.strides[0] // a.itemsize)]
+    pointers += [fused_cpu.address(a) for a in arrays[3:]]
     shape = (heads, kv_heads, head_dim, length)
     work = rows * heads * head_dim * length                        # an upper bound: every row at the full length
     parts = min(thread_count(), rows, max(1, work // CHUNK_ELEMENTS))

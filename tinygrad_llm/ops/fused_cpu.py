@@ -40,7 +40,7 @@ _SIGNATURES = {                         # name: argument types, the floating one
     "heads_transposed": (_P, _N, _N, _N, _P, _N, _N, _N, _N),
     "row_dots": (_P, _N, _N, _N, _P, _N, _N, _N, _P, _N, _N, _N, _N),
     "swiglu_packed_forward": (_P, _P, _N, _N),                                     # decoding steps
-    "decode_attention": (_P,) * 10 + (_N,) * 6,
+    "decode_attention": (_P, _N) * 3 + (_P,) * 9 + (_N,) * 6,
 }
 _SUFFIX = {np.dtype(np.float32): ("_f32", ctypes.c_float), np.dtype(np.float64): ("_f64", ctypes.c_double)}
 _UNSET = object()
