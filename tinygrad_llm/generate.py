@@ -40,9 +40,13 @@ Stops: at `eot_id` (the end-of-text token, not emitted), at any of a sequence's 
 emitted), or when the decoded continuation contains one of the `stop` strings (the text is cut before it).
 Streaming holds back only what could still turn into a stop string or is an incomplete UTF-8 sequence.
 
+CPU decoding steps run as `_CpuStep`: the ops' compiled calls bound once per cache and batch size to
+preallocated buffers (see its docstring); where the compiled loops are missing, op by op as on the GPU.
+
 Simplifications: a batch's prompts are prefilled one after another (each is one GEMM per weight already);
-a decode step's attention runs once per run of consecutive slots (each run's keys a view of the cache, no
-gather), so a batch scattered over many non-adjacent slots costs one small attention call per run.
+a GPU decode step without graphs runs attention once per run of consecutive slots (each run's keys a view
+of the cache, no gather), so a batch scattered over many non-adjacent slots costs one small attention call
+per run. A CPU step keeps up to CPU_STEPS batch sizes' buffers per cache.
 """
 from __future__ import annotations
 
@@ -172,7 +176,8 @@ class Decoder:
     on the host. On the GPU the decoding steps replay from CUDA graphs (`_step_graph`).
     On the CPU a small model (stacked copies ≤ STACK_BYTES) gets q‖k‖v and gate‖up stacked too, float or
     quantized, so that a layer is 4 products instead of 7: at that size a token is per-call Python, not
-    arithmetic; a decoding step keeps its rows 2-D, (n, C), through the layers.
+    arithmetic. A CPU decoding step runs as a _CpuStep (the ops' compiled calls bound to buffers once); op
+    by op, with its rows kept 2-D, (n, C), where the compiled loops are missing.
     """
 
     def __init__(self, model, cuda_graphs: bool | None = None):

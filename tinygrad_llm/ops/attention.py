@@ -595,9 +595,9 @@ class CausalAttention(Function):
         if time == 1 and xp is np:           # decoding on the CPU: rotate, store and attend in one compiled loop
             out = np.empty((batch, heads * head_dim), dtype=qkv.dtype)
             packed = flat[0].reshape(batch, -1)                                   # (B, (H + 2Hkv)·D)
-            call = decode_attention_call(packed[:, :heads * head_dim], packed[:, heads * head_dim:(heads + kv_heads) * head_dim],
-                                         packed[:, (heads + kv_heads) * head_dim:], k_store, v_store, *rows.write,
-                                         np.arange(batch), cos, sin, heads, kv_heads, out)
+            q_end, k_end = heads * head_dim, (heads + kv_heads) * head_dim
+            call = decode_attention_call(packed[:, :q_end], packed[:, q_end:k_end], packed[:, k_end:], k_store,
+                                         v_store, *rows.write, np.arange(batch), cos, sin, heads, kv_heads, out)
             if call is not None:
                 call()
                 self.save(packed="cache")

@@ -346,7 +346,8 @@ void FUSED_NAME(decode_attention)(const real *q_new, int64_t q_stride, const rea
         const int64_t position = positions[b], keys = position + 1;
         const real *c = cos + angles[b] * half, *s = sin + angles[b] * half;
         real *q = scratch + b * (heads * dim + length), *scores = q + heads * dim;
-        real *k_row = k_store + slots[b] * kv_heads * length * dim, *v_row = v_store + slots[b] * kv_heads * length * dim;
+        real *k_row = k_store + slots[b] * kv_heads * length * dim;
+        real *v_row = v_store + slots[b] * kv_heads * length * dim;
         for (int64_t h = 0; h < heads + kv_heads; h++) {            /* rotate q (scaled) and k */
             const real *x = h < heads ? q_new + b * q_stride + h * dim : k_new + b * k_stride + (h - heads) * dim;
             real *o = h < heads ? q + h * dim : k_row + ((h - heads) * length + position) * dim;

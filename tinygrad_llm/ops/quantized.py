@@ -157,13 +157,14 @@ def kernel_call(library, x2: np.ndarray, weight: QuantizedMatrix, y: np.ndarray)
         function = call[8]
     arrays = (x2, y, weight.values, weight.scale)                                   # kept alive by the call
     x_pointer, y_pointer = x2.ctypes.data, y.ctypes.data
-    ranges = [] if thread_count() == 1 else split(out_features, min_chunk=max(64, THREAD_ELEMENTS // (blocks * BLOCK_SIZE)))
+    least = max(64, THREAD_ELEMENTS // (blocks * BLOCK_SIZE))             # output rows a thread gets at least
+    ranges = [] if thread_count() == 1 else split(out_features, min_chunk=least)
     if len(ranges) <= 1:
         return lambda arrays=arrays: function(values, scale, x_pointer, y_pointer, blocks, out_features, 0,
                                               out_features, columns)
 
     def work(bounds):
-        function(values, scale, x_pointer, y_pointer, blocks, out_features, bounds[0], bounds[1], columns)  # GIL released
+        function(values, scale, x_pointer, y_pointer, blocks, out_features, *bounds, columns)     # GIL released
 
     return lambda arrays=arrays: parallel_items(work, ranges)
 
