@@ -220,7 +220,7 @@ def rms_norm_call(x2, weight, eps, y, branch=None, total=None):
     normalised; ResidualAdd's fused form), for a decoding step that refills x2 and branch in place
     (generate.Decoder's CPU steps). None where the loop does not apply (see fused_cpu.usable)."""
     arrays = (x2, weight, y) + (() if branch is None else (branch, total))
-    if not fused_cpu.usable(*arrays) or weight.shape != x2.shape[-1:]:
+    if not fused_cpu.usable(*arrays) or x2.ndim != 2 or weight.shape != x2.shape[-1:]:
         return None
     rows, channels = x2.shape
     r = np.empty((rows, 1), dtype=x2.dtype)
