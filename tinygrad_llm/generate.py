@@ -524,7 +524,7 @@ class _CpuStep:
         if decoder.device != "cpu" or not isinstance(cache.k[0], np.ndarray):
             return None
         step = cls(decoder, cache, batch)
-        return step if all(call is not None for call in step.calls) else None      # (the head always applies)
+        return step if all(call is not None for call in (*step.calls, step.head)) else None
 
     def run(self, tokens, slots, positions):
         """Logits (batch, V), a new array, for tokens (batch,) (checked) at these cache rows and positions."""

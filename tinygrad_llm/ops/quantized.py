@@ -174,8 +174,13 @@ def linear_call(x2: np.ndarray, weight, y: np.ndarray | None = None):
     dtype, that the step refills in place: a callable that computes x2 @ Wᵀ each time it is called, into y
     (N, out, contiguous) when given, else into a new array that it returns. A float weight of x2's dtype:
     Linear's product (W on the left for 2 … FEW_ROWS rows, ops/matmul.Linear); Q8_0 / Q4_0 where
-    linear_forward takes the kernels: kernel_call; any other weight: linear_forward."""
-    if type(weight) is np.ndarray and weight.dtype == x2.dtype:
+    linear_forward takes the kernels: kernel_call; any other quantized weight: linear_forward. None for a
+    float weight of another dtype (Linear's low-precision products: the caller runs the op)."""
+    if type(weight) is not np.ndarray and not isinstance(weight, QuantizedMatrix):
+        return None
+    if type(weight) is np.ndarray:
+        if weight.dtype != x2.dtype:
+            return None
         if 1 < x2.shape[0] <= FEW_ROWS:             # a few rows: OpenBLAS is faster with W on the left
             if y is None:
                 return lambda: np.matmul(weight, x2.T).T                              # (out, N) -> (N, out) view
