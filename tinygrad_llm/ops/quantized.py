@@ -135,15 +135,14 @@ def kernel_linear(library, x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarra
     """CPU Q8_0 / Q4_0 through the compiled kernels (tinygrad_llm/quant/cpu_kernels.c): (N, in) @ Ŵᵀ -> (N, out),
     the codes read once and converted in registers; output rows split across the threads."""
     x2 = np.ascontiguousarray(x2, dtype=np.float32)          # the kernel reads (N, in) float32 rows, back to back
-    y = np.empty((x2.shape[0], weight.shape[0]), dtype=np.float32)
-    kernel_call(library, x2, weight, y)()
-    return y
+    return kernel_call(library, x2, weight)()
 
 
-def kernel_call(library, x2: np.ndarray, weight: QuantizedMatrix, y: np.ndarray):
-    """kernel_linear bound to x2 (N, in) and y (N, out), contiguous float32: a callable that writes x2 @ Ŵᵀ into
-    y each time it is called (a decoding step refills x2 in place: generate.Decoder's CPU steps). The
-    kernel's arguments for the weight are kept on it (weight.cpu_kernel_call)."""
+def kernel_call(library, x2: np.ndarray, weight: QuantizedMatrix, y: np.ndarray | None = None):
+    """kernel_linear bound to x2 (N, in), contiguous float32: a callable that computes x2 @ Ŵᵀ each time it is
+    called (a decoding step refills x2 in place: generate.Decoder's CPU steps), into y (N, out, contiguous
+    float32) when given, else into a new array that it returns. The kernel's arguments for the weight are
+    kept on it (weight.cpu_kernel_call)."""
     call = weight.cpu_kernel_call
     if call is None or call[0] is not library or call[1] is not weight.values or call[2] is not weight.scale:
         function = library.q8_0_linear if weight.kind == "q8_0" else library.q4_0_linear
@@ -156,17 +155,30 @@ def kernel_call(library, x2: np.ndarray, weight: QuantizedMatrix, y: np.ndarray)
     if cpu_kernels.rounded(library, columns):   # x rounded to 8 bits a block, int8 products (quant/cpu_kernels.py)
         function = call[8]
     arrays = (x2, y, weight.values, weight.scale)                                   # kept alive by the call
-    x_pointer, y_pointer = x2.ctypes.data, y.ctypes.data
+    x_pointer = x2.ctypes.data
     least = max(64, THREAD_ELEMENTS // (blocks * BLOCK_SIZE))             # output rows a thread gets at least
     ranges = [] if thread_count() == 1 else split(out_features, min_chunk=least)
-    if len(ranges) <= 1:
+    if y is not None and len(ranges) <= 1:
+        y_pointer = y.ctypes.data
         return lambda arrays=arrays: function(values, scale, x_pointer, y_pointer, blocks, out_features, 0,
                                               out_features, columns)
 
-    def work(bounds):
-        function(values, scale, x_pointer, y_pointer, blocks, out_features, *bounds, columns)     # GIL released
+    def run(y_pointer):
+        if len(ranges) <= 1:
+            function(values, scale, x_pointer, y_pointer, blocks, out_features, 0, out_features, columns)
+        else:                                                                        # GIL released in each call
+            parallel_items(lambda bounds: function(values, scale, x_pointer, y_pointer, blocks, out_features,
+                                                   *bounds, columns), ranges)
 
-    return lambda arrays=arrays: parallel_items(work, ranges)
+    if y is not None:
+        y_pointer = y.ctypes.data
+        return lambda arrays=arrays: run(y_pointer)
+
+    def fresh(arrays=arrays):
+        out = np.empty((columns, out_features), dtype=np.float32)
+        run(out.ctypes.data)
+        return out
+    return fresh
 
 
 def linear_call(x2: np.ndarray, weight, y: np.ndarray | None = None):
@@ -192,7 +204,7 @@ def linear_call(x2: np.ndarray, weight, y: np.ndarray | None = None):
             and weight.scale.flags.c_contiguous):
         library = cpu_kernels.library()
         if library is not None and (x2.shape[0] <= KERNEL_ROWS or cpu_kernels.rounded(library, x2.shape[0])):
-            return (lambda: kernel_linear(library, x2, weight)) if y is None else kernel_call(library, x2, weight, y)
+            return kernel_call(library, x2, weight, y)
     if y is None:
         return lambda: linear_forward(x2, weight)
     return lambda: np.copyto(y, linear_forward(x2, weight), casting="same_kind")
