@@ -40,9 +40,13 @@ Stops: at `eot_id` (the end-of-text token, not emitted), at any of a sequence's 
 emitted), or when the decoded continuation contains one of the `stop` strings (the text is cut before it).
 Streaming holds back only what could still turn into a stop string or is an incomplete UTF-8 sequence.
 
+CPU decoding steps run as `_CpuStep`: the ops' compiled calls bound once per cache and batch size to
+preallocated buffers (see its docstring); where the compiled loops are missing, op by op as on the GPU.
+
 Simplifications: a batch's prompts are prefilled one after another (each is one GEMM per weight already);
-a decode step's attention runs once per run of consecutive slots (each run's keys a view of the cache, no
-gather), so a batch scattered over many non-adjacent slots costs one small attention call per run.
+a GPU decode step without graphs runs attention once per run of consecutive slots (each run's keys a view
+of the cache, no gather), so a batch scattered over many non-adjacent slots costs one small attention call
+per run. A CPU step keeps up to CPU_STEPS batch sizes' buffers per cache.
 """
 from __future__ import annotations
 
@@ -54,18 +58,19 @@ import numpy as np
 
 from . import backend, precision
 from .gpu import kernel
-from .ops.activation import SwiGLU
-from .ops.attention import CacheRows, CausalAttention
+from .ops.activation import SwiGLU, swiglu_call
+from .ops.attention import CacheRows, CausalAttention, decode_attention_call
 from .ops.embedding import Embedding
 from .ops.matmul import Linear
-from .ops.norm import RMSNorm
-from .ops.quantized import QuantizedLinear
+from .ops.norm import RMSNorm, rms_norm_call
+from .ops.quantized import QuantizedLinear, linear_call
 from .ops.rope import rope_angles
 from .quant.formats import QuantizedMatrix
 from .tensor import no_grad
 
 
 CHUNKED_NORM_ROWS = 64     # RMSNorm takes its threaded row-chunk path above this many rows (decode steps don't)
+CPU_STEPS = 8              # CPU decoding steps (one a batch size) kept per cache
 STACK_BYTES = 16 << 20     # CPU: q‖k‖v and gate‖up stacked into copies when these total at most this many bytes
 
 
@@ -171,7 +176,8 @@ class Decoder:
     on the host. On the GPU the decoding steps replay from CUDA graphs (`_step_graph`).
     On the CPU a small model (stacked copies ≤ STACK_BYTES) gets q‖k‖v and gate‖up stacked too, float or
     quantized, so that a layer is 4 products instead of 7: at that size a token is per-call Python, not
-    arithmetic; a decoding step keeps its rows 2-D, (n, C), through the layers.
+    arithmetic. A CPU decoding step runs as a _CpuStep (the ops' compiled calls bound to buffers once); op
+    by op, with its rows kept 2-D, (n, C), where the compiled loops are missing.
     """
 
     def __init__(self, model, cuda_graphs: bool | None = None):
@@ -273,6 +279,11 @@ class Decoder:
             raise ValueError(f"decode_step: slots {slots[positions == 0].tolist()} are empty; prefill them first")
         if min(ids) < 0 or max(ids) >= self.config.vocab_size:
             self._check_ids(tokens)                                                # raises
+        step = self._cpu_step(cache, slots.size) if self.device == "cpu" else None
+        if step is not None:
+            logits = step.run(tokens, slots, positions)
+            cache.lengths[slots] = positions + 1
+            return logits                                                          # (n, V)
         with no_grad():
             x = self._embed(tokens)                                                 # (n, C)
             graph = self._step_graph(cache, slots.size)
@@ -398,6 +409,21 @@ class Decoder:
         return graph
 
 
+    def _cpu_step(self, cache, batch: int):
+        """The CPU decoding step of `batch` rows on this cache (_CpuStep, built at its first use and kept on the
+        cache beside the GPU's graphs), or None where the ops' compiled loops do not all apply (then the
+        step runs op by op)."""
+        key = (id(self), batch)
+        step = cache.step_graphs.get(key)
+        if step is None:
+            step = _CpuStep.build(self, cache, batch)
+            built = [k for k, v in cache.step_graphs.items() if isinstance(v, _CpuStep)]
+            if len(built) >= CPU_STEPS:                               # a server's batch size varies: keep a few
+                del cache.step_graphs[built[0]]
+            cache.step_graphs[key] = step if step is not None else False
+        return step or None
+
+
 def _forward(op, *arrays, **options):
     """The op's forward on raw arrays, keeping nothing for a backward: what the functional op computes
     under no_grad, without wrapping every array in a Tensor (a decoding step calls ~10 ops a layer)."""
@@ -426,6 +452,91 @@ class _StepGraph:
         self.x[...] = x
         self.rows.set(np.stack([slots, positions]))
         return self.graph.replay()
+
+
+class _CpuStep:
+    """One decoding step of `batch` rows on one CPU cache as a fixed list of the ops' own compiled calls, each
+    bound once to preallocated buffers (the CPU's counterpart of _StepGraph): at the size of the default model
+    a token is ~40 op calls and their Python (Function objects, checks, array allocations, the arrays'
+    addresses), not arithmetic, so the calls are set up once and a step only refills its inputs: the
+    embedded tokens and the rows' cache rows and positions, which the attention loop reads at each call.
+
+    Per layer: RMSNorm (fused with the residual add that precedes it: ops/norm.rms_norm_call), q‖k‖v,
+    attention (ops/attention.decode_attention_call: RoPE, the cache write and the attention over the row's
+    keys in one loop), o, the add and norm, gate‖up, SwiGLU (ops/activation.swiglu_call), down; then the
+    head. Linear layers are ops/quantized.linear_call (a float weight's product, or the Q8_0 / Q4_0
+    kernels). The residual stream alternates between two buffers (the fused add writes the other one).
+    Unstacked q, k, v (and gate, up) go to their own buffers, which attention (and SwiGLU) read as they
+    are; stacked ones to one buffer, read in column views. The head writes a new logits array each step
+    (the caller keeps it).
+    """
+
+    def __init__(self, decoder, cache, batch: int):
+        config, dtype = decoder.config, decoder.dtype
+        heads, kv_heads, head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        empty = lambda *shape: np.empty(shape, dtype=dtype)
+        self.decoder, self.embed = decoder, decoder.embed
+        self.streams = [empty(batch, config.d_model), empty(batch, config.d_model)]   # the residual stream
+        normed, branch = empty(batch, config.d_model), empty(batch, config.d_model)
+        attended = empty(batch, heads * head_dim)
+        self.slots, self.positions = np.zeros(batch, dtype=np.int64), np.zeros(batch, dtype=np.int64)
+        eps, stream = config.norm_eps, 0
+        calls = [rms_norm_call(self.streams[0], decoder.layers[0].attention_norm, eps, normed)]
+
+        def projections(widths, weights, stacked):
+            """normed times each weight, or times the stacked one, split in column views: (outputs, calls)."""
+            if stacked is None:
+                outs = [empty(batch, width) for width in widths]
+                return outs, [linear_call(normed, w, out) for w, out in zip(weights, outs)]
+            out, bounds = empty(batch, sum(widths)), np.cumsum([0, *widths])
+            return [out[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])], [linear_call(normed, stacked, out)]
+
+        def add_norm(weight):                            # stream + branch -> the other stream, and its norm
+            nonlocal stream
+            stream = 1 - stream
+            return rms_norm_call(self.streams[1 - stream], weight, eps, normed, branch=branch,
+                                 total=self.streams[stream])
+
+        for i, layer in enumerate(decoder.layers):
+            (q, k, v), products = projections((heads * head_dim, kv_heads * head_dim, kv_heads * head_dim),
+                                              (layer.q, layer.k, layer.v), layer.qkv)
+            calls += products
+            calls.append(decode_attention_call(q, k, v, cache.k[i], cache.v[i], self.slots, self.positions,
+                                               self.positions, decoder.cos, decoder.sin, heads, kv_heads, attended))
+            calls.append(linear_call(attended, layer.o, branch))
+            calls.append(add_norm(layer.mlp_norm))
+            hidden = empty(batch, config.ffn_hidden)
+            if layer.gate_up is not None:
+                gate_up = empty(batch, 2 * config.ffn_hidden)
+                calls += [linear_call(normed, layer.gate_up, gate_up), swiglu_call(gate_up, None, hidden)]
+            else:
+                (gate, up), products = projections((config.ffn_hidden,) * 2, (layer.gate, layer.up), None)
+                calls += products + [swiglu_call(gate, up, hidden)]
+            calls.append(linear_call(hidden, layer.down, branch))
+            last = i + 1 == len(decoder.layers)
+            calls.append(add_norm(decoder.norm if last else decoder.layers[i + 1].attention_norm))
+        self.calls = calls
+        self.head = linear_call(normed, decoder.lm_head)                     # a new (batch, V) array each step
+
+    @classmethod
+    def build(cls, decoder, cache, batch: int):
+        """The step, or None where one of the ops' compiled calls does not apply."""
+        if decoder.device != "cpu" or not isinstance(cache.k[0], np.ndarray):
+            return None
+        step = cls(decoder, cache, batch)
+        return step if all(call is not None for call in (*step.calls, step.head)) else None
+
+    def run(self, tokens, slots, positions):
+        """Logits (batch, V), a new array, for tokens (batch,) (checked) at these cache rows and positions."""
+        self.slots[...] = slots
+        self.positions[...] = positions
+        if type(self.embed) is np.ndarray and self.embed.dtype == self.streams[0].dtype:
+            np.take(self.embed, tokens, axis=0, out=self.streams[0], mode="clip")   # weight[ids]; ids checked
+        else:
+            self.streams[0][...] = self.decoder._embed(tokens)
+        for call in self.calls:
+            call()
+        return Decoder._host(self.head())
 
 
 def sample_next(logits: np.ndarray, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

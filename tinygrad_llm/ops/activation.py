@@ -141,6 +141,12 @@ class SwiGLU(Function):
             gate2, up2 = flat[:, :hidden], flat[:, hidden:]
             fast = kernel("swiglu_packed", gate)
             out_shape = (*gate.shape[:-1], hidden)
+            if fast is None and not any(self.needs_input_grad) and type(gate) is np.ndarray:   # inference
+                y = np.empty((flat.shape[0], hidden), dtype=gate.dtype)
+                call = swiglu_call(flat, None, y)
+                if call is not None:                          # one compiled pass; nothing kept for a backward
+                    call()
+                    return y.reshape(out_shape)
         else:
             if up is None or gate.shape != up.shape:
                 raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up "
@@ -211,6 +217,29 @@ class SwiGLU(Function):
         if packed:
             return d_flat.reshape(gate.shape)
         return d_gate2.reshape(gate.shape), d_up2.reshape(up.shape)
+
+
+def swiglu_call(gate, up, y):
+    """SwiGLU's forward as one compiled loop bound to gate and up (N, F), or a packed gate‖up (N, 2F) with up
+    None, and y (N, F), contiguous: a callable that writes y = silu(g) · u each time it is called, for a
+    decoding step that refills the inputs in place (generate.Decoder's CPU steps; nothing is kept for a
+    backward). ops/fused_cpu.c's swiglu_forward, or swiglu_packed_forward a row at a time. None where the
+    loops do not apply (see fused_cpu.usable)."""
+    arrays = (gate, y) if up is None else (gate, up, y)                          # kept alive by the call
+    if not fused_cpu.usable(*arrays) or gate.ndim != 2 or y.ndim != 2:
+        return None
+    rows, hidden = y.shape
+    if up is None:
+        if gate.shape != (rows, 2 * hidden):
+            return None
+        function = fused_cpu.function("swiglu_packed_forward", y.dtype)
+        pointers = (fused_cpu.address(gate), fused_cpu.address(y), rows, hidden)
+    else:
+        if gate.shape != y.shape or up.shape != y.shape:
+            return None
+        function = fused_cpu.function("swiglu_forward", y.dtype)
+        pointers = (fused_cpu.address(gate), fused_cpu.address(up), fused_cpu.address(y), rows * hidden)
+    return lambda arrays=arrays: function(*pointers)
 
 
 def _fused_backward(dy, gate, up):

@@ -621,6 +621,16 @@ class CausalAttention(Function):
         if int(rows.slots.max()) >= k_store.shape[0]:
             raise ValueError(f"KV cache has {k_store.shape[0]} rows; row {int(rows.slots.max())} was asked for")
         flat = xp.ascontiguousarray(qkv).reshape(1, batch * time, heads + 2 * kv_heads, head_dim)  # (1, B·T, ·, D)
+        if time == 1 and xp is np:           # decoding on the CPU: rotate, store and attend in one compiled loop
+            out = np.empty((batch, heads * head_dim), dtype=qkv.dtype)
+            packed = flat[0].reshape(batch, -1)                                   # (B, (H + 2Hkv)·D)
+            q_end, k_end = heads * head_dim, (heads + kv_heads) * head_dim
+            call = decode_attention_call(packed[:, :q_end], packed[:, q_end:k_end], packed[:, k_end:], k_store,
+                                         v_store, *rows.write, np.arange(batch), cos, sin, heads, kv_heads, out)
+            if call is not None:
+                call()
+                self.save(packed="cache")
+                return out.reshape(batch, 1, heads * head_dim)                     # (B, H·D) -> (B, 1, H·D)
         rope = kernel("rope", qkv)
         rotated = xp.empty((1, heads + kv_heads, batch * time, head_dim), dtype=qkv.dtype)
         rotate_into(flat[:, :, :heads + kv_heads].transpose(0, 2, 1, 3), cos, sin, rotated, rope)   # q and k, each
@@ -709,6 +719,41 @@ class CacheRows:
             low = int(slots[members].min())
             self.runs.append((slice(first, first + count) if contiguous else xp.asarray(members),
                               slice(low, low + count), int(lengths.max()), bias))
+
+
+def decode_attention_call(q, k, v, k_store, v_store, slots, positions, angles, cos, sin, heads: int, kv_heads: int,
+                          out):
+    """The cached form's decoding step (T = 1) as one compiled loop (ops/fused_cpu.c, decode_attention), bound
+    to these arrays: a callable that, each time it is called, rotates row b's q and k at the tables' row
+    angles[b], writes k and v into the stores at (slots[b], :, positions[b]) and attends q over the row's
+    positions[b] + 1 keys into out[b]. Reads the arrays' contents at each call (a decoding step refills
+    them: generate.Decoder's CPU steps). None where the loop does not apply (NumPy float32/64 arrays of one
+    dtype, contiguous but for q, k, v, whose rows may be strided: column slices of one q‖k‖v array; and the
+    compiled loops). The caller checks the indices against the stores.
+    Shapes: q (n, H·D); k, v (n, Hkv·D); slots, positions, angles (n,) int64; cos, sin (·, D/2);
+    stores (·, Hkv, L, D); out (n, H·D)."""
+    if not fused_cpu.usable(k_store, v_store, cos, sin, out):
+        return None
+    news = (q, k, v)
+    if any(type(a) is not np.ndarray or a.ndim != 2 or a.dtype != out.dtype or a.strides[1] != a.itemsize
+           or a.strides[0] % a.itemsize for a in news):
+        return None
+    indices = (slots, positions, angles)
+    if any(type(a) is not np.ndarray or a.dtype != np.int64 or not a.flags.c_contiguous for a in indices):
+        return None
+    rows, length, head_dim = q.shape[0], k_store.shape[2], k_store.shape[3]
+    function = fused_cpu.function("decode_attention", out.dtype)
+    scratch = np.empty(rows * (heads * head_dim + length), dtype=out.dtype)
+    arrays = (*news, *indices, cos, sin, k_store, v_store, out, scratch)        # kept alive by the call
+    pointers = [p for a in news for p in (fused_cpu.address(a), a.strides[0] // a.itemsize)]
+    pointers += [fused_cpu.address(a) for a in arrays[3:]]
+    shape = (heads, kv_heads, head_dim, length)
+    work = rows * heads * head_dim * length                        # an upper bound: every row at the full length
+    parts = min(thread_count(), rows, max(1, work // CHUNK_ELEMENTS))
+    if parts <= 1:
+        return lambda arrays=arrays: function(*pointers, 0, rows, *shape)
+    ranges = split(rows, parts=parts)
+    return lambda arrays=arrays: parallel_items(lambda bounds: function(*pointers, *bounds, *shape), ranges)
 
 
 def _attend_decode(q, k, v, bias):

@@ -311,4 +311,76 @@ void FUSED_NAME(adamw)(real *restrict param, real *restrict grad, real *restrict
         param[i] = param[i] * decay - step_size * mi / (FUSED_SQRT(vi) * inverse_correction + eps);
     }
 }
+
+/* Decoding-time loops (tinygrad_llm.generate's steps: one new position a row, nothing kept for a backward). */
+
+/* Packed SwiGLU rows: gate_up (rows, 2F) holds g ‖ u per row; y (rows, F) = g · σ(g) · u (swiglu_forward a row) */
+void FUSED_NAME(swiglu_packed_forward)(const real *restrict gate_up, real *restrict y, int64_t rows, int64_t hidden)
+{
+    for (int64_t row = 0; row < rows; row++)
+        FUSED_NAME(swiglu_forward)(gate_up + 2 * row * hidden, gate_up + (2 * row + 1) * hidden, y + row * hidden,
+                                   hidden);
+}
+
+/* Attention of one new position per row over that row's KV cache (ops/attention.CausalAttention's cached
+   form with T = 1), rows first … last − 1 of:
+     q, k, v: row b's new query (heads · D), key and value (kv_heads · D each) at q + b · q_stride, … (in
+       elements; one packed q‖k‖v row, or three arrays);
+     slots[b], positions[b]: the store row s and position p of row b; angles[b]: its row of the tables
+       cos, sin (·, D/2) (out₁ = x₁ cos − x₂ sin, out₂ = x₂ cos + x₁ sin, halves split at D/2);
+     k_store, v_store (·, kv_heads, length, D) contiguous: k rotated and v are written at [s, :, p];
+     out (rows, heads · D);  scratch: (rows, heads · D + length) elements, a row's own part only.
+   Per head h, with its kv head h / (heads / kv_heads): q̂ = rope(q_h) / √D;  e_j = exp(k_j · q̂ − max);
+   P_j = e_j / Σ e  over j ≤ p;  out = Σ_j P_j v_j. */
+void FUSED_NAME(decode_attention)(const real *q_new, int64_t q_stride, const real *k_new, int64_t k_stride,
+                                  const real *v_new, int64_t v_stride, const int64_t *restrict slots,
+                                  const int64_t *restrict positions, const int64_t *restrict angles,
+                                  const real *restrict cos, const real *restrict sin, real *restrict k_store,
+                                  real *restrict v_store, real *restrict out, real *restrict scratch,
+                                  int64_t first, int64_t last, int64_t heads, int64_t kv_heads, int64_t dim,
+                                  int64_t length)
+{
+    const int64_t half = dim / 2, group = heads / kv_heads;
+    const real scale = (real)1 / FUSED_SQRT((real)dim);
+    for (int64_t b = first; b < last; b++) {
+        const int64_t position = positions[b], keys = position + 1;
+        const real *c = cos + angles[b] * half, *s = sin + angles[b] * half;
+        real *q = scratch + b * (heads * dim + length), *scores = q + heads * dim;
+        real *k_row = k_store + slots[b] * kv_heads * length * dim;
+        real *v_row = v_store + slots[b] * kv_heads * length * dim;
+        for (int64_t h = 0; h < heads + kv_heads; h++) {            /* rotate q (scaled) and k */
+            const real *x = h < heads ? q_new + b * q_stride + h * dim : k_new + b * k_stride + (h - heads) * dim;
+            real *o = h < heads ? q + h * dim : k_row + ((h - heads) * length + position) * dim;
+            const real factor = h < heads ? scale : (real)1;
+            for (int64_t i = 0; i < half; i++) {
+                real x1 = x[i], x2 = x[i + half];
+                o[i] = (x1 * c[i] - x2 * s[i]) * factor;
+                o[i + half] = (x2 * c[i] + x1 * s[i]) * factor;
+            }
+        }
+        for (int64_t h = 0; h < kv_heads; h++)
+            memcpy(v_row + (h * length + position) * dim, v_new + b * v_stride + h * dim, (size_t)dim * sizeof(real));
+        for (int64_t h = 0; h < heads; h++) {
+            const real *qh = q + h * dim;
+            const real *keys_h = k_row + (h / group) * length * dim, *values_h = v_row + (h / group) * length * dim;
+            for (int64_t j = 0; j < keys; j++) {
+                const real *k = keys_h + j * dim;
+                real dot = 0;
+                for (int64_t d = 0; d < dim; d++)
+                    dot += k[d] * qh[d];
+                scores[j] = dot;
+            }
+            real top = FUSED_NAME(row_max)(scores, keys);
+            real inverse = (real)1 / FUSED_NAME(exp_shifted)(scores, keys, top);
+            real *o = out + b * heads * dim + h * dim;
+            for (int64_t d = 0; d < dim; d++)
+                o[d] = 0;
+            for (int64_t j = 0; j < keys; j++) {
+                const real p = scores[j] * inverse, *v = values_h + j * dim;
+                for (int64_t d = 0; d < dim; d++)
+                    o[d] += p * v[d];
+            }
+        }
+    }
+}
 #endif

@@ -39,6 +39,8 @@ _SIGNATURES = {                         # name: argument types, the floating one
     "cross_entropy_rows": (_P, _P, _P, _N, _N, None, _N),
     "heads_transposed": (_P, _N, _N, _N, _P, _N, _N, _N, _N),
     "row_dots": (_P, _N, _N, _N, _P, _N, _N, _N, _P, _N, _N, _N, _N),
+    "swiglu_packed_forward": (_P, _P, _N, _N),                                     # decoding steps
+    "decode_attention": (_P, _N) * 3 + (_P,) * 9 + (_N,) * 6,
 }
 _SUFFIX = {np.dtype(np.float32): ("_f32", ctypes.c_float), np.dtype(np.float64): ("_f64", ctypes.c_double)}
 _UNSET = object()

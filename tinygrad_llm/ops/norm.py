@@ -214,6 +214,22 @@ def _fused_forward(x2, weight, eps, branch, shape):
     return y.reshape(shape), r, None if total is None else total.reshape(shape)
 
 
+def rms_norm_call(x2, weight, eps, y, branch=None, total=None):
+    """RMSNorm's compiled forward loop (the chunked path's, ops/fused_cpu.c) bound to these (N, C) arrays: a
+    callable that writes y = RMSNorm(x2) · w each time it is called (with `branch`: total = x2 + branch first,
+    normalised; ResidualAdd's fused form), for a decoding step that refills x2 and branch in place
+    (generate.Decoder's CPU steps). None where the loop does not apply (see fused_cpu.usable)."""
+    arrays = (x2, weight, y) + (() if branch is None else (branch, total))
+    if not fused_cpu.usable(*arrays) or x2.ndim != 2 or weight.shape != x2.shape[-1:]:
+        return None
+    rows, channels = x2.shape
+    r = np.empty((rows, 1), dtype=x2.dtype)
+    arrays += (r,)                                                                  # kept alive by the call
+    pointers = [None if a is None else fused_cpu.address(a) for a in (x2, branch, total, weight, y, r)]
+    function = fused_cpu.function("rms_norm_forward", x2.dtype)
+    return lambda arrays=arrays: function(*pointers, rows, channels, eps)
+
+
 def rms_norm_reference(x, weight, eps=1e-5):
     """RMSNorm composed from primitives (a test oracle)."""
     return x / ((x * x).mean(axis=-1, keepdims=True) + eps).sqrt() * weight

@@ -44,6 +44,7 @@ from ..cpu_threads import parallel_items, split, thread_count
 from ..quant import cpu_kernels
 from ..quant.formats import BLOCK_SIZE, QuantizedMatrix
 from ..tensor import Function
+from .matmul import FEW_ROWS
 
 TILE_ELEMENTS = 1 << 17          # float32 weights converted per step (512 KiB: stays in L2 beside x and y)
 PRODUCT_TILE_ELEMENTS = 1 << 19  # codes converted per step on the products path: larger tiles, fewer Python
@@ -132,8 +133,16 @@ def _dequantized_products(x_t, weight: QuantizedMatrix, start: int, end: int) ->
 
 def kernel_linear(library, x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
     """CPU Q8_0 / Q4_0 through the compiled kernels (tinygrad_llm/quant/cpu_kernels.c): (N, in) @ Ŵᵀ -> (N, out),
-    the codes read once and converted in registers; output rows split across the threads. The kernel's
-    arguments for the weight are kept on it (weight.cpu_kernel_call): a decode step calls this ~100 times."""
+    the codes read once and converted in registers; output rows split across the threads."""
+    x2 = np.ascontiguousarray(x2, dtype=np.float32)          # the kernel reads (N, in) float32 rows, back to back
+    return kernel_call(library, x2, weight)()
+
+
+def kernel_call(library, x2: np.ndarray, weight: QuantizedMatrix, y: np.ndarray | None = None):
+    """kernel_linear bound to x2 (N, in), contiguous float32: a callable that computes x2 @ Ŵᵀ each time it is
+    called (a decoding step refills x2 in place: generate.Decoder's CPU steps), into y (N, out, contiguous
+    float32) when given, else into a new array that it returns. The kernel's arguments for the weight are
+    kept on it (weight.cpu_kernel_call)."""
     call = weight.cpu_kernel_call
     if call is None or call[0] is not library or call[1] is not weight.values or call[2] is not weight.scale:
         function = library.q8_0_linear if weight.kind == "q8_0" else library.q4_0_linear
@@ -142,21 +151,63 @@ def kernel_linear(library, x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarra
                                          library.q8_0_rounded_linear if weight.kind == "q8_0" else
                                          library.q4_0_rounded_linear)
     function, values, scale, blocks, out_features = call[3:8]
-    x2 = np.ascontiguousarray(x2, dtype=np.float32)          # the kernel reads (N, in) float32 rows, back to back
     columns = x2.shape[0]
     if cpu_kernels.rounded(library, columns):   # x rounded to 8 bits a block, int8 products (quant/cpu_kernels.py)
         function = call[8]
-    y = np.empty((columns, out_features), dtype=np.float32)
-    x_pointer, y_pointer = x2.ctypes.data, y.ctypes.data
-    if thread_count() == 1:
-        function(values, scale, x_pointer, y_pointer, blocks, out_features, 0, out_features, columns)
-        return y
+    arrays = (x2, y, weight.values, weight.scale)                                   # kept alive by the call
+    x_pointer = x2.ctypes.data
+    least = max(64, THREAD_ELEMENTS // (blocks * BLOCK_SIZE))             # output rows a thread gets at least
+    ranges = [] if thread_count() == 1 else split(out_features, min_chunk=least)
+    if y is not None and len(ranges) <= 1:
+        y_pointer = y.ctypes.data
+        return lambda arrays=arrays: function(values, scale, x_pointer, y_pointer, blocks, out_features, 0,
+                                              out_features, columns)
 
-    def work(bounds):
-        function(values, scale, x_pointer, y_pointer, blocks, out_features, bounds[0], bounds[1], columns)  # GIL released
+    def run(y_pointer):
+        if len(ranges) <= 1:
+            function(values, scale, x_pointer, y_pointer, blocks, out_features, 0, out_features, columns)
+        else:                                                                        # GIL released in each call
+            parallel_items(lambda bounds: function(values, scale, x_pointer, y_pointer, blocks, out_features,
+                                                   *bounds, columns), ranges)
 
-    parallel_items(work, split(out_features, min_chunk=max(64, THREAD_ELEMENTS // (blocks * BLOCK_SIZE))))
-    return y
+    if y is not None:
+        y_pointer = y.ctypes.data
+        return lambda arrays=arrays: run(y_pointer)
+
+    def fresh(arrays=arrays):
+        out = np.empty((columns, out_features), dtype=np.float32)
+        run(out.ctypes.data)
+        return out
+    return fresh
+
+
+def linear_call(x2: np.ndarray, weight, y: np.ndarray | None = None):
+    """The linear op for a decoding step on the CPU, bound to x2 (N, in), a contiguous NumPy array in the compute
+    dtype, that the step refills in place: a callable that computes x2 @ Wᵀ each time it is called, into y
+    (N, out, contiguous) when given, else into a new array that it returns. A float weight of x2's dtype:
+    Linear's product (W on the left for 2 … FEW_ROWS rows, ops/matmul.Linear); Q8_0 / Q4_0 where
+    linear_forward takes the kernels: kernel_call; any other quantized weight: linear_forward. None for a
+    float weight of another dtype (Linear's low-precision products: the caller runs the op)."""
+    if type(weight) is not np.ndarray and not isinstance(weight, QuantizedMatrix):
+        return None
+    if type(weight) is np.ndarray:
+        if weight.dtype != x2.dtype:
+            return None
+        if 1 < x2.shape[0] <= FEW_ROWS:             # a few rows: OpenBLAS is faster with W on the left
+            if y is None:
+                return lambda: np.matmul(weight, x2.T).T                              # (out, N) -> (N, out) view
+            transposed = np.empty((weight.shape[0], x2.shape[0]), dtype=y.dtype)       # (out, N)
+            return lambda: np.copyto(y, np.matmul(weight, x2.T, out=transposed).T)
+        return (lambda: x2 @ weight.T) if y is None else (lambda: np.matmul(x2, weight.T, out=y))
+    if (isinstance(weight, QuantizedMatrix) and weight.kind != "int8" and x2.dtype == np.float32
+            and type(weight.values) is np.ndarray and weight.values.flags.c_contiguous
+            and weight.scale.flags.c_contiguous):
+        library = cpu_kernels.library()
+        if library is not None and (x2.shape[0] <= KERNEL_ROWS or cpu_kernels.rounded(library, x2.shape[0])):
+            return kernel_call(library, x2, weight, y)
+    if y is None:
+        return lambda: linear_forward(x2, weight)
+    return lambda: np.copyto(y, linear_forward(x2, weight), casting="same_kind")
 
 
 def blockwise_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:

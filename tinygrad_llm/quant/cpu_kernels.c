@@ -231,13 +231,37 @@ void q4_0_linear(const uint8_t *values, const uint16_t *scale, const float *x, f
    once. Elsewhere the portable C below computes the same numbers (the op does not route rows to it: it is
    no faster than the float kernels). */
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(TINYGRAD_LLM_PORTABLE)
+#include <immintrin.h>
+#define ROUND_SIMD 1
+#else
+#define ROUND_SIMD 0
+#endif
+
+/* x rounded to 8 bits per block of 32 (e, p above) and offset · Σ p per block. The AVX-512 build takes a
+   block as two vectors; the same float steps (max |x|, 127 / max, x · that, rounded to nearest even: the
+   conversion's default rounding, as nearbyintf's), so both builds give the same bytes for finite x. */
 static void round_rows(const float *x, int64_t rows, int64_t blocks, int32_t offset,
                        int8_t *p, float *e, int32_t *offsets)
 {
     for (int64_t k = 0; k < rows * blocks; k++) {
         const float *xk = x + k * BLOCK;
+#if ROUND_SIMD
+        const __m512 low = _mm512_loadu_ps(xk), high = _mm512_loadu_ps(xk + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
+        const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        const __m512i q_low = _mm512_cvtps_epi32(_mm512_mul_ps(low, inverse));       /* |q| ≤ 127 */
+        const __m512i q_high = _mm512_cvtps_epi32(_mm512_mul_ps(high, inverse));
+        _mm_storeu_si128((__m128i *)(p + k * BLOCK), _mm512_cvtepi32_epi8(q_low));
+        _mm_storeu_si128((__m128i *)(p + k * BLOCK + 16), _mm512_cvtepi32_epi8(q_high));
+        const int32_t total = _mm512_reduce_add_epi32(_mm512_add_epi32(q_low, q_high));
+#else
         float amax = 0.0f;
-        for (int i = 0; i < BLOCK; i++) amax = fmaxf(amax, fabsf(xk[i]));
+        /* fmaxf's result (a NaN is skipped) as a compare, which the compiler vectorises (fmaxf is a libm call) */
+        for (int i = 0; i < BLOCK; i++) {
+            const float a = fabsf(xk[i]);
+            amax = a > amax ? a : amax;
+        }
         const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
         int32_t total = 0;
         for (int i = 0; i < BLOCK; i++) {
@@ -245,6 +269,7 @@ static void round_rows(const float *x, int64_t rows, int64_t blocks, int32_t off
             p[k * BLOCK + i] = (int8_t)q;
             total += q;
         }
+#endif
         e[k] = amax / 127.0f;
         offsets[k] = offset * total;
     }
