@@ -214,8 +214,9 @@ class Decoder:
         elif self.device == "cpu" and sum(w.nbytes for layer in self.layers for w in (
                 layer.q, layer.k, layer.v, layer.gate, layer.up)) <= STACK_BYTES:
             self.layers = [self._stacked(layer, quantized=True) for layer in self.layers]
-        cos, sin = rope_angles(self.xp.arange(config.max_seq_len), config.head_dim, config.rope_theta, self.xp)
-        self.cos, self.sin = cos.astype(self.dtype), sin.astype(self.dtype)                  # (max_len, D/2)
+        # (max_len, D/2) tables computed by NumPy, then moved (CuPy would compile kernels for them)
+        cos, sin = rope_angles(np.arange(config.max_seq_len), config.head_dim, config.rope_theta)
+        self.cos, self.sin = (backend.to_device(t.astype(self.dtype), self.device) for t in (cos, sin))
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("TINYGRAD_LLM_CUDA_GRAPHS", "1") != "0"
         self.cuda_graphs = bool(cuda_graphs) and self.device == "cuda"
