@@ -63,7 +63,7 @@ from .ops.attention import CacheRows, CausalAttention, decode_attention_call
 from .ops.embedding import Embedding
 from .ops.matmul import Linear
 from .ops.norm import RMSNorm, rms_norm_call
-from .ops.quantized import QuantizedLinear, linear_call
+from .ops.quantized import QuantizedLinear, linear_call, tile_for_cpu
 from .ops.rope import rope_angles
 from .quant.formats import QuantizedMatrix
 from .tensor import no_grad
@@ -214,6 +214,9 @@ class Decoder:
         elif self.device == "cpu" and sum(w.nbytes for layer in self.layers for w in (
                 layer.q, layer.k, layer.v, layer.gate, layer.up)) <= STACK_BYTES:
             self.layers = [self._stacked(layer, quantized=True) for layer in self.layers]
+        if self.device == "cpu":                                      # the kernels' tiled layout, in place
+            for weight in [self.lm_head, self.embed] + [w for layer in self.layers for w in vars(layer).values()]:
+                tile_for_cpu(weight)
         # (max_len, D/2) tables computed by NumPy, then moved (CuPy would compile kernels for them)
         cos, sin = rope_angles(np.arange(config.max_seq_len), config.head_dim, config.rope_theta)
         self.cos, self.sin = (backend.to_device(t.astype(self.dtype), self.device) for t in (cos, sin))

@@ -42,7 +42,7 @@ import numpy as np
 from ..gpu import kernel
 from ..cpu_threads import parallel_items, split, thread_count
 from ..quant import cpu_kernels
-from ..quant.formats import BLOCK_SIZE, QuantizedMatrix
+from ..quant.formats import BLOCK_SIZE, TILE_ROWS, QuantizedMatrix
 from ..tensor import Function
 from .matmul import FEW_ROWS
 
@@ -145,11 +145,11 @@ def kernel_call(library, x2: np.ndarray, weight: QuantizedMatrix, y: np.ndarray 
     kept on it (weight.cpu_kernel_call)."""
     call = weight.cpu_kernel_call
     if call is None or call[0] is not library or call[1] is not weight.values or call[2] is not weight.scale:
-        function = library.q8_0_linear if weight.kind == "q8_0" else library.q4_0_linear
-        call = weight.cpu_kernel_call = (library, weight.values, weight.scale, function, weight.values.ctypes.data,
-                                         weight.scale.ctypes.data, weight.shape[1] // BLOCK_SIZE, weight.shape[0],
-                                         library.q8_0_rounded_linear if weight.kind == "q8_0" else
-                                         library.q4_0_rounded_linear)
+        prefix = weight.kind + ("_tiled" if weight.tiled else "")           # the tiled layout: the tiled kernels
+        call = weight.cpu_kernel_call = (library, weight.values, weight.scale, getattr(library, prefix + "_linear"),
+                                         weight.values.ctypes.data, weight.scale.ctypes.data,
+                                         weight.shape[1] // BLOCK_SIZE, weight.shape[0],
+                                         getattr(library, prefix + "_rounded_linear"))
     function, values, scale, blocks, out_features = call[3:8]
     columns = x2.shape[0]
     if cpu_kernels.rounded(library, columns):   # x rounded to 8 bits a block, int8 products (quant/cpu_kernels.py)
@@ -158,6 +158,9 @@ def kernel_call(library, x2: np.ndarray, weight: QuantizedMatrix, y: np.ndarray 
     x_pointer = x2.ctypes.data
     least = max(64, THREAD_ELEMENTS // (blocks * BLOCK_SIZE))             # output rows a thread gets at least
     ranges = [] if thread_count() == 1 else split(out_features, min_chunk=least)
+    if weight.tiled and len(ranges) > 1:     # the tiled kernels take whole tiles: bounds on multiples of TILE_ROWS
+        bounds = sorted({0, out_features, *(a // TILE_ROWS * TILE_ROWS for a, _ in ranges[1:])})
+        ranges = list(zip(bounds[:-1], bounds[1:]))
     if y is not None and len(ranges) <= 1:
         y_pointer = y.ctypes.data
         return lambda arrays=arrays: function(values, scale, x_pointer, y_pointer, blocks, out_features, 0,
@@ -210,12 +213,30 @@ def linear_call(x2: np.ndarray, weight, y: np.ndarray | None = None):
     return lambda: np.copyto(y, linear_forward(x2, weight), casting="same_kind")
 
 
+def tile_for_cpu(weight):
+    """`weight` rearranged in place into the tiled layout (QuantizedMatrix.tile) where the CPU kernels' AVX-512
+    VNNI build runs: there the int8 kernel reads the tiles as they lie instead of rearranging the codes at
+    every call (at 32 rows of x ~15 % of a GPT-2-size product), and the float kernel for one row reads them at
+    the same speed (benchmarks/decode.py). Anything else is left as it is. Returns `weight`."""
+    if (isinstance(weight, QuantizedMatrix) and weight.kind != "int8" and type(weight.values) is np.ndarray
+            and weight.values.flags.c_contiguous and weight.scale.flags.c_contiguous):
+        library = cpu_kernels.library()
+        if library is not None and cpu_kernels.tiles(library):
+            weight.tile()
+    return weight
+
+
 def blockwise_linear(x2: np.ndarray, weight: QuantizedMatrix) -> np.ndarray:
     """CPU Q8_0 / Q4_0: (N, in) float32 @ Ŵᵀ -> (N, out) float32 (see the module docstring): up to
     KERNEL_ROWS rows of x the compiled kernels where they are built, else up to PRODUCT_SIDE_ROWS
     rows the scales act on the products, beyond that on dequantised weight tiles."""
     out_features, in_features = weight.shape
     columns = x2.shape[0]
+    if weight.tiled:                        # the tiled kernels take any number of rows; NumPy reads block-major
+        library = cpu_kernels.library()
+        if library is not None:
+            return kernel_linear(library, x2, weight)
+        weight = weight.untiled()
     if weight.values.flags.c_contiguous and weight.scale.flags.c_contiguous and (
             columns <= KERNEL_ROWS or columns >= cpu_kernels.ROUNDED_ROWS):
         library = cpu_kernels.library()

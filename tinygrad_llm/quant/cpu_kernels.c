@@ -516,3 +516,322 @@ int rounded_simd_build(void)
 {
     return ROUNDED_SIMD;
 }
+
+/* ------------------------------------------------------------------------------------------------------------
+   The tiled kernels (q8_0_tiled_linear, q4_0_tiled_linear, q8_0_tiled_rounded_linear, q4_0_tiled_rounded_linear):
+   the four kernels above, same arithmetic, bit for bit, on the tiled layout of the same bytes
+   (QuantizedMatrix.tile() in formats.py), which the AVX-512 VNNI build reads without rearranging:
+       values  G = out / 16 groups of 16 output rows, group-major: group g's tile for block j at byte
+               (g · blocks + j) · 16 · BYTES, in it byte 64 c + 4 l + b = byte 4 c + b of output row 16 g + l's
+               block (BYTES 32: Q8_0's codes, c < 8; 16: Q4_0's packed nibbles, c < 4, so the low nibbles of
+               vector c are elements 4 c + b and the high ones 16 + 4 c + b); then the last out − 16 G rows
+               as before, (blocks, out − 16 G, BYTES)
+       scale   (G, blocks, 16) float16 bits, then (blocks, out − 16 G)
+   A tile is what the VNNI loop wants in its registers (lane l = output row l, 4 codes a lane), and a group's
+   blocks lie back to back, so one group's codes are one run of memory. Output rows [start, end): start a
+   multiple of 16, end one too or out. The last out − 16 G rows go through the untiled kernels (into a small
+   buffer). The float kernels' SIMD build takes the 16 rows of a tile as the 16 lanes of one vector and adds
+   in the order of the 8-row kernels above (lane t of a row's 8 partial sums holds elements t, 8 + t, 16 + t,
+   24 + t; then ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7))), so both layouts give the same bytes. */
+
+#define TILE_ROWS 16
+#ifndef GROUPS_AHEAD
+#define GROUPS_AHEAD 2        /* groups ahead whose tiles the rounded kernels prefetch */
+#endif
+#ifndef TILE_PREFETCH
+#define TILE_PREFETCH 24      /* tiles ahead that the float kernels prefetch (a GPT-2-size row of blocks) */
+#endif
+
+/* output row o's codes of block j in the tiled layout, copied into a row of BYTES (the plain C path) */
+static void tiled_row(const uint8_t *values, int64_t bytes, int64_t blocks, int64_t out, int64_t j, int64_t o,
+                      uint8_t *row)
+{
+    const int64_t grouped = out / TILE_ROWS * TILE_ROWS;
+    if (o >= grouped) {
+        memcpy(row, values + grouped * blocks * bytes + (j * (out - grouped) + o - grouped) * bytes, (size_t)bytes);
+        return;
+    }
+    const uint8_t *tile = values + ((o / TILE_ROWS) * blocks + j) * TILE_ROWS * bytes;
+    for (int64_t c = 0; c < bytes; c++) row[c] = tile[(c / 4) * 64 + (o % TILE_ROWS) * 4 + c % 4];
+}
+
+static uint16_t tiled_scale(const uint16_t *scale, int64_t blocks, int64_t out, int64_t j, int64_t o)
+{
+    const int64_t grouped = out / TILE_ROWS * TILE_ROWS;
+    if (o >= grouped) return scale[grouped * blocks + j * (out - grouped) + o - grouped];
+    return scale[((o / TILE_ROWS) * blocks + j) * TILE_ROWS + o % TILE_ROWS];
+}
+
+typedef void (*linear_kernel)(const void *, const uint16_t *, const float *, float *, int64_t, int64_t, int64_t,
+                              int64_t, int64_t);
+
+/* the last out − 16 G rows (row layout) through an untiled kernel, into a buffer, then into y's columns;
+   0, or −1 where the buffer cannot be had */
+static int tiled_tail(linear_kernel kernel, const uint8_t *values, int64_t bytes, const uint16_t *scale,
+                      const float *x, float *y, int64_t blocks, int64_t out, int64_t rows)
+{
+    const int64_t grouped = out / TILE_ROWS * TILE_ROWS, tail = out - grouped;
+    float *part = (float *)malloc((size_t)(rows * tail) * sizeof(float));
+    if (part == NULL) return -1;
+    kernel(values + grouped * blocks * bytes, scale + grouped * blocks, x, part, blocks, tail, 0, tail, rows);
+    for (int64_t n = 0; n < rows; n++) memcpy(y + n * out + grouped, part + n * tail, (size_t)tail * sizeof(float));
+    free(part);
+    return 0;
+}
+
+/* plain C for tiled rows [start, end) (end ≤ 16 G): each row's block copied out, then the untiled plain loops'
+   arithmetic; `rounded` selects the rounded kernels' (p, e, offsets given) */
+static void tiled_portable(const uint8_t *values, int q4, const uint16_t *scale, const float *x, float *y,
+                           int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)
+{
+    const int64_t in = blocks * BLOCK, bytes = q4 ? BLOCK / 2 : BLOCK;
+    uint8_t q[BLOCK];
+    clear(y, rows, out, start, end);
+    for (int64_t j = 0; j < blocks; j++)
+        for (int64_t o = start; o < end; o++) {
+            tiled_row(values, bytes, blocks, out, j, o, q);
+            const float d = half_to_float(tiled_scale(scale, blocks, out, j, o));
+            for (int64_t n = 0; n < rows; n++) {
+                const float *xj = x + n * in + j * BLOCK;
+                float sum = 0.0f;
+                if (q4) {
+                    for (int i = 0; i < BLOCK / 2; i++)
+                        sum += (float)((int)(q[i] & 15) - 8) * xj[i] + (float)((int)(q[i] >> 4) - 8) * xj[i + BLOCK / 2];
+                } else {
+                    for (int i = 0; i < BLOCK; i++) sum += (float)(int8_t)q[i] * xj[i];
+                }
+                y[n * out + o] += d * sum;
+            }
+        }
+}
+
+#if !ROUNDED_SIMD
+static void tiled_rounded_portable(const uint8_t *values, int q4, const uint16_t *scale, const int8_t *p,
+                                   const float *e, const int32_t *offsets, float *y,
+                                   int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)
+{
+    const int64_t bytes = q4 ? BLOCK / 2 : BLOCK;
+    uint8_t q[BLOCK];
+    clear(y, rows, out, start, end);
+    for (int64_t j = 0; j < blocks; j++)
+        for (int64_t o = start; o < end; o++) {
+            tiled_row(values, bytes, blocks, out, j, o, q);
+            const float d = half_to_float(tiled_scale(scale, blocks, out, j, o));
+            for (int64_t n = 0; n < rows; n++) {
+                const int8_t *pn = p + (n * blocks + j) * BLOCK;
+                int32_t sum = 0;
+                if (q4) {
+                    for (int i = 0; i < BLOCK / 2; i++)
+                        sum += (int32_t)(q[i] & 15) * pn[i] + (int32_t)(q[i] >> 4) * pn[i + BLOCK / 2];
+                } else {
+                    for (int i = 0; i < BLOCK; i++) sum += (int32_t)(uint8_t)(q[i] ^ 0x80) * pn[i];
+                }
+                sum -= offsets[n * blocks + j];
+                const float product = d * e[n * blocks + j];
+                y[n * out + o] = fmaf((float)sum, product, y[n * out + o]);
+            }
+        }
+}
+#endif
+
+#if ROUNDED_SIMD
+/* element i of a tile's 16 rows as float32: Q8_0 the signed byte i % 4 of dword lane i / 4 of vector i / 4;
+   Q4_0 the nibble (without the −8) of byte i % 4 of vector (i % 16) / 4, high for i ≥ 16 */
+static inline __m512 tile_element(const __m512i *z, int q4, int i)
+{
+    if (q4) {
+        const int shift = 8 * (i & 3) + (i >= 16 ? 4 : 0);
+        const __m512i v = shift ? _mm512_srli_epi32(z[(i & 15) >> 2], (unsigned)shift) : z[(i & 15) >> 2];
+        return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+    }
+    const int b = i & 3;
+    const __m512i v = b < 3 ? _mm512_slli_epi32(z[i >> 2], (unsigned)(24 - 8 * b)) : z[i >> 2];
+    return _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24));
+}
+
+/* vector add, mul, sub as the instructions' builtins: the flags let the compiler reassociate plain vector
+   arithmetic, which would change the order of the sums */
+#define ADD(a, b) _mm512_add_round_ps((a), (b), _MM_FROUND_CUR_DIRECTION)
+#define MUL(a, b) _mm512_mul_round_ps((a), (b), _MM_FROUND_CUR_DIRECTION)
+#define SUB(a, b) _mm512_sub_round_ps((a), (b), _MM_FROUND_CUR_DIRECTION)
+
+/* the 16 rows' Σ_i w_i · x_i for one tile and 32 inputs, in the 8-row float kernels' order */
+static inline __attribute__((always_inline)) __m512 tile_sums(const __m512i *z, int q4, const float *xj)
+{
+    __m512 partial[8];
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; t++)
+        partial[t] = _mm512_fmadd_ps(tile_element(z, q4, t), _mm512_set1_ps(xj[t]),
+                     _mm512_fmadd_ps(tile_element(z, q4, 8 + t), _mm512_set1_ps(xj[8 + t]),
+                     _mm512_fmadd_ps(tile_element(z, q4, 16 + t), _mm512_set1_ps(xj[16 + t]),
+                     MUL(tile_element(z, q4, 24 + t), _mm512_set1_ps(xj[24 + t])))));
+    return ADD(ADD(ADD(partial[0], partial[1]), ADD(partial[2], partial[3])),
+               ADD(ADD(partial[4], partial[5]), ADD(partial[6], partial[7])));
+}
+
+/* float kernels, tiled rows [start, end): a group's blocks in order, y[n, o … o + 16] one vector; offsets: Q4_0's
+   8 · Σ x per block (block_sums), NULL for Q8_0 */
+static inline __attribute__((always_inline)) void tiled_float_simd(const uint8_t *values, const int q4,
+        const uint16_t *scale, const float *x, const float *offsets, float *y, int64_t blocks, int64_t out,
+        int64_t start, int64_t end, int64_t rows)
+{
+    const int64_t in = blocks * BLOCK, bytes = q4 ? BLOCK / 2 : BLOCK;
+    for (int64_t o = start; o < end; o += TILE_ROWS) {
+        const uint8_t *tiles = values + (o / TILE_ROWS) * blocks * TILE_ROWS * bytes;
+        const uint16_t *scales = scale + (o / TILE_ROWS) * blocks * TILE_ROWS;
+        for (int64_t n = 0; n < rows; n++) _mm512_storeu_ps(y + n * out + o, _mm512_setzero_ps());
+        for (int64_t j = 0; j < blocks; j++) {
+            __m512i z[8];
+#pragma GCC unroll 8
+            for (int c = 0; c < (q4 ? 4 : 8); c++) {
+                _mm_prefetch((const char *)(tiles + (TILE_PREFETCH + j) * TILE_ROWS * bytes + 64 * c), _MM_HINT_T0);
+                z[c] = _mm512_loadu_si512((const void *)(tiles + j * TILE_ROWS * bytes + 64 * c));
+            }
+            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + j * TILE_ROWS)));
+            for (int64_t n = 0; n < rows; n++) {
+                __m512 sums = tile_sums(z, q4, x + n * in + j * BLOCK);
+                if (q4) sums = SUB(sums, _mm512_set1_ps(offsets[n * blocks + j]));
+                float *yo = y + n * out + o;
+                _mm512_storeu_ps(yo, _mm512_fmadd_ps(sums, d, _mm512_loadu_ps(yo)));
+            }
+        }
+    }
+}
+
+/* the VNNI loop of rows_tile on a group's tiles: codes straight from memory (Q8_0: code + 128 by a xor) */
+static inline __attribute__((always_inline)) void tiled_rows_tile(const int T, const uint8_t *tiles, const int q4,
+        const uint16_t *scales, const int8_t *p, const int32_t *offsets, const float *e, float *y,
+        int64_t blocks, int64_t out, int64_t n, int64_t o)
+{
+    const __m512i flip = _mm512_set1_epi8((char)0x80), low = _mm512_set1_epi8(15);
+    __m512 acc[8];
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < blocks; j++) {
+        __m512i w[8], sums[8];
+        if (q4) {
+            const uint8_t *tile = tiles + j * TILE_ROWS * (BLOCK / 2);
+            for (int c = 0; c < 4; c++) {
+                const __m512i packed = _mm512_loadu_si512((const void *)(tile + 64 * c));
+                w[c] = _mm512_and_si512(packed, low);
+                w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+            }
+        } else {
+            const uint8_t *tile = tiles + j * TILE_ROWS * BLOCK;
+            for (int c = 0; c < 8; c++) w[c] = _mm512_xor_si512(flip, _mm512_loadu_si512((const void *)(tile + 64 * c)));
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + j * TILE_ROWS)));
+        for (int t = 0; t < T; t++) sums[t] = _mm512_set1_epi32(-offsets[(n + t) * blocks + j]);
+        for (int k = 0; k < 8; k++)
+            for (int t = 0; t < T; t++) {
+                const int32_t *words = (const int32_t *)(p + ((n + t) * blocks + j) * BLOCK);
+                sums[t] = dot_broadcast(sums[t], w[k], words + k);
+            }
+        for (int t = 0; t < T; t++) {
+            const __m512 product = _mm512_mul_ps(d, _mm512_set1_ps(e[(n + t) * blocks + j]));   /* d · e */
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[t]), product, acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) _mm512_storeu_ps(y + (n + t) * out + o, acc[t]);
+}
+
+static void tiled_rounded_simd(const uint8_t *values, const int q4, const uint16_t *scale, const int8_t *p,
+                               const int32_t *offsets, const float *e, float *y, int64_t blocks, int64_t out,
+                               int64_t start, int64_t end, int64_t rows)
+{
+    const int64_t bytes = q4 ? BLOCK / 2 : BLOCK;
+    for (int64_t o = start; o < end; o += TILE_ROWS) {
+        const uint8_t *tiles = values + (o / TILE_ROWS) * blocks * TILE_ROWS * bytes;
+        const uint16_t *scales = scale + (o / TILE_ROWS) * blocks * TILE_ROWS;
+        if (o + GROUPS_AHEAD * TILE_ROWS < end)        /* a later group's tiles, into L2 while this one computes */
+            for (int64_t line = 0; line < blocks * TILE_ROWS * bytes; line += 64)
+                _mm_prefetch((const char *)(tiles + GROUPS_AHEAD * blocks * TILE_ROWS * bytes + line), _MM_HINT_T1);
+        int64_t n = 0;
+        if (q4) {
+            for (; n + 8 <= rows; n += 8) tiled_rows_tile(8, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o);
+            if (n + 4 <= rows) { tiled_rows_tile(4, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o); n += 4; }
+            if (n + 2 <= rows) { tiled_rows_tile(2, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o); n += 2; }
+            if (n < rows) tiled_rows_tile(1, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o);
+        } else {
+            for (; n + 8 <= rows; n += 8) tiled_rows_tile(8, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o);
+            if (n + 4 <= rows) { tiled_rows_tile(4, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o); n += 4; }
+            if (n + 2 <= rows) { tiled_rows_tile(2, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o); n += 2; }
+            if (n < rows) tiled_rows_tile(1, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o);
+        }
+    }
+}
+#endif
+
+static void tiled_linear(const uint8_t *values, int q4, const uint16_t *scale, const float *x, float *y,
+                         int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)
+{
+    const int64_t grouped = out / TILE_ROWS * TILE_ROWS, last = end < grouped ? end : grouped;
+    int done = 0;
+#if ROUNDED_SIMD
+    float *offsets = q4 ? block_sums(x, rows, blocks, 8.0f) : NULL;
+    if (!q4 || offsets != NULL) {
+        if (q4) tiled_float_simd(values, 1, scale, x, offsets, y, blocks, out, start, last, rows);
+        else tiled_float_simd(values, 0, scale, x, NULL, y, blocks, out, start, last, rows);
+        done = 1;
+    }
+    free(offsets);
+#endif
+    if (!done && start < last) tiled_portable(values, q4, scale, x, y, blocks, out, start, last, rows);
+    if (end > grouped && end > start) {
+        const int64_t bytes = q4 ? BLOCK / 2 : BLOCK;
+        if (tiled_tail(q4 ? (linear_kernel)q4_0_linear : (linear_kernel)q8_0_linear, values, bytes, scale, x, y,
+                       blocks, out, rows) != 0)
+            tiled_portable(values, q4, scale, x, y, blocks, out, grouped, end, rows);
+    }
+}
+
+static void tiled_rounded(const uint8_t *values, int q4, const uint16_t *scale, const float *x, float *y,
+                          int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)
+{
+    const int64_t grouped = out / TILE_ROWS * TILE_ROWS, last = end < grouped ? end : grouped;
+    int8_t *p = (int8_t *)malloc((size_t)(rows * blocks * BLOCK));
+    float *e = (float *)malloc((size_t)(rows * blocks) * sizeof(float));
+    int32_t *offsets = (int32_t *)malloc((size_t)(rows * blocks) * sizeof(int32_t));
+    if (p == NULL || e == NULL || offsets == NULL) {           /* no memory for x rounded: the float kernels */
+        tiled_linear(values, q4, scale, x, y, blocks, out, start, end, rows);
+    } else if (start < last) {
+        round_rows(x, rows, blocks, q4 ? 8 : 128, p, e, offsets);
+#if ROUNDED_SIMD
+        tiled_rounded_simd(values, q4, scale, p, offsets, e, y, blocks, out, start, last, rows);
+#else
+        tiled_rounded_portable(values, q4, scale, p, e, offsets, y, blocks, out, start, last, rows);
+#endif
+    }
+    free(p);
+    free(e);
+    free(offsets);
+    if (end > grouped && end > start) {
+        const int64_t bytes = q4 ? BLOCK / 2 : BLOCK;
+        if (tiled_tail(q4 ? (linear_kernel)q4_0_rounded_linear : (linear_kernel)q8_0_rounded_linear, values, bytes,
+                       scale, x, y, blocks, out, rows) != 0)
+            tiled_portable(values, q4, scale, x, y, blocks, out, grouped, end, rows);
+    }
+}
+
+void q8_0_tiled_linear(const int8_t *values, const uint16_t *scale, const float *x, float *y,
+                       int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)
+{
+    tiled_linear((const uint8_t *)values, 0, scale, x, y, blocks, out, start, end, rows);
+}
+
+void q4_0_tiled_linear(const uint8_t *values, const uint16_t *scale, const float *x, float *y,
+                       int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)
+{
+    tiled_linear(values, 1, scale, x, y, blocks, out, start, end, rows);
+}
+
+void q8_0_tiled_rounded_linear(const int8_t *values, const uint16_t *scale, const float *x, float *y,
+                               int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)
+{
+    tiled_rounded((const uint8_t *)values, 0, scale, x, y, blocks, out, start, end, rows);
+}
+
+void q4_0_tiled_rounded_linear(const uint8_t *values, const uint16_t *scale, const float *x, float *y,
+                               int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)
+{
+    tiled_rounded(values, 1, scale, x, y, blocks, out, start, end, rows);
+}

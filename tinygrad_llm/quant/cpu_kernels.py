@@ -13,6 +13,8 @@ rounding) and the rounded ones (q8_0_rounded_linear, q4_0_rounded_linear: x roun
 32, int8 products summed in int32, as llama.cpp does; the error bound is derived in docs/quantization.md).
 `rounded(library, rows)` says which one the op runs: the rounded kernels from ROUNDED_ROWS rows of x where
 the build has AVX-512 VNNI (~3× the float kernels at 32 rows), the float kernels for one row and elsewhere.
+The tiled kernels (q8_0_tiled_linear ... q4_0_tiled_rounded_linear) are the same four on QuantizedMatrix's
+tiled layout, which the op takes where `tiles(library)` (ops/quantized.tile_for_cpu).
 Simplification: no prebuilt binaries; a machine without a C compiler runs the NumPy path. No AVX-VNNI
 (256-bit, without AVX-512) or ARM dot-product build of the rounded kernels.
 """
@@ -26,7 +28,8 @@ from .. import native
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _ARGUMENTS = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5     # values, scale, x, y, blocks, out, start, end, rows
-_FUNCTIONS = ("q8_0_linear", "q4_0_linear", "q8_0_rounded_linear", "q4_0_rounded_linear")
+_FUNCTIONS = ("q8_0_linear", "q4_0_linear", "q8_0_rounded_linear", "q4_0_rounded_linear",
+              "q8_0_tiled_linear", "q4_0_tiled_linear", "q8_0_tiled_rounded_linear", "q4_0_tiled_rounded_linear")
 ROUNDED_ROWS = 2     # rows of x from which the rounded kernels run (where they are the VNNI build): see rounded()
 _UNSET = object()
 _library = _UNSET
@@ -57,6 +60,12 @@ def rounded(library, rows: int) -> bool:
     One row (batch-1 decoding) stays on the float kernels, which read the codes at memory speed already.
     TINYGRAD_LLM_ROUND_ACTIVATIONS=0 (read at the library's first use) keeps every row exact."""
     return library.rounds and rows >= ROUNDED_ROWS
+
+
+def tiles(library) -> bool:
+    """Whether QuantizedMatrix's tiled layout suits these kernels: where the rounded kernels are the VNNI build
+    (the tiled kernels' SIMD loops need the same instructions); elsewhere they would run plain C."""
+    return library.rounded_simd_build() == 1
 
 
 def library():

@@ -47,6 +47,7 @@ import numpy as np
 from ..backend import array_module, to_device
 
 BLOCK_SIZE = 32
+TILE_ROWS = 16                   # output rows a tile of the tiled layout (QuantizedMatrix.tile)
 BLOCK_BYTES = {"q8_0": 2 + BLOCK_SIZE, "q4_0": 2 + BLOCK_SIZE // 2}
 BLOCK_KINDS = tuple(BLOCK_BYTES)
 KINDS = BLOCK_KINDS + ("int8",)
@@ -224,9 +225,14 @@ class QuantizedMatrix:
     32 inputs in one batched GEMM, then applies the scales to the (small) products.
     The arrays may live on the GPU (CuPy) after `to("cuda")`; `dequantize`, `take_rows` and `blocks`
     work on CPU arrays.
+    Tiled (`tile()`, in place, the same bytes): where the CPU kernels' AVX-512 VNNI build runs
+    (generate.Decoder tiles its weights there), values and scale keep their shapes but hold the tiled layout
+    of quant/cpu_kernels.c (groups of 16 output rows, group-major, each block's 16 rows transposed in 4-byte
+    units: what the int8 kernel loads into its registers as they lie). `dequantize`, `take_rows`, `blocks`,
+    `stacked` and `to` read it as they read the block-major one; the quantized op passes it to the tiled kernels.
     """
 
-    __slots__ = ("kind", "shape", "values", "scale", "_float32_scale", "cpu_kernel_call")
+    __slots__ = ("kind", "shape", "values", "scale", "_float32_scale", "cpu_kernel_call", "tiled")
 
     def __init__(self, kind: str, shape, values, scale):
         if kind not in KINDS:
@@ -252,6 +258,7 @@ class QuantizedMatrix:
         self.kind, self.shape, self.values, self.scale = kind, shape, values, scale
         self._float32_scale = None
         self.cpu_kernel_call = None      # ops/quantized.py's cached arguments for the compiled CPU kernel
+        self.tiled = False               # values and scale in the tiled layout (tile())
 
     def float32_scale(self):
         """The scales as float32, converted at the first call and kept (the CPU op's NumPy path needs them in
@@ -259,7 +266,7 @@ class QuantizedMatrix:
         Keeping them costs 4 bytes a block beside the 2 of the float16 scales (0.125 bytes a weight); the
         C kernels read the float16 scales and never ask for these."""
         if self._float32_scale is None:
-            self._float32_scale = self.scale.astype(np.float32)
+            self._float32_scale = self._block_major()[1].astype(np.float32)
         return self._float32_scale
 
     @classmethod
@@ -293,16 +300,18 @@ class QuantizedMatrix:
                                    + ", ".join(f"{m.kind} {m.shape}" for m in matrices))
         axis = 0 if first.kind == "int8" else 1                      # the out axis of values and scale
         xp = array_module(first.values)
+        parts = [m._block_major() for m in matrices]
         return cls(first.kind, (sum(m.shape[0] for m in matrices), first.shape[1]),
-                   xp.concatenate([m.values for m in matrices], axis=axis),
-                   xp.concatenate([m.scale for m in matrices], axis=axis))
+                   xp.concatenate([values for values, _ in parts], axis=axis),
+                   xp.concatenate([scale for _, scale in parts], axis=axis))
 
     def blocks(self) -> np.ndarray:
         """ggml's blocks uint8 (out, in/32 · bytes) (q8_0 / q4_0; CPU arrays)."""
         if self.kind == "int8":
             raise QuantFormatError("int8 (per-channel) has no ggml block form")
-        scale = self.scale[:, :, None].view(np.uint8)                                      # (nb, out, 2)
-        per_block = np.concatenate([scale, self.values.view(np.uint8)], axis=2)            # (nb, out, B)
+        values, scale = self._block_major()
+        scale = scale[:, :, None].view(np.uint8)                                           # (nb, out, 2)
+        per_block = np.concatenate([scale, values.view(np.uint8)], axis=2)                 # (nb, out, B)
         return np.ascontiguousarray(per_block.transpose(1, 0, 2)).reshape(blocks_shape(self.shape, self.kind))
 
     @property
@@ -318,7 +327,7 @@ class QuantizedMatrix:
         end = self.shape[0] if end is None else end
         if self.kind == "int8":
             return dequantize_int8(self.values[start:end], self.scale[start:end])
-        return self._dequantize_rows(self.values[:, start:end], self.scale[:, start:end])
+        return self._dequantize_rows(*self._rows(slice(start, end)))
 
     def _dequantize_rows(self, values, scale) -> np.ndarray:
         """Block-major values (nb, n, ·) and scale (nb, n) -> float32 rows (n, in)."""
@@ -336,12 +345,79 @@ class QuantizedMatrix:
         if self.kind == "int8":
             rows = dequantize_int8(self.values[flat], self.scale[flat])
         else:
-            rows = self._dequantize_rows(self.values[:, flat], self.scale[:, flat])
+            rows = self._dequantize_rows(*self._rows(flat))
         return rows.reshape(*ids.shape, self.shape[1])                                     # (N, in) -> (*ids, in)
 
     def to(self, device: str) -> "QuantizedMatrix":
         """The same matrix with its arrays on `device` ("cpu" or "cuda")."""
-        return QuantizedMatrix(self.kind, self.shape, to_device(self.values, device), to_device(self.scale, device))
+        values, scale = self._block_major() if device != "cpu" else (self.values, self.scale)
+        moved = QuantizedMatrix(self.kind, self.shape, to_device(values, device), to_device(scale, device))
+        moved.tiled = self.tiled and device == "cpu"
+        return moved
+
+    # ------------------------------------------------------------------ the tiled layout (cpu_kernels.c)
+    def _tiled_parts(self):
+        """(values, scale) of the tiled layout as views: the tiles (G, nb, B/4, 16, 4) and (G, nb, 16) of the
+        first 16·G output rows, and the rest block-major, (nb, out − 16·G, B) and (nb, out − 16·G)."""
+        count, out_features, width = self.values.shape
+        groups = out_features // TILE_ROWS
+        flat_values, flat_scale = self.values.reshape(-1), self.scale.reshape(-1)
+        split_values, split_scale = groups * TILE_ROWS * count * width, groups * TILE_ROWS * count
+        return (flat_values[:split_values].reshape(groups, count, width // 4, TILE_ROWS, 4),
+                flat_scale[:split_scale].reshape(groups, count, TILE_ROWS),
+                flat_values[split_values:].reshape(count, out_features - groups * TILE_ROWS, width),
+                flat_scale[split_scale:].reshape(count, out_features - groups * TILE_ROWS))
+
+    def tile(self) -> "QuantizedMatrix":
+        """Rearrange values and scale into the tiled layout, in place (the arrays keep their shapes and bytes);
+        Q8_0 / Q4_0 on the CPU. Returns self; a tiled matrix is left as it is."""
+        if self.tiled or self.kind == "int8" or type(self.values) is not np.ndarray:
+            return self
+        values, scale = self.values, self.scale
+        count, out_features, width = values.shape
+        grouped = out_features // TILE_ROWS * TILE_ROWS
+        head_values = values[:, :grouped].reshape(count, -1, TILE_ROWS, width // 4, 4)   # (nb, G, 16, B/4, 4)
+        head_scale = scale[:, :grouped].reshape(count, -1, TILE_ROWS)                    # (nb, G, 16)
+        new_values = np.concatenate([head_values.transpose(1, 0, 3, 2, 4).reshape(-1), values[:, grouped:].reshape(-1)])
+        new_scale = np.concatenate([head_scale.transpose(1, 0, 2).reshape(-1), scale[:, grouped:].reshape(-1)])
+        np.copyto(values.reshape(-1), new_values)           # the (G, nb, B/4, 16, 4) tiles, then the last rows
+        np.copyto(scale.reshape(-1), new_scale)
+        self.tiled, self.cpu_kernel_call = True, None
+        return self
+
+    def _rows(self, ids):
+        """Block-major (values (nb, n, B), scale (nb, n)) of output rows `ids` (n,), from either layout."""
+        if not self.tiled:
+            return self.values[:, ids], self.scale[:, ids]
+        if isinstance(ids, slice):
+            ids = np.arange(*ids.indices(self.shape[0]))
+        tiles, tile_scales, rest, rest_scale = self._tiled_parts()
+        grouped = tiles.shape[0] * TILE_ROWS
+        ids = np.asarray(ids, dtype=np.int64)
+        group, lane = np.minimum(ids, max(grouped - 1, 0)) // TILE_ROWS, ids % TILE_ROWS
+        tail = np.maximum(ids - grouped, 0)
+        count, width = self.values.shape[0], self.values.shape[2]
+        inside = (ids < grouped)[None, :]
+        values = np.empty((count, ids.size, width), dtype=self.values.dtype)
+        scale = np.empty((count, ids.size), dtype=self.scale.dtype)
+        if grouped:
+            picked = tiles[group, :, :, lane, :].reshape(ids.size, count, width)          # (n, nb, B/4, 4) -> (n, nb, B)
+            values[...] = picked.transpose(1, 0, 2)
+            scale[...] = tile_scales[group, :, lane].T                                    # (n, nb) -> (nb, n)
+        if rest.shape[1]:
+            values[...] = np.where(inside[:, :, None], values, rest[:, np.minimum(tail, rest.shape[1] - 1)])
+            scale[...] = np.where(inside, scale, rest_scale[:, np.minimum(tail, rest.shape[1] - 1)])
+        return values, scale
+
+    def untiled(self) -> "QuantizedMatrix":
+        """This matrix in the block-major layout: itself, or a block-major copy of a tiled one."""
+        return self if not self.tiled else QuantizedMatrix(self.kind, self.shape, *self._block_major())
+
+    def _block_major(self):
+        """(values, scale) in the block-major layout: the arrays themselves, or a copy of a tiled matrix's."""
+        if not self.tiled:
+            return self.values, self.scale
+        return self._rows(np.arange(self.shape[0]))
 
     def __repr__(self) -> str:
         return f"QuantizedMatrix({self.kind}, {self.shape}, {self.nbytes} bytes)"
