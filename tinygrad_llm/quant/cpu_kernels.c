@@ -538,6 +538,9 @@ int rounded_simd_build(void)
 #ifndef GROUPS_AHEAD
 #define GROUPS_AHEAD 2        /* groups ahead whose tiles the rounded kernels prefetch */
 #endif
+#ifndef GROUP_HINT
+#define GROUP_HINT _MM_HINT_T1
+#endif
 #ifndef TILE_PREFETCH
 #define TILE_PREFETCH 24      /* tiles ahead that the float kernels prefetch (a GPT-2-size row of blocks) */
 #endif
@@ -744,7 +747,7 @@ static void tiled_rounded_simd(const uint8_t *values, const int q4, const uint16
         const uint16_t *scales = scale + (o / TILE_ROWS) * blocks * TILE_ROWS;
         if (o + GROUPS_AHEAD * TILE_ROWS < end)        /* a later group's tiles, into L2 while this one computes */
             for (int64_t line = 0; line < blocks * TILE_ROWS * bytes; line += 64)
-                _mm_prefetch((const char *)(tiles + GROUPS_AHEAD * blocks * TILE_ROWS * bytes + line), _MM_HINT_T1);
+                _mm_prefetch((const char *)(tiles + GROUPS_AHEAD * blocks * TILE_ROWS * bytes + line), GROUP_HINT);
         int64_t n = 0;
         if (q4) {
             for (; n + 8 <= rows; n += 8) tiled_rows_tile(8, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o);
