@@ -536,7 +536,7 @@ int rounded_simd_build(void)
 
 #define TILE_ROWS 16
 #ifndef GROUPS_AHEAD
-#define GROUPS_AHEAD 2        /* groups ahead whose tiles the rounded kernels prefetch */
+#define GROUPS_AHEAD 4        /* groups ahead whose tiles the rounded kernels prefetch (a GPT-2-size head: 2 and 8 were slower) */
 #endif
 #ifndef GROUP_HINT
 #define GROUP_HINT _MM_HINT_T1
@@ -704,13 +704,16 @@ static inline __attribute__((always_inline)) void tiled_float_simd(const uint8_t
 /* the VNNI loop of rows_tile on a group's tiles: codes straight from memory (Q8_0: code + 128 by a xor) */
 static inline __attribute__((always_inline)) void tiled_rows_tile(const int T, const uint8_t *tiles, const int q4,
         const uint16_t *scales, const int8_t *p, const int32_t *offsets, const float *e, float *y,
-        int64_t blocks, int64_t out, int64_t n, int64_t o)
+        int64_t blocks, int64_t out, int64_t n, int64_t o, const uint8_t *ahead)
 {
     const __m512i flip = _mm512_set1_epi8((char)0x80), low = _mm512_set1_epi8(15);
     __m512 acc[8];
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t j = 0; j < blocks; j++) {
         __m512i w[8], sums[8];
+        if (ahead != NULL)
+            for (int line = 0; line < TILE_ROWS * (q4 ? BLOCK / 2 : BLOCK); line += 64)
+                _mm_prefetch((const char *)(ahead + j * TILE_ROWS * (q4 ? BLOCK / 2 : BLOCK) + line), GROUP_HINT);
         if (q4) {
             const uint8_t *tile = tiles + j * TILE_ROWS * (BLOCK / 2);
             for (int c = 0; c < 4; c++) {
@@ -745,20 +748,21 @@ static void tiled_rounded_simd(const uint8_t *values, const int q4, const uint16
     for (int64_t o = start; o < end; o += TILE_ROWS) {
         const uint8_t *tiles = values + (o / TILE_ROWS) * blocks * TILE_ROWS * bytes;
         const uint16_t *scales = scale + (o / TILE_ROWS) * blocks * TILE_ROWS;
-        if (o + GROUPS_AHEAD * TILE_ROWS < end)        /* a later group's tiles, into L2 while this one computes */
-            for (int64_t line = 0; line < blocks * TILE_ROWS * bytes; line += 64)
-                _mm_prefetch((const char *)(tiles + GROUPS_AHEAD * blocks * TILE_ROWS * bytes + line), GROUP_HINT);
+        /* a later group's tiles, into L2 while this one computes, a block's tile beside each block's products
+           of the first rows of x (a burst of a whole group's lines at once gained less: measured) */
+        const uint8_t *ahead = o + GROUPS_AHEAD * TILE_ROWS < end ? tiles + GROUPS_AHEAD * blocks * TILE_ROWS * bytes
+                                                                   : NULL;
         int64_t n = 0;
         if (q4) {
-            for (; n + 8 <= rows; n += 8) tiled_rows_tile(8, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o);
-            if (n + 4 <= rows) { tiled_rows_tile(4, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o); n += 4; }
-            if (n + 2 <= rows) { tiled_rows_tile(2, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o); n += 2; }
-            if (n < rows) tiled_rows_tile(1, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o);
+            for (; n + 8 <= rows; n += 8) tiled_rows_tile(8, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead);
+            if (n + 4 <= rows) { tiled_rows_tile(4, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead); n += 4; }
+            if (n + 2 <= rows) { tiled_rows_tile(2, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead); n += 2; }
+            if (n < rows) tiled_rows_tile(1, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead);
         } else {
-            for (; n + 8 <= rows; n += 8) tiled_rows_tile(8, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o);
-            if (n + 4 <= rows) { tiled_rows_tile(4, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o); n += 4; }
-            if (n + 2 <= rows) { tiled_rows_tile(2, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o); n += 2; }
-            if (n < rows) tiled_rows_tile(1, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o);
+            for (; n + 8 <= rows; n += 8) tiled_rows_tile(8, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead);
+            if (n + 4 <= rows) { tiled_rows_tile(4, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead); n += 4; }
+            if (n + 2 <= rows) { tiled_rows_tile(2, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead); n += 2; }
+            if (n < rows) tiled_rows_tile(1, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead);
         }
     }
 }
