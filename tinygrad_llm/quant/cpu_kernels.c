@@ -529,8 +529,8 @@ int rounded_simd_build(void)
        scale   (G, blocks, 16) float16 bits, then (blocks, out − 16 G)
    A tile is what the VNNI loop wants in its registers (lane l = output row l, 4 codes a lane), and a group's
    blocks lie back to back, so one group's codes are one run of memory. Output rows [start, end): start a
-   multiple of 16, end one too or out. The last out − 16 G rows go through the untiled kernels (into a small
-   buffer). The float kernels' SIMD build takes the 16 rows of a tile as the 16 lanes of one vector and adds
+   multiple of 16, end one too or out. The last out − 16 G rows go through the untiled float kernel (into a
+   small buffer) or the rounded kernels' plain C loop (the same steps as the untiled ones take there). The float kernels' SIMD build takes the 16 rows of a tile as the 16 lanes of one vector and adds
    in the order of the 8-row kernels above (lane t of a row's 8 partial sums holds elements t, 8 + t, 16 + t,
    24 + t; then ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7))), so both layouts give the same bytes. */
 
@@ -608,7 +608,6 @@ static void tiled_portable(const uint8_t *values, int q4, const uint16_t *scale,
         }
 }
 
-#if !ROUNDED_SIMD
 static void tiled_rounded_portable(const uint8_t *values, int q4, const uint16_t *scale, const int8_t *p,
                                    const float *e, const int32_t *offsets, float *y,
                                    int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)
@@ -635,7 +634,6 @@ static void tiled_rounded_portable(const uint8_t *values, int q4, const uint16_t
             }
         }
 }
-#endif
 
 #if ROUNDED_SIMD
 /* element i of a tile's 16 rows as float32: Q8_0 the signed byte i % 4 of dword lane i / 4 of vector i / 4;
@@ -685,7 +683,6 @@ static inline __attribute__((always_inline)) void tiled_float_simd(const uint8_t
         for (int64_t n = 0; n < rows; n++) _mm512_storeu_ps(y + n * out + o, _mm512_setzero_ps());
         for (int64_t j = 0; j < blocks; j++) {
             __m512i z[8];
-#pragma GCC unroll 8
             for (int c = 0; c < (q4 ? 4 : 8); c++) {
                 _mm_prefetch((const char *)(tiles + (TILE_PREFETCH + j) * TILE_ROWS * bytes + 64 * c), _MM_HINT_T0);
                 z[c] = _mm512_loadu_si512((const void *)(tiles + j * TILE_ROWS * bytes + 64 * c));
@@ -791,32 +788,40 @@ static void tiled_linear(const uint8_t *values, int q4, const uint16_t *scale, c
     }
 }
 
-static void tiled_rounded(const uint8_t *values, int q4, const uint16_t *scale, const float *x, float *y,
-                          int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)
+/* the rounded product on x already rounded (p, e, offsets: round_rows), tiled rows [start, end): the VNNI loop
+   over whole tiles, the plain C loop (the same integer sums and float steps) over the last out − 16 G rows */
+static void tiled_rounded_given(const uint8_t *values, int q4, const uint16_t *scale, const int8_t *p,
+                                const float *e, const int32_t *offsets, float *y,
+                                int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)
 {
     const int64_t grouped = out / TILE_ROWS * TILE_ROWS, last = end < grouped ? end : grouped;
-    int8_t *p = (int8_t *)malloc((size_t)(rows * blocks * BLOCK));
-    float *e = (float *)malloc((size_t)(rows * blocks) * sizeof(float));
-    int32_t *offsets = (int32_t *)malloc((size_t)(rows * blocks) * sizeof(int32_t));
-    if (p == NULL || e == NULL || offsets == NULL) {           /* no memory for x rounded: the float kernels */
-        tiled_linear(values, q4, scale, x, y, blocks, out, start, end, rows);
-    } else if (start < last) {
-        round_rows(x, rows, blocks, q4 ? 8 : 128, p, e, offsets);
+    if (start < last) {
 #if ROUNDED_SIMD
         tiled_rounded_simd(values, q4, scale, p, offsets, e, y, blocks, out, start, last, rows);
 #else
         tiled_rounded_portable(values, q4, scale, p, e, offsets, y, blocks, out, start, last, rows);
 #endif
     }
+    if (end > grouped && end > start)
+        tiled_rounded_portable(values, q4, scale, p, e, offsets, y, blocks, out, grouped > start ? grouped : start,
+                               end, rows);
+}
+
+static void tiled_rounded(const uint8_t *values, int q4, const uint16_t *scale, const float *x, float *y,
+                          int64_t blocks, int64_t out, int64_t start, int64_t end, int64_t rows)
+{
+    int8_t *p = (int8_t *)malloc((size_t)(rows * blocks * BLOCK));
+    float *e = (float *)malloc((size_t)(rows * blocks) * sizeof(float));
+    int32_t *offsets = (int32_t *)malloc((size_t)(rows * blocks) * sizeof(int32_t));
+    if (p == NULL || e == NULL || offsets == NULL) {           /* no memory for x rounded: the float kernels */
+        tiled_linear(values, q4, scale, x, y, blocks, out, start, end, rows);
+    } else {
+        round_rows(x, rows, blocks, q4 ? 8 : 128, p, e, offsets);
+        tiled_rounded_given(values, q4, scale, p, e, offsets, y, blocks, out, start, end, rows);
+    }
     free(p);
     free(e);
     free(offsets);
-    if (end > grouped && end > start) {
-        const int64_t bytes = q4 ? BLOCK / 2 : BLOCK;
-        if (tiled_tail(q4 ? (linear_kernel)q4_0_rounded_linear : (linear_kernel)q8_0_rounded_linear, values, bytes,
-                       scale, x, y, blocks, out, rows) != 0)
-            tiled_portable(values, q4, scale, x, y, blocks, out, grouped, end, rows);
-    }
 }
 
 void q8_0_tiled_linear(const int8_t *values, const uint16_t *scale, const float *x, float *y,
