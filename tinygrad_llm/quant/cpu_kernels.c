@@ -238,7 +238,7 @@ void q4_0_linear(const uint8_t *values, const uint16_t *scale, const float *x, f
 #define ROUND_SIMD 0
 #endif
 
-/* x rounded to 8 bits per block of 32 (e, p above) and offset · Σ p per block. The AVX-512 build takes a
+/* x rounded to 8 bits per block of 32 (e, p above) and −offset · Σ p per block. The AVX-512 build takes a
    block as two vectors; the same float steps (max |x|, 127 / max, x · that, rounded to nearest even: the
    conversion's default rounding, as nearbyintf's), so both builds give the same bytes for finite x. */
 static void round_rows(const float *x, int64_t rows, int64_t blocks, int32_t offset,
@@ -271,7 +271,7 @@ static void round_rows(const float *x, int64_t rows, int64_t blocks, int32_t off
         }
 #endif
         e[k] = amax / 127.0f;
-        offsets[k] = offset * total;
+        offsets[k] = -offset * total;               /* negated: the sums start from it */
     }
 }
 
@@ -296,7 +296,7 @@ static void rounded_portable(const uint8_t *values, int q4, const uint16_t *scal
                 } else {
                     for (int i = 0; i < BLOCK; i++) sum += (int32_t)(uint8_t)(q[i] ^ 0x80) * pn[i];
                 }
-                sum -= offsets[n * blocks + j];
+                sum += offsets[n * blocks + j];
                 const float product = d * e[n * blocks + j];
                 y[n * out + o] = fmaf((float)sum, product, y[n * out + o]);
             }
@@ -408,7 +408,7 @@ static inline __attribute__((always_inline)) void rows_tile(const int T, const _
     for (int64_t j = 0; j < blocks; j++) {
         const __m512i *w = codes + j * ARRANGED;
         __m512i sums[8];
-        for (int t = 0; t < T; t++) sums[t] = _mm512_set1_epi32(-offsets[(n + t) * blocks + j]);
+        for (int t = 0; t < T; t++) sums[t] = _mm512_set1_epi32(offsets[(n + t) * blocks + j]);
         for (int k = 0; k < 8; k++)
             for (int t = 0; t < T; t++) {
                 const int32_t *words = (const int32_t *)(p + ((n + t) * blocks + j) * BLOCK);
@@ -628,7 +628,7 @@ static void tiled_rounded_portable(const uint8_t *values, int q4, const uint16_t
                 } else {
                     for (int i = 0; i < BLOCK; i++) sum += (int32_t)(uint8_t)(q[i] ^ 0x80) * pn[i];
                 }
-                sum -= offsets[n * blocks + j];
+                sum += offsets[n * blocks + j];
                 const float product = d * e[n * blocks + j];
                 y[n * out + o] = fmaf((float)sum, product, y[n * out + o]);
             }
@@ -723,7 +723,7 @@ static inline __attribute__((always_inline)) void tiled_rows_tile(const int T, c
             for (int c = 0; c < 8; c++) w[c] = _mm512_xor_si512(flip, _mm512_loadu_si512((const void *)(tile + 64 * c)));
         }
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + j * TILE_ROWS)));
-        for (int t = 0; t < T; t++) sums[t] = _mm512_set1_epi32(-offsets[(n + t) * blocks + j]);
+        for (int t = 0; t < T; t++) sums[t] = _mm512_set1_epi32(offsets[(n + t) * blocks + j]);
         for (int k = 0; k < 8; k++)
             for (int t = 0; t < T; t++) {
                 const int32_t *words = (const int32_t *)(p + ((n + t) * blocks + j) * BLOCK);
