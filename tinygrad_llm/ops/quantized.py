@@ -11,6 +11,8 @@ The dispatch point for every Linear of KV-cached decoding (tinygrad_llm.generate
   From cpu_kernels.ROUNDED_ROWS rows on (any number: batched decoding and prefill), where the kernels are
   the AVX-512 VNNI build, x is rounded to 8 bits a block and multiplied in int8 (llama.cpp's arithmetic;
   its error bound against the float op is in docs/quantization.md; quant/cpu_kernels.rounded()).
+  Where that build runs, a decoder's weights are tiled (tile_for_cpu: QuantizedMatrix.tile, the same bytes
+  rearranged in place), and the tiled kernels read the tiles as they lie: the same results, bit for bit.
 - a QuantizedMatrix on the CPU, Q8_0 / Q4_0, NumPy: block by block. The matrix is block-major (the j-th
   32-weight block of every output row is one contiguous (out, 32) slab), so a few slabs at a time are
   converted to float32 (into a per-thread buffer that stays in cache) and multiplied by the matching 32
