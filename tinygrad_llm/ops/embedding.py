@@ -16,7 +16,7 @@ class Embedding(Function):
               `dW[ids] += dy` would keep only one of the repeats. On NumPy arrays the rows of dy are
               sorted by id and each run of equal ids summed (add.reduceat), several times faster than
               add.at; contiguous float32/64 NumPy arrays take one compiled pass instead (ops/fused_cpu.c:
-              the rows added in position order, as reduceat adds them); CuPy arrays use add.at (atomic adds)
+              each row added to its id's row in position order); CuPy arrays use add.at (atomic adds)
     Shapes:   ids: (...) integers in [0, V);  W, dW: (V, C);  y, dy: (..., C)
     Saves:    ids, V
     16-bit gradients are summed in float32 (repeated ids add up many rows) and cast back.
@@ -42,7 +42,7 @@ class Embedding(Function):
             return fast.embedding_backward(ids, dy, vocab)
         xp = array_module(dy)
         channels = dy.shape[-1]
-        if xp is np and fused_cpu.usable(dy):                               # one compiled pass, the same sums
+        if xp is np and fused_cpu.usable(dy):                               # one compiled pass
             rows = np.ascontiguousarray(dy.reshape(-1, channels))          # (..., C) -> (N, C)
             flat_ids = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
             dweight = np.empty((vocab, channels), dtype=dy.dtype)

@@ -47,35 +47,46 @@ static inline float exp_f32(float x)
 #define FUSED_NAME(name) name##_f32
 #define FUSED_EXP exp_f32
 #define FUSED_SQRT sqrtf
+#define FUSED_INT int32_t
 #include __FILE__
 #undef FUSED_TYPE
 #undef FUSED_NAME
 #undef FUSED_EXP
 #undef FUSED_SQRT
+#undef FUSED_INT
 #undef real
 
 #define FUSED_TYPE double
 #define FUSED_NAME(name) name##_f64
 #define FUSED_EXP exp
 #define FUSED_SQRT sqrt
+#define FUSED_INT int64_t
 #include __FILE__
 
 #else
 #define real FUSED_TYPE
 
-/* max of row[0 … n − 1], n ≥ 1, over 16 independent lanes (the compiler keeps them in vector registers) */
+/* max of row[0 … n − 1], n ≥ 1: 16 lanes as one vector (GCC/Clang vector types, each lane kept where the
+   new element is not larger, so NaN elements are passed over as by the scalar tail), then the lanes and the
+   tail; the same value as a scalar loop over the row */
+typedef real FUSED_NAME(lanes16) __attribute__((vector_size(16 * sizeof(real))));
+typedef FUSED_INT FUSED_NAME(mask16) __attribute__((vector_size(16 * sizeof(real))));
+
 static inline real FUSED_NAME(row_max)(const real *restrict row, int64_t n)
 {
-    real lanes[16];
-    for (int k = 0; k < 16; k++)
-        lanes[k] = row[0];
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16)
-        for (int k = 0; k < 16; k++)
-            lanes[k] = row[j + k] > lanes[k] ? row[j + k] : lanes[k];
     real top = row[0];
-    for (int k = 0; k < 16; k++)
-        top = lanes[k] > top ? lanes[k] : top;
+    int64_t j = 0;
+    if (n >= 16) {
+        FUSED_NAME(lanes16) lanes, x;
+        memcpy(&lanes, row, sizeof lanes);
+        for (j = 16; j + 16 <= n; j += 16) {
+            memcpy(&x, row + j, sizeof x);
+            FUSED_NAME(mask16) larger = x > lanes;
+            lanes = (FUSED_NAME(lanes16))((larger & (FUSED_NAME(mask16))x) | (~larger & (FUSED_NAME(mask16))lanes));
+        }
+        for (int k = 0; k < 16; k++)
+            top = lanes[k] > top ? lanes[k] : top;
+    }
     for (; j < n; j++)
         top = row[j] > top ? row[j] : top;
     return top;

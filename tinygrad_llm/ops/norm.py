@@ -174,8 +174,8 @@ def _chunked_backward(dy, x, r, weight):
     dx = np.empty_like(x2)
     if fused_cpu.usable(dy2, x2, r, weight):
         # the same formulas in one compiled pass, dw summed per block of DW_BLOCK rows as it goes (no dy·x
-        # array, no GEMV, which threaded BLAS runs slowly) and the blocks' sums added after: the blocks
-        # depend only on the shape, so dw does not depend on the thread count
+        # array and no second pass over one) and the blocks' sums added after: the blocks depend only on
+        # the shape, so dw does not depend on the thread count
         rows = x2.shape[0]
         partial = np.empty((-(-rows // DW_BLOCK), channels), dtype=x.dtype)
         fused_cpu.over_rows("rms_norm_backward", x.dtype, partial.shape[0], 3 * channels * DW_BLOCK,
