@@ -1,7 +1,7 @@
 """The ops' compiled CPU loops (tinygrad_llm/ops/fused_cpu.c) against the ops' NumPy expressions.
 
 Each branch that takes a loop (SwiGLU, RMSNorm and its residual form, the blocked attention softmax and its
-backward, RoPE of token-major heads, cross-entropy rows, AdamW) is run twice, with the loops and with them
+backward, RoPE of token-major heads, cross-entropy rows, the embedding's backward, AdamW) is run twice, with the loops and with them
 turned off (the NumPy path of the same op), in float32 and float64, and on one and several row-pool
 threads; float64 gradient checks go through the loops. Last, the fallback: no compiler means one warning
 and the NumPy paths.
@@ -64,6 +64,7 @@ def _attention(heads, kv_heads, time, head_dim):
 
 
 TARGETS = np.array([[3, 0, -100, 6], [5, 6, 1, -100], [2, 2, 4, 0]])          # two ignored rows
+IDS = np.array([[3, 0, 8, 3], [5, 3, 1, 0], [2, 2, 3, 8]], dtype=np.int32)       # ids seen 1 to 4 times
 
 CASES = {   # name: (fn, input arrays); the attention case has three query blocks, the last one partial
     "swiglu": (F.swiglu, [normal((3, 50, 24), 0, 3.0), normal((3, 50, 24), 1)]),
@@ -73,6 +74,7 @@ CASES = {   # name: (fn, input arrays); the attention case has three query block
     "linear_cross_entropy": (lambda x, w: F.linear_cross_entropy(x, w, TARGETS),
                              [normal((3, 4, 16), 8), normal((7, 16), 9, 2.0)]),
     "cross_entropy": (lambda z: F.cross_entropy(z, TARGETS), [normal((3, 4, 7), 10, 3.0)]),
+    "embedding": (lambda w: F.embedding(IDS, w), [normal((9, 12), 16)]),       # repeated ids add up
 }
 
 

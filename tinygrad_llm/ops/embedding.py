@@ -6,6 +6,7 @@ import numpy as np
 from ..backend import array_module, capturing
 from ..gpu import kernel
 from ..tensor import Function
+from . import fused_cpu
 from .matmul import accumulation_dtype
 
 
@@ -14,7 +15,8 @@ class Embedding(Function):
     Backward: dW[v] = Σ over positions where ids == v of dy      (repeated ids accumulate)
               `dW[ids] += dy` would keep only one of the repeats. On NumPy arrays the rows of dy are
               sorted by id and each run of equal ids summed (add.reduceat), several times faster than
-              add.at; CuPy arrays use add.at (atomic adds)
+              add.at; contiguous float32/64 NumPy arrays take one compiled pass instead (ops/fused_cpu.c:
+              each row added to its id's row in position order); CuPy arrays use add.at (atomic adds)
     Shapes:   ids: (...) integers in [0, V);  W, dW: (V, C);  y, dy: (..., C)
     Saves:    ids, V
     16-bit gradients are summed in float32 (repeated ids add up many rows) and cast back.
@@ -40,6 +42,14 @@ class Embedding(Function):
             return fast.embedding_backward(ids, dy, vocab)
         xp = array_module(dy)
         channels = dy.shape[-1]
+        if xp is np and fused_cpu.usable(dy):                               # one compiled pass
+            rows = np.ascontiguousarray(dy.reshape(-1, channels))          # (..., C) -> (N, C)
+            flat_ids = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
+            dweight = np.empty((vocab, channels), dtype=dy.dtype)
+            fused_cpu.library()["embedding_backward", dy.dtype](
+                fused_cpu.address(flat_ids), fused_cpu.address(rows), fused_cpu.address(dweight), flat_ids.size,
+                vocab, channels)
+            return dweight
         dweight = xp.zeros((vocab, channels), dtype=accumulation_dtype(dy.dtype))   # 16-bit: sums in float32
         flat_ids, rows = ids.reshape(-1), dy.reshape(-1, channels)         # (..., C) -> (N, C)
         if xp is np and flat_ids.size:

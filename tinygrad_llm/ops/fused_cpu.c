@@ -2,7 +2,7 @@
 
    Each function is one pass over its rows that NumPy would make in several: SwiGLU forward and backward,
    RMSNorm forward (with the residual add) and backward, the causal softmax of one block of attention
-   scores and its backward, and the AdamW update. Every function exists twice, for float (suffix _f32)
+   scores and its backward, the embedding's backward and the AdamW update. Every function exists twice, for float (suffix _f32)
    and double (_f64): this file includes itself once per type (the part after #else).
 
    Shapes: every array is contiguous, rows of `cols` (or `channels`, `keys`) elements, rows given as a
@@ -47,35 +47,46 @@ static inline float exp_f32(float x)
 #define FUSED_NAME(name) name##_f32
 #define FUSED_EXP exp_f32
 #define FUSED_SQRT sqrtf
+#define FUSED_INT int32_t
 #include __FILE__
 #undef FUSED_TYPE
 #undef FUSED_NAME
 #undef FUSED_EXP
 #undef FUSED_SQRT
+#undef FUSED_INT
 #undef real
 
 #define FUSED_TYPE double
 #define FUSED_NAME(name) name##_f64
 #define FUSED_EXP exp
 #define FUSED_SQRT sqrt
+#define FUSED_INT int64_t
 #include __FILE__
 
 #else
 #define real FUSED_TYPE
 
-/* max of row[0 … n − 1], n ≥ 1, over 16 independent lanes (the compiler keeps them in vector registers) */
+/* max of row[0 … n − 1], n ≥ 1: 16 lanes as one vector (GCC/Clang vector types, each lane kept where the
+   new element is not larger, so NaN elements are passed over as by the scalar tail), then the lanes and the
+   tail; the same value as a scalar loop over the row */
+typedef real FUSED_NAME(lanes16) __attribute__((vector_size(16 * sizeof(real))));
+typedef FUSED_INT FUSED_NAME(mask16) __attribute__((vector_size(16 * sizeof(real))));
+
 static inline real FUSED_NAME(row_max)(const real *restrict row, int64_t n)
 {
-    real lanes[16];
-    for (int k = 0; k < 16; k++)
-        lanes[k] = row[0];
-    int64_t j = 0;
-    for (; j + 16 <= n; j += 16)
-        for (int k = 0; k < 16; k++)
-            lanes[k] = row[j + k] > lanes[k] ? row[j + k] : lanes[k];
     real top = row[0];
-    for (int k = 0; k < 16; k++)
-        top = lanes[k] > top ? lanes[k] : top;
+    int64_t j = 0;
+    if (n >= 16) {
+        FUSED_NAME(lanes16) lanes, x;
+        memcpy(&lanes, row, sizeof lanes);
+        for (j = 16; j + 16 <= n; j += 16) {
+            memcpy(&x, row + j, sizeof x);
+            FUSED_NAME(mask16) larger = x > lanes;
+            lanes = (FUSED_NAME(lanes16))((larger & (FUSED_NAME(mask16))x) | (~larger & (FUSED_NAME(mask16))lanes));
+        }
+        for (int k = 0; k < 16; k++)
+            top = lanes[k] > top ? lanes[k] : top;
+    }
     for (; j < n; j++)
         top = row[j] > top ? row[j] : top;
     return top;
@@ -144,22 +155,26 @@ void FUSED_NAME(rms_norm_forward)(const real *restrict x, const real *restrict b
     }
 }
 
-/* Per row, with g = dy · w and p = Σ g · x:  dx = r · g − x · r³ · p / C;  products = dy · x (for dw) */
+/* Per row, with g = dy · w and p = Σ g · x:  dx = r · g − x · r³ · p / C;  and for dw, per block of `block`
+   rows (the first row of the call starts one), partial[block] = Σ over its rows of dy · x · r */
 void FUSED_NAME(rms_norm_backward)(const real *restrict dy, const real *restrict x, const real *restrict r,
-                                   const real *restrict w, real *restrict dx, real *restrict products,
-                                   int64_t rows, int64_t channels)
+                                   const real *restrict w, real *restrict dx, real *restrict partial,
+                                   int64_t rows, int64_t channels, int64_t block)
 {
     for (int64_t row = 0; row < rows; row++) {
         const real *dyr = dy + row * channels, *xr = x + row * channels;
-        real *dxr = dx + row * channels, *pr = products + row * channels;
+        real *dxr = dx + row * channels, *pr = partial + row / block * channels;
         real p = 0;
         for (int64_t c = 0; c < channels; c++)
             p += dyr[c] * w[c] * xr[c];
         real scale = r[row];
         real coefficient = scale * scale * scale * p / (real)channels;
+        if (row % block == 0)
+            for (int64_t c = 0; c < channels; c++)
+                pr[c] = 0;
         for (int64_t c = 0; c < channels; c++) {
             dxr[c] = scale * dyr[c] * w[c] - xr[c] * coefficient;
-            pr[c] = dyr[c] * xr[c];
+            pr[c] += dyr[c] * xr[c] * scale;
         }
     }
 }
@@ -244,10 +259,12 @@ void FUSED_NAME(heads_transposed)(const real *x, int64_t sb, int64_t sh, int64_t
     for (int64_t b = 0; b < batch; b++)
         for (int64_t h = 0; h < heads; h++) {
             real *restrict o = out + (b * heads + h) * dim * time;
-            for (int64_t t = 0; t < time; t++) {
-                const real *restrict row = x + b * sb + h * sh + t * st;
+            const real *xh = x + b * sb + h * sh;
+            for (int64_t t0 = 0; t0 < time; t0 += 16) {      /* 16 tokens at a time: whole runs of each out row */
+                int64_t t1 = t0 + 16 < time ? t0 + 16 : time;
                 for (int64_t d = 0; d < dim; d++)
-                    o[d * time + t] = row[d];
+                    for (int64_t t = t0; t < t1; t++)
+                        o[d * time + t] = xh[t * st + d];
             }
         }
 }
@@ -266,6 +283,20 @@ void FUSED_NAME(row_dots)(const real *x, int64_t x_sb, int64_t x_sh, int64_t x_s
                     total += xr[d] * yr[d];
                 out[(b * heads + h) * time + t] = total;
             }
+}
+
+/* The embedding's backward: dw (vocab, channels) = 0, then dw[ids[row]] += dy[row] for every row in order
+   (repeated ids add up in the order of their positions); ids must lie in [0, vocab) (the forward checked) */
+void FUSED_NAME(embedding_backward)(const int64_t *restrict ids, const real *restrict dy, real *restrict dw,
+                                    int64_t rows, int64_t vocab, int64_t channels)
+{
+    memset(dw, 0, sizeof(real) * vocab * channels);
+    for (int64_t row = 0; row < rows; row++) {
+        real *target = dw + ids[row] * channels;
+        const real *source = dy + row * channels;
+        for (int64_t c = 0; c < channels; c++)
+            target[c] += source[c];
+    }
 }
 
 /* Cross-entropy rows in place: z (rows, vocab) becomes the gradient (softmax(z) − onehot(target)) · scale

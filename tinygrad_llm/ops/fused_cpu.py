@@ -2,7 +2,7 @@
 
 NumPy makes one pass over memory per arithmetic step and takes the GIL back between passes; these loops
 do each op's elementwise work (SwiGLU, RMSNorm with its residual add, the causal softmax of attention's
-score blocks and its backward, the AdamW update) in one pass, and hold no GIL while they run, so the
+score blocks and its backward, the embedding's scatter-add, the AdamW update) in one pass, and hold no GIL while they run, so the
 row pool's threads really work at once. They are branches of the ops in ops/ (and of AdamW), taken for
 contiguous NumPy float32/float64 arrays when `library()` has them; otherwise the ops keep their NumPy
 expressions, which compute the same values (the tests hold each branch to them, and run the float64
@@ -31,7 +31,7 @@ _SIGNATURES = {                         # name: argument types, the floating one
     "swiglu_forward": (_P, _P, _P, _N),
     "swiglu_backward": (_P, _P, _P, _P, _P, _N),
     "rms_norm_forward": (_P, _P, _P, _P, _P, _P, _N, _N, None),
-    "rms_norm_backward": (_P, _P, _P, _P, _P, _P, _N, _N),
+    "rms_norm_backward": (_P, _P, _P, _P, _P, _P, _N, _N, _N),
     "causal_softmax": (_P, _N, _N, _N, _N),
     "softmax_backward": (_P, _P, _P, _N, _N, _N, _N),
     "adamw": (_P, _P, _P, _P, _N) + (None,) * 7,
@@ -39,6 +39,8 @@ _SIGNATURES = {                         # name: argument types, the floating one
     "cross_entropy_rows": (_P, _P, _P, _N, _N, None, _N),
     "heads_transposed": (_P, _N, _N, _N, _P, _N, _N, _N, _N),
     "row_dots": (_P, _N, _N, _N, _P, _N, _N, _N, _P, _N, _N, _N, _N),
+    "swiglu_packed_forward": (_P, _P, _N, _N),                                     # decoding steps
+    "embedding_backward": (_P, _P, _P, _N, _N, _N),
     "swiglu_packed_forward": (_P, _P, _N, _N),                                     # decoding steps
     "decode_attention": (_P, _N) * 3 + (_P,) * 9 + (_N,) * 6,
 }

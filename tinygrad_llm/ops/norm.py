@@ -35,7 +35,8 @@ class RMSNorm(Function):
     Chunked:  the same formulas on row ranges of x (N, C), threaded, with the row sums as einsum row dots
               and dx = r·g − x·r³·mean(g·x) (x̂ never formed); dw is one sum over every row after the chunks,
               so the result does not depend on the thread count. Contiguous float32/64 arrays run each row
-              range as one pass of a compiled loop (ops/fused_cpu.c) instead of several NumPy calls.
+              range as one pass of a compiled loop (ops/fused_cpu.c) instead of several NumPy calls, dw
+              summed in that pass per fixed block of DW_BLOCK rows and the blocks' sums added after.
     Low precision: mean(x²) and the row sums of the backward accumulate in float32 for 16-bit inputs.
 
     Output dtype: `out_dtype` (default x's) rounds y to another dtype (the low dtype a following Linear
@@ -161,6 +162,9 @@ def _chunked_forward(x, weight, eps, branch=None):
     return y.reshape(x.shape), r, None if total is None else total.reshape(x.shape)
 
 
+DW_BLOCK = 32       # rows per partial sum of dw in the compiled backward
+
+
 def _chunked_backward(dy, x, r, weight):
     """dx and dw of RMSNorm over row chunks, without forming x̂:
     with p = Σ_c dy·w·x per row, dx = r·(dy·w) − x · r³·p/C  (x̂ = x·r, so mean(g·x̂) = r·p/C);
@@ -168,14 +172,19 @@ def _chunked_backward(dy, x, r, weight):
     channels = x.shape[-1]
     x2, dy2 = x.reshape(-1, channels), dy.reshape(-1, channels)     # (..., C) -> (N, C)
     dx = np.empty_like(x2)
-    if fused_cpu.usable(dy2, x2, r, weight):                        # the same formulas in one compiled pass
-        products = np.empty_like(x2)
-        fused_cpu.over_rows("rms_norm_backward", x.dtype, x2.shape[0], 3 * channels, lambda f, start, end: f(
-            fused_cpu.address(dy2, start * channels), fused_cpu.address(x2, start * channels),
-            fused_cpu.address(r, start), fused_cpu.address(weight), fused_cpu.address(dx, start * channels),
-            fused_cpu.address(products, start * channels), end - start, channels))
-        dweight = products.T @ r[:, 0]
-        return dx.reshape(x.shape), dweight.astype(weight.dtype, copy=False)
+    if fused_cpu.usable(dy2, x2, r, weight):
+        # the same formulas in one compiled pass, dw summed per block of DW_BLOCK rows as it goes (no dy·x
+        # array and no second pass over one) and the blocks' sums added after: the blocks depend only on
+        # the shape, so dw does not depend on the thread count
+        rows = x2.shape[0]
+        partial = np.empty((-(-rows // DW_BLOCK), channels), dtype=x.dtype)
+        fused_cpu.over_rows("rms_norm_backward", x.dtype, partial.shape[0], 3 * channels * DW_BLOCK,
+                            lambda f, start, end: f(
+            fused_cpu.address(dy2, start * DW_BLOCK * channels), fused_cpu.address(x2, start * DW_BLOCK * channels),
+            fused_cpu.address(r, start * DW_BLOCK), fused_cpu.address(weight),
+            fused_cpu.address(dx, start * DW_BLOCK * channels), fused_cpu.address(partial, start * channels),
+            min(end * DW_BLOCK, rows) - start * DW_BLOCK, channels, DW_BLOCK))
+        return dx.reshape(x.shape), partial.sum(axis=0).astype(weight.dtype, copy=False)
     products = np.empty_like(x2)
     inverse_channels = x.dtype.type(1.0 / channels)
 
