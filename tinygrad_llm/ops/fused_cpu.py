@@ -39,7 +39,6 @@ _SIGNATURES = {                         # name: argument types, the floating one
     "cross_entropy_rows": (_P, _P, _P, _N, _N, None, _N),
     "heads_transposed": (_P, _N, _N, _N, _P, _N, _N, _N, _N),
     "row_dots": (_P, _N, _N, _N, _P, _N, _N, _N, _P, _N, _N, _N, _N),
-    "swiglu_packed_forward": (_P, _P, _N, _N),                                     # decoding steps
     "embedding_backward": (_P, _P, _P, _N, _N, _N),
     "swiglu_packed_forward": (_P, _P, _N, _N),                                     # decoding steps
     "decode_attention": (_P, _N) * 3 + (_P,) * 9 + (_N,) * 6,
