@@ -412,7 +412,6 @@ class Decoder:
                 return None
         return graph
 
-
     def _cpu_step(self, cache, batch: int):
         """The CPU decoding step of `batch` rows on this cache (_CpuStep, built at its first use and kept on the
         cache beside the GPU's graphs), or None where the ops' compiled loops do not all apply (then the
