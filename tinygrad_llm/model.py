@@ -286,18 +286,18 @@ class GPT(Module):
         return logits, F.cross_entropy(logits, targets, ignore_index=ignore_index)
 
     def _rope_tables(self, start: int, time: int, like):
-        """cos and sin (T, D/2) for positions start … start + T − 1 in the dtype and on the device of `like`
-        (memoised for start 0, what every training step asks for). Computed by NumPy and then moved: on a
-        GPU the same tables through CuPy would compile eight element-wise kernels on a run's first start."""
-        device = backend.device_of(like)
-        key = (time, like.dtype, device)
-        if start == 0 and getattr(self, "_rope_key", None) == key:
-            return self._rope_cache
-        cos, sin = rope_angles(np.arange(start, start + time), self.config.head_dim, self.config.rope_theta, np)
-        tables = (backend.to_device(cos.astype(like.dtype), device), backend.to_device(sin.astype(like.dtype), device))
-        if start == 0:
-            self._rope_cache, self._rope_key = tables, key
-        return tables
+        """cos and sin (T, D/2) for positions start … start + T − 1 in the dtype and on the device of `like`:
+        row views of the tables of every position below max_seq_len, made once per dtype and device, so that
+        no step copies or computes them (a CUDA graph of the training step, captured again for a new T,
+        captures nothing for them). Computed by NumPy and moved: through CuPy they would compile eight
+        element-wise kernels on a GPU run's first start."""
+        key = (np.dtype(like.dtype), backend.device_of(like))
+        made = self.__dict__.setdefault("_rope_made", {})
+        if key not in made:
+            cos, sin = rope_angles(np.arange(self.config.max_seq_len), self.config.head_dim, self.config.rope_theta)
+            made[key] = tuple(backend.to_device(table.astype(key[0]), key[1]) for table in (cos, sin))
+        cos, sin = made[key]
+        return cos[start:start + time], sin[start:start + time]                   # (T, D/2) views
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, batch, max_len or self.config.max_seq_len, self.dtype, self.device)
