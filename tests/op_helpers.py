@@ -1,9 +1,13 @@
-"""Helpers shared by the op tests: random inputs, a relative error, and fused-versus-reference runs."""
+"""Helpers shared by the op tests: random inputs, a relative error, fused-versus-reference runs, and the
+compiled CPU loops switched on or off."""
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
-from tinygrad_llm import Tensor
+from tinygrad_llm import Tensor, cpu_threads
+from tinygrad_llm.ops import fused_cpu
 
 
 def normal(shape, seed, scale=1.0):
@@ -38,3 +42,16 @@ def assert_same_forward_and_backward(backend, fused, reference, arrays, rtol=1e-
     assert len(grads) == len(ref_grads)
     for grad, ref_grad in zip(grads, ref_grads):
         np.testing.assert_allclose(grad, ref_grad, rtol=rtol, atol=atol)
+
+
+@contextlib.contextmanager
+def compiled_loops(on: bool, threads: int = 1):
+    """The ops with their compiled CPU loops (ops/fused_cpu) on or off, the row pool at `threads` threads."""
+    saved_library, saved_threads = fused_cpu.library(), cpu_threads.thread_count()
+    fused_cpu._library = saved_library if on else None
+    cpu_threads.set_thread_count(threads)
+    try:
+        yield
+    finally:
+        fused_cpu._library = saved_library
+        cpu_threads.set_thread_count(saved_threads)

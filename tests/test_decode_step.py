@@ -4,7 +4,6 @@ ops' NumPy paths: the same logits and tokens as the op-by-op step, the same atte
 contents as the cached attention without the loops, in float32 and float64, on one and two threads."""
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import pytest
@@ -12,29 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tinygrad_llm.functional as F
-from tinygrad_llm import Tensor, cpu_threads, generate as generate_module, manual_seed, no_grad
+from tinygrad_llm import Tensor, generate as generate_module, manual_seed, no_grad
 from tinygrad_llm.generate import Decoder, _CpuStep, generate_batch
 from tinygrad_llm.model import GPT, GPTConfig
 from tinygrad_llm.ops import fused_cpu
 from tinygrad_llm.ops.attention import CacheRows
 from tinygrad_llm.ops.rope import rope_angles
 
-from op_helpers import normal
+from op_helpers import compiled_loops as loops, normal
 
 pytestmark = pytest.mark.skipif(fused_cpu.library() is None, reason="the fused CPU loops could not be built here")
 
-
-@contextlib.contextmanager
-def loops(on: bool, threads: int = 1):
-    """The compiled loops on or off, the row pool at `threads` threads."""
-    saved_library, saved_threads = fused_cpu.library(), cpu_threads.thread_count()
-    fused_cpu._library = saved_library if on else None
-    cpu_threads.set_thread_count(threads)
-    try:
-        yield
-    finally:
-        fused_cpu._library = saved_library
-        cpu_threads.set_thread_count(saved_threads)
 
 
 def cached_decode(qkv, stores, slots, starts, heads, kv_heads):

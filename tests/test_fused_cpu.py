@@ -8,12 +8,10 @@ and the NumPy paths.
 """
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import pytest
 
-from tinygrad_llm import cpu_threads
 from tinygrad_llm import functional as F
 from tinygrad_llm.gradcheck import gradcheck
 from tinygrad_llm.nn import Parameter
@@ -22,22 +20,10 @@ from tinygrad_llm.ops.rope import rope_angles
 from tinygrad_llm.optim import AdamW
 from tinygrad_llm.tensor import Tensor
 
-from op_helpers import normal
+from op_helpers import compiled_loops as loops, normal
 
 pytestmark = pytest.mark.skipif(fused_cpu.library() is None, reason="the fused CPU loops could not be built here")
 
-
-@contextlib.contextmanager
-def loops(on: bool, threads: int = 1):
-    """The ops with the compiled loops on or off, the row pool at `threads` threads."""
-    saved_library, saved_threads = fused_cpu.library(), cpu_threads.thread_count()
-    fused_cpu._library = saved_library if on else None
-    cpu_threads.set_thread_count(threads)
-    try:
-        yield
-    finally:
-        fused_cpu._library = saved_library
-        cpu_threads.set_thread_count(saved_threads)
 
 
 def outputs_and_grads(fn, arrays, dtype):
