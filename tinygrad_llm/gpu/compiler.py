@@ -28,6 +28,7 @@ import threading
 from pathlib import Path
 
 from .. import backend
+from .arrays import compute_capability
 
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent        # tinygrad_llm/
 _modules: dict = {}          # (filename, options, target) -> cupy.RawModule
@@ -90,7 +91,6 @@ def target(arch: str | None = None) -> str:
     if arch is not None:
         return arch
     backend.cupy_module()
-    from .arrays import compute_capability
     return f"sm_{compute_capability()}"
 
 
