@@ -93,3 +93,43 @@ square_sums(const unsigned long long* arrays, const int64* sizes, const int* blo
         partials[blockIdx.x] = total;
     }
 }
+
+// sum_partials: one block adds up `count` float32 partial sums (square_sums' output) into total[0].
+// Launch: grid (1,), blockDim 256.
+extern "C" __global__ void __launch_bounds__(256)
+sum_partials(const float* partials, int count, float* total) {
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j < count; j += blockDim.x) sum += partials[j];
+    __shared__ float warp_sums[8];
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float t = 0.0f;
+        for (int w = 0; w < 8; ++w) t += warp_sums[w];
+        total[0] = t;
+    }
+}
+
+// accumulate_loss: acc[0] = (first ? 0 : acc[0]) + loss[0] · share, the step's loss summed over its
+// micro-batches, each weighted by its share of the target tokens. Launch: grid (1,), blockDim 1.
+extern "C" __global__ void accumulate_loss(float* acc, const float* loss, float share, int first) {
+    acc[0] = (first ? 0.0f : acc[0]) + loss[0] * share;
+}
+
+// step_decision: the end of a training step on the device. From the loss and Σ g²:
+//     norm = √(Σ g²);  finite = loss and norm are finite
+//     values[0] = finite ? (clip > 0 ? min(1, clip / (norm + 1e-6)) : 1) : NaN    (AdamW's grad_scale:
+//                 the clipping factor, or NaN, which makes adamw_multi_tensor skip the update)
+//     report = [loss, norm, finite ? 1 : 0]                                       (read by the host)
+// Launch: grid (1,), blockDim 1.
+extern "C" __global__ void step_decision(const float* loss, const float* square_sum, float clip, float* values,
+                                         float* report) {
+    const float norm = sqrtf(square_sum[0]);
+    const bool finite = isfinite(loss[0]) && isfinite(norm);
+    const float scale = clip > 0.0f ? fminf(1.0f, clip / (norm + 1e-6f)) : 1.0f;
+    values[0] = finite ? scale : __int_as_float(0x7fc00000);
+    report[0] = loss[0];
+    report[1] = norm;
+    report[2] = finite ? 1.0f : 0.0f;
+}

@@ -98,7 +98,7 @@ def test_supports_refuses_host_arrays():
 
 LAUNCHERS = ["rms_norm_forward", "rms_norm_backward", "add_rms_norm_forward", "swiglu_forward", "swiglu_backward", "swiglu_packed_forward",
              "swiglu_packed_backward", "rope_forward", "copy_heads", "dropout_forward", "cross_entropy_forward_backward",
-             "embedding_backward", "adamw_step", "sum_of_squares", "linear_forward", "linear_backward",
+             "embedding_backward", "adamw_step", "sum_of_squares", "accumulate_loss", "step_decision", "linear_forward", "linear_backward",
              "causal_attention_forward", "causal_attention_backward", "decode_attention", "quantized_linear"]
 
 

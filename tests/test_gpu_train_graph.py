@@ -150,3 +150,45 @@ def test_prefetch_lists_every_module_a_training_step_loads(text_file, tmp_path, 
     assert loaded - listed == set()
     assert any(filename.startswith("attention_") for filename, _, _ in loaded)
     assert any(filename == "rms_norm.cu" for filename, _, _ in loaded)
+
+
+@pytest.mark.parametrize("loss, square_sum, clip", [
+    (2.5, 9.0, 1.0),                  # clipped: 1 / (3 + 1e-6)
+    (2.5, 0.25, 1.0),                 # under the clip: 1
+    (2.5, 9.0, 0.0),                  # no clipping
+    (float("nan"), 4.0, 1.0),         # a non-finite loss: skipped
+    (1.0, float("inf"), 1.0),         # a non-finite norm: skipped
+])
+def test_the_step_decision_kernel_matches_the_numpy_tail(loss, square_sum, clip):
+    from tinygrad_llm import gpu
+    cp = backend.cupy_module()
+    values, report = cp.full(4, 7.0, dtype=cp.float32), cp.zeros(3, dtype=cp.float32)
+    gpu.step_decision(cp.asarray([loss], dtype=cp.float32), cp.asarray([square_sum], dtype=cp.float32), clip,
+                      values, report)
+    norm = np.sqrt(np.float32(square_sum))
+    finite = bool(np.isfinite(loss) and np.isfinite(norm))
+    scale = min(np.float32(1.0), np.float32(clip) / (norm + np.float32(1e-6))) if clip > 0 else np.float32(1.0)
+    got_values, got_report = backend.to_numpy(values), backend.to_numpy(report)
+    if finite:
+        np.testing.assert_allclose(got_values[0], scale, rtol=1e-6)
+    else:
+        assert np.isnan(got_values[0])
+    np.testing.assert_array_equal(got_values[1:], 7.0)                    # only the scale is written
+    np.testing.assert_array_equal(got_report[[0, 2]], [np.float32(loss), 1.0 if finite else 0.0])
+    np.testing.assert_allclose(got_report[1], norm, rtol=1e-6)
+
+
+def test_the_loss_and_square_sum_kernels_match_numpy():
+    from tinygrad_llm import gpu
+    cp = backend.cupy_module()
+    generator = np.random.default_rng(3)
+    hosts = [generator.standard_normal(n).astype(np.float32) for n in (1, 4097, 300_000, 1_500_000)]
+    total = gpu.sum_of_squares([cp.asarray(h) for h in hosts])          # 372 chunks: more partials than threads
+    expected = sum(float(np.dot(h.astype(np.float64), h.astype(np.float64))) for h in hosts)
+    np.testing.assert_allclose(float(backend.to_numpy(total)[0]), expected, rtol=1e-5)
+    acc = cp.full(1, 123.0, dtype=cp.float32)
+    gpu.accumulate_loss(acc, cp.asarray([2.0], dtype=cp.float32), 0.25, first=True)
+    gpu.accumulate_loss(acc, cp.asarray([4.0], dtype=cp.float32), 0.75, first=False)
+    assert float(backend.to_numpy(acc)[0]) == 3.5
+    with pytest.raises(ValueError, match="one float32 number"):
+        gpu.accumulate_loss(acc, cp.zeros(2, dtype=cp.float32), 1.0, first=True)

@@ -37,6 +37,7 @@ import os
 import numpy as np
 
 from . import backend, rng
+from .gpu import kernel
 from .optim import lr_schedule
 
 IGNORE_INDEX = -100
@@ -79,6 +80,8 @@ class DeviceStep:
         self.graphs = (graphs_enabled() if graphs is None else bool(graphs)) and xp is not np
         self.seed = xp.zeros(1, dtype=np.uint64)           # the step's dropout seed base
         self.values = xp.zeros(4, dtype=np.float32)        # AdamW's [scale, lr, step_size, inv_sqrt_bias2]
+        self.loss_sum = xp.zeros(1, dtype=np.float32)      # the step's loss over its micro-batches
+        self.report = xp.zeros(3, dtype=np.float32)        # [loss, ‖g‖, applied], the step's one host read
         self.inputs: list = []                             # (ids, targets) device buffers per micro-batch
         self.shares: tuple = ()
         self.graph = None
@@ -162,23 +165,33 @@ class DeviceStep:
         xp = self.xp
         model, optimizer, clip = self.model, self.optimizer, float(self.config.grad_clip)
         optimizer.zero_grad()
-        loss_sum = None
+        fast = kernel("adamw", self.values)
         with rng.device_seeds(self.seed):
-            for (x, y), share in zip(self.inputs, self.shares):
+            for m, ((x, y), share) in enumerate(zip(self.inputs, self.shares)):
                 _, loss = model(x, y, return_logits=False)
                 seed = None if share == 1.0 else xp.full(loss.shape, share, dtype=loss.dtype)
                 loss.backward(seed)
-                part = loss.data.reshape(1).astype(np.float32) * np.float32(share)
-                loss_sum = part if loss_sum is None else loss_sum + part
+                part = loss.data.reshape(1)                                   # () -> (1,)
+                if fast is not None:
+                    fast.accumulate_loss(self.loss_sum, part if part.dtype == np.float32 else part.astype(np.float32),
+                                         share, first=m == 0)
+                else:
+                    part = part.astype(np.float32) * np.float32(share)
+                    self.loss_sum[...] = part if m == 0 else self.loss_sum + part
         optimizer.collect_grads()
-        norm = xp.sqrt(optimizer.gathered_square_sum().astype(np.float32, copy=False))
-        finite = xp.isfinite(loss_sum) & xp.isfinite(norm)
-        scale = xp.minimum(np.float32(1.0), np.float32(clip) / (norm + np.float32(1e-6))) if clip > 0 else \
-            xp.ones_like(norm)
-        self.values[0:1] = xp.where(finite, scale, np.float32("nan"))
+        square_sum = optimizer.gathered_square_sum()
+        if fast is not None:       # one launch instead of a kernel for each element-wise step below
+            fast.step_decision(self.loss_sum, square_sum, clip, self.values, self.report)
+        else:
+            norm = xp.sqrt(square_sum.astype(np.float32, copy=False))
+            finite = xp.isfinite(self.loss_sum) & xp.isfinite(norm)
+            scale = xp.minimum(np.float32(1.0), np.float32(clip) / (norm + np.float32(1e-6))) if clip > 0 else \
+                xp.ones_like(norm)
+            self.values[0:1] = xp.where(finite, scale, np.float32("nan"))
+            self.report[...] = xp.concatenate([self.loss_sum, norm, finite.astype(np.float32)])
         optimizer.apply(self.values)
         optimizer.zero_grad()
-        return xp.concatenate([loss_sum, norm, finite.astype(np.float32)])
+        return self.report
 
     def describe(self) -> str:
         """One line for the run's log."""

@@ -26,7 +26,7 @@ import sys
 from .. import backend
 from . import attention, compiler, norm
 from .activation import swiglu_backward, swiglu_forward, swiglu_packed_backward, swiglu_packed_forward
-from .adamw import adamw_step, sum_of_squares
+from .adamw import accumulate_loss, adamw_step, step_decision, sum_of_squares
 from .attention import causal_attention_backward, causal_attention_forward, decode_attention, kernel_for
 from .dropout import dropout_forward
 from .embedding import embedding_backward
@@ -41,6 +41,7 @@ __all__ = ["kernel", "supports", "attention_kernel_for", "prefetch_training", "q
            "rms_norm_forward", "rms_norm_backward", "add_rms_norm_forward", "swiglu_forward", "swiglu_backward",
            "swiglu_packed_forward", "swiglu_packed_backward", "rope_forward", "copy_heads", "dropout_forward",
            "cross_entropy_forward_backward", "embedding_backward", "adamw_step", "sum_of_squares",
+           "accumulate_loss", "step_decision",
            "linear_forward", "linear_backward", "causal_attention_forward", "causal_attention_backward",
            "decode_attention"]
 

@@ -108,4 +108,33 @@ def sum_of_squares(arrays):
     partials = cp.empty(blocks, dtype=cp.float32)
     function("adamw.cu", "square_sums")((blocks,), (256,), (_pointers(arrays), sizes, block_tensor, block_start,
                                                              partials))
-    return partials.sum(keepdims=True)
+    total = cp.empty(1, dtype=cp.float32)
+    function("adamw.cu", "sum_partials")((1,), (256,), (partials, np.int32(blocks), total))
+    return total
+
+
+def _scalar(array, name):
+    if not (backend.is_cupy_array(array) and array.dtype == np.float32 and array.size == 1
+            and array.flags.c_contiguous):
+        raise ValueError(f"{name} must be one float32 number on the device")
+
+
+def accumulate_loss(total, loss, share: float, first: bool) -> None:
+    """total[0] = (0 if first else total[0]) + loss · share, on the device (float32, one element each):
+    a step's loss summed over its micro-batches."""
+    _scalar(total, "accumulate_loss: total")
+    _scalar(loss, "accumulate_loss: loss")
+    function("adamw.cu", "accumulate_loss")((1,), (1,), (total, loss, np.float32(share), np.int32(bool(first))))
+
+
+def step_decision(loss, square_sum, clip: float, values, report) -> None:
+    """The end of a training step, on the device: values[0] (AdamW's grad_scale) = the clipping factor
+    min(1, clip / (‖g‖ + 1e-6)) (1 when clip ≤ 0), or NaN when the loss or ‖g‖ = √square_sum is not
+    finite (the update is skipped); report = [loss, ‖g‖, 1 if applied else 0]. float32 throughout."""
+    _scalar(loss, "step_decision: loss")
+    _scalar(square_sum, "step_decision: square_sum")
+    if not (backend.is_cupy_array(values) and values.dtype == np.float32 and values.size >= 1):
+        raise ValueError("step_decision: values must be a float32 device array")
+    if not (backend.is_cupy_array(report) and report.dtype == np.float32 and report.size == 3):
+        raise ValueError("step_decision: report must be 3 float32 numbers on the device")
+    function("adamw.cu", "step_decision")((1,), (1,), (loss, square_sum, np.float32(clip), values, report))
