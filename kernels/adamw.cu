@@ -98,17 +98,11 @@ square_sums(const unsigned long long* arrays, const int64* sizes, const int* blo
 // Launch: grid (1,), blockDim 256.
 extern "C" __global__ void __launch_bounds__(256)
 sum_partials(const float* partials, int count, float* total) {
+    __shared__ float scratch[32];
     float sum = 0.0f;
     for (int j = threadIdx.x; j < count; j += blockDim.x) sum += partials[j];
-    __shared__ float warp_sums[8];
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float t = 0.0f;
-        for (int w = 0; w < 8; ++w) t += warp_sums[w];
-        total[0] = t;
-    }
+    sum = block_sum(sum, scratch);
+    if (threadIdx.x == 0) total[0] = sum;
 }
 
 // accumulate_loss: acc[0] = (first ? 0 : acc[0]) + loss[0] · share, the step's loss summed over its

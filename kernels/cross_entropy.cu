@@ -135,3 +135,30 @@ __device__ __forceinline__ void cross_entropy_row(const T* logits, const int64* 
 CROSS_ENTROPY_KERNEL(float, f32)
 CROSS_ENTROPY_KERNEL(__nv_bfloat16, bf16)
 CROSS_ENTROPY_KERNEL(__half, f16)
+
+// count_kept: keep_count[0] = the number of targets that are not ignore_index, as a float (exact below
+// 2^24 rows). Launch: grid (1,), blockDim 1024.
+extern "C" __global__ void __launch_bounds__(1024)
+count_kept(const int64* targets, int64 rows, int64 ignore_index, float* keep_count) {
+    __shared__ float scratch[32];
+    float count = 0.0f;
+    for (int64 n = threadIdx.x; n < rows; n += blockDim.x) count += targets[n] != ignore_index ? 1.0f : 0.0f;
+    count = block_sum(count, scratch);
+    if (threadIdx.x == 0) keep_count[0] = count;
+}
+
+// mean_loss_<f32|bf16|f16>: loss[0] = Σ_n row_loss[n] / keep_count[0] in the logits' type (NaN when every
+// row is ignored: 0 / 0). Launch: grid (1,), blockDim 1024.
+#define MEAN_LOSS_KERNEL(T, SUFFIX)                                                                       \
+    extern "C" __global__ void __launch_bounds__(1024)                                                    \
+    mean_loss_##SUFFIX(const float* row_loss, int64 rows, const float* keep_count, T* loss) {             \
+        __shared__ float scratch[32];                                                                     \
+        float sum = 0.0f;                                                                                 \
+        for (int64 n = threadIdx.x; n < rows; n += blockDim.x) sum += row_loss[n];                        \
+        sum = block_sum(sum, scratch);                                                                    \
+        if (threadIdx.x == 0) loss[0] = from_float<T>(sum / keep_count[0]);                               \
+    }
+
+MEAN_LOSS_KERNEL(float, f32)
+MEAN_LOSS_KERNEL(__nv_bfloat16, bf16)
+MEAN_LOSS_KERNEL(__half, f16)

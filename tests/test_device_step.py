@@ -151,3 +151,23 @@ def test_a_reason_given_at_construction_keeps_every_step_uncaptured(setup):
     for i in range(2):
         assert step(data.train, i)[3] and not step.captured
     assert step.graph is None and "no attention kernel for head dim 8" in step.describe()
+
+
+def test_ops_skip_their_device_checks_only_inside_the_checked_block():
+    from tinygrad_llm import backend
+    from tinygrad_llm import functional as F
+    from tinygrad_llm.tensor import Tensor
+    logits = Tensor(np.zeros((2, 5), dtype=np.float32))
+    bad = np.array([1, 7])
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        F.cross_entropy(logits, bad)
+    assert not backend.inputs_checked()
+    with backend.inputs_checked_on_host():
+        with backend.inputs_checked_on_host():
+            assert backend.inputs_checked()
+        assert backend.inputs_checked()                   # nested blocks restore what they found
+        np.testing.assert_array_equal(F.embedding(np.array([0, 1]), Tensor(np.eye(3, dtype=np.float32))).data,
+                                      np.eye(3, dtype=np.float32)[:2])
+    assert not backend.inputs_checked()
+    with pytest.raises(IndexError, match="ids must lie in"):
+        F.embedding(np.array([0, 3]), Tensor(np.eye(3, dtype=np.float32)))

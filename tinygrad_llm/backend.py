@@ -161,13 +161,36 @@ def random_generator(seed, like):
 
 
 _capturing = False    # a CudaGraph capture is running
+_inputs_checked = False    # inside inputs_checked_on_host()
 
 
 def capturing() -> bool:
-    """Whether a CUDA graph is being captured now. Ops skip the checks that read device values then
-    (ids in range, targets in the vocabulary): a capture cannot wait for the GPU, and whoever captures
-    checks the inputs on the host before copying them into the graph's input buffers."""
+    """Whether a CUDA graph is being captured now."""
     return _capturing
+
+
+def inputs_checked() -> bool:
+    """Whether the ops running now may skip their checks that read device values (ids in range, targets
+    in the vocabulary): true while a CUDA graph is captured (a capture cannot wait for the GPU) and inside
+    `inputs_checked_on_host()`. Whoever captures, or enters that block, has checked the inputs on the host
+    before copying them to the device; on the device the checks would cost a host sync and their
+    reduction kernels."""
+    return _capturing or _inputs_checked
+
+
+class inputs_checked_on_host:
+    """`with backend.inputs_checked_on_host():` the ids and targets of the ops run inside were checked on
+    the host by the caller (see inputs_checked)."""
+
+    def __enter__(self):
+        global _inputs_checked
+        self._before, _inputs_checked = _inputs_checked, True
+        return self
+
+    def __exit__(self, *exc):
+        global _inputs_checked
+        _inputs_checked = self._before
+        return False
 
 
 class CudaGraph:

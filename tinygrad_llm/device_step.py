@@ -166,7 +166,7 @@ class DeviceStep:
         model, optimizer, clip = self.model, self.optimizer, float(self.config.grad_clip)
         optimizer.zero_grad()
         fast = kernel("adamw", self.values)
-        with rng.device_seeds(self.seed):
+        with rng.device_seeds(self.seed), backend.inputs_checked_on_host():     # check_batch did, in __call__
             for m, ((x, y), share) in enumerate(zip(self.inputs, self.shares)):
                 _, loss = model(x, y, return_logits=False)
                 seed = None if share == 1.0 else xp.full(loss.shape, share, dtype=loss.dtype)

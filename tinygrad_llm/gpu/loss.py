@@ -30,7 +30,9 @@ def cross_entropy_forward_backward(logits, targets, ignore_index=-100, in_place=
         in_place = True                                   # the copy is ours to overwrite
     targets = contiguous(targets.astype(cp.int64, copy=False))
     dlogits = logits if in_place else empty(logits.shape, logits.dtype)
-    keep_count = (targets != ignore_index).sum(dtype=cp.float32)          # device scalar
+    keep_count = empty((1,), np.float32)                  # a device scalar: the host never waits
+    function("cross_entropy.cu", "count_kept")((1,), (1024,), (targets, np.int64(rows), np.int64(ignore_index),
+                                                               keep_count))
     row_loss = empty((rows,), np.float32)
     if rows:
         pack = 16 // logits.itemsize
@@ -39,5 +41,7 @@ def cross_entropy_forward_backward(logits, targets, ignore_index=-100, in_place=
             (rows,), (THREADS[np.dtype(logits.dtype).name],),
             (logits, targets, dlogits, row_loss, keep_count, np.int64(rows), np.int64(vocab),
              np.int64(ignore_index), np.int32(vectorised)))
-    loss = row_loss.sum() / keep_count                    # 0/0 = NaN when every row is ignored
-    return loss.astype(logits.dtype), dlogits
+    loss = empty((), logits.dtype)                        # 0/0 = NaN when every row is ignored
+    function("cross_entropy.cu", f"mean_loss_{suffix(logits.dtype)}")((1,), (1024,), (row_loss, np.int64(rows),
+                                                                                     keep_count, loss))
+    return loss, dlogits

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module, capturing
+from ..backend import array_module, inputs_checked
 from ..gpu import kernel
 from ..tensor import Function
 from . import fused_cpu
@@ -28,7 +28,7 @@ class Embedding(Function):
         if checked.dtype.kind not in "iu":
             raise TypeError(f"embedding: ids must be integers, got dtype {checked.dtype}")
         vocab = weight.shape[0]
-        if checked.size and not capturing() and (int(checked.min()) < 0 or int(checked.max()) >= vocab):
+        if checked.size and not inputs_checked() and (int(checked.min()) < 0 or int(checked.max()) >= vocab):
             raise IndexError(f"embedding: ids must lie in [0, {vocab}), got values in "
                              f"[{int(checked.min())}, {int(checked.max())}]")
         ids = xp.asarray(checked)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module, capturing
+from ..backend import array_module, inputs_checked
 from ..gpu import kernel
 from ..cpu_threads import run_row_chunks
 from ..tensor import Function, is_unit_seed
@@ -40,7 +40,7 @@ def _flatten(logits, targets):
 
 
 def _check_targets(targets, vocab: int, ignore_index: int, xp):
-    if capturing():                 # the capturing caller checked them on the host (backend.capturing)
+    if inputs_checked():            # the caller checked them on the host (backend.inputs_checked)
         return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
     if bool(bad.any()):
