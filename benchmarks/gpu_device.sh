@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_device.sh [readme|tests|bench|quality|all]   TORCH_REF=.anchors/torch_ref.py BENCH_FLAGS=--compile
 #   quality: the char model's time to val ≤ 1.48 (nanoGPT's GPU config, dropout and attention dropout 0.2, 1000 steps)
 #   beside torch_ref.py's eager run, ours with empty kernel caches (compilation counted; WARM=1 runs it
-#   again with the caches it filled); DATA=tinyshakespeare.txt
+#   again with the caches it filled; ROUNDS=n alternates n first runs on each side); DATA=tinyshakespeare.txt
 set -o pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -36,19 +36,23 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     2>&1 | tee "$OUT/bench.log" | tail -40
 fi
 if [ "$what" = quality ] || [ "$what" = all ]; then
-  cold=$(mktemp -d)
-  # empty caches: ours, CuPy's, and the driver's (NVRTC on CUDA 13 keeps compiled code there too)
-  TINYGRAD_LLM_CACHE=$cold/ours CUPY_CACHE_DIR=$cold/cupy CUDA_CACHE_PATH=$cold/nv timeout 300 python3 -m tinygrad_llm train --data "$DATA" \
-    --device cuda --precision bf16 --d-model 384 --n-layers 6 --n-heads 6 --ffn-hidden 1024 --seq-len 256 \
-    --batch-size 64 --dropout 0.2 --attention-dropout 0.2 --lr 1e-3 --min-lr-ratio 0.1 --warmup-steps 100 \
-    --beta2 0.99 --weight-decay 0.1 --max-steps 1000 --eval-interval 250 --eval-iters 200 --out-dir "$cold/run" \
-    --no-progress 2>&1 | tee "$OUT/quality_ours.log" | grep -E "val loss|training step|attention"
+  # ROUNDS=n alternates n first runs of ours with n of PyTorch's (default 1); WARM=1 then runs ours once more
+  # with the caches its last first run filled
+  for round in $(seq 1 "${ROUNDS:-1}"); do
+    cold=$(mktemp -d)
+    # empty caches: ours, CuPy's, and the driver's (NVRTC on CUDA 13 keeps compiled code there too)
+    TINYGRAD_LLM_CACHE=$cold/ours CUPY_CACHE_DIR=$cold/cupy CUDA_CACHE_PATH=$cold/nv timeout 300 python3 -m tinygrad_llm train --data "$DATA" \
+      --device cuda --precision bf16 --d-model 384 --n-layers 6 --n-heads 6 --ffn-hidden 1024 --seq-len 256 \
+      --batch-size 64 --dropout 0.2 --attention-dropout 0.2 --lr 1e-3 --min-lr-ratio 0.1 --warmup-steps 100 \
+      --beta2 0.99 --weight-decay 0.1 --max-steps 1000 --eval-interval 250 --eval-iters 200 --out-dir "$cold/run" \
+      --no-progress 2>&1 | tee "$OUT/quality_ours_$round.log" | grep -E "val loss|training step|attention"
+    [ -n "$TORCH_REF" ] && timeout 300 python3 "$TORCH_REF" train --config shakespeare-char --device cuda --dtype bf16 \
+      --eval-every 250 --iters 1000 --data "$DATA" 2>&1 | tee "$OUT/quality_torch_$round.log" | tail -2
+  done
   [ -n "$WARM" ] && TINYGRAD_LLM_CACHE=$cold/ours CUPY_CACHE_DIR=$cold/cupy CUDA_CACHE_PATH=$cold/nv timeout 300 \
     python3 -m tinygrad_llm train --data "$DATA" \
     --device cuda --precision bf16 --d-model 384 --n-layers 6 --n-heads 6 --ffn-hidden 1024 --seq-len 256 \
     --batch-size 64 --dropout 0.2 --attention-dropout 0.2 --lr 1e-3 --min-lr-ratio 0.1 --warmup-steps 100 \
     --beta2 0.99 --weight-decay 0.1 --max-steps 1000 --eval-interval 250 --eval-iters 200 --out-dir "$cold/run2" \
     --no-progress 2>&1 | tee "$OUT/quality_ours_warm.log" | grep -E "val loss"
-  [ -n "$TORCH_REF" ] && timeout 300 python3 "$TORCH_REF" train --config shakespeare-char --device cuda --dtype bf16 \
-    --eval-every 250 --iters 1000 --data "$DATA" 2>&1 | tee "$OUT/quality_torch.log" | tail -2
 fi

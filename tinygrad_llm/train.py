@@ -30,6 +30,7 @@ Logs: `<out_dir>/metrics.jsonl` (one JSON object per log line, evaluation, skipp
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -50,7 +51,7 @@ from .checkpoint import (CheckpointError, RUN_TOKENIZER_FILE, STATE_FILE, atomic
                          remove_debris, require_field, resolve_checkpoint, save_checkpoint)
 from .data.feed import (Data, RandomWindows, ShardBatches, build_data, builtin_corpus_dir,  # noqa: F401
                         file_sha256, token_byte_lengths)
-from .device_step import DeviceStep
+from .device_step import DeviceStep, check_batch
 from .distributed import DataParallel, RankSlice, SingleProcess, communicator, install_abort_on_error, tokens_in
 from .model import GPT, GPTConfig
 from .optim import AdamW, lr_schedule
@@ -123,10 +124,14 @@ def evaluate(model: GPT, batches, iters: int, bytes_per_token: np.ndarray | None
     was_training = model.training
     model.eval()
     total_loss, total_bytes, count = 0.0, 0, 0
+    on_host = device == "cpu"
     with no_grad():
         for index in range(iters):
             x, y = batches.batch(index)
-            _, loss = model(backend.to_device(x, device), backend.to_device(y, device), return_logits=False)
+            if not on_host:   # checked here, the ops skip their device-side checks (a host sync and kernels each)
+                check_batch(np.asarray(x), np.asarray(y), model.config.vocab_size)
+            with backend.inputs_checked_on_host() if not on_host else contextlib.nullcontext():
+                _, loss = model(backend.to_device(x, device), backend.to_device(y, device), return_logits=False)
             value = float(loss.item())
             total_loss += value * y.size
             count += y.size
