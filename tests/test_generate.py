@@ -6,10 +6,12 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tinygrad_llm import manual_seed, no_grad
 from tinygrad_llm.data.shards import CharVocab
-from tinygrad_llm.generate import generate, generate_text, sample_next
+from tinygrad_llm.generate import _nucleus, generate, generate_text, sample_next
 from tinygrad_llm.model import GPT, GPTConfig
 
 
@@ -56,6 +58,37 @@ def test_long_prompt_keeps_the_last_max_seq_len_tokens():
         warnings.simplefilter("error")
         same = list(generate(model, long_prompt[-8:], 5, temperature=0))
     assert out == same
+
+
+def _nucleus_by_full_sort(probs, top_p):
+    order = np.argsort(-probs, kind="stable")
+    return order[:int(np.searchsorted(np.cumsum(probs[order]), top_p) + 1)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(size=st.integers(1, 3000), scale=st.sampled_from([0.0, 0.1, 1.0, 3.0, 10.0, 30.0]),
+       levels=st.sampled_from([0, 2, 7]), top_p=st.floats(0.001, 0.999), seed=st.integers(0, 2**31))
+def test_the_nucleus_is_the_full_sorts_prefix(size, scale, levels, top_p, seed):
+    generator = np.random.default_rng(seed)
+    logits = generator.standard_normal(size) * scale
+    if levels:                                             # many exact ties, at the boundary too
+        logits = np.round(logits * levels) / levels
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    np.testing.assert_array_equal(_nucleus(probs, top_p), _nucleus_by_full_sort(probs, top_p))
+
+
+def test_top_p_sampling_draws_what_the_full_sort_would():
+    logits = np.random.default_rng(1).standard_normal(5000) * 4
+    for seed in range(20):
+        expected_probs = np.exp(logits / 0.7 - (logits / 0.7).max())
+        expected_probs /= expected_probs.sum()
+        mask = np.zeros(logits.size, dtype=bool)
+        mask[_nucleus_by_full_sort(expected_probs, 0.9)] = True
+        expected_probs = np.where(mask, expected_probs, 0.0)
+        expected_probs /= expected_probs.sum()
+        expected = int(np.random.default_rng(seed).choice(logits.size, p=expected_probs))
+        assert sample_next(logits, 0.7, top_p=0.9, rng=np.random.default_rng(seed)) == expected
 
 
 def test_sampling_modes():
