@@ -46,13 +46,15 @@ if [ "$what" = quality ] || [ "$what" = all ]; then
       --batch-size 64 --dropout 0.2 --attention-dropout 0.2 --lr 1e-3 --min-lr-ratio 0.1 --warmup-steps 100 \
       --beta2 0.99 --weight-decay 0.1 --max-steps 1000 --eval-interval 250 --eval-iters 200 --out-dir "$cold/run" \
       --no-progress 2>&1 | tee "$OUT/quality_ours_$round.log" | grep -E "val loss|training step|attention"
-    [ -n "$TORCH_REF" ] && timeout 300 python3 "$TORCH_REF" train --config shakespeare-char --device cuda --dtype bf16 \
-      --eval-every 250 --iters 1000 --data "$DATA" 2>&1 | tee "$OUT/quality_torch_$round.log" | tail -2
+    if [ -n "$TORCH_REF" ]; then
+      timeout 300 python3 "$TORCH_REF" train --config shakespeare-char --device cuda --dtype bf16 \
+        --eval-every 250 --iters 1000 --data "$DATA" 2>&1 | tee "$OUT/quality_torch_$round.log" | tail -2
+    fi
   done
-  [ -n "$WARM" ] && TINYGRAD_LLM_CACHE=$cold/ours CUPY_CACHE_DIR=$cold/cupy CUDA_CACHE_PATH=$cold/nv timeout 300 \
+  if [ -n "$WARM" ]; then TINYGRAD_LLM_CACHE=$cold/ours CUPY_CACHE_DIR=$cold/cupy CUDA_CACHE_PATH=$cold/nv timeout 300 \
     python3 -m tinygrad_llm train --data "$DATA" \
     --device cuda --precision bf16 --d-model 384 --n-layers 6 --n-heads 6 --ffn-hidden 1024 --seq-len 256 \
     --batch-size 64 --dropout 0.2 --attention-dropout 0.2 --lr 1e-3 --min-lr-ratio 0.1 --warmup-steps 100 \
     --beta2 0.99 --weight-decay 0.1 --max-steps 1000 --eval-interval 250 --eval-iters 200 --out-dir "$cold/run2" \
-    --no-progress 2>&1 | tee "$OUT/quality_ours_warm.log" | grep -E "val loss"
+    --no-progress 2>&1 | tee "$OUT/quality_ours_warm.log" | grep -E "val loss"; fi
 fi
