@@ -232,62 +232,50 @@ __device__ __forceinline__ void rms_norm_backward(const D* dy, const X* x, const
         rms_norm_backward<X, D, W>(dy, x, w, r, dx, partial, rows, channels);                         \
     }
 
-#define RMS_NORM_KERNELS(X, W, SUFFIX)                                                                    \
+#define RMS_NORM_FORWARD(X, W, SUFFIX)                                                                    \
     extern "C" __global__ void rms_norm_forward_##SUFFIX(const X* x, const W* w, X* y, float* r, int rows,   \
                                                         int channels, float eps) {                          \
         rms_norm_forward<X, W>(x, w, y, r, rows, channels, eps);                                            \
-    }                                                                                                       \
+    }
+
+#define RMS_NORM_BACKWARD(X, W, SUFFIX)                                                                   \
     extern "C" __global__ void rms_norm_backward_##SUFFIX(const X* dy, const X* x, const W* w, const float* r, \
                                                          X* dx, float* partial, int rows, int channels) {    \
         rms_norm_backward<X, X, W>(dy, x, w, r, dx, partial, rows, channels);                                  \
     }
 
-#if SELECTED(0, 1, 0)
-RMS_NORM_KERNELS(float, float, f32_f32)
-#endif
-#if SELECTED(0, 2, 0)
-RMS_NORM_KERNELS(__nv_bfloat16, __nv_bfloat16, bf16_bf16)
-#endif
-#if SELECTED(0, 3, 0)
-RMS_NORM_KERNELS(__half, __half, f16_f16)
-#endif
-#if SELECTED(0, 2, 0)
-RMS_NORM_KERNELS(__nv_bfloat16, float, bf16_f32)
-#endif
-#if SELECTED(0, 3, 0)
-RMS_NORM_KERNELS(__half, float, f16_f32)
-#endif
-
-#if SELECTED(0, 1, 0)
+// Each line is tagged with its 16-bit dtype (1 for the all-float32 kernels) and its pass (1 forward,
+// 2 backward): a run compiles the forward and the backward modules of its dtype on two threads.
+#if SELECTED(0, 1, 1)
+RMS_NORM_FORWARD(float, float, f32_f32)
 ADD_RMS_NORM_KERNEL(float, float, float, float, f32_f32_f32_f32)
 #endif
-#if SELECTED(0, 2, 0)
+#if SELECTED(0, 1, 2)
+RMS_NORM_BACKWARD(float, float, f32_f32)
+#endif
+#if SELECTED(0, 2, 1)
+RMS_NORM_FORWARD(__nv_bfloat16, __nv_bfloat16, bf16_bf16)
+RMS_NORM_FORWARD(__nv_bfloat16, float, bf16_f32)
 ADD_RMS_NORM_KERNEL(float, __nv_bfloat16, float, float, f32_bf16_f32_f32)
-#endif
-#if SELECTED(0, 2, 0)
 ADD_RMS_NORM_KERNEL(float, __nv_bfloat16, __nv_bfloat16, float, f32_bf16_bf16_f32)
-#endif
-#if SELECTED(0, 3, 0)
-ADD_RMS_NORM_KERNEL(float, __half, float, float, f32_f16_f32_f32)
-#endif
-#if SELECTED(0, 3, 0)
-ADD_RMS_NORM_KERNEL(float, __half, __half, float, f32_f16_f16_f32)
-#endif
-#if SELECTED(0, 2, 0)
 ADD_RMS_NORM_KERNEL(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, __nv_bfloat16, bf16_bf16_bf16_bf16)
-#endif
-#if SELECTED(0, 2, 0)
 ADD_RMS_NORM_KERNEL(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, float, bf16_bf16_bf16_f32)
 #endif
-#if SELECTED(0, 3, 0)
-ADD_RMS_NORM_KERNEL(__half, __half, __half, __half, f16_f16_f16_f16)
-#endif
-#if SELECTED(0, 3, 0)
-ADD_RMS_NORM_KERNEL(__half, __half, __half, float, f16_f16_f16_f32)
-#endif
-#if SELECTED(0, 2, 0)
+#if SELECTED(0, 2, 2)
+RMS_NORM_BACKWARD(__nv_bfloat16, __nv_bfloat16, bf16_bf16)
+RMS_NORM_BACKWARD(__nv_bfloat16, float, bf16_f32)
 RMS_NORM_MIXED_BACKWARD(float, __nv_bfloat16, float, f32_bf16_f32)
 #endif
-#if SELECTED(0, 3, 0)
+#if SELECTED(0, 3, 1)
+RMS_NORM_FORWARD(__half, __half, f16_f16)
+RMS_NORM_FORWARD(__half, float, f16_f32)
+ADD_RMS_NORM_KERNEL(float, __half, float, float, f32_f16_f32_f32)
+ADD_RMS_NORM_KERNEL(float, __half, __half, float, f32_f16_f16_f32)
+ADD_RMS_NORM_KERNEL(__half, __half, __half, __half, f16_f16_f16_f16)
+ADD_RMS_NORM_KERNEL(__half, __half, __half, float, f16_f16_f16_f32)
+#endif
+#if SELECTED(0, 3, 2)
+RMS_NORM_BACKWARD(__half, __half, f16_f16)
+RMS_NORM_BACKWARD(__half, float, f16_f32)
 RMS_NORM_MIXED_BACKWARD(float, __half, float, f32_f16_f32)
 #endif

@@ -49,13 +49,16 @@ def test_every_attention_entry_point_is_in_the_module_its_launcher_loads(filenam
         assert len(entry_points(filename, flags)) < len(names), flags
 
 
-def test_every_rms_norm_entry_point_is_in_the_module_of_its_16_bit_dtype():
+def test_every_rms_norm_entry_point_is_in_the_module_of_its_16_bit_dtype_and_pass():
     names = entry_points(norm.FILE)
     assert len(names) >= 16
+    modules = {options for _, options, _ in norm.modules("bfloat16") + norm.modules("float16")}
+    assert len(modules) == 6
     for name in sorted(names):
-        flags = compiler.selection(dtype=norm._low_dtype(name))
+        flags = compiler.selection(dtype=norm._low_dtype(name), part=norm._part(name))
         kept = entry_points(norm.FILE, flags)
-        assert name in kept and len(kept) < len(names), (name, flags)
+        assert flags in modules and name in kept and len(kept) < len(names), (name, flags)
+        assert all(norm._part(other) == norm._part(name) for other in kept), (name, kept)
 
 
 def test_a_file_without_selection_flags_builds_whole():

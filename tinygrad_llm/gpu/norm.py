@@ -109,13 +109,18 @@ def _low_dtype(name: str) -> str:
     return found[0] if found else "float32"
 
 
+def _part(name: str) -> str:
+    """The pass a kernel of rms_norm.cu belongs to (its name says): its module holds that pass only."""
+    return "backward" if "backward" in name else "forward"
+
+
 def _kernel(name: str):
-    """A kernel of rms_norm.cu, from the module of its 16-bit dtype (kernels/select.cuh)."""
-    return function(FILE, name, options=selection(dtype=_low_dtype(name)))
+    """A kernel of rms_norm.cu, from the module of its 16-bit dtype and pass (kernels/select.cuh)."""
+    return function(FILE, name, options=selection(dtype=_low_dtype(name), part=_part(name)))
 
 
 def modules(dtype) -> list:
     """The modules a model computing in `dtype` launches ((filename, options, arch) each, for
-    compiler.prefetch): the float32 one, and the one of a 16-bit dtype."""
+    compiler.prefetch): the forward and backward modules of float32, and of a 16-bit dtype."""
     dtypes = ["float32"] + ([dtype_name(dtype)] if dtype_name(dtype) in _LOW_DTYPES.values() else [])
-    return [(FILE, selection(dtype=name), None) for name in dtypes]
+    return [(FILE, selection(dtype=name, part=part), None) for name in dtypes for part in ("forward", "backward")]
