@@ -240,12 +240,15 @@ void q4_0_linear(const uint8_t *values, const uint16_t *scale, const float *x, f
 
 /* x rounded to 8 bits per block of 32 (e, p above) and −offset · Σ p per block. The AVX-512 build takes a
    block as two vectors; the same float steps (max |x|, 127 / max, x · that, rounded to nearest even: the
-   conversion's default rounding, as nearbyintf's), so both builds give the same bytes for finite x. */
+   conversion's default rounding, as nearbyintf's), so both builds give the same bytes for finite x.
+   by_block 0: p (rows, blocks, 32), e and offsets (rows, blocks); 1: block-major, p (blocks, rows, 32), e and
+   offsets (blocks, rows), so that one block's rows lie together (the tiled VNNI loop's order). */
 static void round_rows(const float *x, int64_t rows, int64_t blocks, int32_t offset,
-                       int8_t *p, float *e, int32_t *offsets)
+                       int8_t *p, float *e, int32_t *offsets, int by_block)
 {
-    for (int64_t k = 0; k < rows * blocks; k++) {
-        const float *xk = x + k * BLOCK;
+    for (int64_t source = 0; source < rows * blocks; source++) {
+        const float *xk = x + source * BLOCK;
+        const int64_t k = by_block ? (source % blocks) * rows + source / blocks : source;   /* where it goes */
 #if ROUND_SIMD
         const __m512 low = _mm512_loadu_ps(xk), high = _mm512_loadu_ps(xk + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
@@ -478,7 +481,7 @@ static void rounded_linear(const uint8_t *values, int q4, const uint16_t *scale,
         if (q4) q4_0_linear(values, scale, x, y, blocks, out, start, end, rows);
         else q8_0_linear((const int8_t *)values, scale, x, y, blocks, out, start, end, rows);
     } else {
-        round_rows(x, rows, blocks, q4 ? 8 : 128, p, e, offsets);
+        round_rows(x, rows, blocks, q4 ? 8 : 128, p, e, offsets, 0);
 #if ROUNDED_SIMD
         if (codes != NULL && scales != NULL) {
             grouped = start + (end - start) / LANES * LANES;
@@ -620,7 +623,7 @@ static void tiled_rounded_portable(const uint8_t *values, int q4, const uint16_t
             tiled_row(values, bytes, blocks, out, j, o, q);
             const float d = half_to_float(tiled_scale(scale, blocks, out, j, o));
             for (int64_t n = 0; n < rows; n++) {
-                const int8_t *pn = p + (n * blocks + j) * BLOCK;
+                const int8_t *pn = p + (j * rows + n) * BLOCK;
                 int32_t sum = 0;
                 if (q4) {
                     for (int i = 0; i < BLOCK / 2; i++)
@@ -628,8 +631,8 @@ static void tiled_rounded_portable(const uint8_t *values, int q4, const uint16_t
                 } else {
                     for (int i = 0; i < BLOCK; i++) sum += (int32_t)(uint8_t)(q[i] ^ 0x80) * pn[i];
                 }
-                sum += offsets[n * blocks + j];
-                const float product = d * e[n * blocks + j];
+                sum += offsets[j * rows + n];
+                const float product = d * e[j * rows + n];
                 y[n * out + o] = fmaf((float)sum, product, y[n * out + o]);
             }
         }
@@ -701,7 +704,7 @@ static inline __attribute__((always_inline)) void tiled_float_simd(const uint8_t
 /* the VNNI loop of rows_tile on a group's tiles: codes straight from memory (Q8_0: code + 128 by a xor) */
 static inline __attribute__((always_inline)) void tiled_rows_tile(const int T, const uint8_t *tiles, const int q4,
         const uint16_t *scales, const int8_t *p, const int32_t *offsets, const float *e, float *y,
-        int64_t blocks, int64_t out, int64_t n, int64_t o, const uint8_t *ahead)
+        int64_t blocks, int64_t out, int64_t rows, int64_t n, int64_t o, const uint8_t *ahead)
 {
     const __m512i flip = _mm512_set1_epi8((char)0x80), low = _mm512_set1_epi8(15);
     __m512 acc[8];
@@ -723,14 +726,12 @@ static inline __attribute__((always_inline)) void tiled_rows_tile(const int T, c
             for (int c = 0; c < 8; c++) w[c] = _mm512_xor_si512(flip, _mm512_loadu_si512((const void *)(tile + 64 * c)));
         }
         const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + j * TILE_ROWS)));
-        for (int t = 0; t < T; t++) sums[t] = _mm512_set1_epi32(offsets[(n + t) * blocks + j]);
+        const int32_t *words = (const int32_t *)(p + (j * rows + n) * BLOCK);   /* block j, row n + t at 8 t */
+        for (int t = 0; t < T; t++) sums[t] = _mm512_set1_epi32(offsets[j * rows + n + t]);
         for (int k = 0; k < 8; k++)
-            for (int t = 0; t < T; t++) {
-                const int32_t *words = (const int32_t *)(p + ((n + t) * blocks + j) * BLOCK);
-                sums[t] = dot_broadcast(sums[t], w[k], words + k);
-            }
+            for (int t = 0; t < T; t++) sums[t] = dot_broadcast(sums[t], w[k], words + 8 * t + k);
         for (int t = 0; t < T; t++) {
-            const __m512 product = _mm512_mul_ps(d, _mm512_set1_ps(e[(n + t) * blocks + j]));   /* d · e */
+            const __m512 product = _mm512_mul_ps(d, _mm512_set1_ps(e[j * rows + n + t]));   /* d · e */
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[t]), product, acc[t]);
         }
     }
@@ -751,15 +752,15 @@ static void tiled_rounded_simd(const uint8_t *values, const int q4, const uint16
                                                                    : NULL;
         int64_t n = 0;
         if (q4) {
-            for (; n + 8 <= rows; n += 8) tiled_rows_tile(8, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead);
-            if (n + 4 <= rows) { tiled_rows_tile(4, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead); n += 4; }
-            if (n + 2 <= rows) { tiled_rows_tile(2, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead); n += 2; }
-            if (n < rows) tiled_rows_tile(1, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead);
+            for (; n + 8 <= rows; n += 8) tiled_rows_tile(8, tiles, 1, scales, p, offsets, e, y, blocks, out, rows, n, o, n ? NULL : ahead);
+            if (n + 4 <= rows) { tiled_rows_tile(4, tiles, 1, scales, p, offsets, e, y, blocks, out, rows, n, o, n ? NULL : ahead); n += 4; }
+            if (n + 2 <= rows) { tiled_rows_tile(2, tiles, 1, scales, p, offsets, e, y, blocks, out, rows, n, o, n ? NULL : ahead); n += 2; }
+            if (n < rows) tiled_rows_tile(1, tiles, 1, scales, p, offsets, e, y, blocks, out, rows, n, o, n ? NULL : ahead);
         } else {
-            for (; n + 8 <= rows; n += 8) tiled_rows_tile(8, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead);
-            if (n + 4 <= rows) { tiled_rows_tile(4, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead); n += 4; }
-            if (n + 2 <= rows) { tiled_rows_tile(2, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead); n += 2; }
-            if (n < rows) tiled_rows_tile(1, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead);
+            for (; n + 8 <= rows; n += 8) tiled_rows_tile(8, tiles, 0, scales, p, offsets, e, y, blocks, out, rows, n, o, n ? NULL : ahead);
+            if (n + 4 <= rows) { tiled_rows_tile(4, tiles, 0, scales, p, offsets, e, y, blocks, out, rows, n, o, n ? NULL : ahead); n += 4; }
+            if (n + 2 <= rows) { tiled_rows_tile(2, tiles, 0, scales, p, offsets, e, y, blocks, out, rows, n, o, n ? NULL : ahead); n += 2; }
+            if (n < rows) tiled_rows_tile(1, tiles, 0, scales, p, offsets, e, y, blocks, out, rows, n, o, n ? NULL : ahead);
         }
     }
 }
@@ -816,7 +817,7 @@ static void tiled_rounded(const uint8_t *values, int q4, const uint16_t *scale, 
     if (p == NULL || e == NULL || offsets == NULL) {           /* no memory for x rounded: the float kernels */
         tiled_linear(values, q4, scale, x, y, blocks, out, start, end, rows);
     } else {
-        round_rows(x, rows, blocks, q4 ? 8 : 128, p, e, offsets);
+        round_rows(x, rows, blocks, q4 ? 8 : 128, p, e, offsets, 1);
         tiled_rounded_given(values, q4, scale, p, e, offsets, y, blocks, out, start, end, rows);
     }
     free(p);
