@@ -35,7 +35,8 @@ def cached_decode(qkv, stores, slots, starts, heads, kv_heads):
 
 
 @settings(deadline=None, max_examples=25)
-@given(seed=st.integers(0, 2**31 - 1), kv_heads=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([2, 6, 16]),
+@given(seed=st.integers(0, 2**31 - 1), kv_heads=st.sampled_from([1, 2, 4]),
+       head_dim=st.sampled_from([2, 6, 16, 64, 80]),   # 64, 80: the AVX-512 products' whole and partial passes
        dtype=st.sampled_from([np.float32, np.float64]), threads=st.sampled_from([1, 2]), data=st.data())
 def test_decode_attention_loop_equals_the_numpy_path(seed, kv_heads, head_dim, dtype, threads, data):
     """Ragged rows (any slots, any starts, stale values past each row's length): the loop's output and the

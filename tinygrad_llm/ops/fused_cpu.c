@@ -43,6 +43,56 @@ static inline float exp_f32(float x)
     return x < low ? 0.0f : result;                        /* NaN stays NaN: every comparison is false */
 }
 
+/* Decoding attention's two products for one head of one row, float32 with AVX-512 and a head size that is a
+   multiple of 16 (the compiler's own vectorisation of the plain loops below spends more on each key's
+   horizontal sum and on reloading the output row than on the products):
+     head_scores_avx512:  scores[j] = Σ_d k[j, d] · q[d]  for j < keys  (k rows of dim floats, contiguous)
+     head_values_avx512:  o[d] = Σ_j (scores[j] · inverse) · v[j, d]   (o kept in registers over the keys) */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define ATTENTION_SIMD 1
+static void head_scores_avx512(const float *k, const float *q, float *scores, int64_t keys, int64_t dim)
+{
+    if (dim == 64) {
+        const __m512 q0 = _mm512_loadu_ps(q), q1 = _mm512_loadu_ps(q + 16), q2 = _mm512_loadu_ps(q + 32),
+                     q3 = _mm512_loadu_ps(q + 48);
+        for (int64_t j = 0; j < keys; j++) {
+            const float *kj = k + j * 64;
+            const __m512 low = _mm512_fmadd_ps(_mm512_loadu_ps(kj + 16), q1, _mm512_mul_ps(_mm512_loadu_ps(kj), q0));
+            const __m512 high = _mm512_fmadd_ps(_mm512_loadu_ps(kj + 48), q3, _mm512_mul_ps(_mm512_loadu_ps(kj + 32), q2));
+            scores[j] = _mm512_reduce_add_ps(_mm512_add_ps(low, high));
+        }
+        return;
+    }
+    for (int64_t j = 0; j < keys; j++) {
+        const float *kj = k + j * dim;
+        __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(kj), _mm512_loadu_ps(q));
+        for (int64_t d = 16; d < dim; d += 16)
+            sum = _mm512_fmadd_ps(_mm512_loadu_ps(kj + d), _mm512_loadu_ps(q + d), sum);
+        scores[j] = _mm512_reduce_add_ps(sum);
+    }
+}
+
+static void head_values_avx512(const float *v, const float *scores, float inverse, float *o, int64_t keys,
+                               int64_t dim)
+{
+    for (int64_t d = 0; d < dim; d += 64) {             /* 64 outputs (4 registers) a pass over the keys */
+        const int64_t width = dim - d < 64 ? dim - d : 64;
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t j = 0; j < keys; j++) {
+            const __m512 p = _mm512_set1_ps(scores[j] * inverse);
+            const float *vj = v + j * dim + d;
+            for (int c = 0; c < 4; c++)
+                if (16 * c < width) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16 * c), acc[c]);
+        }
+        for (int c = 0; c < 4; c++)
+            if (16 * c < width) _mm512_storeu_ps(o + d + 16 * c, acc[c]);
+    }
+}
+#else
+#define ATTENTION_SIMD 0
+#endif
+
 #define FUSED_TYPE float
 #define FUSED_NAME(name) name##_f32
 #define FUSED_EXP exp_f32
@@ -405,7 +455,11 @@ void FUSED_NAME(decode_attention)(const real *q_new, int64_t q_stride, const rea
                     __builtin_prefetch(next_v + line, 0, 2);
                 }
             }
-            for (int64_t j = 0; j < keys; j++) {
+            const int simd = ATTENTION_SIMD && sizeof(real) == sizeof(float) && dim % 16 == 0;
+#if ATTENTION_SIMD
+            if (simd) head_scores_avx512((const float *)keys_h, (const float *)qh, (float *)scores, keys, dim);
+#endif
+            for (int64_t j = 0; j < keys && !simd; j++) {
                 const real *k = keys_h + j * dim;
                 real dot = 0;
                 for (int64_t d = 0; d < dim; d++)
@@ -415,6 +469,12 @@ void FUSED_NAME(decode_attention)(const real *q_new, int64_t q_stride, const rea
             real top = FUSED_NAME(row_max)(scores, keys);
             real inverse = (real)1 / FUSED_NAME(exp_shifted)(scores, keys, top);
             real *o = out + b * heads * dim + h * dim;
+#if ATTENTION_SIMD
+            if (simd) {
+                head_values_avx512((const float *)values_h, (const float *)scores, (float)inverse, (float *)o, keys, dim);
+                continue;
+            }
+#endif
             for (int64_t d = 0; d < dim; d++)
                 o[d] = 0;
             for (int64_t j = 0; j < keys; j++) {
