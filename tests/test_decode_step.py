@@ -72,6 +72,27 @@ def test_packed_swiglu_inference_loop_equals_the_numpy_path(dtype):
     np.testing.assert_allclose(fast, expected, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("rows", [8, 16, 17, 32])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("given_y", [False, True])
+def test_few_rows_float_product_equals_the_float64_product(rows, threads, given_y):
+    """linear_call's float32 product for a few rows (the compiled loop where the build has it, else BLAS): x Wᵀ
+    to float32 rounding, for output widths that are and are not a multiple of the loop's group, with and
+    without a given output array, and the same with the loops off."""
+    from tinygrad_llm.ops.quantized import linear_call
+    for out_features, in_features in ((64, 48), (19, 32), (300, 40)):
+        weight = normal((out_features, in_features), rows, 1.0).astype(np.float32)
+        x = normal((rows, in_features), rows + 1, 1.0).astype(np.float32)
+        expected = x.astype(np.float64) @ weight.T.astype(np.float64)
+        for on in (True, False):
+            with loops(on, threads):
+                y = np.full((rows, out_features), np.nan, dtype=np.float32) if given_y else None
+                got = linear_call(x, weight, y)()
+                got = y if given_y else got
+            assert got.shape == (rows, out_features) and got.dtype == np.float32 and got.flags.c_contiguous
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
 def make_model(dtype=np.float32, **overrides):
     manual_seed(5)
     values = dict(vocab_size=17, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=20)

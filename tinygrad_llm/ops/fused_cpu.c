@@ -17,6 +17,7 @@
 #ifndef FUSED_TYPE
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline float exp_f32(float x)
@@ -92,6 +93,79 @@ static void head_values_avx512(const float *v, const float *scores, float invers
 #else
 #define ATTENTION_SIMD 0
 #endif
+
+/* Linear's product for a few rows of x (batched decoding), float32: y[n, o] = Σ_i w[o, i] · x[n, i] for the
+   output rows o in [start, end), n < rows ≤ FEW_ROWS_MAX; w (out, in), x (rows, in), y (rows, out), all
+   contiguous. OpenBLAS first copies (packs) panels of w, a pass over memory that nothing overlaps, then
+   multiplies; for a thin x the weights are read once either way, so this loop multiplies them where they
+   lie: x transposed once into a buffer (in, 16 V) that stays in L2 (V = 1 or 2 vectors of rows), then for
+   FEW_GROUP output rows at a time, one element of each row broadcast against x's column i, the FEW_GROUP · V
+   sums in registers from i = 0 to in − 1 (one fma a step, in that order), the next group's rows fetched
+   ahead. Returns 0, or −1 where it does not run (no AVX-512 in the build, more rows, no memory): the
+   caller then takes BLAS. rows = 0 computes nothing and says whether the build has the loop (0) or not. */
+#define FEW_ROWS_MAX 32
+#if ATTENTION_SIMD
+#define FEW_GROUP 8
+static inline __attribute__((always_inline)) void few_rows_group(const int R, const int V, const float *w,
+        const float *xt, float *y, int64_t rows, int64_t in, int64_t out, int64_t o, const float *next)
+{
+    __m512 acc[FEW_GROUP][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    const float *row = w + o * in;
+    for (int64_t i = 0; i < in; i++) {
+        if ((i & 15) == 0 && next != NULL)
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)(next + r * in + i), _MM_HINT_T0);
+        const __m512 x0 = _mm512_loadu_ps(xt + i * 16 * V);
+        const __m512 x1 = V > 1 ? _mm512_loadu_ps(xt + i * 16 * V + 16) : x0;
+        for (int r = 0; r < R; r++) {
+            const __m512 b = _mm512_set1_ps(row[r * in + i]);
+            acc[r][0] = _mm512_fmadd_ps(b, x0, acc[r][0]);
+            if (V > 1) acc[r][1] = _mm512_fmadd_ps(b, x1, acc[r][1]);
+        }
+    }
+    float lanes[2 * 16];
+    for (int r = 0; r < R; r++) {
+        _mm512_storeu_ps(lanes, acc[r][0]);
+        if (V > 1) _mm512_storeu_ps(lanes + 16, acc[r][1]);
+        for (int64_t n = 0; n < rows; n++) y[n * out + o + r] = lanes[n];
+    }
+}
+
+static void few_rows_groups(const int V, const float *w, const float *xt, float *y, int64_t rows, int64_t in,
+                            int64_t out, int64_t start, int64_t end)
+{
+    int64_t o = start;
+    for (; o + FEW_GROUP <= end; o += FEW_GROUP) {
+        const float *next = o + 2 * FEW_GROUP <= end ? w + (o + FEW_GROUP) * in : NULL;
+        if (V > 1) few_rows_group(FEW_GROUP, 2, w, xt, y, rows, in, out, o, next);
+        else few_rows_group(FEW_GROUP, 1, w, xt, y, rows, in, out, o, next);
+    }
+    for (; o < end; o++) {
+        if (V > 1) few_rows_group(1, 2, w, xt, y, rows, in, out, o, NULL);
+        else few_rows_group(1, 1, w, xt, y, rows, in, out, o, NULL);
+    }
+}
+#endif
+
+int few_rows_linear_f32(const float *w, const float *x, float *y, int64_t rows, int64_t in, int64_t out,
+                        int64_t start, int64_t end)
+{
+#if ATTENTION_SIMD
+    if (rows == 0) return 0;                            /* the build's answer: this loop runs here */
+    if (rows < 0 || rows > FEW_ROWS_MAX) return -1;
+    const int V = rows > 16 ? 2 : 1;
+    float *xt = (float *)malloc((size_t)(in * 16 * V) * sizeof(float));
+    if (xt == NULL) return -1;
+    for (int64_t i = 0; i < in; i++)                    /* x transposed: (in, 16 V), rows past `rows` zero */
+        for (int64_t n = 0; n < 16 * V; n++) xt[i * 16 * V + n] = n < rows ? x[n * in + i] : 0.0f;
+    few_rows_groups(V, w, xt, y, rows, in, out, start, end);
+    free(xt);
+    return 0;
+#else
+    (void)w; (void)x; (void)y; (void)rows; (void)in; (void)out; (void)start; (void)end;
+    return -1;
+#endif
+}
 
 #define FUSED_TYPE float
 #define FUSED_NAME(name) name##_f32

@@ -60,6 +60,9 @@ def load() -> dict:
             function.argtypes = [real if a is None else a for a in arguments]
             function.restype = None
             functions[name, dtype] = function
+    few_rows = library.few_rows_linear_f32            # float32 only (a product for a few rows: ops/quantized)
+    few_rows.argtypes, few_rows.restype = [_P] * 3 + [_N] * 5, ctypes.c_int
+    functions["few_rows_linear", np.dtype(np.float32)] = few_rows
     return functions
 
 
