@@ -76,9 +76,9 @@ def test_packed_swiglu_inference_loop_equals_the_numpy_path(dtype):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("given_y", [False, True])
 def test_few_rows_float_product_equals_the_float64_product(rows, threads, given_y):
-    """linear_call's float32 product for a few rows (the compiled loop where the build has it, else BLAS): x Wᵀ
-    to float32 rounding, for output widths that are and are not a multiple of the loop's group, with and
-    without a given output array, and the same with the loops off."""
+    """linear_call's float32 product for a few rows, and the Linear op's (the compiled loop where the build has
+    it, else BLAS): x Wᵀ to float32 rounding, for output widths that are and are not a multiple of the loop's
+    group, with and without a given output array, and the same with the loops off."""
     from tinygrad_llm.ops.quantized import linear_call
     for out_features, in_features in ((64, 48), (19, 32), (300, 40)):
         weight = normal((out_features, in_features), rows, 1.0).astype(np.float32)
@@ -91,6 +91,9 @@ def test_few_rows_float_product_equals_the_float64_product(rows, threads, given_
                 got = y if given_y else got
             assert got.shape == (rows, out_features) and got.dtype == np.float32 and got.flags.c_contiguous
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+            with loops(on, threads), no_grad():
+                op = F.linear(Tensor(x), Tensor(weight)).numpy()                    # the Linear op itself
+            np.testing.assert_allclose(op, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 def make_model(dtype=np.float32, **overrides):

@@ -46,8 +46,7 @@ from ..cpu_threads import parallel_items, split, thread_count
 from ..quant import cpu_kernels
 from ..quant.formats import BLOCK_SIZE, TILE_ROWS, QuantizedMatrix
 from ..tensor import Function
-from . import fused_cpu
-from .matmul import FEW_ROWS
+from .matmul import FEW_ROWS, few_rows_loop
 
 TILE_ELEMENTS = 1 << 17          # float32 weights converted per step (512 KiB: stays in L2 beside x and y)
 PRODUCT_TILE_ELEMENTS = 1 << 19  # codes converted per step on the products path: larger tiles, fewer Python
@@ -56,7 +55,6 @@ THREAD_ELEMENTS = 1 << 18        # weights a thread's share must hold before the
 PRODUCT_SIDE_ROWS = 16           # Q8_0 / Q4_0 with up to this many rows of x: scales on the products
 KERNEL_ROWS = 32                 # rows of x up to which the C kernels run (they beat the NumPy paths to ~64, measured)
 FEW_ROWS_CHUNK_BYTES = 1 << 18   # a float product's (rows of W, N) result computed at a time for a few rows of x
-LOOP_ROWS = (8, 32)              # rows of x for which a float32 product takes the compiled loop (fused_cpu.c)
 _scratch = threading.local()
 
 
@@ -222,7 +220,7 @@ def _few_rows_call(x2: np.ndarray, weight: np.ndarray, y: np.ndarray | None):
     (out, N) product would make every later pass over a row of y (argmax, sampling) stride through the
     whole array (at a GPT-2-size head, 32 rows: ~3 ms an argmax, against ~1 ms for the chunks' copies)."""
     rows, out_features = x2.shape[0], weight.shape[0]
-    loop = _few_rows_loop(x2, weight, y)
+    loop = few_rows_loop(x2, weight, y)
     if loop is not None:
         return loop
     chunk = max(TILE_ROWS, FEW_ROWS_CHUNK_BYTES // (rows * x2.itemsize))
@@ -237,34 +235,6 @@ def _few_rows_call(x2: np.ndarray, weight: np.ndarray, y: np.ndarray | None):
     if y is not None:
         return lambda: run(y)
     return lambda: run(np.empty((rows, out_features), dtype=x2.dtype))
-
-
-def _few_rows_loop(x2: np.ndarray, weight: np.ndarray, y: np.ndarray | None):
-    """_few_rows_call through the compiled loop (ops/fused_cpu.c, few_rows_linear_f32: the weights multiplied
-    where they lie, without BLAS's packing pass over them), for float32 and LOOP_ROWS[0] … LOOP_ROWS[1] rows;
-    None where it does not apply (then BLAS). Output rows are split across the threads."""
-    rows, (out_features, in_features) = x2.shape[0], weight.shape
-    if (x2.dtype != np.float32 or not LOOP_ROWS[0] <= rows <= LOOP_ROWS[1] or not fused_cpu.usable(x2, weight)
-            or (y is not None and not fused_cpu.usable(y))):
-        return None
-    function = fused_cpu.function("few_rows_linear", np.float32)
-    if function(None, None, None, 0, 0, 0, 0, 0) != 0:       # not this build (no AVX-512)
-        return None
-    least = max(64, THREAD_ELEMENTS // in_features)
-    ranges = [(0, out_features)] if thread_count() == 1 else split(out_features, min_chunk=least)
-    arrays = (x2, weight)
-
-    def run(out):
-        pointers = (weight.ctypes.data, x2.ctypes.data, out.ctypes.data, rows, in_features, out_features)
-        if len(ranges) <= 1:
-            function(*pointers, 0, out_features)
-        else:                                                                        # GIL released in each call
-            parallel_items(lambda bounds: function(*pointers, *bounds), ranges)
-        return out
-
-    if y is not None:
-        return lambda arrays=arrays: run(y)
-    return lambda arrays=arrays: run(np.empty((rows, out_features), dtype=np.float32))
 
 
 def tile_for_cpu(weight):
