@@ -3,7 +3,10 @@
    Each function is one pass over its rows that NumPy would make in several: SwiGLU forward and backward,
    RMSNorm forward (with the residual add) and backward, the causal softmax of one block of attention
    scores and its backward, the embedding's backward and the AdamW update. Every function exists twice, for float (suffix _f32)
-   and double (_f64): this file includes itself once per type (the part after #else).
+   and double (_f64): this file includes itself once per type (the part after #else). Besides them, for
+   decoding: the packed SwiGLU and the cached attention of one new position a row (whose float32 products
+   have an AVX-512 form, head_scores_avx512 / head_values_avx512), and Linear's float32 product for a few
+   rows of x (few_rows_linear_f32, AVX-512 only: elsewhere it declines and the op takes BLAS).
 
    Shapes: every array is contiguous, rows of `cols` (or `channels`, `keys`) elements, rows given as a
    count; a caller hands row ranges to several threads (ctypes releases the GIL during a call).

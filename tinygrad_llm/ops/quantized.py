@@ -191,7 +191,8 @@ def linear_call(x2: np.ndarray, weight, y: np.ndarray | None = None):
     """The linear op for a decoding step on the CPU, bound to x2 (N, in), a contiguous NumPy array in the compute
     dtype, that the step refills in place: a callable that computes x2 @ Wᵀ each time it is called, into y
     (N, out, contiguous) when given, else into a new array that it returns. A float weight of x2's dtype:
-    Linear's product (W on the left for 2 … FEW_ROWS rows, ops/matmul.Linear); Q8_0 / Q4_0 where
+    Linear's product (for 2 … FEW_ROWS rows its compiled loop where that applies, else W on the left:
+    ops/matmul.Linear, _few_rows_call); Q8_0 / Q4_0 where
     linear_forward takes the kernels: kernel_call; any other quantized weight: linear_forward. None for a
     float weight of another dtype (Linear's low-precision products: the caller runs the op)."""
     if type(weight) is not np.ndarray and not isinstance(weight, QuantizedMatrix):
@@ -214,7 +215,8 @@ def linear_call(x2: np.ndarray, weight, y: np.ndarray | None = None):
 
 
 def _few_rows_call(x2: np.ndarray, weight: np.ndarray, y: np.ndarray | None):
-    """linear_call's float product for 2 … FEW_ROWS rows: (W x2ᵀ)ᵀ (OpenBLAS's faster orientation there),
+    """linear_call's float product for 2 … FEW_ROWS rows: the Linear op's compiled loop where it applies
+    (ops/matmul.few_rows_loop), else (W x2ᵀ)ᵀ (OpenBLAS's faster orientation there),
     W's rows taken FEW_ROWS_CHUNK_BYTES of (out, N) result at a time, each chunk's (chunk, N) product
     transposed into y's columns while it is in cache. y (N, out) is contiguous: a transposed view of one
     (out, N) product would make every later pass over a row of y (argmax, sampling) stride through the
