@@ -72,7 +72,7 @@ def test_packed_swiglu_inference_loop_equals_the_numpy_path(dtype):
     np.testing.assert_allclose(fast, expected, rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize("rows", [8, 16, 17, 32])
+@pytest.mark.parametrize("rows", [2, 5, 8, 16, 17, 32])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("given_y", [False, True])
 def test_few_rows_float_product_equals_the_float64_product(rows, threads, given_y):

@@ -77,7 +77,7 @@ class MatMul(Function):
 
 
 FEW_ROWS = 64                  # up to this many rows, Linear computes (W xᵀ)ᵀ on NumPy arrays
-LOOP_ROWS = (8, 32)            # rows of x for which a float32 Linear takes the compiled loop (few_rows_loop)
+LOOP_ROWS = (2, 32)            # rows of x for which a float32 Linear takes the compiled loop (few_rows_loop)
 THREAD_ELEMENTS = 1 << 18      # weights a thread's share of the loop holds at least
 _BLAS_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
