@@ -521,16 +521,18 @@ void FUSED_NAME(decode_attention)(const real *q_new, int64_t q_stride, const rea
         for (int64_t h = 0; h < heads; h++) {
             const real *qh = q + h * dim;
             const real *keys_h = k_row + (h / group) * length * dim, *values_h = v_row + (h / group) * length * dim;
+            const char *next_v = NULL;
+            int64_t next_bytes = 0;
             if (b + 1 < last && h % group == 0) {
-                /* the next row's keys and values of this head, fetched while this row computes: a row's cache
-                   is read once a step, from memory, and the hardware alone keeps too few reads in flight */
+                /* the next row's keys of this head, fetched while this row computes (its values after this
+                   head's scores: two smaller bursts, ~5 % faster than one): a row's cache is read once a
+                   step, from memory, and the hardware alone keeps too few reads in flight */
                 const int64_t offset = (slots[b + 1] * kv_heads + h / group) * length * dim;
-                const char *next_k = (const char *)(k_store + offset), *next_v = (const char *)(v_store + offset);
-                const int64_t bytes = (positions[b + 1] + 1) * dim * (int64_t)sizeof(real);
-                for (int64_t line = 0; line < bytes; line += 64) {
+                const char *next_k = (const char *)(k_store + offset);
+                next_v = (const char *)(v_store + offset);
+                next_bytes = (positions[b + 1] + 1) * dim * (int64_t)sizeof(real);
+                for (int64_t line = 0; line < next_bytes; line += 64)
                     __builtin_prefetch(next_k + line, 0, 2);
-                    __builtin_prefetch(next_v + line, 0, 2);
-                }
             }
             const int simd = ATTENTION_SIMD && sizeof(real) == sizeof(float) && dim % 16 == 0;
 #if ATTENTION_SIMD
@@ -543,6 +545,8 @@ void FUSED_NAME(decode_attention)(const real *q_new, int64_t q_stride, const rea
                     dot += k[d] * qh[d];
                 scores[j] = dot;
             }
+            for (int64_t line = 0; line < next_bytes; line += 64)
+                __builtin_prefetch(next_v + line, 0, 2);
             real top = FUSED_NAME(row_max)(scores, keys);
             real inverse = (real)1 / FUSED_NAME(exp_shifted)(scores, keys, top);
             real *o = out + b * heads * dim + h * dim;
