@@ -154,8 +154,9 @@ def step_ops(model_name: str, kind: str, batch: int, prompt_len: int, new_tokens
     if step is None:
         return f"{model_name} {kind} batch {batch}: no compiled step here (op by op)"
     layer = decoder.layers[0]
+    mlp = ["gate‖up", "SwiGLU"] if layer.gate_up is not None else ["gate", "up", "SwiGLU"]
     names = ((["q‖k‖v"] if layer.qkv is not None else ["q", "k", "v"]) + ["attention", "o", "add + norm"]
-             + (["gate‖up", "SwiGLU"] if layer.gate_up is not None else ["gate", "up", "SwiGLU"]) + ["down", "add + norm"])
+             + mlp + ["down", "add + norm"])
     labels = ["first norm"] + names * len(decoder.layers)
     if len(labels) != len(step.calls):
         return f"{model_name} {kind} batch {batch}: unexpected step layout ({len(step.calls)} calls)"

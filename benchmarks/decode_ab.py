@@ -68,7 +68,8 @@ def main() -> None:
                     for row in child(trees[name], *config, args):
                         results.setdefault((*config, row["batch"], name), []).append(row)
     print(f"# load average at end {os.getloadavg()}; worst of {args.rounds} rounds each")
-    print("| model | type | threads | batch | base tok/CPU-s | this tok/CPU-s | this / base | base ×batch 1 | this ×batch 1 |")
+    print("| model | type | threads | batch | base tok/CPU-s | this tok/CPU-s | this / base | base ×batch 1 "
+          "| this ×batch 1 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for model, kind, threads in configs:
         for batch in [int(b) for b in args.batches.split(",")]:
