@@ -10,6 +10,8 @@ at 1 and 2 threads. GPU rows are printed as "not measured here" unless CuPy sees
                                               # one step's matrix products: C kernels, NumPy path, float32
     python benchmarks/decode.py --orientation --threads 1        # Linear: x @ Wᵀ against (W @ xᵀ)ᵀ (FEW_ROWS)
     python benchmarks/decode.py --profile --models default --types q8_0   # where a decode step's time goes
+    python benchmarks/decode.py --step-ops --models gpt2 --threads 1 --batches 1,32 --prompt-len 16 --new-tokens 8
+                                              # the same, per part of the compiled CPU step (CPU ms a step)
     python benchmarks/decode.py --device cuda                    # one GPU: fp32/bf16/fp16 and q8_0/q4_0 kernels
     python benchmarks/decode.py --device cuda --transformers     # + transformers generate (bf16, static cache, compiled)
     python benchmarks/decode.py --device cuda --graphs both      # decode steps from CUDA graphs and uncaptured
@@ -134,6 +136,59 @@ def profile(model_name: str, kind: str, batch: int, prompt_len: int, new_tokens:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
     return text.getvalue()
+
+
+def step_ops(model_name: str, kind: str, batch: int, prompt_len: int, new_tokens: int, repeat: int) -> str:
+    """Where a CPU decoding step's time goes: the step's bound calls (generate._CpuStep) run one by one, each
+    timed in CPU time (process time), summed over the layers by role; then the head and the greedy argmax.
+    `repeat` rounds of `new_tokens` steps from the same cache positions; the worst round's mean per step."""
+    from tinygrad_llm.generate import Decoder
+    model, _, _ = build(model_name, kind)
+    decoder = Decoder(model)
+    cache = decoder.new_cache(batch, prompt_len + new_tokens + 1)
+    slots = np.array([cache.allocate() for _ in range(batch)])
+    prompts = np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, prompt_len))
+    first = np.stack([decoder.prefill(cache, s, p) for s, p in zip(slots, prompts)]).argmax(axis=1)
+    decoder.decode_step(cache, first, slots)                                  # builds the step
+    step = decoder._cpu_step(cache, batch)
+    if step is None:
+        return f"{model_name} {kind} batch {batch}: no compiled step here (op by op)"
+    layer = decoder.layers[0]
+    mlp = ["gate‖up", "SwiGLU"] if layer.gate_up is not None else ["gate", "up", "SwiGLU"]
+    names = ((["q‖k‖v"] if layer.qkv is not None else ["q", "k", "v"]) + ["attention", "o", "add + norm"]
+             + mlp + ["down", "add + norm"])
+    labels = ["first norm"] + names * len(decoder.layers)
+    if len(labels) != len(step.calls):
+        return f"{model_name} {kind} batch {batch}: unexpected step layout ({len(step.calls)} calls)"
+    worst, worst_total = {}, 0.0
+    for _ in range(repeat):
+        cache.lengths[slots] = prompt_len
+        tokens, totals, whole = first, {}, time.process_time()
+        for _ in range(new_tokens):
+            step.slots[...], step.positions[...] = slots, cache.lengths[slots]
+            start = time.process_time()
+            step.streams[0][...] = decoder._embed(tokens)
+            totals["embedding"] = totals.get("embedding", 0.0) + time.process_time() - start
+            for label, call in zip(labels, step.calls):
+                start = time.process_time()
+                call()
+                totals[label] = totals.get(label, 0.0) + time.process_time() - start
+            start = time.process_time()
+            logits = step.head()
+            middle = time.process_time()
+            tokens = logits.argmax(axis=1)
+            totals["head"] = totals.get("head", 0.0) + middle - start
+            totals["argmax"] = totals.get("argmax", 0.0) + time.process_time() - middle
+            cache.lengths[slots] += 1
+        whole = time.process_time() - whole
+        if whole > worst_total:
+            worst, worst_total = totals, whole
+    lines = [f"{model_name} {kind} batch {batch}: {worst_total / new_tokens * 1e3:.2f} CPU ms a step (worst of "
+             f"{repeat} rounds), {batch * new_tokens / worst_total:.0f} tokens per CPU-s",
+             "| part | CPU ms a step | share |", "| --- | --- | --- |"]
+    for label, total in sorted(worst.items(), key=lambda item: -item[1]):
+        lines.append(f"| {label} | {total / new_tokens * 1e3:.3f} | {100 * total / worst_total:.1f} % |")
+    return "\n".join(lines)
 
 
 def matmul_alternatives(repeat: int) -> list:
@@ -285,6 +340,9 @@ def child(args) -> None:
         return
     if args.matmul:
         print(json.dumps(matmul_alternatives(args.repeat)))
+        return
+    if args.step_ops:
+        print(step_ops(args.models[0], args.types[0], args.batches[0], args.prompt_len, args.new_tokens, args.repeat))
         return
     if args.orientation:
         print(json.dumps(orientations(args.repeat)))
@@ -533,6 +591,8 @@ def main() -> None:
     parser.add_argument("--matmul", action="store_true", help="time the quantized-matmul alternatives")
     parser.add_argument("--profile", action="store_true", help="cProfile of decode steps (first model/type/batch)")
     parser.add_argument("--orientation", action="store_true", help="time x @ Wᵀ against (W @ xᵀ)ᵀ (Linear's few-row path)")
+    parser.add_argument("--step-ops", action="store_true",
+                        help="CPU time of each part of a compiled decoding step (first model and thread count)")
     parser.add_argument("--linears", action="store_true",
                         help="time one decode step's matrix products: quantized op, its NumPy path, float32")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
@@ -571,6 +631,12 @@ def main() -> None:
     if args.profile:
         print(run_child(["--profile", "--models", args.models[0], "--types", args.types[0], "--batches",
                          str(args.batches[0]), *common], threads[0]))
+        return
+    if args.step_ops:
+        for kind in args.types:
+            for batch in args.batches:
+                print(run_child(["--step-ops", "--models", args.models[0], "--types", kind, "--batches", str(batch),
+                                 *common], threads[0]))
         return
     if args.orientation:
         print("| threads | W (out × in) | rows of x | x @ Wᵀ (ms) | (W @ xᵀ)ᵀ (ms) | speed-up |")

@@ -35,7 +35,8 @@ def cached_decode(qkv, stores, slots, starts, heads, kv_heads):
 
 
 @settings(deadline=None, max_examples=25)
-@given(seed=st.integers(0, 2**31 - 1), kv_heads=st.sampled_from([1, 2, 4]), head_dim=st.sampled_from([2, 6, 16]),
+@given(seed=st.integers(0, 2**31 - 1), kv_heads=st.sampled_from([1, 2, 4]),
+       head_dim=st.sampled_from([2, 6, 16, 64, 80]),   # 64, 80: the AVX-512 products' whole and partial passes
        dtype=st.sampled_from([np.float32, np.float64]), threads=st.sampled_from([1, 2]), data=st.data())
 def test_decode_attention_loop_equals_the_numpy_path(seed, kv_heads, head_dim, dtype, threads, data):
     """Ragged rows (any slots, any starts, stale values past each row's length): the loop's output and the
@@ -69,6 +70,30 @@ def test_packed_swiglu_inference_loop_equals_the_numpy_path(dtype):
     with np.errstate(over="ignore"):                           # e^100: σ = 0 exactly
         expected = gate / (1 + np.exp(-gate)) * up
     np.testing.assert_allclose(fast, expected, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("rows", [2, 5, 8, 16, 17, 32])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("given_y", [False, True])
+def test_few_rows_float_product_equals_the_float64_product(rows, threads, given_y):
+    """linear_call's float32 product for a few rows, and the Linear op's (the compiled loop where the build has
+    it, else BLAS): x Wᵀ to float32 rounding, for output widths that are and are not a multiple of the loop's
+    group, with and without a given output array, and the same with the loops off."""
+    from tinygrad_llm.ops.quantized import linear_call
+    for out_features, in_features in ((64, 48), (19, 32), (300, 40)):
+        weight = normal((out_features, in_features), rows, 1.0).astype(np.float32)
+        x = normal((rows, in_features), rows + 1, 1.0).astype(np.float32)
+        expected = x.astype(np.float64) @ weight.T.astype(np.float64)
+        for on in (True, False):
+            with loops(on, threads):
+                y = np.full((rows, out_features), np.nan, dtype=np.float32) if given_y else None
+                got = linear_call(x, weight, y)()
+                got = y if given_y else got
+            assert got.shape == (rows, out_features) and got.dtype == np.float32 and got.flags.c_contiguous
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+            with loops(on, threads), no_grad():
+                op = F.linear(Tensor(x), Tensor(weight)).numpy()                    # the Linear op itself
+            np.testing.assert_allclose(op, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
 def make_model(dtype=np.float32, **overrides):

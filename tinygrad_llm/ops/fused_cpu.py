@@ -6,7 +6,9 @@ score blocks and its backward, the embedding's scatter-add, the AdamW update) in
 row pool's threads really work at once. They are branches of the ops in ops/ (and of AdamW), taken for
 contiguous NumPy float32/float64 arrays when `library()` has them; otherwise the ops keep their NumPy
 expressions, which compute the same values (the tests hold each branch to them, and run the float64
-gradient checks through both).
+gradient checks through both). For decoding they also hold the packed SwiGLU, the cached attention of one
+new position a row, and Linear's float32 product for 2 … 32 rows of x (`few_rows_linear`, float32 only,
+where the build has AVX-512: ops/matmul.few_rows_loop).
 
 Built once per machine and source at the first use (~1 s) by tinygrad_llm.native, as the quantized op's
 kernels are (the system C compiler, -O3 -march=native, the same build folder and TINYGRAD_LLM_CPU_KERNELS=0
@@ -60,6 +62,9 @@ def load() -> dict:
             function.argtypes = [real if a is None else a for a in arguments]
             function.restype = None
             functions[name, dtype] = function
+    few_rows = library.few_rows_linear_f32            # float32 only (a product for a few rows: ops/quantized)
+    few_rows.argtypes, few_rows.restype = [_P] * 3 + [_N] * 5, ctypes.c_int
+    functions["few_rows_linear", np.dtype(np.float32)] = few_rows
     return functions
 
 

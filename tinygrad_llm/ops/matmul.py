@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..cpu_threads import parallel_items, split, thread_count
 from ..gpu import kernel
 from ..tensor import Function
+from . import fused_cpu
 from .elementwise import unbroadcast
 
 
@@ -75,6 +77,8 @@ class MatMul(Function):
 
 
 FEW_ROWS = 64                  # up to this many rows, Linear computes (W xᵀ)ᵀ on NumPy arrays
+LOOP_ROWS = (2, 32)            # rows of x for which a float32 Linear takes the compiled loop (few_rows_loop)
+THREAD_ELEMENTS = 1 << 18      # weights a thread's share of the loop holds at least
 _BLAS_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -85,7 +89,8 @@ class Linear(Function):
     Saves:    x, W
     The leading axes are folded into one so that each product is a single 2-D GEMM. With 2 … FEW_ROWS rows
     on the CPU (batched decoding) the forward is computed as (W xᵀ)ᵀ, a transposed view: the same sums,
-    but OpenBLAS runs that orientation much faster when x is the thin side (benchmarks/RESULTS.md).
+    but OpenBLAS runs that orientation much faster when x is the thin side (benchmarks/RESULTS.md); float32
+    with LOOP_ROWS rows takes the compiled loop instead (few_rows_loop), where the build has it.
     """
 
     def forward(self, x, weight):
@@ -100,8 +105,12 @@ class Linear(Function):
         self.save(x=x, weight=weight, dtypes=None, fast=None)
         x2 = x.reshape(-1, x.shape[-1])                                # (..., in) -> (N, in)
         if type(x2) is np.ndarray and x2.dtype == weight.dtype in _BLAS_FLOATS:
-            # a few rows (decoding): OpenBLAS is up to 2× faster with W on the left
-            y = (weight @ x2.T).T if 1 < x2.shape[0] <= FEW_ROWS else x2 @ weight.T
+            # a few rows (decoding): the compiled loop, else OpenBLAS, up to 2× faster with W on the left
+            loop = few_rows_loop(x2, weight) if 1 < x2.shape[0] <= FEW_ROWS else None
+            if loop is not None:
+                y = loop()
+            else:
+                y = (weight @ x2.T).T if 1 < x2.shape[0] <= FEW_ROWS else x2 @ weight.T
         else:
             y = product(x2, weight.T)
         return y.reshape(*x.shape[:-1], weight.shape[0])              # (N, out) -> (..., out)
@@ -114,3 +123,34 @@ class Linear(Function):
         dx = product(dy2, weight).reshape(x.shape) if self.needs_input_grad[0] else None
         dweight = product(dy2.T, x.reshape(-1, x.shape[-1])) if self.needs_input_grad[1] else None
         return dx, dweight
+
+
+def few_rows_loop(x2: np.ndarray, weight: np.ndarray, y: np.ndarray | None = None):
+    """Linear's forward x2 @ Wᵀ for a few rows (batched decoding, a short prompt) through the compiled loop
+    (ops/fused_cpu.c, few_rows_linear_f32: the weights multiplied where they lie; BLAS first packs them, a
+    pass over memory that nothing overlaps: a GPT-2-size decoding step at 32 rows, ~1.5× faster), bound to
+    x2 (N, in) and W (out, in): a callable that computes it into y (N, out) when given, else into a new
+    array that it returns. float32 C-contiguous NumPy arrays and LOOP_ROWS[0] … LOOP_ROWS[1] rows where the
+    build has the loop (AVX-512); None otherwise (then BLAS). Output rows are split across the threads."""
+    rows, (out_features, in_features) = x2.shape[0], weight.shape
+    if (x2.dtype != np.float32 or not LOOP_ROWS[0] <= rows <= LOOP_ROWS[1] or not fused_cpu.usable(x2, weight)
+            or (y is not None and not fused_cpu.usable(y))):
+        return None
+    function = fused_cpu.function("few_rows_linear", np.float32)
+    if function(None, None, None, 0, 0, 0, 0, 0) != 0:       # not this build (no AVX-512)
+        return None
+    least = max(64, THREAD_ELEMENTS // in_features)
+    ranges = [(0, out_features)] if thread_count() == 1 else split(out_features, min_chunk=least)
+    arrays = (x2, weight)
+
+    def run(out):
+        pointers = (weight.ctypes.data, x2.ctypes.data, out.ctypes.data, rows, in_features, out_features)
+        if len(ranges) <= 1:
+            function(*pointers, 0, out_features)
+        else:                                                                        # GIL released in each call
+            parallel_items(lambda bounds: function(*pointers, *bounds), ranges)
+        return out
+
+    if y is not None:
+        return lambda arrays=arrays: run(y)
+    return lambda arrays=arrays: run(np.empty((rows, out_features), dtype=np.float32))

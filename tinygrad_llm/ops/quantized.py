@@ -46,7 +46,7 @@ from ..cpu_threads import parallel_items, split, thread_count
 from ..quant import cpu_kernels
 from ..quant.formats import BLOCK_SIZE, TILE_ROWS, QuantizedMatrix
 from ..tensor import Function
-from .matmul import FEW_ROWS
+from .matmul import FEW_ROWS, few_rows_loop
 
 TILE_ELEMENTS = 1 << 17          # float32 weights converted per step (512 KiB: stays in L2 beside x and y)
 PRODUCT_TILE_ELEMENTS = 1 << 19  # codes converted per step on the products path: larger tiles, fewer Python
@@ -54,6 +54,7 @@ PRODUCT_TILE_ELEMENTS = 1 << 19  # codes converted per step on the products path
 THREAD_ELEMENTS = 1 << 18        # weights a thread's share must hold before the rows are split across threads
 PRODUCT_SIDE_ROWS = 16           # Q8_0 / Q4_0 with up to this many rows of x: scales on the products
 KERNEL_ROWS = 32                 # rows of x up to which the C kernels run (they beat the NumPy paths to ~64, measured)
+FEW_ROWS_CHUNK_BYTES = 1 << 18   # a float product's (rows of W, N) result computed at a time for a few rows of x
 _scratch = threading.local()
 
 
@@ -190,7 +191,8 @@ def linear_call(x2: np.ndarray, weight, y: np.ndarray | None = None):
     """The linear op for a decoding step on the CPU, bound to x2 (N, in), a contiguous NumPy array in the compute
     dtype, that the step refills in place: a callable that computes x2 @ Wᵀ each time it is called, into y
     (N, out, contiguous) when given, else into a new array that it returns. A float weight of x2's dtype:
-    Linear's product (W on the left for 2 … FEW_ROWS rows, ops/matmul.Linear); Q8_0 / Q4_0 where
+    Linear's product (for 2 … FEW_ROWS rows its compiled loop where that applies, else W on the left:
+    ops/matmul.Linear, _few_rows_call); Q8_0 / Q4_0 where
     linear_forward takes the kernels: kernel_call; any other quantized weight: linear_forward. None for a
     float weight of another dtype (Linear's low-precision products: the caller runs the op)."""
     if type(weight) is not np.ndarray and not isinstance(weight, QuantizedMatrix):
@@ -199,10 +201,7 @@ def linear_call(x2: np.ndarray, weight, y: np.ndarray | None = None):
         if weight.dtype != x2.dtype:
             return None
         if 1 < x2.shape[0] <= FEW_ROWS:             # a few rows: OpenBLAS is faster with W on the left
-            if y is None:
-                return lambda: np.matmul(weight, x2.T).T                              # (out, N) -> (N, out) view
-            transposed = np.empty((weight.shape[0], x2.shape[0]), dtype=y.dtype)       # (out, N)
-            return lambda: np.copyto(y, np.matmul(weight, x2.T, out=transposed).T)
+            return _few_rows_call(x2, weight, y)
         return (lambda: x2 @ weight.T) if y is None else (lambda: np.matmul(x2, weight.T, out=y))
     if (isinstance(weight, QuantizedMatrix) and weight.kind != "int8" and x2.dtype == np.float32
             and type(weight.values) is np.ndarray and weight.values.flags.c_contiguous
@@ -213,6 +212,31 @@ def linear_call(x2: np.ndarray, weight, y: np.ndarray | None = None):
     if y is None:
         return lambda: linear_forward(x2, weight)
     return lambda: np.copyto(y, linear_forward(x2, weight), casting="same_kind")
+
+
+def _few_rows_call(x2: np.ndarray, weight: np.ndarray, y: np.ndarray | None):
+    """linear_call's float product for 2 … FEW_ROWS rows: the Linear op's compiled loop where it applies
+    (ops/matmul.few_rows_loop), else (W x2ᵀ)ᵀ (OpenBLAS's faster orientation there),
+    W's rows taken FEW_ROWS_CHUNK_BYTES of (out, N) result at a time, each chunk's (chunk, N) product
+    transposed into y's columns while it is in cache. y (N, out) is contiguous: a transposed view of one
+    (out, N) product would make every later pass over a row of y (argmax, sampling) stride through the
+    whole array (at a GPT-2-size head, 32 rows: ~3 ms an argmax, against ~1 ms for the chunks' copies)."""
+    rows, out_features = x2.shape[0], weight.shape[0]
+    loop = few_rows_loop(x2, weight, y)
+    if loop is not None:
+        return loop
+    chunk = max(TILE_ROWS, FEW_ROWS_CHUNK_BYTES // (rows * x2.itemsize))
+    bounds = [(a, min(a + chunk, out_features)) for a in range(0, out_features, chunk)]
+    transposed = np.empty((min(chunk, out_features), rows), dtype=x2.dtype)                   # (chunk, N)
+
+    def run(out):
+        for a, b in bounds:
+            np.copyto(out[:, a:b], np.matmul(weight[a:b], x2.T, out=transposed[:b - a]).T)   # (b−a, N) -> (N, b−a)
+        return out
+
+    if y is not None:
+        return lambda: run(y)
+    return lambda: run(np.empty((rows, out_features), dtype=x2.dtype))
 
 
 def tile_for_cpu(weight):

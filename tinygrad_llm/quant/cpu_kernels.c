@@ -240,12 +240,15 @@ void q4_0_linear(const uint8_t *values, const uint16_t *scale, const float *x, f
 
 /* x rounded to 8 bits per block of 32 (e, p above) and −offset · Σ p per block. The AVX-512 build takes a
    block as two vectors; the same float steps (max |x|, 127 / max, x · that, rounded to nearest even: the
-   conversion's default rounding, as nearbyintf's), so both builds give the same bytes for finite x. */
+   conversion's default rounding, as nearbyintf's), so both builds give the same bytes for finite x.
+   by_block 0: p (rows, blocks, 32), e and offsets (rows, blocks); 1: block-major, p (blocks, rows, 32), e and
+   offsets (blocks, rows), so that one block's rows lie together (the tiled VNNI loop's order). */
 static void round_rows(const float *x, int64_t rows, int64_t blocks, int32_t offset,
-                       int8_t *p, float *e, int32_t *offsets)
+                       int8_t *p, float *e, int32_t *offsets, int by_block)
 {
-    for (int64_t k = 0; k < rows * blocks; k++) {
-        const float *xk = x + k * BLOCK;
+    for (int64_t source = 0; source < rows * blocks; source++) {
+        const float *xk = x + source * BLOCK;
+        const int64_t k = by_block ? (source % blocks) * rows + source / blocks : source;   /* where it goes */
 #if ROUND_SIMD
         const __m512 low = _mm512_loadu_ps(xk), high = _mm512_loadu_ps(xk + 16);
         const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
@@ -478,7 +481,7 @@ static void rounded_linear(const uint8_t *values, int q4, const uint16_t *scale,
         if (q4) q4_0_linear(values, scale, x, y, blocks, out, start, end, rows);
         else q8_0_linear((const int8_t *)values, scale, x, y, blocks, out, start, end, rows);
     } else {
-        round_rows(x, rows, blocks, q4 ? 8 : 128, p, e, offsets);
+        round_rows(x, rows, blocks, q4 ? 8 : 128, p, e, offsets, 0);
 #if ROUNDED_SIMD
         if (codes != NULL && scales != NULL) {
             grouped = start + (end - start) / LANES * LANES;
@@ -620,7 +623,7 @@ static void tiled_rounded_portable(const uint8_t *values, int q4, const uint16_t
             tiled_row(values, bytes, blocks, out, j, o, q);
             const float d = half_to_float(tiled_scale(scale, blocks, out, j, o));
             for (int64_t n = 0; n < rows; n++) {
-                const int8_t *pn = p + (n * blocks + j) * BLOCK;
+                const int8_t *pn = p + (j * rows + n) * BLOCK;
                 int32_t sum = 0;
                 if (q4) {
                     for (int i = 0; i < BLOCK / 2; i++)
@@ -628,8 +631,8 @@ static void tiled_rounded_portable(const uint8_t *values, int q4, const uint16_t
                 } else {
                     for (int i = 0; i < BLOCK; i++) sum += (int32_t)(uint8_t)(q[i] ^ 0x80) * pn[i];
                 }
-                sum += offsets[n * blocks + j];
-                const float product = d * e[n * blocks + j];
+                sum += offsets[j * rows + n];
+                const float product = d * e[j * rows + n];
                 y[n * out + o] = fmaf((float)sum, product, y[n * out + o]);
             }
         }
@@ -698,43 +701,78 @@ static inline __attribute__((always_inline)) void tiled_float_simd(const uint8_t
     }
 }
 
-/* the VNNI loop of rows_tile on a group's tiles: codes straight from memory (Q8_0: code + 128 by a xor) */
+/* the VNNI loop of rows_tile on a group's tiles: codes straight from memory (Q8_0: code + 128 by a xor).
+   keep 0: the codes made ready (xor, or Q4_0's nibbles split) and the scales converted for these rows only;
+   1: also stored in `ready` (READY vectors a block) for the group's later rows of x; 2: read from there */
+#define READY 9                    /* vectors a block keeps ready: 8 of codes, 1 of float32 scales */
 static inline __attribute__((always_inline)) void tiled_rows_tile(const int T, const uint8_t *tiles, const int q4,
-        const uint16_t *scales, const int8_t *p, const int32_t *offsets, const float *e, float *y,
-        int64_t blocks, int64_t out, int64_t n, int64_t o, const uint8_t *ahead)
+        const int keep, __m512i *ready, const uint16_t *scales, const int8_t *p, const int32_t *offsets,
+        const float *e, float *y, int64_t blocks, int64_t out, int64_t rows, int64_t n, int64_t o,
+        const uint8_t *ahead)
 {
     const __m512i flip = _mm512_set1_epi8((char)0x80), low = _mm512_set1_epi8(15);
     __m512 acc[8];
     for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
     for (int64_t j = 0; j < blocks; j++) {
         __m512i w[8], sums[8];
+        __m512 d;
         if (ahead != NULL)
             for (int line = 0; line < TILE_ROWS * (q4 ? BLOCK / 2 : BLOCK); line += 64)
                 _mm_prefetch((const char *)(ahead + j * TILE_ROWS * (q4 ? BLOCK / 2 : BLOCK) + line), GROUP_HINT);
-        if (q4) {
-            const uint8_t *tile = tiles + j * TILE_ROWS * (BLOCK / 2);
-            for (int c = 0; c < 4; c++) {
-                const __m512i packed = _mm512_loadu_si512((const void *)(tile + 64 * c));
-                w[c] = _mm512_and_si512(packed, low);
-                w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
-            }
+        if (keep == 2) {
+            for (int c = 0; c < 8; c++) w[c] = _mm512_load_si512((const void *)(ready + j * READY + c));
+            d = _mm512_castsi512_ps(_mm512_load_si512((const void *)(ready + j * READY + 8)));
         } else {
-            const uint8_t *tile = tiles + j * TILE_ROWS * BLOCK;
-            for (int c = 0; c < 8; c++) w[c] = _mm512_xor_si512(flip, _mm512_loadu_si512((const void *)(tile + 64 * c)));
-        }
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + j * TILE_ROWS)));
-        for (int t = 0; t < T; t++) sums[t] = _mm512_set1_epi32(offsets[(n + t) * blocks + j]);
-        for (int k = 0; k < 8; k++)
-            for (int t = 0; t < T; t++) {
-                const int32_t *words = (const int32_t *)(p + ((n + t) * blocks + j) * BLOCK);
-                sums[t] = dot_broadcast(sums[t], w[k], words + k);
+            if (q4) {
+                const uint8_t *tile = tiles + j * TILE_ROWS * (BLOCK / 2);
+                for (int c = 0; c < 4; c++) {
+                    const __m512i packed = _mm512_loadu_si512((const void *)(tile + 64 * c));
+                    w[c] = _mm512_and_si512(packed, low);
+                    w[c + 4] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+                }
+            } else {
+                const uint8_t *tile = tiles + j * TILE_ROWS * BLOCK;
+                for (int c = 0; c < 8; c++) w[c] = _mm512_xor_si512(flip, _mm512_loadu_si512((const void *)(tile + 64 * c)));
             }
+            d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(scales + j * TILE_ROWS)));
+            if (keep == 1) {
+                for (int c = 0; c < 8; c++) _mm512_store_si512((void *)(ready + j * READY + c), w[c]);
+                _mm512_store_si512((void *)(ready + j * READY + 8), _mm512_castps_si512(d));
+            }
+        }
+        const int32_t *words = (const int32_t *)(p + (j * rows + n) * BLOCK);   /* block j, row n + t at 8 t */
+        for (int t = 0; t < T; t++) sums[t] = _mm512_set1_epi32(offsets[j * rows + n + t]);
+        for (int k = 0; k < 8; k++)
+            for (int t = 0; t < T; t++) sums[t] = dot_broadcast(sums[t], w[k], words + 8 * t + k);
         for (int t = 0; t < T; t++) {
-            const __m512 product = _mm512_mul_ps(d, _mm512_set1_ps(e[(n + t) * blocks + j]));   /* d · e */
+            const __m512 product = _mm512_mul_ps(d, _mm512_set1_ps(e[j * rows + n + t]));   /* d · e */
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[t]), product, acc[t]);
         }
     }
     for (int t = 0; t < T; t++) _mm512_storeu_ps(y + (n + t) * out + o, acc[t]);
+}
+
+/* every row of x over one group's tiles, 8 rows at a time, then 4, 2, 1; with more than 8 rows (and `ready`)
+   the first 8 make each block's codes ready once and the later rows read them */
+static inline __attribute__((always_inline)) void tiled_group(const uint8_t *tiles, const int q4, __m512i *ready,
+        const uint16_t *scales, const int8_t *p, const int32_t *offsets, const float *e, float *y,
+        int64_t blocks, int64_t out, int64_t rows, int64_t o, const uint8_t *ahead)
+{
+    int64_t n = 0;
+    if (rows > 8 && ready != NULL) {
+        tiled_rows_tile(8, tiles, q4, 1, ready, scales, p, offsets, e, y, blocks, out, rows, 0, o, ahead);
+        for (n = 8; n + 8 <= rows; n += 8)
+            tiled_rows_tile(8, tiles, q4, 2, ready, scales, p, offsets, e, y, blocks, out, rows, n, o, NULL);
+        if (n + 4 <= rows) { tiled_rows_tile(4, tiles, q4, 2, ready, scales, p, offsets, e, y, blocks, out, rows, n, o, NULL); n += 4; }
+        if (n + 2 <= rows) { tiled_rows_tile(2, tiles, q4, 2, ready, scales, p, offsets, e, y, blocks, out, rows, n, o, NULL); n += 2; }
+        if (n < rows) tiled_rows_tile(1, tiles, q4, 2, ready, scales, p, offsets, e, y, blocks, out, rows, n, o, NULL);
+        return;
+    }
+    for (; n + 8 <= rows; n += 8)
+        tiled_rows_tile(8, tiles, q4, 0, NULL, scales, p, offsets, e, y, blocks, out, rows, n, o, n ? NULL : ahead);
+    if (n + 4 <= rows) { tiled_rows_tile(4, tiles, q4, 0, NULL, scales, p, offsets, e, y, blocks, out, rows, n, o, n ? NULL : ahead); n += 4; }
+    if (n + 2 <= rows) { tiled_rows_tile(2, tiles, q4, 0, NULL, scales, p, offsets, e, y, blocks, out, rows, n, o, n ? NULL : ahead); n += 2; }
+    if (n < rows) tiled_rows_tile(1, tiles, q4, 0, NULL, scales, p, offsets, e, y, blocks, out, rows, n, o, n ? NULL : ahead);
 }
 
 static void tiled_rounded_simd(const uint8_t *values, const int q4, const uint16_t *scale, const int8_t *p,
@@ -742,6 +780,7 @@ static void tiled_rounded_simd(const uint8_t *values, const int q4, const uint16
                                int64_t start, int64_t end, int64_t rows)
 {
     const int64_t bytes = q4 ? BLOCK / 2 : BLOCK;
+    __m512i *ready = rows > 8 && !q4 ? (__m512i *)aligned_alloc(64, (size_t)(blocks * READY) * sizeof(__m512i)) : NULL;
     for (int64_t o = start; o < end; o += TILE_ROWS) {
         const uint8_t *tiles = values + (o / TILE_ROWS) * blocks * TILE_ROWS * bytes;
         const uint16_t *scales = scale + (o / TILE_ROWS) * blocks * TILE_ROWS;
@@ -749,19 +788,10 @@ static void tiled_rounded_simd(const uint8_t *values, const int q4, const uint16
            of the first rows of x (a burst of a whole group's lines at once gained less: measured) */
         const uint8_t *ahead = o + GROUPS_AHEAD * TILE_ROWS < end ? tiles + GROUPS_AHEAD * blocks * TILE_ROWS * bytes
                                                                    : NULL;
-        int64_t n = 0;
-        if (q4) {
-            for (; n + 8 <= rows; n += 8) tiled_rows_tile(8, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead);
-            if (n + 4 <= rows) { tiled_rows_tile(4, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead); n += 4; }
-            if (n + 2 <= rows) { tiled_rows_tile(2, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead); n += 2; }
-            if (n < rows) tiled_rows_tile(1, tiles, 1, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead);
-        } else {
-            for (; n + 8 <= rows; n += 8) tiled_rows_tile(8, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead);
-            if (n + 4 <= rows) { tiled_rows_tile(4, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead); n += 4; }
-            if (n + 2 <= rows) { tiled_rows_tile(2, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead); n += 2; }
-            if (n < rows) tiled_rows_tile(1, tiles, 0, scales, p, offsets, e, y, blocks, out, n, o, n ? NULL : ahead);
-        }
+        if (q4) tiled_group(tiles, 1, ready, scales, p, offsets, e, y, blocks, out, rows, o, ahead);
+        else tiled_group(tiles, 0, ready, scales, p, offsets, e, y, blocks, out, rows, o, ahead);
     }
+    free(ready);
 }
 #endif
 
@@ -816,7 +846,7 @@ static void tiled_rounded(const uint8_t *values, int q4, const uint16_t *scale, 
     if (p == NULL || e == NULL || offsets == NULL) {           /* no memory for x rounded: the float kernels */
         tiled_linear(values, q4, scale, x, y, blocks, out, start, end, rows);
     } else {
-        round_rows(x, rows, blocks, q4 ? 8 : 128, p, e, offsets);
+        round_rows(x, rows, blocks, q4 ? 8 : 128, p, e, offsets, 1);
         tiled_rounded_given(values, q4, scale, p, e, offsets, y, blocks, out, start, end, rows);
     }
     free(p);
