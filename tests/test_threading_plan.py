@@ -171,7 +171,7 @@ def test_guard_moves_a_slowed_plan_to_single_and_tries_it_again(monkeypatch):
     for _ in range(threading_plan.GUARD_STEPS):
         guard.step(slow)
     assert (guard.current, cpu_threads.thread_count()) == ("single", 1)
-    assert len(lines) == 1 and "plan single for 50 steps" in lines[0], lines
+    assert len(lines) == 1 and f"plan single for {threading_plan.GUARD_RETRY} steps" in lines[0], lines
     for _ in range(threading_plan.GUARD_RETRY - 1):
         guard.step(slow)                                                  # single's own times are not judged
     assert guard.current == "single"
