@@ -164,7 +164,7 @@ def test_guard_moves_a_slowed_plan_to_single_and_tries_it_again(monkeypatch):
     threading_plan.apply("pool")
     lines = []
     guard = threading_plan.Guard("pool", 100.0, lines.append)            # single plan: 100 ms a step
-    slow, fast = 0.2, 0.05                                               # the limit is 1.5 × 100 ms
+    slow, fast = 0.2, 0.05                                               # the limit is 1.25 × 100 ms
     for seconds in [slow, slow, fast] * 3 + [fast] * 5:                  # never GUARD_STEPS slow ones in a row
         guard.step(seconds)
     assert (guard.current, guard.switches, cpu_threads.thread_count(), lines) == ("pool", 0, 2, [])

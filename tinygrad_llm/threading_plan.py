@@ -226,7 +226,7 @@ def choose(configured: str, shape: dict, step_factory=None) -> dict:
             "blas_threads": blas_threads, "step_ms": step_ms}
 
 
-GUARD_FACTOR = 1.5       # a step this many times the single plan's measured step is slower than plain NumPy ...
+GUARD_FACTOR = 1.25      # a step this many times the single plan's measured step is slower than plain NumPy ...
 GUARD_STEPS = 3          # ... this many steps in a row switch the run to `single`
 GUARD_RETRY = 10         # steps on `single` before the plan is tried again (doubled after each failed try)
 GUARD_RETRY_MAX = 1600
