@@ -228,8 +228,9 @@ def choose(configured: str, shape: dict, step_factory=None) -> dict:
 
 GUARD_FACTOR = 1.25      # a step this many times the single plan's measured step is slower than plain NumPy ...
 GUARD_STEPS = 3          # ... this many steps in a row switch the run to `single`
-GUARD_RETRY = 10         # steps on `single` before the plan is tried again (doubled after each failed try)
+GUARD_RETRY = 4          # steps on `single` before the plan is tried again (doubled after each failed try ...
 GUARD_RETRY_MAX = 1600
+GUARD_SETTLED = 50       # ... back to GUARD_RETRY once the plan has run this many steps since it came back)
 
 
 class Guard:
@@ -242,9 +243,10 @@ class Guard:
     core taken (benchmarks/RESULTS.md). The guard holds the step times to the single plan's step measured
     at the start (`single_ms`): after GUARD_STEPS steps in a row above GUARD_FACTOR times it, the run goes
     to `single`; after `retry` steps there it tries the chosen plan again, which stays unless its next
-    GUARD_STEPS steps are all slow again (then `single` for twice as long). Inactive when the plan is
-    `single` or `single_ms` is unknown. Simplification: a step's time includes whatever else it does;
-    requiring several slow steps in a row keeps a lone slow step (a garbage collection) from switching.
+    GUARD_STEPS steps are all slow again (then `single` for twice as long, at most GUARD_RETRY_MAX steps).
+    Inactive when the plan is `single` or `single_ms` is unknown. Simplification: a step's time includes
+    whatever else it does; requiring several slow steps in a row keeps a lone slow step (a garbage
+    collection) from switching.
     """
 
     def __init__(self, plan: str, single_ms, log=None):
@@ -274,7 +276,7 @@ class Guard:
         self.on_plan += 1
         self.slow = self.slow + 1 if seconds > self.limit else 0
         if self.slow < GUARD_STEPS:
-            if self.on_plan > GUARD_RETRY:
+            if self.on_plan > GUARD_SETTLED:
                 self.retry = GUARD_RETRY                      # the plan has run well for a while
             return
         self.retry = min(2 * self.retry, GUARD_RETRY_MAX) if self.switches and self.on_plan <= 2 * GUARD_STEPS \
