@@ -13,7 +13,9 @@ OPENBLAS_THREAD_TIMEOUT=4 and the threading plan of `tinygrad_llm.threading_plan
 and caches it; pool, blas or single fix it), with at most --threads threads. As a training run chooses its
 plan once at its start, `auto` is resolved once per config and thread count before any round is timed
 (the most threads first, while the machine is quietest) and every round of it runs that plan: the load
-of the benchmark's own previous rounds cannot switch a later round to the busy machine's plan. PyTorch runs
+of the benchmark's own previous rounds cannot switch a later round to the busy machine's plan. Each round
+also runs the guard of a training run (`threading_plan.Guard`, held to the single plan's step measured
+with the plan): a round in which it moved to `single` for a while (a core taken) shows its plan with a *. PyTorch runs
 benchmarks/torch_baseline.py (the same model, step and optimizer) with torch.set_num_threads(--threads).
 Each measurement runs in its own subprocess with the same thread count for both libraries
 (OMP/OpenBLAS/MKL env vars too); rounds alternate ours / PyTorch so that load from other processes hits
@@ -40,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_baseline import CONFIGS, time_steps  # noqa: E402  (PyTorch itself is imported only by its worker)
 
 
-def worker_ours(config: dict, steps: int, warmup: int, plan: str) -> dict:
+def worker_ours(config: dict, steps: int, warmup: int, plan: str, single_ms: float = 0.0) -> dict:
     import numpy as np
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
     from tinygrad_llm import backend, manual_seed, threading_plan
@@ -59,13 +61,18 @@ def worker_ours(config: dict, steps: int, warmup: int, plan: str) -> dict:
     shape = (config["batch_size"], config["seq_len"])
     x, y = rng.integers(0, config["vocab_size"], shape), rng.integers(0, config["vocab_size"], shape)
 
+    guard = threading_plan.Guard(choice["plan"], single_ms)     # as a training run's (train.py), when `auto`
+
     def step():
+        start = time.perf_counter()
         _, loss = model(x, y, return_logits=False)
         loss.backward()
         norm = optimizer.gather_grads()
         optimizer.step(grad_scale=min(1.0, 1.0 / (norm + 1e-6)))
         optimizer.zero_grad()
-    return dict(time_steps(step, steps, warmup), plan=choice["plan"], plan_source=choice["source"])
+        guard.step(time.perf_counter() - start)
+    return dict(time_steps(step, steps, warmup), plan=choice["plan"], plan_source=choice["source"],
+                guard_switches=guard.switches)
 
 
 def worker_plan(config: dict, plan: str) -> dict:
@@ -160,7 +167,7 @@ def parity(steps: int, data_path: str) -> int:
 
 
 def run_worker(kind: str, config_name: str, steps: int, warmup: int, threads: int, plan: str,
-               tree: str | None = None, attention_dropout: float = 0.0) -> dict:
+               tree: str | None = None, attention_dropout: float = 0.0, single_ms: float = 0.0) -> dict:
     """One measurement in a fresh subprocess; `tree`: run this script of another checkout instead."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
@@ -170,6 +177,8 @@ def run_worker(kind: str, config_name: str, steps: int, warmup: int, threads: in
                "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads), "--plan", plan]
     if attention_dropout:
         command += ["--attention-dropout", str(attention_dropout)]
+    if single_ms and kind == "ours" and not tree:
+        command += ["--single-ms", str(single_ms)]
     env["TINYGRAD_LLM_THREADS"] = str(threads)         # the most threads tinygrad_llm's plan may use
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -208,6 +217,7 @@ def main(argv=None) -> int:
     parser.add_argument("--attention-dropout", type=float, default=0.0,
                         help="dropout on the attention probabilities, both sides (training mode)")
     parser.add_argument("--worker", choices=["ours", "torch", "plan"], help=argparse.SUPPRESS)
+    parser.add_argument("--single-ms", type=float, default=0.0, help=argparse.SUPPRESS)   # the guard's reference
     args = parser.parse_args(argv)
     if not 0.0 <= args.attention_dropout < 1.0:
         parser.error(f"--attention-dropout must be in [0, 1), got {args.attention_dropout}")
@@ -228,7 +238,7 @@ def main(argv=None) -> int:
         if args.worker == "plan":
             result = worker_plan(config, args.plan)
         else:
-            result = (worker_ours(config, args.steps, args.warmup, args.plan) if args.worker == "ours"
+            result = (worker_ours(config, args.steps, args.warmup, args.plan, args.single_ms) if args.worker == "ours"
                       else worker_torch(config, args.steps, args.warmup, thread_counts[0]))
         print(json.dumps(result))
         return 0
@@ -241,12 +251,14 @@ def main(argv=None) -> int:
     print(f"{'config':7} {'thr':>3} {'plan':>7} {'ours ms':>8} {'worst':>7} {'cpu':>6} {'tok/s':>7} "
           f"{'torch ms':>8} {'worst':>7} {'cpu':>6} {'tok/s':>7} {'ratio':>6} {'worst':>6}")
     plans = {}               # (threads, config) -> the plan every round of it runs, chosen once before any timing
+    single_ms = {}           # (threads, config) -> the single plan's step measured then: the guard's reference
     for threads in sorted(thread_counts, reverse=True):
         for name in names:
             plans[threads, name] = args.plan
             if args.plan == "auto":
                 chosen = run_worker("plan", name, 0, 0, threads, "auto", attention_dropout=args.attention_dropout)
                 plans[threads, name] = chosen["plan"]
+                single_ms[threads, name] = (chosen["step_ms"] or {}).get("single") or 0.0
                 timings = chosen["step_ms"] and ", ".join(f"{p} {ms:.0f}" for p, ms in chosen["step_ms"].items())
                 print(f"plan for {name} at {threads} thread(s): {chosen['plan']} ({chosen['plan_source']}"
                       f"{'; ms/step ' + timings if timings else ''})", flush=True)
@@ -262,9 +274,9 @@ def main(argv=None) -> int:
                     before.append(run_worker("ours", name, args.steps, args.warmup, threads, plan,
                                              tree=args.baseline_tree, attention_dropout=args.attention_dropout))
                 run = run_worker("ours", name, args.steps, args.warmup, threads, plan,
-                                 attention_dropout=args.attention_dropout)
+                                 attention_dropout=args.attention_dropout, single_ms=single_ms.get((threads, name)))
                 ours.append(run)
-                plans_run.add(f"{run['plan']}")
+                plans_run.add(f"{run['plan']}{'*' if run.get('guard_switches') else ''}")
                 if with_torch:
                     theirs.append(run_worker("torch", name, args.steps, args.warmup, threads, args.plan,
                                              attention_dropout=args.attention_dropout))
@@ -287,6 +299,8 @@ def main(argv=None) -> int:
                          f"{row['worst_speedup']:.2f}x")
             print(line, flush=True)
             results.append(row)
+    if any("*" in row["plan"] for row in results):
+        print("plan*: the guard (threading_plan.Guard) moved some round to `single` for a while (a core taken)")
     print(f"load average {load_average()} at the end")
     print(json.dumps({"results": results}))
     return 0

@@ -157,3 +157,42 @@ def test_the_run_logs_its_plan_and_records_it_in_metrics(tmp_path):
     assert start["event"] == "start" and start["threads"]["plan"] == "blas"
     with pytest.raises(ValueError, match="threads_plan"):
         TrainConfig(threads_plan="fast").validate()
+
+
+def test_guard_moves_a_slowed_plan_to_single_and_tries_it_again(monkeypatch):
+    monkeypatch.setattr(threading_plan, "set_blas_threads", lambda count: True)   # leave this process's BLAS alone
+    threading_plan.apply("pool")
+    lines = []
+    guard = threading_plan.Guard("pool", 100.0, lines.append)            # single plan: 100 ms a step
+    slow, fast = 0.2, 0.05                                               # the limit is 1.25 × 100 ms
+    for seconds in [slow, slow, fast] * 3 + [fast] * 5:                  # never GUARD_STEPS slow ones in a row
+        guard.step(seconds)
+    assert (guard.current, guard.switches, cpu_threads.thread_count(), lines) == ("pool", 0, 2, [])
+    for _ in range(threading_plan.GUARD_STEPS):
+        guard.step(slow)
+    assert (guard.current, cpu_threads.thread_count()) == ("single", 1)
+    assert len(lines) == 1 and f"plan single for {threading_plan.GUARD_RETRY} steps" in lines[0], lines
+    for _ in range(threading_plan.GUARD_RETRY - 1):
+        guard.step(slow)                                                  # single's own times are not judged
+    assert guard.current == "single"
+    guard.step(slow)
+    assert (guard.current, cpu_threads.thread_count()) == ("pool", 2) and "trying plan pool again" in lines[-1]
+    for _ in range(threading_plan.GUARD_STEPS):                           # still slow: back, for twice as long
+        guard.step(slow)
+    assert guard.current == "single" and guard.left == 2 * threading_plan.GUARD_RETRY
+    assert f"plan single for {2 * threading_plan.GUARD_RETRY} steps" in lines[-1]
+
+
+def test_guard_is_off_for_single_fixed_plans_and_unknown_single_times(monkeypatch):
+    monkeypatch.setattr(threading_plan, "set_blas_threads", lambda count: True)
+    guards = [threading_plan.Guard("single", 100.0), threading_plan.Guard("blas", None),
+              threading_plan.Guard.for_choice({"plan": "blas", "source": "flag", "step_ms": {"single": 100.0}}),
+              threading_plan.Guard.for_choice({"plan": "blas", "source": "cache", "step_ms": {"blas": 50.0}})]
+    for guard in guards:
+        for _ in range(10):
+            guard.step(10.0)
+        assert guard.switches == 0 and guard.current == guard.plan
+    active = threading_plan.Guard.for_choice({"plan": "blas", "source": "cache", "step_ms": {"single": 100.0}})
+    for _ in range(threading_plan.GUARD_STEPS):
+        active.step(10.0)
+    assert active.current == "single"

@@ -17,6 +17,8 @@ OPENBLAS_THREAD_TIMEOUT, whether the machine is busy (load average at least its 
 ops' compiled CPU loops (ops/fused_cpu) are in use and the model/batch shape; any change of those
 measures again. A corrupt cache
 file is ignored with a warning and rewritten. $TINYGRAD_LLM_THREADS_PLAN overrides the configured plan.
+While a run trains, `Guard` moves it to `single` for a while when the plan `auto` chose runs slower than
+the single plan measured at the start (another process took a core since).
 
 Simplifications: BLAS's thread count is switched at run time through threadpoolctl (an optional extra,
 `pip install tinygrad_llm[cpu]`); without it BLAS keeps the count it started with, the `single` plan
@@ -222,6 +224,73 @@ def choose(configured: str, shape: dict, step_factory=None) -> dict:
         blas_threads = None                                    # unchanged: BLAS keeps its own count
     return {"plan": plan, "source": source, "pool_threads": cpu_threads.thread_count(),
             "blas_threads": blas_threads, "step_ms": step_ms}
+
+
+GUARD_FACTOR = 1.25      # a step this many times the single plan's measured step is slower than plain NumPy ...
+GUARD_STEPS = 3          # ... this many steps in a row switch the run to `single`
+GUARD_RETRY = 4          # steps on `single` before the plan is tried again (doubled after each failed try ...
+GUARD_RETRY_MAX = 1600
+GUARD_SETTLED = 50       # ... back to GUARD_RETRY once the plan has run this many steps since it came back)
+
+
+class Guard:
+    """Keeps a run off a plan with several threads while that plan is slower than plain NumPy.
+
+    The plan is measured once, at the start, on the machine as it was then. When another process takes a
+    core later, the threads of a `pool` or `blas` plan wait for each other at every GEMM (the one whose
+    core is taken runs in the scheduler's time slices), and a step can take several times the one-thread
+    step: the char config at two threads ran 137–206 ms a step against 55–58 on `single` with the second
+    core taken (benchmarks/RESULTS.md). The guard holds the step times to the single plan's step measured
+    at the start (`single_ms`): after GUARD_STEPS steps in a row above GUARD_FACTOR times it, the run goes
+    to `single`; after `retry` steps there it tries the chosen plan again, which stays unless its next
+    GUARD_STEPS steps are all slow again (then `single` for twice as long, at most GUARD_RETRY_MAX steps).
+    Inactive when the plan is `single` or `single_ms` is unknown. Simplification: a step's time includes
+    whatever else it does; requiring several slow steps in a row keeps a lone slow step (a garbage
+    collection) from switching.
+    """
+
+    def __init__(self, plan: str, single_ms, log=None):
+        self.plan, self.current = plan, plan
+        self.limit = GUARD_FACTOR * float(single_ms) / 1e3 if single_ms and plan != "single" else None
+        self.log = log or (lambda message: None)
+        self.slow = self.left = self.on_plan = 0
+        self.retry = GUARD_RETRY
+        self.switches = 0
+
+    @classmethod
+    def for_choice(cls, choice: dict, log=None) -> "Guard":
+        """The guard of a `choose` result: active for a plan that `auto` picked (measured or cached), not
+        for one fixed by the flag or the environment."""
+        single = (choice.get("step_ms") or {}).get("single") if choice["source"] in ("measured", "cache") else None
+        return cls(choice["plan"], single, log)
+
+    def step(self, seconds: float) -> None:
+        """Account one training step that took `seconds` (wall clock); switch plans as described above."""
+        if self.limit is None:
+            return
+        if self.current == "single":
+            self.left -= 1
+            if self.left <= 0:
+                self._switch(self.plan, f"trying plan {self.plan} again")
+            return
+        self.on_plan += 1
+        self.slow = self.slow + 1 if seconds > self.limit else 0
+        if self.slow < GUARD_STEPS:
+            if self.on_plan > GUARD_SETTLED:
+                self.retry = GUARD_RETRY                      # the plan has run well for a while
+            return
+        self.retry = min(2 * self.retry, GUARD_RETRY_MAX) if self.switches and self.on_plan <= 2 * GUARD_STEPS \
+            else self.retry
+        self.left = self.retry
+        self._switch("single", f"{GUARD_STEPS} steps above {GUARD_FACTOR:g}× the single plan's "
+                               f"{self.limit / GUARD_FACTOR * 1e3:.0f} ms (a core taken?); plan single for "
+                               f"{self.left} steps")
+
+    def _switch(self, plan: str, why: str) -> None:
+        apply(plan)
+        self.current, self.slow, self.on_plan = plan, 0, 0
+        self.switches += 1
+        self.log(f"threads: {why}")
 
 
 def model_shape(model_config, batch_size: int, seq_len: int, dtype="float32") -> dict:

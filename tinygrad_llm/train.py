@@ -413,13 +413,14 @@ def _train(config, log=None) -> dict:
         install_abort_on_error(comm)
         if not lead:
             log = lambda message: None              # noqa: E731
-    threads = None
+    threads = guard = None
     if device == "cpu":                             # who gets the cores: the row pool, BLAS, or one thread
         threads = threading_plan.choose(
             config.threads_plan, threading_plan.model_shape(model_config, config.batch_size, config.seq_len, dtype),
             threading_plan.model_step_factory(model_config, config.batch_size, config.seq_len, dtype)
             if comm.size == 1 else None)
         log(threading_plan.describe(threads))
+        guard = threading_plan.Guard.for_choice(threads, log)   # off `auto`'s plan while it is slower than one thread
     global_rng.manual_seed(config.seed)
     model = GPT(model_config)
     model.to(device=device, dtype=dtype)
@@ -512,6 +513,8 @@ def _train(config, log=None) -> dict:
                         log(device_step.describe())
                 else:
                     result = train_step(model, optimizer, data.train, loop.step, config, device, scaler, parallel)
+                    if guard is not None:
+                        guard.step(time.perf_counter() - t0)
                 interrupt.raised = bool(comm.sum_host(np.array([float(interrupt.raised)]))[0])   # ranks stop together
                 step = loop.step = loop.step + 1
                 if result.backoff:
