@@ -513,8 +513,8 @@ def _train(config, log=None) -> dict:
                         log(device_step.describe())
                 else:
                     result = train_step(model, optimizer, data.train, loop.step, config, device, scaler, parallel)
-                    if guard is not None:
-                        guard.step(time.perf_counter() - t0)
+                    if guard is not None:         # the plan was timed on one micro-batch's step
+                        guard.step((time.perf_counter() - t0) / config.grad_accum)
                 interrupt.raised = bool(comm.sum_host(np.array([float(interrupt.raised)]))[0])   # ranks stop together
                 step = loop.step = loop.step + 1
                 if result.backoff:
