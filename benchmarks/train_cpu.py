@@ -46,14 +46,10 @@ def worker_ours(config: dict, steps: int, warmup: int, plan: str, single_ms: flo
     import numpy as np
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
     from tinygrad_llm import backend, manual_seed, threading_plan
-    from tinygrad_llm.model import GPT, GPTConfig
+    from tinygrad_llm.model import GPT
     from tinygrad_llm.optim import AdamW
     backend.tune_host_allocator()
-    model_config = GPTConfig(vocab_size=config["vocab_size"], d_model=config["d_model"], n_layers=config["n_layers"],
-                             n_heads=config["n_heads"], ffn_hidden=config["ffn_hidden"], max_seq_len=config["seq_len"],
-                             attention_dropout=config.get("attention_dropout", 0.0))
-    choice = threading_plan.choose(plan, threading_plan.model_shape(model_config, config["batch_size"], config["seq_len"]),
-                                   threading_plan.model_step_factory(model_config, config["batch_size"], config["seq_len"]))
+    model_config, choice = _plan_of(config, plan)
     manual_seed(0)
     model = GPT(model_config)
     optimizer = AdamW(model.named_parameters(), lr=3e-4, betas=(0.9, 0.99), weight_decay=0.1)
@@ -75,8 +71,9 @@ def worker_ours(config: dict, steps: int, warmup: int, plan: str, single_ms: flo
                 guard_switches=guard.switches)
 
 
-def worker_plan(config: dict, plan: str) -> dict:
-    """The threading plan a run of this config starts with (measured or read from the cache), nothing timed."""
+def _plan_of(config: dict, plan: str):
+    """(GPTConfig, threading_plan.choose's result): the model of a config and the plan a run of it starts with
+    (measured or read from the cache for `auto`)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
     from tinygrad_llm import threading_plan
     from tinygrad_llm.model import GPTConfig
@@ -86,6 +83,12 @@ def worker_plan(config: dict, plan: str) -> dict:
     batch, seq_len = config["batch_size"], config["seq_len"]
     choice = threading_plan.choose(plan, threading_plan.model_shape(model_config, batch, seq_len),
                                    threading_plan.model_step_factory(model_config, batch, seq_len))
+    return model_config, choice
+
+
+def worker_plan(config: dict, plan: str) -> dict:
+    """The threading plan a run of this config starts with (measured or read from the cache), nothing timed."""
+    _, choice = _plan_of(config, plan)
     return {"plan": choice["plan"], "plan_source": choice["source"], "step_ms": choice["step_ms"]}
 
 
