@@ -147,18 +147,13 @@ count_kept(const int64* targets, int64 rows, int64 ignore_index, float* keep_cou
     if (threadIdx.x == 0) keep_count[0] = count;
 }
 
-// mean_loss_<f32|bf16|f16>: loss[0] = Σ_n row_loss[n] / keep_count[0] in the logits' type (NaN when every
-// row is ignored: 0 / 0). Launch: grid (1,), blockDim 1024.
-#define MEAN_LOSS_KERNEL(T, SUFFIX)                                                                       \
-    extern "C" __global__ void __launch_bounds__(1024)                                                    \
-    mean_loss_##SUFFIX(const float* row_loss, int64 rows, const float* keep_count, T* loss) {             \
-        __shared__ float scratch[32];                                                                     \
-        float sum = 0.0f;                                                                                 \
-        for (int64 n = threadIdx.x; n < rows; n += blockDim.x) sum += row_loss[n];                        \
-        sum = block_sum(sum, scratch);                                                                    \
-        if (threadIdx.x == 0) loss[0] = from_float<T>(sum / keep_count[0]);                               \
-    }
-
-MEAN_LOSS_KERNEL(float, f32)
-MEAN_LOSS_KERNEL(__nv_bfloat16, bf16)
-MEAN_LOSS_KERNEL(__half, f16)
+// mean_loss: loss[0] = Σ_n row_loss[n] / keep_count[0] in float32 whatever the logits' type (NaN when
+// every row is ignored: 0 / 0). Launch: grid (1,), blockDim 1024.
+extern "C" __global__ void __launch_bounds__(1024)
+mean_loss(const float* row_loss, int64 rows, const float* keep_count, float* loss) {
+    __shared__ float scratch[32];
+    float sum = 0.0f;
+    for (int64 n = threadIdx.x; n < rows; n += blockDim.x) sum += row_loss[n];
+    sum = block_sum(sum, scratch);
+    if (threadIdx.x == 0) loss[0] = sum / keep_count[0];
+}

@@ -4,7 +4,12 @@
 // Backward: x̂ = x · r;  g = dy · w
 //           dx[n, c] = r[n] · (g[n, c] − x̂[n, c] · mean_c(g · x̂)[n])
 //           partial[b, c] = Σ over the rows of block b of dy[n, c] · x̂[n, c]   (dw = Σ_b partial[b, c],
-//                           summed by the caller in a fixed order, so dw is deterministic)
+//                           summed in a fixed order by rms_norm_backward_dw, so dw is deterministic)
+//           With `pending` (not null): dx = pending + the above, in one pass (the gradient the rest of a
+//           residual stream has already sent to x, which the autograd would otherwise add after);
+//           with `low` (not null): dx also written in dy's dtype D (what the residual add hands its
+//           16-bit branch).
+// rms_norm_backward_dw_<w>: dw[c] = Σ_b partial[b, c], b in order, one thread a column, written in W.
 // Must match the NumPy path of RMSNorm (rms_norm_reference is the composed oracle).
 //
 // Residual form (ops/norm.py's ResidualAdd feeding RMSNorm, one pass over the rows):
@@ -160,12 +165,13 @@ __device__ __forceinline__ void add_rms_norm_forward(const X* x, const B* branch
 // The backward, dy in dtype D: x's own, or the forward's y dtype when that differs (the residual form); dx in X.
 template <typename X, typename D, typename W>
 __device__ __forceinline__ void rms_norm_backward(const D* dy, const X* x, const W* w, const float* r, X* dx,
-                                                        float* partial, int rows, int channels) {
+                                                  float* partial, int rows, int channels, const X* pending,
+                                                  D* low) {
     extern __shared__ float warp_dw[];                     // (WARPS, C)
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     float* my_dw = warp_dw + warp * channels;
     for (int c = lane; c < channels; c += 32) my_dw[c] = 0.0f;
-    const bool vectorised = channels % 8 == 0 && aligned16(dy, x, dx, dx);
+    const bool vectorised = channels % 8 == 0 && aligned16(dy, x, dx, pending) && aligned16(low, low, low, low);
 
     for (int row = blockIdx.x * warps + warp; row < rows; row += gridDim.x * warps) {
         const int64 offset = (int64)row * channels;
@@ -200,12 +206,22 @@ __device__ __forceinline__ void rms_norm_backward(const D* dy, const X* x, const
                     d[k] = rstd * (a[k] * to_float(w[c + k]) - xhat * mean_dot);
                     my_dw[c + k] += a[k] * xhat;
                 }
+                if (pending != nullptr) {
+                    float p[8];
+                    load8<X>(pending + offset + c, p);
+#pragma unroll
+                    for (int k = 0; k < 8; ++k) d[k] = to_float(from_float<X>(d[k] + p[k]));
+                }
                 store8<X>(dxr + c, d);
+                if (low != nullptr) store8<D>(low + offset + c, d);
             }
         } else {
             for (int c = lane; c < channels; c += 32) {
                 const float a = to_float(dyr[c]), xhat = to_float(xr[c]) * rstd;
-                dxr[c] = from_float<X>(rstd * (a * to_float(w[c]) - xhat * mean_dot));
+                float d = rstd * (a * to_float(w[c]) - xhat * mean_dot);
+                if (pending != nullptr) d = to_float(from_float<X>(d + to_float(pending[offset + c])));
+                dxr[c] = from_float<X>(d);
+                if (low != nullptr) low[offset + c] = from_float<D>(d);
                 my_dw[c] += a * xhat;
             }
         }
@@ -218,6 +234,15 @@ __device__ __forceinline__ void rms_norm_backward(const D* dy, const X* x, const
     }
 }
 
+template <typename W>
+__device__ __forceinline__ void rms_norm_backward_dw(const float* partial, W* dw, int blocks, int channels) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
+    float total = 0.0f;
+    for (int b = 0; b < blocks; ++b) total += partial[(int64)b * channels + c];
+    dw[c] = from_float<W>(total);
+}
+
 // Names: add_rms_norm_forward_<x>_<branch>_<y>_<w>, rms_norm_backward_<x>_<dy>_<w>.
 #define ADD_RMS_NORM_KERNEL(X, B, Y, W, SUFFIX)                                                            \
     extern "C" __global__ void add_rms_norm_forward_##SUFFIX(const X* x, const B* branch, const W* w,       \
@@ -228,8 +253,9 @@ __device__ __forceinline__ void rms_norm_backward(const D* dy, const X* x, const
 
 #define RMS_NORM_MIXED_BACKWARD(X, D, W, SUFFIX)                                                           \
     extern "C" __global__ void rms_norm_backward_##SUFFIX(const D* dy, const X* x, const W* w, const float* r, \
-                                                         X* dx, float* partial, int rows, int channels) {    \
-        rms_norm_backward<X, D, W>(dy, x, w, r, dx, partial, rows, channels);                         \
+                                                         X* dx, float* partial, int rows, int channels,      \
+                                                         const X* pending, D* low) {                          \
+        rms_norm_backward<X, D, W>(dy, x, w, r, dx, partial, rows, channels, pending, low);                   \
     }
 
 #define RMS_NORM_FORWARD(X, W, SUFFIX)                                                                    \
@@ -240,8 +266,14 @@ __device__ __forceinline__ void rms_norm_backward(const D* dy, const X* x, const
 
 #define RMS_NORM_BACKWARD(X, W, SUFFIX)                                                                   \
     extern "C" __global__ void rms_norm_backward_##SUFFIX(const X* dy, const X* x, const W* w, const float* r, \
-                                                         X* dx, float* partial, int rows, int channels) {    \
-        rms_norm_backward<X, X, W>(dy, x, w, r, dx, partial, rows, channels);                                  \
+                                                         X* dx, float* partial, int rows, int channels,      \
+                                                         const X* pending, X* low) {                          \
+        rms_norm_backward<X, X, W>(dy, x, w, r, dx, partial, rows, channels, pending, low);                   \
+    }
+
+#define RMS_NORM_DW(W, SUFFIX)                                                                             \
+    extern "C" __global__ void rms_norm_backward_dw_##SUFFIX(const float* partial, W* dw, int blocks, int channels) { \
+        rms_norm_backward_dw<W>(partial, dw, blocks, channels);                                                        \
     }
 
 // Each line is tagged with its 16-bit dtype (1 for the all-float32 kernels) and its pass (1 forward,
@@ -252,6 +284,9 @@ ADD_RMS_NORM_KERNEL(float, float, float, float, f32_f32_f32_f32)
 #endif
 #if SELECTED(0, 1, 2)
 RMS_NORM_BACKWARD(float, float, f32_f32)
+#endif
+#if SELECTED(0, 0, 2)
+RMS_NORM_DW(float, f32)
 #endif
 #if SELECTED(0, 2, 1)
 RMS_NORM_FORWARD(__nv_bfloat16, __nv_bfloat16, bf16_bf16)
@@ -265,6 +300,7 @@ ADD_RMS_NORM_KERNEL(__nv_bfloat16, __nv_bfloat16, __nv_bfloat16, float, bf16_bf1
 RMS_NORM_BACKWARD(__nv_bfloat16, __nv_bfloat16, bf16_bf16)
 RMS_NORM_BACKWARD(__nv_bfloat16, float, bf16_f32)
 RMS_NORM_MIXED_BACKWARD(float, __nv_bfloat16, float, f32_bf16_f32)
+RMS_NORM_DW(__nv_bfloat16, bf16)
 #endif
 #if SELECTED(0, 3, 1)
 RMS_NORM_FORWARD(__half, __half, f16_f16)
@@ -278,4 +314,5 @@ ADD_RMS_NORM_KERNEL(__half, __half, __half, float, f16_f16_f16_f32)
 RMS_NORM_BACKWARD(__half, __half, f16_f16)
 RMS_NORM_BACKWARD(__half, float, f16_f32)
 RMS_NORM_MIXED_BACKWARD(float, __half, float, f32_f16_f32)
+RMS_NORM_DW(__half, f16)
 #endif

@@ -249,6 +249,69 @@ def test_add_rms_norm_matches_numpy(shape, x_dtype, b_dtype, y_dtype, w_dtype, r
     assert _relative_error(dw, want_dw) < tolerance
 
 
+# (shape, x dtype, dy dtype, weight dtype, low): the float32 stream with bf16/fp16 gradients is the GPT-2
+# step's; C = 100 takes the scalar path
+PENDING_CASES = [((4, 37, 768), "float32", "bfloat16", "float32", True),
+                 ((3, 5, 100), "float32", "float16", "float32", True),
+                 ((4, 37, 768), "float32", "float32", "float32", False),
+                 ((6, 100), "bfloat16", "bfloat16", "bfloat16", False)]
+
+
+@gpu_test
+@pytest.mark.parametrize("shape,x_dtype,dy_dtype,w_dtype,low", PENDING_CASES)
+def test_rms_norm_backward_adds_the_pending_gradient_and_writes_the_low_copy(shape, x_dtype, dy_dtype, w_dtype,
+                                                                             low, rng, poisoned):
+    x, dy, pending = (_random(rng, shape, _dtype(d)) for d in (x_dtype, dy_dtype, x_dtype))
+    weight = (1 + 0.1 * rng.standard_normal(shape[-1])).astype(np.float32).astype(_dtype(w_dtype))
+    _, (want_dx, want_dw) = _run(RMSNorm, [_f64(x), _f64(weight)], _f64(dy), eps=1e-5)
+    cuda = [backend.to_device(a, "cuda") for a in (x, weight, dy, pending)]
+    _, r = gpu.rms_norm_forward(cuda[0], cuda[1], 1e-5)
+    plain_dx, plain_dw = gpu.rms_norm_backward(cuda[2], cuda[0], cuda[1], r)
+    result = gpu.rms_norm_backward(cuda[2], cuda[0], cuda[1], r, pending=cuda[3], low=low)
+    dx, dw = result[:2]
+    assert len(result) == (3 if low else 2) and dx.dtype == x.dtype and dw.dtype == weight.dtype
+    tolerance = max(TOLERANCE[x_dtype], TOLERANCE[dy_dtype])
+    assert _relative_error(dx, want_dx + _f64(pending)) < tolerance
+    assert _relative_error(dw, want_dw) < tolerance
+    np.testing.assert_array_equal(backend.to_numpy(dw), backend.to_numpy(plain_dw))
+    if x.dtype == np.float32:                     # the add in float32 is the engine's add of the two arrays
+        np.testing.assert_array_equal(backend.to_numpy(dx), backend.to_numpy(plain_dx) + pending)
+    if low:                                       # exactly dx rounded to dy's dtype, as a cast would give
+        assert result[2].dtype == dy.dtype
+        np.testing.assert_array_equal(backend.to_numpy(result[2]), backend.to_numpy(dx).astype(dy.dtype))
+
+
+@gpu_test
+def test_a_junction_hands_its_branch_the_gradient_the_norm_backward_wrote(rng, poisoned):
+    """Two junctions of a float32 stream with bf16 branches, as a layer chains them: the first junction's
+    norm backward adds the stream's gradient and writes its bf16 copy, which the residual add hands to the
+    branch; every gradient matches the same graph with the pending protocol off."""
+    from tinygrad_llm import Tensor
+    from tinygrad_llm import functional as F
+    shape, bf16 = (2, 16, 256), _dtype("bfloat16")
+    arrays = [_random(rng, shape, np.float32), _random(rng, shape, bf16), _random(rng, shape, bf16),
+              (1 + 0.1 * rng.standard_normal(256)).astype(np.float32)]
+    upstream, upstream_normed = _random(rng, shape, np.float32), _random(rng, shape, bf16)
+
+    def gradients():
+        x, b1, b2, w = (Tensor(backend.to_device(a, "cuda"), requires_grad=True) for a in arrays)
+        total, normed = F.add_rms_norm(x, b1, w, out_dtype=bf16)
+        total2, normed2 = F.add_rms_norm(total, b2 * normed, w, out_dtype=bf16)
+        F.concatenate([total2, normed2.astype(np.float32)], axis=-1).backward(   # 2 × (B, T, C) -> (B, T, 2C)
+            backend.to_device(np.concatenate([upstream, upstream_normed.astype(np.float32)], axis=-1), "cuda"))
+        return [backend.to_numpy(t.grad) for t in (x, b1, b2, w)]
+
+    fused = gradients()
+    RMSNorm.takes_pending = False
+    try:
+        plain = gradients()
+    finally:
+        RMSNorm.takes_pending = True
+    for got, want in zip(fused, plain):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(got.astype(np.float64), want.astype(np.float64), rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------ SwiGLU
 @gpu_test
 @pytest.mark.parametrize("shape", [(4, 33, 2048), (5, 7), (3, 1, 24), (1,)])
@@ -370,8 +433,8 @@ def test_cross_entropy_matches_numpy(rows, vocab, dtype_name, rng, poisoned):
     want_loss, (want_dlogits,) = _run(CrossEntropy, [_f64(logits), targets], upstream)
     cuda_logits = backend.to_device(logits, "cuda")
     loss, (dlogits,) = _run(CrossEntropy, [cuda_logits, backend.to_device(targets, "cuda")],
-                            backend.cupy_module().asarray(upstream, dtype=dtype))
-    assert loss.shape == () and loss.dtype == dtype and dlogits.dtype == dtype
+                            backend.cupy_module().asarray(upstream, dtype=np.float32))
+    assert loss.shape == () and loss.dtype == np.float32 and dlogits.dtype == dtype   # the loss in float32
     tolerance = TOLERANCE[dtype_name]
     assert abs(float(loss) - float(want_loss)) <= tolerance * abs(float(want_loss))
     assert _relative_error(dlogits, want_dlogits) < tolerance
@@ -544,7 +607,7 @@ def test_small_model_under_a_low_precision_policy_tracks_float32(policy_name, rn
         with precision.policy(active):
             _, loss = model(backend.to_device(ids, device), backend.to_device(targets, device))
             loss.backward()
-        assert loss.dtype == (np.float32 if device == "cpu" else _dtype(low))
+        assert loss.dtype == np.float32                  # 16-bit logits give a float32 loss, as under autocast
         grads = {name: p.grad for name, p in model.named_parameters()}
         assert all(g.dtype == np.float32 for g in grads.values()), "master-weight gradients must stay float32"
         results.append((float(loss.item()), {name: backend.to_numpy(g) for name, g in grads.items()}))

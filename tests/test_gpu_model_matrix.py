@@ -31,14 +31,16 @@ def _relative_error(got, want) -> float:
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-def _one_step(config, ids, targets, device, policy_name):
-    """Loss, float32 gradients by name, and the loss after one AdamW step, on `device` under the policy."""
+def _one_step(config, ids, targets, device, policy_name, return_logits=True):
+    """Loss, float32 gradients by name, and the loss after one AdamW step, on `device` under the policy.
+    return_logits=False: the first loss from the training head (F.linear_cross_entropy)."""
     manual_seed(2024)
     model = GPT(config).to(device)
     optimizer = AdamW(model.named_parameters(), lr=3e-3, weight_decay=0.1)
     ids, targets = backend.to_device(ids, device), backend.to_device(targets, device)
     with precision.policy(policy_name):
-        _, loss = model(ids, targets)
+        _, loss = model(ids, targets, return_logits=return_logits)
+        assert loss.dtype == np.float32                     # a 16-bit policy's loss too
         loss.backward()
         grads = {name: backend.to_numpy(p.grad).astype(np.float32) for name, p in model.named_parameters()}
         optimizer.step()
@@ -67,3 +69,24 @@ def test_model_step_on_the_gpu_matches_the_cpu(head_dim, policy_name, kv_heads):
     assert _relative_error(gpu_grads[worst], cpu_grads[worst]) <= grad_tolerance, worst
     assert abs(gpu_after - cpu_after) <= after_tolerance * abs(cpu_after), (gpu_after, cpu_after)
     assert cpu_after < cpu_loss                             # the step is a real update, not a no-op
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("policy_name", POLICIES)
+def test_the_training_head_on_the_gpu_matches_the_cpu(policy_name):
+    """The same step through F.linear_cross_entropy (what training runs: the GEMM and the cross-entropy
+    kernel written over the logits), head dim 64."""
+    config = GPTConfig(vocab_size=101, d_model=128, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=192,
+                       max_seq_len=64)
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, config.vocab_size, (2, 64))
+    targets = rng.integers(0, config.vocab_size, (2, 64))
+    targets[0, -5:] = -100
+    cpu_loss, cpu_grads, cpu_after = _one_step(config, ids, targets, "cpu", "fp32", return_logits=False)
+    gpu_loss, gpu_grads, gpu_after = _one_step(config, ids, targets, "cuda", policy_name, return_logits=False)
+    loss_tolerance, grad_tolerance, after_tolerance = TOLERANCE[policy_name]
+    assert abs(gpu_loss - cpu_loss) <= loss_tolerance * abs(cpu_loss), (gpu_loss, cpu_loss)
+    for name, want in cpu_grads.items():
+        assert _relative_error(gpu_grads[name], want) <= grad_tolerance, name
+    assert abs(gpu_after - cpu_after) <= after_tolerance * abs(cpu_after), (gpu_after, cpu_after)

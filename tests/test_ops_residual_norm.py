@@ -80,3 +80,38 @@ def test_mismatched_shapes_are_a_clear_error():
         F.add_rms_norm(np.ones((2, 4)), np.ones((2, 5)), np.ones(4))
     with pytest.raises(ValueError, match="weight shape"):
         F.add_rms_norm(np.ones((2, 4)), np.ones((2, 4)), np.ones(5))
+
+
+def two_junctions(x, branch, weight, scale):
+    """Two residual junctions as a layer chains them: the second junction's stream input is the first's
+    sum, so the norm's backward receives the stream's gradient as pending (Function.takes_pending)."""
+    total, normed = F.add_rms_norm(x, branch, weight, 1e-5)
+    total2, normed2 = F.add_rms_norm(total, normed * scale, weight, 1e-5)
+    return F.concatenate([total2, normed2], axis=-1)                 # 2 × (..., C) -> (..., 2C)
+
+
+@given(leading=hnp.array_shapes(min_dims=1, max_dims=2, max_side=3), channels=st.integers(1, 6), seed=seeds)
+def test_the_stream_gradient_is_added_by_the_norm_backward(backend, assert_gradcheck, leading, channels, seed):
+    from tinygrad_llm.ops.norm import RMSNorm
+    shape = tuple(leading) + (channels,)
+    x, branch, weight, scale = (normal(shape, seed), normal(shape, seed + 1), normal((channels,), seed + 2),
+                                normal((channels,), seed + 3))
+    seen = []
+    original = RMSNorm.backward
+
+    def recording(self, dy, pending=(None, None)):
+        seen.append(pending[0] is not None)
+        return original(self, dy, pending)
+
+    inputs = [backend.tensor(x), backend.tensor(branch), backend.tensor(weight), backend.tensor(scale)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RMSNorm, "backward", recording)
+        assert_gradcheck(two_junctions, inputs)
+    assert any(seen)                                   # the first junction's norm took the stream's gradient
+
+    def reference(x, branch, weight, scale):
+        total = x + branch
+        total2 = total + rms_norm_reference(total, weight, 1e-5) * scale
+        return F.concatenate([total2, rms_norm_reference(total2, weight, 1e-5)], axis=-1)
+
+    assert_same_forward_and_backward(backend, two_junctions, reference, [x, branch, weight, scale])

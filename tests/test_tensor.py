@@ -44,6 +44,39 @@ def test_diamond_graph_accumulates_both_paths():
     np.testing.assert_allclose(x.grad, 24 * x.data + 6)
 
 
+class _ScaleTakingPending(Function):
+    """y = 3x, with the engine's pending protocol: records what was pending and adds it itself (or, when
+    told to, returns no gradient, so that what was pending must survive)."""
+    takes_pending = True
+    log = []
+
+    def forward(self, x, give_none=False):
+        self.save(give_none=give_none)
+        return 3 * x
+
+    def backward(self, dy, pending):
+        (give_none,) = self.saved
+        type(self).log.append(pending)
+        if give_none:
+            return None
+        return 3 * dy if pending[0] is None else 3 * dy + pending[0]
+
+
+@pytest.mark.parametrize("give_none", [False, True])
+def test_a_function_taking_pending_gradients_gets_the_other_uses_gradient_first(give_none):
+    _ScaleTakingPending.log.clear()
+    x = leaf([1.0, -2.0])
+    h = x * 1.0
+    scaled = _ScaleTakingPending.apply(h, give_none=give_none) * 2.0
+    out = h * scaled                              # h's other use, after the scale: its gradient comes first
+    upstream = np.array([1.0, 0.5])
+    out.backward(upstream)
+    (pending,) = _ScaleTakingPending.log
+    np.testing.assert_allclose(pending[0], scaled.data * upstream)
+    want = 6 * x.data * upstream + (0.0 if give_none else 6 * x.data * upstream)
+    np.testing.assert_allclose(x.grad, want)
+
+
 def test_leaf_reached_by_paths_of_different_depth():
     x = leaf([0.3, -0.7])
     deep = x

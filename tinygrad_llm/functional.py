@@ -167,7 +167,7 @@ def add_rms_norm(x, branch, weight, eps=1e-5, chunked=True, out_dtype=None):
     into = {}
     total = ResidualAdd.apply(x, branch, norm=(weight.data, eps, out_dtype, into, chunked))
     return total, RMSNorm.apply(total, weight, eps=eps, chunked=chunked, out_dtype=out_dtype,
-                                prepared=into.get("prepared"))
+                                prepared=into.pop("prepared", None), junction=into)
 
 
 def rope(x, positions=None, theta=10000.0):

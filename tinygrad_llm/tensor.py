@@ -44,9 +44,15 @@ class Function:
     exactly one), or None for an input that needs none. `self.needs_input_grad` tells which are wanted.
     State that backward needs is stored with `self.save(name=array, ...)` and read back as the tuple
     `self.saved`, in the order it was saved.
+
+    A subclass with `takes_pending = True` has `backward(dy, pending)` instead: `pending` holds, per
+    Tensor input, the gradient that the input's other uses have already sent it (None where none has),
+    and the gradients it returns include those, so that a kernel can add them in its own pass over the
+    rows instead of the engine adding them after. It must not write into a pending array.
     """
 
     __slots__ = ("inputs", "needs_input_grad", "_saved", "_freed")
+    takes_pending = False
 
     def __init__(self):
         self.inputs: tuple = ()
@@ -234,13 +240,20 @@ class Tensor:
                 raise RuntimeError(
                     f"{type(function).__name__}: this graph was already used by a backward pass that freed "
                     "its saved arrays; call backward(retain_graph=True) the first time to run backward twice")
-            input_grads = function.backward(dy)
+            pending = None
+            if function.takes_pending:
+                pending = tuple(grads.pop(id(inp), None) if inp.requires_grad else None for inp in function.inputs)
+                input_grads = function.backward(dy, pending)
+            else:
+                input_grads = function.backward(dy)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
             if len(input_grads) != len(function.inputs):
                 raise RuntimeError(f"{type(function).__name__}.backward returned {len(input_grads)} gradients "
                                    f"for {len(function.inputs)} tensor inputs")
-            for inp, g in zip(function.inputs, input_grads):
+            for i, (inp, g) in enumerate(zip(function.inputs, input_grads)):
+                if g is None and pending is not None and pending[i] is not None:
+                    g = pending[i]                 # no gradient of its own: what was pending stays
                 if g is None or not inp.requires_grad:
                     continue
                 if g.shape != inp.data.shape or g.dtype != inp.data.dtype:

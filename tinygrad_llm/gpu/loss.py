@@ -19,7 +19,7 @@ def supports(logits) -> bool:
 def cross_entropy_forward_backward(logits, targets, ignore_index=-100, in_place=False):
     """Mean cross-entropy over the rows whose target is not ignore_index, and its gradient.
 
-    Returns (loss, dlogits): loss a 0-d array in the logits' dtype (NaN when every row is ignored);
+    Returns (loss, dlogits): loss a 0-d float32 array (NaN when every row is ignored);
     dlogits = (softmax(logits) − onehot(target)) / count with zero rows for ignored targets, in the logits'
     dtype. With in_place=True dlogits is written over `logits` (no second N×V buffer). No host sync.
     """
@@ -41,7 +41,6 @@ def cross_entropy_forward_backward(logits, targets, ignore_index=-100, in_place=
             (rows,), (THREADS[np.dtype(logits.dtype).name],),
             (logits, targets, dlogits, row_loss, keep_count, np.int64(rows), np.int64(vocab),
              np.int64(ignore_index), np.int32(vectorised)))
-    loss = empty((), logits.dtype)                        # 0/0 = NaN when every row is ignored
-    function("cross_entropy.cu", f"mean_loss_{suffix(logits.dtype)}")((1,), (1024,), (row_loss, np.int64(rows),
-                                                                                     keep_count, loss))
+    loss = empty((), np.float32)                          # 0/0 = NaN when every row is ignored
+    function("cross_entropy.cu", "mean_loss")((1,), (1024,), (row_loss, np.int64(rows), keep_count, loss))
     return loss, dlogits

@@ -74,29 +74,43 @@ def rms_norm_forward(x, weight, eps):
     return y, r
 
 
-def rms_norm_backward(dy, x, weight, r):
-    """dx = r·(g − x̂·mean(g·x̂)), g = dy·w, x̂ = x·r;  dw = Σ_rows dy·x̂.  dx in x's dtype, dw in w's."""
+def rms_norm_backward(dy, x, weight, r, pending=None, low=False):
+    """dx = r·(g − x̂·mean(g·x̂)), g = dy·w, x̂ = x·r;  dw = Σ_rows dy·x̂.  dx in x's dtype, dw in w's.
+
+    `pending` (x's shape and dtype): added to dx in the same pass (the gradient that x's other uses have
+    already sent it). `low` true, with dy in a 16-bit dtype other than x's: dx is also returned in dy's
+    dtype, written in the same pass. Returns (dx, dw), or (dx, dw, dx in dy's dtype) with `low`."""
     mixed = (suffix(x.dtype), suffix(dy.dtype), suffix(weight.dtype))
     kernel_name = f"rms_norm_backward_{mixed[0]}_{mixed[2]}"
     if mixed in _MIXED_BACKWARD:                  # dy in y's low dtype, read as it is
         kernel_name = "rms_norm_backward_" + "_".join(mixed)
     else:
+        if low:
+            raise ValueError("rms_norm_backward: a 16-bit copy of dx needs dy in a 16-bit dtype and x in float32")
         dy = dy.astype(x.dtype, copy=False)
+    if pending is not None and (pending.shape != x.shape or pending.dtype != x.dtype):
+        raise ValueError(f"rms_norm_backward: pending gradient {pending.dtype}{tuple(pending.shape)} does not "
+                         f"match x {x.dtype}{tuple(x.shape)}")
     dy, x, weight, r = contiguous(dy), contiguous(x), contiguous(weight), contiguous(r)
+    pending = None if pending is None else contiguous(pending)
     channels = x.shape[-1]
     rows = x.size // channels
     dx = empty(x.shape, x.dtype)
+    dx_low = empty(x.shape, dy.dtype) if low else None
+    dweight = empty((channels,), weight.dtype)
     if not rows:
-        return dx, backend.cupy_module().zeros(channels, dtype=weight.dtype)
+        dweight.fill(0)
+        return (dx, dweight, dx_low) if low else (dx, dweight)
     warps_per_block = max(1, min(8, 12288 // channels))          # per-warp dw rows fit in 48 KB
     blocks = max(1, min((rows + warps_per_block - 1) // warps_per_block, 4 * multiprocessors()))
     partial = empty((blocks, channels), np.float32)
     _kernel(kernel_name)(
         (blocks,), (32 * warps_per_block,),
-        (dy, x, weight, r, dx, partial, np.int32(rows), np.int32(channels)),
+        (dy, x, weight, r, dx, partial, np.int32(rows), np.int32(channels), pending, dx_low),
         shared_mem=warps_per_block * channels * 4)
-    dweight = partial.sum(axis=0)                                    # (blocks, C) -> (C,), fixed order
-    return dx, dweight.astype(weight.dtype, copy=False)
+    _kernel(f"rms_norm_backward_dw_{suffix(weight.dtype)}")(                 # (blocks, C) -> (C,), blocks in order
+        ((channels + 127) // 128,), (128,), (partial, dweight, np.int32(blocks), np.int32(channels)))
+    return (dx, dweight, dx_low) if low else (dx, dweight)
 
 
 FILE = "rms_norm.cu"

@@ -100,6 +100,8 @@ class CrossEntropy(Function):
     Backward: dx = dy · (softmax(x) − onehot(target)) / count   (zero rows for ignored targets)
     Shapes:   x: (N, V) or (B, T, V);  targets: x.shape[:-1], integers;  loss: ()
     Saves:    the finished gradient (softmax − onehot) / count, shaped like x
+    dtype:    the loss in float32 for 16-bit logits (autocast's numerics: a bf16 loss would be rounded to
+              ~3 significant digits), else in the logits' dtype; dlogits in the logits' dtype.
     """
 
     def forward(self, logits, targets, ignore_index=-100):
@@ -115,12 +117,14 @@ class CrossEntropy(Function):
             return loss
         loss, dlogits = _loss_and_gradient(logits2, targets1, ignore_index, xp)
         self.save(dlogits=dlogits.reshape(shape))
-        return xp.asarray(loss, dtype=logits.dtype)
+        return xp.asarray(loss, dtype=accumulation_dtype(logits.dtype))
 
     def backward(self, dy):
         (dlogits,) = self.saved
         if is_unit_seed(dy):                     # the usual case (loss.backward()): skip a full-size multiply
             return dlogits
+        if dy.dtype != dlogits.dtype:            # a float32 dy of 16-bit logits: multiply in float32
+            return (dlogits.astype(dy.dtype) * dy).astype(dlogits.dtype)
         return dlogits * dy
 
 
@@ -156,14 +160,15 @@ class LinearCrossEntropy(Function):
             logits, x_saved, weight_saved = product(x2, weight.T), x, weight    # (N, V)
         entropy = kernel("cross_entropy", logits)
         if entropy is not None:
-            loss, grad = entropy.cross_entropy_forward_backward(logits, targets, ignore_index)
+            # over the logits, which are this op's own: one (N, V) buffer instead of two at the step's peak
+            loss, grad = entropy.cross_entropy_forward_backward(logits, targets, ignore_index, in_place=True)
         else:
             loss, grad = _loss_and_gradient(logits, targets, ignore_index, xp, in_place=True)
         self.save(x=x_saved, weight=weight_saved, grad=grad, linear=linear, dtypes=(x.dtype, weight.dtype),
                   x_shape=x.shape)
         if entropy is not None:
-            return loss
-        return xp.asarray(loss, dtype=np.float32 if accumulation_dtype(x.dtype) != x.dtype else x.dtype)
+            return loss                                                   # float32 (the kernel's)
+        return xp.asarray(loss, dtype=accumulation_dtype(logits.dtype))
 
     def backward(self, dy):
         x, weight, grad, linear, dtypes, x_shape = self.saved

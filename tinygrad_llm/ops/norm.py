@@ -8,8 +8,10 @@ threads of tinygrad_llm.cpu_threads), and the plain array expression (CuPy array
 The residual form, `add_rms_norm` (what a pre-norm block does at each junction of its residual stream):
 s = x + branch and y = RMSNorm(s), two Tensors from two ops (ResidualAdd, then RMSNorm on s), since a
 Function has one output. On the GPU the first op computes both in one pass over the rows and hands y to
-the second, which then only records what its backward needs. Simplification: the backward stays two
-ops (the gradient reaching s from the norm and from the rest of the stream is summed by the autograd).
+the second, which then only records what its backward needs. The backward stays two ops, joined the same
+way: RMSNorm's backward takes the gradient that the rest of the stream has already sent to s (the
+autograd's `pending`) and adds it in its own pass, and on the GPU also writes that sum in the branch's
+16-bit dtype, which ResidualAdd's backward then hands to the branch instead of casting it again.
 """
 from __future__ import annotations
 
@@ -42,15 +44,21 @@ class RMSNorm(Function):
     Output dtype: `out_dtype` (default x's) rounds y to another dtype (the low dtype a following Linear
     reads); dy then comes in that dtype and dx goes back in x's. `prepared` = (kernel module or "chunked",
     y, r): y and r already computed by ResidualAdd's fused pass over this x; the forward records them only.
+    Pending: the backward adds the gradient x's other uses have already sent (`takes_pending`) to dx in
+    the same pass (kernel; NumPy paths add it in place). `junction`: the dict shared with the ResidualAdd
+    that made x; with the kernel, a float32 x and dy in the branch's 16-bit dtype, the backward also
+    writes dx in that dtype and leaves (dx, dx_low) there for ResidualAdd's backward.
     """
 
-    def forward(self, x, weight, eps=1e-5, chunked=True, out_dtype=None, prepared=None):
+    takes_pending = True
+
+    def forward(self, x, weight, eps=1e-5, chunked=True, out_dtype=None, prepared=None, junction=None):
         if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
             raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match the last axis of "
                              f"x {tuple(x.shape)}")
         if prepared is not None:
             fast, y, r = prepared
-            self.save(path=fast, x=x, r=r, weight=weight)
+            self.save(path=fast, x=x, r=r, weight=weight, junction=junction)
             return y
         y = self._normalise(x, weight, eps, chunked)
         if out_dtype is not None and np.dtype(out_dtype) != y.dtype:
@@ -62,22 +70,38 @@ class RMSNorm(Function):
         fast = kernel("rms_norm", x, weight)
         if fast is not None:
             y, r = fast.rms_norm_forward(x, weight, eps)
-            self.save(path=fast, x=x, r=r, weight=weight)
+            self.save(path=fast, x=x, r=r, weight=weight, junction=None)
             return y
         if chunked and xp is np and accumulation_dtype(x.dtype) == x.dtype:   # 16-bit: the plain path
             y, r, _ = _chunked_forward(x, weight, eps)
-            self.save(path="chunked", x=x, r=r, weight=weight)
+            self.save(path="chunked", x=x, r=r, weight=weight, junction=None)
             return y
         accumulate = accumulation_dtype(x.dtype)
         r = (1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True, dtype=accumulate) + eps)).astype(x.dtype)
         xhat = x * r
-        self.save(path="plain", xhat=xhat, r=r, weight=weight)
+        self.save(path="plain", xhat=xhat, r=r, weight=weight, junction=None)
         return xhat * weight
 
-    def backward(self, dy):
-        path, saved_x, r, weight = self.saved        # saved_x is x̂ on the plain path, x otherwise
+    def backward(self, dy, pending=(None, None)):
+        path, saved_x, r, weight, junction = self.saved   # saved_x is x̂ on the plain path, x otherwise
+        pending_x, pending_weight = pending
         if path != "plain" and path != "chunked":    # the kernel module the forward ran (reads dy's dtype)
-            return path.rms_norm_backward(dy, saved_x, weight, r)
+            low = (junction is not None and self.needs_input_grad[0] and saved_x.dtype == np.float32 and dy.dtype.itemsize == 2
+                   and dy.dtype == junction.get("branch_dtype"))
+            result = path.rms_norm_backward(dy, saved_x, weight, r, pending=pending_x, low=low)
+            dx, dweight = result[:2]
+            if low:
+                junction["gradient"] = result                    # (dx, dw, dx in the branch's dtype)
+        else:
+            dx, dweight = self._numpy_backward(path, dy, saved_x, r, weight)
+            if pending_x is not None:
+                dx += pending_x                                  # dx is this backward's own new array
+        if pending_weight is not None:
+            dweight = dweight + pending_weight
+        return dx, dweight
+
+    @staticmethod
+    def _numpy_backward(path, dy, saved_x, r, weight):
         dy = dy.astype(saved_x.dtype, copy=False)    # y was rounded to out_dtype: dx in x's dtype
         if path == "chunked":
             return _chunked_backward(dy, saved_x, r, weight)
@@ -101,14 +125,18 @@ class ResidualAdd(Function):
     forward also computes y = RMSNorm(s) (weight, eps; y in out_dtype) in the same pass over the rows and
     stores (kernel module, y, r) in the dict `into`, for RMSNorm's `prepared`. NumPy arrays of one float32
     or float64 dtype with `chunked` true do the same on the chunked path, each row chunk summed and
-    normalised while it is in cache ("chunked", y, r); on other arrays `into` stays empty.
+    normalised while it is in cache ("chunked", y, r); on other arrays `into` stays empty. `into` is also
+    the junction the RMSNorm keeps for its backward: when that backward leaves ("gradient": (ds, dw,
+    ds_low)) there for this op's ds, db is that ds_low, not a new cast.
     """
 
     def forward(self, x, branch, norm=None):
         if branch.shape != x.shape:
             raise ValueError(f"residual add: branch shape {tuple(branch.shape)} does not match x {tuple(x.shape)}")
-        self.save(dtype=branch.dtype)
+        into = None if norm is None else norm[3]
+        self.save(dtype=branch.dtype, junction=into)
         if norm is not None:
+            into["branch_dtype"] = branch.dtype
             weight, eps, out_dtype, into, *chunked = norm
             out_dtype = np.dtype(x.dtype if out_dtype is None else out_dtype)
             fast = kernel("add_rms_norm", x, branch, weight, out_dtype)
@@ -125,7 +153,10 @@ class ResidualAdd(Function):
         return x + branch.astype(x.dtype, copy=False)
 
     def backward(self, ds):
-        (dtype,) = self.saved
+        dtype, junction = self.saved
+        written = None if junction is None else junction.pop("gradient", None)
+        if written is not None and written[0] is ds:             # the norm's backward wrote ds in b's dtype
+            return ds, written[2]
         return ds, ds.astype(dtype, copy=False)
 
 
