@@ -210,7 +210,7 @@ __device__ __forceinline__ void rms_norm_backward(const D* dy, const X* x, const
                     float p[8];
                     load8<X>(pending + offset + c, p);
 #pragma unroll
-                    for (int k = 0; k < 8; ++k) d[k] = to_float(from_float<X>(d[k] + p[k]));
+                    for (int k = 0; k < 8; ++k) d[k] = to_float(from_float<X>(__fadd_rn(d[k], p[k])));   // no FMA contraction
                 }
                 store8<X>(dxr + c, d);
                 if (low != nullptr) store8<D>(low + offset + c, d);
@@ -219,7 +219,7 @@ __device__ __forceinline__ void rms_norm_backward(const D* dy, const X* x, const
             for (int c = lane; c < channels; c += 32) {
                 const float a = to_float(dyr[c]), xhat = to_float(xr[c]) * rstd;
                 float d = rstd * (a * to_float(w[c]) - xhat * mean_dot);
-                if (pending != nullptr) d = to_float(from_float<X>(d + to_float(pending[offset + c])));
+                if (pending != nullptr) d = to_float(from_float<X>(__fadd_rn(d, to_float(pending[offset + c]))));
                 dxr[c] = from_float<X>(d);
                 if (low != nullptr) low[offset + c] = from_float<D>(d);
                 my_dw[c] += a * xhat;
