@@ -106,11 +106,14 @@ class FakeKernels:
         x2 = x.reshape(-1, x.shape[-1])
         return (x2 @ weight.T).reshape(*x.shape[:-1], weight.shape[0]), x, weight
 
-    def linear_backward(self, dy, x, weight, dtypes, needs_input_grad=(True, True)):
+    def linear_backward(self, dy, x, weight, dtypes, needs_input_grad=(True, True), dweight_out=None):
         self.backward_calls += 1
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = (dy2 @ weight).reshape(x.shape) if needs_input_grad[0] else None
         dweight = dy2.T @ x.reshape(-1, x.shape[-1]) if needs_input_grad[1] else None
+        if dweight is not None and dweight_out is not None:
+            dweight_out[...] = dweight
+            dweight = dweight_out
         return dx, dweight
 
     def cross_entropy_forward_backward(self, logits, targets, ignore_index, in_place=False):

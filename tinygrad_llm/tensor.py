@@ -49,10 +49,14 @@ class Function:
     Tensor input, the gradient that the input's other uses have already sent it (None where none has),
     and the gradients it returns include those, so that a kernel can add them in its own pass over the
     rows instead of the engine adding them after. It must not write into a pending array.
+    A subclass with `gradient_targets = True` is also passed `into=`: per Tensor input, the array its
+    gradient may be written into (a leaf's `grad_buffer` while the leaf has no gradient yet this pass;
+    None otherwise). Writing the whole gradient there and returning that array saves the engine a copy.
     """
 
     __slots__ = ("inputs", "needs_input_grad", "_saved", "_freed")
     takes_pending = False
+    gradient_targets = False
 
     def __init__(self):
         self.inputs: tuple = ()
@@ -240,12 +244,13 @@ class Tensor:
                 raise RuntimeError(
                     f"{type(function).__name__}: this graph was already used by a backward pass that freed "
                     "its saved arrays; call backward(retain_graph=True) the first time to run backward twice")
-            pending = None
+            pending, args, options = None, (dy,), {}
             if function.takes_pending:
                 pending = tuple(grads.pop(id(inp), None) if inp.requires_grad else None for inp in function.inputs)
-                input_grads = function.backward(dy, pending)
-            else:
-                input_grads = function.backward(dy)
+                args = (dy, pending)
+            if function.gradient_targets:
+                options["into"] = _gradient_targets(function.inputs, grads)
+            input_grads = function.backward(*args, **options)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
             if len(input_grads) != len(function.inputs):
@@ -274,11 +279,27 @@ class Tensor:
 _unit_seed = None     # the ones a running backward() was seeded with when no grad was given
 
 
+def _gradient_targets(inputs, grads) -> tuple:
+    """Per input, the grad_buffer its gradient may be written into: a leaf's, while the leaf has no .grad
+    and no gradient pending in `grads`; None for everything else and for a leaf's second place in inputs."""
+    targets, offered = [], set()
+    for inp in inputs:
+        buffer = getattr(inp, "grad_buffer", None)
+        free = (buffer is not None and inp._ctx is None and inp.requires_grad and inp.grad is None
+                and id(inp) not in grads and id(inp) not in offered)
+        offered.add(id(inp))
+        targets.append(buffer if free else None)
+    return tuple(targets)
+
+
 def _accumulated(tensor, dy):
     """tensor.grad after adding dy: a copy of dy (it may be shared with another tensor's gradient or be
-    the caller's `grad` array), written into a Parameter's grad_buffer when it has a fitting one."""
+    the caller's `grad` array), written into a Parameter's grad_buffer when it has a fitting one (and dy
+    itself when an op already wrote it there: Function.gradient_targets)."""
     grad = tensor.grad
     buffer = getattr(tensor, "grad_buffer", None)
+    if grad is None and dy is buffer and buffer is not None:
+        return buffer
     if grad is None:
         if buffer is not None and buffer.shape == dy.shape and buffer.dtype == dy.dtype \
                 and type(buffer) is type(dy):

@@ -56,10 +56,11 @@ def linear_forward(x, weight):
     return y.reshape(*x.shape[:-1], weight.shape[0]), x_low, weight_low     # -> (..., out)
 
 
-def linear_backward(dy, x_low, weight_low, dtypes, needs_input_grad=(True, True)):
+def linear_backward(dy, x_low, weight_low, dtypes, needs_input_grad=(True, True), dweight_out=None):
     """dx = dy @ W (in x's dtype), dW = dyᵀ @ x summed over the leading axes (in W's dtype, float32 for
     master weights: cuBLAS writes the float32 accumulator directly), from the saved low operands;
-    dtypes = (x.dtype, weight.dtype) of the forward's inputs."""
+    dtypes = (x.dtype, weight.dtype) of the forward's inputs. dweight_out: where dW is written when it
+    fits (a C-contiguous array of W's shape and dtype: the optimizer's gradient buffer), else None."""
     cp = backend.cupy_module()
     x_dtype, weight_dtype = dtypes
     dy_low = cp.ascontiguousarray(dy.astype(x_low.dtype, copy=False))
@@ -68,12 +69,20 @@ def linear_backward(dy, x_low, weight_low, dtypes, needs_input_grad=(True, True)
     if needs_input_grad[0]:
         dx = gemm(dy2, weight_low, out_dtype=x_dtype).reshape(x_low.shape)   # (N, in) -> (..., in)
     if len(needs_input_grad) > 1 and needs_input_grad[1]:
-        dweight = gemm(dy2, x_low.reshape(-1, x_low.shape[-1]), transpose_a=True, out_dtype=weight_dtype)
+        dweight = gemm(dy2, x_low.reshape(-1, x_low.shape[-1]), transpose_a=True, out_dtype=weight_dtype,
+                       out=dweight_out if _fits(dweight_out, (dy2.shape[1], x_low.shape[-1]), weight_dtype) else None)
     return dx, dweight
 
 
-def gemm(a, b, transpose_a=False, transpose_b=False, out_dtype=None):
-    """op(a) @ op(b) through cublasGemmEx, float32 accumulation, result in `out_dtype` (default a's).
+def _fits(out, shape, dtype) -> bool:
+    """Whether `out` can take a gemm result of this shape and dtype (see gemm's `out`)."""
+    return (out is not None and backend.is_cupy_array(out) and out.shape == tuple(shape)
+            and out.dtype == np.dtype(dtype) and out.flags.c_contiguous)
+
+
+def gemm(a, b, transpose_a=False, transpose_b=False, out_dtype=None, out=None):
+    """op(a) @ op(b) through cublasGemmEx, float32 accumulation, result in `out_dtype` (default a's),
+    written into `out` when given (C-contiguous, of the result's shape and dtype).
 
     a, b: C-contiguous 2-D CuPy arrays of one dtype (bfloat16, float16 or float32); op transposes when
     asked. cuBLAS is column-major: a row-major C = op(a) op(b) is the column-major Cᵀ = op(b)ᵀ op(a)ᵀ,
@@ -88,7 +97,10 @@ def gemm(a, b, transpose_a=False, transpose_b=False, out_dtype=None):
     if inner != inner_b:
         raise ValueError(f"gemm: inner dimensions differ ({inner} vs {inner_b})")
     out_dtype = np.dtype(out_dtype or a.dtype)
-    out = cp.empty((rows, cols), dtype=out_dtype)
+    if out is None:
+        out = cp.empty((rows, cols), dtype=out_dtype)
+    elif not _fits(out, (rows, cols), out_dtype):
+        raise ValueError(f"gemm: out must be a C-contiguous {out_dtype} array of shape {(rows, cols)}")
     if out.size == 0:
         return out
     if inner == 0:

@@ -19,8 +19,12 @@ class Embedding(Function):
               each row added to its id's row in position order); CuPy arrays use add.at (atomic adds)
     Shapes:   ids: (...) integers in [0, V);  W, dW: (V, C);  y, dy: (..., C)
     Saves:    ids, V
-    16-bit gradients are summed in float32 (repeated ids add up many rows) and cast back.
+    16-bit gradients are summed in float32 (repeated ids add up many rows) and cast back. dW is written
+    straight into the optimizer's gradient buffer when the autograd offers it (gradient_targets) and the
+    path can (the kernel and the compiled pass, float32).
     """
+
+    gradient_targets = True
 
     def forward(self, ids, weight):
         xp = array_module(weight)
@@ -35,17 +39,20 @@ class Embedding(Function):
         self.save(ids=ids, vocab=vocab)
         return weight[ids]
 
-    def backward(self, dy):
+    def backward(self, dy, into=(None,)):
         ids, vocab = self.saved
+        target = into[-1]                                                  # the weight is the one Tensor input
         fast = kernel("embedding", dy)
         if fast is not None:
-            return fast.embedding_backward(ids, dy, vocab)
+            return fast.embedding_backward(ids, dy, vocab, out=target)
         xp = array_module(dy)
         channels = dy.shape[-1]
         if xp is np and fused_cpu.usable(dy):                               # one compiled pass
             rows = np.ascontiguousarray(dy.reshape(-1, channels))          # (..., C) -> (N, C)
             flat_ids = np.ascontiguousarray(ids.reshape(-1), dtype=np.int64)
-            dweight = np.empty((vocab, channels), dtype=dy.dtype)
+            fits = (type(target) is np.ndarray and target.shape == (vocab, channels) and target.dtype == dy.dtype
+                    and target.flags.c_contiguous)
+            dweight = target if fits else np.empty((vocab, channels), dtype=dy.dtype)
             fused_cpu.library()["embedding_backward", dy.dtype](
                 fused_cpu.address(flat_ids), fused_cpu.address(rows), fused_cpu.address(dweight), flat_ids.size,
                 vocab, channels)

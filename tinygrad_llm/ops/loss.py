@@ -24,7 +24,7 @@ from ..gpu import kernel
 from ..cpu_threads import run_row_chunks
 from ..tensor import Function, is_unit_seed
 from . import fused_cpu
-from .matmul import accumulation_dtype, product
+from .matmul import accumulation_dtype, product, product_into
 
 
 def _flatten(logits, targets):
@@ -170,18 +170,22 @@ class LinearCrossEntropy(Function):
             return loss                                                   # float32 (the kernel's)
         return xp.asarray(loss, dtype=accumulation_dtype(logits.dtype))
 
-    def backward(self, dy):
+    gradient_targets = True                      # dW straight into the optimizer's gradient buffer
+
+    def backward(self, dy, into=(None, None, None)):
         x, weight, grad, linear, dtypes, x_shape = self.saved
         if not is_unit_seed(dy):                 # a loss scale may not fit in float16: multiply in float32
             compute = accumulation_dtype(grad.dtype)
             grad = (grad.astype(compute, copy=False) * dy.astype(compute)).astype(grad.dtype, copy=False)
         if linear is not None:
-            dx, dweight = linear.linear_backward(grad, x, weight, dtypes, self.needs_input_grad)
+            dx, dweight = linear.linear_backward(grad, x, weight, dtypes, self.needs_input_grad,
+                                                 dweight_out=into[1])
             return (None if dx is None else dx.reshape(x_shape)), dweight
         x2 = x.reshape(-1, x.shape[-1])
         dx = product(grad, weight).reshape(x_shape).astype(dtypes[0], copy=False) \
             if self.needs_input_grad[0] else None
-        dweight = product(grad.T, x2).astype(dtypes[1], copy=False) if self.needs_input_grad[1] else None
+        dweight = product_into(grad.T, x2, into[1] if grad.dtype == dtypes[1] else None).astype(dtypes[1], copy=False) \
+            if self.needs_input_grad[1] else None
         return dx, dweight
 
 

@@ -46,6 +46,15 @@ def product(a, b):
     return a @ b
 
 
+def product_into(a, b, out):
+    """product(a, b), written into `out` where it can be (a NumPy array of the result's shape and dtype, and
+    operands multiplied in their own dtype), else a new array."""
+    if (type(out) is np.ndarray and type(a) is np.ndarray and type(b) is np.ndarray and a.dtype == b.dtype
+            and out.dtype == a.dtype and out.shape == (a.shape[0], b.shape[1]) and not needs_float32_products(a.dtype)):
+        return np.matmul(a, b, out=out)
+    return product(a, b)
+
+
 class MatMul(Function):
     """Forward:  y = a @ b  (NumPy matmul rules: batch axes broadcast; a 1-D operand is a vector)
     Backward: da = dy @ bᵀ, db = aᵀ @ dy (transposing the last two axes), summed over broadcast batch axes
@@ -87,11 +96,14 @@ class Linear(Function):
     Backward: dx = dy @ W;  dW = dyᵀ @ x summed over every leading axis
     Shapes:   x (..., in), W (out, in), y (..., out)
     Saves:    x, W
+    dW goes straight into the optimizer's gradient buffer when the autograd offers it (gradient_targets).
     The leading axes are folded into one so that each product is a single 2-D GEMM. With 2 … FEW_ROWS rows
     on the CPU (batched decoding) the forward is computed as (W xᵀ)ᵀ, a transposed view: the same sums,
     but OpenBLAS runs that orientation much faster when x is the thin side (benchmarks/RESULTS.md); float32
     with LOOP_ROWS rows takes the compiled loop instead (few_rows_loop), where the build has it.
     """
+
+    gradient_targets = True
 
     def forward(self, x, weight):
         if x.shape[-1] != weight.shape[1]:
@@ -115,13 +127,13 @@ class Linear(Function):
             y = product(x2, weight.T)
         return y.reshape(*x.shape[:-1], weight.shape[0])              # (N, out) -> (..., out)
 
-    def backward(self, dy):
+    def backward(self, dy, into=(None, None)):
         x, weight, dtypes, fast = self.saved
         if fast is not None:       # the forward ran the policy's GEMMs: x, weight are its low-precision copies
-            return fast.linear_backward(dy, x, weight, dtypes, self.needs_input_grad)
+            return fast.linear_backward(dy, x, weight, dtypes, self.needs_input_grad, dweight_out=into[1])
         dy2 = dy.reshape(-1, dy.shape[-1])                             # (..., out) -> (N, out)
         dx = product(dy2, weight).reshape(x.shape) if self.needs_input_grad[0] else None
-        dweight = product(dy2.T, x.reshape(-1, x.shape[-1])) if self.needs_input_grad[1] else None
+        dweight = product_into(dy2.T, x.reshape(-1, x.shape[-1]), into[1]) if self.needs_input_grad[1] else None
         return dx, dweight
 
 
