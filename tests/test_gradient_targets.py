@@ -99,3 +99,47 @@ def test_each_op_returns_the_target_it_was_offered(device):
         dweight = grads if cls is Embedding else grads[1]
         assert dweight is target, cls.__name__
         np.testing.assert_allclose(backend.to_numpy(dweight), want, rtol=1e-5, atol=1e-6, err_msg=cls.__name__)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_model_step_writes_every_matrix_gradient_in_place_and_matches_a_fresh_backward(device, tie, monkeypatch):
+    """A GPT bound to AdamW: every weight matrix's gradient (q, k, v through their joined view, the MLP, the
+    head, the embedding) is written by its op into the optimizer's buffer, none copied there after; the
+    values equal those of a model without buffers."""
+    from tinygrad_llm import manual_seed, tensor
+    from tinygrad_llm.model import GPT, GPTConfig
+    from tinygrad_llm.optim import AdamW
+    config = GPTConfig(vocab_size=37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,
+                       max_seq_len=16, tie_embeddings=tie)
+    rng = np.random.default_rng(5)
+    ids, targets = rng.integers(0, 37, (2, 16)), rng.integers(0, 37, (2, 16))
+
+    def grads(bound):
+        manual_seed(11)
+        model = GPT(config).to(device)
+        if bound:
+            AdamW(model.named_parameters(), lr=1e-3)._ensure_bound()
+        _, loss = model(backend.to_device(ids, device), backend.to_device(targets, device), return_logits=False)
+        loss.backward()
+        return model, {name: backend.to_numpy(p.grad) for name, p in model.named_parameters()}
+
+    copied = []
+    original = tensor._accumulated
+
+    def watching(t, dy):
+        buffer = getattr(t, "grad_buffer", None)
+        if buffer is not None and t.grad is None and not (dy is buffer or tensor._same_memory(dy, buffer)):
+            copied.append(t)
+        return original(t, dy)
+
+    _, fresh = grads(bound=False)
+    monkeypatch.setattr(tensor, "_accumulated", watching)
+    model, written = grads(bound=True)
+    names = {id(p): name for name, p in model.named_parameters()}
+    copied_matrices = [names[id(t)] for t in copied if t.ndim == 2]
+    # a tied weight has two uses: the second one's gradient is added, then copied once
+    assert copied_matrices == (["model.embed_tokens.weight"] if tie else []), copied_matrices
+    for name, p in model.named_parameters():
+        assert p.grad is p.grad_buffer, name
+        np.testing.assert_allclose(written[name], fresh[name], rtol=1e-5, atol=1e-7, err_msg=name)

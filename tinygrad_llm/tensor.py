@@ -50,8 +50,11 @@ class Function:
     and the gradients it returns include those, so that a kernel can add them in its own pass over the
     rows instead of the engine adding them after. It must not write into a pending array.
     A subclass with `gradient_targets = True` is also passed `into=`: per Tensor input, the array its
-    gradient may be written into (a leaf's `grad_buffer` while the leaf has no gradient yet this pass;
-    None otherwise). Writing the whole gradient there and returning that array saves the engine a copy.
+    gradient may be written into (a leaf's `grad_buffer` while the leaf has no gradient yet this pass, or
+    what the input's own Function offers through `output_target`; None otherwise). Writing the whole
+    gradient there and returning that array saves the engine a copy. `output_target(free)`, where a
+    Function defines it, returns an array for its output's gradient built from its leaf inputs' buffers
+    (`free(tensor)` gives a leaf's buffer, or None when it may not be written), or None.
     """
 
     __slots__ = ("inputs", "needs_input_grad", "_saved", "_freed")
@@ -229,6 +232,7 @@ class Tensor:
 
         order = _topological_order(self)
         grads = {id(self): grad}
+        claimed = set()                  # leaves whose grad_buffer was offered as a target in this pass
         for tensor in order:
             dy = grads.pop(id(tensor), None)
             if dy is None:
@@ -249,7 +253,7 @@ class Tensor:
                 pending = tuple(grads.pop(id(inp), None) if inp.requires_grad else None for inp in function.inputs)
                 args = (dy, pending)
             if function.gradient_targets:
-                options["into"] = _gradient_targets(function.inputs, grads)
+                options["into"] = _gradient_targets(function.inputs, grads, claimed)
             input_grads = function.backward(*args, **options)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
@@ -279,17 +283,39 @@ class Tensor:
 _unit_seed = None     # the ones a running backward() was seeded with when no grad was given
 
 
-def _gradient_targets(inputs, grads) -> tuple:
-    """Per input, the grad_buffer its gradient may be written into: a leaf's, while the leaf has no .grad
-    and no gradient pending in `grads`; None for everything else and for a leaf's second place in inputs."""
-    targets, offered = [], set()
+def _gradient_targets(inputs, grads, claimed) -> tuple:
+    """Per input, the array its gradient may be written into: a leaf's grad_buffer while the leaf has no
+    .grad, no gradient pending in `grads` and no earlier offer in this pass (`claimed`), or the target the
+    input's Function builds from such buffers (output_target); None for everything else and for an
+    input's second place in inputs."""
+
+    def free(leaf):
+        buffer = getattr(leaf, "grad_buffer", None)
+        if (buffer is None or leaf._ctx is not None or not leaf.requires_grad or leaf.grad is not None
+                or id(leaf) in grads or id(leaf) in claimed):
+            return None
+        claimed.add(id(leaf))
+        return buffer
+
+    targets, seen = [], set()
     for inp in inputs:
-        buffer = getattr(inp, "grad_buffer", None)
-        free = (buffer is not None and inp._ctx is None and inp.requires_grad and inp.grad is None
-                and id(inp) not in grads and id(inp) not in offered)
-        offered.add(id(inp))
-        targets.append(buffer if free else None)
+        target = None
+        if id(inp) not in seen and id(inp) not in grads and inp.requires_grad:
+            if inp._ctx is None:
+                target = free(inp)
+            elif not inp._retain_grad and hasattr(inp._ctx, "output_target"):
+                target = inp._ctx.output_target(free)
+        seen.add(id(inp))
+        targets.append(target)
     return tuple(targets)
+
+
+def _same_memory(a, b) -> bool:
+    """Whether a and b are the same elements of the same memory (a view of b as b lies)."""
+    if type(a) is not type(b) or a.shape != b.shape or a.dtype != b.dtype or a.strides != b.strides:
+        return False
+    address = (lambda x: x.data.ptr) if backend.is_cupy_array(a) else (lambda x: x.__array_interface__["data"][0])
+    return address(a) == address(b)
 
 
 def _accumulated(tensor, dy):
@@ -298,8 +324,8 @@ def _accumulated(tensor, dy):
     itself when an op already wrote it there: Function.gradient_targets)."""
     grad = tensor.grad
     buffer = getattr(tensor, "grad_buffer", None)
-    if grad is None and dy is buffer and buffer is not None:
-        return buffer
+    if grad is None and buffer is not None and (dy is buffer or _same_memory(dy, buffer)):
+        return buffer                  # an op already wrote the gradient there
     if grad is None:
         if buffer is not None and buffer.shape == dy.shape and buffer.dtype == dy.dtype \
                 and type(buffer) is type(dy):

@@ -88,12 +88,24 @@ class Concatenate(Function):
         xp = array_module(*arrays)
         axis = axis % arrays[0].ndim
         sizes = [a.shape[axis] for a in arrays]
-        self.save(axis=axis, sizes=sizes)
         joined = _adjacent_view(arrays, xp) if view and axis == 0 else None
+        self.save(axis=axis, sizes=sizes, joined=joined is not None)
         return joined if joined is not None else xp.concatenate(arrays, axis=axis)
 
+    def output_target(self, free):
+        """A joined view's gradient target (Function.output_target): the inputs' gradient buffers joined
+        the same way, when they too lie end to end; the slices the backward hands out are then those
+        buffers' memory, and the autograd keeps them without a copy."""
+        axis, sizes, joined = self.saved
+        if not joined:
+            return None
+        buffers = [free(t) for t in self.inputs]
+        if any(b is None for b in buffers):
+            return None
+        return _adjacent_view(buffers, array_module(*buffers))
+
     def backward(self, dy):
-        axis, sizes = self.saved
+        axis, sizes, _ = self.saved
         grads, start = [], 0
         for size in sizes:
             index = [slice(None)] * dy.ndim
