@@ -51,24 +51,82 @@ static inline float exp_f32(float x)
    multiple of 16 (the compiler's own vectorisation of the plain loops below spends more on each key's
    horizontal sum and on reloading the output row than on the products):
      head_scores_avx512:  scores[j] = Σ_d k[j, d] · q[d]  for j < keys  (k rows of dim floats, contiguous)
-     head_values_avx512:  o[d] = Σ_j (scores[j] · inverse) · v[j, d]   (o kept in registers over the keys) */
+     head_values_avx512:  o[d] = inverse · Σ_j scores[j] · v[j, d]
+   Scores 16 keys at a time: each key's 16 lane-wise products, then the 16 vectors summed into one vector of
+   16 sums by a tree of unpacks and adds (three instructions a key, against a horizontal sum's eight
+   dependent ones for a key on its own); the last keys % 16 one at a time. Values: two sets of accumulators
+   (even and odd keys) so that consecutive fmas do not wait on each other, 64 outputs a pass; the scale by
+   `inverse` once at the end. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define ATTENTION_SIMD 1
+/* lane-wise Σ_d k[d] · q[d] over 16-element slices of one key (q in registers) */
+static inline __attribute__((always_inline)) __m512 key_products(const float *k, const __m512 *q, const int64_t slices)
+{
+    __m512 even = _mm512_mul_ps(_mm512_loadu_ps(k), q[0]), odd = _mm512_setzero_ps();
+    for (int64_t c = 1; c + 1 < slices; c += 2) {
+        odd = _mm512_fmadd_ps(_mm512_loadu_ps(k + 16 * c), q[c], odd);
+        even = _mm512_fmadd_ps(_mm512_loadu_ps(k + 16 * c + 16), q[c + 1], even);
+    }
+    if (slices % 2 == 0) odd = _mm512_fmadd_ps(_mm512_loadu_ps(k + 16 * (slices - 1)), q[slices - 1], odd);
+    return _mm512_add_ps(even, odd);
+}
+
+/* a, b -> per 128-bit lane [a0 + a2, b0 + b2, a1 + a3, b1 + b3] */
+static inline __m512 sum_pairs(__m512 a, __m512 b)
+{
+    return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+}
+
+/* two sum_pairs results (keys a, b and c, d) -> per 128-bit lane the four keys' sums over that lane */
+static inline __m512 sum_quads(__m512 ab, __m512 cd)
+{
+    const __m512d x = _mm512_castps_pd(ab), y = _mm512_castps_pd(cd);
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+}
+
+/* two vectors of 128-bit lanes -> [a's lanes 0 + 1, a's 2 + 3, b's 0 + 1, b's 2 + 3] */
+static inline __m512 sum_lanes(__m512 a, __m512 b)
+{
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* head_scores_avx512 for a head size of 16 · slices, slices ≤ 8 (a constant where it is inlined) */
+static inline __attribute__((always_inline)) void head_scores_slices(const float *k, const float *q, float *scores,
+                                                                     int64_t keys, const int64_t slices)
+{
+    const int64_t dim = 16 * slices;
+    __m512 qs[8];
+    for (int64_t c = 0; c < slices; c++) qs[c] = _mm512_loadu_ps(q + 16 * c);
+    int64_t j = 0;
+    for (; j + 16 <= keys; j += 16) {
+        const float *kj = k + j * dim;
+        __m512 quads[4];
+        for (int g = 0; g < 4; g++) {                   /* keys 4g … 4g + 3 */
+            const float *kg = kj + 4 * g * dim;
+            quads[g] = sum_quads(sum_pairs(key_products(kg, qs, slices), key_products(kg + dim, qs, slices)),
+                                 sum_pairs(key_products(kg + 2 * dim, qs, slices),
+                                           key_products(kg + 3 * dim, qs, slices)));
+        }
+        _mm512_storeu_ps(scores + j, sum_lanes(sum_lanes(quads[0], quads[1]), sum_lanes(quads[2], quads[3])));
+    }
+    for (; j < keys; j++) scores[j] = _mm512_reduce_add_ps(key_products(k + j * dim, qs, slices));
+}
+
 static void head_scores_avx512(const float *k, const float *q, float *scores, int64_t keys, int64_t dim)
 {
-    if (dim == 64) {
-        const __m512 q0 = _mm512_loadu_ps(q), q1 = _mm512_loadu_ps(q + 16), q2 = _mm512_loadu_ps(q + 32),
-                     q3 = _mm512_loadu_ps(q + 48);
-        for (int64_t j = 0; j < keys; j++) {
-            const float *kj = k + j * 64;
-            const __m512 low = _mm512_fmadd_ps(_mm512_loadu_ps(kj + 16), q1, _mm512_mul_ps(_mm512_loadu_ps(kj), q0));
-            const __m512 high = _mm512_fmadd_ps(_mm512_loadu_ps(kj + 48), q3, _mm512_mul_ps(_mm512_loadu_ps(kj + 32), q2));
-            scores[j] = _mm512_reduce_add_ps(_mm512_add_ps(low, high));
-        }
-        return;
+    switch (dim / 16) {
+    case 1: head_scores_slices(k, q, scores, keys, 1); return;
+    case 2: head_scores_slices(k, q, scores, keys, 2); return;
+    case 3: head_scores_slices(k, q, scores, keys, 3); return;
+    case 4: head_scores_slices(k, q, scores, keys, 4); return;
+    case 5: head_scores_slices(k, q, scores, keys, 5); return;
+    case 6: head_scores_slices(k, q, scores, keys, 6); return;
+    case 7: head_scores_slices(k, q, scores, keys, 7); return;
+    case 8: head_scores_slices(k, q, scores, keys, 8); return;
     }
-    for (int64_t j = 0; j < keys; j++) {
+    for (int64_t j = 0; j < keys; j++) {                /* head sizes above 128: a key at a time */
         const float *kj = k + j * dim;
         __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(kj), _mm512_loadu_ps(q));
         for (int64_t d = 16; d < dim; d += 16)
@@ -80,17 +138,28 @@ static void head_scores_avx512(const float *k, const float *q, float *scores, in
 static void head_values_avx512(const float *v, const float *scores, float inverse, float *o, int64_t keys,
                                int64_t dim)
 {
-    for (int64_t d = 0; d < dim; d += 64) {             /* 64 outputs (4 registers) a pass over the keys */
+    for (int64_t d = 0; d < dim; d += 64) {             /* 64 outputs (4 registers, twice) a pass over the keys */
         const int64_t width = dim - d < 64 ? dim - d : 64;
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t j = 0; j < keys; j++) {
-            const __m512 p = _mm512_set1_ps(scores[j] * inverse);
+        __m512 even[4], odd[4];
+        for (int c = 0; c < 4; c++) even[c] = odd[c] = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j + 2 <= keys; j += 2) {
+            const __m512 p = _mm512_set1_ps(scores[j]), r = _mm512_set1_ps(scores[j + 1]);
             const float *vj = v + j * dim + d;
             for (int c = 0; c < 4; c++)
-                if (16 * c < width) acc[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16 * c), acc[c]);
+                if (16 * c < width) {
+                    even[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vj + 16 * c), even[c]);
+                    odd[c] = _mm512_fmadd_ps(r, _mm512_loadu_ps(vj + dim + 16 * c), odd[c]);
+                }
         }
+        if (j < keys) {
+            const __m512 p = _mm512_set1_ps(scores[j]);
+            for (int c = 0; c < 4; c++)
+                if (16 * c < width) even[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + j * dim + d + 16 * c), even[c]);
+        }
+        const __m512 scale = _mm512_set1_ps(inverse);
         for (int c = 0; c < 4; c++)
-            if (16 * c < width) _mm512_storeu_ps(o + d + 16 * c, acc[c]);
+            if (16 * c < width) _mm512_storeu_ps(o + d + 16 * c, _mm512_mul_ps(_mm512_add_ps(even[c], odd[c]), scale));
     }
 }
 #else
