@@ -268,7 +268,8 @@ class GPT(Module):
         if activation_dtype != x.dtype:
             x = x.astype(activation_dtype)
         x = trunk.dropout(x)
-        rope_tables = self._rope_tables(start, ids.shape[1], x.data)
+        # in the dtype of q and k (the Linears' output), so that no step casts them
+        rope_tables = self._rope_tables(start, ids.shape[1], x.data, precision.linear_dtype(x.data))
         pending = None
         for i, layer in enumerate(trunk.layers):
             x, pending = layer(x, pending, rope_tables, cache, i, start)
@@ -285,13 +286,13 @@ class GPT(Module):
             return logits
         return logits, F.cross_entropy(logits, targets, ignore_index=ignore_index)
 
-    def _rope_tables(self, start: int, time: int, like):
-        """cos and sin (T, D/2) for positions start … start + T − 1 in the dtype and on the device of `like`:
+    def _rope_tables(self, start: int, time: int, like, dtype=None):
+        """cos and sin (T, D/2) for positions start … start + T − 1 in `dtype` (default like's), on like's device:
         row views of the tables of every position below max_seq_len, made once per dtype and device, so that
         no step copies or computes them (a CUDA graph of the training step, captured again for a new T,
         captures nothing for them). Computed by NumPy and moved: through CuPy they would compile eight
         element-wise kernels on a GPU run's first start."""
-        key = (np.dtype(like.dtype), backend.device_of(like))
+        key = (np.dtype(like.dtype if dtype is None else dtype), backend.device_of(like))
         made = self.__dict__.setdefault("_rope_made", {})
         if key not in made:
             cos, sin = rope_angles(np.arange(self.config.max_seq_len), self.config.head_dim, self.config.rope_theta)

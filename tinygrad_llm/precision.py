@@ -99,6 +99,15 @@ def activation_dtype(like):
     return like.dtype
 
 
+def linear_dtype(like):
+    """The dtype Linear's output has for an input array `like`: the policy's bf16/fp16 for a float32 or
+    16-bit CuPy array under a bf16/fp16 policy (the GEMM's low dtype), else like's own."""
+    if (_current.compute and backend.is_cupy_array(like)
+            and np.dtype(like.dtype).name in ("float32", "bfloat16", "float16")):
+        return dtype_named(_current.compute)
+    return like.dtype
+
+
 def _apply_tf32(enabled: bool) -> None:
     """Tell CuPy's own matmul whether float32 products may use TF32 tensor cores (the switch behind the
     CUPY_TF32 variable); nothing to do without a GPU. The policy's cuBLAS GEMM (tinygrad_llm.gpu.gemm)
