@@ -591,6 +591,25 @@ def test_small_model_loss_and_gradients_match_the_cpu(rng):
 
 
 @gpu_test
+@pytest.mark.parametrize("residual_low", [False, True])
+def test_rope_tables_are_made_once_in_the_dtype_of_q_and_k(residual_low, rng):
+    """Under a bf16 policy q and k come out of the Linears in bf16, float32 residual or not: the model makes
+    its cos and sin tables in bf16 (no cast in every rope call), and the CPU keeps its own dtype."""
+    from tinygrad_llm import model as model_module
+    config = model_module.GPTConfig(vocab_size=50, d_model=128, n_layers=1, n_heads=2, ffn_hidden=64, max_seq_len=16)
+    model = model_module.GPT(config).to("cuda")
+    saved = precision.LOW_PRECISION_RESIDUAL
+    precision.LOW_PRECISION_RESIDUAL = residual_low
+    try:
+        with precision.policy("bf16"):
+            model(backend.to_device(rng.integers(0, 50, (1, 16)), "cuda"))
+    finally:
+        precision.LOW_PRECISION_RESIDUAL = saved
+    assert [key[0] for key in model._rope_made] == [_dtype("bfloat16")]
+    assert precision.linear_dtype(np.zeros(2, np.float32)) == np.float32
+
+
+@gpu_test
 @pytest.mark.parametrize("policy_name", ["bf16", "fp16"])
 def test_small_model_under_a_low_precision_policy_tracks_float32(policy_name, rng):
     from tinygrad_llm import model as model_module
