@@ -774,6 +774,15 @@ static void FUSED_NAME(tile_transposed)(const real *kept, const real *b, int64_t
     }
 }
 
+/* Fetch rows first … first + 7 of x (row stride `stride`, dim elements each) into L2: the next head's rows,
+   a group of rows at each group of this head, so that its reads from memory overlap this head's products */
+static inline void FUSED_NAME(tile_prefetch)(const real *x, int64_t stride, int64_t first, int64_t time, int64_t dim)
+{
+    for (int64_t r = first; r < first + TILED_ROWS && r < time; r++)
+        for (int64_t d = 0; d < dim; d += 64 / (int64_t)sizeof(real))
+            __builtin_prefetch(x + r * stride + d, 0, 2);
+}
+
 /* Forward: O and the kept P (batch, heads, tiled_row_offset(T16)) of q (scaled), k, v.
    scratch: dim · T16 + max(T16, dim) elements. Returns 0, or −1 (nothing done) where dim is not a
    multiple of the lanes. */
@@ -795,9 +804,19 @@ int FUSED_NAME(tiled_attention_forward)(const real *q, int64_t q_sb, int64_t q_s
             for (int64_t h = kv * group; h < (kv + 1) * group; h++) {
                 const real *qh = q + b * q_sb + h * q_sh;
                 real *oh = o + b * o_sb + h * o_sh, *ph = p + (b * heads + h) * per_head;
+                const int64_t next_b = h + 1 < heads ? b : b + 1, next_h = h + 1 < heads ? h + 1 : 0;
+                const int next = next_b < batch, next_kv = next && next_h % group == 0;
+                const real *next_q = q + next_b * q_sb + next_h * q_sh;
+                const real *next_k = k + next_b * k_sb + next_h / group * k_sh;
+                const real *next_v = v + next_b * v_sb + next_h / group * v_sh;
                 for (int64_t first = 0; first < time; first += TILED_ROWS) {
                     const real *a[TILED_ROWS];
                     real *c[TILED_ROWS], *out[TILED_ROWS];
+                    if (next) FUSED_NAME(tile_prefetch)(next_q, q_st, first, time, dim);
+                    if (next_kv) {
+                        FUSED_NAME(tile_prefetch)(next_k, k_st, first, time, dim);
+                        FUSED_NAME(tile_prefetch)(next_v, v_st, first, time, dim);
+                    }
                     FUSED_NAME(tile_pointers)(first, time, qh, q_st, a, ph, c, oh, o_st, out, spare);
                     const int64_t keys = FUSED_NAME(tiled_row_keys)(first);
                     FUSED_NAME(tile_scores)(a, kt, padded, dim, c, keys);                  /* S rows */
@@ -839,6 +858,13 @@ int FUSED_NAME(tiled_attention_backward)(const real *d_out, int64_t g_sb, int64_
                 const real *gh = d_out + b * g_sb + h * g_sh, *qh = q + b * q_sb + h * q_sh;
                 const real *oh = o + b * o_sb + h * o_sh, *ph = p + (b * heads + h) * per_head;
                 real *dqh = dq + b * dq_sb + h * dq_sh;
+                const int64_t next_b = h + 1 < heads ? b : b + 1, next_h = h + 1 < heads ? h + 1 : 0;
+                const int next = next_b < batch, next_kv = next && next_h % group == 0;
+                const real *next_g = d_out + next_b * g_sb + next_h * g_sh, *next_q = q + next_b * q_sb + next_h * q_sh;
+                const real *next_o = o + next_b * o_sb + next_h * o_sh;
+                const real *next_k = k + next_b * k_sb + next_h / group * k_sh;
+                const real *next_v = v + next_b * v_sb + next_h / group * v_sh;
+                const char *next_p = (const char *)(p + (next_b * heads + next_h) * per_head);
                 for (int64_t t = 0; t < time; t++) {                              /* Δ = rowsum(dO ∘ O) */
                     real total = 0;
                     for (int64_t d = 0; d < dim; d++) total += gh[t * g_st + d] * oh[t * o_st + d];
@@ -847,6 +873,19 @@ int FUSED_NAME(tiled_attention_backward)(const real *d_out, int64_t g_sb, int64_
                 for (int64_t first = 0; first < time; first += TILED_ROWS) {
                     const real *a[TILED_ROWS];
                     real *c[TILED_ROWS], *out[TILED_ROWS];
+                    if (next) {
+                        FUSED_NAME(tile_prefetch)(next_g, g_st, first, time, dim);
+                        FUSED_NAME(tile_prefetch)(next_q, q_st, first, time, dim);
+                        FUSED_NAME(tile_prefetch)(next_o, o_st, first, time, dim);
+                        const int64_t last = first + TILED_ROWS < time ? first + TILED_ROWS : time;
+                        for (int64_t byte = FUSED_NAME(tiled_row_offset)(first) * (int64_t)sizeof(real);
+                             byte < FUSED_NAME(tiled_row_offset)(last) * (int64_t)sizeof(real); byte += 64)
+                            __builtin_prefetch(next_p + byte, 0, 2);
+                    }
+                    if (next_kv) {
+                        FUSED_NAME(tile_prefetch)(next_k, k_st, first, time, dim);
+                        FUSED_NAME(tile_prefetch)(next_v, v_st, first, time, dim);
+                    }
                     FUSED_NAME(tile_pointers)(first, time, gh, g_st, a, ds, c, dqh, dq_st, out, spare);
                     const int64_t keys = FUSED_NAME(tiled_row_keys)(first);
                     FUSED_NAME(tile_scores)(a, vt, padded, dim, c, keys);                 /* dP = dO vᵀ */
