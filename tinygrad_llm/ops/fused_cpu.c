@@ -699,31 +699,44 @@ static inline void FUSED_NAME(tile_pointers)(int64_t first, int64_t time, const 
     }
 }
 
-/* The causal softmax of one score row in place: keys 0 … seen − 1 seen, the later ones (to `keys`, a
-   multiple of the lanes) set to −∞ in registers so that every pass is whole vectors (per-row scalar tails
-   cost more than the row's products); exp(−∞ − max) = 0 then gives them probability 0. */
+/* The causal softmax of a register tile's score rows in place: row first + i (of rows first … last − 1)
+   sees keys 0 … first + i; the later ones (to `keys`, a multiple of the lanes) are set to −∞ in registers
+   so that every pass is whole vectors (per-row scalar tails cost more than the row's products), and
+   exp(−∞ − max) = 0 gives them probability 0. Each pass runs over all the rows before the next, so that the
+   rows' reductions (their maxima, their sums), each a chain of dependent steps, overlap. */
 typedef FUSED_INT FUSED_NAME(tile_mask) __attribute__((vector_size(TILED_BYTES)));
 
-static inline void FUSED_NAME(tile_softmax)(real *restrict row, int64_t seen, int64_t keys)
+static inline void FUSED_NAME(tile_softmax)(real *const c[TILED_ROWS], int64_t first, int64_t last, int64_t keys)
 {
     FUSED_NAME(tile_mask) lane;
     for (int i = 0; i < TILED_LANES; i++) lane[i] = (FUSED_INT)i;
     const FUSED_NAME(tile_vector) hidden = (FUSED_NAME(tile_vector)){0} - (real)INFINITY;
-    FUSED_NAME(tile_vector) top = hidden;
-    for (int64_t j = 0; j < keys; j += TILED_LANES) {
-        FUSED_NAME(tile_vector) x = FUSED_NAME(tile_load)(row + j);
-        if (j + TILED_LANES > seen) {
-            const FUSED_NAME(tile_mask) visible = lane < (FUSED_INT)(seen - j);
-            x = (FUSED_NAME(tile_vector))((visible & (FUSED_NAME(tile_mask))x) | (~visible & (FUSED_NAME(tile_mask))hidden));
-            FUSED_NAME(tile_store)(row + j, x);
+    const int rows = (int)(last - first);
+    real largest[TILED_ROWS], total[TILED_ROWS];
+    for (int i = 0; i < rows; i++) {
+        real *restrict row = c[i];
+        const int64_t seen = first + i + 1;
+        FUSED_NAME(tile_vector) top = hidden;
+        for (int64_t j = 0; j < keys; j += TILED_LANES) {
+            FUSED_NAME(tile_vector) x = FUSED_NAME(tile_load)(row + j);
+            if (j + TILED_LANES > seen) {
+                const FUSED_NAME(tile_mask) visible = lane < (FUSED_INT)(seen - j);
+                x = (FUSED_NAME(tile_vector))((visible & (FUSED_NAME(tile_mask))x) | (~visible & (FUSED_NAME(tile_mask))hidden));
+                FUSED_NAME(tile_store)(row + j, x);
+            }
+            const FUSED_NAME(tile_mask) larger = x > top;
+            top = (FUSED_NAME(tile_vector))((larger & (FUSED_NAME(tile_mask))x) | (~larger & (FUSED_NAME(tile_mask))top));
         }
-        const FUSED_NAME(tile_mask) larger = x > top;
-        top = (FUSED_NAME(tile_vector))((larger & (FUSED_NAME(tile_mask))x) | (~larger & (FUSED_NAME(tile_mask))top));
+        largest[i] = top[0];
+        for (int l = 1; l < TILED_LANES; l++) largest[i] = top[l] > largest[i] ? top[l] : largest[i];
     }
-    real largest = top[0];
-    for (int i = 1; i < TILED_LANES; i++) largest = top[i] > largest ? top[i] : largest;
-    const real inverse = (real)1 / FUSED_NAME(exp_shifted)(row, keys, largest);
-    for (int64_t j = 0; j < keys; j++) row[j] *= inverse;
+    for (int i = 0; i < rows; i++)
+        total[i] = FUSED_NAME(exp_shifted)(c[i], keys, largest[i]);
+    for (int i = 0; i < rows; i++) {
+        real *restrict row = c[i];
+        const real inverse = (real)1 / total[i];
+        for (int64_t j = 0; j < keys; j++) row[j] *= inverse;
+    }
 }
 
 /* x (time, dim) at row stride `stride` into xt (dim, padded), the columns past time zero */
@@ -820,9 +833,8 @@ int FUSED_NAME(tiled_attention_forward)(const real *q, int64_t q_sb, int64_t q_s
                     FUSED_NAME(tile_pointers)(first, time, qh, q_st, a, ph, c, oh, o_st, out, spare);
                     const int64_t keys = FUSED_NAME(tiled_row_keys)(first);
                     FUSED_NAME(tile_scores)(a, kt, padded, dim, c, keys);                  /* S rows */
-                    for (int i = 0; i < TILED_ROWS && first + i < time; i++)     /* row r sees keys 0 … r */
-                        FUSED_NAME(tile_softmax)(c[i], first + i + 1, keys);
                     const int64_t n = first + TILED_ROWS < time ? first + TILED_ROWS : time;
+                    FUSED_NAME(tile_softmax)(c, first, n, keys);                       /* P rows */
                     FUSED_NAME(tile_weighted)((const real *const *)c, n, vh, v_st, out, dim);   /* O rows = P v */
                 }
             }
