@@ -743,10 +743,14 @@ static inline void FUSED_NAME(tile_softmax)(real *const c[TILED_ROWS], int64_t f
 static void FUSED_NAME(tile_transpose)(const real *x, int64_t stride, real *restrict xt, int64_t time,
                                        int64_t padded, int64_t dim)
 {
-    for (int64_t t0 = 0; t0 < padded; t0 += 16)
+    const int64_t whole = time / 16 * 16;
+    for (int64_t t0 = 0; t0 < whole; t0 += 16)
         for (int64_t d = 0; d < dim; d++)
             for (int64_t t = t0; t < t0 + 16; t++)
-                xt[d * padded + t] = t < time ? x[t * stride + d] : (real)0;
+                xt[d * padded + t] = x[t * stride + d];
+    for (int64_t d = 0; d < dim && whole < padded; d++)
+        for (int64_t t = whole; t < padded; t++)
+            xt[d * padded + t] = t < time ? x[t * stride + d] : (real)0;
 }
 
 /* c = a rows · bt columns for keys 0 … keys − 1 (2 vectors at a time, then 1) */
