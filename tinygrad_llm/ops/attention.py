@@ -7,7 +7,10 @@ the two passes. (The array forward still forms S for one call at a time; the CUD
 On the CPU the packed form may instead keep P (`keep_probabilities`): the T×T probabilities of one
 cache-sized chunk of the batch are cheap to keep, and keeping them saves the backward a GEMM and three
 passes over them. That CPU training path also skips the masked upper half of the scores, in blocks of
-query rows that each see only the keys up to the diagonal.
+query rows that each see only the keys up to the diagonal; where the compiled loops are built it runs as
+one loop per (batch row, head) instead (ops/fused_cpu.c `tiled_attention_*`: every product, the softmax
+and the backward's passes on register tiles in cache, no BLAS call), and the NumPy blocks remain for
+attention dropout and head sizes that are not a whole number of vectors.
 
 Grouped-query attention: H query heads share Hkv key/value heads, H = G · Hkv; query head h reads kv head
 h // G (consecutive query heads form a group, as Hugging Face's `repeat_kv` lays them out).
@@ -492,7 +495,11 @@ class CausalAttention(Function):
     Blocked causal path (NumPy, keep_probabilities, no cache: CPU training): the query rows go in blocks
     of QUERY_BLOCK rows, each against only the keys up to its diagonal (`_blocked_forward`,
     `_blocked_backward`; derived in docs/backprop.md), 1/√D rides in q's RoPE tables, and q, k, O, dO
-    stay in the token-major layout of qkv and y (no transposed copies but kᵀ and vᵀ).
+    stay in the token-major layout of qkv and y (no transposed copies but kᵀ and vᵀ). Tiled loop (that
+    path without dropout, float32/64, D a multiple of the build's vector lanes: `_tiled_forward`,
+    `_tiled_backward`): the same formulas per (batch row, head) in one compiled call per batch chunk, 8 query
+    rows at a time against the keys up to their 16-row tile; P is kept per head in a packed layout (row i
+    keeps keys 0 … 16·(i // 16 + 1) − 1), and the backward adds dk, dv over a group's heads in place.
     GPU attention kernels (tinygrad_llm.gpu.attention): q and k are rotated in one pass into a token-major
     (B, T, H + Hkv, D) buffer; the kernels read q, k there, v in qkv and dO in dy, and write O into y and
     dq, dk, dv into d(qkv) through their strides; one more pass rotates d(q‖k) back in place. Saved: the
