@@ -7,9 +7,10 @@ row pool's threads really work at once. They are branches of the ops in ops/ (an
 contiguous NumPy float32/float64 arrays when `library()` has them; otherwise the ops keep their NumPy
 expressions, which compute the same values (the tests hold each branch to them, and run the float64
 gradient checks through both). Attention's training path also has all of its products here, one head at
-a time with the tiles in cache (`tiled_attention_forward/backward`, ops/attention._tiled_forward). For decoding they also hold the packed SwiGLU, the cached attention of one
-new position a row, and Linear's float32 product for 2 … 32 rows of x (`few_rows_linear`, float32 only,
-where the build has AVX-512: ops/matmul.few_rows_loop).
+a time with the tiles in cache (`tiled_attention_forward/backward`, ops/attention._tiled_forward). For
+decoding they also hold the packed SwiGLU, the cached attention of one new position a row, and Linear's
+float32 product for 2 … 32 rows of x (`few_rows_linear`, float32 only, where the build has AVX-512:
+ops/matmul.few_rows_loop).
 
 Built once per machine and source at the first use (~1 s) by tinygrad_llm.native, as the quantized op's
 kernels are (the system C compiler, -O3 -march=native, the same build folder and TINYGRAD_LLM_CPU_KERNELS=0
