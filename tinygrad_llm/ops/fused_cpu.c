@@ -706,6 +706,13 @@ static inline void FUSED_NAME(tile_pointers)(int64_t first, int64_t time, const 
    rows' reductions (their maxima, their sums), each a chain of dependent steps, overlap. */
 typedef FUSED_INT FUSED_NAME(tile_mask) __attribute__((vector_size(TILED_BYTES)));
 
+/* a where `where`, else b, lane by lane */
+static inline FUSED_NAME(tile_vector) FUSED_NAME(tile_select)(FUSED_NAME(tile_mask) where, FUSED_NAME(tile_vector) a,
+                                                              FUSED_NAME(tile_vector) b)
+{
+    return (FUSED_NAME(tile_vector))((where & (FUSED_NAME(tile_mask))a) | (~where & (FUSED_NAME(tile_mask))b));
+}
+
 static inline void FUSED_NAME(tile_softmax)(real *const c[TILED_ROWS], int64_t first, int64_t last, int64_t keys)
 {
     FUSED_NAME(tile_mask) lane;
@@ -720,12 +727,10 @@ static inline void FUSED_NAME(tile_softmax)(real *const c[TILED_ROWS], int64_t f
         for (int64_t j = 0; j < keys; j += TILED_LANES) {
             FUSED_NAME(tile_vector) x = FUSED_NAME(tile_load)(row + j);
             if (j + TILED_LANES > seen) {
-                const FUSED_NAME(tile_mask) visible = lane < (FUSED_INT)(seen - j);
-                x = (FUSED_NAME(tile_vector))((visible & (FUSED_NAME(tile_mask))x) | (~visible & (FUSED_NAME(tile_mask))hidden));
+                x = FUSED_NAME(tile_select)(lane < (FUSED_INT)(seen - j), x, hidden);
                 FUSED_NAME(tile_store)(row + j, x);
             }
-            const FUSED_NAME(tile_mask) larger = x > top;
-            top = (FUSED_NAME(tile_vector))((larger & (FUSED_NAME(tile_mask))x) | (~larger & (FUSED_NAME(tile_mask))top));
+            top = FUSED_NAME(tile_select)(x > top, x, top);
         }
         largest[i] = top[0];
         for (int l = 1; l < TILED_LANES; l++) largest[i] = top[l] > largest[i] ? top[l] : largest[i];
