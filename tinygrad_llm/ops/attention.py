@@ -7,7 +7,10 @@ the two passes. (The array forward still forms S for one call at a time; the CUD
 On the CPU the packed form may instead keep P (`keep_probabilities`): the T×T probabilities of one
 cache-sized chunk of the batch are cheap to keep, and keeping them saves the backward a GEMM and three
 passes over them. That CPU training path also skips the masked upper half of the scores, in blocks of
-query rows that each see only the keys up to the diagonal.
+query rows that each see only the keys up to the diagonal; where the compiled loops are built it runs as
+one loop per (batch row, head) instead (ops/fused_cpu.c `tiled_attention_*`: every product, the softmax
+and the backward's passes on register tiles in cache, no BLAS call), and the NumPy blocks remain for
+attention dropout and head sizes that are not a whole number of vectors.
 
 Grouped-query attention: H query heads share Hkv key/value heads, H = G · Hkv; query head h reads kv head
 h // G (consecutive query heads form a group, as Hugging Face's `repeat_kv` lays them out).
@@ -323,6 +326,53 @@ def _blocked_backward(d_out, q, k, v, out, kept: list, block: int, dq, dk, dv, d
             dk[:, :, :end] += ds3t @ q3
 
 
+def _tiled_size(time: int) -> int:
+    """Elements of one head's kept P in the tiled path: row i keeps keys 0 … 16·(i // 16 + 1) − 1."""
+    tiles = -(-time // 16)
+    return 128 * tiles * (tiles + 1)
+
+
+def _tiled_forward(q, k, v, out):
+    """Causal attention of one batch chunk in one compiled loop (ops/fused_cpu.c, tiled_attention_forward),
+    or None where it does not apply (no loops, a dtype other than float32/64, or D not a multiple of the
+    build's vector lanes): then nothing is written and the caller takes _blocked_forward.
+
+    Takes what _blocked_forward takes (q scaled by 1/√D; q, k, v, out (b, ·, T, D) views with unit-stride
+    rows) and computes the same O, one (batch row, head) at a time: S, the causal softmax and O = P v of 8
+    query rows at a time, with kᵀ, the rows' scores and v's rows in L1, only the keys up to the rows' tile
+    of 16 computed. Returns P in the loop's kept layout, (b, H, _tiled_size(T)), for _tiled_backward."""
+    function = fused_cpu.function("tiled_attention_forward", q.dtype)
+    views = [fused_cpu.heads_view(a) for a in (q, k, v, out)]
+    if function is None or any(view is None for view in views) or len({q.dtype, k.dtype, v.dtype, out.dtype}) > 1:
+        return None
+    batch, heads, time, head_dim = q.shape
+    padded = -(-time // 16) * 16
+    kept = np.empty((batch, heads, _tiled_size(time)), dtype=q.dtype)
+    scratch = np.empty(head_dim * padded + max(padded, head_dim), dtype=q.dtype)
+    done = function(*[x for view in views for x in view], fused_cpu.address(kept), fused_cpu.address(scratch),
+                    batch, heads, k.shape[1], time, head_dim)
+    return kept if done == 0 else None
+
+
+def _tiled_backward(d_out, q, k, v, out, kept, dq, dk, dv):
+    """dq (with respect to the scaled q), dk, dv of _tiled_forward in one compiled loop (tiled_attention_backward),
+    written into the views given: per (batch row, head) Δ = rowsum(dO ∘ O), then 8 query rows at a time
+    dP = dO vᵀ, dS = P ∘ (dP − Δ) (kept in a scratch head), dq = dS k; then dk = dSᵀ q and dv = Pᵀ dO, 8 keys
+    at a time over the rows that see them (summed over a group's heads)."""
+    if fused_cpu.heads_view(d_out) is None or d_out.dtype != q.dtype:
+        d_out = np.ascontiguousarray(d_out, dtype=q.dtype)
+    views = [fused_cpu.heads_view(a) for a in (d_out, q, k, v, out)]
+    targets = [fused_cpu.heads_view(a) for a in (dq, dk, dv)]
+    batch, heads, time, head_dim = q.shape
+    padded = -(-time // 16) * 16
+    scratch = np.empty(head_dim * padded + _tiled_size(time) + padded + max(padded, head_dim), dtype=q.dtype)
+    done = fused_cpu.function("tiled_attention_backward", q.dtype)(
+        *[x for view in views for x in view], fused_cpu.address(kept), *[x for view in targets for x in view],
+        fused_cpu.address(scratch), batch, heads, k.shape[1], time, head_dim)
+    if done != 0:                                        # the forward ran the same checks on the same shapes
+        raise RuntimeError("causal_attention: the tiled backward declined the shapes its forward took")
+
+
 def _grouped_rows(batch: int, kv_heads: int, rows: int, xp):
     """Flat (b, H, Tq) row indices of the grouped layout's rows, (b, Hkv, G·Tq, 1)."""
     return xp.arange(batch * kv_heads).reshape(batch, kv_heads, 1, 1) * rows + xp.arange(rows)[:, None]
@@ -445,7 +495,11 @@ class CausalAttention(Function):
     Blocked causal path (NumPy, keep_probabilities, no cache: CPU training): the query rows go in blocks
     of QUERY_BLOCK rows, each against only the keys up to its diagonal (`_blocked_forward`,
     `_blocked_backward`; derived in docs/backprop.md), 1/√D rides in q's RoPE tables, and q, k, O, dO
-    stay in the token-major layout of qkv and y (no transposed copies but kᵀ and vᵀ).
+    stay in the token-major layout of qkv and y (no transposed copies but kᵀ and vᵀ). Tiled loop (that
+    path without dropout, float32/64, D a multiple of the build's vector lanes: `_tiled_forward`,
+    `_tiled_backward`): the same formulas per (batch row, head) in one compiled call per batch chunk, 8 query
+    rows at a time against the keys up to their 16-row tile; P is kept per head in a packed layout (row i
+    keeps keys 0 … 16·(i // 16 + 1) − 1), and the backward adds dk, dv over a group's heads in place.
     GPU attention kernels (tinygrad_llm.gpu.attention): q and k are rotated in one pass into a token-major
     (B, T, H + Hkv, D) buffer; the kernels read q, k there, v in qkv and dO in dy, and write O into y and
     dq, dk, dv into d(qkv) through their strides; one more pass rotates d(q‖k) back in place. Saved: the
@@ -525,6 +579,9 @@ class CausalAttention(Function):
                 k = qk[:, :, heads:].transpose(0, 2, 1, 3)                           # (b, Hkv, T, D) view
                 v = chunk[:, :, heads + kv_heads:].transpose(0, 2, 1, 3)             # (b, Hkv, T, D) view
                 o = out[start:end].reshape(rows, time, heads, head_dim).transpose(0, 2, 1, 3)   # (b, H, T, D)
+                kept = _tiled_forward(q, k, v, o) if drop is None else None
+                if kept is not None:
+                    return [bounds, "tiled", (q, k, v, o, kept)]
                 kept = _blocked_forward(q, k, v, o, QUERY_BLOCK, drop=drop, row_offset=start * heads * time)
                 return [bounds, "blocked", (q, k, v, o, kept)]
             q = xp.empty((rows, heads, time, head_dim), dtype=qkv.dtype)
@@ -578,12 +635,16 @@ class CausalAttention(Function):
                 rotated = target[:, :, :heads + kv_heads].transpose(0, 2, 1, 3)        # (b, H + Hkv, T, D) view
                 rotate_into(rotated, cos, -sin, rotated, rope)
                 return
-            if path == "blocked":    # d(q‖k) gathered token-major, rotated back (1/√D on q) into d(qkv)
+            if path in ("blocked", "tiled"):   # d(q‖k) gathered token-major, rotated back (1/√D on q) into d(qkv)
                 d_qk = np.empty((rows, time, heads + kv_heads, head_dim), dtype=dy.dtype)
-                _blocked_backward(d_out, *state, QUERY_BLOCK, dq=d_qk[:, :, :heads].transpose(0, 2, 1, 3),
-                                  dk=d_qk[:, :, heads:].transpose(0, 2, 1, 3),
-                                  dv=target[:, :, heads + kv_heads:].transpose(0, 2, 1, 3),
-                                  drop=drop, row_offset=start * heads * time)
+                gradients = dict(dq=d_qk[:, :, :heads].transpose(0, 2, 1, 3),              # (b, H, T, D) views
+                                 dk=d_qk[:, :, heads:].transpose(0, 2, 1, 3),
+                                 dv=target[:, :, heads + kv_heads:].transpose(0, 2, 1, 3))
+                if path == "tiled":
+                    _tiled_backward(d_out, *state, **gradients)
+                else:
+                    _blocked_backward(d_out, *state, QUERY_BLOCK, **gradients, drop=drop,
+                                      row_offset=start * heads * time)
                 del state
                 cos_wide, sin_signed = tables
                 rotate_heads_into(d_qk, cos_wide, -sin_signed, target[:, :, :heads + kv_heads])

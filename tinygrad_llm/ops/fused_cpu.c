@@ -635,4 +635,363 @@ void FUSED_NAME(decode_attention)(const real *q_new, int64_t q_stride, const rea
         }
     }
 }
+
+/* Causal attention of the CPU training path with every product of one head done here, its tiles in cache
+   (ops/attention.CausalAttention's packed form with P kept: `tiled_attention_forward/backward`). Per batch
+   row b and kv head, kᵀ (or vᵀ) is copied once into scratch (D, T16) (T16 = T rounded up to 16, the
+   columns past T zero); then per query head h of the group, 8 query rows at a time:
+     forward:   S = q kᵀ (q comes scaled by 1/√D), the causal softmax of each row, O = P v;
+     backward:  Δ = rowsum(dO ∘ O);  dS = P ∘ (dO vᵀ − Δ);  dq = dS k;  and per 8 keys, over the rows at
+                and after them: dk (+)= dSᵀ q, dv (+)= Pᵀ dO (the group's heads add up; the first writes).
+   Kept P (and the backward's dS scratch) hold only the keys a row's tile can see: row i of tile
+   t = i / 16 keeps keys 0 … 16(t + 1) − 1, zero after i (tiled_row_offset gives where it starts; a head
+   takes tiled_row_offset(T16) elements). The products are register tiles of GCC vector types (8 rows
+   × 1 or 2 vectors of keys or of D, an element broadcast against each vector, fma chains): the compiler
+   emits AVX-512 where the build has it, else 256-bit vectors. D must be a multiple of the vector's lanes
+   (16 float32 / 8 float64 with AVX-512); otherwise the functions return −1 at once and the op takes its
+   NumPy-blocked path. q, k, v, O, dO, dq, dk, dv are per-head views: element (b, h, t, d) at
+   b · sb + h · sh + t · st + d (in elements), as heads_transposed reads them. */
+#ifndef TILED_BYTES
+#if defined(__AVX512F__)
+#define TILED_BYTES 64
+#else
+#define TILED_BYTES 32
+#endif
+#define TILED_ROWS 8                     /* query rows (or keys, for dk and dv) of one register tile */
+#endif
+typedef real FUSED_NAME(tile_vector) __attribute__((vector_size(TILED_BYTES)));
+#define TILED_LANES ((int64_t)(TILED_BYTES / sizeof(real)))
+
+static inline FUSED_NAME(tile_vector) FUSED_NAME(tile_load)(const real *p)
+{
+    FUSED_NAME(tile_vector) x;
+    memcpy(&x, p, sizeof x);
+    return x;
+}
+
+static inline void FUSED_NAME(tile_store)(real *p, FUSED_NAME(tile_vector) x)
+{
+    memcpy(p, &x, sizeof x);
+}
+
+/* where row i's kept keys start in a head's kept P, and how many it keeps */
+static inline int64_t FUSED_NAME(tiled_row_offset)(int64_t i)
+{
+    const int64_t t = i / 16;
+    return 16 * (8 * t * (t + 1) + (i % 16) * (t + 1));
+}
+
+static inline int64_t FUSED_NAME(tiled_row_keys)(int64_t i)
+{
+    return 16 * (i / 16 + 1);
+}
+
+/* c[r][column + …] = Σ_k a[r][k] · bt[k · bt_stride + column + …] for the 8 rows r, W vectors of columns */
+static inline __attribute__((always_inline)) void FUSED_NAME(tile_rows_by_columns)(
+    const int W, const real *const a[TILED_ROWS], const real *restrict bt, int64_t bt_stride, int64_t inner,
+    real *const c[TILED_ROWS], int64_t column)
+{
+    FUSED_NAME(tile_vector) acc[TILED_ROWS][2];
+    for (int r = 0; r < TILED_ROWS; r++)
+        for (int w = 0; w < W; w++) acc[r][w] = (FUSED_NAME(tile_vector)){0};
+    for (int64_t k = 0; k < inner; k++) {
+        FUSED_NAME(tile_vector) b[2];
+        for (int w = 0; w < W; w++) b[w] = FUSED_NAME(tile_load)(bt + k * bt_stride + column + w * TILED_LANES);
+        for (int r = 0; r < TILED_ROWS; r++) {
+            const real x = a[r][k];
+            for (int w = 0; w < W; w++) acc[r][w] += x * b[w];
+        }
+    }
+    for (int r = 0; r < TILED_ROWS; r++)
+        for (int w = 0; w < W; w++) FUSED_NAME(tile_store)(c[r] + column + w * TILED_LANES, acc[r][w]);
+}
+
+/* c[r][column + …] = Σ_{j < n} a[r][j] · b[j · b_stride + column + …] (a rows times b's rows) */
+static inline __attribute__((always_inline)) void FUSED_NAME(tile_rows_by_rows)(
+    const int W, const real *const a[TILED_ROWS], int64_t n, const real *b, int64_t b_stride,
+    real *const c[TILED_ROWS], int64_t column)
+{
+    FUSED_NAME(tile_vector) acc[TILED_ROWS][2];
+    for (int r = 0; r < TILED_ROWS; r++)
+        for (int w = 0; w < W; w++) acc[r][w] = (FUSED_NAME(tile_vector)){0};
+    for (int64_t j = 0; j < n; j++) {
+        FUSED_NAME(tile_vector) x[2];
+        for (int w = 0; w < W; w++) x[w] = FUSED_NAME(tile_load)(b + j * b_stride + column + w * TILED_LANES);
+        for (int r = 0; r < TILED_ROWS; r++) {
+            const real e = a[r][j];
+            for (int w = 0; w < W; w++) acc[r][w] += e * x[w];
+        }
+    }
+    for (int r = 0; r < TILED_ROWS; r++)
+        for (int w = 0; w < W; w++) FUSED_NAME(tile_store)(c[r] + column + w * TILED_LANES, acc[r][w]);
+}
+
+/* c[i][column + …] (+)= Σ_{first ≤ r < last} kept[r][key + i] · b[r · b_stride + column + …] for the 8 keys
+   key + i, kept a head's kept-layout rows (P or dS): the transposed product, over the rows that see the keys */
+static inline __attribute__((always_inline)) void FUSED_NAME(tile_columns_by_rows)(
+    const int W, const real *kept, int64_t key, int64_t first, int64_t last, const real *b, int64_t b_stride,
+    real *const c[TILED_ROWS], int64_t column, int accumulate)
+{
+    FUSED_NAME(tile_vector) acc[TILED_ROWS][2];
+    for (int i = 0; i < TILED_ROWS; i++)
+        for (int w = 0; w < W; w++)
+            acc[i][w] = accumulate ? FUSED_NAME(tile_load)(c[i] + column + w * TILED_LANES)
+                                   : (FUSED_NAME(tile_vector)){0};
+    int64_t offset = FUSED_NAME(tiled_row_offset)(first), keys = FUSED_NAME(tiled_row_keys)(first);
+    for (int64_t r = first; r < last; r++) {
+        const real *row = kept + offset + key;
+        FUSED_NAME(tile_vector) x[2];
+        for (int w = 0; w < W; w++) x[w] = FUSED_NAME(tile_load)(b + r * b_stride + column + w * TILED_LANES);
+        for (int i = 0; i < TILED_ROWS; i++) {
+            const real e = row[i];
+            for (int w = 0; w < W; w++) acc[i][w] += e * x[w];
+        }
+        offset += keys;
+        if ((r + 1) % 16 == 0) keys += 16;
+    }
+    for (int i = 0; i < TILED_ROWS; i++)
+        for (int w = 0; w < W; w++) FUSED_NAME(tile_store)(c[i] + column + w * TILED_LANES, acc[i][w]);
+}
+
+/* Rows first … first + 7 of one head (those ≥ time point at row time − 1 and write to `spare`): the row
+   pointers of x (read) and of the kept layout `kept` and of y (written) */
+static inline void FUSED_NAME(tile_pointers)(int64_t first, int64_t time, const real *x, int64_t x_stride,
+                                             const real *a[TILED_ROWS], real *kept, real *c[TILED_ROWS],
+                                             real *y, int64_t y_stride, real *out[TILED_ROWS], real *spare)
+{
+    for (int i = 0; i < TILED_ROWS; i++) {
+        const int64_t r = first + i;
+        const int valid = r < time;
+        a[i] = x + (valid ? r : time - 1) * x_stride;
+        c[i] = valid ? kept + FUSED_NAME(tiled_row_offset)(r) : spare;
+        if (out != NULL) out[i] = valid ? y + r * y_stride : spare;
+    }
+}
+
+/* The causal softmax of a register tile's score rows in place: row first + i (of rows first … last − 1)
+   sees keys 0 … first + i; the later ones (to `keys`, a multiple of the lanes) are set to −∞ in registers
+   so that every pass is whole vectors (per-row scalar tails cost more than the row's products), and
+   exp(−∞ − max) = 0 gives them probability 0. Each pass runs over all the rows before the next, so that the
+   rows' reductions (their maxima, their sums), each a chain of dependent steps, overlap. */
+typedef FUSED_INT FUSED_NAME(tile_mask) __attribute__((vector_size(TILED_BYTES)));
+
+/* a where `where`, else b, lane by lane */
+static inline FUSED_NAME(tile_vector) FUSED_NAME(tile_select)(FUSED_NAME(tile_mask) where, FUSED_NAME(tile_vector) a,
+                                                              FUSED_NAME(tile_vector) b)
+{
+    return (FUSED_NAME(tile_vector))((where & (FUSED_NAME(tile_mask))a) | (~where & (FUSED_NAME(tile_mask))b));
+}
+
+static inline void FUSED_NAME(tile_softmax)(real *const c[TILED_ROWS], int64_t first, int64_t last, int64_t keys)
+{
+    FUSED_NAME(tile_mask) lane;
+    for (int i = 0; i < TILED_LANES; i++) lane[i] = (FUSED_INT)i;
+    const FUSED_NAME(tile_vector) hidden = (FUSED_NAME(tile_vector)){0} - (real)INFINITY;
+    const int rows = (int)(last - first);
+    real largest[TILED_ROWS], total[TILED_ROWS];
+    for (int i = 0; i < rows; i++) {
+        real *restrict row = c[i];
+        const int64_t seen = first + i + 1;
+        FUSED_NAME(tile_vector) top = hidden;
+        for (int64_t j = 0; j < keys; j += TILED_LANES) {
+            FUSED_NAME(tile_vector) x = FUSED_NAME(tile_load)(row + j);
+            if (j + TILED_LANES > seen) {
+                x = FUSED_NAME(tile_select)(lane < (FUSED_INT)(seen - j), x, hidden);
+                FUSED_NAME(tile_store)(row + j, x);
+            }
+            top = FUSED_NAME(tile_select)(x > top, x, top);
+        }
+        largest[i] = top[0];
+        for (int l = 1; l < TILED_LANES; l++) largest[i] = top[l] > largest[i] ? top[l] : largest[i];
+    }
+    for (int i = 0; i < rows; i++)
+        total[i] = FUSED_NAME(exp_shifted)(c[i], keys, largest[i]);
+    for (int i = 0; i < rows; i++) {
+        real *restrict row = c[i];
+        const real inverse = (real)1 / total[i];
+        for (int64_t j = 0; j < keys; j++) row[j] *= inverse;
+    }
+}
+
+/* x (time, dim) at row stride `stride` into xt (dim, padded), the columns past time zero */
+static void FUSED_NAME(tile_transpose)(const real *x, int64_t stride, real *restrict xt, int64_t time,
+                                       int64_t padded, int64_t dim)
+{
+    const int64_t whole = time / 16 * 16;
+    for (int64_t t0 = 0; t0 < whole; t0 += 16)
+        for (int64_t d = 0; d < dim; d++)
+            for (int64_t t = t0; t < t0 + 16; t++)
+                xt[d * padded + t] = x[t * stride + d];
+    for (int64_t d = 0; d < dim && whole < padded; d++)
+        for (int64_t t = whole; t < padded; t++)
+            xt[d * padded + t] = t < time ? x[t * stride + d] : (real)0;
+}
+
+/* c = a rows · bt columns for keys 0 … keys − 1 (2 vectors at a time, then 1) */
+static void FUSED_NAME(tile_scores)(const real *const a[TILED_ROWS], const real *bt, int64_t padded, int64_t dim,
+                                    real *const c[TILED_ROWS], int64_t keys)
+{
+    int64_t column = 0;
+    for (; column + 2 * TILED_LANES <= keys; column += 2 * TILED_LANES)
+        FUSED_NAME(tile_rows_by_columns)(2, a, bt, padded, dim, c, column);
+    for (; column < keys; column += TILED_LANES)
+        FUSED_NAME(tile_rows_by_columns)(1, a, bt, padded, dim, c, column);
+}
+
+/* out rows = a rows (n keys) · b rows, all dim columns */
+static void FUSED_NAME(tile_weighted)(const real *const a[TILED_ROWS], int64_t n, const real *b, int64_t b_stride,
+                                      real *const out[TILED_ROWS], int64_t dim)
+{
+    int64_t column = 0;
+    for (; column + 2 * TILED_LANES <= dim; column += 2 * TILED_LANES)
+        FUSED_NAME(tile_rows_by_rows)(2, a, n, b, b_stride, out, column);
+    for (; column < dim; column += TILED_LANES)
+        FUSED_NAME(tile_rows_by_rows)(1, a, n, b, b_stride, out, column);
+}
+
+/* y[j] (+)= Σ_{r ≥ j} kept[r][j] · b[r] for every key j < time (dk from dS and q, dv from P and dO) */
+static void FUSED_NAME(tile_transposed)(const real *kept, const real *b, int64_t b_stride, real *y, int64_t y_stride,
+                                        int64_t time, int64_t dim, int accumulate, real *spare)
+{
+    for (int64_t key = 0; key < time; key += TILED_ROWS) {
+        real *c[TILED_ROWS];
+        for (int i = 0; i < TILED_ROWS; i++)
+            c[i] = key + i < time ? y + (key + i) * y_stride : spare;
+        int64_t column = 0;
+        for (; column + 2 * TILED_LANES <= dim; column += 2 * TILED_LANES)
+            FUSED_NAME(tile_columns_by_rows)(2, kept, key, key, time, b, b_stride, c, column, accumulate);
+        for (; column < dim; column += TILED_LANES)
+            FUSED_NAME(tile_columns_by_rows)(1, kept, key, key, time, b, b_stride, c, column, accumulate);
+    }
+}
+
+/* Fetch rows first … first + 7 of x (row stride `stride`, dim elements each) into L2: the next head's rows,
+   a group of rows at each group of this head, so that its reads from memory overlap this head's products */
+static inline void FUSED_NAME(tile_prefetch)(const real *x, int64_t stride, int64_t first, int64_t time, int64_t dim)
+{
+    for (int64_t r = first; r < first + TILED_ROWS && r < time; r++)
+        for (int64_t d = 0; d < dim; d += 64 / (int64_t)sizeof(real))
+            __builtin_prefetch(x + r * stride + d, 0, 2);
+}
+
+/* Forward: O and the kept P (batch, heads, tiled_row_offset(T16)) of q (scaled), k, v.
+   scratch: dim · T16 + max(T16, dim) elements. Returns 0, or −1 (nothing done) where dim is not a
+   multiple of the lanes. */
+int FUSED_NAME(tiled_attention_forward)(const real *q, int64_t q_sb, int64_t q_sh, int64_t q_st,
+                                        const real *k, int64_t k_sb, int64_t k_sh, int64_t k_st,
+                                        const real *v, int64_t v_sb, int64_t v_sh, int64_t v_st,
+                                        real *o, int64_t o_sb, int64_t o_sh, int64_t o_st,
+                                        real *p, real *scratch, int64_t batch, int64_t heads, int64_t kv_heads,
+                                        int64_t time, int64_t dim)
+{
+    if (dim % TILED_LANES != 0 || time < 1 || kv_heads < 1 || heads % kv_heads != 0) return -1;
+    const int64_t padded = (time + 15) / 16 * 16, per_head = FUSED_NAME(tiled_row_offset)(padded);
+    const int64_t group = heads / kv_heads;
+    real *kt = scratch, *spare = scratch + dim * padded;
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t kv = 0; kv < kv_heads; kv++) {
+            FUSED_NAME(tile_transpose)(k + b * k_sb + kv * k_sh, k_st, kt, time, padded, dim);
+            const real *vh = v + b * v_sb + kv * v_sh;
+            for (int64_t h = kv * group; h < (kv + 1) * group; h++) {
+                const real *qh = q + b * q_sb + h * q_sh;
+                real *oh = o + b * o_sb + h * o_sh, *ph = p + (b * heads + h) * per_head;
+                const int64_t next_b = h + 1 < heads ? b : b + 1, next_h = h + 1 < heads ? h + 1 : 0;
+                const int next = next_b < batch, next_kv = next && next_h % group == 0;
+                const real *next_q = q + next_b * q_sb + next_h * q_sh;
+                const real *next_k = k + next_b * k_sb + next_h / group * k_sh;
+                const real *next_v = v + next_b * v_sb + next_h / group * v_sh;
+                for (int64_t first = 0; first < time; first += TILED_ROWS) {
+                    const real *a[TILED_ROWS];
+                    real *c[TILED_ROWS], *out[TILED_ROWS];
+                    if (next) FUSED_NAME(tile_prefetch)(next_q, q_st, first, time, dim);
+                    if (next_kv) {
+                        FUSED_NAME(tile_prefetch)(next_k, k_st, first, time, dim);
+                        FUSED_NAME(tile_prefetch)(next_v, v_st, first, time, dim);
+                    }
+                    FUSED_NAME(tile_pointers)(first, time, qh, q_st, a, ph, c, oh, o_st, out, spare);
+                    const int64_t keys = FUSED_NAME(tiled_row_keys)(first);
+                    FUSED_NAME(tile_scores)(a, kt, padded, dim, c, keys);                  /* S rows */
+                    const int64_t n = first + TILED_ROWS < time ? first + TILED_ROWS : time;
+                    FUSED_NAME(tile_softmax)(c, first, n, keys);                       /* P rows */
+                    FUSED_NAME(tile_weighted)((const real *const *)c, n, vh, v_st, out, dim);   /* O rows = P v */
+                }
+            }
+        }
+    return 0;
+}
+
+/* Backward of tiled_attention_forward: dq (with respect to the scaled q), dk, dv written (dk, dv summed
+   over the group). scratch: dim · T16 + tiled_row_offset(T16) + T16 + max(T16, dim) elements. Returns 0,
+   or −1 (nothing done) as the forward. */
+int FUSED_NAME(tiled_attention_backward)(const real *d_out, int64_t g_sb, int64_t g_sh, int64_t g_st,
+                                         const real *q, int64_t q_sb, int64_t q_sh, int64_t q_st,
+                                         const real *k, int64_t k_sb, int64_t k_sh, int64_t k_st,
+                                         const real *v, int64_t v_sb, int64_t v_sh, int64_t v_st,
+                                         const real *o, int64_t o_sb, int64_t o_sh, int64_t o_st,
+                                         const real *p,
+                                         real *dq, int64_t dq_sb, int64_t dq_sh, int64_t dq_st,
+                                         real *dk, int64_t dk_sb, int64_t dk_sh, int64_t dk_st,
+                                         real *dv, int64_t dv_sb, int64_t dv_sh, int64_t dv_st,
+                                         real *scratch, int64_t batch, int64_t heads, int64_t kv_heads,
+                                         int64_t time, int64_t dim)
+{
+    if (dim % TILED_LANES != 0 || time < 1 || kv_heads < 1 || heads % kv_heads != 0) return -1;
+    const int64_t padded = (time + 15) / 16 * 16, per_head = FUSED_NAME(tiled_row_offset)(padded);
+    const int64_t group = heads / kv_heads;
+    real *vt = scratch, *ds = vt + dim * padded, *delta = ds + per_head, *spare = delta + padded;
+    for (int64_t b = 0; b < batch; b++)
+        for (int64_t kv = 0; kv < kv_heads; kv++) {
+            const real *kh = k + b * k_sb + kv * k_sh;
+            real *dkh = dk + b * dk_sb + kv * dk_sh, *dvh = dv + b * dv_sb + kv * dv_sh;
+            FUSED_NAME(tile_transpose)(v + b * v_sb + kv * v_sh, v_st, vt, time, padded, dim);
+            for (int64_t h = kv * group; h < (kv + 1) * group; h++) {
+                const real *gh = d_out + b * g_sb + h * g_sh, *qh = q + b * q_sb + h * q_sh;
+                const real *oh = o + b * o_sb + h * o_sh, *ph = p + (b * heads + h) * per_head;
+                real *dqh = dq + b * dq_sb + h * dq_sh;
+                const int64_t next_b = h + 1 < heads ? b : b + 1, next_h = h + 1 < heads ? h + 1 : 0;
+                const int next = next_b < batch, next_kv = next && next_h % group == 0;
+                const real *next_g = d_out + next_b * g_sb + next_h * g_sh, *next_q = q + next_b * q_sb + next_h * q_sh;
+                const real *next_o = o + next_b * o_sb + next_h * o_sh;
+                const real *next_k = k + next_b * k_sb + next_h / group * k_sh;
+                const real *next_v = v + next_b * v_sb + next_h / group * v_sh;
+                const char *next_p = (const char *)(p + (next_b * heads + next_h) * per_head);
+                for (int64_t t = 0; t < time; t++) {                              /* Δ = rowsum(dO ∘ O) */
+                    real total = 0;
+                    for (int64_t d = 0; d < dim; d++) total += gh[t * g_st + d] * oh[t * o_st + d];
+                    delta[t] = total;
+                }
+                for (int64_t first = 0; first < time; first += TILED_ROWS) {
+                    const real *a[TILED_ROWS];
+                    real *c[TILED_ROWS], *out[TILED_ROWS];
+                    if (next) {
+                        FUSED_NAME(tile_prefetch)(next_g, g_st, first, time, dim);
+                        FUSED_NAME(tile_prefetch)(next_q, q_st, first, time, dim);
+                        FUSED_NAME(tile_prefetch)(next_o, o_st, first, time, dim);
+                        const int64_t last = first + TILED_ROWS < time ? first + TILED_ROWS : time;
+                        for (int64_t byte = FUSED_NAME(tiled_row_offset)(first) * (int64_t)sizeof(real);
+                             byte < FUSED_NAME(tiled_row_offset)(last) * (int64_t)sizeof(real); byte += 64)
+                            __builtin_prefetch(next_p + byte, 0, 2);
+                    }
+                    if (next_kv) {
+                        FUSED_NAME(tile_prefetch)(next_k, k_st, first, time, dim);
+                        FUSED_NAME(tile_prefetch)(next_v, v_st, first, time, dim);
+                    }
+                    FUSED_NAME(tile_pointers)(first, time, gh, g_st, a, ds, c, dqh, dq_st, out, spare);
+                    const int64_t keys = FUSED_NAME(tiled_row_keys)(first);
+                    FUSED_NAME(tile_scores)(a, vt, padded, dim, c, keys);                 /* dP = dO vᵀ */
+                    for (int i = 0; i < TILED_ROWS && first + i < time; i++) {     /* dS = P ∘ (dP − Δ) */
+                        real *row = c[i];
+                        const real *kept = ph + FUSED_NAME(tiled_row_offset)(first + i), shift = delta[first + i];
+                        for (int64_t j = 0; j < keys; j++) row[j] = kept[j] * (row[j] - shift);
+                    }
+                    const int64_t n = first + TILED_ROWS < time ? first + TILED_ROWS : time;
+                    FUSED_NAME(tile_weighted)((const real *const *)c, n, kh, k_st, out, dim);  /* dq = dS k */
+                }
+                const int accumulate = h > kv * group;
+                FUSED_NAME(tile_transposed)(ds, qh, q_st, dkh, dk_st, time, dim, accumulate, spare);  /* dSᵀ q */
+                FUSED_NAME(tile_transposed)(ph, gh, g_st, dvh, dv_st, time, dim, accumulate, spare);  /* Pᵀ dO */
+            }
+        }
+    return 0;
+}
 #endif

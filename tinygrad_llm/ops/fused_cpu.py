@@ -6,9 +6,11 @@ score blocks and its backward, the embedding's scatter-add, the AdamW update) in
 row pool's threads really work at once. They are branches of the ops in ops/ (and of AdamW), taken for
 contiguous NumPy float32/float64 arrays when `library()` has them; otherwise the ops keep their NumPy
 expressions, which compute the same values (the tests hold each branch to them, and run the float64
-gradient checks through both). For decoding they also hold the packed SwiGLU, the cached attention of one
-new position a row, and Linear's float32 product for 2 … 32 rows of x (`few_rows_linear`, float32 only,
-where the build has AVX-512: ops/matmul.few_rows_loop).
+gradient checks through both). Attention's training path also has all of its products here, one head at
+a time with the tiles in cache (`tiled_attention_forward/backward`, ops/attention._tiled_forward). For
+decoding they also hold the packed SwiGLU, the cached attention of one new position a row, and Linear's
+float32 product for 2 … 32 rows of x (`few_rows_linear`, float32 only, where the build has AVX-512:
+ops/matmul.few_rows_loop).
 
 Built once per machine and source at the first use (~1 s) by tinygrad_llm.native, as the quantized op's
 kernels are (the system C compiler, -O3 -march=native, the same build folder and TINYGRAD_LLM_CPU_KERNELS=0
@@ -44,7 +46,10 @@ _SIGNATURES = {                         # name: argument types, the floating one
     "embedding_backward": (_P, _P, _P, _N, _N, _N),
     "swiglu_packed_forward": (_P, _P, _N, _N),                                     # decoding steps
     "decode_attention": (_P, _N) * 3 + (_P,) * 9 + (_N,) * 6,
+    "tiled_attention_forward": (_P, _N, _N, _N) * 4 + (_P, _P) + (_N,) * 5,                # return 0 or −1
+    "tiled_attention_backward": (_P, _N, _N, _N) * 5 + (_P,) + (_P, _N, _N, _N) * 3 + (_P,) + (_N,) * 5,
 }
+_RETURNS_INT = {"tiled_attention_forward", "tiled_attention_backward"}
 _SUFFIX = {np.dtype(np.float32): ("_f32", ctypes.c_float), np.dtype(np.float64): ("_f64", ctypes.c_double)}
 _UNSET = object()
 _library = _UNSET
@@ -60,7 +65,7 @@ def load() -> dict:
         for dtype, (suffix, real) in _SUFFIX.items():
             function = getattr(library, name + suffix)
             function.argtypes = [real if a is None else a for a in arguments]
-            function.restype = None
+            function.restype = ctypes.c_int if name in _RETURNS_INT else None
             functions[name, dtype] = function
     few_rows = library.few_rows_linear_f32            # float32 only (a product for a few rows: ops/quantized)
     few_rows.argtypes, few_rows.restype = [_P] * 3 + [_N] * 5, ctypes.c_int
