@@ -9,8 +9,7 @@
 //           residual stream has already sent to x, which the autograd would otherwise add after);
 //           with `low` (not null): dx also written in dy's dtype D (what the residual add hands its
 //           16-bit branch).
-// rms_norm_backward_dw_<w>: dw[c] = Σ_b partial[b, c] in a fixed order, written in W; block (32, 16), grid
-//   ceil(C / 32).
+// rms_norm_backward_dw_<w>: dw[c] = Σ_b partial[b, c], b in order, one thread a column, written in W.
 // Must match the NumPy path of RMSNorm (rms_norm_reference is the composed oracle).
 //
 // Residual form (ops/norm.py's ResidualAdd feeding RMSNorm, one pass over the rows):
@@ -235,25 +234,13 @@ __device__ __forceinline__ void rms_norm_backward(const D* dy, const X* x, const
     }
 }
 
-// dw from the partial rows: a block of (32, DW_GROUPS) threads takes 32 columns; thread (x, y) sums rows
-// y, y + DW_GROUPS, … of its column, then thread (x, 0) adds the DW_GROUPS sums in order (deterministic).
-constexpr int DW_GROUPS = 16;
-
 template <typename W>
 __device__ __forceinline__ void rms_norm_backward_dw(const float* partial, W* dw, int blocks, int channels) {
-    __shared__ float sums[DW_GROUPS][33];
-    const int c = blockIdx.x * 32 + threadIdx.x;
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= channels) return;
     float total = 0.0f;
-    if (c < channels)
-        for (int b = threadIdx.y; b < blocks; b += DW_GROUPS) total += partial[(int64)b * channels + c];
-    sums[threadIdx.y][threadIdx.x] = total;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < channels) {
-        float column = 0.0f;
-#pragma unroll
-        for (int g = 0; g < DW_GROUPS; ++g) column += sums[g][threadIdx.x];
-        dw[c] = from_float<W>(column);
-    }
+    for (int b = 0; b < blocks; ++b) total += partial[(int64)b * channels + c];
+    dw[c] = from_float<W>(total);
 }
 
 // Names: add_rms_norm_forward_<x>_<branch>_<y>_<w>, rms_norm_backward_<x>_<dy>_<w>.

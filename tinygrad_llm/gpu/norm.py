@@ -108,8 +108,8 @@ def rms_norm_backward(dy, x, weight, r, pending=None, low=False):
         (blocks,), (32 * warps_per_block,),
         (dy, x, weight, r, dx, partial, np.int32(rows), np.int32(channels), pending, dx_low),
         shared_mem=warps_per_block * channels * 4)
-    _kernel(f"rms_norm_backward_dw_{suffix(weight.dtype)}")(        # (blocks, C) -> (C,), in a fixed order
-        ((channels + 31) // 32,), (32, 16), (partial, dweight, np.int32(blocks), np.int32(channels)))
+    _kernel(f"rms_norm_backward_dw_{suffix(weight.dtype)}")(        # (blocks, C) -> (C,), blocks in order
+        ((channels + 127) // 128,), (128,), (partial, dweight, np.int32(blocks), np.int32(channels)))
     return (dx, dweight, dx_low) if low else (dx, dweight)
 
 
