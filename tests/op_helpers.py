@@ -55,3 +55,19 @@ def compiled_loops(on: bool, threads: int = 1):
     finally:
         fused_cpu._library = saved_library
         cpu_threads.set_thread_count(saved_threads)
+
+
+def cached_decode(qkv, stores, slots, starts, heads, kv_heads):
+    """The cached attention op for one new position a row (qkv (B, 1, ·, D)) on copies of the k and v
+    stores; returns (out, k store, v store)."""
+    import tinygrad_llm.functional as F
+    from tinygrad_llm import no_grad
+    from tinygrad_llm.ops.attention import CacheRows
+    from tinygrad_llm.ops.rope import rope_angles
+    stores = [s.copy() for s in stores]
+    cos, sin = rope_angles(np.asarray(starts), qkv.shape[-1], 10000.0)
+    with no_grad():
+        out = F.rope_attention(Tensor(qkv), heads, kv_heads, cos.astype(qkv.dtype), sin.astype(qkv.dtype),
+                               cache=(*stores, CacheRows(slots, starts, 1))).numpy()
+    return out, *stores
+

@@ -9,25 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tinygrad_llm.functional as F
-from tinygrad_llm import Tensor, no_grad
 from tinygrad_llm.ops import fused_cpu
-from tinygrad_llm.ops.attention import CacheRows
-from tinygrad_llm.ops.rope import rope_angles
 
-from op_helpers import compiled_loops as loops, normal
+from op_helpers import cached_decode, compiled_loops as loops, normal
 
 pytestmark = pytest.mark.skipif(fused_cpu.library() is None, reason="the fused CPU loops could not be built here")
-
-
-def cached_decode(qkv, stores, slots, starts, heads, kv_heads):
-    """The cached attention op for one new position a row; returns (out, k store, v store)."""
-    stores = [s.copy() for s in stores]
-    cos, sin = rope_angles(np.asarray(starts), qkv.shape[-1], 10000.0)
-    with no_grad():
-        out = F.rope_attention(Tensor(qkv), heads, kv_heads, cos.astype(qkv.dtype), sin.astype(qkv.dtype),
-                               cache=(*stores, CacheRows(slots, starts, 1))).numpy()
-    return out, *stores
 
 
 @settings(deadline=None, max_examples=20)

@@ -15,23 +15,10 @@ from tinygrad_llm import Tensor, generate as generate_module, manual_seed, no_gr
 from tinygrad_llm.generate import Decoder, _CpuStep, generate_batch
 from tinygrad_llm.model import GPT, GPTConfig
 from tinygrad_llm.ops import fused_cpu
-from tinygrad_llm.ops.attention import CacheRows
-from tinygrad_llm.ops.rope import rope_angles
 
-from op_helpers import compiled_loops as loops, normal
+from op_helpers import cached_decode, compiled_loops as loops, normal
 
 pytestmark = pytest.mark.skipif(fused_cpu.library() is None, reason="the fused CPU loops could not be built here")
-
-
-
-def cached_decode(qkv, stores, slots, starts, heads, kv_heads):
-    """The cached attention op for one new position a row (qkv (B, 1, ·, D)); returns (out, k store, v store)."""
-    stores = [s.copy() for s in stores]
-    cos, sin = rope_angles(np.asarray(starts), qkv.shape[-1], 10000.0)
-    with no_grad():
-        out = F.rope_attention(Tensor(qkv), heads, kv_heads, cos.astype(qkv.dtype), sin.astype(qkv.dtype),
-                               cache=(*stores, CacheRows(slots, starts, 1))).numpy()
-    return out, *stores
 
 
 @settings(deadline=None, max_examples=25)

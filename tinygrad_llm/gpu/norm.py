@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import backend
 from .arrays import all_on_gpu, contiguous, dtype_name, empty, float_kind, multiprocessors, same_dtype, suffix
 from .compiler import function, selection
 

@@ -686,39 +686,20 @@ static inline int64_t FUSED_NAME(tiled_row_keys)(int64_t i)
     return 16 * (i / 16 + 1);
 }
 
-/* c[r][column + …] = Σ_k a[r][k] · bt[k · bt_stride + column + …] for the 8 rows r, W vectors of columns */
+/* c[r][column + …] = Σ_{k < inner} a[r][k] · b[k · b_stride + column + …] for the 8 rows r, W vectors of
+   columns (b's rows: kᵀ or vᵀ for the scores, v or k's rows for P v and dS k) */
 static inline __attribute__((always_inline)) void FUSED_NAME(tile_rows_by_columns)(
-    const int W, const real *const a[TILED_ROWS], const real *restrict bt, int64_t bt_stride, int64_t inner,
+    const int W, const real *const a[TILED_ROWS], const real *restrict b, int64_t b_stride, int64_t inner,
     real *const c[TILED_ROWS], int64_t column)
 {
     FUSED_NAME(tile_vector) acc[TILED_ROWS][2];
     for (int r = 0; r < TILED_ROWS; r++)
         for (int w = 0; w < W; w++) acc[r][w] = (FUSED_NAME(tile_vector)){0};
     for (int64_t k = 0; k < inner; k++) {
-        FUSED_NAME(tile_vector) b[2];
-        for (int w = 0; w < W; w++) b[w] = FUSED_NAME(tile_load)(bt + k * bt_stride + column + w * TILED_LANES);
-        for (int r = 0; r < TILED_ROWS; r++) {
-            const real x = a[r][k];
-            for (int w = 0; w < W; w++) acc[r][w] += x * b[w];
-        }
-    }
-    for (int r = 0; r < TILED_ROWS; r++)
-        for (int w = 0; w < W; w++) FUSED_NAME(tile_store)(c[r] + column + w * TILED_LANES, acc[r][w]);
-}
-
-/* c[r][column + …] = Σ_{j < n} a[r][j] · b[j · b_stride + column + …] (a rows times b's rows) */
-static inline __attribute__((always_inline)) void FUSED_NAME(tile_rows_by_rows)(
-    const int W, const real *const a[TILED_ROWS], int64_t n, const real *b, int64_t b_stride,
-    real *const c[TILED_ROWS], int64_t column)
-{
-    FUSED_NAME(tile_vector) acc[TILED_ROWS][2];
-    for (int r = 0; r < TILED_ROWS; r++)
-        for (int w = 0; w < W; w++) acc[r][w] = (FUSED_NAME(tile_vector)){0};
-    for (int64_t j = 0; j < n; j++) {
         FUSED_NAME(tile_vector) x[2];
-        for (int w = 0; w < W; w++) x[w] = FUSED_NAME(tile_load)(b + j * b_stride + column + w * TILED_LANES);
+        for (int w = 0; w < W; w++) x[w] = FUSED_NAME(tile_load)(b + k * b_stride + column + w * TILED_LANES);
         for (int r = 0; r < TILED_ROWS; r++) {
-            const real e = a[r][j];
+            const real e = a[r][k];
             for (int w = 0; w < W; w++) acc[r][w] += e * x[w];
         }
     }
@@ -827,26 +808,16 @@ static void FUSED_NAME(tile_transpose)(const real *x, int64_t stride, real *rest
             xt[d * padded + t] = t < time ? x[t * stride + d] : (real)0;
 }
 
-/* c = a rows · bt columns for keys 0 … keys − 1 (2 vectors at a time, then 1) */
-static void FUSED_NAME(tile_scores)(const real *const a[TILED_ROWS], const real *bt, int64_t padded, int64_t dim,
-                                    real *const c[TILED_ROWS], int64_t keys)
+/* c rows = a rows (inner values each) · b (inner rows of b_stride), columns 0 … columns − 1, 2 vectors at a
+   time, then 1: the scores (a = q or dO rows, b = kᵀ or vᵀ) and the weighted rows (a = P or dS, b = v or k) */
+static void FUSED_NAME(tile_rows_times)(const real *const a[TILED_ROWS], int64_t inner, const real *b, int64_t b_stride,
+                                        real *const c[TILED_ROWS], int64_t columns)
 {
     int64_t column = 0;
-    for (; column + 2 * TILED_LANES <= keys; column += 2 * TILED_LANES)
-        FUSED_NAME(tile_rows_by_columns)(2, a, bt, padded, dim, c, column);
-    for (; column < keys; column += TILED_LANES)
-        FUSED_NAME(tile_rows_by_columns)(1, a, bt, padded, dim, c, column);
-}
-
-/* out rows = a rows (n keys) · b rows, all dim columns */
-static void FUSED_NAME(tile_weighted)(const real *const a[TILED_ROWS], int64_t n, const real *b, int64_t b_stride,
-                                      real *const out[TILED_ROWS], int64_t dim)
-{
-    int64_t column = 0;
-    for (; column + 2 * TILED_LANES <= dim; column += 2 * TILED_LANES)
-        FUSED_NAME(tile_rows_by_rows)(2, a, n, b, b_stride, out, column);
-    for (; column < dim; column += TILED_LANES)
-        FUSED_NAME(tile_rows_by_rows)(1, a, n, b, b_stride, out, column);
+    for (; column + 2 * TILED_LANES <= columns; column += 2 * TILED_LANES)
+        FUSED_NAME(tile_rows_by_columns)(2, a, b, b_stride, inner, c, column);
+    for (; column < columns; column += TILED_LANES)
+        FUSED_NAME(tile_rows_by_columns)(1, a, b, b_stride, inner, c, column);
 }
 
 /* y[j] (+)= Σ_{r ≥ j} kept[r][j] · b[r] for every key j < time (dk from dS and q, dv from P and dO) */
@@ -910,10 +881,10 @@ int FUSED_NAME(tiled_attention_forward)(const real *q, int64_t q_sb, int64_t q_s
                     }
                     FUSED_NAME(tile_pointers)(first, time, qh, q_st, a, ph, c, oh, o_st, out, spare);
                     const int64_t keys = FUSED_NAME(tiled_row_keys)(first);
-                    FUSED_NAME(tile_scores)(a, kt, padded, dim, c, keys);                  /* S rows */
+                    FUSED_NAME(tile_rows_times)(a, dim, kt, padded, c, keys);                  /* S rows */
                     const int64_t n = first + TILED_ROWS < time ? first + TILED_ROWS : time;
                     FUSED_NAME(tile_softmax)(c, first, n, keys);                       /* P rows */
-                    FUSED_NAME(tile_weighted)((const real *const *)c, n, vh, v_st, out, dim);   /* O rows = P v */
+                    FUSED_NAME(tile_rows_times)((const real *const *)c, n, vh, v_st, out, dim);   /* O rows = P v */
                 }
             }
         }
@@ -978,14 +949,14 @@ int FUSED_NAME(tiled_attention_backward)(const real *d_out, int64_t g_sb, int64_
                     }
                     FUSED_NAME(tile_pointers)(first, time, gh, g_st, a, ds, c, dqh, dq_st, out, spare);
                     const int64_t keys = FUSED_NAME(tiled_row_keys)(first);
-                    FUSED_NAME(tile_scores)(a, vt, padded, dim, c, keys);                 /* dP = dO vᵀ */
+                    FUSED_NAME(tile_rows_times)(a, dim, vt, padded, c, keys);                 /* dP = dO vᵀ */
                     for (int i = 0; i < TILED_ROWS && first + i < time; i++) {     /* dS = P ∘ (dP − Δ) */
                         real *row = c[i];
                         const real *kept = ph + FUSED_NAME(tiled_row_offset)(first + i), shift = delta[first + i];
                         for (int64_t j = 0; j < keys; j++) row[j] = kept[j] * (row[j] - shift);
                     }
                     const int64_t n = first + TILED_ROWS < time ? first + TILED_ROWS : time;
-                    FUSED_NAME(tile_weighted)((const real *const *)c, n, kh, k_st, out, dim);  /* dq = dS k */
+                    FUSED_NAME(tile_rows_times)((const real *const *)c, n, kh, k_st, out, dim);  /* dq = dS k */
                 }
                 const int accumulate = h > kv * group;
                 FUSED_NAME(tile_transposed)(ds, qh, q_st, dkh, dk_st, time, dim, accumulate, spare);  /* dSᵀ q */
