@@ -86,8 +86,8 @@ class RMSNorm(Function):
         path, saved_x, r, weight, junction = self.saved   # saved_x is x̂ on the plain path, x otherwise
         pending_x, pending_weight = pending
         if path != "plain" and path != "chunked":    # the kernel module the forward ran (reads dy's dtype)
-            low = (junction is not None and self.needs_input_grad[0] and saved_x.dtype == np.float32 and dy.dtype.itemsize == 2
-                   and dy.dtype == junction.get("branch_dtype"))
+            low = (junction is not None and self.needs_input_grad[0] and saved_x.dtype == np.float32
+                   and dy.dtype.itemsize == 2 and dy.dtype == junction.get("branch_dtype"))
             result = path.rms_norm_backward(dy, saved_x, weight, r, pending=pending_x, low=low)
             dx, dweight = result[:2]
             if low:
