@@ -133,11 +133,12 @@ class ResidualAdd(Function):
     def forward(self, x, branch, norm=None):
         if branch.shape != x.shape:
             raise ValueError(f"residual add: branch shape {tuple(branch.shape)} does not match x {tuple(x.shape)}")
-        into = None if norm is None else norm[3]
-        self.save(dtype=branch.dtype, junction=into)
-        if norm is not None:
-            into["branch_dtype"] = branch.dtype
+        if norm is None:
+            self.save(dtype=branch.dtype, junction=None)
+        else:
             weight, eps, out_dtype, into, *chunked = norm
+            self.save(dtype=branch.dtype, junction=into)
+            into["branch_dtype"] = branch.dtype
             out_dtype = np.dtype(x.dtype if out_dtype is None else out_dtype)
             fast = kernel("add_rms_norm", x, branch, weight, out_dtype)
             if fast is not None:
