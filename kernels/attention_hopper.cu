@@ -85,8 +85,6 @@ __device__ __forceinline__ unsigned char* attn_aligned_shared() {
 // ---------------------------------------------------------------------------------------------------
 // Forward.
 
-// A compile-time flag passed to a generic lambda (its `value` selects code with if constexpr).
-template <bool B> struct AttnFlag { static constexpr bool value = B; };
 
 // out = O / l and L = m · scale + ln l for this thread's two rows (row, row + 8) inside the sequence;
 // row_sum holds the thread's partial sums (its quad of lanes adds them up here). `out` points at the
@@ -197,9 +195,8 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         // Tile `tile`: its K/V arrive, the next tile (or the next item's Q and first tile) starts loading,
         // S = Q Kᵀ is issued; tile − 1's O += P V follows it on the tensor cores while this warpgroup masks
         // S and takes its exponentials; then O is rescaled and S becomes the next P. No wgmma sits under a
-        // runtime branch (the first tile is its own instantiation), so that ptxas keeps them asynchronous.
-        auto step = [&](int tile, auto first) {
-            constexpr bool FIRST = decltype(first)::value;   // the item's first tile: no P V before it
+        // runtime branch (the first tile is its own inlined call, FIRST a constant there), so that ptxas keeps them asynchronous.
+        auto step = [&](int tile, const bool FIRST) {      // FIRST: the item's first tile, no P V before it
             const int k0 = tile * BLOCK_K;
             const int v_next = v_buffer == 2 ? 0 : v_buffer + 1;
             attn_copy_wait_all();
@@ -225,13 +222,14 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                 Wgmma<T>::template rs_n128<0>(s, q_fragments[c],
                                               attn_descriptor(k_address + (c >> 2) * BLOCK + 32 * (c & 3)), c);
             wgmma_commit();
-            if constexpr (!FIRST) {                           // O += P V of tile − 1
+            if (!FIRST) {                           // O += P V of tile − 1
                 #pragma unroll
                 for (int c = 0; c < BLOCK_K / 16; ++c)
                     wgmma_rs<T, 1>(o, p_fragments[c], attn_descriptor(v_before + 2048 * c, LEADING), 1);
                 wgmma_commit();
             }
-            wgmma_wait<FIRST ? 0 : 1>();                      // S is in; P V may still run
+            if (FIRST) wgmma_wait<0>();                       // S is in; P V may still run
+            else wgmma_wait<1>();
             wgmma_hold(s);
             wgmma_hold(q_fragments);
 
@@ -278,7 +276,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             #pragma unroll
             for (int r = 0; r < 2; ++r) row_sum[r] = fmaf(row_sum[r], alpha[r], sums[r][0] + sums[r][1]);
 
-            if constexpr (!FIRST) {
+            if (!FIRST) {
                 wgmma_wait<0>();                              // P V of tile − 1 is done: O and P are free
                 wgmma_hold(o);
                 wgmma_hold(p_fragments);
@@ -302,8 +300,8 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             k_buffer ^= 1;
             v_buffer = v_next;
         };
-        step(0, AttnFlag<true>{});
-        for (int tile = 1; tile < current.tiles; ++tile) step(tile, AttnFlag<false>{});
+        step(0, true);                                        // two call sites, each inlined with its constant
+        for (int tile = 1; tile < current.tiles; ++tile) step(tile, false);
         // the last tile's O += P V
         const unsigned v_last = attn_smem_address(v_tiles + (v_buffer == 0 ? 2 : v_buffer - 1) * TILE);
         wgmma_fence();
