@@ -20,22 +20,26 @@
 //
 // attention_forward_{bf16,fp16}_d{64,128}_wg2(q, k, v, out, lse, H, Hkv, Tq, Tk, scale, B, layouts of q,
 //                                             k, v, out)
-//   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups, 6 · 128 · D · 2 + 1024 bytes
-//   of dynamic shared memory (99 328 at D = 64, 197 632 at D = 128): two 128-row Q tiles and two buffers
-//   each of 128-key K and V tiles plus 1 KiB to align them; 188 registers at D = 64, 205 at D = 128. A
-//   work item is a 128-row query tile of one (b, h); item i is tile ceil(Tq / 128) − 1 − i / (B·H) of
-//   (b, h) = i mod (B·H), so the longest items go first, and block x takes items x, x + grid, … While it
+//   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups, 7 · 128 · D · 2 + 1024 bytes
+//   of dynamic shared memory (115 712 at D = 64, 230 400 at D = 128): two 128-row Q tiles, two buffers of
+//   128-key K tiles and three of V tiles, plus 1 KiB to align them; 193 registers at D = 64, 225 at
+//   D = 128. A work item is a 128-row query tile of one (b, h); item i is tile ceil(Tq / 128) − 1 − i / (B·H)
+//   of (b, h) = i mod (B·H), so the longest items go first; in round r block x takes item r · grid + x
+//   (r even) or r · grid + grid − 1 − x (r odd), which evens out the blocks' sums of item lengths. While it
 //   works on an item's last K/V tile it already loads the next item's Q and first tile (the
 //   one-block-a-multiprocessor kernel otherwise waits for them).
 //   Warpgroup w owns query rows 64w … 64w + 63 of the item; each warp takes its 16 rows of Q as register
 //   A fragments (ldmatrix), once an item at D = 64, before each tile's S at D = 128 (see the loop).
-//   Per K/V tile (cp.async brings tile t + 1 while tile t is multiplied):
-//     S = Q Kᵀ  (D / 16 × m64n128k16, A = Q from registers, B = K K-major)
-//     mask (only on tiles that cross the diagonal or the end of the keys), online softmax in registers
-//     (row max and sum over the quad of lanes holding a row, exp2 with the scale folded in), rescale O
-//     O += P V  (8 × m64nDk16, A = P converted in registers to bf16/fp16, B = V MN-major); O takes D / 2
-//     float registers a thread (64 at D = 128)
-//   A warpgroup skips a tile whose keys all come after its rows. out = O / l, L = m · scale + ln l.
+//   Per K/V tile t (cp.async brings tile t + 1 while tile t is multiplied), software-pipelined inside the
+//   warpgroup as in FlashAttention-3:
+//     issue S = Q Kᵀ  (D / 16 × m64n128k16, A = Q from registers, B = K K-major)
+//     issue O += P V of tile t − 1  (8 × m64nDk16, A = P of tile t − 1 in registers, B = V MN-major)
+//     wait for S only; mask (only on tiles that cross the diagonal or the end of the keys) and online
+//     softmax in registers (row max and sum over the quad of lanes holding a row, exp2 with the scale
+//     folded in) while the tensor cores still run P V
+//     wait for P V; rescale O; P = S converted to bf16/fp16 for tile t + 1's product
+//   and after the last tile its P V. O takes D / 2 float registers a thread (64 at D = 128).
+//   out = O / l, L = m · scale + ln l.
 //
 // attention_backward_{bf16,fp16}_d{64,128}_wq(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk,
 //                                              scale, layouts of q, k, v, dO, dq (unread), dk, dv)
@@ -81,6 +85,7 @@ __device__ __forceinline__ unsigned char* attn_aligned_shared() {
 // ---------------------------------------------------------------------------------------------------
 // Forward.
 
+
 // out = O / l and L = m · scale + ln l for this thread's two rows (row, row + 8) inside the sequence;
 // row_sum holds the thread's partial sums (its quad of lanes adds them up here). `out` points at the
 // (b, h)'s first row, its rows out_row_stride elements apart.
@@ -121,9 +126,11 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
     constexpr unsigned LEADING = D == 64 ? 1024 : BLOCK;      // V's leading byte offset (unused at D = 64)
     unsigned char* q_tiles = attn_aligned_shared();           // 2 buffers of BLOCK_Q rows
     unsigned char* k_tiles = q_tiles + 2 * TILE;               // 2 buffers of BLOCK_K rows
-    unsigned char* v_tiles = k_tiles + 2 * TILE;               // 2 buffers of BLOCK_K rows
+    unsigned char* v_tiles = k_tiles + 2 * TILE;               // 3 buffers of BLOCK_K rows (P V of tile t − 1
+                                                              // still reads one while tile t + 1 comes in)
 
-    const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int group = __shfl_sync(0xffffffffu, tid >> 7, 0);  // the warpgroup, known warp-uniform to ptxas
     const int g = lane >> 2, t = lane & 3;
     const int q_blocks = (query_len + BLOCK_Q - 1) / BLOCK_Q, items = batches * heads * q_blocks;
     const int offset = key_len - query_len;
@@ -142,33 +149,40 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         w.tiles = (key_end + BLOCK_K - 1) / BLOCK_K;
         return w;
     };
+    // Round r gives block x item r · grid + x on even rounds and r · grid + grid − 1 − x on odd ones: the
+    // items come longest first, so the block that took a longer item takes a shorter one next round.
+    auto item_of = [&](int round) {
+        return round * (int)gridDim.x + ((round & 1) ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x);
+    };
     auto load_q = [&](const Work& w, int buffer) {
         attn_load_swizzled<T, BLOCK_Q, THREADS, D>(q_tiles + buffer * TILE,
                                                    q_layout.rows(q, w.batch_head / heads, w.batch_head % heads),
                                                    q_layout.row, w.q0, query_len);
     };
-    auto load_kv = [&](const Work& w, int tile, int buffer) {
-        attn_load_swizzled<T, BLOCK_K, THREADS, D>(k_tiles + buffer * TILE, w.k_head, k_layout.row, tile * BLOCK_K,
+    auto load_kv = [&](const Work& w, int tile, int k_buffer, int v_buffer) {
+        attn_load_swizzled<T, BLOCK_K, THREADS, D>(k_tiles + k_buffer * TILE, w.k_head, k_layout.row, tile * BLOCK_K,
                                                    key_len);
-        attn_load_swizzled<T, BLOCK_K, THREADS, D>(v_tiles + buffer * TILE, w.v_head, v_layout.row, tile * BLOCK_K,
+        attn_load_swizzled<T, BLOCK_K, THREADS, D>(v_tiles + v_buffer * TILE, w.v_head, v_layout.row, tile * BLOCK_K,
                                                    key_len);
     };
 
-    int item = blockIdx.x;
+    int round = 0, item = item_of(0);
     if (item >= items) return;
     Work current = work(item);
     load_q(current, 0);
-    load_kv(current, 0, 0);
+    load_kv(current, 0, 0, 0);
     attn_copy_commit();
-    int q_buffer = 0, buffer = 0;
+    int q_buffer = 0, k_buffer = 0, v_buffer = 0;
     while (true) {
-        const int next_item = item + gridDim.x;
+        const int next_item = item_of(round + 1);
         const bool has_next = next_item < items;
         const Work next = work(has_next ? next_item : item);
         const int row = current.q0 + 64 * group + 16 * warp + g;   // this thread's rows: row and row + 8
-        const int group_first_row = current.q0 + 64 * group, group_last_row = group_first_row + 63;
+        // Tiles that cross the diagonal or the end of the keys are masked; the test is the item's (uniform).
+        const int unmasked_end = min(current.q0 + offset + 1, key_len);   // keys below it are seen by every row
         unsigned q_fragments[STEPS][4];                       // this warp's 16 rows of Q
-        float o[D / 2], row_max[2] = {ATTN_NEG_INF, ATTN_NEG_INF}, row_sum[2] = {0.f, 0.f};
+        unsigned p_fragments[BLOCK_K / 16][4];                // P of the tile before, the A operand of P V
+        float s[64], o[D / 2], row_max[2] = {ATTN_NEG_INF, ATTN_NEG_INF}, row_sum[2] = {0.f, 0.f};
         #pragma unroll
         for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
         unsigned row_keys[2];                                 // dropout: key(row) of this thread's two rows
@@ -178,43 +192,48 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                 row_keys[r] = attn_dropout_row_key(dropout, (long long)current.batch_head * query_len + row + 8 * r);
         }
 
-        for (int tile = 0; tile < current.tiles; ++tile, buffer ^= 1) {
+        // Tile `tile`: its K/V arrive, the next tile (or the next item's Q and first tile) starts loading,
+        // S = Q Kᵀ is issued; tile − 1's O += P V follows it on the tensor cores while this warpgroup masks
+        // S and takes its exponentials; then O is rescaled and S becomes the next P. No wgmma sits under a
+        // runtime branch (the first tile is its own inlined call, FIRST a constant there), so that ptxas keeps them asynchronous.
+        auto step = [&](int tile, const bool FIRST) {      // FIRST: the item's first tile, no P V before it
             const int k0 = tile * BLOCK_K;
+            const int v_next = v_buffer == 2 ? 0 : v_buffer + 1;
             attn_copy_wait_all();
             attn_fence_async();
-            __syncthreads();                                  // tile is in; the other buffers are free
+            __syncthreads();                                  // tile is in; the buffers being refilled are free
             if (tile + 1 < current.tiles) {
-                load_kv(current, tile + 1, buffer ^ 1);
+                load_kv(current, tile + 1, k_buffer ^ 1, v_next);
             } else if (has_next) {                            // the next item's Q and first tile
                 load_q(next, q_buffer ^ 1);
-                load_kv(next, 0, buffer ^ 1);
+                load_kv(next, 0, k_buffer ^ 1, v_next);
             }
             attn_copy_commit();
-            // This warp's Q fragments: D = 64 reads them once an item and holds them across its tiles; D = 128
-            // reads them again before each tile's S (the item's Q tile stays in its buffer until the item
-            // ends), so that they are dead during the softmax and P V. Held across the tiles at D = 128,
-            // ptxas (CUDA 13.0) gave their registers to P's fragments, and every tile after the first
-            // multiplied P of the tile before by K.
-            if constexpr (D == 64) {
-                if (tile == 0) attn_load_fragments(q_fragments, q_tiles + q_buffer * TILE, 64 * group + 16 * warp, BLOCK);
-            }
-            if (k0 > group_last_row + offset) continue;       // every key after this warpgroup's rows
-            if constexpr (D == 128)
+            // D = 64 holds the warp's Q fragments across the item's tiles; D = 128 reads them again before each
+            // tile's S (the item's Q tile stays in its buffer), so that they are dead during the softmax.
+            if (D == 128 || FIRST)
                 attn_load_fragments(q_fragments, q_tiles + q_buffer * TILE, 64 * group + 16 * warp, BLOCK);
 
-            const unsigned k_address = attn_smem_address(k_tiles + buffer * TILE);
-            const unsigned v_address = attn_smem_address(v_tiles + buffer * TILE);
-            float s[64];
+            const unsigned k_address = attn_smem_address(k_tiles + k_buffer * TILE);
+            const unsigned v_before = attn_smem_address(v_tiles + (v_buffer == 0 ? 2 : v_buffer - 1) * TILE);
             wgmma_fence();
             #pragma unroll
-            for (int c = 0; c < STEPS; ++c)
+            for (int c = 0; c < STEPS; ++c)                   // S = Q Kᵀ
                 Wgmma<T>::template rs_n128<0>(s, q_fragments[c],
                                               attn_descriptor(k_address + (c >> 2) * BLOCK + 32 * (c & 3)), c);
             wgmma_commit();
-            wgmma_wait<0>();
+            if (!FIRST) {                           // O += P V of tile − 1
+                #pragma unroll
+                for (int c = 0; c < BLOCK_K / 16; ++c)
+                    wgmma_rs<T, 1>(o, p_fragments[c], attn_descriptor(v_before + 2048 * c, LEADING), 1);
+                wgmma_commit();
+            }
+            if (FIRST) wgmma_wait<0>();                       // S is in; P V may still run
+            else wgmma_wait<1>();
             wgmma_hold(s);
+            wgmma_hold(q_fragments);
 
-            if (k0 + BLOCK_K - 1 > group_first_row + offset || k0 + BLOCK_K > key_len) {
+            if (k0 + BLOCK_K > unmasked_end) {
                 #pragma unroll
                 for (int j = 0; j < 16; ++j)
                     #pragma unroll
@@ -223,50 +242,82 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                         if (key > row + 8 * (e >> 1) + offset || key >= key_len) s[4 * j + e] = ATTN_NEG_INF;
                     }
             }
-            // online softmax: the new row maxima (a row lives on the 4 lanes of a quad), rescale O and l
-            float new_max[2] = {row_max[0], row_max[1]};
+            // online softmax: the new row maxima (a row lives on the 4 lanes of a quad; four partial maxima a
+            // row shorten the dependency chain), then the exponentials in place
+            float part[4][2];
             #pragma unroll
-            for (int j = 0; j < 16; ++j) {
-                new_max[0] = fmaxf(new_max[0], fmaxf(s[4 * j], s[4 * j + 1]));
-                new_max[1] = fmaxf(new_max[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
-            }
+            for (int i = 0; i < 4; ++i)
+                #pragma unroll
+                for (int r = 0; r < 2; ++r) part[i][r] = fmaxf(s[4 * i + 2 * r], s[4 * i + 2 * r + 1]);
+            #pragma unroll
+            for (int j = 4; j < 16; ++j)
+                #pragma unroll
+                for (int r = 0; r < 2; ++r)
+                    part[j & 3][r] = fmaxf(part[j & 3][r], fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+            float alpha[2], shift[2];
             #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 1));
-                new_max[r] = fmaxf(new_max[r], __shfl_xor_sync(0xffffffffu, new_max[r], 2));
-                const float alpha = attn_exp2((row_max[r] - new_max[r]) * scale_log2);   // 0 on the first tile
-                row_sum[r] *= alpha;
-                #pragma unroll
-                for (int j = 0; j < D / 8; ++j) {
-                    o[4 * j + 2 * r] *= alpha;
-                    o[4 * j + 2 * r + 1] *= alpha;
-                }
-                row_max[r] = new_max[r];
+                float new_max = fmaxf(fmaxf(part[0][r], part[1][r]), fmaxf(part[2][r], part[3][r]));
+                new_max = fmaxf(new_max, row_max[r]);
+                new_max = fmaxf(new_max, __shfl_xor_sync(0xffffffffu, new_max, 1));
+                new_max = fmaxf(new_max, __shfl_xor_sync(0xffffffffu, new_max, 2));
+                alpha[r] = attn_exp2((row_max[r] - new_max) * scale_log2);   // 0 on the first tile
+                row_max[r] = new_max;
+                shift[r] = new_max * scale_log2;
             }
-            const float shift[2] = {new_max[0] * scale_log2, new_max[1] * scale_log2};
+            float sums[2][2] = {{0.f, 0.f}, {0.f, 0.f}};      // two partial sums a row
             #pragma unroll
             for (int j = 0; j < 16; ++j)
                 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]));
-                    row_sum[e >> 1] += p;
-                    if constexpr (DROPOUT)   // the row sum took every P; P V takes only the kept ones
-                        s[4 * j + e] = attn_dropout_kept(dropout, row_keys[e >> 1], k0 + 8 * j + 2 * t + (e & 1)) ? p : 0.f;
-                    else
-                        s[4 * j + e] = p;
+                    s[4 * j + e] = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]));
+                    sums[e >> 1][j & 1] += s[4 * j + e];
                 }
-            unsigned p_fragments[BLOCK_K / 16][4];
-            attn_issue_product<T>(o, p_fragments, s, v_address, LEADING);   // O += P V
-            wgmma_commit();
-            wgmma_wait<0>();
-            wgmma_hold(o);
-            wgmma_hold(p_fragments);
-        }
+            #pragma unroll
+            for (int r = 0; r < 2; ++r) row_sum[r] = fmaf(row_sum[r], alpha[r], sums[r][0] + sums[r][1]);
+
+            if (!FIRST) {
+                wgmma_wait<0>();                              // P V of tile − 1 is done: O and P are free
+                wgmma_hold(o);
+                wgmma_hold(p_fragments);
+                #pragma unroll
+                for (int j = 0; j < D / 8; ++j)
+                    #pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        o[4 * j + 2 * r] *= alpha[r];
+                        o[4 * j + 2 * r + 1] *= alpha[r];
+                    }
+            }
+            if constexpr (DROPOUT) {                          // the row sum took every P; P V takes only the kept
+                #pragma unroll
+                for (int j = 0; j < 16; ++j)
+                    #pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        if (!attn_dropout_kept(dropout, row_keys[e >> 1], k0 + 8 * j + 2 * t + (e & 1))) s[4 * j + e] = 0.f;
+            }
+            #pragma unroll
+            for (int c = 0; c < BLOCK_K / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
+            k_buffer ^= 1;
+            v_buffer = v_next;
+        };
+        step(0, true);                                        // two call sites, each inlined with its constant
+        for (int tile = 1; tile < current.tiles; ++tile) step(tile, false);
+        // the last tile's O += P V
+        const unsigned v_last = attn_smem_address(v_tiles + (v_buffer == 0 ? 2 : v_buffer - 1) * TILE);
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_K / 16; ++c)
+            wgmma_rs<T, 1>(o, p_fragments[c], attn_descriptor(v_last + 2048 * c, LEADING), 1);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_hold(o);
+        wgmma_hold(p_fragments);
         attn_forward_store<T, DROPOUT, D>(o, row_max, row_sum,
                                           out_layout.rows(out, current.batch_head / heads, current.batch_head % heads),
                                           lse, current.batch_head, row, query_len, scale_log2, dropout.scale,
                                           out_layout.row);
         if (!has_next) break;
+        ++round;
         item = next_item;
         current = next;
         q_buffer ^= 1;
