@@ -117,13 +117,10 @@ def test_forward_backward_match_numpy_float64(head_dim, dtype_name, hopper, case
         assert error <= tolerance, f"{name}: relative error {error:.2e} > {tolerance:.0e}"
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("head_dim,dtype_name", [(64, "bfloat16"), (64, "float32"), (128, "bfloat16")])
-def test_large_sequence_matches_numpy(head_dim, dtype_name, poisoned):
+def _assert_forward_backward_match_numpy(dtype_name, batch, heads, kv_heads, time, head_dim):
+    """Forward and backward of random inputs of this shape on the GPU against the float64 op."""
     cp = backend.cupy_module()
-    dtype = _dtype(dtype_name)
-    rng = np.random.default_rng()
-    q, k, v, dy = _inputs(rng, dtype, 2, 4, 2, 1000, 1000, head_dim)
+    q, k, v, dy = _inputs(np.random.default_rng(), _dtype(dtype_name), batch, heads, kv_heads, time, time, head_dim)
     gq, gk, gv, gdy = (cp.asarray(a) for a in (q, k, v, dy))
     out, lse = attention.causal_attention_forward(gq, gk, gv)
     grads = attention.causal_attention_backward(gdy, gq, gk, gv, out, lse)
@@ -134,24 +131,20 @@ def test_large_sequence_matches_numpy(head_dim, dtype_name, poisoned):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,dtype_name", [(64, "bfloat16"), (64, "float32"), (128, "bfloat16")])
+def test_large_sequence_matches_numpy(head_dim, dtype_name, poisoned):
+    _assert_forward_backward_match_numpy(dtype_name, 2, 4, 2, 1000, head_dim)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_persistent_forward_over_several_rounds_of_items_matches_numpy(head_dim, poisoned):
     """The Hopper forward is persistent (one block a multiprocessor, items dealt in snake order round after
     round): with more 128-row items than two rounds of blocks, of one, two and three key tiles, every item
     is computed once and right (the mma.sync builds elsewhere)."""
-    cp = backend.cupy_module()
-    dtype = _dtype("bfloat16")
-    rng = np.random.default_rng()
     batch, heads, kv_heads, time = 4, 32, 8, 260            # 4 · 32 · 3 = 384 items
     assert batch * heads * -(-time // 128) > 2 * arrays.multiprocessors()
-    q, k, v, dy = _inputs(rng, dtype, batch, heads, kv_heads, time, time, head_dim)
-    gq, gk, gv, gdy = (cp.asarray(a) for a in (q, k, v, dy))
-    out, lse = attention.causal_attention_forward(gq, gk, gv)
-    grads = attention.causal_attention_backward(gdy, gq, gk, gv, out, lse)
-    for name, got, expected in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + tuple(grads),
-                                   _reference(q, k, v, dy)):
-        error = _relative_error(got, expected)
-        assert error <= TOLERANCE["bfloat16"], f"{name}: relative error {error:.2e}"
+    _assert_forward_backward_match_numpy("bfloat16", batch, heads, kv_heads, time, head_dim)
 
 
 @pytest.mark.gpu
