@@ -85,7 +85,6 @@ __device__ __forceinline__ unsigned char* attn_aligned_shared() {
 // ---------------------------------------------------------------------------------------------------
 // Forward.
 
-
 // out = O / l and L = m · scale + ln l for this thread's two rows (row, row + 8) inside the sequence;
 // row_sum holds the thread's partial sums (its quad of lanes adds them up here). `out` points at the
 // (b, h)'s first row, its rows out_row_stride elements apart.
@@ -195,7 +194,8 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         // Tile `tile`: its K/V arrive, the next tile (or the next item's Q and first tile) starts loading,
         // S = Q Kᵀ is issued; tile − 1's O += P V follows it on the tensor cores while this warpgroup masks
         // S and takes its exponentials; then O is rescaled and S becomes the next P. No wgmma sits under a
-        // runtime branch (the first tile is its own inlined call, FIRST a constant there), so that ptxas keeps them asynchronous.
+        // runtime branch (the first tile is its own inlined call, FIRST a constant there), so that ptxas
+        // keeps them asynchronous (it serializes every wgmma of a kernel that has one under a branch).
         auto step = [&](int tile, const bool FIRST) {      // FIRST: the item's first tile, no P V before it
             const int k0 = tile * BLOCK_K;
             const int v_next = v_buffer == 2 ? 0 : v_buffer + 1;
@@ -222,7 +222,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                 Wgmma<T>::template rs_n128<0>(s, q_fragments[c],
                                               attn_descriptor(k_address + (c >> 2) * BLOCK + 32 * (c & 3)), c);
             wgmma_commit();
-            if (!FIRST) {                           // O += P V of tile − 1
+            if (!FIRST) {                                     // O += P V of tile − 1
                 #pragma unroll
                 for (int c = 0; c < BLOCK_K / 16; ++c)
                     wgmma_rs<T, 1>(o, p_fragments[c], attn_descriptor(v_before + 2048 * c, LEADING), 1);
@@ -293,7 +293,8 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                 for (int j = 0; j < 16; ++j)
                     #pragma unroll
                     for (int e = 0; e < 4; ++e)
-                        if (!attn_dropout_kept(dropout, row_keys[e >> 1], k0 + 8 * j + 2 * t + (e & 1))) s[4 * j + e] = 0.f;
+                        if (!attn_dropout_kept(dropout, row_keys[e >> 1], k0 + 8 * j + 2 * t + (e & 1)))
+                            s[4 * j + e] = 0.f;
             }
             #pragma unroll
             for (int c = 0; c < BLOCK_K / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
