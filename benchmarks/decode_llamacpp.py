@@ -327,16 +327,15 @@ def main() -> None:
                         argv = ["--side", side, "--models", model_name, "--types", kind, "--threads", str(count),
                                 "--batches", ",".join(map(str, batches))]
                         rounds[side].append(json.loads(run_child(argv + common, count)))
+                one = batches.index(1) if 1 in batches else None
                 for index, batch in enumerate(batches):
                     worst, ratio = {}, {}
                     for side, runs in rounds.items():
                         worst[side] = {key: min(run[index][key] for run in runs) for key in keys}
-                        if 1 in batches:                 # this batch over batch 1 in the same round (process)
-                            one = batches.index(1)
-                            ratio[side] = {key: f"{min(run[index][key] / run[one][key] for run in runs):.2f}"
-                                           for key in keys}
-                        else:
-                            ratio[side] = dict.fromkeys(keys, "—")
+                        # this batch over batch 1 in the same round (process), for the decode figures
+                        ratio[side] = {key: "—" if one is None else
+                                       f"{min(run[index][key] / run[one][key] for run in runs):.2f}"
+                                       for key in ("decode_tok_s", "decode_tok_cpu_s")}
                     pairs = [(a, b) for ours_ids, llama_ids in zip(rounds["ours"][0][index]["tokens"],
                                                                    rounds["llama"][0][index]["tokens"])
                              for a, b in zip(ours_ids, llama_ids)]
