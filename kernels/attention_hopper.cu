@@ -165,13 +165,17 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                                                    key_len);
     };
 
+    int q_buffer = 0, k_buffer = 0, v_buffer = 0;            // the buffers of the current Q, K and V tiles
+    auto v_before_address = [&] {                             // the V buffer of the tile before the current one
+        return attn_smem_address(v_tiles + (v_buffer == 0 ? 2 : v_buffer - 1) * TILE);
+    };
+
     int round = 0, item = item_of(0);
     if (item >= items) return;
     Work current = work(item);
     load_q(current, 0);
     load_kv(current, 0, 0, 0);
     attn_copy_commit();
-    int q_buffer = 0, k_buffer = 0, v_buffer = 0;
     while (true) {
         const int next_item = item_of(round + 1);
         const bool has_next = next_item < items;
@@ -215,7 +219,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                 attn_load_fragments(q_fragments, q_tiles + q_buffer * TILE, 64 * group + 16 * warp, BLOCK);
 
             const unsigned k_address = attn_smem_address(k_tiles + k_buffer * TILE);
-            const unsigned v_before = attn_smem_address(v_tiles + (v_buffer == 0 ? 2 : v_buffer - 1) * TILE);
+            const unsigned v_before = v_before_address();
             wgmma_fence();
             #pragma unroll
             for (int c = 0; c < STEPS; ++c)                   // S = Q Kᵀ
@@ -304,7 +308,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         step(0, true);                                        // two call sites, each inlined with its constant
         for (int tile = 1; tile < current.tiles; ++tile) step(tile, false);
         // the last tile's O += P V
-        const unsigned v_last = attn_smem_address(v_tiles + (v_buffer == 0 ? 2 : v_buffer - 1) * TILE);
+        const unsigned v_last = v_before_address();
         wgmma_fence();
         #pragma unroll
         for (int c = 0; c < BLOCK_K / 16; ++c)
