@@ -525,17 +525,13 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
         const float scale_log2 = scale * ATTN_LOG2E;
         const unsigned k_address = attn_smem_address(k_tile), v_address = attn_smem_address(v_tile);
         const unsigned p_address = attn_smem_address(p_tile), ds_address = attn_smem_address(ds_tile);
-        float dk_acc[D / 2], dv_acc[D / 2];
-        #pragma unroll
-        for (int i = 0; i < D / 2; ++i) dk_acc[i] = dv_acc[i] = 0.f;
+        float dk_acc[D / 2], dv_acc[D / 2];   // no zeroing: step 0's products start them
 
         for (int it = 0; it < iterations; ++it) {
             const int buffer = it & 1, q0 = query_start(it);
             attn_copy_wait_all();
             attn_fence_async();
-            attn_named_sync(1, THREADS);  // step it is in; step it − 1 (P, dS, its buffers) is done with
-            if (it + 1 < iterations) prefetch(it + 1, buffer ^ 1);
-            attn_copy_commit();
+            attn_named_sync(1, THREADS);                      // step it's Q, dO, L, Δ are in
 
             // dropout: bit 2j + c of kept[r] says whether s[4j + 2r + c] below survives (made before the
             // products, while the S and dP accumulators hold no registers yet)
@@ -569,8 +565,13 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                 wgmma_ss<T, 0, 0>(dp, attn_descriptor(dout_address + (c >> 2) * Q_BLOCK + s_row0 * 128 + 32 * (c & 3)),
                                   attn_descriptor(v_address + (c >> 2) * K_BLOCK + s_key_bytes + 32 * (c & 3)), c);
             wgmma_commit();
-            wgmma_wait<1>();                                  // S is done, dP may still run
+            wgmma_wait<1>();            // S is done, dP may still run; before S, this warpgroup's dV, dK of step it − 1
             wgmma_hold(s);
+            // both warpgroups are past step it − 1's dV and dK: the P and dS tiles and step it − 1's Q and dO
+            // buffers are free, so P can be written and step it + 1 can load
+            attn_named_sync(1, THREADS);
+            if (it + 1 < iterations) prefetch(it + 1, buffer ^ 1);
+            attn_copy_commit();
 
             // P: row r of this thread needs L of query q0 + r
             const float* l_row = l_tiles + buffer * BLOCK_Q;
@@ -652,17 +653,15 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             #pragma unroll
             for (int c = 0; c < BLOCK_Q / 16; ++c)
                 wgmma_ss<T, 1, 1>(dv_acc, attn_descriptor(p_address + group * Q_BLOCK + 2048 * c),
-                                  attn_descriptor(dout_address + 2048 * c, LEADING), 1);
+                                  attn_descriptor(dout_address + 2048 * c, LEADING), it > 0 || c > 0);
             wgmma_commit();
             #pragma unroll
             for (int c = 0; c < BLOCK_Q / 16; ++c)
                 wgmma_ss<T, 1, 1>(dk_acc, attn_descriptor(ds_address + group * Q_BLOCK + 2048 * c),
-                                  attn_descriptor(q_address + 2048 * c, LEADING), 1);
+                                  attn_descriptor(q_address + 2048 * c, LEADING), it > 0 || c > 0);
             wgmma_commit();
-            wgmma_wait<0>();
+            wgmma_wait<2>();                                  // dQ is done; dV and dK run on into step it + 1
             wgmma_hold(dq);
-            wgmma_hold(dk_acc);
-            wgmma_hold(dv_acc);
             if constexpr (ROW_SPLIT) wgmma_hold(ds_fragments);
 
             // dQ · scale to the stage for the dQ warpgroup (once it has emptied it)
@@ -675,6 +674,13 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                     *reinterpret_cast<float2*>(staged + (row + 8 * r) * DQ_STRIDE + 8 * j) =
                         make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
             attn_named_arrive(2, THREADS + 128);              // the stage is full
+        }
+        wgmma_wait<0>();
+        wgmma_hold(dk_acc);
+        wgmma_hold(dv_acc);
+        if (iterations == 0) {                                // no query sees these keys: dk = dv = 0
+            #pragma unroll
+            for (int i = 0; i < D / 2; ++i) dk_acc[i] = dv_acc[i] = 0.f;
         }
         attn_backward_store<T, DROPOUT, D>(dk_acc, dv_acc, dk_layout.rows(dk, work.batch, work.kv_head),
                                            dv_layout.rows(dv, work.batch, work.kv_head), k0 + key_row, key_len, scale,
