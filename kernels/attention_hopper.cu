@@ -20,14 +20,14 @@
 //
 // attention_forward_{bf16,fp16}_d{64,128}_wg2(q, k, v, out, lse, H, Hkv, Tq, Tk, scale, B, layouts of q,
 //                                             k, v, out)
-//   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups, 7 · 128 · D · 2 + 2048 bytes
-//   of dynamic shared memory (116 736 at D = 64, 231 424 at D = 128): two 128-row Q tiles, two buffers of
-//   128-key K tiles and three of V tiles, 4 bytes a thread for wgmma_wait_after, plus 1 KiB to align the
-//   tiles; 196 registers at D = 64, 225 at D = 128. A work item is a 128-row query tile of one (b, h);
-//   item i is tile ceil(Tq / 128) − 1 − i / (B·H) of (b, h) = i mod (B·H), so the longest items go first;
-//   in round r block x takes item r · grid + x (r even) or r · grid + grid − 1 − x (r odd), which evens
-//   out the blocks' sums of item lengths. While it works on an item's last K/V tile it already loads the
-//   next item's Q and first tile (the one-block-a-multiprocessor kernel otherwise waits for them).
+//   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups, 7 · 128 · D · 2 + 1024 bytes
+//   of dynamic shared memory (115 712 at D = 64, 230 400 at D = 128): two 128-row Q tiles, two buffers of
+//   128-key K tiles and three of V tiles, plus 1 KiB to align them; 193 registers at D = 64, 225 at
+//   D = 128. A work item is a 128-row query tile of one (b, h); item i is tile ceil(Tq / 128) − 1 − i / (B·H)
+//   of (b, h) = i mod (B·H), so the longest items go first; in round r block x takes item r · grid + x
+//   (r even) or r · grid + grid − 1 − x (r odd), which evens out the blocks' sums of item lengths. While it
+//   works on an item's last K/V tile it already loads the next item's Q and first tile (the
+//   one-block-a-multiprocessor kernel otherwise waits for them).
 //   Warpgroup w owns query rows 64w … 64w + 63 of the item; each warp takes its 16 rows of Q as register
 //   A fragments (ldmatrix), once an item at D = 64, before each tile's S at D = 128 (see the loop).
 //   Per K/V tile t (cp.async brings tile t + 1 while tile t is multiplied), software-pipelined inside the
@@ -37,8 +37,7 @@
 //     wait for S only; mask (only on tiles that cross the diagonal or the end of the keys) and online
 //     softmax in registers (row max and sum over the quad of lanes holding a row, exp2 with the scale
 //     folded in) while the tensor cores still run P V
-//     wait for P V (wgmma_wait_after: without it ptxas hoists this wait above the softmax); rescale O;
-//     P = S converted to bf16/fp16 for tile t + 1's product
+//     wait for P V; rescale O; P = S converted to bf16/fp16 for tile t + 1's product
 //   and after the last tile its P V. O takes D / 2 float registers a thread (64 at D = 128).
 //   out = O / l, L = m · scale + ln l.
 //
@@ -128,7 +127,6 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
     unsigned char* k_tiles = q_tiles + 2 * TILE;               // 2 buffers of BLOCK_K rows
     unsigned char* v_tiles = k_tiles + 2 * TILE;               // 3 buffers of BLOCK_K rows (P V of tile t − 1
                                                               // still reads one while tile t + 1 comes in)
-    float* order_slots = reinterpret_cast<float*>(v_tiles + 3 * TILE);   // 4 bytes a thread (wgmma_wait_after)
 
     const int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31;
     const int group = __shfl_sync(0xffffffffu, tid >> 7, 0);  // the warpgroup, known warp-uniform to ptxas
@@ -282,8 +280,8 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             #pragma unroll
             for (int r = 0; r < 2; ++r) row_sum[r] = fmaf(row_sum[r], alpha[r], sums[r][0] + sums[r][1]);
 
-            if (!FIRST) {                                     // P V of tile − 1 is done: O and P are free
-                wgmma_wait_after<0>(row_sum[0] + row_sum[1], attn_smem_address(order_slots + tid));
+            if (!FIRST) {
+                wgmma_wait<0>();                              // P V of tile − 1 is done: O and P are free
                 wgmma_hold(o);
                 wgmma_hold(p_fragments);
                 #pragma unroll

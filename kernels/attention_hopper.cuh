@@ -126,15 +126,6 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 template <int N> __device__ __forceinline__ void wgmma_wait() {
     asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory");
 }
-// wgmma_wait<N>() after register-only work that the tensor cores should overlap (a softmax while P V
-// runs): ptxas sees no dependence between that work and wgmma.wait_group and hoists the wait above it,
-// so the work would run after the products, not beside them. It does not move the wait above a
-// shared-memory access, so a store of `value` (computed from the last of that work) to `slot` (4 bytes of
-// shared memory that are this thread's own) pins the wait below all of it.
-template <int N> __device__ __forceinline__ void wgmma_wait_after(float value, unsigned slot) {
-    asm volatile("st.shared.f32 [%0], %1;\n" :: "r"(slot), "f"(value) : "memory");
-    wgmma_wait<N>();
-}
 template <int R> __device__ __forceinline__ void wgmma_hold(float (&d)[R]) {
     #pragma unroll
     for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i]) :: "memory");

@@ -194,9 +194,8 @@ def modules(head_dim: int, dtype) -> list:
 
 
 def _hopper_forward_shared_bytes(head_dim: int) -> int:
-    # 2 × Q, 2 × K, 3 × V tiles of 128 rows, 4 bytes a thread (256) for wgmma_wait_after, 1 KiB to align
-    # the tiles to 1024 bytes
-    return 7 * 128 * head_dim * 2 + 256 * 4 + 1024
+    # 2 × Q, 2 × K, 3 × V tiles of 128 rows, 1 KiB to align them to 1024 bytes
+    return 7 * 128 * head_dim * 2 + 1024
 
 
 def _hopper_backward_shared_bytes(head_dim: int, build: Build) -> int:
