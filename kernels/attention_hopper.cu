@@ -446,7 +446,10 @@ __device__ __forceinline__ void attn_backward_prefetch(const AttnBackwardWork<BL
 //     (64 × 128); barrier; dQ for the 64 rows × columns 64w … 64w + 63 over all 128 keys
 //     (8 × m64n64k16, A = dS from shared memory); dV += Pᵀ dO, dK += dSᵀ Q for its keys × 128
 //     columns (4 + 4 × m64n128k16).
-// Either way each step leaves dQ · scale in the stage for the dQ warpgroup (one stage buffer).
+// Either way each step leaves dQ · scale in the stage for the dQ warpgroup (one stage buffer). The step
+// waits for its dQ product only: dV and dK run on beside the next step's start (its barrier, the S and
+// dP issue), which waits for them with its S and then syncs the warpgroups once more before P and dS are
+// written over and the following step's Q and dO load into the buffer they read.
 // Shared memory: K, V (128 keys); Q, dO (BLOCK_Q rows) two buffers each; P and dS tiles (BLOCK_Q × 128,
 // as two 64-key column blocks); L, Δ two buffers each; the dQ stage (BLOCK_Q rows of D + 8 floats); 1 KiB
 // of alignment: 203 776 bytes at D = 64, 200 704 at D = 128.
