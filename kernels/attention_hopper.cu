@@ -14,7 +14,7 @@
 // (dk, dv summed over the G = H / Hkv query heads of a kv head).
 //
 // Shapes: q, out, dO: (B, H, Tq, D); k, v, dk, dv: (B, Hkv, Tk, D); L, Δ: (B, H, Tq) fp32 and
-// dq_accumulator: (B, H, Tq, D) fp32, zeroed by the caller, both contiguous. q, k, v, out, dO, dk and dv
+// dq_accumulator: (B, H, Tq, D) fp32, zeroed by the caller, both contiguous. q, k, v, out, dO, dq, dk and dv
 // lie where their layouts say (attention_common.cuh's AttnLayout: batch, head and row strides in
 // elements, rows contiguous and 16-byte aligned), as in attention_forward.cu and attention_backward.cu.
 //
@@ -22,12 +22,12 @@
 //                                             k, v, out)
 //   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups, 7 · 128 · D · 2 + 1024 bytes
 //   of dynamic shared memory (115 712 at D = 64, 230 400 at D = 128): two 128-row Q tiles, two buffers of
-//   128-key K tiles and three of V tiles, plus 1 KiB to align them; 193 registers at D = 64, 225 at
-//   D = 128. A work item is a 128-row query tile of one (b, h); item i is tile ceil(Tq / 128) − 1 − i / (B·H)
-//   of (b, h) = i mod (B·H), so the longest items go first; in round r block x takes item r · grid + x
-//   (r even) or r · grid + grid − 1 − x (r odd), which evens out the blocks' sums of item lengths. While it
-//   works on an item's last K/V tile it already loads the next item's Q and first tile (the
-//   one-block-a-multiprocessor kernel otherwise waits for them).
+//   128-key K tiles and three of V tiles, plus 1 KiB to align them. A work item is a 128-row query tile
+//   of one (b, h); when there are more items than blocks, block x takes the pairs x, x + grid, … of tiles
+//   p and ceil(Tq / 128) − 1 − p of one (b, h) (equal work in every pair; the blocks at work at one time
+//   share few heads, whose K and V stay in L2; see work() below). While it works on an item's last K/V
+//   tile it already loads the next item's Q and first tile (the one-block-a-multiprocessor kernel
+//   otherwise waits for them).
 //   Warpgroup w owns query rows 64w … 64w + 63 of the item; each warp takes its 16 rows of Q as register
 //   A fragments (ldmatrix), once an item at D = 64, before each tile's S at D = 128 (see the loop).
 //   Per K/V tile t (cp.async brings tile t + 1 while tile t is multiplied), software-pipelined inside the
@@ -41,8 +41,9 @@
 //   and after the last tile its P V. O takes D / 2 float registers a thread (64 at D = 128).
 //   out = O / l, L = m · scale + ln l.
 //
-// attention_backward_{bf16,fp16}_d{64,128}_wq(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk,
-//                                              scale, layouts of q, k, v, dO, dq (unread), dk, dv)
+// attention_backward_{bf16,fp16}_d{64,128}_wq(q, k, v, dO, L, Δ, dq_accumulator, dq, dq_counts, dk, dv, H,
+//                                              Hkv, Tq, Tk, scale, layouts of q, k, v, dO, dq, dk, dv)
+//   dq_counts: one int a (b, h, query step), zeroed by the caller (Tk ≥ Tq).
 //   Launch: grid B·Hkv·ceil(Tk / 128) (one dimension), block 384 = 3 warpgroups (two compute
 //   warpgroups and one that adds dQ), 203 776 (D = 64) or 200 704 (D = 128) bytes of dynamic shared
 //   memory (listed above the function below). Block x takes key block x mod ceil(Tk / 128) of kv head
@@ -53,9 +54,12 @@
 //   D = 128) that can see its keys (Q, dO, L, Δ of step s + 1 are copied while step s computes); the
 //   per-step work is described above attention_backward_wq. The dQ warpgroup (2) takes each full stage
 //   of dQ · scale and adds it to dq_accumulator with red.global.add.v4.f32, whole rows an instruction
-//   (two at D = 64, one at D = 128), then hands the stage back (named barriers 2–5; the compute
-//   warpgroups sync among themselves on barrier 1): issued by the compute warps themselves, the same
-//   reductions stall them on a full load/store queue.
+//   (two at D = 64, one at D = 128), then hands the stage back (named barriers 2 and 4; the compute
+//   warpgroups sync among themselves on barrier 1, the dQ warpgroup on 3): issued by the compute warps
+//   themselves, the same reductions stall them on a full load/store queue. It then counts its share in
+//   (dq_counts, after a fence): the block that adds the last of a step's shares (one from each key block
+//   whose keys the step's rows see) reads the step's rows back from L2 and writes them as dq, in the
+//   input dtype, so no pass over the whole accumulator follows.
 //   dk = dK · scale and dv = dV are written once, in the input dtype. dq's summation order varies
 //   between runs (reductions across key blocks); dk and dv are deterministic.
 
@@ -135,23 +139,36 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
     const int offset = key_len - query_len;
     const float scale_log2 = scale * ATTN_LOG2E;
 
-    // Work item i: query tile q_blocks − 1 − i / (B·H) (the longest first) of (b, h) = i mod (B·H).
-    struct Work { int batch_head, q0, tiles; const T* k_head; const T* v_head; };
-    auto work = [&](int item) {
+    // The block's work: query tiles of 128 rows, taken in the order k = 0, 1, 2, … as work(k) says. With
+    // more tiles than blocks the tiles go in pairs: tiles p and q_blocks − 1 − p of one (b, h), whose
+    // causal lengths add up to the same count for every p (the middle tile of an odd q_blocks is a pair of
+    // its own). Block x takes pairs x, x + grid, x + 2·grid, …, the long tile of each first (k even, then
+    // the short one at k + 1): every block gets about the same work, and the blocks working at the same
+    // time share few (b, h), whose K and V stay in L2 (a pair's neighbours are the same head's other
+    // pairs, or the next heads of its kv group). With no more tiles than blocks, block x takes tile x.
+    const int pairs_per_head = (q_blocks + 1) / 2, pairs = batches * heads * pairs_per_head;
+    const bool paired = items > (int)gridDim.x;
+    struct Work { int batch_head, q0, tiles; bool valid; const T* k_head; const T* v_head; };
+    auto work = [&](int index) {                             // index: k above
         Work w;
-        w.batch_head = item % (batches * heads);
-        w.q0 = (q_blocks - 1 - item / (batches * heads)) * BLOCK_Q;
+        int tile;
+        if (paired) {
+            const int pair = (index >> 1) * (int)gridDim.x + (int)blockIdx.x, p = pair % pairs_per_head;
+            w.valid = pair < pairs && !((index & 1) && 2 * p + 1 == q_blocks);
+            w.batch_head = w.valid ? pair / pairs_per_head : 0;
+            tile = (index & 1) ? p : q_blocks - 1 - p;
+        } else {
+            w.valid = index == 0;                              // the grid is at most the tile count
+            w.batch_head = blockIdx.x / q_blocks;
+            tile = q_blocks - 1 - blockIdx.x % q_blocks;
+        }
+        w.q0 = tile * BLOCK_Q;
         const int head = w.batch_head % heads, batch = w.batch_head / heads, kv_head = head / (heads / kv_heads);
         w.k_head = k_layout.rows(k, batch, kv_head);
         w.v_head = v_layout.rows(v, batch, kv_head);
         const int key_end = min(key_len, w.q0 + BLOCK_Q + offset);   // the tile's last row sees keys < key_end
         w.tiles = (key_end + BLOCK_K - 1) / BLOCK_K;
         return w;
-    };
-    // Round r gives block x item r · grid + x on even rounds and r · grid + grid − 1 − x on odd ones: the
-    // items come longest first, so the block that took a longer item takes a shorter one next round.
-    auto item_of = [&](int round) {
-        return round * (int)gridDim.x + ((round & 1) ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x);
     };
     auto load_q = [&](const Work& w, int buffer) {
         attn_load_swizzled<T, BLOCK_Q, THREADS, D>(q_tiles + buffer * TILE,
@@ -170,16 +187,17 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         return attn_smem_address(v_tiles + (v_buffer == 0 ? 2 : v_buffer - 1) * TILE);
     };
 
-    int round = 0, item = item_of(0);
-    if (item >= items) return;
-    Work current = work(item);
+    int item = 0;                                             // k of work(k) for the current tile
+    Work current = work(0);
+    if (!current.valid) return;
     load_q(current, 0);
     load_kv(current, 0, 0, 0);
     attn_copy_commit();
     while (true) {
-        const int next_item = item_of(round + 1);
-        const bool has_next = next_item < items;
-        const Work next = work(has_next ? next_item : item);
+        int next_item = item + 1;
+        Work next = work(next_item);
+        if (!next.valid && !(item & 1)) next = work(next_item = item + 2);   // a middle tile has no short half
+        const bool has_next = next.valid;
         const int row = current.q0 + 64 * group + 16 * warp + g;   // this thread's rows: row and row + 8
         // Tiles that cross the diagonal or the end of the keys are masked; the test is the item's (uniform).
         const int unmasked_end = min(current.q0 + offset + 1, key_len);   // keys below it are seen by every row
@@ -322,7 +340,6 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                                           lse, current.batch_head, row, query_len, scale_log2, dropout.scale,
                                           out_layout.row);
         if (!has_next) break;
-        ++round;
         item = next_item;
         current = next;
         q_buffer ^= 1;
@@ -380,6 +397,28 @@ __device__ __forceinline__ void attn_add_staged_dq(float* dq_rows, const float* 
         const int row = ROWS * warp + ROWS_AT_ONCE * pass + (lane >> LANE_BITS);
         const float4 sum = *reinterpret_cast<const float4*>(staged + row * stride + column);
         if (row < valid_rows) attn_atomic_add4(dq_rows + row * D + column, sum.x, sum.y, sum.z, sum.w);
+    }
+}
+
+// dq = dtype(dq_accumulator) for ROWS rows (those below valid_rows), by the 128 threads of the dQ
+// warpgroup (`writer` 0 … 127), 8 elements a thread a pass: `source` is the rows' first float (rows D
+// floats apart, read through L2: other blocks' reductions landed there), `target` the same first row in
+// dq, rows `stride` elements apart.
+template <typename T, int ROWS, int D>
+__device__ __forceinline__ void attn_store_dq(T* target, int stride, const float* source, int writer, int valid_rows) {
+    constexpr int CHUNKS = D / 8;                             // 8-element chunks a row
+    #pragma unroll 2
+    for (int chunk = writer; chunk < ROWS * CHUNKS; chunk += 128) {
+        const int row = chunk / CHUNKS, column = chunk % CHUNKS * 8;
+        if (row >= valid_rows) break;                         // chunks go row by row
+        const float4 low = __ldcg(reinterpret_cast<const float4*>(source + row * D + column));
+        const float4 high = __ldcg(reinterpret_cast<const float4*>(source + row * D + column + 4));
+        uint4 packed;
+        packed.x = AttnType<T>::pack(low.x, low.y);
+        packed.y = AttnType<T>::pack(low.z, low.w);
+        packed.z = AttnType<T>::pack(high.x, high.y);
+        packed.w = AttnType<T>::pack(high.z, high.w);
+        *reinterpret_cast<uint4*>(target + row * stride + column) = packed;
     }
 }
 
@@ -458,12 +497,14 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                                                       const T* __restrict__ v, const T* __restrict__ dout,
                                                       const float* __restrict__ lse,
                                                       const float* __restrict__ delta,
-                                                      float* __restrict__ dq_accumulator, T* __restrict__ dk,
+                                                      float* __restrict__ dq_accumulator, T* __restrict__ dq,
+                                                      int* __restrict__ dq_counts, T* __restrict__ dk,
                                                       T* __restrict__ dv, int heads, int kv_heads,
                                                       int query_len, int key_len, float scale, AttnLayout q_layout,
                                                       AttnLayout k_layout, AttnLayout v_layout,
-                                                      AttnLayout dout_layout, AttnLayout dk_layout,
-                                                      AttnLayout dv_layout, AttnDropout dropout) {
+                                                      AttnLayout dout_layout, AttnLayout dq_layout,
+                                                      AttnLayout dk_layout, AttnLayout dv_layout,
+                                                      AttnDropout dropout) {
     constexpr int BLOCK_K = 128, BLOCK_Q = D == 64 ? 128 : 64, THREADS = 256;   // THREADS: the two compute warpgroups
     constexpr bool ROW_SPLIT = BLOCK_Q == 128;   // S, dP, dQ split by query rows (D = 64) or by keys / columns
     constexpr int S_KEYS = ROW_SPLIT ? BLOCK_K : 64;    // keys of a warpgroup's S and dP
@@ -499,13 +540,30 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
         // Warpgroup 2 adds each step's staged dQ · scale to dq_accumulator: warp w takes rows
         // BLOCK_Q / 4 · w … of the stage, whole rows an instruction, then hands the stage back.
         attn_set_max_registers_dec<40>();
-        const int writer_warp = (tid - THREADS) >> 5;
+        __shared__ int last_share;                            // this block added the step's last share of dq
+        const int writer_warp = (tid - THREADS) >> 5, writer = tid - THREADS;
         for (int it = 0; it < iterations; ++it) {
             attn_named_sync(2, THREADS + 128);                // the stage is full
             const int q0 = query_start(it);
             float* dq_rows = dq_accumulator + (row_base(it) + q0) * D;
             attn_add_staged_dq<BLOCK_Q / 4, D>(dq_rows, dq_stage, DQ_STRIDE, writer_warp, query_len - q0);
             if (it + 1 < iterations) attn_named_arrive(4, THREADS + 128);   // empty again
+            // Count the share in; the block whose share completes the step's rows writes them as dq (the
+            // shares come from the key blocks whose keys those rows see: ceil((q0 + BLOCK_Q + Tk − Tq) / 128)
+            // of them, at most all).
+            __threadfence();                                  // this thread's reductions before the count
+            attn_named_sync(3, 128);
+            if (writer == 0) {
+                const int shares = min((q0 + BLOCK_Q + offset + BLOCK_K - 1) / BLOCK_K, (key_len + BLOCK_K - 1) / BLOCK_K);
+                const long long step = row_base(it) / query_len * ((query_len + BLOCK_Q - 1) / BLOCK_Q) + q0 / BLOCK_Q;
+                last_share = atomicAdd(dq_counts + step, 1) == shares - 1;
+            }
+            attn_named_sync(3, 128);
+            if (last_share) {
+                __threadfence();                              // every other block's shares are in
+                attn_store_dq<T, BLOCK_Q, D>(dq_layout.rows(dq, work.batch, work.head(it)) + (long long)q0 * dq_layout.row,
+                                             dq_layout.row, dq_rows, writer, query_len - q0);
+            }
         }
     } else {
         attn_set_max_registers_inc<232>();
@@ -707,7 +765,8 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
         ATTN_LAYOUT_PARAMETERS(dout), ATTN_LAYOUT_PARAMETERS(dq), ATTN_LAYOUT_PARAMETERS(dk),               \
         ATTN_LAYOUT_PARAMETERS(dv)
 #define ATTN_HOPPER_BACKWARD_LAYOUTS                                                                         \
-    ATTN_LAYOUT(q), ATTN_LAYOUT(k), ATTN_LAYOUT(v), ATTN_LAYOUT(dout), ATTN_LAYOUT(dk), ATTN_LAYOUT(dv)
+    ATTN_LAYOUT(q), ATTN_LAYOUT(k), ATTN_LAYOUT(v), ATTN_LAYOUT(dout), ATTN_LAYOUT(dq), ATTN_LAYOUT(dk),    \
+        ATTN_LAYOUT(dv)
 
 #define ATTN_HOPPER_FORWARD(SUFFIX, TYPE, BUILD, D)                                                          \
     extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d##D##_##BUILD(          \
@@ -730,21 +789,23 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
 #define ATTN_HOPPER_BACKWARD(SUFFIX, TYPE, BUILD, D)                                                         \
     extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d##D##_##BUILD(         \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
-        const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
-        int query_len, int key_len, float scale, ATTN_HOPPER_BACKWARD_LAYOUT_PARAMETERS) {                 \
+        const float* delta, float* dq_accumulator, TYPE* dq, int* dq_counts, TYPE* dk, TYPE* dv, int heads, \
+        int kv_heads, int query_len, int key_len, float scale, ATTN_HOPPER_BACKWARD_LAYOUT_PARAMETERS) {    \
         ATTN_HOPPER_BODY((attention_backward_##BUILD<TYPE, false, D>(q, k, v, dout, lse, delta,              \
-                                                                 dq_accumulator, dk, dv, heads, kv_heads,  \
+                                                                 dq_accumulator, dq, dq_counts, dk, dv,    \
+                                                                 heads, kv_heads,                          \
                                                                  query_len, key_len, scale,                \
                                                                  ATTN_HOPPER_BACKWARD_LAYOUTS,             \
                                                                  AttnDropout{})))                          \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d##D##_##BUILD##_dropout( \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
-        const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
-        int query_len, int key_len, float scale, ATTN_HOPPER_BACKWARD_LAYOUT_PARAMETERS,                   \
+        const float* delta, float* dq_accumulator, TYPE* dq, int* dq_counts, TYPE* dk, TYPE* dv, int heads, \
+        int kv_heads, int query_len, int key_len, float scale, ATTN_HOPPER_BACKWARD_LAYOUT_PARAMETERS,      \
         ATTN_DROPOUT_PARAMETERS) {                                                                         \
         ATTN_HOPPER_BODY((attention_backward_##BUILD<TYPE, true, D>(                                        \
-            q, k, v, dout, lse, delta, dq_accumulator, dk, dv, heads, kv_heads, query_len, key_len, scale, \
+            q, k, v, dout, lse, delta, dq_accumulator, dq, dq_counts, dk, dv, heads, kv_heads, query_len,  \
+            key_len, scale,                                                                                \
             ATTN_HOPPER_BACKWARD_LAYOUTS, ATTN_DROPOUT_ARGUMENT)))                                         \
     }
 
