@@ -584,7 +584,9 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
         const float scale_log2 = scale * ATTN_LOG2E;
         const unsigned k_address = attn_smem_address(k_tile), v_address = attn_smem_address(v_tile);
         const unsigned p_address = attn_smem_address(p_tile), ds_address = attn_smem_address(ds_tile);
-        float dk_acc[D / 2], dv_acc[D / 2];   // no zeroing: step 0's products start them
+        // no zeroing: step 0's products start them (every key block has a step: the last query row sees
+        // every key)
+        float dk_acc[D / 2], dv_acc[D / 2];
 
         for (int it = 0; it < iterations; ++it) {
             const int buffer = it & 1, q0 = query_start(it);
@@ -737,10 +739,6 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
         wgmma_wait<0>();
         wgmma_hold(dk_acc);
         wgmma_hold(dv_acc);
-        if (iterations == 0) {                                // no query sees these keys: dk = dv = 0
-            #pragma unroll
-            for (int i = 0; i < D / 2; ++i) dk_acc[i] = dv_acc[i] = 0.f;
-        }
         attn_backward_store<T, DROPOUT, D>(dk_acc, dv_acc, dk_layout.rows(dk, work.batch, work.kv_head),
                                            dv_layout.rows(dv, work.batch, work.kv_head), k0 + key_row, key_len, scale,
                                            dropout.scale, dk_layout.row, dv_layout.row);
