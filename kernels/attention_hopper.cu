@@ -218,7 +218,9 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         // S and takes its exponentials; then O is rescaled and S becomes the next P. No wgmma sits under a
         // runtime branch (the first tile is its own inlined call, FIRST a constant there), so that ptxas
         // keeps them asynchronous (it serializes every wgmma of a kernel that has one under a branch).
-        auto step = [&](int tile, const bool FIRST) {      // FIRST: the item's first tile, no P V before it
+        auto step = [&](int tile, const bool FIRST, const bool MASKED) {
+            // FIRST: the item's first tile, no P V before it; MASKED: the tile may cross the diagonal or the
+            // end of the keys (the test below decides), false only where it cannot
             const int k0 = tile * BLOCK_K;
             const int v_next = v_buffer == 2 ? 0 : v_buffer + 1;
             attn_copy_wait_all();
@@ -255,7 +257,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             wgmma_hold(s);
             wgmma_hold(q_fragments);
 
-            if (k0 + BLOCK_K > unmasked_end) {
+            if (MASKED && k0 + BLOCK_K > unmasked_end) {
                 #pragma unroll
                 for (int j = 0; j < 16; ++j)
                     #pragma unroll
@@ -323,8 +325,13 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             k_buffer ^= 1;
             v_buffer = v_next;
         };
-        step(0, true);                                        // two call sites, each inlined with its constant
-        for (int tile = 1; tile < current.tiles; ++tile) step(tile, false);
+        // Three call sites, each inlined with its constants. ptxas turns the mask's branch into predicated
+        // code that every tile would run (~190 instructions a warp), so the tiles that need no mask (those
+        // whose keys all lie below unmasked_end) have their own copy without it.
+        const int middle_end = max(1, min(unmasked_end / BLOCK_K, current.tiles));   // tiles 1 … middle_end − 1
+        step(0, true, true);
+        for (int tile = 1; tile < middle_end; ++tile) step(tile, false, false);
+        for (int tile = middle_end; tile < current.tiles; ++tile) step(tile, false, true);
         // the last tile's O += P V
         const unsigned v_last = v_before_address();
         wgmma_fence();
