@@ -595,7 +595,9 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
         // every key)
         float dk_acc[D / 2], dv_acc[D / 2];
 
-        for (int it = 0; it < iterations; ++it) {
+        // One step; EDGE: it may cross the diagonal or an end of the queries or keys (the test below decides),
+        // false only where it cannot.
+        auto step = [&](int it, const bool EDGE) {
             const int buffer = it & 1, q0 = query_start(it);
             attn_copy_wait_all();
             attn_fence_async();
@@ -644,7 +646,7 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             // P: row r of this thread needs L of query q0 + r
             const float* l_row = l_tiles + buffer * BLOCK_Q;
             const float shift[2] = {l_row[row] * ATTN_LOG2E, l_row[row + 8] * ATTN_LOG2E};
-            const bool edge = k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len;
+            const bool edge = EDGE && (k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len);
             #pragma unroll
             for (int j = 0; j < S_KEYS / 8; ++j)
                 #pragma unroll
@@ -742,6 +744,26 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                     *reinterpret_cast<float2*>(staged + (row + 8 * r) * DQ_STRIDE + 8 * j) =
                         make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
             attn_named_arrive(2, THREADS + 128);              // the stage is full
+        };
+        // Each query head's steps: the first edge_first cross the diagonal (all of them in a last, partial
+        // key block), the last one is partial when 128 does not divide Tq; the steps between need no mask.
+        // ptxas turns the mask's branch into predicated code that every step would run (~180 instructions a
+        // warp), so those steps run their own copy of the step without it (three call sites, each inlined
+        // with its constant; no wgmma sits under a runtime branch).
+        const int steps = work.steps, diagonal_end = k0 + BLOCK_K - 1 - offset;   // rows below it cross the diagonal
+        const int edge_first = k0 + BLOCK_K > key_len ? steps
+                               : diagonal_end <= 0 ? 0
+                               : min(steps, (diagonal_end + BLOCK_Q - 1) / BLOCK_Q - work.first_step);
+        const int edge_last = query_len % BLOCK_Q != 0 && edge_first < steps ? 1 : 0;
+        if constexpr (DROPOUT) {   // one copy: with the dropout mask's registers, two spill
+            for (int it = 0; it < iterations; ++it) step(it, true);
+        } else {
+            for (int head_start = 0; head_start < iterations; head_start += steps) {
+                int it = head_start;
+                for (; it < head_start + edge_first; ++it) step(it, true);
+                for (; it < head_start + steps - edge_last; ++it) step(it, false);
+                for (; it < head_start + steps; ++it) step(it, true);
+            }
         }
         wgmma_wait<0>();
         wgmma_hold(dk_acc);
