@@ -238,18 +238,17 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             if (D == 128 || FIRST)
                 attn_load_fragments(q_fragments, q_tiles + q_buffer * TILE, 64 * group + 16 * warp, BLOCK);
 
-            const unsigned k_address = attn_smem_address(k_tiles + k_buffer * TILE);
-            const unsigned v_before = v_before_address();
+            const AttnOperand k_operand = attn_operand(attn_smem_address(k_tiles + k_buffer * TILE));
+            const AttnOperand v_before = attn_operand(v_before_address(), LEADING);
             wgmma_fence();
             #pragma unroll
             for (int c = 0; c < STEPS; ++c)                   // S = Q Kᵀ
-                Wgmma<T>::template rs_n128<0>(s, q_fragments[c],
-                                              attn_descriptor(k_address + (c >> 2) * BLOCK + 32 * (c & 3)), c);
+                Wgmma<T>::template rs_n128<0>(s, q_fragments[c], k_operand.at((c >> 2) * BLOCK + 32 * (c & 3)), c);
             wgmma_commit();
             if (!FIRST) {                                     // O += P V of tile − 1
                 #pragma unroll
                 for (int c = 0; c < BLOCK_K / 16; ++c)
-                    wgmma_rs<T, 1>(o, p_fragments[c], attn_descriptor(v_before + 2048 * c, LEADING), 1);
+                    wgmma_rs<T, 1>(o, p_fragments[c], v_before.at(2048 * c), 1);
                 wgmma_commit();
             }
             if (FIRST) wgmma_wait<0>();                       // S is in; P V may still run
@@ -333,11 +332,11 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         for (int tile = 1; tile < middle_end; ++tile) step(tile, false, false);
         for (int tile = middle_end; tile < current.tiles; ++tile) step(tile, false, true);
         // the last tile's O += P V
-        const unsigned v_last = v_before_address();
+        const AttnOperand v_last = attn_operand(v_before_address(), LEADING);
         wgmma_fence();
         #pragma unroll
         for (int c = 0; c < BLOCK_K / 16; ++c)
-            wgmma_rs<T, 1>(o, p_fragments[c], attn_descriptor(v_last + 2048 * c, LEADING), 1);
+            wgmma_rs<T, 1>(o, p_fragments[c], v_last.at(2048 * c), 1);
         wgmma_commit();
         wgmma_wait<0>();
         wgmma_hold(o);
@@ -627,13 +626,13 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             wgmma_fence();
             #pragma unroll
             for (int c = 0; c < D / 16; ++c)
-                wgmma_ss<T, 0, 0>(s, attn_descriptor(q_address + (c >> 2) * Q_BLOCK + s_row0 * 128 + 32 * (c & 3)),
-                                  attn_descriptor(k_address + (c >> 2) * K_BLOCK + s_key_bytes + 32 * (c & 3)), c);
+                wgmma_ss<T, 0, 0>(s, attn_operand(q_address + s_row0 * 128).at((c >> 2) * Q_BLOCK + 32 * (c & 3)),
+                                  attn_operand(k_address + s_key_bytes).at((c >> 2) * K_BLOCK + 32 * (c & 3)), c);
             wgmma_commit();
             #pragma unroll
             for (int c = 0; c < D / 16; ++c)
-                wgmma_ss<T, 0, 0>(dp, attn_descriptor(dout_address + (c >> 2) * Q_BLOCK + s_row0 * 128 + 32 * (c & 3)),
-                                  attn_descriptor(v_address + (c >> 2) * K_BLOCK + s_key_bytes + 32 * (c & 3)), c);
+                wgmma_ss<T, 0, 0>(dp, attn_operand(dout_address + s_row0 * 128).at((c >> 2) * Q_BLOCK + 32 * (c & 3)),
+                                  attn_operand(v_address + s_key_bytes).at((c >> 2) * K_BLOCK + 32 * (c & 3)), c);
             wgmma_commit();
             wgmma_wait<1>();            // S is done, dP may still run; before S, this warpgroup's dV, dK of step it − 1
             wgmma_hold(s);
@@ -704,7 +703,7 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                 wgmma_fence();
                 #pragma unroll
                 for (int c = 0; c < BLOCK_K / 16; ++c)
-                    Wgmma<T>::template rs_n64<1>(dq, ds_fragments[c], attn_descriptor(k_address + 2048 * c), c);
+                    Wgmma<T>::template rs_n64<1>(dq, ds_fragments[c], attn_operand(k_address).at(2048 * c), c);
                 wgmma_commit();
             }
             attn_fence_async();
@@ -713,8 +712,8 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                 wgmma_fence();
                 #pragma unroll
                 for (int c = 0; c < BLOCK_K / 16; ++c)
-                    Wgmma<T>::template ss_n64<0, 1>(dq, attn_descriptor(ds_address + (c >> 2) * Q_BLOCK + 32 * (c & 3)),
-                                                    attn_descriptor(k_address + group * K_BLOCK + 2048 * c), c);
+                    Wgmma<T>::template ss_n64<0, 1>(dq, attn_operand(ds_address).at((c >> 2) * Q_BLOCK + 32 * (c & 3)),
+                                                    attn_operand(k_address + group * K_BLOCK).at(2048 * c), c);
                 wgmma_commit();
             }
 
@@ -722,13 +721,13 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             wgmma_fence();
             #pragma unroll
             for (int c = 0; c < BLOCK_Q / 16; ++c)
-                wgmma_ss<T, 1, 1>(dv_acc, attn_descriptor(p_address + group * Q_BLOCK + 2048 * c),
-                                  attn_descriptor(dout_address + 2048 * c, LEADING), it > 0 || c > 0);
+                wgmma_ss<T, 1, 1>(dv_acc, attn_operand(p_address + group * Q_BLOCK).at(2048 * c),
+                                  attn_operand(dout_address, LEADING).at(2048 * c), it > 0 || c > 0);
             wgmma_commit();
             #pragma unroll
             for (int c = 0; c < BLOCK_Q / 16; ++c)
-                wgmma_ss<T, 1, 1>(dk_acc, attn_descriptor(ds_address + group * Q_BLOCK + 2048 * c),
-                                  attn_descriptor(q_address + 2048 * c, LEADING), it > 0 || c > 0);
+                wgmma_ss<T, 1, 1>(dk_acc, attn_operand(ds_address + group * Q_BLOCK).at(2048 * c),
+                                  attn_operand(q_address, LEADING).at(2048 * c), it > 0 || c > 0);
             wgmma_commit();
             wgmma_wait<2>();                                  // dQ is done; dV and dK run on into step it + 1
             wgmma_hold(dq);

@@ -64,12 +64,23 @@ __device__ __forceinline__ int attn_swizzle(int row, int chunk) { return row * 1
 
 // A wgmma shared-memory descriptor for the swizzled tile operand starting at shared address `address`;
 // `leading` is the leading byte offset: the distance between the 64-column blocks of an MN-major operand
-// wider than 64 (head dim 128), unused by every other operand.
+// wider than 64 (head dim 128), unused by every other operand. The low word holds address / 16 (bits
+// 0–13) and leading / 16 (bits 16–29); the high word is the same for every operand (stride 1024 bytes,
+// 128-byte swizzle).
+struct AttnOperand {
+    unsigned low;
+    // the descriptor of the operand `offset` bytes further on (a multiple of 16): shared addresses stay
+    // below 2^18 bytes, so the address field takes the offset without a carry, and a product's k16 steps
+    // cost one add each instead of rebuilding the descriptor
+    __device__ __forceinline__ unsigned long long at(unsigned offset = 0) const {
+        return (1ull << 62) | (static_cast<unsigned long long>(1024 >> 4) << 32) | (low + (offset >> 4));
+    }
+};
+__device__ __forceinline__ AttnOperand attn_operand(unsigned address, unsigned leading = 1024) {
+    return AttnOperand{((address & 0x3FFFF) >> 4) | ((leading >> 4) << 16)};
+}
 __device__ __forceinline__ unsigned long long attn_descriptor(unsigned address, unsigned leading = 1024) {
-    return static_cast<unsigned long long>((address & 0x3FFFF) >> 4)
-         | (static_cast<unsigned long long>(leading >> 4) << 16)
-         | (static_cast<unsigned long long>(1024 >> 4) << 32)
-         | (1ull << 62);
+    return attn_operand(address, leading).at();
 }
 
 // Copy rows [row0, row0 + ROWS) of a (rows, D) two-byte matrix whose rows lie `row_stride` elements
@@ -172,7 +183,9 @@ __device__ __forceinline__ void attn_issue_product(float (&acc)[N], unsigned (&f
     for (int c = 0; c < STEPS; ++c) attn_fragment<T>(fragments[c], d, c);
     wgmma_fence();
     #pragma unroll
-    for (int c = 0; c < STEPS; ++c) wgmma_rs<T, 1>(acc, fragments[c], attn_descriptor(b + 2048 * c, leading), 1);
+    const AttnOperand operand = attn_operand(b, leading);
+    #pragma unroll
+    for (int c = 0; c < STEPS; ++c) wgmma_rs<T, 1>(acc, fragments[c], operand.at(2048 * c), 1);
 }
 
 // wgmma.mma_async m64nNk16 with float32 accumulators: ss_n<N><TRANS_A, TRANS_B>(d, a, b, accumulate)
