@@ -182,7 +182,6 @@ __device__ __forceinline__ void attn_issue_product(float (&acc)[N], unsigned (&f
     #pragma unroll
     for (int c = 0; c < STEPS; ++c) attn_fragment<T>(fragments[c], d, c);
     wgmma_fence();
-    #pragma unroll
     const AttnOperand operand = attn_operand(b, leading);
     #pragma unroll
     for (int c = 0; c < STEPS; ++c) wgmma_rs<T, 1>(acc, fragments[c], operand.at(2048 * c), 1);
