@@ -169,23 +169,9 @@ __device__ __forceinline__ void attn_fragment(unsigned (&a)[4], const float (&d)
     a[3] = AttnType<T>::pack(d[8 * c + 6], d[8 * c + 7]);
 }
 
-// Issue acc += A B over STEPS k16 steps, A being the accumulator-layout floats d (rounded to T into
-// `fragments`, which must stay untouched until the products have been waited for) and B the swizzled
-// MN-major tile at shared address b (16 rows a step; N = 64 for 32 accumulators, 128 for 64, whose
-// second 64-column block starts `leading` bytes after the first). Neither commits nor waits.
 template <typename T> struct Wgmma;
 template <typename T, int TRANS_B, int R>
 __device__ __forceinline__ void wgmma_rs(float (&d)[R], const unsigned (&a)[4], unsigned long long b, int accumulate);
-template <typename T, int STEPS, int R, int N>
-__device__ __forceinline__ void attn_issue_product(float (&acc)[N], unsigned (&fragments)[STEPS][4],
-                                                   const float (&d)[R], unsigned b, unsigned leading = 1024) {
-    #pragma unroll
-    for (int c = 0; c < STEPS; ++c) attn_fragment<T>(fragments[c], d, c);
-    wgmma_fence();
-    const AttnOperand operand = attn_operand(b, leading);
-    #pragma unroll
-    for (int c = 0; c < STEPS; ++c) wgmma_rs<T, 1>(acc, fragments[c], operand.at(2048 * c), 1);
-}
 
 // wgmma.mma_async m64nNk16 with float32 accumulators: ss_n<N><TRANS_A, TRANS_B>(d, a, b, accumulate)
 // takes A and B as shared-memory descriptors, rs_n<N><TRANS_B>(d, a, b, accumulate) takes A from
