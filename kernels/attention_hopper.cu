@@ -256,14 +256,19 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             wgmma_hold(s);
             wgmma_hold(q_fragments);
 
-            if (MASKED && k0 + BLOCK_K > unmasked_end) {
+            if (MASKED) {
+                // element (j, e) holds key k0 + 8j + 2t + (e & 1) of row row + 8·(e >> 1); it is masked when
+                // key > min(row + offset, key_len − 1), i.e. when the constant 8j + (e & 1) exceeds `last`
+                // (a tile that needs no mask gets a `last` no element exceeds)
+                int last[2];
+                #pragma unroll
+                for (int r = 0; r < 2; ++r)
+                    last[r] = k0 + BLOCK_K > unmasked_end ? min(row + 8 * r + offset, key_len - 1) - k0 - 2 * t : BLOCK_K;
                 #pragma unroll
                 for (int j = 0; j < 16; ++j)
                     #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int key = k0 + 8 * j + 2 * t + (e & 1);
-                        if (key > row + 8 * (e >> 1) + offset || key >= key_len) s[4 * j + e] = ATTN_NEG_INF;
-                    }
+                    for (int e = 0; e < 4; ++e)
+                        if (8 * j + (e & 1) > last[e >> 1]) s[4 * j + e] = ATTN_NEG_INF;
             }
             // online softmax: the new row maxima (a row lives on the 4 lanes of a quad; four partial maxima a
             // row shorten the dependency chain), then the exponentials in place
@@ -645,17 +650,24 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             // P: row r of this thread needs L of query q0 + r
             const float* l_row = l_tiles + buffer * BLOCK_Q;
             const float shift[2] = {l_row[row] * ATTN_LOG2E, l_row[row + 8] * ATTN_LOG2E};
-            const bool edge = EDGE && (k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len);
+            // Element (j, e) holds key k0 + 64 · key_block + 8j + 2t + (e & 1) of query q0 + row + 8·(e >> 1); P is
+            // 0 past the diagonal or an end: where the constant 8j + (e & 1) exceeds `last` (−1 for a query past
+            // the end; a step that needs no mask gets a `last` no element exceeds).
+            int last[2];
+            #pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int query = q0 + row + 8 * r;
+                last[r] = !(EDGE && (k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len))
+                              ? BLOCK_K
+                              : query >= query_len ? -1
+                              : min(query + offset, key_len - 1) - (k0 + 64 * key_block + 2 * t);
+            }
             #pragma unroll
             for (int j = 0; j < S_KEYS / 8; ++j)
                 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]));
-                    if (edge) {
-                        const int key = k0 + 64 * key_block + 8 * j + 2 * t + (e & 1), query = q0 + row + 8 * (e >> 1);
-                        if (key > query + offset || query >= query_len || key >= key_len) p = 0.f;
-                    }
-                    s[4 * j + e] = p;
+                    const float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]));
+                    s[4 * j + e] = 8 * j + (e & 1) > last[e >> 1] ? 0.f : p;
                 }
             // P to its tile: accumulator pair (j, r) is row row + 8r, keys 8j + 2t, + 1 of this warpgroup's
             // keys (column block key_block + j / 8); with dropout only the kept P (dV's; keep_scale comes at
@@ -754,7 +766,7 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                                : diagonal_end <= 0 ? 0
                                : min(steps, (diagonal_end + BLOCK_Q - 1) / BLOCK_Q - work.first_step);
         const int edge_last = query_len % BLOCK_Q != 0 && edge_first < steps ? 1 : 0;
-        if constexpr (DROPOUT) {   // one copy: with the dropout mask's registers, two spill
+        if constexpr (DROPOUT) {   // one copy: with the dropout mask's registers, a second copy spills
             for (int it = 0; it < iterations; ++it) step(it, true);
         } else {
             for (int head_start = 0; head_start < iterations; head_start += steps) {
