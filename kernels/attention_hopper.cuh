@@ -100,8 +100,8 @@ __device__ __forceinline__ void attn_load_swizzled(unsigned char* tile, const T*
     #pragma unroll
     for (int step = 0; step < ROWS * CHUNKS / THREADS; ++step) {
         const int row = first + step * ROWS_A_STEP;
-        const bool valid = row0 + row < limit;
-        attn_copy16(tile + (chunk >> 3) * (ROWS * 128) + attn_swizzle(row, chunk & 7), valid ? source : global, valid);
+        const bool valid = row0 + row < limit;                // a row past `limit` reads nothing (zero-filled)
+        attn_copy16(tile + (chunk >> 3) * (ROWS * 128) + attn_swizzle(row, chunk & 7), source, valid);
         source += ROWS_A_STEP * row_stride;
     }
 }
