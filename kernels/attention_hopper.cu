@@ -240,6 +240,11 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
 
             const AttnOperand k_operand = attn_operand(attn_smem_address(k_tiles + k_buffer * TILE));
             const AttnOperand v_before = attn_operand(v_before_address(), LEADING);
+            // Warpgroup 1 issues its products only after warpgroup 0 has issued its own (named barrier 1):
+            // the tensor cores then finish warpgroup 0's S and P V first, and its softmax runs while they
+            // work on warpgroup 1's, instead of both softmaxes sharing the multiprocessor once all four
+            // products are done.
+            if (group == 1) attn_named_sync(1, THREADS);
             wgmma_fence();
             #pragma unroll
             for (int c = 0; c < STEPS; ++c)                   // S = Q Kᵀ
@@ -251,6 +256,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                     wgmma_rs<T, 1>(o, p_fragments[c], v_before.at(2048 * c), 1);
                 wgmma_commit();
             }
+            if (group == 0) attn_named_arrive(1, THREADS);
             if (FIRST) wgmma_wait<0>();                       // S is in; P V may still run
             else wgmma_wait<1>();
             wgmma_hold(s);
