@@ -14,7 +14,7 @@
 // (dk, dv summed over the G = H / Hkv query heads of a kv head).
 //
 // Shapes: q, out, dO: (B, H, Tq, D); k, v, dk, dv: (B, Hkv, Tk, D); L, Δ: (B, H, Tq) fp32 and
-// dq_accumulator: (B, H, Tq, D) fp32, zeroed by the caller, both contiguous. q, k, v, out, dO, dq, dk and dv
+// dq_accumulator: (B, H, Tq, D) fp32, zeroed by the caller, both contiguous. q, k, v, out, dO, dk and dv
 // lie where their layouts say (attention_common.cuh's AttnLayout: batch, head and row strides in
 // elements, rows contiguous and 16-byte aligned), as in attention_forward.cu and attention_backward.cu.
 //
@@ -41,9 +41,8 @@
 //   and after the last tile its P V. O takes D / 2 float registers a thread (64 at D = 128).
 //   out = O / l, L = m · scale + ln l.
 //
-// attention_backward_{bf16,fp16}_d{64,128}_wq(q, k, v, dO, L, Δ, dq_accumulator, dq, dq_counts, dk, dv, H,
-//                                              Hkv, Tq, Tk, scale, layouts of q, k, v, dO, dq, dk, dv)
-//   dq_counts: one int a (b, h, query step), zeroed by the caller (Tk ≥ Tq).
+// attention_backward_{bf16,fp16}_d{64,128}_wq(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk,
+//                                              scale, layouts of q, k, v, dO, dq (unread), dk, dv)
 //   Launch: grid B·Hkv·ceil(Tk / 128) (one dimension), block 384 = 3 warpgroups (two compute
 //   warpgroups and one that adds dQ), 203 776 (D = 64) or 200 704 (D = 128) bytes of dynamic shared
 //   memory (listed above the function below). Block x takes key block x mod ceil(Tk / 128) of kv head
@@ -54,12 +53,9 @@
 //   D = 128) that can see its keys (Q, dO, L, Δ of step s + 1 are copied while step s computes); the
 //   per-step work is described above attention_backward_wq. The dQ warpgroup (2) takes each full stage
 //   of dQ · scale and adds it to dq_accumulator with red.global.add.v4.f32, whole rows an instruction
-//   (two at D = 64, one at D = 128), then hands the stage back (named barriers 2 and 4; the compute
-//   warpgroups sync among themselves on barrier 1, the dQ warpgroup on 3): issued by the compute warps
-//   themselves, the same reductions stall them on a full load/store queue. It then counts its share in
-//   (dq_counts, after a fence): the block that adds the last of a step's shares (one from each key block
-//   whose keys the step's rows see) reads the step's rows back from L2 and writes them as dq, in the
-//   input dtype, so no pass over the whole accumulator follows.
+//   (two at D = 64, one at D = 128), then hands the stage back (named barriers 2–5; the compute
+//   warpgroups sync among themselves on barrier 1): issued by the compute warps themselves, the same
+//   reductions stall them on a full load/store queue.
 //   dk = dK · scale and dv = dV are written once, in the input dtype. dq's summation order varies
 //   between runs (reductions across key blocks); dk and dv are deterministic.
 
@@ -417,28 +413,6 @@ __device__ __forceinline__ void attn_add_staged_dq(float* dq_rows, const float* 
     }
 }
 
-// dq = dtype(dq_accumulator) for ROWS rows (those below valid_rows), by the 128 threads of the dQ
-// warpgroup (`writer` 0 … 127), 8 elements a thread a pass: `source` is the rows' first float (rows D
-// floats apart, read through L2: other blocks' reductions landed there), `target` the same first row in
-// dq, rows `stride` elements apart.
-template <typename T, int ROWS, int D>
-__device__ __forceinline__ void attn_store_dq(T* target, int stride, const float* source, int writer, int valid_rows) {
-    constexpr int CHUNKS = D / 8;                             // 8-element chunks a row
-    #pragma unroll 2
-    for (int chunk = writer; chunk < ROWS * CHUNKS; chunk += 128) {
-        const int row = chunk / CHUNKS, column = chunk % CHUNKS * 8;
-        if (row >= valid_rows) break;                         // chunks go row by row
-        const float4 low = __ldcg(reinterpret_cast<const float4*>(source + row * D + column));
-        const float4 high = __ldcg(reinterpret_cast<const float4*>(source + row * D + column + 4));
-        uint4 packed;
-        packed.x = AttnType<T>::pack(low.x, low.y);
-        packed.y = AttnType<T>::pack(low.z, low.w);
-        packed.z = AttnType<T>::pack(high.x, high.y);
-        packed.w = AttnType<T>::pack(high.z, high.w);
-        *reinterpret_cast<uint4*>(target + row * stride + column) = packed;
-    }
-}
-
 // The work of one backward block: key block blockIdx.x mod ceil(Tk / BLOCK_K) of
 // kv head blockIdx.x / ceil(Tk / BLOCK_K) (a head's blocks side by side, the first keys first), and its
 // iterations: for each query head of the kv head's group, the BLOCK_Q-row query steps that can see the
@@ -514,14 +488,12 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                                                       const T* __restrict__ v, const T* __restrict__ dout,
                                                       const float* __restrict__ lse,
                                                       const float* __restrict__ delta,
-                                                      float* __restrict__ dq_accumulator, T* __restrict__ dq,
-                                                      int* __restrict__ dq_counts, T* __restrict__ dk,
+                                                      float* __restrict__ dq_accumulator, T* __restrict__ dk,
                                                       T* __restrict__ dv, int heads, int kv_heads,
                                                       int query_len, int key_len, float scale, AttnLayout q_layout,
                                                       AttnLayout k_layout, AttnLayout v_layout,
-                                                      AttnLayout dout_layout, AttnLayout dq_layout,
-                                                      AttnLayout dk_layout, AttnLayout dv_layout,
-                                                      AttnDropout dropout) {
+                                                      AttnLayout dout_layout, AttnLayout dk_layout,
+                                                      AttnLayout dv_layout, AttnDropout dropout) {
     constexpr int BLOCK_K = 128, BLOCK_Q = D == 64 ? 128 : 64, THREADS = 256;   // THREADS: the two compute warpgroups
     constexpr bool ROW_SPLIT = BLOCK_Q == 128;   // S, dP, dQ split by query rows (D = 64) or by keys / columns
     constexpr int S_KEYS = ROW_SPLIT ? BLOCK_K : 64;    // keys of a warpgroup's S and dP
@@ -557,30 +529,13 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
         // Warpgroup 2 adds each step's staged dQ · scale to dq_accumulator: warp w takes rows
         // BLOCK_Q / 4 · w … of the stage, whole rows an instruction, then hands the stage back.
         attn_set_max_registers_dec<40>();
-        __shared__ int last_share;                            // this block added the step's last share of dq
-        const int writer_warp = (tid - THREADS) >> 5, writer = tid - THREADS;
+        const int writer_warp = (tid - THREADS) >> 5;
         for (int it = 0; it < iterations; ++it) {
             attn_named_sync(2, THREADS + 128);                // the stage is full
             const int q0 = query_start(it);
             float* dq_rows = dq_accumulator + (row_base(it) + q0) * D;
             attn_add_staged_dq<BLOCK_Q / 4, D>(dq_rows, dq_stage, DQ_STRIDE, writer_warp, query_len - q0);
             if (it + 1 < iterations) attn_named_arrive(4, THREADS + 128);   // empty again
-            // Count the share in; the block whose share completes the step's rows writes them as dq (the
-            // shares come from the key blocks whose keys those rows see: ceil((q0 + BLOCK_Q + Tk − Tq) / 128)
-            // of them, at most all).
-            __threadfence();                                  // this thread's reductions before the count
-            attn_named_sync(3, 128);
-            if (writer == 0) {
-                const int shares = min((q0 + BLOCK_Q + offset + BLOCK_K - 1) / BLOCK_K, (key_len + BLOCK_K - 1) / BLOCK_K);
-                const long long step = row_base(it) / query_len * ((query_len + BLOCK_Q - 1) / BLOCK_Q) + q0 / BLOCK_Q;
-                last_share = atomicAdd(dq_counts + step, 1) == shares - 1;
-            }
-            attn_named_sync(3, 128);
-            if (last_share) {
-                __threadfence();                              // every other block's shares are in
-                attn_store_dq<T, BLOCK_Q, D>(dq_layout.rows(dq, work.batch, work.head(it)) + (long long)q0 * dq_layout.row,
-                                             dq_layout.row, dq_rows, writer, query_len - q0);
-            }
         }
     } else {
         attn_set_max_registers_inc<232>();
@@ -809,8 +764,7 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
         ATTN_LAYOUT_PARAMETERS(dout), ATTN_LAYOUT_PARAMETERS(dq), ATTN_LAYOUT_PARAMETERS(dk),               \
         ATTN_LAYOUT_PARAMETERS(dv)
 #define ATTN_HOPPER_BACKWARD_LAYOUTS                                                                         \
-    ATTN_LAYOUT(q), ATTN_LAYOUT(k), ATTN_LAYOUT(v), ATTN_LAYOUT(dout), ATTN_LAYOUT(dq), ATTN_LAYOUT(dk),    \
-        ATTN_LAYOUT(dv)
+    ATTN_LAYOUT(q), ATTN_LAYOUT(k), ATTN_LAYOUT(v), ATTN_LAYOUT(dout), ATTN_LAYOUT(dk), ATTN_LAYOUT(dv)
 
 #define ATTN_HOPPER_FORWARD(SUFFIX, TYPE, BUILD, D)                                                          \
     extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d##D##_##BUILD(          \
@@ -833,23 +787,21 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
 #define ATTN_HOPPER_BACKWARD(SUFFIX, TYPE, BUILD, D)                                                         \
     extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d##D##_##BUILD(         \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
-        const float* delta, float* dq_accumulator, TYPE* dq, int* dq_counts, TYPE* dk, TYPE* dv, int heads, \
-        int kv_heads, int query_len, int key_len, float scale, ATTN_HOPPER_BACKWARD_LAYOUT_PARAMETERS) {    \
+        const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
+        int query_len, int key_len, float scale, ATTN_HOPPER_BACKWARD_LAYOUT_PARAMETERS) {                 \
         ATTN_HOPPER_BODY((attention_backward_##BUILD<TYPE, false, D>(q, k, v, dout, lse, delta,              \
-                                                                 dq_accumulator, dq, dq_counts, dk, dv,    \
-                                                                 heads, kv_heads,                          \
+                                                                 dq_accumulator, dk, dv, heads, kv_heads,  \
                                                                  query_len, key_len, scale,                \
                                                                  ATTN_HOPPER_BACKWARD_LAYOUTS,             \
                                                                  AttnDropout{})))                          \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d##D##_##BUILD##_dropout( \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
-        const float* delta, float* dq_accumulator, TYPE* dq, int* dq_counts, TYPE* dk, TYPE* dv, int heads, \
-        int kv_heads, int query_len, int key_len, float scale, ATTN_HOPPER_BACKWARD_LAYOUT_PARAMETERS,      \
+        const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
+        int query_len, int key_len, float scale, ATTN_HOPPER_BACKWARD_LAYOUT_PARAMETERS,                   \
         ATTN_DROPOUT_PARAMETERS) {                                                                         \
         ATTN_HOPPER_BODY((attention_backward_##BUILD<TYPE, true, D>(                                        \
-            q, k, v, dout, lse, delta, dq_accumulator, dq, dq_counts, dk, dv, heads, kv_heads, query_len,  \
-            key_len, scale,                                                                                \
+            q, k, v, dout, lse, delta, dq_accumulator, dk, dv, heads, kv_heads, query_len, key_len, scale, \
             ATTN_HOPPER_BACKWARD_LAYOUTS, ATTN_DROPOUT_ARGUMENT)))                                         \
     }
 

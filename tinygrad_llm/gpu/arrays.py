@@ -48,11 +48,6 @@ def empty(shape, dtype):
     return out
 
 
-def zeros(shape, dtype):
-    """A buffer of zeros (counters that kernels add to)."""
-    return backend.cupy_module().zeros(shape, dtype=dtype)
-
-
 def contiguous(x):
     """x as a C-contiguous array starting on a 16-byte boundary (kernels load 16-byte vectors); a copy
     only when it is not one already."""

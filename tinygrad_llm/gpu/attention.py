@@ -34,9 +34,7 @@ Which build runs (`kernel_for(head_dim, dtype)` names it):
 - any other head dim: no kernel; the op takes its NumPy-expressed path (batched GEMMs on CuPy arrays).
 
 Precision: bfloat16 and float16 inputs run on tensor cores with float32 accumulation; out, dq, dk, dv come
-back in the input dtype, lse in float32 (dq is accumulated in a float32 buffer by atomics, then cast: by a
-pass of its own after the mma.sync builds, inside the wgmma backward by the block that adds a query
-step's last share).
+back in the input dtype, lse in float32 (dq is accumulated in a float32 buffer by atomics, then cast).
 
 Attention dropout: `dropout=(base, row_seed, column_seed, threshold, keep_scale)` (what
 ops/attention.kernel_dropout makes from the op's seed and keep probability; base is None, or the device
@@ -57,7 +55,7 @@ import re
 
 import numpy as np
 
-from .arrays import all_on_gpu, compute_capability, contiguous, dtype_name, empty, multiprocessors, seed_base, zeros
+from .arrays import all_on_gpu, compute_capability, contiguous, dtype_name, empty, multiprocessors, seed_base
 from .compiler import function, selection
 
 FORWARD_FILE = "attention_forward.cu"
@@ -331,22 +329,18 @@ def causal_attention_backward(dy, q, k, v, out, lse, dropout=None, dq=None, dk=N
     _kernel(BACKWARD_FILE, f"attention_backward_prepare_{suffix}_d{head_dim}")(
         ((rows * 8 + 255) // 256,), (256,), (dy, out, delta, dq_accumulator, np.int32(rows)) + row_layouts)
     _, build = _builds(head_dim, hopper_available())
+    arrays = (q, k, v, dy, lse, delta, dq_accumulator, dk, dv)
     if build.hopper:
-        # dq is written by the kernel: the block whose share completes a query step's rows (counted in
-        # `counts`, one a (b, h, step)) casts them
         shared = _hopper_backward_shared_bytes(head_dim, build)
         key_blocks = (key_len + _HOPPER_BLOCK_K - 1) // _HOPPER_BLOCK_K
-        counts = zeros((batch * heads * ((query_len + build.block_q - 1) // build.block_q),), np.int32)
         _kernel(HOPPER_FILE, f"attention_backward_{suffix}_d{head_dim}_{build.name}{variant}", shared)(
-            (batch * kv_heads * key_blocks,), (384,), (q, k, v, dy, lse, delta, dq_accumulator, dq, counts, dk, dv)
-            + sizes + layouts + extra, shared_mem=shared)
-        return dq, dk, dv
-    shared = _backward_shared_bytes(head_dim, build)
-    block_k = 16 * build.m_tiles * build.warps
-    grid = ((key_len + block_k - 1) // block_k, batch * kv_heads)
-    _kernel(BACKWARD_FILE, f"attention_backward_{suffix}_d{head_dim}_{build.name}{variant}", shared)(
-        grid, (32 * build.warps,), (q, k, v, dy, lse, delta, dq_accumulator, dk, dv) + sizes + layouts + extra,
-        shared_mem=shared)
+            (batch * kv_heads * key_blocks,), (384,), arrays + sizes + layouts + extra, shared_mem=shared)
+    else:
+        shared = _backward_shared_bytes(head_dim, build)
+        block_k = 16 * build.m_tiles * build.warps
+        grid = ((key_len + block_k - 1) // block_k, batch * kv_heads)
+        _kernel(BACKWARD_FILE, f"attention_backward_{suffix}_d{head_dim}_{build.name}{variant}", shared)(
+            grid, (32 * build.warps,), arrays + sizes + layouts + extra, shared_mem=shared)
     count8 = q.size // 8                                  # D is a multiple of 8
     _kernel(BACKWARD_FILE, f"attention_backward_convert8_{suffix}")(
         (min((count8 + 255) // 256, 8192),), (256,),
