@@ -36,8 +36,13 @@
 //     issue O += P V of tile t − 1  (8 × m64nDk16, A = P of tile t − 1 in registers, B = V MN-major)
 //     wait for S only; mask (only on tiles that cross the diagonal or the end of the keys) and online
 //     softmax in registers (row max and sum over the quad of lanes holding a row, exp2 with the scale
-//     folded in) while the tensor cores still run P V
-//     wait for P V; rescale O; P = S converted to bf16/fp16 for tile t + 1's product
+//     folded in); wait for P V; rescale O; P = S converted to bf16/fp16 for tile t + 1's product.
+//   The source waits for P V after the softmax, but ptxas places that wait before the row maxima (nothing
+//   ties the register-only softmax to it), so P V runs beside the mask, not the exponentials; pinning the
+//   wait below them made the forward slower on an H100 (benchmarks/RESULTS.md, 2026-12-06 evening).
+//   Warpgroup 1 issues a tile's products only after warpgroup 0 has issued its own (named barrier 1), so
+//   that warpgroup 0's softmax runs while the tensor cores work on warpgroup 1's products.
+//   Tiles that need no mask run a copy of the tile's code without it (see the loop).
 //   and after the last tile its P V. O takes D / 2 float registers a thread (64 at D = 128).
 //   out = O / l, L = m · scale + ln l.
 //
@@ -211,9 +216,10 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
 
         // Tile `tile`: its K/V arrive, the next tile (or the next item's Q and first tile) starts loading,
         // S = Q Kᵀ is issued; tile − 1's O += P V follows it on the tensor cores while this warpgroup masks
-        // S and takes its exponentials; then O is rescaled and S becomes the next P. No wgmma sits under a
-        // runtime branch (the first tile is its own inlined call, FIRST a constant there), so that ptxas
-        // keeps them asynchronous (it serializes every wgmma of a kernel that has one under a branch).
+        // S (and, as written, takes its exponentials: see the header); then O is rescaled and S becomes the
+        // next P. No wgmma sits under a runtime branch (the first tile is its own inlined call, FIRST a
+        // constant there), so that ptxas keeps them asynchronous (it serializes every wgmma of a kernel
+        // that has one under a branch).
         auto step = [&](int tile, const bool FIRST, const bool MASKED) {
             // FIRST: the item's first tile, no P V before it; MASKED: the tile may cross the diagonal or the
             // end of the keys (the test below decides), false only where it cannot

@@ -170,8 +170,6 @@ __device__ __forceinline__ void attn_fragment(unsigned (&a)[4], const float (&d)
 }
 
 template <typename T> struct Wgmma;
-template <typename T, int TRANS_B, int R>
-__device__ __forceinline__ void wgmma_rs(float (&d)[R], const unsigned (&a)[4], unsigned long long b, int accumulate);
 
 // wgmma.mma_async m64nNk16 with float32 accumulators: ss_n<N><TRANS_A, TRANS_B>(d, a, b, accumulate)
 // takes A and B as shared-memory descriptors, rs_n<N><TRANS_B>(d, a, b, accumulate) takes A from
