@@ -22,12 +22,12 @@
 //                                             k, v, out)
 //   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups, 7 · 128 · D · 2 + 1024 bytes
 //   of dynamic shared memory (115 712 at D = 64, 230 400 at D = 128): two 128-row Q tiles, two buffers of
-//   128-key K tiles and three of V tiles, plus 1 KiB to align them; 193 registers at D = 64, 225 at
-//   D = 128. A work item is a 128-row query tile of one (b, h); item i is tile ceil(Tq / 128) − 1 − i / (B·H)
-//   of (b, h) = i mod (B·H), so the longest items go first; in round r block x takes item r · grid + x
-//   (r even) or r · grid + grid − 1 − x (r odd), which evens out the blocks' sums of item lengths. While it
-//   works on an item's last K/V tile it already loads the next item's Q and first tile (the
-//   one-block-a-multiprocessor kernel otherwise waits for them).
+//   128-key K tiles and three of V tiles, plus 1 KiB to align them. A work item is a 128-row query tile
+//   of one (b, h); when there are more items than blocks, block x takes the pairs x, x + grid, … of tiles
+//   p and ceil(Tq / 128) − 1 − p of one (b, h) (equal work in every pair; the blocks at work at one time
+//   share few heads, whose K and V stay in L2; see work() below). While it works on an item's last K/V
+//   tile it already loads the next item's Q and first tile (the one-block-a-multiprocessor kernel
+//   otherwise waits for them).
 //   Warpgroup w owns query rows 64w … 64w + 63 of the item; each warp takes its 16 rows of Q as register
 //   A fragments (ldmatrix), once an item at D = 64, before each tile's S at D = 128 (see the loop).
 //   Per K/V tile t (cp.async brings tile t + 1 while tile t is multiplied), software-pipelined inside the
@@ -40,6 +40,9 @@
 //   The source waits for P V after the softmax, but ptxas places that wait before the row maxima (nothing
 //   ties the register-only softmax to it), so P V runs beside the mask, not the exponentials; pinning the
 //   wait below them made the forward slower on an H100 (benchmarks/RESULTS.md, 2026-12-06 evening).
+//   Warpgroup 1 issues a tile's products only after warpgroup 0 has issued its own (named barrier 1), so
+//   that warpgroup 0's softmax runs while the tensor cores work on warpgroup 1's products.
+//   Tiles that need no mask run a copy of the tile's code without it (see the loop).
 //   and after the last tile its P V. O takes D / 2 float registers a thread (64 at D = 128).
 //   out = O / l, L = m · scale + ln l.
 //
@@ -137,23 +140,36 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
     const int offset = key_len - query_len;
     const float scale_log2 = scale * ATTN_LOG2E;
 
-    // Work item i: query tile q_blocks − 1 − i / (B·H) (the longest first) of (b, h) = i mod (B·H).
-    struct Work { int batch_head, q0, tiles; const T* k_head; const T* v_head; };
-    auto work = [&](int item) {
+    // The block's work: query tiles of 128 rows, taken in the order k = 0, 1, 2, … as work(k) says. With
+    // more tiles than blocks the tiles go in pairs: tiles p and q_blocks − 1 − p of one (b, h), whose
+    // causal lengths add up to the same count for every p (the middle tile of an odd q_blocks is a pair of
+    // its own). Block x takes pairs x, x + grid, x + 2·grid, …, the long tile of each first (k even, then
+    // the short one at k + 1): every block gets about the same work, and the blocks working at the same
+    // time share few (b, h), whose K and V stay in L2 (a pair's neighbours are the same head's other
+    // pairs, or the next heads of its kv group). With no more tiles than blocks, block x takes tile x.
+    const int pairs_per_head = (q_blocks + 1) / 2, pairs = batches * heads * pairs_per_head;
+    const bool paired = items > (int)gridDim.x;
+    struct Work { int batch_head, q0, tiles; bool valid; const T* k_head; const T* v_head; };
+    auto work = [&](int index) {                             // index: k above
         Work w;
-        w.batch_head = item % (batches * heads);
-        w.q0 = (q_blocks - 1 - item / (batches * heads)) * BLOCK_Q;
+        int tile;
+        if (paired) {
+            const int pair = (index >> 1) * (int)gridDim.x + (int)blockIdx.x, p = pair % pairs_per_head;
+            w.valid = pair < pairs && !((index & 1) && 2 * p + 1 == q_blocks);
+            w.batch_head = w.valid ? pair / pairs_per_head : 0;
+            tile = (index & 1) ? p : q_blocks - 1 - p;
+        } else {
+            w.valid = index == 0;                              // the grid is at most the tile count
+            w.batch_head = blockIdx.x / q_blocks;
+            tile = q_blocks - 1 - blockIdx.x % q_blocks;
+        }
+        w.q0 = tile * BLOCK_Q;
         const int head = w.batch_head % heads, batch = w.batch_head / heads, kv_head = head / (heads / kv_heads);
         w.k_head = k_layout.rows(k, batch, kv_head);
         w.v_head = v_layout.rows(v, batch, kv_head);
         const int key_end = min(key_len, w.q0 + BLOCK_Q + offset);   // the tile's last row sees keys < key_end
         w.tiles = (key_end + BLOCK_K - 1) / BLOCK_K;
         return w;
-    };
-    // Round r gives block x item r · grid + x on even rounds and r · grid + grid − 1 − x on odd ones: the
-    // items come longest first, so the block that took a longer item takes a shorter one next round.
-    auto item_of = [&](int round) {
-        return round * (int)gridDim.x + ((round & 1) ? (int)gridDim.x - 1 - (int)blockIdx.x : (int)blockIdx.x);
     };
     auto load_q = [&](const Work& w, int buffer) {
         attn_load_swizzled<T, BLOCK_Q, THREADS, D>(q_tiles + buffer * TILE,
@@ -172,16 +188,17 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         return attn_smem_address(v_tiles + (v_buffer == 0 ? 2 : v_buffer - 1) * TILE);
     };
 
-    int round = 0, item = item_of(0);
-    if (item >= items) return;
-    Work current = work(item);
+    int item = 0;                                             // k of work(k) for the current tile
+    Work current = work(0);
+    if (!current.valid) return;
     load_q(current, 0);
     load_kv(current, 0, 0, 0);
     attn_copy_commit();
     while (true) {
-        const int next_item = item_of(round + 1);
-        const bool has_next = next_item < items;
-        const Work next = work(has_next ? next_item : item);
+        int next_item = item + 1;
+        Work next = work(next_item);
+        if (!next.valid && !(item & 1)) next = work(next_item = item + 2);   // a middle tile has no short half
+        const bool has_next = next.valid;
         const int row = current.q0 + 64 * group + 16 * warp + g;   // this thread's rows: row and row + 8
         // Tiles that cross the diagonal or the end of the keys are masked; the test is the item's (uniform).
         const int unmasked_end = min(current.q0 + offset + 1, key_len);   // keys below it are seen by every row
@@ -203,7 +220,9 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         // next P. No wgmma sits under a runtime branch (the first tile is its own inlined call, FIRST a
         // constant there), so that ptxas keeps them asynchronous (it serializes every wgmma of a kernel
         // that has one under a branch).
-        auto step = [&](int tile, const bool FIRST) {      // FIRST: the item's first tile, no P V before it
+        auto step = [&](int tile, const bool FIRST, const bool MASKED) {
+            // FIRST: the item's first tile, no P V before it; MASKED: the tile may cross the diagonal or the
+            // end of the keys (the test below decides), false only where it cannot
             const int k0 = tile * BLOCK_K;
             const int v_next = v_buffer == 2 ? 0 : v_buffer + 1;
             attn_copy_wait_all();
@@ -221,33 +240,43 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             if (D == 128 || FIRST)
                 attn_load_fragments(q_fragments, q_tiles + q_buffer * TILE, 64 * group + 16 * warp, BLOCK);
 
-            const unsigned k_address = attn_smem_address(k_tiles + k_buffer * TILE);
-            const unsigned v_before = v_before_address();
+            const AttnOperand k_operand = attn_operand(attn_smem_address(k_tiles + k_buffer * TILE));
+            const AttnOperand v_before = attn_operand(v_before_address(), LEADING);
+            // Warpgroup 1 issues its products only after warpgroup 0 has issued its own (named barrier 1):
+            // the tensor cores then finish warpgroup 0's S and P V first, and its softmax runs while they
+            // work on warpgroup 1's, instead of both softmaxes sharing the multiprocessor once all four
+            // products are done.
+            if (group == 1) attn_named_sync(1, THREADS);
             wgmma_fence();
             #pragma unroll
             for (int c = 0; c < STEPS; ++c)                   // S = Q Kᵀ
-                Wgmma<T>::template rs_n128<0>(s, q_fragments[c],
-                                              attn_descriptor(k_address + (c >> 2) * BLOCK + 32 * (c & 3)), c);
+                Wgmma<T>::template rs_n128<0>(s, q_fragments[c], k_operand.at((c >> 2) * BLOCK + 32 * (c & 3)), c);
             wgmma_commit();
             if (!FIRST) {                                     // O += P V of tile − 1
                 #pragma unroll
                 for (int c = 0; c < BLOCK_K / 16; ++c)
-                    wgmma_rs<T, 1>(o, p_fragments[c], attn_descriptor(v_before + 2048 * c, LEADING), 1);
+                    wgmma_rs<T, 1>(o, p_fragments[c], v_before.at(2048 * c), 1);
                 wgmma_commit();
             }
+            if (group == 0) attn_named_arrive(1, THREADS);
             if (FIRST) wgmma_wait<0>();                       // S is in; P V may still run
             else wgmma_wait<1>();
             wgmma_hold(s);
             wgmma_hold(q_fragments);
 
-            if (k0 + BLOCK_K > unmasked_end) {
+            if (MASKED) {
+                // element (j, e) holds key k0 + 8j + 2t + (e & 1) of row row + 8·(e >> 1); it is masked when
+                // key > min(row + offset, key_len − 1), i.e. when the constant 8j + (e & 1) exceeds `last`
+                // (a tile that needs no mask gets a `last` no element exceeds)
+                int last[2];
+                #pragma unroll
+                for (int r = 0; r < 2; ++r)
+                    last[r] = k0 + BLOCK_K > unmasked_end ? min(row + 8 * r + offset, key_len - 1) - k0 - 2 * t : BLOCK_K;
                 #pragma unroll
                 for (int j = 0; j < 16; ++j)
                     #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int key = k0 + 8 * j + 2 * t + (e & 1);
-                        if (key > row + 8 * (e >> 1) + offset || key >= key_len) s[4 * j + e] = ATTN_NEG_INF;
-                    }
+                    for (int e = 0; e < 4; ++e)
+                        if (8 * j + (e & 1) > last[e >> 1]) s[4 * j + e] = ATTN_NEG_INF;
             }
             // online softmax: the new row maxima (a row lives on the 4 lanes of a quad; four partial maxima a
             // row shorten the dependency chain), then the exponentials in place
@@ -308,14 +337,19 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             k_buffer ^= 1;
             v_buffer = v_next;
         };
-        step(0, true);                                        // two call sites, each inlined with its constant
-        for (int tile = 1; tile < current.tiles; ++tile) step(tile, false);
+        // Three call sites, each inlined with its constants. ptxas turns the mask's branch into predicated
+        // code that every tile would run (~190 instructions a warp), so the tiles that need no mask (those
+        // whose keys all lie below unmasked_end) have their own copy without it.
+        const int middle_end = max(1, min(unmasked_end / BLOCK_K, current.tiles));   // tiles 1 … middle_end − 1
+        step(0, true, true);
+        for (int tile = 1; tile < middle_end; ++tile) step(tile, false, false);
+        for (int tile = middle_end; tile < current.tiles; ++tile) step(tile, false, true);
         // the last tile's O += P V
-        const unsigned v_last = v_before_address();
+        const AttnOperand v_last = attn_operand(v_before_address(), LEADING);
         wgmma_fence();
         #pragma unroll
         for (int c = 0; c < BLOCK_K / 16; ++c)
-            wgmma_rs<T, 1>(o, p_fragments[c], attn_descriptor(v_last + 2048 * c, LEADING), 1);
+            wgmma_rs<T, 1>(o, p_fragments[c], v_last.at(2048 * c), 1);
         wgmma_commit();
         wgmma_wait<0>();
         wgmma_hold(o);
@@ -325,7 +359,6 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                                           lse, current.batch_head, row, query_len, scale_log2, dropout.scale,
                                           out_layout.row);
         if (!has_next) break;
-        ++round;
         item = next_item;
         current = next;
         q_buffer ^= 1;
@@ -533,7 +566,9 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
         // every key)
         float dk_acc[D / 2], dv_acc[D / 2];
 
-        for (int it = 0; it < iterations; ++it) {
+        // One step; EDGE: it may cross the diagonal or an end of the queries or keys (the test below decides),
+        // false only where it cannot.
+        auto step = [&](int it, const bool EDGE) {
             const int buffer = it & 1, q0 = query_start(it);
             attn_copy_wait_all();
             attn_fence_async();
@@ -563,13 +598,13 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             wgmma_fence();
             #pragma unroll
             for (int c = 0; c < D / 16; ++c)
-                wgmma_ss<T, 0, 0>(s, attn_descriptor(q_address + (c >> 2) * Q_BLOCK + s_row0 * 128 + 32 * (c & 3)),
-                                  attn_descriptor(k_address + (c >> 2) * K_BLOCK + s_key_bytes + 32 * (c & 3)), c);
+                wgmma_ss<T, 0, 0>(s, attn_operand(q_address + s_row0 * 128).at((c >> 2) * Q_BLOCK + 32 * (c & 3)),
+                                  attn_operand(k_address + s_key_bytes).at((c >> 2) * K_BLOCK + 32 * (c & 3)), c);
             wgmma_commit();
             #pragma unroll
             for (int c = 0; c < D / 16; ++c)
-                wgmma_ss<T, 0, 0>(dp, attn_descriptor(dout_address + (c >> 2) * Q_BLOCK + s_row0 * 128 + 32 * (c & 3)),
-                                  attn_descriptor(v_address + (c >> 2) * K_BLOCK + s_key_bytes + 32 * (c & 3)), c);
+                wgmma_ss<T, 0, 0>(dp, attn_operand(dout_address + s_row0 * 128).at((c >> 2) * Q_BLOCK + 32 * (c & 3)),
+                                  attn_operand(v_address + s_key_bytes).at((c >> 2) * K_BLOCK + 32 * (c & 3)), c);
             wgmma_commit();
             wgmma_wait<1>();            // S is done, dP may still run; before S, this warpgroup's dV, dK of step it − 1
             wgmma_hold(s);
@@ -582,17 +617,24 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             // P: row r of this thread needs L of query q0 + r
             const float* l_row = l_tiles + buffer * BLOCK_Q;
             const float shift[2] = {l_row[row] * ATTN_LOG2E, l_row[row + 8] * ATTN_LOG2E};
-            const bool edge = k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len;
+            // Element (j, e) holds key k0 + 64 · key_block + 8j + 2t + (e & 1) of query q0 + row + 8·(e >> 1); P is
+            // 0 past the diagonal or an end: where the constant 8j + (e & 1) exceeds `last` (−1 for a query past
+            // the end; a step that needs no mask gets a `last` no element exceeds).
+            int last[2];
+            #pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int query = q0 + row + 8 * r;
+                last[r] = !(EDGE && (k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len))
+                              ? BLOCK_K
+                              : query >= query_len ? -1
+                              : min(query + offset, key_len - 1) - (k0 + 64 * key_block + 2 * t);
+            }
             #pragma unroll
             for (int j = 0; j < S_KEYS / 8; ++j)
                 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]));
-                    if (edge) {
-                        const int key = k0 + 64 * key_block + 8 * j + 2 * t + (e & 1), query = q0 + row + 8 * (e >> 1);
-                        if (key > query + offset || query >= query_len || key >= key_len) p = 0.f;
-                    }
-                    s[4 * j + e] = p;
+                    const float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]));
+                    s[4 * j + e] = 8 * j + (e & 1) > last[e >> 1] ? 0.f : p;
                 }
             // P to its tile: accumulator pair (j, r) is row row + 8r, keys 8j + 2t, + 1 of this warpgroup's
             // keys (column block key_block + j / 8); with dropout only the kept P (dV's; keep_scale comes at
@@ -640,7 +682,7 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                 wgmma_fence();
                 #pragma unroll
                 for (int c = 0; c < BLOCK_K / 16; ++c)
-                    Wgmma<T>::template rs_n64<1>(dq, ds_fragments[c], attn_descriptor(k_address + 2048 * c), c);
+                    Wgmma<T>::template rs_n64<1>(dq, ds_fragments[c], attn_operand(k_address).at(2048 * c), c);
                 wgmma_commit();
             }
             attn_fence_async();
@@ -649,8 +691,8 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                 wgmma_fence();
                 #pragma unroll
                 for (int c = 0; c < BLOCK_K / 16; ++c)
-                    Wgmma<T>::template ss_n64<0, 1>(dq, attn_descriptor(ds_address + (c >> 2) * Q_BLOCK + 32 * (c & 3)),
-                                                    attn_descriptor(k_address + group * K_BLOCK + 2048 * c), c);
+                    Wgmma<T>::template ss_n64<0, 1>(dq, attn_operand(ds_address).at((c >> 2) * Q_BLOCK + 32 * (c & 3)),
+                                                    attn_operand(k_address + group * K_BLOCK).at(2048 * c), c);
                 wgmma_commit();
             }
 
@@ -658,13 +700,13 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             wgmma_fence();
             #pragma unroll
             for (int c = 0; c < BLOCK_Q / 16; ++c)
-                wgmma_ss<T, 1, 1>(dv_acc, attn_descriptor(p_address + group * Q_BLOCK + 2048 * c),
-                                  attn_descriptor(dout_address + 2048 * c, LEADING), it > 0 || c > 0);
+                wgmma_ss<T, 1, 1>(dv_acc, attn_operand(p_address + group * Q_BLOCK).at(2048 * c),
+                                  attn_operand(dout_address, LEADING).at(2048 * c), it > 0 || c > 0);
             wgmma_commit();
             #pragma unroll
             for (int c = 0; c < BLOCK_Q / 16; ++c)
-                wgmma_ss<T, 1, 1>(dk_acc, attn_descriptor(ds_address + group * Q_BLOCK + 2048 * c),
-                                  attn_descriptor(q_address + 2048 * c, LEADING), it > 0 || c > 0);
+                wgmma_ss<T, 1, 1>(dk_acc, attn_operand(ds_address + group * Q_BLOCK).at(2048 * c),
+                                  attn_operand(q_address, LEADING).at(2048 * c), it > 0 || c > 0);
             wgmma_commit();
             wgmma_wait<2>();                                  // dQ is done; dV and dK run on into step it + 1
             wgmma_hold(dq);
@@ -680,6 +722,26 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                     *reinterpret_cast<float2*>(staged + (row + 8 * r) * DQ_STRIDE + 8 * j) =
                         make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
             attn_named_arrive(2, THREADS + 128);              // the stage is full
+        };
+        // Each query head's steps: the first edge_first cross the diagonal (all of them in a last, partial
+        // key block), the last one is partial when 128 does not divide Tq; the steps between need no mask.
+        // ptxas turns the mask's branch into predicated code that every step would run (~180 instructions a
+        // warp), so those steps run their own copy of the step without it (three call sites, each inlined
+        // with its constant; no wgmma sits under a runtime branch).
+        const int steps = work.steps, diagonal_end = k0 + BLOCK_K - 1 - offset;   // rows below it cross the diagonal
+        const int edge_first = k0 + BLOCK_K > key_len ? steps
+                               : diagonal_end <= 0 ? 0
+                               : min(steps, (diagonal_end + BLOCK_Q - 1) / BLOCK_Q - work.first_step);
+        const int edge_last = query_len % BLOCK_Q != 0 && edge_first < steps ? 1 : 0;
+        if constexpr (DROPOUT) {   // one copy: with the dropout mask's registers, a second copy spills
+            for (int it = 0; it < iterations; ++it) step(it, true);
+        } else {
+            for (int head_start = 0; head_start < iterations; head_start += steps) {
+                int it = head_start;
+                for (; it < head_start + edge_first; ++it) step(it, true);
+                for (; it < head_start + steps - edge_last; ++it) step(it, false);
+                for (; it < head_start + steps; ++it) step(it, true);
+            }
         }
         wgmma_wait<0>();
         wgmma_hold(dk_acc);

@@ -64,12 +64,23 @@ __device__ __forceinline__ int attn_swizzle(int row, int chunk) { return row * 1
 
 // A wgmma shared-memory descriptor for the swizzled tile operand starting at shared address `address`;
 // `leading` is the leading byte offset: the distance between the 64-column blocks of an MN-major operand
-// wider than 64 (head dim 128), unused by every other operand.
+// wider than 64 (head dim 128), unused by every other operand. The low word holds address / 16 (bits
+// 0–13) and leading / 16 (bits 16–29); the high word is the same for every operand (stride 1024 bytes,
+// 128-byte swizzle).
+struct AttnOperand {
+    unsigned low;
+    // the descriptor of the operand `offset` bytes further on (a multiple of 16): shared addresses stay
+    // below 2^18 bytes, so the address field takes the offset without a carry, and a product's k16 steps
+    // cost one add each instead of rebuilding the descriptor
+    __device__ __forceinline__ unsigned long long at(unsigned offset = 0) const {
+        return (1ull << 62) | (static_cast<unsigned long long>(1024 >> 4) << 32) | (low + (offset >> 4));
+    }
+};
+__device__ __forceinline__ AttnOperand attn_operand(unsigned address, unsigned leading = 1024) {
+    return AttnOperand{((address & 0x3FFFF) >> 4) | ((leading >> 4) << 16)};
+}
 __device__ __forceinline__ unsigned long long attn_descriptor(unsigned address, unsigned leading = 1024) {
-    return static_cast<unsigned long long>((address & 0x3FFFF) >> 4)
-         | (static_cast<unsigned long long>(leading >> 4) << 16)
-         | (static_cast<unsigned long long>(1024 >> 4) << 32)
-         | (1ull << 62);
+    return attn_operand(address, leading).at();
 }
 
 // Copy rows [row0, row0 + ROWS) of a (rows, D) two-byte matrix whose rows lie `row_stride` elements
@@ -89,8 +100,8 @@ __device__ __forceinline__ void attn_load_swizzled(unsigned char* tile, const T*
     #pragma unroll
     for (int step = 0; step < ROWS * CHUNKS / THREADS; ++step) {
         const int row = first + step * ROWS_A_STEP;
-        const bool valid = row0 + row < limit;
-        attn_copy16(tile + (chunk >> 3) * (ROWS * 128) + attn_swizzle(row, chunk & 7), valid ? source : global, valid);
+        const bool valid = row0 + row < limit;                // a row past `limit` reads nothing (zero-filled)
+        attn_copy16(tile + (chunk >> 3) * (ROWS * 128) + attn_swizzle(row, chunk & 7), source, valid);
         source += ROWS_A_STEP * row_stride;
     }
 }
@@ -158,22 +169,7 @@ __device__ __forceinline__ void attn_fragment(unsigned (&a)[4], const float (&d)
     a[3] = AttnType<T>::pack(d[8 * c + 6], d[8 * c + 7]);
 }
 
-// Issue acc += A B over STEPS k16 steps, A being the accumulator-layout floats d (rounded to T into
-// `fragments`, which must stay untouched until the products have been waited for) and B the swizzled
-// MN-major tile at shared address b (16 rows a step; N = 64 for 32 accumulators, 128 for 64, whose
-// second 64-column block starts `leading` bytes after the first). Neither commits nor waits.
 template <typename T> struct Wgmma;
-template <typename T, int TRANS_B, int R>
-__device__ __forceinline__ void wgmma_rs(float (&d)[R], const unsigned (&a)[4], unsigned long long b, int accumulate);
-template <typename T, int STEPS, int R, int N>
-__device__ __forceinline__ void attn_issue_product(float (&acc)[N], unsigned (&fragments)[STEPS][4],
-                                                   const float (&d)[R], unsigned b, unsigned leading = 1024) {
-    #pragma unroll
-    for (int c = 0; c < STEPS; ++c) attn_fragment<T>(fragments[c], d, c);
-    wgmma_fence();
-    #pragma unroll
-    for (int c = 0; c < STEPS; ++c) wgmma_rs<T, 1>(acc, fragments[c], attn_descriptor(b + 2048 * c, leading), 1);
-}
 
 // wgmma.mma_async m64nNk16 with float32 accumulators: ss_n<N><TRANS_A, TRANS_B>(d, a, b, accumulate)
 // takes A and B as shared-memory descriptors, rs_n<N><TRANS_B>(d, a, b, accumulate) takes A from
