@@ -62,7 +62,8 @@
 // Byte offset of the 16-byte chunk `chunk` (0–7) of row `row` in a swizzled 128-byte-row tile.
 __device__ __forceinline__ int attn_swizzle(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
 
-// A wgmma shared-memory descriptor for the swizzled tile operand starting at shared address `address`;
+// attn_operand(address, leading).at(offset): the wgmma shared-memory descriptor of the swizzled tile
+// operand starting at shared address address + offset;
 // `leading` is the leading byte offset: the distance between the 64-column blocks of an MN-major operand
 // wider than 64 (head dim 128), unused by every other operand. The low word holds address / 16 (bits
 // 0–13) and leading / 16 (bits 16–29); the high word is the same for every operand (stride 1024 bytes,
@@ -78,9 +79,6 @@ struct AttnOperand {
 };
 __device__ __forceinline__ AttnOperand attn_operand(unsigned address, unsigned leading = 1024) {
     return AttnOperand{((address & 0x3FFFF) >> 4) | ((leading >> 4) << 16)};
-}
-__device__ __forceinline__ unsigned long long attn_descriptor(unsigned address, unsigned leading = 1024) {
-    return attn_operand(address, leading).at();
 }
 
 // Copy rows [row0, row0 + ROWS) of a (rows, D) two-byte matrix whose rows lie `row_stride` elements
