@@ -20,9 +20,10 @@
 //
 // attention_forward_{bf16,fp16}_d{64,128}_wg2(q, k, v, out, lse, H, Hkv, Tq, Tk, scale, B, layouts of q,
 //                                             k, v, out)
-//   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups, 7 · 128 · D · 2 + 1024 bytes
-//   of dynamic shared memory (115 712 at D = 64, 230 400 at D = 128): two 128-row Q tiles, two buffers of
-//   128-key K tiles and three of V tiles, plus 1 KiB to align them. A work item is a 128-row query tile
+//   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups. Dynamic shared memory at
+//   D = 128: 7 · 128 · D · 2 + 1024 = 230 400 bytes, two 128-row Q tiles, two buffers of 128-key K tiles
+//   and three of V tiles, plus 1 KiB to align them; at D = 64, 197 632: the same for each warpgroup, with
+//   Q tiles of its 64 rows (the warpgroups load and sync apart and take turns on the tensor cores). A work item is a 128-row query tile
 //   of one (b, h); when there are more items than blocks, block x takes the pairs x, x + grid, … of tiles
 //   p and ceil(Tq / 128) − 1 − p of one (b, h) (equal work in every pair; the blocks at work at one time
 //   share few heads, whose K and V stay in L2; see work() below). While it works on an item's last K/V
@@ -128,13 +129,19 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
     constexpr int BLOCK = 128 * 128;                          // bytes of a 64-column block of a 128-row tile
     constexpr int TILE = BLOCK * D / 64;                      // bytes of a 128-row tile (D / 64 blocks)
     constexpr unsigned LEADING = D == 64 ? 1024 : BLOCK;      // V's leading byte offset (unused at D = 64)
-    unsigned char* q_tiles = attn_aligned_shared();           // 2 buffers of BLOCK_Q rows
-    unsigned char* k_tiles = q_tiles + 2 * TILE;               // 2 buffers of BLOCK_K rows
+    // PRIVATE (D = 64): each warpgroup has buffers of its own (its 64 rows of Q, and K and V), loads them
+    // itself and syncs only with itself, so that the two warpgroups can run half a tile apart (see the
+    // turns below); at D = 128 the buffers would not fit twice, and both warpgroups share them.
+    constexpr bool PRIVATE = D == 64;
+    constexpr int Q_ROWS = PRIVATE ? 64 : BLOCK_Q, LOADERS = PRIVATE ? 128 : THREADS;
+    constexpr int Q_TILE = Q_ROWS * 128 * D / 64;             // bytes of a Q tile
+    const int group = __shfl_sync(0xffffffffu, (int)threadIdx.x >> 7, 0);   // the warpgroup, known warp-uniform
+    unsigned char* q_tiles = attn_aligned_shared() + (PRIVATE ? group * (2 * Q_TILE + 5 * TILE) : 0);   // 2 buffers
+    unsigned char* k_tiles = q_tiles + 2 * Q_TILE;             // 2 buffers of BLOCK_K rows
     unsigned char* v_tiles = k_tiles + 2 * TILE;               // 3 buffers of BLOCK_K rows (P V of tile t − 1
                                                               // still reads one while tile t + 1 comes in)
 
     const int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int group = __shfl_sync(0xffffffffu, tid >> 7, 0);  // the warpgroup, known warp-uniform to ptxas
     const int g = lane >> 2, t = lane & 3;
     const int q_blocks = (query_len + BLOCK_Q - 1) / BLOCK_Q, items = batches * heads * q_blocks;
     const int offset = key_len - query_len;
@@ -172,14 +179,14 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         return w;
     };
     auto load_q = [&](const Work& w, int buffer) {
-        attn_load_swizzled<T, BLOCK_Q, THREADS, D>(q_tiles + buffer * TILE,
-                                                   q_layout.rows(q, w.batch_head / heads, w.batch_head % heads),
-                                                   q_layout.row, w.q0, query_len);
+        attn_load_swizzled<T, Q_ROWS, LOADERS, D>(q_tiles + buffer * Q_TILE,
+                                                  q_layout.rows(q, w.batch_head / heads, w.batch_head % heads),
+                                                  q_layout.row, w.q0 + (PRIVATE ? 64 * group : 0), query_len);
     };
     auto load_kv = [&](const Work& w, int tile, int k_buffer, int v_buffer) {
-        attn_load_swizzled<T, BLOCK_K, THREADS, D>(k_tiles + k_buffer * TILE, w.k_head, k_layout.row, tile * BLOCK_K,
+        attn_load_swizzled<T, BLOCK_K, LOADERS, D>(k_tiles + k_buffer * TILE, w.k_head, k_layout.row, tile * BLOCK_K,
                                                    key_len);
-        attn_load_swizzled<T, BLOCK_K, THREADS, D>(v_tiles + v_buffer * TILE, w.v_head, v_layout.row, tile * BLOCK_K,
+        attn_load_swizzled<T, BLOCK_K, LOADERS, D>(v_tiles + v_buffer * TILE, w.v_head, v_layout.row, tile * BLOCK_K,
                                                    key_len);
     };
 
@@ -189,6 +196,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
     };
 
     int item = 0;                                             // k of work(k) for the current tile
+    int turns = 0;                                            // tiles whose products this thread issued
     Work current = work(0);
     if (!current.valid) return;
     load_q(current, 0);
@@ -227,7 +235,9 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             const int v_next = v_buffer == 2 ? 0 : v_buffer + 1;
             attn_copy_wait_all();
             attn_fence_async();
-            __syncthreads();                                  // tile is in; the buffers being refilled are free
+            // tile is in; the buffers being refilled are free (PRIVATE: this warpgroup's own, barrier 2 + w)
+            if constexpr (PRIVATE) attn_named_sync(2 + group, 128);
+            else __syncthreads();
             if (tile + 1 < current.tiles) {
                 load_kv(current, tile + 1, k_buffer ^ 1, v_next);
             } else if (has_next) {                            // the next item's Q and first tile
@@ -238,15 +248,18 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             // D = 64 holds the warp's Q fragments across the item's tiles; D = 128 reads them again before each
             // tile's S (the item's Q tile stays in its buffer), so that they are dead during the softmax.
             if (D == 128 || FIRST)
-                attn_load_fragments(q_fragments, q_tiles + q_buffer * TILE, 64 * group + 16 * warp, BLOCK);
+                attn_load_fragments(q_fragments, q_tiles + q_buffer * Q_TILE, (PRIVATE ? 0 : 64 * group) + 16 * warp,
+                                    Q_ROWS * 128);
 
             const AttnOperand k_operand = attn_operand(attn_smem_address(k_tiles + k_buffer * TILE));
             const AttnOperand v_before = attn_operand(v_before_address(), LEADING);
-            // Warpgroup 1 issues its products only after warpgroup 0 has issued its own (named barrier 1):
-            // the tensor cores then finish warpgroup 0's S and P V first, and its softmax runs while they
-            // work on warpgroup 1's, instead of both softmaxes sharing the multiprocessor once all four
-            // products are done.
+            // Turns: warpgroup 1 issues a tile's products only after warpgroup 0 has issued its own (named
+            // barrier 1): the tensor cores then finish warpgroup 0's S and P V first, and its softmax runs
+            // while they work on warpgroup 1's. PRIVATE: warpgroup 0 also waits for warpgroup 1's products
+            // of the tile before (barrier 4), so the two alternate on the tensor cores (a ping-pong).
             if (group == 1) attn_named_sync(1, THREADS);
+            else if (PRIVATE && turns > 0) attn_named_sync(4, THREADS);
+            ++turns;
             wgmma_fence();
             #pragma unroll
             for (int c = 0; c < STEPS; ++c)                   // S = Q Kᵀ
@@ -259,6 +272,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                 wgmma_commit();
             }
             if (group == 0) attn_named_arrive(1, THREADS);
+            else if (PRIVATE) attn_named_arrive(4, THREADS);
             if (FIRST) wgmma_wait<0>();                       // S is in; P V may still run
             else wgmma_wait<1>();
             wgmma_hold(s);
@@ -363,6 +377,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         current = next;
         q_buffer ^= 1;
     }
+    if (PRIVATE && group == 0) attn_named_sync(4, THREADS);   // warpgroup 1's turn after the last tile
 }
 
 // ---------------------------------------------------------------------------------------------------

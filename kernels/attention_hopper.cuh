@@ -88,12 +88,16 @@ __device__ __forceinline__ AttnOperand attn_operand(unsigned address, unsigned l
 template <typename T, int ROWS, int THREADS, int D = 64>
 __device__ __forceinline__ void attn_load_swizzled(unsigned char* tile, const T* global, int row_stride, int row0,
                                                    int limit) {
+    // THREADS below 256 (the block or its first 256 threads): each group of THREADS threads loads a tile (thread
+    // index mod THREADS)
     constexpr int CHUNKS = D / 8, CHUNK_BITS = D == 64 ? 3 : 4;     // 16-byte chunks a row
     static_assert(D == 64 || D == 128, "head dim 64 or 128");
     static_assert(ROWS * CHUNKS % THREADS == 0 && THREADS % CHUNKS == 0, "every thread copies the same chunks");
+    static_assert((THREADS & (THREADS - 1)) == 0, "a power of two of threads");
     constexpr int ROWS_A_STEP = THREADS / CHUNKS;
     // a thread copies chunk `chunk` of rows first, first + ROWS_A_STEP, …: one source pointer, stepped
-    const int thread = attn_thread_index(), first = thread >> CHUNK_BITS, chunk = thread & (CHUNKS - 1);
+    const int index = attn_thread_index(), thread = THREADS < 256 ? index & (THREADS - 1) : index;
+    const int first = thread >> CHUNK_BITS, chunk = thread & (CHUNKS - 1);
     const T* source = global + ((row0 + first) * row_stride + chunk * 8);
     #pragma unroll
     for (int step = 0; step < ROWS * CHUNKS / THREADS; ++step) {

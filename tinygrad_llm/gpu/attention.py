@@ -194,7 +194,10 @@ def modules(head_dim: int, dtype) -> list:
 
 
 def _hopper_forward_shared_bytes(head_dim: int) -> int:
-    # 2 × Q, 2 × K, 3 × V tiles of 128 rows, 1 KiB to align them to 1024 bytes
+    # D = 128: 2 × Q, 2 × K, 3 × V tiles of 128 rows; D = 64: the same for each warpgroup, its Q tiles of 64
+    # rows (kernels/attention_hopper.cu, PRIVATE); 1 KiB to align them to 1024 bytes
+    if head_dim == 64:
+        return 2 * (2 * 64 + 5 * 128) * head_dim * 2 + 1024
     return 7 * 128 * head_dim * 2 + 1024
 
 
