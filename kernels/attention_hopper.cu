@@ -23,8 +23,8 @@
 //   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups. Dynamic shared memory at
 //   D = 128: 7 · 128 · D · 2 + 1024 = 230 400 bytes, two 128-row Q tiles, two buffers of 128-key K tiles
 //   and three of V tiles, plus 1 KiB to align them; at D = 64, 197 632: the same for each warpgroup, with
-//   Q tiles of its 64 rows (the warpgroups load and sync apart and take turns on the tensor cores). A work item is a 128-row query tile
-//   of one (b, h); when there are more items than blocks, block x takes the pairs x, x + grid, … of tiles
+//   Q tiles of its 64 rows (the warpgroups load and sync apart and take turns on the tensor cores).
+//   A work item is a 128-row query tile of one (b, h); when there are more items than blocks, block x takes the pairs x, x + grid, … of tiles
 //   p and ceil(Tq / 128) − 1 − p of one (b, h) (equal work in every pair; the blocks at work at one time
 //   share few heads, whose K and V stay in L2; see work() below). While it works on an item's last K/V
 //   tile it already loads the next item's Q and first tile (the one-block-a-multiprocessor kernel
@@ -38,13 +38,16 @@
 //     wait for S only; mask (only on tiles that cross the diagonal or the end of the keys) and online
 //     softmax in registers (row max and sum over the quad of lanes holding a row, exp2 with the scale
 //     folded in); wait for P V; rescale O; P = S converted to bf16/fp16 for tile t + 1's product.
+//   After the last tile, its P V.
 //   The source waits for P V after the softmax, but ptxas places that wait before the row maxima (nothing
 //   ties the register-only softmax to it), so P V runs beside the mask, not the exponentials; pinning the
 //   wait below them made the forward slower on an H100 (benchmarks/RESULTS.md, 2026-12-06 evening).
 //   Warpgroup 1 issues a tile's products only after warpgroup 0 has issued its own (named barrier 1), so
-//   that warpgroup 0's softmax runs while the tensor cores work on warpgroup 1's products.
+//   that warpgroup 0's softmax runs while the tensor cores work on warpgroup 1's products. At D = 64,
+//   where each warpgroup has buffers of its own, warpgroup 0 in turn issues tile t + 1's products only
+//   after warpgroup 1 has issued tile t's (named barrier 4): the two alternate (a ping-pong).
 //   Tiles that need no mask run a copy of the tile's code without it (see the loop).
-//   and after the last tile its P V. O takes D / 2 float registers a thread (64 at D = 128).
+//   O takes D / 2 float registers a thread (64 at D = 128).
 //   out = O / l, L = m · scale + ln l.
 //
 // attention_backward_{bf16,fp16}_d{64,128}_wq(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk,
