@@ -3,6 +3,12 @@ warm-up pair, for Nsight Compute:
 
     ncu --clock-control none --kernel-name regex:'attention_(forward|backward)_bf16_d' --launch-skip 2 \
         --launch-count 2 --section SpeedOfLight --section WarpStateStats python3 benchmarks/gpu_attention_profile.py
+
+The backward's side passes beside its main kernel (the Δ / dq-zeroing pre-pass and the dq cast; each
+pair of calls launches forward, pre-pass, backward, cast), their durations only:
+
+    ncu --clock-control none --kernel-name regex:'attention_' --launch-skip 4 --launch-count 4 \
+        --metrics gpu__time_duration.sum python3 benchmarks/gpu_attention_profile.py
 """
 import ml_dtypes
 import numpy as np
