@@ -88,8 +88,8 @@ __device__ __forceinline__ AttnOperand attn_operand(unsigned address, unsigned l
 template <typename T, int ROWS, int THREADS, int D = 64>
 __device__ __forceinline__ void attn_load_swizzled(unsigned char* tile, const T* global, int row_stride, int row0,
                                                    int limit) {
-    // THREADS below 256 (the block or its first 256 threads): each group of THREADS threads loads a tile (thread
-    // index mod THREADS)
+    // THREADS = 256: the block's first 256 threads load the tile; fewer (a power of two): each group of
+    // THREADS consecutive threads loads a tile of its own (the thread index taken mod THREADS)
     constexpr int CHUNKS = D / 8, CHUNK_BITS = D == 64 ? 3 : 4;     // 16-byte chunks a row
     static_assert(D == 64 || D == 128, "head dim 64 or 128");
     static_assert(ROWS * CHUNKS % THREADS == 0 && THREADS % CHUNKS == 0, "every thread copies the same chunks");
