@@ -24,9 +24,10 @@
 //   D = 128: 7 · 128 · D · 2 + 1024 = 230 400 bytes, two 128-row Q tiles, two buffers of 128-key K tiles
 //   and three of V tiles, plus 1 KiB to align them; at D = 64, 197 632: the same for each warpgroup, with
 //   Q tiles of its 64 rows (the warpgroups load and sync apart and take turns on the tensor cores).
-//   A work item is a 128-row query tile of one (b, h); when there are more items than blocks, block x takes the pairs x, x + grid, … of tiles
-//   p and ceil(Tq / 128) − 1 − p of one (b, h) (equal work in every pair; the blocks at work at one time
-//   share few heads, whose K and V stay in L2; see work() below). While it works on an item's last K/V
+//   A work item is a 128-row query tile of one (b, h); when there are more items than blocks, block x
+//   takes the pairs x, x + grid, … of tiles p and ceil(Tq / 128) − 1 − p of one (b, h) (equal work in
+//   every pair; the blocks at work at one time share few heads, whose K and V stay in L2; see work()
+//   below). While it works on an item's last K/V
 //   tile it already loads the next item's Q and first tile (the one-block-a-multiprocessor kernel
 //   otherwise waits for them).
 //   Warpgroup w owns query rows 64w … 64w + 63 of the item; each warp takes its 16 rows of Q as register
@@ -285,10 +286,11 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                 // element (j, e) holds key k0 + 8j + 2t + (e & 1) of row row + 8·(e >> 1); it is masked when
                 // key > min(row + offset, key_len − 1), i.e. when the constant 8j + (e & 1) exceeds `last`
                 // (a tile that needs no mask gets a `last` no element exceeds)
+                const bool crosses = k0 + BLOCK_K > unmasked_end;
                 int last[2];
                 #pragma unroll
                 for (int r = 0; r < 2; ++r)
-                    last[r] = k0 + BLOCK_K > unmasked_end ? min(row + 8 * r + offset, key_len - 1) - k0 - 2 * t : BLOCK_K;
+                    last[r] = crosses ? min(row + 8 * r + offset, key_len - 1) - k0 - 2 * t : BLOCK_K;
                 #pragma unroll
                 for (int j = 0; j < 16; ++j)
                     #pragma unroll
@@ -638,14 +640,15 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
             // Element (j, e) holds key k0 + 64 · key_block + 8j + 2t + (e & 1) of query q0 + row + 8·(e >> 1); P is
             // 0 past the diagonal or an end: where the constant 8j + (e & 1) exceeds `last` (−1 for a query past
             // the end; a step that needs no mask gets a `last` no element exceeds).
+            const bool masked =
+                EDGE && (k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len);
             int last[2];
             #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const int query = q0 + row + 8 * r;
-                last[r] = !(EDGE && (k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len))
-                              ? BLOCK_K
-                              : query >= query_len ? -1
-                              : min(query + offset, key_len - 1) - (k0 + 64 * key_block + 2 * t);
+                last[r] = !masked ? BLOCK_K
+                          : query >= query_len ? -1
+                          : min(query + offset, key_len - 1) - (k0 + 64 * key_block + 2 * t);
             }
             #pragma unroll
             for (int j = 0; j < S_KEYS / 8; ++j)
