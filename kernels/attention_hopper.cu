@@ -466,6 +466,24 @@ struct AttnBackwardWork {
     __device__ int query_start(int it) const { return (first_step + it % steps) * BLOCK_Q; }
 };
 
+// Warpgroup 2 of a backward block (threads 256 … 383): adds each step's staged dQ · scale (BLOCK_Q rows
+// of `stride` floats) to dq_accumulator, warp w rows BLOCK_Q / 4 · w …, whole rows an instruction, then
+// hands the stage back (named barrier 2: the stage is full; 4: empty again).
+template <int BLOCK_Q, int BLOCK_K, int D>
+__device__ __forceinline__ void attn_backward_dq_warpgroup(const AttnBackwardWork<BLOCK_Q, BLOCK_K, D>& work,
+                                                           float* __restrict__ dq_accumulator, const float* dq_stage,
+                                                           int stride) {
+    attn_set_max_registers_dec<40>();
+    const int writer_warp = (threadIdx.x - 256) >> 5, iterations = work.iterations;
+    for (int it = 0; it < iterations; ++it) {
+        attn_named_sync(2, 256 + 128);
+        const int q0 = work.query_start(it);
+        float* dq_rows = dq_accumulator + (work.row_base(it) + q0) * D;
+        attn_add_staged_dq<BLOCK_Q / 4, D>(dq_rows, dq_stage, stride, writer_warp, work.query_len - q0);
+        if (it + 1 < iterations) attn_named_arrive(4, 256 + 128);
+    }
+}
+
 // Q and dO rows, L and Δ of step `it` into one buffer of their tiles, by THREADS threads (cp.async).
 template <typename T, int BLOCK_Q, int BLOCK_K, int THREADS, int D>
 __device__ __forceinline__ void attn_backward_prefetch(const AttnBackwardWork<BLOCK_Q, BLOCK_K, D>& work, int it,
@@ -552,17 +570,7 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
     };
 
     if (tid >= THREADS) {
-        // Warpgroup 2 adds each step's staged dQ · scale to dq_accumulator: warp w takes rows
-        // BLOCK_Q / 4 · w … of the stage, whole rows an instruction, then hands the stage back.
-        attn_set_max_registers_dec<40>();
-        const int writer_warp = (tid - THREADS) >> 5;
-        for (int it = 0; it < iterations; ++it) {
-            attn_named_sync(2, THREADS + 128);                // the stage is full
-            const int q0 = query_start(it);
-            float* dq_rows = dq_accumulator + (row_base(it) + q0) * D;
-            attn_add_staged_dq<BLOCK_Q / 4, D>(dq_rows, dq_stage, DQ_STRIDE, writer_warp, query_len - q0);
-            if (it + 1 < iterations) attn_named_arrive(4, THREADS + 128);   // empty again
-        }
+        attn_backward_dq_warpgroup<BLOCK_Q, BLOCK_K, D>(work, dq_accumulator, dq_stage, DQ_STRIDE);
     } else {
         attn_set_max_registers_inc<232>();
         attn_load_swizzled<T, BLOCK_K, THREADS, D>(k_tile, k_layout.rows(k, work.batch, work.kv_head), k_layout.row,
@@ -773,6 +781,262 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
     }
 }
 
+// wk: the backward with the keys as the M dimension of S and dP (FlashAttention-3's choice at head dim
+// 128), for D = 128. A step takes 64 query rows against the block's 128 keys; compute warpgroup w owns
+// keys 64w … 64w + 63 and keeps Pᵀ and dSᵀ in registers, where dV and dK take them as A:
+//     Sᵀ = K Qᵀ and dPᵀ = V dOᵀ      (8 + 8 × m64n64k16, its 64 keys against the step's 64 queries)
+//     Pᵀ = exp2(Sᵀ · scale · log2 e − L · log2 e)  (L and Δ are per column here: read from their tiles)
+//     dV += Pᵀ dO                    (4 × m64n128k16, A = Pᵀ from registers, B = dO MN-major)
+//     dSᵀ = Pᵀ ∘ (dPᵀ − Δ) → the dSᵀ tile (128 keys × 64 queries, 16-bit); barrier
+//     dQ = dS K for the 64 rows × columns 64w … 64w + 63 over all 128 keys (8 × m64n64k16, A = dS read
+//     transposed from the dSᵀ tile, B = K MN-major)
+//     dK += dSᵀ Q                    (4 × m64n128k16, A = dSᵀ from registers)
+// No P tile, and dV and dK read only their B operand from shared memory (wq at D = 128 read both).
+// The step waits for dV and dQ (in issue order), stages dQ · scale for the dQ warpgroup, and lets dK run
+// on into the next step, whose Sᵀ issue waits for it before dPᵀ (so that dSᵀ's registers are free for
+// dPᵀ's) and syncs the warpgroups: then both are past dK, and the next step's Q and dO may load into the
+// buffer it read.
+// Shared memory: K, V (128 keys); Q, dO (64 rows) two buffers each; the dSᵀ tile; L, Δ two buffers each;
+// the dQ stage (64 rows of 136 floats); 1 KiB of alignment: 184 320 bytes.
+template <typename T, bool DROPOUT, int D>
+__device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, const T* __restrict__ k,
+                                                      const T* __restrict__ v, const T* __restrict__ dout,
+                                                      const float* __restrict__ lse,
+                                                      const float* __restrict__ delta,
+                                                      float* __restrict__ dq_accumulator, T* __restrict__ dk,
+                                                      T* __restrict__ dv, int heads, int kv_heads,
+                                                      int query_len, int key_len, float scale, AttnLayout q_layout,
+                                                      AttnLayout k_layout, AttnLayout v_layout,
+                                                      AttnLayout dout_layout, AttnLayout dk_layout,
+                                                      AttnLayout dv_layout, AttnDropout dropout) {
+    static_assert(D == 128, "wk is the head-dim-128 backward");
+    constexpr int BLOCK_K = 128, BLOCK_Q = 64, THREADS = 256;   // THREADS: the two compute warpgroups
+    constexpr int DQ_STRIDE = D + 8;      // floats a staged dQ row
+    constexpr int K_BLOCK = BLOCK_K * 128;   // bytes of a 64-column block of the K, V tiles
+    constexpr int Q_BLOCK = BLOCK_Q * 128;   // of the Q, dO tiles
+    constexpr int K_TILE = 2 * K_BLOCK, Q_TILE = 2 * Q_BLOCK, DS_TILE = BLOCK_K * 128;
+    unsigned char* k_tile = attn_aligned_shared();
+    unsigned char* v_tile = k_tile + K_TILE;
+    unsigned char* q_tiles = v_tile + K_TILE;                 // 2 buffers
+    unsigned char* dout_tiles = q_tiles + 2 * Q_TILE;         // 2 buffers
+    unsigned char* ds_tile = dout_tiles + 2 * Q_TILE;         // dSᵀ: 128 key rows × 64 queries
+    float* l_tiles = reinterpret_cast<float*>(ds_tile + DS_TILE);    // 2 buffers of BLOCK_Q
+    float* delta_tiles = l_tiles + 2 * BLOCK_Q;                      // 2 buffers of BLOCK_Q
+    float* dq_stage = delta_tiles + 2 * BLOCK_Q;                     // BLOCK_Q × DQ_STRIDE
+
+    const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int g = lane >> 2, t = lane & 3;
+    const AttnBackwardWork<BLOCK_Q, BLOCK_K, D> work(heads, kv_heads, query_len, key_len);
+    const int k0 = work.k0, iterations = work.iterations, offset = key_len - query_len;
+    auto prefetch = [&](int it, int buffer) {                 // Q, dO, L, Δ of iteration it
+        attn_backward_prefetch<T, BLOCK_Q, BLOCK_K, THREADS, D>(work, it, q, dout, lse, delta,
+                                                               q_tiles + buffer * Q_TILE, dout_tiles + buffer * Q_TILE,
+                                                               l_tiles + buffer * BLOCK_Q,
+                                                               delta_tiles + buffer * BLOCK_Q, q_layout, dout_layout);
+    };
+
+    if (tid >= THREADS) {
+        attn_backward_dq_warpgroup<BLOCK_Q, BLOCK_K, D>(work, dq_accumulator, dq_stage, DQ_STRIDE);
+        return;
+    }
+    attn_set_max_registers_inc<232>();
+    attn_load_swizzled<T, BLOCK_K, THREADS, D>(k_tile, k_layout.rows(k, work.batch, work.kv_head), k_layout.row, k0,
+                                               key_len);
+    attn_load_swizzled<T, BLOCK_K, THREADS, D>(v_tile, v_layout.rows(v, work.batch, work.kv_head), v_layout.row, k0,
+                                               key_len);
+    prefetch(0, 0);
+    attn_copy_commit();
+
+    // This thread's keys: k0 + key_row, + 8 (rows of Sᵀ, dPᵀ, dV, dK and the dSᵀ tile); its dQ rows:
+    // dq_row, + 8 of the step, columns 64w + 8j + 2t, + 1.
+    const int key_row = 64 * group + 16 * warp + g, dq_row = 16 * warp + g;
+    const float scale_log2 = scale * ATTN_LOG2E;
+    const unsigned k_address = attn_smem_address(k_tile), v_address = attn_smem_address(v_tile);
+    const unsigned ds_address = attn_smem_address(ds_tile);
+    const AttnOperand own_k = attn_operand(k_address + 64 * group * 128);   // this warpgroup's 64 keys
+    const AttnOperand own_v = attn_operand(v_address + 64 * group * 128);
+    // no zeroing: step 0's products start them (every key block has a step: the last query row sees
+    // every key)
+    float dk_acc[D / 2], dv_acc[D / 2];
+    unsigned ds_fragments[BLOCK_Q / 16][4] = {};              // dSᵀ of the step before, read by its dK
+
+    // One step; EDGE: it may cross the diagonal or an end of the queries or keys (the test below decides),
+    // false only where it cannot.
+    auto step = [&](int it, const bool EDGE) {
+        const int buffer = it & 1, q0 = work.query_start(it);
+        attn_copy_wait_all();
+        attn_fence_async();
+        attn_named_sync(1, THREADS);                          // step it's Q, dO, L, Δ are in
+
+        // dropout: bit 2j + c of kept[r] says whether sT[4j + 2r + c] (key key_row + 8r, query 8j + 2t + c)
+        // survives
+        unsigned kept[2] = {0u, 0u};
+        if constexpr (DROPOUT) {
+            #pragma unroll
+            for (int j = 0; j < BLOCK_Q / 8; ++j)
+                #pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const unsigned row_key =
+                        attn_dropout_row_key(dropout, work.row_base(it) + q0 + 8 * j + 2 * t + c);
+                    #pragma unroll
+                    for (int r = 0; r < 2; ++r)
+                        kept[r] |= (unsigned)attn_dropout_kept(dropout, row_key, k0 + key_row + 8 * r)
+                                   << (2 * j + c);
+                }
+            attn_opaque(kept[0]);
+            attn_opaque(kept[1]);
+        }
+        const unsigned q_address = attn_smem_address(q_tiles + buffer * Q_TILE);
+        const unsigned dout_address = attn_smem_address(dout_tiles + buffer * Q_TILE);
+        const AttnOperand q_rows = attn_operand(q_address), dout_rows = attn_operand(dout_address);
+        // Sᵀ = K Qᵀ over D / 16 k16 steps (step c in column block c / 4)
+        float s[BLOCK_Q / 2], dp[BLOCK_Q / 2];
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+            wgmma_ss<T, 0, 0>(s, own_k.at((c >> 2) * K_BLOCK + 32 * (c & 3)), q_rows.at((c >> 2) * Q_BLOCK + 32 * (c & 3)),
+                              c);
+        wgmma_commit();
+        wgmma_wait<1>();       // the step before's dK is done: its dSᵀ registers are free
+        wgmma_hold(ds_fragments);
+        // both warpgroups are past step it − 1's dK: its Q and dO buffer is free for step it + 1
+        attn_named_sync(1, THREADS);
+        if (it + 1 < iterations) prefetch(it + 1, buffer ^ 1);
+        attn_copy_commit();
+        // dPᵀ = V dOᵀ
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+            wgmma_ss<T, 0, 0>(dp, own_v.at((c >> 2) * K_BLOCK + 32 * (c & 3)),
+                              dout_rows.at((c >> 2) * Q_BLOCK + 32 * (c & 3)), c);
+        wgmma_commit();
+        wgmma_wait<1>();                                      // Sᵀ is done
+        wgmma_hold(s);
+
+        // Pᵀ: element (j, e) is key k0 + key_row + 8·(e >> 1), query q0 + 8j + 2t + (e & 1); it is 0 where
+        // the query is past the end or before the key's diagonal: where the column 8j + (e & 1) lies
+        // outside [first[e >> 1], end) (a step that needs no mask gets bounds no column crosses).
+        const float* l_row = l_tiles + buffer * BLOCK_Q + 2 * t;
+        const bool masked =
+            EDGE && (k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len);
+        const int end = masked ? query_len - q0 - 2 * t : BLOCK_Q;
+        int first[2];
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) first[r] = masked ? k0 + key_row + 8 * r - offset - q0 - 2 * t : 0;
+        #pragma unroll
+        for (int j = 0; j < BLOCK_Q / 8; ++j) {
+            const float2 l = *reinterpret_cast<const float2*>(l_row + 8 * j);
+            const float shift[2] = {l.x * ATTN_LOG2E, l.y * ATTN_LOG2E};
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int column = 8 * j + (e & 1);
+                const float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e & 1]));
+                s[4 * j + e] = column < first[e >> 1] || column >= end ? 0.f : p;
+            }
+        }
+        // dV += Pᵀ dO (with dropout: the kept P only; keep_scale comes at the store)
+        unsigned p_fragments[BLOCK_Q / 16][4];
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c) {
+            if constexpr (DROPOUT) {
+                #pragma unroll
+                for (int w = 0; w < 4; ++w) {     // word w: key key_row + 8·(w & 1), queries 16c + 8·(w >> 1) + 2t, + 1
+                    const int bit = 2 * (2 * c + (w >> 1));
+                    const unsigned mask = kept[w & 1] >> bit;
+                    const float first_p = mask & 1u ? s[8 * c + 2 * w] : 0.f;
+                    const float second_p = mask & 2u ? s[8 * c + 2 * w + 1] : 0.f;
+                    p_fragments[c][w] = AttnType<T>::pack(first_p, second_p);
+                }
+            } else {
+                attn_fragment<T>(p_fragments[c], s, c);
+            }
+        }
+        const AttnOperand dout_b = attn_operand(dout_address, Q_BLOCK), q_b = attn_operand(q_address, Q_BLOCK);
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c) wgmma_rs<T, 1>(dv_acc, p_fragments[c], dout_b.at(2048 * c), it > 0 || c > 0);
+        wgmma_commit();
+        wgmma_wait<1>();                                      // dPᵀ is done
+        wgmma_hold(dp);
+
+        // dSᵀ = Pᵀ ∘ (dPᵀ − Δ), as A fragments, and to the dSᵀ tile for dQ
+        const float* delta_row = delta_tiles + buffer * BLOCK_Q + 2 * t;
+        #pragma unroll
+        for (int j = 0; j < BLOCK_Q / 8; ++j) {
+            const float2 d = *reinterpret_cast<const float2*>(delta_row + 8 * j);
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float value = dp[4 * j + e];
+                if constexpr (DROPOUT)
+                    value = (kept[e >> 1] >> (2 * j + (e & 1))) & 1u ? value * dropout.scale : 0.f;
+                dp[4 * j + e] = s[4 * j + e] * (value - (e & 1 ? d.y : d.x));
+            }
+        }
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c) {
+            attn_fragment<T>(ds_fragments[c], dp, c);
+            #pragma unroll
+            for (int w = 0; w < 4; ++w)       // word w: key row key_row + 8·(w & 1), queries 16c + 8·(w >> 1) + 2t
+                *reinterpret_cast<unsigned*>(ds_tile + attn_swizzle(key_row + 8 * (w & 1), 2 * c + (w >> 1)) + 4 * t) =
+                    ds_fragments[c][w];
+        }
+        attn_fence_async();
+        attn_named_sync(1, THREADS);                          // both warpgroups' dSᵀ rows are written
+
+        // dQ = dS K over the block's 128 keys (dS read transposed from the dSᵀ tile, K MN-major), then
+        // dK += dSᵀ Q
+        float dq[32];
+        const AttnOperand ds_a = attn_operand(ds_address), k_b = attn_operand(k_address + group * K_BLOCK);
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_K / 16; ++c) Wgmma<T>::template ss_n64<1, 1>(dq, ds_a.at(2048 * c), k_b.at(2048 * c), c);
+        wgmma_commit();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c) wgmma_rs<T, 1>(dk_acc, ds_fragments[c], q_b.at(2048 * c), it > 0 || c > 0);
+        wgmma_commit();
+        wgmma_wait<1>();                                      // dV and dQ are done; dK runs on into step it + 1
+        wgmma_hold(dq);
+        wgmma_hold(dv_acc);
+        wgmma_hold(p_fragments);
+
+        // dQ · scale to the stage for the dQ warpgroup (once it has emptied it)
+        if (it >= 1) attn_named_sync(4, THREADS + 128);
+        float* staged = dq_stage + 64 * group + 2 * t;
+        #pragma unroll
+        for (int r = 0; r < 2; ++r)
+            #pragma unroll
+            for (int j = 0; j < 8; ++j)
+                *reinterpret_cast<float2*>(staged + (dq_row + 8 * r) * DQ_STRIDE + 8 * j) =
+                    make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
+        attn_named_arrive(2, THREADS + 128);                  // the stage is full
+    };
+    // Each query head's steps: the first edge_first cross the diagonal (all of them in a last, partial
+    // key block), the last one is partial when 64 does not divide Tq; the steps between need no mask and
+    // run their own copy of the step without it (as in wq).
+    const int steps = work.steps, diagonal_end = k0 + BLOCK_K - 1 - offset;   // rows below it cross the diagonal
+    const int edge_first = k0 + BLOCK_K > key_len ? steps
+                           : diagonal_end <= 0 ? 0
+                           : min(steps, (diagonal_end + BLOCK_Q - 1) / BLOCK_Q - work.first_step);
+    const int edge_last = query_len % BLOCK_Q != 0 && edge_first < steps ? 1 : 0;
+    if constexpr (DROPOUT) {   // one copy
+        for (int it = 0; it < iterations; ++it) step(it, true);
+    } else {
+        for (int head_start = 0; head_start < iterations; head_start += steps) {
+            int it = head_start;
+            for (; it < head_start + edge_first; ++it) step(it, true);
+            for (; it < head_start + steps - edge_last; ++it) step(it, false);
+            for (; it < head_start + steps; ++it) step(it, true);
+        }
+    }
+    wgmma_wait<0>();
+    wgmma_hold(dk_acc);
+    wgmma_hold(dv_acc);
+    wgmma_hold(ds_fragments);
+    attn_backward_store<T, DROPOUT, D>(dk_acc, dv_acc, dk_layout.rows(dk, work.batch, work.kv_head),
+                                       dv_layout.rows(dv, work.batch, work.kv_head), k0 + key_row, key_len, scale,
+                                       dropout.scale, dk_layout.row, dv_layout.row);
+}
+
 #endif  // ATTN_HOPPER
 
 #ifdef ATTN_HOPPER
@@ -851,8 +1115,8 @@ ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg2, 128)
 ATTN_HOPPER_FORWARD(fp16, __half, wg2, 128)
 #endif
 #if SELECTED(128, 2, 2)
-ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wq, 128)
+ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wk, 128)
 #endif
 #if SELECTED(128, 3, 2)
-ATTN_HOPPER_BACKWARD(fp16, __half, wq, 128)
+ATTN_HOPPER_BACKWARD(fp16, __half, wk, 128)
 #endif

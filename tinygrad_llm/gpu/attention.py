@@ -77,7 +77,7 @@ class Build:
 
 
 _HOPPER_FORWARD = {64: Build("wg2", hopper=True), 128: Build("wg2", hopper=True)}
-_HOPPER_BACKWARD = {64: Build("wq", block_q=128, hopper=True), 128: Build("wq", block_q=64, hopper=True)}
+_HOPPER_BACKWARD = {64: Build("wq", block_q=128, hopper=True), 128: Build("wk", block_q=64, hopper=True)}
 _FORWARD = {64: Build("w4m2", warps=4, m_tiles=2), 128: Build("w8", warps=8)}
 _BACKWARD = {64: Build("w4m2q32p", warps=4, m_tiles=2, block_q=32), 128: Build("w4", warps=4, block_q=32)}
 _FORWARD_BLOCK_K = 64
@@ -203,7 +203,8 @@ def _hopper_forward_shared_bytes(head_dim: int) -> int:
 
 def _hopper_backward_shared_bytes(head_dim: int, build: Build) -> int:
     block_q, block_k = build.block_q, _HOPPER_BLOCK_K
-    tiles = (2 * block_k + 4 * block_q) * head_dim * 2 + 2 * block_q * block_k * 2   # K, V; 2 × (Q, dO); P, dS
+    score_tiles = 2 if build.name == "wq" else 1          # wq: P and dS; wk: dSᵀ only
+    tiles = (2 * block_k + 4 * block_q) * head_dim * 2 + score_tiles * block_q * block_k * 2   # K, V; 2 × (Q, dO)
     return tiles + 4 * block_q * 4 + block_q * (head_dim + 8) * 4 + 1024   # L, Δ; the dQ stage; alignment
 
 
