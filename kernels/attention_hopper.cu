@@ -858,7 +858,6 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
     // no zeroing: step 0's products start them (every key block has a step: the last query row sees
     // every key)
     float dk_acc[D / 2], dv_acc[D / 2];
-    unsigned ds_fragments[BLOCK_Q / 16][4] = {};              // dSᵀ of the step before, read by its dK
 
     // One step; EDGE: it may cross the diagonal or an end of the queries or keys (the test below decides),
     // false only where it cannot.
@@ -866,7 +865,7 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
         const int buffer = it & 1, q0 = work.query_start(it);
         attn_copy_wait_all();
         attn_fence_async();
-        attn_named_sync(1, THREADS);                          // step it's Q, dO, L, Δ are in
+        attn_named_sync(1, THREADS);                          // step it's Q, dO, L, Δ are in; step it − 1 is done
 
         // dropout: bit 2j + c of kept[r] says whether sT[4j + 2r + c] (key key_row + 8r, query 8j + 2t + c)
         // survives
@@ -897,19 +896,16 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
             wgmma_ss<T, 0, 0>(s, own_k.at((c >> 2) * K_BLOCK + 32 * (c & 3)), q_rows.at((c >> 2) * Q_BLOCK + 32 * (c & 3)),
                               c);
         wgmma_commit();
-        wgmma_wait<1>();       // the step before's dK is done: its dSᵀ registers are free
-        wgmma_hold(ds_fragments);
-        // both warpgroups are past step it − 1's dK: its Q and dO buffer is free for step it + 1
-        attn_named_sync(1, THREADS);
-        if (it + 1 < iterations) prefetch(it + 1, buffer ^ 1);
-        attn_copy_commit();
         // dPᵀ = V dOᵀ
-        wgmma_fence();
         #pragma unroll
         for (int c = 0; c < D / 16; ++c)
             wgmma_ss<T, 0, 0>(dp, own_v.at((c >> 2) * K_BLOCK + 32 * (c & 3)),
                               dout_rows.at((c >> 2) * Q_BLOCK + 32 * (c & 3)), c);
         wgmma_commit();
+        // both warpgroups finished step it − 1's products before the barrier above: its Q and dO buffer is
+        // free for step it + 1
+        if (it + 1 < iterations) prefetch(it + 1, buffer ^ 1);
+        attn_copy_commit();
         wgmma_wait<1>();                                      // Sᵀ is done
         wgmma_hold(s);
 
@@ -934,32 +930,10 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
                 s[4 * j + e] = column < first[e >> 1] || column >= end ? 0.f : p;
             }
         }
-        // dV += Pᵀ dO (with dropout: the kept P only; keep_scale comes at the store)
-        unsigned p_fragments[BLOCK_Q / 16][4];
-        #pragma unroll
-        for (int c = 0; c < BLOCK_Q / 16; ++c) {
-            if constexpr (DROPOUT) {
-                #pragma unroll
-                for (int w = 0; w < 4; ++w) {     // word w: key key_row + 8·(w & 1), queries 16c + 8·(w >> 1) + 2t, + 1
-                    const int bit = 2 * (2 * c + (w >> 1));
-                    const unsigned mask = kept[w & 1] >> bit;
-                    const float first_p = mask & 1u ? s[8 * c + 2 * w] : 0.f;
-                    const float second_p = mask & 2u ? s[8 * c + 2 * w + 1] : 0.f;
-                    p_fragments[c][w] = AttnType<T>::pack(first_p, second_p);
-                }
-            } else {
-                attn_fragment<T>(p_fragments[c], s, c);
-            }
-        }
-        const AttnOperand dout_b = attn_operand(dout_address, Q_BLOCK), q_b = attn_operand(q_address, Q_BLOCK);
-        wgmma_fence();
-        #pragma unroll
-        for (int c = 0; c < BLOCK_Q / 16; ++c) wgmma_rs<T, 1>(dv_acc, p_fragments[c], dout_b.at(2048 * c), it > 0 || c > 0);
-        wgmma_commit();
-        wgmma_wait<1>();                                      // dPᵀ is done
+        wgmma_wait<0>();                                      // dPᵀ is done
         wgmma_hold(dp);
 
-        // dSᵀ = Pᵀ ∘ (dPᵀ − Δ), as A fragments, and to the dSᵀ tile for dQ
+        // dSᵀ = Pᵀ ∘ (dPᵀ − Δ) (with dropout: Pᵀ ∘ (keep_scale · M ∘ dPᵀ − Δ))
         const float* delta_row = delta_tiles + buffer * BLOCK_Q + 2 * t;
         #pragma unroll
         for (int j = 0; j < BLOCK_Q / 8; ++j) {
@@ -972,32 +946,54 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
                 dp[4 * j + e] = s[4 * j + e] * (value - (e & 1 ? d.y : d.x));
             }
         }
+        // Pᵀ and dSᵀ as 16-bit A fragments (with dropout only the kept P: dV's; keep_scale comes at the
+        // store); dV += Pᵀ dO; dSᵀ to its tile for dQ
+        unsigned p_fragments[BLOCK_Q / 16][4], ds_fragments[BLOCK_Q / 16][4];
         #pragma unroll
         for (int c = 0; c < BLOCK_Q / 16; ++c) {
+            if constexpr (DROPOUT) {
+                #pragma unroll
+                for (int w = 0; w < 4; ++w) {     // word w: key key_row + 8·(w & 1), queries 16c + 8·(w >> 1) + 2t, + 1
+                    const unsigned mask = kept[w & 1] >> (2 * (2 * c + (w >> 1)));
+                    const float first_p = mask & 1u ? s[8 * c + 2 * w] : 0.f;
+                    const float second_p = mask & 2u ? s[8 * c + 2 * w + 1] : 0.f;
+                    p_fragments[c][w] = AttnType<T>::pack(first_p, second_p);
+                }
+            } else {
+                attn_fragment<T>(p_fragments[c], s, c);
+            }
             attn_fragment<T>(ds_fragments[c], dp, c);
+        }
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c)
             #pragma unroll
             for (int w = 0; w < 4; ++w)       // word w: key row key_row + 8·(w & 1), queries 16c + 8·(w >> 1) + 2t
                 *reinterpret_cast<unsigned*>(ds_tile + attn_swizzle(key_row + 8 * (w & 1), 2 * c + (w >> 1)) + 4 * t) =
                     ds_fragments[c][w];
-        }
         attn_fence_async();
+        // dV += Pᵀ dO and dK += dSᵀ Q (B MN-major), beside the barrier
+        const AttnOperand dout_b = attn_operand(dout_address, Q_BLOCK), q_b = attn_operand(q_address, Q_BLOCK);
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c) wgmma_rs<T, 1>(dv_acc, p_fragments[c], dout_b.at(2048 * c), it > 0 || c > 0);
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c) wgmma_rs<T, 1>(dk_acc, ds_fragments[c], q_b.at(2048 * c), it > 0 || c > 0);
+        wgmma_commit();
         attn_named_sync(1, THREADS);                          // both warpgroups' dSᵀ rows are written
 
-        // dQ = dS K over the block's 128 keys (dS read transposed from the dSᵀ tile, K MN-major), then
-        // dK += dSᵀ Q
+        // dQ = dS K over the block's 128 keys (dS read transposed from the dSᵀ tile, K MN-major)
         float dq[32];
         const AttnOperand ds_a = attn_operand(ds_address), k_b = attn_operand(k_address + group * K_BLOCK);
         wgmma_fence();
         #pragma unroll
         for (int c = 0; c < BLOCK_K / 16; ++c) Wgmma<T>::template ss_n64<1, 1>(dq, ds_a.at(2048 * c), k_b.at(2048 * c), c);
         wgmma_commit();
-        #pragma unroll
-        for (int c = 0; c < BLOCK_Q / 16; ++c) wgmma_rs<T, 1>(dk_acc, ds_fragments[c], q_b.at(2048 * c), it > 0 || c > 0);
-        wgmma_commit();
-        wgmma_wait<1>();                                      // dV and dQ are done; dK runs on into step it + 1
+        wgmma_wait<0>();                                      // dV, dK and dQ are done
         wgmma_hold(dq);
         wgmma_hold(dv_acc);
+        wgmma_hold(dk_acc);
         wgmma_hold(p_fragments);
+        wgmma_hold(ds_fragments);
 
         // dQ · scale to the stage for the dQ warpgroup (once it has emptied it)
         if (it >= 1) attn_named_sync(4, THREADS + 128);
@@ -1031,7 +1027,6 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
     wgmma_wait<0>();
     wgmma_hold(dk_acc);
     wgmma_hold(dv_acc);
-    wgmma_hold(ds_fragments);
     attn_backward_store<T, DROPOUT, D>(dk_acc, dv_acc, dk_layout.rows(dk, work.batch, work.kv_head),
                                        dv_layout.rows(dv, work.batch, work.kv_head), k0 + key_row, key_len, scale,
                                        dropout.scale, dk_layout.row, dv_layout.row);
