@@ -809,17 +809,18 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
                                                       AttnLayout k_layout, AttnLayout v_layout,
                                                       AttnLayout dout_layout, AttnLayout dk_layout,
                                                       AttnLayout dv_layout, AttnDropout dropout) {
-    static_assert(D == 128, "wk is the head-dim-128 backward");
-    constexpr int BLOCK_K = 128, BLOCK_Q = 64, THREADS = 256;   // THREADS: the two compute warpgroups
+    constexpr int BLOCK_K = 128, BLOCK_Q = D == 64 ? 128 : 64, THREADS = 256;   // THREADS: the compute warpgroups
+    constexpr bool ROW_SPLIT = BLOCK_Q == 128;   // dQ split between the warpgroups by query rows (D = 64) or columns
     constexpr int DQ_STRIDE = D + 8;      // floats a staged dQ row
-    constexpr int K_BLOCK = BLOCK_K * 128;   // bytes of a 64-column block of the K, V tiles
+    constexpr int K_BLOCK = BLOCK_K * 128;   // bytes of a 64-column block of the K, V and dSᵀ tiles
     constexpr int Q_BLOCK = BLOCK_Q * 128;   // of the Q, dO tiles
-    constexpr int K_TILE = 2 * K_BLOCK, Q_TILE = 2 * Q_BLOCK, DS_TILE = BLOCK_K * 128;
+    constexpr int K_TILE = K_BLOCK * D / 64, Q_TILE = Q_BLOCK * D / 64, DS_TILE = K_BLOCK * BLOCK_Q / 64;
+    constexpr unsigned LEADING = D == 64 ? 1024 : Q_BLOCK;   // dO's and Q's leading byte offset as D-wide B
     unsigned char* k_tile = attn_aligned_shared();
     unsigned char* v_tile = k_tile + K_TILE;
     unsigned char* q_tiles = v_tile + K_TILE;                 // 2 buffers
     unsigned char* dout_tiles = q_tiles + 2 * Q_TILE;         // 2 buffers
-    unsigned char* ds_tile = dout_tiles + 2 * Q_TILE;         // dSᵀ: 128 key rows × 64 queries
+    unsigned char* ds_tile = dout_tiles + 2 * Q_TILE;         // dSᵀ: 128 key rows × BLOCK_Q queries
     float* l_tiles = reinterpret_cast<float*>(ds_tile + DS_TILE);    // 2 buffers of BLOCK_Q
     float* delta_tiles = l_tiles + 2 * BLOCK_Q;                      // 2 buffers of BLOCK_Q
     float* dq_stage = delta_tiles + 2 * BLOCK_Q;                     // BLOCK_Q × DQ_STRIDE
@@ -848,8 +849,9 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
     attn_copy_commit();
 
     // This thread's keys: k0 + key_row, + 8 (rows of Sᵀ, dPᵀ, dV, dK and the dSᵀ tile); its dQ rows:
-    // dq_row, + 8 of the step, columns 64w + 8j + 2t, + 1.
-    const int key_row = 64 * group + 16 * warp + g, dq_row = 16 * warp + g;
+    // dq_row, + 8 of the step, columns dq_column0 + 8j + 2t, + 1.
+    const int key_row = 64 * group + 16 * warp + g;
+    const int dq_row = (ROW_SPLIT ? 64 * group : 0) + 16 * warp + g, dq_column0 = ROW_SPLIT ? 0 : 64 * group;
     const float scale_log2 = scale * ATTN_LOG2E;
     const unsigned k_address = attn_smem_address(k_tile), v_address = attn_smem_address(v_tile);
     const unsigned ds_address = attn_smem_address(ds_tile);
@@ -968,11 +970,12 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
         for (int c = 0; c < BLOCK_Q / 16; ++c)
             #pragma unroll
             for (int w = 0; w < 4; ++w)       // word w: key row key_row + 8·(w & 1), queries 16c + 8·(w >> 1) + 2t
-                *reinterpret_cast<unsigned*>(ds_tile + attn_swizzle(key_row + 8 * (w & 1), 2 * c + (w >> 1)) + 4 * t) =
+                *reinterpret_cast<unsigned*>(ds_tile + (c >> 2) * K_BLOCK +
+                                             attn_swizzle(key_row + 8 * (w & 1), (2 * c + (w >> 1)) & 7) + 4 * t) =
                     ds_fragments[c][w];
         attn_fence_async();
         // dV += Pᵀ dO and dK += dSᵀ Q (B MN-major), beside the barrier
-        const AttnOperand dout_b = attn_operand(dout_address, Q_BLOCK), q_b = attn_operand(q_address, Q_BLOCK);
+        const AttnOperand dout_b = attn_operand(dout_address, LEADING), q_b = attn_operand(q_address, LEADING);
         wgmma_fence();
         #pragma unroll
         for (int c = 0; c < BLOCK_Q / 16; ++c) wgmma_rs<T, 1>(dv_acc, p_fragments[c], dout_b.at(2048 * c), it > 0 || c > 0);
@@ -981,9 +984,11 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
         wgmma_commit();
         attn_named_sync(1, THREADS);                          // both warpgroups' dSᵀ rows are written
 
-        // dQ = dS K over the block's 128 keys (dS read transposed from the dSᵀ tile, K MN-major)
+        // dQ = dS K over the block's 128 keys (dS read transposed from the dSᵀ tile, K MN-major): query
+        // rows 64w … 64w + 63 (D = 64) or columns 64w … 64w + 63 (D = 128)
         float dq[32];
-        const AttnOperand ds_a = attn_operand(ds_address), k_b = attn_operand(k_address + group * K_BLOCK);
+        const AttnOperand ds_a = attn_operand(ds_address + (ROW_SPLIT ? group * K_BLOCK : 0));
+        const AttnOperand k_b = attn_operand(k_address + (ROW_SPLIT ? 0 : group * K_BLOCK));
         wgmma_fence();
         #pragma unroll
         for (int c = 0; c < BLOCK_K / 16; ++c) Wgmma<T>::template ss_n64<1, 1>(dq, ds_a.at(2048 * c), k_b.at(2048 * c), c);
@@ -997,7 +1002,7 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
 
         // dQ · scale to the stage for the dQ warpgroup (once it has emptied it)
         if (it >= 1) attn_named_sync(4, THREADS + 128);
-        float* staged = dq_stage + 64 * group + 2 * t;
+        float* staged = dq_stage + dq_column0 + 2 * t;
         #pragma unroll
         for (int r = 0; r < 2; ++r)
             #pragma unroll
@@ -1099,9 +1104,11 @@ ATTN_HOPPER_FORWARD(fp16, __half, wg2, 64)
 #endif
 #if SELECTED(64, 2, 2)
 ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wq, 64)
+ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wk, 64)
 #endif
 #if SELECTED(64, 3, 2)
 ATTN_HOPPER_BACKWARD(fp16, __half, wq, 64)
+ATTN_HOPPER_BACKWARD(fp16, __half, wk, 64)
 #endif
 #if SELECTED(128, 2, 1)
 ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg2, 128)

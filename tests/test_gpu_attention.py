@@ -17,7 +17,7 @@ from tinygrad_llm.gpu import arrays, attention, compiler, registry
 from tinygrad_llm.ops.attention import CausalAttention
 
 TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-2, "float32": 1e-5}
-HOPPER_BACKWARD = {64: "wq", 128: "wk"}      # the wgmma backward build of each head dim
+HOPPER_BACKWARD = {64: "wk", 128: "wk"}      # the wgmma backward build of each head dim
 
 
 def _dtype(name):

@@ -77,7 +77,7 @@ class Build:
 
 
 _HOPPER_FORWARD = {64: Build("wg2", hopper=True), 128: Build("wg2", hopper=True)}
-_HOPPER_BACKWARD = {64: Build("wq", block_q=128, hopper=True), 128: Build("wk", block_q=64, hopper=True)}
+_HOPPER_BACKWARD = {64: Build("wk", block_q=128, hopper=True), 128: Build("wk", block_q=64, hopper=True)}
 _FORWARD = {64: Build("w4m2", warps=4, m_tiles=2), 128: Build("w8", warps=8)}
 _BACKWARD = {64: Build("w4m2q32p", warps=4, m_tiles=2, block_q=32), 128: Build("w4", warps=4, block_q=32)}
 _FORWARD_BLOCK_K = 64
