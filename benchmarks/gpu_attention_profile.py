@@ -56,9 +56,8 @@ def launch_times(shapes=((16, 12, 12, 1024, 64), (16, 12, 4, 1024, 64), (8, 16, 
         print("| shape | pre-pass (ms) | backward kernel (ms) | dq cast (ms) | sum (ms) |")
         print("| --- | --- | --- | --- | --- |")
         for batch, heads, kv_heads, time, head_dim in shapes:
-            make = lambda h: cp.asarray(rng.standard_normal((batch, h, time, head_dim), dtype=np.float32)  # noqa: E731
-                                        .astype(ml_dtypes.bfloat16))
-            q, k, v, dy = make(heads), make(kv_heads), make(kv_heads), make(heads)
+            q, k, v, dy = (cp.asarray(rng.standard_normal((batch, h, time, head_dim), dtype=np.float32)
+                                      .astype(ml_dtypes.bfloat16)) for h in (heads, kv_heads, kv_heads, heads))
             out, lse = attention.causal_attention_forward(q, k, v)
             for _ in range(5):
                 attention.causal_attention_backward(dy, q, k, v, out, lse)
@@ -69,8 +68,8 @@ def launch_times(shapes=((16, 12, 12, 1024, 64), (16, 12, 4, 1024, 64), (8, 16, 
             cp.cuda.Device().synchronize()
             medians = {name: float(np.median([cp.cuda.get_elapsed_time(a, b) for a, b in pairs]))
                        for name, pairs in events.items()}
-            part = lambda word: next((ms for name, ms in medians.items() if word in name), float("nan"))  # noqa: E731
-            pre, cast = part("_prepare_"), part("_convert8_")
+            pre, cast = (next((ms for name, ms in medians.items() if word in name), float("nan"))
+                         for word in ("_prepare_", "_convert8_"))
             main = next(ms for name, ms in medians.items() if "_prepare_" not in name and "_convert8_" not in name)
             print(f"| B{batch} H{heads} Hkv{kv_heads} T{time} D{head_dim} | {pre:.4f} | {main:.4f} | {cast:.4f} "
                   f"| {pre + main + cast:.4f} |")
