@@ -51,17 +51,17 @@
 //   O takes D / 2 float registers a thread (64 at D = 128).
 //   out = O / l, L = m · scale + ln l.
 //
-// attention_backward_{bf16,fp16}_d{64,128}_wq(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk,
+// attention_backward_{bf16,fp16}_d{64,128}_wk(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk,
 //                                              scale, layouts of q, k, v, dO, dq (unread), dk, dv)
 //   Launch: grid B·Hkv·ceil(Tk / 128) (one dimension), block 384 = 3 warpgroups (two compute
-//   warpgroups and one that adds dQ), 203 776 (D = 64) or 200 704 (D = 128) bytes of dynamic shared
+//   warpgroups and one that adds dQ), 171 008 (D = 64) or 184 320 (D = 128) bytes of dynamic shared
 //   memory (listed above the function below). Block x takes key block x mod ceil(Tk / 128) of kv head
 //   x / ceil(Tk / 128): a head's key blocks run side by side, so its Q, dO and dq_accumulator stay in L2
 //   (the dq reductions resolve there, not in DRAM), and the first key blocks (seen by the most queries)
 //   start first. setmaxnreg gives the compute warpgroups more registers and the dQ warpgroup fewer. The
 //   block loops over the G query heads of its group and the query steps (128 rows at D = 64, 64 at
 //   D = 128) that can see its keys (Q, dO, L, Δ of step s + 1 are copied while step s computes); the
-//   per-step work is described above attention_backward_wq. The dQ warpgroup (2) takes each full stage
+//   per-step work is described above attention_backward_wk. The dQ warpgroup (2) takes each full stage
 //   of dQ · scale and adds it to dq_accumulator with red.global.add.v4.f32, whole rows an instruction
 //   (two at D = 64, one at D = 128), then hands the stage back (named barriers 2–5; the compute
 //   warpgroups sync among themselves on barrier 1): issued by the compute warps themselves, the same
@@ -466,6 +466,24 @@ struct AttnBackwardWork {
     __device__ int query_start(int it) const { return (first_step + it % steps) * BLOCK_Q; }
 };
 
+// Warpgroup 2 of a backward block (threads 256 … 383): adds each step's staged dQ · scale (BLOCK_Q rows
+// of `stride` floats) to dq_accumulator, warp w rows BLOCK_Q / 4 · w …, whole rows an instruction, then
+// hands the stage back (named barrier 2: the stage is full; 4: empty again).
+template <int BLOCK_Q, int BLOCK_K, int D>
+__device__ __forceinline__ void attn_backward_dq_warpgroup(const AttnBackwardWork<BLOCK_Q, BLOCK_K, D>& work,
+                                                           float* __restrict__ dq_accumulator, const float* dq_stage,
+                                                           int stride) {
+    attn_set_max_registers_dec<40>();
+    const int writer_warp = (threadIdx.x - 256) >> 5, iterations = work.iterations;
+    for (int it = 0; it < iterations; ++it) {
+        attn_named_sync(2, 256 + 128);
+        const int q0 = work.query_start(it);
+        float* dq_rows = dq_accumulator + (work.row_base(it) + q0) * D;
+        attn_add_staged_dq<BLOCK_Q / 4, D>(dq_rows, dq_stage, stride, writer_warp, work.query_len - q0);
+        if (it + 1 < iterations) attn_named_arrive(4, 256 + 128);
+    }
+}
+
 // Q and dO rows, L and Δ of step `it` into one buffer of their tiles, by THREADS threads (cp.async).
 template <typename T, int BLOCK_Q, int BLOCK_K, int THREADS, int D>
 __device__ __forceinline__ void attn_backward_prefetch(const AttnBackwardWork<BLOCK_Q, BLOCK_K, D>& work, int it,
@@ -488,29 +506,29 @@ __device__ __forceinline__ void attn_backward_prefetch(const AttnBackwardWork<BL
     }
 }
 
-// wq: the backward with the queries as the M dimension (FlashAttention-3's layout). A step takes BLOCK_Q
-// query rows against the block's 128 keys.
-// Head dim 64 (BLOCK_Q = 128): compute warpgroup w owns rows 64w … 64w + 63 of the step:
-//     S = Q Kᵀ and dP = dO Vᵀ        (4 + 4 × m64n128k16 from shared memory: the wide, efficient shape)
-//     P = exp2(S · scale · log2 e − L · log2 e), dS = P ∘ (dP − Δ) (L and Δ are per row: two a thread)
-//     P, dS → shared memory (128 × 128, 16-bit);  dQ = dS K  (8 × m64n64k16, A = dS from registers)
-//     barrier; then warpgroup w's keys 64w … 64w + 63:
-//     dV += Pᵀ dO and dK += dSᵀ Q     (8 + 8 × m64n64k16, A read transposed from the P / dS tiles)
-// Head dim 128 (BLOCK_Q = 64): dK and dV of 64 keys × 128 columns take 128 accumulators a thread, so
-// the S / dP and dQ work is split by columns instead of rows; warpgroup w owns keys 64w … 64w + 63:
-//     S, dP for the step's 64 rows × its 64 keys (8 + 8 × m64n64k16), P and dS → shared memory
-//     (64 × 128); barrier; dQ for the 64 rows × columns 64w … 64w + 63 over all 128 keys
-//     (8 × m64n64k16, A = dS from shared memory); dV += Pᵀ dO, dK += dSᵀ Q for its keys × 128
-//     columns (4 + 4 × m64n128k16).
-// Either way each step leaves dQ · scale in the stage for the dQ warpgroup (one stage buffer). The step
-// waits for its dQ product only: dV and dK run on beside the next step's start (its barrier, the S and
-// dP issue), which waits for them with its S and then syncs the warpgroups once more before P and dS are
-// written over and the following step's Q and dO load into the buffer they read.
-// Shared memory: K, V (128 keys); Q, dO (BLOCK_Q rows) two buffers each; P and dS tiles (BLOCK_Q × 128,
-// as two 64-key column blocks); L, Δ two buffers each; the dQ stage (BLOCK_Q rows of D + 8 floats); 1 KiB
-// of alignment: 203 776 bytes at D = 64, 200 704 at D = 128.
+// wk: the backward with the keys as the M dimension of S and dP (FlashAttention-3's choice). A step
+// takes BLOCK_Q query rows (128 at D = 64, 64 at D = 128, where dK and dV take 128 registers a thread)
+// against the block's 128 keys; compute warpgroup w owns keys 64w … 64w + 63 and keeps Pᵀ and dSᵀ in
+// registers, where dV and dK take them as the A operand:
+//     Sᵀ = K Qᵀ and dPᵀ = V dOᵀ   (D / 16 × m64nBLOCK_Qk16 each, A = its keys' rows of K or V)
+//     Pᵀ = exp2(Sᵀ · scale · log2 e − L · log2 e), dSᵀ = Pᵀ ∘ (dPᵀ − Δ)
+//                                 (L and Δ are per column: each thread reads its columns' from their tiles)
+//     dSᵀ → the dSᵀ tile (128 keys × BLOCK_Q queries, 16-bit)
+//     dV += Pᵀ dO, dK += dSᵀ Q    (BLOCK_Q / 16 × m64nDk16 each, A from registers, B MN-major)
+//     barrier: both warpgroups' dSᵀ rows are in the tile
+//     dQ = dS K over all 128 keys (8 × m64n64k16, A = dS read transposed from the dSᵀ tile, B = K
+//     MN-major): query rows 64w … 64w + 63 at D = 64, columns 64w … 64w + 63 at D = 128
+// Against a queries-major step (S = Q Kᵀ, the P and dS tiles read back transposed for dV and dK, which
+// this file had before), there is no P tile, and dV and dK read only their B operand from shared memory.
+// dV and dK run beside the barrier; the step waits for all three products (holding dSᵀ's registers into
+// the next step, for a dK that ran on, made ptxas serialize the wgmma), stages dQ · scale for the dQ
+// warpgroup and goes on. The next step's start barrier therefore also means that both warpgroups are
+// done with the step before: its Q and dO buffer takes the step after's, and the dSᵀ tile may be written.
+// Shared memory: K, V (128 keys); Q, dO (BLOCK_Q rows) two buffers each; the dSᵀ tile; L, Δ two buffers
+// each; the dQ stage (BLOCK_Q rows of D + 8 floats); 1 KiB of alignment: 171 008 bytes at D = 64,
+// 184 320 at D = 128.
 template <typename T, bool DROPOUT, int D>
-__device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, const T* __restrict__ k,
+__device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, const T* __restrict__ k,
                                                       const T* __restrict__ v, const T* __restrict__ dout,
                                                       const float* __restrict__ lse,
                                                       const float* __restrict__ delta,
@@ -520,21 +538,19 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
                                                       AttnLayout k_layout, AttnLayout v_layout,
                                                       AttnLayout dout_layout, AttnLayout dk_layout,
                                                       AttnLayout dv_layout, AttnDropout dropout) {
-    constexpr int BLOCK_K = 128, BLOCK_Q = D == 64 ? 128 : 64, THREADS = 256;   // THREADS: the two compute warpgroups
-    constexpr bool ROW_SPLIT = BLOCK_Q == 128;   // S, dP, dQ split by query rows (D = 64) or by keys / columns
-    constexpr int S_KEYS = ROW_SPLIT ? BLOCK_K : 64;    // keys of a warpgroup's S and dP
-    constexpr int DQ_STRIDE = D + 8;      // floats a staged dQ row (D = 64: 288 bytes, the float2 stores miss no bank)
-    constexpr int K_BLOCK = BLOCK_K * 128;   // bytes of a 64-column block of the K, V tiles
-    constexpr int Q_BLOCK = BLOCK_Q * 128;   // of the Q, dO tiles, and one 64-key block of the P, dS tiles
-    constexpr int K_TILE = K_BLOCK * D / 64, Q_TILE = Q_BLOCK * D / 64, P_TILE = Q_BLOCK * BLOCK_K / 64;
-    constexpr unsigned LEADING = D == 64 ? 1024 : Q_BLOCK;   // dO's and Q's leading byte offset as 128-wide B
+    constexpr int BLOCK_K = 128, BLOCK_Q = D == 64 ? 128 : 64, THREADS = 256;   // THREADS: the compute warpgroups
+    constexpr bool ROW_SPLIT = BLOCK_Q == 128;   // dQ split between the warpgroups by query rows (D = 64) or columns
+    constexpr int DQ_STRIDE = D + 8;      // floats a staged dQ row
+    constexpr int K_BLOCK = BLOCK_K * 128;   // bytes of a 64-column block of the K, V and dSᵀ tiles
+    constexpr int Q_BLOCK = BLOCK_Q * 128;   // of the Q, dO tiles
+    constexpr int K_TILE = K_BLOCK * D / 64, Q_TILE = Q_BLOCK * D / 64, DS_TILE = K_BLOCK * BLOCK_Q / 64;
+    constexpr unsigned LEADING = D == 64 ? 1024 : Q_BLOCK;   // dO's and Q's leading byte offset as D-wide B
     unsigned char* k_tile = attn_aligned_shared();
     unsigned char* v_tile = k_tile + K_TILE;
     unsigned char* q_tiles = v_tile + K_TILE;                 // 2 buffers
     unsigned char* dout_tiles = q_tiles + 2 * Q_TILE;         // 2 buffers
-    unsigned char* p_tile = dout_tiles + 2 * Q_TILE;          // P: BLOCK_Q query rows × 2 blocks of 64 keys
-    unsigned char* ds_tile = p_tile + P_TILE;                 // dS: the same layout
-    float* l_tiles = reinterpret_cast<float*>(ds_tile + P_TILE);     // 2 buffers of BLOCK_Q
+    unsigned char* ds_tile = dout_tiles + 2 * Q_TILE;         // dSᵀ: 128 key rows × BLOCK_Q queries
+    float* l_tiles = reinterpret_cast<float*>(ds_tile + DS_TILE);    // 2 buffers of BLOCK_Q
     float* delta_tiles = l_tiles + 2 * BLOCK_Q;                      // 2 buffers of BLOCK_Q
     float* dq_stage = delta_tiles + 2 * BLOCK_Q;                     // BLOCK_Q × DQ_STRIDE
 
@@ -542,8 +558,6 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
     const int g = lane >> 2, t = lane & 3;
     const AttnBackwardWork<BLOCK_Q, BLOCK_K, D> work(heads, kv_heads, query_len, key_len);
     const int k0 = work.k0, iterations = work.iterations, offset = key_len - query_len;
-    auto row_base = [&](int it) { return work.row_base(it); };
-    auto query_start = [&](int it) { return work.query_start(it); };
     auto prefetch = [&](int it, int buffer) {                 // Q, dO, L, Δ of iteration it
         attn_backward_prefetch<T, BLOCK_Q, BLOCK_K, THREADS, D>(work, it, q, dout, lse, delta,
                                                                q_tiles + buffer * Q_TILE, dout_tiles + buffer * Q_TILE,
@@ -552,225 +566,205 @@ __device__ __forceinline__ void attention_backward_wq(const T* __restrict__ q, c
     };
 
     if (tid >= THREADS) {
-        // Warpgroup 2 adds each step's staged dQ · scale to dq_accumulator: warp w takes rows
-        // BLOCK_Q / 4 · w … of the stage, whole rows an instruction, then hands the stage back.
-        attn_set_max_registers_dec<40>();
-        const int writer_warp = (tid - THREADS) >> 5;
-        for (int it = 0; it < iterations; ++it) {
-            attn_named_sync(2, THREADS + 128);                // the stage is full
-            const int q0 = query_start(it);
-            float* dq_rows = dq_accumulator + (row_base(it) + q0) * D;
-            attn_add_staged_dq<BLOCK_Q / 4, D>(dq_rows, dq_stage, DQ_STRIDE, writer_warp, query_len - q0);
-            if (it + 1 < iterations) attn_named_arrive(4, THREADS + 128);   // empty again
+        attn_backward_dq_warpgroup<BLOCK_Q, BLOCK_K, D>(work, dq_accumulator, dq_stage, DQ_STRIDE);
+        return;
+    }
+    attn_set_max_registers_inc<232>();
+    attn_load_swizzled<T, BLOCK_K, THREADS, D>(k_tile, k_layout.rows(k, work.batch, work.kv_head), k_layout.row, k0,
+                                               key_len);
+    attn_load_swizzled<T, BLOCK_K, THREADS, D>(v_tile, v_layout.rows(v, work.batch, work.kv_head), v_layout.row, k0,
+                                               key_len);
+    prefetch(0, 0);
+    attn_copy_commit();
+
+    // This thread's keys: k0 + key_row, + 8 (rows of Sᵀ, dPᵀ, dV, dK and the dSᵀ tile); its dQ rows:
+    // dq_row, + 8 of the step, columns dq_column0 + 8j + 2t, + 1.
+    const int key_row = 64 * group + 16 * warp + g;
+    const int dq_row = (ROW_SPLIT ? 64 * group : 0) + 16 * warp + g, dq_column0 = ROW_SPLIT ? 0 : 64 * group;
+    const float scale_log2 = scale * ATTN_LOG2E;
+    const unsigned k_address = attn_smem_address(k_tile), v_address = attn_smem_address(v_tile);
+    const unsigned ds_address = attn_smem_address(ds_tile);
+    const AttnOperand own_k = attn_operand(k_address + 64 * group * 128);   // this warpgroup's 64 keys
+    const AttnOperand own_v = attn_operand(v_address + 64 * group * 128);
+    // no zeroing: step 0's products start them (every key block has a step: the last query row sees
+    // every key)
+    float dk_acc[D / 2], dv_acc[D / 2];
+
+    // One step; EDGE: it may cross the diagonal or an end of the queries or keys (the test below decides),
+    // false only where it cannot.
+    auto step = [&](int it, const bool EDGE) {
+        const int buffer = it & 1, q0 = work.query_start(it);
+        attn_copy_wait_all();
+        attn_fence_async();
+        attn_named_sync(1, THREADS);                          // step it's Q, dO, L, Δ are in; step it − 1 is done
+
+        // dropout: bit 2j + c of kept[r] says whether sT[4j + 2r + c] (key key_row + 8r, query 8j + 2t + c)
+        // survives
+        unsigned kept[2] = {0u, 0u};
+        if constexpr (DROPOUT) {
+            #pragma unroll
+            for (int j = 0; j < BLOCK_Q / 8; ++j)
+                #pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const unsigned row_key =
+                        attn_dropout_row_key(dropout, work.row_base(it) + q0 + 8 * j + 2 * t + c);
+                    #pragma unroll
+                    for (int r = 0; r < 2; ++r)
+                        kept[r] |= (unsigned)attn_dropout_kept(dropout, row_key, k0 + key_row + 8 * r)
+                                   << (2 * j + c);
+                }
+            attn_opaque(kept[0]);
+            attn_opaque(kept[1]);
         }
-    } else {
-        attn_set_max_registers_inc<232>();
-        attn_load_swizzled<T, BLOCK_K, THREADS, D>(k_tile, k_layout.rows(k, work.batch, work.kv_head), k_layout.row,
-                                                   k0, key_len);
-        attn_load_swizzled<T, BLOCK_K, THREADS, D>(v_tile, v_layout.rows(v, work.batch, work.kv_head), v_layout.row,
-                                                   k0, key_len);
-        prefetch(0, 0);
+        const unsigned q_address = attn_smem_address(q_tiles + buffer * Q_TILE);
+        const unsigned dout_address = attn_smem_address(dout_tiles + buffer * Q_TILE);
+        const AttnOperand q_rows = attn_operand(q_address), dout_rows = attn_operand(dout_address);
+        // Sᵀ = K Qᵀ over D / 16 k16 steps (step c in column block c / 4)
+        float s[BLOCK_Q / 2], dp[BLOCK_Q / 2];
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+            wgmma_ss<T, 0, 0>(s, own_k.at((c >> 2) * K_BLOCK + 32 * (c & 3)), q_rows.at((c >> 2) * Q_BLOCK + 32 * (c & 3)),
+                              c);
+        wgmma_commit();
+        // dPᵀ = V dOᵀ
+        #pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+            wgmma_ss<T, 0, 0>(dp, own_v.at((c >> 2) * K_BLOCK + 32 * (c & 3)),
+                              dout_rows.at((c >> 2) * Q_BLOCK + 32 * (c & 3)), c);
+        wgmma_commit();
+        // both warpgroups finished step it − 1's products before the barrier above: its Q and dO buffer is
+        // free for step it + 1
+        if (it + 1 < iterations) prefetch(it + 1, buffer ^ 1);
         attn_copy_commit();
+        wgmma_wait<1>();                                      // Sᵀ is done
+        wgmma_hold(s);
 
-        // This warpgroup's share: S and dP rows s_row0 … s_row0 + 63 of the step against keys
-        // k0 + 64 · key_block …; dQ columns dq_column0 …; dK and dV rows (keys) 64w … 64w + 63.
-        const int key_block = ROW_SPLIT ? 0 : group, s_row0 = ROW_SPLIT ? 64 * group : 0;
-        const int s_key_bytes = key_block * 64 * 128;         // offset of those keys' rows in the K, V tiles
-        const int dq_column0 = ROW_SPLIT ? 0 : 64 * group;
-        const int row = s_row0 + 16 * warp + g;               // this thread's query rows of a step: row, row + 8
-        const int key_row = 64 * group + 16 * warp + g;       // and its keys of dK, dV: k0 + key_row (+ 8)
-        const float scale_log2 = scale * ATTN_LOG2E;
-        const unsigned k_address = attn_smem_address(k_tile), v_address = attn_smem_address(v_tile);
-        const unsigned p_address = attn_smem_address(p_tile), ds_address = attn_smem_address(ds_tile);
-        // no zeroing: step 0's products start them (every key block has a step: the last query row sees
-        // every key)
-        float dk_acc[D / 2], dv_acc[D / 2];
+        // Pᵀ: element (j, e) is key k0 + key_row + 8·(e >> 1), query q0 + 8j + 2t + (e & 1); it is 0 where
+        // the query is past the end or before the key's diagonal: where the column 8j + (e & 1) lies
+        // outside [first[e >> 1], end) (a step that needs no mask gets bounds no column crosses).
+        const float* l_row = l_tiles + buffer * BLOCK_Q + 2 * t;
+        const bool masked =
+            EDGE && (k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len);
+        const int end = masked ? query_len - q0 - 2 * t : BLOCK_Q;
+        int first[2];
+        #pragma unroll
+        for (int r = 0; r < 2; ++r) first[r] = masked ? k0 + key_row + 8 * r - offset - q0 - 2 * t : 0;
+        #pragma unroll
+        for (int j = 0; j < BLOCK_Q / 8; ++j) {
+            const float2 l = *reinterpret_cast<const float2*>(l_row + 8 * j);
+            const float shift[2] = {l.x * ATTN_LOG2E, l.y * ATTN_LOG2E};
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int column = 8 * j + (e & 1);
+                const float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e & 1]));
+                s[4 * j + e] = column < first[e >> 1] || column >= end ? 0.f : p;
+            }
+        }
+        wgmma_wait<0>();                                      // dPᵀ is done
+        wgmma_hold(dp);
 
-        // One step; EDGE: it may cross the diagonal or an end of the queries or keys (the test below decides),
-        // false only where it cannot.
-        auto step = [&](int it, const bool EDGE) {
-            const int buffer = it & 1, q0 = query_start(it);
-            attn_copy_wait_all();
-            attn_fence_async();
-            attn_named_sync(1, THREADS);                      // step it's Q, dO, L, Δ are in
-
-            // dropout: bit 2j + c of kept[r] says whether s[4j + 2r + c] below survives (made before the
-            // products, while the S and dP accumulators hold no registers yet)
-            unsigned kept[2] = {0u, 0u};
+        // dSᵀ = Pᵀ ∘ (dPᵀ − Δ) (with dropout: Pᵀ ∘ (keep_scale · M ∘ dPᵀ − Δ))
+        const float* delta_row = delta_tiles + buffer * BLOCK_Q + 2 * t;
+        #pragma unroll
+        for (int j = 0; j < BLOCK_Q / 8; ++j) {
+            const float2 d = *reinterpret_cast<const float2*>(delta_row + 8 * j);
+            #pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float value = dp[4 * j + e];
+                if constexpr (DROPOUT)
+                    value = (kept[e >> 1] >> (2 * j + (e & 1))) & 1u ? value * dropout.scale : 0.f;
+                dp[4 * j + e] = s[4 * j + e] * (value - (e & 1 ? d.y : d.x));
+            }
+        }
+        // Pᵀ and dSᵀ as 16-bit A fragments (with dropout only the kept P: dV's; keep_scale comes at the
+        // store); dV += Pᵀ dO; dSᵀ to its tile for dQ
+        unsigned p_fragments[BLOCK_Q / 16][4], ds_fragments[BLOCK_Q / 16][4];
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c) {
             if constexpr (DROPOUT) {
                 #pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const unsigned row_key = attn_dropout_row_key(dropout, row_base(it) + q0 + row + 8 * r);
-                    #pragma unroll
-                    for (int j = 0; j < S_KEYS / 8; ++j)
-                        #pragma unroll
-                        for (int c = 0; c < 2; ++c)
-                            kept[r] |= (unsigned)attn_dropout_kept(dropout, row_key,
-                                                                   k0 + 64 * key_block + 8 * j + 2 * t + c)
-                                       << (2 * j + c);
-                    attn_opaque(kept[r]);   // one word, not 32 comparison results kept alive until dS
+                for (int w = 0; w < 4; ++w) {     // word w: key key_row + 8·(w & 1), queries 16c + 8·(w >> 1) + 2t, + 1
+                    const unsigned mask = kept[w & 1] >> (2 * (2 * c + (w >> 1)));
+                    const float first_p = mask & 1u ? s[8 * c + 2 * w] : 0.f;
+                    const float second_p = mask & 2u ? s[8 * c + 2 * w + 1] : 0.f;
+                    p_fragments[c][w] = AttnType<T>::pack(first_p, second_p);
                 }
+            } else {
+                attn_fragment<T>(p_fragments[c], s, c);
             }
-            const unsigned q_address = attn_smem_address(q_tiles + buffer * Q_TILE);
-            const unsigned dout_address = attn_smem_address(dout_tiles + buffer * Q_TILE);
-            // S = Q Kᵀ and dP = dO Vᵀ over D / 16 k16 steps (step c in column block c / 4)
-            float s[S_KEYS / 2], dp[S_KEYS / 2];
-            wgmma_fence();
-            #pragma unroll
-            for (int c = 0; c < D / 16; ++c)
-                wgmma_ss<T, 0, 0>(s, attn_operand(q_address + s_row0 * 128).at((c >> 2) * Q_BLOCK + 32 * (c & 3)),
-                                  attn_operand(k_address + s_key_bytes).at((c >> 2) * K_BLOCK + 32 * (c & 3)), c);
-            wgmma_commit();
-            #pragma unroll
-            for (int c = 0; c < D / 16; ++c)
-                wgmma_ss<T, 0, 0>(dp, attn_operand(dout_address + s_row0 * 128).at((c >> 2) * Q_BLOCK + 32 * (c & 3)),
-                                  attn_operand(v_address + s_key_bytes).at((c >> 2) * K_BLOCK + 32 * (c & 3)), c);
-            wgmma_commit();
-            wgmma_wait<1>();            // S is done, dP may still run; before S, this warpgroup's dV, dK of step it − 1
-            wgmma_hold(s);
-            // both warpgroups are past step it − 1's dV and dK: the P and dS tiles and step it − 1's Q and dO
-            // buffers are free, so P can be written and step it + 1 can load
-            attn_named_sync(1, THREADS);
-            if (it + 1 < iterations) prefetch(it + 1, buffer ^ 1);
-            attn_copy_commit();
-
-            // P: row r of this thread needs L of query q0 + r
-            const float* l_row = l_tiles + buffer * BLOCK_Q;
-            const float shift[2] = {l_row[row] * ATTN_LOG2E, l_row[row + 8] * ATTN_LOG2E};
-            // Element (j, e) holds key k0 + 64 · key_block + 8j + 2t + (e & 1) of query q0 + row + 8·(e >> 1); P is
-            // 0 past the diagonal or an end: where the constant 8j + (e & 1) exceeds `last` (−1 for a query past
-            // the end; a step that needs no mask gets a `last` no element exceeds).
-            const bool masked =
-                EDGE && (k0 + BLOCK_K - 1 > q0 + offset || q0 + BLOCK_Q > query_len || k0 + BLOCK_K > key_len);
-            int last[2];
-            #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int query = q0 + row + 8 * r;
-                last[r] = !masked ? BLOCK_K
-                          : query >= query_len ? -1
-                          : min(query + offset, key_len - 1) - (k0 + 64 * key_block + 2 * t);
-            }
-            #pragma unroll
-            for (int j = 0; j < S_KEYS / 8; ++j)
-                #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float p = attn_exp2(fmaf(s[4 * j + e], scale_log2, -shift[e >> 1]));
-                    s[4 * j + e] = 8 * j + (e & 1) > last[e >> 1] ? 0.f : p;
-                }
-            // P to its tile: accumulator pair (j, r) is row row + 8r, keys 8j + 2t, + 1 of this warpgroup's
-            // keys (column block key_block + j / 8); with dropout only the kept P (dV's; keep_scale comes at
-            // the store)
-            #pragma unroll
-            for (int j = 0; j < S_KEYS / 8; ++j)
-                #pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    float first = s[4 * j + 2 * r], second = s[4 * j + 2 * r + 1];
-                    if constexpr (DROPOUT) {
-                        first = (kept[r] >> (2 * j)) & 1u ? first : 0.f;
-                        second = (kept[r] >> (2 * j + 1)) & 1u ? second : 0.f;
-                    }
-                    *reinterpret_cast<unsigned*>(p_tile + (key_block + (j >> 3)) * Q_BLOCK +
-                                                 attn_swizzle(row + 8 * r, j & 7) + 4 * t) =
-                        AttnType<T>::pack(first, second);
-                }
-            wgmma_wait<0>();                                  // dP is done
-            wgmma_hold(dp);
-
-            // dS = P ∘ (dP − Δ), as A fragments (k16 steps over this warpgroup's keys) written to its tile
-            const float* delta_row = delta_tiles + buffer * BLOCK_Q;
-            const float row_delta[2] = {delta_row[row], delta_row[row + 8]};
-            #pragma unroll
-            for (int i = 0; i < S_KEYS / 2; ++i) {
-                if constexpr (DROPOUT)   // s[i] is row (i >> 1) & 1, key 8 · (i >> 2) + 2t + (i & 1)
-                    dp[i] = (kept[(i >> 1) & 1] >> (2 * (i >> 2) + (i & 1))) & 1u ? dp[i] * dropout.scale : 0.f;
-                dp[i] = s[i] * (dp[i] - row_delta[(i >> 1) & 1]);
-            }
-            unsigned ds_fragments[S_KEYS / 16][4];
-            #pragma unroll
-            for (int c = 0; c < S_KEYS / 16; ++c) {
-                attn_fragment<T>(ds_fragments[c], dp, c);
-                #pragma unroll
-                for (int w = 0; w < 4; ++w)               // word w: row row + 8·(w & 1), keys 16c + 8·(w >> 1) + 2t
-                    *reinterpret_cast<unsigned*>(ds_tile + (key_block + (c >> 2)) * Q_BLOCK +
-                                                 attn_swizzle(row + 8 * (w & 1), (2 * c + (w >> 1)) & 7) + 4 * t) =
-                        ds_fragments[c][w];
-            }
-            // dQ = dS K over the block's 128 keys (K read transposed: rows are keys). Split by rows, a
-            // warpgroup holds all of its rows' dS and starts before the barrier; split by keys, it needs
-            // the other warpgroup's dS too and reads dS from the tile after it.
-            float dq[32];
-            if constexpr (ROW_SPLIT) {
-                wgmma_fence();
-                #pragma unroll
-                for (int c = 0; c < BLOCK_K / 16; ++c)
-                    Wgmma<T>::template rs_n64<1>(dq, ds_fragments[c], attn_operand(k_address).at(2048 * c), c);
-                wgmma_commit();
-            }
-            attn_fence_async();
-            attn_named_sync(1, THREADS);                      // both warpgroups' P and dS rows are written
-            if constexpr (!ROW_SPLIT) {
-                wgmma_fence();
-                #pragma unroll
-                for (int c = 0; c < BLOCK_K / 16; ++c)
-                    Wgmma<T>::template ss_n64<0, 1>(dq, attn_operand(ds_address).at((c >> 2) * Q_BLOCK + 32 * (c & 3)),
-                                                    attn_operand(k_address + group * K_BLOCK).at(2048 * c), c);
-                wgmma_commit();
-            }
-
-            // this warpgroup's keys: dV += Pᵀ dO, dK += dSᵀ Q over the step's BLOCK_Q queries
-            wgmma_fence();
-            #pragma unroll
-            for (int c = 0; c < BLOCK_Q / 16; ++c)
-                wgmma_ss<T, 1, 1>(dv_acc, attn_operand(p_address + group * Q_BLOCK).at(2048 * c),
-                                  attn_operand(dout_address, LEADING).at(2048 * c), it > 0 || c > 0);
-            wgmma_commit();
-            #pragma unroll
-            for (int c = 0; c < BLOCK_Q / 16; ++c)
-                wgmma_ss<T, 1, 1>(dk_acc, attn_operand(ds_address + group * Q_BLOCK).at(2048 * c),
-                                  attn_operand(q_address, LEADING).at(2048 * c), it > 0 || c > 0);
-            wgmma_commit();
-            wgmma_wait<2>();                                  // dQ is done; dV and dK run on into step it + 1
-            wgmma_hold(dq);
-            if constexpr (ROW_SPLIT) wgmma_hold(ds_fragments);
-
-            // dQ · scale to the stage for the dQ warpgroup (once it has emptied it)
-            if (it >= 1) attn_named_sync(4, THREADS + 128);
-            float* staged = dq_stage + dq_column0 + 2 * t;
-            #pragma unroll
-            for (int r = 0; r < 2; ++r)
-                #pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    *reinterpret_cast<float2*>(staged + (row + 8 * r) * DQ_STRIDE + 8 * j) =
-                        make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
-            attn_named_arrive(2, THREADS + 128);              // the stage is full
-        };
-        // Each query head's steps: the first edge_first cross the diagonal (all of them in a last, partial
-        // key block), the last one is partial when 128 does not divide Tq; the steps between need no mask.
-        // ptxas turns the mask's branch into predicated code that every step would run (~180 instructions a
-        // warp), so those steps run their own copy of the step without it (three call sites, each inlined
-        // with its constant; no wgmma sits under a runtime branch).
-        const int steps = work.steps, diagonal_end = k0 + BLOCK_K - 1 - offset;   // rows below it cross the diagonal
-        const int edge_first = k0 + BLOCK_K > key_len ? steps
-                               : diagonal_end <= 0 ? 0
-                               : min(steps, (diagonal_end + BLOCK_Q - 1) / BLOCK_Q - work.first_step);
-        const int edge_last = query_len % BLOCK_Q != 0 && edge_first < steps ? 1 : 0;
-        if constexpr (DROPOUT) {   // one copy: with the dropout mask's registers, a second copy spills
-            for (int it = 0; it < iterations; ++it) step(it, true);
-        } else {
-            for (int head_start = 0; head_start < iterations; head_start += steps) {
-                int it = head_start;
-                for (; it < head_start + edge_first; ++it) step(it, true);
-                for (; it < head_start + steps - edge_last; ++it) step(it, false);
-                for (; it < head_start + steps; ++it) step(it, true);
-            }
+            attn_fragment<T>(ds_fragments[c], dp, c);
         }
-        wgmma_wait<0>();
-        wgmma_hold(dk_acc);
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c)
+            #pragma unroll
+            for (int w = 0; w < 4; ++w)       // word w: key row key_row + 8·(w & 1), queries 16c + 8·(w >> 1) + 2t
+                *reinterpret_cast<unsigned*>(ds_tile + (c >> 2) * K_BLOCK +
+                                             attn_swizzle(key_row + 8 * (w & 1), (2 * c + (w >> 1)) & 7) + 4 * t) =
+                    ds_fragments[c][w];
+        attn_fence_async();
+        // dV += Pᵀ dO and dK += dSᵀ Q (B MN-major), beside the barrier
+        const AttnOperand dout_b = attn_operand(dout_address, LEADING), q_b = attn_operand(q_address, LEADING);
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c) wgmma_rs<T, 1>(dv_acc, p_fragments[c], dout_b.at(2048 * c), it > 0 || c > 0);
+        #pragma unroll
+        for (int c = 0; c < BLOCK_Q / 16; ++c) wgmma_rs<T, 1>(dk_acc, ds_fragments[c], q_b.at(2048 * c), it > 0 || c > 0);
+        wgmma_commit();
+        attn_named_sync(1, THREADS);                          // both warpgroups' dSᵀ rows are written
+
+        // dQ = dS K over the block's 128 keys (dS read transposed from the dSᵀ tile, K MN-major): query
+        // rows 64w … 64w + 63 (D = 64) or columns 64w … 64w + 63 (D = 128)
+        float dq[32];
+        const AttnOperand ds_a = attn_operand(ds_address + (ROW_SPLIT ? group * K_BLOCK : 0));
+        const AttnOperand k_b = attn_operand(k_address + (ROW_SPLIT ? 0 : group * K_BLOCK));
+        wgmma_fence();
+        #pragma unroll
+        for (int c = 0; c < BLOCK_K / 16; ++c) Wgmma<T>::template ss_n64<1, 1>(dq, ds_a.at(2048 * c), k_b.at(2048 * c), c);
+        wgmma_commit();
+        wgmma_wait<0>();                                      // dV, dK and dQ are done
+        wgmma_hold(dq);
         wgmma_hold(dv_acc);
-        attn_backward_store<T, DROPOUT, D>(dk_acc, dv_acc, dk_layout.rows(dk, work.batch, work.kv_head),
-                                           dv_layout.rows(dv, work.batch, work.kv_head), k0 + key_row, key_len, scale,
-                                           dropout.scale, dk_layout.row, dv_layout.row);
+        wgmma_hold(dk_acc);
+        wgmma_hold(p_fragments);
+        wgmma_hold(ds_fragments);
+
+        // dQ · scale to the stage for the dQ warpgroup (once it has emptied it)
+        if (it >= 1) attn_named_sync(4, THREADS + 128);
+        float* staged = dq_stage + dq_column0 + 2 * t;
+        #pragma unroll
+        for (int r = 0; r < 2; ++r)
+            #pragma unroll
+            for (int j = 0; j < 8; ++j)
+                *reinterpret_cast<float2*>(staged + (dq_row + 8 * r) * DQ_STRIDE + 8 * j) =
+                    make_float2(dq[4 * j + 2 * r] * scale, dq[4 * j + 2 * r + 1] * scale);
+        attn_named_arrive(2, THREADS + 128);                  // the stage is full
+    };
+    // Each query head's steps: the first edge_first cross the diagonal (all of them in a last, partial
+    // key block), the last one is partial when 64 does not divide Tq; the steps between need no mask and
+    // run their own copy of the step without it (ptxas would otherwise turn the mask's branch into
+    // predicated code that every step runs; no wgmma sits under a runtime branch).
+    const int steps = work.steps, diagonal_end = k0 + BLOCK_K - 1 - offset;   // rows below it cross the diagonal
+    const int edge_first = k0 + BLOCK_K > key_len ? steps
+                           : diagonal_end <= 0 ? 0
+                           : min(steps, (diagonal_end + BLOCK_Q - 1) / BLOCK_Q - work.first_step);
+    const int edge_last = query_len % BLOCK_Q != 0 && edge_first < steps ? 1 : 0;
+    if constexpr (DROPOUT) {   // one copy
+        for (int it = 0; it < iterations; ++it) step(it, true);
+    } else {
+        for (int head_start = 0; head_start < iterations; head_start += steps) {
+            int it = head_start;
+            for (; it < head_start + edge_first; ++it) step(it, true);
+            for (; it < head_start + steps - edge_last; ++it) step(it, false);
+            for (; it < head_start + steps; ++it) step(it, true);
+        }
     }
+    wgmma_wait<0>();
+    wgmma_hold(dk_acc);
+    wgmma_hold(dv_acc);
+    attn_backward_store<T, DROPOUT, D>(dk_acc, dv_acc, dk_layout.rows(dk, work.batch, work.kv_head),
+                                       dv_layout.rows(dv, work.batch, work.kv_head), k0 + key_row, key_len, scale,
+                                       dropout.scale, dk_layout.row, dv_layout.row);
 }
 
 #endif  // ATTN_HOPPER
@@ -839,10 +833,10 @@ ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg2, 64)
 ATTN_HOPPER_FORWARD(fp16, __half, wg2, 64)
 #endif
 #if SELECTED(64, 2, 2)
-ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wq, 64)
+ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wk, 64)
 #endif
 #if SELECTED(64, 3, 2)
-ATTN_HOPPER_BACKWARD(fp16, __half, wq, 64)
+ATTN_HOPPER_BACKWARD(fp16, __half, wk, 64)
 #endif
 #if SELECTED(128, 2, 1)
 ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg2, 128)
@@ -851,8 +845,8 @@ ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg2, 128)
 ATTN_HOPPER_FORWARD(fp16, __half, wg2, 128)
 #endif
 #if SELECTED(128, 2, 2)
-ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wq, 128)
+ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wk, 128)
 #endif
 #if SELECTED(128, 3, 2)
-ATTN_HOPPER_BACKWARD(fp16, __half, wq, 128)
+ATTN_HOPPER_BACKWARD(fp16, __half, wk, 128)
 #endif

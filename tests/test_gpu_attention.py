@@ -249,7 +249,7 @@ def test_hopper_builds_give_way_to_portable_ones_elsewhere(monkeypatch):
     other GPU runs the mma.sync builds of the same head dim; head dims without a kernel have no build."""
     monkeypatch.delenv(attention.WGMMA_ENV, raising=False)
     for head_dim in attention.HEAD_DIMS:
-        assert attention.kernel_for(head_dim, np.float16, hopper=True) == "forward wg2, backward wq (wgmma, sm_90a)"
+        assert attention.kernel_for(head_dim, np.float16, hopper=True) == "forward wg2, backward wk (wgmma, sm_90a)"
         assert attention.kernel_for(head_dim, np.float16, hopper=False).endswith("(mma.sync)")
     assert attention.kernel_for(32, np.float16, hopper=True) is None
     assert attention.kernel_for(128, np.float32, hopper=True) == "float32 kernels"
@@ -263,7 +263,7 @@ def test_environment_picks_the_head_dims_of_the_wgmma_builds(value, wgmma, monke
     monkeypatch.setenv(attention.WGMMA_ENV, value)
     fallback = {64: "forward w4m2, backward w4m2q32p (mma.sync)", 128: "forward w8, backward w4 (mma.sync)"}
     for head_dim in attention.HEAD_DIMS:
-        want = "forward wg2, backward wq (wgmma, sm_90a)" if head_dim in wgmma else fallback[head_dim]
+        want = "forward wg2, backward wk (wgmma, sm_90a)" if head_dim in wgmma else fallback[head_dim]
         assert attention.kernel_for(head_dim, np.float16, hopper=True) == want
         assert attention.kernel_for(head_dim, np.float16, hopper=False) == fallback[head_dim]
 
@@ -291,7 +291,8 @@ def test_hopper_runs_the_wgmma_build_by_default(head_dim, monkeypatch):
     gq, gk, gv, gdy = (cp.asarray(a) for a in (q, k, v, dy))
     out, lse = attention.causal_attention_forward(gq, gk, gv)
     grads = attention.causal_attention_backward(gdy, gq, gk, gv, out, lse)
-    assert f"attention_forward_bf16_d{head_dim}_wg2" in names and f"attention_backward_bf16_d{head_dim}_wq" in names
+    assert f"attention_forward_bf16_d{head_dim}_wg2" in names
+    assert f"attention_backward_bf16_d{head_dim}_wk" in names
     for name, got, expected in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + tuple(grads),
                                    _reference(q, k, v, dy)):
         assert _relative_error(got, expected) <= TOLERANCE["bfloat16"], name
@@ -309,7 +310,7 @@ def test_sm90a_module_is_compiled_once_and_cached_on_disk(tmp_path, monkeypatch)
     monkeypatch.setattr(compiler, "_modules", {})
     monkeypatch.setattr(compiler, "compile_cubin", lambda *args: pytest.fail("the cached cubin was compiled again"))
     module = compiler.load_module(attention.HOPPER_FILE, arch="sm_90a")
-    assert module.get_function("attention_backward_fp16_d64_wq") is not None
+    assert module.get_function("attention_backward_fp16_d64_wk") is not None
     assert module.get_function("attention_forward_bf16_d128_wg2_dropout") is not None
 
 

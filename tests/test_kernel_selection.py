@@ -64,7 +64,7 @@ def test_every_rms_norm_entry_point_is_in_the_module_of_its_16_bit_dtype_and_pas
 def test_a_file_without_selection_flags_builds_whole():
     whole = entry_points(attention.HOPPER_FILE)
     assert {f"attention_{direction}_{dtype}_d{dim}_{build}{variant}"
-            for direction, build in (("forward", "wg2"), ("backward", "wq"))
+            for direction, build in (("forward", "wg2"), ("backward", "wk"))
             for dtype in ("bf16", "fp16") for dim in (64, 128) for variant in ("", "_dropout")} == whole
 
 

@@ -56,7 +56,7 @@ def kernel(op_name: str, *arrays):
 
 def attention_kernel_for(head_dim: int, dtype, hopper: bool | None = None) -> str | None:
     """Which attention kernel runs for this head dim and dtype on the GPU, in words (e.g. "forward wg2,
-    backward wq (wgmma, sm_90a)"), or None when there is none, or kernels are off, and attention takes the
+    backward wk (wgmma, sm_90a)"), or None when there is none, or kernels are off, and attention takes the
     batched-GEMM path. `hopper` (compute capability 9.0) is asked of the current GPU unless given. A
     training loop can log it once:
 

@@ -23,7 +23,7 @@ given as `out`, `dq`, `dk`, `dv`). Without those arguments the outputs are new C
 
 Which build runs (`kernel_for(head_dim, dtype)` names it):
 - head dims 64 and 128, bf16/fp16, compute capability 9.0 (H100, H200): the wgmma builds of
-  attention_hopper.cu, compiled for sm_90a: forward "wg2", backward "wq" (one template each, the head dim
+  attention_hopper.cu, compiled for sm_90a: forward "wg2", backward "wk" (one template each, the head dim
   a parameter);
 - elsewhere the mma.sync builds (any GPU from sm_80): head dim 64 forward "w4m2", backward "w4m2q32p";
   head dim 128 forward "w8", backward "w4";
@@ -77,7 +77,7 @@ class Build:
 
 
 _HOPPER_FORWARD = {64: Build("wg2", hopper=True), 128: Build("wg2", hopper=True)}
-_HOPPER_BACKWARD = {64: Build("wq", block_q=128, hopper=True), 128: Build("wq", block_q=64, hopper=True)}
+_HOPPER_BACKWARD = {64: Build("wk", block_q=128, hopper=True), 128: Build("wk", block_q=64, hopper=True)}
 _FORWARD = {64: Build("w4m2", warps=4, m_tiles=2), 128: Build("w8", warps=8)}
 _BACKWARD = {64: Build("w4m2q32p", warps=4, m_tiles=2, block_q=32), 128: Build("w4", warps=4, block_q=32)}
 _FORWARD_BLOCK_K = 64
@@ -122,7 +122,7 @@ def wgmma_head_dims() -> tuple:
 
 
 def kernel_for(head_dim: int, dtype, hopper: bool | None = None) -> str | None:
-    """The attention path for this head dim and dtype, in words: "forward wg2, backward wq (wgmma, sm_90a)",
+    """The attention path for this head dim and dtype, in words: "forward wg2, backward wk (wgmma, sm_90a)",
     "forward w4m2, backward w4m2q32p (mma.sync)", "float32 kernels", or None when no kernel exists (the
     op then runs its batched-GEMM path). `hopper` defaults to asking the current GPU; without a GPU,
     pass it."""
@@ -203,7 +203,7 @@ def _hopper_forward_shared_bytes(head_dim: int) -> int:
 
 def _hopper_backward_shared_bytes(head_dim: int, build: Build) -> int:
     block_q, block_k = build.block_q, _HOPPER_BLOCK_K
-    tiles = (2 * block_k + 4 * block_q) * head_dim * 2 + 2 * block_q * block_k * 2   # K, V; 2 × (Q, dO); P, dS
+    tiles = (2 * block_k + 4 * block_q) * head_dim * 2 + block_q * block_k * 2   # K, V; 2 × (Q, dO); dSᵀ
     return tiles + 4 * block_q * 4 + block_q * (head_dim + 8) * 4 + 1024   # L, Δ; the dQ stage; alignment
 
 
