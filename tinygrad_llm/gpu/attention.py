@@ -327,10 +327,11 @@ def causal_attention_backward(dy, q, k, v, out, lse, dropout=None, dq=None, dk=N
             ((key_len + 3) // 4, batch * kv_heads), (128,),
             (q, k, v, dy, lse, delta, dk, dv) + sizes + layouts + extra)
         return dq, dk, dv
-    # Δ = rowsum(dO ∘ O) and dq_accumulator = 0, one pass (8 threads a row)
+    # Δ = rowsum(dO ∘ O) and dq_accumulator = 0, one pass (D / 8 threads a row)
     dq_accumulator = empty(q.shape, np.float32)
     _kernel(BACKWARD_FILE, f"attention_backward_prepare_{suffix}_d{head_dim}")(
-        ((rows * 8 + 255) // 256,), (256,), (dy, out, delta, dq_accumulator, np.int32(rows)) + row_layouts)
+        ((rows * (head_dim // 8) + 255) // 256,), (256,), (dy, out, delta, dq_accumulator, np.int32(rows))
+        + row_layouts)
     _, build = _builds(head_dim, hopper_available())
     arrays = (q, k, v, dy, lse, delta, dq_accumulator, dk, dv)
     if build.hopper:
