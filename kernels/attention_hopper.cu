@@ -518,11 +518,11 @@ __device__ __forceinline__ void attn_backward_prefetch(const AttnBackwardWork<BL
 //     barrier: both warpgroups' dSᵀ rows are in the tile
 //     dQ = dS K over all 128 keys (8 × m64n64k16, A = dS read transposed from the dSᵀ tile, B = K
 //     MN-major): query rows 64w … 64w + 63 at D = 64, columns 64w … 64w + 63 at D = 128
-// Against a queries-major step (S = Q Kᵀ, the P and dS tiles read back transposed for dV and dK, which
-// this file had before), there is no P tile, and dV and dK read only their B operand from shared memory.
-// dV and dK run beside the barrier; the step waits for all three products (holding dSᵀ's registers into
-// the next step, for a dK that ran on, made ptxas serialize the wgmma), stages dQ · scale for the dQ
-// warpgroup and goes on. The next step's start barrier therefore also means that both warpgroups are
+// So there is no P tile, and dV and dK read only their B operand from shared memory (with the queries as
+// M, P and dS would go to tiles and come back transposed as their A operand as well).
+// dV and dK run beside the barrier; the step waits for all three products (a dK left running into the
+// next step would hold dSᵀ's registers across it, and ptxas then serializes the wgmma for lack of
+// registers), stages dQ · scale for the dQ warpgroup and goes on. The next step's start barrier therefore also means that both warpgroups are
 // done with the step before: its Q and dO buffer takes the step after's, and the dSᵀ tile may be written.
 // Shared memory: K, V (128 keys); Q, dO (BLOCK_Q rows) two buffers each; the dSᵀ tile; L, Δ two buffers
 // each; the dQ stage (BLOCK_Q rows of D + 8 floats); 1 KiB of alignment: 171 008 bytes at D = 64,
