@@ -522,8 +522,9 @@ __device__ __forceinline__ void attn_backward_prefetch(const AttnBackwardWork<BL
 // M, P and dS would go to tiles and come back transposed as their A operand as well).
 // dV and dK run beside the barrier; the step waits for all three products (a dK left running into the
 // next step would hold dSᵀ's registers across it, and ptxas then serializes the wgmma for lack of
-// registers), stages dQ · scale for the dQ warpgroup and goes on. The next step's start barrier therefore also means that both warpgroups are
-// done with the step before: its Q and dO buffer takes the step after's, and the dSᵀ tile may be written.
+// registers), stages dQ · scale for the dQ warpgroup and goes on. The next step's start barrier
+// therefore also means that both warpgroups are done with the step before: its Q and dO buffer takes
+// the step after's, and the dSᵀ tile may be written.
 // Shared memory: K, V (128 keys); Q, dO (BLOCK_Q rows) two buffers each; the dSᵀ tile; L, Δ two buffers
 // each; the dQ stage (BLOCK_Q rows of D + 8 floats); 1 KiB of alignment: 171 008 bytes at D = 64,
 // 184 320 at D = 128.
@@ -624,8 +625,8 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
         wgmma_fence();
         #pragma unroll
         for (int c = 0; c < D / 16; ++c)
-            wgmma_ss<T, 0, 0>(s, own_k.at((c >> 2) * K_BLOCK + 32 * (c & 3)), q_rows.at((c >> 2) * Q_BLOCK + 32 * (c & 3)),
-                              c);
+            wgmma_ss<T, 0, 0>(s, own_k.at((c >> 2) * K_BLOCK + 32 * (c & 3)),
+                              q_rows.at((c >> 2) * Q_BLOCK + 32 * (c & 3)), c);
         wgmma_commit();
         // dPᵀ = V dOᵀ
         #pragma unroll
@@ -684,7 +685,7 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
         for (int c = 0; c < BLOCK_Q / 16; ++c) {
             if constexpr (DROPOUT) {
                 #pragma unroll
-                for (int w = 0; w < 4; ++w) {     // word w: key key_row + 8·(w & 1), queries 16c + 8·(w >> 1) + 2t, + 1
+                for (int w = 0; w < 4; ++w) {     // word w: key key_row + 8·(w & 1), queries 16c + 8·(w >> 1) + 2t
                     const unsigned mask = kept[w & 1] >> (2 * (2 * c + (w >> 1)));
                     const float first_p = mask & 1u ? s[8 * c + 2 * w] : 0.f;
                     const float second_p = mask & 2u ? s[8 * c + 2 * w + 1] : 0.f;
@@ -707,9 +708,11 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
         const AttnOperand dout_b = attn_operand(dout_address, LEADING), q_b = attn_operand(q_address, LEADING);
         wgmma_fence();
         #pragma unroll
-        for (int c = 0; c < BLOCK_Q / 16; ++c) wgmma_rs<T, 1>(dv_acc, p_fragments[c], dout_b.at(2048 * c), it > 0 || c > 0);
+        for (int c = 0; c < BLOCK_Q / 16; ++c)
+            wgmma_rs<T, 1>(dv_acc, p_fragments[c], dout_b.at(2048 * c), it > 0 || c > 0);
         #pragma unroll
-        for (int c = 0; c < BLOCK_Q / 16; ++c) wgmma_rs<T, 1>(dk_acc, ds_fragments[c], q_b.at(2048 * c), it > 0 || c > 0);
+        for (int c = 0; c < BLOCK_Q / 16; ++c)
+            wgmma_rs<T, 1>(dk_acc, ds_fragments[c], q_b.at(2048 * c), it > 0 || c > 0);
         wgmma_commit();
         attn_named_sync(1, THREADS);                          // both warpgroups' dSᵀ rows are written
 
@@ -720,7 +723,8 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
         const AttnOperand k_b = attn_operand(k_address + (ROW_SPLIT ? 0 : group * K_BLOCK));
         wgmma_fence();
         #pragma unroll
-        for (int c = 0; c < BLOCK_K / 16; ++c) Wgmma<T>::template ss_n64<1, 1>(dq, ds_a.at(2048 * c), k_b.at(2048 * c), c);
+        for (int c = 0; c < BLOCK_K / 16; ++c)
+            Wgmma<T>::template ss_n64<1, 1>(dq, ds_a.at(2048 * c), k_b.at(2048 * c), c);
         wgmma_commit();
         wgmma_wait<0>();                                      // dV, dK and dQ are done
         wgmma_hold(dq);
