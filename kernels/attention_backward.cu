@@ -119,7 +119,7 @@ __device__ __forceinline__ void attention_backward_prepare(const T* __restrict__
     constexpr int THREADS_PER_ROW = D / 8, PER_THREAD = 8;
     const int row = (blockIdx.x * blockDim.x + threadIdx.x) / THREADS_PER_ROW;
     const int part = threadIdx.x % THREADS_PER_ROW;
-    if (row >= rows) return;                      // whole 8-thread groups leave together
+    if (row >= rows) return;                      // a row's threads leave together
     const long long first = (long long)row * D + part * PER_THREAD;
     const T* dout_part = attn_flat_row(dout, dout_layout, row, heads, length) + part * PER_THREAD;
     const T* out_part = attn_flat_row(out, out_layout, row, heads, length) + part * PER_THREAD;
@@ -133,7 +133,8 @@ __device__ __forceinline__ void attention_backward_prepare(const T* __restrict__
 #pragma unroll
         for (int i = 0; i < 8; ++i) total += static_cast<float>(dout_values[i]) * static_cast<float>(out_values[i]);
     }
-    const unsigned group_mask = ((1u << THREADS_PER_ROW) - 1u) << (threadIdx.x % 32 / THREADS_PER_ROW * THREADS_PER_ROW);
+    const unsigned group_mask = ((1u << THREADS_PER_ROW) - 1u)
+                                << (threadIdx.x % 32 / THREADS_PER_ROW * THREADS_PER_ROW);
 #pragma unroll
     for (int width = THREADS_PER_ROW / 2; width > 0; width /= 2) total += __shfl_xor_sync(group_mask, total, width);
     if (part == 0) delta[row] = total;
