@@ -116,23 +116,20 @@ __device__ __forceinline__ void attention_backward_prepare(const T* __restrict__
                                                            float* __restrict__ dq_accumulator, int rows,
                                                            int heads, int length, AttnLayout dout_layout,
                                                            AttnLayout out_layout) {
-    constexpr int THREADS_PER_ROW = D / 8, PER_THREAD = 8;
+    constexpr int THREADS_PER_ROW = D / 8, PER_THREAD = 8;   // 8 elements: one 16-byte load of dO, one of out
     const int row = (blockIdx.x * blockDim.x + threadIdx.x) / THREADS_PER_ROW;
     const int part = threadIdx.x % THREADS_PER_ROW;
     if (row >= rows) return;                      // a row's threads leave together
     const long long first = (long long)row * D + part * PER_THREAD;
     const T* dout_part = attn_flat_row(dout, dout_layout, row, heads, length) + part * PER_THREAD;
     const T* out_part = attn_flat_row(out, out_layout, row, heads, length) + part * PER_THREAD;
+    const uint4 dout_bits = *reinterpret_cast<const uint4*>(dout_part);
+    const uint4 out_bits = *reinterpret_cast<const uint4*>(out_part);
+    const T* dout_values = reinterpret_cast<const T*>(&dout_bits);
+    const T* out_values = reinterpret_cast<const T*>(&out_bits);
     float total = 0.f;
 #pragma unroll
-    for (int chunk = 0; chunk < PER_THREAD / 8; ++chunk) {
-        const uint4 dout_bits = *reinterpret_cast<const uint4*>(dout_part + chunk * 8);
-        const uint4 out_bits = *reinterpret_cast<const uint4*>(out_part + chunk * 8);
-        const T* dout_values = reinterpret_cast<const T*>(&dout_bits);
-        const T* out_values = reinterpret_cast<const T*>(&out_bits);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) total += static_cast<float>(dout_values[i]) * static_cast<float>(out_values[i]);
-    }
+    for (int i = 0; i < PER_THREAD; ++i) total += static_cast<float>(dout_values[i]) * static_cast<float>(out_values[i]);
     const unsigned group_mask = ((1u << THREADS_PER_ROW) - 1u)
                                 << (threadIdx.x % 32 / THREADS_PER_ROW * THREADS_PER_ROW);
 #pragma unroll

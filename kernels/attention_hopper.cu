@@ -63,7 +63,7 @@
 //   D = 128) that can see its keys (Q, dO, L, Δ of step s + 1 are copied while step s computes); the
 //   per-step work is described above attention_backward_wk. The dQ warpgroup (2) takes each full stage
 //   of dQ · scale and adds it to dq_accumulator with red.global.add.v4.f32, whole rows an instruction
-//   (two at D = 64, one at D = 128), then hands the stage back (named barriers 2–5; the compute
+//   (two at D = 64, one at D = 128), then hands the stage back (named barriers 2 and 4; the compute
 //   warpgroups sync among themselves on barrier 1): issued by the compute warps themselves, the same
 //   reductions stall them on a full load/store queue.
 //   dk = dK · scale and dv = dV are written once, in the input dtype. dq's summation order varies
