@@ -20,7 +20,7 @@ if [ "$what" = d128 ]; then
   echo "== tests"
   timeout 200 python3 -m pytest tests/test_gpu_attention.py tests/test_gpu_attention_dropout.py -k "128 or not dropout" \
     -q --tb=line -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | grep -vE '^\s*$' | tail -30
-  echo "== head dim 128: wgmma (wg2/wk) and mma.sync (w8/w4) builds, SDPA in the same process"
+  echo "== head dim 128: wgmma (wp2/wk) and mma.sync (w8/w4) builds, SDPA in the same process"
   timeout 150 python3 benchmarks/gpu_attention.py --d128 --rounds 2 2>&1 | tee "$OUT/bench_d128.log"
   echo "== head dim 64 (its kernels' code is unchanged): the issue-7 shape"
   timeout 60 python3 benchmarks/gpu_attention.py --first 1 2>&1 | tee "$OUT/bench_d64.log"

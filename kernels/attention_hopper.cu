@@ -18,38 +18,40 @@
 // lie where their layouts say (attention_common.cuh's AttnLayout: batch, head and row strides in
 // elements, rows contiguous and 16-byte aligned), as in attention_forward.cu and attention_backward.cu.
 //
-// attention_forward_{bf16,fp16}_d{64,128}_wg2(q, k, v, out, lse, H, Hkv, Tq, Tk, scale, B, layouts of q,
-//                                             k, v, out)
-//   Persistent: grid min(items, multiprocessors), block 256 = 2 warpgroups. Dynamic shared memory at
-//   D = 128: 7 · 128 · D · 2 + 1024 = 230 400 bytes, two 128-row Q tiles, two buffers of 128-key K tiles
-//   and three of V tiles, plus 1 KiB to align them; at D = 64, 197 632: the same for each warpgroup, with
-//   Q tiles of its 64 rows (the warpgroups load and sync apart and take turns on the tensor cores).
-//   A work item is a 128-row query tile of one (b, h); when there are more items than blocks, block x
-//   takes the pairs x, x + grid, … of tiles p and ceil(Tq / 128) − 1 − p of one (b, h) (equal work in
-//   every pair; the blocks at work at one time share few heads, whose K and V stay in L2; see work()
-//   below). While it works on an item's last K/V
-//   tile it already loads the next item's Q and first tile (the one-block-a-multiprocessor kernel
-//   otherwise waits for them).
-//   Warpgroup w owns query rows 64w … 64w + 63 of the item; each warp takes its 16 rows of Q as register
-//   A fragments (ldmatrix), once an item at D = 64, before each tile's S at D = 128 (see the loop).
-//   Per K/V tile t (cp.async brings tile t + 1 while tile t is multiplied), software-pipelined inside the
+// attention_forward_{bf16,fp16}_d64_wp{2,3}, attention_forward_{bf16,fp16}_d128_wp2(q, k, v, out, lse, H, Hkv,
+//                                                  Tq, Tk, scale, B, layouts of q, k, v, out)
+//   wpC: C compute warpgroups (64 query rows each: a work item is a 64C-row query tile of one (b, h)) and a
+//   producer warpgroup that does all the loading. Persistent: grid min(items, multiprocessors), block
+//   128 · (C + 1) (384 for wp2, 512 for wp3). Dynamic shared memory: two Q tiles of 64C rows, two buffers
+//   of 128-key K tiles and three of V tiles, 14 mbarriers, plus 1 KiB to align the tiles: 230 528 bytes
+//   (wp2, D = 128), 115 840 (wp2, D = 64), 132 224 (wp3, D = 64).
+//   When there are more items than blocks, block x takes the pairs x, x + grid, … of tiles p and
+//   ceil(Tq / 64C) − 1 − p of one (b, h) (equal work in every pair; the blocks at work at one time share
+//   few heads, whose K and V stay in L2; see work() below). The tiles are aligned to the end of the
+//   queries, so that a partial tile is the first (it sees the fewest keys).
+//   The producer copies each item's Q tile and its K and V tiles by cp.async, a buffer ahead of use; each
+//   buffer has a "full" mbarrier (the copies arrive on it as they land) and an "empty" one (the compute
+//   warps arrive when done with it), so the compute warpgroups never meet at a block-wide barrier.
+//   Warpgroup w owns query rows 64w … 64w + 63 of the item. Per K/V tile t, software-pipelined inside the
 //   warpgroup as in FlashAttention-3:
-//     issue S = Q Kᵀ  (D / 16 × m64n128k16, A = Q from registers, B = K K-major)
+//     issue S = Q Kᵀ  (D / 16 × m64n128k16, B = K K-major; A = Q: with two compute warpgroups register
+//       fragments, read again (ldmatrix) before each tile; with three, from shared memory, as their 160
+//       registers a thread hold S, P and O but not Q as well)
 //     issue O += P V of tile t − 1  (8 × m64nDk16, A = P of tile t − 1 in registers, B = V MN-major)
 //     wait for S only; mask (only on tiles that cross the diagonal or the end of the keys) and online
 //     softmax in registers (row max and sum over the quad of lanes holding a row, exp2 with the scale
 //     folded in); wait for P V; rescale O; P = S converted to bf16/fp16 for tile t + 1's product.
 //   After the last tile, its P V.
 //   The source waits for P V after the softmax, but ptxas places that wait before the row maxima (nothing
-//   ties the register-only softmax to it), so P V runs beside the mask, not the exponentials; pinning the
-//   wait below them made the forward slower on an H100 (benchmarks/RESULTS.md, 2026-12-06 evening).
-//   Warpgroup 1 issues a tile's products only after warpgroup 0 has issued its own (named barrier 1), so
-//   that warpgroup 0's softmax runs while the tensor cores work on warpgroup 1's products. At D = 64,
-//   where each warpgroup has buffers of its own, warpgroup 0 in turn issues tile t + 1's products only
-//   after warpgroup 1 has issued tile t's (named barrier 4): the two alternate (a ping-pong).
+//   ties the register-only softmax to it), so P V runs beside the mask, not the exponentials.
+//   The compute warpgroups take turns issuing a tile's products, round robin (warpgroup w after w − 1,
+//   warpgroup 0 after the last one's previous tile: named barriers 1 … C), so that one warpgroup's
+//   softmax runs while the tensor cores work on the others' products.
 //   Tiles that need no mask run a copy of the tile's code without it (see the loop).
 //   O takes D / 2 float registers a thread (64 at D = 128).
 //   out = O / l, L = m · scale + ln l.
+//   tinygrad_llm.gpu.attention picks the build: wp2 at D = 128; at D = 64 wp3 for long sequences (its
+//   192-row items multiply more of the masked triangle, which long sequences amortize) and wp2 otherwise.
 //
 // attention_backward_{bf16,fp16}_d{64,128}_wk(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk,
 //                                              scale, layouts of q, k, v, dO, dq (unread), dk, dv)
@@ -109,7 +111,7 @@ __device__ __forceinline__ void attn_forward_store(const float (&o)[D / 2], cons
         row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
         row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
         const int out_row = row + 8 * r;
-        if (out_row >= query_len) continue;
+        if (out_row >= query_len || out_row < 0) continue;   // (wp's first item may start before row 0)
         const float inverse = (DROPOUT ? keep_scale : 1.f) / row_sum[r];
         T* out_line = out + out_row * out_row_stride;
         #pragma unroll
@@ -121,47 +123,93 @@ __device__ __forceinline__ void attn_forward_store(const float (&o)[D / 2], cons
     }
 }
 
-template <typename T, bool DROPOUT, int D>
-__device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, const T* __restrict__ k,
-                                                      const T* __restrict__ v, T* __restrict__ out,
-                                                      float* __restrict__ lse, int heads, int kv_heads,
-                                                      int query_len, int key_len, float scale, int batches,
-                                                      AttnLayout q_layout, AttnLayout k_layout,
-                                                      AttnLayout v_layout, AttnLayout out_layout,
-                                                      AttnDropout dropout) {
-    constexpr int BLOCK_Q = 128, BLOCK_K = 128, THREADS = 256, STEPS = D / 16;
+// mbarrier helpers (shared::cta): init with an arrival count; arrive; wait for the phase of the given
+// parity to complete; an arrival when all of this thread's earlier cp.async copies have landed.
+__device__ __forceinline__ void attn_barrier_init(unsigned long long* barrier, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(attn_smem_address(barrier)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void attn_barrier_arrive(unsigned long long* barrier) {
+    asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}\n"
+                 :: "r"(attn_smem_address(barrier)) : "memory");
+}
+__device__ __forceinline__ void attn_barrier_wait(unsigned long long* barrier, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(attn_smem_address(barrier)), "r"(parity) : "memory");
+    } while (!done);
+}
+__device__ __forceinline__ void attn_barrier_arrive_copies(unsigned long long* barrier) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" :: "r"(attn_smem_address(barrier)) : "memory");
+}
+
+// wpC (the comment at the top of the file has the outline). Block 128 · (C + 1): warpgroups 0 … C − 1
+// compute (warpgroup w takes rows 64w … 64w + 63 of a 64C-row item), warpgroup C only loads: each item's
+// Q tile (2 buffers) and its K and V tiles (2 and 3 buffers), by cp.async. Each buffer has a "full"
+// mbarrier (128 producer arrivals, made by the copies themselves as they land) and an "empty" one (4C
+// arrivals, lane 0 of each compute warp once its warpgroup is done with the buffer: K after S, V after
+// P V, Q after the item's last S or fragments). setmaxnreg: 240 (C = 2) or 160 (C = 3) registers for the
+// compute warpgroups, 24 or 32 for the producer, which is exactly what the block launched with
+// (2 · 128 · 240 + 128 · 24 = 384 · 168, 3 · 128 · 160 + 128 · 32 = 512 · 128): setmaxnreg.inc waits
+// for as long as the pool lacks the registers it asks for.
+template <typename T, bool DROPOUT, int D, int CONSUMERS>
+__device__ __forceinline__ void attention_forward_wp(const T* __restrict__ q, const T* __restrict__ k,
+                                                     const T* __restrict__ v, T* __restrict__ out,
+                                                     float* __restrict__ lse, int heads, int kv_heads,
+                                                     int query_len, int key_len, float scale, int batches,
+                                                     AttnLayout q_layout, AttnLayout k_layout,
+                                                     AttnLayout v_layout, AttnLayout out_layout,
+                                                     AttnDropout dropout) {
+    static_assert(CONSUMERS == 2 || CONSUMERS == 3, "two or three compute warpgroups");
+    constexpr int BLOCK_Q = 64 * CONSUMERS, BLOCK_K = 128, STEPS = D / 16;
     constexpr int BLOCK = 128 * 128;                          // bytes of a 64-column block of a 128-row tile
-    constexpr int TILE = BLOCK * D / 64;                      // bytes of a 128-row tile (D / 64 blocks)
+    constexpr int TILE = BLOCK * D / 64;                      // bytes of a 128-row K or V tile
+    constexpr int Q_BLOCK = BLOCK_Q * 128, Q_TILE = Q_BLOCK * D / 64;   // the same for the Q tile
     constexpr unsigned LEADING = D == 64 ? 1024 : BLOCK;      // V's leading byte offset (unused at D = 64)
-    // PRIVATE (D = 64): each warpgroup has buffers of its own (its 64 rows of Q, and K and V), loads them
-    // itself and syncs only with itself, so that the two warpgroups can run half a tile apart (see the
-    // turns below); at D = 128 the buffers would not fit twice, and both warpgroups share them.
-    constexpr bool PRIVATE = D == 64;
-    constexpr int Q_ROWS = PRIVATE ? 64 : BLOCK_Q, LOADERS = PRIVATE ? 128 : THREADS;
-    constexpr int Q_TILE = Q_ROWS * 128 * D / 64;             // bytes of a Q tile
-    const int group = __shfl_sync(0xffffffffu, (int)threadIdx.x >> 7, 0);   // the warpgroup, known warp-uniform
-    unsigned char* q_tiles = attn_aligned_shared() + (PRIVATE ? group * (2 * Q_TILE + 5 * TILE) : 0);   // 2 buffers
-    unsigned char* k_tiles = q_tiles + 2 * Q_TILE;             // 2 buffers of BLOCK_K rows
-    unsigned char* v_tiles = k_tiles + 2 * TILE;               // 3 buffers of BLOCK_K rows (P V of tile t − 1
-                                                              // still reads one while tile t + 1 comes in)
+    // S = Q Kᵀ takes Q from shared memory with three compute warpgroups (their 160 registers hold S, P, O
+    // but not Q's fragments as well), from registers (read before each tile) with two
+    constexpr bool Q_SHARED = CONSUMERS == 3;
+    unsigned char* q_tiles = attn_aligned_shared();           // 2 buffers
+    unsigned char* k_tiles = q_tiles + 2 * Q_TILE;            // 2 buffers
+    unsigned char* v_tiles = k_tiles + 2 * TILE;              // 3 buffers
+    unsigned long long* barriers = reinterpret_cast<unsigned long long*>(v_tiles + 3 * TILE);
+    unsigned long long* q_full = barriers;                    // [2]
+    unsigned long long* q_empty = barriers + 2;               // [2]
+    unsigned long long* k_full = barriers + 4;                // [2]
+    unsigned long long* k_empty = barriers + 6;               // [2]
+    unsigned long long* v_full = barriers + 8;                // [3]
+    unsigned long long* v_empty = barriers + 11;              // [3]
 
     const int tid = threadIdx.x, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int group = __shfl_sync(0xffffffffu, tid >> 7, 0);   // the warpgroup, known warp-uniform
     const int g = lane >> 2, t = lane & 3;
     const int q_blocks = (query_len + BLOCK_Q - 1) / BLOCK_Q, items = batches * heads * q_blocks;
     const int offset = key_len - query_len;
     const float scale_log2 = scale * ATTN_LOG2E;
 
-    // The block's work: query tiles of 128 rows, taken in the order k = 0, 1, 2, … as work(k) says. With
-    // more tiles than blocks the tiles go in pairs: tiles p and q_blocks − 1 − p of one (b, h), whose
-    // causal lengths add up to the same count for every p (the middle tile of an odd q_blocks is a pair of
-    // its own). Block x takes pairs x, x + grid, x + 2·grid, …, the long tile of each first (k even, then
-    // the short one at k + 1): every block gets about the same work, and the blocks working at the same
-    // time share few (b, h), whose K and V stay in L2 (a pair's neighbours are the same head's other
-    // pairs, or the next heads of its kv group). With no more tiles than blocks, block x takes tile x.
+    if (tid == 0) {
+        for (int i = 0; i < 2; ++i) {
+            attn_barrier_init(q_full + i, 128);
+            attn_barrier_init(q_empty + i, 4 * CONSUMERS);
+            attn_barrier_init(k_full + i, 128);
+            attn_barrier_init(k_empty + i, 4 * CONSUMERS);
+        }
+        for (int i = 0; i < 3; ++i) {
+            attn_barrier_init(v_full + i, 128);
+            attn_barrier_init(v_empty + i, 4 * CONSUMERS);
+        }
+    }
+    __syncthreads();
+
+    // The block's work: pairs of tiles p and q_blocks − 1 − p, the long one first. The tiles are aligned to
+    // the end of the queries: tile p starts at row p · BLOCK_Q − pad, so that when BLOCK_Q does
+    // not divide Tq the partial tile is the first (the one that sees the fewest keys), not the last. Its rows
+    // before 0 are zero-filled, never stored, and see no key (their softmax is garbage, in their own rows).
+    const int pad = q_blocks * BLOCK_Q - query_len;
     const int pairs_per_head = (q_blocks + 1) / 2, pairs = batches * heads * pairs_per_head;
     const bool paired = items > (int)gridDim.x;
     struct Work { int batch_head, q0, tiles; bool valid; const T* k_head; const T* v_head; };
-    auto work = [&](int index) {                             // index: k above
+    auto work = [&](int index) {
         Work w;
         int tile;
         if (paired) {
@@ -170,122 +218,142 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             w.batch_head = w.valid ? pair / pairs_per_head : 0;
             tile = (index & 1) ? p : q_blocks - 1 - p;
         } else {
-            w.valid = index == 0;                              // the grid is at most the tile count
+            w.valid = index == 0;
             w.batch_head = blockIdx.x / q_blocks;
             tile = q_blocks - 1 - blockIdx.x % q_blocks;
         }
-        w.q0 = tile * BLOCK_Q;
+        w.q0 = tile * BLOCK_Q - pad;
         const int head = w.batch_head % heads, batch = w.batch_head / heads, kv_head = head / (heads / kv_heads);
         w.k_head = k_layout.rows(k, batch, kv_head);
         w.v_head = v_layout.rows(v, batch, kv_head);
-        const int key_end = min(key_len, w.q0 + BLOCK_Q + offset);   // the tile's last row sees keys < key_end
+        const int key_end = min(key_len, w.q0 + BLOCK_Q + offset);
         w.tiles = (key_end + BLOCK_K - 1) / BLOCK_K;
         return w;
     };
-    auto load_q = [&](const Work& w, int buffer) {
-        attn_load_swizzled<T, Q_ROWS, LOADERS, D>(q_tiles + buffer * Q_TILE,
-                                                  q_layout.rows(q, w.batch_head / heads, w.batch_head % heads),
-                                                  q_layout.row, w.q0 + (PRIVATE ? 64 * group : 0), query_len);
+    // the item after item `item` (a middle tile has no short half), and its index
+    auto following = [&](int item, int& next_item) {
+        next_item = item + 1;
+        Work next = work(next_item);
+        if (!next.valid && !(item & 1)) next = work(next_item = item + 2);
+        return next;
     };
-    auto load_kv = [&](const Work& w, int tile, int k_buffer, int v_buffer) {
-        attn_load_swizzled<T, BLOCK_K, LOADERS, D>(k_tiles + k_buffer * TILE, w.k_head, k_layout.row, tile * BLOCK_K,
-                                                   key_len);
-        attn_load_swizzled<T, BLOCK_K, LOADERS, D>(v_tiles + v_buffer * TILE, w.v_head, v_layout.row, tile * BLOCK_K,
-                                                   key_len);
-    };
+
+    if (group == CONSUMERS) {                                 // the producer
+        attn_set_max_registers_dec<CONSUMERS == 2 ? 24 : 32>();
+        int item = 0, q_buffer = 0, k_buffer = 0, v_buffer = 0;
+        unsigned q_uses = 0, k_uses = 0, v_uses = 0;          // bit b: parity of buffer b's fills so far
+        Work current = work(0);
+        while (current.valid) {
+            // an empty barrier's first wait (parity 1 on a fresh barrier) passes at once
+            attn_barrier_wait(q_empty + q_buffer, ((q_uses >> q_buffer) & 1) ^ 1);
+            attn_load_swizzled<T, BLOCK_Q, 128, D>(q_tiles + q_buffer * Q_TILE,
+                                                   q_layout.rows(q, current.batch_head / heads, current.batch_head % heads),
+                                                   q_layout.row, current.q0, query_len);
+            attn_barrier_arrive_copies(q_full + q_buffer);
+            q_uses ^= 1u << q_buffer;
+            q_buffer ^= 1;
+            for (int tile = 0; tile < current.tiles; ++tile) {
+                attn_barrier_wait(k_empty + k_buffer, ((k_uses >> k_buffer) & 1) ^ 1);
+                attn_load_swizzled<T, BLOCK_K, 128, D>(k_tiles + k_buffer * TILE, current.k_head, k_layout.row,
+                                                       tile * BLOCK_K, key_len);
+                attn_barrier_arrive_copies(k_full + k_buffer);
+                k_uses ^= 1u << k_buffer;
+                k_buffer ^= 1;
+                attn_barrier_wait(v_empty + v_buffer, ((v_uses >> v_buffer) & 1) ^ 1);
+                attn_load_swizzled<T, BLOCK_K, 128, D>(v_tiles + v_buffer * TILE, current.v_head, v_layout.row,
+                                                       tile * BLOCK_K, key_len);
+                attn_barrier_arrive_copies(v_full + v_buffer);
+                v_uses ^= 1u << v_buffer;
+                v_buffer = v_buffer == 2 ? 0 : v_buffer + 1;
+            }
+            int next_item;
+            current = following(item, next_item);
+            item = next_item;
+        }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");   // the last copies land before the warps leave
+        return;
+    }
+    attn_set_max_registers_inc<CONSUMERS == 2 ? 240 : 160>();
 
     int q_buffer = 0, k_buffer = 0, v_buffer = 0;            // the buffers of the current Q, K and V tiles
-    auto v_before_address = [&] {                             // the V buffer of the tile before the current one
-        return attn_smem_address(v_tiles + (v_buffer == 0 ? 2 : v_buffer - 1) * TILE);
-    };
-
-    int item = 0;                                             // k of work(k) for the current tile
-    int turns = 0;                                            // tiles whose products this thread issued
+    unsigned q_uses = 0, k_uses = 0, v_uses = 0;              // bit b: parity of buffer b's fills consumed
+    int v_before = 2;                                         // the V buffer of the tile before the current one
+    int item = 0, turns = 0;
     Work current = work(0);
     if (!current.valid) return;
-    load_q(current, 0);
-    load_kv(current, 0, 0, 0);
-    attn_copy_commit();
+    // lane 0 of each warp releases a buffer for its warpgroup, after the warp's own uses
+    auto release = [&](unsigned long long* barrier) {
+        __syncwarp();
+        if (lane == 0) attn_barrier_arrive(barrier);
+    };
     while (true) {
-        int next_item = item + 1;
-        Work next = work(next_item);
-        if (!next.valid && !(item & 1)) next = work(next_item = item + 2);   // a middle tile has no short half
+        int next_item;
+        const Work next = following(item, next_item);
         const bool has_next = next.valid;
         const int row = current.q0 + 64 * group + 16 * warp + g;   // this thread's rows: row and row + 8
-        // Tiles that cross the diagonal or the end of the keys are masked; the test is the item's (uniform).
-        const int unmasked_end = min(current.q0 + offset + 1, key_len);   // keys below it are seen by every row
-        unsigned q_fragments[STEPS][4];                       // this warp's 16 rows of Q
-        unsigned p_fragments[BLOCK_K / 16][4];                // P of the tile before, the A operand of P V
+        const int unmasked_end = min(current.q0 + offset + 1, key_len);
+        unsigned q_fragments[STEPS][4];
+        unsigned p_fragments[BLOCK_K / 16][4];
         float s[64], o[D / 2], row_max[2] = {ATTN_NEG_INF, ATTN_NEG_INF}, row_sum[2] = {0.f, 0.f};
         #pragma unroll
         for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-        unsigned row_keys[2];                                 // dropout: key(row) of this thread's two rows
+        unsigned row_keys[2];
         if constexpr (DROPOUT) {
             #pragma unroll
             for (int r = 0; r < 2; ++r)
                 row_keys[r] = attn_dropout_row_key(dropout, (long long)current.batch_head * query_len + row + 8 * r);
         }
+        attn_barrier_wait(q_full + q_buffer, (q_uses >> q_buffer) & 1);
+        q_uses ^= 1u << q_buffer;
 
-        // Tile `tile`: its K/V arrive, the next tile (or the next item's Q and first tile) starts loading,
-        // S = Q Kᵀ is issued; tile − 1's O += P V follows it on the tensor cores while this warpgroup masks
-        // S (and, as written, takes its exponentials: see the header); then O is rescaled and S becomes the
-        // next P. No wgmma sits under a runtime branch (the first tile is its own inlined call, FIRST a
-        // constant there), so that ptxas keeps them asynchronous (it serializes every wgmma of a kernel
-        // that has one under a branch).
         auto step = [&](int tile, const bool FIRST, const bool MASKED) {
-            // FIRST: the item's first tile, no P V before it; MASKED: the tile may cross the diagonal or the
-            // end of the keys (the test below decides), false only where it cannot
             const int k0 = tile * BLOCK_K;
-            const int v_next = v_buffer == 2 ? 0 : v_buffer + 1;
-            attn_copy_wait_all();
-            attn_fence_async();
-            // tile is in; the buffers being refilled are free (PRIVATE: this warpgroup's own, barrier 2 + w)
-            if constexpr (PRIVATE) attn_named_sync(2 + group, 128);
-            else __syncthreads();
-            if (tile + 1 < current.tiles) {
-                load_kv(current, tile + 1, k_buffer ^ 1, v_next);
-            } else if (has_next) {                            // the next item's Q and first tile
-                load_q(next, q_buffer ^ 1);
-                load_kv(next, 0, k_buffer ^ 1, v_next);
+            attn_barrier_wait(k_full + k_buffer, (k_uses >> k_buffer) & 1);
+            k_uses ^= 1u << k_buffer;
+            if (!FIRST) {
+                attn_barrier_wait(v_full + v_before, (v_uses >> v_before) & 1);
+                v_uses ^= 1u << v_before;
             }
-            attn_copy_commit();
-            // D = 64 holds the warp's Q fragments across the item's tiles; D = 128 reads them again before each
-            // tile's S (the item's Q tile stays in its buffer), so that they are dead during the softmax.
-            if (D == 128 || FIRST)
-                attn_load_fragments(q_fragments, q_tiles + q_buffer * Q_TILE, (PRIVATE ? 0 : 64 * group) + 16 * warp,
-                                    Q_ROWS * 128);
+            attn_fence_async();                               // the copies, seen here, before wgmma reads them
+            if constexpr (!Q_SHARED) {
+                attn_load_fragments(q_fragments, q_tiles + q_buffer * Q_TILE, 64 * group + 16 * warp, Q_BLOCK);
+                if (tile + 1 == current.tiles) release(q_empty + q_buffer);   // the item's last read of its Q
+            }
+            // this warpgroup's 64 rows of Q as the A operand (Q_SHARED)
+            const AttnOperand q_operand = attn_operand(attn_smem_address(q_tiles + q_buffer * Q_TILE) + 64 * group * 128);
 
             const AttnOperand k_operand = attn_operand(attn_smem_address(k_tiles + k_buffer * TILE));
-            const AttnOperand v_before = attn_operand(v_before_address(), LEADING);
-            // Turns: warpgroup 1 issues a tile's products only after warpgroup 0 has issued its own (named
-            // barrier 1): the tensor cores then finish warpgroup 0's S and P V first, and its softmax runs
-            // while they work on warpgroup 1's. PRIVATE: warpgroup 0 also waits for warpgroup 1's products
-            // of the tile before (barrier 4), so the two alternate on the tensor cores (a ping-pong).
-            if (group == 1) attn_named_sync(1, THREADS);
-            else if (PRIVATE && turns > 0) attn_named_sync(4, THREADS);
+            const AttnOperand v_operand = attn_operand(attn_smem_address(v_tiles + v_before * TILE), LEADING);
+            // turns, round robin: warpgroup w > 0 issues after warpgroup w − 1 has issued this tile (named
+            // barrier w), warpgroup 0 after the last one has issued the tile before (barrier CONSUMERS)
+            if (group > 0) attn_named_sync(group, 256);
+            else if (turns > 0) attn_named_sync(CONSUMERS, 256);
             ++turns;
             wgmma_fence();
             #pragma unroll
-            for (int c = 0; c < STEPS; ++c)                   // S = Q Kᵀ
-                Wgmma<T>::template rs_n128<0>(s, q_fragments[c], k_operand.at((c >> 2) * BLOCK + 32 * (c & 3)), c);
+            for (int c = 0; c < STEPS; ++c) {                 // S = Q Kᵀ
+                if constexpr (Q_SHARED)
+                    wgmma_ss<T, 0, 0>(s, q_operand.at((c >> 2) * Q_BLOCK + 32 * (c & 3)),
+                                      k_operand.at((c >> 2) * BLOCK + 32 * (c & 3)), c);
+                else
+                    Wgmma<T>::template rs_n128<0>(s, q_fragments[c], k_operand.at((c >> 2) * BLOCK + 32 * (c & 3)), c);
+            }
             wgmma_commit();
             if (!FIRST) {                                     // O += P V of tile − 1
                 #pragma unroll
                 for (int c = 0; c < BLOCK_K / 16; ++c)
-                    wgmma_rs<T, 1>(o, p_fragments[c], v_before.at(2048 * c), 1);
+                    wgmma_rs<T, 1>(o, p_fragments[c], v_operand.at(2048 * c), 1);
                 wgmma_commit();
             }
-            if (group == 0) attn_named_arrive(1, THREADS);
-            else if (PRIVATE) attn_named_arrive(4, THREADS);
-            if (FIRST) wgmma_wait<0>();                       // S is in; P V may still run
+            attn_named_arrive(group + 1, 256);                // the next warpgroup's turn
+            if (FIRST) wgmma_wait<0>();
             else wgmma_wait<1>();
             wgmma_hold(s);
-            wgmma_hold(q_fragments);
+            if constexpr (!Q_SHARED) wgmma_hold(q_fragments);
+            release(k_empty + k_buffer);                      // S is done: K's buffer is free
+            if (Q_SHARED && tile + 1 == current.tiles) release(q_empty + q_buffer);   // and Q's, after the last
 
             if (MASKED) {
-                // element (j, e) holds key k0 + 8j + 2t + (e & 1) of row row + 8·(e >> 1); it is masked when
-                // key > min(row + offset, key_len − 1), i.e. when the constant 8j + (e & 1) exceeds `last`
-                // (a tile that needs no mask gets a `last` no element exceeds)
                 const bool crosses = k0 + BLOCK_K > unmasked_end;
                 int last[2];
                 #pragma unroll
@@ -297,8 +365,6 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                     for (int e = 0; e < 4; ++e)
                         if (8 * j + (e & 1) > last[e >> 1]) s[4 * j + e] = ATTN_NEG_INF;
             }
-            // online softmax: the new row maxima (a row lives on the 4 lanes of a quad; four partial maxima a
-            // row shorten the dependency chain), then the exponentials in place
             float part[4][2];
             #pragma unroll
             for (int i = 0; i < 4; ++i)
@@ -316,11 +382,11 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                 new_max = fmaxf(new_max, row_max[r]);
                 new_max = fmaxf(new_max, __shfl_xor_sync(0xffffffffu, new_max, 1));
                 new_max = fmaxf(new_max, __shfl_xor_sync(0xffffffffu, new_max, 2));
-                alpha[r] = attn_exp2((row_max[r] - new_max) * scale_log2);   // 0 on the first tile
+                alpha[r] = attn_exp2((row_max[r] - new_max) * scale_log2);
                 row_max[r] = new_max;
                 shift[r] = new_max * scale_log2;
             }
-            float sums[2][2] = {{0.f, 0.f}, {0.f, 0.f}};      // two partial sums a row
+            float sums[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
             #pragma unroll
             for (int j = 0; j < 16; ++j)
                 #pragma unroll
@@ -332,9 +398,10 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             for (int r = 0; r < 2; ++r) row_sum[r] = fmaf(row_sum[r], alpha[r], sums[r][0] + sums[r][1]);
 
             if (!FIRST) {
-                wgmma_wait<0>();                              // P V of tile − 1 is done: O and P are free
+                wgmma_wait<0>();                              // P V of tile − 1 is done: O, P and its V are free
                 wgmma_hold(o);
                 wgmma_hold(p_fragments);
+                release(v_empty + v_before);
                 #pragma unroll
                 for (int j = 0; j < D / 8; ++j)
                     #pragma unroll
@@ -343,7 +410,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
                         o[4 * j + 2 * r + 1] *= alpha[r];
                     }
             }
-            if constexpr (DROPOUT) {                          // the row sum took every P; P V takes only the kept
+            if constexpr (DROPOUT) {
                 #pragma unroll
                 for (int j = 0; j < 16; ++j)
                     #pragma unroll
@@ -354,17 +421,18 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
             #pragma unroll
             for (int c = 0; c < BLOCK_K / 16; ++c) attn_fragment<T>(p_fragments[c], s, c);
             k_buffer ^= 1;
-            v_buffer = v_next;
+            v_before = v_buffer;
+            v_buffer = v_buffer == 2 ? 0 : v_buffer + 1;
         };
-        // Three call sites, each inlined with its constants. ptxas turns the mask's branch into predicated
-        // code that every tile would run (~190 instructions a warp), so the tiles that need no mask (those
-        // whose keys all lie below unmasked_end) have their own copy without it.
-        const int middle_end = max(1, min(unmasked_end / BLOCK_K, current.tiles));   // tiles 1 … middle_end − 1
+        const int middle_end = max(1, min(unmasked_end / BLOCK_K, current.tiles));
         step(0, true, true);
         for (int tile = 1; tile < middle_end; ++tile) step(tile, false, false);
         for (int tile = middle_end; tile < current.tiles; ++tile) step(tile, false, true);
-        // the last tile's O += P V
-        const AttnOperand v_last = attn_operand(v_before_address(), LEADING);
+        // the last tile's O += P V (its V is the buffer of the tile before the next one)
+        attn_barrier_wait(v_full + v_before, (v_uses >> v_before) & 1);
+        v_uses ^= 1u << v_before;
+        attn_fence_async();
+        const AttnOperand v_last = attn_operand(attn_smem_address(v_tiles + v_before * TILE), LEADING);
         wgmma_fence();
         #pragma unroll
         for (int c = 0; c < BLOCK_K / 16; ++c)
@@ -373,6 +441,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         wgmma_wait<0>();
         wgmma_hold(o);
         wgmma_hold(p_fragments);
+        release(v_empty + v_before);
         attn_forward_store<T, DROPOUT, D>(o, row_max, row_sum,
                                           out_layout.rows(out, current.batch_head / heads, current.batch_head % heads),
                                           lse, current.batch_head, row, query_len, scale_log2, dropout.scale,
@@ -382,7 +451,7 @@ __device__ __forceinline__ void attention_forward_wg2(const T* __restrict__ q, c
         current = next;
         q_buffer ^= 1;
     }
-    if (PRIVATE && group == 0) attn_named_sync(4, THREADS);   // warpgroup 1's turn after the last tile
+    if (group == 0) attn_named_sync(CONSUMERS, 256);          // the last warpgroup's turn after the last tile
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -791,20 +860,20 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
 #define ATTN_HOPPER_BACKWARD_LAYOUTS                                                                         \
     ATTN_LAYOUT(q), ATTN_LAYOUT(k), ATTN_LAYOUT(v), ATTN_LAYOUT(dout), ATTN_LAYOUT(dk), ATTN_LAYOUT(dv)
 
-#define ATTN_HOPPER_FORWARD(SUFFIX, TYPE, BUILD, D)                                                          \
-    extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d##D##_##BUILD(          \
+#define ATTN_HOPPER_FORWARD(SUFFIX, TYPE, D, C)                                                              \
+    extern "C" __global__ void __launch_bounds__(128 * (C + 1), 1) attention_forward_##SUFFIX##_d##D##_wp##C( \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,       \
         int query_len, int key_len, float scale, int batches, ATTN_HOPPER_FORWARD_LAYOUT_PARAMETERS) {     \
-        ATTN_HOPPER_BODY((attention_forward_##BUILD<TYPE, false, D>(q, k, v, out, lse, heads, kv_heads,      \
+        ATTN_HOPPER_BODY((attention_forward_wp<TYPE, false, D, C>(q, k, v, out, lse, heads, kv_heads,        \
                                                                 query_len, key_len, scale, batches,        \
                                                                 ATTN_HOPPER_FORWARD_LAYOUTS,               \
                                                                 AttnDropout{})))                           \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(256, 1) attention_forward_##SUFFIX##_d##D##_##BUILD##_dropout( \
+    extern "C" __global__ void __launch_bounds__(128 * (C + 1), 1) attention_forward_##SUFFIX##_d##D##_wp##C##_dropout( \
         const TYPE* q, const TYPE* k, const TYPE* v, TYPE* out, float* lse, int heads, int kv_heads,       \
         int query_len, int key_len, float scale, int batches, ATTN_HOPPER_FORWARD_LAYOUT_PARAMETERS,       \
         ATTN_DROPOUT_PARAMETERS) {                                                                         \
-        ATTN_HOPPER_BODY((attention_forward_##BUILD<TYPE, true, D>(                                         \
+        ATTN_HOPPER_BODY((attention_forward_wp<TYPE, true, D, C>(                                           \
             q, k, v, out, lse, heads, kv_heads, query_len, key_len, scale, batches,                        \
             ATTN_HOPPER_FORWARD_LAYOUTS, ATTN_DROPOUT_ARGUMENT)))                                          \
     }
@@ -831,10 +900,12 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
     }
 
 #if SELECTED(64, 2, 1)
-ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg2, 64)
+ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, 64, 2)
+ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, 64, 3)
 #endif
 #if SELECTED(64, 3, 1)
-ATTN_HOPPER_FORWARD(fp16, __half, wg2, 64)
+ATTN_HOPPER_FORWARD(fp16, __half, 64, 2)
+ATTN_HOPPER_FORWARD(fp16, __half, 64, 3)
 #endif
 #if SELECTED(64, 2, 2)
 ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wk, 64)
@@ -843,10 +914,10 @@ ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wk, 64)
 ATTN_HOPPER_BACKWARD(fp16, __half, wk, 64)
 #endif
 #if SELECTED(128, 2, 1)
-ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, wg2, 128)
+ATTN_HOPPER_FORWARD(bf16, __nv_bfloat16, 128, 2)
 #endif
 #if SELECTED(128, 3, 1)
-ATTN_HOPPER_FORWARD(fp16, __half, wg2, 128)
+ATTN_HOPPER_FORWARD(fp16, __half, 128, 2)
 #endif
 #if SELECTED(128, 2, 2)
 ATTN_HOPPER_BACKWARD(bf16, __nv_bfloat16, wk, 128)

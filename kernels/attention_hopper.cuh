@@ -82,7 +82,8 @@ __device__ __forceinline__ AttnOperand attn_operand(unsigned address, unsigned l
 }
 
 // Copy rows [row0, row0 + ROWS) of a (rows, D) two-byte matrix whose rows lie `row_stride` elements
-// apart into a swizzled tile, zero-filling rows at or past `limit`. D = 128 fills two 64-column blocks
+// apart into a swizzled tile, zero-filling rows at or past `limit` and rows before 0 (row0 may be
+// negative). D = 128 fills two 64-column blocks
 // of ROWS × 128 bytes, one after the other. Every one of the THREADS threads takes part; each copy is
 // 16 bytes (cp.async).
 template <typename T, int ROWS, int THREADS, int D = 64>
@@ -102,7 +103,7 @@ __device__ __forceinline__ void attn_load_swizzled(unsigned char* tile, const T*
     #pragma unroll
     for (int step = 0; step < ROWS * CHUNKS / THREADS; ++step) {
         const int row = first + step * ROWS_A_STEP;
-        const bool valid = row0 + row < limit;                // a row past `limit` reads nothing (zero-filled)
+        const bool valid = row0 + row < limit && row0 + row >= 0;   // a row outside reads nothing (zero-filled)
         attn_copy16(tile + (chunk >> 3) * (ROWS * 128) + attn_swizzle(row, chunk & 7), source, valid);
         source += ROWS_A_STEP * row_stride;
     }

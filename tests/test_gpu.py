@@ -131,10 +131,11 @@ def test_the_cubin_cache_is_the_packages_own(monkeypatch, tmp_path):
 
 
 def test_attention_kernel_for_names_the_path_or_none():
-    assert gpu.attention_kernel_for(64, np.float16, hopper=True) == "forward wg2, backward wk (wgmma, sm_90a)"
+    assert gpu.attention_kernel_for(64, np.float16, hopper=True) == \
+        "forward wp2 (wp3 from 2048 queries), backward wk (wgmma, sm_90a)"
     assert gpu.attention_kernel_for(64, np.float16, hopper=False) == "forward w4m2, backward w4m2q32p (mma.sync)"
     assert gpu.attention_kernel_for(128, np.float16, hopper=False) == "forward w8, backward w4 (mma.sync)"
-    assert gpu.attention_kernel_for(128, np.float16, hopper=True) == "forward wg2, backward wk (wgmma, sm_90a)"
+    assert gpu.attention_kernel_for(128, np.float16, hopper=True) == "forward wp2, backward wk (wgmma, sm_90a)"
     assert gpu.attention_kernel_for(64, np.float32, hopper=True) == "float32 kernels"
     for head_dim in (16, 32, 96):
         assert gpu.attention_kernel_for(head_dim, np.float32, hopper=True) is None

@@ -73,20 +73,26 @@ CASES = [  # (batch, heads, kv_heads, query_len, key_len)
 ]
 
 
-# (head dim, dtype, hopper): hopper True runs the wgmma builds (compute capability 9.0 only), False the
-# mma.sync builds every other GPU runs, None whatever the GPU picks (float32 has one path)
-PATHS = [(64, "bfloat16", True), (64, "bfloat16", False), (64, "float16", True), (64, "float16", False),
+# (head dim, dtype, hopper): hopper True runs the wgmma builds (compute capability 9.0 only), "long" the
+# same with the forward that long sequences take (wp3 at head dim 64) at every length, False the mma.sync
+# builds every other GPU runs, None whatever the GPU picks (float32 has one path)
+PATHS = [(64, "bfloat16", True), (64, "bfloat16", "long"), (64, "bfloat16", False), (64, "float16", True),
+         (64, "float16", "long"), (64, "float16", False),
          (128, "bfloat16", True), (128, "bfloat16", False), (128, "float16", True), (128, "float16", False),
          (64, "float32", None), (128, "float32", None)]
 
 
-def _choose_path(hopper, monkeypatch):
+def _choose_path(hopper, monkeypatch, head_dim=64):
     """hopper True: the wgmma builds (skips off compute capability 9.0; the environment's list of wgmma head
-    dims is cleared, so they are what runs); False: the mma.sync builds, also on Hopper; None: the default."""
+    dims is cleared, so they are what runs); "long": the same, the long-sequence forward of this head dim
+    taken from length 1 on; False: the mma.sync builds, also on Hopper; None: the default."""
     if hopper and not attention.hopper_available():
         pytest.skip("the wgmma builds need compute capability 9.0 (sm_90a)")
     if hopper:
         monkeypatch.delenv(attention.WGMMA_ENV, raising=False)
+    if hopper == "long":
+        _, build = attention._HOPPER_FORWARD_LONG[head_dim]
+        monkeypatch.setitem(attention._HOPPER_FORWARD_LONG, head_dim, (1, build))
     if hopper is False:
         monkeypatch.setattr(attention, "hopper_available", lambda: False)
 
@@ -96,7 +102,7 @@ def _choose_path(hopper, monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}Hkv{}Tq{}Tk{}".format(*c))
 def test_forward_backward_match_numpy_float64(head_dim, dtype_name, hopper, case, poisoned, monkeypatch):
     """Every kernel the package ships, forward and backward, against the NumPy op."""
-    _choose_path(hopper, monkeypatch)
+    _choose_path(hopper, monkeypatch, head_dim)
     cp = backend.cupy_module()
     dtype = _dtype(dtype_name)
     rng = np.random.default_rng()
@@ -131,19 +137,25 @@ def _assert_forward_backward_match_numpy(dtype_name, batch, heads, kv_heads, tim
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim,dtype_name", [(64, "bfloat16"), (64, "float32"), (128, "bfloat16")])
-def test_large_sequence_matches_numpy(head_dim, dtype_name, poisoned):
-    _assert_forward_backward_match_numpy(dtype_name, 2, 4, 2, 1000, head_dim)
+@pytest.mark.parametrize("head_dim,dtype_name,time", [(64, "bfloat16", 1000), (64, "float32", 1000),
+                                                      (128, "bfloat16", 1000), (64, "bfloat16", 2100)])
+def test_large_sequence_matches_numpy(head_dim, dtype_name, time, poisoned):
+    """Long sequences; 2100 queries take the long-sequence forward at head dim 64 (wp3 on Hopper), its
+    first 192-row tile partial."""
+    _assert_forward_backward_match_numpy(dtype_name, 2, 4, 2, time, head_dim)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_persistent_forward_over_several_rounds_of_items_matches_numpy(head_dim, poisoned):
-    """The Hopper forward is persistent (one block a multiprocessor, items dealt in snake order round after
-    round): with more 128-row items than two rounds of blocks, of one, two and three key tiles, every item
-    is computed once and right (the mma.sync builds elsewhere)."""
-    batch, heads, kv_heads, time = 4, 32, 8, 260            # 4 · 32 · 3 = 384 items
-    assert batch * heads * -(-time // 128) > 2 * arrays.multiprocessors()
+@pytest.mark.parametrize("head_dim,hopper", [(64, None), (64, "long"), (128, None)])
+def test_persistent_forward_over_several_rounds_of_items_matches_numpy(head_dim, hopper, poisoned, monkeypatch):
+    """The Hopper forward is persistent (one block a multiprocessor, items dealt in pairs round after
+    round): with more items (128 or 192 rows, as the build takes) than two rounds of blocks, of one to four
+    key tiles, every item is computed once and right (the mma.sync builds elsewhere)."""
+    _choose_path(hopper, monkeypatch, head_dim)
+    batch, heads, kv_heads, time = 4, 32, 8, 400            # 4 · 32 · 4 or (wp3) 4 · 32 · 3 items
+    build, _ = attention._builds(head_dim, attention.hopper_available(), time)
+    block_q = build.block_q if build.hopper else 128
+    assert batch * heads * -(-time // block_q) > 2 * arrays.multiprocessors()
     _assert_forward_backward_match_numpy("bfloat16", batch, heads, kv_heads, time, head_dim)
 
 
@@ -248,8 +260,10 @@ def test_hopper_builds_give_way_to_portable_ones_elsewhere(monkeypatch):
     """The wgmma builds (sm_90a) run at head dims 64 and 128 in bf16/fp16 on compute capability 9.0; any
     other GPU runs the mma.sync builds of the same head dim; head dims without a kernel have no build."""
     monkeypatch.delenv(attention.WGMMA_ENV, raising=False)
+    assert attention.kernel_for(64, np.float16, hopper=True) == \
+        "forward wp2 (wp3 from 2048 queries), backward wk (wgmma, sm_90a)"
+    assert attention.kernel_for(128, np.float16, hopper=True) == "forward wp2, backward wk (wgmma, sm_90a)"
     for head_dim in attention.HEAD_DIMS:
-        assert attention.kernel_for(head_dim, np.float16, hopper=True) == "forward wg2, backward wk (wgmma, sm_90a)"
         assert attention.kernel_for(head_dim, np.float16, hopper=False).endswith("(mma.sync)")
     assert attention.kernel_for(32, np.float16, hopper=True) is None
     assert attention.kernel_for(128, np.float32, hopper=True) == "float32 kernels"
@@ -263,9 +277,24 @@ def test_environment_picks_the_head_dims_of_the_wgmma_builds(value, wgmma, monke
     monkeypatch.setenv(attention.WGMMA_ENV, value)
     fallback = {64: "forward w4m2, backward w4m2q32p (mma.sync)", 128: "forward w8, backward w4 (mma.sync)"}
     for head_dim in attention.HEAD_DIMS:
-        want = "forward wg2, backward wk (wgmma, sm_90a)" if head_dim in wgmma else fallback[head_dim]
-        assert attention.kernel_for(head_dim, np.float16, hopper=True) == want
+        want = "forward wp2, backward wk (wgmma, sm_90a)" if head_dim in wgmma else fallback[head_dim]
+        assert attention.kernel_for(head_dim, np.float16, hopper=True, query_len=1024) == want
         assert attention.kernel_for(head_dim, np.float16, hopper=False) == fallback[head_dim]
+
+
+@pytest.mark.parametrize("query_len,forward", [(1, "wp2"), (2047, "wp2"), (2048, "wp3"), (100_000, "wp3")])
+def test_long_sequences_take_the_three_warpgroup_forward_at_head_dim_64(query_len, forward, monkeypatch):
+    """At head dim 64 the wgmma forward is wp2 below 2048 queries and wp3 from there on; at head dim 128
+    always wp2; the mma.sync builds ignore the length; the backward never changes."""
+    monkeypatch.delenv(attention.WGMMA_ENV, raising=False)
+    assert attention.kernel_for(64, np.float16, hopper=True, query_len=query_len) == \
+        f"forward {forward}, backward wk (wgmma, sm_90a)"
+    assert attention.kernel_for(128, np.float16, hopper=True, query_len=query_len) == \
+        "forward wp2, backward wk (wgmma, sm_90a)"
+    assert attention.kernel_for(64, np.float16, hopper=False, query_len=query_len) == \
+        "forward w4m2, backward w4m2q32p (mma.sync)"
+    forward_build, _ = attention._builds(64, True, query_len)
+    assert (forward_build.name, forward_build.block_q) == (forward, 128 if forward == "wp2" else 192)
 
 
 @pytest.mark.parametrize("value", ["96", "64,32", "yes", "64;128"])
@@ -291,7 +320,7 @@ def test_hopper_runs_the_wgmma_build_by_default(head_dim, monkeypatch):
     gq, gk, gv, gdy = (cp.asarray(a) for a in (q, k, v, dy))
     out, lse = attention.causal_attention_forward(gq, gk, gv)
     grads = attention.causal_attention_backward(gdy, gq, gk, gv, out, lse)
-    assert f"attention_forward_bf16_d{head_dim}_wg2" in names
+    assert f"attention_forward_bf16_d{head_dim}_wp2" in names
     assert f"attention_backward_bf16_d{head_dim}_wk" in names
     for name, got, expected in zip(("out", "lse", "dq", "dk", "dv"), (out, lse) + tuple(grads),
                                    _reference(q, k, v, dy)):
@@ -311,7 +340,8 @@ def test_sm90a_module_is_compiled_once_and_cached_on_disk(tmp_path, monkeypatch)
     monkeypatch.setattr(compiler, "compile_cubin", lambda *args: pytest.fail("the cached cubin was compiled again"))
     module = compiler.load_module(attention.HOPPER_FILE, arch="sm_90a")
     assert module.get_function("attention_backward_fp16_d64_wk") is not None
-    assert module.get_function("attention_forward_bf16_d128_wg2_dropout") is not None
+    assert module.get_function("attention_forward_bf16_d128_wp2_dropout") is not None
+    assert module.get_function("attention_forward_fp16_d64_wp3") is not None
 
 
 @pytest.mark.gpu
@@ -361,7 +391,7 @@ def test_strided_views_are_read_and_written_in_place(head_dim, dtype_name, hoppe
     hands the kernels): the kernels read and write them through their strides, with no copy (contiguous is
     refused for 4-d arrays here), touch nothing outside them, and give what the NumPy op gives; out, lse,
     dk and dv bit for bit what the contiguous launch gives (the same arithmetic at other addresses)."""
-    _choose_path(hopper, monkeypatch)
+    _choose_path(hopper, monkeypatch, head_dim)
     cp = backend.cupy_module()
     dtype = _dtype(dtype_name)
     batch, heads, kv_heads, query_len, key_len = case
@@ -430,7 +460,7 @@ def test_packed_rope_attention_matches_numpy(head_dim, dtype_name, hopper, monke
     against the same op in float64 on NumPy: y and d(qkv), GQA, T off the tile size. The kernels get
     strided views, never copies: the forward's q and k are one token-major rotated buffer, v a view of
     qkv, O a view of y (what the op keeps for its backward, so it keeps only the rotated buffer and L)."""
-    _choose_path(hopper, monkeypatch)
+    _choose_path(hopper, monkeypatch, head_dim)
     cp = backend.cupy_module()
     dtype = _dtype(dtype_name)
     batch, heads, kv_heads, time = 2, 4, 2, 150

@@ -63,7 +63,7 @@ def test_kernel_masks_are_the_hash_bits_exactly(head_dim, dtype_name, hopper, ro
     are the kernels' masks, compared here with rng.hash_bits bit for bit (a row offset shifts the rows).
     device_seed: the seed is a rng.DeviceSeed whose base the kernels read from device memory (what a
     captured training step passes); its words are rng.dropout_words of it."""
-    _choose_path(hopper, monkeypatch)
+    _choose_path(hopper, monkeypatch, head_dim)
     cp = backend.cupy_module()
     dtype = _dtype(dtype_name)
     batch, heads, time, keep = 3, 4, head_dim, 0.6
@@ -93,7 +93,7 @@ def test_kernel_masks_are_the_hash_bits_exactly(head_dim, dtype_name, hopper, ro
 @pytest.mark.parametrize("probability", [0.1, 0.5])
 def test_forward_backward_with_dropout_match_numpy_float64(head_dim, dtype_name, hopper, case, probability,
                                                            poisoned, monkeypatch):
-    _choose_path(hopper, monkeypatch)
+    _choose_path(hopper, monkeypatch, head_dim)
     cp = backend.cupy_module()
     dtype = _dtype(dtype_name)
     generator = np.random.default_rng()
@@ -113,7 +113,7 @@ def test_forward_backward_with_dropout_match_numpy_float64(head_dim, dtype_name,
 @pytest.mark.parametrize("hopper", [True, False])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_dropout_dk_dv_are_deterministic(head_dim, hopper, monkeypatch):
-    _choose_path(hopper, monkeypatch)
+    _choose_path(hopper, monkeypatch, head_dim)
     cp = backend.cupy_module()
     q, k, v, dy = (cp.asarray(a) for a in _inputs(np.random.default_rng(), _dtype("bfloat16"), 2, 4, 1, 200, 200,
                                                   head_dim))
@@ -185,7 +185,7 @@ def test_dropout_builds_read_and_write_strided_views(head_dim, dtype_name, hoppe
     """The `_dropout` builds on views of token-major buffers (the packed op's layouts) give bit for bit the
     out, lse, dk and dv of the contiguous launch, and dq to its atomics' rounding: the mask follows the
     flat (b, h, i) row, not the address."""
-    _choose_path(hopper, monkeypatch)
+    _choose_path(hopper, monkeypatch, head_dim)
     cp = backend.cupy_module()
     dtype = _dtype(dtype_name)
     q, k, v, dy = _inputs(np.random.default_rng(), dtype, 2, 4, 2, 150, 150, head_dim)

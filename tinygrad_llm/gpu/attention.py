@@ -23,8 +23,10 @@ given as `out`, `dq`, `dk`, `dv`). Without those arguments the outputs are new C
 
 Which build runs (`kernel_for(head_dim, dtype)` names it):
 - head dims 64 and 128, bf16/fp16, compute capability 9.0 (H100, H200): the wgmma builds of
-  attention_hopper.cu, compiled for sm_90a: forward "wg2", backward "wk" (one template each, the head dim
-  a parameter);
+  attention_hopper.cu, compiled for sm_90a: backward "wk"; forward "wp2" (two compute warpgroups,
+  128-row query tiles), and at head dim 64 from 2048 queries on "wp3" (three, 192-row tiles: faster per
+  row, but its tiles cover more of the masked triangle, which only long sequences amortize); one template
+  for each direction, the head dim a parameter;
 - elsewhere the mma.sync builds (any GPU from sm_80): head dim 64 forward "w4m2", backward "w4m2q32p";
   head dim 128 forward "w8", backward "w4";
 - the environment variable TINYGRAD_LLM_ATTENTION_WGMMA lists the head dims that take the wgmma builds on
@@ -69,14 +71,17 @@ _SUFFIX = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 class Build:
     """One tensor-core build: its name and launch shape. Forward: `warps` warps, each 16·m_tiles query
     rows. Backward: `warps` warps, each 16·m_tiles keys, query steps of `block_q` rows. The wgmma builds
-    (`hopper`) have fixed launches: forward 256 threads, backward 384 threads a 128-key block, taking
-    `block_q`-row query steps."""
+    (`hopper`): forward block_q / 64 compute warpgroups and a producer warpgroup, block_q-row query tiles;
+    backward 384 threads a 128-key block, taking `block_q`-row query steps."""
 
     def __init__(self, name, warps=0, m_tiles=1, block_q=0, hopper=False):
         self.name, self.warps, self.m_tiles, self.block_q, self.hopper = name, warps, m_tiles, block_q, hopper
 
 
-_HOPPER_FORWARD = {64: Build("wg2", hopper=True), 128: Build("wg2", hopper=True)}
+_HOPPER_FORWARD = {64: Build("wp2", block_q=128, hopper=True), 128: Build("wp2", block_q=128, hopper=True)}
+# head dim -> (query length from which it runs, build), in place of _HOPPER_FORWARD's: wp3 is faster per
+# row, but its 192-row tiles multiply more of the masked triangle (benchmarks/RESULTS.md has the timings)
+_HOPPER_FORWARD_LONG = {64: (2048, Build("wp3", block_q=192, hopper=True))}
 _HOPPER_BACKWARD = {64: Build("wk", block_q=128, hopper=True), 128: Build("wk", block_q=64, hopper=True)}
 _FORWARD = {64: Build("w4m2", warps=4, m_tiles=2), 128: Build("w8", warps=8)}
 _BACKWARD = {64: Build("w4m2q32p", warps=4, m_tiles=2, block_q=32), 128: Build("w4", warps=4, block_q=32)}
@@ -121,11 +126,12 @@ def wgmma_head_dims() -> tuple:
     return dims
 
 
-def kernel_for(head_dim: int, dtype, hopper: bool | None = None) -> str | None:
-    """The attention path for this head dim and dtype, in words: "forward wg2, backward wk (wgmma, sm_90a)",
-    "forward w4m2, backward w4m2q32p (mma.sync)", "float32 kernels", or None when no kernel exists (the
-    op then runs its batched-GEMM path). `hopper` defaults to asking the current GPU; without a GPU,
-    pass it."""
+def kernel_for(head_dim: int, dtype, hopper: bool | None = None, query_len: int | None = None) -> str | None:
+    """The attention path for this head dim and dtype, in words: "forward wp2, backward wk (wgmma,
+    sm_90a)", "forward w4m2, backward w4m2q32p (mma.sync)", "float32 kernels", or None when no kernel
+    exists (the op then runs its batched-GEMM path). Where the forward build depends on the sequence, both
+    are named ("forward wp2 (wp3 from 2048 queries), ..."), unless `query_len` says which. `hopper`
+    defaults to asking the current GPU; without a GPU, pass it."""
     name = _SUFFIX.get(np.dtype(dtype).name)
     if name is None or head_dim not in HEAD_DIMS:
         return None
@@ -133,15 +139,23 @@ def kernel_for(head_dim: int, dtype, hopper: bool | None = None) -> str | None:
         return "float32 kernels"
     if hopper is None:
         hopper = hopper_available()
-    forward, backward = _builds(head_dim, hopper)
+    forward, backward = _builds(head_dim, hopper, query_len or 0)
     kind = "wgmma, sm_90a" if forward.hopper else "mma.sync"
-    return f"forward {forward.name}, backward {backward.name} ({kind})"
+    name = forward.name
+    if forward.hopper and query_len is None and head_dim in _HOPPER_FORWARD_LONG:
+        start, long_build = _HOPPER_FORWARD_LONG[head_dim]
+        name += f" ({long_build.name} from {start} queries)"
+    return f"forward {name}, backward {backward.name} ({kind})"
 
 
-def _builds(head_dim: int, hopper: bool) -> tuple:
+def _builds(head_dim: int, hopper: bool, query_len: int = 0) -> tuple:
+    """(forward build, backward build) for this head dim on this GPU, the forward's for `query_len`."""
     hopper = hopper and head_dim in wgmma_head_dims()
     forward = _HOPPER_FORWARD.get(head_dim) if hopper else None
     backward = _HOPPER_BACKWARD.get(head_dim) if hopper else None
+    if forward is not None and head_dim in _HOPPER_FORWARD_LONG:
+        start, long_build = _HOPPER_FORWARD_LONG[head_dim]
+        forward = long_build if query_len >= start else forward
     return forward or _FORWARD[head_dim], backward or _BACKWARD[head_dim]
 
 
@@ -193,12 +207,10 @@ def modules(head_dim: int, dtype) -> list:
     return found
 
 
-def _hopper_forward_shared_bytes(head_dim: int) -> int:
-    # D = 128: 2 × Q, 2 × K, 3 × V tiles of 128 rows; D = 64: the same for each warpgroup, its Q tiles of 64
-    # rows (kernels/attention_hopper.cu, PRIVATE); 1 KiB to align them to 1024 bytes
-    if head_dim == 64:
-        return 2 * (2 * 64 + 5 * 128) * head_dim * 2 + 1024
-    return 7 * 128 * head_dim * 2 + 1024
+def _hopper_forward_shared_bytes(head_dim: int, build: Build) -> int:
+    # 2 Q tiles of block_q rows, 2 K and 3 V tiles of 128 keys, 14 mbarriers (128 bytes), 1 KiB to align the
+    # tiles to 1024 bytes
+    return (2 * build.block_q + 5 * 128) * head_dim * 2 + 128 + 1024
 
 
 def _hopper_backward_shared_bytes(head_dim: int, build: Build) -> int:
@@ -279,12 +291,13 @@ def causal_attention_forward(q, k, v, dropout=None, out=None):
         _kernel(FORWARD_FILE, f"attention_forward_fp32_d{head_dim}{variant}")(
             ((query_len + 3) // 4, batch * heads), (128,), args + layouts + extra)
         return out, lse
-    build, _ = _builds(head_dim, hopper_available())
+    build, _ = _builds(head_dim, hopper_available(), query_len)
     if build.hopper:
-        items = batch * heads * ((query_len + 127) // 128)      # persistent: at most one block a multiprocessor
-        shared = _hopper_forward_shared_bytes(head_dim)
+        items = batch * heads * -(-query_len // build.block_q)   # persistent: at most one block a multiprocessor
+        shared = _hopper_forward_shared_bytes(head_dim, build)
         _kernel(HOPPER_FILE, f"attention_forward_{suffix}_d{head_dim}_{build.name}{variant}", shared)(
-            (min(items, multiprocessors()),), (256,), args + (np.int32(batch),) + layouts + extra, shared_mem=shared)
+            (min(items, multiprocessors()),), (128 * (build.block_q // 64 + 1),),
+            args + (np.int32(batch),) + layouts + extra, shared_mem=shared)
     else:
         block_q = 16 * build.m_tiles * build.warps
         shared = _forward_shared_bytes(head_dim, block_q)
