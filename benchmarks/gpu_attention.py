@@ -167,7 +167,7 @@ def _time_shape(shape, host, dropout, reference):
     q_host, k_host, v_host, dy_host = host
     q, k, v, dy = (cp.asarray(a.astype(dtype)) for a in (q_host, k_host, v_host, dy_host))
     shape = f"B{batch} H{heads} Hkv{kv_heads} T{time} D{head_dim} {dtype_name}"
-    path = attention.kernel_for(head_dim, dtype, query_len=time)
+    path = attention.kernel_for(head_dim, dtype, shape=(batch, heads, time, time))
     launcher = attention if path is not None else _GemmPath
     if dropout and launcher is attention:          # the `_dropout` builds, one fixed seed
         options = dict(dropout=kernel_dropout((1234, 1.0 - dropout), 0))

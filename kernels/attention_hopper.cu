@@ -50,8 +50,9 @@
 //   Tiles that need no mask run a copy of the tile's code without it (see the loop).
 //   O takes D / 2 float registers a thread (64 at D = 128).
 //   out = O / l, L = m · scale + ln l.
-//   tinygrad_llm.gpu.attention picks the build: wp2 at D = 128; at D = 64 wp3 for long sequences (its
-//   192-row items multiply more of the masked triangle, which long sequences amortize) and wp2 otherwise.
+//   tinygrad_llm.gpu.attention picks the build: wp2 at D = 128; at D = 64 wp3 where a replay of work()'s
+//   assignment predicts its busiest block done sooner (wp3 is faster per row, but its larger items can
+//   leave the blocks less evenly loaded), wp2 otherwise.
 //
 // attention_backward_{bf16,fp16}_d{64,128}_wk(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk,
 //                                              scale, layouts of q, k, v, dO, dq (unread), dk, dv)

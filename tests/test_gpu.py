@@ -132,7 +132,9 @@ def test_the_cubin_cache_is_the_packages_own(monkeypatch, tmp_path):
 
 def test_attention_kernel_for_names_the_path_or_none():
     assert gpu.attention_kernel_for(64, np.float16, hopper=True) == \
-        "forward wp2 (wp3 from 2048 queries), backward wk (wgmma, sm_90a)"
+        "forward wp2 or wp3 (by shape), backward wk (wgmma, sm_90a)"
+    assert gpu.attention_kernel_for(64, np.float16, hopper=True, shape=(4, 12, 4096, 4096), blocks=132) == \
+        "forward wp3, backward wk (wgmma, sm_90a)"
     assert gpu.attention_kernel_for(64, np.float16, hopper=False) == "forward w4m2, backward w4m2q32p (mma.sync)"
     assert gpu.attention_kernel_for(128, np.float16, hopper=False) == "forward w8, backward w4 (mma.sync)"
     assert gpu.attention_kernel_for(128, np.float16, hopper=True) == "forward wp2, backward wk (wgmma, sm_90a)"

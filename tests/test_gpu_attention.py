@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tinygrad_llm import backend, gpu
 from tinygrad_llm.gpu import arrays, attention, compiler, registry
@@ -73,26 +75,26 @@ CASES = [  # (batch, heads, kv_heads, query_len, key_len)
 ]
 
 
-# (head dim, dtype, hopper): hopper True runs the wgmma builds (compute capability 9.0 only), "long" the
-# same with the forward that long sequences take (wp3 at head dim 64) at every length, False the mma.sync
+# (head dim, dtype, hopper): hopper True runs the wgmma builds (compute capability 9.0 only), "other" the
+# same with the second wgmma forward (wp3 at head dim 64) at every shape, False the mma.sync
 # builds every other GPU runs, None whatever the GPU picks (float32 has one path)
-PATHS = [(64, "bfloat16", True), (64, "bfloat16", "long"), (64, "bfloat16", False), (64, "float16", True),
-         (64, "float16", "long"), (64, "float16", False),
+PATHS = [(64, "bfloat16", True), (64, "bfloat16", "other"), (64, "bfloat16", False), (64, "float16", True),
+         (64, "float16", "other"), (64, "float16", False),
          (128, "bfloat16", True), (128, "bfloat16", False), (128, "float16", True), (128, "float16", False),
          (64, "float32", None), (128, "float32", None)]
 
 
 def _choose_path(hopper, monkeypatch, head_dim=64):
     """hopper True: the wgmma builds (skips off compute capability 9.0; the environment's list of wgmma head
-    dims is cleared, so they are what runs); "long": the same, the long-sequence forward of this head dim
-    taken from length 1 on; False: the mma.sync builds, also on Hopper; None: the default."""
+    dims is cleared, so they are what runs); "other": the same, with this head dim's second forward build
+    taken at every shape; False: the mma.sync builds, also on Hopper; None: the default."""
     if hopper and not attention.hopper_available():
         pytest.skip("the wgmma builds need compute capability 9.0 (sm_90a)")
     if hopper:
         monkeypatch.delenv(attention.WGMMA_ENV, raising=False)
-    if hopper == "long":
-        _, build = attention._HOPPER_FORWARD_LONG[head_dim]
-        monkeypatch.setitem(attention._HOPPER_FORWARD_LONG, head_dim, (1, build))
+    if hopper == "other":
+        build, _ = attention._HOPPER_FORWARD_OTHER[head_dim]
+        monkeypatch.setitem(attention._HOPPER_FORWARD_OTHER, head_dim, (build, 0.0))
     if hopper is False:
         monkeypatch.setattr(attention, "hopper_available", lambda: False)
 
@@ -137,25 +139,26 @@ def _assert_forward_backward_match_numpy(dtype_name, batch, heads, kv_heads, tim
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim,dtype_name,time", [(64, "bfloat16", 1000), (64, "float32", 1000),
-                                                      (128, "bfloat16", 1000), (64, "bfloat16", 2100)])
-def test_large_sequence_matches_numpy(head_dim, dtype_name, time, poisoned):
-    """Long sequences; 2100 queries take the long-sequence forward at head dim 64 (wp3 on Hopper), its
-    first 192-row tile partial."""
+@pytest.mark.parametrize("head_dim,dtype_name,time,hopper", [(64, "bfloat16", 1000, None), (64, "float32", 1000, None),
+                                                             (128, "bfloat16", 1000, None), (64, "bfloat16", 2100, "other")])
+def test_large_sequence_matches_numpy(head_dim, dtype_name, time, hopper, poisoned, monkeypatch):
+    """Long sequences; 2100 queries on wp3 at head dim 64 (on Hopper), its first 192-row tile partial."""
+    _choose_path(hopper, monkeypatch, head_dim)
     _assert_forward_backward_match_numpy(dtype_name, 2, 4, 2, time, head_dim)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim,hopper", [(64, None), (64, "long"), (128, None)])
+@pytest.mark.parametrize("head_dim,hopper", [(64, None), (64, "other"), (128, None)])
 def test_persistent_forward_over_several_rounds_of_items_matches_numpy(head_dim, hopper, poisoned, monkeypatch):
     """The Hopper forward is persistent (one block a multiprocessor, items dealt in pairs round after
     round): with more items (128 or 192 rows, as the build takes) than two rounds of blocks, of one to four
     key tiles, every item is computed once and right (the mma.sync builds elsewhere)."""
     _choose_path(hopper, monkeypatch, head_dim)
     batch, heads, kv_heads, time = 4, 32, 8, 400            # 4 · 32 · 4 or (wp3) 4 · 32 · 3 items
-    build, _ = attention._builds(head_dim, attention.hopper_available(), time)
+    blocks = arrays.multiprocessors()
+    build, _ = attention._builds(head_dim, attention.hopper_available(), (batch * heads, time, time, blocks))
     block_q = build.block_q if build.hopper else 128
-    assert batch * heads * -(-time // block_q) > 2 * arrays.multiprocessors()
+    assert batch * heads * -(-time // block_q) > 2 * blocks
     _assert_forward_backward_match_numpy("bfloat16", batch, heads, kv_heads, time, head_dim)
 
 
@@ -261,7 +264,7 @@ def test_hopper_builds_give_way_to_portable_ones_elsewhere(monkeypatch):
     other GPU runs the mma.sync builds of the same head dim; head dims without a kernel have no build."""
     monkeypatch.delenv(attention.WGMMA_ENV, raising=False)
     assert attention.kernel_for(64, np.float16, hopper=True) == \
-        "forward wp2 (wp3 from 2048 queries), backward wk (wgmma, sm_90a)"
+        "forward wp2 or wp3 (by shape), backward wk (wgmma, sm_90a)"
     assert attention.kernel_for(128, np.float16, hopper=True) == "forward wp2, backward wk (wgmma, sm_90a)"
     for head_dim in attention.HEAD_DIMS:
         assert attention.kernel_for(head_dim, np.float16, hopper=False).endswith("(mma.sync)")
@@ -278,23 +281,76 @@ def test_environment_picks_the_head_dims_of_the_wgmma_builds(value, wgmma, monke
     fallback = {64: "forward w4m2, backward w4m2q32p (mma.sync)", 128: "forward w8, backward w4 (mma.sync)"}
     for head_dim in attention.HEAD_DIMS:
         want = "forward wp2, backward wk (wgmma, sm_90a)" if head_dim in wgmma else fallback[head_dim]
-        assert attention.kernel_for(head_dim, np.float16, hopper=True, query_len=1024) == want
+        assert attention.kernel_for(head_dim, np.float16, hopper=True, shape=(16, 12, 1024, 1024), blocks=132) == want
         assert attention.kernel_for(head_dim, np.float16, hopper=False) == fallback[head_dim]
 
 
-@pytest.mark.parametrize("query_len,forward", [(1, "wp2"), (2047, "wp2"), (2048, "wp3"), (100_000, "wp3")])
-def test_long_sequences_take_the_three_warpgroup_forward_at_head_dim_64(query_len, forward, monkeypatch):
-    """At head dim 64 the wgmma forward is wp2 below 2048 queries and wp3 from there on; at head dim 128
-    always wp2; the mma.sync builds ignore the length; the backward never changes."""
+# (batch · heads, query length, key length, forward wp2 ms, forward wp3 ms): H100 (132 multiprocessors),
+# bf16, head dim 64, benchmarks/RESULTS.md session 17 (T 1024 and 4096 from session 16), the slower round
+MEASURED_FORWARDS = [(192, 1024, 1024, 0.101, 0.106), (144, 1536, 1536, 0.151, 0.144),
+                     (96, 2048, 2048, 0.162, 0.177), (72, 3072, 3072, 0.256, 0.239), (48, 4096, 4096, 0.280, 0.239)]
+
+
+@pytest.mark.parametrize("batch_heads,query_len,key_len,wp2_ms,wp3_ms", MEASURED_FORWARDS)
+def test_head_dim_64_takes_the_forward_build_measured_faster(batch_heads, query_len, key_len, wp2_ms, wp3_ms,
+                                                                monkeypatch):
+    """At head dim 64 on Hopper, the load model picks the forward build that was timed faster on each of
+    the measured shapes; head dim 128 always wp2; the mma.sync builds and the backward never change."""
     monkeypatch.delenv(attention.WGMMA_ENV, raising=False)
-    assert attention.kernel_for(64, np.float16, hopper=True, query_len=query_len) == \
+    batch, heads = batch_heads // 12, 12
+    forward = "wp2" if wp2_ms < wp3_ms else "wp3"
+    shape = (batch, heads, query_len, key_len)
+    assert attention.kernel_for(64, np.float16, hopper=True, shape=shape, blocks=132) == \
         f"forward {forward}, backward wk (wgmma, sm_90a)"
-    assert attention.kernel_for(128, np.float16, hopper=True, query_len=query_len) == \
+    assert attention.kernel_for(128, np.float16, hopper=True, shape=shape, blocks=132) == \
         "forward wp2, backward wk (wgmma, sm_90a)"
-    assert attention.kernel_for(64, np.float16, hopper=False, query_len=query_len) == \
+    assert attention.kernel_for(64, np.float16, hopper=False, shape=shape, blocks=132) == \
         "forward w4m2, backward w4m2q32p (mma.sync)"
-    forward_build, _ = attention._builds(64, True, query_len)
+    forward_build, _ = attention._builds(64, True, (batch_heads, query_len, key_len, 132))
     assert (forward_build.name, forward_build.block_q) == (forward, 128 if forward == "wp2" else 192)
+
+
+def _replayed_loads(batch_heads, query_len, key_len, blocks, block_q):
+    """The persistent forward's assignment, item by item, as attention_hopper.cu's work() walks it: each
+    block's items 0, 1, 2, … (pair index // 2, long tile first), skipping a middle tile's empty partner."""
+    q_blocks = -(-query_len // block_q)
+    pad = q_blocks * block_q - query_len
+    items = batch_heads * q_blocks
+    grid = min(items, blocks)
+    pairs_per_head = (q_blocks + 1) // 2
+    loads = [0] * grid
+    for x in range(grid):
+        for index in range(2 * items + 2):
+            if items > grid:
+                pair = (index >> 1) * grid + x
+                p = pair % pairs_per_head
+                if pair >= batch_heads * pairs_per_head:
+                    break
+                if (index & 1) and 2 * p + 1 == q_blocks:
+                    continue
+                tile = p if index & 1 else q_blocks - 1 - p
+            else:
+                if index > 0:
+                    break
+                tile = q_blocks - 1 - x % q_blocks
+            key_end = min(key_len, tile * block_q - pad + block_q + key_len - query_len)
+            loads[x] += block_q * -(-key_end // 128)
+    return loads
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch_heads=st.integers(1, 400), query_len=st.integers(1, 5000), extra_keys=st.integers(0, 300),
+       blocks=st.sampled_from([1, 7, 114, 132]), block_q=st.sampled_from([128, 192]))
+def test_forward_loads_replay_the_kernels_assignment(batch_heads, query_len, extra_keys, blocks, block_q):
+    """forward_loads (vectorized) agrees with a walk through the kernel's items, and every query tile of
+    every head is counted once: the loads add up to the causal work, tile by tile."""
+    key_len = query_len + extra_keys
+    loads = attention.forward_loads(batch_heads, query_len, key_len, blocks, block_q)
+    assert list(loads) == _replayed_loads(batch_heads, query_len, key_len, blocks, block_q)
+    q_blocks = -(-query_len // block_q)
+    first = query_len - (q_blocks - 1) * block_q                       # rows of the (partial) first tile
+    tile_ends = [min(key_len, first + j * block_q + extra_keys) for j in range(q_blocks)]
+    assert sum(loads) == batch_heads * block_q * sum(-(-end // 128) for end in tile_ends)
 
 
 @pytest.mark.parametrize("value", ["96", "64,32", "yes", "64;128"])

@@ -54,20 +54,21 @@ def kernel(op_name: str, *arrays):
     return sys.modules[__name__] if supports(op_name, *arrays) else None
 
 
-def attention_kernel_for(head_dim: int, dtype, hopper: bool | None = None,
-                         query_len: int | None = None) -> str | None:
+def attention_kernel_for(head_dim: int, dtype, hopper: bool | None = None, shape: tuple | None = None,
+                         blocks: int | None = None) -> str | None:
     """Which attention kernel runs for this head dim and dtype on the GPU, in words (e.g. "forward wp2,
-    backward wk (wgmma, sm_90a)"; where the forward depends on the sequence length, both builds, unless
-    `query_len` is given), or None when there is none, or kernels are off, and attention takes the
-    batched-GEMM path. `hopper` (compute capability 9.0) is asked of the current GPU unless given. A
-    training loop can log it once:
+    backward wk (wgmma, sm_90a)"; where the forward depends on the call's shape, both builds, unless
+    `shape` = (batch, heads, query_len, key_len) is given, with `blocks` the multiprocessors when not the
+    current GPU's), or None when there is none, or kernels are off, and attention takes the batched-GEMM
+    path. `hopper` (compute capability 9.0) is asked of the current GPU unless given. A training loop can
+    log it once:
 
         if gpu.attention_kernel_for(head_dim, dtype) is None:
             log(f"attention: no kernel for head dim {head_dim}, using the batched-GEMM path")
     """
     if not backend.kernels_enabled():
         return None
-    return kernel_for(head_dim, dtype, hopper, query_len)
+    return kernel_for(head_dim, dtype, hopper, shape, blocks)
 
 
 # Small files every training step launches, compiled whole.

@@ -24,9 +24,9 @@ given as `out`, `dq`, `dk`, `dv`). Without those arguments the outputs are new C
 Which build runs (`kernel_for(head_dim, dtype)` names it):
 - head dims 64 and 128, bf16/fp16, compute capability 9.0 (H100, H200): the wgmma builds of
   attention_hopper.cu, compiled for sm_90a: backward "wk"; forward "wp2" (two compute warpgroups,
-  128-row query tiles), and at head dim 64 from 2048 queries on "wp3" (three, 192-row tiles: faster per
-  row, but its tiles cover more of the masked triangle, which only long sequences amortize); one template
-  for each direction, the head dim a parameter;
+  128-row query tiles) or, at head dim 64, "wp3" (three, 192-row tiles), whichever `forward_loads`
+  predicts faster for the call's shape (see _HOPPER_FORWARD_OTHER); one template for each direction, the
+  head dim a parameter;
 - elsewhere the mma.sync builds (any GPU from sm_80): head dim 64 forward "w4m2", backward "w4m2q32p";
   head dim 128 forward "w8", backward "w4";
 - the environment variable TINYGRAD_LLM_ATTENTION_WGMMA lists the head dims that take the wgmma builds on
@@ -51,6 +51,7 @@ summed over key blocks with float32 atomics, so dq's last bits can vary from run
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -79,9 +80,12 @@ class Build:
 
 
 _HOPPER_FORWARD = {64: Build("wp2", block_q=128, hopper=True), 128: Build("wp2", block_q=128, hopper=True)}
-# head dim -> (query length from which it runs, build), in place of _HOPPER_FORWARD's: wp3 is faster per
-# row, but its 192-row tiles multiply more of the masked triangle (benchmarks/RESULTS.md has the timings)
-_HOPPER_FORWARD_LONG = {64: (2048, Build("wp3", block_q=192, hopper=True))}
+# head dim -> (a second forward build, its time per query row × key tile relative to _HOPPER_FORWARD's).
+# wp3 multiplies a row by a key tile in 0.84 of wp2's time, but its 192-row items can leave the
+# persistent blocks less evenly loaded (fewer, larger items; a middle item without a partner), so the
+# call takes it only when its busiest block's load, weighted so, is the smaller (benchmarks/RESULTS.md:
+# 0.83-0.85 fitted on five shapes, T 1024-4096, and the choice right on all five).
+_HOPPER_FORWARD_OTHER = {64: (Build("wp3", block_q=192, hopper=True), 0.84)}
 _HOPPER_BACKWARD = {64: Build("wk", block_q=128, hopper=True), 128: Build("wk", block_q=64, hopper=True)}
 _FORWARD = {64: Build("w4m2", warps=4, m_tiles=2), 128: Build("w8", warps=8)}
 _BACKWARD = {64: Build("w4m2q32p", warps=4, m_tiles=2, block_q=32), 128: Build("w4", warps=4, block_q=32)}
@@ -126,12 +130,14 @@ def wgmma_head_dims() -> tuple:
     return dims
 
 
-def kernel_for(head_dim: int, dtype, hopper: bool | None = None, query_len: int | None = None) -> str | None:
+def kernel_for(head_dim: int, dtype, hopper: bool | None = None, shape: tuple | None = None,
+               blocks: int | None = None) -> str | None:
     """The attention path for this head dim and dtype, in words: "forward wp2, backward wk (wgmma,
     sm_90a)", "forward w4m2, backward w4m2q32p (mma.sync)", "float32 kernels", or None when no kernel
-    exists (the op then runs its batched-GEMM path). Where the forward build depends on the sequence, both
-    are named ("forward wp2 (wp3 from 2048 queries), ..."), unless `query_len` says which. `hopper`
-    defaults to asking the current GPU; without a GPU, pass it."""
+    exists (the op then runs its batched-GEMM path). Where the forward build depends on the call's shape,
+    both are named ("forward wp2 or wp3 (by shape), ..."), unless `shape` = (batch, heads, query_len,
+    key_len) says which; `blocks` is the number of multiprocessors (default: the current GPU's). `hopper`
+    defaults to asking the current GPU; without a GPU, pass it (and `blocks` with `shape`)."""
     name = _SUFFIX.get(np.dtype(dtype).name)
     if name is None or head_dim not in HEAD_DIMS:
         return None
@@ -139,24 +145,49 @@ def kernel_for(head_dim: int, dtype, hopper: bool | None = None, query_len: int 
         return "float32 kernels"
     if hopper is None:
         hopper = hopper_available()
-    forward, backward = _builds(head_dim, hopper, query_len or 0)
+    if shape is not None:
+        batch, heads, query_len, key_len = shape
+        shape = (batch * heads, query_len, key_len, blocks or multiprocessors())
+    forward, backward = _builds(head_dim, hopper, shape)
     kind = "wgmma, sm_90a" if forward.hopper else "mma.sync"
     name = forward.name
-    if forward.hopper and query_len is None and head_dim in _HOPPER_FORWARD_LONG:
-        start, long_build = _HOPPER_FORWARD_LONG[head_dim]
-        name += f" ({long_build.name} from {start} queries)"
+    if forward.hopper and shape is None and head_dim in _HOPPER_FORWARD_OTHER:
+        name += f" or {_HOPPER_FORWARD_OTHER[head_dim][0].name} (by shape)"
     return f"forward {name}, backward {backward.name} ({kind})"
 
 
-def _builds(head_dim: int, hopper: bool, query_len: int = 0) -> tuple:
-    """(forward build, backward build) for this head dim on this GPU, the forward's for `query_len`."""
+def _builds(head_dim: int, hopper: bool, shape: tuple | None = None) -> tuple:
+    """(forward build, backward build) for this head dim on this GPU. `shape` = (batch · heads, query_len,
+    key_len, multiprocessors) chooses between the Hopper forward builds; without it, _HOPPER_FORWARD's."""
     hopper = hopper and head_dim in wgmma_head_dims()
     forward = _HOPPER_FORWARD.get(head_dim) if hopper else None
     backward = _HOPPER_BACKWARD.get(head_dim) if hopper else None
-    if forward is not None and head_dim in _HOPPER_FORWARD_LONG:
-        start, long_build = _HOPPER_FORWARD_LONG[head_dim]
-        forward = long_build if query_len >= start else forward
+    if forward is not None and shape is not None and head_dim in _HOPPER_FORWARD_OTHER:
+        other, relative_cost = _HOPPER_FORWARD_OTHER[head_dim]
+        if relative_cost * max(forward_loads(*shape, other.block_q)) < max(forward_loads(*shape, forward.block_q)):
+            forward = other
     return forward or _FORWARD[head_dim], backward or _BACKWARD[head_dim]
+
+
+@functools.lru_cache(maxsize=256)
+def forward_loads(batch_heads: int, query_len: int, key_len: int, blocks: int, block_q: int) -> tuple:
+    """The work of each block of the persistent Hopper forward, in query rows × 128-key tiles: the
+    assignment of attention_hopper.cu's work() replayed. Query tiles of block_q rows, aligned to the end of
+    the queries (a partial tile first); tile j of a head sees the keys up to its last row (causal,
+    bottom-right). Grid min(items, blocks); with more items than blocks, block x takes the pairs
+    x, x + grid, … of tiles (q_blocks − 1 − p, p) of one head (a middle tile alone)."""
+    q_blocks = -(-query_len // block_q)
+    pad = q_blocks * block_q - query_len
+    ends = np.minimum(key_len, (np.arange(q_blocks) + 1) * block_q - pad + key_len - query_len)
+    tiles = -(-ends // _HOPPER_BLOCK_K) * block_q                       # (q_blocks,) rows × key tiles
+    items = batch_heads * q_blocks
+    if items <= blocks:                                                 # one item a block
+        return tuple(int(t) for t in np.tile(tiles[::-1], batch_heads))
+    pairs_per_head = (q_blocks + 1) // 2
+    p = np.arange(pairs_per_head)
+    pair_work = tiles[q_blocks - 1 - p] + np.where(2 * p + 1 == q_blocks, 0, tiles[p])   # (pairs_per_head,)
+    work = np.tile(pair_work, batch_heads)                              # (batch_heads · pairs_per_head,)
+    return tuple(int(w) for w in np.bincount(np.arange(work.size) % blocks, weights=work, minlength=blocks))
 
 
 def _kernel(filename: str, name: str, shared_bytes: int = 0):
@@ -291,7 +322,7 @@ def causal_attention_forward(q, k, v, dropout=None, out=None):
         _kernel(FORWARD_FILE, f"attention_forward_fp32_d{head_dim}{variant}")(
             ((query_len + 3) // 4, batch * heads), (128,), args + layouts + extra)
         return out, lse
-    build, _ = _builds(head_dim, hopper_available(), query_len)
+    build, _ = _builds(head_dim, hopper_available(), (batch * heads, query_len, key_len, multiprocessors()))
     if build.hopper:
         items = batch * heads * -(-query_len // build.block_q)   # persistent: at most one block a multiprocessor
         shared = _hopper_forward_shared_bytes(head_dim, build)
