@@ -55,13 +55,17 @@
 //   leave the blocks less evenly loaded), wp2 otherwise.
 //
 // attention_backward_{bf16,fp16}_d{64,128}_wk(q, k, v, dO, L, Δ, dq_accumulator, dk, dv, H, Hkv, Tq, Tk,
-//                                              scale, layouts of q, k, v, dO, dq (unread), dk, dv)
+//                                              scale, chunk, layouts of q, k, v, dO, dq (unread), dk, dv)
 //   Launch: grid B·Hkv·ceil(Tk / 128) (one dimension), block 384 = 3 warpgroups (two compute
 //   warpgroups and one that adds dQ), 171 008 (D = 64) or 184 320 (D = 128) bytes of dynamic shared
-//   memory (listed above the function below). Block x takes key block x mod ceil(Tk / 128) of kv head
-//   x / ceil(Tk / 128): a head's key blocks run side by side, so its Q, dO and dq_accumulator stay in L2
-//   (the dq reductions resolve there, not in DRAM), and the first key blocks (seen by the most queries)
-//   start first. setmaxnreg gives the compute warpgroups more registers and the dQ warpgroup fewer. The
+//   memory (listed above the function below). One block a (b, kv head, 128-key block), in chunks of
+//   `chunk` (b, kv head) pairs; inside a chunk key block 0 of every pair first, then key block 1, …
+//   (AttnBackwardWork). Key block j is seen by the queries from its diagonal on, so the blocks that start
+//   first have the most work and the last wave is short ones, which keeps the multiprocessors evenly
+//   busy to the end (with a head's key blocks side by side instead, a GQA backward at D = 128 lost 20 %
+//   to the ragged last wave); a chunk's Q, dO and dq_accumulator stay in L2, so the dq reductions
+//   resolve there, not in DRAM (with no chunks, all heads' key blocks 0 first, the D = 128 backward was
+//   a third slower). setmaxnreg gives the compute warpgroups more registers and the dQ warpgroup fewer. The
 //   block loops over the G query heads of its group and the query steps (128 rows at D = 64, 64 at
 //   D = 128) that can see its keys (Q, dO, L, Δ of step s + 1 are copied while step s computes); the
 //   per-step work is described above attention_backward_wk. The dQ warpgroup (2) takes each full stage
@@ -509,22 +513,29 @@ __device__ __forceinline__ void attn_add_staged_dq(float* dq_rows, const float* 
     }
 }
 
-// The work of one backward block: key block blockIdx.x mod ceil(Tk / BLOCK_K) of
-// kv head blockIdx.x / ceil(Tk / BLOCK_K) (a head's blocks side by side, the first keys first), and its
-// iterations: for each query head of the kv head's group, the BLOCK_Q-row query steps that can see the
-// block's keys (the earlier steps see none of them).
+// The work of one backward block: one key block of one (b, kv head), and its iterations: for each query
+// head of the kv head's group, the BLOCK_Q-row query steps that can see the block's keys (the earlier
+// steps see none of them). The grid has one block per (b, kv head, key block), in chunks of `chunk`
+// (b, kv head) pairs (the last chunk may be smaller); inside a chunk, key block 0 of each of its heads
+// first, then key block 1 of each, …: the blocks that see the most queries start first, so the blocks'
+// ends do not trail off over the last wave, and a chunk's Q, dO and dq_accumulator can stay in L2 (the
+// launcher sizes the chunk for that).
 template <int BLOCK_Q, int BLOCK_K, int D = 64>
 struct AttnBackwardWork {
     int k0, first_step, steps, iterations, query_len, batch, kv_head, first_head;
     long long head_base;   // row of the kv head's first query head in L, Δ (and / D, in dq_accumulator)
 
-    __device__ AttnBackwardWork(int heads, int kv_heads, int query_len_, int key_len) : query_len(query_len_) {
-        const int key_blocks = (key_len + BLOCK_K - 1) / BLOCK_K, batch_kv = blockIdx.x / key_blocks;
+    __device__ AttnBackwardWork(int heads, int kv_heads, int query_len_, int key_len, int chunk)
+        : query_len(query_len_) {
+        const int key_blocks = (key_len + BLOCK_K - 1) / BLOCK_K, pairs = (int)gridDim.x / key_blocks;
+        const int chunk_start = (int)blockIdx.x / (chunk * key_blocks) * chunk;
+        const int in_chunk = (int)blockIdx.x - chunk_start * key_blocks, size = min(chunk, pairs - chunk_start);
+        const int batch_kv = chunk_start + in_chunk % size;
         const int group_size = heads / kv_heads;
         batch = batch_kv / kv_heads;
         kv_head = batch_kv % kv_heads;
         first_head = kv_head * group_size;
-        k0 = blockIdx.x % key_blocks * BLOCK_K;
+        k0 = in_chunk / size * BLOCK_K;
         first_step = max(0, k0 - (key_len - query_len)) / BLOCK_Q;
         steps = (query_len + BLOCK_Q - 1) / BLOCK_Q - first_step;
         iterations = group_size * steps;
@@ -605,8 +616,8 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
                                                       const float* __restrict__ delta,
                                                       float* __restrict__ dq_accumulator, T* __restrict__ dk,
                                                       T* __restrict__ dv, int heads, int kv_heads,
-                                                      int query_len, int key_len, float scale, AttnLayout q_layout,
-                                                      AttnLayout k_layout, AttnLayout v_layout,
+                                                      int query_len, int key_len, float scale, int chunk,
+                                                      AttnLayout q_layout, AttnLayout k_layout, AttnLayout v_layout,
                                                       AttnLayout dout_layout, AttnLayout dk_layout,
                                                       AttnLayout dv_layout, AttnDropout dropout) {
     constexpr int BLOCK_K = 128, BLOCK_Q = D == 64 ? 128 : 64, THREADS = 256;   // THREADS: the compute warpgroups
@@ -627,7 +638,7 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
 
     const int tid = threadIdx.x, group = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
     const int g = lane >> 2, t = lane & 3;
-    const AttnBackwardWork<BLOCK_Q, BLOCK_K, D> work(heads, kv_heads, query_len, key_len);
+    const AttnBackwardWork<BLOCK_Q, BLOCK_K, D> work(heads, kv_heads, query_len, key_len, chunk);
     const int k0 = work.k0, iterations = work.iterations, offset = key_len - query_len;
     auto prefetch = [&](int it, int buffer) {                 // Q, dO, L, Δ of iteration it
         attn_backward_prefetch<T, BLOCK_Q, BLOCK_K, THREADS, D>(work, it, q, dout, lse, delta,
@@ -883,21 +894,21 @@ __device__ __forceinline__ void attention_backward_wk(const T* __restrict__ q, c
     extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d##D##_##BUILD(         \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
         const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
-        int query_len, int key_len, float scale, ATTN_HOPPER_BACKWARD_LAYOUT_PARAMETERS) {                 \
+        int query_len, int key_len, float scale, int chunk, ATTN_HOPPER_BACKWARD_LAYOUT_PARAMETERS) {      \
         ATTN_HOPPER_BODY((attention_backward_##BUILD<TYPE, false, D>(q, k, v, dout, lse, delta,              \
                                                                  dq_accumulator, dk, dv, heads, kv_heads,  \
-                                                                 query_len, key_len, scale,                \
+                                                                 query_len, key_len, scale, chunk,         \
                                                                  ATTN_HOPPER_BACKWARD_LAYOUTS,             \
                                                                  AttnDropout{})))                          \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(384, 1) attention_backward_##SUFFIX##_d##D##_##BUILD##_dropout( \
         const TYPE* q, const TYPE* k, const TYPE* v, const TYPE* dout, const float* lse,                   \
         const float* delta, float* dq_accumulator, TYPE* dk, TYPE* dv, int heads, int kv_heads,            \
-        int query_len, int key_len, float scale, ATTN_HOPPER_BACKWARD_LAYOUT_PARAMETERS,                   \
+        int query_len, int key_len, float scale, int chunk, ATTN_HOPPER_BACKWARD_LAYOUT_PARAMETERS,        \
         ATTN_DROPOUT_PARAMETERS) {                                                                         \
         ATTN_HOPPER_BODY((attention_backward_##BUILD<TYPE, true, D>(                                        \
             q, k, v, dout, lse, delta, dq_accumulator, dk, dv, heads, kv_heads, query_len, key_len, scale, \
-            ATTN_HOPPER_BACKWARD_LAYOUTS, ATTN_DROPOUT_ARGUMENT)))                                         \
+            chunk, ATTN_HOPPER_BACKWARD_LAYOUTS, ATTN_DROPOUT_ARGUMENT)))                                  \
     }
 
 #if SELECTED(64, 2, 1)

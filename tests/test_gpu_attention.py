@@ -542,3 +542,15 @@ def test_packed_rope_attention_matches_numpy(head_dim, dtype_name, hopper, monke
     for name, got, expected in (("y", y, want_y), ("d(qkv)", d_qkv, want_d_qkv)):
         error = _relative_error(got, expected)
         assert error <= TOLERANCE[dtype_name], f"{name}: relative error {error:.2e} > {TOLERANCE[dtype_name]:.0e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,time,chunk", [(64, 600, None), (128, 1100, None), (128, 600, 5)])
+def test_backward_over_several_chunks_of_heads_matches_numpy(head_dim, time, chunk, poisoned, monkeypatch):
+    """The wgmma backward deals its (b, kv head, key block) blocks in chunks of heads, key block 0 of
+    each head of a chunk first: with 64 (b, kv head) pairs, four chunks of 16 (or 13, the last of 4, with
+    chunks of 5), odd and even key-block counts, every block's dk, dv and dq share land where they
+    belong (the mma.sync builds elsewhere)."""
+    if chunk is not None:
+        monkeypatch.setattr(attention, "_HOPPER_BACKWARD_CHUNK", chunk)
+    _assert_forward_backward_match_numpy("bfloat16", 4, 32, 16, time, head_dim)

@@ -92,6 +92,10 @@ _BACKWARD = {64: Build("w4m2q32p", warps=4, m_tiles=2, block_q=32), 128: Build("
 _FORWARD_BLOCK_K = 64
 WGMMA_ENV = "TINYGRAD_LLM_ATTENTION_WGMMA"          # head dims that take the wgmma builds ("64,128", "none")
 _HOPPER_BLOCK_K = 128                               # keys a wgmma backward block (and a forward K/V tile)
+# (b, kv head) pairs whose key blocks the wgmma backward interleaves, key block 0 of each first (see
+# attention_hopper.cu): 16 was the fastest of 1, 8, 16, 32 and all at every timed shape (H100, D 64 and
+# 128, T 1024 and 4096, GQA 1, 3, 4; benchmarks/RESULTS.md session 17)
+_HOPPER_BACKWARD_CHUNK = 16
 
 
 def supports(*arrays) -> bool:
@@ -382,7 +386,8 @@ def causal_attention_backward(dy, q, k, v, out, lse, dropout=None, dq=None, dk=N
         shared = _hopper_backward_shared_bytes(head_dim, build)
         key_blocks = (key_len + _HOPPER_BLOCK_K - 1) // _HOPPER_BLOCK_K
         _kernel(HOPPER_FILE, f"attention_backward_{suffix}_d{head_dim}_{build.name}{variant}", shared)(
-            (batch * kv_heads * key_blocks,), (384,), arrays + sizes + layouts + extra, shared_mem=shared)
+            (batch * kv_heads * key_blocks,), (384,), arrays + sizes + (np.int32(_HOPPER_BACKWARD_CHUNK),) + layouts
+            + extra, shared_mem=shared)
     else:
         shared = _backward_shared_bytes(head_dim, build)
         block_k = 16 * build.m_tiles * build.warps
