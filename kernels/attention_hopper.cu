@@ -62,10 +62,10 @@
 //   `chunk` (b, kv head) pairs; inside a chunk key block 0 of every pair first, then key block 1, …
 //   (AttnBackwardWork). Key block j is seen by the queries from its diagonal on, so the blocks that start
 //   first have the most work and the last wave is short ones, which keeps the multiprocessors evenly
-//   busy to the end (with a head's key blocks side by side instead, a GQA backward at D = 128 lost 20 %
-//   to the ragged last wave); a chunk's Q, dO and dq_accumulator stay in L2, so the dq reductions
-//   resolve there, not in DRAM (with no chunks, all heads' key blocks 0 first, the D = 128 backward was
-//   a third slower). setmaxnreg gives the compute warpgroups more registers and the dQ warpgroup fewer. The
+//   busy to the end (with a head's key blocks side by side instead, a GQA backward at D = 128 took 25 %
+//   longer, the last wave ragged); a chunk's Q, dO and dq_accumulator stay in L2, so the dq reductions
+//   resolve there, not in DRAM (with no chunks, all heads' key blocks 0 first, the D = 128 backward took
+//   a third longer). setmaxnreg gives the compute warpgroups more registers and the dQ warpgroup fewer. The
 //   block loops over the G query heads of its group and the query steps (128 rows at D = 64, 64 at
 //   D = 128) that can see its keys (Q, dO, L, Δ of step s + 1 are copied while step s computes); the
 //   per-step work is described above attention_backward_wk. The dQ warpgroup (2) takes each full stage
