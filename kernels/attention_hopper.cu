@@ -519,7 +519,7 @@ __device__ __forceinline__ void attn_add_staged_dq(float* dq_rows, const float* 
 // (b, kv head) pairs (the last chunk may be smaller); inside a chunk, key block 0 of each of its heads
 // first, then key block 1 of each, …: the blocks that see the most queries start first, so the blocks'
 // ends do not trail off over the last wave, and a chunk's Q, dO and dq_accumulator can stay in L2 (the
-// launcher sizes the chunk for that).
+// launcher's chunk, 16, was the fastest measured; any chunk ≥ 1 covers every block once).
 template <int BLOCK_Q, int BLOCK_K, int D = 64>
 struct AttnBackwardWork {
     int k0, first_step, steps, iterations, query_len, batch, kv_head, first_head;

@@ -168,7 +168,8 @@ def _builds(head_dim: int, hopper: bool, shape: tuple | None = None) -> tuple:
     backward = _HOPPER_BACKWARD.get(head_dim) if hopper else None
     if forward is not None and shape is not None and head_dim in _HOPPER_FORWARD_OTHER:
         other, relative_cost = _HOPPER_FORWARD_OTHER[head_dim]
-        if relative_cost * max(forward_loads(*shape, other.block_q)) < max(forward_loads(*shape, forward.block_q)):
+        other_load = max(forward_loads(*shape, other.block_q), default=0)    # (no items: no work, either build)
+        if relative_cost * other_load < max(forward_loads(*shape, forward.block_q), default=0):
             forward = other
     return forward or _FORWARD[head_dim], backward or _BACKWARD[head_dim]
 
