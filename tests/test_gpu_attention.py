@@ -266,6 +266,9 @@ def test_hopper_builds_give_way_to_portable_ones_elsewhere(monkeypatch):
     assert attention.kernel_for(64, np.float16, hopper=True) == \
         "forward wp2 or wp3 (by shape), backward wk (wgmma, sm_90a)"
     assert attention.kernel_for(128, np.float16, hopper=True) == "forward wp2, backward wk (wgmma, sm_90a)"
+    for empty in [(0, 12, 1024, 1024), (2, 12, 0, 0)]:            # no work: the default build, no error
+        assert attention.kernel_for(64, np.float16, hopper=True, shape=empty, blocks=132) == \
+            "forward wp2, backward wk (wgmma, sm_90a)"
     for head_dim in attention.HEAD_DIMS:
         assert attention.kernel_for(head_dim, np.float16, hopper=False).endswith("(mma.sync)")
     assert attention.kernel_for(32, np.float16, hopper=True) is None
