@@ -44,6 +44,7 @@ SHAPES = [  # (batch, heads, kv_heads, time, head_dim, dtype)
     (16, 12, 4, 1024, 64, "bfloat16"),      # GQA 3
     (8, 16, 16, 1024, 128, "bfloat16"),
     (4, 12, 12, 4096, 64, "bfloat16"),
+    (8, 16, 4, 1024, 128, "bfloat16"),      # GQA 4 at head dim 128 (`--first 6`: every row of issue 20's targets)
     (16, 12, 12, 1024, 32, "float16"),      # no kernel: the batched-GEMM path
     (16, 12, 12, 1024, 32, "bfloat16"),
     (8, 16, 16, 1024, 96, "float16"),       # no kernel: the batched-GEMM path
